@@ -1,0 +1,125 @@
+// One validator for every entry point: nothing is written until every buffer of the call passed.
+#include <algorithm>
+#include <sstream>
+
+#include "core/error.h"
+#include "core/step.h"
+
+namespace fusedopt {
+namespace {
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << (shape.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+std::string indexed(const std::string& name, size_t i) {
+  return name + "[" + std::to_string(i) + "]";
+}
+
+[[noreturn]] void fail(ErrorKind kind, const std::string& message) { throw Error(kind, message); }
+
+void check_buffer(const BufferInfo& b, const std::string& name, bool written) {
+  if (!b.is_float32 && !b.is_float64)
+    fail(ErrorKind::type, name + " has dtype " + b.dtype_name +
+                              "; fusedopt updates float32 and float64 arrays");
+  if (!b.contiguous)
+    fail(ErrorKind::value, name + " is not C-contiguous; an in-place update needs the array's own "
+                                  "memory (a contiguous copy would be updated instead of it)");
+  if (written && !b.writeable) fail(ErrorKind::value, name + " is read-only");
+}
+
+void check_matches_param(const BufferInfo& b, const std::string& name, const BufferInfo& param,
+                         const std::string& param_name) {
+  if (b.is_float32 != param.is_float32 || b.is_float64 != param.is_float64)
+    fail(ErrorKind::type, name + " has dtype " + b.dtype_name + " but " + param_name + " has " +
+                              param.dtype_name);
+  if (b.shape != param.shape)
+    fail(ErrorKind::value, name + " has shape " + shape_string(b.shape) + " but " + param_name +
+                               " has shape " + shape_string(param.shape));
+}
+
+struct Extent {
+  uintptr_t begin, end;
+  bool written;
+  std::string name;
+};
+
+// Any byte written through one buffer and touched through another would make the result depend
+// on the order of the pass: a param given twice, a grad that is a view of its param, ...
+void check_no_overlap(std::vector<Extent> extents) {
+  std::sort(extents.begin(), extents.end(),
+            [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
+  const Extent* furthest_any = nullptr;
+  const Extent* furthest_written = nullptr;
+  for (const Extent& e : extents) {
+    const Extent* clash = nullptr;
+    if (e.written && furthest_any && e.begin < furthest_any->end) clash = furthest_any;
+    if (!clash && furthest_written && e.begin < furthest_written->end) clash = furthest_written;
+    if (clash)
+      fail(ErrorKind::value, e.name + " overlaps " + clash->name +
+                                 " in memory; every param, grad and state must be its own buffer");
+    if (!furthest_any || e.end > furthest_any->end) furthest_any = &e;
+    if (e.written && (!furthest_written || e.end > furthest_written->end)) furthest_written = &e;
+  }
+}
+
+}  // namespace
+
+std::vector<TensorRef> validate_step_buffers(const StepBuffers& b) {
+  const size_t n = b.params.size();
+  if (b.grads.size() != n)
+    fail(ErrorKind::value, "grads: expected " + std::to_string(n) + " arrays (one per param), got " +
+                               std::to_string(b.grads.size()));
+  for (size_t k = 0; k < b.states.size(); ++k)
+    if (!b.states[k].empty() && b.states[k].size() != n)
+      fail(ErrorKind::value, b.state_names[k] + ": expected " + std::to_string(n) +
+                                 " arrays (one per param), got " +
+                                 std::to_string(b.states[k].size()));
+
+  std::vector<TensorRef> tensors(n);
+  std::vector<Extent> extents;
+  auto add_extent = [&](const BufferInfo& buffer, bool written, std::string name) {
+    const int64_t bytes = buffer.size * (buffer.is_float32 ? 4 : 8);
+    if (bytes == 0) return;
+    const auto begin = reinterpret_cast<uintptr_t>(buffer.data);
+    extents.push_back({begin, begin + static_cast<uintptr_t>(bytes), written, std::move(name)});
+  };
+
+  for (size_t i = 0; i < n; ++i) {
+    const BufferInfo& param = b.params[i];
+    const std::string param_name = indexed("params", i);
+    const std::string grad_name = indexed("grads", i);
+    if (!param.present) fail(ErrorKind::type, param_name + " is None");
+    if (!b.grads[i].present) fail(ErrorKind::type, grad_name + " is None");
+    check_buffer(param, param_name, true);
+    check_buffer(b.grads[i], grad_name, b.grads_written);
+    check_matches_param(b.grads[i], grad_name, param, param_name);
+    add_extent(param, true, param_name);
+    add_extent(b.grads[i], b.grads_written, grad_name);
+
+    TensorRef& t = tensors[i];
+    t = TensorRef{};
+    t.param = param.data;
+    t.grad = b.grads[i].data;
+    t.size = param.size;
+    t.dtype = param.is_float32 ? Dtype::float32 : Dtype::float64;
+    t.write_grad = b.grads_written;
+    for (size_t k = 0; k < b.states.size(); ++k) {
+      if (b.states[k].empty() || !b.states[k][i].present) continue;
+      const BufferInfo& state = b.states[k][i];
+      const std::string state_name = indexed(b.state_names[k], i);
+      check_buffer(state, state_name, true);
+      check_matches_param(state, state_name, param, param_name);
+      add_extent(state, true, state_name);
+      t.state[k] = state.data;
+    }
+  }
+  check_no_overlap(std::move(extents));
+  return tensors;
+}
+
+}  // namespace fusedopt

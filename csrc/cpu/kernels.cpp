@@ -1,0 +1,130 @@
+// The CPU kernels, compiled once per ISA (CMakeLists.txt): FUSEDOPT_ISA is scalar, avx2 or
+// avx512, and only this file gets that ISA's flags. Each kernel streams one range of one tensor:
+// load every operand once, run the algorithm's math (csrc/math) in registers, store once.
+#include "core/tensor.h"
+#include "math/adagrad.h"
+#include "math/adam.h"
+#include "math/rmsprop.h"
+#include "math/sgd.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include "cpu/vec.h"
+#endif
+
+namespace fusedopt {
+namespace cpu {
+inline namespace FUSEDOPT_ISA {
+
+#if defined(__AVX512F__)
+template <class T>
+using Lane = Vec<T, 64>;
+#elif defined(__AVX2__)
+template <class T>
+using Lane = Vec<T, 32>;
+#endif
+
+template <class V, class T>
+inline V load_lane(const T* p) {
+  if constexpr (sizeof(V) == sizeof(T)) {
+    return *p;
+  } else {
+    return V::load(p);
+  }
+}
+
+template <class V, class T>
+inline void store_lane(T* p, const V& x) {
+  if constexpr (sizeof(V) == sizeof(T)) {
+    *p = x;
+  } else {
+    x.store(p);
+  }
+}
+
+// Streams [begin, end) of one tensor through update(param, grad, states) with the widest lane
+// type, then the tail with the same math on plain T: no element is processed twice.
+template <class T, class Update>
+inline void stream(const TensorRef& t, int64_t begin, int64_t end, Update update) {
+  T* const param = static_cast<T*>(t.param);
+  T* const grad = static_cast<T*>(t.grad);
+  T* const state[kMaxStates] = {static_cast<T*>(t.state[0]), static_cast<T*>(t.state[1]),
+                                static_cast<T*>(t.state[2])};
+  const bool write_grad = t.write_grad;
+
+  auto at = [&](auto lane, int64_t i) {
+    using V = decltype(lane);
+    V p = load_lane<V>(param + i);
+    V g = load_lane<V>(grad + i);
+    V s[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k) s[k] = state[k] ? load_lane<V>(state[k] + i) : V(T(0));
+    update(p, g, s);
+    store_lane(param + i, p);
+    if (write_grad) store_lane(grad + i, g);
+    for (int k = 0; k < kMaxStates; ++k)
+      if (state[k]) store_lane(state[k] + i, s[k]);
+  };
+
+  int64_t i = begin;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (; i + Lane<T>::lanes <= end; i += Lane<T>::lanes) at(Lane<T>(T(0)), i);
+#endif
+  for (; i < end; ++i) at(T(0), i);
+}
+
+template <class T>
+void sgd_kernel(const TensorRef& t, int64_t begin, int64_t end) {
+  const SgdCoefficients c = *static_cast<const SgdCoefficients*>(t.coefficients);
+  stream<T>(t, begin, end, [&](auto& p, auto& g, auto* s) { math::sgd_update(c, p, g, s[0]); });
+}
+
+template <class T>
+void adagrad_kernel(const TensorRef& t, int64_t begin, int64_t end) {
+  const AdagradCoefficients c = *static_cast<const AdagradCoefficients*>(t.coefficients);
+  stream<T>(t, begin, end,
+            [&](auto& p, auto& g, auto* s) { math::adagrad_update(c, p, g, s[0]); });
+}
+
+template <class T>
+void rmsprop_kernel(const TensorRef& t, int64_t begin, int64_t end) {
+  const RmspropCoefficients c = *static_cast<const RmspropCoefficients*>(t.coefficients);
+  stream<T>(t, begin, end,
+            [&](auto& p, auto& g, auto* s) { math::rmsprop_update(c, p, g, s[0], s[1], s[2]); });
+}
+
+template <class T>
+void adam_kernel(const TensorRef& t, int64_t begin, int64_t end) {
+  const AdamCoefficients c = *static_cast<const AdamCoefficients*>(t.coefficients);
+  stream<T>(t, begin, end,
+            [&](auto& p, auto& g, auto* s) { math::adam_update(c, p, g, s[0], s[1], s[2]); });
+}
+
+template <class T>
+void stream_add_kernel(const TensorRef& t, int64_t begin, int64_t end) {
+  stream<T>(t, begin, end, [&](auto& p, auto& g, auto* s) {
+    p = p + g;
+    for (int k = 0; k < kMaxStates; ++k) s[k] = s[k] + g;
+  });
+}
+
+}  // namespace FUSEDOPT_ISA
+
+#define FUSEDOPT_CONCAT_INNER(a, b) a##b
+#define FUSEDOPT_CONCAT(a, b) FUSEDOPT_CONCAT_INNER(a, b)
+#define FUSEDOPT_STRING_INNER(a) #a
+#define FUSEDOPT_STRING(a) FUSEDOPT_STRING_INNER(a)
+
+// dispatch.cpp declares one of these per ISA that was built.
+const KernelTable& FUSEDOPT_CONCAT(kernel_table_, FUSEDOPT_ISA)() {
+  static const KernelTable table = {
+      FUSEDOPT_STRING(FUSEDOPT_ISA),
+      {sgd_kernel<float>, sgd_kernel<double>},
+      {adagrad_kernel<float>, adagrad_kernel<double>},
+      {rmsprop_kernel<float>, rmsprop_kernel<double>},
+      {adam_kernel<float>, adam_kernel<double>},
+      {stream_add_kernel<float>, stream_add_kernel<double>},
+  };
+  return table;
+}
+
+}  // namespace cpu
+}  // namespace fusedopt

@@ -1,0 +1,71 @@
+// SIMD lane types for the math templates, one generic wrapper over GCC/Clang vector extensions:
+// Vec<float, 32> is an AVX2 register of 8 floats, Vec<double, 64> an AVX-512 register of 8
+// doubles. The element-wise operators are the compiler's own, so they round exactly as the
+// scalar code does; only sqrt needs an intrinsic per width. This header is included by
+// kernels.cpp only, and its types live in that compile's per-ISA namespace.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstring>
+
+namespace fusedopt {
+namespace cpu {
+inline namespace FUSEDOPT_ISA {
+
+template <class T, int Bytes>
+struct Vec {
+  using scalar = T;
+  static constexpr int lanes = Bytes / static_cast<int>(sizeof(T));
+  typedef T native __attribute__((vector_size(Bytes)));
+  native v;
+
+  Vec() = default;
+  explicit Vec(T x) : v(native{} + x) {}
+  static Vec wrap(native x) {
+    Vec r;
+    r.v = x;
+    return r;
+  }
+  static Vec load(const T* p) {
+    Vec r;
+    std::memcpy(&r.v, p, Bytes);
+    return r;
+  }
+  void store(T* p) const { std::memcpy(p, &v, Bytes); }
+};
+
+template <class T, int B>
+inline Vec<T, B> operator+(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v + b.v); }
+template <class T, int B>
+inline Vec<T, B> operator-(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v - b.v); }
+template <class T, int B>
+inline Vec<T, B> operator*(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v * b.v); }
+template <class T, int B>
+inline Vec<T, B> operator/(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v / b.v); }
+template <class T, int B>
+inline Vec<T, B> operator-(Vec<T, B> a) { return Vec<T, B>::wrap(-a.v); }
+// a > b ? a : b lane by lane: the scalar rule, so NaN handling is the same on every path.
+template <class T, int B>
+inline Vec<T, B> lane_max(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v > b.v ? a.v : b.v); }
+
+#if defined(__AVX2__)
+inline Vec<float, 32> lane_sqrt(Vec<float, 32> a) {
+  return Vec<float, 32>::wrap((Vec<float, 32>::native)_mm256_sqrt_ps((__m256)a.v));
+}
+inline Vec<double, 32> lane_sqrt(Vec<double, 32> a) {
+  return Vec<double, 32>::wrap((Vec<double, 32>::native)_mm256_sqrt_pd((__m256d)a.v));
+}
+#endif
+#if defined(__AVX512F__)
+inline Vec<float, 64> lane_sqrt(Vec<float, 64> a) {
+  return Vec<float, 64>::wrap((Vec<float, 64>::native)_mm512_sqrt_ps((__m512)a.v));
+}
+inline Vec<double, 64> lane_sqrt(Vec<double, 64> a) {
+  return Vec<double, 64>::wrap((Vec<double, 64>::native)_mm512_sqrt_pd((__m512d)a.v));
+}
+#endif
+
+}  // namespace FUSEDOPT_ISA
+}  // namespace cpu
+}  // namespace fusedopt

@@ -1,0 +1,71 @@
+// Shared definitions for the per-element update math. These headers are the single source of
+// truth for every formula: the CPU kernels (scalar, AVX2, AVX-512) and the CUDA kernels include
+// them and instantiate them over their own lane type V.
+//
+// A lane type V offers + - * / and unary -, a constructor from its scalar, and the free functions
+// lane_sqrt and lane_max. It is float or double for the scalar path, the CPU tails and CUDA, and
+// a SIMD wrapper (csrc/cpu/vec_*.h) for the vector bodies.
+//
+// No fused multiply-add appears in the math and the code is compiled with -ffp-contract=off
+// (nvcc: -fmad=false), so every backend rounds every element identically.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FUSEDOPT_LANE_FN __host__ __device__ __forceinline__
+#else
+#define FUSEDOPT_LANE_FN inline __attribute__((always_inline))
+#endif
+
+// Each ISA compile of the kernels sees these templates in its own inline namespace, so the linker
+// can never merge an AVX-512 instantiation into the scalar path (that would SIGILL on older CPUs).
+#ifndef FUSEDOPT_ISA
+#define FUSEDOPT_ISA generic
+#endif
+#define FUSEDOPT_MATH_BEGIN \
+  namespace fusedopt {      \
+  namespace math {          \
+  inline namespace FUSEDOPT_ISA {
+#define FUSEDOPT_MATH_END \
+  }                       \
+  }                       \
+  }
+
+FUSEDOPT_MATH_BEGIN
+
+template <class V>
+struct lane_traits {
+  using scalar = typename V::scalar;
+};
+template <>
+struct lane_traits<float> {
+  using scalar = float;
+};
+template <>
+struct lane_traits<double> {
+  using scalar = double;
+};
+
+// Host coefficients are double; they are rounded once to the parameter's dtype, as PyTorch does
+// when it passes a Python float to a float32 kernel.
+template <class V>
+FUSEDOPT_LANE_FN V splat(double x) {
+  return V(static_cast<typename lane_traits<V>::scalar>(x));
+}
+
+FUSEDOPT_LANE_FN float lane_sqrt(float x) { return sqrtf(x); }
+FUSEDOPT_LANE_FN double lane_sqrt(double x) { return sqrt(x); }
+// Same NaN rule as the SIMD max instructions: when either operand is NaN the second is returned.
+FUSEDOPT_LANE_FN float lane_max(float a, float b) { return a > b ? a : b; }
+FUSEDOPT_LANE_FN double lane_max(double a, double b) { return a > b ? a : b; }
+
+// torch.lerp's two rounding forms, chosen on the host from the weight (|w| < 0.5 or not), so
+// PyTorch's exp_avg and grad_avg round as the framework rounds them.
+template <class V>
+FUSEDOPT_LANE_FN V torch_lerp(V start, V end, double weight, bool small_weight) {
+  return small_weight ? start + splat<V>(weight) * (end - start)
+                      : end - (end - start) * splat<V>(1.0 - weight);
+}
+
+FUSEDOPT_MATH_END

@@ -1,0 +1,269 @@
+// The _core extension: NumPy arrays in, taken as they are (never converted, so an in-place update
+// lands in the caller's memory), described to the core, which validates and runs them with the
+// GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/ewma.h"
+#include "core/step.h"
+#include "cpu/dispatch.h"
+#include "cpu/parallel.h"
+
+namespace py = pybind11;
+using namespace fusedopt;
+
+namespace {
+
+bool native_byte_order(const py::dtype& dtype) {
+  const char order = dtype.byteorder();
+  constexpr char native = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '<' : '>';
+  return order == '=' || order == '|' || order == native;
+}
+
+BufferInfo describe(py::handle object, const std::string& role, size_t index) {
+  BufferInfo info;
+  if (object.is_none()) {
+    info.present = false;
+    return info;
+  }
+  if (!py::isinstance<py::array>(object))
+    throw Error(ErrorKind::type, role + "[" + std::to_string(index) +
+                                     "] must be a numpy.ndarray, got " +
+                                     std::string(py::str(py::type::of(object).attr("__name__"))));
+  auto array = py::reinterpret_borrow<py::array>(object);
+  const py::dtype dtype = array.dtype();
+  const bool native = native_byte_order(dtype);
+  info.data = const_cast<void*>(array.data());
+  info.shape.assign(array.shape(), array.shape() + array.ndim());
+  info.size = array.size();
+  info.is_float32 = native && dtype.num() == py::detail::npy_api::NPY_FLOAT_;
+  info.is_float64 = native && dtype.num() == py::detail::npy_api::NPY_DOUBLE_;
+  info.contiguous = array.flags() & py::array::c_style;
+  info.writeable = array.writeable();
+  info.dtype_name = py::str(dtype);
+  if (!native && (dtype.num() == py::detail::npy_api::NPY_FLOAT_ ||
+                  dtype.num() == py::detail::npy_api::NPY_DOUBLE_))
+    info.dtype_name += " (non-native byte order)";
+  return info;
+}
+
+std::vector<BufferInfo> describe_list(py::handle list, const std::string& role) {
+  std::vector<BufferInfo> infos;
+  if (list.is_none()) return infos;
+  if (!py::isinstance<py::sequence>(list) || py::isinstance<py::str>(list))
+    throw Error(ErrorKind::type, role + " must be a list of numpy arrays");
+  auto sequence = py::reinterpret_borrow<py::sequence>(list);
+  const size_t n = sequence.size();
+  infos.reserve(n);
+  for (size_t i = 0; i < n; ++i) infos.push_back(describe(sequence[i], role, i));
+  return infos;
+}
+
+StepBuffers describe_step(py::handle params, py::handle grads,
+                          std::vector<std::pair<py::handle, std::string>> states,
+                          bool grads_written) {
+  StepBuffers b;
+  b.params = describe_list(params, "params");
+  b.grads = describe_list(grads, "grads");
+  for (auto& [list, name] : states) {
+    b.states.push_back(describe_list(list, name));
+    b.state_names.push_back(name);
+  }
+  b.grads_written = grads_written;
+  return b;
+}
+
+using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+StepSchedule schedule_of(const IndexArray& group_of, const IndexArray& steps) {
+  StepSchedule s;
+  s.group_of.assign(group_of.data(), group_of.data() + group_of.size());
+  s.steps.assign(steps.data(), steps.data() + steps.size());
+  return s;
+}
+
+Convention convention_of(const std::string& name) {
+  if (name == "torch") return Convention::torch;
+  if (name == "keras") return Convention::keras;
+  throw Error(ErrorKind::value, "convention must be 'torch' or 'keras', got '" + name + "'");
+}
+
+// Every options class gets `convention` ("torch" or "keras") and `validate()`, which raises
+// ValueError naming the first invalid hyperparameter.
+template <class Options>
+void bind_common_options(py::class_<Options>& cls) {
+  cls.def("validate", [](const Options& o) { validate_options(o); });
+  cls.def_property(
+      "convention",
+      [](const Options& o) { return o.convention == Convention::keras ? "keras" : "torch"; },
+      [](Options& o, const std::string& name) { o.convention = convention_of(name); });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fusedopt's native CPU core (private: use the fusedopt package)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      PyErr_SetString(e.kind == ErrorKind::type ? PyExc_TypeError : PyExc_ValueError, e.what());
+    }
+  });
+
+  py::class_<SgdOptions> sgd(m, "SgdOptions");
+  sgd.def(py::init<>())
+      .def_readwrite("lr", &SgdOptions::lr)
+      .def_readwrite("momentum", &SgdOptions::momentum)
+      .def_readwrite("dampening", &SgdOptions::dampening)
+      .def_readwrite("weight_decay", &SgdOptions::weight_decay)
+      .def_readwrite("nesterov", &SgdOptions::nesterov)
+      .def_readwrite("maximize", &SgdOptions::maximize);
+  bind_common_options(sgd);
+
+  py::class_<AdagradOptions> adagrad(m, "AdagradOptions");
+  adagrad.def(py::init<>())
+      .def_readwrite("lr", &AdagradOptions::lr)
+      .def_readwrite("lr_decay", &AdagradOptions::lr_decay)
+      .def_readwrite("weight_decay", &AdagradOptions::weight_decay)
+      .def_readwrite("eps", &AdagradOptions::eps)
+      .def_readwrite("maximize", &AdagradOptions::maximize);
+  bind_common_options(adagrad);
+
+  py::class_<RmspropOptions> rmsprop(m, "RmspropOptions");
+  rmsprop.def(py::init<>())
+      .def_readwrite("lr", &RmspropOptions::lr)
+      .def_readwrite("alpha", &RmspropOptions::alpha)
+      .def_readwrite("eps", &RmspropOptions::eps)
+      .def_readwrite("weight_decay", &RmspropOptions::weight_decay)
+      .def_readwrite("momentum", &RmspropOptions::momentum)
+      .def_readwrite("centered", &RmspropOptions::centered)
+      .def_readwrite("maximize", &RmspropOptions::maximize);
+  bind_common_options(rmsprop);
+
+  py::class_<AdamOptions> adam(m, "AdamOptions");
+  adam.def(py::init<>())
+      .def_readwrite("lr", &AdamOptions::lr)
+      .def_readwrite("beta1", &AdamOptions::beta1)
+      .def_readwrite("beta2", &AdamOptions::beta2)
+      .def_readwrite("eps", &AdamOptions::eps)
+      .def_readwrite("weight_decay", &AdamOptions::weight_decay)
+      .def_readwrite("amsgrad", &AdamOptions::amsgrad)
+      .def_readwrite("maximize", &AdamOptions::maximize)
+      .def_readwrite("decoupled_weight_decay", &AdamOptions::decoupled_weight_decay);
+  bind_common_options(adam);
+
+  m.def(
+      "sgd_step",
+      [](const std::vector<SgdOptions>& groups, const IndexArray& group_of, const IndexArray& steps,
+         py::object params, py::object grads, py::object momentum_buffers,
+         std::optional<double> grad_scale) {
+        StepBuffers b = describe_step(params, grads, {{momentum_buffers, "momentum_buffers"}},
+                                      grad_scale.has_value());
+        StepSchedule s = schedule_of(group_of, steps);
+        py::gil_scoped_release release;
+        sgd_step(groups, s, b, grad_scale);
+      },
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"),
+      py::arg("grads"), py::arg("momentum_buffers"), py::arg("grad_scale") = py::none());
+
+  m.def(
+      "adagrad_step",
+      [](const std::vector<AdagradOptions>& groups, const IndexArray& group_of,
+         const IndexArray& steps, py::object params, py::object grads, py::object sums) {
+        StepBuffers b = describe_step(params, grads, {{sums, "state_sums"}}, false);
+        StepSchedule s = schedule_of(group_of, steps);
+        py::gil_scoped_release release;
+        adagrad_step(groups, s, b);
+      },
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"),
+      py::arg("grads"), py::arg("state_sums"));
+
+  m.def(
+      "rmsprop_step",
+      [](const std::vector<RmspropOptions>& groups, const IndexArray& group_of,
+         const IndexArray& steps, py::object params, py::object grads, py::object square_avgs,
+         py::object momentum_buffers, py::object grad_avgs) {
+        StepBuffers b = describe_step(params, grads,
+                                      {{square_avgs, "square_avgs"},
+                                       {momentum_buffers, "momentum_buffers"},
+                                       {grad_avgs, "grad_avgs"}},
+                                      false);
+        StepSchedule s = schedule_of(group_of, steps);
+        py::gil_scoped_release release;
+        rmsprop_step(groups, s, b);
+      },
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"),
+      py::arg("grads"), py::arg("square_avgs"), py::arg("momentum_buffers"),
+      py::arg("grad_avgs"));
+
+  m.def(
+      "adam_step",
+      [](const std::vector<AdamOptions>& groups, const IndexArray& group_of,
+         const IndexArray& steps, py::object params, py::object grads, py::object exp_avgs,
+         py::object exp_avg_sqs, py::object max_exp_avg_sqs, std::optional<double> grad_scale) {
+        StepBuffers b = describe_step(params, grads,
+                                      {{exp_avgs, "exp_avgs"},
+                                       {exp_avg_sqs, "exp_avg_sqs"},
+                                       {max_exp_avg_sqs, "max_exp_avg_sqs"}},
+                                      grad_scale.has_value());
+        StepSchedule s = schedule_of(group_of, steps);
+        py::gil_scoped_release release;
+        adam_step(groups, s, b, grad_scale);
+      },
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"),
+      py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
+      py::arg("grad_scale") = py::none());
+
+  m.def(
+      "stream_add",
+      [](py::object params, py::object grads, py::object states) {
+        std::vector<std::pair<py::handle, std::string>> lists;
+        for (py::handle list : states) lists.emplace_back(list, "states");
+        StepBuffers b = describe_step(params, grads, lists, false);
+        py::gil_scoped_release release;
+        stream_add_step(b);
+      },
+      "The bench's bandwidth ceiling: param += grad and each state += grad, in one pass.",
+      py::arg("params"), py::arg("grads"), py::arg("states"));
+
+  m.def(
+      "ewma",
+      [](py::array_t<double, py::array::c_style> x, py::array_t<double, py::array::c_style> out,
+         int64_t length, int64_t num_series, int64_t time_stride, int64_t series_stride,
+         double com, bool adjust, bool ignore_na, int64_t min_periods) {
+        if (x.size() != length * num_series || out.size() != x.size())
+          throw Error(ErrorKind::value, "ewma: layout does not match the arrays");
+        const double* in = x.data();
+        double* result = out.mutable_data();
+        py::gil_scoped_release release;
+        ewma(in, result, length, num_series, time_stride, series_stride, com, adjust, ignore_na,
+             min_periods);
+      },
+      py::arg("x"), py::arg("out"), py::arg("length"), py::arg("num_series"),
+      py::arg("time_stride"), py::arg("series_stride"), py::arg("com"), py::arg("adjust"),
+      py::arg("ignore_na"), py::arg("min_periods"));
+
+  m.def("available_isas", &cpu::available_isas);
+  m.def("cpu_isa", &cpu::current_isa);
+  m.def("set_cpu_isa", [](const std::string& isa) {
+    try {
+      cpu::set_isa(isa);
+    } catch (const std::invalid_argument& e) {
+      throw Error(ErrorKind::value, e.what());
+    }
+  });
+  m.def("num_threads", &cpu::num_threads);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw Error(ErrorKind::value, "n must be >= 1, got " + std::to_string(n));
+    cpu::set_num_threads(n);
+  });
+  m.attr("built_isas") = FUSEDOPT_BUILT_ISAS;
+}

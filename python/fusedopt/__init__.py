@@ -1,0 +1,35 @@
+"""fusedopt: fused optimizer update kernels for NumPy arrays.
+
+Every optimizer step is one native pass per tensor (load param, grad and state once, update in
+registers, store once), for every tensor of the optimizer in one call, SIMD-vectorized for the
+processor it runs on and multi-threaded with the GIL released.
+
+- PyTorch convention (names, defaults and math of ``torch.optim``): :class:`SGD`,
+  :class:`Adagrad`, :class:`RMSprop`, :class:`Adam`, :class:`AdamW`.
+- Keras 3 convention: :mod:`fusedopt.keras`.
+- Functional form, for callers that hold their own state: :mod:`fusedopt.functional`.
+- pandas-compatible exponentially weighted mean: :func:`ewma`.
+"""
+
+from fusedopt._core import available_isas, cpu_isa, num_threads, set_cpu_isa, set_num_threads
+from fusedopt._ewma import ewma
+from fusedopt._state import flatten_state_dict
+from fusedopt.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Optimizer",
+    "RMSprop",
+    "available_isas",
+    "cpu_isa",
+    "ewma",
+    "flatten_state_dict",
+    "num_threads",
+    "set_cpu_isa",
+    "set_num_threads",
+]

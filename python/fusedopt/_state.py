@@ -1,0 +1,52 @@
+"""Flat state dicts: the form of an optimizer's ``state_dict()`` that ``np.savez`` can store.
+
+``np.savez(path, **flatten_state_dict(opt.state_dict()))`` writes it and
+``opt.load_state_dict(np.load(path))`` reads it back, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+_HYPERPARAMETERS_KEY = "param_groups.json"
+
+
+def flatten_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Turn a nested state dict into ``{"state/<index>/<name>": array, ...}`` plus the param
+    groups as JSON, every value a NumPy array (steps included), so ``np.savez`` keeps it exactly."""
+    flat: dict[str, np.ndarray] = {}
+    for index, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            flat[f"state/{index}/{name}"] = np.asarray(value)
+    flat[_HYPERPARAMETERS_KEY] = np.array(json.dumps(state_dict["param_groups"]))
+    return flat
+
+
+def unflatten_state_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten_state_dict`; a nested dict is returned unchanged."""
+    if "state" in flat and "param_groups" in flat:
+        return dict(flat)
+    if _HYPERPARAMETERS_KEY not in flat:
+        raise ValueError(
+            "state_dict: expected a dict with 'state' and 'param_groups', or the flat form "
+            "made by fusedopt.flatten_state_dict"
+        )
+    state: dict[int, dict[str, Any]] = {}
+    for key in flat:
+        if key == _HYPERPARAMETERS_KEY:
+            continue
+        prefix, index, name = key.split("/", 2)
+        if prefix != "state":
+            raise ValueError(f"state_dict: unexpected key {key!r}")
+        value = np.asarray(flat[key])
+        state.setdefault(int(index), {})[name] = value.item() if value.ndim == 0 else value
+    groups = json.loads(str(np.asarray(flat[_HYPERPARAMETERS_KEY])))
+    for group in groups:
+        for key, value in group.items():
+            if isinstance(value, list) and key != "params":
+                group[key] = tuple(value)
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,550 @@
+"""PyTorch-convention optimizers over NumPy arrays: ``torch.optim``'s names, defaults and math.
+
+Each ``step(grads)`` updates every param of every group in place, in one native call.
+Hyperparameters live in ``param_groups`` (a list of dicts, as in torch) and may be changed
+between steps, e.g. by a learning-rate schedule: ``opt.param_groups[0]["lr"] = 0.01``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fusedopt import _core
+from fusedopt._state import unflatten_state_dict
+
+ParamsT = Iterable[np.ndarray] | Iterable[dict[str, Any]]
+
+
+def _as_float(value: Any, name: str) -> float:
+    try:
+        result = float(np.asarray(value).reshape(-1)[0]) if np.ndim(value) else float(value)
+    except (TypeError, ValueError, IndexError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    return result
+
+
+def _skip_step(found_inf: Any) -> bool:
+    """PyTorch's fused found_inf: a nonzero value skips the whole step (SPEC section 8)."""
+    return found_inf is not None and _as_float(found_inf, "found_inf") != 0.0
+
+
+class Optimizer:
+    """Base class: PyTorch-style param groups, per-param state and state dicts.
+
+    Subclasses name their state buffers (``_state_names``), say which of them a group needs
+    (``_needed_states``), how a new one starts (``_initial_state``), and run the native step
+    (``_native_step``).
+    """
+
+    _state_names: tuple[str, ...] = ()
+    _hyperparameter_names: tuple[str, ...] = ()
+    _tracks_step = True  # torch's SGD keeps no step count in its state
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        self.defaults = dict(defaults)
+        self.param_groups: list[dict[str, Any]] = []
+        self._params: list[np.ndarray] = []
+        self._group_of = np.zeros(0, dtype=np.int64)
+        self._steps = np.zeros(0, dtype=np.int64)
+        self._buffers: dict[str, list[np.ndarray | None]] = {n: [] for n in self._state_names}
+        self._options_cache: list[tuple[tuple[Any, ...], Any]] = []
+        groups = list(params) if not isinstance(params, np.ndarray) else [params]
+        if not groups:
+            raise ValueError("params: optimizer got an empty parameter list")
+        if not isinstance(groups[0], Mapping):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
+        return "\n".join(lines + [")"])
+
+    # ----------------------------------------------------------------------------- param groups
+
+    def add_param_group(self, param_group: Mapping[str, Any]) -> None:
+        """Add a group of params with its own hyperparameters (missing ones take the defaults)."""
+        if not isinstance(param_group, Mapping) or "params" not in param_group:
+            raise TypeError("param_group must be a dict with a 'params' entry")
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, np.ndarray) else list(params)
+        unknown = set(group) - set(self.defaults) - {"params"}
+        if unknown:
+            raise ValueError(f"param_group: unknown hyperparameters {sorted(unknown)}")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        for i, p in enumerate(params):
+            if not isinstance(p, np.ndarray):
+                raise TypeError(f"params[{i}] must be a numpy.ndarray, got {type(p).__name__}")
+            if p.dtype not in (np.float32, np.float64):
+                raise TypeError(f"params[{i}] has dtype {p.dtype}; fusedopt updates float32 and float64")
+            if any(p is q for q in self._params):
+                raise ValueError(f"params[{i}] appears in more than one parameter group")
+        self._options(group).validate()
+        group["params"] = params
+        index = len(self.param_groups)
+        self.param_groups.append(group)
+        self._params += params
+        self._group_of = np.concatenate([self._group_of, np.full(len(params), index, np.int64)])
+        self._steps = np.concatenate([self._steps, np.zeros(len(params), np.int64)])
+        for name in self._state_names:
+            self._buffers[name] += [None] * len(params)
+        for i in range(len(self._params) - len(params), len(self._params)):
+            self._on_new_param(i, self._params[i])
+
+    def _on_new_param(self, index: int, param: np.ndarray) -> None:
+        """Hook for state that PyTorch allocates at construction (Adagrad's sum)."""
+
+    # ----------------------------------------------------------------------------------- state
+
+    @property
+    def state(self) -> dict[int, dict[str, Any]]:
+        """Per-param state by index in param order: ``{"step": int, "<buffer>": array, ...}``
+        for every param that has taken a step. The arrays are the live buffers."""
+        result: dict[int, dict[str, Any]] = {}
+        for i in range(len(self._params)):
+            entry: dict[str, Any] = {}
+            if self._tracks_step and self._steps[i] > 0:
+                entry["step"] = int(self._steps[i])
+            for name in self._state_names:
+                buffer = self._buffers[name][i]
+                if buffer is not None:
+                    entry[name] = buffer
+            if entry:
+                result[i] = entry
+        return result
+
+    def reset_state(self) -> None:
+        """Forget all state, as if no step had been taken."""
+        self._steps[:] = 0
+        for name in self._state_names:
+            self._buffers[name] = [None] * len(self._params)
+        for i, p in enumerate(self._params):
+            self._on_new_param(i, p)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"state": {index: {...}}, "param_groups": [...]}`` with copies of every buffer; see
+        :func:`fusedopt.flatten_state_dict` for the form ``np.savez`` stores."""
+        state = {
+            i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in entry.items()}
+            for i, entry in self.state.items()
+        }
+        groups = []
+        start = 0
+        for group in self.param_groups:
+            saved = {k: _plain(v) for k, v in group.items() if k != "params"}
+            saved["params"] = list(range(start, start + len(group["params"])))
+            start += len(group["params"])
+            groups.append(saved)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state dict (nested, or flat as read back by ``np.load``). Everything is
+        checked against this optimizer's params before anything changes."""
+        state_dict = unflatten_state_dict(state_dict)
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict: has {len(groups)} param groups, the optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        for saved, group in zip(groups, self.param_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("state_dict: a param group's size does not match the optimizer's")
+        new_groups = []
+        for saved, group in zip(groups, self.param_groups):
+            merged = dict(group)
+            merged.update({k: v for k, v in saved.items() if k != "params"})
+            unknown = set(merged) - set(self.defaults) - {"params"}
+            if unknown:
+                raise ValueError(f"state_dict: unknown hyperparameters {sorted(unknown)}")
+            self._options(merged).validate()
+            new_groups.append(merged)
+        steps = np.zeros_like(self._steps)
+        buffers: dict[str, list[np.ndarray | None]] = {
+            n: [None] * len(self._params) for n in self._state_names
+        }
+        for key, entry in state_dict["state"].items():
+            i = int(key)
+            if not 0 <= i < len(self._params):
+                raise ValueError(f"state_dict: state for param {i}, which does not exist")
+            param = self._params[i]
+            for name, value in entry.items():
+                if name == "step":
+                    step = _as_float(value, f"state[{i}]['step']")
+                    if step < 0 or step != int(step):
+                        raise ValueError(f"state_dict: state[{i}]['step'] must be a whole number >= 0")
+                    steps[i] = int(step)
+                elif name in buffers:
+                    array = np.asarray(value)
+                    if array.shape != param.shape:
+                        raise ValueError(
+                            f"state_dict: state[{i}][{name!r}] has shape {array.shape}, "
+                            f"params[{i}] has {param.shape}"
+                        )
+                    if array.dtype.kind != "f":
+                        raise TypeError(f"state_dict: state[{i}][{name!r}] has dtype {array.dtype}")
+                    buffers[name][i] = np.array(array, dtype=param.dtype, order="C", copy=True)
+                else:
+                    raise ValueError(f"state_dict: unknown state {name!r} for param {i}")
+        for group, merged in zip(self.param_groups, new_groups):
+            params = group["params"]
+            group.clear()
+            group.update(merged)
+            group["params"] = params
+        self._steps = steps
+        self._buffers = buffers
+
+    # ------------------------------------------------------------------------------------ step
+
+    def step(self, grads: Sequence[np.ndarray]) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _group_options(self) -> list[Any]:
+        """The native options of every group, rebuilt only when a hyperparameter changed."""
+        while len(self._options_cache) < len(self.param_groups):
+            self._options_cache.append(((), None))
+        result = []
+        for i, group in enumerate(self.param_groups):
+            key = tuple(group[name] for name in self._hyperparameter_names)
+            cached_key, options = self._options_cache[i]
+            if options is None or cached_key != key:
+                options = self._options(group)
+                self._options_cache[i] = (key, options)
+            result.append(options)
+        return result
+
+    def _options(self, group: Mapping[str, Any]) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _needed_states(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return self._state_names
+
+    def _initial_state(self, name: str, param: np.ndarray, group: Mapping[str, Any]) -> np.ndarray:
+        return np.zeros_like(param, order="C")
+
+    def _state_lists(self) -> list[list[np.ndarray | None] | None]:
+        """One list per state name, a buffer per param (None where its group keeps none);
+        buffers a group needs and does not have yet are created here."""
+        needed = [self._needed_states(group) for group in self.param_groups]
+        lists = []
+        for name in self._state_names:
+            buffers = self._buffers[name]
+            any_needed = False
+            for i, p in enumerate(self._params):
+                if name in needed[self._group_of[i]]:
+                    any_needed = True
+                    if buffers[i] is None:
+                        buffers[i] = self._initial_state(name, p, self.param_groups[self._group_of[i]])
+            lists.append(buffers if any_needed else None)
+        return lists
+
+
+def _plain(value: Any) -> Any:
+    """Group values as plain Python numbers, so a state dict survives JSON and np.savez."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.item() if np.ndim(value) == 0 or np.size(value) == 1 else value.tolist()
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _check_grad_count(grads: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+    grads = [grads] if isinstance(grads, np.ndarray) else list(grads)
+    if len(grads) != n:
+        raise ValueError(f"grads: expected {n} arrays (one per param), got {len(grads)}")
+    return grads
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum, dampening, Nesterov momentum, L2
+    weight decay and maximize, as ``torch.optim.SGD`` (SPEC sections 2-4): the first momentum
+    step copies the gradient into the buffer.
+
+    ``step(grads, grad_scale=..., found_inf=...)`` behaves as PyTorch's fused kernel under a
+    GradScaler: grads are divided by ``grad_scale`` (and the unscaled values written back into
+    the grad arrays), and a nonzero ``found_inf`` skips the step entirely.
+    """
+
+    _state_names = ("momentum_buffer",)
+    _hyperparameter_names = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    _tracks_step = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _options(self, group: Mapping[str, Any]) -> Any:
+        o = _core.SgdOptions()
+        o.lr = _as_float(group["lr"], "lr")
+        o.momentum = _as_float(group["momentum"], "momentum")
+        o.dampening = _as_float(group["dampening"], "dampening")
+        o.weight_decay = _as_float(group["weight_decay"], "weight_decay")
+        o.nesterov = bool(group["nesterov"])
+        o.maximize = bool(group["maximize"])
+        return o
+
+    def _needed_states(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return self._state_names if group["momentum"] != 0 else ()
+
+    def step(
+        self, grads: Sequence[np.ndarray], *, grad_scale: Any = None, found_inf: Any = None
+    ) -> None:
+        """Update every param in place from ``grads`` (one array per param, in param order)."""
+        grads = _check_grad_count(grads, len(self._params))
+        if _skip_step(found_inf):
+            return
+        options = self._group_options()
+        was_new = np.array([b is None for b in self._buffers["momentum_buffer"]], dtype=bool)
+        (buffers,) = self._state_lists()
+        # A buffer made by this step takes the gradient itself (step 1 in the core's terms).
+        steps = np.where(was_new, 1, self._steps + 1)
+        scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
+        _core.sgd_step(options, self._group_of, steps, self._params, grads, buffers, scale)
+        self._steps = steps
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._steps = np.array([b is not None for b in self._buffers["momentum_buffer"]], np.int64)
+
+
+class Adagrad(Optimizer):
+    """Adagrad as ``torch.optim.Adagrad`` (SPEC section 5): eps outside the square root,
+    ``lr_decay``, L2 ``weight_decay``, ``initial_accumulator_value``, maximize."""
+
+    _state_names = ("sum",)
+    _hyperparameter_names = ("lr", "lr_decay", "weight_decay", "eps", "maximize")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        if not _as_float(initial_accumulator_value, "initial_accumulator_value") >= 0:
+            raise ValueError(
+                f"Invalid initial_accumulator_value: {initial_accumulator_value} (must be >= 0)"
+            )
+        defaults = dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _options(self, group: Mapping[str, Any]) -> Any:
+        o = _core.AdagradOptions()
+        o.lr = _as_float(group["lr"], "lr")
+        o.lr_decay = _as_float(group["lr_decay"], "lr_decay")
+        o.weight_decay = _as_float(group["weight_decay"], "weight_decay")
+        o.eps = _as_float(group["eps"], "eps")
+        o.maximize = bool(group["maximize"])
+        return o
+
+    def _initial_state(self, name: str, param: np.ndarray, group: Mapping[str, Any]) -> np.ndarray:
+        return np.full_like(param, group["initial_accumulator_value"], order="C")
+
+    def _on_new_param(self, index: int, param: np.ndarray) -> None:
+        # PyTorch allocates the sum at construction, so it is in the state before any step.
+        group = self.param_groups[self._group_of[index]]
+        self._buffers["sum"][index] = self._initial_state("sum", param, group)
+
+    def step(self, grads: Sequence[np.ndarray]) -> None:
+        """Update every param in place from ``grads`` (one array per param, in param order)."""
+        grads = _check_grad_count(grads, len(self._params))
+        options = self._group_options()
+        (sums,) = self._state_lists()
+        steps = self._steps + 1
+        _core.adagrad_step(options, self._group_of, steps, self._params, grads, sums)
+        self._steps = steps
+
+
+class RMSprop(Optimizer):
+    """RMSprop as ``torch.optim.RMSprop`` (SPEC section 6): ``alpha``, eps outside the square
+    root, ``centered``, ``momentum`` (lr outside the buffer), L2 ``weight_decay``, maximize."""
+
+    _state_names = ("square_avg", "momentum_buffer", "grad_avg")
+    _hyperparameter_names = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _options(self, group: Mapping[str, Any]) -> Any:
+        o = _core.RmspropOptions()
+        o.lr = _as_float(group["lr"], "lr")
+        o.alpha = _as_float(group["alpha"], "alpha")
+        o.eps = _as_float(group["eps"], "eps")
+        o.weight_decay = _as_float(group["weight_decay"], "weight_decay")
+        o.momentum = _as_float(group["momentum"], "momentum")
+        o.centered = bool(group["centered"])
+        o.maximize = bool(group["maximize"])
+        return o
+
+    def _needed_states(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        needed = ("square_avg",)
+        if group["momentum"] > 0:
+            needed += ("momentum_buffer",)
+        if group["centered"]:
+            needed += ("grad_avg",)
+        return needed
+
+    def step(self, grads: Sequence[np.ndarray]) -> None:
+        """Update every param in place from ``grads`` (one array per param, in param order)."""
+        grads = _check_grad_count(grads, len(self._params))
+        options = self._group_options()
+        square_avgs, momentum_buffers, grad_avgs = self._state_lists()
+        steps = self._steps + 1
+        _core.rmsprop_step(
+            options, self._group_of, steps, self._params, grads, square_avgs,
+            momentum_buffers, grad_avgs,
+        )  # fmt: skip
+        self._steps = steps
+
+
+class Adam(Optimizer):
+    """Adam as ``torch.optim.Adam`` (SPEC section 7): bias-corrected moments, eps outside the
+    corrected root, L2 ``weight_decay`` (or decoupled with ``decoupled_weight_decay=True``, which
+    is AdamW), ``amsgrad`` on the raw second moment, maximize.
+
+    ``step(grads, grad_scale=..., found_inf=...)`` follows PyTorch's fused Adam under a
+    GradScaler (SPEC section 8): grads are unscaled in the pass and written back, and a nonzero
+    ``found_inf`` skips the step and leaves the step count unchanged.
+    """
+
+    _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _hyperparameter_names = (
+        "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    def _options(self, group: Mapping[str, Any]) -> Any:
+        betas = group["betas"]
+        if not isinstance(betas, Sequence) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+        o = _core.AdamOptions()
+        o.lr = _as_float(group["lr"], "lr")
+        o.beta1 = _as_float(betas[0], "betas[0]")
+        o.beta2 = _as_float(betas[1], "betas[1]")
+        o.eps = _as_float(group["eps"], "eps")
+        o.weight_decay = _as_float(group["weight_decay"], "weight_decay")
+        o.amsgrad = bool(group["amsgrad"])
+        o.maximize = bool(group["maximize"])
+        o.decoupled_weight_decay = bool(group["decoupled_weight_decay"])
+        return o
+
+    def _needed_states(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return self._state_names if group["amsgrad"] else self._state_names[:2]
+
+    def step(
+        self, grads: Sequence[np.ndarray], *, grad_scale: Any = None, found_inf: Any = None
+    ) -> None:
+        """Update every param in place from ``grads`` (one array per param, in param order)."""
+        grads = _check_grad_count(grads, len(self._params))
+        if _skip_step(found_inf):
+            return
+        options = self._group_options()
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs = self._state_lists()
+        steps = self._steps + 1
+        scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
+        _core.adam_step(
+            options, self._group_of, steps, self._params, grads, exp_avgs, exp_avg_sqs,
+            max_exp_avg_sqs, scale,
+        )  # fmt: skip
+        self._steps = steps
+
+
+class AdamW(Adam):
+    """AdamW as ``torch.optim.AdamW``: Adam with decoupled weight decay ``p *= 1 - lr*wd``,
+    default ``weight_decay=1e-2``."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+            decoupled_weight_decay=True,
+        )  # fmt: skip
+
+

@@ -1,0 +1,637 @@
+"""Reference implementations: the oracle of fusedopt's tests.
+
+Every function here is written straight from ``SPEC.md`` in plain Python and NumPy, in float64,
+one optimizer step (or one EWMA) at a time. It is meant to be read next to the SPEC section its
+docstring cites, and it is slow on purpose: clarity over speed. Nothing here imports the compiled
+fusedopt modules, so the oracle cannot share a bug with the kernels it checks.
+
+Conventions of the step functions:
+
+- ``p`` (parameter) and ``g`` (gradient) may have any float dtype; they are read as float64
+  copies and never modified.
+- ``state`` is a dict, ``{}`` on the very first step. It is never modified either: each function
+  returns ``(new_param, new_state)`` with float64 arrays.
+- Hyperparameters are keyword-only and are read on every call, so a trajectory may change the
+  learning rate (or anything else) between steps, as the frameworks allow.
+- PyTorch functions use ``torch.optim``'s state names (``"step"``, ``"momentum_buffer"``,
+  ``"sum"``, ``"square_avg"``, ``"grad_avg"``, ``"exp_avg"``, ``"exp_avg_sq"``,
+  ``"max_exp_avg_sq"``) and hold the same keys that ``torch.optim`` holds, plus ``"step"``
+  everywhere. Keras functions use Keras' names (``"momentum"``, ``"accumulator"``,
+  ``"velocity"``, ``"average_gradient"``, ``"velocity_hat"``) and always hold every slot; a slot
+  Keras would not create stays zero. ``"step"`` counts the calls, this one included (for Keras it
+  is ``iterations + 1`` of this call).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "ewma",
+    "keras_adagrad",
+    "keras_adam",
+    "keras_clip",
+    "keras_rmsprop",
+    "keras_sgd",
+    "seed_adagrad",
+    "seed_adam",
+    "seed_momentum",
+    "seed_nesterov",
+    "seed_rmsprop",
+    "torch_adagrad",
+    "torch_adam",
+    "torch_rmsprop",
+    "torch_sgd",
+]
+
+Array = NDArray[np.float64]
+State = dict[str, Any]
+StepResult = tuple[Array, State]
+
+
+def _float64(x: ArrayLike) -> Array:
+    """A float64 copy of ``x``; the caller's buffer is never written."""
+    return np.array(x, dtype=np.float64, copy=True)
+
+
+def _copy_state(state: State) -> State:
+    """A copy of ``state`` whose arrays are float64 copies."""
+    return {
+        key: _float64(value) if isinstance(value, np.ndarray) else value
+        for key, value in state.items()
+    }
+
+
+def _slot(state: State, name: str, like: Array, initial_value: float = 0.0) -> Array:
+    """A float64 copy of the state array ``name``, or a new one filled with ``initial_value``."""
+    value = state.get(name)
+    if value is None:
+        return np.full_like(like, initial_value)
+    return _float64(value)
+
+
+def _next_step(state: State) -> int:
+    return int(state.get("step", 0)) + 1
+
+
+def _torch_lerp(start: Array, end: Array, weight: float) -> Array:
+    # torch.lerp's two rounding branches; the optimizers use weights 1 - beta < 0.5.
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1.0 - weight)
+
+
+def _torch_gradient(g: ArrayLike, grad_scale: float | None, maximize: bool) -> Array:
+    """The gradient as PyTorch's update sees it: unscaled first, then negated (SPEC section 8)."""
+    grad = _float64(g)
+    if grad_scale is not None:
+        grad = grad / float(grad_scale)
+    if maximize:
+        grad = -grad
+    return grad
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch convention (SPEC A.1, sections 1-8)
+# --------------------------------------------------------------------------------------------
+
+
+def torch_sgd(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: float | None = None,
+) -> StepResult:
+    """One step of ``torch.optim.SGD`` (SPEC sections 2-4; ``grad_scale`` as fused SGD, section 8).
+
+    ``g <- g/grad_scale``; ``g <- -g`` if maximize; ``g <- g + wd*p`` (L2). With momentum, the first
+    step sets ``buf = g`` (no dampening), later ``buf = mu*buf + (1 - dampening)*g``; nesterov uses
+    ``g + mu*buf``, otherwise ``buf``. Then ``p <- p - lr*g``.
+    """
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    param = _float64(p)
+    grad = _torch_gradient(g, grad_scale, maximize)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    if momentum != 0:
+        if new_state.get("momentum_buffer") is None:
+            buffer = grad.copy()
+        else:
+            buffer = (
+                _slot(new_state, "momentum_buffer", param) * momentum + (1.0 - dampening) * grad
+            )
+        new_state["momentum_buffer"] = buffer
+        grad = grad + momentum * buffer if nesterov else buffer
+    return param - lr * grad, new_state
+
+
+def torch_adagrad(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    maximize: bool = False,
+) -> StepResult:
+    """One step of ``torch.optim.Adagrad`` (SPEC section 5).
+
+    ``sum`` starts at ``initial_accumulator_value``; ``clr = lr/(1 + (step - 1)*lr_decay)``;
+    ``sum <- sum + g*g``; ``p <- p - clr*g/(sqrt(sum) + eps)`` (eps outside the square root).
+    """
+    param = _float64(p)
+    grad = _torch_gradient(g, None, maximize)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    clr = lr / (1 + (step - 1) * lr_decay)
+    square_sum = _slot(new_state, "sum", param, initial_accumulator_value) + grad * grad
+    new_state["sum"] = square_sum
+    return param - clr * (grad / (np.sqrt(square_sum) + eps)), new_state
+
+
+def torch_rmsprop(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+) -> StepResult:
+    """One step of ``torch.optim.RMSprop`` (SPEC section 6).
+
+    ``v <- alpha*v + (1 - alpha)*g*g``; centered: ``ga <- lerp(ga, g, 1 - alpha)`` and
+    ``avg = sqrt(v - ga^2) + eps``, otherwise ``avg = sqrt(v) + eps`` (eps outside). With
+    momentum: ``buf <- mu*buf + g/avg``, ``p <- p - lr*buf`` (lr outside the buffer); else
+    ``p <- p - lr*g/avg``.
+    """
+    param = _float64(p)
+    grad = _torch_gradient(g, None, maximize)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    square_avg = _slot(new_state, "square_avg", param) * alpha + (1.0 - alpha) * (grad * grad)
+    new_state["square_avg"] = square_avg
+    if centered:
+        grad_avg = _torch_lerp(_slot(new_state, "grad_avg", param), grad, 1.0 - alpha)
+        new_state["grad_avg"] = grad_avg
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = np.sqrt(square_avg) + eps
+    if momentum > 0:
+        buffer = _slot(new_state, "momentum_buffer", param) * momentum + grad / avg
+        new_state["momentum_buffer"] = buffer
+        return param - lr * buffer, new_state
+    return param - lr * (grad / avg), new_state
+
+
+def torch_adam(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    grad_scale: float | None = None,
+) -> StepResult:
+    """One step of ``torch.optim.Adam``; ``AdamW`` is ``decoupled_weight_decay=True`` (SPEC 7, 8).
+
+    Decay: L2 ``g <- g + wd*p``, or decoupled ``p <- p*(1 - lr*wd)`` before the moments.
+    ``m <- lerp(m, g, 1 - beta1)``; ``v <- beta2*v + (1 - beta2)*g*g``; AMSGrad keeps
+    ``max_exp_avg_sq = max(max_exp_avg_sq, v)`` of the raw ``v`` and uses it in place of ``v``;
+    ``bc_i = 1 - beta_i**step``; ``p <- p - (lr/bc1)*m/(sqrt(v)/sqrt(bc2) + eps)``.
+    """
+    param = _float64(p)
+    grad = _torch_gradient(g, grad_scale, maximize)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1.0 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = _torch_lerp(_slot(new_state, "exp_avg", param), grad, 1.0 - beta1)
+    exp_avg_sq = _slot(new_state, "exp_avg_sq", param) * beta2 + (1.0 - beta2) * (grad * grad)
+    new_state["exp_avg"] = exp_avg
+    new_state["exp_avg_sq"] = exp_avg_sq
+    second_moment = exp_avg_sq
+    if amsgrad:
+        second_moment = np.maximum(_slot(new_state, "max_exp_avg_sq", param), exp_avg_sq)
+        new_state["max_exp_avg_sq"] = second_moment
+    bias_correction1 = 1.0 - beta1 ** float(step)
+    bias_correction2 = 1.0 - beta2 ** float(step)
+    step_size = lr / bias_correction1
+    denominator = np.sqrt(second_moment) / math.sqrt(bias_correction2) + eps
+    return param - step_size * (exp_avg / denominator), new_state
+
+
+# --------------------------------------------------------------------------------------------
+# Keras 3 convention (SPEC A.2, sections 1-7)
+# --------------------------------------------------------------------------------------------
+
+
+def _keras_weight_decay(param: Array, weight_decay: float | None, learning_rate: float) -> Array:
+    """Keras' decoupled, lr-scaled decay before every ``update_step`` (SPEC section 1)."""
+    if not weight_decay:
+        return param
+    return param * (1.0 - weight_decay * learning_rate)
+
+
+def keras_clip(
+    grads: list[ArrayLike],
+    *,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
+) -> list[Array]:
+    """Keras gradient clipping, pipeline step 5 of SPEC section 1; returns new float64 arrays.
+
+    At most one option may be set; ``None`` or ``0`` is off. ``clipnorm = c`` per tensor:
+    ``g*c/max(||g||, c)``; ``global_clipnorm = c``: ``g * c*min(1/N, 1/c) + (N - N)`` with ``N``
+    the norm of all tensors together (NaN everywhere if ``N`` is not finite); ``clipvalue = c``:
+    ``clip(g, -c, c)``.
+    """
+    if sum(option is not None for option in (clipnorm, clipvalue, global_clipnorm)) > 1:
+        raise ValueError("Only one of clipnorm, clipvalue and global_clipnorm can be set")
+    grads64 = [_float64(g) for g in grads]
+    if clipnorm:
+        return [g * clipnorm / max(math.sqrt(np.sum(g * g)), clipnorm) for g in grads64]
+    if global_clipnorm:
+        squared_norm = sum(np.sum(g * g) for g in grads64)
+        norm = np.sqrt(np.float64(squared_norm))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = global_clipnorm * np.minimum(1.0 / norm, 1.0 / global_clipnorm)
+            scale = scale + (norm - norm)
+        return [g * scale for g in grads64]
+    if clipvalue:
+        return [np.clip(g, -clipvalue, clipvalue) for g in grads64]
+    return grads64
+
+
+def keras_sgd(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    learning_rate: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float | None = None,
+) -> StepResult:
+    """One step of ``keras.optimizers.SGD`` (SPEC sections 2, 3, 4).
+
+    ``V <- mu*V - lr*g``; ``p <- p + V``, or with nesterov ``p <- p + mu*V - lr*g`` with the new
+    ``V``. Without momentum, ``p <- p - lr*g`` and ``"momentum"`` stays zero.
+    """
+    param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    velocity = _slot(new_state, "momentum", param)
+    if momentum != 0:
+        velocity = momentum * velocity - learning_rate * grad
+        param = param + (momentum * velocity - learning_rate * grad if nesterov else velocity)
+    else:
+        param = param - learning_rate * grad
+    new_state["momentum"] = velocity
+    return param, new_state
+
+
+def keras_adagrad(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    learning_rate: float,
+    initial_accumulator_value: float = 0.1,
+    epsilon: float = 1e-7,
+    weight_decay: float | None = None,
+) -> StepResult:
+    """One step of ``keras.optimizers.Adagrad`` (SPEC section 5).
+
+    The accumulator starts at ``initial_accumulator_value``; ``acc <- acc + g^2``;
+    ``p <- p - lr*g/sqrt(acc + epsilon)`` (epsilon inside the square root).
+    """
+    param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    accumulator = _slot(new_state, "accumulator", param, initial_accumulator_value) + grad * grad
+    new_state["accumulator"] = accumulator
+    return param - learning_rate * grad / np.sqrt(accumulator + epsilon), new_state
+
+
+def keras_rmsprop(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    learning_rate: float,
+    rho: float = 0.9,
+    momentum: float = 0.0,
+    epsilon: float = 1e-7,
+    centered: bool = False,
+    weight_decay: float | None = None,
+) -> StepResult:
+    """One step of ``keras.optimizers.RMSprop`` (SPEC section 6).
+
+    ``ms <- rho*ms + (1 - rho)*g^2``; centered: ``mg <- rho*mg + (1 - rho)*g`` and
+    ``D = ms - mg^2 + epsilon``, otherwise ``D = ms + epsilon``; ``inc = lr*g/sqrt(D)``. With
+    momentum: ``mom <- mu*mom + inc`` and ``p <- p - mom`` (lr inside the buffer); else
+    ``p <- p - inc``.
+    """
+    param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    velocity = rho * _slot(new_state, "velocity", param) + (1.0 - rho) * (grad * grad)
+    average_gradient = _slot(new_state, "average_gradient", param)
+    if centered:
+        average_gradient = rho * average_gradient + (1.0 - rho) * grad
+        denominator = velocity - average_gradient * average_gradient + epsilon
+    else:
+        denominator = velocity + epsilon
+    increment = learning_rate * grad / np.sqrt(denominator)
+    momentum_buffer = _slot(new_state, "momentum", param)
+    if momentum > 0:
+        momentum_buffer = momentum * momentum_buffer + increment
+        param = param - momentum_buffer
+    else:
+        param = param - increment
+    new_state.update(velocity=velocity, momentum=momentum_buffer, average_gradient=average_gradient)
+    return param, new_state
+
+
+def keras_adam(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    learning_rate: float,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    amsgrad: bool = False,
+    weight_decay: float | None = None,
+) -> StepResult:
+    """One step of ``keras.optimizers.Adam``; ``AdamW`` is this with ``weight_decay`` (SPEC 7).
+
+    ``t = step``; ``alpha_t = lr*sqrt(1 - beta_2^t)/(1 - beta_1^t)``;
+    ``m <- m + (g - m)(1 - beta_1)``; ``v <- v + (g^2 - v)(1 - beta_2)``; AMSGrad:
+    ``v_hat <- max(v_hat, v)`` of the raw ``v``, used in place of ``v``;
+    ``p <- p - m*alpha_t/(sqrt(v) + epsilon)`` (epsilon is Keras' epsilon-hat).
+    """
+    param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    alpha_t = learning_rate * math.sqrt(1.0 - beta_2**step) / (1.0 - beta_1**step)
+    m = _slot(new_state, "momentum", param)
+    m = m + (grad - m) * (1.0 - beta_1)
+    v = _slot(new_state, "velocity", param)
+    v = v + (grad * grad - v) * (1.0 - beta_2)
+    v_hat = _slot(new_state, "velocity_hat", param)
+    if amsgrad:
+        v_hat = np.maximum(v_hat, v)
+    new_state.update(momentum=m, velocity=v, velocity_hat=v_hat)
+    second_moment = v_hat if amsgrad else v
+    return param - m * alpha_t / (np.sqrt(second_moment) + epsilon), new_state
+
+
+# --------------------------------------------------------------------------------------------
+# EWMA, pandas convention (SPEC A.5, section 9)
+# --------------------------------------------------------------------------------------------
+
+
+def _pandas_center_of_mass(
+    com: float | None, span: float | None, halflife: float | None, alpha: float | None
+) -> float:
+    """pandas' ``get_center_of_mass``: exactly one decay parameter, converted to a com."""
+    given = sum(value is not None for value in (com, span, halflife, alpha))
+    if given > 1:
+        raise ValueError("com, span, halflife, and alpha are mutually exclusive")
+    if com is not None:
+        if com < 0:
+            raise ValueError("com must satisfy: com >= 0")
+        return float(com)
+    if span is not None:
+        if span < 1:
+            raise ValueError("span must satisfy: span >= 1")
+        return float((span - 1) / 2)
+    if halflife is not None:
+        if halflife <= 0:
+            raise ValueError("halflife must satisfy: halflife > 0")
+        # np.exp and np.log, as pandas, so that the com is bit-identical.
+        decay = 1 - np.exp(np.log(0.5) / halflife)
+        return float(1 / decay - 1)
+    if alpha is not None:
+        if alpha <= 0 or alpha > 1:
+            raise ValueError("alpha must satisfy: 0 < alpha <= 1")
+        return float((1 - alpha) / alpha)
+    raise ValueError("Must pass one of com, span, halflife, or alpha")
+
+
+def _ewma_series(
+    values: Array, center_of_mass: float, adjust: bool, ignore_na: bool, min_periods: int
+) -> Array:
+    """The loop of SPEC section 9 over one series, in Python floats (IEEE double, no FMA)."""
+    result = np.empty(len(values), dtype=np.float64)
+    if len(values) == 0:
+        return result
+    alpha = 1.0 / (1.0 + center_of_mass)  # the round trip through com is part of pandas' result
+    old_weight_factor = 1.0 - alpha
+    new_weight = 1.0 if adjust else alpha
+    weighted = float(values[0])
+    observations = int(not math.isnan(weighted))
+    result[0] = weighted if observations >= min_periods else math.nan
+    old_weight = 1.0
+    for i in range(1, len(values)):
+        current = float(values[i])
+        is_observation = not math.isnan(current)
+        observations += is_observation
+        if not math.isnan(weighted):
+            if is_observation or not ignore_na:
+                old_weight *= old_weight_factor
+                if is_observation:
+                    # Skipping equal values keeps constant series exact, as pandas does. At
+                    # com == 1 with adjust=False, pandas >= 3 uses new_weight = 1 - old_weight
+                    # here; fusedopt keeps the pandas 2 rule (SPEC A.5).
+                    if weighted != current:
+                        weighted = (old_weight * weighted + new_weight * current) / (
+                            old_weight + new_weight
+                        )
+                    old_weight = old_weight + new_weight if adjust else 1.0
+        elif is_observation:
+            weighted = current
+        result[i] = weighted if observations >= min_periods else math.nan
+    return result
+
+
+def ewma(
+    x: ArrayLike,
+    *,
+    com: float | None = None,
+    span: float | None = None,
+    halflife: float | None = None,
+    alpha: float | None = None,
+    adjust: bool = True,
+    ignore_na: bool = False,
+    min_periods: int | None = 0,
+    axis: int = 0,
+) -> Array:
+    """pandas ``ewm(...).mean()`` on a 1-D series or along ``axis`` of a 2-D array (SPEC 9, A.5).
+
+    Exactly one of ``com >= 0``, ``span >= 1``, ``halflife > 0``, ``0 < alpha <= 1``; it becomes
+    a center of mass and then ``alpha' = 1/(1 + com)``, as pandas does, so results are
+    bit-identical to pandas. ``min_periods`` acts as ``max(min_periods, 1)``. ``axis=0`` treats
+    each column as a series (``DataFrame.ewm``), ``axis=1`` each row. At com == 1 with
+    ``adjust=False`` and NaN gaps this is the pandas 2 result, not pandas 3's.
+    """
+    center_of_mass = _pandas_center_of_mass(com, span, halflife, alpha)
+    if min_periods is None:
+        min_periods = 0
+    if int(min_periods) != min_periods or min_periods < 0:
+        raise ValueError("min_periods must be an integer >= 0")
+    min_periods = max(int(min_periods), 1)
+    values = _float64(x)
+    if values.ndim not in (1, 2):
+        raise ValueError(f"ewma takes a 1-D or 2-D array, got {values.ndim} dimensions")
+    if not -values.ndim <= axis < values.ndim:
+        raise ValueError(f"axis {axis} is out of range for a {values.ndim}-D array")
+    if values.ndim == 1:
+        return _ewma_series(values, center_of_mass, adjust, ignore_na, min_periods)
+    series_last = np.moveaxis(values, axis, -1)
+    result = np.empty_like(series_last)
+    for row, series in enumerate(series_last):
+        result[row] = _ewma_series(series, center_of_mass, adjust, ignore_na, min_periods)
+    return np.ascontiguousarray(np.moveaxis(result, -1, axis))
+
+
+# --------------------------------------------------------------------------------------------
+# The seed document's textbook formulas (SPEC A.3, section 10), literally
+# --------------------------------------------------------------------------------------------
+
+
+def seed_momentum(
+    theta: ArrayLike, g: ArrayLike, state: State, *, alpha: float, beta: float
+) -> StepResult:
+    """Seed momentum (SPEC sections 3, 10).
+
+    ``v <- beta*v + (1 - beta)*g``; ``theta -= alpha*v``; v0 = 0.
+    """
+    params = _float64(theta)
+    new_state = _copy_state(state)
+    v = beta * _slot(new_state, "v", params) + (1.0 - beta) * _float64(g)
+    new_state["v"] = v
+    return params - alpha * v, new_state
+
+
+def seed_nesterov(
+    theta: ArrayLike,
+    grad_fn: Callable[[Array], ArrayLike],
+    state: State,
+    *,
+    eta: float,
+    gamma: float,
+) -> StepResult:
+    """Seed NAG, lookahead form (SPEC sections 4, 10).
+
+    ``theta_tilde = theta - gamma*v``; ``v <- gamma*v + eta*grad_fn(theta_tilde)``;
+    ``theta -= v``; v0 = 0. ``grad_fn`` maps a float64 array to its gradient.
+    """
+    params = _float64(theta)
+    new_state = _copy_state(state)
+    v = _slot(new_state, "v", params)
+    lookahead = params - gamma * v
+    v = gamma * v + eta * _float64(grad_fn(lookahead))
+    new_state["v"] = v
+    return params - v, new_state
+
+
+def seed_adagrad(
+    theta: ArrayLike, g: ArrayLike, state: State, *, eta: float, eps: float
+) -> StepResult:
+    """Seed Adagrad (SPEC sections 5, 10): ``G += g*g``; ``theta -= eta*g/sqrt(G + eps)``."""
+    params = _float64(theta)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    accumulated = _slot(new_state, "G", params) + grad * grad
+    new_state["G"] = accumulated
+    return params - eta * grad / np.sqrt(accumulated + eps), new_state
+
+
+def seed_rmsprop(
+    theta: ArrayLike, g: ArrayLike, state: State, *, eta: float, rho: float, eps: float
+) -> StepResult:
+    """Seed RMSprop (SPEC sections 6, 10).
+
+    ``E <- rho*E + (1 - rho)*g*g``; ``theta -= eta*g/sqrt(E + eps)``; E0 = 0.
+    """
+    params = _float64(theta)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    mean_square = rho * _slot(new_state, "E", params) + (1.0 - rho) * grad * grad
+    new_state["E"] = mean_square
+    return params - eta * grad / np.sqrt(mean_square + eps), new_state
+
+
+def seed_adam(
+    theta: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    alpha: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> StepResult:
+    """Seed Adam, Algorithm 1 of Kingma & Ba (SPEC sections 7, 10).
+
+    ``t += 1``; ``m <- beta1*m + (1 - beta1)*g``; ``v <- beta2*v + (1 - beta2)*g^2``;
+    ``m_hat = m/(1 - beta1^t)``; ``v_hat = v/(1 - beta2^t)``;
+    ``theta -= alpha*m_hat/(sqrt(v_hat) + eps)``.
+    """
+    params = _float64(theta)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    t = int(new_state.get("t", 0)) + 1
+    m = beta1 * _slot(new_state, "m", params) + (1.0 - beta1) * grad
+    v = beta2 * _slot(new_state, "v", params) + (1.0 - beta2) * grad * grad
+    new_state.update(t=t, m=m, v=v)
+    m_hat = m / (1.0 - beta1**t)
+    v_hat = v / (1.0 - beta2**t)
+    return params - alpha * m_hat / (np.sqrt(v_hat) + eps), new_state

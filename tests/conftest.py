@@ -1,0 +1,38 @@
+"""Shared fixtures: run a test under every ISA this processor offers, and data helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+# Keras must pick its backend before it is first imported; CI installs torch for it.
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import fusedopt  # noqa: E402
+
+ISAS = fusedopt.available_isas()
+SIZES = [0, 1, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 4097, 65535, 65536, 65537]
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test with the kernels of one ISA, then restores the default."""
+    previous = fusedopt.cpu_isa()
+    fusedopt.set_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        fusedopt.set_cpu_isa(previous)
+
+
+def checksum(*arrays: np.ndarray) -> str:
+    """Digest of the bytes of every array, to prove a failed call wrote nothing."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()

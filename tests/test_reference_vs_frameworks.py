@@ -1,0 +1,706 @@
+"""The oracle checked against the frameworks it transcribes: torch.optim, Keras 3 and pandas.
+
+Every other fusedopt test trusts ``fusedopt.reference``; this file is what earns that trust. It
+runs the real frameworks in float64 beside the reference, over several steps with a learning rate
+that changes every step, and compares parameters and state. The last part runs the seed
+document's literal formulas beside the framework configurations that SPEC section 10 says they
+equal (and the ones it says they do not). A framework that is not installed skips its tests.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np
+import pytest
+from fusedopt import reference
+
+RTOL = 1e-12
+ATOL = 1e-14
+STEPS = 10
+# A learning rate that changes every step: Keras keeps old rates in its velocity, PyTorch does
+# not (SPEC section 3), so a constant rate would hide a convention mix-up.
+LEARNING_RATES = [0.1, 0.05, 0.2, 0.01, 0.15, 0.07, 0.3, 0.02, 0.12, 0.04]
+SHAPES = [(3, 5), (4,)]
+
+
+def assert_close(actual, expected, what=""):
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL, err_msg=what)
+
+
+def case_ids(cases):
+    """Readable test ids such as ``Adam-amsgrad=True``."""
+    return ["-".join([name, *(f"{k}={v}" for k, v in options.items())]) for name, options in cases]
+
+
+def make_problem(seed, shape=(3, 5)):
+    """A starting parameter and one gradient per step."""
+    rng = np.random.default_rng(seed)
+    param = rng.normal(size=shape)
+    grads = [rng.normal(size=shape) for _ in range(STEPS)]
+    return param, grads
+
+
+# --------------------------------------------------------------------------------------------
+# torch.optim
+# --------------------------------------------------------------------------------------------
+
+TORCH_REFERENCE = {
+    "SGD": reference.torch_sgd,
+    "Adagrad": reference.torch_adagrad,
+    "RMSprop": reference.torch_rmsprop,
+    "Adam": reference.torch_adam,
+    "AdamW": reference.torch_adam,
+}
+
+TORCH_CASES = [
+    ("SGD", {}),
+    ("SGD", {"weight_decay": 0.1, "maximize": True}),
+    ("SGD", {"momentum": 0.9}),
+    ("SGD", {"momentum": 0.9, "dampening": 0.3}),
+    ("SGD", {"momentum": 0.5, "dampening": 0.5, "weight_decay": 0.05, "maximize": True}),
+    ("SGD", {"momentum": 0.9, "nesterov": True}),
+    ("SGD", {"momentum": 0.8, "nesterov": True, "weight_decay": 0.1, "maximize": True}),
+    ("Adagrad", {}),
+    ("Adagrad", {"lr_decay": 0.1, "initial_accumulator_value": 0.5}),
+    ("Adagrad", {"weight_decay": 0.1, "eps": 1e-3, "maximize": True, "lr_decay": 0.05}),
+    ("RMSprop", {}),
+    ("RMSprop", {"centered": True}),
+    ("RMSprop", {"momentum": 0.8}),
+    ("RMSprop", {"centered": True, "momentum": 0.8, "alpha": 0.9, "eps": 1e-3}),
+    ("RMSprop", {"weight_decay": 0.1, "maximize": True, "momentum": 0.5}),
+    ("Adam", {}),
+    ("Adam", {"amsgrad": True}),
+    ("Adam", {"weight_decay": 0.1}),
+    ("Adam", {"maximize": True, "amsgrad": True, "betas": (0.8, 0.99), "eps": 1e-3}),
+    ("Adam", {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("AdamW", {"weight_decay": 0.1}),
+    ("AdamW", {"weight_decay": 0.05, "amsgrad": True, "maximize": True}),
+]
+
+
+def torch_reference_options(name, options):
+    """torch.optim's keyword arguments, spelled as the reference takes them."""
+    options = dict(options)
+    if "betas" in options:
+        options["beta1"], options["beta2"] = options.pop("betas")
+    if name == "AdamW":
+        options["decoupled_weight_decay"] = True
+    return options
+
+
+def assert_torch_state_matches(torch_state, reference_state):
+    """Same keys as torch.optim (the reference adds "step" to SGD) and the same values."""
+    torch_keys = {key for key, value in torch_state.items() if value is not None}
+    assert torch_keys <= set(reference_state)
+    assert set(reference_state) - torch_keys <= {"step"}
+    for key in torch_keys:
+        if key == "step":
+            assert int(torch_state["step"].item()) == reference_state["step"]
+        else:
+            assert_close(reference_state[key], torch_state[key].numpy(), key)
+
+
+def run_torch_beside_reference(name, torch_options, reference_options, step_options=None):
+    """Steps torch.optim and the reference side by side; ``step_options(t)`` updates the group."""
+    torch = pytest.importorskip("torch")
+    param0, grads = make_problem(seed=len(name) + len(torch_options))
+    param = torch.nn.Parameter(torch.tensor(param0, dtype=torch.float64))
+    optimizer = getattr(torch.optim, name)([param], lr=LEARNING_RATES[0], **torch_options)
+    expected, state = param0, {}
+    for t in range(STEPS):
+        group = optimizer.param_groups[0]
+        group["lr"] = LEARNING_RATES[t]
+        options = dict(reference_options)
+        if step_options is not None:
+            changes = step_options(t)
+            group.update(changes)
+            options.update(torch_reference_options(name, changes))
+        param.grad = torch.tensor(grads[t], dtype=torch.float64)
+        optimizer.step()
+        expected, state = TORCH_REFERENCE[name](
+            expected, grads[t], state, lr=LEARNING_RATES[t], **options
+        )
+        assert_close(param.detach().numpy(), expected, f"param at step {t + 1}")
+        assert_torch_state_matches(optimizer.state[param], state)
+
+
+@pytest.mark.parametrize(("name", "options"), TORCH_CASES, ids=case_ids(TORCH_CASES))
+def test_torch_optimizer_trajectory_matches(name, options):
+    run_torch_beside_reference(name, options, torch_reference_options(name, options))
+
+
+def test_torch_sgd_hyperparameters_changing_every_step():
+    def step_options(t):
+        return {"momentum": 0.5 + 0.04 * t, "dampening": 0.03 * t, "weight_decay": 0.01 * t}
+
+    run_torch_beside_reference("SGD", {"momentum": 0.9}, {}, step_options)
+
+
+def test_torch_adam_hyperparameters_changing_every_step():
+    def step_options(t):
+        return {"betas": (0.9 - 0.02 * t, 0.999 - 0.01 * t), "weight_decay": 0.01 * t}
+
+    options = {"amsgrad": True}
+    run_torch_beside_reference(
+        "AdamW", options, torch_reference_options("AdamW", options), step_options
+    )
+
+
+FUSED_CASES = [
+    ("SGD", {"momentum": 0.9, "maximize": True, "weight_decay": 0.1}),
+    ("SGD", {"momentum": 0.9, "nesterov": True}),
+    ("Adam", {"maximize": True, "amsgrad": True, "weight_decay": 0.1}),
+    ("AdamW", {"weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), FUSED_CASES, ids=case_ids(FUSED_CASES))
+def test_torch_fused_grad_scale_unscales_before_maximize(name, options):
+    """SPEC section 8: the fused kernels divide by grad_scale, then negate for maximize."""
+    torch = pytest.importorskip("torch")
+    grad_scale = 1024.0  # a power of two, so the scaled gradients are exact
+    param0, grads = make_problem(seed=7)
+    param = torch.nn.Parameter(torch.tensor(param0, dtype=torch.float64))
+    optimizer = getattr(torch.optim, name)([param], lr=LEARNING_RATES[0], fused=True, **options)
+    optimizer.grad_scale = torch.tensor(grad_scale, dtype=torch.float32)
+    expected, state = param0, {}
+    for t in range(STEPS):
+        optimizer.param_groups[0]["lr"] = LEARNING_RATES[t]
+        param.grad = torch.tensor(grads[t] * grad_scale, dtype=torch.float64)
+        optimizer.step()
+        expected, state = TORCH_REFERENCE[name](
+            expected,
+            grads[t] * grad_scale,
+            state,
+            lr=LEARNING_RATES[t],
+            grad_scale=grad_scale,
+            **torch_reference_options(name, options),
+        )
+        assert_close(param.detach().numpy(), expected, f"param at step {t + 1}")
+        assert_torch_state_matches(optimizer.state[param], state)
+
+
+# --------------------------------------------------------------------------------------------
+# Keras 3
+# --------------------------------------------------------------------------------------------
+
+KERAS_REFERENCE = {
+    "SGD": reference.keras_sgd,
+    "Adagrad": reference.keras_adagrad,
+    "RMSprop": reference.keras_rmsprop,
+    "Adam": reference.keras_adam,
+    "AdamW": reference.keras_adam,
+}
+
+# reference state key -> the Keras optimizer attribute holding that slot, one variable per param.
+KERAS_SLOTS = {
+    "SGD": {"momentum": "momentums"},
+    "Adagrad": {"accumulator": "_accumulators"},
+    "RMSprop": {
+        "velocity": "_velocities",
+        "momentum": "_momentums",
+        "average_gradient": "_average_gradients",
+    },
+    "Adam": {"momentum": "_momentums", "velocity": "_velocities", "velocity_hat": "_velocity_hats"},
+}
+KERAS_SLOTS["AdamW"] = KERAS_SLOTS["Adam"]
+KERAS_ADAMW_DEFAULT_WEIGHT_DECAY = 0.004
+CLIP_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
+
+KERAS_CASES = [
+    ("SGD", {}),
+    ("SGD", {"momentum": 0.9}),
+    ("SGD", {"momentum": 0.9, "nesterov": True}),
+    ("SGD", {"momentum": 0.5, "weight_decay": 0.1}),
+    ("SGD", {"weight_decay": 0.1, "clipnorm": 1.0}),
+    ("Adagrad", {}),
+    ("Adagrad", {"initial_accumulator_value": 0.0, "epsilon": 1e-3, "weight_decay": 0.1}),
+    ("Adagrad", {"clipvalue": 0.5}),
+    ("RMSprop", {}),
+    ("RMSprop", {"centered": True}),
+    ("RMSprop", {"momentum": 0.8}),
+    ("RMSprop", {"centered": True, "momentum": 0.8, "rho": 0.8, "epsilon": 1e-3}),
+    ("RMSprop", {"weight_decay": 0.05, "global_clipnorm": 1.0}),
+    ("Adam", {}),
+    ("Adam", {"amsgrad": True}),
+    ("Adam", {"weight_decay": 0.1, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-3}),
+    ("Adam", {"amsgrad": True, "clipnorm": 0.5}),
+    ("AdamW", {}),
+    ("AdamW", {"weight_decay": 0.1, "amsgrad": True, "global_clipnorm": 2.0}),
+]
+
+
+def with_power_of_two_norms(grads, clip_options, t):
+    """The gradients rescaled so the norms that clipping reads are powers of two.
+
+    Keras on the torch backend takes ``maximum(norm, clipnorm)`` and ``minimum(1/N, 1/c)`` with a
+    Python float in float32 (its 64-to-32-bit promotion rule), so a clipped float64 gradient
+    carries float32 rounding unless those norms are exact in float32. Even steps clip, odd ones
+    do not (every threshold used here lies between 1/4 and 4).
+    """
+    target = 4.0 if t % 2 == 0 else 0.25
+    if "clipnorm" in clip_options:
+        return [g * (target / np.sqrt(np.sum(g * g))) for g in grads]
+    if "global_clipnorm" in clip_options:
+        return [g * (target / np.sqrt(sum(np.sum(g * g) for g in grads))) for g in grads]
+    return grads
+
+
+@pytest.fixture(scope="module")
+def keras():
+    """Keras with float64 as the default float, so the learning-rate variable is float64 too."""
+    keras = pytest.importorskip("keras")
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    yield keras
+    keras.config.set_floatx(previous)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize(("name", "options"), KERAS_CASES, ids=case_ids(KERAS_CASES))
+def test_keras_optimizer_trajectory_matches(keras, name, options):
+    problems = [make_problem(seed=index + len(options), shape=s) for index, s in enumerate(SHAPES)]
+    variables = [keras.Variable(param0, dtype="float64") for param0, _ in problems]
+    optimizer = getattr(keras.optimizers, name)(learning_rate=LEARNING_RATES[0], **options)
+    clip_options = {key: value for key, value in options.items() if key in CLIP_OPTIONS}
+    step_options = {key: value for key, value in options.items() if key not in CLIP_OPTIONS}
+    if name == "AdamW":
+        step_options.setdefault("weight_decay", KERAS_ADAMW_DEFAULT_WEIGHT_DECAY)
+    expected = [param0 for param0, _ in problems]
+    states = [{} for _ in problems]
+    for t in range(STEPS):
+        grads = with_power_of_two_norms([grads[t] for _, grads in problems], clip_options, t)
+        optimizer.learning_rate = LEARNING_RATES[t]
+        optimizer.apply([keras.ops.convert_to_tensor(g, dtype="float64") for g in grads], variables)
+        clipped = reference.keras_clip(grads, **clip_options)
+        for index, variable in enumerate(variables):
+            expected[index], states[index] = KERAS_REFERENCE[name](
+                expected[index],
+                clipped[index],
+                states[index],
+                learning_rate=LEARNING_RATES[t],
+                **step_options,
+            )
+            what = f"variable {index} at step {t + 1}"
+            assert_close(keras.ops.convert_to_numpy(variable.value), expected[index], what)
+            assert states[index]["step"] == t + 1 == int(optimizer.iterations.numpy())
+            for key, attribute in KERAS_SLOTS[name].items():
+                slots = getattr(optimizer, attribute, None)
+                if slots:
+                    actual = keras.ops.convert_to_numpy(slots[index].value)
+                    assert_close(states[index][key], actual, f"{key} of {what}")
+                else:
+                    # Keras creates this slot only when its option is on.
+                    np.testing.assert_array_equal(states[index][key], 0.0)
+
+
+def test_keras_clipnorm_example_from_spec():
+    """SPEC section 1: clipnorm = 1 on the gradient [3, 4] gives [0.6, 0.8]."""
+    (clipped,) = reference.keras_clip([[3.0, 4.0]], clipnorm=1.0)
+    assert_close(clipped, [0.6, 0.8])
+
+
+def test_keras_clip_takes_at_most_one_option():
+    with pytest.raises(ValueError):
+        reference.keras_clip([[1.0]], clipnorm=1.0, clipvalue=1.0)
+
+
+def test_keras_global_clipnorm_of_zero_gradients_is_identity():
+    clipped = reference.keras_clip([np.zeros(3), np.zeros(2)], global_clipnorm=1.0)
+    for array in clipped:
+        np.testing.assert_array_equal(array, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# pandas ewm().mean()
+# --------------------------------------------------------------------------------------------
+
+DECAYS = [
+    ("com", 0.0),
+    ("com", 0.5),
+    ("com", 1.0),
+    ("com", 2.7),
+    ("span", 1.0),
+    ("span", 3.0),
+    ("span", 10.5),
+    ("halflife", 0.3),
+    ("halflife", 1.0),
+    ("halflife", 4.2),
+    ("alpha", 0.05),
+    ("alpha", 0.1),
+    ("alpha", 0.37),
+    ("alpha", 0.5),
+    ("alpha", 1.0),
+]
+# Each of these is com == 1, where pandas >= 3 changes adjust=False across NaN gaps (SPEC 9).
+COM_ONE = {("com", 1.0), ("span", 3.0), ("halflife", 1.0), ("alpha", 0.5)}
+MIN_PERIODS = [0, 1, 3, None]
+
+
+@pytest.fixture(scope="module")
+def pd():
+    return pytest.importorskip("pandas")
+
+
+def pandas_major(pd):
+    return int(pd.__version__.split(".")[0])
+
+
+def random_series(rng, length):
+    """Normal values with NaN runs (leading ones too) and repeated values (the y == x branch)."""
+    values = rng.normal(size=length)
+    values[rng.random(length) < 0.3] = 0.5
+    values[rng.random(length) < 0.3] = np.nan
+    if rng.random() < 0.3:
+        values[: rng.integers(1, 4)] = np.nan
+    return values
+
+
+@pytest.mark.parametrize("ignore_na", [False, True])
+@pytest.mark.parametrize("adjust", [True, False])
+@pytest.mark.parametrize(("parameter", "value"), DECAYS)
+def test_ewma_series_is_bit_identical_to_pandas(pd, parameter, value, adjust, ignore_na):
+    rng = np.random.default_rng(DECAYS.index((parameter, value)))
+    pandas3_com_one = (
+        pandas_major(pd) >= 3 and (parameter, value) in COM_ONE and not adjust and not ignore_na
+    )
+    decay = {parameter: value}
+    for length in (0, 1, 2, 7, 40):
+        series = random_series(rng, length)
+        if pandas3_com_one:
+            # With NaN gaps this is the documented pandas 3 difference, tested below.
+            series = series[~np.isnan(series)]
+        for min_periods in MIN_PERIODS:
+            options = dict(adjust=adjust, ignore_na=ignore_na, min_periods=min_periods)
+            expected = pd.Series(series).ewm(**decay, **options).mean().to_numpy()
+            np.testing.assert_array_equal(reference.ewma(series, **decay, **options), expected)
+
+
+def test_ewma_random_alphas_round_trip_through_com_like_pandas(pd):
+    rng = np.random.default_rng(5)
+    series = random_series(rng, 30)
+    for alpha in rng.uniform(0.01, 1.0, size=50):
+        for adjust in (True, False):
+            expected = pd.Series(series).ewm(alpha=alpha, adjust=adjust).mean().to_numpy()
+            np.testing.assert_array_equal(
+                reference.ewma(series, alpha=alpha, adjust=adjust), expected
+            )
+
+
+def test_ewma_alpha_does_not_survive_the_com_round_trip():
+    """SPEC section 9: alpha = 0.05 is used as 1/(1 + 19.0) = 0.05000000000000001."""
+    result = reference.ewma([0.0, 1.0], alpha=0.05, adjust=False)
+    assert result[1] == 0.05000000000000001
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"com": 2.0},
+        {"span": 4.0, "adjust": False},
+        {"halflife": 2.0, "ignore_na": True, "min_periods": 3},
+        {"alpha": 0.3, "adjust": False, "ignore_na": True, "min_periods": 2},
+    ],
+)
+def test_ewma_two_dimensional_is_bit_identical_to_dataframe(pd, axis, options):
+    rng = np.random.default_rng(11)
+    values = np.stack([random_series(rng, 25) for _ in range(6)], axis=1)
+    if axis == 0:
+        expected = pd.DataFrame(values).ewm(**options).mean().to_numpy()
+    else:
+        expected = pd.DataFrame(values.T).ewm(**options).mean().to_numpy().T
+    np.testing.assert_array_equal(reference.ewma(values, axis=axis, **options), expected)
+
+
+@pytest.mark.parametrize(("parameter", "value"), sorted(COM_ONE))
+def test_ewma_com_one_without_adjust_follows_pandas_2(pd, parameter, value):
+    """SPEC A.5: at com == 1, adjust=False, a NaN gap uses pandas 2's weights, not pandas 3's."""
+    series = [1.0, np.nan, 5.0]
+    result = reference.ewma(series, **{parameter: value}, adjust=False)
+    # After the gap the old weight is f^2 = 0.25 and the new one alpha = 0.5.
+    np.testing.assert_array_equal(result, [1.0, 1.0, (0.25 * 1.0 + 0.5 * 5.0) / 0.75])
+    assert result[-1] == pytest.approx(3.6667, abs=1e-4)
+    pandas_result = pd.Series(series).ewm(**{parameter: value}, adjust=False).mean().to_numpy()
+    if pandas_major(pd) < 3:
+        np.testing.assert_array_equal(result, pandas_result)
+    else:
+        # pandas 3 weighs the new value with 1 - 0.25 = 0.75 (pandas PR #66521, issue #66523).
+        assert pandas_result[-1] in (4.0, result[-1])
+
+
+@pytest.mark.parametrize(
+    "decay",
+    [
+        {},
+        {"com": 1.0, "alpha": 0.5},
+        {"com": -0.1},
+        {"span": 0.5},
+        {"halflife": 0.0},
+        {"alpha": 0.0},
+        {"alpha": 1.5},
+    ],
+)
+def test_ewma_rejects_decay_parameters_pandas_rejects(pd, decay):
+    with pytest.raises(ValueError):
+        pd.Series([1.0, 2.0]).ewm(**decay)
+    with pytest.raises(ValueError):
+        reference.ewma([1.0, 2.0], **decay)
+
+
+# --------------------------------------------------------------------------------------------
+# The seed's textbook formulas beside the framework configurations of SPEC section 10
+# --------------------------------------------------------------------------------------------
+
+
+def run_steps(step, param0, grads, options_at):
+    """Parameters and states after each step of ``step``, called with ``options_at(t)``."""
+    params, states, state, param = [], [], {}, param0
+    for t, grad in enumerate(grads):
+        param, state = step(param, grad, state, **options_at(t))
+        params.append(param)
+        states.append(state)
+    return params, states
+
+
+def assert_trajectories_close(actual, expected):
+    for t, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert_close(a, e, f"step {t + 1}")
+
+
+def assert_trajectories_differ(actual, expected):
+    assert not np.allclose(actual[-1], expected[-1], rtol=1e-6, atol=0.0)
+
+
+def test_seed_momentum_is_torch_sgd_with_scaled_lr_even_with_varying_alpha():
+    param0, grads = make_problem(seed=21)
+    beta = 0.9
+    seed, seed_states = run_steps(
+        reference.seed_momentum,
+        param0,
+        grads,
+        lambda t: {"alpha": LEARNING_RATES[t], "beta": beta},
+    )
+    torch_like, torch_states = run_steps(
+        reference.torch_sgd,
+        param0,
+        grads,
+        lambda t: {"lr": LEARNING_RATES[t] * (1 - beta), "momentum": beta},
+    )
+    assert_trajectories_close(seed, torch_like)
+    for seed_state, torch_state in zip(seed_states, torch_states, strict=True):
+        assert_close(seed_state["v"], (1 - beta) * torch_state["momentum_buffer"])
+    # Not dampening = beta: PyTorch's first step sets buf = g, not (1 - beta)*g.
+    dampened, _ = run_steps(
+        reference.torch_sgd,
+        param0,
+        grads,
+        lambda t: {"lr": LEARNING_RATES[t], "momentum": beta, "dampening": beta},
+    )
+    assert_trajectories_differ(seed, dampened)
+
+
+def seed_and_keras_momentum(alphas, beta, seed):
+    param0, grads = make_problem(seed=seed)
+    seed_params, _ = run_steps(
+        reference.seed_momentum, param0, grads, lambda t: {"alpha": alphas(t), "beta": beta}
+    )
+    keras_params, _ = run_steps(
+        reference.keras_sgd,
+        param0,
+        grads,
+        lambda t: {"learning_rate": alphas(t) * (1 - beta), "momentum": beta},
+    )
+    return seed_params, keras_params
+
+
+def test_seed_momentum_is_keras_sgd_only_for_a_constant_alpha():
+    assert_trajectories_close(*seed_and_keras_momentum(lambda t: 0.1, beta=0.8, seed=22))
+    assert_trajectories_differ(
+        *seed_and_keras_momentum(lambda t: LEARNING_RATES[t], beta=0.8, seed=22)
+    )
+
+
+def quadratic_gradient(curvature, center):
+    return lambda theta: curvature * (theta - center)
+
+
+def nesterov_runs(etas, gamma, seed):
+    """The seed NAG, and Keras and PyTorch Nesterov mapped back to the seed's iterate (SPEC 4)."""
+    rng = np.random.default_rng(seed)
+    grad_fn = quadratic_gradient(rng.uniform(0.5, 2.0, size=6), rng.normal(size=6))
+    theta0 = rng.normal(size=6)
+    seed_theta, keras_theta, torch_theta = [], [], []
+    seed_state, keras_state, torch_state = {}, {}, {}
+    theta = keras_param = torch_param = theta0
+    for t in range(STEPS):
+        theta, seed_state = reference.seed_nesterov(
+            theta, grad_fn, seed_state, eta=etas(t), gamma=gamma
+        )
+        keras_param, keras_state = reference.keras_sgd(
+            keras_param,
+            grad_fn(keras_param),
+            keras_state,
+            learning_rate=etas(t),
+            momentum=gamma,
+            nesterov=True,
+        )
+        torch_param, torch_state = reference.torch_sgd(
+            torch_param,
+            grad_fn(torch_param),
+            torch_state,
+            lr=etas(t),
+            momentum=gamma,
+            nesterov=True,
+        )
+        seed_theta.append(theta)
+        keras_theta.append(keras_param - gamma * keras_state["momentum"])
+        torch_theta.append(torch_param + gamma * etas(t) * torch_state["momentum_buffer"])
+        assert_close(seed_state["v"], -keras_state["momentum"], f"v at step {t + 1}")
+    return seed_theta, keras_theta, torch_theta
+
+
+def test_seed_nesterov_is_keras_nesterov_for_any_lr_and_torch_for_a_constant_lr():
+    seed_theta, keras_theta, torch_theta = nesterov_runs(lambda t: 0.1, gamma=0.9, seed=23)
+    assert_trajectories_close(seed_theta, keras_theta)
+    assert_trajectories_close(seed_theta, torch_theta)
+    seed_theta, keras_theta, torch_theta = nesterov_runs(
+        lambda t: LEARNING_RATES[t], gamma=0.9, seed=23
+    )
+    assert_trajectories_close(seed_theta, keras_theta)
+    assert_trajectories_differ(seed_theta, torch_theta)
+
+
+def test_seed_adagrad_is_keras_with_zero_initial_accumulator():
+    param0, grads = make_problem(seed=24)
+    eps = 1e-3
+    seed, seed_states = run_steps(
+        reference.seed_adagrad, param0, grads, lambda t: {"eta": LEARNING_RATES[t], "eps": eps}
+    )
+    keras_like, keras_states = run_steps(
+        reference.keras_adagrad,
+        param0,
+        grads,
+        lambda t: {
+            "learning_rate": LEARNING_RATES[t],
+            "initial_accumulator_value": 0.0,
+            "epsilon": eps,
+        },
+    )
+    assert_trajectories_close(seed, keras_like)
+    assert_close(seed_states[-1]["G"], keras_states[-1]["accumulator"])
+    keras_default_init, _ = run_steps(
+        reference.keras_adagrad,
+        param0,
+        grads,
+        lambda t: {"learning_rate": LEARNING_RATES[t], "epsilon": eps},
+    )
+    assert_trajectories_differ(seed, keras_default_init)
+    torch_like, _ = run_steps(
+        reference.torch_adagrad, param0, grads, lambda t: {"lr": LEARNING_RATES[t], "eps": eps}
+    )
+    assert_trajectories_differ(seed, torch_like)
+
+
+def test_seed_rmsprop_is_keras_and_not_torch():
+    param0, grads = make_problem(seed=25)
+    rho, eps = 0.9, 1e-3
+    seed, seed_states = run_steps(
+        reference.seed_rmsprop,
+        param0,
+        grads,
+        lambda t: {"eta": LEARNING_RATES[t], "rho": rho, "eps": eps},
+    )
+    keras_like, keras_states = run_steps(
+        reference.keras_rmsprop,
+        param0,
+        grads,
+        lambda t: {"learning_rate": LEARNING_RATES[t], "rho": rho, "epsilon": eps},
+    )
+    assert_trajectories_close(seed, keras_like)
+    assert_close(seed_states[-1]["E"], keras_states[-1]["velocity"])
+    torch_like, _ = run_steps(
+        reference.torch_rmsprop,
+        param0,
+        grads,
+        lambda t: {"lr": LEARNING_RATES[t], "alpha": rho, "eps": eps},
+    )
+    assert_trajectories_differ(seed, torch_like)
+
+
+def test_seed_adam_is_torch_and_keras_only_with_a_per_step_epsilon_hat():
+    param0, grads = make_problem(seed=26)
+    beta1, beta2, eps = 0.9, 0.999, 1e-3
+    seed, seed_states = run_steps(
+        reference.seed_adam,
+        param0,
+        grads,
+        lambda t: {"alpha": LEARNING_RATES[t], "beta1": beta1, "beta2": beta2, "eps": eps},
+    )
+    torch_like, torch_states = run_steps(
+        reference.torch_adam,
+        param0,
+        grads,
+        lambda t: {"lr": LEARNING_RATES[t], "beta1": beta1, "beta2": beta2, "eps": eps},
+    )
+    assert_trajectories_close(seed, torch_like)
+    assert_close(seed_states[-1]["m"], torch_states[-1]["exp_avg"])
+    assert_close(seed_states[-1]["v"], torch_states[-1]["exp_avg_sq"])
+
+    def keras_options(epsilon_at):
+        return lambda t: {
+            "learning_rate": LEARNING_RATES[t],
+            "beta_1": beta1,
+            "beta_2": beta2,
+            "epsilon": epsilon_at(t + 1),
+        }
+
+    keras_epsilon_hat, _ = run_steps(
+        reference.keras_adam,
+        param0,
+        grads,
+        keras_options(lambda step: eps * np.sqrt(1 - beta2**step)),
+    )
+    assert_trajectories_close(seed, keras_epsilon_hat)
+    keras_nominal, _ = run_steps(reference.keras_adam, param0, grads, keras_options(lambda _: eps))
+    assert_trajectories_differ(seed, keras_nominal)
+
+
+# --------------------------------------------------------------------------------------------
+# The oracle's own contract
+# --------------------------------------------------------------------------------------------
+
+STEP_FUNCTIONS = [
+    (reference.torch_sgd, {"lr": 0.1, "momentum": 0.9}),
+    (reference.torch_adagrad, {"lr": 0.1}),
+    (reference.torch_rmsprop, {"lr": 0.1, "momentum": 0.5, "centered": True}),
+    (reference.torch_adam, {"lr": 0.1, "amsgrad": True}),
+    (reference.keras_sgd, {"learning_rate": 0.1, "momentum": 0.9}),
+    (reference.keras_adagrad, {"learning_rate": 0.1}),
+    (reference.keras_rmsprop, {"learning_rate": 0.1, "momentum": 0.5, "centered": True}),
+    (reference.keras_adam, {"learning_rate": 0.1, "amsgrad": True, "weight_decay": 0.1}),
+    (reference.seed_momentum, {"alpha": 0.1, "beta": 0.9}),
+    (reference.seed_adagrad, {"eta": 0.1, "eps": 1e-7}),
+    (reference.seed_rmsprop, {"eta": 0.1, "rho": 0.9, "eps": 1e-7}),
+    (reference.seed_adam, {"alpha": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}),
+]
+
+
+@pytest.mark.parametrize(
+    ("step", "options"), STEP_FUNCTIONS, ids=[step.__name__ for step, _ in STEP_FUNCTIONS]
+)
+def test_reference_steps_never_write_their_inputs_and_return_float64(step, options):
+    rng = np.random.default_rng(3)
+    param = rng.normal(size=5).astype(np.float32)
+    grad = rng.normal(size=5).astype(np.float32)
+    _, state = step(param, grad, {}, **options)
+    saved = (param.copy(), grad.copy(), {k: np.copy(v) for k, v in state.items()})
+    new_param, new_state = step(param, grad, state, **options)
+    np.testing.assert_array_equal(param, saved[0])
+    np.testing.assert_array_equal(grad, saved[1])
+    for key, value in saved[2].items():
+        np.testing.assert_array_equal(state[key], value)
+    assert new_param.dtype == np.float64
+    for value in new_state.values():
+        assert not isinstance(value, np.ndarray) or value.dtype == np.float64
