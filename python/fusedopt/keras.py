@@ -98,9 +98,13 @@ class Optimizer:
         if len(self._index_of) != len(variables):
             raise ValueError("variables: the same array appears twice")
         self._buffers = {
-            name: [self._initial_state(name, v) for v in variables] for name in self._state_names
+            name: [self._initial_state(name, v) for v in variables] for name in self._used_states()
         }
         self.built = True
+
+    def _used_states(self) -> tuple[str, ...]:
+        """The states this configuration keeps (Keras creates no others)."""
+        return self._state_names
 
     def _initial_state(self, name: str, variable: np.ndarray) -> np.ndarray:
         return np.zeros_like(variable, order="C")
@@ -108,13 +112,13 @@ class Optimizer:
     @property
     def variables(self) -> list[np.ndarray]:
         """The optimizer's state arrays, in Keras' order (one list per state name)."""
-        return [b for name in self._state_names for b in self._buffers.get(name, [])]
+        return [b for name in self._used_states() for b in self._buffers.get(name, [])]
 
     @property
     def state(self) -> dict[int, dict[str, np.ndarray]]:
         """The live state of each variable by index, with Keras' state names."""
         return {
-            i: {name: self._buffers[name][i] for name in self._state_names}
+            i: {name: self._buffers[name][i] for name in self._used_states()}
             for i in range(len(self._variables))
         }
 
@@ -181,11 +185,6 @@ class Optimizer:
     def _update(self, grads: list[np.ndarray], indices: list[int], learning_rate: float) -> None:
         raise NotImplementedError  # pragma: no cover
 
-    def _lists(self, indices: list[int]) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-        variables = [self._variables[i] for i in indices]
-        states = [[self._buffers[name][i] for i in indices] for name in self._state_names]
-        return variables, states
-
     def _run(self, step_function: Callable[..., None], options: Any, grads: list[np.ndarray],
              indices: list[int], *state_lists: list[np.ndarray] | None) -> None:  # fmt: skip
         options.convention = "keras"
@@ -195,7 +194,11 @@ class Optimizer:
         variables = [self._variables[i] for i in indices]
         step_function([options], group_of, steps, variables, grads, *state_lists)
 
-    def _state_for(self, name: str, indices: list[int]) -> list[np.ndarray]:
+    def _state_for(self, name: str, indices: list[int]) -> list[np.ndarray] | None:
+        """The given variables' buffers of one state, or None where this configuration keeps
+        no such state."""
+        if name not in self._buffers:
+            return None
         return [self._buffers[name][i] for i in indices]
 
 
@@ -220,8 +223,10 @@ class SGD(Optimizer):
         o.lr = learning_rate
         o.momentum = self.momentum
         o.nesterov = self.nesterov
-        buffers = self._state_for("momentum", indices) if self.momentum != 0 else None
-        self._run(_core.sgd_step, o, grads, indices, buffers)
+        self._run(_core.sgd_step, o, grads, indices, self._state_for("momentum", indices))
+
+    def _used_states(self) -> tuple[str, ...]:
+        return self._state_names if self.momentum != 0 else ()
 
 
 class Adagrad(Optimizer):
@@ -281,9 +286,16 @@ class RMSprop(Optimizer):
         o.centered = self.centered
         self._run(
             _core.rmsprop_step, o, grads, indices, self._state_for("velocity", indices),
-            self._state_for("momentum", indices) if self.momentum > 0 else None,
-            self._state_for("average_gradient", indices) if self.centered else None,
+            self._state_for("momentum", indices), self._state_for("average_gradient", indices),
         )  # fmt: skip
+
+    def _used_states(self) -> tuple[str, ...]:
+        used = ("velocity",)
+        if self.momentum > 0:
+            used += ("momentum",)
+        if self.centered:
+            used += ("average_gradient",)
+        return used
 
 
 class Adam(Optimizer):
@@ -318,9 +330,11 @@ class Adam(Optimizer):
         o.amsgrad = self.amsgrad
         self._run(
             _core.adam_step, o, grads, indices, self._state_for("momentum", indices),
-            self._state_for("velocity", indices),
-            self._state_for("velocity_hat", indices) if self.amsgrad else None,
+            self._state_for("velocity", indices), self._state_for("velocity_hat", indices),
         )  # fmt: skip
+
+    def _used_states(self) -> tuple[str, ...]:
+        return self._state_names if self.amsgrad else self._state_names[:2]
 
 
 class AdamW(Adam):
