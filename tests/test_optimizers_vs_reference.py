@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import DTYPES, SIZES
 
 import fusedopt
 import fusedopt.keras as fk
+from conftest import DTYPES, SIZES
 from fusedopt import reference
 
 # float32 kernels against a float64 oracle: a few ulps per operation over a few steps.
@@ -31,8 +31,15 @@ class Case:
     keras: bool = False
 
 
-def torch_case(name: str, cls: type, ref: Callable, ctor: dict, ref_hyper: dict | None = None) -> Case:
-    return Case(name, lambda ps, lr: cls(ps, lr=lr, **ctor), ref, ref_hyper if ref_hyper is not None else ctor)
+def torch_case(
+    name: str, cls: type, ref: Callable, ctor: dict, ref_hyper: dict | None = None
+) -> Case:
+    return Case(
+        name,
+        lambda ps, lr: cls(ps, lr=lr, **ctor),
+        ref,
+        ref_hyper if ref_hyper is not None else ctor,
+    )
 
 
 def keras_case(name: str, cls: type, ref: Callable, kw: dict) -> Case:
@@ -41,38 +48,83 @@ def keras_case(name: str, cls: type, ref: Callable, kw: dict) -> Case:
 
 CASES = [
     torch_case("sgd", fusedopt.SGD, reference.torch_sgd, {}),
-    torch_case("sgd_momentum_dampening_wd", fusedopt.SGD, reference.torch_sgd,
-               dict(momentum=0.9, dampening=0.3, weight_decay=0.05)),
-    torch_case("sgd_nesterov_maximize", fusedopt.SGD, reference.torch_sgd,
-               dict(momentum=0.8, nesterov=True, maximize=True)),
-    torch_case("adagrad", fusedopt.Adagrad, reference.torch_adagrad,
-               dict(lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.2, eps=1e-6)),
+    torch_case(
+        "sgd_momentum_dampening_wd",
+        fusedopt.SGD,
+        reference.torch_sgd,
+        dict(momentum=0.9, dampening=0.3, weight_decay=0.05),
+    ),
+    torch_case(
+        "sgd_nesterov_maximize",
+        fusedopt.SGD,
+        reference.torch_sgd,
+        dict(momentum=0.8, nesterov=True, maximize=True),
+    ),
+    torch_case(
+        "adagrad",
+        fusedopt.Adagrad,
+        reference.torch_adagrad,
+        dict(lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.2, eps=1e-6),
+    ),
     torch_case("adagrad_maximize", fusedopt.Adagrad, reference.torch_adagrad, dict(maximize=True)),
     torch_case("rmsprop", fusedopt.RMSprop, reference.torch_rmsprop, dict(weight_decay=0.01)),
-    torch_case("rmsprop_centered_momentum", fusedopt.RMSprop, reference.torch_rmsprop,
-               dict(alpha=0.9, centered=True, momentum=0.7, eps=1e-3, maximize=True)),
-    torch_case("rmsprop_alpha_low", fusedopt.RMSprop, reference.torch_rmsprop,
-               dict(alpha=0.3, centered=True)),  # lerp weight >= 0.5: torch's other form
+    torch_case(
+        "rmsprop_centered_momentum",
+        fusedopt.RMSprop,
+        reference.torch_rmsprop,
+        dict(alpha=0.9, centered=True, momentum=0.7, eps=1e-3, maximize=True),
+    ),
+    torch_case(
+        "rmsprop_alpha_low",
+        fusedopt.RMSprop,
+        reference.torch_rmsprop,
+        dict(alpha=0.3, centered=True),
+    ),  # lerp weight >= 0.5: torch's other form
     torch_case("adam", fusedopt.Adam, reference.torch_adam, dict(weight_decay=0.02)),
-    torch_case("adam_amsgrad_maximize", fusedopt.Adam, reference.torch_adam,
-               dict(amsgrad=True, maximize=True, betas=(0.8, 0.99)),
-               dict(amsgrad=True, maximize=True, beta1=0.8, beta2=0.99)),
-    torch_case("adamw", fusedopt.AdamW, reference.torch_adam, dict(weight_decay=0.1),
-               dict(weight_decay=0.1, decoupled_weight_decay=True)),
-    torch_case("adamw_amsgrad_low_beta1", fusedopt.AdamW, reference.torch_adam,
-               dict(amsgrad=True, betas=(0.3, 0.9)),
-               dict(amsgrad=True, beta1=0.3, beta2=0.9, weight_decay=1e-2, decoupled_weight_decay=True)),
+    torch_case(
+        "adam_amsgrad_maximize",
+        fusedopt.Adam,
+        reference.torch_adam,
+        dict(amsgrad=True, maximize=True, betas=(0.8, 0.99)),
+        dict(amsgrad=True, maximize=True, beta1=0.8, beta2=0.99),
+    ),
+    torch_case(
+        "adamw",
+        fusedopt.AdamW,
+        reference.torch_adam,
+        dict(weight_decay=0.1),
+        dict(weight_decay=0.1, decoupled_weight_decay=True),
+    ),
+    torch_case(
+        "adamw_amsgrad_low_beta1",
+        fusedopt.AdamW,
+        reference.torch_adam,
+        dict(amsgrad=True, betas=(0.3, 0.9)),
+        dict(amsgrad=True, beta1=0.3, beta2=0.9, weight_decay=1e-2, decoupled_weight_decay=True),
+    ),
     keras_case("keras_sgd", fk.SGD, reference.keras_sgd, dict(weight_decay=0.01)),
     keras_case("keras_sgd_momentum", fk.SGD, reference.keras_sgd, dict(momentum=0.9)),
-    keras_case("keras_sgd_nesterov", fk.SGD, reference.keras_sgd,
-               dict(momentum=0.9, nesterov=True, weight_decay=0.02)),
+    keras_case(
+        "keras_sgd_nesterov",
+        fk.SGD,
+        reference.keras_sgd,
+        dict(momentum=0.9, nesterov=True, weight_decay=0.02),
+    ),
     keras_case("keras_adagrad", fk.Adagrad, reference.keras_adagrad, dict(weight_decay=0.03)),
     keras_case("keras_rmsprop", fk.RMSprop, reference.keras_rmsprop, dict(weight_decay=0.01)),
-    keras_case("keras_rmsprop_centered_momentum", fk.RMSprop, reference.keras_rmsprop,
-               dict(rho=0.8, centered=True, momentum=0.5, epsilon=1e-3)),
+    keras_case(
+        "keras_rmsprop_centered_momentum",
+        fk.RMSprop,
+        reference.keras_rmsprop,
+        dict(rho=0.8, centered=True, momentum=0.5, epsilon=1e-3),
+    ),
     keras_case("keras_adam", fk.Adam, reference.keras_adam, dict(epsilon=1e-7)),
-    keras_case("keras_adam_amsgrad_wd", fk.Adam, reference.keras_adam,
-               dict(amsgrad=True, weight_decay=0.05, beta_1=0.7)),
+    keras_case(
+        "keras_adam_amsgrad_wd",
+        fk.Adam,
+        reference.keras_adam,
+        dict(amsgrad=True, weight_decay=0.05, beta_1=0.7),
+    ),
     keras_case("keras_adamw", fk.AdamW, reference.keras_adam, dict(weight_decay=0.004)),
 ]
 
@@ -129,8 +181,9 @@ def run_and_compare(case: Case, sizes: list[int], dtype: type, seed: int = 0) ->
         for name, value in s_ref.items():
             if not isinstance(value, np.ndarray) or name not in state:
                 continue
-            np.testing.assert_allclose(state[name], value, **TOLERANCE[dtype],
-                                       err_msg=f"state {name} of params[{i}]")  # fmt: skip
+            np.testing.assert_allclose(
+                state[name], value, **TOLERANCE[dtype], err_msg=f"state {name} of params[{i}]"
+            )
         # The Keras reference keeps every slot; one the configuration never uses stays zero.
         for name in {k for k, v in s_ref.items() if isinstance(v, np.ndarray)} - set(state):
             assert not np.any(s_ref[name]), f"state {name} of params[{i}] is missing"
@@ -161,7 +214,12 @@ def test_every_isa_gives_bit_identical_results(case: Case) -> None:
             params = [rng.standard_normal(n).astype(np.float32) for n in (1000, 17, 70001)]
             opt = make_optimizer(case, params)
             for _ in range(3):
-                apply(case, opt, params, [rng.standard_normal(p.size).astype(np.float32) for p in params])
+                apply(
+                    case,
+                    opt,
+                    params,
+                    [rng.standard_normal(p.size).astype(np.float32) for p in params],
+                )
             results.append(np.concatenate(params))
     finally:
         fusedopt.set_cpu_isa(previous)
@@ -193,8 +251,9 @@ def test_param_groups_have_their_own_hyperparameters() -> None:
     a, b, c = (rng.standard_normal(n) for n in (10, 20, 30))
     opt = fusedopt.Adam(
         [{"params": [a, b], "lr": 0.1, "amsgrad": True}, {"params": [c], "betas": (0.5, 0.6)}],
-        lr=0.01, weight_decay=0.1,
-    )  # fmt: skip
+        lr=0.01,
+        weight_decay=0.1,
+    )
     expected = [(x.copy(), {}) for x in (a, b, c)]
     hyper = [dict(lr=0.1, amsgrad=True, weight_decay=0.1)] * 2 + [
         dict(lr=0.01, beta1=0.5, beta2=0.6, weight_decay=0.1)
@@ -202,7 +261,9 @@ def test_param_groups_have_their_own_hyperparameters() -> None:
     for _ in range(3):
         grads = [rng.standard_normal(x.size) for x in (a, b, c)]
         opt.step(grads)
-        expected = [reference.torch_adam(p, g, s, **h) for (p, s), g, h in zip(expected, grads, hyper)]
+        expected = [
+            reference.torch_adam(p, g, s, **h) for (p, s), g, h in zip(expected, grads, hyper)
+        ]
     for actual, (p_ref, _) in zip((a, b, c), expected):
         np.testing.assert_allclose(actual, p_ref, rtol=1e-12)
 
@@ -248,7 +309,10 @@ def test_found_inf_skips_the_step_and_keeps_the_count(cls: type) -> None:
     g = np.full(10, np.inf)
     opt = cls([p], lr=0.1, **(dict(momentum=0.9) if cls is fusedopt.SGD else {}))
     opt.step([np.ones(10)])
-    before = p.copy(), {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in opt.state[0].items()}
+    before = (
+        p.copy(),
+        {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in opt.state[0].items()},
+    )
     opt.step([g], found_inf=np.array([1.0], dtype=np.float32), grad_scale=2.0)
     np.testing.assert_array_equal(p, before[0])
     for name, value in before[1].items():

@@ -13,6 +13,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
 import pytest
+
 from fusedopt import reference
 
 RTOL = 1e-12

@@ -23,7 +23,7 @@ struct BufferInfo {
   bool is_float64 = false;
   bool contiguous = false;  // C order, no gaps
   bool writeable = false;
-  std::string dtype_name;   // for messages
+  std::string dtype_name;   // set only for dtypes other than float32/float64, for messages
 };
 
 // The buffers of one step, by role. states[k] is empty when no tensor keeps such a state;

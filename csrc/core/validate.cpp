@@ -20,6 +20,10 @@ std::string indexed(const std::string& name, size_t i) {
   return name + "[" + std::to_string(i) + "]";
 }
 
+std::string dtype_of(const BufferInfo& b) {
+  return b.is_float32 ? "float32" : b.is_float64 ? "float64" : b.dtype_name;
+}
+
 [[noreturn]] void fail(ErrorKind kind, const std::string& message) { throw Error(kind, message); }
 
 void check_buffer(const BufferInfo& b, const std::string& name, bool written) {
@@ -35,8 +39,8 @@ void check_buffer(const BufferInfo& b, const std::string& name, bool written) {
 void check_matches_param(const BufferInfo& b, const std::string& name, const BufferInfo& param,
                          const std::string& param_name) {
   if (b.is_float32 != param.is_float32 || b.is_float64 != param.is_float64)
-    fail(ErrorKind::type, name + " has dtype " + b.dtype_name + " but " + param_name + " has " +
-                              param.dtype_name);
+    fail(ErrorKind::type, name + " has dtype " + dtype_of(b) + " but " + param_name + " has " +
+                              dtype_of(param));
   if (b.shape != param.shape)
     fail(ErrorKind::value, name + " has shape " + shape_string(b.shape) + " but " + param_name +
                                " has shape " + shape_string(param.shape));

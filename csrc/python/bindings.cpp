@@ -46,10 +46,11 @@ BufferInfo describe(py::handle object, const std::string& role, size_t index) {
   info.is_float64 = native && dtype.num() == py::detail::npy_api::NPY_DOUBLE_;
   info.contiguous = array.flags() & py::array::c_style;
   info.writeable = array.writeable();
-  info.dtype_name = py::str(dtype);
-  if (!native && (dtype.num() == py::detail::npy_api::NPY_FLOAT_ ||
-                  dtype.num() == py::detail::npy_api::NPY_DOUBLE_))
-    info.dtype_name += " (non-native byte order)";
+  // Formatting a dtype costs more than the rest of the call: name only the ones a message needs.
+  if (!info.is_float32 && !info.is_float64) {
+    info.dtype_name = py::str(dtype);
+    if (!native) info.dtype_name += " (non-native byte order)";
+  }
   return info;
 }
 

@@ -12,8 +12,11 @@ def _center_of_mass(
 ) -> float:
     """pandas' ``get_center_of_mass``, operation for operation, so alpha' = 1 / (1 + com) comes
     out bit-identical to pandas' (alpha does not always survive the round trip, SPEC 9)."""
-    given = [name for name, v in (("com", com), ("span", span), ("halflife", halflife),
-                                  ("alpha", alpha)) if v is not None]  # fmt: skip
+    given = [
+        name
+        for name, v in (("com", com), ("span", span), ("halflife", halflife), ("alpha", alpha))
+        if v is not None
+    ]
     if len(given) > 1:
         raise ValueError("com, span, halflife, and alpha are mutually exclusive")
     if com is not None:
@@ -82,6 +85,16 @@ def ewma(
         num_series, length = values.shape
         time_stride, series_stride = 1, length
     if values.size:
-        _core.ewma(values, out, length, num_series, time_stride, series_stride, com_value,
-                   bool(adjust), bool(ignore_na), int(min_periods))  # fmt: skip
+        _core.ewma(
+            values,
+            out,
+            length,
+            num_series,
+            time_stride,
+            series_stride,
+            com_value,
+            bool(adjust),
+            bool(ignore_na),
+            int(min_periods),
+        )
     return out.astype(result_dtype, copy=False)

@@ -108,8 +108,16 @@ def rmsprop_(
     o.centered, o.maximize, o.convention = centered, maximize, convention
     params = _list(params)
     group_of, steps = _schedule(params, 1)
-    _core.rmsprop_step([o], group_of, steps, params, _list(grads), _list(square_avgs),
-                       _list(momentum_buffers), _list(grad_avgs))  # fmt: skip
+    _core.rmsprop_step(
+        [o],
+        group_of,
+        steps,
+        params,
+        _list(grads),
+        _list(square_avgs),
+        _list(momentum_buffers),
+        _list(grad_avgs),
+    )
 
 
 def adam_(
@@ -142,8 +150,17 @@ def adam_(
     o.convention = convention
     params = _list(params)
     group_of, steps = _schedule(params, step)
-    _core.adam_step([o], group_of, steps, params, _list(grads), _list(exp_avgs),
-                    _list(exp_avg_sqs), _list(max_exp_avg_sqs), grad_scale)  # fmt: skip
+    _core.adam_step(
+        [o],
+        group_of,
+        steps,
+        params,
+        _list(grads),
+        _list(exp_avgs),
+        _list(exp_avg_sqs),
+        _list(max_exp_avg_sqs),
+        grad_scale,
+    )
 
 
 __all__ = ["adagrad_", "adam_", "rmsprop_", "sgd_"]

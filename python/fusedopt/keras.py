@@ -45,8 +45,11 @@ class Optimizer:
                 "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
                 f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}"
             )
-        for label, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue),
-                             ("global_clipnorm", global_clipnorm)):  # fmt: skip
+        for label, value in (
+            ("clipnorm", clipnorm),
+            ("clipvalue", clipvalue),
+            ("global_clipnorm", global_clipnorm),
+        ):
             if value is not None and not float(value) > 0:
                 raise ValueError(f"Invalid {label}: {value} (must be > 0)")
         if weight_decay is not None and not float(weight_decay) >= 0:
@@ -92,7 +95,9 @@ class Optimizer:
             if not isinstance(v, np.ndarray):
                 raise TypeError(f"variables[{i}] must be a numpy.ndarray, got {type(v).__name__}")
             if v.dtype not in (np.float32, np.float64):
-                raise TypeError(f"variables[{i}] has dtype {v.dtype}; fusedopt updates float32 and float64")
+                raise TypeError(
+                    f"variables[{i}] has dtype {v.dtype}; fusedopt updates float32 and float64"
+                )
         self._variables = variables
         self._index_of = {id(v): i for i, v in enumerate(variables)}
         if len(self._index_of) != len(variables):
@@ -129,7 +134,11 @@ class Optimizer:
         pairs = list(grads_and_vars)
         return self.apply([g for g, _ in pairs], [v for _, v in pairs])
 
-    def apply(self, grads: Sequence[np.ndarray | None], trainable_variables: Sequence[np.ndarray] | None = None) -> int:
+    def apply(
+        self,
+        grads: Sequence[np.ndarray | None],
+        trainable_variables: Sequence[np.ndarray] | None = None,
+    ) -> int:
         """Update ``trainable_variables`` in place from ``grads``; returns ``iterations``."""
         grads = list(grads)
         if trainable_variables is None:
@@ -168,7 +177,9 @@ class Optimizer:
             return [self._clip_by_norm(g, self.clipnorm) for g in grads]
         if self.global_clipnorm is not None:
             norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads))
-            scale = self.global_clipnorm * min(1.0 / norm, 1.0 / self.global_clipnorm) if norm else 1.0
+            scale = (
+                self.global_clipnorm * min(1.0 / norm, 1.0 / self.global_clipnorm) if norm else 1.0
+            )
             return [np.asarray(g * g.dtype.type(scale), dtype=g.dtype) for g in grads]
         if self.clipvalue is not None:
             return [np.clip(g, -self.clipvalue, self.clipvalue) for g in grads]
@@ -185,8 +196,14 @@ class Optimizer:
     def _update(self, grads: list[np.ndarray], indices: list[int], learning_rate: float) -> None:
         raise NotImplementedError  # pragma: no cover
 
-    def _run(self, step_function: Callable[..., None], options: Any, grads: list[np.ndarray],
-             indices: list[int], *state_lists: list[np.ndarray] | None) -> None:  # fmt: skip
+    def _run(
+        self,
+        step_function: Callable[..., None],
+        options: Any,
+        grads: list[np.ndarray],
+        indices: list[int],
+        *state_lists: list[np.ndarray] | None,
+    ) -> None:
         options.convention = "keras"
         options.weight_decay = float(self.weight_decay or 0.0)
         steps = np.full(len(indices), self.iterations + 1, dtype=np.int64)
@@ -208,10 +225,17 @@ class SGD(Optimizer):
 
     _state_names = ("momentum",)
 
-    def __init__(self, learning_rate: LearningRate = 0.01, momentum: float = 0.0,
-                 nesterov: bool = False, weight_decay: float | None = None,
-                 clipnorm: float | None = None, clipvalue: float | None = None,
-                 global_clipnorm: float | None = None, name: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        learning_rate: LearningRate = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        name: str | None = None,
+    ) -> None:
         if not (isinstance(momentum, float | int) and 0 <= momentum <= 1):
             raise ValueError("`momentum` must be a float between [0, 1].")
         super().__init__(learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm, name)
@@ -234,10 +258,17 @@ class Adagrad(Optimizer):
 
     _state_names = ("accumulator",)
 
-    def __init__(self, learning_rate: LearningRate = 0.001, initial_accumulator_value: float = 0.1,
-                 epsilon: float = 1e-7, weight_decay: float | None = None,
-                 clipnorm: float | None = None, clipvalue: float | None = None,
-                 global_clipnorm: float | None = None, name: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        learning_rate: LearningRate = 0.001,
+        initial_accumulator_value: float = 0.1,
+        epsilon: float = 1e-7,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        name: str | None = None,
+    ) -> None:
         if not float(initial_accumulator_value) >= 0:
             raise ValueError(f"Invalid initial_accumulator_value: {initial_accumulator_value}")
         if not float(epsilon) >= 0:
@@ -263,11 +294,19 @@ class RMSprop(Optimizer):
 
     _state_names = ("velocity", "momentum", "average_gradient")
 
-    def __init__(self, learning_rate: LearningRate = 0.001, rho: float = 0.9,
-                 momentum: float = 0.0, epsilon: float = 1e-7, centered: bool = False,
-                 weight_decay: float | None = None, clipnorm: float | None = None,
-                 clipvalue: float | None = None, global_clipnorm: float | None = None,
-                 name: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        learning_rate: LearningRate = 0.001,
+        rho: float = 0.9,
+        momentum: float = 0.0,
+        epsilon: float = 1e-7,
+        centered: bool = False,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        name: str | None = None,
+    ) -> None:
         for label, value in (("rho", rho), ("momentum", momentum), ("epsilon", epsilon)):
             if not float(value) >= 0:
                 raise ValueError(f"Invalid {label}: {value} (must be >= 0)")
@@ -285,9 +324,14 @@ class RMSprop(Optimizer):
         o.momentum = self.momentum
         o.centered = self.centered
         self._run(
-            _core.rmsprop_step, o, grads, indices, self._state_for("velocity", indices),
-            self._state_for("momentum", indices), self._state_for("average_gradient", indices),
-        )  # fmt: skip
+            _core.rmsprop_step,
+            o,
+            grads,
+            indices,
+            self._state_for("velocity", indices),
+            self._state_for("momentum", indices),
+            self._state_for("average_gradient", indices),
+        )
 
     def _used_states(self) -> tuple[str, ...]:
         used = ("velocity",)
@@ -305,11 +349,19 @@ class Adam(Optimizer):
 
     _state_names = ("momentum", "velocity", "velocity_hat")
 
-    def __init__(self, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
-                 beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False,
-                 weight_decay: float | None = None, clipnorm: float | None = None,
-                 clipvalue: float | None = None, global_clipnorm: float | None = None,
-                 name: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        learning_rate: LearningRate = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        name: str | None = None,
+    ) -> None:
         for label, value in (("beta_1", beta_1), ("beta_2", beta_2)):
             if not 0 <= float(value) < 1:
                 raise ValueError(f"Invalid {label}: {value} (must be in [0, 1))")
@@ -329,9 +381,14 @@ class Adam(Optimizer):
         o.eps = self.epsilon
         o.amsgrad = self.amsgrad
         self._run(
-            _core.adam_step, o, grads, indices, self._state_for("momentum", indices),
-            self._state_for("velocity", indices), self._state_for("velocity_hat", indices),
-        )  # fmt: skip
+            _core.adam_step,
+            o,
+            grads,
+            indices,
+            self._state_for("momentum", indices),
+            self._state_for("velocity", indices),
+            self._state_for("velocity_hat", indices),
+        )
 
     def _used_states(self) -> tuple[str, ...]:
         return self._state_names if self.amsgrad else self._state_names[:2]
@@ -340,12 +397,30 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """``keras.optimizers.AdamW``: Keras Adam with ``weight_decay=0.004`` by default."""
 
-    def __init__(self, learning_rate: LearningRate = 0.001, weight_decay: float = 0.004,
-                 beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7,
-                 amsgrad: bool = False, clipnorm: float | None = None,
-                 clipvalue: float | None = None, global_clipnorm: float | None = None,
-                 name: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        learning_rate: LearningRate = 0.001,
+        weight_decay: float = 0.004,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        name: str | None = None,
+    ) -> None:
         if weight_decay is None:
             raise ValueError("Argument `weight_decay` must be a float. Received: weight_decay=None")
-        super().__init__(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
-                         clipnorm, clipvalue, global_clipnorm, name)  # fmt: skip
+        super().__init__(
+            learning_rate,
+            beta_1,
+            beta_2,
+            epsilon,
+            amsgrad,
+            weight_decay,
+            clipnorm,
+            clipvalue,
+            global_clipnorm,
+            name,
+        )

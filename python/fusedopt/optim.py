@@ -84,7 +84,9 @@ class Optimizer:
             if not isinstance(p, np.ndarray):
                 raise TypeError(f"params[{i}] must be a numpy.ndarray, got {type(p).__name__}")
             if p.dtype not in (np.float32, np.float64):
-                raise TypeError(f"params[{i}] has dtype {p.dtype}; fusedopt updates float32 and float64")
+                raise TypeError(
+                    f"params[{i}] has dtype {p.dtype}; fusedopt updates float32 and float64"
+                )
             if any(p is q for q in self._params):
                 raise ValueError(f"params[{i}] appears in more than one parameter group")
         self._options(group).validate()
@@ -180,7 +182,9 @@ class Optimizer:
                 if name == "step":
                     step = _as_float(value, f"state[{i}]['step']")
                     if step < 0 or step != int(step):
-                        raise ValueError(f"state_dict: state[{i}]['step'] must be a whole number >= 0")
+                        raise ValueError(
+                            f"state_dict: state[{i}]['step'] must be a whole number >= 0"
+                        )
                     steps[i] = int(step)
                 elif name in buffers:
                     array = np.asarray(value)
@@ -242,7 +246,9 @@ class Optimizer:
                 if name in needed[self._group_of[i]]:
                     any_needed = True
                     if buffers[i] is None:
-                        buffers[i] = self._initial_state(name, p, self.param_groups[self._group_of[i]])
+                        buffers[i] = self._initial_state(
+                            name, p, self.param_groups[self._group_of[i]]
+                        )
             lists.append(buffers if any_needed else None)
         return lists
 
@@ -396,7 +402,15 @@ class RMSprop(Optimizer):
     root, ``centered``, ``momentum`` (lr outside the buffer), L2 ``weight_decay``, maximize."""
 
     _state_names = ("square_avg", "momentum_buffer", "grad_avg")
-    _hyperparameter_names = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+    _hyperparameter_names = (
+        "lr",
+        "alpha",
+        "eps",
+        "weight_decay",
+        "momentum",
+        "centered",
+        "maximize",
+    )
 
     def __init__(
         self,
@@ -447,9 +461,15 @@ class RMSprop(Optimizer):
         square_avgs, momentum_buffers, grad_avgs = self._state_lists()
         steps = self._steps + 1
         _core.rmsprop_step(
-            options, self._group_of, steps, self._params, grads, square_avgs,
-            momentum_buffers, grad_avgs,
-        )  # fmt: skip
+            options,
+            self._group_of,
+            steps,
+            self._params,
+            grads,
+            square_avgs,
+            momentum_buffers,
+            grad_avgs,
+        )
         self._steps = steps
 
 
@@ -465,8 +485,14 @@ class Adam(Optimizer):
 
     _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _hyperparameter_names = (
-        "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay",
-    )  # fmt: skip
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "amsgrad",
+        "maximize",
+        "decoupled_weight_decay",
+    )
 
     def __init__(
         self,
@@ -521,9 +547,16 @@ class Adam(Optimizer):
         steps = self._steps + 1
         scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
         _core.adam_step(
-            options, self._group_of, steps, self._params, grads, exp_avgs, exp_avg_sqs,
-            max_exp_avg_sqs, scale,
-        )  # fmt: skip
+            options,
+            self._group_of,
+            steps,
+            self._params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            scale,
+        )
         self._steps = steps
 
 
@@ -543,8 +576,12 @@ class AdamW(Adam):
         maximize: bool = False,
     ) -> None:
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
             decoupled_weight_decay=True,
-        )  # fmt: skip
-
-
+        )
