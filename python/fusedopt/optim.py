@@ -7,7 +7,8 @@ between steps, e.g. by a learning-rate schedule: ``opt.param_groups[0]["lr"] = 0
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -19,11 +20,15 @@ ParamsT = Iterable[np.ndarray] | Iterable[dict[str, Any]]
 
 
 def _as_float(value: Any, name: str) -> float:
+    """A hyperparameter as a Python float: a number, or a one-element array (as torch accepts a
+    one-element tensor for lr)."""
     try:
-        result = float(np.asarray(value).reshape(-1)[0]) if np.ndim(value) else float(value)
-    except (TypeError, ValueError, IndexError):
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {value!r}") from None
-    return result
+    if array.size != 1:
+        raise TypeError(f"{name} must be a single number, got an array of shape {array.shape}")
+    return float(array.reshape(()))
 
 
 def _skip_step(found_inf: Any) -> bool:
@@ -234,6 +239,18 @@ class Optimizer:
     def _initial_state(self, name: str, param: np.ndarray, group: Mapping[str, Any]) -> np.ndarray:
         return np.zeros_like(param, order="C")
 
+    @contextmanager
+    def _state_kept_if_refused(self) -> Iterator[None]:
+        """A step the core refuses leaves no trace: the buffers it created for the step are
+        dropped again (a zero momentum buffer left behind would skip torch's first-step rule
+        once saved and loaded)."""
+        buffers = {name: list(b) for name, b in self._buffers.items()}
+        try:
+            yield
+        except Exception:
+            self._buffers = buffers
+            raise
+
     def _state_lists(self) -> list[list[np.ndarray | None] | None]:
         """One list per state name, a buffer per param (None where its group keeps none);
         buffers a group needs and does not have yet are created here."""
@@ -326,11 +343,12 @@ class SGD(Optimizer):
             return
         options = self._group_options()
         was_new = np.array([b is None for b in self._buffers["momentum_buffer"]], dtype=bool)
-        (buffers,) = self._state_lists()
         # A buffer made by this step takes the gradient itself (step 1 in the core's terms).
         steps = np.where(was_new, 1, self._steps + 1)
         scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
-        _core.sgd_step(options, self._group_of, steps, self._params, grads, buffers, scale)
+        with self._state_kept_if_refused():
+            (buffers,) = self._state_lists()
+            _core.sgd_step(options, self._group_of, steps, self._params, grads, buffers, scale)
         self._steps = steps
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -391,9 +409,10 @@ class Adagrad(Optimizer):
         """Update every param in place from ``grads`` (one array per param, in param order)."""
         grads = _check_grad_count(grads, len(self._params))
         options = self._group_options()
-        (sums,) = self._state_lists()
         steps = self._steps + 1
-        _core.adagrad_step(options, self._group_of, steps, self._params, grads, sums)
+        with self._state_kept_if_refused():
+            (sums,) = self._state_lists()
+            _core.adagrad_step(options, self._group_of, steps, self._params, grads, sums)
         self._steps = steps
 
 
@@ -458,18 +477,19 @@ class RMSprop(Optimizer):
         """Update every param in place from ``grads`` (one array per param, in param order)."""
         grads = _check_grad_count(grads, len(self._params))
         options = self._group_options()
-        square_avgs, momentum_buffers, grad_avgs = self._state_lists()
         steps = self._steps + 1
-        _core.rmsprop_step(
-            options,
-            self._group_of,
-            steps,
-            self._params,
-            grads,
-            square_avgs,
-            momentum_buffers,
-            grad_avgs,
-        )
+        with self._state_kept_if_refused():
+            square_avgs, momentum_buffers, grad_avgs = self._state_lists()
+            _core.rmsprop_step(
+                options,
+                self._group_of,
+                steps,
+                self._params,
+                grads,
+                square_avgs,
+                momentum_buffers,
+                grad_avgs,
+            )
         self._steps = steps
 
 
@@ -543,20 +563,21 @@ class Adam(Optimizer):
         if _skip_step(found_inf):
             return
         options = self._group_options()
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs = self._state_lists()
         steps = self._steps + 1
         scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
-        _core.adam_step(
-            options,
-            self._group_of,
-            steps,
-            self._params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            scale,
-        )
+        with self._state_kept_if_refused():
+            exp_avgs, exp_avg_sqs, max_exp_avg_sqs = self._state_lists()
+            _core.adam_step(
+                options,
+                self._group_of,
+                steps,
+                self._params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                scale,
+            )
         self._steps = steps
 
 
