@@ -1,0 +1,755 @@
+"""Bad input raises a clear exception that names the culprit, and writes nothing.
+
+TypeError for a wrong type or dtype, ValueError for everything else. Every multi-tensor case puts
+the bad tensor LAST, so an implementation that validated lazily (tensor by tensor, while
+updating) would already have written the earlier ones; a checksum of every buffer proves it did
+not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fusedopt
+import fusedopt.functional as F
+import fusedopt.keras as fk
+from conftest import checksum
+
+N = 3  # tensors per call; index N - 1 is the bad one
+BAD = f"[{N - 1}]"
+
+
+def assert_rejected(
+    call: Callable[[], Any], buffers: list[np.ndarray], error: type, *names: str
+) -> None:
+    """``call`` raises ``error`` whose message names each of ``names``; no buffer changed."""
+    before = checksum(*buffers)
+    with pytest.raises(error) as raised:
+        call()
+    message = str(raised.value)
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+    assert checksum(*buffers) == before, "a rejected call wrote to a buffer"
+
+
+def fresh(
+    dtype: type = np.float32, shape: tuple[int, ...] = (40,), seed: int = 0
+) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(dtype) for _ in range(N)]
+
+
+def adam_buffers(dtype: type = np.float32) -> dict[str, list[np.ndarray]]:
+    """One functional Adam call's lists, all valid; a case then spoils the last tensor of one."""
+    return {
+        "params": fresh(dtype, seed=1),
+        "grads": fresh(dtype, seed=2),
+        "exp_avgs": fresh(dtype, seed=3),
+        "exp_avg_sqs": [np.abs(a) for a in fresh(dtype, seed=4)],
+        "max_exp_avg_sqs": [np.abs(a) for a in fresh(dtype, seed=5)],
+    }
+
+
+def every_array(lists: dict[str, list[Any]]) -> list[np.ndarray]:
+    return [a for arrays in lists.values() for a in arrays or () if isinstance(a, np.ndarray)]
+
+
+def functional_adam(lists: dict[str, list[Any]], **options: Any) -> Callable[[], None]:
+    return lambda: F.adam_(**lists, step=3, lr=0.1, amsgrad=True, **options)
+
+
+# ------------------------------------------------------------------------ tensors: functional
+
+
+def noncontiguous_1d(dtype: type) -> np.ndarray:
+    return np.zeros(80, dtype)[::2]  # shape (40,), stride of two elements
+
+
+def transposed_2d(dtype: type) -> np.ndarray:
+    return np.zeros((8, 5), dtype).T  # (5, 8), Fortran order
+
+
+def big_endian(dtype: type) -> np.ndarray:
+    return np.zeros(40, np.dtype(dtype).newbyteorder(">"))
+
+
+def read_only(dtype: type) -> np.ndarray:
+    a = np.zeros(40, dtype)
+    a.flags.writeable = False
+    return a
+
+
+WRONG_DTYPES = {
+    "int32": lambda dtype: np.zeros(40, np.int32),
+    "float16": lambda dtype: np.zeros(40, np.float16),
+    "complex64": lambda dtype: np.zeros(40, np.complex64),
+    "big_endian": big_endian,
+}
+
+
+@pytest.mark.parametrize("role", ["params", "grads", "exp_avg_sqs"])
+@pytest.mark.parametrize("make", WRONG_DTYPES.values(), ids=WRONG_DTYPES.keys())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_wrong_dtype_is_a_type_error(role: str, make: Callable, dtype: type) -> None:
+    lists = adam_buffers(dtype)
+    lists[role][-1] = make(dtype)
+    assert_rejected(functional_adam(lists), every_array(lists), TypeError, role + BAD, "dtype")
+
+
+@pytest.mark.parametrize("role", ["grads", "exp_avgs", "max_exp_avg_sqs"])
+def test_dtype_different_from_the_param_is_a_type_error(role: str) -> None:
+    lists = adam_buffers(np.float32)
+    lists[role][-1] = lists[role][-1].astype(np.float64)
+    assert_rejected(
+        functional_adam(lists), every_array(lists), TypeError, role + BAD, "params" + BAD
+    )
+
+
+@pytest.mark.parametrize("role", ["grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"])
+@pytest.mark.parametrize("shape", [(41,), (40, 1), (1, 40), ()], ids=str)
+def test_shape_different_from_the_param_is_a_value_error(role: str, shape: tuple) -> None:
+    lists = adam_buffers()
+    lists[role][-1] = np.zeros(shape, np.float32)
+    assert_rejected(functional_adam(lists), every_array(lists), ValueError, role + BAD, "shape")
+
+
+@pytest.mark.parametrize("role", ["grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"])
+def test_list_of_the_wrong_length_is_a_value_error(role: str) -> None:
+    lists = adam_buffers()
+    lists[role] = lists[role][:-1]
+    assert_rejected(functional_adam(lists), every_array(lists), ValueError, role, f"expected {N}")
+
+
+@pytest.mark.parametrize("role", ["params", "grads", "exp_avgs", "max_exp_avg_sqs"])
+@pytest.mark.parametrize("make", [noncontiguous_1d, transposed_2d], ids=["strided", "transposed"])
+def test_non_contiguous_buffer_is_a_value_error(role: str, make: Callable) -> None:
+    lists = adam_buffers()
+    bad = make(np.float32)
+    if bad.shape != (40,):  # the 2-D case needs the whole last tensor to be 2-D
+        for arrays in lists.values():
+            arrays[-1] = np.zeros(bad.shape, np.float32)
+    lists[role][-1] = bad
+    assert_rejected(
+        functional_adam(lists), every_array(lists), ValueError, role + BAD, "contiguous"
+    )
+
+
+@pytest.mark.parametrize("role", ["params", "exp_avg_sqs"])
+def test_read_only_written_buffer_is_a_value_error(role: str) -> None:
+    lists = adam_buffers()
+    lists[role][-1] = read_only(np.float32)
+    assert_rejected(functional_adam(lists), every_array(lists), ValueError, role + BAD, "read-only")
+
+
+def test_read_only_grad_is_fine_unless_grad_scale_writes_it_back() -> None:
+    lists = adam_buffers()
+    lists["grads"][-1] = read_only(np.float32)
+    assert_rejected(
+        functional_adam(lists, grad_scale=2.0),
+        every_array(lists),
+        ValueError,
+        "grads" + BAD,
+        "read-only",
+    )
+    before = checksum(*lists["params"])
+    functional_adam(lists)()  # without grad_scale the grads are only read
+    assert checksum(*lists["params"]) != before
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        lambda ls: ls["grads"].__setitem__(-1, ls["params"][-1]),  # grad is its param
+        lambda ls: ls["grads"].__setitem__(-1, ls["params"][-1][:]),  # a view of its param
+        lambda ls: ls["params"].__setitem__(-1, ls["params"][0]),  # the same param twice
+        lambda ls: ls["exp_avgs"].__setitem__(-1, ls["params"][0]),  # a state is another param
+        lambda ls: ls["exp_avg_sqs"].__setitem__(-1, ls["exp_avgs"][-1]),  # two states alike
+    ],
+    ids=[
+        "grad_is_param",
+        "grad_views_param",
+        "param_twice",
+        "state_is_other_param",
+        "states_alike",
+    ],
+)
+def test_overlapping_buffers_are_a_value_error(alias: Callable) -> None:
+    lists = adam_buffers()
+    alias(lists)
+    assert_rejected(functional_adam(lists), every_array(lists), ValueError, "overlaps")
+
+
+def test_overlap_of_part_of_a_buffer_is_a_value_error() -> None:
+    storage = np.zeros(100, np.float32)
+    lists = adam_buffers()
+    lists["params"][0] = storage[:40]
+    lists["params"][-1] = storage[39:79]  # one element shared
+    assert_rejected(functional_adam(lists), every_array(lists) + [storage], ValueError, "overlaps")
+
+
+def test_non_ndarray_grad_is_a_type_error() -> None:
+    lists = adam_buffers()
+    lists["grads"][-1] = [0.0] * 40
+    assert_rejected(
+        functional_adam(lists), every_array(lists), TypeError, "grads" + BAD, "numpy.ndarray"
+    )
+
+
+@pytest.mark.parametrize(
+    ("role", "error", "what"),
+    [
+        ("params", TypeError, "None"),
+        ("grads", TypeError, "None"),
+        ("exp_avgs", ValueError, "missing"),
+    ],
+)
+def test_none_tensor_is_refused(role: str, error: type, what: str) -> None:
+    lists = adam_buffers()
+    lists[role][-1] = None
+    assert_rejected(functional_adam(lists), every_array(lists), error, role + BAD, what)
+
+
+def test_missing_state_list_is_an_error() -> None:
+    lists = adam_buffers()
+    lists["max_exp_avg_sqs"] = None  # amsgrad needs them
+    assert_rejected(
+        functional_adam(lists), every_array(lists), (TypeError, ValueError), "max_exp_avg_sqs"
+    )
+
+
+@pytest.mark.parametrize("step", [0, -1, [1, 1, 0]], ids=["zero", "negative", "last_zero"])
+def test_step_below_one_is_a_value_error(step: Any) -> None:
+    lists = adam_buffers()
+    call = lambda: F.adam_(**lists, step=step, lr=0.1, amsgrad=True)  # noqa: E731
+    assert_rejected(call, every_array(lists), ValueError, "step")
+
+
+def test_every_functional_entry_point_validates_before_writing() -> None:
+    params, grads, states = fresh(seed=1), fresh(seed=2), [np.abs(a) for a in fresh(seed=3)]
+    more_states = [np.abs(a) for a in fresh(seed=4)]
+    grads[-1] = grads[-1].astype(np.float64)
+    buffers = params + grads + states + more_states
+    calls = [
+        lambda: F.sgd_(params, grads, states, lr=0.1, momentum=0.9),
+        lambda: F.adagrad_(params, grads, states, step=1, lr=0.1),
+        lambda: F.rmsprop_(params, grads, states, more_states, lr=0.1, momentum=0.9),
+    ]
+    for call in calls:
+        assert_rejected(call, buffers, TypeError, "grads" + BAD)
+
+
+def test_unknown_convention_is_a_value_error() -> None:
+    lists = adam_buffers()
+    assert_rejected(
+        functional_adam(lists, convention="jax"), every_array(lists), ValueError, "convention"
+    )
+
+
+# ------------------------------------------------------------------------ tensors: classes
+
+OPTIMIZERS = {
+    "SGD": lambda ps: fusedopt.SGD(ps, lr=0.1, momentum=0.9),
+    "Adagrad": lambda ps: fusedopt.Adagrad(ps, lr=0.1),
+    "RMSprop": lambda ps: fusedopt.RMSprop(ps, lr=0.1, momentum=0.5, centered=True),
+    "Adam": lambda ps: fusedopt.Adam(ps, lr=0.1, amsgrad=True),
+    "AdamW": lambda ps: fusedopt.AdamW(ps, lr=0.1),
+}
+
+
+def trained(name: str) -> tuple[Any, list[np.ndarray]]:
+    """An optimizer of every param, after one good step (so all its state exists)."""
+    params = fresh(seed=6)
+    opt = OPTIMIZERS[name](params)
+    opt.step(fresh(seed=7))
+    return opt, params
+
+
+def optimizer_buffers(opt: Any, params: list[np.ndarray], grads: list[Any]) -> list[np.ndarray]:
+    states = [
+        v for entry in opt.state.values() for v in entry.values() if isinstance(v, np.ndarray)
+    ]
+    return params + [g for g in grads if isinstance(g, np.ndarray)] + states
+
+
+def steps_of(opt: Any) -> dict[int, Any]:
+    return {i: entry.get("step") for i, entry in opt.state.items()}
+
+
+BAD_GRADS = {
+    "wrong_dtype": (lambda: np.zeros(40, np.float64), TypeError, "dtype"),
+    "wrong_shape": (lambda: np.zeros(39, np.float32), ValueError, "shape"),
+    "strided": (lambda: noncontiguous_1d(np.float32), ValueError, "contiguous"),
+    "list": (lambda: [0.0] * 40, TypeError, "numpy.ndarray"),
+    "none": (lambda: None, TypeError, "None"),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("bad", BAD_GRADS, ids=BAD_GRADS.keys())
+def test_optimizer_step_with_a_bad_grad_changes_nothing(name: str, bad: str) -> None:
+    opt, params = trained(name)
+    make, error, what = BAD_GRADS[bad]
+    grads: list[Any] = fresh(seed=8)
+    grads[-1] = make()
+    steps = steps_of(opt)
+    assert_rejected(
+        lambda: opt.step(grads), optimizer_buffers(opt, params, grads), error, "grads" + BAD, what
+    )
+    assert steps_of(opt) == steps
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_step_with_a_grad_aliasing_its_param_changes_nothing(name: str) -> None:
+    opt, params = trained(name)
+    grads = fresh(seed=8)
+    grads[-1] = params[-1]
+    assert_rejected(
+        lambda: opt.step(grads), optimizer_buffers(opt, params, grads), ValueError, "overlaps"
+    )
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_step_with_too_few_grads_changes_nothing(name: str) -> None:
+    opt, params = trained(name)
+    grads = fresh(seed=8)[:-1]
+    assert_rejected(
+        lambda: opt.step(grads),
+        optimizer_buffers(opt, params, grads),
+        ValueError,
+        "grads",
+        "expected 3",
+    )
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize(
+    "make", [noncontiguous_1d, transposed_2d, read_only], ids=["strided", "transposed", "read_only"]
+)
+def test_optimizer_step_over_a_bad_param_changes_nothing(name: str, make: Callable) -> None:
+    """Construction accepts these (they are float arrays); the first step must refuse them."""
+    params = fresh(seed=6)
+    params[-1] = make(np.float32)
+    opt = OPTIMIZERS[name](params)
+    grads = [np.ones_like(p, order="C") for p in params]
+    steps = steps_of(opt)
+    assert_rejected(
+        lambda: opt.step(grads), optimizer_buffers(opt, params, grads), ValueError, "params" + BAD
+    )
+    assert steps_of(opt) == steps
+
+
+@pytest.mark.parametrize("cls", [fusedopt.SGD, fusedopt.Adam, fusedopt.AdamW])
+def test_read_only_grad_with_grad_scale_changes_nothing(cls: type) -> None:
+    params = fresh(seed=6)
+    opt = cls(params, lr=0.1)
+    grads = fresh(seed=8)
+    grads[-1] = read_only(np.float32)
+    assert_rejected(
+        lambda: opt.step(grads, grad_scale=4.0),
+        params + grads,
+        ValueError,
+        "grads" + BAD,
+        "read-only",
+    )
+    opt.step(grads)  # read-only is fine when nothing writes the grads back
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "what"),
+    [
+        (lambda: np.zeros(4, np.int64), TypeError, "dtype"),
+        (lambda: np.zeros(4, np.float16), TypeError, "dtype"),
+        (lambda: np.zeros(4, np.complex128), TypeError, "dtype"),
+        (lambda: big_endian(np.float32), TypeError, "dtype"),
+        (lambda: [0.0, 1.0], TypeError, "numpy.ndarray"),
+    ],
+    ids=["int64", "float16", "complex128", "big_endian", "list"],
+)
+def test_optimizer_construction_rejects_a_bad_param(make: Callable, error: type, what: str) -> None:
+    params: list[Any] = fresh()
+    params[-1] = make()
+    for cls in (fusedopt.SGD, fusedopt.Adagrad, fusedopt.RMSprop, fusedopt.Adam, fusedopt.AdamW):
+        with pytest.raises(error, match=r"params\[2\].*" + what):
+            cls(params)
+        with pytest.raises(error, match=what):
+            cls([{"params": params[:1]}, {"params": params[1:]}])
+
+
+def test_same_param_twice_is_refused_when_the_second_group_is_added() -> None:
+    params = fresh()
+    opt = fusedopt.Adam(params)
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        opt.add_param_group({"params": [params[0]]})
+    assert len(opt.param_groups) == 1
+
+
+def test_same_param_twice_in_one_list_is_refused_at_the_first_step() -> None:
+    params = fresh()
+    params[-1] = params[0]
+    opt = fusedopt.Adam(params, lr=0.1)
+    grads = fresh(seed=2)
+    assert_rejected(lambda: opt.step(grads), params + grads, ValueError, "overlaps")
+
+
+def test_empty_parameter_list_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="params"):
+        fusedopt.Adam([])
+
+
+# ------------------------------------------------------------------------ hyperparameters
+
+NAN = math.nan
+BAD_HYPERPARAMETERS = [
+    (fusedopt.SGD, dict(lr=-0.1), "lr"),
+    (fusedopt.SGD, dict(lr=NAN), "lr"),
+    (fusedopt.SGD, dict(lr=math.inf), "lr"),
+    (fusedopt.SGD, dict(momentum=-0.5), "momentum"),
+    (fusedopt.SGD, dict(dampening=-0.5, momentum=0.9), "dampening"),
+    (fusedopt.SGD, dict(weight_decay=-1e-4), "weight_decay"),
+    (fusedopt.SGD, dict(nesterov=True, momentum=0.0), "nesterov"),
+    (fusedopt.SGD, dict(nesterov=True, momentum=0.9, dampening=0.1), "nesterov"),
+    (fusedopt.Adagrad, dict(lr=-1.0), "lr"),
+    (fusedopt.Adagrad, dict(lr_decay=-1.0), "lr_decay"),
+    (fusedopt.Adagrad, dict(eps=-1e-10), "eps"),
+    (fusedopt.Adagrad, dict(weight_decay=NAN), "weight_decay"),
+    (fusedopt.Adagrad, dict(initial_accumulator_value=-0.1), "initial_accumulator_value"),
+    (fusedopt.RMSprop, dict(alpha=-0.1), "alpha"),
+    (fusedopt.RMSprop, dict(eps=-1.0), "eps"),
+    (fusedopt.RMSprop, dict(momentum=-0.1), "momentum"),
+    (fusedopt.RMSprop, dict(weight_decay=-0.1), "weight_decay"),
+    (fusedopt.Adam, dict(lr=NAN), "lr"),
+    (fusedopt.Adam, dict(betas=(1.0, 0.999)), "beta"),
+    (fusedopt.Adam, dict(betas=(0.9, -0.1)), "beta"),
+    (fusedopt.Adam, dict(betas=(0.9, NAN)), "beta"),
+    (fusedopt.Adam, dict(betas=0.9), "betas"),
+    (fusedopt.Adam, dict(eps=-1e-8), "eps"),
+    (fusedopt.Adam, dict(weight_decay=-0.01), "weight_decay"),
+    (fusedopt.AdamW, dict(weight_decay=-0.01), "weight_decay"),
+    (fusedopt.AdamW, dict(betas=(0.9, 1.5)), "beta"),
+]
+
+
+def hyper_id(case: tuple) -> str:
+    cls, options, _ = case
+    return cls.__name__ + "-" + "-".join(f"{k}={v}" for k, v in options.items())
+
+
+@pytest.mark.parametrize("case", BAD_HYPERPARAMETERS, ids=map(hyper_id, BAD_HYPERPARAMETERS))
+def test_invalid_hyperparameter_is_refused_at_construction(case: tuple) -> None:
+    cls, options, name = case
+    with pytest.raises(ValueError, match=name):
+        cls(fresh(), **options)
+
+
+# initial_accumulator_value is read only when a param is added (as in torch), not at a step.
+GROUP_HYPERPARAMETERS = [c for c in BAD_HYPERPARAMETERS if "initial_accumulator_value" not in c[1]]
+
+
+@pytest.mark.parametrize("case", GROUP_HYPERPARAMETERS, ids=map(hyper_id, GROUP_HYPERPARAMETERS))
+def test_invalid_hyperparameter_set_in_param_groups_is_refused_at_step(case: tuple) -> None:
+    cls, options, name = case
+    params = fresh()
+    opt = cls(params, lr=0.1, momentum=0.9) if cls is fusedopt.SGD else cls(params, lr=0.1)
+    opt.step(fresh(seed=1))
+    opt.param_groups[0].update(options)
+    grads = fresh(seed=2)
+    steps = steps_of(opt)
+    assert_rejected(
+        lambda: opt.step(grads), optimizer_buffers(opt, params, grads), ValueError, name
+    )
+    assert steps_of(opt) == steps
+
+
+def test_invalid_hyperparameter_in_an_added_group_is_refused() -> None:
+    opt = fusedopt.Adam(fresh())
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [np.zeros(3, np.float32)], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_non_numeric_hyperparameter_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="lr"):
+        fusedopt.SGD(fresh(), lr="fast")
+
+
+@pytest.mark.parametrize(
+    "cls", [fusedopt.SGD, fusedopt.Adagrad, fusedopt.RMSprop, fusedopt.Adam, fusedopt.AdamW]
+)
+def test_unknown_keyword_is_a_type_error(cls: type) -> None:
+    with pytest.raises(TypeError, match="momentun"):
+        cls(fresh(), lr=0.1, momentun=0.9)
+
+
+@pytest.mark.parametrize("cls", [fusedopt.SGD, fusedopt.Adam])
+def test_unknown_key_in_a_param_group_is_a_value_error(cls: type) -> None:
+    with pytest.raises(ValueError, match="momentun"):
+        cls([{"params": fresh(), "momentun": 0.9}])
+    opt = cls(fresh())
+    with pytest.raises(ValueError, match="momentun"):
+        opt.add_param_group({"params": [np.zeros(2, np.float32)], "momentun": 0.9})
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: fk.SGD(momentum=1.5), "momentum"),
+        (lambda: fk.SGD(momentum=-0.1), "momentum"),
+        (lambda: fk.SGD(learning_rate=-0.01), "learning_rate"),
+        (lambda: fk.SGD(learning_rate=NAN), "learning_rate"),
+        (lambda: fk.Adam(beta_1=1.0), "beta_1"),
+        (lambda: fk.Adam(beta_2=-0.5), "beta_2"),
+        (lambda: fk.Adam(epsilon=-1e-7), "epsilon"),
+        (lambda: fk.Adagrad(initial_accumulator_value=-1.0), "initial_accumulator_value"),
+        (lambda: fk.RMSprop(rho=-0.9), "rho"),
+        (lambda: fk.AdamW(weight_decay=None), "weight_decay"),
+        (lambda: fk.AdamW(weight_decay=-0.004), "weight_decay"),
+        (lambda: fk.Adam(clipnorm=1.0, clipvalue=1.0), "clipnorm"),
+        (lambda: fk.SGD(clipvalue=1.0, global_clipnorm=1.0), "global_clipnorm"),
+        (lambda: fk.SGD(clipnorm=-1.0), "clipnorm"),
+    ],
+    ids=[
+        "sgd_momentum_above_1",
+        "sgd_momentum_negative",
+        "lr_negative",
+        "lr_nan",
+        "beta_1_one",
+        "beta_2_negative",
+        "epsilon_negative",
+        "accumulator_negative",
+        "rho_negative",
+        "adamw_weight_decay_none",
+        "adamw_weight_decay_negative",
+        "two_clips",
+        "two_clips_global",
+        "clipnorm_negative",
+    ],
+)
+def test_keras_invalid_hyperparameter_is_a_value_error(make: Callable, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_keras_invalid_learning_rate_set_later_is_refused_and_kept() -> None:
+    opt = fk.Adam(learning_rate=0.01)
+    with pytest.raises(ValueError, match="learning_rate"):
+        opt.learning_rate = -1.0
+    assert opt.learning_rate == np.float32(0.01)
+
+
+def test_keras_unknown_keyword_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="momentun"):
+        fk.SGD(momentun=0.9)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "name"),
+    [
+        (
+            lambda vs: [np.zeros(40, np.float32)] * 2 + [np.zeros(40, np.float64)],
+            TypeError,
+            "grads" + BAD,
+        ),
+        (
+            lambda vs: [np.zeros(40, np.float32)] * 2 + [np.zeros(41, np.float32)],
+            ValueError,
+            "grads" + BAD,
+        ),
+        (lambda vs: [np.zeros(40, np.float32)] * 2, ValueError, "grads"),
+    ],
+    ids=["dtype", "shape", "length"],
+)
+def test_keras_apply_with_bad_grads_changes_nothing(bad: Callable, error: type, name: str) -> None:
+    variables = fresh(seed=6)
+    opt = fk.Adam(learning_rate=0.1, amsgrad=True)
+    opt.apply(fresh(seed=7), variables)
+    grads = fresh(seed=8)
+    if name.endswith(BAD):
+        grads[-1] = bad(variables)[-1]
+    else:
+        grads = bad(variables)
+    buffers = variables + grads + opt.variables
+    iterations = opt.iterations
+    assert_rejected(lambda: opt.apply(grads, variables), buffers, error, name)
+    assert opt.iterations == iterations
+
+
+def test_keras_apply_to_a_variable_it_was_not_built_with_is_a_value_error() -> None:
+    variables = fresh(seed=6)
+    opt = fk.SGD(learning_rate=0.1)
+    opt.apply(fresh(seed=7), variables)
+    stranger = [variables[0], variables[1], np.zeros(40, np.float32)]
+    assert_rejected(
+        lambda: opt.apply(fresh(seed=8), stranger),
+        variables + stranger,
+        ValueError,
+        "trainable_variables" + BAD,
+    )
+
+
+def test_keras_build_rejects_a_wrong_dtype() -> None:
+    variables: list[Any] = fresh()
+    variables[-1] = np.zeros(40, np.int32)
+    with pytest.raises(TypeError, match=r"variables\[2\]"):
+        fk.Adam().apply(fresh(seed=1), variables)
+
+
+# ------------------------------------------------------------------------ state dicts
+
+
+def sample_state_dict() -> tuple[Any, list[np.ndarray], dict]:
+    params = fresh(seed=9)
+    opt = fusedopt.Adam([{"params": params[:2]}, {"params": params[2:], "amsgrad": True}], lr=0.1)
+    opt.step(fresh(seed=10))
+    return opt, params, opt.state_dict()
+
+
+def spoil_groups(sd: dict) -> None:
+    sd["param_groups"] = sd["param_groups"][:1]
+
+
+def spoil_group_size(sd: dict) -> None:
+    sd["param_groups"][1]["params"] = [2, 3]
+
+
+def spoil_shape(sd: dict) -> None:
+    sd["state"][2]["exp_avg_sq"] = np.zeros(41, np.float32)
+
+
+def spoil_name(sd: dict) -> None:
+    sd["state"][2]["exp_avg_squared"] = sd["state"][2].pop("exp_avg_sq")
+
+
+def spoil_step(sd: dict) -> None:
+    sd["state"][2]["step"] = -1
+
+
+def spoil_fractional_step(sd: dict) -> None:
+    sd["state"][2]["step"] = 1.5
+
+
+def spoil_index(sd: dict) -> None:
+    sd["state"][3] = sd["state"][2]
+
+
+def spoil_hyperparameter(sd: dict) -> None:
+    sd["param_groups"][1]["lr"] = -0.1
+
+
+def spoil_unknown_hyperparameter(sd: dict) -> None:
+    sd["param_groups"][1]["momentun"] = 0.9
+
+
+def spoil_dtype(sd: dict) -> None:
+    sd["state"][2]["exp_avg"] = np.zeros(40, np.int32)
+
+
+def live_buffer_ids(opt: Any) -> dict[tuple[int, str], int]:
+    return {
+        (i, n): id(v)
+        for i, e in opt.state.items()
+        for n, v in e.items()
+        if isinstance(v, np.ndarray)
+    }
+
+
+SPOILERS = [
+    (spoil_groups, ValueError, "param groups"),
+    (spoil_group_size, ValueError, "size"),
+    (spoil_shape, ValueError, "shape"),
+    (spoil_name, ValueError, "exp_avg_squared"),
+    (spoil_step, ValueError, "step"),
+    (spoil_fractional_step, ValueError, "step"),
+    (spoil_index, ValueError, "param 3"),
+    (spoil_hyperparameter, ValueError, "lr"),
+    (spoil_unknown_hyperparameter, ValueError, "momentun"),
+    (spoil_dtype, TypeError, "dtype"),
+]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "error", "what"), SPOILERS, ids=[s[0].__name__ for s in SPOILERS]
+)
+def test_state_dict_that_does_not_fit_is_refused_and_changes_nothing(
+    spoil: Callable, error: type, what: str
+) -> None:
+    opt, params, sd = sample_state_dict()
+    spoil(sd)
+    before = opt.state_dict()
+    live = optimizer_buffers(opt, params, [])
+    live_ids = live_buffer_ids(opt)
+    assert_rejected(lambda: opt.load_state_dict(sd), live, error, what)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, entry in before["state"].items():
+        assert after["state"][i].keys() == entry.keys()
+        for name, value in entry.items():
+            np.testing.assert_array_equal(after["state"][i][name], value)
+    assert live_buffer_ids(opt) == live_ids, "a refused load replaced a live buffer"
+
+
+def test_flat_state_dict_with_a_foreign_key_is_refused() -> None:
+    opt, params, sd = sample_state_dict()
+    flat = fusedopt.flatten_state_dict(sd)
+    flat["other/0/exp_avg"] = np.zeros(40, np.float32)
+    assert_rejected(
+        lambda: opt.load_state_dict(flat), optimizer_buffers(opt, params, []), ValueError, "other/0"
+    )
+    with pytest.raises(ValueError, match="state_dict"):
+        opt.load_state_dict({"exp_avg": np.zeros(3)})
+
+
+# ------------------------------------------------------------------------ ewma
+
+EWMA_BAD = [
+    (dict(com=1.0, span=3.0), ValueError, "mutually exclusive"),
+    (dict(alpha=0.5, halflife=2.0), ValueError, "mutually exclusive"),
+    ({}, ValueError, "Must pass one of"),
+    (dict(com=-0.5), ValueError, "com"),
+    (dict(com=NAN), ValueError, "com"),
+    (dict(span=0.5), ValueError, "span"),
+    (dict(alpha=0.0), ValueError, "alpha"),
+    (dict(alpha=1.5), ValueError, "alpha"),
+    (dict(halflife=0.0), ValueError, "halflife"),
+    (dict(halflife=-1.0), ValueError, "halflife"),
+    (dict(com=1.0, min_periods=-1), ValueError, "min_periods"),
+    (dict(com=1.0, min_periods=1.5), TypeError, "min_periods"),
+    (dict(com=1.0, axis=2), ValueError, "axis"),
+    (dict(com=1.0, axis=-3), ValueError, "axis"),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "what"), EWMA_BAD, ids=[str(o) for o, _, _ in EWMA_BAD]
+)
+def test_ewma_bad_arguments(options: dict, error: type, what: str) -> None:
+    x = np.arange(12.0).reshape(4, 3)
+    before = checksum(x)
+    with pytest.raises(error, match=what):
+        fusedopt.ewma(x, **options)
+    assert checksum(x) == before
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "what"),
+    [
+        (np.zeros((2, 3, 4)), ValueError, "3-D"),
+        (np.zeros(()), ValueError, "0-D"),
+        (np.zeros(4, np.complex128), TypeError, "dtype"),
+        (np.array(["a", "b"]), TypeError, "dtype"),
+    ],
+    ids=["3d", "0d", "complex", "strings"],
+)
+def test_ewma_bad_input_array(x: np.ndarray, error: type, what: str) -> None:
+    with pytest.raises(error, match=what):
+        fusedopt.ewma(x, com=1.0)
+
+
+def test_ewma_axis_one_of_a_series_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="axis"):
+        fusedopt.ewma(np.zeros(5), com=1.0, axis=1)

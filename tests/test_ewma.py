@@ -1,0 +1,200 @@
+"""fusedopt.ewma against the reference loop of SPEC section 9: bit for bit, every option."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import fusedopt
+from fusedopt import reference
+
+DECAYS = [
+    ("com", 0.0),
+    ("com", 1.0),
+    ("com", 2.5),
+    ("span", 1.0),
+    ("span", 10.0),
+    ("halflife", 0.7),
+    ("halflife", 4.0),
+    ("alpha", 0.05),
+    ("alpha", 0.5),
+    ("alpha", 1.0),
+]
+# (adjust, ignore_na, min_periods)
+OPTIONS = list(itertools.product([True, False], [False, True], [0, 1, 3]))
+
+
+def series_with_nan_runs(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal(n) * 5
+    x[: rng.integers(0, 4)] = np.nan  # 0 to 3 leading NaNs
+    for start in rng.integers(0, n, size=max(n // 12, 1)):
+        x[start : start + rng.integers(1, 6)] = np.nan
+    x[rng.integers(0, n, size=n // 8)] = 1.25  # equal neighbours take the y == x branch
+    return x
+
+
+@pytest.mark.parametrize(("parameter", "value"), DECAYS, ids=[f"{p}={v}" for p, v in DECAYS])
+def test_series_with_nan_runs_is_bit_identical_for_every_option(
+    parameter: str, value: float
+) -> None:
+    rng = np.random.default_rng(int(value * 10) + len(parameter))
+    for adjust, ignore_na, min_periods in OPTIONS:
+        for n in (1, 2, 37, 200):
+            x = series_with_nan_runs(rng, n)
+            options = {
+                parameter: value,
+                "adjust": adjust,
+                "ignore_na": ignore_na,
+                "min_periods": min_periods,
+            }
+            np.testing.assert_array_equal(
+                fusedopt.ewma(x, **options), reference.ewma(x, **options), err_msg=str(options)
+            )
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1, -2])
+@pytest.mark.parametrize(("adjust", "ignore_na", "min_periods"), OPTIONS)
+def test_2d_along_either_axis_is_bit_identical(
+    axis: int, adjust: bool, ignore_na: bool, min_periods: int
+) -> None:
+    rng = np.random.default_rng(abs(axis) * 10 + min_periods)
+    x = np.stack([series_with_nan_runs(rng, 60) for _ in range(7)], axis=1)  # (60, 7)
+    options = dict(span=4.0, adjust=adjust, ignore_na=ignore_na, min_periods=min_periods, axis=axis)
+    actual = fusedopt.ewma(x, **options)
+    np.testing.assert_array_equal(actual, reference.ewma(x, **options))
+    # Along axis 0 each column is a series; along axis 1 each row.
+    along = 0 if axis in (0, -2) else 1
+    first = x[:, 2] if along == 0 else x[2, :]
+    result = actual[:, 2] if along == 0 else actual[2, :]
+    np.testing.assert_array_equal(
+        result,
+        fusedopt.ewma(first, span=4.0, adjust=adjust, ignore_na=ignore_na, min_periods=min_periods),
+    )
+
+
+def test_non_contiguous_and_fortran_inputs_give_the_same_result() -> None:
+    rng = np.random.default_rng(1)
+    x = np.stack([series_with_nan_runs(rng, 50) for _ in range(8)], axis=1)
+    expected = fusedopt.ewma(x, com=3.0)
+    np.testing.assert_array_equal(fusedopt.ewma(np.asfortranarray(x), com=3.0), expected)
+    np.testing.assert_array_equal(fusedopt.ewma(x[:, ::2], com=3.0), expected[:, ::2])
+    np.testing.assert_array_equal(fusedopt.ewma(x.T, com=3.0, axis=1), expected.T)
+
+
+def test_input_is_never_written() -> None:
+    x = series_with_nan_runs(np.random.default_rng(2), 40)
+    before = x.copy()
+    fusedopt.ewma(x, alpha=0.3)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_float32_input_returns_float32_of_the_float64_result() -> None:
+    x = series_with_nan_runs(np.random.default_rng(3), 100).astype(np.float32)
+    actual = fusedopt.ewma(x, halflife=3.0, adjust=False)
+    assert actual.dtype == np.float32
+    np.testing.assert_array_equal(
+        actual, reference.ewma(x, halflife=3.0, adjust=False).astype(np.float32)
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int64, np.uint16, np.bool_, np.float16])
+def test_integer_bool_and_half_input_return_float64(dtype: type) -> None:
+    x = (np.arange(20) % 3).astype(dtype)
+    actual = fusedopt.ewma(x, com=2.0)
+    assert actual.dtype == np.float64
+    np.testing.assert_array_equal(actual, reference.ewma(x.astype(np.float64), com=2.0))
+
+
+def test_python_list_input() -> None:
+    np.testing.assert_array_equal(
+        fusedopt.ewma([1.0, np.nan, 3.0], com=0.5), reference.ewma([1.0, np.nan, 3.0], com=0.5)
+    )
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0), (0, 0)])
+def test_empty_input(shape: tuple) -> None:
+    for axis in (0, 1) if len(shape) == 2 else (0,):
+        result = fusedopt.ewma(np.zeros(shape), com=1.0, axis=axis)
+        assert result.shape == shape and result.dtype == np.float64
+
+
+@pytest.mark.parametrize("value", [3.5, np.nan])
+def test_length_one_series(value: float) -> None:
+    for min_periods in (0, 1, 2):
+        np.testing.assert_array_equal(
+            fusedopt.ewma(np.array([value]), alpha=0.3, min_periods=min_periods),
+            reference.ewma([value], alpha=0.3, min_periods=min_periods),
+        )
+    too_few_observations = fusedopt.ewma(np.array([3.5]), com=1.0, min_periods=2)
+    assert np.isnan(too_few_observations[0])
+
+
+@pytest.mark.parametrize(("adjust", "ignore_na"), list(itertools.product([True, False], repeat=2)))
+def test_all_nan_series_stays_nan(adjust: bool, ignore_na: bool) -> None:
+    result = fusedopt.ewma(np.full(25, np.nan), span=3.0, adjust=adjust, ignore_na=ignore_na)
+    assert np.isnan(result).all()
+
+
+@pytest.mark.parametrize(("parameter", "value"), DECAYS, ids=[f"{p}={v}" for p, v in DECAYS])
+def test_constant_series_is_exact(parameter: str, value: float) -> None:
+    x = np.full(500, 0.1)
+    x[[10, 11, 200]] = np.nan
+    for adjust, ignore_na in itertools.product([True, False], repeat=2):
+        result = fusedopt.ewma(x, **{parameter: value}, adjust=adjust, ignore_na=ignore_na)
+        np.testing.assert_array_equal(result, 0.1)
+
+
+def test_leading_nans_give_nan_and_later_ones_carry_forward() -> None:
+    x = np.array([np.nan, np.nan, 2.0, np.nan, 4.0])
+    result = fusedopt.ewma(x, com=1.0)
+    assert np.isnan(result[:2]).all()
+    assert result[2] == 2.0 and result[3] == 2.0
+    np.testing.assert_array_equal(result, reference.ewma(x, com=1.0))
+
+
+def test_alpha_round_trips_through_com_as_pandas_does() -> None:
+    """SPEC 9: alpha = 0.05 becomes 1/(1 + 19) = 0.05000000000000001; the result shows it."""
+    x = np.array([1.0, 0.0])
+    result = fusedopt.ewma(x, alpha=0.05, adjust=False)
+    alpha_used = 1.0 / (1.0 + (1 - 0.05) / 0.05)
+    assert alpha_used != 0.05
+    assert result[1] == ((1 - alpha_used) * 1.0 + alpha_used * 0.0) / (
+        (1 - alpha_used) + alpha_used
+    )
+
+
+def test_min_periods_zero_acts_as_one() -> None:
+    x = np.array([np.nan, 1.0, 2.0])
+    np.testing.assert_array_equal(
+        fusedopt.ewma(x, com=1.0, min_periods=0), fusedopt.ewma(x, com=1.0, min_periods=1)
+    )
+
+
+def test_large_2d_multi_threaded_equals_single_threaded() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 200))
+    x[rng.random(x.shape) < 0.05] = np.nan
+    previous = fusedopt.num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 4):
+            fusedopt.set_num_threads(threads)
+            results[threads] = [
+                fusedopt.ewma(x, span=20.0, axis=axis, ignore_na=axis == 1) for axis in (0, 1)
+            ]
+    finally:
+        fusedopt.set_num_threads(previous)
+    for threads in (2, 4):
+        for axis in (0, 1):
+            np.testing.assert_array_equal(results[threads][axis], results[1][axis])
+    # A few series checked against the reference too (all of them would take the oracle seconds).
+    for column in (0, 77, 199):
+        np.testing.assert_array_equal(
+            results[2][0][:, column], reference.ewma(x[:, column], span=20.0)
+        )
+    for row in (0, 1500, 2999):
+        np.testing.assert_array_equal(
+            results[2][1][row], reference.ewma(x[row], span=20.0, ignore_na=True)
+        )

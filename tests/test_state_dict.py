@@ -1,0 +1,300 @@
+"""state_dict / load_state_dict: a saved optimizer resumes bit for bit, in memory and on disk."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fusedopt
+from fusedopt import reference
+
+SHAPES = [(7,), (3, 5), (0,), (65,)]
+
+
+def make_params(dtype: type, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(dtype) for shape in SHAPES]
+
+
+def make_grads(rng: np.random.Generator, params: list[np.ndarray]) -> list[np.ndarray]:
+    return [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+
+
+def groups(params: list[np.ndarray], first: dict, second: dict) -> list[dict]:
+    """Two groups with their own options: the first two params, then the rest."""
+    return [{"params": params[:2], **first}, {"params": params[2:], **second}]
+
+
+# Each maker builds an optimizer with two groups whose variants differ, so the state holds
+# every kind of buffer the class has (and params without some of them).
+MAKERS: dict[str, Callable[[list[np.ndarray]], Any]] = {
+    "SGD": lambda ps: fusedopt.SGD(
+        groups(ps, dict(momentum=0.9, nesterov=True), dict(momentum=0.0)),
+        lr=0.05,
+        weight_decay=0.01,
+    ),
+    "SGD_dampening": lambda ps: fusedopt.SGD(
+        groups(ps, dict(momentum=0.8, dampening=0.3), dict(momentum=0.5, maximize=True)), lr=0.05
+    ),
+    "Adagrad": lambda ps: fusedopt.Adagrad(
+        groups(ps, dict(lr_decay=0.1), dict(initial_accumulator_value=0.3)), lr=0.05
+    ),
+    "RMSprop": lambda ps: fusedopt.RMSprop(
+        groups(ps, dict(centered=True, momentum=0.7), dict(weight_decay=0.1)), lr=0.01
+    ),
+    "RMSprop_momentum": lambda ps: fusedopt.RMSprop(
+        groups(ps, dict(momentum=0.5), dict(centered=True)), lr=0.01, alpha=0.9
+    ),
+    "Adam": lambda ps: fusedopt.Adam(
+        groups(ps, dict(amsgrad=True), dict(betas=(0.8, 0.99))), lr=0.01, weight_decay=0.02
+    ),
+    "AdamW": lambda ps: fusedopt.AdamW(
+        groups(ps, dict(amsgrad=True, maximize=True), dict(weight_decay=0.1)), lr=0.01
+    ),
+}
+
+
+def copy_state_dict(sd: dict) -> dict:
+    return {
+        "state": {
+            i: {k: np.copy(v) if isinstance(v, np.ndarray) else v for k, v in e.items()}
+            for i, e in sd["state"].items()
+        },
+        "param_groups": [dict(g) for g in sd["param_groups"]],
+    }
+
+
+def assert_same_state(a: Any, b: Any) -> None:
+    """Identical state (keys, steps and every buffer bit for bit) in two optimizers."""
+    sa, sb = a.state, b.state
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys(), f"state of params[{i}]"
+        for name, value in sa[i].items():
+            if isinstance(value, np.ndarray):
+                assert sb[i][name].dtype == value.dtype
+                np.testing.assert_array_equal(sb[i][name], value, err_msg=f"state[{i}][{name}]")
+            else:
+                assert sb[i][name] == value, f"state[{i}][{name}]"
+
+
+def train(opt: Any, params: list[np.ndarray], rng: np.random.Generator, steps: int) -> None:
+    for _ in range(steps):
+        opt.step(make_grads(rng, params))
+
+
+def resume_and_compare(name: str, dtype: type, load: Callable[[Any, dict], None]) -> None:
+    """Train k steps, save, load into a fresh optimizer over copies of the params, continue
+    both with the same gradients: the trajectories must be bit-identical."""
+    params = make_params(dtype)
+    opt = MAKERS[name](params)
+    train(opt, params, np.random.default_rng(1), steps=3)
+    saved = opt.state_dict()
+    copies = [p.copy() for p in params]
+    resumed = MAKERS[name](copies)
+    load(resumed, saved)
+    assert_same_state(opt, resumed)
+    assert resumed.param_groups[1]["params"][0] is copies[2]
+    rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
+    for _ in range(4):
+        opt.step(make_grads(rng_a, params))
+        resumed.step(make_grads(rng_b, copies))
+    for p, q in zip(params, copies):
+        np.testing.assert_array_equal(q, p)
+    assert_same_state(opt, resumed)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", MAKERS)
+def test_round_trip_in_memory_resumes_bit_for_bit(name: str, dtype: type) -> None:
+    resume_and_compare(name, dtype, lambda opt, sd: opt.load_state_dict(sd))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", MAKERS)
+def test_round_trip_through_npz_resumes_bit_for_bit(name: str, dtype: type, tmp_path: Any) -> None:
+    path = tmp_path / "optimizer.npz"
+
+    def through_file(opt: Any, sd: dict) -> None:
+        np.savez(path, **fusedopt.flatten_state_dict(sd))
+        with np.load(path) as flat:  # allow_pickle stays False: every entry is a plain array
+            opt.load_state_dict(flat)
+
+    resume_and_compare(name, dtype, through_file)
+
+
+def test_flat_state_dict_holds_only_arrays_and_keeps_dtypes() -> None:
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=2)
+    flat = fusedopt.flatten_state_dict(opt.state_dict())
+    assert all(isinstance(v, np.ndarray) for v in flat.values())
+    assert flat["state/0/exp_avg"].dtype == np.float32
+    assert flat["state/0/max_exp_avg_sq"].shape == SHAPES[0]
+    assert "state/2/max_exp_avg_sq" not in flat  # the second group has no amsgrad
+    assert int(flat["state/3/step"]) == 2
+
+
+def test_state_dict_holds_copies() -> None:
+    params = make_params(np.float64)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=2)
+    sd = opt.state_dict()
+    live = opt.state[0]["exp_avg"]
+    before = live.copy()
+    sd["state"][0]["exp_avg"][...] = 123.0
+    sd["state"][0]["step"] = 99
+    sd["param_groups"][0]["lr"] = 5.0
+    sd["param_groups"][0]["params"].append(7)
+    np.testing.assert_array_equal(live, before)
+    assert opt.state[0]["step"] == 2
+    assert opt.param_groups[0]["lr"] == 0.01
+    assert opt.param_groups[0]["params"][1] is params[1]
+
+
+def test_loaded_buffers_are_copies_of_the_state_dict() -> None:
+    params = make_params(np.float64)
+    opt = MAKERS["RMSprop"](params)
+    train(opt, params, np.random.default_rng(1), steps=2)
+    sd = opt.state_dict()
+    resumed = MAKERS["RMSprop"]([p.copy() for p in params])
+    resumed.load_state_dict(sd)
+    saved = sd["state"][0]["square_avg"].copy()
+    resumed.step(make_grads(np.random.default_rng(3), params))
+    np.testing.assert_array_equal(sd["state"][0]["square_avg"], saved)
+    sd["state"][1]["grad_avg"][...] = 7.0
+    assert not np.any(resumed.state[1]["grad_avg"] == 7.0)
+
+
+def test_state_dict_indexes_params_across_groups() -> None:
+    params = make_params(np.float32)
+    sd = MAKERS["SGD"](params).state_dict()
+    assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2, 3]]
+    assert sd["param_groups"][0]["momentum"] == 0.9
+    assert sd["param_groups"][1]["momentum"] == 0.0
+
+
+def test_hyperparameters_changed_in_the_state_dict_are_restored() -> None:
+    """A group's lr, betas and amsgrad come from the state dict, and the next steps use them."""
+    rng = np.random.default_rng(4)
+    p0 = rng.standard_normal(20)
+    opt = fusedopt.Adam([p0.copy()], lr=0.01)
+    g = rng.standard_normal(20)
+    opt.step([g])
+    sd = opt.state_dict()
+    sd["param_groups"][0].update(lr=0.2, betas=(0.5, 0.75), amsgrad=True, weight_decay=0.1)
+    p = opt.param_groups[0]["params"][0].copy()
+    resumed = fusedopt.Adam([p], lr=0.01)
+    resumed.load_state_dict(sd)
+    group = resumed.param_groups[0]
+    assert (group["lr"], tuple(group["betas"]), group["amsgrad"], group["weight_decay"]) == (
+        0.2,
+        (0.5, 0.75),
+        True,
+        0.1,
+    )
+    assert group["params"][0] is p
+    expected, state = reference.torch_adam(p0, g, {}, lr=0.01)
+    for _ in range(3):
+        g = rng.standard_normal(20)
+        resumed.step([g])
+        expected, state = reference.torch_adam(
+            expected, g, state, lr=0.2, beta1=0.5, beta2=0.75, amsgrad=True, weight_decay=0.1
+        )
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+
+
+def test_hyperparameters_survive_the_npz_round_trip(tmp_path: Any) -> None:
+    opt = fusedopt.Adam([np.zeros(3)], lr=0.01)
+    opt.param_groups[0].update(lr=0.25, betas=(0.5, 0.6), amsgrad=True)
+    np.savez(tmp_path / "s.npz", **fusedopt.flatten_state_dict(opt.state_dict()))
+    resumed = fusedopt.Adam([np.zeros(3)])
+    resumed.load_state_dict(np.load(tmp_path / "s.npz"))
+    group = resumed.param_groups[0]
+    assert (group["lr"], tuple(group["betas"]), group["amsgrad"]) == (0.25, (0.5, 0.6), True)
+
+
+def test_state_dict_of_numpy_hyperparameters_is_plain_python() -> None:
+    """lr held as a NumPy scalar (as a schedule might write it) is saved as a float."""
+    opt = fusedopt.SGD([np.zeros(3)], lr=0.1)
+    opt.param_groups[0]["lr"] = np.float32(0.5)
+    saved = opt.state_dict()["param_groups"][0]["lr"]
+    assert type(saved) is float and saved == 0.5
+
+
+def test_sgd_state_dict_has_no_step_and_resumes_past_the_first_step() -> None:
+    """torch's SGD keeps no step; a loaded buffer must not be treated as a first step."""
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(10)
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, dampening=0.5)
+    opt.step([rng.standard_normal(10)])
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) == {"momentum_buffer"}
+    q = p.copy()
+    resumed = fusedopt.SGD([q], lr=0.1, momentum=0.9, dampening=0.5)
+    resumed.load_state_dict(sd)
+    g = rng.standard_normal(10)
+    opt.step([g])
+    resumed.step([g.copy()])
+    np.testing.assert_array_equal(q, p)
+
+
+def test_refused_step_leaves_no_state_behind() -> None:
+    """A step the core refuses creates no buffers, so saving and loading afterwards resumes as
+    if it never happened (a zero SGD buffer would otherwise skip torch's first-step rule)."""
+    p = np.ones(4)
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, dampening=0.5)
+    with pytest.raises(TypeError, match=r"grads\[0\]"):
+        opt.step([np.ones(4, np.float32)])
+    assert opt.state == {}
+    q = np.ones(4)
+    resumed = fusedopt.SGD([q], lr=0.1, momentum=0.9, dampening=0.5)
+    resumed.load_state_dict(opt.state_dict())
+    opt.step([np.ones(4)])
+    resumed.step([np.ones(4)])
+    np.testing.assert_array_equal(q, p)
+    np.testing.assert_array_equal(p, 0.9)  # the first step copies the gradient: buf = g
+
+
+@pytest.mark.parametrize("name", MAKERS)
+def test_reset_state_restarts_as_a_fresh_optimizer(name: str) -> None:
+    params = make_params(np.float64)
+    opt = MAKERS[name](params)
+    train(opt, params, np.random.default_rng(1), steps=3)
+    opt.reset_state()
+    copies = [p.copy() for p in params]
+    fresh = MAKERS[name](copies)
+    assert_same_state(opt, fresh)
+    rng_a, rng_b = np.random.default_rng(6), np.random.default_rng(6)
+    for _ in range(2):
+        opt.step(make_grads(rng_a, params))
+        fresh.step(make_grads(rng_b, copies))
+    for p, q in zip(params, copies):
+        np.testing.assert_array_equal(p, q)
+    assert_same_state(opt, fresh)
+
+
+def test_state_is_empty_before_the_first_step_except_adagrad_sums() -> None:
+    params = make_params(np.float32)
+    assert MAKERS["Adam"](params).state == {}
+    state = MAKERS["Adagrad"](params).state
+    assert sorted(state) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(state[2]["sum"], np.full(SHAPES[2], 0.3, np.float32))
+    np.testing.assert_array_equal(state[0]["sum"], 0.0)
+
+
+def test_load_into_an_unstepped_optimizer_then_save_again_is_identical() -> None:
+    params = make_params(np.float32)
+    opt = MAKERS["AdamW"](params)
+    train(opt, params, np.random.default_rng(1), steps=2)
+    sd = opt.state_dict()
+    resumed = MAKERS["AdamW"]([p.copy() for p in params])
+    resumed.load_state_dict(copy_state_dict(sd))
+    again = resumed.state_dict()
+    assert again["param_groups"] == sd["param_groups"]
+    for i, entry in sd["state"].items():
+        for key, value in entry.items():
+            np.testing.assert_array_equal(again["state"][i][key], value)
