@@ -12,15 +12,18 @@ void require(bool ok, const std::string& message) {
   if (!ok) throw Error(ErrorKind::value, message);
 }
 
-// The `not (x >= 0)` form also rejects NaN.
+// The `not (x >= 0)` form also rejects NaN. Messages are formatted only on failure: formatting a
+// double costs more than a whole step on a small tensor, and every step validates.
 void require_non_negative(double x, const char* name) {
-  require(x >= 0 && std::isfinite(x), std::string("Invalid ") + name + ": " + std::to_string(x) +
-                                          " (must be a finite number >= 0)");
+  if (!(x >= 0 && std::isfinite(x)))
+    require(false, std::string("Invalid ") + name + ": " + std::to_string(x) +
+                       " (must be a finite number >= 0)");
 }
 
 void require_unit_interval(double x, const char* name) {
-  require(x >= 0 && x < 1, std::string("Invalid ") + name + ": " + std::to_string(x) +
-                               " (must be in [0, 1))");
+  if (!(x >= 0 && x < 1))
+    require(false,
+            std::string("Invalid ") + name + ": " + std::to_string(x) + " (must be in [0, 1))");
 }
 
 // torch.lerp rounds as start + w * (end - start) when |w| < 0.5.
@@ -33,7 +36,8 @@ void validate_options(const SgdOptions& o) {
   require_non_negative(o.momentum, "momentum");
   require_non_negative(o.dampening, "dampening");
   require_non_negative(o.weight_decay, "weight_decay");
-  if (o.convention == Convention::keras) require(o.momentum <= 1, "Invalid momentum: must be in [0, 1]");
+  if (o.convention == Convention::keras)
+    require(o.momentum <= 1, "Invalid momentum: must be in [0, 1]");
   if (o.nesterov && o.convention == Convention::torch)
     require(o.momentum > 0 && o.dampening == 0,
             "Invalid nesterov: Nesterov momentum requires a momentum and zero dampening");

@@ -26,30 +26,40 @@ std::string dtype_of(const BufferInfo& b) {
 
 [[noreturn]] void fail(ErrorKind kind, const std::string& message) { throw Error(kind, message); }
 
-void check_buffer(const BufferInfo& b, const std::string& name, bool written) {
+// Where a buffer sits in the call. Names are spelled out only for a message: building them for
+// every buffer of a ten-thousand-tensor step cost more than the step itself.
+struct BufferName {
+  const std::string* role;  // "params", "grads" or a state name
+  size_t index;
+  std::string str() const { return indexed(*role, index); }
+};
+
+void check_buffer(const BufferInfo& b, const BufferName& name, bool written) {
   if (!b.is_float32 && !b.is_float64)
-    fail(ErrorKind::type, name + " has dtype " + b.dtype_name +
+    fail(ErrorKind::type, name.str() + " has dtype " + b.dtype_name +
                               "; fusedopt updates float32 and float64 arrays");
   if (!b.contiguous)
-    fail(ErrorKind::value, name + " is not C-contiguous; an in-place update needs the array's own "
-                                  "memory (a contiguous copy would be updated instead of it)");
-  if (written && !b.writeable) fail(ErrorKind::value, name + " is read-only");
+    fail(ErrorKind::value, name.str() +
+                               " is not C-contiguous; an in-place update needs the "
+                               "array's own memory (a contiguous copy would be updated "
+                               "instead of it)");
+  if (written && !b.writeable) fail(ErrorKind::value, name.str() + " is read-only");
 }
 
-void check_matches_param(const BufferInfo& b, const std::string& name, const BufferInfo& param,
-                         const std::string& param_name) {
+void check_matches_param(const BufferInfo& b, const BufferName& name, const BufferInfo& param,
+                         const BufferName& param_name) {
   if (b.is_float32 != param.is_float32 || b.is_float64 != param.is_float64)
-    fail(ErrorKind::type, name + " has dtype " + dtype_of(b) + " but " + param_name + " has " +
-                              dtype_of(param));
+    fail(ErrorKind::type, name.str() + " has dtype " + dtype_of(b) + " but " + param_name.str() +
+                              " has " + dtype_of(param));
   if (b.shape != param.shape)
-    fail(ErrorKind::value, name + " has shape " + shape_string(b.shape) + " but " + param_name +
-                               " has shape " + shape_string(param.shape));
+    fail(ErrorKind::value, name.str() + " has shape " + shape_string(b.shape) + " but " +
+                               param_name.str() + " has shape " + shape_string(param.shape));
 }
 
 struct Extent {
   uintptr_t begin, end;
   bool written;
-  std::string name;
+  BufferName name;
 };
 
 // Any byte written through one buffer and touched through another would make the result depend
@@ -64,7 +74,7 @@ void check_no_overlap(std::vector<Extent> extents) {
     if (e.written && furthest_any && e.begin < furthest_any->end) clash = furthest_any;
     if (!clash && furthest_written && e.begin < furthest_written->end) clash = furthest_written;
     if (clash)
-      fail(ErrorKind::value, e.name + " overlaps " + clash->name +
+      fail(ErrorKind::value, e.name.str() + " overlaps " + clash->name.str() +
                                  " in memory; every param, grad and state must be its own buffer");
     if (!furthest_any || e.end > furthest_any->end) furthest_any = &e;
     if (e.written && (!furthest_written || e.end > furthest_written->end)) furthest_written = &e;
@@ -74,10 +84,11 @@ void check_no_overlap(std::vector<Extent> extents) {
 }  // namespace
 
 std::vector<TensorRef> validate_step_buffers(const StepBuffers& b) {
+  static const std::string params_role = "params", grads_role = "grads";
   const size_t n = b.params.size();
   if (b.grads.size() != n)
-    fail(ErrorKind::value, "grads: expected " + std::to_string(n) + " arrays (one per param), got " +
-                               std::to_string(b.grads.size()));
+    fail(ErrorKind::value, "grads: expected " + std::to_string(n) +
+                               " arrays (one per param), got " + std::to_string(b.grads.size()));
   for (size_t k = 0; k < b.states.size(); ++k)
     if (!b.states[k].empty() && b.states[k].size() != n)
       fail(ErrorKind::value, b.state_names[k] + ": expected " + std::to_string(n) +
@@ -86,19 +97,20 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b) {
 
   std::vector<TensorRef> tensors(n);
   std::vector<Extent> extents;
-  auto add_extent = [&](const BufferInfo& buffer, bool written, std::string name) {
+  extents.reserve(n * (2 + b.states.size()));
+  auto add_extent = [&](const BufferInfo& buffer, bool written, const BufferName& name) {
     const int64_t bytes = buffer.size * (buffer.is_float32 ? 4 : 8);
     if (bytes == 0) return;
     const auto begin = reinterpret_cast<uintptr_t>(buffer.data);
-    extents.push_back({begin, begin + static_cast<uintptr_t>(bytes), written, std::move(name)});
+    extents.push_back({begin, begin + static_cast<uintptr_t>(bytes), written, name});
   };
 
   for (size_t i = 0; i < n; ++i) {
     const BufferInfo& param = b.params[i];
-    const std::string param_name = indexed("params", i);
-    const std::string grad_name = indexed("grads", i);
-    if (!param.present) fail(ErrorKind::type, param_name + " is None");
-    if (!b.grads[i].present) fail(ErrorKind::type, grad_name + " is None");
+    const BufferName param_name{&params_role, i};
+    const BufferName grad_name{&grads_role, i};
+    if (!param.present) fail(ErrorKind::type, param_name.str() + " is None");
+    if (!b.grads[i].present) fail(ErrorKind::type, grad_name.str() + " is None");
     check_buffer(param, param_name, true);
     check_buffer(b.grads[i], grad_name, b.grads_written);
     check_matches_param(b.grads[i], grad_name, param, param_name);
@@ -115,7 +127,7 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b) {
     for (size_t k = 0; k < b.states.size(); ++k) {
       if (b.states[k].empty() || !b.states[k][i].present) continue;
       const BufferInfo& state = b.states[k][i];
-      const std::string state_name = indexed(b.state_names[k], i);
+      const BufferName state_name{&b.state_names[k], i};
       check_buffer(state, state_name, true);
       check_matches_param(state, state_name, param, param_name);
       add_extent(state, true, state_name);

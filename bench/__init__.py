@@ -1,0 +1,1 @@
+"""fusedopt's CPU benchmark suite: ``python -m bench [--quick | --smoke]`` from the repo root."""

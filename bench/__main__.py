@@ -1,0 +1,46 @@
+"""``python -m bench``: run the suite, print a Markdown report, write a PNG chart.
+
+Modes: the full run (several minutes; the one bench/RESULTS.md records), ``--quick`` (float32,
+the sizes the targets name; under two minutes on 2 cores) and ``--smoke`` (tiny sizes, one
+round: proves every path runs, measures nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.cases import make_plan, run_all
+from bench.report import markdown, write_chart
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="float32 only, under two minutes")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        default=Path("bench/results.png"),
+        help="where the PNG chart goes (default: %(default)s)",
+    )
+    parser.add_argument("--markdown", type=Path, help="also write the report to this file")
+    args = parser.parse_args(argv)
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+
+    results = run_all(make_plan(mode_name))
+    report = markdown(results, mode_name)
+    print(report, end="")
+    if args.markdown:
+        args.markdown.write_text(report)
+    if write_chart(results, args.chart):
+        print(f"chart: {args.chart}", file=sys.stderr)
+    else:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
