@@ -35,8 +35,7 @@ void run_item(void* context, int64_t item) {
     const TensorRef& t = (*w.tensors)[i];
     const int64_t local_begin = position - w.starts[i];
     const int64_t local_end = std::min(t.size, end - w.starts[i]);
-    if (local_end > local_begin)
-      w.kernel[static_cast<int>(t.dtype)](t, local_begin, local_end);
+    if (local_end > local_begin) w.kernel[static_cast<int>(t.dtype)](t, local_begin, local_end);
     position = w.starts[i] + t.size;
   }
 }
@@ -46,7 +45,8 @@ void check_schedule(const StepSchedule& s, size_t num_tensors, size_t num_groups
     throw Error(ErrorKind::value, "steps: expected one group index and one step per param");
   for (size_t i = 0; i < num_tensors; ++i) {
     if (s.group_of[i] < 0 || static_cast<size_t>(s.group_of[i]) >= num_groups)
-      throw Error(ErrorKind::value, "group index of params[" + std::to_string(i) + "] is out of range");
+      throw Error(ErrorKind::value,
+                  "group index of params[" + std::to_string(i) + "] is out of range");
     if (s.steps[i] < 1)
       throw Error(ErrorKind::value, "step of params[" + std::to_string(i) + "] must be >= 1");
   }
@@ -68,36 +68,40 @@ void match_states(TensorRef& t, const Coefficients& c, const StepBuffers& b, siz
   for (int k = 0; k < kMaxStates; ++k) {
     const bool needed = used & (1u << k);
     if (needed && !t.state[k])
-      throw Error(ErrorKind::value, (k < static_cast<int>(b.state_names.size()) ? b.state_names[k]
-                                                                                : std::string("state")) +
-                                        "[" + std::to_string(i) +
-                                        "] is missing but this param's options need it");
+      throw Error(
+          ErrorKind::value,
+          (k < static_cast<int>(b.state_names.size()) ? b.state_names[k] : std::string("state")) +
+              "[" + std::to_string(i) + "] is missing but this param's options need it");
     if (!needed) t.state[k] = nullptr;
   }
 }
 
 // Validates everything, then gives each tensor the coefficients of its (group, step), computed
-// once per distinct pair in a row, then runs.
+// once per distinct pair in a row.
 template <class Options, class Coefficients, class Compute>
-void run_step(const std::vector<Options>& groups, const StepSchedule& schedule,
-              const StepBuffers& buffers, const KernelFn (&kernel)[kNumDtypes], Compute compute) {
+PreparedStep<Coefficients> prepare_step(const std::vector<Options>& groups,
+                                        const StepSchedule& schedule, const StepBuffers& buffers,
+                                        Compute compute) {
   for (const Options& o : groups) validate_options(o);
-  std::vector<TensorRef> tensors = validate_step_buffers(buffers);
+  PreparedStep<Coefficients> step;
+  std::vector<TensorRef>& tensors = step.tensors;
+  tensors = validate_step_buffers(buffers);
   check_schedule(schedule, tensors.size(), groups.size());
-  std::vector<Coefficients> coefficients;
-  coefficients.reserve(tensors.size());
-  std::vector<size_t> index_of(tensors.size());
+  step.coefficients.reserve(tensors.size());
+  step.coefficient_of.resize(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const bool same_as_previous = i > 0 && schedule.group_of[i] == schedule.group_of[i - 1] &&
                                   schedule.steps[i] == schedule.steps[i - 1];
-    if (!same_as_previous) coefficients.push_back(compute(groups[schedule.group_of[i]], schedule.steps[i]));
-    index_of[i] = coefficients.size() - 1;
+    if (!same_as_previous)
+      step.coefficients.push_back(compute(groups[schedule.group_of[i]], schedule.steps[i]));
+    step.coefficient_of[i] = static_cast<int>(step.coefficients.size()) - 1;
   }
   for (size_t i = 0; i < tensors.size(); ++i) {
-    tensors[i].coefficients = &coefficients[index_of[i]];
-    match_states(tensors[i], coefficients[index_of[i]], buffers, i);
+    const Coefficients& c = step.coefficients[step.coefficient_of[i]];
+    tensors[i].coefficients = &c;
+    match_states(tensors[i], c, buffers, i);
   }
-  run_kernels(kernel, tensors);
+  return step;
 }
 
 }  // namespace
@@ -118,31 +122,58 @@ void run_kernels(const KernelFn (&kernel)[kNumDtypes], const std::vector<TensorR
   cpu::parallel_for(items, run_item, &w);
 }
 
+PreparedStep<SgdCoefficients> prepare_sgd_step(const std::vector<SgdOptions>& groups,
+                                               const StepSchedule& schedule,
+                                               const StepBuffers& buffers,
+                                               std::optional<double> grad_scale) {
+  return prepare_step<SgdOptions, SgdCoefficients>(
+      groups, schedule, buffers,
+      [&](const SgdOptions& o, int64_t step) { return sgd_coefficients(o, step, grad_scale); });
+}
+
+PreparedStep<AdagradCoefficients> prepare_adagrad_step(const std::vector<AdagradOptions>& groups,
+                                                       const StepSchedule& schedule,
+                                                       const StepBuffers& buffers) {
+  return prepare_step<AdagradOptions, AdagradCoefficients>(groups, schedule, buffers,
+                                                           adagrad_coefficients);
+}
+
+PreparedStep<RmspropCoefficients> prepare_rmsprop_step(const std::vector<RmspropOptions>& groups,
+                                                       const StepSchedule& schedule,
+                                                       const StepBuffers& buffers) {
+  return prepare_step<RmspropOptions, RmspropCoefficients>(
+      groups, schedule, buffers,
+      [](const RmspropOptions& o, int64_t) { return rmsprop_coefficients(o); });
+}
+
+PreparedStep<AdamCoefficients> prepare_adam_step(const std::vector<AdamOptions>& groups,
+                                                 const StepSchedule& schedule,
+                                                 const StepBuffers& buffers,
+                                                 std::optional<double> grad_scale) {
+  return prepare_step<AdamOptions, AdamCoefficients>(
+      groups, schedule, buffers,
+      [&](const AdamOptions& o, int64_t step) { return adam_coefficients(o, step, grad_scale); });
+}
+
 void sgd_step(const std::vector<SgdOptions>& groups, const StepSchedule& schedule,
               const StepBuffers& buffers, std::optional<double> grad_scale) {
-  run_step<SgdOptions, SgdCoefficients>(
-      groups, schedule, buffers, cpu::kernels().sgd,
-      [&](const SgdOptions& o, int64_t step) { return sgd_coefficients(o, step, grad_scale); });
+  run_kernels(cpu::kernels().sgd, prepare_sgd_step(groups, schedule, buffers, grad_scale).tensors);
 }
 
 void adagrad_step(const std::vector<AdagradOptions>& groups, const StepSchedule& schedule,
                   const StepBuffers& buffers) {
-  run_step<AdagradOptions, AdagradCoefficients>(groups, schedule, buffers, cpu::kernels().adagrad,
-                                                adagrad_coefficients);
+  run_kernels(cpu::kernels().adagrad, prepare_adagrad_step(groups, schedule, buffers).tensors);
 }
 
 void rmsprop_step(const std::vector<RmspropOptions>& groups, const StepSchedule& schedule,
                   const StepBuffers& buffers) {
-  run_step<RmspropOptions, RmspropCoefficients>(
-      groups, schedule, buffers, cpu::kernels().rmsprop,
-      [](const RmspropOptions& o, int64_t) { return rmsprop_coefficients(o); });
+  run_kernels(cpu::kernels().rmsprop, prepare_rmsprop_step(groups, schedule, buffers).tensors);
 }
 
 void adam_step(const std::vector<AdamOptions>& groups, const StepSchedule& schedule,
                const StepBuffers& buffers, std::optional<double> grad_scale) {
-  run_step<AdamOptions, AdamCoefficients>(
-      groups, schedule, buffers, cpu::kernels().adam,
-      [&](const AdamOptions& o, int64_t step) { return adam_coefficients(o, step, grad_scale); });
+  run_kernels(cpu::kernels().adam,
+              prepare_adam_step(groups, schedule, buffers, grad_scale).tensors);
 }
 
 void stream_add_step(const StepBuffers& buffers) {

@@ -18,12 +18,12 @@ struct BufferInfo {
   bool present = true;  // false: the caller passed None (no such state for this tensor)
   void* data = nullptr;
   std::vector<int64_t> shape;
-  int64_t size = 0;        // number of elements
+  int64_t size = 0;  // number of elements
   bool is_float32 = false;
   bool is_float64 = false;
   bool contiguous = false;  // C order, no gaps
   bool writeable = false;
-  std::string dtype_name;   // set only for dtypes other than float32/float64, for messages
+  std::string dtype_name;  // set only for dtypes other than float32/float64, for messages
 };
 
 // The buffers of one step, by role. states[k] is empty when no tensor keeps such a state;
@@ -90,6 +90,35 @@ AdagradCoefficients adagrad_coefficients(const AdagradOptions& o, int64_t step);
 RmspropCoefficients rmsprop_coefficients(const RmspropOptions& o);
 AdamCoefficients adam_coefficients(const AdamOptions& o, int64_t step,
                                    std::optional<double> grad_scale);
+
+// A validated step, ready for any backend: tensors[i].coefficients points at
+// coefficients[coefficient_of[i]], one struct per run of tensors sharing (group, step). Move-only,
+// so those pointers stay valid.
+template <class Coefficients>
+struct PreparedStep {
+  std::vector<TensorRef> tensors;
+  std::vector<Coefficients> coefficients;
+  std::vector<int> coefficient_of;
+  PreparedStep() = default;
+  PreparedStep(PreparedStep&&) = default;
+  PreparedStep(const PreparedStep&) = delete;
+};
+
+// Everything a step does before its kernels run (the CUDA backend launches these itself).
+PreparedStep<SgdCoefficients> prepare_sgd_step(const std::vector<SgdOptions>& groups,
+                                               const StepSchedule& schedule,
+                                               const StepBuffers& buffers,
+                                               std::optional<double> grad_scale);
+PreparedStep<AdagradCoefficients> prepare_adagrad_step(const std::vector<AdagradOptions>& groups,
+                                                       const StepSchedule& schedule,
+                                                       const StepBuffers& buffers);
+PreparedStep<RmspropCoefficients> prepare_rmsprop_step(const std::vector<RmspropOptions>& groups,
+                                                       const StepSchedule& schedule,
+                                                       const StepBuffers& buffers);
+PreparedStep<AdamCoefficients> prepare_adam_step(const std::vector<AdamOptions>& groups,
+                                                 const StepSchedule& schedule,
+                                                 const StepBuffers& buffers,
+                                                 std::optional<double> grad_scale);
 
 // Checks every buffer of the call (type, dtype, shape, contiguity, writeability, aliasing) and
 // returns the kernel's view of each tensor; throws Error naming the argument otherwise.

@@ -14,6 +14,7 @@
 #include "core/step.h"
 #include "cpu/dispatch.h"
 #include "cpu/parallel.h"
+#include "cuda/launch_plan.h"
 
 namespace py = pybind11;
 using namespace fusedopt;
@@ -172,8 +173,8 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         sgd_step(groups, s, b, grad_scale);
       },
-      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"),
-      py::arg("grads"), py::arg("momentum_buffers"), py::arg("grad_scale") = py::none());
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
+      py::arg("momentum_buffers"), py::arg("grad_scale") = py::none());
 
   m.def(
       "adagrad_step",
@@ -184,8 +185,8 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         adagrad_step(groups, s, b);
       },
-      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"),
-      py::arg("grads"), py::arg("state_sums"));
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
+      py::arg("state_sums"));
 
   m.def(
       "rmsprop_step",
@@ -201,9 +202,8 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         rmsprop_step(groups, s, b);
       },
-      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"),
-      py::arg("grads"), py::arg("square_avgs"), py::arg("momentum_buffers"),
-      py::arg("grad_avgs"));
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
+      py::arg("square_avgs"), py::arg("momentum_buffers"), py::arg("grad_avgs"));
 
   m.def(
       "adam_step",
@@ -219,8 +219,8 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         adam_step(groups, s, b, grad_scale);
       },
-      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"),
-      py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
+      py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
       py::arg("grad_scale") = py::none());
 
   m.def(
@@ -238,8 +238,8 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "ewma",
       [](py::array_t<double, py::array::c_style> x, py::array_t<double, py::array::c_style> out,
-         int64_t length, int64_t num_series, int64_t time_stride, int64_t series_stride,
-         double com, bool adjust, bool ignore_na, int64_t min_periods) {
+         int64_t length, int64_t num_series, int64_t time_stride, int64_t series_stride, double com,
+         bool adjust, bool ignore_na, int64_t min_periods) {
         if (x.size() != length * num_series || out.size() != x.size())
           throw Error(ErrorKind::value, "ewma: layout does not match the arrays");
         const double* in = x.data();
@@ -267,4 +267,59 @@ PYBIND11_MODULE(_core, m) {
     cpu::set_num_threads(n);
   });
   m.attr("built_isas") = FUSEDOPT_BUILT_ISAS;
+
+  // The CUDA launch plan is host code: built into every _core, so tests/test_cuda.py can check it
+  // on machines without a GPU or nvcc. Tensor i has sizes[i] elements of element_bytes[i] bytes at
+  // addresses[i] (param, grad, states; 0 for none) and reads coefficient set coefficient_ids[i].
+  m.def(
+      "_cuda_launch_plan",
+      [](const std::vector<int64_t>& sizes, const std::vector<std::vector<uintptr_t>>& addresses,
+         const std::vector<int>& element_bytes, const std::vector<int>& coefficient_ids) {
+        const size_t n = sizes.size();
+        if (addresses.size() != n || element_bytes.size() != n || coefficient_ids.size() != n)
+          throw Error(ErrorKind::value, "one address list, dtype size and coefficient id per size");
+        std::vector<cuda::PlanTensor> tensors(n);
+        for (size_t i = 0; i < n; ++i) {
+          if (addresses[i].size() != cuda::kMaxOperands)
+            throw Error(ErrorKind::value, "addresses: param, grad and 3 states per tensor");
+          for (int k = 0; k < cuda::kMaxOperands; ++k)
+            tensors[i].addresses[k] = reinterpret_cast<void*>(addresses[i][k]);
+          tensors[i].size = sizes[i];
+          tensors[i].element_bytes = element_bytes[i];
+          tensors[i].coefficient_id = coefficient_ids[i];
+        }
+        py::list batches;
+        for (const cuda::LaunchBatch& b : cuda::build_launch_plan(tensors)) {
+          const cuda::LaunchMetadata& m = b.metadata;
+          const int t = m.num_tensors, blocks = m.num_blocks;
+          py::list slot_addresses, vectorized;
+          for (int slot = 0; slot < t; ++slot) {
+            py::list operands;
+            for (int k = 0; k < cuda::kMaxOperands; ++k)
+              operands.append(reinterpret_cast<uintptr_t>(m.addresses[k][slot]));
+            slot_addresses.append(operands);
+            vectorized.append(bool(m.flags[slot] & cuda::kVectorized));
+          }
+          py::dict batch;
+          batch["element_bytes"] = b.element_bytes;
+          batch["coefficient_ids"] =
+              std::vector<int>(b.coefficient_ids, b.coefficient_ids + b.num_coefficient_sets);
+          batch["tensor_index"] = std::vector<int32_t>(b.tensor_index, b.tensor_index + t);
+          batch["addresses"] = slot_addresses;
+          batch["sizes"] = std::vector<int64_t>(m.sizes, m.sizes + t);
+          batch["coefficient_set"] = std::vector<int>(m.coefficient_set, m.coefficient_set + t);
+          batch["vectorized"] = vectorized;
+          batch["block_tensor"] = std::vector<int>(m.block_tensor, m.block_tensor + blocks);
+          batch["block_chunk"] = std::vector<int32_t>(m.block_chunk, m.block_chunk + blocks);
+          batches.append(batch);
+        }
+        return batches;
+      },
+      py::arg("sizes"), py::arg("addresses"), py::arg("element_bytes"), py::arg("coefficient_ids"));
+  m.attr("_cuda_plan_limits") =
+      py::dict(py::arg("chunk_elements") = cuda::kChunkElements,
+               py::arg("max_tensors") = cuda::kMaxTensorsPerLaunch,
+               py::arg("max_blocks") = cuda::kMaxBlocksPerLaunch,
+               py::arg("max_coefficient_sets") = cuda::kMaxCoefficientSetsPerLaunch,
+               py::arg("vector_bytes") = cuda::kVectorBytes);
 }

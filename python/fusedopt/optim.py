@@ -8,12 +8,13 @@ between steps, e.g. by a learning-rate schedule: ``opt.param_groups[0]["lr"] = 0
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from operator import is_
 from typing import Any
 
 import numpy as np
 
-from fusedopt import _core
+from fusedopt import _core, cuda
 from fusedopt._state import unflatten_state_dict
 
 ParamsT = Iterable[np.ndarray] | Iterable[dict[str, Any]]
@@ -56,6 +57,7 @@ class Optimizer:
         self._steps = np.zeros(0, dtype=np.int64)
         self._buffers: dict[str, list[np.ndarray | None]] = {n: [] for n in self._state_names}
         self._options_cache: list[tuple[tuple[Any, ...], Any]] = []
+        self._complete_state: tuple[Any, ...] | None = None  # see _state_lists
         groups = list(params) if not isinstance(params, np.ndarray) else [params]
         if not groups:
             raise ValueError("params: optimizer got an empty parameter list")
@@ -85,10 +87,13 @@ class Optimizer:
             raise ValueError(f"param_group: unknown hyperparameters {sorted(unknown)}")
         for key, value in self.defaults.items():
             group.setdefault(key, value)
+        first = (self._params or params or [None])[0]
         for i, p in enumerate(params):
-            if not isinstance(p, np.ndarray):
+            if cuda.is_device_array(p) or cuda.is_device_array(first):
+                cuda.check_param(p, i, first)
+            elif not isinstance(p, np.ndarray):
                 raise TypeError(f"params[{i}] must be a numpy.ndarray, got {type(p).__name__}")
-            if p.dtype not in (np.float32, np.float64):
+            elif p.dtype not in (np.float32, np.float64):
                 raise TypeError(
                     f"params[{i}] has dtype {p.dtype}; fusedopt updates float32 and float64"
                 )
@@ -140,7 +145,7 @@ class Optimizer:
         """``{"state": {index: {...}}, "param_groups": [...]}`` with copies of every buffer; see
         :func:`fusedopt.flatten_state_dict` for the form ``np.savez`` stores."""
         state = {
-            i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in entry.items()}
+            i: {k: (v.copy() if isinstance(v, np.ndarray) else _host(v)) for k, v in entry.items()}
             for i, entry in self.state.items()
         }
         groups = []
@@ -200,7 +205,11 @@ class Optimizer:
                         )
                     if array.dtype.kind != "f":
                         raise TypeError(f"state_dict: state[{i}][{name!r}] has dtype {array.dtype}")
-                    buffers[name][i] = np.array(array, dtype=param.dtype, order="C", copy=True)
+                    buffers[name][i] = (
+                        cuda.array_like(array, param)
+                        if cuda.is_device_array(param)
+                        else np.array(array, dtype=param.dtype, order="C", copy=True)
+                    )
                 else:
                     raise ValueError(f"state_dict: unknown state {name!r} for param {i}")
         for group, merged in zip(self.param_groups, new_groups):
@@ -230,6 +239,11 @@ class Optimizer:
             result.append(options)
         return result
 
+    @property
+    def _native(self) -> Any:
+        """The backend of this optimizer's arrays: _core, or fusedopt.cuda for device arrays."""
+        return cuda if cuda.is_device_array(self._params[0]) else _core
+
     def _options(self, group: Mapping[str, Any]) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -237,13 +251,21 @@ class Optimizer:
         return self._state_names
 
     def _initial_state(self, name: str, param: np.ndarray, group: Mapping[str, Any]) -> np.ndarray:
+        if cuda.is_device_array(param):
+            return cuda.zeros_like(param)
         return np.zeros_like(param, order="C")
 
-    @contextmanager
-    def _state_kept_if_refused(self) -> Iterator[None]:
+    def _state_kept_if_refused(self) -> AbstractContextManager[None]:
         """A step the core refuses leaves no trace: the buffers it created for the step are
         dropped again (a zero momentum buffer left behind would skip torch's first-step rule
-        once saved and loaded)."""
+        once saved and loaded). Once every buffer exists a step creates none, and the usual
+        step skips this bookkeeping (about a microsecond a step)."""
+        if self._cached_state_lists() is not None:
+            return _NOTHING_TO_KEEP
+        return self._buffers_restored_if_refused()
+
+    @contextmanager
+    def _buffers_restored_if_refused(self) -> Iterator[None]:
         buffers = {name: list(b) for name, b in self._buffers.items()}
         try:
             yield
@@ -251,9 +273,28 @@ class Optimizer:
             self._buffers = buffers
             raise
 
+    def _cached_state_lists(self) -> list[list[np.ndarray | None] | None] | None:
+        """The lists of the last _state_lists call if nothing since can have changed them: the
+        same buffer dict and lists (load_state_dict, reset_state and a refused step replace
+        them), as many params (add_param_group appends) and the same needed states."""
+        cached = self._complete_state
+        if (
+            cached is None
+            or cached[0] is not self._buffers
+            or cached[1] != len(self._params)
+            or not all(map(is_, cached[2], self._buffers.values()))
+            or cached[3] != [self._needed_states(group) for group in self.param_groups]
+        ):
+            return None
+        return cached[4]
+
     def _state_lists(self) -> list[list[np.ndarray | None] | None]:
         """One list per state name, a buffer per param (None where its group keeps none);
-        buffers a group needs and does not have yet are created here."""
+        buffers a group needs and does not have yet are created here. The walk over every param
+        runs only when something changed: on a thousand tensors it cost more than the step."""
+        cached = self._cached_state_lists()
+        if cached is not None:
+            return cached
         needed = [self._needed_states(group) for group in self.param_groups]
         lists = []
         for name in self._state_names:
@@ -267,7 +308,17 @@ class Optimizer:
                             name, p, self.param_groups[self._group_of[i]]
                         )
             lists.append(buffers if any_needed else None)
+        buffer_lists = tuple(self._buffers.values())
+        self._complete_state = (self._buffers, len(self._params), buffer_lists, needed, lists)
         return lists
+
+
+def _host(value: Any) -> Any:
+    """State dicts hold NumPy copies of device buffers too."""
+    return cuda.to_numpy(value) if cuda.is_device_array(value) else value
+
+
+_NOTHING_TO_KEEP = nullcontext()
 
 
 def _plain(value: Any) -> Any:
@@ -348,7 +399,9 @@ class SGD(Optimizer):
         scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
         with self._state_kept_if_refused():
             (buffers,) = self._state_lists()
-            _core.sgd_step(options, self._group_of, steps, self._params, grads, buffers, scale)
+            self._native.sgd_step(
+                options, self._group_of, steps, self._params, grads, buffers, scale
+            )
         self._steps = steps
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -398,6 +451,8 @@ class Adagrad(Optimizer):
         return o
 
     def _initial_state(self, name: str, param: np.ndarray, group: Mapping[str, Any]) -> np.ndarray:
+        if cuda.is_device_array(param):
+            return cuda.full_like(param, group["initial_accumulator_value"])
         return np.full_like(param, group["initial_accumulator_value"], order="C")
 
     def _on_new_param(self, index: int, param: np.ndarray) -> None:
@@ -412,7 +467,7 @@ class Adagrad(Optimizer):
         steps = self._steps + 1
         with self._state_kept_if_refused():
             (sums,) = self._state_lists()
-            _core.adagrad_step(options, self._group_of, steps, self._params, grads, sums)
+            self._native.adagrad_step(options, self._group_of, steps, self._params, grads, sums)
         self._steps = steps
 
 
@@ -480,7 +535,7 @@ class RMSprop(Optimizer):
         steps = self._steps + 1
         with self._state_kept_if_refused():
             square_avgs, momentum_buffers, grad_avgs = self._state_lists()
-            _core.rmsprop_step(
+            self._native.rmsprop_step(
                 options,
                 self._group_of,
                 steps,
@@ -567,7 +622,7 @@ class Adam(Optimizer):
         scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
         with self._state_kept_if_refused():
             exp_avgs, exp_avg_sqs, max_exp_avg_sqs = self._state_lists()
-            _core.adam_step(
+            self._native.adam_step(
                 options,
                 self._group_of,
                 steps,

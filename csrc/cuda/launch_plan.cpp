@@ -1,0 +1,127 @@
+// Builds the CUDA launch plan on the host (see launch_plan.h). No CUDA here: the core library
+// compiles it with the host compiler and the tests check it on any machine.
+#include "cuda/launch_plan.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace fusedopt {
+namespace cuda {
+namespace {
+
+class PlanBuilder {
+ public:
+  PlanBuilder(std::vector<LaunchBatch>& plan, int element_bytes)
+      : plan_(plan), element_bytes_(element_bytes) {
+    start_batch();
+  }
+
+  void add(const PlanTensor& tensor, int32_t index) {
+    if (tensor.size == 0) return;  // an empty tensor never takes a slot
+    const int64_t chunks = (tensor.size + kChunkElements - 1) / kChunkElements;
+    if (chunks > INT32_MAX) throw std::length_error("tensor too large for the CUDA launch plan");
+    int slot = take_slot(tensor, index);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      LaunchMetadata& m = current().metadata;
+      if (m.num_blocks == kMaxBlocksPerLaunch) {
+        flush();
+        slot = take_slot(tensor, index);  // the rest of this tensor continues in the next launch
+      }
+      LaunchMetadata& n = current().metadata;
+      n.block_tensor[n.num_blocks] = static_cast<uint16_t>(slot);
+      n.block_chunk[n.num_blocks] = static_cast<int32_t>(chunk);
+      ++n.num_blocks;
+    }
+  }
+
+  // The final flush: the last, partly filled launch.
+  void finish() {
+    if (current().metadata.num_blocks > 0) flush();
+    plan_.pop_back();
+  }
+
+ private:
+  LaunchBatch& current() { return plan_.back(); }
+
+  void start_batch() {
+    plan_.emplace_back();
+    plan_.back().element_bytes = element_bytes_;  // emplace_back() zeroed everything else
+  }
+
+  void flush() { start_batch(); }
+
+  int coefficient_set_of(int id) {
+    LaunchBatch& b = current();
+    for (int k = 0; k < b.num_coefficient_sets; ++k)
+      if (b.coefficient_ids[k] == id) return k;
+    return -1;
+  }
+
+  int take_slot(const PlanTensor& tensor, int32_t index) {
+    const LaunchMetadata& m = current().metadata;
+    const bool full = m.num_tensors == kMaxTensorsPerLaunch || m.num_blocks == kMaxBlocksPerLaunch;
+    const bool no_set_left = coefficient_set_of(tensor.coefficient_id) < 0 &&
+                             current().num_coefficient_sets == kMaxCoefficientSetsPerLaunch;
+    if (full || no_set_left) flush();
+
+    LaunchBatch& b = current();
+    int set = coefficient_set_of(tensor.coefficient_id);
+    if (set < 0) {
+      set = b.num_coefficient_sets++;
+      b.coefficient_ids[set] = tensor.coefficient_id;
+    }
+    LaunchMetadata& n = b.metadata;
+    const int slot = n.num_tensors++;
+    for (int k = 0; k < kMaxOperands; ++k) n.addresses[k][slot] = tensor.addresses[k];
+    n.sizes[slot] = tensor.size;
+    n.coefficient_set[slot] = static_cast<uint8_t>(set);
+    n.flags[slot] = static_cast<uint8_t>((is_vectorizable(tensor) ? kVectorized : 0) |
+                                         (tensor.write_grad ? kWriteGrad : 0));
+    b.tensor_index[slot] = index;
+    return slot;
+  }
+
+  std::vector<LaunchBatch>& plan_;
+  int element_bytes_;
+};
+
+}  // namespace
+
+bool is_vectorizable(const PlanTensor& tensor) {
+  for (void* address : tensor.addresses)
+    if (reinterpret_cast<uintptr_t>(address) % kVectorBytes != 0) return false;
+  return true;
+}
+
+std::vector<LaunchBatch> build_launch_plan(const std::vector<PlanTensor>& tensors) {
+  if (tensors.size() > INT32_MAX) throw std::length_error("too many tensors for one CUDA step");
+  std::vector<LaunchBatch> plan;
+  for (int element_bytes : {4, 8}) {
+    PlanBuilder builder(plan, element_bytes);
+    for (size_t i = 0; i < tensors.size(); ++i)
+      if (tensors[i].element_bytes == element_bytes)
+        builder.add(tensors[i], static_cast<int32_t>(i));
+    builder.finish();
+  }
+  return plan;
+}
+
+std::vector<PlanTensor> plan_tensors(const std::vector<TensorRef>& tensors,
+                                     const std::vector<int>& coefficient_id) {
+  std::vector<PlanTensor> result(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const TensorRef& t = tensors[i];
+    PlanTensor& p = result[i];
+    p.addresses[0] = t.param;
+    p.addresses[1] = t.grad;
+    for (int k = 0; k < kMaxStates; ++k) p.addresses[2 + k] = t.state[k];
+    p.size = t.size;
+    p.element_bytes = t.dtype == Dtype::float32 ? 4 : 8;
+    p.coefficient_id = coefficient_id[i];
+    p.write_grad = t.write_grad;
+  }
+  return result;
+}
+
+}  // namespace cuda
+}  // namespace fusedopt

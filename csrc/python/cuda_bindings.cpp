@@ -1,0 +1,353 @@
+// The _cuda extension: device arrays in, described by their CUDA Array Interface dict or their
+// DLPack capsule (python/fusedopt/cuda.py picks which), validated by the same core as the CPU
+// (csrc/core), then launched on the stream cuda.py chose. Validation, DLPack parsing and the
+// device-type checks need no GPU, so a machine without one still tests them; the first CUDA call
+// comes after every buffer passed.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/step.h"
+#include "cuda/backend.h"
+
+namespace py = pybind11;
+using namespace fusedopt;
+
+namespace {
+
+// The DLPack ABI (dmlc/dlpack, v1.x), as much of it as a consumer reads.
+struct DLDevice {
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; null means compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+struct DLPackVersion {
+  uint32_t major;
+  uint32_t minor;
+};
+struct DLManagedTensorVersioned {
+  DLPackVersion version;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensorVersioned*);
+  uint64_t flags;
+  DLTensor dl_tensor;
+};
+constexpr uint64_t kDLPackFlagReadOnly = 1;
+constexpr uint8_t kDLFloat = 2;
+constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
+
+// Where a buffer lives, beyond what the core validates.
+struct Placement {
+  int32_t device_type = kDLCUDA;
+  int32_t device_id = -1;  // -1: ask the runtime (the CUDA Array Interface does not say)
+  std::optional<uintptr_t> producer_stream;
+};
+
+std::string device_type_name(int32_t type) {
+  switch (type) {
+    case kDLCPU:
+      return "the CPU";
+    case kDLCUDAHost:
+      return "pinned host memory";
+    default:
+      return "DLPack device type " + std::to_string(type);
+  }
+}
+
+bool row_major(const std::vector<int64_t>& shape, const int64_t* strides, int64_t unit) {
+  if (!strides) return true;
+  int64_t expected = unit;
+  for (size_t d = shape.size(); d-- > 0;) {
+    if (shape[d] == 0) return true;
+    if (shape[d] != 1 && strides[d] != expected) return false;
+    expected *= shape[d];
+  }
+  return true;
+}
+
+void set_dtype(BufferInfo& info, bool is_float, int bits, const std::string& name) {
+  info.is_float32 = is_float && bits == 32;
+  info.is_float64 = is_float && bits == 64;
+  info.dtype_name = name;
+}
+
+int64_t product(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  return n;
+}
+
+void describe_interface(py::dict cai, BufferInfo& info, Placement& placement) {
+  const std::string typestr = py::str(cai["typestr"]);
+  const bool little = typestr.size() == 3 && (typestr[0] == '<' || typestr[0] == '=');
+  set_dtype(info, little && typestr[1] == 'f', std::atoi(typestr.c_str() + 2) * 8, typestr);
+  for (py::handle s : py::tuple(cai["shape"])) info.shape.push_back(s.cast<int64_t>());
+  info.size = product(info.shape);
+  const py::tuple data(cai["data"]);
+  info.data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
+  info.writeable = !data[1].cast<bool>();
+  std::vector<int64_t> strides;
+  if (cai.contains("strides") && !cai["strides"].is_none())
+    for (py::handle s : py::tuple(cai["strides"])) strides.push_back(s.cast<int64_t>());
+  const int64_t itemsize = typestr.size() == 3 ? std::atoi(typestr.c_str() + 2) : 1;
+  info.contiguous = row_major(info.shape, strides.empty() ? nullptr : strides.data(), itemsize);
+  if (cai.contains("mask") && !cai["mask"].is_none()) info.contiguous = false;
+  if (cai.contains("stream") && !cai["stream"].is_none())
+    placement.producer_stream = cai["stream"].cast<uintptr_t>();
+}
+
+void describe_dlpack(py::capsule capsule, BufferInfo& info, Placement& placement) {
+  PyObject* object = capsule.ptr();
+  const DLTensor* t;
+  bool read_only = false;
+  if (PyCapsule_IsValid(object, "dltensor_versioned")) {
+    auto* managed =
+        static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(object, "dltensor_versioned"));
+    if (managed->version.major != 1)
+      throw Error(ErrorKind::type,
+                  "unsupported DLPack major version " + std::to_string(managed->version.major));
+    t = &managed->dl_tensor;
+    read_only = managed->flags & kDLPackFlagReadOnly;
+  } else if (PyCapsule_IsValid(object, "dltensor")) {
+    t = &static_cast<DLManagedTensor*>(PyCapsule_GetPointer(object, "dltensor"))->dl_tensor;
+  } else {
+    throw Error(ErrorKind::type, "not an unconsumed DLPack capsule");
+  }
+  // The capsule is only read, never consumed: its owner's destructor releases the tensor.
+  const bool is_float = t->dtype.code == kDLFloat && t->dtype.lanes == 1;
+  set_dtype(info, is_float, t->dtype.bits,
+            std::string(is_float ? "float" : "DLPack type code ") +
+                (is_float ? "" : std::to_string(t->dtype.code) + " of ") +
+                std::to_string(t->dtype.bits) + (is_float ? "" : " bits"));
+  info.shape.assign(t->shape, t->shape + t->ndim);
+  info.size = product(info.shape);
+  info.data = static_cast<char*>(t->data) + t->byte_offset;
+  info.writeable = !read_only;
+  info.contiguous = row_major(info.shape, t->strides, 1);
+  placement.device_type = t->device.device_type;
+  placement.device_id = t->device.device_id;
+}
+
+struct DeviceStep {
+  StepBuffers buffers;
+  // One entry per buffer of `buffers`, in the order params, grads, states.
+  std::vector<Placement> placements;
+  std::vector<std::string> names;
+};
+
+void describe_list(py::handle list, const std::string& role, std::vector<BufferInfo>& infos,
+                   DeviceStep& step) {
+  if (list.is_none()) return;
+  for (py::handle item : list) {
+    const std::string name = role + "[" + std::to_string(infos.size()) + "]";
+    BufferInfo info;
+    Placement placement;
+    if (item.is_none()) {
+      info.present = false;
+    } else if (py::isinstance<py::dict>(item)) {
+      describe_interface(py::reinterpret_borrow<py::dict>(item), info, placement);
+    } else if (py::isinstance<py::capsule>(item)) {
+      describe_dlpack(py::reinterpret_borrow<py::capsule>(item), info, placement);
+    } else {
+      throw Error(ErrorKind::type, name +
+                                       " must be a __cuda_array_interface__ dict or a DLPack "
+                                       "capsule (fusedopt.cuda makes them)");
+    }
+    infos.push_back(std::move(info));
+    step.placements.push_back(placement);
+    step.names.push_back(name);
+  }
+}
+
+DeviceStep describe_step(py::handle params, py::handle grads,
+                         const std::vector<std::pair<py::handle, std::string>>& states,
+                         bool grads_written) {
+  DeviceStep step;
+  describe_list(params, "params", step.buffers.params, step);
+  describe_list(grads, "grads", step.buffers.grads, step);
+  for (const auto& [list, name] : states) {
+    step.buffers.states.emplace_back();
+    step.buffers.state_names.push_back(name);
+    describe_list(list, name, step.buffers.states.back(), step);
+  }
+  step.buffers.grads_written = grads_written;
+  return step;
+}
+
+std::vector<const BufferInfo*> all_buffers(const StepBuffers& b) {
+  std::vector<const BufferInfo*> all;
+  for (const BufferInfo& x : b.params) all.push_back(&x);
+  for (const BufferInfo& x : b.grads) all.push_back(&x);
+  for (const auto& list : b.states)
+    for (const BufferInfo& x : list) all.push_back(&x);
+  return all;
+}
+
+// Every non-empty buffer must sit on the same CUDA device. DLPack says where a buffer is, so a
+// host buffer is refused before the runtime is touched; the CUDA Array Interface does not, and
+// the runtime is asked. Returns the device.
+int check_placement(const DeviceStep& step) {
+  const std::vector<const BufferInfo*> buffers = all_buffers(step.buffers);
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const int32_t type = step.placements[i].device_type;
+    if (buffers[i]->present && type != kDLCUDA && type != kDLCUDAManaged)
+      throw Error(ErrorKind::value,
+                  step.names[i] + " is in " + device_type_name(type) + ", not on a CUDA device");
+  }
+  cuda::require_device();
+  int device = -1;
+  size_t first = 0;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (!buffers[i]->present || buffers[i]->size == 0) continue;
+    const Placement& p = step.placements[i];
+    const int here =
+        p.device_id >= 0 ? p.device_id : cuda::device_of(buffers[i]->data, step.names[i]);
+    if (device < 0) {
+      device = here;
+      first = i;
+    } else if (here != device) {
+      throw Error(ErrorKind::value, step.names[i] + " is on cuda:" + std::to_string(here) +
+                                        " but " + step.names[first] +
+                                        " is on cuda:" + std::to_string(device));
+    }
+  }
+  return device;
+}
+
+using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+StepSchedule schedule_of(const IndexArray& group_of, const IndexArray& steps) {
+  StepSchedule s;
+  s.group_of.assign(group_of.data(), group_of.data() + group_of.size());
+  s.steps.assign(steps.data(), steps.data() + steps.size());
+  return s;
+}
+
+// Validation (core), placement, then the launch on `stream`, after the producers' streams.
+template <class Prepare>
+void run(const DeviceStep& step, uintptr_t stream_handle, Prepare prepare) {
+  auto prepared = prepare(step.buffers);
+  const int device = check_placement(step);
+  if (device < 0) return;        // every tensor is empty
+  std::vector<void*> producers;  // distinct: usually one stream for the whole step
+  for (const Placement& p : step.placements) {
+    if (!p.producer_stream) continue;
+    void* producer = cuda::stream_from_handle(*p.producer_stream);
+    if (std::find(producers.begin(), producers.end(), producer) == producers.end())
+      producers.push_back(producer);
+  }
+  py::gil_scoped_release release;
+  cuda::DeviceGuard guard(device);
+  void* stream = cuda::stream_from_handle(stream_handle);
+  cuda::wait_for_streams(stream, producers);
+  cuda::launch_step(prepared, stream);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "fusedopt's CUDA backend (private: use fusedopt.cuda)";
+  py::module_::import("fusedopt._core");  // registers the options types this module takes
+
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      PyErr_SetString(e.kind == ErrorKind::type ? PyExc_TypeError : PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def(
+      "device_count",
+      [] {
+        std::string reason;
+        const int count = cuda::device_count(&reason);
+        return py::make_tuple(count, reason);
+      },
+      "(number of usable CUDA devices, the runtime's reason when there are none); never raises.");
+
+  m.def(
+      "sgd_step",
+      [](const std::vector<SgdOptions>& groups, const IndexArray& group_of, const IndexArray& steps,
+         py::object params, py::object grads, py::object momentum_buffers,
+         std::optional<double> grad_scale, uintptr_t stream) {
+        const DeviceStep d = describe_step(params, grads, {{momentum_buffers, "momentum_buffers"}},
+                                           grad_scale.has_value());
+        const StepSchedule s = schedule_of(group_of, steps);
+        run(d, stream,
+            [&](const StepBuffers& b) { return prepare_sgd_step(groups, s, b, grad_scale); });
+      },
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
+      py::arg("momentum_buffers"), py::arg("grad_scale"), py::arg("stream"));
+
+  m.def(
+      "adagrad_step",
+      [](const std::vector<AdagradOptions>& groups, const IndexArray& group_of,
+         const IndexArray& steps, py::object params, py::object grads, py::object sums,
+         uintptr_t stream) {
+        const DeviceStep d = describe_step(params, grads, {{sums, "state_sums"}}, false);
+        const StepSchedule s = schedule_of(group_of, steps);
+        run(d, stream, [&](const StepBuffers& b) { return prepare_adagrad_step(groups, s, b); });
+      },
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
+      py::arg("state_sums"), py::arg("stream"));
+
+  m.def(
+      "rmsprop_step",
+      [](const std::vector<RmspropOptions>& groups, const IndexArray& group_of,
+         const IndexArray& steps, py::object params, py::object grads, py::object square_avgs,
+         py::object momentum_buffers, py::object grad_avgs, uintptr_t stream) {
+        const DeviceStep d = describe_step(params, grads,
+                                           {{square_avgs, "square_avgs"},
+                                            {momentum_buffers, "momentum_buffers"},
+                                            {grad_avgs, "grad_avgs"}},
+                                           false);
+        const StepSchedule s = schedule_of(group_of, steps);
+        run(d, stream, [&](const StepBuffers& b) { return prepare_rmsprop_step(groups, s, b); });
+      },
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
+      py::arg("square_avgs"), py::arg("momentum_buffers"), py::arg("grad_avgs"), py::arg("stream"));
+
+  m.def(
+      "adam_step",
+      [](const std::vector<AdamOptions>& groups, const IndexArray& group_of,
+         const IndexArray& steps, py::object params, py::object grads, py::object exp_avgs,
+         py::object exp_avg_sqs, py::object max_exp_avg_sqs, std::optional<double> grad_scale,
+         uintptr_t stream) {
+        const DeviceStep d = describe_step(params, grads,
+                                           {{exp_avgs, "exp_avgs"},
+                                            {exp_avg_sqs, "exp_avg_sqs"},
+                                            {max_exp_avg_sqs, "max_exp_avg_sqs"}},
+                                           grad_scale.has_value());
+        const StepSchedule s = schedule_of(group_of, steps);
+        run(d, stream,
+            [&](const StepBuffers& b) { return prepare_adam_step(groups, s, b, grad_scale); });
+      },
+      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
+      py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
+      py::arg("grad_scale"), py::arg("stream"));
+}

@@ -1,0 +1,310 @@
+"""CUDA backend: the same updates as the CPU, in place on device arrays.
+
+The optimizer classes (:mod:`fusedopt.optim`) route here when their params are CUDA arrays:
+anything with ``__cuda_array_interface__`` (CuPy, PyTorch, Numba) or ``__dlpack__`` on a CUDA
+device (PyTorch, CuPy, JAX). One optimizer holds arrays of one kind; every buffer of a step is
+checked (dtype, shape, contiguity, writeability, aliasing, device) before anything is written.
+
+Streams: the kernels run on the stream given as ``stream=`` (or by :func:`use_stream`), else on
+the producer's stream: the ``stream`` of the first array's CUDA Array Interface, PyTorch's
+current stream for torch tensors, and otherwise the legacy default stream, which DLPack
+producers are asked to make the data ready on. A stream is an integer (``0``/``1`` the legacy
+default stream, ``2`` the per-thread default stream, else a ``cudaStream_t``) or an object
+carrying one (``torch.cuda.Stream``, ``cupy.cuda.Stream``, ``__cuda_stream__``).
+
+The native module ``fusedopt._cuda`` is imported on first use; without it, or without a usable
+GPU and driver, :func:`is_available` is False and a CUDA call raises RuntimeError saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import sys
+from collections.abc import Iterator, Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+_DLPACK_CUDA = 2
+_DLPACK_CUDA_MANAGED = 13
+_LEGACY_DEFAULT_STREAM = 1
+
+_native: ModuleType | None = None
+_stream_override: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "fusedopt_cuda_stream", default=None
+)
+
+
+def _module() -> ModuleType:
+    """fusedopt._cuda, imported on first use."""
+    global _native
+    if _native is None:
+        try:
+            _native = importlib.import_module("fusedopt._cuda")
+        except ImportError as error:
+            raise RuntimeError(
+                "fusedopt.cuda: this fusedopt was built without its CUDA backend (the module "
+                f"fusedopt._cuda could not be imported: {error}). Build it on a machine with "
+                "the CUDA toolkit: pip install fusedopt -Ccmake.define.FUSEDOPT_CUDA=ON"
+            ) from None
+    return _native
+
+
+def unavailable_reason() -> str | None:
+    """Why the CUDA backend cannot run here, or None when it can. Never raises."""
+    try:
+        count, reason = _module().device_count()
+    except RuntimeError as error:
+        return str(error)
+    return None if count > 0 else f"no usable CUDA device: {reason}"
+
+
+def is_available() -> bool:
+    """True when the CUDA backend was built and a GPU with a recent enough driver is present."""
+    return unavailable_reason() is None
+
+
+def device_count() -> int:
+    """Number of usable CUDA devices (0 without the backend, a driver or a GPU)."""
+    try:
+        return int(_module().device_count()[0])
+    except RuntimeError:
+        return 0
+
+
+# ------------------------------------------------------------------------------- array intake
+
+
+def is_device_array(x: Any) -> bool:
+    """Whether ``x`` is a CUDA device array this backend takes (NumPy arrays never are)."""
+    if isinstance(x, np.ndarray) or x is None:
+        return False
+    dlpack_device = getattr(x, "__dlpack_device__", None)
+    if dlpack_device is not None:
+        try:
+            return dlpack_device()[0] in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED)
+        except Exception:
+            return False
+    # Looked up on the type: PyTorch's property raises for tensors that require grad.
+    return hasattr(type(x), "__cuda_array_interface__")
+
+
+def _kind(x: Any) -> str:
+    return "CUDA device array" if is_device_array(x) else f"host array ({type(x).__name__})"
+
+
+def _dtype_name(x: Any) -> str:
+    return str(getattr(x, "dtype", "?")).rpartition(".")[2]
+
+
+def check_param(param: Any, index: int, first: Any) -> None:
+    """TypeError unless ``param`` lives where the optimizer's first param ``first`` does and is
+    float32 or float64 (the optimizer classes call this when either is a device array)."""
+    if is_device_array(param) != is_device_array(first):
+        raise TypeError(
+            f"params[{index}] is a {_kind(param)} but the optimizer's first param is a "
+            f"{_kind(first)}: one optimizer updates either NumPy arrays or CUDA device arrays"
+        )
+    if _dtype_name(param) not in ("float32", "float64"):
+        raise TypeError(
+            f"params[{index}] has dtype {_dtype_name(param)}; fusedopt updates float32 and float64"
+        )
+
+
+def _stream_handle(stream: Any) -> int:
+    if isinstance(stream, int):
+        return stream
+    for attribute in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
+        if isinstance(getattr(stream, attribute, None), int):
+            return getattr(stream, attribute)
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if protocol is not None:
+        return int(protocol()[1])
+    raise TypeError(f"stream must be an int or a CUDA stream object, got {type(stream).__name__}")
+
+
+@contextlib.contextmanager
+def use_stream(stream: Any) -> Iterator[None]:
+    """Run every fusedopt CUDA step inside the block on ``stream``, e.g. around ``opt.step()``."""
+    token = _stream_override.set(_stream_handle(stream))
+    try:
+        yield
+    finally:
+        _stream_override.reset(token)
+
+
+def _interface(x: Any) -> dict[str, Any] | None:
+    try:
+        return x.__cuda_array_interface__
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+def _torch_stream(x: Any) -> int | None:
+    """PyTorch's current stream on the tensor's device: where torch queued the work producing it
+    (torch's CUDA Array Interface names no stream)."""
+    if type(x).__module__.partition(".")[0] != "torch":
+        return None
+    return int(sys.modules["torch"].cuda.current_stream(x.device).cuda_stream)
+
+
+def _launch_stream(explicit: Any, first: Any) -> int:
+    if explicit is not None:
+        return _stream_handle(explicit)
+    if _stream_override.get() is not None:
+        return _stream_override.get()
+    torch_stream = _torch_stream(first)
+    if torch_stream is not None:
+        return torch_stream
+    interface = _interface(first)
+    if interface is not None and interface.get("stream") is not None:
+        return int(interface["stream"])
+    return _LEGACY_DEFAULT_STREAM
+
+
+def _describe(x: Any, name: str, stream: int, producer_stream: int | None) -> Any:
+    """The array's CUDA Array Interface dict, else a DLPack capsule made ready on ``stream``.
+    ``producer_stream`` stands in for an interface that names no stream (PyTorch's)."""
+    if x is None:
+        return None
+    if getattr(x, "requires_grad", False) and hasattr(x, "detach"):
+        x = x.detach()  # a torch Parameter: same memory, updated in place as torch.optim does
+    interface = _interface(x)
+    if interface is not None:
+        if producer_stream is not None:
+            interface = {**interface, "stream": interface.get("stream") or producer_stream}
+        return interface
+    if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack__"):
+        raise TypeError(
+            f"{name} is a {type(x).__name__}; fusedopt.cuda takes CUDA device arrays "
+            "(__cuda_array_interface__ or __dlpack__: CuPy, PyTorch, JAX, Numba)"
+        )
+    dlpack_stream = stream or _LEGACY_DEFAULT_STREAM  # DLPack forbids 0 for the legacy stream
+    try:
+        return x.__dlpack__(stream=dlpack_stream, max_version=(1, 0), copy=False)
+    except TypeError:  # a producer older than DLPack 1.0 and the 2023 array API
+        return x.__dlpack__(stream=dlpack_stream)
+
+
+def _intake(stream: Any, **lists: Any) -> tuple[list[Any], int]:
+    """Each list (params first) described for _cuda, and the stream to launch on."""
+    params = list(lists["params"])
+    first = params[0] if params else None
+    handle = _launch_stream(stream, first)
+    producer = _torch_stream(first)
+    described = [
+        None
+        if arrays is None
+        else [_describe(x, f"{role}[{i}]", handle, producer) for i, x in enumerate(arrays)]
+        for role, arrays in lists.items()
+    ]
+    return described, handle
+
+
+# ------------------------------------------------------------------------------------- steps
+# Same arguments as fusedopt._core's steps (the optimizer classes call either), plus `stream`.
+
+
+def sgd_step(
+    groups: Sequence[Any], group_of: Any, steps: Any, params: Sequence[Any],
+    grads: Sequence[Any], momentum_buffers: Sequence[Any] | None,
+    grad_scale: float | None = None, *, stream: Any = None,
+) -> None:  # fmt: skip
+    """SGD / momentum / Nesterov on device arrays (see fusedopt.functional.sgd_)."""
+    native = _module()
+    lists, handle = _intake(stream, params=params, grads=grads, momentum_buffers=momentum_buffers)
+    native.sgd_step(groups, group_of, steps, *lists, grad_scale, handle)
+
+
+def adagrad_step(
+    groups: Sequence[Any], group_of: Any, steps: Any, params: Sequence[Any],
+    grads: Sequence[Any], state_sums: Sequence[Any], *, stream: Any = None,
+) -> None:  # fmt: skip
+    """Adagrad on device arrays (see fusedopt.functional.adagrad_)."""
+    native = _module()
+    lists, handle = _intake(stream, params=params, grads=grads, state_sums=state_sums)
+    native.adagrad_step(groups, group_of, steps, *lists, handle)
+
+
+def rmsprop_step(
+    groups: Sequence[Any], group_of: Any, steps: Any, params: Sequence[Any],
+    grads: Sequence[Any], square_avgs: Sequence[Any], momentum_buffers: Sequence[Any] | None,
+    grad_avgs: Sequence[Any] | None, *, stream: Any = None,
+) -> None:  # fmt: skip
+    """RMSprop on device arrays (see fusedopt.functional.rmsprop_)."""
+    native = _module()
+    lists, handle = _intake(
+        stream, params=params, grads=grads, square_avgs=square_avgs,
+        momentum_buffers=momentum_buffers, grad_avgs=grad_avgs,
+    )  # fmt: skip
+    native.rmsprop_step(groups, group_of, steps, *lists, handle)
+
+
+def adam_step(
+    groups: Sequence[Any], group_of: Any, steps: Any, params: Sequence[Any],
+    grads: Sequence[Any], exp_avgs: Sequence[Any], exp_avg_sqs: Sequence[Any],
+    max_exp_avg_sqs: Sequence[Any] | None, grad_scale: float | None = None, *,
+    stream: Any = None,
+) -> None:  # fmt: skip
+    """Adam / AdamW / AMSGrad on device arrays (see fusedopt.functional.adam_)."""
+    native = _module()
+    lists, handle = _intake(
+        stream, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+    )  # fmt: skip
+    native.adam_step(groups, group_of, steps, *lists, grad_scale, handle)
+
+
+# ------------------------------------------------------------------------ state on the device
+# Optimizer state is allocated by the params' own library (torch.zeros_like, cupy.zeros_like,
+# jax.numpy.zeros_like): it lives in that library's memory pool and stays a tensor of that
+# library for the user, e.g. for torch.save.
+
+
+def _namespace(x: Any) -> Any:
+    array_namespace = getattr(x, "__array_namespace__", None)
+    if array_namespace is not None:
+        return array_namespace()
+    module = sys.modules.get(type(x).__module__.partition(".")[0])
+    if module is None or not hasattr(module, "zeros_like"):
+        raise TypeError(
+            f"fusedopt.cuda cannot allocate optimizer state like a {type(x).__name__}; keep the "
+            "state yourself and call fusedopt.cuda's step functions"
+        )
+    return module
+
+
+def zeros_like(param: Any) -> Any:
+    """A zero-filled array of the param's library, dtype, shape and device."""
+    return _namespace(param).zeros_like(param)
+
+
+def full_like(param: Any, value: float) -> Any:
+    """An array of the param's library, dtype, shape and device, filled with ``value``."""
+    return _namespace(param).full_like(param, value)
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """A host copy of a device array."""
+    if hasattr(array, "detach"):  # torch
+        return array.detach().cpu().numpy()
+    for method in ("get", "copy_to_host"):  # CuPy, Numba
+        if hasattr(array, method):
+            return getattr(array, method)()
+    return np.array(array)  # JAX and other array-API libraries
+
+
+def array_like(values: np.ndarray, param: Any) -> Any:
+    """A new device array holding ``values`` with the param's dtype, on the param's device."""
+    host = np.ascontiguousarray(values, dtype=_dtype_name(param))
+    result = zeros_like(param)
+    if hasattr(result, "copy_"):  # torch
+        result.copy_(sys.modules["torch"].from_numpy(host))
+        return result
+    if hasattr(result, "set"):  # CuPy
+        result.set(host)
+        return result
+    return _namespace(param).asarray(host)

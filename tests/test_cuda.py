@@ -1,0 +1,491 @@
+"""The CUDA backend.
+
+Everywhere: the launch plan (host code) covers every element exactly once; ``import fusedopt``
+needs no CUDA; device buffers are validated before the first CUDA call; without a GPU the
+backend says so clearly. On a GPU: every algorithm x convention x dtype x awkward sizes x
+many-tensor lists matches the CPU backend bit for bit and the reference within tolerance, and a
+list of more than 2^31 elements is updated whole.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fusedopt
+from conftest import DTYPES, SIZES
+from fusedopt import _core, cuda, reference
+
+LIMITS = _core._cuda_plan_limits
+CHUNK = LIMITS["chunk_elements"]
+HAS_CUDA_MODULE = importlib.util.find_spec("fusedopt._cuda") is not None
+needs_gpu = pytest.mark.skipif(
+    not cuda.is_available(), reason=f"no CUDA backend here: {cuda.unavailable_reason()}"
+)
+needs_no_gpu = pytest.mark.skipif(cuda.is_available(), reason="a GPU is usable here")
+
+# ------------------------------------------------------------------------------- launch plan
+
+FAKE_BASE = 1 << 44  # fake device addresses: the plan never dereferences them
+
+
+def fake_addresses(sizes: list[int], element_bytes: list[int], misalign: int = 0) -> list[list]:
+    """Distinct 256-byte-aligned fake buffers (param, grad, 2 states, no third state)."""
+    result, next_address = [], FAKE_BASE
+    for size, width in zip(sizes, element_bytes):
+        operands = []
+        for _ in range(4):
+            operands.append(next_address + misalign)
+            next_address += (size * width + 511) // 256 * 256
+        result.append(operands + [0])
+    return result
+
+
+def build_plan(
+    sizes: list[int],
+    element_bytes: list[int] | None = None,
+    coefficient_ids: list[int] | None = None,
+    addresses: list[list[int]] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, list]]:
+    element_bytes = element_bytes or [4] * len(sizes)
+    coefficient_ids = coefficient_ids or [0] * len(sizes)
+    addresses = addresses or fake_addresses(sizes, element_bytes)
+    inputs = dict(
+        sizes=sizes, element_bytes=element_bytes, coefficient_ids=coefficient_ids,
+        addresses=addresses,
+    )  # fmt: skip
+    return _core._cuda_launch_plan(sizes, addresses, element_bytes, coefficient_ids), inputs
+
+
+def check_plan(plan: list[dict[str, Any]], inputs: dict[str, list]) -> None:
+    """Every element of every tensor in exactly one block; every batch within the limits."""
+    sizes = inputs["sizes"]
+    chunks_seen: dict[int, list[int]] = {i: [] for i in range(len(sizes))}
+    widths_in_order = []
+    for batch in plan:
+        slots = batch["tensor_index"]
+        assert 0 < len(slots) <= LIMITS["max_tensors"]
+        assert 0 < len(batch["block_tensor"]) <= LIMITS["max_blocks"]
+        assert 0 < len(batch["coefficient_ids"]) <= LIMITS["max_coefficient_sets"]
+        assert len(set(batch["coefficient_ids"])) == len(batch["coefficient_ids"])
+        widths_in_order.append(batch["element_bytes"])
+        for slot, i in enumerate(slots):
+            assert sizes[i] > 0, "an empty tensor took a slot"
+            assert batch["sizes"][slot] == sizes[i]
+            assert inputs["element_bytes"][i] == batch["element_bytes"]
+            assert batch["addresses"][slot] == inputs["addresses"][i]
+            set_index = batch["coefficient_set"][slot]
+            assert batch["coefficient_ids"][set_index] == inputs["coefficient_ids"][i]
+            aligned = all(a % LIMITS["vector_bytes"] == 0 for a in inputs["addresses"][i])
+            assert batch["vectorized"][slot] == aligned
+        assert set(batch["block_tensor"]) == set(range(len(slots))), "a slot without blocks"
+        for slot, chunk in zip(batch["block_tensor"], batch["block_chunk"]):
+            chunks_seen[slots[slot]].append(chunk)
+    assert widths_in_order == sorted(widths_in_order), "float32 launches come first"
+    for i, size in enumerate(sizes):
+        assert sorted(chunks_seen[i]) == list(range(-(-size // CHUNK))), f"tensor {i}"
+
+
+def random_sizes(rng: np.random.Generator, n: int) -> list[int]:
+    kinds = rng.integers(0, 4, n)
+    small = rng.integers(0, 70, n)
+    medium = rng.integers(1, 5 * CHUNK, n)
+    exact = rng.integers(1, 4, n) * CHUNK
+    return [int(x) for x in np.choose(kinds, [small * 0, small, medium, exact])]
+
+
+PLAN_CASES = {
+    "awkward sizes": SIZES,
+    "all empty": [0, 0, 0],
+    "nothing": [],
+    "one tensor of one chunk": [CHUNK],
+    "10000 x 1000": [1000] * 10000,
+    "empties at slot boundaries": ([1] * (LIMITS["max_tensors"] - 1) + [0] * 3 + [5]) * 3,
+    "empty first and last": [0] + [17] * 300 + [0],
+    "straddling launches": [CHUNK * (LIMITS["max_blocks"] - 1) + 5, 3 * CHUNK, 1, CHUNK + 1],
+    "exact launch fill": [CHUNK * LIMITS["max_blocks"], 1, CHUNK * LIMITS["max_blocks"]],
+    "over 2^31 elements": [2**31 + 7, 1, 3 * 2**31 + 1, 0, 5],
+    "random": random_sizes(np.random.default_rng(7), 3000),
+}
+
+
+@pytest.mark.parametrize("sizes", PLAN_CASES.values(), ids=PLAN_CASES.keys())
+def test_launch_plan_covers_every_element_once(sizes: list[int]) -> None:
+    plan, inputs = build_plan(sizes)
+    check_plan(plan, inputs)
+
+
+def test_launch_plan_packs_small_tensors_into_few_launches() -> None:
+    plan, _ = build_plan([1000] * 10000)
+    assert len(plan) == -(-10000 // LIMITS["max_tensors"])
+
+
+def test_launch_plan_continues_a_large_tensor_in_slot_zero() -> None:
+    plan, inputs = build_plan([10, CHUNK * (LIMITS["max_blocks"] + 3)])
+    check_plan(plan, inputs)
+    assert [b["tensor_index"] for b in plan] == [[0, 1], [1]]
+    assert plan[1]["block_chunk"][0] == LIMITS["max_blocks"] - 1
+
+
+def test_launch_plan_separates_dtypes() -> None:
+    sizes = [100, 200, 300, 400, 5]
+    plan, inputs = build_plan(sizes, element_bytes=[4, 8, 4, 8, 8])
+    check_plan(plan, inputs)
+    assert [(b["element_bytes"], b["tensor_index"]) for b in plan] == [(4, [0, 2]), (8, [1, 3, 4])]
+
+
+def test_launch_plan_limits_coefficient_sets_per_launch() -> None:
+    ids = [0, 1, 2, 3, 4, 5, 0, 1, 6, 6, 7, 8]
+    plan, inputs = build_plan([33] * len(ids), coefficient_ids=ids)
+    check_plan(plan, inputs)
+    assert len(plan) == 3
+
+
+@pytest.mark.parametrize("misalign", [4, 8, 12])
+def test_misaligned_pointers_take_the_guarded_path(misalign: int) -> None:
+    sizes = [64, 1, CHUNK + 3]
+    aligned = fake_addresses(sizes, [4] * 3)
+    shifted = fake_addresses(sizes, [4] * 3, misalign=misalign)
+    one_state_off = [list(a) for a in aligned]
+    one_state_off[1][3] += misalign
+    for addresses, expected in [(aligned, True), (shifted, False), (one_state_off, None)]:
+        plan, inputs = build_plan(sizes, addresses=addresses)
+        check_plan(plan, inputs)
+        flags = plan[0]["vectorized"]
+        if expected is None:
+            assert flags == [True, False, True]
+        else:
+            assert flags == [expected] * 3
+
+
+# ---------------------------------------------------------------------- without CUDA / a GPU
+
+
+def test_import_fusedopt_does_not_load_cuda() -> None:
+    code = "import sys, fusedopt; assert 'fusedopt._cuda' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_without_the_cuda_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fusedopt._cuda", None)  # import fails as if never built
+    monkeypatch.setattr(cuda, "_native", None)
+    assert cuda.is_available() is False
+    assert cuda.device_count() == 0
+    assert "built without its CUDA backend" in cuda.unavailable_reason()
+    with pytest.raises(RuntimeError, match="built without its CUDA backend"):
+        cuda.adam_step([_core.AdamOptions()], [0], [1], [], [], [], [], None)
+
+
+@pytest.mark.skipif(not HAS_CUDA_MODULE, reason="fusedopt._cuda was not built (no nvcc)")
+def test_cuda_module_loads_without_gpu_and_reports_it() -> None:
+    from fusedopt import _cuda
+
+    count, reason = _cuda.device_count()
+    assert count >= 0
+    if count == 0:
+        assert reason and cuda.is_available() is False
+
+
+class FakeDeviceArray:
+    """A CUDA Array Interface over a fake address: enough for everything before the first CUDA
+    call (on a GPU machine the runtime then refuses the address)."""
+
+    _next_address = 1 << 40
+
+    def __init__(self, shape: tuple[int, ...], typestr: str = "<f4", **interface: Any) -> None:
+        self.shape = shape
+        self.dtype = np.dtype(typestr)
+        address = FakeDeviceArray._next_address
+        FakeDeviceArray._next_address += 1 << 30
+        self.interface = dict(
+            shape=shape, typestr=typestr, data=(address, False), strides=None, version=3
+        )
+        self.interface.update(interface)
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return self.interface
+
+
+class FakeDLPackArray:
+    """Claims to be on CUDA but hands out a NumPy (host) capsule."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.dtype = array.dtype
+        self.shape = array.shape
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (2, 0)
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        kwargs.pop("stream", None)
+        return self.array.__dlpack__(**kwargs)
+
+
+def adam_on_device(params: list, grads: list, states: list | None = None, **kw: Any) -> None:
+    states = states or [[FakeDeviceArray(p.shape) for p in params] for _ in range(2)]
+    cuda.adam_step(
+        [_core.AdamOptions()], np.zeros(len(params), np.int64), np.ones(len(params), np.int64),
+        params, grads, states[0], states[1], None, **kw,
+    )  # fmt: skip
+
+
+needs_cuda_module = pytest.mark.skipif(not HAS_CUDA_MODULE, reason="fusedopt._cuda not built")
+
+
+@needs_cuda_module
+@needs_no_gpu
+def test_a_cuda_call_without_gpu_raises_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        adam_on_device([FakeDeviceArray((10,))], [FakeDeviceArray((10,))])
+
+
+@needs_cuda_module
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (dict(data=(1 << 50, True)), ValueError, r"params\[0\] is read-only"),
+        (dict(strides=(80, 4)), ValueError, r"params\[0\] is not C-contiguous"),
+        (dict(typestr="<f2"), TypeError, r"params\[0\] has dtype <f2"),
+        (dict(mask=object()), ValueError, r"params\[0\] is not C-contiguous"),
+    ],
+    ids=["read-only", "strided", "float16", "masked"],
+)
+def test_bad_interface_buffers_are_refused_before_any_cuda_call(
+    bad: dict, error: type, message: str
+) -> None:
+    param = FakeDeviceArray((10, 10), **bad)
+    with pytest.raises(error, match=message):
+        adam_on_device([param], [FakeDeviceArray((10, 10))])
+
+
+@needs_cuda_module
+def test_shape_mismatch_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(9,\)"):
+        adam_on_device(
+            [FakeDeviceArray((8,)), FakeDeviceArray((8,))],
+            [FakeDeviceArray((8,)), FakeDeviceArray((9,))],
+        )
+
+
+@needs_cuda_module
+def test_host_buffer_behind_dlpack_is_refused_as_wrong_device() -> None:
+    host = FakeDLPackArray(np.zeros(16, np.float32))
+    with pytest.raises(ValueError, match=r"grads\[0\] is in the CPU, not on a CUDA device"):
+        adam_on_device([FakeDeviceArray((16,))], [host])
+
+
+@needs_cuda_module
+def test_read_only_and_strided_dlpack_buffers_are_refused() -> None:
+    read_only = np.zeros(16, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[0\] is read-only"):
+        adam_on_device([FakeDLPackArray(read_only)], [FakeDeviceArray((16,))])
+    strided = np.zeros((4, 8), np.float32)[:, ::2]
+    with pytest.raises(ValueError, match=r"params\[0\] is not C-contiguous"):
+        adam_on_device([FakeDLPackArray(strided)], [FakeDeviceArray((4, 4))])
+
+
+def test_numpy_array_in_a_device_step_is_a_type_error() -> None:
+    if not HAS_CUDA_MODULE:
+        pytest.skip("fusedopt._cuda not built")
+    with pytest.raises(TypeError, match=r"grads\[0\] is a ndarray"):
+        adam_on_device([FakeDeviceArray((4,))], [np.zeros(4, np.float32)])
+
+
+def test_mixing_host_and_device_params_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"params\[1\] is a CUDA device array"):
+        fusedopt.Adam([np.zeros(3, np.float32), FakeDeviceArray((3,))])
+    with pytest.raises(TypeError, match=r"params\[1\] is a host array"):
+        fusedopt.Adam([FakeDeviceArray((3,)), np.zeros(3, np.float32)])
+
+
+def test_device_arrays_are_told_apart_from_host_arrays() -> None:
+    assert cuda.is_device_array(FakeDeviceArray((2,)))
+    assert cuda.is_device_array(FakeDLPackArray(np.zeros(2)))
+    assert not cuda.is_device_array(np.zeros(2))
+    assert not cuda.is_device_array([1.0, 2.0])
+
+
+# ----------------------------------------------------------------------------------- on a GPU
+
+
+def device_libraries() -> list[str]:
+    libraries = []
+    for name in ("torch", "cupy"):
+        if importlib.util.find_spec(name) is None:
+            continue
+        if name == "torch":
+            import torch
+
+            if not torch.cuda.is_available():
+                continue
+        libraries.append(name)
+    return libraries
+
+
+def to_device(array: np.ndarray, library: str) -> Any:
+    if library == "torch":
+        import torch
+
+        return torch.from_numpy(array.copy()).cuda()
+    import cupy
+
+    return cupy.asarray(array)
+
+
+# (algorithm, options, state names) with both conventions; each runs several steps.
+GPU_CASES = [
+    ("sgd", dict(lr=0.1), 0),
+    ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01), 1),
+    ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True), 1),
+    ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, convention="keras"), 1),
+    ("adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01), 1),
+    ("adagrad", dict(lr=0.1, eps=1e-7, convention="keras"), 1),
+    ("rmsprop", dict(lr=0.01), 1),
+    ("rmsprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01), 3),
+    ("rmsprop", dict(lr=0.01, momentum=0.5, centered=True, convention="keras"), 3),
+    ("adam", dict(lr=0.01, weight_decay=0.01), 2),
+    ("adam", dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True, amsgrad=True), 3),
+    ("adam", dict(lr=0.01, maximize=True), 2),
+    ("adam", dict(lr=0.01, weight_decay=0.004, amsgrad=True, convention="keras"), 3),
+]
+OPTIONS = {
+    "sgd": _core.SgdOptions,
+    "adagrad": _core.AdagradOptions,
+    "rmsprop": _core.RmspropOptions,
+    "adam": _core.AdamOptions,
+}
+LISTS = {
+    "awkward sizes": SIZES,
+    "many small": [1 + (i * 37) % 300 for i in range(700)],
+    "straddling": [CHUNK * 3 + 5, 0, CHUNK - 1, 2 * CHUNK + 9],
+    "one flat buffer": [5 * CHUNK + 3],
+}
+
+
+def run_step(backend: Any, algorithm: str, options: Any, arrays: dict[str, list], step: int,
+             grad_scale: float | None) -> None:  # fmt: skip
+    n = len(arrays["params"])
+    group_of, steps = np.zeros(n, np.int64), np.full(n, step, np.int64)
+    lists = [arrays[k] for k in ("params", "grads", "s0", "s1", "s2")]
+    states = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}[algorithm]
+    args = [[options], group_of, steps, *lists[: 2 + states]]
+    if algorithm in ("sgd", "adam"):
+        args.append(grad_scale)
+    getattr(backend, f"{algorithm}_step")(*args)
+
+
+@needs_gpu
+@pytest.mark.parametrize("library", device_libraries() or ["torch"])
+@pytest.mark.parametrize("sizes", LISTS.values(), ids=LISTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{c[0]}{i}" for i, c in enumerate(GPU_CASES)])
+def test_gpu_matches_cpu_bit_for_bit(
+    case: tuple, dtype: type, sizes: list[int], library: str
+) -> None:
+    algorithm, hyper, num_states = case
+    options = OPTIONS[algorithm]()
+    for key, value in hyper.items():
+        setattr(options, key, value)
+    rng = np.random.default_rng(len(sizes))
+    host = {
+        "params": [rng.standard_normal(s).astype(dtype) for s in sizes],
+        "grads": [rng.standard_normal(s).astype(dtype) for s in sizes],
+    }
+    for k in range(3):
+        states = [np.abs(rng.standard_normal(s)).astype(dtype) for s in sizes]
+        host[f"s{k}"] = states if k < num_states else None
+    device = {k: None if v is None else [to_device(a, library) for a in v] for k, v in host.items()}
+    grad_scale = (
+        2.0 if algorithm in ("sgd", "adam") and hyper.get("convention") != "keras" else None
+    )
+    for step in range(1, 4):
+        run_step(_core, algorithm, options, host, step, grad_scale)
+        run_step(cuda, algorithm, options, device, step, grad_scale)
+    for key, arrays in host.items():
+        for i, expected in enumerate(arrays or []):
+            np.testing.assert_array_equal(cuda.to_numpy(device[key][i]), expected, f"{key}[{i}]")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_adam_optimizer_matches_the_reference(dtype: type) -> None:
+    import torch
+
+    rng = np.random.default_rng(3)
+    sizes = [1, 17, 65537, 4097]
+    params = [rng.standard_normal(s).astype(dtype) for s in sizes]
+    expected = [p.astype(np.float64) for p in params]
+    states: list[dict] = [{} for _ in sizes]
+    device_params = [torch.nn.Parameter(torch.from_numpy(p.copy()).cuda()) for p in params]
+    opt = fusedopt.AdamW(device_params, lr=0.01, weight_decay=0.1)
+    for _ in range(4):
+        grads = [rng.standard_normal(s).astype(dtype) for s in sizes]
+        opt.step([torch.from_numpy(g).cuda() for g in grads])
+        for i, g in enumerate(grads):
+            expected[i], states[i] = reference.torch_adam(
+                expected[i], g, states[i], lr=0.01, weight_decay=0.1, decoupled_weight_decay=True
+            )
+    tolerance = dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    for p, e in zip(device_params, expected):
+        np.testing.assert_allclose(cuda.to_numpy(p), e, **tolerance)
+    assert isinstance(opt.state_dict()["state"][0]["exp_avg"], np.ndarray)
+
+
+@needs_gpu
+@pytest.mark.parametrize("sizes", [[2**31 + 3, 17], [2**31 + 5]], ids=["multi-tensor", "flat"])
+def test_gpu_list_over_2_31_elements_is_updated_whole(sizes: list[int]) -> None:
+    import torch
+
+    params = [torch.full((s,), 1.0, device="cuda") for s in sizes]
+    grads = [torch.full((s,), 0.5, device="cuda") for s in sizes]
+    exp_avgs = [torch.zeros(s, device="cuda") for s in sizes]
+    exp_avg_sqs = [torch.zeros(s, device="cuda") for s in sizes]
+    options = _core.AdamOptions()
+    n = len(sizes)
+    cuda.adam_step([options], np.zeros(n, np.int64), np.ones(n, np.int64), params, grads,
+                   exp_avgs, exp_avg_sqs, None)  # fmt: skip
+    host = [np.ones(1, np.float32), np.full(1, 0.5, np.float32), np.zeros(1, np.float32),
+            np.zeros(1, np.float32)]  # fmt: skip
+    _core.adam_step([options], np.zeros(1, np.int64), np.ones(1, np.int64), [host[0]], [host[1]],
+                    [host[2]], [host[3]], None)  # fmt: skip
+    torch.cuda.synchronize()
+    for p in params:
+        assert bool((p == float(host[0][0])).all()), "an element was missed or updated twice"
+
+
+@needs_gpu
+def test_gpu_refuses_bad_buffers_before_writing() -> None:
+    import torch
+
+    param = torch.ones(64, 64, device="cuda")
+    before = param.clone()
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        adam_on_device([param], [torch.ones(64, 64, device="cuda").t()],
+                       [[torch.zeros_like(param)], [torch.zeros_like(param)]])  # fmt: skip
+    with pytest.raises((TypeError, ValueError)):
+        adam_on_device([param], [torch.ones(64, 64)],
+                       [[torch.zeros_like(param)], [torch.zeros_like(param)]])  # fmt: skip
+    assert torch.equal(param, before)
+
+
+@needs_gpu
+def test_gpu_runs_on_an_explicit_stream() -> None:
+    import torch
+
+    stream = torch.cuda.Stream()
+    param = torch.ones(1 << 20, device="cuda")
+    grad = torch.full_like(param, 0.5)
+    opt = fusedopt.SGD([param], lr=0.1)
+    torch.cuda.synchronize()
+    with cuda.use_stream(stream):
+        opt.step([grad])
+    stream.synchronize()
+    assert bool((param == 1.0 - np.float32(0.1) * np.float32(0.5)).all())
