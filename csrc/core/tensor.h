@@ -17,8 +17,8 @@ struct TensorRef {
   void* state[kMaxStates];  // null where the algorithm's configuration keeps no such state
   int64_t size;
   Dtype dtype;
-  bool write_grad;            // PyTorch's fused grad_scale writes the unscaled gradient back
-  const void* coefficients;   // the algorithm's *Coefficients struct for this tensor's step
+  bool write_grad;           // PyTorch's fused grad_scale writes the unscaled gradient back
+  const void* coefficients;  // the algorithm's *Coefficients struct for this tensor's step
 };
 
 // Updates elements [begin, end) of one tensor.

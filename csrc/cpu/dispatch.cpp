@@ -117,8 +117,8 @@ void set_isa(const std::string& isa) {
   if (!table) {
     std::string known;
     for (const std::string& name : available_isas()) known += (known.empty() ? "" : ", ") + name;
-    throw std::invalid_argument("isa: '" + isa + "' is not available on this CPU (available: " +
-                                known + ")");
+    throw std::invalid_argument("isa: '" + isa +
+                                "' is not available on this CPU (available: " + known + ")");
   }
   active_table().store(table);
 }

@@ -94,9 +94,9 @@ class ThreadPool {
   std::atomic<int64_t> next_{0};
 };
 
-std::mutex pool_mutex;           // guards the pool's creation, replacement and use
-ThreadPool* pool = nullptr;      // owned; replaced by set_num_threads
-pid_t pool_pid = 0;              // a forked child has none of its parent's threads
+std::mutex pool_mutex;       // guards the pool's creation, replacement and use
+ThreadPool* pool = nullptr;  // owned; replaced by set_num_threads
+pid_t pool_pid = 0;          // a forked child has none of its parent's threads
 std::atomic<int> requested_threads{default_num_threads()};
 
 }  // namespace

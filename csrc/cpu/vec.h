@@ -36,18 +36,30 @@ struct Vec {
 };
 
 template <class T, int B>
-inline Vec<T, B> operator+(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v + b.v); }
+inline Vec<T, B> operator+(Vec<T, B> a, Vec<T, B> b) {
+  return Vec<T, B>::wrap(a.v + b.v);
+}
 template <class T, int B>
-inline Vec<T, B> operator-(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v - b.v); }
+inline Vec<T, B> operator-(Vec<T, B> a, Vec<T, B> b) {
+  return Vec<T, B>::wrap(a.v - b.v);
+}
 template <class T, int B>
-inline Vec<T, B> operator*(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v * b.v); }
+inline Vec<T, B> operator*(Vec<T, B> a, Vec<T, B> b) {
+  return Vec<T, B>::wrap(a.v * b.v);
+}
 template <class T, int B>
-inline Vec<T, B> operator/(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v / b.v); }
+inline Vec<T, B> operator/(Vec<T, B> a, Vec<T, B> b) {
+  return Vec<T, B>::wrap(a.v / b.v);
+}
 template <class T, int B>
-inline Vec<T, B> operator-(Vec<T, B> a) { return Vec<T, B>::wrap(-a.v); }
+inline Vec<T, B> operator-(Vec<T, B> a) {
+  return Vec<T, B>::wrap(-a.v);
+}
 // a > b ? a : b lane by lane: the scalar rule, so NaN handling is the same on every path.
 template <class T, int B>
-inline Vec<T, B> lane_max(Vec<T, B> a, Vec<T, B> b) { return Vec<T, B>::wrap(a.v > b.v ? a.v : b.v); }
+inline Vec<T, B> lane_max(Vec<T, B> a, Vec<T, B> b) {
+  return Vec<T, B>::wrap(a.v > b.v ? a.v : b.v);
+}
 
 #if defined(__AVX2__)
 inline Vec<float, 32> lane_sqrt(Vec<float, 32> a) {

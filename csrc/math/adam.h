@@ -21,7 +21,8 @@ FUSEDOPT_LANE_FN void adam_update(const AdamCoefficients& c, V& param, V& grad, 
     exp_avg_sq = exp_avg_sq + (g * g - exp_avg_sq) * splat<V>(c.one_minus_beta2);
     V second_moment = exp_avg_sq;
     if (c.amsgrad) second_moment = max_exp_avg_sq = lane_max(max_exp_avg_sq, exp_avg_sq);
-    param = param - (exp_avg * splat<V>(c.step_size)) / (lane_sqrt(second_moment) + splat<V>(c.eps));
+    param =
+        param - (exp_avg * splat<V>(c.step_size)) / (lane_sqrt(second_moment) + splat<V>(c.eps));
     return;
   }
 

@@ -9,8 +9,8 @@ enum class Convention : int { torch = 0, keras = 1 };
 
 struct SgdCoefficients {
   double lr;
-  double weight_decay;          // torch: L2 coefficient folded into the gradient
-  double decay_factor;          // keras: 1 - lr * weight_decay, applied to the param first
+  double weight_decay;  // torch: L2 coefficient folded into the gradient
+  double decay_factor;  // keras: 1 - lr * weight_decay, applied to the param first
   double momentum;
   double dampening_complement;  // 1 - dampening
   double grad_scale;            // the gradient is divided by this when has_grad_scale
@@ -19,15 +19,15 @@ struct SgdCoefficients {
   bool first_step;  // torch: a new momentum buffer takes the gradient itself
   bool nesterov;
   bool maximize;
-  bool has_weight_decay;  // L2 (torch)
+  bool has_weight_decay;     // L2 (torch)
   bool has_decoupled_decay;  // keras
   bool has_grad_scale;
 };
 
 struct AdagradCoefficients {
-  double lr;                // torch: lr / (1 + (step - 1) * lr_decay)
-  double weight_decay;      // torch L2
-  double decay_factor;      // keras decoupled decay
+  double lr;            // torch: lr / (1 + (step - 1) * lr_decay)
+  double weight_decay;  // torch L2
+  double decay_factor;  // keras decoupled decay
   double eps;
   Convention convention;
   bool maximize;
@@ -59,15 +59,15 @@ struct AdamCoefficients {
   double beta2;
   double one_minus_beta2;
   double eps;
-  double weight_decay;   // torch L2
-  double decay_factor;   // decoupled decay: torch AdamW and every keras optimizer
-  double step_size;      // torch: lr / bc1; keras: lr * sqrt(bc2) / bc1
+  double weight_decay;           // torch L2
+  double decay_factor;           // decoupled decay: torch AdamW and every keras optimizer
+  double step_size;              // torch: lr / bc1; keras: lr * sqrt(bc2) / bc1
   double bias_correction2_sqrt;  // torch: sqrt(1 - beta2^t)
   double grad_scale;
   Convention convention;
   bool amsgrad;
   bool maximize;
-  bool has_weight_decay;   // L2
+  bool has_weight_decay;  // L2
   bool has_decoupled_decay;
   bool has_grad_scale;
 };

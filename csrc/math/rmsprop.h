@@ -8,8 +8,8 @@
 FUSEDOPT_MATH_BEGIN
 
 template <class V>
-FUSEDOPT_LANE_FN void rmsprop_update(const RmspropCoefficients& c, V& param, V grad,
-                                     V& square_avg, V& momentum_buffer, V& grad_avg) {
+FUSEDOPT_LANE_FN void rmsprop_update(const RmspropCoefficients& c, V& param, V grad, V& square_avg,
+                                     V& momentum_buffer, V& grad_avg) {
   V g = c.maximize ? -grad : grad;
   const V alpha = splat<V>(c.alpha);
   const V one_minus_alpha = splat<V>(c.one_minus_alpha);

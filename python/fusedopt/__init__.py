@@ -11,12 +11,25 @@ processor it runs on and multi-threaded with the GIL released.
 - pandas-compatible exponentially weighted mean: :func:`ewma`.
 """
 
+from pathlib import Path
+
 from fusedopt._core import available_isas, cpu_isa, num_threads, set_cpu_isa, set_num_threads
 from fusedopt._ewma import ewma
 from fusedopt._state import flatten_state_dict
 from fusedopt.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
 __version__ = "0.1.0"
+
+
+def get_cmake_dir() -> Path:
+    """The folder of the installed CMake package, for ``find_package(fusedopt CONFIG)``.
+
+    Pass it as ``-Dfusedopt_DIR=...`` or in ``CMAKE_PREFIX_PATH``; the package gives the target
+    ``fusedopt::fusedopt`` (the C ABI of ``fusedopt/fusedopt.h`` and the C++ header
+    ``fusedopt/fusedopt.hpp``). ``python -m fusedopt --cmake-dir`` prints it.
+    """
+    return Path(__file__).resolve().parent / "lib" / "cmake" / "fusedopt"
+
 
 __all__ = [
     "SGD",
@@ -29,6 +42,7 @@ __all__ = [
     "cpu_isa",
     "ewma",
     "flatten_state_dict",
+    "get_cmake_dir",
     "num_threads",
     "set_cpu_isa",
     "set_num_threads",

