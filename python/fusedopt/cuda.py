@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import importlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -206,31 +206,41 @@ def _intake(stream: Any, **lists: Any) -> tuple[list[Any], int]:
 
 # ------------------------------------------------------------------------------------- steps
 # Same arguments as fusedopt._core's steps (the optimizer classes call either), plus `stream`.
+# step_counts are the steps taken so far, advanced in place once a step has been launched.
+
+
+def _advancing(step_counts: Any, launch: Callable[[np.ndarray], None]) -> None:
+    counts = np.asarray(step_counts, dtype=np.int64)
+    launch(counts + 1)
+    if isinstance(step_counts, np.ndarray):
+        step_counts += 1
 
 
 def sgd_step(
-    groups: Sequence[Any], group_of: Any, steps: Any, params: Sequence[Any],
+    groups: Sequence[Any], group_of: Any, step_counts: Any, params: Sequence[Any],
     grads: Sequence[Any], momentum_buffers: Sequence[Any] | None,
     grad_scale: float | None = None, *, stream: Any = None,
 ) -> None:  # fmt: skip
     """SGD / momentum / Nesterov on device arrays (see fusedopt.functional.sgd_)."""
     native = _module()
     lists, handle = _intake(stream, params=params, grads=grads, momentum_buffers=momentum_buffers)
-    native.sgd_step(groups, group_of, steps, *lists, grad_scale, handle)
+    _advancing(
+        step_counts, lambda t: native.sgd_step(groups, group_of, t, *lists, grad_scale, handle)
+    )
 
 
 def adagrad_step(
-    groups: Sequence[Any], group_of: Any, steps: Any, params: Sequence[Any],
+    groups: Sequence[Any], group_of: Any, step_counts: Any, params: Sequence[Any],
     grads: Sequence[Any], state_sums: Sequence[Any], *, stream: Any = None,
 ) -> None:  # fmt: skip
     """Adagrad on device arrays (see fusedopt.functional.adagrad_)."""
     native = _module()
     lists, handle = _intake(stream, params=params, grads=grads, state_sums=state_sums)
-    native.adagrad_step(groups, group_of, steps, *lists, handle)
+    _advancing(step_counts, lambda t: native.adagrad_step(groups, group_of, t, *lists, handle))
 
 
 def rmsprop_step(
-    groups: Sequence[Any], group_of: Any, steps: Any, params: Sequence[Any],
+    groups: Sequence[Any], group_of: Any, step_counts: Any, params: Sequence[Any],
     grads: Sequence[Any], square_avgs: Sequence[Any], momentum_buffers: Sequence[Any] | None,
     grad_avgs: Sequence[Any] | None, *, stream: Any = None,
 ) -> None:  # fmt: skip
@@ -240,11 +250,11 @@ def rmsprop_step(
         stream, params=params, grads=grads, square_avgs=square_avgs,
         momentum_buffers=momentum_buffers, grad_avgs=grad_avgs,
     )  # fmt: skip
-    native.rmsprop_step(groups, group_of, steps, *lists, handle)
+    _advancing(step_counts, lambda t: native.rmsprop_step(groups, group_of, t, *lists, handle))
 
 
 def adam_step(
-    groups: Sequence[Any], group_of: Any, steps: Any, params: Sequence[Any],
+    groups: Sequence[Any], group_of: Any, step_counts: Any, params: Sequence[Any],
     grads: Sequence[Any], exp_avgs: Sequence[Any], exp_avg_sqs: Sequence[Any],
     max_exp_avg_sqs: Sequence[Any] | None, grad_scale: float | None = None, *,
     stream: Any = None,
@@ -255,7 +265,9 @@ def adam_step(
         stream, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
         max_exp_avg_sqs=max_exp_avg_sqs,
     )  # fmt: skip
-    native.adam_step(groups, group_of, steps, *lists, grad_scale, handle)
+    _advancing(
+        step_counts, lambda t: native.adam_step(groups, group_of, t, *lists, grad_scale, handle)
+    )
 
 
 # ------------------------------------------------------------------------ state on the device

@@ -27,8 +27,9 @@ def _list(arrays: OptionalArrays) -> list[Any] | None:
 
 
 def _schedule(params: list[np.ndarray], step: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """One group, and the step counts the core takes: the steps taken before this one."""
     steps = np.broadcast_to(np.asarray(step, dtype=np.int64), (len(params),))
-    return np.zeros(len(params), dtype=np.int64), np.ascontiguousarray(steps)
+    return np.zeros(len(params), dtype=np.int64), steps - 1
 
 
 def _skip(found_inf: Any) -> bool:

@@ -206,10 +206,10 @@ class Optimizer:
     ) -> None:
         options.convention = "keras"
         options.weight_decay = float(self.weight_decay or 0.0)
-        steps = np.full(len(indices), self.iterations + 1, dtype=np.int64)
+        taken = np.full(len(indices), self.iterations, dtype=np.int64)  # Keras' t = iterations + 1
         group_of = np.zeros(len(indices), dtype=np.int64)
         variables = [self._variables[i] for i in indices]
-        step_function([options], group_of, steps, variables, grads, *state_lists)
+        step_function([options], group_of, taken, variables, grads, *state_lists)
 
     def _state_for(self, name: str, indices: list[int]) -> list[np.ndarray] | None:
         """The given variables' buffers of one state, or None where this configuration keeps

@@ -7,9 +7,8 @@ between steps, e.g. by a learning-rate schedule: ``opt.param_groups[0]["lr"] = 0
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from operator import is_
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import is_, itemgetter
 from typing import Any
 
 import numpy as np
@@ -57,6 +56,7 @@ class Optimizer:
         self._steps = np.zeros(0, dtype=np.int64)
         self._buffers: dict[str, list[np.ndarray | None]] = {n: [] for n in self._state_names}
         self._options_cache: list[tuple[tuple[Any, ...], Any]] = []
+        self._hyperparameters_of = itemgetter(*self._hyperparameter_names)
         self._complete_state: tuple[Any, ...] | None = None  # see _state_lists
         groups = list(params) if not isinstance(params, np.ndarray) else [params]
         if not groups:
@@ -231,7 +231,7 @@ class Optimizer:
             self._options_cache.append(((), None))
         result = []
         for i, group in enumerate(self.param_groups):
-            key = tuple(group[name] for name in self._hyperparameter_names)
+            key = self._hyperparameters_of(group)
             cached_key, options = self._options_cache[i]
             if options is None or cached_key != key:
                 options = self._options(group)
@@ -255,22 +255,24 @@ class Optimizer:
             return cuda.zeros_like(param)
         return np.zeros_like(param, order="C")
 
-    def _state_kept_if_refused(self) -> AbstractContextManager[None]:
-        """A step the core refuses leaves no trace: the buffers it created for the step are
-        dropped again (a zero momentum buffer left behind would skip torch's first-step rule
-        once saved and loaded). Once every buffer exists a step creates none, and the usual
-        step skips this bookkeeping (about a microsecond a step)."""
-        if self._cached_state_lists() is not None:
-            return _NOTHING_TO_KEEP
-        return self._buffers_restored_if_refused()
-
-    @contextmanager
-    def _buffers_restored_if_refused(self) -> Iterator[None]:
+    def _run(self, native_step: Callable[..., None], grads: list[Any], *extra: Any) -> None:
+        """One native call over every param: the options of every group, the step counts
+        (advanced in place by the call once it has run), params, grads, each state list, then
+        ``extra``. Once every buffer exists (the usual step) nothing else is done; a step that
+        creates buffers and is then refused leaves no trace of them (a zero momentum buffer left
+        behind would skip torch's first-step rule once saved and loaded)."""
+        options = self._group_options()
+        lists = self._cached_state_lists()
+        if lists is not None:
+            native_step(options, self._group_of, self._steps, self._params, grads, *lists, *extra)
+            return
         buffers = {name: list(b) for name, b in self._buffers.items()}
+        steps = self._steps.copy()
         try:
-            yield
+            lists = self._state_lists()
+            native_step(options, self._group_of, self._steps, self._params, grads, *lists, *extra)
         except Exception:
-            self._buffers = buffers
+            self._buffers, self._steps = buffers, steps
             raise
 
     def _cached_state_lists(self) -> list[list[np.ndarray | None] | None] | None:
@@ -316,9 +318,6 @@ class Optimizer:
 def _host(value: Any) -> Any:
     """State dicts hold NumPy copies of device buffers too."""
     return cuda.to_numpy(value) if cuda.is_device_array(value) else value
-
-
-_NOTHING_TO_KEEP = nullcontext()
 
 
 def _plain(value: Any) -> Any:
@@ -392,17 +391,18 @@ class SGD(Optimizer):
         grads = _check_grad_count(grads, len(self._params))
         if _skip_step(found_inf):
             return
-        options = self._group_options()
-        was_new = np.array([b is None for b in self._buffers["momentum_buffer"]], dtype=bool)
-        # A buffer made by this step takes the gradient itself (step 1 in the core's terms).
-        steps = np.where(was_new, 1, self._steps + 1)
         scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
-        with self._state_kept_if_refused():
-            (buffers,) = self._state_lists()
-            self._native.sgd_step(
-                options, self._group_of, steps, self._params, grads, buffers, scale
-            )
-        self._steps = steps
+        self._run(self._native.sgd_step, grads, scale)
+
+    def _state_lists(self) -> list[list[np.ndarray | None] | None]:
+        # A buffer made now takes the gradient itself: torch's first momentum step, which the
+        # core runs where the count of steps taken with the buffer is 0.
+        was_missing = [b is None for b in self._buffers["momentum_buffer"]]
+        lists = super()._state_lists()
+        for i, buffer in enumerate(self._buffers["momentum_buffer"]):
+            if was_missing[i] and buffer is not None:
+                self._steps[i] = 0
+        return lists
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -462,13 +462,7 @@ class Adagrad(Optimizer):
 
     def step(self, grads: Sequence[np.ndarray]) -> None:
         """Update every param in place from ``grads`` (one array per param, in param order)."""
-        grads = _check_grad_count(grads, len(self._params))
-        options = self._group_options()
-        steps = self._steps + 1
-        with self._state_kept_if_refused():
-            (sums,) = self._state_lists()
-            self._native.adagrad_step(options, self._group_of, steps, self._params, grads, sums)
-        self._steps = steps
+        self._run(self._native.adagrad_step, _check_grad_count(grads, len(self._params)))
 
 
 class RMSprop(Optimizer):
@@ -530,22 +524,7 @@ class RMSprop(Optimizer):
 
     def step(self, grads: Sequence[np.ndarray]) -> None:
         """Update every param in place from ``grads`` (one array per param, in param order)."""
-        grads = _check_grad_count(grads, len(self._params))
-        options = self._group_options()
-        steps = self._steps + 1
-        with self._state_kept_if_refused():
-            square_avgs, momentum_buffers, grad_avgs = self._state_lists()
-            self._native.rmsprop_step(
-                options,
-                self._group_of,
-                steps,
-                self._params,
-                grads,
-                square_avgs,
-                momentum_buffers,
-                grad_avgs,
-            )
-        self._steps = steps
+        self._run(self._native.rmsprop_step, _check_grad_count(grads, len(self._params)))
 
 
 class Adam(Optimizer):
@@ -617,23 +596,8 @@ class Adam(Optimizer):
         grads = _check_grad_count(grads, len(self._params))
         if _skip_step(found_inf):
             return
-        options = self._group_options()
-        steps = self._steps + 1
         scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
-        with self._state_kept_if_refused():
-            exp_avgs, exp_avg_sqs, max_exp_avg_sqs = self._state_lists()
-            self._native.adam_step(
-                options,
-                self._group_of,
-                steps,
-                self._params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                scale,
-            )
-        self._steps = steps
+        self._run(self._native.adam_step, grads, scale)
 
 
 class AdamW(Adam):
