@@ -262,39 +262,43 @@ class Optimizer:
         creates buffers and is then refused leaves no trace of them (a zero momentum buffer left
         behind would skip torch's first-step rule once saved and loaded)."""
         options = self._group_options()
-        lists = self._cached_state_lists()
+        lists = self._cached_state_lists(options)
         if lists is not None:
             native_step(options, self._group_of, self._steps, self._params, grads, *lists, *extra)
             return
         buffers = {name: list(b) for name, b in self._buffers.items()}
         steps = self._steps.copy()
         try:
-            lists = self._state_lists()
+            lists = self._state_lists(options)
             native_step(options, self._group_of, self._steps, self._params, grads, *lists, *extra)
         except Exception:
             self._buffers, self._steps = buffers, steps
             raise
 
-    def _cached_state_lists(self) -> list[list[np.ndarray | None] | None] | None:
+    def _cached_state_lists(
+        self, options: list[Any]
+    ) -> list[list[np.ndarray | None] | None] | None:
         """The lists of the last _state_lists call if nothing since can have changed them: the
         same buffer dict and lists (load_state_dict, reset_state and a refused step replace
-        them), as many params (add_param_group appends) and the same needed states."""
+        them), as many params (add_param_group appends) and the same options objects (which
+        _group_options replaces when a hyperparameter, and so maybe a needed state, changed)."""
         cached = self._complete_state
         if (
             cached is None
             or cached[0] is not self._buffers
             or cached[1] != len(self._params)
             or not all(map(is_, cached[2], self._buffers.values()))
-            or cached[3] != [self._needed_states(group) for group in self.param_groups]
+            or len(cached[3]) != len(options)
+            or not all(map(is_, cached[3], options))
         ):
             return None
         return cached[4]
 
-    def _state_lists(self) -> list[list[np.ndarray | None] | None]:
+    def _state_lists(self, options: list[Any]) -> list[list[np.ndarray | None] | None]:
         """One list per state name, a buffer per param (None where its group keeps none);
         buffers a group needs and does not have yet are created here. The walk over every param
         runs only when something changed: on a thousand tensors it cost more than the step."""
-        cached = self._cached_state_lists()
+        cached = self._cached_state_lists(options)
         if cached is not None:
             return cached
         needed = [self._needed_states(group) for group in self.param_groups]
@@ -311,7 +315,7 @@ class Optimizer:
                         )
             lists.append(buffers if any_needed else None)
         buffer_lists = tuple(self._buffers.values())
-        self._complete_state = (self._buffers, len(self._params), buffer_lists, needed, lists)
+        self._complete_state = (self._buffers, len(self._params), buffer_lists, options, lists)
         return lists
 
 
@@ -394,11 +398,11 @@ class SGD(Optimizer):
         scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
         self._run(self._native.sgd_step, grads, scale)
 
-    def _state_lists(self) -> list[list[np.ndarray | None] | None]:
+    def _state_lists(self, options: list[Any]) -> list[list[np.ndarray | None] | None]:
         # A buffer made now takes the gradient itself: torch's first momentum step, which the
         # core runs where the count of steps taken with the buffer is 0.
         was_missing = [b is None for b in self._buffers["momentum_buffer"]]
-        lists = super()._state_lists()
+        lists = super()._state_lists(options)
         for i, buffer in enumerate(self._buffers["momentum_buffer"]):
             if was_missing[i] and buffer is not None:
                 self._steps[i] = 0
