@@ -4,6 +4,7 @@
 #include "core/tensor.h"
 #include "math/adagrad.h"
 #include "math/adam.h"
+#include "math/ewma.h"
 #include "math/rmsprop.h"
 #include "math/sgd.h"
 
@@ -140,6 +141,44 @@ void stream_add_kernel(const TensorRef& t, int64_t begin, int64_t end) {
   });
 }
 
+// Series side by side in memory (series_stride 1): time outermost, so every row is read once,
+// contiguously, a lane of series at a time; each series' state lives in the block's arrays.
+template <class V>
+inline void ewma_row(const EwmaBlock& b, int64_t t, int64_t s) {
+  math::EwmaLanes<V> state{load_lane<V>(b.mean + s), load_lane<V>(b.old_weight + s),
+                           load_lane<V>(b.observations + s)};
+  const V x = load_lane<V>(b.x + t * b.time_stride + s);
+  const V y = t == 0 ? math::ewma_first(b.coefficients, state, x)
+                     : math::ewma_next(b.coefficients, state, x);
+  store_lane(b.out + t * b.time_stride + s, y);
+  store_lane(b.mean + s, state.mean);
+  store_lane(b.old_weight + s, state.old_weight);
+  store_lane(b.observations + s, state.observations);
+}
+
+void ewma_kernel(const EwmaBlock& b, int64_t first, int64_t last) {
+  if (b.length == 0) return;
+  if (b.series_stride == 1 && b.time_stride > 1) {
+    for (int64_t t = 0; t < b.length; ++t) {
+      int64_t s = first;
+#if defined(__AVX512F__) || defined(__AVX2__)
+      for (; s + Lane<double>::lanes <= last; s += Lane<double>::lanes)
+        ewma_row<Lane<double>>(b, t, s);
+#endif
+      for (; s < last; ++s) ewma_row<double>(b, t, s);
+    }
+    return;
+  }
+  for (int64_t s = first; s < last; ++s) {
+    const double* x = b.x + s * b.series_stride;
+    double* out = b.out + s * b.series_stride;
+    math::EwmaLanes<double> state;
+    out[0] = math::ewma_first(b.coefficients, state, x[0]);
+    for (int64_t t = 1; t < b.length; ++t)
+      out[t * b.time_stride] = math::ewma_next(b.coefficients, state, x[t * b.time_stride]);
+  }
+}
+
 }  // namespace FUSEDOPT_ISA
 
 #define FUSEDOPT_CONCAT_INNER(a, b) a##b
@@ -156,6 +195,7 @@ const KernelTable& FUSEDOPT_CONCAT(kernel_table_, FUSEDOPT_ISA)() {
       {rmsprop_kernel<float>, rmsprop_kernel<double>},
       {adam_kernel<float>, adam_kernel<double>},
       {stream_add_kernel<float>, stream_add_kernel<double>},
+      ewma_kernel,
   };
   return table;
 }

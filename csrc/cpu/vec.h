@@ -61,6 +61,58 @@ inline Vec<T, B> lane_max(Vec<T, B> a, Vec<T, B> b) {
   return Vec<T, B>::wrap(a.v > b.v ? a.v : b.v);
 }
 
+// Lane-wise comparisons give a mask of all-ones or all-zeros integer lanes, the compiler's own.
+template <class T, int B>
+struct VecMask {
+  using native = decltype(typename Vec<T, B>::native{} == typename Vec<T, B>::native{});
+  native m;
+};
+template <class T, int B>
+inline VecMask<T, B> operator==(Vec<T, B> a, Vec<T, B> b) {
+  return {a.v == b.v};
+}
+template <class T, int B>
+inline VecMask<T, B> operator!=(Vec<T, B> a, Vec<T, B> b) {
+  return {a.v != b.v};
+}
+template <class T, int B>
+inline VecMask<T, B> operator>=(Vec<T, B> a, Vec<T, B> b) {
+  return {a.v >= b.v};
+}
+template <class T, int B>
+inline VecMask<T, B> operator&(VecMask<T, B> a, VecMask<T, B> b) {
+  return {a.m & b.m};
+}
+template <class T, int B>
+inline VecMask<T, B> operator|(VecMask<T, B> a, VecMask<T, B> b) {
+  return {a.m | b.m};
+}
+template <class T, int B>
+inline VecMask<T, B> operator!(VecMask<T, B> a) {
+  return {~a.m};
+}
+template <class T, int B>
+inline Vec<T, B> lane_select(VecMask<T, B> mask, Vec<T, B> if_true, Vec<T, B> if_false) {
+  return Vec<T, B>::wrap(mask.m ? if_true.v : if_false.v);
+}
+// One instruction where there is one: a lane-by-lane loop here costs more than the EWMA step.
+template <class T, int B>
+inline bool lane_all(VecMask<T, B> mask) {
+  for (int i = 0; i < Vec<T, B>::lanes; ++i)
+    if (!mask.m[i]) return false;
+  return true;
+}
+#if defined(__AVX2__)
+inline bool lane_all(VecMask<double, 32> mask) {
+  return _mm256_movemask_pd((__m256d)mask.m) == 0xf;
+}
+#endif
+#if defined(__AVX512DQ__)
+inline bool lane_all(VecMask<double, 64> mask) {
+  return _mm512_movepi64_mask((__m512i)mask.m) == 0xff;
+}
+#endif
+
 #if defined(__AVX2__)
 inline Vec<float, 32> lane_sqrt(Vec<float, 32> a) {
   return Vec<float, 32>::wrap((Vec<float, 32>::native)_mm256_sqrt_ps((__m256)a.v));

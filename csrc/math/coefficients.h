@@ -3,6 +3,8 @@
 // kernel compile share one layout.
 #pragma once
 
+#include <cstdint>
+
 namespace fusedopt {
 
 enum class Convention : int { torch = 0, keras = 1 };
@@ -70,6 +72,15 @@ struct AdamCoefficients {
   bool has_weight_decay;  // L2
   bool has_decoupled_decay;
   bool has_grad_scale;
+};
+
+// pandas' ewm(...).mean(), from the center of mass com (SPEC section 9).
+struct EwmaCoefficients {
+  double old_weight_factor;  // 1 - alpha, alpha = 1 / (1 + com)
+  double new_weight;         // 1 if adjust else alpha
+  bool adjust;
+  bool ignore_na;
+  int64_t min_periods;  // already max(min_periods, 1)
 };
 
 }  // namespace fusedopt

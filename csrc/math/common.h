@@ -60,6 +60,14 @@ FUSEDOPT_LANE_FN double lane_sqrt(double x) { return sqrt(x); }
 FUSEDOPT_LANE_FN float lane_max(float a, float b) { return a > b ? a : b; }
 FUSEDOPT_LANE_FN double lane_max(double a, double b) { return a > b ? a : b; }
 
+// Lane-wise choice, and whether every lane of a mask is set; for plain float and double a mask is
+// a bool (the SIMD types define their own).
+template <class T>
+FUSEDOPT_LANE_FN T lane_select(bool mask, T if_true, T if_false) {
+  return mask ? if_true : if_false;
+}
+FUSEDOPT_LANE_FN bool lane_all(bool mask) { return mask; }
+
 // torch.lerp's two rounding forms, chosen on the host from the weight (|w| < 0.5 or not), so
 // PyTorch's exp_avg and grad_avg round as the framework rounds them.
 template <class V>
