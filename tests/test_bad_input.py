@@ -388,12 +388,24 @@ def test_same_param_twice_is_refused_when_the_second_group_is_added() -> None:
     assert len(opt.param_groups) == 1
 
 
-def test_same_param_twice_in_one_list_is_refused_at_the_first_step() -> None:
+def test_same_param_twice_in_one_list_is_refused_at_construction() -> None:
     params = fresh()
     params[-1] = params[0]
-    opt = fusedopt.Adam(params, lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[2\] appears twice"):
+        fusedopt.Adam(params, lr=0.1)
+
+
+def test_same_param_twice_is_refused_by_the_core_before_any_write() -> None:
+    params = fresh()
+    params[-1] = params[0]
+    states = [[np.zeros_like(p) for p in params] for _ in range(2)]
     grads = fresh(seed=2)
-    assert_rejected(lambda: opt.step(grads), params + grads, ValueError, "overlaps")
+    assert_rejected(
+        lambda: F.adam_(params, grads, *states, step=1, lr=0.1),
+        params + grads + states[0] + states[1],
+        ValueError,
+        "overlaps",
+    )
 
 
 def test_empty_parameter_list_is_a_value_error() -> None:

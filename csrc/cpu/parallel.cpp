@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -24,8 +25,14 @@ int default_num_threads() {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int num_workers) {
-    for (int i = 0; i < num_workers; ++i) workers_.emplace_back([this] { worker_loop(); });
+  // Starts as many of the requested workers as the system allows: where it refuses a thread
+  // (a process limit, address space) the pool runs with those it has, and the caller's thread
+  // always takes part, so a step never fails or waits for a thread that does not exist.
+  explicit ThreadPool(int requested_workers) : requested_workers_(requested_workers) {
+    try {
+      for (int i = 0; i < requested_workers; ++i) workers_.emplace_back([this] { worker_loop(); });
+    } catch (const std::exception&) {
+    }
   }
 
   ~ThreadPool() {
@@ -37,7 +44,7 @@ class ThreadPool {
     for (std::thread& worker : workers_) worker.join();
   }
 
-  int num_workers() const { return static_cast<int>(workers_.size()); }
+  int requested_workers() const { return requested_workers_; }
 
   void run(int64_t count, void (*task)(void*, int64_t), void* context) {
     {
@@ -80,6 +87,7 @@ class ThreadPool {
     }
   }
 
+  const int requested_workers_;
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::condition_variable wake_;
@@ -117,7 +125,7 @@ void parallel_for(int64_t count, void (*task)(void*, int64_t), void* context) {
     pool = nullptr;  // the parent's pool, if any, has no threads in this process: leak it
     pool_pid = getpid();
   }
-  if (!pool || pool->num_workers() != threads - 1) {
+  if (!pool || pool->requested_workers() != threads - 1) {
     delete pool;
     pool = new ThreadPool(threads - 1);
   }

@@ -25,11 +25,19 @@ FUSEDOPT_LANE_FN V ewma_output(const EwmaCoefficients& c, const EwmaLanes<V>& s)
                      splat<V>(NAN));
 }
 
+// pandas treats ±inf as missing, as NaN (its window code replaces them before the loop): x - x
+// is 0 only for a finite x.
+template <class V>
+FUSEDOPT_LANE_FN auto ewma_observed(V x) {
+  return (x - x) == (x - x);
+}
+
 template <class V>
 FUSEDOPT_LANE_FN V ewma_first(const EwmaCoefficients& c, EwmaLanes<V>& s, V x) {
-  s.mean = x;
+  const auto observed = ewma_observed(x);
+  s.mean = lane_select(observed, x, splat<V>(NAN));
   s.old_weight = splat<V>(1.0);
-  s.observations = lane_select(x == x, splat<V>(1.0), splat<V>(0.0));
+  s.observations = lane_select(observed, splat<V>(1.0), splat<V>(0.0));
   return ewma_output(c, s);
 }
 
@@ -37,7 +45,7 @@ template <class V>
 FUSEDOPT_LANE_FN V ewma_next(const EwmaCoefficients& c, EwmaLanes<V>& s, V x) {
   const V one = splat<V>(1.0);
   const V new_weight = splat<V>(c.new_weight);
-  const auto observed = x == x;
+  const auto observed = ewma_observed(x);
   const auto has_mean = s.mean == s.mean;
   if (lane_all(observed & has_mean)) {
     // pandas' usual path, a value and a mean to blend it into, without the selects for NaNs.

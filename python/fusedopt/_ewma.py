@@ -55,8 +55,9 @@ def ewma(
 
     ``x`` is 1-D (one series) or 2-D with the series running along ``axis`` (``axis=0``: each
     column is a series, as in a DataFrame). Give exactly one of ``com``, ``span``, ``halflife``,
-    ``alpha``. NaNs are handled as pandas does (leading NaNs give NaN, later ones carry the last
-    mean forward, ``ignore_na`` decides whether gaps decay the weights), and ``min_periods``
+    ``alpha``. Missing values (NaN, and ±inf and masked values, which pandas reads as missing)
+    are handled as pandas does (leading ones give NaN, later ones carry the last mean forward,
+    ``ignore_na`` decides whether gaps decay the weights), and ``min_periods``
     counts observations. Computed in float64 (as pandas does); the result has ``x``'s float
     dtype, or float64 for integer input. At com == 1 with ``adjust=False`` and a NaN, the result
     is pandas 2's (pandas 3.0 changed that one case; see SPEC section 9).
@@ -66,7 +67,8 @@ def ewma(
         raise TypeError(f"min_periods must be an integer, got {min_periods!r}")
     if min_periods < 0:
         raise ValueError("min_periods must be >= 0")
-    array = np.asarray(x)
+    # A masked value is missing, as pandas reads it (np.asarray would drop the mask).
+    array = np.ma.filled(x.astype(np.float64), np.nan) if np.ma.isMaskedArray(x) else np.asarray(x)
     if array.dtype.kind not in "fiub":
         raise TypeError(f"x must hold real numbers, got dtype {array.dtype}")
     if array.ndim not in (1, 2):

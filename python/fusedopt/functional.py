@@ -28,8 +28,17 @@ def _list(arrays: OptionalArrays) -> list[Any] | None:
 
 def _schedule(params: list[np.ndarray], step: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """One group, and the step counts the core takes: the steps taken before this one."""
-    steps = np.broadcast_to(np.asarray(step, dtype=np.int64), (len(params),))
-    return np.zeros(len(params), dtype=np.int64), steps - 1
+    steps = np.asarray(step)
+    if steps.ndim > 1 or (steps.ndim == 1 and steps.size != len(params)):
+        raise ValueError(
+            f"step: expected one number or one per param ({len(params)}), got {step!r}"
+        )
+    if steps.dtype.kind not in "iuf" or not np.all(np.isfinite(steps) & (steps == np.floor(steps))):
+        raise TypeError(f"step must be a whole number (or one per param), got {step!r}")
+    if np.any(steps < 1):
+        raise ValueError(f"step must be >= 1 (the first step is 1), got {step!r}")
+    counts = np.broadcast_to(steps.astype(np.int64), (len(params),)) - 1
+    return np.zeros(len(params), dtype=np.int64), counts
 
 
 def _skip(found_inf: Any) -> bool:

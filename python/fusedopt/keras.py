@@ -163,6 +163,8 @@ class Optimizer:
                 )
             indices.append(index)
         kept = [(g, i) for g, i in zip(grads, indices) if g is not None]
+        if variables and not kept:
+            raise ValueError("No gradients provided for any variable.")
         if kept:
             grads = self._clip([g for g, _ in kept])
             indices = [i for _, i in kept]

@@ -22,6 +22,8 @@ ParamsT = Iterable[np.ndarray] | Iterable[dict[str, Any]]
 def _as_float(value: Any, name: str) -> float:
     """A hyperparameter as a Python float: a number, or a one-element array (as torch accepts a
     one-element tensor for lr)."""
+    if value is None or isinstance(value, str | bytes):
+        raise TypeError(f"{name} must be a number, got {value!r}")
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -52,6 +54,7 @@ class Optimizer:
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = []
         self._params: list[np.ndarray] = []
+        self._group_params: list[tuple[np.ndarray, ...]] = []  # each group's "params", as given
         self._group_of = np.zeros(0, dtype=np.int64)
         self._steps = np.zeros(0, dtype=np.int64)
         self._buffers: dict[str, list[np.ndarray | None]] = {n: [] for n in self._state_names}
@@ -88,6 +91,7 @@ class Optimizer:
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         first = (self._params or params or [None])[0]
+        seen = {id(q) for q in self._params}
         for i, p in enumerate(params):
             if cuda.is_device_array(p) or cuda.is_device_array(first):
                 cuda.check_param(p, i, first)
@@ -97,13 +101,18 @@ class Optimizer:
                 raise TypeError(
                     f"params[{i}] has dtype {p.dtype}; fusedopt updates float32 and float64"
                 )
-            if any(p is q for q in self._params):
-                raise ValueError(f"params[{i}] appears in more than one parameter group")
+            if id(p) in seen:
+                raise ValueError(f"params[{i}] appears twice among the optimizer's params")
+            seen.add(id(p))
         self._options(group).validate()
+        # A tuple: the optimizer updates the params it was given, so editing a group's list in
+        # place would be ignored silently; replacing it is refused at the next step.
+        params = tuple(params)
         group["params"] = params
         index = len(self.param_groups)
         self.param_groups.append(group)
         self._params += params
+        self._group_params.append(params)
         self._group_of = np.concatenate([self._group_of, np.full(len(params), index, np.int64)])
         self._steps = np.concatenate([self._steps, np.zeros(len(params), np.int64)])
         for name in self._state_names:
@@ -231,7 +240,7 @@ class Optimizer:
             self._options_cache.append(((), None))
         result = []
         for i, group in enumerate(self.param_groups):
-            key = self._hyperparameters_of(group)
+            key = _frozen(self._hyperparameters_of(group))
             cached_key, options = self._options_cache[i]
             if options is None or cached_key != key:
                 options = self._options(group)
@@ -242,7 +251,7 @@ class Optimizer:
     @property
     def _native(self) -> Any:
         """The backend of this optimizer's arrays: _core, or fusedopt.cuda for device arrays."""
-        return cuda if cuda.is_device_array(self._params[0]) else _core
+        return cuda if self._params and cuda.is_device_array(self._params[0]) else _core
 
     def _options(self, group: Mapping[str, Any]) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -262,6 +271,12 @@ class Optimizer:
         creates buffers and is then refused leaves no trace of them (a zero momentum buffer left
         behind would skip torch's first-step rule once saved and loaded)."""
         options = self._group_options()
+        for i, group in enumerate(self.param_groups):
+            if group["params"] is not self._group_params[i]:
+                raise ValueError(
+                    f"param_groups[{i}]['params'] was replaced; an optimizer updates the params "
+                    "it was given (use add_param_group to add more)"
+                )
         lists = self._cached_state_lists(options)
         if lists is not None:
             native_step(options, self._group_of, self._steps, self._params, grads, *lists, *extra)
@@ -322,6 +337,21 @@ class Optimizer:
 def _host(value: Any) -> Any:
     """State dicts hold NumPy copies of device buffers too."""
     return cuda.to_numpy(value) if cuda.is_device_array(value) else value
+
+
+_IMMUTABLE = (float, int, bool)
+
+
+def _frozen(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A group's hyperparameters as a cache key that cannot change behind the cache's back: a
+    one-element array or a list (betas) is copied into plain numbers, so changing it in place
+    is seen at the next step."""
+    if all(
+        type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
+        for v in values
+    ):
+        return values
+    return tuple(_plain(v) if not isinstance(v, list) else tuple(map(_plain, v)) for v in values)
 
 
 def _plain(value: Any) -> Any:

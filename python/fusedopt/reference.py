@@ -528,6 +528,8 @@ def ewma(
         raise ValueError("min_periods must be an integer >= 0")
     min_periods = max(int(min_periods), 1)
     values = _float64(x)
+    # pandas' window code (BaseWindow._prep_values) reads +-inf as missing, like NaN.
+    values = np.where(np.isinf(values), np.nan, values)
     if values.ndim not in (1, 2):
         raise ValueError(f"ewma takes a 1-D or 2-D array, got {values.ndim} dimensions")
     if not -values.ndim <= axis < values.ndim:

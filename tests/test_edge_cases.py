@@ -1,0 +1,136 @@
+"""Behaviours found by a review with hostile inputs: each test reproduces what went wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fusedopt
+import fusedopt.functional as F
+import fusedopt.keras as fk
+from fusedopt import reference
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses bash's ulimit")
+def test_a_step_runs_when_the_system_refuses_worker_threads() -> None:
+    # 1000 threads of 8 MiB stacks do not fit in 3 GB of address space: the pool gets fewer
+    # workers (it used to hang, destroying a condition variable its workers waited on).
+    code = (
+        "import numpy as np, fusedopt; fusedopt.set_num_threads(1000); "
+        "p = [np.ones(200000)]; fusedopt.SGD(p, lr=0.1).step([np.ones(200000)]); "
+        "print(p[0].min(), p[0].max())"
+    )
+    run = subprocess.run(
+        ["bash", "-c", f'ulimit -v 3000000; exec "{sys.executable}" -c "{code}"'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0.9", "0.9"]
+
+
+def test_a_hyperparameter_changed_in_place_takes_effect() -> None:
+    lr = np.array(0.1)
+    p = np.ones(4)
+    opt = fusedopt.SGD([p], lr=lr)
+    opt.step([np.full(4, 0.5)])
+    lr[()] = 10.0
+    opt.step([np.full(4, 0.5)])
+    np.testing.assert_allclose(p, 1 - 0.05 - 5.0)
+
+    q, expected = np.ones(3), (np.ones(3), {})
+    betas = [0.9, 0.999]
+    opt = fusedopt.Adam([q], lr=0.1, betas=betas)
+    for beta1 in (0.9, 0.0):
+        opt.param_groups[0]["betas"][0] = beta1
+        g = np.array([0.5, -1.0, 2.0]) * (1 + beta1)
+        opt.step([g])
+        expected = reference.torch_adam(*expected[:1], g, expected[1], lr=0.1, beta1=beta1)
+    np.testing.assert_allclose(q, expected[0], rtol=1e-12)
+
+
+def test_replacing_a_groups_params_is_refused_not_ignored() -> None:
+    old, new = np.ones(3), np.ones(3)
+    opt = fusedopt.SGD([old], lr=0.1)
+    opt.param_groups[0]["params"] = [new]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\] was replaced"):
+        opt.step([np.ones(3)])
+    np.testing.assert_array_equal(old, 1.0)
+    with pytest.raises(AttributeError):
+        fusedopt.SGD([old], lr=0.1).param_groups[0]["params"].append(new)
+
+
+def test_an_optimizer_with_only_empty_groups_steps_as_a_no_op() -> None:
+    opt = fusedopt.SGD([{"params": []}], lr=0.1)
+    opt.step([])
+    assert opt.state == {}
+
+
+@pytest.mark.parametrize("value", [None, b"1", "0.1"])
+def test_a_non_numeric_learning_rate_is_a_type_error(value: object) -> None:
+    with pytest.raises(TypeError, match="lr"):
+        fusedopt.SGD([np.ones(2)], lr=value)
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "match"),
+    [
+        (2.5, TypeError, "whole number"),
+        ([1, 2], ValueError, "one per param"),
+        (0, ValueError, ">= 1"),
+    ],
+)
+def test_functional_step_is_checked(step: object, error: type, match: str) -> None:
+    p, g, m, v = np.ones(3), np.ones(3), np.zeros(3), np.zeros(3)
+    with pytest.raises(error, match=match):
+        F.adam_([p], [g], [m], [v], step=step, lr=0.1)
+    np.testing.assert_array_equal(p, 1.0)
+
+
+def test_keras_apply_with_no_gradient_at_all_is_an_error() -> None:
+    opt = fk.SGD(learning_rate=0.1)
+    with pytest.raises(ValueError, match="No gradients provided"):
+        opt.apply([None], [np.ones(2)])
+    assert opt.iterations == 0
+
+
+@pytest.mark.parametrize("adjust", [True, False])
+@pytest.mark.parametrize("ignore_na", [True, False])
+def test_ewma_reads_infinities_as_missing_like_pandas(adjust: bool, ignore_na: bool) -> None:
+    x = np.array([1.0, np.inf, 2.0, -np.inf, 3.0, np.nan, 4.0])
+    kwargs = dict(alpha=0.3, adjust=adjust, ignore_na=ignore_na)
+    np.testing.assert_array_equal(fusedopt.ewma(x, **kwargs), reference.ewma(x, **kwargs))
+    np.testing.assert_array_equal(
+        fusedopt.ewma(np.array([np.inf, 1.0, 2.0]), alpha=0.5), [np.nan, 1.0, 5 / 3]
+    )
+    pd = pytest.importorskip("pandas")
+    expected = pd.Series(x).ewm(**kwargs).mean().to_numpy()
+    np.testing.assert_array_equal(fusedopt.ewma(x, **kwargs), expected)
+    table = np.stack([x, x[::-1]], axis=1)
+    np.testing.assert_array_equal(
+        fusedopt.ewma(table, **kwargs), pd.DataFrame(table).ewm(**kwargs).mean().to_numpy()
+    )
+
+
+def test_ewma_reads_masked_values_as_missing() -> None:
+    x = np.ma.masked_array([1.0, 100.0, 3.0], mask=[0, 1, 0])
+    np.testing.assert_array_equal(
+        fusedopt.ewma(x, alpha=0.5), fusedopt.ewma(np.array([1.0, np.nan, 3.0]), alpha=0.5)
+    )
+
+
+def test_ewma_infinities_in_many_series_side_by_side_match_the_reference(isa: str) -> None:
+    rng = np.random.default_rng(9)
+    table = rng.standard_normal((300, 37))
+    table[rng.random(table.shape) < 0.05] = np.inf
+    table[rng.random(table.shape) < 0.05] = -np.inf
+    table[rng.random(table.shape) < 0.05] = np.nan
+    for adjust in (True, False):
+        kwargs = dict(com=2.5, adjust=adjust, min_periods=3)
+        np.testing.assert_array_equal(
+            fusedopt.ewma(table, **kwargs), reference.ewma(table, **kwargs)
+        )
