@@ -58,7 +58,9 @@ class Optimizer:
         self._group_of = np.zeros(0, dtype=np.int64)
         self._steps = np.zeros(0, dtype=np.int64)
         self._buffers: dict[str, list[np.ndarray | None]] = {n: [] for n in self._state_names}
-        self._options_cache: list[tuple[tuple[Any, ...], Any]] = []
+        # Per group: the values seen last, their plain-number key, whether the values are all
+        # immutable, and the native options built from them.
+        self._options_cache: list[tuple[tuple[Any, ...], tuple[Any, ...], bool, Any]] = []
         self._hyperparameters_of = itemgetter(*self._hyperparameter_names)
         self._complete_state: tuple[Any, ...] | None = None  # see _state_lists
         groups = list(params) if not isinstance(params, np.ndarray) else [params]
@@ -235,16 +237,20 @@ class Optimizer:
         raise NotImplementedError
 
     def _group_options(self) -> list[Any]:
-        """The native options of every group, rebuilt only when a hyperparameter changed."""
+        """The native options of every group, rebuilt only when a hyperparameter changed. The
+        cheap test first: the very same values as last time, all immutable; then the values'
+        plain-number copy (a one-element array or a list may have changed in place)."""
         while len(self._options_cache) < len(self.param_groups):
-            self._options_cache.append(((), None))
+            self._options_cache.append(((), (), False, None))
         result = []
         for i, group in enumerate(self.param_groups):
-            key = _frozen(self._hyperparameters_of(group))
-            cached_key, options = self._options_cache[i]
-            if options is None or cached_key != key:
-                options = self._options(group)
-                self._options_cache[i] = (key, options)
+            values = self._hyperparameters_of(group)
+            last_values, last_key, immutable, options = self._options_cache[i]
+            if options is None or not (immutable and all(map(is_, values, last_values))):
+                key = _frozen(values)
+                if options is None or key != last_key:
+                    options = self._options(group)
+                self._options_cache[i] = (values, key, key is values, options)
             result.append(options)
         return result
 
