@@ -8,8 +8,10 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,3 +297,17 @@ def test_only_the_c_api_is_exported() -> None:
     assert exported, "no dynamic symbols found"
     assert {name for name in exported if not name.startswith("fusedopt_")} == set()
     assert {"fusedopt_adam_step", "fusedopt_last_error", "fusedopt_ewma"} <= exported
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) is not installed")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the version script is Linux's")
+def test_the_python_modules_export_only_their_entry_points() -> None:
+    package = Path(fusedopt.__file__).parent
+    modules = sorted(package.glob("_core*.so")) + sorted(package.glob("_cuda*.so"))
+    assert modules, "no extension module found in the installed package"
+    for module in modules:
+        listing = subprocess.run(
+            ["nm", "-D", "--defined-only", str(module)], check=True, capture_output=True, text=True
+        ).stdout
+        exported = {line.split()[-1] for line in listing.splitlines() if line.strip()}
+        assert all(name.startswith("PyInit_") for name in exported), (module.name, exported)
