@@ -83,6 +83,16 @@ def test_unknown_isa_in_the_environment_falls_back_to_the_best_path() -> None:
     )
 
 
+def test_unknown_isa_in_the_environment_is_warned_about() -> None:
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "try:\n    import fusedopt\nexcept RuntimeWarning as w:\n    print(w)"
+    )
+    message = run_python(code, FUSEDOPT_CPU_ISA="bogus")
+    assert "FUSEDOPT_CPU_ISA='bogus' is not available" in message
+    assert run_python(code, FUSEDOPT_CPU_ISA="scalar") == ""
+
+
 def test_set_cpu_isa_switches_and_rejects_unknown_names(isa: str) -> None:
     assert fusedopt.cpu_isa() == isa  # the conftest fixture set it
     with pytest.raises(ValueError, match="bogus") as raised:

@@ -11,6 +11,8 @@ processor it runs on and multi-threaded with the GIL released.
 - pandas-compatible exponentially weighted mean: :func:`ewma`.
 """
 
+import os
+import warnings
 from pathlib import Path
 
 from fusedopt._core import available_isas, cpu_isa, num_threads, set_cpu_isa, set_num_threads
@@ -19,6 +21,17 @@ from fusedopt._state import flatten_state_dict
 from fusedopt.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
 __version__ = "0.1.0"
+
+# The native core falls back to the best path when FUSEDOPT_CPU_ISA names one this processor
+# cannot run (import must not fail on a machine the setting was not meant for); say so.
+_requested_isa = os.environ.get("FUSEDOPT_CPU_ISA", "")
+if _requested_isa and _requested_isa != cpu_isa():
+    warnings.warn(
+        f"FUSEDOPT_CPU_ISA={_requested_isa!r} is not available here (available: "
+        f"{', '.join(available_isas())}); using {cpu_isa()!r}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def get_cmake_dir() -> Path:
