@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fusedopt import _core
+from fusedopt.optim import _skip_step
 
 Arrays = np.ndarray | Sequence[np.ndarray]
 OptionalArrays = np.ndarray | Sequence[np.ndarray | None] | None
@@ -41,10 +42,6 @@ def _schedule(params: list[np.ndarray], step: int | Sequence[int]) -> tuple[np.n
     return np.zeros(len(params), dtype=np.int64), counts
 
 
-def _skip(found_inf: Any) -> bool:
-    return found_inf is not None and float(np.asarray(found_inf).reshape(-1)[0]) != 0.0
-
-
 def sgd_(
     params: Arrays,
     grads: Arrays,
@@ -63,7 +60,7 @@ def sgd_(
 ) -> None:
     """SGD / momentum / Nesterov (SPEC 2-4). With ``momentum != 0`` pass ``momentum_buffers``;
     ``first_step=True`` (PyTorch) copies the gradient into them instead of accumulating."""
-    if _skip(found_inf):
+    if _skip_step(found_inf):
         return
     o = _core.SgdOptions()
     o.lr, o.momentum, o.dampening, o.weight_decay = lr, momentum, dampening, weight_decay
@@ -152,7 +149,7 @@ def adam_(
 ) -> None:
     """Adam / AdamW / AMSGrad (SPEC 7-8). ``max_exp_avg_sqs`` is needed with ``amsgrad``. In the
     Keras convention ``eps`` is epsilon-hat and weight decay is always decoupled."""
-    if _skip(found_inf):
+    if _skip_step(found_inf):
         return
     o = _core.AdamOptions()
     o.lr, o.beta1, o.beta2, o.eps, o.weight_decay = lr, beta1, beta2, eps, weight_decay

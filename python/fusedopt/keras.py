@@ -204,8 +204,10 @@ class Optimizer:
         options: Any,
         grads: list[np.ndarray],
         indices: list[int],
-        *state_lists: list[np.ndarray] | None,
     ) -> None:
+        """One native step over the given variables, with each state list in _state_names
+        order (None for a state this configuration keeps none of)."""
+        state_lists = [self._state_for(name, indices) for name in self._state_names]
         options.convention = "keras"
         options.weight_decay = float(self.weight_decay or 0.0)
         taken = np.full(len(indices), self.iterations, dtype=np.int64)  # Keras' t = iterations + 1
@@ -249,7 +251,7 @@ class SGD(Optimizer):
         o.lr = learning_rate
         o.momentum = self.momentum
         o.nesterov = self.nesterov
-        self._run(_core.sgd_step, o, grads, indices, self._state_for("momentum", indices))
+        self._run(_core.sgd_step, o, grads, indices)
 
     def _used_states(self) -> tuple[str, ...]:
         return self._state_names if self.momentum != 0 else ()
@@ -286,7 +288,7 @@ class Adagrad(Optimizer):
         o = _core.AdagradOptions()
         o.lr = learning_rate
         o.eps = self.epsilon
-        self._run(_core.adagrad_step, o, grads, indices, self._state_for("accumulator", indices))
+        self._run(_core.adagrad_step, o, grads, indices)
 
 
 class RMSprop(Optimizer):
@@ -325,15 +327,7 @@ class RMSprop(Optimizer):
         o.eps = self.epsilon
         o.momentum = self.momentum
         o.centered = self.centered
-        self._run(
-            _core.rmsprop_step,
-            o,
-            grads,
-            indices,
-            self._state_for("velocity", indices),
-            self._state_for("momentum", indices),
-            self._state_for("average_gradient", indices),
-        )
+        self._run(_core.rmsprop_step, o, grads, indices)
 
     def _used_states(self) -> tuple[str, ...]:
         used = ("velocity",)
@@ -382,15 +376,7 @@ class Adam(Optimizer):
         o.beta2 = self.beta_2
         o.eps = self.epsilon
         o.amsgrad = self.amsgrad
-        self._run(
-            _core.adam_step,
-            o,
-            grads,
-            indices,
-            self._state_for("momentum", indices),
-            self._state_for("velocity", indices),
-            self._state_for("velocity_hat", indices),
-        )
+        self._run(_core.adam_step, o, grads, indices)
 
     def _used_states(self) -> tuple[str, ...]:
         return self._state_names if self.amsgrad else self._state_names[:2]
