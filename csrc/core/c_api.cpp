@@ -1,6 +1,8 @@
 // The C ABI (csrc/include/fusedopt/fusedopt.h) on top of the core: each call describes the
 // caller's buffers to the same validator and step functions the Python bindings use, and turns
 // every exception into a status code and a thread-local message.
+#include <algorithm>
+#include <memory>
 #include <new>
 #include <optional>
 #include <stdexcept>
@@ -55,15 +57,6 @@ std::string indexed(const char* name, int64_t i) {
   return std::string(name) + "[" + std::to_string(i) + "]";
 }
 
-Convention convention_of(int32_t value, const std::string& name) {
-  if (value == FUSEDOPT_CONVENTION_TORCH) return Convention::torch;
-  if (value == FUSEDOPT_CONVENTION_KERAS) return Convention::keras;
-  throw Error(ErrorKind::value, name +
-                                    ".convention must be FUSEDOPT_CONVENTION_TORCH or "
-                                    "FUSEDOPT_CONVENTION_KERAS, got " +
-                                    std::to_string(value));
-}
-
 void check_count(const void* array, int64_t count, const char* name) {
   if (count < 0)
     throw Error(ErrorKind::value,
@@ -93,47 +86,243 @@ BufferInfo describe(void* data, int64_t size, int32_t dtype) {
   return info;
 }
 
-// The parts every tensor struct shares, gathered into the core's StepBuffers and StepSchedule;
-// state_members are the struct's state pointers in the order the core's kernels expect.
-template <class Tensor, size_t NumStates>
-void describe_tensors(const Tensor* tensors, int64_t count,
-                      void* Tensor::*const (&state_members)[NumStates],
-                      const char* const (&state_names)[NumStates], bool grads_written,
-                      StepBuffers& buffers, StepSchedule& schedule) {
+}  // namespace
+}  // namespace fusedopt
+
+// An options object: one algorithm's Options, type-erased.
+struct fusedopt_options {
+  virtual ~fusedopt_options() = default;
+  virtual const char* algorithm() const = 0;
+  virtual fusedopt_options* copy() const = 0;
+  virtual const char* field_name(int32_t index) const = 0;
+  virtual void set(const std::string& name, double value) = 0;
+  virtual double get(const std::string& name) const = 0;
+  virtual void check() const = 0;
+  virtual const char* state_name(int32_t index) const = 0;
+  virtual uint32_t states_used() const = 0;
+  virtual double initial_state(int32_t k) const = 0;
+  virtual const char* scalar_name(int32_t index) const = 0;
+  virtual double initial_scalar(int32_t k) const = 0;
+  virtual void step(const fusedopt_options* const* groups, int64_t num_groups,
+                    const fusedopt_tensor* tensors, int64_t num_tensors,
+                    const double* grad_scale) const = 0;
+  virtual fusedopt_plan* plan(const fusedopt_options* const* groups, int64_t num_groups,
+                              const fusedopt_tensor* tensors, int64_t num_tensors) const = 0;
+};
+
+struct fusedopt_plan {
+  virtual ~fusedopt_plan() = default;
+  virtual void step(void* const* grads, const double* grad_scale) = 0;
+  virtual void set_options(int64_t group, const fusedopt_options* options) = 0;
+  virtual void steps(int64_t* out) = 0;
+};
+
+namespace fusedopt {
+namespace {
+
+template <class A>
+struct TypedOptions;
+
+// The groups of a call as A's Options: every one must be for A.
+template <class A>
+std::vector<typename A::Options> typed_groups(const fusedopt_options* const* groups,
+                                              int64_t count) {
+  check_count(groups, count, "groups");
+  std::vector<typename A::Options> result;
+  result.reserve(count);
+  for (int64_t g = 0; g < count; ++g) {
+    if (!groups[g]) throw Error(ErrorKind::type, indexed("groups", g) + " is NULL");
+    const auto* typed = dynamic_cast<const TypedOptions<A>*>(groups[g]);
+    if (!typed)
+      throw Error(ErrorKind::value, indexed("groups", g) + " holds options for " +
+                                        groups[g]->algorithm() + ", not " + A::name);
+    result.push_back(typed->options);
+  }
+  return result;
+}
+
+// The tensors of a call as the core's buffers and schedule.
+template <class A>
+void describe_tensors(const fusedopt_tensor* tensors, int64_t count, bool with_grads,
+                      StepBuffers& buffers, StepSchedule& schedule,
+                      std::vector<double*>& scalars) {
   check_count(tensors, count, "tensors");
-  buffers.grads_written = grads_written;
-  buffers.states.resize(NumStates);
-  for (const char* name : state_names) buffers.state_names.emplace_back(name);
+  buffers.states.resize(A::state_names.size());
+  buffers.state_names.assign(A::state_names.begin(), A::state_names.end());
   for (int64_t i = 0; i < count; ++i) {
-    const Tensor& t = tensors[i];
+    const fusedopt_tensor& t = tensors[i];
     if (t.size < 0)
       throw Error(ErrorKind::value,
                   indexed("tensors", i) + ".size must be >= 0, got " + std::to_string(t.size));
     if (t.size > 0 && !t.param)
       throw Error(ErrorKind::type, indexed("tensors", i) + ".param is NULL");
-    if (t.size > 0 && !t.grad)
+    if (with_grads && t.size > 0 && !t.grad)
       throw Error(ErrorKind::type, indexed("tensors", i) + ".grad is NULL");
+    if (A::scalar_names.size() > 0 && !t.scalars)
+      throw Error(ErrorKind::type, indexed("tensors", i) + ".scalars is NULL but " + A::name +
+                                       " keeps " + A::scalar_names[0] + " per tensor");
     buffers.params.push_back(describe(t.param, t.size, t.dtype));
-    buffers.grads.push_back(describe(t.grad, t.size, t.dtype));
-    for (size_t k = 0; k < NumStates; ++k)
-      buffers.states[k].push_back(describe(t.*state_members[k], t.size, t.dtype));
+    if (with_grads) buffers.grads.push_back(describe(t.grad, t.size, t.dtype));
+    for (size_t k = 0; k < A::state_names.size(); ++k)
+      buffers.states[k].push_back(describe(t.state[k], t.size, t.dtype));
     schedule.group_of.push_back(t.group);
     schedule.steps.push_back(t.step);
+    schedule.new_state.push_back(t.new_state != 0);
+    scalars.push_back(t.scalars);
   }
 }
 
-template <class Options, class CGroup, class Convert>
-std::vector<Options> convert_groups(const CGroup* groups, int64_t count, Convert convert) {
-  check_count(groups, count, "groups");
-  std::vector<Options> converted;
-  converted.reserve(count);
-  for (int64_t g = 0; g < count; ++g) converted.push_back(convert(groups[g], indexed("groups", g)));
-  return converted;
-}
+// The core reads each tensor's scalars from one array of kMaxScalars per tensor: copied in from
+// the callers' pointers before a step and back after it.
+struct ScalarRows {
+  std::vector<double> rows;
+  void gather(const std::vector<double*>& sources) {
+    rows.assign(sources.size() * kMaxScalars, 0.0);
+    for (size_t i = 0; i < sources.size(); ++i)
+      if (sources[i]) std::copy(sources[i], sources[i] + kMaxScalars, rows.begin() + i * kMaxScalars);
+  }
+  void scatter(const std::vector<double*>& targets) const {
+    for (size_t i = 0; i < targets.size(); ++i)
+      if (targets[i])
+        std::copy(rows.begin() + i * kMaxScalars, rows.begin() + (i + 1) * kMaxScalars,
+                  targets[i]);
+  }
+};
 
-std::optional<double> optional_scale(const double* grad_scale) {
-  if (!grad_scale) return std::nullopt;
-  return *grad_scale;
+template <class A>
+class TypedPlan : public fusedopt_plan {
+ public:
+  TypedPlan(std::vector<typename A::Options> groups, const fusedopt_tensor* tensors,
+            int64_t count) {
+    StepBuffers buffers;
+    StepSchedule schedule;
+    describe_tensors<A>(tensors, count, false, buffers, schedule, scalar_sources_);
+    for (size_t i = 0; i < schedule.steps.size(); ++i)
+      if (schedule.steps[i] < 1)
+        throw Error(ErrorKind::value, indexed("tensors", static_cast<int64_t>(i)) +
+                                          ".step must be >= 1 (the first step is 1)");
+    counts_.resize(schedule.steps.size());
+    for (size_t i = 0; i < counts_.size(); ++i) counts_[i] = schedule.steps[i] - 1;
+    sizes_.reserve(buffers.params.size());
+    for (const BufferInfo& p : buffers.params) sizes_.push_back({p.size, p.is_float32});
+    scalars_.gather(scalar_sources_);
+    plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of,
+                                      counts_.data(), schedule.new_state,
+                                      A::scalar_names.size() ? scalars_.rows.data() : nullptr);
+  }
+
+  void step(void* const* grads, const double* grad_scale) override {
+    const int64_t n = static_cast<int64_t>(sizes_.size());
+    check_count(grads, n, "grads");
+    std::vector<BufferInfo> infos;
+    infos.reserve(n);
+    for (int64_t i = 0; i < n; ++i)
+      infos.push_back(describe(grads[i], sizes_[i].size,
+                               sizes_[i].is_float32 ? FUSEDOPT_FLOAT32 : FUSEDOPT_FLOAT64));
+    StepExtras extras;
+    if (grad_scale) extras.grad_scale = *grad_scale;
+    plan_->step(infos, extras, std::nullopt);
+    scalars_.scatter(scalar_sources_);
+  }
+
+  void set_options(int64_t group, const fusedopt_options* options) override {
+    const auto groups = typed_groups<A>(&options, 1);
+    if (group < 0) throw Error(ErrorKind::value, "group must be >= 0");
+    plan_->set_options(static_cast<size_t>(group), groups[0]);
+  }
+
+  void steps(int64_t* out) override {
+    if (!out && !counts_.empty()) throw Error(ErrorKind::type, "steps is NULL");
+    for (size_t i = 0; i < counts_.size(); ++i) out[i] = counts_[i] + 1;
+  }
+
+ private:
+  struct Size {
+    int64_t size;
+    bool is_float32;
+  };
+  std::vector<Size> sizes_;
+  std::vector<int64_t> counts_;
+  std::vector<double*> scalar_sources_;
+  ScalarRows scalars_;
+  std::unique_ptr<Plan<A>> plan_;
+};
+
+template <class A>
+struct TypedOptions : fusedopt_options {
+  typename A::Options options;
+
+  const char* algorithm() const override { return A::name; }
+  fusedopt_options* copy() const override { return new TypedOptions(*this); }
+  const char* field_name(int32_t index) const override {
+    return index >= 0 && static_cast<size_t>(index) < std::size(A::fields)
+               ? A::fields[index].name
+               : nullptr;
+  }
+  const Field<typename A::Options>& field(const std::string& name) const {
+    for (const auto& f : A::fields)
+      if (name == f.name) return f;
+    throw Error(ErrorKind::value, std::string(A::name) + " has no option '" + name + "'");
+  }
+  void set(const std::string& name, double value) override {
+    const auto& f = field(name);
+    if (f.number) {
+      options.*f.number = value;
+    } else if (f.flag) {
+      options.*f.flag = value != 0;
+    } else {
+      if (value != FUSEDOPT_CONVENTION_TORCH && value != FUSEDOPT_CONVENTION_KERAS)
+        throw Error(ErrorKind::value,
+                    "convention must be FUSEDOPT_CONVENTION_TORCH or FUSEDOPT_CONVENTION_KERAS");
+      options.*f.convention = static_cast<Convention>(static_cast<int>(value));
+    }
+  }
+  double get(const std::string& name) const override { return field(name).get(options); }
+  void check() const override { A::check(options); }
+  const char* state_name(int32_t index) const override {
+    return index >= 0 && static_cast<size_t>(index) < A::state_names.size()
+               ? A::state_names[index]
+               : nullptr;
+  }
+  uint32_t states_used() const override { return A::states_used(options); }
+  double initial_state(int32_t k) const override { return A::initial_state(options, k); }
+  const char* scalar_name(int32_t index) const override {
+    if constexpr (A::scalar_names.size() > 0)
+      if (index >= 0 && static_cast<size_t>(index) < A::scalar_names.size())
+        return A::scalar_names[index];
+    return nullptr;
+  }
+  double initial_scalar(int32_t k) const override { return A::initial_scalar(options, k); }
+
+  void step(const fusedopt_options* const* groups, int64_t num_groups,
+            const fusedopt_tensor* tensors, int64_t num_tensors,
+            const double* grad_scale) const override {
+    const auto typed = typed_groups<A>(groups, num_groups);
+    StepBuffers buffers;
+    StepSchedule schedule;
+    std::vector<double*> sources;
+    describe_tensors<A>(tensors, num_tensors, true, buffers, schedule, sources);
+    StepExtras extras;
+    if (grad_scale) extras.grad_scale = *grad_scale;
+    buffers.grads_written = grad_scale != nullptr;
+    ScalarRows scalars;
+    scalars.gather(sources);
+    if (A::scalar_names.size() > 0) schedule.scalars = scalars.rows.data();
+    run_step(prepare_step<A>(typed, schedule, buffers, extras));
+    scalars.scatter(sources);
+  }
+
+  fusedopt_plan* plan(const fusedopt_options* const* groups, int64_t num_groups,
+                      const fusedopt_tensor* tensors, int64_t num_tensors) const override {
+    return new TypedPlan<A>(typed_groups<A>(groups, num_groups), tensors, num_tensors);
+  }
+};
+
+const fusedopt_options& first_group(const fusedopt_options* const* groups, int64_t count) {
+  check_count(groups, count, "groups");
+  if (count == 0) throw Error(ErrorKind::value, "num_groups must be >= 1");
+  if (!groups[0]) throw Error(ErrorKind::type, "groups[0] is NULL");
+  return *groups[0];
 }
 
 }  // namespace
@@ -163,144 +352,126 @@ const char* fusedopt_status_string(fusedopt_status status) {
 
 const char* fusedopt_version(void) { return FUSEDOPT_VERSION; }
 
-fusedopt_sgd_options fusedopt_sgd_default_options(void) {
-  const SgdOptions d;
-  return {d.lr,
-          d.momentum,
-          d.dampening,
-          d.weight_decay,
-          d.nesterov,
-          d.maximize,
-          FUSEDOPT_CONVENTION_TORCH};
+int32_t fusedopt_algorithm_count(void) { return Algorithms::size; }
+
+const char* fusedopt_algorithm_name(int32_t index) {
+  const char* name = nullptr;
+  int32_t i = 0;
+  Algorithms::for_each([&](auto tag) {
+    if (i++ == index) name = decltype(tag)::type::name;
+  });
+  return name;
 }
 
-fusedopt_adagrad_options fusedopt_adagrad_default_options(void) {
-  const AdagradOptions d;
-  return {d.lr, d.lr_decay, d.weight_decay, d.eps, d.maximize, FUSEDOPT_CONVENTION_TORCH};
-}
-
-fusedopt_rmsprop_options fusedopt_rmsprop_default_options(void) {
-  const RmspropOptions d;
-  return {d.lr,       d.alpha,    d.eps,      d.weight_decay,
-          d.momentum, d.centered, d.maximize, FUSEDOPT_CONVENTION_TORCH};
-}
-
-fusedopt_adam_options fusedopt_adam_default_options(void) {
-  const AdamOptions d;
-  return {d.lr,
-          d.beta1,
-          d.beta2,
-          d.eps,
-          d.weight_decay,
-          d.amsgrad,
-          d.maximize,
-          d.decoupled_weight_decay,
-          FUSEDOPT_CONVENTION_TORCH};
-}
-
-fusedopt_status fusedopt_sgd_step(const fusedopt_sgd_options* groups, int64_t num_groups,
-                                  const fusedopt_sgd_tensor* tensors, int64_t num_tensors,
-                                  const double* grad_scale) {
+fusedopt_status fusedopt_options_create(const char* algorithm, fusedopt_options** options) {
   return guarded([&] {
-    auto options = convert_groups<SgdOptions>(
-        groups, num_groups, [](const fusedopt_sgd_options& c, const std::string& name) {
-          SgdOptions o;
-          o.lr = c.lr;
-          o.momentum = c.momentum;
-          o.dampening = c.dampening;
-          o.weight_decay = c.weight_decay;
-          o.nesterov = c.nesterov != 0;
-          o.maximize = c.maximize != 0;
-          o.convention = convention_of(c.convention, name);
-          return o;
-        });
-    static void* fusedopt_sgd_tensor::*const states[] = {&fusedopt_sgd_tensor::momentum_buffer};
-    static const char* const names[] = {"momentum_buffer"};
-    StepBuffers buffers;
-    StepSchedule schedule;
-    describe_tensors(tensors, num_tensors, states, names, grad_scale != nullptr, buffers, schedule);
-    sgd_step(options, schedule, buffers, optional_scale(grad_scale));
+    if (!algorithm) throw Error(ErrorKind::type, "algorithm is NULL");
+    if (!options) throw Error(ErrorKind::type, "options is NULL");
+    fusedopt_options* created = nullptr;
+    Algorithms::visit(algorithm, [&](auto tag) {
+      created = new TypedOptions<typename decltype(tag)::type>();
+    });
+    if (!created)
+      throw Error(ErrorKind::value, std::string("unknown algorithm '") + algorithm + "'");
+    *options = created;
   });
 }
 
-fusedopt_status fusedopt_adagrad_step(const fusedopt_adagrad_options* groups, int64_t num_groups,
-                                      const fusedopt_adagrad_tensor* tensors, int64_t num_tensors) {
+void fusedopt_options_destroy(fusedopt_options* options) { delete options; }
+
+const char* fusedopt_options_algorithm(const fusedopt_options* options) {
+  return options ? options->algorithm() : nullptr;
+}
+
+fusedopt_status fusedopt_options_set(fusedopt_options* options, const char* name,
+                                     double value) {
   return guarded([&] {
-    auto options = convert_groups<AdagradOptions>(
-        groups, num_groups, [](const fusedopt_adagrad_options& c, const std::string& name) {
-          AdagradOptions o;
-          o.lr = c.lr;
-          o.lr_decay = c.lr_decay;
-          o.weight_decay = c.weight_decay;
-          o.eps = c.eps;
-          o.maximize = c.maximize != 0;
-          o.convention = convention_of(c.convention, name);
-          return o;
-        });
-    static void* fusedopt_adagrad_tensor::*const states[] = {&fusedopt_adagrad_tensor::sum};
-    static const char* const names[] = {"sum"};
-    StepBuffers buffers;
-    StepSchedule schedule;
-    describe_tensors(tensors, num_tensors, states, names, false, buffers, schedule);
-    adagrad_step(options, schedule, buffers);
+    if (!options || !name) throw Error(ErrorKind::type, !options ? "options is NULL" : "name is NULL");
+    options->set(name, value);
   });
 }
 
-fusedopt_status fusedopt_rmsprop_step(const fusedopt_rmsprop_options* groups, int64_t num_groups,
-                                      const fusedopt_rmsprop_tensor* tensors, int64_t num_tensors) {
+fusedopt_status fusedopt_options_get(const fusedopt_options* options, const char* name,
+                                     double* value) {
   return guarded([&] {
-    auto options = convert_groups<RmspropOptions>(
-        groups, num_groups, [](const fusedopt_rmsprop_options& c, const std::string& name) {
-          RmspropOptions o;
-          o.lr = c.lr;
-          o.alpha = c.alpha;
-          o.eps = c.eps;
-          o.weight_decay = c.weight_decay;
-          o.momentum = c.momentum;
-          o.centered = c.centered != 0;
-          o.maximize = c.maximize != 0;
-          o.convention = convention_of(c.convention, name);
-          return o;
-        });
-    static void* fusedopt_rmsprop_tensor::*const states[] = {
-        &fusedopt_rmsprop_tensor::square_avg, &fusedopt_rmsprop_tensor::momentum_buffer,
-        &fusedopt_rmsprop_tensor::grad_avg};
-    static const char* const names[] = {"square_avg", "momentum_buffer", "grad_avg"};
-    StepBuffers buffers;
-    StepSchedule schedule;
-    describe_tensors(tensors, num_tensors, states, names, false, buffers, schedule);
-    rmsprop_step(options, schedule, buffers);
+    if (!options || !name || !value)
+      throw Error(ErrorKind::type, !options ? "options is NULL" : !name ? "name is NULL" : "value is NULL");
+    *value = options->get(name);
   });
 }
 
-fusedopt_status fusedopt_adam_step(const fusedopt_adam_options* groups, int64_t num_groups,
-                                   const fusedopt_adam_tensor* tensors, int64_t num_tensors,
+const char* fusedopt_option_name(const fusedopt_options* options, int32_t index) {
+  return options ? options->field_name(index) : nullptr;
+}
+
+fusedopt_status fusedopt_options_check(const fusedopt_options* options) {
+  return guarded([&] {
+    if (!options) throw Error(ErrorKind::type, "options is NULL");
+    options->check();
+  });
+}
+
+const char* fusedopt_state_name(const fusedopt_options* options, int32_t index) {
+  return options ? options->state_name(index) : nullptr;
+}
+
+uint32_t fusedopt_states_used(const fusedopt_options* options) {
+  return options ? options->states_used() : 0;
+}
+
+double fusedopt_initial_state(const fusedopt_options* options, int32_t k) {
+  return options ? options->initial_state(k) : 0.0;
+}
+
+const char* fusedopt_scalar_name(const fusedopt_options* options, int32_t index) {
+  return options ? options->scalar_name(index) : nullptr;
+}
+
+double fusedopt_initial_scalar(const fusedopt_options* options, int32_t k) {
+  return options ? options->initial_scalar(k) : 0.0;
+}
+
+fusedopt_status fusedopt_step(const fusedopt_options* const* groups, int64_t num_groups,
+                              const fusedopt_tensor* tensors, int64_t num_tensors,
+                              const double* grad_scale) {
+  return guarded([&] {
+    first_group(groups, num_groups).step(groups, num_groups, tensors, num_tensors, grad_scale);
+  });
+}
+
+fusedopt_status fusedopt_plan_create(const fusedopt_options* const* groups, int64_t num_groups,
+                                     const fusedopt_tensor* tensors, int64_t num_tensors,
+                                     fusedopt_plan** plan) {
+  return guarded([&] {
+    if (!plan) throw Error(ErrorKind::type, "plan is NULL");
+    *plan = first_group(groups, num_groups).plan(groups, num_groups, tensors, num_tensors);
+  });
+}
+
+fusedopt_status fusedopt_plan_step(fusedopt_plan* plan, void* const* grads,
                                    const double* grad_scale) {
   return guarded([&] {
-    auto options = convert_groups<AdamOptions>(
-        groups, num_groups, [](const fusedopt_adam_options& c, const std::string& name) {
-          AdamOptions o;
-          o.lr = c.lr;
-          o.beta1 = c.beta1;
-          o.beta2 = c.beta2;
-          o.eps = c.eps;
-          o.weight_decay = c.weight_decay;
-          o.amsgrad = c.amsgrad != 0;
-          o.maximize = c.maximize != 0;
-          o.decoupled_weight_decay = c.decoupled_weight_decay != 0;
-          o.convention = convention_of(c.convention, name);
-          return o;
-        });
-    static void* fusedopt_adam_tensor::*const states[] = {&fusedopt_adam_tensor::exp_avg,
-                                                          &fusedopt_adam_tensor::exp_avg_sq,
-                                                          &fusedopt_adam_tensor::max_exp_avg_sq};
-    static const char* const names[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
-    StepBuffers buffers;
-    StepSchedule schedule;
-    describe_tensors(tensors, num_tensors, states, names, grad_scale != nullptr, buffers, schedule);
-    adam_step(options, schedule, buffers, optional_scale(grad_scale));
+    if (!plan) throw Error(ErrorKind::type, "plan is NULL");
+    plan->step(grads, grad_scale);
   });
 }
+
+fusedopt_status fusedopt_plan_set_options(fusedopt_plan* plan, int64_t group,
+                                          const fusedopt_options* options) {
+  return guarded([&] {
+    if (!plan || !options) throw Error(ErrorKind::type, !plan ? "plan is NULL" : "options is NULL");
+    plan->set_options(group, options);
+  });
+}
+
+fusedopt_status fusedopt_plan_steps(fusedopt_plan* plan, int64_t* steps) {
+  return guarded([&] {
+    if (!plan) throw Error(ErrorKind::type, "plan is NULL");
+    plan->steps(steps);
+  });
+}
+
+void fusedopt_plan_destroy(fusedopt_plan* plan) { delete plan; }
 
 fusedopt_ewma_options fusedopt_ewma_default_options(void) { return {0.0, 1, 0, 0}; }
 

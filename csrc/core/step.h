@@ -1,15 +1,22 @@
-// The core of every step: validate every buffer of the call, compute each tensor's coefficients
-// on the host in double, and run the kernels over all tensors in one fork/join. The Python
-// bindings and the C ABI both come through here.
+// The core of every step, generic over the algorithm descriptions (csrc/math/registry.h):
+// validate every buffer of the call, compute each tensor's coefficients on the host in double,
+// and run the kernels over all tensors in one fork/join. The Python bindings and the C ABI both
+// come through here, either once per call (prepare_step) or through a Plan that describes and
+// validates the params and states once and checks only the grads at each step.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstring>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "core/tensor.h"
-#include "math/coefficients.h"
+#include "cpu/dispatch.h"
 
 namespace fusedopt {
 
@@ -26,105 +33,327 @@ struct BufferInfo {
   std::string dtype_name;  // set only for dtypes other than float32/float64, for messages
 };
 
-// The buffers of one step, by role. states[k] is empty when no tensor keeps such a state;
-// otherwise it has one entry per param, absent (None) where that tensor's group keeps none.
+// The buffers of one step, by role. states[k] is empty when no tensor keeps state k; otherwise it
+// has one entry per param, absent (None) where that tensor's group keeps none.
 struct StepBuffers {
   std::vector<BufferInfo> params;
   std::vector<BufferInfo> grads;
   std::vector<std::vector<BufferInfo>> states;
-  std::vector<std::string> state_names;  // e.g. "exp_avgs", for messages
+  std::vector<std::string> state_names;  // for messages: "exp_avg"
   bool grads_written = false;            // grad_scale writes the unscaled gradient back
 };
 
-// Per-tensor step bookkeeping shared by every algorithm: which hyperparameter group a tensor
-// belongs to and its step count t (1 on its first step).
+// Per-tensor bookkeeping: which hyperparameter group a tensor belongs to, its step number t,
+// whether its state buffers were created for this step, and its host scalars.
 struct StepSchedule {
   std::vector<int> group_of;
-  std::vector<int64_t> steps;
+  std::vector<int64_t> steps;      // t, 1 on a tensor's first step
+  std::vector<uint8_t> new_state;  // empty: no tensor's state is new
+  double* scalars = nullptr;       // num_tensors rows of kMaxScalars, advanced in place
 };
 
-struct SgdOptions {
-  double lr = 1e-3, momentum = 0, dampening = 0, weight_decay = 0;
-  bool nesterov = false, maximize = false;
-  Convention convention = Convention::torch;
+struct StepExtras {
+  std::optional<double> grad_scale;  // divides the gradient, which is then written back
 };
-struct AdagradOptions {
-  double lr = 1e-2, lr_decay = 0, weight_decay = 0, eps = 1e-10;
-  bool maximize = false;
-  Convention convention = Convention::torch;
-};
-struct RmspropOptions {
-  double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0, momentum = 0;
-  bool centered = false, maximize = false;
-  Convention convention = Convention::torch;
-};
-struct AdamOptions {
-  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
-  bool amsgrad = false, maximize = false, decoupled_weight_decay = false;
-  Convention convention = Convention::torch;
-};
-
-// Hyperparameter checks with the argument named in the message (same rules as torch.optim).
-void validate_options(const SgdOptions& o);
-void validate_options(const AdagradOptions& o);
-void validate_options(const RmspropOptions& o);
-void validate_options(const AdamOptions& o);
-
-// For SGD, steps[i] == 1 marks a momentum buffer created by this step (PyTorch copies the
-// gradient into it). grad_scale (SGD, Adam) divides the gradient, which is written back.
-void sgd_step(const std::vector<SgdOptions>& groups, const StepSchedule& schedule,
-              const StepBuffers& buffers, std::optional<double> grad_scale);
-void adagrad_step(const std::vector<AdagradOptions>& groups, const StepSchedule& schedule,
-                  const StepBuffers& buffers);
-void rmsprop_step(const std::vector<RmspropOptions>& groups, const StepSchedule& schedule,
-                  const StepBuffers& buffers);
-void adam_step(const std::vector<AdamOptions>& groups, const StepSchedule& schedule,
-               const StepBuffers& buffers, std::optional<double> grad_scale);
-// The bench's bandwidth ceiling: param += grad and state += grad over the same buffers.
-void stream_add_step(const StepBuffers& buffers);
-
-// The coefficients of one step (exposed for tests and the CUDA backend).
-SgdCoefficients sgd_coefficients(const SgdOptions& o, int64_t step,
-                                 std::optional<double> grad_scale);
-AdagradCoefficients adagrad_coefficients(const AdagradOptions& o, int64_t step);
-RmspropCoefficients rmsprop_coefficients(const RmspropOptions& o);
-AdamCoefficients adam_coefficients(const AdamOptions& o, int64_t step,
-                                   std::optional<double> grad_scale);
-
-// A validated step, ready for any backend: tensors[i].coefficients points at
-// coefficients[coefficient_of[i]], one struct per run of tensors sharing (group, step). Move-only,
-// so those pointers stay valid.
-template <class Coefficients>
-struct PreparedStep {
-  std::vector<TensorRef> tensors;
-  std::vector<Coefficients> coefficients;
-  std::vector<int> coefficient_of;
-  PreparedStep() = default;
-  PreparedStep(PreparedStep&&) = default;
-  PreparedStep(const PreparedStep&) = delete;
-};
-
-// Everything a step does before its kernels run (the CUDA backend launches these itself).
-PreparedStep<SgdCoefficients> prepare_sgd_step(const std::vector<SgdOptions>& groups,
-                                               const StepSchedule& schedule,
-                                               const StepBuffers& buffers,
-                                               std::optional<double> grad_scale);
-PreparedStep<AdagradCoefficients> prepare_adagrad_step(const std::vector<AdagradOptions>& groups,
-                                                       const StepSchedule& schedule,
-                                                       const StepBuffers& buffers);
-PreparedStep<RmspropCoefficients> prepare_rmsprop_step(const std::vector<RmspropOptions>& groups,
-                                                       const StepSchedule& schedule,
-                                                       const StepBuffers& buffers);
-PreparedStep<AdamCoefficients> prepare_adam_step(const std::vector<AdamOptions>& groups,
-                                                 const StepSchedule& schedule,
-                                                 const StepBuffers& buffers,
-                                                 std::optional<double> grad_scale);
 
 // Checks every buffer of the call (type, dtype, shape, contiguity, writeability, aliasing) and
-// returns the kernel's view of each tensor; throws Error naming the argument otherwise.
-std::vector<TensorRef> validate_step_buffers(const StepBuffers& buffers);
+// returns the kernel's view of each tensor; throws Error naming the argument otherwise. Without
+// grads (a Plan registering its params and states) buffers.grads must be empty.
+std::vector<TensorRef> validate_step_buffers(const StepBuffers& buffers, bool with_grads = true);
 
-// Runs one kernel per dtype over all tensors in one fork/join.
-void run_kernels(const KernelFn (&kernel)[kNumDtypes], const std::vector<TensorRef>& tensors);
+// The extents of a validated set of buffers, sorted, for checking later buffers against them
+// without sorting everything again (a Plan's grads against its params and states).
+class ExtentIndex {
+ public:
+  struct Extent {
+    uintptr_t begin, end;
+    std::string name;
+  };
+  explicit ExtentIndex(std::vector<Extent> extents);
+  ExtentIndex() = default;
+  // The name of an extent that [begin, end) overlaps, or null.
+  const std::string* find_overlap(uintptr_t begin, uintptr_t end) const;
+
+ private:
+  std::vector<Extent> extents_;  // by begin
+  std::vector<uintptr_t> furthest_end_;  // furthest_end_[i]: max end of extents_[0..i]
+};
+
+// Checks that a grad can be read (and written, for a grad scale) next to its param.
+void check_grad(const BufferInfo& grad, size_t index, const BufferInfo& param, bool written);
+void check_schedule(const StepSchedule& schedule, size_t num_tensors, size_t num_groups);
+// Runs the kernels over every tensor, in one fork/join when the step is large enough.
+void run_work(size_t num_tensors, const TensorRef* tensors, void (*run)(void*, size_t, int64_t,
+                                                                         int64_t),
+              void* context);
+
+// A validated step, ready for any backend: tensors[i] reads coefficients[coefficient_of[i]],
+// one struct per run of tensors sharing (group, step, new state, scalars).
+template <class A>
+struct PreparedStep {
+  std::vector<TensorRef> tensors;
+  std::vector<typename A::Coefficients> coefficients;
+  std::vector<int> coefficient_of;
+};
+
+template <class A>
+void check_options(const std::vector<typename A::Options>& groups) {
+  for (const typename A::Options& o : groups) A::check(o);
+}
+
+namespace detail {
+
+inline bool same_scalars(const double* a, const double* b) {
+  return a == b || (a && b && std::memcmp(a, b, sizeof(double) * kMaxScalars) == 0);
+}
+
+// A state the configuration needs must be there; one it does not need is dropped, so the kernel
+// neither streams it nor leaves it half-updated.
+// `names`: the states' names in messages (the caller's spelling), or null for the description's.
+template <class A>
+void match_states(TensorRef& t, unsigned used, size_t index,
+                  const std::vector<std::string>* names = nullptr) {
+  for (int k = 0; k < kMaxStates; ++k) {
+    const bool needed = used & (1u << k);
+    if (needed && !t.state[k])
+      throw Error(ErrorKind::value,
+                  (names && k < static_cast<int>(names->size()) ? (*names)[k]
+                                                                : std::string(A::state_names[k])) +
+                      "[" + std::to_string(index) +
+                      "] is missing but this param's options need it");
+    if (!needed) t.state[k] = nullptr;
+  }
+}
+
+// Gives each tensor the coefficients of its (group, step, new state, scalars), computed once per
+// run of equal inputs, then advances the tensors' scalars. Everything was validated before: past
+// this point nothing can fail, so the scalars are never advanced for a step that does not run.
+template <class A>
+void compute_coefficients(const std::vector<typename A::Options>& groups,
+                          const StepSchedule& schedule, const StepExtras& extras,
+                          PreparedStep<A>& step,
+                          const std::vector<std::string>* state_names = nullptr) {
+  const size_t n = step.tensors.size();
+  step.coefficients.clear();
+  step.coefficients.reserve(n);
+  step.coefficient_of.resize(n);
+  const double* grad_scale = extras.grad_scale ? &*extras.grad_scale : nullptr;
+  auto input_of = [&](size_t i) {
+    StepInput in;
+    in.step = schedule.steps[i];
+    in.new_state = !schedule.new_state.empty() && schedule.new_state[i];
+    in.grad_scale = grad_scale;
+    in.scalars = schedule.scalars ? schedule.scalars + i * kMaxScalars : nullptr;
+    return in;
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const StepInput in = input_of(i);
+    bool same_as_previous = false;
+    if (i > 0) {
+      const StepInput previous = input_of(i - 1);
+      same_as_previous = schedule.group_of[i] == schedule.group_of[i - 1] &&
+                         in.step == previous.step && in.new_state == previous.new_state &&
+                         (A::scalar_names.size() == 0 || same_scalars(in.scalars, previous.scalars));
+    }
+    if (!same_as_previous)
+      step.coefficients.push_back(A::coefficients(groups[schedule.group_of[i]], in));
+    step.coefficient_of[i] = static_cast<int>(step.coefficients.size()) - 1;
+    match_states<A>(step.tensors[i], A::states_used(groups[schedule.group_of[i]]), i,
+                    state_names);
+  }
+  if constexpr (A::scalar_names.size() > 0) {
+    if (schedule.scalars)
+      for (size_t i = 0; i < n; ++i)
+        A::advance_scalars(groups[schedule.group_of[i]], input_of(i),
+                           schedule.scalars + i * kMaxScalars);
+  }
+}
+
+template <class A>
+struct KernelContext {
+  const KernelFn<A>* kernel;
+  const PreparedStep<A>* step;
+};
+
+template <class A>
+void run_tensor_range(void* context, size_t i, int64_t begin, int64_t end) {
+  const auto& k = *static_cast<const KernelContext<A>*>(context);
+  const TensorRef& t = k.step->tensors[i];
+  k.kernel[static_cast<int>(t.dtype)](t, k.step->coefficients[k.step->coefficient_of[i]], begin,
+                                      end);
+}
+
+}  // namespace detail
+
+// Everything a step does before its kernels run (the CUDA backend launches these itself).
+template <class A>
+PreparedStep<A> prepare_step(const std::vector<typename A::Options>& groups,
+                             const StepSchedule& schedule, const StepBuffers& buffers,
+                             const StepExtras& extras) {
+  check_options<A>(groups);
+  if (extras.grad_scale && !A::takes_grad_scale)
+    throw Error(ErrorKind::value, std::string("grad_scale: ") + A::name +
+                                      " does not take a grad scale (PyTorch's fused SGD and "
+                                      "Adam do; unscale the grads before the step)");
+  PreparedStep<A> step;
+  step.tensors = validate_step_buffers(buffers);
+  check_schedule(schedule, step.tensors.size(), groups.size());
+  detail::compute_coefficients<A>(groups, schedule, extras, step, &buffers.state_names);
+  return step;
+}
+
+// Runs a prepared step on the CPU kernels of the ISA in use.
+template <class A>
+void run_step(const PreparedStep<A>& step) {
+  detail::KernelContext<A> context{kernels_of<A>(cpu::kernels()).update, &step};
+  run_work(step.tensors.size(), step.tensors.data(), detail::run_tensor_range<A>, &context);
+}
+
+// A step's params and states, described and validated once. Each step then checks only its
+// grads (dtype, shape, contiguity, and that none overlaps a registered buffer), computes the
+// coefficients and runs. Steps on one plan are serialized by its lock; plans run in parallel.
+// The caller keeps every registered buffer alive and in place for the plan's lifetime (the
+// Python bindings hold references and check cheaply that nothing moved).
+template <class A>
+class Plan {
+ public:
+  using Options = typename A::Options;
+
+  // `registered` holds the params and states (its grads are ignored). step_counts (one per
+  // tensor, the steps taken so far, as torch's state["step"]) are advanced by each step run
+  // without an explicit step number; null when every step gives one.
+  Plan(std::vector<Options> groups, const StepBuffers& registered, std::vector<int> group_of,
+       int64_t* step_counts, std::vector<uint8_t> new_state, double* scalars)
+      : groups_(std::move(groups)), step_counts_(step_counts) {
+    check_options<A>(groups_);
+    step_.tensors = validate_step_buffers(registered, false);
+    params_ = registered.params;
+    for (BufferInfo& p : params_) p.data = nullptr;  // shapes and dtypes only
+    schedule_.group_of = std::move(group_of);
+    schedule_.steps.assign(step_.tensors.size(), 1);
+    schedule_.new_state = std::move(new_state);
+    schedule_.scalars = scalars;
+    check_schedule(schedule_, step_.tensors.size(), groups_.size());
+    for (size_t i = 0; i < step_.tensors.size(); ++i)
+      detail::match_states<A>(step_.tensors[i], A::states_used(groups_[schedule_.group_of[i]]),
+                              i);
+    registered_states_.resize(step_.tensors.size());
+    for (size_t i = 0; i < step_.tensors.size(); ++i)
+      std::copy(std::begin(step_.tensors[i].state), std::end(step_.tensors[i].state),
+                registered_states_[i].begin());
+    std::vector<ExtentIndex::Extent> extents;
+    for (size_t i = 0; i < step_.tensors.size(); ++i) {
+      const TensorRef& t = step_.tensors[i];
+      const int64_t bytes = t.size * (t.dtype == Dtype::float32 ? 4 : 8);
+      if (bytes == 0) continue;
+      auto add = [&](void* data, const std::string& name) {
+        const auto begin = reinterpret_cast<uintptr_t>(data);
+        extents.push_back({begin, begin + static_cast<uintptr_t>(bytes),
+                           name + "[" + std::to_string(i) + "]"});
+      };
+      add(t.param, "params");
+      for (int k = 0; k < kMaxStates; ++k)
+        if (registered_states_[i][k]) add(registered_states_[i][k], A::state_names[k]);
+    }
+    registered_extents_ = ExtentIndex(std::move(extents));
+  }
+
+  size_t size() const { return step_.tensors.size(); }
+
+  // New hyperparameters for a group; refused (and nothing changed) when invalid or when they
+  // need a state the group's tensors were registered without.
+  void set_options(size_t group, const Options& options) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (group >= groups_.size())
+      throw Error(ErrorKind::value, "group " + std::to_string(group) + " is out of range");
+    A::check(options);
+    const unsigned used = A::states_used(options);
+    for (size_t i = 0; i < step_.tensors.size(); ++i)
+      if (static_cast<size_t>(schedule_.group_of[i]) == group)
+        for (int k = 0; k < kMaxStates; ++k)
+          if ((used & (1u << k)) && !registered_states_[i][k])
+            throw Error(ErrorKind::value, std::string(A::state_names[k]) + "[" +
+                                              std::to_string(i) +
+                                              "] is missing but this param's options need it");
+    groups_[group] = options;
+  }
+
+  // One step: grads[i] for tensor i. `step`, when given, is t for every tensor (Keras' global
+  // iteration count) and the step counts are left alone; otherwise each tensor's count is
+  // advanced and used, as torch does.
+  void step(const std::vector<BufferInfo>& grads, const StepExtras& extras,
+            std::optional<int64_t> step) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const size_t n = step_.tensors.size();
+    if (grads.size() != n)
+      throw Error(ErrorKind::value, "grads: expected " + std::to_string(n) +
+                                        " arrays (one per param), got " +
+                                        std::to_string(grads.size()));
+    if (extras.grad_scale && !A::takes_grad_scale)
+      throw Error(ErrorKind::value,
+                  std::string("grad_scale: ") + A::name + " does not take a grad scale");
+    const bool written = extras.grad_scale.has_value();
+    std::vector<ExtentIndex::Extent> written_grads;
+    for (size_t i = 0; i < n; ++i) {
+      check_grad(grads[i], i, params_[i], written);
+      const int64_t bytes = grads[i].size * (grads[i].is_float32 ? 4 : 8);
+      if (bytes == 0) continue;
+      const auto begin = reinterpret_cast<uintptr_t>(grads[i].data);
+      const auto end = begin + static_cast<uintptr_t>(bytes);
+      if (const std::string* clash = registered_extents_.find_overlap(begin, end))
+        throw Error(ErrorKind::value, "grads[" + std::to_string(i) + "] overlaps " + *clash +
+                                          " in memory; every param, grad and state must be "
+                                          "its own buffer");
+      if (written) written_grads.push_back({begin, end, "grads[" + std::to_string(i) + "]"});
+    }
+    if (written) check_grads_apart(std::move(written_grads));
+    if (step && *step < 1)
+      throw Error(ErrorKind::value, "step must be >= 1 (the first step is 1), got " +
+                                        std::to_string(*step));
+    for (size_t i = 0; i < n; ++i) {
+      TensorRef& t = step_.tensors[i];
+      t.grad = grads[i].data;
+      t.write_grad = written;
+      std::copy(registered_states_[i].begin(), registered_states_[i].end(), std::begin(t.state));
+      if (step) {
+        schedule_.steps[i] = *step;
+      } else if (step_counts_) {
+        const int64_t taken = step_counts_[i];
+        if (taken < 0 || taken == INT64_MAX)
+          throw Error(ErrorKind::value, "the step count of params[" + std::to_string(i) +
+                                            "] is " + std::to_string(taken) +
+                                            "; it must be in [0, 2**63 - 1)");
+        schedule_.steps[i] = taken + 1;
+      } else {
+        schedule_.steps[i] = 1;
+      }
+    }
+    detail::compute_coefficients<A>(groups_, schedule_, extras, step_);
+    run_step(step_);
+    if (!step && step_counts_)
+      for (size_t i = 0; i < n; ++i) step_counts_[i] = schedule_.steps[i];
+    std::fill(schedule_.new_state.begin(), schedule_.new_state.end(), 0);
+  }
+
+ private:
+  // Grads that are written back must not overlap one another.
+  static void check_grads_apart(std::vector<ExtentIndex::Extent> extents) {
+    std::sort(extents.begin(), extents.end(),
+              [](const auto& a, const auto& b) { return a.begin < b.begin; });
+    for (size_t i = 1; i < extents.size(); ++i)
+      if (extents[i].begin < extents[i - 1].end)
+        throw Error(ErrorKind::value, extents[i].name + " overlaps " + extents[i - 1].name +
+                                          " in memory; grads written back must not share memory");
+  }
+
+  std::mutex mutex_;
+  std::vector<Options> groups_;
+  PreparedStep<A> step_;
+  std::vector<BufferInfo> params_;  // shapes and dtypes, for checking grads
+  std::vector<std::array<void*, kMaxStates>> registered_states_;
+  StepSchedule schedule_;
+  int64_t* step_counts_;
+  ExtentIndex registered_extents_;
+};
 
 }  // namespace fusedopt

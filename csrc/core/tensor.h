@@ -1,30 +1,39 @@
-// What every backend receives for one tensor of a step: raw addresses, a 64-bit size and the
-// coefficients of its step. Built by the validator (csrc/core/validate.cpp) only after every
-// buffer of the call has been checked.
+// What every backend receives for one tensor of a step: raw addresses and a 64-bit size, built by
+// the validator (csrc/core/validate.cpp) only after every buffer of the call has been checked.
 #pragma once
 
 #include <cstdint>
+#include <tuple>
 
-#include "math/coefficients.h"
+#include "math/ewma.h"
+#include "math/registry.h"
 
 namespace fusedopt {
 
 enum class Dtype : int { float32 = 0, float64 = 1 };
 constexpr int kNumDtypes = 2;
-constexpr int kMaxStates = 3;
 
 struct TensorRef {
   void* param;
   void* grad;
-  void* state[kMaxStates];  // null where the algorithm's configuration keeps no such state
+  void* state[kMaxStates];  // null where this tensor's configuration keeps no such state
   int64_t size;
   Dtype dtype;
-  bool write_grad;           // PyTorch's fused grad_scale writes the unscaled gradient back
-  const void* coefficients;  // the algorithm's *Coefficients struct for this tensor's step
+  bool write_grad;  // PyTorch's fused grad_scale writes the unscaled gradient back
 };
 
-// Updates elements [begin, end) of one tensor.
-using KernelFn = void (*)(const TensorRef& tensor, int64_t begin, int64_t end);
+// Updates elements [begin, end) of one tensor with the coefficients of its step.
+template <class A>
+using KernelFn = void (*)(const TensorRef& tensor, const typename A::Coefficients& coefficients,
+                          int64_t begin, int64_t end);
+
+template <class A>
+struct AlgorithmKernels {
+  KernelFn<A> update[kNumDtypes];
+};
+
+// The bandwidth ceiling of bench/: reads and writes the same buffers as a step, no math.
+using StreamAddFn = void (*)(const TensorRef& tensor, int64_t begin, int64_t end);
 
 // Many EWMA series in one float64 block: element t of series s is at
 // x[s * series_stride + t * time_stride]; out has the same layout. For series side by side in
@@ -45,15 +54,17 @@ struct EwmaBlock {
 // Runs series [first, last) of a block over all its time steps.
 using EwmaFn = void (*)(const EwmaBlock& block, int64_t first, int64_t last);
 
+// One per-ISA compile of csrc/cpu/kernels.cpp: the kernels of every registered algorithm.
 struct KernelTable {
   const char* isa;
-  KernelFn sgd[kNumDtypes];
-  KernelFn adagrad[kNumDtypes];
-  KernelFn rmsprop[kNumDtypes];
-  KernelFn adam[kNumDtypes];
-  // The bandwidth ceiling of bench/: reads and writes the same buffers as a step, no math.
-  KernelFn stream_add[kNumDtypes];
+  Algorithms::map<AlgorithmKernels> algorithms;
+  StreamAddFn stream_add[kNumDtypes];
   EwmaFn ewma;
 };
+
+template <class A>
+const AlgorithmKernels<A>& kernels_of(const KernelTable& table) {
+  return std::get<AlgorithmKernels<A>>(table.algorithms);
+}
 
 }  // namespace fusedopt

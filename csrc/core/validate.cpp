@@ -116,10 +116,10 @@ void check_no_overlap(const std::vector<Extent>& extents) {
 
 }  // namespace
 
-std::vector<TensorRef> validate_step_buffers(const StepBuffers& b) {
+std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_grads) {
   static const std::string params_role = "params", grads_role = "grads";
   const size_t n = b.params.size();
-  if (b.grads.size() != n)
+  if (with_grads && b.grads.size() != n)
     fail(ErrorKind::value, "grads: expected " + std::to_string(n) +
                                " arrays (one per param), got " + std::to_string(b.grads.size()));
   for (size_t k = 0; k < b.states.size(); ++k)
@@ -143,17 +143,19 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b) {
     const BufferName param_name{&params_role, i};
     const BufferName grad_name{&grads_role, i};
     if (!param.present) fail(ErrorKind::type, param_name.str() + " is None");
-    if (!b.grads[i].present) fail(ErrorKind::type, grad_name.str() + " is None");
     check_buffer(param, param_name, true);
-    check_buffer(b.grads[i], grad_name, b.grads_written);
-    check_matches_param(b.grads[i], grad_name, param, param_name);
     add_extent(param, true, param_name);
-    add_extent(b.grads[i], b.grads_written, grad_name);
+    if (with_grads) {
+      if (!b.grads[i].present) fail(ErrorKind::type, grad_name.str() + " is None");
+      check_buffer(b.grads[i], grad_name, b.grads_written);
+      check_matches_param(b.grads[i], grad_name, param, param_name);
+      add_extent(b.grads[i], b.grads_written, grad_name);
+    }
 
     TensorRef& t = tensors[i];
     t = TensorRef{};
     t.param = param.data;
-    t.grad = b.grads[i].data;
+    t.grad = with_grads ? b.grads[i].data : nullptr;
     t.size = param.size;
     t.dtype = param.is_float32 ? Dtype::float32 : Dtype::float64;
     t.write_grad = b.grads_written;
@@ -169,6 +171,34 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b) {
   }
   check_no_overlap(extents);
   return tensors;
+}
+
+void check_grad(const BufferInfo& grad, size_t index, const BufferInfo& param, bool written) {
+  static const std::string params_role = "params", grads_role = "grads";
+  const BufferName grad_name{&grads_role, index};
+  if (!grad.present) fail(ErrorKind::type, grad_name.str() + " is None");
+  check_buffer(grad, grad_name, written);
+  check_matches_param(grad, grad_name, param, BufferName{&params_role, index});
+}
+
+ExtentIndex::ExtentIndex(std::vector<Extent> extents) : extents_(std::move(extents)) {
+  std::sort(extents_.begin(), extents_.end(),
+            [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
+  furthest_end_.reserve(extents_.size());
+  uintptr_t furthest = 0;
+  for (const Extent& e : extents_) furthest_end_.push_back(furthest = std::max(furthest, e.end));
+}
+
+const std::string* ExtentIndex::find_overlap(uintptr_t begin, uintptr_t end) const {
+  // The extents starting before `end`; one of them overlaps when the furthest reaches past begin.
+  const size_t count =
+      std::upper_bound(extents_.begin(), extents_.end(), end - 1,
+                       [](uintptr_t address, const Extent& e) { return address < e.begin; }) -
+      extents_.begin();
+  if (count == 0 || furthest_end_[count - 1] <= begin) return nullptr;
+  for (size_t i = count; i-- > 0;)
+    if (extents_[i].end > begin) return &extents_[i].name;
+  return nullptr;
 }
 
 }  // namespace fusedopt

@@ -1,12 +1,13 @@
 // The CPU kernels, compiled once per ISA (CMakeLists.txt): FUSEDOPT_ISA is scalar, avx2 or
 // avx512, and only this file gets that ISA's flags. Each kernel streams one range of one tensor:
-// load every operand once, run the algorithm's math (csrc/math) in registers, store once.
+// load every operand once, run the algorithm's math (csrc/math) in registers, store once. The
+// kernels of every registered algorithm (csrc/math/registry.h) are instantiated here from one
+// template.
+#include <cstring>
+
 #include "core/tensor.h"
-#include "math/adagrad.h"
-#include "math/adam.h"
 #include "math/ewma.h"
-#include "math/rmsprop.h"
-#include "math/sgd.h"
+#include "math/registry.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include "cpu/vec.h"
@@ -24,10 +25,15 @@ template <class T>
 using Lane = Vec<T, 32>;
 #endif
 
+// Through memcpy: NumPy accepts arrays that are not aligned to their element size (a view at a
+// byte offset), and a plain dereference of those is undefined behaviour. Compilers turn this
+// into an ordinary (unaligned) load or store.
 template <class V, class T>
 inline V load_lane(const T* p) {
   if constexpr (sizeof(V) == sizeof(T)) {
-    return *p;
+    T x;
+    std::memcpy(&x, p, sizeof(T));
+    return x;
   } else {
     return V::load(p);
   }
@@ -36,7 +42,8 @@ inline V load_lane(const T* p) {
 template <class V, class T>
 inline void store_lane(T* p, const V& x) {
   if constexpr (sizeof(V) == sizeof(T)) {
-    *p = x;
+    const T value = x;
+    std::memcpy(p, &value, sizeof(T));
   } else {
     x.store(p);
   }
@@ -89,9 +96,10 @@ inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Updat
   for (; i < end; ++i) at(T(0), i);
 }
 
-// A tensor's pattern is fixed for the whole range, so each pattern an algorithm produces gets a
-// loop of its own with no tests on absent buffers inside (those tests made SGD at 1e7 elements
-// run at half the bandwidth of a plain p += g); any other pattern takes the general loop.
+// A tensor's pattern is fixed for the whole range, so each pattern an algorithm commonly produces
+// gets a loop of its own with no tests on absent buffers inside (those tests made SGD at 1e7
+// elements run at half the bandwidth of a plain p += g); any other pattern takes the general
+// loop.
 template <class T, unsigned... Patterns, class Update>
 inline void stream(const TensorRef& t, int64_t begin, int64_t end, Update update) {
   const unsigned pattern = pattern_of(t);
@@ -100,42 +108,51 @@ inline void stream(const TensorRef& t, int64_t begin, int64_t end, Update update
   if (!done) stream_pattern<T, kRuntimePattern>(t, begin, end, update);
 }
 
-// The coefficients are captured by value: the closure is then a local whose address never
-// escapes, so the compiler keeps them in registers instead of reloading them after every store
-// (a store through memcpy may alias anything reachable).
-template <class T>
-void sgd_kernel(const TensorRef& t, int64_t begin, int64_t end) {
-  const SgdCoefficients c = *static_cast<const SgdCoefficients*>(t.coefficients);
-  stream<T, 0u, 1u, kWritesGrad, kWritesGrad | 1u>(
-      t, begin, end, [c](auto& p, auto& g, auto* s) { math::sgd_update(c, p, g, s[0]); });
+// The patterns with a loop of their own: the states every configuration uses plus any subset of
+// the optional ones, with and without the gradient's write-back where the algorithm takes a grad
+// scale.
+template <class A>
+constexpr unsigned pattern_count() {
+  constexpr unsigned optional = ((1u << A::state_names.size()) - 1) & ~A::always_used_states;
+  unsigned count = 0;
+  for (unsigned subset = 0; subset < (1u << kMaxStates); ++subset)
+    if ((subset & ~optional) == 0) ++count;
+  return A::takes_grad_scale ? 2 * count : count;
 }
 
-template <class T>
-void adagrad_kernel(const TensorRef& t, int64_t begin, int64_t end) {
-  const AdagradCoefficients c = *static_cast<const AdagradCoefficients*>(t.coefficients);
-  stream<T, 1u>(t, begin, end,
-                [c](auto& p, auto& g, auto* s) { math::adagrad_update(c, p, g, s[0]); });
+template <class A, unsigned Index>
+constexpr unsigned pattern_at() {
+  constexpr unsigned optional = ((1u << A::state_names.size()) - 1) & ~A::always_used_states;
+  unsigned seen = 0;
+  for (unsigned grad = 0; grad < (A::takes_grad_scale ? 2u : 1u); ++grad)
+    for (unsigned subset = 0; subset < (1u << kMaxStates); ++subset)
+      if ((subset & ~optional) == 0 && seen++ == Index)
+        return A::always_used_states | subset | (grad ? kWritesGrad : 0u);
+  return kRuntimePattern;
 }
 
-template <class T>
-void rmsprop_kernel(const TensorRef& t, int64_t begin, int64_t end) {
-  const RmspropCoefficients c = *static_cast<const RmspropCoefficients*>(t.coefficients);
-  stream<T, 1u, 3u, 5u, 7u>(t, begin, end, [c](auto& p, auto& g, auto* s) {
-    math::rmsprop_update(c, p, g, s[0], s[1], s[2]);
-  });
+template <class T, class A, class Update, unsigned... Index>
+inline void stream_algorithm(const TensorRef& t, int64_t begin, int64_t end, Update update,
+                             std::integer_sequence<unsigned, Index...>) {
+  stream<T, pattern_at<A, Index>()...>(t, begin, end, update);
 }
 
-template <class T>
-void adam_kernel(const TensorRef& t, int64_t begin, int64_t end) {
-  const AdamCoefficients c = *static_cast<const AdamCoefficients*>(t.coefficients);
-  stream<T, 3u, 7u, kWritesGrad | 3u, kWritesGrad | 7u>(
+// The coefficients are copied into the closure: it is then a local whose address never escapes,
+// so the compiler keeps them in registers instead of reloading them after every store (a store
+// through memcpy may alias anything reachable).
+template <class A, class T>
+void update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
+                   int64_t begin, int64_t end) {
+  const typename A::Coefficients c = coefficients;
+  stream_algorithm<T, A>(
       t, begin, end,
-      [c](auto& p, auto& g, auto* s) { math::adam_update(c, p, g, s[0], s[1], s[2]); });
+      [c](auto& p, auto& g, auto(&s)[kMaxStates]) { math::update(c, p, g, s); },
+      std::make_integer_sequence<unsigned, pattern_count<A>()>{});
 }
 
 template <class T>
 void stream_add_kernel(const TensorRef& t, int64_t begin, int64_t end) {
-  stream<T, 0u, 1u, 3u, 7u>(t, begin, end, [](auto& p, auto& g, auto* s) {
+  stream<T, 0u, 1u, 3u, 7u>(t, begin, end, [](auto& p, auto& g, auto(&s)[kMaxStates]) {
     p = p + g;
     for (int k = 0; k < kMaxStates; ++k) s[k] = s[k] + g;
   });
@@ -179,24 +196,29 @@ void ewma_kernel(const EwmaBlock& b, int64_t first, int64_t last) {
   }
 }
 
-}  // namespace FUSEDOPT_ISA
-
 #define FUSEDOPT_CONCAT_INNER(a, b) a##b
 #define FUSEDOPT_CONCAT(a, b) FUSEDOPT_CONCAT_INNER(a, b)
 #define FUSEDOPT_STRING_INNER(a) #a
 #define FUSEDOPT_STRING(a) FUSEDOPT_STRING_INNER(a)
 
+template <class A>
+constexpr AlgorithmKernels<A> kernels_for() {
+  return {{update_kernel<A, float>, update_kernel<A, double>}};
+}
+
+template <class... A>
+constexpr KernelTable make_table(AlgorithmList<A...>) {
+  return {FUSEDOPT_STRING(FUSEDOPT_ISA),
+          {kernels_for<A>()...},
+          {stream_add_kernel<float>, stream_add_kernel<double>},
+          ewma_kernel};
+}
+
+}  // namespace FUSEDOPT_ISA
+
 // dispatch.cpp declares one of these per ISA that was built.
 const KernelTable& FUSEDOPT_CONCAT(kernel_table_, FUSEDOPT_ISA)() {
-  static const KernelTable table = {
-      FUSEDOPT_STRING(FUSEDOPT_ISA),
-      {sgd_kernel<float>, sgd_kernel<double>},
-      {adagrad_kernel<float>, adagrad_kernel<double>},
-      {rmsprop_kernel<float>, rmsprop_kernel<double>},
-      {adam_kernel<float>, adam_kernel<double>},
-      {stream_add_kernel<float>, stream_add_kernel<double>},
-      ewma_kernel,
-  };
+  static const KernelTable table = make_table(Algorithms{});
   return table;
 }
 

@@ -14,11 +14,10 @@ namespace fusedopt {
 namespace cuda {
 
 // Launches a validated step on `stream` (a cudaStream_t) of the current device: the flat kernel
-// for a step with one tensor per dtype, the multi-tensor plan otherwise.
-void launch_step(const PreparedStep<SgdCoefficients>& step, void* stream);
-void launch_step(const PreparedStep<AdagradCoefficients>& step, void* stream);
-void launch_step(const PreparedStep<RmspropCoefficients>& step, void* stream);
-void launch_step(const PreparedStep<AdamCoefficients>& step, void* stream);
+// for a step with one tensor per dtype, the multi-tensor plan otherwise. Compiled in kernels.cu
+// for every registered algorithm.
+template <class A>
+void launch_step(const PreparedStep<A>& step, void* stream);
 
 // The number of usable devices, or 0 with the runtime's reason (never throws: no driver, no
 // device and a driver older than the runtime are all ordinary answers on a CPU machine).

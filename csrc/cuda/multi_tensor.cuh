@@ -34,8 +34,6 @@ struct LaunchArguments {
   LaunchMetadata metadata;
   Coefficients coefficients[kMaxCoefficientSetsPerLaunch];
 };
-static_assert(sizeof(LaunchArguments<AdamCoefficients>) <= 32764,
-              "a kernel's parameters are limited to 32764 bytes");
 
 // One flat buffer per operand: no metadata, any size, one launch.
 template <class Coefficients>
@@ -104,9 +102,10 @@ __device__ __forceinline__ void update_range(void* const (&addresses)[kMaxOperan
   for (int64_t i = tail_begin + threadIdx.x; i < end; i += stride) update_element(i);
 }
 
-template <class T, class Algorithm>
+template <class T, class A>
 __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_kernel(
-    const __grid_constant__ LaunchArguments<typename Algorithm::Coefficients> args) {
+    const __grid_constant__ LaunchArguments<typename A::Coefficients> args) {
+  static_assert(sizeof(args) <= 32764, "a kernel's parameters are limited to 32764 bytes");
   const LaunchMetadata& m = args.metadata;
   const int slot = m.block_tensor[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(m.block_chunk[blockIdx.x]) * kChunkElements;
@@ -114,21 +113,21 @@ __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_kernel(
   const int64_t end = begin + kChunkElements < size ? begin + kChunkElements : size;
   void* addresses[kMaxOperands];
   for (int k = 0; k < kMaxOperands; ++k) addresses[k] = m.addresses[k][slot];
-  const typename Algorithm::Coefficients c = args.coefficients[m.coefficient_set[slot]];
+  const typename A::Coefficients c = args.coefficients[m.coefficient_set[slot]];
   update_range<T>(addresses, begin, end, m.flags[slot],
-                  [&](T& p, T& g, T(&s)[kMaxStates]) { Algorithm::update(c, p, g, s); });
+                  [&](T& p, T& g, T(&s)[kMaxStates]) { math::update(c, p, g, s); });
 }
 
-template <class T, class Algorithm>
+template <class T, class A>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    flat_kernel(const __grid_constant__ FlatArguments<typename Algorithm::Coefficients> args) {
-  const typename Algorithm::Coefficients c = args.coefficients;
+    flat_kernel(const __grid_constant__ FlatArguments<typename A::Coefficients> args) {
+  const typename A::Coefficients c = args.coefficients;
   const int64_t chunks = (args.size + kChunkElements - 1) / kChunkElements;
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const int64_t begin = chunk * kChunkElements;
     const int64_t end = begin + kChunkElements < args.size ? begin + kChunkElements : args.size;
     update_range<T>(args.addresses, begin, end, args.flags,
-                    [&](T& p, T& g, T(&s)[kMaxStates]) { Algorithm::update(c, p, g, s); });
+                    [&](T& p, T& g, T(&s)[kMaxStates]) { math::update(c, p, g, s); });
   }
 }
 

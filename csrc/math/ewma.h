@@ -1,14 +1,27 @@
-// pandas' exponentially weighted mean, ewm(...).mean() (SPEC section 9), one step of many series
+// pandas' exponentially weighted mean, ewm(...).mean() (docs/spec.md section 9), one step of many series
 // at once: each lane of V is one series. pandas' branches (aggregations.pyx) become lane-wise
 // selects, so every lane does the operations pandas does for that series, in the same order,
 // and the results are bit-identical where pandas' algorithm is. (At com == 1 with adjust=False
-// and a NaN this is the pandas 2 rule; pandas 3.0 special-cases it, see SPEC A.5.)
+// and a NaN this is the pandas 2 rule; pandas 3.0 special-cases it, see spec A.5.)
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
-#include "math/coefficients.h"
 #include "math/common.h"
+
+namespace fusedopt {
+
+// pandas' ewm(...).mean(), from the center of mass com, computed once on the host.
+struct EwmaCoefficients {
+  double old_weight_factor;  // 1 - alpha, alpha = 1 / (1 + com)
+  double new_weight;         // 1 if adjust else alpha
+  bool adjust;
+  bool ignore_na;
+  int64_t min_periods;  // already max(min_periods, 1)
+};
+
+}  // namespace fusedopt
 
 FUSEDOPT_MATH_BEGIN
 

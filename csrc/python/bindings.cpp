@@ -1,10 +1,12 @@
 // The _core extension: NumPy arrays in, taken as they are (never converted, so an in-place update
 // lands in the caller's memory), described to the core, which validates and runs them with the
-// GIL released.
+// GIL released. Generic over the registry of algorithm descriptions: every algorithm is reached
+// by its name, with its options as values in the order of its fields.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -30,11 +32,11 @@ bool native_byte_order(const py::dtype& dtype) {
 // Fills `info` (reused across steps, so its shape keeps its capacity) from a NumPy array's own
 // fields: no reference counting, no allocation in the steady state. A ten-thousand-tensor step
 // describes fifty thousand buffers, and this was most of its cost.
-void describe(py::handle object, const std::string& role, size_t index, BufferInfo& info) {
+void describe(py::handle object, const char* role, size_t index, BufferInfo& info) {
   info.present = !object.is_none();
   if (!info.present) return;
   if (!py::isinstance<py::array>(object))
-    throw Error(ErrorKind::type, role + "[" + std::to_string(index) +
+    throw Error(ErrorKind::type, std::string(role) + "[" + std::to_string(index) +
                                      "] must be a numpy.ndarray, got " +
                                      std::string(py::str(py::type::of(object).attr("__name__"))));
   const auto* array = py::detail::array_proxy(object.ptr());
@@ -58,88 +60,264 @@ void describe(py::handle object, const std::string& role, size_t index, BufferIn
   }
 }
 
-void describe_list(py::handle list, const std::string& role, std::vector<BufferInfo>& infos) {
-  if (list.is_none()) {
-    infos.clear();
-    return;
-  }
-  if (!PyList_Check(list.ptr()) && !PyTuple_Check(list.ptr()))
-    throw Error(ErrorKind::type, role + " must be a list or tuple of numpy arrays");
-  const size_t n = static_cast<size_t>(PySequence_Fast_GET_SIZE(list.ptr()));
-  PyObject** items = PySequence_Fast_ITEMS(list.ptr());
-  infos.resize(n);
-  for (size_t i = 0; i < n; ++i) describe(items[i], role, i, infos[i]);
+// The items of a list or tuple as a new tuple: it holds a reference to every array for as long
+// as the caller keeps it, so another thread replacing a list item cannot free an array that a
+// step, with the GIL released, is reading.
+py::tuple items_of(py::handle sequence, const char* role) {
+  if (!PyList_Check(sequence.ptr()) && !PyTuple_Check(sequence.ptr()))
+    throw Error(ErrorKind::type, std::string(role) + " must be a list or tuple of numpy arrays");
+  return py::reinterpret_steal<py::tuple>(PySequence_Tuple(sequence.ptr()));
 }
 
-// The description of one call's buffers, in storage each thread reuses from step to step.
-StepBuffers& describe_step(py::handle params, py::handle grads,
-                           const std::vector<std::pair<py::handle, const char*>>& states,
-                           bool grads_written) {
-  thread_local StepBuffers b;
-  describe_list(params, "params", b.params);
-  describe_list(grads, "grads", b.grads);
-  b.states.resize(states.size());
-  b.state_names.resize(states.size());
-  size_t k = 0;
-  for (const auto& [list, name] : states) {
-    b.state_names[k] = name;
-    describe_list(list, name, b.states[k]);
-    ++k;
+void describe_items(const py::tuple& items, const char* role, std::vector<BufferInfo>& infos) {
+  infos.resize(items.size());
+  for (size_t i = 0; i < items.size(); ++i) describe(items[i], role, i, infos[i]);
+}
+
+// Options from their values in the order of the algorithm's fields (bools and the convention as
+// numbers): the Python layer has already checked their types and spelled their names.
+template <class A>
+typename A::Options options_from(py::handle values) {
+  const py::tuple items = items_of(values, "options");
+  constexpr size_t count = std::size(A::fields);
+  if (items.size() != count)
+    throw Error(ErrorKind::value, std::string(A::name) + " takes " + std::to_string(count) +
+                                      " option values, got " + std::to_string(items.size()));
+  typename A::Options o;
+  for (size_t i = 0; i < count; ++i) {
+    const Field<typename A::Options>& field = A::fields[i];
+    const double value = PyFloat_AsDouble(items[i].ptr());
+    if (value == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      throw Error(ErrorKind::type, std::string(field.name) + " must be a number");
+    }
+    if (field.number) {
+      o.*field.number = value;
+    } else if (field.flag) {
+      o.*field.flag = value != 0;
+    } else {
+      if (value != 0 && value != 1)
+        throw Error(ErrorKind::value, "convention must be 0 (torch) or 1 (keras)");
+      o.*field.convention = static_cast<Convention>(static_cast<int>(value));
+    }
   }
-  b.grads_written = grads_written;
-  return b;
+  return o;
+}
+
+template <class A>
+std::vector<typename A::Options> groups_from(py::handle groups) {
+  std::vector<typename A::Options> result;
+  for (py::handle g : items_of(groups, "groups")) result.push_back(options_from<A>(g));
+  return result;
 }
 
 using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
-// The optimizer's step counts, one per param: the steps taken so far. A step runs with
-// t = count + 1, and only once it has run are the counts advanced, in place: the optimizer keeps
-// one array and does no NumPy arithmetic per step (each NumPy call costs about a microsecond,
-// a fifth of a small step).
-class StepCounts {
- public:
-  explicit StepCounts(py::handle counts) {
-    if (!py::isinstance<py::array>(counts))
-      throw Error(ErrorKind::type, "step_counts must be a numpy int64 array");
-    array_ = py::reinterpret_borrow<py::array>(counts);
-    if (array_.dtype().kind() != 'i' || array_.itemsize() != 8 ||
-        !(array_.flags() & py::array::c_style) || !array_.writeable())
-      throw Error(ErrorKind::type, "step_counts must be a writeable, C-contiguous int64 array");
-  }
-
-  StepSchedule schedule(const IndexArray& group_of) const {
-    StepSchedule s;
-    s.group_of.assign(group_of.data(), group_of.data() + group_of.size());
-    const auto* counts = static_cast<const int64_t*>(array_.data());
-    s.steps.resize(static_cast<size_t>(array_.size()));
-    for (size_t i = 0; i < s.steps.size(); ++i) s.steps[i] = counts[i] + 1;
-    return s;
-  }
-
-  void advance() {
-    auto* counts = static_cast<int64_t*>(array_.mutable_data());
-    for (py::ssize_t i = 0; i < array_.size(); ++i) ++counts[i];
-  }
-
- private:
-  py::array array_;
-};
-
-Convention convention_of(const std::string& name) {
-  if (name == "torch") return Convention::torch;
-  if (name == "keras") return Convention::keras;
-  throw Error(ErrorKind::value, "convention must be 'torch' or 'keras', got '" + name + "'");
+// A writeable, C-contiguous array of one dtype with `count` elements, whose memory the core
+// updates in place (step counts, scalars); or null for None.
+template <class T>
+T* writeable_array(py::handle object, const char* name, py::ssize_t count) {
+  if (object.is_none()) return nullptr;
+  if (!py::isinstance<py::array_t<T>>(object))
+    throw Error(ErrorKind::type, std::string(name) + " must be a numpy array of " +
+                                     (sizeof(T) == 8 && std::is_integral_v<T> ? "int64" : "float64"));
+  auto array = py::reinterpret_borrow<py::array>(object);
+  if (!(array.flags() & py::array::c_style) || !array.writeable() || array.size() != count)
+    throw Error(ErrorKind::value, std::string(name) + " must be writeable, C-contiguous and hold " +
+                                      std::to_string(count) + " values");
+  return static_cast<T*>(array.mutable_data());
 }
 
-// Every options class gets `convention` ("torch" or "keras") and `validate()`, which raises
-// ValueError naming the first invalid hyperparameter.
-template <class Options>
-void bind_common_options(py::class_<Options>& cls) {
-  cls.def("validate", [](const Options& o) { validate_options(o); });
-  cls.def_property(
-      "convention",
-      [](const Options& o) { return o.convention == Convention::keras ? "keras" : "torch"; },
-      [](Options& o, const std::string& name) { o.convention = convention_of(name); });
+std::vector<uint8_t> flags_from(py::handle object, size_t count) {
+  std::vector<uint8_t> flags;
+  if (object.is_none()) return flags;
+  for (py::handle f : items_of(object, "new_state")) flags.push_back(py::cast<bool>(f));
+  if (flags.size() != count) throw Error(ErrorKind::value, "new_state: one flag per param");
+  return flags;
+}
+
+std::optional<double> grad_scale_from(py::handle object) {
+  if (object.is_none()) return std::nullopt;
+  const double value = PyFloat_AsDouble(object.ptr());
+  if (value == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw Error(ErrorKind::type, "grad_scale must be a number");
+  }
+  return value;
+}
+
+// The params and states of a step as the core's StepBuffers; the tuples keep every array alive.
+// `suffix` follows each state's name in messages ("s": the functional API's argument names).
+template <class A>
+StepBuffers& describe_registered(const py::tuple& params, const py::tuple& state_lists,
+                                 std::vector<py::tuple>& kept, StepBuffers& b,
+                                 const char* suffix = "") {
+  describe_items(params, "params", b.params);
+  if (state_lists.size() != A::state_names.size())
+    throw Error(ErrorKind::value, std::string(A::name) + " takes " +
+                                      std::to_string(A::state_names.size()) +
+                                      " state lists (None for a state no tensor keeps)");
+  b.states.resize(A::state_names.size());
+  b.state_names.clear();
+  for (const char* name : A::state_names) b.state_names.push_back(std::string(name) + suffix);
+  for (size_t k = 0; k < A::state_names.size(); ++k) {
+    if (state_lists[k].is_none()) {
+      b.states[k].clear();
+      continue;
+    }
+    kept.push_back(items_of(state_lists[k], b.state_names[k].c_str()));
+    describe_items(kept.back(), b.state_names[k].c_str(), b.states[k]);
+  }
+  return b;
+}
+
+// ---- Plans: the params and states registered once ------------------------------------------
+
+// What can change about an array after it was registered without it being replaced: its data
+// (ndarray.resize), shape, flags (writeable) or dtype. Compared field by field at every step,
+// which costs a few loads per array; a difference re-registers everything.
+struct Fingerprint {
+  PyObject* object;
+  void* data;
+  int flags;
+  PyObject* descr;
+  std::vector<int64_t> shape;
+
+  static Fingerprint of(PyObject* object) {
+    Fingerprint f{object, nullptr, 0, nullptr, {}};
+    if (object == Py_None) return f;
+    const auto* array = py::detail::array_proxy(object);
+    f.data = array->data;
+    f.flags = array->flags;
+    f.descr = array->descr;
+    f.shape.assign(array->dimensions, array->dimensions + array->nd);
+    return f;
+  }
+
+  bool unchanged() const {
+    if (object == Py_None) return true;
+    const auto* array = py::detail::array_proxy(object);
+    if (array->data != data || array->flags != flags || array->descr != descr ||
+        static_cast<size_t>(array->nd) != shape.size())
+      return false;
+    for (int d = 0; d < array->nd; ++d)
+      if (array->dimensions[d] != shape[d]) return false;
+    return true;
+  }
+};
+
+class AnyPlan {
+ public:
+  virtual ~AnyPlan() = default;
+  virtual void set_options(size_t group, py::handle values) = 0;
+  virtual void step(py::handle grads, py::handle grad_scale, std::optional<int64_t> step) = 0;
+  virtual size_t size() const = 0;
+};
+
+template <class A>
+class PythonPlan : public AnyPlan {
+ public:
+  PythonPlan(py::handle groups, py::handle group_of, py::handle params, py::handle states,
+             py::handle step_counts, py::handle new_state, py::handle scalars)
+      : groups_(groups_from<A>(groups)),
+        group_of_(py::cast<std::vector<int>>(group_of)),
+        new_state_(flags_from(new_state, group_of_.size())),
+        params_(items_of(params, "params")),
+        states_(items_of(states, "states")),
+        owners_(py::make_tuple(step_counts, scalars)) {
+    const auto n = static_cast<py::ssize_t>(params_.size());
+    step_counts_ = writeable_array<int64_t>(step_counts, "step_counts", n);
+    scalars_ = writeable_array<double>(scalars, "scalars", n * kMaxScalars);
+    register_buffers();
+  }
+
+  void set_options(size_t group, py::handle values) override {
+    const typename A::Options o = options_from<A>(values);
+    registered_->plan.set_options(group, o);
+    groups_[group] = o;
+  }
+
+  void step(py::handle grads, py::handle grad_scale, std::optional<int64_t> step) override {
+    for (const Fingerprint& f : registered_->fingerprints)
+      if (!f.unchanged()) {
+        register_buffers();
+        break;
+      }
+    const py::tuple items = items_of(grads, "grads");
+    thread_local std::vector<BufferInfo> infos;
+    describe_items(items, "grads", infos);
+    const StepExtras extras{grad_scale_from(grad_scale)};
+    // This frame keeps alive, while the GIL is released, the grads (items) and the registered
+    // arrays with the plan over them, even if another thread re-registers meanwhile.
+    const std::shared_ptr<Registered> registered = registered_;
+    {
+      py::gil_scoped_release release;
+      registered->plan.step(infos, extras, step);
+    }
+    std::fill(new_state_.begin(), new_state_.end(), 0);
+  }
+
+  size_t size() const override { return params_.size(); }
+
+ private:
+  // A plan with references to every array it registered and their fingerprints.
+  struct Registered {
+    Plan<A> plan;
+    py::tuple params;
+    std::vector<py::tuple> states;
+    std::vector<Fingerprint> fingerprints;
+  };
+
+  void register_buffers() {
+    StepBuffers b;
+    std::vector<py::tuple> kept;
+    describe_registered<A>(params_, states_, kept, b);
+    // Built in place: a Plan holds a mutex and cannot move.
+    std::shared_ptr<Registered> registered(new Registered{
+        Plan<A>(groups_, b, group_of_, step_counts_, new_state_, scalars_), params_, kept, {}});
+    for (py::handle p : params_) registered->fingerprints.push_back(Fingerprint::of(p.ptr()));
+    for (const py::tuple& list : kept)
+      for (py::handle s : list) registered->fingerprints.push_back(Fingerprint::of(s.ptr()));
+    registered_ = std::move(registered);
+  }
+
+  std::vector<typename A::Options> groups_;
+  std::vector<int> group_of_;
+  std::vector<uint8_t> new_state_;
+  py::tuple params_, states_;
+  py::tuple owners_;  // the arrays of the step counts and the scalars
+  int64_t* step_counts_ = nullptr;
+  double* scalars_ = nullptr;
+  std::shared_ptr<Registered> registered_;
+};
+
+// Runs f(AlgorithmTag<A>{}) for the algorithm called `name`.
+template <class F>
+void with_algorithm(const std::string& name, F&& f) {
+  if (!Algorithms::visit(name, f))
+    throw Error(ErrorKind::value, "unknown algorithm '" + name + "'");
+}
+
+py::dict algorithm_info(const std::string& name) {
+  py::dict info;
+  with_algorithm(name, [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    const typename A::Options defaults;
+    py::list fields;
+    for (const auto& f : A::fields)
+      fields.append(py::make_tuple(f.name, f.get(defaults),
+                                   f.number ? "number" : f.flag ? "flag" : "convention"));
+    info["fields"] = fields;
+    info["states"] = py::tuple(py::cast(std::vector<std::string>(A::state_names.begin(),
+                                                                 A::state_names.end())));
+    info["scalars"] = py::tuple(py::cast(std::vector<std::string>(A::scalar_names.begin(),
+                                                                  A::scalar_names.end())));
+    info["always_used_states"] = A::always_used_states;
+    info["takes_grad_scale"] = A::takes_grad_scale;
+    info["uses_step"] = A::uses_step;
+    info["uses_new_state"] = A::uses_new_state;
+  });
+  return info;
 }
 
 }  // namespace
@@ -147,141 +325,148 @@ void bind_common_options(py::class_<Options>& cls) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fusedopt's native CPU core (private: use the fusedopt package)";
 
+  static py::exception<OptionError> option_error(m, "OptionError", PyExc_ValueError);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const OptionError& e) {
+      PyErr_SetString(option_error.ptr(), e.what());
     } catch (const Error& e) {
       PyErr_SetString(e.kind == ErrorKind::type ? PyExc_TypeError : PyExc_ValueError, e.what());
     }
   });
 
-  py::class_<SgdOptions> sgd(m, "SgdOptions");
-  sgd.def(py::init<>())
-      .def_readwrite("lr", &SgdOptions::lr)
-      .def_readwrite("momentum", &SgdOptions::momentum)
-      .def_readwrite("dampening", &SgdOptions::dampening)
-      .def_readwrite("weight_decay", &SgdOptions::weight_decay)
-      .def_readwrite("nesterov", &SgdOptions::nesterov)
-      .def_readwrite("maximize", &SgdOptions::maximize);
-  bind_common_options(sgd);
-
-  py::class_<AdagradOptions> adagrad(m, "AdagradOptions");
-  adagrad.def(py::init<>())
-      .def_readwrite("lr", &AdagradOptions::lr)
-      .def_readwrite("lr_decay", &AdagradOptions::lr_decay)
-      .def_readwrite("weight_decay", &AdagradOptions::weight_decay)
-      .def_readwrite("eps", &AdagradOptions::eps)
-      .def_readwrite("maximize", &AdagradOptions::maximize);
-  bind_common_options(adagrad);
-
-  py::class_<RmspropOptions> rmsprop(m, "RmspropOptions");
-  rmsprop.def(py::init<>())
-      .def_readwrite("lr", &RmspropOptions::lr)
-      .def_readwrite("alpha", &RmspropOptions::alpha)
-      .def_readwrite("eps", &RmspropOptions::eps)
-      .def_readwrite("weight_decay", &RmspropOptions::weight_decay)
-      .def_readwrite("momentum", &RmspropOptions::momentum)
-      .def_readwrite("centered", &RmspropOptions::centered)
-      .def_readwrite("maximize", &RmspropOptions::maximize);
-  bind_common_options(rmsprop);
-
-  py::class_<AdamOptions> adam(m, "AdamOptions");
-  adam.def(py::init<>())
-      .def_readwrite("lr", &AdamOptions::lr)
-      .def_readwrite("beta1", &AdamOptions::beta1)
-      .def_readwrite("beta2", &AdamOptions::beta2)
-      .def_readwrite("eps", &AdamOptions::eps)
-      .def_readwrite("weight_decay", &AdamOptions::weight_decay)
-      .def_readwrite("amsgrad", &AdamOptions::amsgrad)
-      .def_readwrite("maximize", &AdamOptions::maximize)
-      .def_readwrite("decoupled_weight_decay", &AdamOptions::decoupled_weight_decay);
-  bind_common_options(adam);
+  m.def("algorithms", [] {
+    std::vector<std::string> names;
+    Algorithms::for_each([&](auto tag) { names.push_back(decltype(tag)::type::name); });
+    return names;
+  });
+  m.def("algorithm_info", &algorithm_info,
+        "The description of an algorithm: fields (name, default, kind), states, scalars, ...");
 
   m.def(
-      "sgd_step",
-      [](const std::vector<SgdOptions>& groups, const IndexArray& group_of, py::handle step_counts,
-         py::object params, py::object grads, py::object momentum_buffers,
-         std::optional<double> grad_scale) {
-        StepBuffers& b = describe_step(params, grads, {{momentum_buffers, "momentum_buffers"}},
-                                       grad_scale.has_value());
-        StepCounts counts(step_counts);
-        StepSchedule s = counts.schedule(group_of);
-        {
-          py::gil_scoped_release release;
-          sgd_step(groups, s, b, grad_scale);
-        }
-        counts.advance();
+      "check_options",
+      [](const std::string& name, py::handle values) -> py::object {
+        py::object problem = py::none();
+        with_algorithm(name, [&](auto tag) {
+          using A = typename decltype(tag)::type;
+          try {
+            A::check(options_from<A>(values));
+          } catch (const OptionError& e) {
+            problem = py::make_tuple(e.field, e.rule, e.what());
+          }
+        });
+        return problem;
       },
-      py::arg("groups"), py::arg("group_of"), py::arg("step_counts"), py::arg("params"),
-      py::arg("grads"), py::arg("momentum_buffers"), py::arg("grad_scale") = py::none());
+      "None when the options are valid, else (field, rule, message) of the first invalid one.");
+
+  m.def("states_used", [](const std::string& name, py::handle values) {
+    unsigned used = 0;
+    with_algorithm(name, [&](auto tag) {
+      using A = typename decltype(tag)::type;
+      used = A::states_used(options_from<A>(values));
+    });
+    return used;
+  });
+
+  m.def("initial_values", [](const std::string& name, py::handle values) {
+    std::vector<double> states, scalars;
+    with_algorithm(name, [&](auto tag) {
+      using A = typename decltype(tag)::type;
+      const typename A::Options o = options_from<A>(values);
+      for (size_t k = 0; k < A::state_names.size(); ++k)
+        states.push_back(A::initial_state(o, static_cast<int>(k)));
+      for (size_t k = 0; k < A::scalar_names.size(); ++k)
+        scalars.push_back(A::initial_scalar(o, static_cast<int>(k)));
+    });
+    return py::make_tuple(states, scalars);
+  });
 
   m.def(
-      "adagrad_step",
-      [](const std::vector<AdagradOptions>& groups, const IndexArray& group_of,
-         py::handle step_counts, py::object params, py::object grads, py::object sums) {
-        StepBuffers& b = describe_step(params, grads, {{sums, "state_sums"}}, false);
-        StepCounts counts(step_counts);
-        StepSchedule s = counts.schedule(group_of);
-        {
+      "step",
+      [](const std::string& name, py::handle groups, const IndexArray& group_of,
+         const IndexArray& steps, py::handle params, py::handle grads, py::handle states,
+         py::handle new_state, py::handle scalars, py::handle grad_scale) {
+        with_algorithm(name, [&](auto tag) {
+          using A = typename decltype(tag)::type;
+          const auto options = groups_from<A>(groups);
+          thread_local StepBuffers b;
+          std::vector<py::tuple> kept;
+          const py::tuple param_items = items_of(params, "params");
+          const py::tuple grad_items = items_of(grads, "grads");
+          // Messages name the functional API's arguments: exp_avgs[2], not exp_avg[2].
+          describe_registered<A>(param_items, items_of(states, "states"), kept, b, "s");
+          describe_items(grad_items, "grads", b.grads);
+          const StepExtras extras{grad_scale_from(grad_scale)};
+          b.grads_written = extras.grad_scale.has_value();
+          StepSchedule s;
+          s.group_of.assign(group_of.data(), group_of.data() + group_of.size());
+          s.steps.assign(steps.data(), steps.data() + steps.size());
+          s.new_state = flags_from(new_state, param_items.size());
+          s.scalars = writeable_array<double>(
+              scalars, "scalars", static_cast<py::ssize_t>(param_items.size()) * kMaxScalars);
           py::gil_scoped_release release;
-          adagrad_step(groups, s, b);
-        }
-        counts.advance();
+          run_step(prepare_step<A>(options, s, b, extras));
+        });
       },
-      py::arg("groups"), py::arg("group_of"), py::arg("step_counts"), py::arg("params"),
-      py::arg("grads"), py::arg("state_sums"));
+      "One step over arrays described now (the functional API): options of each group, the group "
+      "of each tensor, t of each tensor, params, grads, one list per state (or None).",
+      py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("steps"),
+      py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("new_state") = py::none(),
+      py::arg("scalars") = py::none(), py::arg("grad_scale") = py::none());
 
-  m.def(
-      "rmsprop_step",
-      [](const std::vector<RmspropOptions>& groups, const IndexArray& group_of,
-         py::handle step_counts, py::object params, py::object grads, py::object square_avgs,
-         py::object momentum_buffers, py::object grad_avgs) {
-        StepBuffers& b = describe_step(params, grads,
-                                       {{square_avgs, "square_avgs"},
-                                        {momentum_buffers, "momentum_buffers"},
-                                        {grad_avgs, "grad_avgs"}},
-                                       false);
-        StepCounts counts(step_counts);
-        StepSchedule s = counts.schedule(group_of);
-        {
-          py::gil_scoped_release release;
-          rmsprop_step(groups, s, b);
-        }
-        counts.advance();
-      },
-      py::arg("groups"), py::arg("group_of"), py::arg("step_counts"), py::arg("params"),
-      py::arg("grads"), py::arg("square_avgs"), py::arg("momentum_buffers"), py::arg("grad_avgs"));
-
-  m.def(
-      "adam_step",
-      [](const std::vector<AdamOptions>& groups, const IndexArray& group_of, py::handle step_counts,
-         py::object params, py::object grads, py::object exp_avgs, py::object exp_avg_sqs,
-         py::object max_exp_avg_sqs, std::optional<double> grad_scale) {
-        StepBuffers& b = describe_step(params, grads,
-                                       {{exp_avgs, "exp_avgs"},
-                                        {exp_avg_sqs, "exp_avg_sqs"},
-                                        {max_exp_avg_sqs, "max_exp_avg_sqs"}},
-                                       grad_scale.has_value());
-        StepCounts counts(step_counts);
-        StepSchedule s = counts.schedule(group_of);
-        {
-          py::gil_scoped_release release;
-          adam_step(groups, s, b, grad_scale);
-        }
-        counts.advance();
-      },
-      py::arg("groups"), py::arg("group_of"), py::arg("step_counts"), py::arg("params"),
-      py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
-      py::arg("grad_scale") = py::none());
+  py::class_<AnyPlan>(m, "Plan",
+                      "An optimizer's params and states, registered once; each step checks the "
+                      "grads and that no registered array moved.")
+      .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
+                       py::handle params, py::handle states, py::handle step_counts,
+                       py::handle new_state, py::handle scalars) {
+             std::unique_ptr<AnyPlan> plan;
+             with_algorithm(name, [&](auto tag) {
+               using A = typename decltype(tag)::type;
+               plan = std::make_unique<PythonPlan<A>>(groups, group_of, params, states,
+                                                      step_counts, new_state, scalars);
+             });
+             return plan;
+           }),
+           py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
+           py::arg("states"), py::arg("step_counts") = py::none(),
+           py::arg("new_state") = py::none(), py::arg("scalars") = py::none())
+      .def("set_options", &AnyPlan::set_options, py::arg("group"), py::arg("values"))
+      .def("step", &AnyPlan::step, py::arg("grads"), py::arg("grad_scale") = py::none(),
+           py::arg("step") = py::none())
+      .def("__len__", &AnyPlan::size);
 
   m.def(
       "stream_add",
-      [](py::object params, py::object grads, py::object states) {
-        std::vector<std::pair<py::handle, const char*>> lists;
-        for (py::handle list : states) lists.emplace_back(list, "states");
-        StepBuffers& b = describe_step(params, grads, lists, false);
+      [](py::handle params, py::handle grads, py::handle states) {
+        thread_local StepBuffers b;
+        const py::tuple param_items = items_of(params, "params");
+        const py::tuple grad_items = items_of(grads, "grads");
+        std::vector<py::tuple> kept;
+        describe_items(param_items, "params", b.params);
+        describe_items(grad_items, "grads", b.grads);
+        b.states.clear();
+        b.state_names.clear();
+        for (py::handle list : items_of(states, "states")) {
+          kept.push_back(items_of(list, "states"));
+          b.states.emplace_back();
+          b.state_names.emplace_back("states");
+          describe_items(kept.back(), "states", b.states.back());
+        }
+        b.grads_written = false;
+        struct Context {
+          const StreamAddFn* kernel;
+          std::vector<TensorRef> tensors;
+        } context{cpu::kernels().stream_add, validate_step_buffers(b)};
         py::gil_scoped_release release;
-        stream_add_step(b);
+        run_work(
+            context.tensors.size(), context.tensors.data(),
+            [](void* c, size_t i, int64_t begin, int64_t end) {
+              const auto& k = *static_cast<const Context*>(c);
+              k.kernel[static_cast<int>(k.tensors[i].dtype)](k.tensors[i], begin, end);
+            },
+            &context);
       },
       "The bench's bandwidth ceiling: param += grad and each state += grad, in one pass.",
       py::arg("params"), py::arg("grads"), py::arg("states"));
@@ -318,6 +503,8 @@ PYBIND11_MODULE(_core, m) {
     cpu::set_num_threads(n);
   });
   m.attr("built_isas") = FUSEDOPT_BUILT_ISAS;
+  m.attr("max_states") = kMaxStates;
+  m.attr("max_scalars") = kMaxScalars;
 
   // The CUDA launch plan is host code: built into every _core, so tests/test_cuda.py can check it
   // on machines without a GPU or nvcc. Tensor i has sizes[i] elements of element_bytes[i] bytes at

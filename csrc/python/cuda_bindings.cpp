@@ -240,17 +240,11 @@ int check_placement(const DeviceStep& step) {
 
 using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
-StepSchedule schedule_of(const IndexArray& group_of, const IndexArray& steps) {
-  StepSchedule s;
-  s.group_of.assign(group_of.data(), group_of.data() + group_of.size());
-  s.steps.assign(steps.data(), steps.data() + steps.size());
-  return s;
-}
-
 // Validation (core), placement, then the launch on `stream`, after the producers' streams.
-template <class Prepare>
-void run(const DeviceStep& step, uintptr_t stream_handle, Prepare prepare) {
-  auto prepared = prepare(step.buffers);
+template <class A>
+void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
+         const StepSchedule& schedule, const StepExtras& extras, uintptr_t stream_handle) {
+  auto prepared = prepare_step<A>(groups, schedule, step.buffers, extras);
   const int device = check_placement(step);
   if (device < 0) return;        // every tensor is empty
   std::vector<void*> producers;  // distinct: usually one stream for the whole step
@@ -267,11 +261,34 @@ void run(const DeviceStep& step, uintptr_t stream_handle, Prepare prepare) {
   cuda::launch_step(prepared, stream);
 }
 
+// Options from their values in the order of the algorithm's fields (see _core's bindings).
+template <class A>
+std::vector<typename A::Options> groups_from(py::handle groups) {
+  std::vector<typename A::Options> result;
+  for (py::handle values : groups) {
+    typename A::Options o;
+    const py::tuple items = py::tuple(py::reinterpret_borrow<py::object>(values));
+    if (items.size() != std::size(A::fields))
+      throw Error(ErrorKind::value, std::string(A::name) + ": wrong number of option values");
+    for (size_t i = 0; i < items.size(); ++i) {
+      const auto& field = A::fields[i];
+      const double value = items[i].cast<double>();
+      if (field.number)
+        o.*field.number = value;
+      else if (field.flag)
+        o.*field.flag = value != 0;
+      else
+        o.*field.convention = static_cast<Convention>(static_cast<int>(value));
+    }
+    result.push_back(o);
+  }
+  return result;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fusedopt's CUDA backend (private: use fusedopt.cuda)";
-  py::module_::import("fusedopt._core");  // registers the options types this module takes
 
   py::register_local_exception_translator([](std::exception_ptr p) {
     try {
@@ -291,63 +308,37 @@ PYBIND11_MODULE(_cuda, m) {
       "(number of usable CUDA devices, the runtime's reason when there are none); never raises.");
 
   m.def(
-      "sgd_step",
-      [](const std::vector<SgdOptions>& groups, const IndexArray& group_of, const IndexArray& steps,
-         py::object params, py::object grads, py::object momentum_buffers,
-         std::optional<double> grad_scale, uintptr_t stream) {
-        const DeviceStep d = describe_step(params, grads, {{momentum_buffers, "momentum_buffers"}},
-                                           grad_scale.has_value());
-        const StepSchedule s = schedule_of(group_of, steps);
-        run(d, stream,
-            [&](const StepBuffers& b) { return prepare_sgd_step(groups, s, b, grad_scale); });
-      },
-      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
-      py::arg("momentum_buffers"), py::arg("grad_scale"), py::arg("stream"));
-
-  m.def(
-      "adagrad_step",
-      [](const std::vector<AdagradOptions>& groups, const IndexArray& group_of,
-         const IndexArray& steps, py::object params, py::object grads, py::object sums,
+      "step",
+      [](const std::string& name, py::handle groups, const IndexArray& group_of,
+         const IndexArray& steps, py::handle params, py::handle grads, py::handle states,
+         py::handle new_state, py::handle scalars, std::optional<double> grad_scale,
          uintptr_t stream) {
-        const DeviceStep d = describe_step(params, grads, {{sums, "state_sums"}}, false);
-        const StepSchedule s = schedule_of(group_of, steps);
-        run(d, stream, [&](const StepBuffers& b) { return prepare_adagrad_step(groups, s, b); });
+        bool found = Algorithms::visit(name, [&](auto tag) {
+          using A = typename decltype(tag)::type;
+          std::vector<std::pair<py::handle, std::string>> state_lists;
+          size_t k = 0;
+          for (py::handle list : states) state_lists.emplace_back(list, A::state_names[k++]);
+          if (k != A::state_names.size())
+            throw Error(ErrorKind::value, std::string(A::name) + " takes " +
+                                              std::to_string(A::state_names.size()) +
+                                              " state lists");
+          const DeviceStep d = describe_step(params, grads, state_lists, grad_scale.has_value());
+          StepSchedule s;
+          s.group_of.assign(group_of.data(), group_of.data() + group_of.size());
+          s.steps.assign(steps.data(), steps.data() + steps.size());
+          if (!new_state.is_none())
+            for (py::handle f : new_state) s.new_state.push_back(f.cast<bool>());
+          py::array_t<double, py::array::c_style> scalar_rows;
+          if (!scalars.is_none()) {
+            scalar_rows = py::reinterpret_borrow<py::array_t<double, py::array::c_style>>(scalars);
+            s.scalars = scalar_rows.mutable_data();
+          }
+          run<A>(d, groups_from<A>(groups), s, StepExtras{grad_scale}, stream);
+        });
+        if (!found) throw Error(ErrorKind::value, "unknown algorithm '" + name + "'");
       },
-      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
-      py::arg("state_sums"), py::arg("stream"));
-
-  m.def(
-      "rmsprop_step",
-      [](const std::vector<RmspropOptions>& groups, const IndexArray& group_of,
-         const IndexArray& steps, py::object params, py::object grads, py::object square_avgs,
-         py::object momentum_buffers, py::object grad_avgs, uintptr_t stream) {
-        const DeviceStep d = describe_step(params, grads,
-                                           {{square_avgs, "square_avgs"},
-                                            {momentum_buffers, "momentum_buffers"},
-                                            {grad_avgs, "grad_avgs"}},
-                                           false);
-        const StepSchedule s = schedule_of(group_of, steps);
-        run(d, stream, [&](const StepBuffers& b) { return prepare_rmsprop_step(groups, s, b); });
-      },
-      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
-      py::arg("square_avgs"), py::arg("momentum_buffers"), py::arg("grad_avgs"), py::arg("stream"));
-
-  m.def(
-      "adam_step",
-      [](const std::vector<AdamOptions>& groups, const IndexArray& group_of,
-         const IndexArray& steps, py::object params, py::object grads, py::object exp_avgs,
-         py::object exp_avg_sqs, py::object max_exp_avg_sqs, std::optional<double> grad_scale,
-         uintptr_t stream) {
-        const DeviceStep d = describe_step(params, grads,
-                                           {{exp_avgs, "exp_avgs"},
-                                            {exp_avg_sqs, "exp_avg_sqs"},
-                                            {max_exp_avg_sqs, "max_exp_avg_sqs"}},
-                                           grad_scale.has_value());
-        const StepSchedule s = schedule_of(group_of, steps);
-        run(d, stream,
-            [&](const StepBuffers& b) { return prepare_adam_step(groups, s, b, grad_scale); });
-      },
-      py::arg("groups"), py::arg("group_of"), py::arg("steps"), py::arg("params"), py::arg("grads"),
-      py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
-      py::arg("grad_scale"), py::arg("stream"));
+      "One step on device arrays (see fusedopt._core.step), launched on `stream`.",
+      py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("steps"),
+      py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("new_state"),
+      py::arg("scalars"), py::arg("grad_scale"), py::arg("stream"));
 }

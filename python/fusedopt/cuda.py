@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import importlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -190,7 +190,8 @@ def _describe(x: Any, name: str, stream: int, producer_stream: int | None) -> An
 
 
 def _intake(stream: Any, **lists: Any) -> tuple[list[Any], int]:
-    """Each list (params first) described for _cuda, and the stream to launch on."""
+    """Each list (params first, then grads and the states, in order) described for _cuda, and
+    the stream to launch on."""
     params = list(lists["params"])
     first = params[0] if params else None
     handle = _launch_stream(stream, first)
@@ -205,69 +206,81 @@ def _intake(stream: Any, **lists: Any) -> tuple[list[Any], int]:
 
 
 # ------------------------------------------------------------------------------------- steps
-# Same arguments as fusedopt._core's steps (the optimizer classes call either), plus `stream`.
-# step_counts are the steps taken so far, advanced in place once a step has been launched.
+# The same arguments as fusedopt._core's step and Plan (fusedopt._engine calls either), plus the
+# stream.
 
 
-def _advancing(step_counts: Any, launch: Callable[[np.ndarray], None]) -> None:
-    counts = np.asarray(step_counts, dtype=np.int64)
-    launch(counts + 1)
-    if isinstance(step_counts, np.ndarray):
-        step_counts += 1
-
-
-def sgd_step(
-    groups: Sequence[Any], group_of: Any, step_counts: Any, params: Sequence[Any],
-    grads: Sequence[Any], momentum_buffers: Sequence[Any] | None,
-    grad_scale: float | None = None, *, stream: Any = None,
-) -> None:  # fmt: skip
-    """SGD / momentum / Nesterov on device arrays (see fusedopt.functional.sgd_)."""
-    native = _module()
-    lists, handle = _intake(stream, params=params, grads=grads, momentum_buffers=momentum_buffers)
-    _advancing(
-        step_counts, lambda t: native.sgd_step(groups, group_of, t, *lists, grad_scale, handle)
-    )
-
-
-def adagrad_step(
-    groups: Sequence[Any], group_of: Any, step_counts: Any, params: Sequence[Any],
-    grads: Sequence[Any], state_sums: Sequence[Any], *, stream: Any = None,
-) -> None:  # fmt: skip
-    """Adagrad on device arrays (see fusedopt.functional.adagrad_)."""
-    native = _module()
-    lists, handle = _intake(stream, params=params, grads=grads, state_sums=state_sums)
-    _advancing(step_counts, lambda t: native.adagrad_step(groups, group_of, t, *lists, handle))
-
-
-def rmsprop_step(
-    groups: Sequence[Any], group_of: Any, step_counts: Any, params: Sequence[Any],
-    grads: Sequence[Any], square_avgs: Sequence[Any], momentum_buffers: Sequence[Any] | None,
-    grad_avgs: Sequence[Any] | None, *, stream: Any = None,
-) -> None:  # fmt: skip
-    """RMSprop on device arrays (see fusedopt.functional.rmsprop_)."""
-    native = _module()
-    lists, handle = _intake(
-        stream, params=params, grads=grads, square_avgs=square_avgs,
-        momentum_buffers=momentum_buffers, grad_avgs=grad_avgs,
-    )  # fmt: skip
-    _advancing(step_counts, lambda t: native.rmsprop_step(groups, group_of, t, *lists, handle))
-
-
-def adam_step(
-    groups: Sequence[Any], group_of: Any, step_counts: Any, params: Sequence[Any],
-    grads: Sequence[Any], exp_avgs: Sequence[Any], exp_avg_sqs: Sequence[Any],
-    max_exp_avg_sqs: Sequence[Any] | None, grad_scale: float | None = None, *,
+def step(
+    algorithm: str,
+    groups: Sequence[tuple[float, ...]],
+    group_of: Any,
+    steps: Any,
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    states: Sequence[Sequence[Any] | None],
+    *,
+    new_state: Sequence[bool] | None = None,
+    scalars: np.ndarray | None = None,
+    grad_scale: float | None = None,
     stream: Any = None,
-) -> None:  # fmt: skip
-    """Adam / AdamW / AMSGrad on device arrays (see fusedopt.functional.adam_)."""
+) -> None:
+    """One step of ``algorithm`` on device arrays: ``steps`` holds each tensor's step number t
+    (see fusedopt.functional for the arguments)."""
     native = _module()
-    lists, handle = _intake(
-        stream, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-        max_exp_avg_sqs=max_exp_avg_sqs,
+    named = {"params": params, "grads": grads}
+    named.update({f"states[{k}]": s for k, s in enumerate(states)})
+    lists, handle = _intake(stream, **named)
+    native.step(
+        algorithm, groups, np.asarray(group_of, np.int64), np.asarray(steps, np.int64), lists[0],
+        lists[1], lists[2:], new_state, scalars, grad_scale, handle,
     )  # fmt: skip
-    _advancing(
-        step_counts, lambda t: native.adam_step(groups, group_of, t, *lists, grad_scale, handle)
-    )
+
+
+class Plan:
+    """A step's device arrays kept between steps (the registered-buffer interface of
+    fusedopt._core.Plan): the arrays are described and checked again at every step, and the
+    step counts advanced here once a step has been launched."""
+
+    def __init__(
+        self,
+        algorithm: str,
+        groups: Sequence[tuple[float, ...]],
+        group_of: Any,
+        params: Sequence[Any],
+        states: Sequence[Sequence[Any] | None],
+        *,
+        step_counts: np.ndarray | None = None,
+        new_state: Sequence[bool] | None = None,
+        scalars: np.ndarray | None = None,
+    ) -> None:
+        self._algorithm = algorithm
+        self._groups = list(groups)
+        self._group_of = np.asarray(group_of, np.int64)
+        self._params = list(params)
+        self._states = [None if s is None else list(s) for s in states]
+        self._step_counts = step_counts
+        self._new_state = None if new_state is None else list(new_state)
+        self._scalars = scalars
+
+    def set_options(self, group: int, values: tuple[float, ...]) -> None:
+        self._groups[group] = values
+
+    def step(self, grads: Sequence[Any], grad_scale: float | None, step_number: int | None):
+        n = len(self._params)
+        if step_number is not None:
+            steps = np.full(n, step_number, np.int64)
+        elif self._step_counts is not None:
+            steps = self._step_counts + 1
+        else:
+            steps = np.ones(n, np.int64)
+        step(
+            self._algorithm, self._groups, self._group_of, steps, self._params, grads,
+            self._states, new_state=self._new_state, scalars=self._scalars,
+            grad_scale=grad_scale,
+        )  # fmt: skip
+        if step_number is None and self._step_counts is not None:
+            self._step_counts += 1
+        self._new_state = None
 
 
 # ------------------------------------------------------------------------ state on the device

@@ -1,10 +1,22 @@
 """Functional form: one fused step over state the caller holds.
 
-Each function updates ``params`` and the given state arrays in place, in one native call over all
-tensors. Pass one array or a list of arrays for each role. ``step`` is the step count t of this
-call (1 on the first step), for all tensors or one per tensor. ``convention`` is ``"torch"``
-(PyTorch's math, the default) or ``"keras"`` (Keras 3's math, SPEC A.2). Every buffer is checked
-before any is written: a bad one raises TypeError or ValueError naming it, and nothing changes.
+There is one function per algorithm, ``<name>_`` (``sgd_``, ``adagrad_``, ``rmsprop_``,
+``adam_``, ...), made from the algorithm's native description (``csrc/math/<name>.h``): its
+arguments are ``params``, ``grads``, then one list per state buffer (``exp_avgs``,
+``exp_avg_sqs``, ...; the optional ones default to None), and its hyperparameters by keyword
+with the native names and PyTorch's defaults. Each call updates ``params`` and the state arrays
+in place, in one native call over all tensors. Pass one array or a list of arrays for each role.
+
+- ``step`` (algorithms whose update depends on it): the step number t of this call, 1 on the
+  first step, for all tensors or one per tensor.
+- ``first_step`` (SGD): the momentum buffers are new, so PyTorch's rule copies the gradient into
+  them instead of accumulating.
+- ``convention``: ``"torch"`` (PyTorch's math, the default) or ``"keras"`` (Keras 3's math,
+  spec A.2).
+- ``grad_scale`` / ``found_inf`` (SGD, Adam): PyTorch's fused GradScaler hooks (spec 8).
+
+Every buffer is checked before any is written: a bad one raises TypeError or ValueError naming
+it, and nothing changes.
 """
 
 from __future__ import annotations
@@ -15,159 +27,160 @@ from typing import Any
 import numpy as np
 
 from fusedopt import _core
-from fusedopt.optim import _skip_step
+from fusedopt._engine import (
+    KERAS,
+    TORCH,
+    Description,
+    Hyperparameter,
+    as_number,
+    describe,
+    native_values,
+    skip_step,
+    step_once,
+)
 
 Arrays = np.ndarray | Sequence[np.ndarray]
 OptionalArrays = np.ndarray | Sequence[np.ndarray | None] | None
+_CONVENTIONS = {"torch": TORCH, "keras": KERAS}
 
 
-def _list(arrays: OptionalArrays) -> list[Any] | None:
+def _list(arrays: OptionalArrays, name: str) -> list[Any] | None:
     if arrays is None:
         return None
-    return [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+    if isinstance(arrays, np.ndarray) or hasattr(arrays, "__cuda_array_interface__"):
+        return [arrays]
+    if isinstance(arrays, str | bytes) or not isinstance(arrays, Sequence):
+        raise TypeError(f"{name} must be an array or a list of arrays, got {type(arrays).__name__}")
+    return list(arrays)
 
 
-def _schedule(params: list[np.ndarray], step: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """One group, and the step counts the core takes: the steps taken before this one."""
-    steps = np.asarray(step)
-    if steps.ndim > 1 or (steps.ndim == 1 and steps.size != len(params)):
-        raise ValueError(
-            f"step: expected one number or one per param ({len(params)}), got {step!r}"
-        )
-    if steps.dtype.kind not in "iuf" or not np.all(np.isfinite(steps) & (steps == np.floor(steps))):
+def _steps(step: Any, count: int) -> np.ndarray:
+    """t for every tensor, from one number or one per tensor."""
+    try:
+        steps = np.asarray(step)
+    except (TypeError, ValueError):
+        raise TypeError(f"step must be a whole number or one per param, got {step!r}") from None
+    if steps.ndim > 1 or (steps.ndim == 1 and steps.size != count):
+        raise ValueError(f"step: expected one number or one per param ({count}), got {step!r}")
+    if steps.dtype == np.bool_ or steps.dtype.kind not in "iuf":
         raise TypeError(f"step must be a whole number (or one per param), got {step!r}")
-    if np.any(steps < 1):
-        raise ValueError(f"step must be >= 1 (the first step is 1), got {step!r}")
-    counts = np.broadcast_to(steps.astype(np.int64), (len(params),)) - 1
-    return np.zeros(len(params), dtype=np.int64), counts
+    with np.errstate(invalid="ignore"):
+        whole = np.isfinite(steps) & (steps == np.floor(steps))
+    if not np.all(whole):
+        raise TypeError(f"step must be a whole number (or one per param), got {step!r}")
+    if np.any(steps < 1) or np.any(steps > 2**62):
+        raise ValueError(f"step must be >= 1 (the first step is 1) and <= 2**62, got {step!r}")
+    return np.ascontiguousarray(np.broadcast_to(steps.astype(np.int64), (count,)))
 
 
-def sgd_(
+def _run(
+    description: Description,
+    declared: tuple[Hyperparameter, ...],
+    values: dict[str, Any],
     params: Arrays,
     grads: Arrays,
-    momentum_buffers: OptionalArrays = None,
+    states: tuple[OptionalArrays, ...],
     *,
-    lr: float,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
+    step: Any = 1,
     first_step: bool = False,
-    grad_scale: float | None = None,
+    scalars: dict[str, Any] | None = None,
+    grad_scale: Any = None,
     found_inf: Any = None,
-    convention: str = "torch",
+    convention: Any = "torch",
 ) -> None:
-    """SGD / momentum / Nesterov (SPEC 2-4). With ``momentum != 0`` pass ``momentum_buffers``;
-    ``first_step=True`` (PyTorch) copies the gradient into them instead of accumulating."""
-    if _skip_step(found_inf):
+    if skip_step(found_inf):
         return
-    o = _core.SgdOptions()
-    o.lr, o.momentum, o.dampening, o.weight_decay = lr, momentum, dampening, weight_decay
-    o.nesterov, o.maximize, o.convention = nesterov, maximize, convention
-    params = _list(params)
-    group_of, steps = _schedule(params, 1 if first_step else 2)
-    _core.sgd_step([o], group_of, steps, params, _list(grads), _list(momentum_buffers), grad_scale)
-
-
-def adagrad_(
-    params: Arrays,
-    grads: Arrays,
-    state_sums: Arrays,
-    *,
-    step: int | Sequence[int],
-    lr: float,
-    lr_decay: float = 0.0,
-    weight_decay: float = 0.0,
-    eps: float = 1e-10,
-    maximize: bool = False,
-    convention: str = "torch",
-) -> None:
-    """Adagrad (SPEC 5). The sums start at the initial accumulator value (torch 0, Keras 0.1)."""
-    o = _core.AdagradOptions()
-    o.lr, o.lr_decay, o.weight_decay, o.eps = lr, lr_decay, weight_decay, eps
-    o.maximize, o.convention = maximize, convention
-    params = _list(params)
-    group_of, steps = _schedule(params, step)
-    _core.adagrad_step([o], group_of, steps, params, _list(grads), _list(state_sums))
-
-
-def rmsprop_(
-    params: Arrays,
-    grads: Arrays,
-    square_avgs: Arrays,
-    momentum_buffers: OptionalArrays = None,
-    grad_avgs: OptionalArrays = None,
-    *,
-    lr: float,
-    alpha: float = 0.99,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    centered: bool = False,
-    maximize: bool = False,
-    convention: str = "torch",
-) -> None:
-    """RMSprop (SPEC 6): ``momentum_buffers`` when ``momentum > 0``, ``grad_avgs`` when
-    ``centered``. In the Keras convention ``alpha`` is Keras' ``rho``."""
-    o = _core.RmspropOptions()
-    o.lr, o.alpha, o.eps, o.weight_decay, o.momentum = lr, alpha, eps, weight_decay, momentum
-    o.centered, o.maximize, o.convention = centered, maximize, convention
-    params = _list(params)
-    group_of, steps = _schedule(params, 1)
-    _core.rmsprop_step(
-        [o],
-        group_of,
-        steps,
-        params,
-        _list(grads),
-        _list(square_avgs),
-        _list(momentum_buffers),
-        _list(grad_avgs),
+    if convention not in _CONVENTIONS:
+        raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
+    options = native_values(
+        description, declared, values, {"convention": _CONVENTIONS[convention]}
     )
-
-
-def adam_(
-    params: Arrays,
-    grads: Arrays,
-    exp_avgs: Arrays,
-    exp_avg_sqs: Arrays,
-    max_exp_avg_sqs: OptionalArrays = None,
-    *,
-    step: int | Sequence[int],
-    lr: float,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    decoupled_weight_decay: bool = False,
-    grad_scale: float | None = None,
-    found_inf: Any = None,
-    convention: str = "torch",
-) -> None:
-    """Adam / AdamW / AMSGrad (SPEC 7-8). ``max_exp_avg_sqs`` is needed with ``amsgrad``. In the
-    Keras convention ``eps`` is epsilon-hat and weight decay is always decoupled."""
-    if _skip_step(found_inf):
-        return
-    o = _core.AdamOptions()
-    o.lr, o.beta1, o.beta2, o.eps, o.weight_decay = lr, beta1, beta2, eps, weight_decay
-    o.amsgrad, o.maximize, o.decoupled_weight_decay = amsgrad, maximize, decoupled_weight_decay
-    o.convention = convention
-    params = _list(params)
-    group_of, steps = _schedule(params, step)
-    _core.adam_step(
-        [o],
-        group_of,
-        steps,
-        params,
-        _list(grads),
-        _list(exp_avgs),
-        _list(exp_avg_sqs),
-        _list(max_exp_avg_sqs),
-        grad_scale,
+    param_list = _list(params, "params") or []
+    grad_list = _list(grads, "grads") or []
+    state_lists = [_list(s, name + "s") for s, name in zip(states, description.states)]
+    count = len(param_list)
+    if not isinstance(first_step, bool | np.bool_):
+        raise TypeError(f"first_step must be True or False, got {first_step!r}")
+    scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
+    scalar_rows = None
+    if scalars is not None:
+        scalar_rows = np.zeros((count, _core.max_scalars))
+        for k, name in enumerate(description.scalars):
+            column = scalars[name]
+            scalar_rows[:, k] = column
+    step_once(
+        description.name,
+        [options],
+        np.zeros(count, np.int64),
+        _steps(step, count),
+        param_list,
+        grad_list,
+        state_lists,
+        new_state=[bool(first_step)] * count if description.uses_new_state else None,
+        scalars=scalar_rows,
+        grad_scale=scale,
     )
+    if scalars is not None and scalar_rows is not None:
+        for k, name in enumerate(description.scalars):
+            scalars[name][...] = scalar_rows[:, k]
 
 
-__all__ = ["adagrad_", "adam_", "rmsprop_", "sgd_"]
+def _plural(name: str) -> str:
+    return name + "s"
+
+
+def _make(algorithm: str) -> Any:
+    """``<algorithm>_`` with a real signature: generated source, so that a call costs what a
+    hand-written function's call costs."""
+    d = describe(algorithm)
+    positional = ["params", "grads"]
+    for k, state in enumerate(d.states):
+        always = d.always_used_states & (1 << k)
+        positional.append(_plural(state) if always else f"{_plural(state)}=None")
+    keywords = []
+    if d.uses_step:
+        keywords.append("step")
+    declared = tuple(Hyperparameter(f.name) for f in d.fields if f.kind != "convention")
+    for f in d.fields:
+        if f.kind == "convention":
+            continue
+        default = bool(f.default) if f.kind == "flag" else f.default
+        keywords.append("lr" if f.name == "lr" else f"{f.name}={default!r}")
+    for scalar in d.scalars:
+        keywords.append(_plural(scalar))
+    if d.uses_new_state:
+        keywords.append("first_step=False")
+    if d.takes_grad_scale:
+        keywords += ["grad_scale=None", "found_inf=None"]
+    keywords.append("convention='torch'")
+    option_names = [f.name for f in d.fields if f.kind != "convention"]
+    states = ", ".join(_plural(s) for s in d.states) + ("," if len(d.states) == 1 else "")
+    extras = ["convention=convention"]
+    if d.uses_step:
+        extras.append("step=step")
+    if d.uses_new_state:
+        extras.append("first_step=first_step")
+    if d.takes_grad_scale:
+        extras += ["grad_scale=grad_scale", "found_inf=found_inf"]
+    if d.scalars:
+        pairs = ", ".join(f"{s!r}: {_plural(s)}" for s in d.scalars)
+        extras.append(f"scalars={{{pairs}}}")
+    source = (
+        f"def {algorithm}_({', '.join(positional)}, *, {', '.join(keywords)}):\n"
+        f"    _run(_description, _declared, {{{', '.join(f'{n!r}: {n}' for n in option_names)}}},"
+        f" params, grads, ({states}), {', '.join(extras)})\n"
+    )
+    namespace: dict[str, Any] = {"_run": _run, "_description": d, "_declared": declared}
+    exec(source, namespace)  # noqa: S102 - built from the native description only
+    function = namespace[f"{algorithm}_"]
+    function.__module__ = __name__
+    function.__doc__ = (
+        f"One fused {algorithm} step (docs/spec.md) over every tensor given, in place. States: "
+        f"{', '.join(_plural(s) for s in d.states)}. See the module docstring."
+    )
+    return function
+
+
+# One function per registered algorithm: adding an algorithm to the registry adds its function.
+__all__ = [f"{name}_" for name in _core.algorithms()]
+globals().update({f"{name}_": _make(name) for name in _core.algorithms()})

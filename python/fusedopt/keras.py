@@ -2,7 +2,7 @@
 
 Used as in Keras: construct with hyperparameters only, then ``opt.apply(grads, variables)`` (or
 ``opt.apply_gradients(zip(grads, variables))``) updates the arrays in place, building the state
-on first use. As in Keras 3 (SPEC A.2): weight decay is decoupled and scaled by the learning rate
+on first use. As in Keras 3 (spec A.2): weight decay is decoupled and scaled by the learning rate
 in every optimizer, Adam's epsilon is epsilon-hat (next to the uncorrected root), Adagrad's and
 RMSprop's epsilon sit inside the square root, and the learning rate lives inside momentum.
 ``clipnorm``, ``clipvalue`` and ``global_clipnorm`` clip the gradients first.
@@ -10,61 +10,100 @@ RMSprop's epsilon sit inside the square root, and the learning rate lives inside
 ``learning_rate`` is a float (settable between steps) or a callable of the iteration count, such
 as a ``keras.optimizers.schedules`` object. Like Keras, the current rate is held as a float32
 value, so float64 variables see the same rounded rate that Keras gives them.
+
+A class here declares only its algorithm (described once, in ``csrc/math/<name>.h``), how Keras
+spells and defaults its hyperparameters, and Keras' names for its state; the rest is shared.
 """
 
 from __future__ import annotations
 
+import inspect
+import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from fusedopt import _core
+from fusedopt._engine import (
+    KERAS,
+    Description,
+    Hyperparameter,
+    Plan,
+    as_number,
+    describe,
+    native_values,
+)
 
 LearningRate = float | Callable[[int], float]
+H = Hyperparameter
+
+# The arguments every Keras optimizer takes after its own (keras' BaseOptimizer), in its order.
+_BASE_ARGUMENTS = ("clipnorm", "clipvalue", "global_clipnorm", "name")
 
 
 class Optimizer:
     """Base class of the Keras-convention optimizers: the gradient pipeline of Keras'
-    ``BaseOptimizer.apply`` (drop None gradients, clip, update, ``iterations += 1``)."""
+    ``BaseOptimizer.apply`` (drop None gradients, clip, decay, update, ``iterations += 1``)."""
 
-    _state_names: tuple[str, ...] = ()
+    _algorithm: ClassVar[str] = ""
+    # Keras' spelling and defaults, in Keras' argument order, learning_rate and weight_decay
+    # included (where Keras puts them).
+    _hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    _state_names: ClassVar[tuple[str, ...]] = ()  # Keras' names of the native states, in order
+    _description: ClassVar[Description]
 
-    def __init__(
-        self,
-        learning_rate: LearningRate,
-        weight_decay: float | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        name: str | None = None,
-    ) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls._algorithm:
+            cls._description = describe(cls._algorithm)
+            if len(cls._state_names) != len(cls._description.states):
+                raise TypeError(f"{cls.__name__}: one Keras name per native state")
+            if "__init__" not in cls.__dict__:
+                cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
+
+    def _setup(self, hyperparameters: dict[str, Any], base: dict[str, Any]) -> None:
+        clipnorm, clipvalue, global_clipnorm = (base[k] for k in _BASE_ARGUMENTS[:3])
         given = [c for c in (clipnorm, clipvalue, global_clipnorm) if c is not None]
         if len(given) > 1:
             raise ValueError(
                 "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
                 f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}"
             )
-        for label, value in (
-            ("clipnorm", clipnorm),
-            ("clipvalue", clipvalue),
-            ("global_clipnorm", global_clipnorm),
-        ):
-            if value is not None and not float(value) > 0:
+        for label in _BASE_ARGUMENTS[:3]:
+            value = base[label]
+            if value is not None and not as_number(value, label) > 0:
                 raise ValueError(f"Invalid {label}: {value} (must be > 0)")
-        if weight_decay is not None and not float(weight_decay) >= 0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
-        self.weight_decay = weight_decay
+        if "weight_decay" in hyperparameters and hyperparameters["weight_decay"] is None:
+            if type(self).weight_decay_required():
+                raise ValueError(
+                    "Argument `weight_decay` must be a float. Received: weight_decay=None"
+                )
+        self._lock = threading.Lock()
         self.clipnorm = clipnorm
         self.clipvalue = clipvalue
         self.global_clipnorm = global_clipnorm
-        self.name = name or type(self).__name__.lower()
-        self.learning_rate = learning_rate
+        self.name = base["name"] or type(self).__name__.lower()
+        for key, value in hyperparameters.items():
+            if key != "learning_rate":
+                setattr(self, key, value)
+        self.learning_rate = hyperparameters["learning_rate"]
         self.iterations = 0
         self._variables: list[np.ndarray] = []
         self._index_of: dict[int, int] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}
+        self._plans: dict[tuple[int, ...], tuple[Plan, tuple[float, ...]]] = {}
+        self._options_key: tuple[Any, ...] | None = None
+        self._options_values: tuple[float, ...] = ()
         self.built = False
+        self._native_options(0.0)  # checks every hyperparameter now, as Keras does
+
+    @classmethod
+    def weight_decay_required(cls) -> bool:
+        """AdamW's weight_decay is a number, never None (Keras refuses None)."""
+        for h in cls._hyperparameters:
+            if h.name == "weight_decay":
+                return h.default is not None
+        return False
 
     # ---------------------------------------------------------------------------- learning rate
 
@@ -76,7 +115,7 @@ class Optimizer:
     @learning_rate.setter
     def learning_rate(self, value: LearningRate) -> None:
         if not callable(value):
-            rate = float(value)
+            rate = as_number(value, "learning_rate")
             if not rate >= 0:
                 raise ValueError(f"Invalid learning_rate: {value} (must be >= 0)")
         self._learning_rate = value
@@ -84,7 +123,21 @@ class Optimizer:
     def _current_learning_rate(self) -> float:
         rate = self._learning_rate
         value = rate(self.iterations) if callable(rate) else rate
-        return float(np.float32(float(np.asarray(value))))
+        return float(np.float32(as_number(value, "learning_rate")))
+
+    def _native_options(self, learning_rate: float) -> tuple[float, ...]:
+        """The native options for the current attributes, recomputed only when one changed."""
+        values = {h.name: getattr(self, h.name, None) for h in self._hyperparameters}
+        values["learning_rate"] = learning_rate
+        if values.get("weight_decay") is None:
+            values["weight_decay"] = 0.0
+        key = tuple(values.values())
+        if key != self._options_key:
+            self._options_values = native_values(
+                self._description, self._hyperparameters, values, {"convention": KERAS}
+            )
+            self._options_key = key
+        return self._options_values
 
     # ------------------------------------------------------------------------------------ state
 
@@ -98,32 +151,39 @@ class Optimizer:
                 raise TypeError(
                     f"variables[{i}] has dtype {v.dtype}; fusedopt updates float32 and float64"
                 )
-        self._variables = variables
-        self._index_of = {id(v): i for i, v in enumerate(variables)}
-        if len(self._index_of) != len(variables):
+        index_of = {id(v): i for i, v in enumerate(variables)}
+        if len(index_of) != len(variables):
             raise ValueError("variables: the same array appears twice")
-        self._buffers = {
-            name: [self._initial_state(name, v) for v in variables] for name in self._used_states()
-        }
+        self._variables = variables
+        self._index_of = index_of
+        self._buffers = {}
+        self._plans = {}
+        self._create_states(self._native_options(self._current_learning_rate()))
         self.built = True
 
-    def _used_states(self) -> tuple[str, ...]:
-        """The states this configuration keeps (Keras creates no others)."""
-        return self._state_names
-
-    def _initial_state(self, name: str, variable: np.ndarray) -> np.ndarray:
-        return np.zeros_like(variable, order="C")
+    def _create_states(self, options: tuple[float, ...]) -> bool:
+        """The state lists these options use and the optimizer does not have yet (Keras creates
+        no others); whether any was created."""
+        used = self._description.states_used(options)
+        initial, _ = self._description.initial_values(options)
+        created = False
+        for native, name in zip(self._description.states, self._state_names):
+            if native in used and name not in self._buffers:
+                value = initial[self._description.states.index(native)]
+                self._buffers[name] = [np.full_like(v, value, order="C") for v in self._variables]
+                created = True
+        return created
 
     @property
     def variables(self) -> list[np.ndarray]:
         """The optimizer's state arrays, in Keras' order (one list per state name)."""
-        return [b for name in self._used_states() for b in self._buffers.get(name, [])]
+        return [b for name in self._state_names for b in self._buffers.get(name, [])]
 
     @property
     def state(self) -> dict[int, dict[str, np.ndarray]]:
         """The live state of each variable by index, with Keras' state names."""
         return {
-            i: {name: self._buffers[name][i] for name in self._used_states()}
+            i: {name: buffers[i] for name, buffers in self._buffers.items()}
             for i in range(len(self._variables))
         }
 
@@ -140,41 +200,74 @@ class Optimizer:
         trainable_variables: Sequence[np.ndarray] | None = None,
     ) -> int:
         """Update ``trainable_variables`` in place from ``grads``; returns ``iterations``."""
-        grads = list(grads)
-        if trainable_variables is None:
-            if not self.built:
-                raise ValueError("apply: pass trainable_variables on the first call")
-            variables = self._variables
-        else:
-            variables = list(trainable_variables)
-        if len(grads) != len(variables):
-            raise ValueError(
-                f"grads: expected {len(variables)} arrays (one per variable), got {len(grads)}"
-            )
-        if not self.built:
-            self.build(variables)
-        indices = []
-        for i, v in enumerate(variables):
-            index = self._index_of.get(id(v))
-            if index is None or self._variables[index] is not v:
+        with self._lock:
+            grads = list(grads)
+            if trainable_variables is None:
+                if not self.built:
+                    raise ValueError("apply: pass trainable_variables on the first call")
+                variables = self._variables
+            else:
+                variables = list(trainable_variables)
+            if len(grads) != len(variables):
                 raise ValueError(
-                    f"trainable_variables[{i}] is not one of the variables this optimizer was "
-                    "built with"
+                    f"grads: expected {len(variables)} arrays (one per variable), got {len(grads)}"
                 )
-            indices.append(index)
-        kept = [(g, i) for g, i in zip(grads, indices) if g is not None]
-        if variables and not kept:
-            raise ValueError("No gradients provided for any variable.")
-        if kept:
-            grads = self._clip([g for g, _ in kept])
-            indices = [i for _, i in kept]
-            self._update(grads, indices, self._current_learning_rate())
-        self.iterations += 1
-        return self.iterations
+            if not self.built:
+                self.build(variables)
+            indices = []
+            for i, v in enumerate(variables):
+                index = self._index_of.get(id(v))
+                if index is None or self._variables[index] is not v:
+                    raise ValueError(
+                        f"trainable_variables[{i}] is not one of the variables this optimizer "
+                        "was built with"
+                    )
+                indices.append(index)
+            kept = [(g, i) for g, i in zip(grads, indices) if g is not None]
+            if variables and not kept:
+                raise ValueError("No gradients provided for any variable.")
+            if kept:
+                clipped = self._clip([g for g, _ in kept])
+                self._update(clipped, tuple(i for _, i in kept))
+            self.iterations += 1
+            return self.iterations
+
+    def _update(self, grads: list[np.ndarray], indices: tuple[int, ...]) -> None:
+        """One native step over the given variables, at Keras' t = iterations + 1."""
+        options = self._native_options(self._current_learning_rate())
+        if self._create_states(options):
+            self._plans = {}
+        entry = self._plans.get(indices)
+        if entry is None:
+            states = [
+                [self._buffers[name][i] for i in indices] if name in self._buffers else None
+                for name in self._state_names
+            ]
+            plan = Plan(
+                self._algorithm,
+                [options],
+                np.zeros(len(indices), np.int64),
+                [self._variables[i] for i in indices],
+                states,
+            )
+            self._plans[indices] = entry = (plan, options)
+        plan, registered = entry
+        if registered is not options:
+            plan.set_options(0, options)
+            self._plans[indices] = (plan, options)
+        plan.step(grads, None, self.iterations + 1)
 
     def _clip(self, grads: list[np.ndarray]) -> list[np.ndarray]:
-        """Keras' ``_clip_gradients`` (SPEC 1, step 5), in each gradient's dtype. Clipped
+        """Keras' ``_clip_gradients`` (spec 1, step 5), in each gradient's dtype. Clipped
         gradients are new arrays: the caller's gradients are never changed."""
+        if self.clipnorm is None and self.global_clipnorm is None and self.clipvalue is None:
+            return grads
+        for i, g in enumerate(grads):
+            if not isinstance(g, np.ndarray) or g.dtype.kind != "f":
+                raise TypeError(
+                    f"grads[{i}] must be a float numpy.ndarray to clip, got "
+                    f"{type(g).__name__}{'' if not isinstance(g, np.ndarray) else ' ' + str(g.dtype)}"
+                )
         if self.clipnorm is not None:
             return [self._clip_by_norm(g, self.clipnorm) for g in grads]
         if self.global_clipnorm is not None:
@@ -183,9 +276,7 @@ class Optimizer:
                 self.global_clipnorm * min(1.0 / norm, 1.0 / self.global_clipnorm) if norm else 1.0
             )
             return [np.asarray(g * g.dtype.type(scale), dtype=g.dtype) for g in grads]
-        if self.clipvalue is not None:
-            return [np.clip(g, -self.clipvalue, self.clipvalue) for g in grads]
-        return grads
+        return [np.clip(g, -self.clipvalue, self.clipvalue) for g in grads]
 
     @staticmethod
     def _clip_by_norm(g: np.ndarray, clip_norm: float) -> np.ndarray:
@@ -195,100 +286,72 @@ class Optimizer:
         c = g.dtype.type(clip_norm)
         return (g * c) / np.maximum(norm, c)
 
-    def _update(self, grads: list[np.ndarray], indices: list[int], learning_rate: float) -> None:
-        raise NotImplementedError  # pragma: no cover
 
-    def _run(
-        self,
-        step_function: Callable[..., None],
-        options: Any,
-        grads: list[np.ndarray],
-        indices: list[int],
-    ) -> None:
-        """One native step over the given variables, with each state list in _state_names
-        order (None for a state this configuration keeps none of)."""
-        state_lists = [self._state_for(name, indices) for name in self._state_names]
-        options.convention = "keras"
-        options.weight_decay = float(self.weight_decay or 0.0)
-        taken = np.full(len(indices), self.iterations, dtype=np.int64)  # Keras' t = iterations + 1
-        group_of = np.zeros(len(indices), dtype=np.int64)
-        variables = [self._variables[i] for i in indices]
-        step_function([options], group_of, taken, variables, grads, *state_lists)
+def _generated_init(cls: type[Optimizer]) -> Any:
+    """``__init__`` with Keras' signature for the class, from its declaration."""
+    description = cls._description
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for h in cls._hyperparameters:
+        parameters.append(
+            inspect.Parameter(
+                h.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=h.default_for(description)
+            )
+        )
+    for name in _BASE_ARGUMENTS:
+        parameters.append(
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+        )
+    signature = inspect.Signature(parameters)
+    own = {h.name for h in cls._hyperparameters}
 
-    def _state_for(self, name: str, indices: list[int]) -> list[np.ndarray] | None:
-        """The given variables' buffers of one state, or None where this configuration keeps
-        no such state."""
-        if name not in self._buffers:
-            return None
-        return [self._buffers[name][i] for i in indices]
+    def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        self._setup(
+            {k: v for k, v in arguments.items() if k in own},
+            {k: v for k, v in arguments.items() if k not in own},
+        )
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = f"Construct a {cls.__name__} with Keras' arguments and defaults."
+    return __init__
+
+
+def _learning_rate(default: float) -> Hyperparameter:
+    return H("learning_rate", native="lr", default=default)
+
+
+_WEIGHT_DECAY = H("weight_decay", default=None)
 
 
 class SGD(Optimizer):
     """``keras.optimizers.SGD``: velocity ``v = momentum*v - lr*g``, ``w += v`` (Nesterov:
     ``w += momentum*v - lr*g``); the learning rate stays inside the velocity."""
 
+    _algorithm = "sgd"
+    _hyperparameters = (
+        _learning_rate(0.01),
+        H("momentum", default=0.0),
+        H("nesterov", default=False),
+        _WEIGHT_DECAY,
+    )
     _state_names = ("momentum",)
-
-    def __init__(
-        self,
-        learning_rate: LearningRate = 0.01,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        name: str | None = None,
-    ) -> None:
-        if not (isinstance(momentum, float | int) and 0 <= momentum <= 1):
-            raise ValueError("`momentum` must be a float between [0, 1].")
-        super().__init__(learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm, name)
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
-
-    def _update(self, grads: list[np.ndarray], indices: list[int], learning_rate: float) -> None:
-        o = _core.SgdOptions()
-        o.lr = learning_rate
-        o.momentum = self.momentum
-        o.nesterov = self.nesterov
-        self._run(_core.sgd_step, o, grads, indices)
-
-    def _used_states(self) -> tuple[str, ...]:
-        return self._state_names if self.momentum != 0 else ()
 
 
 class Adagrad(Optimizer):
     """``keras.optimizers.Adagrad``: ``acc += g*g``, ``w -= lr*g / sqrt(acc + epsilon)``."""
 
+    _algorithm = "adagrad"
+    _hyperparameters = (
+        _learning_rate(0.001),
+        H("initial_accumulator_value", default=0.1),
+        H("epsilon", native="eps", default=1e-7),
+        _WEIGHT_DECAY,
+    )
     _state_names = ("accumulator",)
-
-    def __init__(
-        self,
-        learning_rate: LearningRate = 0.001,
-        initial_accumulator_value: float = 0.1,
-        epsilon: float = 1e-7,
-        weight_decay: float | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        name: str | None = None,
-    ) -> None:
-        if not float(initial_accumulator_value) >= 0:
-            raise ValueError(f"Invalid initial_accumulator_value: {initial_accumulator_value}")
-        if not float(epsilon) >= 0:
-            raise ValueError(f"Invalid epsilon: {epsilon} (must be >= 0)")
-        super().__init__(learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm, name)
-        self.initial_accumulator_value = float(initial_accumulator_value)
-        self.epsilon = float(epsilon)
-
-    def _initial_state(self, name: str, variable: np.ndarray) -> np.ndarray:
-        return np.full_like(variable, self.initial_accumulator_value, order="C")
-
-    def _update(self, grads: list[np.ndarray], indices: list[int], learning_rate: float) -> None:
-        o = _core.AdagradOptions()
-        o.lr = learning_rate
-        o.eps = self.epsilon
-        self._run(_core.adagrad_step, o, grads, indices)
 
 
 class RMSprop(Optimizer):
@@ -296,46 +359,16 @@ class RMSprop(Optimizer):
     ``lr*g / sqrt(v + epsilon)`` (centered: ``v - mg*mg + epsilon``), accumulated into the
     momentum buffer when ``momentum > 0``."""
 
+    _algorithm = "rmsprop"
+    _hyperparameters = (
+        _learning_rate(0.001),
+        H("rho", native="alpha", default=0.9),
+        H("momentum", default=0.0),
+        H("epsilon", native="eps", default=1e-7),
+        H("centered", default=False),
+        _WEIGHT_DECAY,
+    )
     _state_names = ("velocity", "momentum", "average_gradient")
-
-    def __init__(
-        self,
-        learning_rate: LearningRate = 0.001,
-        rho: float = 0.9,
-        momentum: float = 0.0,
-        epsilon: float = 1e-7,
-        centered: bool = False,
-        weight_decay: float | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        name: str | None = None,
-    ) -> None:
-        for label, value in (("rho", rho), ("momentum", momentum), ("epsilon", epsilon)):
-            if not float(value) >= 0:
-                raise ValueError(f"Invalid {label}: {value} (must be >= 0)")
-        super().__init__(learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm, name)
-        self.rho = float(rho)
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
-        self.centered = bool(centered)
-
-    def _update(self, grads: list[np.ndarray], indices: list[int], learning_rate: float) -> None:
-        o = _core.RmspropOptions()
-        o.lr = learning_rate
-        o.alpha = self.rho
-        o.eps = self.epsilon
-        o.momentum = self.momentum
-        o.centered = self.centered
-        self._run(_core.rmsprop_step, o, grads, indices)
-
-    def _used_states(self) -> tuple[str, ...]:
-        used = ("velocity",)
-        if self.momentum > 0:
-            used += ("momentum",)
-        if self.centered:
-            used += ("average_gradient",)
-        return used
 
 
 class Adam(Optimizer):
@@ -343,72 +376,26 @@ class Adam(Optimizer):
     ``w -= alpha_t*m / (sqrt(v) + epsilon)`` with epsilon-hat next to the uncorrected root;
     ``amsgrad`` takes the maximum of the raw second moment."""
 
+    _algorithm = "adam"
+    _hyperparameters = (
+        _learning_rate(0.001),
+        H("beta_1", native="beta1", default=0.9),
+        H("beta_2", native="beta2", default=0.999),
+        H("epsilon", native="eps", default=1e-7),
+        H("amsgrad", default=False),
+        _WEIGHT_DECAY,
+    )
     _state_names = ("momentum", "velocity", "velocity_hat")
-
-    def __init__(
-        self,
-        learning_rate: LearningRate = 0.001,
-        beta_1: float = 0.9,
-        beta_2: float = 0.999,
-        epsilon: float = 1e-7,
-        amsgrad: bool = False,
-        weight_decay: float | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        name: str | None = None,
-    ) -> None:
-        for label, value in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if not 0 <= float(value) < 1:
-                raise ValueError(f"Invalid {label}: {value} (must be in [0, 1))")
-        if not float(epsilon) >= 0:
-            raise ValueError(f"Invalid epsilon: {epsilon} (must be >= 0)")
-        super().__init__(learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm, name)
-        self.beta_1 = float(beta_1)
-        self.beta_2 = float(beta_2)
-        self.epsilon = float(epsilon)
-        self.amsgrad = bool(amsgrad)
-
-    def _update(self, grads: list[np.ndarray], indices: list[int], learning_rate: float) -> None:
-        o = _core.AdamOptions()
-        o.lr = learning_rate
-        o.beta1 = self.beta_1
-        o.beta2 = self.beta_2
-        o.eps = self.epsilon
-        o.amsgrad = self.amsgrad
-        self._run(_core.adam_step, o, grads, indices)
-
-    def _used_states(self) -> tuple[str, ...]:
-        return self._state_names if self.amsgrad else self._state_names[:2]
 
 
 class AdamW(Adam):
     """``keras.optimizers.AdamW``: Keras Adam with ``weight_decay=0.004`` by default."""
 
-    def __init__(
-        self,
-        learning_rate: LearningRate = 0.001,
-        weight_decay: float = 0.004,
-        beta_1: float = 0.9,
-        beta_2: float = 0.999,
-        epsilon: float = 1e-7,
-        amsgrad: bool = False,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        name: str | None = None,
-    ) -> None:
-        if weight_decay is None:
-            raise ValueError("Argument `weight_decay` must be a float. Received: weight_decay=None")
-        super().__init__(
-            learning_rate,
-            beta_1,
-            beta_2,
-            epsilon,
-            amsgrad,
-            weight_decay,
-            clipnorm,
-            clipvalue,
-            global_clipnorm,
-            name,
-        )
+    _hyperparameters = (
+        _learning_rate(0.001),
+        H("weight_decay", default=0.004),
+        H("beta_1", native="beta1", default=0.9),
+        H("beta_2", native="beta2", default=0.999),
+        H("epsilon", native="eps", default=1e-7),
+        H("amsgrad", default=False),
+    )

@@ -3,66 +3,80 @@
 Each ``step(grads)`` updates every param of every group in place, in one native call.
 Hyperparameters live in ``param_groups`` (a list of dicts, as in torch) and may be changed
 between steps, e.g. by a learning-rate schedule: ``opt.param_groups[0]["lr"] = 0.01``.
+
+A class here only declares its algorithm (described once, in ``csrc/math/<name>.h``) and how
+torch spells its hyperparameters; the constructor, state handling, checks and the route to the
+native core are shared (:mod:`fusedopt._engine`). One optimizer's steps are serialized by its own
+lock, so two threads stepping it get the result of two steps in turn; different optimizers step
+in parallel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from operator import is_, itemgetter
-from typing import Any
+import inspect
+import math
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from operator import is_
+from typing import Any, ClassVar
 
 import numpy as np
 
 from fusedopt import _core, cuda
+from fusedopt._engine import (
+    TORCH,
+    Description,
+    Hyperparameter,
+    Plan,
+    as_number,
+    describe,
+    native_values,
+    skip_step,
+)
 from fusedopt._state import unflatten_state_dict
 
 ParamsT = Iterable[np.ndarray] | Iterable[dict[str, Any]]
-
-
-def _as_float(value: Any, name: str) -> float:
-    """A hyperparameter as a Python float: a number, or a one-element array (as torch accepts a
-    one-element tensor for lr)."""
-    if value is None or isinstance(value, str | bytes):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if array.size != 1:
-        raise TypeError(f"{name} must be a single number, got an array of shape {array.shape}")
-    return float(array.reshape(()))
-
-
-def _skip_step(found_inf: Any) -> bool:
-    """PyTorch's fused found_inf: a nonzero value skips the whole step (SPEC section 8)."""
-    return found_inf is not None and _as_float(found_inf, "found_inf") != 0.0
+H = Hyperparameter
 
 
 class Optimizer:
     """Base class: PyTorch-style param groups, per-param state and state dicts.
 
-    Subclasses name their state buffers (``_state_names``), say which of them a group needs
-    (``_needed_states``), how a new one starts (``_initial_state``), and run the native step
-    (``_native_step``).
+    A subclass names its native algorithm (``_algorithm``) and declares its hyperparameters as
+    torch spells them (``_hyperparameters``); everything else comes from the algorithm's
+    description.
     """
 
-    _state_names: tuple[str, ...] = ()
-    _hyperparameter_names: tuple[str, ...] = ()
-    _tracks_step = True  # torch's SGD keeps no step count in its state
+    _algorithm: ClassVar[str] = ""
+    _hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    _fixed: ClassVar[Mapping[str, float]] = {}  # native options the class sets (AdamW's decay)
+    _tracks_step: ClassVar[bool] = True  # torch's SGD keeps no step count in its state
+    _states_at_construction: ClassVar[bool] = False  # torch's Adagrad allocates its sum eagerly
+    _description: ClassVar[Description]
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls._algorithm:
+            cls._description = describe(cls._algorithm)
+            if "__init__" not in cls.__dict__:
+                cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
+
+    def _setup(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = []
-        self._params: list[np.ndarray] = []
-        self._group_params: list[tuple[np.ndarray, ...]] = []  # each group's "params", as given
+        self._lock = threading.Lock()
+        self._params: list[Any] = []
+        self._group_params: list[tuple[Any, ...]] = []  # each group's "params", as given
         self._group_of = np.zeros(0, dtype=np.int64)
-        self._steps = np.zeros(0, dtype=np.int64)
-        self._buffers: dict[str, list[np.ndarray | None]] = {n: [] for n in self._state_names}
-        # Per group: the values seen last, their plain-number key, whether the values are all
-        # immutable, and the native options built from them.
-        self._options_cache: list[tuple[tuple[Any, ...], tuple[Any, ...], bool, Any]] = []
-        self._hyperparameters_of = itemgetter(*self._hyperparameter_names)
-        self._complete_state: tuple[Any, ...] | None = None  # see _state_lists
+        self._steps = np.zeros(0, dtype=np.int64)  # steps taken, advanced by the native step
+        self._buffers: dict[str, list[Any]] = {n: [] for n in self._description.states}
+        self._scalars = np.zeros((0, _core.max_scalars), dtype=np.float64)
+        self._has_scalars: list[bool] = []
+        self._new_state: list[bool] = []  # buffers created since the param's last step
+        # Per group: the values seen last, their plain-number key and the native options.
+        self._options_cache: list[tuple[tuple[Any, ...], tuple[Any, ...], tuple[float, ...]]] = []
+        self._plan: Plan | None = None
+        self._plan_options: list[tuple[float, ...]] = []
         groups = list(params) if not isinstance(params, np.ndarray) else [params]
         if not groups:
             raise ValueError("params: optimizer got an empty parameter list")
@@ -106,243 +120,354 @@ class Optimizer:
             if id(p) in seen:
                 raise ValueError(f"params[{i}] appears twice among the optimizer's params")
             seen.add(id(p))
-        self._options(group).validate()
-        # A tuple: the optimizer updates the params it was given, so editing a group's list in
-        # place would be ignored silently; replacing it is refused at the next step.
-        params = tuple(params)
-        group["params"] = params
-        index = len(self.param_groups)
-        self.param_groups.append(group)
-        self._params += params
-        self._group_params.append(params)
-        self._group_of = np.concatenate([self._group_of, np.full(len(params), index, np.int64)])
-        self._steps = np.concatenate([self._steps, np.zeros(len(params), np.int64)])
-        for name in self._state_names:
-            self._buffers[name] += [None] * len(params)
-        for i in range(len(self._params) - len(params), len(self._params)):
-            self._on_new_param(i, self._params[i])
-
-    def _on_new_param(self, index: int, param: np.ndarray) -> None:
-        """Hook for state that PyTorch allocates at construction (Adagrad's sum)."""
+        values = self._native_options(group)
+        with self._lock:
+            # A tuple: the optimizer updates the params it was given, so editing a group's list
+            # in place would be ignored silently; replacing it is refused at the next step.
+            params = tuple(params)
+            group["params"] = params
+            index = len(self.param_groups)
+            self.param_groups.append(group)
+            group_values = self._values_of(group)
+            self._options_cache.append((group_values, _frozen(group_values), values))
+            first_new = len(self._params)
+            self._params += params
+            self._group_params.append(params)
+            count = len(params)
+            self._group_of = np.concatenate([self._group_of, np.full(count, index, np.int64)])
+            self._steps = np.concatenate([self._steps, np.zeros(count, np.int64)])
+            self._scalars = np.concatenate([self._scalars, np.zeros((count, _core.max_scalars))])
+            self._has_scalars += [False] * count
+            self._new_state += [False] * count
+            for name in self._description.states:
+                self._buffers[name] += [None] * count
+            self._plan = None
+            if self._states_at_construction:
+                used = self._description.states_used(values)
+                for i in range(first_new, len(self._params)):
+                    self._create_states(i, used, values)
 
     # ----------------------------------------------------------------------------------- state
 
     @property
     def state(self) -> dict[int, dict[str, Any]]:
         """Per-param state by index in param order: ``{"step": int, "<buffer>": array, ...}``
-        for every param that has taken a step. The arrays are the live buffers."""
+        for every param that has state. The arrays are the live buffers."""
         result: dict[int, dict[str, Any]] = {}
         for i in range(len(self._params)):
             entry: dict[str, Any] = {}
             if self._tracks_step and self._steps[i] > 0:
                 entry["step"] = int(self._steps[i])
-            for name in self._state_names:
+            for name in self._description.states:
                 buffer = self._buffers[name][i]
                 if buffer is not None:
                     entry[name] = buffer
+            if self._has_scalars[i]:
+                for k, name in enumerate(self._description.scalars):
+                    entry[name] = float(self._scalars[i, k])
             if entry:
                 result[i] = entry
         return result
 
     def reset_state(self) -> None:
         """Forget all state, as if no step had been taken."""
-        self._steps[:] = 0
-        for name in self._state_names:
-            self._buffers[name] = [None] * len(self._params)
-        for i, p in enumerate(self._params):
-            self._on_new_param(i, p)
+        with self._lock:
+            self._steps = np.zeros_like(self._steps)
+            self._scalars = np.zeros_like(self._scalars)
+            self._has_scalars = [False] * len(self._params)
+            self._new_state = [False] * len(self._params)
+            for name in self._description.states:
+                self._buffers[name] = [None] * len(self._params)
+            self._plan = None
+            if self._states_at_construction:
+                for i in range(len(self._params)):
+                    values = self._options_cache[self._group_of[i]][2]
+                    self._create_states(i, self._description.states_used(values), values)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"state": {index: {...}}, "param_groups": [...]}`` with copies of every buffer; see
         :func:`fusedopt.flatten_state_dict` for the form ``np.savez`` stores."""
-        state = {
-            i: {k: (v.copy() if isinstance(v, np.ndarray) else _host(v)) for k, v in entry.items()}
-            for i, entry in self.state.items()
-        }
-        groups = []
-        start = 0
-        for group in self.param_groups:
-            saved = {k: _plain(v) for k, v in group.items() if k != "params"}
-            saved["params"] = list(range(start, start + len(group["params"])))
-            start += len(group["params"])
-            groups.append(saved)
+        with self._lock:
+            state = {
+                i: {k: (v.copy() if isinstance(v, np.ndarray) else _host(v)) for k, v in e.items()}
+                for i, e in self.state.items()
+            }
+            groups = []
+            start = 0
+            for group in self.param_groups:
+                saved = {k: _plain(v) for k, v in group.items() if k != "params"}
+                saved["params"] = list(range(start, start + len(group["params"])))
+                start += len(group["params"])
+                groups.append(saved)
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state dict (nested, or flat as read back by ``np.load``). Everything is
-        checked against this optimizer's params before anything changes."""
+        checked against this optimizer's params before anything changes; a bad entry raises
+        ValueError or TypeError naming it."""
         state_dict = unflatten_state_dict(state_dict)
-        groups = state_dict["param_groups"]
+        groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(groups, Sequence) or isinstance(groups, str | bytes):
+            raise TypeError("state_dict: 'param_groups' must be a list of dicts")
+        if not isinstance(saved_state, Mapping):
+            raise TypeError("state_dict: 'state' must be a dict of per-param dicts")
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict: has {len(groups)} param groups, the optimizer has "
                 f"{len(self.param_groups)}"
             )
-        for saved, group in zip(groups, self.param_groups):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError("state_dict: a param group's size does not match the optimizer's")
         new_groups = []
-        for saved, group in zip(groups, self.param_groups):
+        for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or "params" not in saved:
+                raise ValueError(f"state_dict: param_groups[{g}] must be a dict with 'params'")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict: the size of param_groups[{g}] ({len(saved['params'])} params) "
+                    f"does not match the optimizer's ({len(group['params'])})"
+                )
             merged = dict(group)
             merged.update({k: v for k, v in saved.items() if k != "params"})
             unknown = set(merged) - set(self.defaults) - {"params"}
             if unknown:
                 raise ValueError(f"state_dict: unknown hyperparameters {sorted(unknown)}")
-            self._options(merged).validate()
-            new_groups.append(merged)
-        steps = np.zeros_like(self._steps)
-        buffers: dict[str, list[np.ndarray | None]] = {
-            n: [None] * len(self._params) for n in self._state_names
-        }
-        for key, entry in state_dict["state"].items():
-            i = int(key)
-            if not 0 <= i < len(self._params):
-                raise ValueError(f"state_dict: state for param {i}, which does not exist")
+            new_groups.append((merged, self._native_options(merged)))
+        n = len(self._params)
+        steps = np.zeros(n, np.int64)
+        scalars = np.zeros((n, _core.max_scalars), dtype=np.float64)
+        has_scalars = [False] * n
+        buffers: dict[str, list[Any]] = {name: [None] * n for name in self._description.states}
+        scalar_names = self._description.scalars
+        for key, entry in saved_state.items():
+            i = _state_index(key, n)
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"state_dict: state[{i}] must be a dict, got {type(entry).__name__}")
             param = self._params[i]
             for name, value in entry.items():
                 if name == "step":
-                    step = _as_float(value, f"state[{i}]['step']")
-                    if step < 0 or step != int(step):
-                        raise ValueError(
-                            f"state_dict: state[{i}]['step'] must be a whole number >= 0"
-                        )
-                    steps[i] = int(step)
+                    steps[i] = _step_count(value, i)
                 elif name in buffers:
-                    array = np.asarray(value)
-                    if array.shape != param.shape:
-                        raise ValueError(
-                            f"state_dict: state[{i}][{name!r}] has shape {array.shape}, "
-                            f"params[{i}] has {param.shape}"
-                        )
-                    if array.dtype.kind != "f":
-                        raise TypeError(f"state_dict: state[{i}][{name!r}] has dtype {array.dtype}")
-                    buffers[name][i] = (
-                        cuda.array_like(array, param)
-                        if cuda.is_device_array(param)
-                        else np.array(array, dtype=param.dtype, order="C", copy=True)
-                    )
+                    buffers[name][i] = _state_array(value, param, i, name)
+                elif name in scalar_names:
+                    scalars[i, scalar_names.index(name)] = as_number(value, f"state[{i}][{name!r}]")
+                    has_scalars[i] = True
                 else:
                     raise ValueError(f"state_dict: unknown state {name!r} for param {i}")
-        for group, merged in zip(self.param_groups, new_groups):
-            params = group["params"]
-            group.clear()
-            group.update(merged)
-            group["params"] = params
-        self._steps = steps
-        self._buffers = buffers
+        with self._lock:
+            for group, (merged, values) in zip(self.param_groups, new_groups):
+                params = group["params"]
+                group.clear()
+                group.update(merged)
+                group["params"] = params
+            self._options_cache = []
+            for group, (_, values) in zip(self.param_groups, new_groups):
+                group_values = self._values_of(group)
+                self._options_cache.append((group_values, _frozen(group_values), values))
+            self._steps = steps
+            self._scalars = scalars
+            self._has_scalars = has_scalars
+            self._buffers = buffers
+            self._new_state = [False] * n
+            self._plan = None
 
     # ------------------------------------------------------------------------------------ step
 
-    def step(self, grads: Sequence[np.ndarray]) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def step(self, grads: Sequence[Any], *, grad_scale: Any = None, found_inf: Any = None) -> None:
+        """Update every param in place from ``grads`` (one array per param, in param order).
 
-    def _group_options(self) -> list[Any]:
-        """The native options of every group, rebuilt only when a hyperparameter changed. The
-        cheap test first: the very same values as last time, all immutable; then the values'
-        plain-number copy (a one-element array or a list may have changed in place)."""
-        while len(self._options_cache) < len(self.param_groups):
-            self._options_cache.append(((), (), False, None))
-        result = []
-        for i, group in enumerate(self.param_groups):
-            values = self._hyperparameters_of(group)
-            last_values, last_key, immutable, options = self._options_cache[i]
-            if options is None or not (immutable and all(map(is_, values, last_values))):
-                key = _frozen(values)
-                if options is None or key != last_key:
-                    options = self._options(group)
-                self._options_cache[i] = (values, key, key is values, options)
-            result.append(options)
-        return result
-
-    @property
-    def _native(self) -> Any:
-        """The backend of this optimizer's arrays: _core, or fusedopt.cuda for device arrays."""
-        return cuda if self._params and cuda.is_device_array(self._params[0]) else _core
-
-    def _options(self, group: Mapping[str, Any]) -> Any:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def _needed_states(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return self._state_names
-
-    def _initial_state(self, name: str, param: np.ndarray, group: Mapping[str, Any]) -> np.ndarray:
-        if cuda.is_device_array(param):
-            return cuda.zeros_like(param)
-        return np.zeros_like(param, order="C")
-
-    def _run(self, native_step: Callable[..., None], grads: list[Any], *extra: Any) -> None:
-        """One native call over every param: the options of every group, the step counts
-        (advanced in place by the call once it has run), params, grads, each state list, then
-        ``extra``. Once every buffer exists (the usual step) nothing else is done; a step that
-        creates buffers and is then refused leaves no trace of them (a zero momentum buffer left
-        behind would skip torch's first-step rule once saved and loaded)."""
-        options = self._group_options()
-        for i, group in enumerate(self.param_groups):
-            if group["params"] is not self._group_params[i]:
-                raise ValueError(
-                    f"param_groups[{i}]['params'] was replaced; an optimizer updates the params "
-                    "it was given (use add_param_group to add more)"
-                )
-        lists = self._cached_state_lists(options)
-        if lists is not None:
-            native_step(options, self._group_of, self._steps, self._params, grads, *lists, *extra)
+        ``grad_scale`` and ``found_inf`` follow PyTorch's fused kernels under a GradScaler
+        (algorithms that take a grad scale: SGD, Adam, AdamW): the grads are divided by
+        ``grad_scale`` inside the pass and the unscaled values written back, and a nonzero
+        ``found_inf`` skips the step, leaving the step count unchanged.
+        """
+        grads = _grad_list(grads, len(self._params))
+        if skip_step(found_inf):
             return
-        buffers = {name: list(b) for name, b in self._buffers.items()}
-        steps = self._steps.copy()
+        scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
+        with self._lock:
+            for i, group in enumerate(self.param_groups):
+                if group["params"] is not self._group_params[i]:
+                    raise ValueError(
+                        f"param_groups[{i}]['params'] was replaced; an optimizer updates the "
+                        "params it was given (use add_param_group to add more)"
+                    )
+            options = self._group_options()
+            plan = self._plan
+            if plan is not None:
+                for g, now in enumerate(options):
+                    if now is not self._plan_options[g]:
+                        if self._needs_new_states(g, now):
+                            plan = None
+                            break
+                        plan.set_options(g, now)
+                        self._plan_options[g] = now
+            if plan is not None:
+                plan.step(grads, scale)
+                return
+            self._step_with_new_plan(options, grads, scale)
+
+    def _step_with_new_plan(
+        self, options: list[tuple[float, ...]], grads: list[Any], scale: float | None
+    ) -> None:
+        """Create the states the groups need, register everything and step. A step that creates
+        buffers and is then refused leaves no trace of them (a zero momentum buffer left behind
+        would skip torch's first-step rule once saved and loaded)."""
+        saved = (
+            {name: list(b) for name, b in self._buffers.items()},
+            self._scalars.copy(),
+            list(self._has_scalars),
+            list(self._new_state),
+        )
         try:
-            lists = self._state_lists(options)
-            native_step(options, self._group_of, self._steps, self._params, grads, *lists, *extra)
+            for i in range(len(self._params)):
+                values = options[self._group_of[i]]
+                self._create_states(i, self._description.states_used(values), values)
+            states = [
+                b if any(x is not None for x in b) else None for b in self._buffers.values()
+            ]
+            plan = Plan(
+                self._algorithm,
+                options,
+                self._group_of,
+                self._params,
+                states,
+                step_counts=self._steps,
+                new_state=self._new_state if self._description.uses_new_state else None,
+                scalars=self._scalars,
+            )
+            plan.step(grads, scale)
         except Exception:
-            self._buffers, self._steps = buffers, steps
+            self._buffers, self._scalars, self._has_scalars, self._new_state = saved
+            self._plan = None
             raise
+        self._plan = plan
+        self._plan_options = list(options)
+        self._new_state = [False] * len(self._params)
 
-    def _cached_state_lists(
-        self, options: list[Any]
-    ) -> list[list[np.ndarray | None] | None] | None:
-        """The lists of the last _state_lists call if nothing since can have changed them: the
-        same buffer dict and lists (load_state_dict, reset_state and a refused step replace
-        them), as many params (add_param_group appends) and the same options objects (which
-        _group_options replaces when a hyperparameter, and so maybe a needed state, changed)."""
-        cached = self._complete_state
-        if (
-            cached is None
-            or cached[0] is not self._buffers
-            or cached[1] != len(self._params)
-            or not all(map(is_, cached[2], self._buffers.values()))
-            or len(cached[3]) != len(options)
-            or not all(map(is_, cached[3], options))
-        ):
-            return None
-        return cached[4]
+    def _needs_new_states(self, group: int, values: tuple[float, ...]) -> bool:
+        used = self._description.states_used(values)
+        return any(
+            self._buffers[name][i] is None
+            for i in np.flatnonzero(self._group_of == group)
+            for name in used
+        )
 
-    def _state_lists(self, options: list[Any]) -> list[list[np.ndarray | None] | None]:
-        """One list per state name, a buffer per param (None where its group keeps none);
-        buffers a group needs and does not have yet are created here. The walk over every param
-        runs only when something changed: on a thousand tensors it cost more than the step."""
-        cached = self._cached_state_lists(options)
-        if cached is not None:
-            return cached
-        needed = [self._needed_states(group) for group in self.param_groups]
-        lists = []
-        for name in self._state_names:
-            buffers = self._buffers[name]
-            any_needed = False
-            for i, p in enumerate(self._params):
-                if name in needed[self._group_of[i]]:
-                    any_needed = True
-                    if buffers[i] is None:
-                        buffers[i] = self._initial_state(
-                            name, p, self.param_groups[self._group_of[i]]
-                        )
-            lists.append(buffers if any_needed else None)
-        buffer_lists = tuple(self._buffers.values())
-        self._complete_state = (self._buffers, len(self._params), buffer_lists, options, lists)
-        return lists
+    def _create_states(self, i: int, used: tuple[str, ...], values: tuple[float, ...]) -> None:
+        """The buffers param i's options use and it does not have yet, and its scalars."""
+        missing = [name for name in used if self._buffers[name][i] is None]
+        if not missing and (self._has_scalars[i] or not self._description.scalars):
+            return
+        state_values, scalar_values = self._description.initial_values(values)
+        param = self._params[i]
+        for name in missing:
+            value = state_values[self._description.states.index(name)]
+            self._buffers[name][i] = _full_like(param, value)
+            self._new_state[i] = True
+        if not self._has_scalars[i]:
+            self._scalars[i, : len(scalar_values)] = scalar_values
+            self._has_scalars[i] = True
+
+    def _values_of(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(group[h.name] for h in self._hyperparameters)
+
+    def _native_options(self, group: Mapping[str, Any]) -> tuple[float, ...]:
+        """A group's native option values; TypeError/ValueError naming a bad hyperparameter."""
+        fixed = {"convention": TORCH, **self._fixed}
+        return native_values(self._description, self._hyperparameters, group, fixed)
+
+    def _group_options(self) -> list[tuple[float, ...]]:
+        """The native options of every group, rebuilt only when a hyperparameter changed (the
+        same tuple object otherwise). The cheap test first: the very same values as last time,
+        all immutable; then the values' plain-number copy (a one-element array or a list may
+        have changed in place)."""
+        cache = self._options_cache
+        for i, group in enumerate(self.param_groups):
+            values = self._values_of(group)
+            last_values, last_key, native = cache[i]
+            if last_key is last_values and all(map(is_, values, last_values)):
+                continue
+            key = _frozen(values)
+            if key != last_key:
+                native = self._native_options(group)
+            cache[i] = (values, key, native)
+        return [native for _, _, native in cache]
+
+
+def _generated_init(cls: type[Optimizer]) -> Any:
+    """``__init__(self, params, <hyperparameters as torch orders them>)`` from the declaration,
+    with a real signature for help() and IDEs."""
+    description = cls._description
+    parameters = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    ]
+    for h in cls._hyperparameters:
+        kind = (
+            inspect.Parameter.KEYWORD_ONLY
+            if h.keyword_only
+            else inspect.Parameter.POSITIONAL_OR_KEYWORD
+        )
+        parameters.append(inspect.Parameter(h.name, kind, default=h.default_for(description)))
+    signature = inspect.Signature(parameters)
+
+    def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        params = arguments.pop("params")
+        self._setup(params, arguments)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = f"Construct a {cls.__name__} over ``params`` (arrays or param groups)."
+    return __init__
+
+
+def _full_like(param: Any, value: float) -> Any:
+    if cuda.is_device_array(param):
+        return cuda.full_like(param, value) if value else cuda.zeros_like(param)
+    return np.full_like(param, value, order="C")
 
 
 def _host(value: Any) -> Any:
     """State dicts hold NumPy copies of device buffers too."""
     return cuda.to_numpy(value) if cuda.is_device_array(value) else value
+
+
+def _state_index(key: Any, n: int) -> int:
+    try:
+        i = int(key)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"state_dict: state keys must be param indices, got {key!r}") from None
+    if not 0 <= i < n or (isinstance(key, float) and key != i):
+        raise ValueError(f"state_dict: state for param {key!r}, which does not exist")
+    return i
+
+
+def _step_count(value: Any, i: int) -> int:
+    step = as_number(value, f"state[{i}]['step']")
+    if not (math.isfinite(step) and 0 <= step < 2**62 and step == int(step)):
+        raise ValueError(
+            f"state_dict: state[{i}]['step'] must be a whole number in [0, 2**62), got {value!r}"
+        )
+    return int(step)
+
+
+def _state_array(value: Any, param: Any, i: int, name: str) -> Any:
+    try:
+        array = np.asarray(_host(value))
+    except (TypeError, ValueError):
+        raise TypeError(f"state_dict: state[{i}][{name!r}] must be an array") from None
+    if array.shape != tuple(param.shape):
+        raise ValueError(
+            f"state_dict: state[{i}][{name!r}] has shape {array.shape}, params[{i}] has "
+            f"{tuple(param.shape)}"
+        )
+    if array.dtype.kind != "f":
+        raise TypeError(f"state_dict: state[{i}][{name!r}] has dtype {array.dtype}")
+    if cuda.is_device_array(param):
+        return cuda.array_like(array, param)
+    return np.array(array, dtype=param.dtype, order="C", copy=True)
 
 
 _IMMUTABLE = (float, int, bool)
@@ -369,299 +494,107 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_grad_count(grads: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+def _grad_list(grads: Sequence[Any], n: int) -> list[Any]:
     grads = [grads] if isinstance(grads, np.ndarray) else list(grads)
     if len(grads) != n:
         raise ValueError(f"grads: expected {n} arrays (one per param), got {len(grads)}")
     return grads
 
 
+# --------------------------------------------------------------------------------------------
+# The optimizers: torch.optim's signatures, in torch's argument order.
+# --------------------------------------------------------------------------------------------
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum, dampening, Nesterov momentum, L2
-    weight decay and maximize, as ``torch.optim.SGD`` (SPEC sections 2-4): the first momentum
-    step copies the gradient into the buffer.
+    weight decay and maximize, as ``torch.optim.SGD`` (spec sections 2-4):
 
-    ``step(grads, grad_scale=..., found_inf=...)`` behaves as PyTorch's fused kernel under a
-    GradScaler: grads are divided by ``grad_scale`` (and the unscaled values written back into
-    the grad arrays), and a nonzero ``found_inf`` skips the step entirely.
+    ``g <- -g`` if maximize; ``g <- g + weight_decay*p``; with momentum ``mu``:
+    ``buf <- mu*buf + (1 - dampening)*g`` (``buf <- g`` on the buffer's first step), and
+    ``g <- g + mu*buf`` (nesterov) or ``g <- buf``; then ``p <- p - lr*g``.
     """
 
-    _state_names = ("momentum_buffer",)
-    _hyperparameter_names = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    _algorithm = "sgd"
+    _hyperparameters = (
+        H("lr"),
+        H("momentum"),
+        H("dampening"),
+        H("weight_decay"),
+        H("nesterov"),
+        H("maximize", keyword_only=True),
+    )
     _tracks_step = False
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults)
-
-    def _options(self, group: Mapping[str, Any]) -> Any:
-        o = _core.SgdOptions()
-        o.lr = _as_float(group["lr"], "lr")
-        o.momentum = _as_float(group["momentum"], "momentum")
-        o.dampening = _as_float(group["dampening"], "dampening")
-        o.weight_decay = _as_float(group["weight_decay"], "weight_decay")
-        o.nesterov = bool(group["nesterov"])
-        o.maximize = bool(group["maximize"])
-        return o
-
-    def _needed_states(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return self._state_names if group["momentum"] != 0 else ()
-
-    def step(
-        self, grads: Sequence[np.ndarray], *, grad_scale: Any = None, found_inf: Any = None
-    ) -> None:
-        """Update every param in place from ``grads`` (one array per param, in param order)."""
-        grads = _check_grad_count(grads, len(self._params))
-        if _skip_step(found_inf):
-            return
-        scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
-        self._run(self._native.sgd_step, grads, scale)
-
-    def _state_lists(self, options: list[Any]) -> list[list[np.ndarray | None] | None]:
-        # A buffer made now takes the gradient itself: torch's first momentum step, which the
-        # core runs where the count of steps taken with the buffer is 0.
-        was_missing = [b is None for b in self._buffers["momentum_buffer"]]
-        lists = super()._state_lists(options)
-        for i, buffer in enumerate(self._buffers["momentum_buffer"]):
-            if was_missing[i] and buffer is not None:
-                self._steps[i] = 0
-        return lists
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._steps = np.array([b is not None for b in self._buffers["momentum_buffer"]], np.int64)
 
 
 class Adagrad(Optimizer):
-    """Adagrad as ``torch.optim.Adagrad`` (SPEC section 5): eps outside the square root,
-    ``lr_decay``, L2 ``weight_decay``, ``initial_accumulator_value``, maximize."""
+    """Adagrad as ``torch.optim.Adagrad`` (spec section 5): ``clr = lr/(1 + (t - 1)*lr_decay)``,
+    ``sum <- sum + g*g``, ``p <- p - clr*g/(sqrt(sum) + eps)`` (eps outside the square root); L2
+    ``weight_decay``, ``initial_accumulator_value``, maximize."""
 
-    _state_names = ("sum",)
-    _hyperparameter_names = ("lr", "lr_decay", "weight_decay", "eps", "maximize")
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-2,
-        lr_decay: float = 0.0,
-        weight_decay: float = 0.0,
-        initial_accumulator_value: float = 0.0,
-        eps: float = 1e-10,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        if not _as_float(initial_accumulator_value, "initial_accumulator_value") >= 0:
-            raise ValueError(
-                f"Invalid initial_accumulator_value: {initial_accumulator_value} (must be >= 0)"
-            )
-        defaults = dict(
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            eps=eps,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults)
-
-    def _options(self, group: Mapping[str, Any]) -> Any:
-        o = _core.AdagradOptions()
-        o.lr = _as_float(group["lr"], "lr")
-        o.lr_decay = _as_float(group["lr_decay"], "lr_decay")
-        o.weight_decay = _as_float(group["weight_decay"], "weight_decay")
-        o.eps = _as_float(group["eps"], "eps")
-        o.maximize = bool(group["maximize"])
-        return o
-
-    def _initial_state(self, name: str, param: np.ndarray, group: Mapping[str, Any]) -> np.ndarray:
-        if cuda.is_device_array(param):
-            return cuda.full_like(param, group["initial_accumulator_value"])
-        return np.full_like(param, group["initial_accumulator_value"], order="C")
-
-    def _on_new_param(self, index: int, param: np.ndarray) -> None:
-        # PyTorch allocates the sum at construction, so it is in the state before any step.
-        group = self.param_groups[self._group_of[index]]
-        self._buffers["sum"][index] = self._initial_state("sum", param, group)
-
-    def step(self, grads: Sequence[np.ndarray]) -> None:
-        """Update every param in place from ``grads`` (one array per param, in param order)."""
-        self._run(self._native.adagrad_step, _check_grad_count(grads, len(self._params)))
+    _algorithm = "adagrad"
+    _hyperparameters = (
+        H("lr"),
+        H("lr_decay"),
+        H("weight_decay"),
+        H("initial_accumulator_value"),
+        H("eps"),
+        H("maximize", keyword_only=True),
+    )
+    _states_at_construction = True
 
 
 class RMSprop(Optimizer):
-    """RMSprop as ``torch.optim.RMSprop`` (SPEC section 6): ``alpha``, eps outside the square
-    root, ``centered``, ``momentum`` (lr outside the buffer), L2 ``weight_decay``, maximize."""
+    """RMSprop as ``torch.optim.RMSprop`` (spec section 6): ``v <- alpha*v + (1 - alpha)*g*g``;
+    ``avg = sqrt(v) + eps`` (centered: ``sqrt(v - ga^2) + eps`` with ``ga <- lerp(ga, g,
+    1 - alpha)``); with momentum ``buf <- mu*buf + g/avg`` and ``p <- p - lr*buf``, else
+    ``p <- p - lr*g/avg``; L2 ``weight_decay``, maximize."""
 
-    _state_names = ("square_avg", "momentum_buffer", "grad_avg")
-    _hyperparameter_names = (
-        "lr",
-        "alpha",
-        "eps",
-        "weight_decay",
-        "momentum",
-        "centered",
-        "maximize",
+    _algorithm = "rmsprop"
+    _hyperparameters = (
+        H("lr"),
+        H("alpha"),
+        H("eps"),
+        H("weight_decay"),
+        H("momentum"),
+        H("centered"),
+        H("maximize", keyword_only=True),
     )
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        centered: bool = False,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            centered=centered,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults)
-
-    def _options(self, group: Mapping[str, Any]) -> Any:
-        o = _core.RmspropOptions()
-        o.lr = _as_float(group["lr"], "lr")
-        o.alpha = _as_float(group["alpha"], "alpha")
-        o.eps = _as_float(group["eps"], "eps")
-        o.weight_decay = _as_float(group["weight_decay"], "weight_decay")
-        o.momentum = _as_float(group["momentum"], "momentum")
-        o.centered = bool(group["centered"])
-        o.maximize = bool(group["maximize"])
-        return o
-
-    def _needed_states(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        needed = ("square_avg",)
-        if group["momentum"] > 0:
-            needed += ("momentum_buffer",)
-        if group["centered"]:
-            needed += ("grad_avg",)
-        return needed
-
-    def step(self, grads: Sequence[np.ndarray]) -> None:
-        """Update every param in place from ``grads`` (one array per param, in param order)."""
-        self._run(self._native.rmsprop_step, _check_grad_count(grads, len(self._params)))
 
 
 class Adam(Optimizer):
-    """Adam as ``torch.optim.Adam`` (SPEC section 7): bias-corrected moments, eps outside the
-    corrected root, L2 ``weight_decay`` (or decoupled with ``decoupled_weight_decay=True``, which
-    is AdamW), ``amsgrad`` on the raw second moment, maximize.
+    """Adam as ``torch.optim.Adam`` (spec sections 7-8): ``m <- lerp(m, g, 1 - beta1)``,
+    ``v <- beta2*v + (1 - beta2)*g*g``, ``p <- p - (lr/bc1)*m/(sqrt(v)/sqrt(bc2) + eps)`` with
+    ``bc_i = 1 - beta_i^t``; L2 ``weight_decay`` (or decoupled ``p *= 1 - lr*weight_decay`` with
+    ``decoupled_weight_decay=True``, which is AdamW); ``amsgrad`` uses the running maximum of
+    the raw ``v``; maximize.
 
     ``step(grads, grad_scale=..., found_inf=...)`` follows PyTorch's fused Adam under a
-    GradScaler (SPEC section 8): grads are unscaled in the pass and written back, and a nonzero
-    ``found_inf`` skips the step and leaves the step count unchanged.
+    GradScaler (spec section 8).
     """
 
-    _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _hyperparameter_names = (
-        "lr",
-        "betas",
-        "eps",
-        "weight_decay",
-        "amsgrad",
-        "maximize",
-        "decoupled_weight_decay",
+    _algorithm = "adam"
+    _hyperparameters = (
+        H("lr"),
+        H("betas", native=("beta1", "beta2")),
+        H("eps"),
+        H("weight_decay"),
+        H("amsgrad"),
+        H("maximize", keyword_only=True),
+        H("decoupled_weight_decay", keyword_only=True),
     )
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        decoupled_weight_decay: bool = False,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
-        super().__init__(params, defaults)
-
-    def _options(self, group: Mapping[str, Any]) -> Any:
-        betas = group["betas"]
-        if not isinstance(betas, Sequence) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-        o = _core.AdamOptions()
-        o.lr = _as_float(group["lr"], "lr")
-        o.beta1 = _as_float(betas[0], "betas[0]")
-        o.beta2 = _as_float(betas[1], "betas[1]")
-        o.eps = _as_float(group["eps"], "eps")
-        o.weight_decay = _as_float(group["weight_decay"], "weight_decay")
-        o.amsgrad = bool(group["amsgrad"])
-        o.maximize = bool(group["maximize"])
-        o.decoupled_weight_decay = bool(group["decoupled_weight_decay"])
-        return o
-
-    def _needed_states(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return self._state_names if group["amsgrad"] else self._state_names[:2]
-
-    def step(
-        self, grads: Sequence[np.ndarray], *, grad_scale: Any = None, found_inf: Any = None
-    ) -> None:
-        """Update every param in place from ``grads`` (one array per param, in param order)."""
-        grads = _check_grad_count(grads, len(self._params))
-        if _skip_step(found_inf):
-            return
-        scale = None if grad_scale is None else _as_float(grad_scale, "grad_scale")
-        self._run(self._native.adam_step, grads, scale)
 
 
 class AdamW(Adam):
-    """AdamW as ``torch.optim.AdamW``: Adam with decoupled weight decay ``p *= 1 - lr*wd``,
-    default ``weight_decay=1e-2``."""
+    """AdamW as ``torch.optim.AdamW``: Adam with decoupled weight decay
+    ``p *= 1 - lr*weight_decay`` and ``weight_decay=1e-2`` by default."""
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=True,
-        )
+    _hyperparameters = (
+        H("lr"),
+        H("betas", native=("beta1", "beta2")),
+        H("eps"),
+        H("weight_decay", default=1e-2),
+        H("amsgrad"),
+        H("maximize", keyword_only=True),
+    )
+    _fixed = {"decoupled_weight_decay": 1.0}

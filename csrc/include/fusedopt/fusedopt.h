@@ -11,11 +11,9 @@
  * counts its steps including this one (1 on its first step): the caller keeps the count, as it
  * keeps the state buffers, so a state can be saved and restored as plain arrays.
  *
- * The math is SPEC.md's, identical to fusedopt's Python package: FUSEDOPT_CONVENTION_TORCH
- * follows torch.optim, FUSEDOPT_CONVENTION_KERAS follows Keras 3. Options structs are POD;
- * start from fusedopt_*_default_options() (torch.optim's defaults) and change what you need.
- * Fields typed int32_t that hold a flag mean true when nonzero; the fixed-width types keep the
- * struct layout the same for every compiler.
+ * The math is docs/spec.md's, identical to fusedopt's Python package: FUSEDOPT_CONVENTION_TORCH
+ * follows torch.optim, FUSEDOPT_CONVENTION_KERAS follows Keras 3. Options are opaque objects
+ * whose hyperparameters are set by name, so a new algorithm needs no new function or struct.
  */
 #ifndef FUSEDOPT_FUSEDOPT_H
 #define FUSEDOPT_FUSEDOPT_H
@@ -62,107 +60,105 @@ FUSEDOPT_API const char* fusedopt_status_string(fusedopt_status status);
 /* "MAJOR.MINOR.PATCH" of the library that is loaded. */
 FUSEDOPT_API const char* fusedopt_version(void);
 
-/* ---- Hyperparameters, one struct per group of tensors ------------------------------------ */
+/* ---- Algorithms and their options ------------------------------------------------------------
+ * Every algorithm is reached by its name ("sgd", "adagrad", "rmsprop", "adam", ...; the list is
+ * fusedopt_algorithm_name(0 .. fusedopt_algorithm_count() - 1)) and its hyperparameters are set
+ * by name on an options object, which starts at torch.optim's defaults. Flags (amsgrad, maximize,
+ * nesterov, ...) are 0 or 1; "convention" is FUSEDOPT_CONVENTION_TORCH or _KERAS. The names are
+ * the fields of the algorithm's description in csrc/math/<name>.h, listed by
+ * fusedopt_option_name. */
 
-typedef struct fusedopt_sgd_options {
-  double lr, momentum, dampening, weight_decay;
-  int32_t nesterov, maximize;
-  int32_t convention; /* fusedopt_convention */
-} fusedopt_sgd_options;
+#define FUSEDOPT_MAX_STATES 3
+#define FUSEDOPT_MAX_SCALARS 2
 
-typedef struct fusedopt_adagrad_options {
-  double lr, lr_decay, weight_decay, eps;
-  int32_t maximize;
-  int32_t convention;
-} fusedopt_adagrad_options;
+typedef struct fusedopt_options fusedopt_options;
 
-typedef struct fusedopt_rmsprop_options {
-  double lr, alpha, eps, weight_decay, momentum;
-  int32_t centered, maximize;
-  int32_t convention;
-} fusedopt_rmsprop_options;
+FUSEDOPT_API int32_t fusedopt_algorithm_count(void);
+/* NULL past the last algorithm. Static storage. */
+FUSEDOPT_API const char* fusedopt_algorithm_name(int32_t index);
 
-/* Adam; AdamW is decoupled_weight_decay = 1 (with torch.optim.AdamW's weight_decay = 1e-2). */
-typedef struct fusedopt_adam_options {
-  double lr, beta1, beta2, eps, weight_decay;
-  int32_t amsgrad, maximize, decoupled_weight_decay;
-  int32_t convention;
-} fusedopt_adam_options;
+/* A new options object for `algorithm` with its defaults; release it with
+ * fusedopt_options_destroy. */
+FUSEDOPT_API fusedopt_status fusedopt_options_create(const char* algorithm,
+                                                     fusedopt_options** options);
+FUSEDOPT_API void fusedopt_options_destroy(fusedopt_options* options);
+/* The algorithm an options object is for. Static storage. */
+FUSEDOPT_API const char* fusedopt_options_algorithm(const fusedopt_options* options);
+/* A value error for an unknown name; a value is checked when a step (or a plan) takes it. */
+FUSEDOPT_API fusedopt_status fusedopt_options_set(fusedopt_options* options, const char* name,
+                                                  double value);
+FUSEDOPT_API fusedopt_status fusedopt_options_get(const fusedopt_options* options,
+                                                  const char* name, double* value);
+/* The name of the index-th hyperparameter, or NULL past the last. Static storage. */
+FUSEDOPT_API const char* fusedopt_option_name(const fusedopt_options* options, int32_t index);
+/* A value error naming the first invalid hyperparameter. */
+FUSEDOPT_API fusedopt_status fusedopt_options_check(const fusedopt_options* options);
 
-FUSEDOPT_API fusedopt_sgd_options fusedopt_sgd_default_options(void);
-FUSEDOPT_API fusedopt_adagrad_options fusedopt_adagrad_default_options(void);
-FUSEDOPT_API fusedopt_rmsprop_options fusedopt_rmsprop_default_options(void);
-FUSEDOPT_API fusedopt_adam_options fusedopt_adam_default_options(void);
+/* The algorithm's per-element state buffers, in the order of fusedopt_tensor.state; NULL past the
+ * last. Static storage. */
+FUSEDOPT_API const char* fusedopt_state_name(const fusedopt_options* options, int32_t index);
+/* Bit k set: these options read and write state k (its buffer must be given). */
+FUSEDOPT_API uint32_t fusedopt_states_used(const fusedopt_options* options);
+/* The value a new buffer of state k starts at (Adagrad: initial_accumulator_value). */
+FUSEDOPT_API double fusedopt_initial_state(const fusedopt_options* options, int32_t k);
+/* The algorithm's per-tensor scalars (NAdam's mu_product), NULL past the last, and their
+ * starting values. */
+FUSEDOPT_API const char* fusedopt_scalar_name(const fusedopt_options* options, int32_t index);
+FUSEDOPT_API double fusedopt_initial_scalar(const fusedopt_options* options, int32_t k);
 
 /* ---- Tensors: the buffers of one parameter and where it stands ---------------------------- */
 
 /* grad is read, and written only when a step is given a grad_scale (the unscaled gradient is
- * stored back, as PyTorch's fused optimizers do). A state pointer may be NULL exactly when this
- * tensor's options keep no such state; an empty tensor (size 0) may have NULL buffers. */
-typedef struct fusedopt_sgd_tensor {
+ * stored back, as PyTorch's fused optimizers do). state[k] may be NULL exactly when this tensor's
+ * options keep no state k; an empty tensor (size 0) may have NULL buffers. */
+typedef struct fusedopt_tensor {
   void* param;
   void* grad;
-  void* momentum_buffer; /* when momentum != 0; torch: filled with the gradient at step 1 */
+  void* state[FUSEDOPT_MAX_STATES];
+  /* The algorithm's per-tensor scalars (FUSEDOPT_MAX_SCALARS doubles), updated in place by each
+   * step; NULL for algorithms without any. */
+  double* scalars;
   int64_t size;
+  /* The tensor's step number t for this step: 1 on its first step. */
   int64_t step;
   int32_t dtype; /* fusedopt_dtype, the same for every buffer of the tensor */
   int32_t group; /* index into the options array of the call */
-} fusedopt_sgd_tensor;
-
-typedef struct fusedopt_adagrad_tensor {
-  void* param;
-  void* grad;
-  void* sum; /* torch: starts at initial_accumulator_value; Keras: at 0.1 */
-  int64_t size;
-  int64_t step;
-  int32_t dtype;
-  int32_t group;
-} fusedopt_adagrad_tensor;
-
-typedef struct fusedopt_rmsprop_tensor {
-  void* param;
-  void* grad;
-  void* square_avg;
-  void* momentum_buffer; /* when momentum != 0 */
-  void* grad_avg;        /* when centered */
-  int64_t size;
-  int64_t step;
-  int32_t dtype;
-  int32_t group;
-} fusedopt_rmsprop_tensor;
-
-typedef struct fusedopt_adam_tensor {
-  void* param;
-  void* grad;
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* max_exp_avg_sq; /* when amsgrad */
-  int64_t size;
-  int64_t step;
-  int32_t dtype;
-  int32_t group;
-} fusedopt_adam_tensor;
+  /* Nonzero: the state buffers were created for this step. PyTorch's SGD copies the gradient
+   * into a new momentum buffer instead of accumulating. */
+  int32_t new_state;
+} fusedopt_tensor;
 
 /* ---- Steps on the CPU: every tensor of the call in one pass over a shared thread pool ------ */
 
-/* grad_scale: NULL for none; otherwise the gradient is divided by *grad_scale (and written
- * back), as torch's fused SGD/Adam do under a GradScaler. */
-FUSEDOPT_API fusedopt_status fusedopt_sgd_step(const fusedopt_sgd_options* groups,
-                                               int64_t num_groups,
-                                               const fusedopt_sgd_tensor* tensors,
-                                               int64_t num_tensors, const double* grad_scale);
-FUSEDOPT_API fusedopt_status fusedopt_adagrad_step(const fusedopt_adagrad_options* groups,
-                                                   int64_t num_groups,
-                                                   const fusedopt_adagrad_tensor* tensors,
-                                                   int64_t num_tensors);
-FUSEDOPT_API fusedopt_status fusedopt_rmsprop_step(const fusedopt_rmsprop_options* groups,
-                                                   int64_t num_groups,
-                                                   const fusedopt_rmsprop_tensor* tensors,
-                                                   int64_t num_tensors);
-FUSEDOPT_API fusedopt_status fusedopt_adam_step(const fusedopt_adam_options* groups,
-                                                int64_t num_groups,
-                                                const fusedopt_adam_tensor* tensors,
-                                                int64_t num_tensors, const double* grad_scale);
+/* One step of every tensor; groups[g] are the options of group g, all for one algorithm.
+ * grad_scale: NULL for none; otherwise the gradient is divided by *grad_scale (and written back),
+ * as torch's fused SGD/Adam do under a GradScaler. */
+FUSEDOPT_API fusedopt_status fusedopt_step(const fusedopt_options* const* groups,
+                                           int64_t num_groups, const fusedopt_tensor* tensors,
+                                           int64_t num_tensors, const double* grad_scale);
+
+/* A plan: the params and states of an optimizer, described and validated once, so that each step
+ * checks only its grads (the many-small-tensors case costs its bytes, not its tensor count). The
+ * plan copies the tensors' descriptions and their step numbers (tensors[i].step: t of the plan's
+ * first step) and advances the step numbers itself; grad and the tensors' grads are ignored.
+ * The caller keeps every param, state and scalar buffer alive and in place until
+ * fusedopt_plan_destroy. Steps on one plan are serialized by its lock; different plans run in
+ * parallel. */
+typedef struct fusedopt_plan fusedopt_plan;
+
+FUSEDOPT_API fusedopt_status fusedopt_plan_create(const fusedopt_options* const* groups,
+                                                  int64_t num_groups,
+                                                  const fusedopt_tensor* tensors,
+                                                  int64_t num_tensors, fusedopt_plan** plan);
+/* grads[i] for tensor i, with the tensor's dtype and size. */
+FUSEDOPT_API fusedopt_status fusedopt_plan_step(fusedopt_plan* plan, void* const* grads,
+                                                const double* grad_scale);
+/* New hyperparameters for one group (e.g. a learning-rate schedule). */
+FUSEDOPT_API fusedopt_status fusedopt_plan_set_options(fusedopt_plan* plan, int64_t group,
+                                                       const fusedopt_options* options);
+/* steps[i]: the step number t that tensor i's next step will have. */
+FUSEDOPT_API fusedopt_status fusedopt_plan_steps(fusedopt_plan* plan, int64_t* steps);
+FUSEDOPT_API void fusedopt_plan_destroy(fusedopt_plan* plan);
 
 /* ---- EWMA: pandas' ewm(com=...).mean() over many float64 series at once -------------------- */
 
