@@ -1177,6 +1177,69 @@ def test_seed_adam_is_torch_and_keras_only_with_a_per_step_epsilon_hat():
 
 
 # --------------------------------------------------------------------------------------------
+# Where the Keras and PyTorch forms of the new algorithms coincide (SPEC sections 14-16, 20)
+# --------------------------------------------------------------------------------------------
+
+CROSS_FRAMEWORK = [
+    # Keras' Nadam has no momentum_decay: its 0.96**t schedule is torch's with momentum_decay 1.
+    (
+        "Nadam",
+        (reference.torch_nadam, {"momentum_decay": 1.0, "eps": 1e-3, "scalar_dtype": "float64"}),
+        (reference.keras_nadam, {"epsilon": 1e-3}),
+        True,
+    ),
+    (
+        "Adadelta",
+        (reference.torch_adadelta, {"rho": 0.95, "eps": 1e-7}),
+        (reference.keras_adadelta, {"rho": 0.95, "epsilon": 1e-7}),
+        True,
+    ),
+    # Adamax: torch puts eps inside the maximum, Keras adds it to the maximum; equal at eps 0.
+    (
+        "Adamax-eps0",
+        (reference.torch_adamax, {"eps": 0.0}),
+        (reference.keras_adamax, {"epsilon": 0.0}),
+        True,
+    ),
+    (
+        "Adamax",
+        (reference.torch_adamax, {"eps": 1e-3}),
+        (reference.keras_adamax, {"epsilon": 1e-3}),
+        False,
+    ),
+    (
+        "Lion",
+        (reference.torch_lion, {"beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1}),
+        (reference.keras_lion, {"weight_decay": 0.1}),
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("torch_step", "keras_step", "coincide"),
+    [case[1:] for case in CROSS_FRAMEWORK],
+    ids=[case[0] for case in CROSS_FRAMEWORK],
+)
+def test_keras_and_torch_forms_coincide_where_the_spec_says(torch_step, keras_step, coincide):
+    param0, grads = make_problem(seed=51)
+    (torch_function, torch_options), (keras_function, keras_options) = torch_step, keras_step
+    torch_like, _ = run_steps(
+        torch_function, param0, grads, lambda t: {"lr": LEARNING_RATES[t], **torch_options}
+    )
+    keras_like, _ = run_steps(
+        keras_function,
+        param0,
+        grads,
+        lambda t: {"learning_rate": LEARNING_RATES[t], **keras_options},
+    )
+    if coincide:
+        assert_trajectories_close(torch_like, keras_like)
+    else:
+        assert_trajectories_differ(torch_like, keras_like)
+
+
+# --------------------------------------------------------------------------------------------
 # The oracle's own contract
 # --------------------------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """Reference implementations: the oracle of fusedopt's tests.
 
-Every function here is written straight from ``SPEC.md`` in plain Python and NumPy, in float64,
-one optimizer step (or one EWMA) at a time. It is meant to be read next to the SPEC section its
-docstring cites, and it is slow on purpose: clarity over speed. Nothing here imports the compiled
-fusedopt modules, so the oracle cannot share a bug with the kernels it checks.
+Every function here is written straight from the SPEC (``docs/spec.md``, formerly ``SPEC.md``)
+in plain Python and NumPy, in float64, one optimizer step (or one EWMA) at a time. It is meant to
+be read next to the SPEC section its docstring cites, and it is slow on purpose: clarity over
+speed. Nothing here imports the compiled fusedopt modules, so the oracle cannot share a bug with
+the kernels it checks.
 
 Conventions of the step functions:
 
@@ -20,6 +21,16 @@ Conventions of the step functions:
   ``"velocity"``, ``"average_gradient"``, ``"velocity_hat"``) and always hold every slot; a slot
   Keras would not create stays zero. ``"step"`` counts the calls, this one included (for Keras it
   is ``iterations + 1`` of this call).
+- Scalar states are Python floats in the state dict: torch's NAdam ``"mu_product"``, ASGD
+  ``"eta"`` and ``"mu"`` (torch keeps them as 0-dim tensors of its default dtype, float32 even
+  for float64 parameters; ``scalar_dtype`` chooses that rounding, SPEC section 13), and Keras
+  Nadam's optimizer-wide ``"u_product"``, which the caller passes in each variable's state
+  (SPEC section 16).
+- Functions of algorithms added with SPEC sections 13-21 refuse the hyperparameters the
+  framework's constructor refuses, with its ``ValueError`` message.
+- Rprop's hyperparameters are named as torch's functional API names them (``etaminus``,
+  ``etaplus``, ``step_size_min``, ``step_size_max``), as ``betas`` are ``beta1`` and ``beta2``.
+- ``keras_lamb`` needs the whole variable in one call: its trust ratio uses per-tensor norms.
 """
 
 from __future__ import annotations
