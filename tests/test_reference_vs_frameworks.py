@@ -7,7 +7,9 @@ document's literal formulas beside the framework configurations that SPEC sectio
 equal (and the ones it says they do not). A framework that is not installed skips its tests.
 """
 
+import contextlib
 import os
+import re
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -52,7 +54,17 @@ TORCH_REFERENCE = {
     "RMSprop": reference.torch_rmsprop,
     "Adam": reference.torch_adam,
     "AdamW": reference.torch_adam,
+    "Adadelta": reference.torch_adadelta,
+    "Adamax": reference.torch_adamax,
+    "NAdam": reference.torch_nadam,
+    "RAdam": reference.torch_radam,
+    "Rprop": reference.torch_rprop,
+    "ASGD": reference.torch_asgd,
 }
+# torch keeps these optimizers' scalar states (NAdam's mu_product, ASGD's eta and mu) as 0-dim
+# tensors of torch's default dtype, float32 unless set otherwise, even for float64 parameters
+# (SPEC section 13); the reference rounds them as its scalar_dtype option says.
+TORCH_SCALAR_STATES = {"NAdam": ("mu_product",), "ASGD": ("eta", "mu")}
 
 TORCH_CASES = [
     ("SGD", {}),
@@ -77,6 +89,39 @@ TORCH_CASES = [
     ("Adam", {"decoupled_weight_decay": True, "weight_decay": 0.1}),
     ("AdamW", {"weight_decay": 0.1}),
     ("AdamW", {"weight_decay": 0.05, "amsgrad": True, "maximize": True}),
+    ("Adadelta", {}),
+    ("Adadelta", {"weight_decay": 0.1}),
+    ("Adadelta", {"maximize": True, "rho": 0.5, "eps": 1e-3}),
+    ("Adadelta", {"rho": 0.0, "weight_decay": 0.05, "maximize": True}),
+    ("Adadelta", {"rho": 1.0}),
+    ("Adamax", {}),
+    ("Adamax", {"weight_decay": 0.1}),
+    ("Adamax", {"maximize": True, "betas": (0.5, 0.9), "eps": 1e-3}),
+    ("Adamax", {"betas": (0.0, 0.0), "weight_decay": 0.05, "maximize": True}),
+    ("Adamax", {"eps": 0.0}),
+    ("NAdam", {}),
+    ("NAdam", {"momentum_decay": 0.2}),
+    ("NAdam", {"weight_decay": 0.1}),
+    ("NAdam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("NAdam", {"decoupled_weight_decay": True, "maximize": True}),
+    ("NAdam", {"maximize": True, "betas": (0.5, 0.9), "eps": 1e-3, "momentum_decay": 0.0}),
+    ("RAdam", {}),
+    ("RAdam", {"betas": (0.9, 0.9)}),
+    ("RAdam", {"betas": (0.8, 0.5)}),
+    ("RAdam", {"weight_decay": 0.1, "eps": 1e-3}),
+    ("RAdam", {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
+    ("RAdam", {"betas": (0.0, 0.8), "maximize": True}),
+    ("Rprop", {}),
+    ("Rprop", {"etas": (0.3, 1.5)}),
+    ("Rprop", {"step_sizes": (0.01, 0.2), "maximize": True}),
+    ("Rprop", {"etas": (0.9, 1.01), "step_sizes": (1e-3, 1.0)}),
+    ("Rprop", {"step_sizes": (0.5, 0.1)}),
+    ("ASGD", {}),
+    ("ASGD", {"t0": 3.0}),
+    ("ASGD", {"lambd": 0.1, "alpha": 0.5, "t0": 2.0}),
+    ("ASGD", {"weight_decay": 0.1, "maximize": True, "t0": 5.0}),
+    ("ASGD", {"lambd": 0.0, "t0": 0.0}),
+    ("ASGD", {"alpha": 1.0, "lambd": 1.0, "t0": 1.0}),
 ]
 
 
@@ -85,6 +130,10 @@ def torch_reference_options(name, options):
     options = dict(options)
     if "betas" in options:
         options["beta1"], options["beta2"] = options.pop("betas")
+    if "etas" in options:
+        options["etaminus"], options["etaplus"] = options.pop("etas")
+    if "step_sizes" in options:
+        options["step_size_min"], options["step_size_max"] = options.pop("step_sizes")
     if name == "AdamW":
         options["decoupled_weight_decay"] = True
     return options
@@ -98,14 +147,44 @@ def assert_torch_state_matches(torch_state, reference_state):
     for key in torch_keys:
         if key == "step":
             assert int(torch_state["step"].item()) == reference_state["step"]
+        elif torch_state[key].dim() == 0:
+            # NAdam's mu_product, ASGD's eta and mu: Python floats in the reference.
+            assert isinstance(reference_state[key], float)
+            assert_close(reference_state[key], torch_state[key].item(), key)
         else:
             assert_close(reference_state[key], torch_state[key].numpy(), key)
 
 
-def run_torch_beside_reference(name, torch_options, reference_options, step_options=None):
-    """Steps torch.optim and the reference side by side; ``step_options(t)`` updates the group."""
+@contextlib.contextmanager
+def torch_default_dtype(torch, dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def run_torch_beside_reference(
+    name, torch_options, reference_options, step_options=None, grads=None, scalar_dtype=None
+):
+    """Steps torch.optim and the reference side by side; ``step_options(t)`` updates the group.
+
+    ``scalar_dtype`` ("float32" or "float64") is torch's default dtype during the run, which is
+    the dtype of NAdam's and ASGD's scalar states; the reference is told the same.
+    """
     torch = pytest.importorskip("torch")
-    param0, grads = make_problem(seed=len(name) + len(torch_options))
+    if scalar_dtype is None:
+        scalar_dtype = "float32"  # torch's own default
+    if name in TORCH_SCALAR_STATES:
+        reference_options = {**reference_options, "scalar_dtype": scalar_dtype}
+    param0, problem_grads = make_problem(seed=len(name) + len(torch_options))
+    grads = problem_grads if grads is None else grads
+    with torch_default_dtype(torch, getattr(torch, scalar_dtype)):
+        run_torch_steps(torch, name, torch_options, reference_options, step_options, param0, grads)
+
+
+def run_torch_steps(torch, name, torch_options, reference_options, step_options, param0, grads):
     param = torch.nn.Parameter(torch.tensor(param0, dtype=torch.float64))
     optimizer = getattr(torch.optim, name)([param], lr=LEARNING_RATES[0], **torch_options)
     expected, state = param0, {}
@@ -146,6 +225,122 @@ def test_torch_adam_hyperparameters_changing_every_step():
     run_torch_beside_reference(
         "AdamW", options, torch_reference_options("AdamW", options), step_options
     )
+
+
+def one_cycle_beta1(t):
+    """beta1 as OneCycleLR cycles it: down from 0.95 to 0.85 and back up."""
+    return 0.85 + 0.1 * abs(t - STEPS / 2) / (STEPS / 2)
+
+
+# Hyperparameters other than lr that change between steps, per new algorithm: the reference must
+# read them on every step (NAdam's mu_product, for one, remembers every past beta1).
+CHANGING_HYPERPARAMETERS = [
+    ("Adadelta", {}, lambda t: {"rho": 0.5 + 0.05 * t, "eps": 1e-6 * (t + 1)}),
+    ("Adadelta", {"weight_decay": 0.1}, lambda t: {"weight_decay": 0.02 * t, "rho": 0.9}),
+    ("Adamax", {}, lambda t: {"betas": (0.9 - 0.05 * t, 0.99 - 0.05 * t), "eps": 1e-3 / (t + 1)}),
+    ("Adamax", {"weight_decay": 0.1}, lambda t: {"weight_decay": 0.02 * t}),
+    ("NAdam", {}, lambda t: {"betas": (one_cycle_beta1(t), 0.999)}),
+    (
+        "NAdam",
+        {"decoupled_weight_decay": True},
+        lambda t: {
+            "betas": (one_cycle_beta1(t), 0.99 - 0.01 * t),
+            "momentum_decay": 0.004 * (t + 1),
+            "weight_decay": 0.02 * t,
+        },
+    ),
+    ("RAdam", {}, lambda t: {"betas": (0.9 - 0.03 * t, 0.999 - 0.01 * t)}),
+    (
+        "RAdam",
+        {"decoupled_weight_decay": True},
+        lambda t: {"betas": (one_cycle_beta1(t), 0.95), "weight_decay": 0.03 * t},
+    ),
+    # Rprop reads lr only on its first step; the run changes lr every step all the same.
+    ("Rprop", {}, lambda t: {"etas": (0.1 + 0.08 * t, 1.1 + 0.1 * t)}),
+    ("Rprop", {}, lambda t: {"step_sizes": (1e-3 * (t + 1), 0.5 - 0.04 * t)}),
+    ("ASGD", {"t0": 2.0}, lambda t: {"lambd": 0.01 * t, "alpha": 0.5 + 0.05 * t}),
+    ("ASGD", {}, lambda t: {"t0": float(8 - t), "weight_decay": 0.02 * t}),
+]
+
+
+@pytest.mark.parametrize("scalar_dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("name", "options", "step_options"),
+    CHANGING_HYPERPARAMETERS,
+    ids=[
+        f"{case_id}-{index}"
+        for index, case_id in enumerate(
+            case_ids([(name, options) for name, options, _ in CHANGING_HYPERPARAMETERS])
+        )
+    ],
+)
+def test_torch_new_optimizer_hyperparameters_changing_every_step(
+    name, options, step_options, scalar_dtype
+):
+    run_torch_beside_reference(
+        name,
+        options,
+        torch_reference_options(name, options),
+        step_options,
+        scalar_dtype=scalar_dtype,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [case for case in TORCH_CASES if case[0] in TORCH_SCALAR_STATES],
+    ids=case_ids([case for case in TORCH_CASES if case[0] in TORCH_SCALAR_STATES]),
+)
+def test_torch_scalar_states_under_float64_default_dtype(name, options):
+    """With torch.set_default_dtype(torch.float64), mu_product, eta and mu are float64."""
+    run_torch_beside_reference(
+        name, options, torch_reference_options(name, options), scalar_dtype="float64"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("NAdam", {}), ("ASGD", {"t0": 3.0})], ids=["NAdam", "ASGD"]
+)
+def test_torch_scalar_states_are_float32_for_float64_parameters(name, options):
+    """SPEC section 13: torch's default keeps the scalar states in float32, and the rounding
+    shows in a float64 trajectory (well above RTOL), so the reference has to model it."""
+    torch = pytest.importorskip("torch")
+    param0, grads = make_problem(seed=5)
+    param = torch.nn.Parameter(torch.tensor(param0, dtype=torch.float64))
+    optimizer = getattr(torch.optim, name)([param], lr=LEARNING_RATES[0], **options)
+    as_float64, state = param0, {}
+    for t in range(STEPS):
+        optimizer.param_groups[0]["lr"] = LEARNING_RATES[t]
+        param.grad = torch.tensor(grads[t], dtype=torch.float64)
+        optimizer.step()
+        as_float64, state = TORCH_REFERENCE[name](
+            as_float64, grads[t], state, lr=LEARNING_RATES[t], scalar_dtype="float64", **options
+        )
+    for key in TORCH_SCALAR_STATES[name]:
+        assert optimizer.state[param][key].dtype == torch.float32
+    assert optimizer.state[param]["step"].dtype == torch.float32
+    assert not np.allclose(param.detach().numpy(), as_float64, rtol=1e-10, atol=0.0)
+    np.testing.assert_allclose(param.detach().numpy(), as_float64, rtol=1e-5)
+
+
+def test_torch_rprop_zero_and_repeated_gradients():
+    """Rprop's three branches element by element: same sign (grow), flip (shrink and skip the
+    move, prev <- 0), and a zero product (factor 1), including zeros right after a flip."""
+    rng = np.random.default_rng(17)
+    signs = rng.choice([-1.0, 0.0, 1.0], size=(STEPS, 3, 5), p=[0.35, 0.2, 0.45])
+    grads = list(signs * rng.uniform(0.5, 2.0, size=(STEPS, 3, 5)))
+    for options in ({}, {"maximize": True, "etas": (0.25, 2.0), "step_sizes": (1e-4, 0.3)}):
+        run_torch_beside_reference(
+            "Rprop", options, torch_reference_options("Rprop", options), grads=grads
+        )
+
+
+def test_torch_radam_default_betas_take_both_branches():
+    """With betas (0.9, 0.999), rho_t crosses 5 within the 10 steps of the trajectory tests."""
+    beta2 = 0.999
+    rho_inf = 2 / (1 - beta2) - 1
+    rho = [rho_inf - 2 * t * beta2**t / (1 - beta2**t) for t in range(1, STEPS + 1)]
+    assert rho[0] <= 5.0 < rho[-1]
 
 
 FUSED_CASES = [
@@ -192,6 +387,11 @@ KERAS_REFERENCE = {
     "RMSprop": reference.keras_rmsprop,
     "Adam": reference.keras_adam,
     "AdamW": reference.keras_adam,
+    "Adadelta": reference.keras_adadelta,
+    "Adamax": reference.keras_adamax,
+    "Nadam": reference.keras_nadam,
+    "Lion": reference.keras_lion,
+    "Lamb": reference.keras_lamb,
 }
 
 # reference state key -> the Keras optimizer attribute holding that slot, one variable per param.
@@ -206,6 +406,16 @@ KERAS_SLOTS = {
     "Adam": {"momentum": "_momentums", "velocity": "_velocities", "velocity_hat": "_velocity_hats"},
 }
 KERAS_SLOTS["AdamW"] = KERAS_SLOTS["Adam"]
+KERAS_SLOTS.update(
+    Adadelta={
+        "accumulated_grad": "_accumulated_grads",
+        "accumulated_delta_var": "_accumulated_delta_vars",
+    },
+    Adamax={"momentum": "_m", "norm": "_u"},
+    Nadam={"momentum": "_momentums", "velocity": "_velocities"},
+    Lion={"momentum": "_momentums"},
+    Lamb={"momentum": "_momentums", "velocity": "_velocities"},
+)
 KERAS_ADAMW_DEFAULT_WEIGHT_DECAY = 0.004
 CLIP_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
 
@@ -229,6 +439,26 @@ KERAS_CASES = [
     ("Adam", {"amsgrad": True, "clipnorm": 0.5}),
     ("AdamW", {}),
     ("AdamW", {"weight_decay": 0.1, "amsgrad": True, "global_clipnorm": 2.0}),
+    ("Adadelta", {}),
+    ("Adadelta", {"rho": 0.5, "epsilon": 1e-3}),
+    ("Adadelta", {"rho": 0.0, "weight_decay": 0.1}),
+    ("Adadelta", {"weight_decay": 0.05, "clipnorm": 1.0}),
+    ("Adamax", {}),
+    ("Adamax", {"beta_1": 0.5, "beta_2": 0.9, "epsilon": 1e-3}),
+    ("Adamax", {"beta_1": 0.0, "beta_2": 0.0, "weight_decay": 0.1}),
+    ("Adamax", {"global_clipnorm": 1.0}),
+    ("Nadam", {}),
+    ("Nadam", {"beta_1": 0.5, "beta_2": 0.9, "epsilon": 1e-3}),
+    ("Nadam", {"weight_decay": 0.1}),
+    ("Nadam", {"clipvalue": 0.5, "beta_2": 0.5}),
+    ("Lion", {}),
+    ("Lion", {"beta_1": 1.0, "beta_2": 0.5}),
+    ("Lion", {"weight_decay": 0.1}),
+    ("Lion", {"beta_1": 0.5, "beta_2": 0.999, "clipnorm": 1.0}),
+    ("Lamb", {}),
+    ("Lamb", {"beta_1": 0.5, "beta_2": 0.9, "epsilon": 1e-3}),
+    ("Lamb", {"weight_decay": 0.1}),
+    ("Lamb", {"weight_decay": 0.05, "global_clipnorm": 2.0}),
 ]
 
 
@@ -258,30 +488,47 @@ def keras():
     keras.config.set_floatx(previous)
 
 
-@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-@pytest.mark.parametrize(("name", "options"), KERAS_CASES, ids=case_ids(KERAS_CASES))
-def test_keras_optimizer_trajectory_matches(keras, name, options):
-    problems = [make_problem(seed=index + len(options), shape=s) for index, s in enumerate(SHAPES)]
+def run_keras_beside_reference(
+    keras, name, options, step_options=None, problems=None, first_reference_options=None
+):
+    """Steps a Keras optimizer and the reference side by side over the variables of SHAPES.
+
+    ``step_options(t)`` gives hyperparameters to set (as optimizer attributes) before step t.
+    Keras' Nadam keeps one optimizer-wide ``u_product``: every variable's reference call gets
+    the value from before the ``apply`` (SPEC section 16), and it is compared after each step.
+    """
+    if problems is None:
+        problems = [
+            make_problem(seed=index + len(options), shape=s) for index, s in enumerate(SHAPES)
+        ]
     variables = [keras.Variable(param0, dtype="float64") for param0, _ in problems]
     optimizer = getattr(keras.optimizers, name)(learning_rate=LEARNING_RATES[0], **options)
     clip_options = {key: value for key, value in options.items() if key in CLIP_OPTIONS}
-    step_options = {key: value for key, value in options.items() if key not in CLIP_OPTIONS}
+    reference_options = {key: value for key, value in options.items() if key not in CLIP_OPTIONS}
     if name == "AdamW":
-        step_options.setdefault("weight_decay", KERAS_ADAMW_DEFAULT_WEIGHT_DECAY)
+        reference_options.setdefault("weight_decay", KERAS_ADAMW_DEFAULT_WEIGHT_DECAY)
     expected = [param0 for param0, _ in problems]
     states = [{} for _ in problems]
     for t in range(STEPS):
+        if step_options is not None:
+            changes = step_options(t)
+            for key, value in changes.items():
+                setattr(optimizer, key, value)
+            reference_options.update(changes)
         grads = with_power_of_two_norms([grads[t] for _, grads in problems], clip_options, t)
         optimizer.learning_rate = LEARNING_RATES[t]
         optimizer.apply([keras.ops.convert_to_tensor(g, dtype="float64") for g in grads], variables)
         clipped = reference.keras_clip(grads, **clip_options)
+        u_product_before = states[0].get("u_product")
         for index, variable in enumerate(variables):
+            if u_product_before is not None:
+                states[index] = {**states[index], "u_product": u_product_before}
             expected[index], states[index] = KERAS_REFERENCE[name](
                 expected[index],
                 clipped[index],
                 states[index],
                 learning_rate=LEARNING_RATES[t],
-                **step_options,
+                **reference_options,
             )
             what = f"variable {index} at step {t + 1}"
             assert_close(keras.ops.convert_to_numpy(variable.value), expected[index], what)
@@ -294,6 +541,267 @@ def test_keras_optimizer_trajectory_matches(keras, name, options):
                 else:
                     # Keras creates this slot only when its option is on.
                     np.testing.assert_array_equal(states[index][key], 0.0)
+            if name == "Nadam":
+                assert optimizer._u_product.dtype == "float64"  # the first variable's dtype
+                u_product = float(keras.ops.convert_to_numpy(optimizer._u_product.value))
+                assert_close(states[index]["u_product"], u_product, f"u_product at {what}")
+    return expected, states
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize(("name", "options"), KERAS_CASES, ids=case_ids(KERAS_CASES))
+def test_keras_optimizer_trajectory_matches(keras, name, options):
+    run_keras_beside_reference(keras, name, options)
+
+
+KERAS_CHANGING_HYPERPARAMETERS = [
+    ("Adadelta", {}, lambda t: {"rho": 0.5 + 0.05 * t, "epsilon": 1e-6 * (t + 1)}),
+    ("Adamax", {}, lambda t: {"beta_1": 0.9 - 0.05 * t, "beta_2": 0.99 - 0.05 * t}),
+    ("Nadam", {}, lambda t: {"beta_1": one_cycle_beta1(t), "beta_2": 0.999 - 0.01 * t}),
+    ("Lion", {}, lambda t: {"beta_1": 0.9 - 0.05 * t, "beta_2": 0.99 - 0.04 * t}),
+    ("Lamb", {}, lambda t: {"beta_1": one_cycle_beta1(t), "epsilon": 1e-3 / (t + 1)}),
+    ("Lamb", {"weight_decay": 0.1}, lambda t: {"weight_decay": 0.02 * t}),
+]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize(
+    ("name", "options", "step_options"),
+    KERAS_CHANGING_HYPERPARAMETERS,
+    ids=[
+        f"{case_id}-{index}"
+        for index, case_id in enumerate(
+            case_ids([(name, options) for name, options, _ in KERAS_CHANGING_HYPERPARAMETERS])
+        )
+    ],
+)
+def test_keras_new_optimizer_hyperparameters_changing_every_step(
+    keras, name, options, step_options
+):
+    run_keras_beside_reference(keras, name, options, step_options)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_keras_lamb_zero_norms_give_a_trust_ratio_of_one(keras):
+    """SPEC section 21: a zero variable (w_norm = 0) and a zero first gradient (update = 0, so
+    g_norm = 0) each take ratio 1 instead of 0/x or x/0."""
+    _, grads = make_problem(seed=31, shape=(3, 5))
+    zero_first_grads = [np.zeros((4,)), *make_problem(seed=32, shape=(4,))[1][1:]]
+    problems = [(np.zeros((3, 5)), grads), (np.ones(4), zero_first_grads)]
+    _, states = run_keras_beside_reference(keras, "Lamb", {}, problems=problems)
+    assert states[0]["step"] == STEPS
+
+
+# --------------------------------------------------------------------------------------------
+# Lion: Keras, optax, and fusedopt's PyTorch-style Lion (SPEC section 20)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def optax_x64():
+    """optax with jax in 64-bit mode for the test, restored after."""
+    optax = pytest.importorskip(
+        "optax", reason="optax (and jax) not installed: the Lion cross-check needs them"
+    )
+    import jax
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield optax
+    jax.config.update("jax_enable_x64", previous)
+
+
+def run_optax_lion(optax, param0, grads, b1, b2, weight_decay):
+    import jax.numpy as jnp
+
+    rates = jnp.asarray(LEARNING_RATES, dtype=jnp.float64)
+    # optax calls the schedule with its 0-based count, so step t gets LEARNING_RATES[t].
+    solver = optax.lion(lambda count: rates[count], b1=b1, b2=b2, weight_decay=weight_decay)
+    params = jnp.asarray(param0, dtype=jnp.float64)
+    opt_state = solver.init(params)
+    trajectory, momenta = [], []
+    for t in range(STEPS):
+        updates, opt_state = solver.update(jnp.asarray(grads[t]), opt_state, params)
+        params = optax.apply_updates(params, updates)
+        trajectory.append(np.asarray(params))
+        momenta.append(np.asarray(opt_state[0].mu))
+    return trajectory, momenta
+
+
+LION_OPTIONS = [
+    {"beta_1": 0.9, "beta_2": 0.99, "weight_decay": 0.0},
+    {"beta_1": 0.9, "beta_2": 0.99, "weight_decay": 0.1},
+    {"beta_1": 0.5, "beta_2": 0.9, "weight_decay": 0.3},
+    {"beta_1": 1.0, "beta_2": 0.5, "weight_decay": 0.05},
+]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize("options", LION_OPTIONS, ids=[str(o) for o in LION_OPTIONS])
+def test_lion_keras_and_optax_agree(keras, optax_x64, options):
+    """Keras' Lion and optax's lion are the same update: decoupled lr-scaled decay,
+    sign(b1*m + (1 - b1)*g), m <- b2*m + (1 - b2)*g. Both beside the reference."""
+    param0, grads = make_problem(seed=41)
+    keras_options = {**options, "weight_decay": options["weight_decay"] or None}
+    keras_params, keras_states = run_keras_beside_reference(
+        keras, "Lion", keras_options, problems=[(param0, grads)]
+    )
+    optax_params, optax_momenta = run_optax_lion(
+        optax_x64, param0, grads, options["beta_1"], options["beta_2"], options["weight_decay"]
+    )
+    assert_close(optax_params[-1], keras_params[0], "optax vs Keras after the last step")
+    assert_close(optax_momenta[-1], keras_states[0]["momentum"], "momentum")
+    expected, state = param0, {}
+    for t in range(STEPS):
+        expected, state = reference.keras_lion(
+            expected, grads[t], state, learning_rate=LEARNING_RATES[t], **keras_options
+        )
+        assert_close(optax_params[t], expected, f"optax vs reference at step {t + 1}")
+        assert_close(optax_momenta[t], state["momentum"], f"momentum at step {t + 1}")
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize("options", LION_OPTIONS, ids=[str(o) for o in LION_OPTIONS])
+def test_torch_style_lion_follows_keras_lion(keras, options):
+    """fusedopt's PyTorch-style Lion (lerp rounding, p *= 1 - lr*wd) is Keras' Lion with the
+    same betas and weight decay, up to rounding: no framework ships the torch form, so the real
+    Keras optimizer is the check."""
+    param0, grads = make_problem(seed=42)
+    keras_options = {**options, "weight_decay": options["weight_decay"] or None}
+    keras_params, keras_states = run_keras_beside_reference(
+        keras, "Lion", keras_options, problems=[(param0, grads)]
+    )
+    param, state = param0, {}
+    for t in range(STEPS):
+        param, state = reference.torch_lion(
+            param,
+            grads[t],
+            state,
+            lr=LEARNING_RATES[t],
+            beta1=options["beta_1"],
+            beta2=options["beta_2"],
+            weight_decay=options["weight_decay"],
+        )
+    assert_close(param, keras_params[0], "torch-style Lion vs Keras Lion")
+    assert_close(state["exp_avg"], keras_states[0]["momentum"], "exp_avg vs momentum")
+    assert set(state) == {"step", "exp_avg"}
+
+
+def test_torch_style_lion_maximize_negates_the_gradient():
+    param0, grads = make_problem(seed=43)
+    options = {"lr": 0.1, "beta1": 0.8, "beta2": 0.9, "weight_decay": 0.1}
+    up, up_state, down, down_state = param0, {}, param0, {}
+    for grad in grads:
+        up, up_state = reference.torch_lion(up, grad, up_state, maximize=True, **options)
+        down, down_state = reference.torch_lion(down, -grad, down_state, **options)
+    np.testing.assert_array_equal(up, down)
+    np.testing.assert_array_equal(up_state["exp_avg"], down_state["exp_avg"])
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameters the frameworks refuse (SPEC sections 13-21), and the reference with them
+# --------------------------------------------------------------------------------------------
+
+TORCH_REFUSALS = [
+    ("Adadelta", {"lr": -0.1}, "Invalid learning rate: -0.1"),
+    ("Adadelta", {"rho": 1.5}, "Invalid rho value: 1.5"),
+    ("Adadelta", {"rho": -0.1}, "Invalid rho value: -0.1"),
+    ("Adadelta", {"eps": -1e-06}, "Invalid epsilon value: -1e-06"),
+    ("Adadelta", {"weight_decay": -0.1}, "Invalid weight_decay value: -0.1"),
+    ("Adamax", {"lr": float("nan")}, "Invalid learning rate: nan"),
+    ("Adamax", {"eps": -1.0}, "Invalid epsilon value: -1.0"),
+    ("Adamax", {"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0: 1.0"),
+    ("Adamax", {"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1: -0.1"),
+    ("Adamax", {"weight_decay": -0.5}, "Invalid weight_decay value: -0.5"),
+    ("NAdam", {"lr": -1.0}, "Invalid learning rate: -1.0"),
+    ("NAdam", {"eps": -1e-08}, "Invalid epsilon value: -1e-08"),
+    ("NAdam", {"betas": (-0.1, 0.999)}, "Invalid beta parameter at index 0: -0.1"),
+    ("NAdam", {"betas": (0.9, 1.0)}, "Invalid beta parameter at index 1: 1.0"),
+    ("NAdam", {"weight_decay": -0.1}, "Invalid weight_decay value: -0.1"),
+    ("NAdam", {"momentum_decay": -0.004}, "Invalid momentum_decay value: -0.004"),
+    ("RAdam", {"lr": -0.001}, "Invalid learning rate: -0.001"),
+    ("RAdam", {"eps": -1e-08}, "Invalid epsilon value: -1e-08"),
+    ("RAdam", {"betas": (1.5, 0.999)}, "Invalid beta parameter at index 0: 1.5"),
+    ("RAdam", {"betas": (0.9, float("nan"))}, "Invalid beta parameter at index 1: nan"),
+    ("RAdam", {"weight_decay": -0.01}, "Invalid weight_decay value: -0.01"),
+    ("Rprop", {"lr": -0.01}, "Invalid learning rate: -0.01"),
+    ("Rprop", {"etas": (1.0, 1.2)}, "Invalid eta values: 1.0, 1.2"),
+    ("Rprop", {"etas": (0.5, 1.0)}, "Invalid eta values: 0.5, 1.0"),
+    ("Rprop", {"etas": (0.0, 1.2)}, "Invalid eta values: 0.0, 1.2"),
+    ("Rprop", {"etas": (1.2, 0.5)}, "Invalid eta values: 1.2, 0.5"),
+    ("ASGD", {"lr": -0.01}, "Invalid learning rate: -0.01"),
+    ("ASGD", {"weight_decay": -0.1}, "Invalid weight_decay value: -0.1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    TORCH_REFUSALS,
+    ids=[f"{name}-{options}" for name, options, _ in TORCH_REFUSALS],
+)
+def test_torch_refuses_what_the_spec_lists_and_so_does_the_reference(name, options, message):
+    torch = pytest.importorskip("torch")
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    options = dict(options)
+    lr = options.pop("lr", 0.01)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        getattr(torch.optim, name)([param], lr=lr, **options)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        TORCH_REFERENCE[name](
+            np.zeros(3), np.ones(3), {}, lr=lr, **torch_reference_options(name, options)
+        )
+
+
+TORCH_UNCHECKED = [
+    ("Adadelta", {"rho": 1.0}),
+    ("Adadelta", {"rho": 0.0, "eps": 0.0}),
+    ("Adamax", {"betas": (0.0, 0.0), "eps": 0.0}),
+    ("NAdam", {"momentum_decay": 0.0, "betas": (0.0, 0.0)}),
+    ("RAdam", {"betas": (0.0, 0.0)}),
+    ("Rprop", {"step_sizes": (1.0, 0.1)}),
+    ("Rprop", {"step_sizes": (-1.0, -2.0)}),
+    ("ASGD", {"lambd": -1.0, "alpha": -2.0, "t0": -5.0}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), TORCH_UNCHECKED, ids=case_ids(TORCH_UNCHECKED))
+def test_torch_accepts_what_the_spec_lists_as_unchecked(name, options):
+    torch = pytest.importorskip("torch")
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    getattr(torch.optim, name)([param], lr=0.01, **options)
+    TORCH_REFERENCE[name](
+        np.zeros(3), np.ones(3), {}, lr=0.01, **torch_reference_options(name, options)
+    )
+
+
+LION_MESSAGE = (
+    "Argument `beta_1` must be in the [0, 1] range. Otherwise, the optimizer degenerates to "
+    "SignSGD. Received: beta_1={}."
+)
+
+
+@pytest.mark.parametrize("beta_1", [0.0, -0.5, 1.5, float("inf")])
+def test_keras_lion_refuses_beta_1_outside_zero_one(keras, beta_1):
+    message = f"^{re.escape(LION_MESSAGE.format(beta_1))}$"
+    with pytest.raises(ValueError, match=message):
+        keras.optimizers.Lion(beta_1=beta_1)
+    with pytest.raises(ValueError, match=message):
+        reference.keras_lion(np.zeros(3), np.ones(3), {}, learning_rate=0.1, beta_1=beta_1)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("Adadelta", {"rho": 1.5, "epsilon": -1.0}),
+        ("Adamax", {"beta_1": 1.5, "beta_2": -1.0, "epsilon": -1.0}),
+        ("Nadam", {"beta_1": 1.5, "beta_2": -1.0, "epsilon": -1.0}),
+        ("Lion", {"beta_1": float("nan"), "beta_2": 2.0}),
+        ("Lamb", {"beta_1": 1.5, "beta_2": -1.0, "epsilon": -1.0}),
+    ],
+    ids=["Adadelta", "Adamax", "Nadam", "Lion", "Lamb"],
+)
+def test_keras_accepts_what_the_spec_lists_as_unchecked(keras, name, options):
+    getattr(keras.optimizers, name)(learning_rate=-0.1, weight_decay=-1.0, **options)
 
 
 def test_keras_clipnorm_example_from_spec():
@@ -669,6 +1177,69 @@ def test_seed_adam_is_torch_and_keras_only_with_a_per_step_epsilon_hat():
 
 
 # --------------------------------------------------------------------------------------------
+# Where the Keras and PyTorch forms of the new algorithms coincide (SPEC sections 14-16, 20)
+# --------------------------------------------------------------------------------------------
+
+CROSS_FRAMEWORK = [
+    # Keras' Nadam has no momentum_decay: its 0.96**t schedule is torch's with momentum_decay 1.
+    (
+        "Nadam",
+        (reference.torch_nadam, {"momentum_decay": 1.0, "eps": 1e-3, "scalar_dtype": "float64"}),
+        (reference.keras_nadam, {"epsilon": 1e-3}),
+        True,
+    ),
+    (
+        "Adadelta",
+        (reference.torch_adadelta, {"rho": 0.95, "eps": 1e-7}),
+        (reference.keras_adadelta, {"rho": 0.95, "epsilon": 1e-7}),
+        True,
+    ),
+    # Adamax: torch puts eps inside the maximum, Keras adds it to the maximum; equal at eps 0.
+    (
+        "Adamax-eps0",
+        (reference.torch_adamax, {"eps": 0.0}),
+        (reference.keras_adamax, {"epsilon": 0.0}),
+        True,
+    ),
+    (
+        "Adamax",
+        (reference.torch_adamax, {"eps": 1e-3}),
+        (reference.keras_adamax, {"epsilon": 1e-3}),
+        False,
+    ),
+    (
+        "Lion",
+        (reference.torch_lion, {"beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1}),
+        (reference.keras_lion, {"weight_decay": 0.1}),
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("torch_step", "keras_step", "coincide"),
+    [case[1:] for case in CROSS_FRAMEWORK],
+    ids=[case[0] for case in CROSS_FRAMEWORK],
+)
+def test_keras_and_torch_forms_coincide_where_the_spec_says(torch_step, keras_step, coincide):
+    param0, grads = make_problem(seed=51)
+    (torch_function, torch_options), (keras_function, keras_options) = torch_step, keras_step
+    torch_like, _ = run_steps(
+        torch_function, param0, grads, lambda t: {"lr": LEARNING_RATES[t], **torch_options}
+    )
+    keras_like, _ = run_steps(
+        keras_function,
+        param0,
+        grads,
+        lambda t: {"learning_rate": LEARNING_RATES[t], **keras_options},
+    )
+    if coincide:
+        assert_trajectories_close(torch_like, keras_like)
+    else:
+        assert_trajectories_differ(torch_like, keras_like)
+
+
+# --------------------------------------------------------------------------------------------
 # The oracle's own contract
 # --------------------------------------------------------------------------------------------
 
@@ -681,6 +1252,18 @@ STEP_FUNCTIONS = [
     (reference.keras_adagrad, {"learning_rate": 0.1}),
     (reference.keras_rmsprop, {"learning_rate": 0.1, "momentum": 0.5, "centered": True}),
     (reference.keras_adam, {"learning_rate": 0.1, "amsgrad": True, "weight_decay": 0.1}),
+    (reference.torch_adadelta, {"lr": 0.1, "weight_decay": 0.1}),
+    (reference.torch_adamax, {"lr": 0.1, "weight_decay": 0.1}),
+    (reference.torch_nadam, {"lr": 0.1, "weight_decay": 0.1}),
+    (reference.torch_radam, {"lr": 0.1, "weight_decay": 0.1}),
+    (reference.torch_rprop, {"lr": 0.1}),
+    (reference.torch_asgd, {"lr": 0.1, "t0": 0.0}),
+    (reference.torch_lion, {"lr": 0.1, "weight_decay": 0.1}),
+    (reference.keras_adadelta, {"learning_rate": 0.1, "weight_decay": 0.1}),
+    (reference.keras_adamax, {"learning_rate": 0.1, "weight_decay": 0.1}),
+    (reference.keras_nadam, {"learning_rate": 0.1, "weight_decay": 0.1}),
+    (reference.keras_lion, {"learning_rate": 0.1, "weight_decay": 0.1}),
+    (reference.keras_lamb, {"learning_rate": 0.1, "weight_decay": 0.1}),
     (reference.seed_momentum, {"alpha": 0.1, "beta": 0.9}),
     (reference.seed_adagrad, {"eta": 0.1, "eps": 1e-7}),
     (reference.seed_rmsprop, {"eta": 0.1, "rho": 0.9, "eps": 1e-7}),

@@ -1,9 +1,10 @@
 """Reference implementations: the oracle of fusedopt's tests.
 
-Every function here is written straight from ``SPEC.md`` in plain Python and NumPy, in float64,
-one optimizer step (or one EWMA) at a time. It is meant to be read next to the SPEC section its
-docstring cites, and it is slow on purpose: clarity over speed. Nothing here imports the compiled
-fusedopt modules, so the oracle cannot share a bug with the kernels it checks.
+Every function here is written straight from the SPEC (``docs/spec.md``, formerly ``SPEC.md``)
+in plain Python and NumPy, in float64, one optimizer step (or one EWMA) at a time. It is meant to
+be read next to the SPEC section its docstring cites, and it is slow on purpose: clarity over
+speed. Nothing here imports the compiled fusedopt modules, so the oracle cannot share a bug with
+the kernels it checks.
 
 Conventions of the step functions:
 
@@ -20,6 +21,16 @@ Conventions of the step functions:
   ``"velocity"``, ``"average_gradient"``, ``"velocity_hat"``) and always hold every slot; a slot
   Keras would not create stays zero. ``"step"`` counts the calls, this one included (for Keras it
   is ``iterations + 1`` of this call).
+- Scalar states are Python floats in the state dict: torch's NAdam ``"mu_product"``, ASGD
+  ``"eta"`` and ``"mu"`` (torch keeps them as 0-dim tensors of its default dtype, float32 even
+  for float64 parameters; ``scalar_dtype`` chooses that rounding, SPEC section 13), and Keras
+  Nadam's optimizer-wide ``"u_product"``, which the caller passes in each variable's state
+  (SPEC section 16).
+- Functions of algorithms added with SPEC sections 13-21 refuse the hyperparameters the
+  framework's constructor refuses, with its ``ValueError`` message.
+- Rprop's hyperparameters are named as torch's functional API names them (``etaminus``,
+  ``etaplus``, ``step_size_min``, ``step_size_max``), as ``betas`` are ``beta1`` and ``beta2``.
+- ``keras_lamb`` needs the whole variable in one call: its trust ratio uses per-tensor norms.
 """
 
 from __future__ import annotations
@@ -33,9 +44,14 @@ from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "ewma",
+    "keras_adadelta",
     "keras_adagrad",
     "keras_adam",
+    "keras_adamax",
     "keras_clip",
+    "keras_lamb",
+    "keras_lion",
+    "keras_nadam",
     "keras_rmsprop",
     "keras_sgd",
     "seed_adagrad",
@@ -43,9 +59,16 @@ __all__ = [
     "seed_momentum",
     "seed_nesterov",
     "seed_rmsprop",
+    "torch_adadelta",
     "torch_adagrad",
     "torch_adam",
+    "torch_adamax",
+    "torch_asgd",
+    "torch_lion",
+    "torch_nadam",
+    "torch_radam",
     "torch_rmsprop",
+    "torch_rprop",
     "torch_sgd",
 ]
 
@@ -97,7 +120,7 @@ def _torch_gradient(g: ArrayLike, grad_scale: float | None, maximize: bool) -> A
 
 
 # --------------------------------------------------------------------------------------------
-# PyTorch convention (SPEC A.1, sections 1-8)
+# PyTorch convention (SPEC A.1, A.8, sections 1-8 and 13-20)
 # --------------------------------------------------------------------------------------------
 
 
@@ -258,8 +281,334 @@ def torch_adam(
     return param - step_size * (exp_avg / denominator), new_state
 
 
+def _check(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition``, as the frameworks' constructors do."""
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_torch_betas(beta1: float, beta2: float) -> None:
+    # torch's "not 0.0 <= beta < 1.0" form: NaN is refused too (SPEC section 13).
+    _check(0.0 <= beta1 < 1.0, f"Invalid beta parameter at index 0: {beta1}")
+    _check(0.0 <= beta2 < 1.0, f"Invalid beta parameter at index 1: {beta2}")
+
+
+def _torch_scalar(value: float, scalar_dtype: str) -> float:
+    """A scalar state value stored as torch stores it: a float32 tensor unless the default
+    dtype is float64 (``_get_scalar_dtype``, SPEC section 13)."""
+    if scalar_dtype == "float32":
+        return float(np.float32(value))
+    if scalar_dtype == "float64":
+        return float(value)
+    raise ValueError(f"scalar_dtype must be 'float32' or 'float64', got {scalar_dtype!r}")
+
+
+def torch_adadelta(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> StepResult:
+    """One step of ``torch.optim.Adadelta`` (SPEC section 14).
+
+    ``g <- g + wd*p`` (L2); ``square_avg <- rho*square_avg + (1 - rho)*g*g``;
+    ``delta = sqrt(acc_delta + eps)/sqrt(square_avg + eps)*g``;
+    ``acc_delta <- rho*acc_delta + (1 - rho)*delta*delta``; ``p <- p - lr*delta``.
+    """
+    _check(0.0 <= lr, f"Invalid learning rate: {lr}")
+    _check(0.0 <= rho <= 1.0, f"Invalid rho value: {rho}")
+    _check(0.0 <= eps, f"Invalid epsilon value: {eps}")
+    _check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+    param = _float64(p)
+    grad = _torch_gradient(g, None, maximize)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    square_avg = _slot(new_state, "square_avg", param) * rho + (1.0 - rho) * grad * grad
+    acc_delta = _slot(new_state, "acc_delta", param)
+    delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * grad
+    acc_delta = acc_delta * rho + (1.0 - rho) * delta * delta
+    new_state.update(square_avg=square_avg, acc_delta=acc_delta)
+    return param - lr * delta, new_state
+
+
+def torch_adamax(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> StepResult:
+    """One step of ``torch.optim.Adamax`` (SPEC section 15).
+
+    ``g <- g + wd*p`` (L2); ``exp_avg <- lerp(exp_avg, g, 1 - beta1)``;
+    ``exp_inf <- max(beta2*exp_inf, |g| + eps)`` (eps inside the maximum);
+    ``p <- p - (lr/(1 - beta1**step))*exp_avg/exp_inf``.
+    """
+    _check(0.0 <= lr, f"Invalid learning rate: {lr}")
+    _check(0.0 <= eps, f"Invalid epsilon value: {eps}")
+    _check_torch_betas(beta1, beta2)
+    _check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+    param = _float64(p)
+    grad = _torch_gradient(g, None, maximize)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    exp_avg = _torch_lerp(_slot(new_state, "exp_avg", param), grad, 1.0 - beta1)
+    exp_inf = np.maximum(_slot(new_state, "exp_inf", param) * beta2, np.abs(grad) + eps)
+    new_state.update(exp_avg=exp_avg, exp_inf=exp_inf)
+    clr = lr / (1.0 - beta1 ** float(step))
+    return param + (-clr * exp_avg) / exp_inf, new_state
+
+
+def torch_nadam(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    scalar_dtype: str = "float32",
+) -> StepResult:
+    """One step of ``torch.optim.NAdam`` (SPEC section 16).
+
+    Decay: L2 ``g <- g + wd*p``, or decoupled ``p <- p*(1 - lr*wd)``.
+    ``mu = beta1*(1 - 0.5*0.96**(step*momentum_decay))``, ``mu_next`` the same at ``step + 1``;
+    ``mu_product <- mu_product*mu`` (a per-parameter scalar starting at 1.0, kept as a Python
+    float here: ``scalar_dtype="float32"`` rounds it as torch's default float32 scalar tensor
+    does, ``"float64"`` is torch with ``torch.set_default_dtype(torch.float64)``);
+    ``exp_avg <- lerp(exp_avg, g, 1 - beta1)``;
+    ``exp_avg_sq <- beta2*exp_avg_sq + (1 - beta2)*g*g``;
+    ``denom = sqrt(exp_avg_sq/(1 - beta2**step)) + eps``; then two updates,
+    ``p <- p + (-lr*(1 - mu)/(1 - mu_product))*g/denom`` and
+    ``p <- p + (-lr*mu_next/(1 - mu_product*mu_next))*exp_avg/denom``.
+    """
+    _check(0.0 <= lr, f"Invalid learning rate: {lr}")
+    _check(0.0 <= eps, f"Invalid epsilon value: {eps}")
+    _check_torch_betas(beta1, beta2)
+    _check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+    _check(0.0 <= momentum_decay, f"Invalid momentum_decay value: {momentum_decay}")
+    param = _float64(p)
+    grad = _torch_gradient(g, None, maximize)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    bias_correction2 = 1.0 - beta2 ** float(step)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1.0 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    mu_product = float(new_state.get("mu_product", 1.0))
+    if scalar_dtype == "float32":
+        # A float32 tensor times a Python float: both rounded to float32, then the product.
+        mu_product = float(np.float32(mu_product) * np.float32(mu))
+    else:
+        mu_product = _torch_scalar(mu_product * mu, scalar_dtype)
+    new_state["mu_product"] = mu_product
+    exp_avg = _torch_lerp(_slot(new_state, "exp_avg", param), grad, 1.0 - beta1)
+    exp_avg_sq = _slot(new_state, "exp_avg_sq", param) * beta2 + (1.0 - beta2) * grad * grad
+    new_state.update(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    denominator = np.sqrt(exp_avg_sq / bias_correction2) + eps
+    mu_product_next = mu_product * mu_next
+    param = param + (-lr * (1.0 - mu) / (1.0 - mu_product)) * grad / denominator
+    param = param + ((-lr * mu_next) / (1.0 - mu_product_next)) * exp_avg / denominator
+    return param, new_state
+
+
+def torch_radam(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> StepResult:
+    """One step of ``torch.optim.RAdam`` (SPEC section 17).
+
+    Decay as NAdam; moments as Adam; ``m_hat = exp_avg/(1 - beta1**step)``;
+    ``rho_inf = 2/(1 - beta2) - 1``, ``rho_t = rho_inf - 2*step*beta2**step/(1 - beta2**step)``.
+    If ``rho_t > 5``: ``p <- p - m_hat*lr*adaptive*rect`` with
+    ``adaptive = sqrt(1 - beta2**step)/(sqrt(exp_avg_sq) + eps)`` (eps next to the uncorrected
+    root) and ``rect = sqrt((rho_t - 4)(rho_t - 2)rho_inf/((rho_inf - 4)(rho_inf - 2)rho_t))``;
+    otherwise ``p <- p - m_hat*lr`` (no second moment, no eps).
+    """
+    _check(0.0 <= lr, f"Invalid learning rate: {lr}")
+    _check(0.0 <= eps, f"Invalid epsilon value: {eps}")
+    _check_torch_betas(beta1, beta2)
+    _check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+    param = _float64(p)
+    grad = _torch_gradient(g, None, maximize)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param = param * (1.0 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+    exp_avg = _torch_lerp(_slot(new_state, "exp_avg", param), grad, 1.0 - beta1)
+    exp_avg_sq = _slot(new_state, "exp_avg_sq", param) * beta2 + (1.0 - beta2) * grad * grad
+    new_state.update(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    bias_correction1 = 1.0 - beta1 ** float(step)
+    bias_correction2 = 1.0 - beta2 ** float(step)
+    bias_corrected_exp_avg = exp_avg / bias_correction1
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2 ** float(step)) / bias_correction2
+    if rho_t > 5.0:
+        rect = (
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        ) ** 0.5
+        adaptive_lr = (bias_correction2**0.5) / (np.sqrt(exp_avg_sq) + eps)
+        return param - bias_corrected_exp_avg * lr * adaptive_lr * rect, new_state
+    return param - bias_corrected_exp_avg * lr, new_state
+
+
+def torch_rprop(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    etaminus: float = 0.5,
+    etaplus: float = 1.2,
+    step_size_min: float = 1e-6,
+    step_size_max: float = 50.0,
+    maximize: bool = False,
+) -> StepResult:
+    """One step of ``torch.optim.Rprop``; ``etas = (etaminus, etaplus)``,
+    ``step_sizes = (step_size_min, step_size_max)`` (SPEC section 18).
+
+    ``lr`` is read only on the first step, to fill ``step_size``. ``s = sign(g*prev)``;
+    factor ``etaplus`` where ``s > 0``, ``etaminus`` where ``s < 0``, 1 where ``s == 0``;
+    ``step_size <- min(max(step_size*factor, step_size_min), step_size_max)``; ``g <- 0`` where
+    the factor is ``etaminus``; ``p <- p - sign(g)*step_size``; ``prev <- g``.
+    """
+    _check(0.0 <= lr, f"Invalid learning rate: {lr}")
+    _check(0.0 < etaminus < 1.0 < etaplus, f"Invalid eta values: {etaminus}, {etaplus}")
+    param = _float64(p)
+    grad = _torch_gradient(g, None, maximize)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    prev = _slot(new_state, "prev", param)
+    step_size = _slot(new_state, "step_size", param, lr)
+    sign = np.sign(grad * prev)  # the sign of the rounded product: an underflow counts as 0
+    factor = sign.copy()
+    factor[sign > 0] = etaplus
+    factor[sign < 0] = etaminus
+    factor[sign == 0] = 1.0  # NaN stays NaN
+    step_size = np.minimum(np.maximum(step_size * factor, step_size_min), step_size_max)
+    grad = np.where(factor == etaminus, 0.0, grad)
+    new_state.update(prev=grad, step_size=step_size)
+    return param - np.sign(grad) * step_size, new_state
+
+
+def torch_asgd(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    scalar_dtype: str = "float32",
+) -> StepResult:
+    """One step of ``torch.optim.ASGD`` (SPEC section 19).
+
+    The step uses the ``eta`` and ``mu`` stored by the previous step (first step: ``eta = lr``,
+    ``mu = 1``): ``g <- g + wd*p``; ``p <- p*(1 - lambd*eta)``; ``p <- p - eta*g``; ``ax <- p``
+    if ``mu == 1``, else ``ax <- ax + (p - ax)*mu``. Only then, from this step's ``lr``:
+    ``eta <- lr/(1 + lambd*lr*step)**alpha`` and ``mu <- 1/max(1, step - t0)``. ``eta`` and
+    ``mu`` are Python floats here, rounded as ``scalar_dtype`` (torch's default: float32).
+    """
+    _check(0.0 <= lr, f"Invalid learning rate: {lr}")
+    _check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+    param = _float64(p)
+    grad = _torch_gradient(g, None, maximize)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    eta = float(new_state["eta"]) if "eta" in new_state else _torch_scalar(lr, scalar_dtype)
+    mu = float(new_state.get("mu", 1.0))
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    param = param * (1.0 - lambd * eta)
+    param = param - eta * grad
+    if mu != 1:
+        ax = _slot(new_state, "ax", param)
+        ax = ax + (param - ax) * mu
+    else:
+        ax = param.copy()
+    new_state["ax"] = ax
+    new_state["eta"] = _torch_scalar(lr / ((1 + lambd * lr * step) ** alpha), scalar_dtype)
+    new_state["mu"] = _torch_scalar(1 / max(1, step - t0), scalar_dtype)
+    return param, new_state
+
+
+def torch_lion(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> StepResult:
+    """One step of Lion in fusedopt's PyTorch convention (SPEC section 20, A.8).
+
+    ``torch.optim`` has no Lion; this is lion-pytorch's update with torch's lerp rounding:
+    ``p <- p*(1 - lr*wd)`` (decoupled); ``p <- p - lr*sign(lerp(exp_avg, g, 1 - beta1))``;
+    ``exp_avg <- lerp(exp_avg, g, 1 - beta2)``. ``maximize`` negates ``g`` first.
+    """
+    _check(0.0 <= lr, f"Invalid learning rate: {lr}")
+    _check(0.0 <= beta1 <= 1.0, f"Invalid beta parameter at index 0: {beta1}")
+    _check(0.0 <= beta2 <= 1.0, f"Invalid beta parameter at index 1: {beta2}")
+    _check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+    param = _float64(p)
+    grad = _torch_gradient(g, None, maximize)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    if weight_decay != 0:
+        param = param * (1.0 - lr * weight_decay)
+    exp_avg = _slot(new_state, "exp_avg", param)
+    update = np.sign(_torch_lerp(exp_avg, grad, 1.0 - beta1))
+    new_state["exp_avg"] = _torch_lerp(exp_avg, grad, 1.0 - beta2)
+    return param - lr * update, new_state
+
+
 # --------------------------------------------------------------------------------------------
-# Keras 3 convention (SPEC A.2, sections 1-7)
+# Keras 3 convention (SPEC A.2, A.8, sections 1-7 and 13-21)
 # --------------------------------------------------------------------------------------------
 
 
@@ -430,6 +779,174 @@ def keras_adam(
     new_state.update(momentum=m, velocity=v, velocity_hat=v_hat)
     second_moment = v_hat if amsgrad else v
     return param - m * alpha_t / (np.sqrt(second_moment) + epsilon), new_state
+
+
+def keras_adadelta(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    learning_rate: float,
+    rho: float = 0.95,
+    epsilon: float = 1e-7,
+    weight_decay: float | None = None,
+) -> StepResult:
+    """One step of ``keras.optimizers.Adadelta`` on the torch backend (SPEC section 14).
+
+    ``acc_g <- rho*acc_g + (1 - rho)*g^2``;
+    ``delta = -sqrt(acc_d + epsilon)*g/sqrt(acc_g + epsilon)``;
+    ``acc_d <- rho*acc_d + (1 - rho)*delta^2``; ``p <- p + lr*delta``.
+    """
+    param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    accumulated_grad = _slot(new_state, "accumulated_grad", param) * rho + (1.0 - rho) * (
+        grad * grad
+    )
+    accumulated_delta_var = _slot(new_state, "accumulated_delta_var", param)
+    delta_var = -(
+        (np.sqrt(accumulated_delta_var + epsilon) * grad) / np.sqrt(accumulated_grad + epsilon)
+    )
+    accumulated_delta_var = accumulated_delta_var * rho + (1.0 - rho) * (delta_var * delta_var)
+    new_state.update(accumulated_grad=accumulated_grad, accumulated_delta_var=accumulated_delta_var)
+    return param + learning_rate * delta_var, new_state
+
+
+def keras_adamax(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    learning_rate: float,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    weight_decay: float | None = None,
+) -> StepResult:
+    """One step of ``keras.optimizers.Adamax`` on the torch backend (SPEC section 15).
+
+    ``m <- beta_1*m + (1 - beta_1)*g``; ``u <- max(beta_2*u, |g|)``;
+    ``p <- p - (m*lr)/((u + epsilon)*(1 - beta_1^t))`` (epsilon outside the maximum).
+    """
+    param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    m = _slot(new_state, "momentum", param) * beta_1 + (1.0 - beta_1) * grad
+    u = np.maximum(_slot(new_state, "norm", param) * beta_2, np.abs(grad))
+    new_state.update(momentum=m, norm=u)
+    beta_1_power = beta_1 ** float(step)
+    return param - (m * learning_rate) / ((u + epsilon) * (1.0 - beta_1_power)), new_state
+
+
+def keras_nadam(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    learning_rate: float,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    weight_decay: float | None = None,
+) -> StepResult:
+    """One step of ``keras.optimizers.Nadam`` on the torch backend (SPEC section 16).
+
+    ``state["u_product"]`` is Keras' optimizer-wide ``_u_product`` before this ``apply`` (1.0
+    when absent); the returned state holds its value after. Keras updates it once per
+    ``apply``, not once per variable: when several variables are stepped in one ``apply``, give
+    each call the same value from before the ``apply`` (they all return the same new value).
+    ``u_t = beta_1*(1 - 0.5*0.96^t)``, ``u_t1`` the same at ``t + 1`` (no momentum_decay);
+    ``u_product <- u_product*u_t``; ``m <- beta_1*m + (1 - beta_1)*g``;
+    ``v <- beta_2*v + (1 - beta_2)*g^2``;
+    ``m_hat = m*u_t1/(1 - u_product*u_t1) + g*(1 - u_t)/(1 - u_product)``;
+    ``p <- p - m_hat*lr/(sqrt(v/(1 - beta_2^t)) + epsilon)``.
+    """
+    param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    u_t = beta_1 * (1.0 - 0.5 * 0.96 ** float(step))
+    u_t_1 = beta_1 * (1.0 - 0.5 * 0.96 ** float(step + 1))
+    u_product_t = float(new_state.get("u_product", 1.0)) * u_t
+    u_product_t_1 = u_product_t * u_t_1
+    new_state["u_product"] = u_product_t
+    m = _slot(new_state, "momentum", param) * beta_1 + (1.0 - beta_1) * grad
+    v = _slot(new_state, "velocity", param) * beta_2 + (1.0 - beta_2) * (grad * grad)
+    new_state.update(momentum=m, velocity=v)
+    m_hat = (m * u_t_1) / (1.0 - u_product_t_1) + (grad * (1.0 - u_t)) / (1.0 - u_product_t)
+    v_hat = v / (1.0 - beta_2 ** float(step))
+    return param - (m_hat * learning_rate) / (np.sqrt(v_hat) + epsilon), new_state
+
+
+def keras_lion(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    learning_rate: float,
+    beta_1: float = 0.9,
+    beta_2: float = 0.99,
+    weight_decay: float | None = None,
+) -> StepResult:
+    """One step of ``keras.optimizers.Lion`` on the torch backend (SPEC section 20).
+
+    ``p <- p - lr*sign(beta_1*m + (1 - beta_1)*g)``; ``m <- beta_2*m + (1 - beta_2)*g``.
+    Keras refuses ``beta_1`` outside ``(0, 1]``.
+    """
+    _check(
+        not (beta_1 <= 0 or beta_1 > 1),
+        "Argument `beta_1` must be in the [0, 1] range. Otherwise, the optimizer degenerates "
+        f"to SignSGD. Received: beta_1={beta_1}.",
+    )
+    param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    new_state["step"] = _next_step(state)
+    m = _slot(new_state, "momentum", param)
+    update = np.sign(m * beta_1 + (1.0 - beta_1) * grad)
+    new_state["momentum"] = m * beta_2 + (1.0 - beta_2) * grad
+    return param - update * learning_rate, new_state
+
+
+def keras_lamb(
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    learning_rate: float,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    weight_decay: float | None = None,
+) -> StepResult:
+    """One step of ``keras.optimizers.Lamb`` (SPEC section 21); ``p`` is one whole variable.
+
+    ``m <- m + (g - m)(1 - beta_1)``; ``v <- v + (g^2 - v)(1 - beta_2)``;
+    ``update = (m/(1 - beta_1^t))/(sqrt(v/(1 - beta_2^t)) + epsilon)``;
+    ``ratio = ||p||/||update||`` (``p`` after the weight decay), or 1 unless both norms are
+    > 0; ``p <- p - ratio*lr*update``.
+    """
+    param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
+    grad = _float64(g)
+    new_state = _copy_state(state)
+    step = _next_step(state)
+    new_state["step"] = step
+    m = _slot(new_state, "momentum", param)
+    m = m + (grad - m) * (1.0 - beta_1)
+    v = _slot(new_state, "velocity", param)
+    v = v + (grad * grad - v) * (1.0 - beta_2)
+    new_state.update(momentum=m, velocity=v)
+    m_t_hat = m / (1.0 - beta_1 ** float(step))
+    v_sqrt = np.sqrt(v / (1.0 - beta_2 ** float(step))) + epsilon
+    update = m_t_hat / v_sqrt
+    w_norm = math.sqrt(np.sum(param * param))
+    g_norm = math.sqrt(np.sum(update * update))
+    ratio = w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+    return param - ratio * learning_rate * update, new_state
 
 
 # --------------------------------------------------------------------------------------------
