@@ -19,7 +19,7 @@ import pytest
 
 import fusedopt
 from conftest import DTYPES, SIZES
-from fusedopt import _core, cuda, reference
+from fusedopt import _core, _engine, cuda, reference
 
 LIMITS = _core._cuda_plan_limits
 CHUNK = LIMITS["chunk_elements"]
@@ -178,7 +178,7 @@ def test_without_the_cuda_module(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cuda.device_count() == 0
     assert "built without its CUDA backend" in cuda.unavailable_reason()
     with pytest.raises(RuntimeError, match="built without its CUDA backend"):
-        cuda.adam_step([_core.AdamOptions()], [0], [1], [], [], [], [], None)
+        cuda.step("adam", [options("adam")], [0], [1], [], [], [None, None, None])
 
 
 @pytest.mark.skipif(not HAS_CUDA_MODULE, reason="fusedopt._cuda was not built (no nvcc)")
@@ -228,11 +228,18 @@ class FakeDLPackArray:
         return self.array.__dlpack__(**kwargs)
 
 
+def options(algorithm: str, convention: str = "torch", **hyper: Any) -> tuple[float, ...]:
+    """Native option values of ``algorithm`` (its fields' order) from native names."""
+    values = {"convention": 1.0 if convention == "keras" else 0.0}
+    values.update({k: float(v) for k, v in hyper.items()})
+    return tuple(values.get(f.name, f.default) for f in _engine.describe(algorithm).fields)
+
+
 def adam_on_device(params: list, grads: list, states: list | None = None, **kw: Any) -> None:
     states = states or [[FakeDeviceArray(p.shape) for p in params] for _ in range(2)]
-    cuda.adam_step(
-        [_core.AdamOptions()], np.zeros(len(params), np.int64), np.ones(len(params), np.int64),
-        params, grads, states[0], states[1], None, **kw,
+    cuda.step(
+        "adam", [options("adam")], np.zeros(len(params), np.int64),
+        np.ones(len(params), np.int64), params, grads, [states[0], states[1], None], **kw,
     )  # fmt: skip
 
 
@@ -356,12 +363,6 @@ GPU_CASES = [
     ("adam", dict(lr=0.01, maximize=True), 2),
     ("adam", dict(lr=0.01, weight_decay=0.004, amsgrad=True, convention="keras"), 3),
 ]
-OPTIONS = {
-    "sgd": _core.SgdOptions,
-    "adagrad": _core.AdagradOptions,
-    "rmsprop": _core.RmspropOptions,
-    "adam": _core.AdamOptions,
-}
 LISTS = {
     "awkward sizes": SIZES,
     "many small": [1 + (i * 37) % 300 for i in range(700)],
@@ -370,16 +371,19 @@ LISTS = {
 }
 
 
-def run_step(backend: Any, algorithm: str, options: Any, arrays: dict[str, list], step: int,
+def run_step(device: bool, algorithm: str, values: tuple, arrays: dict[str, list], step: int,
              grad_scale: float | None) -> None:  # fmt: skip
     n = len(arrays["params"])
     group_of, steps = np.zeros(n, np.int64), np.full(n, step, np.int64)
-    lists = [arrays[k] for k in ("params", "grads", "s0", "s1", "s2")]
-    states = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}[algorithm]
-    args = [[options], group_of, steps, *lists[: 2 + states]]
-    if algorithm in ("sgd", "adam"):
-        args.append(grad_scale)
-    getattr(backend, f"{algorithm}_step")(*args)
+    count = len(_engine.describe(algorithm).states)
+    states = [arrays[f"s{k}"] for k in range(count)]
+    new_state = [step == 1] * n if _engine.describe(algorithm).uses_new_state else None
+    if device:
+        cuda.step(algorithm, [values], group_of, steps, arrays["params"], arrays["grads"], states,
+                  new_state=new_state, grad_scale=grad_scale)  # fmt: skip
+    else:
+        _core.step(algorithm, [values], group_of, steps, arrays["params"], arrays["grads"], states,
+                   new_state, None, grad_scale)  # fmt: skip
 
 
 @needs_gpu
@@ -391,9 +395,7 @@ def test_gpu_matches_cpu_bit_for_bit(
     case: tuple, dtype: type, sizes: list[int], library: str
 ) -> None:
     algorithm, hyper, num_states = case
-    options = OPTIONS[algorithm]()
-    for key, value in hyper.items():
-        setattr(options, key, value)
+    values = options(algorithm, **hyper)
     rng = np.random.default_rng(len(sizes))
     host = {
         "params": [rng.standard_normal(s).astype(dtype) for s in sizes],
@@ -407,8 +409,8 @@ def test_gpu_matches_cpu_bit_for_bit(
         2.0 if algorithm in ("sgd", "adam") and hyper.get("convention") != "keras" else None
     )
     for step in range(1, 4):
-        run_step(_core, algorithm, options, host, step, grad_scale)
-        run_step(cuda, algorithm, options, device, step, grad_scale)
+        run_step(False, algorithm, values, host, step, grad_scale)
+        run_step(True, algorithm, values, device, step, grad_scale)
     for key, arrays in host.items():
         for i, expected in enumerate(arrays or []):
             np.testing.assert_array_equal(cuda.to_numpy(device[key][i]), expected, f"{key}[{i}]")
@@ -448,14 +450,14 @@ def test_gpu_list_over_2_31_elements_is_updated_whole(sizes: list[int]) -> None:
     grads = [torch.full((s,), 0.5, device="cuda") for s in sizes]
     exp_avgs = [torch.zeros(s, device="cuda") for s in sizes]
     exp_avg_sqs = [torch.zeros(s, device="cuda") for s in sizes]
-    options = _core.AdamOptions()
+    values = options("adam")
     n = len(sizes)
-    cuda.adam_step([options], np.zeros(n, np.int64), np.ones(n, np.int64), params, grads,
-                   exp_avgs, exp_avg_sqs, None)  # fmt: skip
+    cuda.step("adam", [values], np.zeros(n, np.int64), np.ones(n, np.int64), params, grads,
+              [exp_avgs, exp_avg_sqs, None])  # fmt: skip
     host = [np.ones(1, np.float32), np.full(1, 0.5, np.float32), np.zeros(1, np.float32),
             np.zeros(1, np.float32)]  # fmt: skip
-    _core.adam_step([options], np.zeros(1, np.int64), np.ones(1, np.int64), [host[0]], [host[1]],
-                    [host[2]], [host[3]], None)  # fmt: skip
+    _core.step("adam", [values], np.zeros(1, np.int64), np.ones(1, np.int64), [host[0]],
+               [host[1]], [[host[2]], [host[3]], None])  # fmt: skip
     torch.cuda.synchronize()
     for p in params:
         assert bool((p == float(host[0][0])).all()), "an element was missed or updated twice"

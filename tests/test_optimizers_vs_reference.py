@@ -29,16 +29,18 @@ class Case:
     reference: Callable[..., tuple[np.ndarray, dict]]
     hyper: dict[str, Any] = field(default_factory=dict)  # reference kwargs, lr excluded
     keras: bool = False
+    steps: int = STEPS
 
 
 def torch_case(
-    name: str, cls: type, ref: Callable, ctor: dict, ref_hyper: dict | None = None
+    name: str, cls: type, ref: Callable, ctor: dict, ref_hyper: dict | None = None, steps=STEPS
 ) -> Case:
     return Case(
         name,
         lambda ps, lr: cls(ps, lr=lr, **ctor),
         ref,
         ref_hyper if ref_hyper is not None else ctor,
+        steps=steps,
     )
 
 
@@ -126,6 +128,76 @@ CASES = [
         dict(amsgrad=True, weight_decay=0.05, beta_1=0.7),
     ),
     keras_case("keras_adamw", fk.AdamW, reference.keras_adam, dict(weight_decay=0.004)),
+    # The rest of torch.optim's element-wise family, Lion, and Keras' forms of them.
+    torch_case("adadelta", fusedopt.Adadelta, reference.torch_adadelta, dict(weight_decay=0.05)),
+    torch_case(
+        "adadelta_rho_maximize",
+        fusedopt.Adadelta,
+        reference.torch_adadelta,
+        dict(rho=0.3, eps=1e-4, maximize=True),
+    ),
+    torch_case(
+        "adamax",
+        fusedopt.Adamax,
+        reference.torch_adamax,
+        dict(weight_decay=0.02, betas=(0.8, 0.95)),
+        dict(weight_decay=0.02, beta1=0.8, beta2=0.95),
+    ),
+    torch_case(
+        "adamax_low_beta1_maximize",
+        fusedopt.Adamax,
+        reference.torch_adamax,
+        dict(betas=(0.3, 0.9), eps=1e-3, maximize=True),
+        dict(beta1=0.3, beta2=0.9, eps=1e-3, maximize=True),
+    ),
+    torch_case("nadam", fusedopt.NAdam, reference.torch_nadam, dict(weight_decay=0.01)),
+    torch_case(
+        "nadam_decoupled_momentum_decay",
+        fusedopt.NAdam,
+        reference.torch_nadam,
+        dict(weight_decay=0.1, decoupled_weight_decay=True, momentum_decay=0.5, maximize=True),
+    ),
+    torch_case(
+        "radam",
+        fusedopt.RAdam,
+        reference.torch_radam,
+        dict(weight_decay=0.01, betas=(0.9, 0.9)),
+        dict(weight_decay=0.01, beta1=0.9, beta2=0.9),
+        steps=8,
+    ),  # with beta2 = 0.9, rho_t crosses 5 at step 6: both branches run
+    torch_case(
+        "radam_decoupled_maximize",
+        fusedopt.RAdam,
+        reference.torch_radam,
+        dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+    ),
+    torch_case("rprop", fusedopt.Rprop, reference.torch_rprop, {}),
+    torch_case(
+        "rprop_etas_step_sizes_maximize",
+        fusedopt.Rprop,
+        reference.torch_rprop,
+        dict(etas=(0.3, 1.5), step_sizes=(1e-3, 0.02), maximize=True),
+        dict(etaminus=0.3, etaplus=1.5, step_size_min=1e-3, step_size_max=0.02, maximize=True),
+    ),
+    torch_case("asgd", fusedopt.ASGD, reference.torch_asgd, dict(weight_decay=0.01)),
+    torch_case(
+        "asgd_averaging",
+        fusedopt.ASGD,
+        reference.torch_asgd,
+        dict(lambd=0.1, alpha=0.5, t0=1.0, maximize=True),
+    ),  # mu < 1 from step 3: ax averages
+    torch_case("lion", fusedopt.Lion, reference.torch_lion, dict(weight_decay=0.1)),
+    torch_case(
+        "lion_betas_maximize",
+        fusedopt.Lion,
+        reference.torch_lion,
+        dict(betas=(0.3, 0.6), maximize=True),
+        dict(beta1=0.3, beta2=0.6, maximize=True),
+    ),  # lerp weights >= 0.5: torch's other form
+    keras_case("keras_adadelta", fk.Adadelta, reference.keras_adadelta, dict(weight_decay=0.01)),
+    keras_case("keras_adamax", fk.Adamax, reference.keras_adamax, dict(beta_1=0.7)),
+    keras_case("keras_nadam", fk.Nadam, reference.keras_nadam, dict(weight_decay=0.02)),
+    keras_case("keras_lion", fk.Lion, reference.keras_lion, dict(weight_decay=0.05, beta_1=0.8)),
 ]
 
 
@@ -164,12 +236,21 @@ def fused_state(case: Case, opt: Any, index: int) -> dict[str, np.ndarray]:
     return {k: v for k, v in opt.state.get(index, {}).items() if isinstance(v, np.ndarray)}
 
 
+def scalar_state(case: Case, opt: Any, index: int) -> dict[str, float]:
+    """Per-tensor host scalars (NAdam's mu_product, ASGD's eta and mu; Keras Nadam's
+    optimizer-wide u_product)."""
+    if case.keras:
+        return {"u_product": opt.u_product} if hasattr(opt, "u_product") else {}
+    state = opt.state.get(index, {})
+    return {k: v for k, v in state.items() if isinstance(v, float)}
+
+
 def run_and_compare(case: Case, sizes: list[int], dtype: type, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     params = [rng.standard_normal(n).astype(dtype) for n in sizes]
     expected = [(p.astype(np.float64), {}) for p in params]
     opt = make_optimizer(case, params)
-    for step in range(STEPS):
+    for step in range(case.steps):
         lr = learning_rate(step)
         grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
         set_learning_rate(case, opt, lr)
@@ -184,6 +265,8 @@ def run_and_compare(case: Case, sizes: list[int], dtype: type, seed: int = 0) ->
             np.testing.assert_allclose(
                 state[name], value, **TOLERANCE[dtype], err_msg=f"state {name} of params[{i}]"
             )
+        for name, value in scalar_state(case, opt, i).items():
+            assert value == pytest.approx(s_ref[name], rel=1e-7 if dtype == np.float32 else 1e-15)
         # The Keras reference keeps every slot; one the configuration never uses stays zero.
         for name in {k for k, v in s_ref.items() if isinstance(v, np.ndarray)} - set(state):
             assert not np.any(s_ref[name]), f"state {name} of params[{i}] is missing"

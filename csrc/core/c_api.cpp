@@ -144,8 +144,7 @@ std::vector<typename A::Options> typed_groups(const fusedopt_options* const* gro
 // The tensors of a call as the core's buffers and schedule.
 template <class A>
 void describe_tensors(const fusedopt_tensor* tensors, int64_t count, bool with_grads,
-                      StepBuffers& buffers, StepSchedule& schedule,
-                      std::vector<double*>& scalars) {
+                      StepBuffers& buffers, StepSchedule& schedule, std::vector<double*>& scalars) {
   check_count(tensors, count, "tensors");
   buffers.states.resize(A::state_names.size());
   buffers.state_names.assign(A::state_names.begin(), A::state_names.end());
@@ -179,13 +178,13 @@ struct ScalarRows {
   void gather(const std::vector<double*>& sources) {
     rows.assign(sources.size() * kMaxScalars, 0.0);
     for (size_t i = 0; i < sources.size(); ++i)
-      if (sources[i]) std::copy(sources[i], sources[i] + kMaxScalars, rows.begin() + i * kMaxScalars);
+      if (sources[i])
+        std::copy(sources[i], sources[i] + kMaxScalars, rows.begin() + i * kMaxScalars);
   }
   void scatter(const std::vector<double*>& targets) const {
     for (size_t i = 0; i < targets.size(); ++i)
       if (targets[i])
-        std::copy(rows.begin() + i * kMaxScalars, rows.begin() + (i + 1) * kMaxScalars,
-                  targets[i]);
+        std::copy(rows.begin() + i * kMaxScalars, rows.begin() + (i + 1) * kMaxScalars, targets[i]);
   }
 };
 
@@ -206,8 +205,8 @@ class TypedPlan : public fusedopt_plan {
     sizes_.reserve(buffers.params.size());
     for (const BufferInfo& p : buffers.params) sizes_.push_back({p.size, p.is_float32});
     scalars_.gather(scalar_sources_);
-    plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of,
-                                      counts_.data(), schedule.new_state,
+    plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of, counts_.data(),
+                                      schedule.new_state,
                                       A::scalar_names.size() ? scalars_.rows.data() : nullptr);
   }
 
@@ -255,9 +254,8 @@ struct TypedOptions : fusedopt_options {
   const char* algorithm() const override { return A::name; }
   fusedopt_options* copy() const override { return new TypedOptions(*this); }
   const char* field_name(int32_t index) const override {
-    return index >= 0 && static_cast<size_t>(index) < std::size(A::fields)
-               ? A::fields[index].name
-               : nullptr;
+    return index >= 0 && static_cast<size_t>(index) < std::size(A::fields) ? A::fields[index].name
+                                                                           : nullptr;
   }
   const Field<typename A::Options>& field(const std::string& name) const {
     for (const auto& f : A::fields)
@@ -280,9 +278,8 @@ struct TypedOptions : fusedopt_options {
   double get(const std::string& name) const override { return field(name).get(options); }
   void check() const override { A::check(options); }
   const char* state_name(int32_t index) const override {
-    return index >= 0 && static_cast<size_t>(index) < A::state_names.size()
-               ? A::state_names[index]
-               : nullptr;
+    return index >= 0 && static_cast<size_t>(index) < A::state_names.size() ? A::state_names[index]
+                                                                            : nullptr;
   }
   uint32_t states_used() const override { return A::states_used(options); }
   double initial_state(int32_t k) const override { return A::initial_state(options, k); }
@@ -368,9 +365,8 @@ fusedopt_status fusedopt_options_create(const char* algorithm, fusedopt_options*
     if (!algorithm) throw Error(ErrorKind::type, "algorithm is NULL");
     if (!options) throw Error(ErrorKind::type, "options is NULL");
     fusedopt_options* created = nullptr;
-    Algorithms::visit(algorithm, [&](auto tag) {
-      created = new TypedOptions<typename decltype(tag)::type>();
-    });
+    Algorithms::visit(
+        algorithm, [&](auto tag) { created = new TypedOptions<typename decltype(tag)::type>(); });
     if (!created)
       throw Error(ErrorKind::value, std::string("unknown algorithm '") + algorithm + "'");
     *options = created;
@@ -383,10 +379,10 @@ const char* fusedopt_options_algorithm(const fusedopt_options* options) {
   return options ? options->algorithm() : nullptr;
 }
 
-fusedopt_status fusedopt_options_set(fusedopt_options* options, const char* name,
-                                     double value) {
+fusedopt_status fusedopt_options_set(fusedopt_options* options, const char* name, double value) {
   return guarded([&] {
-    if (!options || !name) throw Error(ErrorKind::type, !options ? "options is NULL" : "name is NULL");
+    if (!options || !name)
+      throw Error(ErrorKind::type, !options ? "options is NULL" : "name is NULL");
     options->set(name, value);
   });
 }
@@ -395,7 +391,9 @@ fusedopt_status fusedopt_options_get(const fusedopt_options* options, const char
                                      double* value) {
   return guarded([&] {
     if (!options || !name || !value)
-      throw Error(ErrorKind::type, !options ? "options is NULL" : !name ? "name is NULL" : "value is NULL");
+      throw Error(ErrorKind::type, !options ? "options is NULL"
+                                   : !name  ? "name is NULL"
+                                            : "value is NULL");
     *value = options->get(name);
   });
 }

@@ -75,7 +75,7 @@ class ExtentIndex {
   const std::string* find_overlap(uintptr_t begin, uintptr_t end) const;
 
  private:
-  std::vector<Extent> extents_;  // by begin
+  std::vector<Extent> extents_;          // by begin
   std::vector<uintptr_t> furthest_end_;  // furthest_end_[i]: max end of extents_[0..i]
 };
 
@@ -83,9 +83,8 @@ class ExtentIndex {
 void check_grad(const BufferInfo& grad, size_t index, const BufferInfo& param, bool written);
 void check_schedule(const StepSchedule& schedule, size_t num_tensors, size_t num_groups);
 // Runs the kernels over every tensor, in one fork/join when the step is large enough.
-void run_work(size_t num_tensors, const TensorRef* tensors, void (*run)(void*, size_t, int64_t,
-                                                                         int64_t),
-              void* context);
+void run_work(size_t num_tensors, const TensorRef* tensors,
+              void (*run)(void*, size_t, int64_t, int64_t), void* context);
 
 // A validated step, ready for any backend: tensors[i] reads coefficients[coefficient_of[i]],
 // one struct per run of tensors sharing (group, step, new state, scalars).
@@ -151,15 +150,15 @@ void compute_coefficients(const std::vector<typename A::Options>& groups,
     bool same_as_previous = false;
     if (i > 0) {
       const StepInput previous = input_of(i - 1);
-      same_as_previous = schedule.group_of[i] == schedule.group_of[i - 1] &&
-                         in.step == previous.step && in.new_state == previous.new_state &&
-                         (A::scalar_names.size() == 0 || same_scalars(in.scalars, previous.scalars));
+      same_as_previous =
+          schedule.group_of[i] == schedule.group_of[i - 1] && in.step == previous.step &&
+          in.new_state == previous.new_state &&
+          (A::scalar_names.size() == 0 || same_scalars(in.scalars, previous.scalars));
     }
     if (!same_as_previous)
       step.coefficients.push_back(A::coefficients(groups[schedule.group_of[i]], in));
     step.coefficient_of[i] = static_cast<int>(step.coefficients.size()) - 1;
-    match_states<A>(step.tensors[i], A::states_used(groups[schedule.group_of[i]]), i,
-                    state_names);
+    match_states<A>(step.tensors[i], A::states_used(groups[schedule.group_of[i]]), i, state_names);
   }
   if constexpr (A::scalar_names.size() > 0) {
     if (schedule.scalars)
@@ -235,8 +234,7 @@ class Plan {
     schedule_.scalars = scalars;
     check_schedule(schedule_, step_.tensors.size(), groups_.size());
     for (size_t i = 0; i < step_.tensors.size(); ++i)
-      detail::match_states<A>(step_.tensors[i], A::states_used(groups_[schedule_.group_of[i]]),
-                              i);
+      detail::match_states<A>(step_.tensors[i], A::states_used(groups_[schedule_.group_of[i]]), i);
     registered_states_.resize(step_.tensors.size());
     for (size_t i = 0; i < step_.tensors.size(); ++i)
       std::copy(std::begin(step_.tensors[i].state), std::end(step_.tensors[i].state),
@@ -248,8 +246,8 @@ class Plan {
       if (bytes == 0) continue;
       auto add = [&](void* data, const std::string& name) {
         const auto begin = reinterpret_cast<uintptr_t>(data);
-        extents.push_back({begin, begin + static_cast<uintptr_t>(bytes),
-                           name + "[" + std::to_string(i) + "]"});
+        extents.push_back(
+            {begin, begin + static_cast<uintptr_t>(bytes), name + "[" + std::to_string(i) + "]"});
       };
       add(t.param, "params");
       for (int k = 0; k < kMaxStates; ++k)
@@ -272,8 +270,7 @@ class Plan {
       if (static_cast<size_t>(schedule_.group_of[i]) == group)
         for (int k = 0; k < kMaxStates; ++k)
           if ((used & (1u << k)) && !registered_states_[i][k])
-            throw Error(ErrorKind::value, std::string(A::state_names[k]) + "[" +
-                                              std::to_string(i) +
+            throw Error(ErrorKind::value, std::string(A::state_names[k]) + "[" + std::to_string(i) +
                                               "] is missing but this param's options need it");
     groups_[group] = options;
   }
@@ -308,8 +305,8 @@ class Plan {
     }
     if (written) check_grads_apart(std::move(written_grads));
     if (step && *step < 1)
-      throw Error(ErrorKind::value, "step must be >= 1 (the first step is 1), got " +
-                                        std::to_string(*step));
+      throw Error(ErrorKind::value,
+                  "step must be >= 1 (the first step is 1), got " + std::to_string(*step));
     for (size_t i = 0; i < n; ++i) {
       TensorRef& t = step_.tensors[i];
       t.grad = grads[i].data;
@@ -320,8 +317,8 @@ class Plan {
       } else if (step_counts_) {
         const int64_t taken = step_counts_[i];
         if (taken < 0 || taken == INT64_MAX)
-          throw Error(ErrorKind::value, "the step count of params[" + std::to_string(i) +
-                                            "] is " + std::to_string(taken) +
+          throw Error(ErrorKind::value, "the step count of params[" + std::to_string(i) + "] is " +
+                                            std::to_string(taken) +
                                             "; it must be in [0, 2**63 - 1)");
         schedule_.steps[i] = taken + 1;
       } else {

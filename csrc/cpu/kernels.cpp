@@ -141,12 +141,11 @@ inline void stream_algorithm(const TensorRef& t, int64_t begin, int64_t end, Upd
 // so the compiler keeps them in registers instead of reloading them after every store (a store
 // through memcpy may alias anything reachable).
 template <class A, class T>
-void update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
-                   int64_t begin, int64_t end) {
+void update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients, int64_t begin,
+                   int64_t end) {
   const typename A::Coefficients c = coefficients;
   stream_algorithm<T, A>(
-      t, begin, end,
-      [c](auto& p, auto& g, auto(&s)[kMaxStates]) { math::update(c, p, g, s); },
+      t, begin, end, [c](auto& p, auto& g, auto(&s)[kMaxStates]) { math::update(c, p, g, s); },
       std::make_integer_sequence<unsigned, pattern_count<A>()>{});
 }
 

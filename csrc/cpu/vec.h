@@ -7,7 +7,10 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 
 namespace fusedopt {
 namespace cpu {
@@ -60,6 +63,19 @@ template <class T, int B>
 inline Vec<T, B> lane_max(Vec<T, B> a, Vec<T, B> b) {
   return Vec<T, B>::wrap(a.v > b.v ? a.v : b.v);
 }
+template <class T, int B>
+inline Vec<T, B> lane_min(Vec<T, B> a, Vec<T, B> b) {
+  return Vec<T, B>::wrap(a.v < b.v ? a.v : b.v);
+}
+// The sign bit cleared, as fabs does (so -0 becomes +0 and NaN stays NaN).
+template <class T, int B>
+inline Vec<T, B> lane_abs(Vec<T, B> a) {
+  using Bits = decltype(a.v == a.v);  // integer lanes of the same width
+  using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  const Bits magnitude = Bits{} + std::numeric_limits<Int>::max();  // every bit but the sign
+  return Vec<T, B>::wrap(
+      reinterpret_cast<typename Vec<T, B>::native>(reinterpret_cast<Bits>(a.v) & magnitude));
+}
 
 // Lane-wise comparisons give a mask of all-ones or all-zeros integer lanes, the compiler's own.
 template <class T, int B>
@@ -78,6 +94,14 @@ inline VecMask<T, B> operator!=(Vec<T, B> a, Vec<T, B> b) {
 template <class T, int B>
 inline VecMask<T, B> operator>=(Vec<T, B> a, Vec<T, B> b) {
   return {a.v >= b.v};
+}
+template <class T, int B>
+inline VecMask<T, B> operator>(Vec<T, B> a, Vec<T, B> b) {
+  return {a.v > b.v};
+}
+template <class T, int B>
+inline VecMask<T, B> operator<(Vec<T, B> a, Vec<T, B> b) {
+  return {a.v < b.v};
 }
 template <class T, int B>
 inline VecMask<T, B> operator&(VecMask<T, B> a, VecMask<T, B> b) {

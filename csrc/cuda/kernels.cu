@@ -4,8 +4,8 @@
 #include <cuda_runtime.h>
 
 #include <stdexcept>
-#include <tuple>
 #include <string>
+#include <tuple>
 
 #include "cuda/backend.h"
 #include "cuda/multi_tensor.cuh"
@@ -27,8 +27,7 @@ void check_launch(const char* kernel) {
 constexpr int64_t kMaxFlatBlocks = int64_t{1} << 20;
 
 template <class T, class A>
-void launch_flat(const PlanTensor& tensor, const typename A::Coefficients& c,
-                 cudaStream_t stream) {
+void launch_flat(const PlanTensor& tensor, const typename A::Coefficients& c, cudaStream_t stream) {
   FlatArguments<typename A::Coefficients> args{};
   for (int k = 0; k < kMaxOperands; ++k) args.addresses[k] = tensor.addresses[k];
   args.size = tensor.size;
@@ -43,8 +42,7 @@ void launch_flat(const PlanTensor& tensor, const typename A::Coefficients& c,
 
 template <class T, class A>
 void launch_batch(const LaunchBatch& batch,
-                  const std::vector<typename A::Coefficients>& coefficients,
-                  cudaStream_t stream) {
+                  const std::vector<typename A::Coefficients>& coefficients, cudaStream_t stream) {
   LaunchArguments<typename A::Coefficients> args{};
   args.metadata = batch.metadata;
   for (int k = 0; k < batch.num_coefficient_sets; ++k)

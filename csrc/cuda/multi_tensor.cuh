@@ -103,8 +103,8 @@ __device__ __forceinline__ void update_range(void* const (&addresses)[kMaxOperan
 }
 
 template <class T, class A>
-__global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_kernel(
-    const __grid_constant__ LaunchArguments<typename A::Coefficients> args) {
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    multi_tensor_kernel(const __grid_constant__ LaunchArguments<typename A::Coefficients> args) {
   static_assert(sizeof(args) <= 32764, "a kernel's parameters are limited to 32764 bytes");
   const LaunchMetadata& m = args.metadata;
   const int slot = m.block_tensor[blockIdx.x];

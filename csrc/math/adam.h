@@ -68,8 +68,8 @@ struct Adam : AlgorithmDefaults {
     c.weight_decay = o.weight_decay;
     c.decay_factor = 1.0 - o.lr * o.weight_decay;
     // Keras folds both corrections into the step size and keeps eps-hat next to the raw root.
-    c.step_size = keras ? o.lr * std::sqrt(bias_correction2) / bias_correction1
-                        : o.lr / bias_correction1;
+    c.step_size =
+        keras ? o.lr * std::sqrt(bias_correction2) / bias_correction1 : o.lr / bias_correction1;
     c.bias_correction2_sqrt = std::sqrt(bias_correction2);
     c.grad_scale = in.grad_scale ? *in.grad_scale : 1.0;
     c.convention = o.convention;

@@ -3,11 +3,11 @@
 // Each algorithm is described once, in csrc/math/<name>.h, next to its math, by a struct with:
 //
 //   name                     how every layer knows it: "adam" (C ABI, Python, error messages)
-//   Options                  the hyperparameters of one group of tensors; defaults are torch.optim's
-//   fields                   each option's name and member (the C ABI and Python set them by name)
-//   state_names              its per-element state buffers, in the order the update takes them
-//   always_used_states       bit k set: every configuration uses state k (kernel fast paths)
-//   states_used(options)     bit k set: this configuration reads and writes state k
+//   Options                  the hyperparameters of one group of tensors; defaults are
+//   torch.optim's fields                   each option's name and member (the C ABI and Python set
+//   them by name) state_names              its per-element state buffers, in the order the update
+//   takes them always_used_states       bit k set: every configuration uses state k (kernel fast
+//   paths) states_used(options)     bit k set: this configuration reads and writes state k
 //   initial_state(options, k)          the value a new buffer of state k is filled with
 //   scalar_names             per-tensor host values kept between steps (NAdam's mu_product), or {}
 //   initial_scalar(options, k)         their starting values
@@ -80,8 +80,8 @@ constexpr Field<Options> convention_field(Convention Options::*member) {
 
 // What a step knows of one tensor besides its group's options.
 struct StepInput {
-  int64_t step = 1;                // t: 1 on the tensor's first step
-  bool new_state = false;          // its state buffers were created for this step
+  int64_t step = 1;                    // t: 1 on the tensor's first step
+  bool new_state = false;              // its state buffers were created for this step
   const double* grad_scale = nullptr;  // the gradient is divided by *grad_scale when set
   const double* scalars = nullptr;     // its scalars before this step (kMaxScalars of them)
 };

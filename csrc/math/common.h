@@ -56,9 +56,14 @@ FUSEDOPT_LANE_FN V splat(double x) {
 
 FUSEDOPT_LANE_FN float lane_sqrt(float x) { return sqrtf(x); }
 FUSEDOPT_LANE_FN double lane_sqrt(double x) { return sqrt(x); }
-// Same NaN rule as the SIMD max instructions: when either operand is NaN the second is returned.
+FUSEDOPT_LANE_FN float lane_abs(float x) { return fabsf(x); }
+FUSEDOPT_LANE_FN double lane_abs(double x) { return fabs(x); }
+// Same NaN rule as the SIMD max and min instructions: when either operand is NaN the second is
+// returned (so lane_max(bound, x) and lane_min(bound, x) carry a NaN x through, as torch does).
 FUSEDOPT_LANE_FN float lane_max(float a, float b) { return a > b ? a : b; }
 FUSEDOPT_LANE_FN double lane_max(double a, double b) { return a > b ? a : b; }
+FUSEDOPT_LANE_FN float lane_min(float a, float b) { return a < b ? a : b; }
+FUSEDOPT_LANE_FN double lane_min(double a, double b) { return a < b ? a : b; }
 
 // Lane-wise choice, and whether every lane of a mask is set; for plain float and double a mask is
 // a bool (the SIMD types define their own).
@@ -67,6 +72,19 @@ FUSEDOPT_LANE_FN T lane_select(bool mask, T if_true, T if_false) {
   return mask ? if_true : if_false;
 }
 FUSEDOPT_LANE_FN bool lane_all(bool mask) { return mask; }
+
+// torch.sign: -1, 0 or 1; a zero keeps its sign and NaN stays NaN.
+template <class V>
+FUSEDOPT_LANE_FN V lane_sign(V x) {
+  const V zero = splat<V>(0.0);
+  return lane_select(x > zero, splat<V>(1.0), lane_select(x < zero, splat<V>(-1.0), x));
+}
+
+// torch.clamp(x, low, high): the lower bound first, so low > high gives high; NaN stays NaN.
+template <class V>
+FUSEDOPT_LANE_FN V lane_clamp(V x, V low, V high) {
+  return lane_min(high, lane_max(low, x));
+}
 
 // torch.lerp's two rounding forms, chosen on the host from the weight (|w| < 0.5 or not), so
 // PyTorch's exp_avg and grad_avg round as the framework rounds them.

@@ -1,8 +1,8 @@
-// pandas' exponentially weighted mean, ewm(...).mean() (docs/spec.md section 9), one step of many series
-// at once: each lane of V is one series. pandas' branches (aggregations.pyx) become lane-wise
-// selects, so every lane does the operations pandas does for that series, in the same order,
-// and the results are bit-identical where pandas' algorithm is. (At com == 1 with adjust=False
-// and a NaN this is the pandas 2 rule; pandas 3.0 special-cases it, see spec A.5.)
+// pandas' exponentially weighted mean, ewm(...).mean() (docs/spec.md section 9), one step of many
+// series at once: each lane of V is one series. pandas' branches (aggregations.pyx) become
+// lane-wise selects, so every lane does the operations pandas does for that series, in the same
+// order, and the results are bit-identical where pandas' algorithm is. (At com == 1 with
+// adjust=False and a NaN this is the pandas 2 rule; pandas 3.0 special-cases it, see spec A.5.)
 #pragma once
 
 #include <cmath>

@@ -119,8 +119,9 @@ template <class T>
 T* writeable_array(py::handle object, const char* name, py::ssize_t count) {
   if (object.is_none()) return nullptr;
   if (!py::isinstance<py::array_t<T>>(object))
-    throw Error(ErrorKind::type, std::string(name) + " must be a numpy array of " +
-                                     (sizeof(T) == 8 && std::is_integral_v<T> ? "int64" : "float64"));
+    throw Error(ErrorKind::type,
+                std::string(name) + " must be a numpy array of " +
+                    (sizeof(T) == 8 && std::is_integral_v<T> ? "int64" : "float64"));
   auto array = py::reinterpret_borrow<py::array>(object);
   if (!(array.flags() & py::array::c_style) || !array.writeable() || array.size() != count)
     throw Error(ErrorKind::value, std::string(name) + " must be writeable, C-contiguous and hold " +
@@ -306,12 +307,14 @@ py::dict algorithm_info(const std::string& name) {
     py::list fields;
     for (const auto& f : A::fields)
       fields.append(py::make_tuple(f.name, f.get(defaults),
-                                   f.number ? "number" : f.flag ? "flag" : "convention"));
+                                   f.number ? "number"
+                                   : f.flag ? "flag"
+                                            : "convention"));
     info["fields"] = fields;
-    info["states"] = py::tuple(py::cast(std::vector<std::string>(A::state_names.begin(),
-                                                                 A::state_names.end())));
-    info["scalars"] = py::tuple(py::cast(std::vector<std::string>(A::scalar_names.begin(),
-                                                                  A::scalar_names.end())));
+    info["states"] =
+        py::tuple(py::cast(std::vector<std::string>(A::state_names.begin(), A::state_names.end())));
+    info["scalars"] = py::tuple(
+        py::cast(std::vector<std::string>(A::scalar_names.begin(), A::scalar_names.end())));
     info["always_used_states"] = A::always_used_states;
     info["takes_grad_scale"] = A::takes_grad_scale;
     info["uses_step"] = A::uses_step;
@@ -424,8 +427,8 @@ PYBIND11_MODULE(_core, m) {
              std::unique_ptr<AnyPlan> plan;
              with_algorithm(name, [&](auto tag) {
                using A = typename decltype(tag)::type;
-               plan = std::make_unique<PythonPlan<A>>(groups, group_of, params, states,
-                                                      step_counts, new_state, scalars);
+               plan = std::make_unique<PythonPlan<A>>(groups, group_of, params, states, step_counts,
+                                                      new_state, scalars);
              });
              return plan;
            }),

@@ -5,7 +5,9 @@ registers, store once), for every tensor of the optimizer in one call, SIMD-vect
 processor it runs on and multi-threaded with the GIL released.
 
 - PyTorch convention (names, defaults and math of ``torch.optim``): :class:`SGD`,
-  :class:`Adagrad`, :class:`RMSprop`, :class:`Adam`, :class:`AdamW`.
+  :class:`Adagrad`, :class:`RMSprop`, :class:`Adam`, :class:`AdamW`, :class:`Adadelta`,
+  :class:`Adamax`, :class:`NAdam`, :class:`RAdam`, :class:`Rprop`, :class:`ASGD`, and
+  :class:`Lion` (lion-pytorch's form).
 - Keras 3 convention: :mod:`fusedopt.keras`.
 - Functional form, for callers that hold their own state: :mod:`fusedopt.functional`.
 - pandas-compatible exponentially weighted mean: :func:`ewma`.
@@ -15,10 +17,11 @@ import os
 import warnings
 from pathlib import Path
 
+from fusedopt import optim
 from fusedopt._core import available_isas, cpu_isa, num_threads, set_cpu_isa, set_num_threads
 from fusedopt._ewma import ewma
 from fusedopt._state import flatten_state_dict
-from fusedopt.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+from fusedopt.optim import *  # noqa: F403 - every optimizer class (optim.__all__)
 
 __version__ = "0.1.0"
 
@@ -45,12 +48,7 @@ def get_cmake_dir() -> Path:
 
 
 __all__ = [
-    "SGD",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "Optimizer",
-    "RMSprop",
+    *optim.__all__,
     "available_isas",
     "cpu_isa",
     "ewma",

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from fusedopt import _core
+
 _DLPACK_CUDA = 2
 _DLPACK_CUDA_MANAGED = 13
 _LEGACY_DEFAULT_STREAM = 1
@@ -228,7 +230,8 @@ def step(
     (see fusedopt.functional for the arguments)."""
     native = _module()
     named = {"params": params, "grads": grads}
-    named.update({f"states[{k}]": s for k, s in enumerate(states)})
+    state_names = _core.algorithm_info(algorithm)["states"]
+    named.update({name: s for name, s in zip(state_names, states)})
     lists, handle = _intake(stream, **named)
     native.step(
         algorithm, groups, np.asarray(group_of, np.int64), np.asarray(steps, np.int64), lists[0],

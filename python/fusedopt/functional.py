@@ -92,9 +92,7 @@ def _run(
         return
     if convention not in _CONVENTIONS:
         raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
-    options = native_values(
-        description, declared, values, {"convention": _CONVENTIONS[convention]}
-    )
+    options = native_values(description, declared, values, {"convention": _CONVENTIONS[convention]})
     param_list = _list(params, "params") or []
     grad_list = _list(grads, "grads") or []
     state_lists = [_list(s, name + "s") for s, name in zip(states, description.states)]

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fusedopt import _core
 from fusedopt._engine import (
     KERAS,
     Description,
@@ -50,6 +51,7 @@ class Optimizer:
     # included (where Keras puts them).
     _hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
     _state_names: ClassVar[tuple[str, ...]] = ()  # Keras' names of the native states, in order
+    _fixed: ClassVar[dict[str, float]] = {}  # native options the class sets (Nadam's schedule)
     _description: ClassVar[Description]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -91,7 +93,14 @@ class Optimizer:
         self._variables: list[np.ndarray] = []
         self._index_of: dict[int, int] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}
-        self._plans: dict[tuple[int, ...], tuple[Plan, tuple[float, ...]]] = {}
+        # Scalars Keras keeps once for the whole optimizer (Nadam's u_product), by native name.
+        self._scalars = {
+            name: value
+            for name, value in zip(
+                self._description.scalars, self._description.initial_values(self._defaults())[1]
+            )
+        }
+        self._plans: dict[tuple[int, ...], tuple[Plan, tuple[float, ...], np.ndarray]] = {}
         self._options_key: tuple[Any, ...] | None = None
         self._options_values: tuple[float, ...] = ()
         self.built = False
@@ -131,13 +140,28 @@ class Optimizer:
         values["learning_rate"] = learning_rate
         if values.get("weight_decay") is None:
             values["weight_decay"] = 0.0
-        key = tuple(values.values())
+        key = tuple(values.values()) + (self._float32_scalars(),)
         if key != self._options_key:
             self._options_values = native_values(
-                self._description, self._hyperparameters, values, {"convention": KERAS}
+                self._description, self._hyperparameters, values, self._fixed_options()
             )
             self._options_key = key
         return self._options_values
+
+    def _fixed_options(self) -> dict[str, float]:
+        fixed = {"convention": KERAS, **self._fixed}
+        if any(f.name == "float32_scalars" for f in self._description.fields):
+            fixed["float32_scalars"] = float(self._float32_scalars())
+        return fixed
+
+    def _float32_scalars(self) -> bool:
+        """Keras keeps an optimizer-wide scalar (Nadam's u_product) in the dtype of the first
+        variable it was built with (floatx, float32, before that)."""
+        variables = getattr(self, "_variables", None)
+        return not variables or variables[0].dtype != np.float64
+
+    def _defaults(self) -> tuple[float, ...]:
+        return tuple(f.default for f in self._description.fields)
 
     # ------------------------------------------------------------------------------------ state
 
@@ -243,19 +267,27 @@ class Optimizer:
                 [self._buffers[name][i] for i in indices] if name in self._buffers else None
                 for name in self._state_names
             ]
+            scalars = np.zeros((len(indices), _core.max_scalars))
             plan = Plan(
                 self._algorithm,
                 [options],
                 np.zeros(len(indices), np.int64),
                 [self._variables[i] for i in indices],
                 states,
+                scalars=scalars,
             )
-            self._plans[indices] = entry = (plan, options)
-        plan, registered = entry
+            self._plans[indices] = entry = (plan, options, scalars)
+        plan, registered, scalars = entry
         if registered is not options:
             plan.set_options(0, options)
-            self._plans[indices] = (plan, options)
+            self._plans[indices] = (plan, options, scalars)
+        # An optimizer-wide scalar goes to every tensor of the step; each advances it alike.
+        names = self._description.scalars
+        for k, name in enumerate(names):
+            scalars[:, k] = self._scalars[name]
         plan.step(grads, None, self.iterations + 1)
+        for k, name in enumerate(names):
+            self._scalars[name] = float(scalars[0, k])
 
     def _clip(self, grads: list[np.ndarray]) -> list[np.ndarray]:
         """Keras' ``_clip_gradients`` (spec 1, step 5), in each gradient's dtype. Clipped
@@ -264,10 +296,8 @@ class Optimizer:
             return grads
         for i, g in enumerate(grads):
             if not isinstance(g, np.ndarray) or g.dtype.kind != "f":
-                raise TypeError(
-                    f"grads[{i}] must be a float numpy.ndarray to clip, got "
-                    f"{type(g).__name__}{'' if not isinstance(g, np.ndarray) else ' ' + str(g.dtype)}"
-                )
+                kind = f"an array of {g.dtype}" if isinstance(g, np.ndarray) else type(g).__name__
+                raise TypeError(f"grads[{i}] must be a float numpy.ndarray to clip, got {kind}")
         if self.clipnorm is not None:
             return [self._clip_by_norm(g, self.clipnorm) for g in grads]
         if self.global_clipnorm is not None:
@@ -399,3 +429,69 @@ class AdamW(Adam):
         H("epsilon", native="eps", default=1e-7),
         H("amsgrad", default=False),
     )
+
+
+class Adadelta(Optimizer):
+    """``keras.optimizers.Adadelta``: ``A = rho*A + (1-rho)*g*g``,
+    ``delta = -sqrt(D + epsilon)*g/sqrt(A + epsilon)``, ``D = rho*D + (1-rho)*delta*delta``,
+    ``w += lr*delta``."""
+
+    _algorithm = "adadelta"
+    _hyperparameters = (
+        _learning_rate(0.001),
+        H("rho", default=0.95),
+        H("epsilon", native="eps", default=1e-7),
+        _WEIGHT_DECAY,
+    )
+    _state_names = ("accumulated_grad", "accumulated_delta_var")
+
+
+class Adamax(Optimizer):
+    """``keras.optimizers.Adamax``: ``m = beta_1*m + (1-beta_1)*g``, ``u = max(beta_2*u, |g|)``,
+    ``w -= lr*m / ((u + epsilon)*(1 - beta_1^t))`` (epsilon outside the maximum)."""
+
+    _algorithm = "adamax"
+    _hyperparameters = (
+        _learning_rate(0.001),
+        H("beta_1", native="beta1", default=0.9),
+        H("beta_2", native="beta2", default=0.999),
+        H("epsilon", native="eps", default=1e-7),
+        _WEIGHT_DECAY,
+    )
+    _state_names = ("momentum", "norm")
+
+
+class Nadam(Optimizer):
+    """``keras.optimizers.Nadam``: Adam with Nesterov momentum and the schedule
+    ``u_t = beta_1*(1 - 0.5*0.96^t)``, whose product the optimizer keeps once for all its
+    variables (``u_product``, in the first variable's dtype)."""
+
+    _algorithm = "nadam"
+    _hyperparameters = (
+        _learning_rate(0.001),
+        H("beta_1", native="beta1", default=0.9),
+        H("beta_2", native="beta2", default=0.999),
+        H("epsilon", native="eps", default=1e-7),
+        _WEIGHT_DECAY,
+    )
+    _state_names = ("momentum", "velocity")
+    _fixed = {"momentum_decay": 1.0}  # Keras' schedule 0.96^t
+
+    @property
+    def u_product(self) -> float:
+        """Keras' ``_u_product``: the product of the momentum schedule so far."""
+        return self._scalars["mu_product"]
+
+
+class Lion(Optimizer):
+    """``keras.optimizers.Lion``: ``w -= lr*sign(beta_1*m + (1-beta_1)*g)``,
+    ``m = beta_2*m + (1-beta_2)*g``."""
+
+    _algorithm = "lion"
+    _hyperparameters = (
+        _learning_rate(0.001),
+        H("beta_1", native="beta1", default=0.9),
+        H("beta_2", native="beta2", default=0.99),
+        _WEIGHT_DECAY,
+    )
+    _state_names = ("momentum",)

@@ -38,6 +38,22 @@ from fusedopt._state import unflatten_state_dict
 ParamsT = Iterable[np.ndarray] | Iterable[dict[str, Any]]
 H = Hyperparameter
 
+__all__ = [
+    "ASGD",
+    "SGD",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Lion",
+    "NAdam",
+    "Optimizer",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+]
+
 
 class Optimizer:
     """Base class: PyTorch-style param groups, per-param state and state dicts.
@@ -240,7 +256,9 @@ class Optimizer:
         for key, entry in saved_state.items():
             i = _state_index(key, n)
             if not isinstance(entry, Mapping):
-                raise TypeError(f"state_dict: state[{i}] must be a dict, got {type(entry).__name__}")
+                raise TypeError(
+                    f"state_dict: state[{i}] must be a dict, got {type(entry).__name__}"
+                )
             param = self._params[i]
             for name, value in entry.items():
                 if name == "step":
@@ -253,7 +271,7 @@ class Optimizer:
                 else:
                     raise ValueError(f"state_dict: unknown state {name!r} for param {i}")
         with self._lock:
-            for group, (merged, values) in zip(self.param_groups, new_groups):
+            for group, (merged, _) in zip(self.param_groups, new_groups):
                 params = group["params"]
                 group.clear()
                 group.update(merged)
@@ -321,9 +339,7 @@ class Optimizer:
             for i in range(len(self._params)):
                 values = options[self._group_of[i]]
                 self._create_states(i, self._description.states_used(values), values)
-            states = [
-                b if any(x is not None for x in b) else None for b in self._buffers.values()
-            ]
+            states = [b if any(x is not None for x in b) else None for b in self._buffers.values()]
             plan = Plan(
                 self._algorithm,
                 options,
@@ -598,3 +614,113 @@ class AdamW(Adam):
         H("maximize", keyword_only=True),
     )
     _fixed = {"decoupled_weight_decay": 1.0}
+
+
+class Adadelta(Optimizer):
+    """Adadelta as ``torch.optim.Adadelta`` (spec section 14): ``v <- rho*v + (1 - rho)*g*g``,
+    ``delta = sqrt(u + eps)/sqrt(v + eps)*g``, ``u <- rho*u + (1 - rho)*delta*delta``,
+    ``p <- p - lr*delta``; L2 ``weight_decay``, maximize."""
+
+    _algorithm = "adadelta"
+    _hyperparameters = (
+        H("lr"),
+        H("rho"),
+        H("eps"),
+        H("weight_decay"),
+        H("maximize", keyword_only=True),
+    )
+
+
+class Adamax(Optimizer):
+    """Adamax as ``torch.optim.Adamax`` (spec section 15): ``m <- lerp(m, g, 1 - beta1)``,
+    ``u <- max(beta2*u, |g| + eps)``, ``p <- p - lr/(1 - beta1^t)*m/u``; L2 ``weight_decay``,
+    maximize."""
+
+    _algorithm = "adamax"
+    _hyperparameters = (
+        H("lr"),
+        H("betas", native=("beta1", "beta2")),
+        H("eps"),
+        H("weight_decay"),
+        H("maximize", keyword_only=True),
+    )
+
+
+class NAdam(Optimizer):
+    """NAdam as ``torch.optim.NAdam`` (spec section 16): Adam with Nesterov momentum and the
+    schedule ``mu_t = beta1*(1 - 0.5*0.96^(t*momentum_decay))``, whose running product is the
+    per-param state ``mu_product`` (kept as a float32 value, as torch keeps it by default);
+    L2 ``weight_decay`` or ``decoupled_weight_decay``, maximize."""
+
+    _algorithm = "nadam"
+    _hyperparameters = (
+        H("lr"),
+        H("betas", native=("beta1", "beta2")),
+        H("eps"),
+        H("weight_decay"),
+        H("momentum_decay"),
+        H("decoupled_weight_decay"),
+        H("maximize", keyword_only=True),
+    )
+
+
+class RAdam(Optimizer):
+    """RAdam as ``torch.optim.RAdam`` (spec section 17): Adam's moments; once
+    ``rho_t = rho_inf - 2t*beta2^t/(1 - beta2^t)`` exceeds 5 the step is
+    ``lr*m_hat*r_t*sqrt(1 - beta2^t)/(sqrt(v) + eps)``, before that ``lr*m_hat``; L2
+    ``weight_decay`` or ``decoupled_weight_decay``, maximize."""
+
+    _algorithm = "radam"
+    _hyperparameters = (
+        H("lr"),
+        H("betas", native=("beta1", "beta2")),
+        H("eps"),
+        H("weight_decay"),
+        H("decoupled_weight_decay"),
+        H("maximize", keyword_only=True),
+    )
+
+
+class Rprop(Optimizer):
+    """Rprop as ``torch.optim.Rprop`` (spec section 18): each element's step size (starting at
+    ``lr``) grows by ``etas[1]`` while the gradient keeps its sign and shrinks by ``etas[0]``
+    when it flips, clamped to ``step_sizes``; ``p <- p - sign(g)*step_size``; maximize."""
+
+    _algorithm = "rprop"
+    _hyperparameters = (
+        H("lr"),
+        H("etas", native=("etaminus", "etaplus")),
+        H("step_sizes", native=("step_size_min", "step_size_max")),
+        H("maximize", keyword_only=True),
+    )
+
+
+class ASGD(Optimizer):
+    """Averaged SGD as ``torch.optim.ASGD`` (spec section 19): ``p <- p*(1 - lambd*eta) -
+    eta*g`` with the per-param ``eta`` and ``mu`` of the previous step (float32 values, as
+    torch keeps them by default), and ``ax`` the running average of ``p`` from step ``t0`` on;
+    L2 ``weight_decay``, maximize."""
+
+    _algorithm = "asgd"
+    _hyperparameters = (
+        H("lr"),
+        H("lambd"),
+        H("alpha"),
+        H("t0"),
+        H("weight_decay"),
+        H("maximize", keyword_only=True),
+    )
+
+
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023) in lion-pytorch's form (spec section 20):
+    ``p <- p*(1 - lr*weight_decay)``, ``p <- p - lr*sign(lerp(m, g, 1 - beta1))``,
+    ``m <- lerp(m, g, 1 - beta2)``; maximize."""
+
+    _algorithm = "lion"
+    _hyperparameters = (
+        H("lr"),
+        H("betas", native=("beta1", "beta2")),
+        H("weight_decay"),
+        H("maximize", keyword_only=True),
+    )

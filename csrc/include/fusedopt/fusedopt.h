@@ -87,8 +87,8 @@ FUSEDOPT_API const char* fusedopt_options_algorithm(const fusedopt_options* opti
 /* A value error for an unknown name; a value is checked when a step (or a plan) takes it. */
 FUSEDOPT_API fusedopt_status fusedopt_options_set(fusedopt_options* options, const char* name,
                                                   double value);
-FUSEDOPT_API fusedopt_status fusedopt_options_get(const fusedopt_options* options,
-                                                  const char* name, double* value);
+FUSEDOPT_API fusedopt_status fusedopt_options_get(const fusedopt_options* options, const char* name,
+                                                  double* value);
 /* The name of the index-th hyperparameter, or NULL past the last. Static storage. */
 FUSEDOPT_API const char* fusedopt_option_name(const fusedopt_options* options, int32_t index);
 /* A value error naming the first invalid hyperparameter. */
