@@ -198,6 +198,8 @@ CASES = [
     keras_case("keras_adamax", fk.Adamax, reference.keras_adamax, dict(beta_1=0.7)),
     keras_case("keras_nadam", fk.Nadam, reference.keras_nadam, dict(weight_decay=0.02)),
     keras_case("keras_lion", fk.Lion, reference.keras_lion, dict(weight_decay=0.05, beta_1=0.8)),
+    keras_case("keras_lamb", fk.Lamb, reference.keras_lamb, dict(weight_decay=0.01)),
+    keras_case("keras_lamb_betas", fk.Lamb, reference.keras_lamb, dict(beta_1=0.5, epsilon=1e-3)),
 ]
 
 

@@ -38,7 +38,67 @@ void run_item(void* context, int64_t item) {
   }
 }
 
+// The first pass of a reducing step: items of kBlocksPerItem consecutive blocks of the list of
+// every tensor's blocks, each writing its own partial sums.
+constexpr int64_t kBlocksPerItem = 4;
+
+struct ReductionWork {
+  const TensorRef* tensors;
+  void (*run)(void*, size_t, int64_t, int64_t, double*);
+  void* context;
+  std::vector<int64_t> first_block;  // first_block[i]: tensor i's first block in the list
+  int64_t total_blocks;
+  double* partials;
+  int reductions;
+};
+
+void run_reduction_item(void* context, int64_t item) {
+  const ReductionWork& w = *static_cast<const ReductionWork*>(context);
+  const int64_t begin = item * kBlocksPerItem;
+  const int64_t end = std::min(begin + kBlocksPerItem, w.total_blocks);
+  size_t i = std::upper_bound(w.first_block.begin(), w.first_block.end(), begin) -
+             w.first_block.begin() - 1;
+  for (int64_t block = begin; block < end; ++i) {
+    const int64_t blocks = (w.tensors[i].size + kReductionBlock - 1) / kReductionBlock;
+    const int64_t local_begin = block - w.first_block[i];
+    const int64_t local_end = std::min(blocks, end - w.first_block[i]);
+    if (local_end > local_begin)
+      w.run(w.context, i, local_begin, local_end,
+            w.partials + w.first_block[i] * w.reductions);
+    block = w.first_block[i] + blocks;
+  }
+}
+
 }  // namespace
+
+std::vector<double> run_reductions(size_t num_tensors, const TensorRef* tensors, int reductions,
+                                   void (*run)(void*, size_t, int64_t, int64_t, double*),
+                                   void* context) {
+  ReductionWork w{tensors, run, context, {}, 0, nullptr, reductions};
+  w.first_block.reserve(num_tensors);
+  int64_t total_elements = 0;
+  for (size_t i = 0; i < num_tensors; ++i) {
+    w.first_block.push_back(w.total_blocks);
+    w.total_blocks += (tensors[i].size + kReductionBlock - 1) / kReductionBlock;
+    total_elements += tensors[i].size;
+  }
+  std::vector<double> partials(static_cast<size_t>(w.total_blocks) * reductions);
+  w.partials = partials.data();
+  const int64_t items = (w.total_blocks + kBlocksPerItem - 1) / kBlocksPerItem;
+  if (total_elements < kParallelThreshold || cpu::num_threads() <= 1) {
+    for (int64_t item = 0; item < items; ++item) run_reduction_item(&w, item);
+  } else {
+    cpu::parallel_for(items, run_reduction_item, &w);
+  }
+  std::vector<double> sums(num_tensors * reductions, 0.0);
+  for (size_t i = 0; i < num_tensors; ++i) {
+    const int64_t blocks = (tensors[i].size + kReductionBlock - 1) / kReductionBlock;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int r = 0; r < reductions; ++r)
+        sums[i * reductions + r] += partials[(w.first_block[i] + b) * reductions + r];
+  }
+  return sums;
+}
 
 void check_schedule(const StepSchedule& s, size_t num_tensors, size_t num_groups) {
   if (s.group_of.size() != num_tensors || s.steps.size() != num_tensors)

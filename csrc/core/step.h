@@ -201,11 +201,51 @@ PreparedStep<A> prepare_step(const std::vector<typename A::Options>& groups,
   return step;
 }
 
+// Runs the first pass of an algorithm with per-tensor reductions (csrc/math/algorithm.h) over
+// every block of every tensor, in one fork/join, and returns each tensor's sums: its blocks'
+// partial sums added in block order, the same whatever the thread count or ISA.
+std::vector<double> run_reductions(size_t num_tensors, const TensorRef* tensors, int reductions,
+                                   void (*run)(void*, size_t, int64_t, int64_t, double*),
+                                   void* context);
+
+namespace detail {
+
+template <class A>
+void run_tensor_blocks(void* context, size_t i, int64_t first_block, int64_t end_block,
+                       double* partials) {
+  const auto& k = *static_cast<const KernelContext<A>*>(context);
+  const TensorRef& t = k.step->tensors[i];
+  kernels_of<A>(cpu::kernels())
+      .reduce[static_cast<int>(t.dtype)](t, k.step->coefficients[k.step->coefficient_of[i]],
+                                         first_block, end_block, partials);
+}
+
+}  // namespace detail
+
 // Runs a prepared step on the CPU kernels of the ISA in use.
 template <class A>
 void run_step(const PreparedStep<A>& step) {
-  detail::KernelContext<A> context{kernels_of<A>(cpu::kernels()).update, &step};
-  run_work(step.tensors.size(), step.tensors.data(), detail::run_tensor_range<A>, &context);
+  const size_t n = step.tensors.size();
+  if constexpr (A::reductions > 0) {
+    detail::KernelContext<A> first{nullptr, &step};
+    const std::vector<double> sums =
+        run_reductions(n, step.tensors.data(), A::reductions, detail::run_tensor_blocks<A>, &first);
+    // The second pass: each tensor's own coefficients, finished with its sums.
+    PreparedStep<A> second;
+    second.tensors = step.tensors;
+    second.coefficient_of.resize(n);
+    second.coefficients.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      second.coefficients.push_back(step.coefficients[step.coefficient_of[i]]);
+      A::finish(second.coefficients.back(), &sums[i * A::reductions]);
+      second.coefficient_of[i] = static_cast<int>(i);
+    }
+    detail::KernelContext<A> context{kernels_of<A>(cpu::kernels()).update, &second};
+    run_work(n, second.tensors.data(), detail::run_tensor_range<A>, &context);
+  } else {
+    detail::KernelContext<A> context{kernels_of<A>(cpu::kernels()).update, &step};
+    run_work(n, step.tensors.data(), detail::run_tensor_range<A>, &context);
+  }
 }
 
 // A step's params and states, described and validated once. Each step then checks only its

@@ -27,9 +27,19 @@ template <class A>
 using KernelFn = void (*)(const TensorRef& tensor, const typename A::Coefficients& coefficients,
                           int64_t begin, int64_t end);
 
+// The first pass of an algorithm with per-tensor reductions: blocks [first_block, end_block) of
+// kReductionBlock elements of one tensor, each adding A::reductions sums to partials[block * R +
+// r]. The sum of a block depends on the block alone, never on how work is split among threads
+// or on the ISA, so a tensor's sums (its blocks' partials added in order) are reproducible.
+constexpr int64_t kReductionBlock = 4096;
+template <class A>
+using ReduceFn = void (*)(const TensorRef& tensor, const typename A::Coefficients& coefficients,
+                          int64_t first_block, int64_t end_block, double* partials);
+
 template <class A>
 struct AlgorithmKernels {
   KernelFn<A> update[kNumDtypes];
+  ReduceFn<A> reduce[kNumDtypes];  // null without reductions
 };
 
 // The bandwidth ceiling of bench/: reads and writes the same buffers as a step, no math.

@@ -3,7 +3,9 @@
 // load every operand once, run the algorithm's math (csrc/math) in registers, store once. The
 // kernels of every registered algorithm (csrc/math/registry.h) are instantiated here from one
 // template.
+#include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "core/tensor.h"
 #include "math/ewma.h"
@@ -62,8 +64,10 @@ inline unsigned pattern_of(const TensorRef& t) {
 }
 
 // Streams [begin, end) of one tensor through update(param, grad, states) with the widest lane
-// type, then the tail with the same math on plain T: no element is processed twice.
-template <class T, unsigned Pattern, class Update>
+// type, then the tail with the same math on plain T: no element is processed twice. The second
+// pass of an algorithm with reductions (ReadOnlyStates) reads the states and no grad, and writes
+// only the param.
+template <class T, unsigned Pattern, bool ReadOnlyStates = false, class Update>
 inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Update update) {
   const auto has = [&](unsigned bit, bool at_run_time) {
     return Pattern == kRuntimePattern ? at_run_time : (Pattern & bit) != 0;
@@ -79,14 +83,15 @@ inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Updat
   auto at = [&](auto lane, int64_t i) {
     using V = decltype(lane);
     V p = load_lane<V>(param + i);
-    V g = load_lane<V>(grad + i);
+    V g = ReadOnlyStates ? V(T(0)) : load_lane<V>(grad + i);
     V s[kMaxStates];
     for (int k = 0; k < kMaxStates; ++k) s[k] = has_state[k] ? load_lane<V>(state[k] + i) : V(T(0));
     update(p, g, s);
     store_lane(param + i, p);
     if (write_grad) store_lane(grad + i, g);
-    for (int k = 0; k < kMaxStates; ++k)
-      if (has_state[k]) store_lane(state[k] + i, s[k]);
+    if (!ReadOnlyStates)
+      for (int k = 0; k < kMaxStates; ++k)
+        if (has_state[k]) store_lane(state[k] + i, s[k]);
   };
 
   int64_t i = begin;
@@ -100,12 +105,14 @@ inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Updat
 // gets a loop of its own with no tests on absent buffers inside (those tests made SGD at 1e7
 // elements run at half the bandwidth of a plain p += g); any other pattern takes the general
 // loop.
-template <class T, unsigned... Patterns, class Update>
+template <class T, bool ReadOnlyStates, unsigned... Patterns, class Update>
 inline void stream(const TensorRef& t, int64_t begin, int64_t end, Update update) {
   const unsigned pattern = pattern_of(t);
   const bool done =
-      ((pattern == Patterns && (stream_pattern<T, Patterns>(t, begin, end, update), true)) || ...);
-  if (!done) stream_pattern<T, kRuntimePattern>(t, begin, end, update);
+      ((pattern == Patterns &&
+        (stream_pattern<T, Patterns, ReadOnlyStates>(t, begin, end, update), true)) ||
+       ...);
+  if (!done) stream_pattern<T, kRuntimePattern, ReadOnlyStates>(t, begin, end, update);
 }
 
 // The patterns with a loop of their own: the states every configuration uses plus any subset of
@@ -134,7 +141,7 @@ constexpr unsigned pattern_at() {
 template <class T, class A, class Update, unsigned... Index>
 inline void stream_algorithm(const TensorRef& t, int64_t begin, int64_t end, Update update,
                              std::integer_sequence<unsigned, Index...>) {
-  stream<T, pattern_at<A, Index>()...>(t, begin, end, update);
+  stream<T, (A::reductions > 0), pattern_at<A, Index>()...>(t, begin, end, update);
 }
 
 // The coefficients are copied into the closure: it is then a local whose address never escapes,
@@ -149,9 +156,72 @@ void update_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
       std::make_integer_sequence<unsigned, pattern_count<A>()>{});
 }
 
+// Sixteen doubles: the running sums of one reduction, one per element index modulo 16. The
+// compiler splits the type into the ISA's registers (two zmm, four ymm, eight xmm), and every
+// lane is its own sequential sum, so each ISA adds the same numbers in the same order.
+typedef double Sums16 __attribute__((vector_size(16 * sizeof(double))));
+typedef float Floats16 __attribute__((vector_size(16 * sizeof(float))));
+template <class T>
+using Values16 = std::conditional_t<std::is_same_v<T, float>, Floats16, Sums16>;
+
+// The first pass over whole blocks of one tensor: the states updated in place, and per block the
+// sums of the squares of what reduce() yields, 16 elements at a time (a block's last, partial
+// group padded with zeros, which add nothing).
+template <class A, class T>
+void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
+                   int64_t first_block, int64_t end_block, double* partials) {
+  constexpr int R = A::reductions;
+  const typename A::Coefficients c = coefficients;
+  T* const param = static_cast<T*>(t.param);
+  T* const grad = static_cast<T*>(t.grad);
+  T* const state[kMaxStates] = {static_cast<T*>(t.state[0]), static_cast<T*>(t.state[1]),
+                                static_cast<T*>(t.state[2])};
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const int64_t begin = block * kReductionBlock;
+    const int64_t end = std::min(begin + kReductionBlock, t.size);
+    Sums16 sums[R] = {};
+    for (int64_t group = begin; group < end; group += 16) {
+      alignas(64) T summed[R][16] = {};
+      auto at = [&](auto lane, int64_t i) {
+        using V = decltype(lane);
+        const V p = load_lane<V>(param + i);
+        const V g = load_lane<V>(grad + i);
+        V s[kMaxStates];
+        for (int k = 0; k < kMaxStates; ++k)
+          s[k] = state[k] ? load_lane<V>(state[k] + i) : V(T(0));
+        V out[R];
+        math::reduce(c, p, g, s, out);
+        for (int k = 0; k < kMaxStates; ++k)
+          if (state[k]) store_lane(state[k] + i, s[k]);
+        for (int r = 0; r < R; ++r) store_lane(&summed[r][i - group], out[r]);
+      };
+      int64_t i = group;
+      if (end - group >= 16) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+        for (; i + Lane<T>::lanes <= group + 16; i += Lane<T>::lanes) at(Lane<T>(T(0)), i);
+#endif
+      }
+      for (; i < std::min(group + 16, end); ++i) at(T(0), i);
+      for (int r = 0; r < R; ++r) {
+        Values16<T> values;
+        std::memcpy(&values, summed[r], sizeof values);
+        const Sums16 wide = __builtin_convertvector(values, Sums16);
+        sums[r] = sums[r] + wide * wide;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      double lanes[16];
+      std::memcpy(lanes, &sums[r], sizeof lanes);
+      for (int width = 8; width >= 1; width /= 2)
+        for (int k = 0; k < width; ++k) lanes[k] = lanes[k] + lanes[k + width];
+      partials[block * R + r] = lanes[0];
+    }
+  }
+}
+
 template <class T>
 void stream_add_kernel(const TensorRef& t, int64_t begin, int64_t end) {
-  stream<T, 0u, 1u, 3u, 7u>(t, begin, end, [](auto& p, auto& g, auto(&s)[kMaxStates]) {
+  stream<T, false, 0u, 1u, 3u, 7u>(t, begin, end, [](auto& p, auto& g, auto(&s)[kMaxStates]) {
     p = p + g;
     for (int k = 0; k < kMaxStates; ++k) s[k] = s[k] + g;
   });
@@ -202,7 +272,11 @@ void ewma_kernel(const EwmaBlock& b, int64_t first, int64_t last) {
 
 template <class A>
 constexpr AlgorithmKernels<A> kernels_for() {
-  return {{update_kernel<A, float>, update_kernel<A, double>}};
+  if constexpr (A::reductions > 0)
+    return {{update_kernel<A, float>, update_kernel<A, double>},
+            {reduce_kernel<A, float>, reduce_kernel<A, double>}};
+  else
+    return {{update_kernel<A, float>, update_kernel<A, double>}, {nullptr, nullptr}};
 }
 
 template <class... A>

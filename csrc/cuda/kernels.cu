@@ -55,6 +55,11 @@ void launch_batch(const LaunchBatch& batch,
 
 template <class A>
 void launch_step(const PreparedStep<A>& step, void* stream_handle) {
+  if constexpr (A::reductions > 0) {
+    throw std::invalid_argument(std::string("fusedopt.cuda: ") + A::name +
+                                " needs per-tensor reductions, which the CUDA backend does not "
+                                "run yet; use the CPU backend for it");
+  }
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   const std::vector<PlanTensor> tensors = plan_tensors(step.tensors, step.coefficient_of);
   // A dtype with a single non-empty tensor (one flat buffer for a whole model, say) takes the flat

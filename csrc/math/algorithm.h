@@ -21,10 +21,18 @@
 //                            in double, and read by every backend
 //   coefficients(options, input)       computes them
 //   advance_scalars(options, input, scalars)   the scalars' update, when there are any
+//   reductions               per-tensor sums a first pass computes (LAMB's norms), or 0; with
+//                            finish(coefficients, sums), which makes the second pass's
+//                            coefficients from them
 //
 // and, in the per-ISA namespace (FUSEDOPT_MATH_BEGIN), the per-element update over a lane type V:
 //
 //   template <class V> void update(const Coefficients&, V& param, V& grad, V (&state)[kMaxStates])
+//
+// With reductions, a first pass runs reduce(coefficients, param, grad, state, summed) over every
+// tensor (it updates the states and yields the values whose squares are summed, per tensor, in an
+// order fixed by the tensor alone), then update runs with the finished coefficients; it reads the
+// states and writes only the param.
 //
 // The registry (csrc/math/registry.h) lists the descriptions; every layer is generic over it.
 #pragma once
@@ -102,6 +110,7 @@ struct AlgorithmDefaults {
   static void advance_scalars(const Options&, const StepInput&, double*) {}
   static constexpr bool takes_grad_scale = false;
   static constexpr bool uses_new_state = false;
+  static constexpr int reductions = 0;
 };
 
 // ---- Hyperparameter checks (the same rules as torch.optim and Keras) -------------------------

@@ -8,6 +8,7 @@
 #include "math/adam.h"
 #include "math/adamax.h"
 #include "math/asgd.h"
+#include "math/lamb.h"
 #include "math/lion.h"
 #include "math/nadam.h"
 #include "math/radam.h"
@@ -18,6 +19,7 @@
 namespace fusedopt {
 
 using Algorithms =
-    AlgorithmList<Sgd, Adagrad, Rmsprop, Adam, Adadelta, Adamax, Nadam, Radam, Rprop, Asgd, Lion>;
+    AlgorithmList<Sgd, Adagrad, Rmsprop, Adam, Adadelta, Adamax, Nadam, Radam, Rprop, Asgd, Lion,
+                                 Lamb>;
 
 }  // namespace fusedopt

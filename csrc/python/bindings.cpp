@@ -218,17 +218,36 @@ class AnyPlan {
 template <class A>
 class PythonPlan : public AnyPlan {
  public:
+  // `borrowed`: the plan keeps no reference to the arrays; its caller guarantees they are alive at
+  // every step (the functional API checks its weak references first), so a cache of plans never
+  // keeps arrays alive.
   PythonPlan(py::handle groups, py::handle group_of, py::handle params, py::handle states,
-             py::handle step_counts, py::handle new_state, py::handle scalars)
+             py::handle step_counts, py::handle new_state, py::handle scalars, bool borrowed)
       : groups_(groups_from<A>(groups)),
         group_of_(py::cast<std::vector<int>>(group_of)),
-        new_state_(flags_from(new_state, group_of_.size())),
-        params_(items_of(params, "params")),
-        states_(items_of(states, "states")),
-        owners_(py::make_tuple(step_counts, scalars)) {
+        new_state_(flags_from(new_state, group_of_.size())) {
+    const py::tuple param_items = items_of(params, "params");
+    for (py::handle p : param_items) params_.push_back(p.ptr());
+    for (py::handle list : items_of(states, "states")) {
+      if (list.is_none()) {
+        states_.emplace_back();
+        continue;
+      }
+      std::vector<PyObject*> items;
+      for (py::handle s : items_of(list, "states")) items.push_back(s.ptr());
+      states_.push_back(std::move(items));
+    }
     const auto n = static_cast<py::ssize_t>(params_.size());
     step_counts_ = writeable_array<int64_t>(step_counts, "step_counts", n);
     scalars_ = writeable_array<double>(scalars, "scalars", n * kMaxScalars);
+    if (!borrowed) {
+      for (PyObject* p : params_) references_.push_back(py::reinterpret_borrow<py::object>(p));
+      for (const auto& list : states_)
+        for (PyObject* s : list.value_or(std::vector<PyObject*>{}))
+          references_.push_back(py::reinterpret_borrow<py::object>(s));
+      references_.push_back(py::reinterpret_borrow<py::object>(step_counts));
+      references_.push_back(py::reinterpret_borrow<py::object>(scalars));
+    }
     register_buffers();
   }
 
@@ -248,8 +267,8 @@ class PythonPlan : public AnyPlan {
     thread_local std::vector<BufferInfo> infos;
     describe_items(items, "grads", infos);
     const StepExtras extras{grad_scale_from(grad_scale)};
-    // This frame keeps alive, while the GIL is released, the grads (items) and the registered
-    // arrays with the plan over them, even if another thread re-registers meanwhile.
+    // This frame keeps the grads (items) alive while the GIL is released, and the plan, even if
+    // another thread re-registers meanwhile; the registered arrays are kept by references_.
     const std::shared_ptr<Registered> registered = registered_;
     {
       py::gil_scoped_release release;
@@ -261,32 +280,44 @@ class PythonPlan : public AnyPlan {
   size_t size() const override { return params_.size(); }
 
  private:
-  // A plan with references to every array it registered and their fingerprints.
   struct Registered {
     Plan<A> plan;
-    py::tuple params;
-    std::vector<py::tuple> states;
     std::vector<Fingerprint> fingerprints;
   };
 
   void register_buffers() {
     StepBuffers b;
     std::vector<py::tuple> kept;
-    describe_registered<A>(params_, states_, kept, b);
+    py::tuple params(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i)
+      params[i] = py::reinterpret_borrow<py::object>(params_[i]);
+    py::list states;
+    for (const auto& list : states_) {
+      if (!list) {
+        states.append(py::none());
+        continue;
+      }
+      py::list items;
+      for (PyObject* s : *list) items.append(py::reinterpret_borrow<py::object>(s));
+      states.append(items);
+    }
+    describe_registered<A>(params, py::tuple(states), kept, b);
     // Built in place: a Plan holds a mutex and cannot move.
     std::shared_ptr<Registered> registered(new Registered{
-        Plan<A>(groups_, b, group_of_, step_counts_, new_state_, scalars_), params_, kept, {}});
-    for (py::handle p : params_) registered->fingerprints.push_back(Fingerprint::of(p.ptr()));
-    for (const py::tuple& list : kept)
-      for (py::handle s : list) registered->fingerprints.push_back(Fingerprint::of(s.ptr()));
+        Plan<A>(groups_, b, group_of_, step_counts_, new_state_, scalars_), {}});
+    for (PyObject* p : params_) registered->fingerprints.push_back(Fingerprint::of(p));
+    for (const auto& list : states_)
+      for (PyObject* s : list.value_or(std::vector<PyObject*>{}))
+        registered->fingerprints.push_back(Fingerprint::of(s));
     registered_ = std::move(registered);
   }
 
   std::vector<typename A::Options> groups_;
   std::vector<int> group_of_;
   std::vector<uint8_t> new_state_;
-  py::tuple params_, states_;
-  py::tuple owners_;  // the arrays of the step counts and the scalars
+  std::vector<PyObject*> params_;
+  std::vector<std::optional<std::vector<PyObject*>>> states_;
+  std::vector<py::object> references_;  // every array above, unless borrowed
   int64_t* step_counts_ = nullptr;
   double* scalars_ = nullptr;
   std::shared_ptr<Registered> registered_;
@@ -387,9 +418,9 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "step",
-      [](const std::string& name, py::handle groups, const IndexArray& group_of,
-         const IndexArray& steps, py::handle params, py::handle grads, py::handle states,
-         py::handle new_state, py::handle scalars, py::handle grad_scale) {
+      [](const std::string& name, py::handle groups, py::handle group_of, py::handle steps,
+         py::handle params, py::handle grads, py::handle states, py::handle new_state,
+         py::handle scalars, py::handle grad_scale) {
         with_algorithm(name, [&](auto tag) {
           using A = typename decltype(tag)::type;
           const auto options = groups_from<A>(groups);
@@ -403,8 +434,19 @@ PYBIND11_MODULE(_core, m) {
           const StepExtras extras{grad_scale_from(grad_scale)};
           b.grads_written = extras.grad_scale.has_value();
           StepSchedule s;
-          s.group_of.assign(group_of.data(), group_of.data() + group_of.size());
-          s.steps.assign(steps.data(), steps.data() + steps.size());
+          // None: every tensor in group 0; an int: the same t for every tensor.
+          if (group_of.is_none()) {
+            s.group_of.assign(param_items.size(), 0);
+          } else {
+            const auto groups_of = py::cast<IndexArray>(group_of);
+            s.group_of.assign(groups_of.data(), groups_of.data() + groups_of.size());
+          }
+          if (PyLong_Check(steps.ptr())) {
+            s.steps.assign(param_items.size(), py::cast<int64_t>(steps));
+          } else {
+            const auto each = py::cast<IndexArray>(steps);
+            s.steps.assign(each.data(), each.data() + each.size());
+          }
           s.new_state = flags_from(new_state, param_items.size());
           s.scalars = writeable_array<double>(
               scalars, "scalars", static_cast<py::ssize_t>(param_items.size()) * kMaxScalars);
@@ -423,18 +465,19 @@ PYBIND11_MODULE(_core, m) {
                       "grads and that no registered array moved.")
       .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
                        py::handle params, py::handle states, py::handle step_counts,
-                       py::handle new_state, py::handle scalars) {
+                       py::handle new_state, py::handle scalars, bool borrowed) {
              std::unique_ptr<AnyPlan> plan;
              with_algorithm(name, [&](auto tag) {
                using A = typename decltype(tag)::type;
                plan = std::make_unique<PythonPlan<A>>(groups, group_of, params, states, step_counts,
-                                                      new_state, scalars);
+                                                      new_state, scalars, borrowed);
              });
              return plan;
            }),
            py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
            py::arg("states"), py::arg("step_counts") = py::none(),
-           py::arg("new_state") = py::none(), py::arg("scalars") = py::none())
+           py::arg("new_state") = py::none(), py::arg("scalars") = py::none(),
+           py::arg("borrowed") = false)
       .def("set_options", &AnyPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyPlan::step, py::arg("grads"), py::arg("grad_scale") = py::none(),
            py::arg("step") = py::none())

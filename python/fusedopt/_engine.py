@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -202,8 +202,8 @@ def is_device(arrays: Sequence[Any]) -> bool:
 def step_once(
     algorithm: str,
     groups: Sequence[tuple[float, ...]],
-    group_of: np.ndarray,
-    steps: np.ndarray,
+    group_of: np.ndarray | None,
+    steps: int | np.ndarray,
     params: Sequence[Any],
     grads: Sequence[Any],
     states: Sequence[Sequence[Any] | None],
@@ -214,8 +214,12 @@ def step_once(
     stream: Any = None,
 ) -> None:
     """One step over arrays described for this call only: every buffer is checked, then every
-    tensor updated, in one native call (on the device for CUDA arrays)."""
+    tensor updated, in one native call (on the device for CUDA arrays). ``group_of`` None puts
+    every tensor in group 0; ``steps`` is t, one for all tensors or one per tensor."""
     if is_device(params):
+        n = len(params)
+        group_of = np.zeros(n, np.int64) if group_of is None else group_of
+        steps = np.full(n, steps, np.int64) if isinstance(steps, int) else steps
         cuda.step(
             algorithm, groups, group_of, steps, params, grads, states,
             new_state=new_state, scalars=scalars, grad_scale=grad_scale, stream=stream,
@@ -226,38 +230,36 @@ def step_once(
     )
 
 
-class Plan:
+class Plan(Protocol):
     """An optimizer's params and states, registered once: each step then checks only its grads
-    (and, cheaply, that no registered array moved). ``step_counts`` (steps taken, one per param)
-    and ``scalars`` are arrays the plan advances in place after each step."""
+    (and, cheaply, that no registered array moved). ``step(grads, grad_scale, step)``: ``step``
+    is t for every tensor (Keras' global count), or None to advance and use the registered step
+    counts, as torch does."""
 
-    def __init__(
-        self,
-        algorithm: str,
-        groups: Sequence[tuple[float, ...]],
-        group_of: np.ndarray,
-        params: Sequence[Any],
-        states: Sequence[Sequence[Any] | None],
-        *,
-        step_counts: np.ndarray | None = None,
-        new_state: Sequence[bool] | None = None,
-        scalars: np.ndarray | None = None,
-    ) -> None:
-        if is_device(params):
-            self._native: Any = cuda.Plan(
-                algorithm, groups, group_of, params, states,
-                step_counts=step_counts, new_state=new_state, scalars=scalars,
-            )  # fmt: skip
-        else:
-            self._native = _core.Plan(
-                algorithm, groups, group_of, params, states, step_counts, new_state, scalars
-            )
+    def set_options(self, group: int, values: tuple[float, ...]) -> None: ...
 
-    def set_options(self, group: int, values: tuple[float, ...]) -> None:
-        self._native.set_options(group, values)
+    def step(self, grads: Sequence[Any], grad_scale: float | None, step: int | None) -> None: ...
 
-    def step(self, grads: Sequence[Any], grad_scale: float | None = None, step: int | None = None):
-        self._native.step(grads, grad_scale, step)
+
+def make_plan(
+    algorithm: str,
+    groups: Sequence[tuple[float, ...]],
+    group_of: np.ndarray,
+    params: Sequence[Any],
+    states: Sequence[Sequence[Any] | None],
+    *,
+    step_counts: np.ndarray | None = None,
+    new_state: Sequence[bool] | None = None,
+    scalars: np.ndarray | None = None,
+) -> Plan:
+    """A plan on the CPU core (``fusedopt._core.Plan``) or the CUDA backend: ``step_counts``
+    (steps taken, one per param) and ``scalars`` are arrays the plan advances in place."""
+    if is_device(params):
+        return cuda.Plan(
+            algorithm, groups, group_of, params, states,
+            step_counts=step_counts, new_state=new_state, scalars=scalars,
+        )  # fmt: skip
+    return _core.Plan(algorithm, groups, group_of, params, states, step_counts, new_state, scalars)
 
 
 def skip_step(found_inf: Any) -> bool:

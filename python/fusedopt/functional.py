@@ -21,6 +21,8 @@ it, and nothing changes.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,8 +56,10 @@ def _list(arrays: OptionalArrays, name: str) -> list[Any] | None:
     return list(arrays)
 
 
-def _steps(step: Any, count: int) -> np.ndarray:
-    """t for every tensor, from one number or one per tensor."""
+def _steps(step: Any, count: int) -> int | np.ndarray:
+    """t for every tensor: one whole number (kept as an int) or one per tensor."""
+    if type(step) is int and 1 <= step <= 2**62:
+        return step
     try:
         steps = np.asarray(step)
     except (TypeError, ValueError):
@@ -92,7 +96,7 @@ def _run(
         return
     if convention not in _CONVENTIONS:
         raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
-    options = native_values(description, declared, values, {"convention": _CONVENTIONS[convention]})
+    options = _options(description, declared, values, convention)
     param_list = _list(params, "params") or []
     grad_list = _list(grads, "grads") or []
     state_lists = [_list(s, name + "s") for s, name in zip(states, description.states)]
@@ -106,11 +110,17 @@ def _run(
         for k, name in enumerate(description.scalars):
             column = scalars[name]
             scalar_rows[:, k] = column
+    steps = _steps(step, count)
+    if type(steps) is int and not first_step and scalar_rows is None:
+        plan = _cached_plan(description, options, param_list, state_lists)
+        if plan is not None:
+            plan.step(grad_list, scale, steps)
+            return
     step_once(
         description.name,
         [options],
-        np.zeros(count, np.int64),
-        _steps(step, count),
+        None,
+        steps,
         param_list,
         grad_list,
         state_lists,
@@ -121,6 +131,69 @@ def _run(
     if scalars is not None and scalar_rows is not None:
         for k, name in enumerate(description.scalars):
             scalars[name][...] = scalar_rows[:, k]
+
+
+# Native options by (algorithm, convention, values): a call with the hyperparameters of the last
+# calls skips their checks. Only plain numbers and bools are keys (an array could change in place).
+_options_seen: dict[tuple[Any, ...], tuple[float, ...]] = {}
+_PLAIN = (float, int, bool)
+
+
+def _options(
+    description: Description,
+    declared: tuple[Hyperparameter, ...],
+    values: dict[str, Any],
+    convention: str,
+) -> tuple[float, ...]:
+    key = (description.name, convention, *values.values())
+    plain = all(type(v) in _PLAIN for v in values.values())
+    if plain and key in _options_seen:
+        return _options_seen[key]
+    options = native_values(description, declared, values, {"convention": _CONVENTIONS[convention]})
+    if plain:
+        if len(_options_seen) > 1024:  # a schedule makes a new lr every step: forget the old
+            _options_seen.clear()
+        _options_seen[key] = options
+    return options
+
+
+# Plans for the arrays of this thread's recent calls (a training loop passes the same params and
+# states at every step), found by the arrays' identities and checked by weak references: a cached
+# plan keeps no array alive, and an array that died is never mistaken for a new one at its
+# address. Per thread, so that one thread's options never reach another's step.
+_MAX_PLANS = 16
+_cache = threading.local()
+
+
+def _cached_plan(
+    description: Description,
+    options: tuple[float, ...],
+    params: list[Any],
+    states: list[list[Any] | None],
+) -> Any:
+    arrays = [*params, *(a for s in states if s is not None for a in s)]
+    if not arrays or not all(type(a) is np.ndarray for a in arrays):
+        return None
+    plans = getattr(_cache, "plans", None)
+    if plans is None:
+        plans = _cache.plans = {}
+    key = (description.name, tuple(s is None for s in states), *map(id, arrays))
+    entry = plans.get(key)
+    if entry is not None:
+        references, plan, registered = entry
+        if all(r() is a for r, a in zip(references, arrays)):
+            if registered is not options:
+                plan.set_options(0, options)
+                plans[key] = (references, plan, options)
+            return plan
+        del plans[key]
+    plan = _core.Plan(
+        description.name, [options], [0] * len(params), params, states, None, None, None, True
+    )
+    if len(plans) >= _MAX_PLANS:
+        del plans[next(iter(plans))]
+    plans[key] = (tuple(weakref.ref(a) for a in arrays), plan, options)
+    return plan
 
 
 def _plural(name: str) -> str:

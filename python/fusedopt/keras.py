@@ -32,6 +32,7 @@ from fusedopt._engine import (
     Plan,
     as_number,
     describe,
+    make_plan,
     native_values,
 )
 
@@ -268,7 +269,7 @@ class Optimizer:
                 for name in self._state_names
             ]
             scalars = np.zeros((len(indices), _core.max_scalars))
-            plan = Plan(
+            plan = make_plan(
                 self._algorithm,
                 [options],
                 np.zeros(len(indices), np.int64),
@@ -495,3 +496,20 @@ class Lion(Optimizer):
         _WEIGHT_DECAY,
     )
     _state_names = ("momentum",)
+
+
+class Lamb(Optimizer):
+    """``keras.optimizers.Lamb``: Adam's bias-corrected update ``u = m_hat/(sqrt(v_hat) +
+    epsilon)``, scaled per variable by the trust ratio ``||w||/||u||`` (1 unless both are > 0):
+    ``w -= ratio*lr*u``. One call per step still: a first pass sums both norms of every
+    variable, a second applies."""
+
+    _algorithm = "lamb"
+    _hyperparameters = (
+        _learning_rate(0.001),
+        H("beta_1", native="beta1", default=0.9),
+        H("beta_2", native="beta2", default=0.999),
+        H("epsilon", native="eps", default=1e-7),
+        _WEIGHT_DECAY,
+    )
+    _state_names = ("momentum", "velocity")

@@ -29,6 +29,7 @@ from fusedopt._engine import (
     Hyperparameter,
     Plan,
     as_number,
+    make_plan,
     describe,
     native_values,
     skip_step,
@@ -69,11 +70,13 @@ class Optimizer:
     _tracks_step: ClassVar[bool] = True  # torch's SGD keeps no step count in its state
     _states_at_construction: ClassVar[bool] = False  # torch's Adagrad allocates its sum eagerly
     _description: ClassVar[Description]
+    _hyperparameter_names: ClassVar[tuple[str, ...]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls._algorithm:
             cls._description = describe(cls._algorithm)
+            cls._hyperparameter_names = tuple(h.name for h in cls._hyperparameters)
             if "__init__" not in cls.__dict__:
                 cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
 
@@ -297,29 +300,25 @@ class Optimizer:
         ``grad_scale`` inside the pass and the unscaled values written back, and a nonzero
         ``found_inf`` skips the step, leaving the step count unchanged.
         """
-        grads = _grad_list(grads, len(self._params))
-        if skip_step(found_inf):
+        if found_inf is not None and skip_step(found_inf):
             return
         scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
         with self._lock:
-            for i, group in enumerate(self.param_groups):
-                if group["params"] is not self._group_params[i]:
-                    raise ValueError(
-                        f"param_groups[{i}]['params'] was replaced; an optimizer updates the "
-                        "params it was given (use add_param_group to add more)"
-                    )
+            if len(grads) != len(self._params) or isinstance(grads, np.ndarray):
+                grads = _grad_list(grads, len(self._params))
             options = self._group_options()
             plan = self._plan
             if plan is not None:
+                registered = self._plan_options
                 for g, now in enumerate(options):
-                    if now is not self._plan_options[g]:
+                    if now is not registered[g]:
                         if self._needs_new_states(g, now):
                             plan = None
                             break
                         plan.set_options(g, now)
-                        self._plan_options[g] = now
+                        registered[g] = now
             if plan is not None:
-                plan.step(grads, scale)
+                plan.step(grads, scale, None)
                 return
             self._step_with_new_plan(options, grads, scale)
 
@@ -340,7 +339,7 @@ class Optimizer:
                 values = options[self._group_of[i]]
                 self._create_states(i, self._description.states_used(values), values)
             states = [b if any(x is not None for x in b) else None for b in self._buffers.values()]
-            plan = Plan(
+            plan = make_plan(
                 self._algorithm,
                 options,
                 self._group_of,
@@ -350,7 +349,7 @@ class Optimizer:
                 new_state=self._new_state if self._description.uses_new_state else None,
                 scalars=self._scalars,
             )
-            plan.step(grads, scale)
+            plan.step(grads, scale, None)
         except Exception:
             self._buffers, self._scalars, self._has_scalars, self._new_state = saved
             self._plan = None
@@ -383,7 +382,7 @@ class Optimizer:
             self._has_scalars[i] = True
 
     def _values_of(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
-        return tuple(group[h.name] for h in self._hyperparameters)
+        return tuple([group[name] for name in self._hyperparameter_names])
 
     def _native_options(self, group: Mapping[str, Any]) -> tuple[float, ...]:
         """A group's native option values; TypeError/ValueError naming a bad hyperparameter."""
@@ -394,18 +393,24 @@ class Optimizer:
         """The native options of every group, rebuilt only when a hyperparameter changed (the
         same tuple object otherwise). The cheap test first: the very same values as last time,
         all immutable; then the values' plain-number copy (a one-element array or a list may
-        have changed in place)."""
-        cache = self._options_cache
+        have changed in place). Each group's params are checked to be the ones it was given."""
+        result = []
+        names = self._hyperparameter_names
         for i, group in enumerate(self.param_groups):
-            values = self._values_of(group)
-            last_values, last_key, native = cache[i]
-            if last_key is last_values and all(map(is_, values, last_values)):
-                continue
-            key = _frozen(values)
-            if key != last_key:
-                native = self._native_options(group)
-            cache[i] = (values, key, native)
-        return [native for _, _, native in cache]
+            last_values, last_key, native = self._options_cache[i]
+            if group["params"] is not self._group_params[i]:
+                raise ValueError(
+                    f"param_groups[{i}]['params'] was replaced; an optimizer updates the params "
+                    "it was given (use add_param_group to add more)"
+                )
+            values = tuple([group[name] for name in names])
+            if last_key is not last_values or not all(map(is_, values, last_values)):
+                key = _frozen(values)
+                if key != last_key:
+                    native = self._native_options(group)
+                self._options_cache[i] = (values, key, native)
+            result.append(native)
+        return result
 
 
 def _generated_init(cls: type[Optimizer]) -> Any:
