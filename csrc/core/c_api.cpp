@@ -3,6 +3,7 @@
 // every exception into a status code and a thread-local message.
 #include <algorithm>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <optional>
 #include <stdexcept>
@@ -123,19 +124,26 @@ namespace {
 template <class A>
 struct TypedOptions;
 
-// The groups of a call as A's Options: every one must be for A.
+// The groups of a call as A's Options: every one must be for A and valid. A message names
+// groups[g], or `single` (a function's one options argument) when given.
 template <class A>
-std::vector<typename A::Options> typed_groups(const fusedopt_options* const* groups,
-                                              int64_t count) {
+std::vector<typename A::Options> typed_groups(const fusedopt_options* const* groups, int64_t count,
+                                              const char* single = nullptr) {
   check_count(groups, count, "groups");
   std::vector<typename A::Options> result;
   result.reserve(count);
   for (int64_t g = 0; g < count; ++g) {
-    if (!groups[g]) throw Error(ErrorKind::type, indexed("groups", g) + " is NULL");
+    auto name = [&] { return single ? std::string(single) : indexed("groups", g); };
+    if (!groups[g]) throw Error(ErrorKind::type, name() + " is NULL");
     const auto* typed = dynamic_cast<const TypedOptions<A>*>(groups[g]);
     if (!typed)
-      throw Error(ErrorKind::value, indexed("groups", g) + " holds options for " +
-                                        groups[g]->algorithm() + ", not " + A::name);
+      throw Error(ErrorKind::value,
+                  name() + " holds options for " + groups[g]->algorithm() + ", not " + A::name);
+    try {
+      A::check(typed->options);
+    } catch (const OptionError& e) {
+      throw Error(ErrorKind::value, name() + ": " + e.what());
+    }
     result.push_back(typed->options);
   }
   return result;
@@ -144,8 +152,7 @@ std::vector<typename A::Options> typed_groups(const fusedopt_options* const* gro
 // The tensors of a call as the core's buffers and schedule.
 template <class A>
 void describe_tensors(const fusedopt_tensor* tensors, int64_t count, bool with_grads,
-                      StepBuffers& buffers, StepSchedule& schedule,
-                      std::vector<double*>& scalars) {
+                      StepBuffers& buffers, StepSchedule& schedule, std::vector<double*>& scalars) {
   check_count(tensors, count, "tensors");
   buffers.states.resize(A::state_names.size());
   buffers.state_names.assign(A::state_names.begin(), A::state_names.end());
@@ -179,13 +186,13 @@ struct ScalarRows {
   void gather(const std::vector<double*>& sources) {
     rows.assign(sources.size() * kMaxScalars, 0.0);
     for (size_t i = 0; i < sources.size(); ++i)
-      if (sources[i]) std::copy(sources[i], sources[i] + kMaxScalars, rows.begin() + i * kMaxScalars);
+      if (sources[i])
+        std::copy(sources[i], sources[i] + kMaxScalars, rows.begin() + i * kMaxScalars);
   }
   void scatter(const std::vector<double*>& targets) const {
     for (size_t i = 0; i < targets.size(); ++i)
       if (targets[i])
-        std::copy(rows.begin() + i * kMaxScalars, rows.begin() + (i + 1) * kMaxScalars,
-                  targets[i]);
+        std::copy(rows.begin() + i * kMaxScalars, rows.begin() + (i + 1) * kMaxScalars, targets[i]);
   }
 };
 
@@ -206,19 +213,24 @@ class TypedPlan : public fusedopt_plan {
     sizes_.reserve(buffers.params.size());
     for (const BufferInfo& p : buffers.params) sizes_.push_back({p.size, p.is_float32});
     scalars_.gather(scalar_sources_);
-    plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of,
-                                      counts_.data(), schedule.new_state,
+    plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of, counts_.data(),
+                                      schedule.new_state,
                                       A::scalar_names.size() ? scalars_.rows.data() : nullptr);
   }
 
+  // The lock covers the scalars' copy back after the core's step, and reads of the counts.
   void step(void* const* grads, const double* grad_scale) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const int64_t n = static_cast<int64_t>(sizes_.size());
     check_count(grads, n, "grads");
     std::vector<BufferInfo> infos;
     infos.reserve(n);
-    for (int64_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i) {
+      if (!grads[i] && sizes_[i].size > 0)
+        throw Error(ErrorKind::type, indexed("grads", i) + " is NULL");
       infos.push_back(describe(grads[i], sizes_[i].size,
                                sizes_[i].is_float32 ? FUSEDOPT_FLOAT32 : FUSEDOPT_FLOAT64));
+    }
     StepExtras extras;
     if (grad_scale) extras.grad_scale = *grad_scale;
     plan_->step(infos, extras, std::nullopt);
@@ -226,12 +238,14 @@ class TypedPlan : public fusedopt_plan {
   }
 
   void set_options(int64_t group, const fusedopt_options* options) override {
-    const auto groups = typed_groups<A>(&options, 1);
+    const auto groups = typed_groups<A>(&options, 1, "options");
     if (group < 0) throw Error(ErrorKind::value, "group must be >= 0");
+    std::lock_guard<std::mutex> lock(mutex_);
     plan_->set_options(static_cast<size_t>(group), groups[0]);
   }
 
   void steps(int64_t* out) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     if (!out && !counts_.empty()) throw Error(ErrorKind::type, "steps is NULL");
     for (size_t i = 0; i < counts_.size(); ++i) out[i] = counts_[i] + 1;
   }
@@ -246,6 +260,7 @@ class TypedPlan : public fusedopt_plan {
   std::vector<double*> scalar_sources_;
   ScalarRows scalars_;
   std::unique_ptr<Plan<A>> plan_;
+  std::mutex mutex_;
 };
 
 template <class A>
@@ -255,9 +270,8 @@ struct TypedOptions : fusedopt_options {
   const char* algorithm() const override { return A::name; }
   fusedopt_options* copy() const override { return new TypedOptions(*this); }
   const char* field_name(int32_t index) const override {
-    return index >= 0 && static_cast<size_t>(index) < std::size(A::fields)
-               ? A::fields[index].name
-               : nullptr;
+    return index >= 0 && static_cast<size_t>(index) < std::size(A::fields) ? A::fields[index].name
+                                                                           : nullptr;
   }
   const Field<typename A::Options>& field(const std::string& name) const {
     for (const auto& f : A::fields)
@@ -280,9 +294,8 @@ struct TypedOptions : fusedopt_options {
   double get(const std::string& name) const override { return field(name).get(options); }
   void check() const override { A::check(options); }
   const char* state_name(int32_t index) const override {
-    return index >= 0 && static_cast<size_t>(index) < A::state_names.size()
-               ? A::state_names[index]
-               : nullptr;
+    return index >= 0 && static_cast<size_t>(index) < A::state_names.size() ? A::state_names[index]
+                                                                            : nullptr;
   }
   uint32_t states_used() const override { return A::states_used(options); }
   double initial_state(int32_t k) const override { return A::initial_state(options, k); }
@@ -368,9 +381,8 @@ fusedopt_status fusedopt_options_create(const char* algorithm, fusedopt_options*
     if (!algorithm) throw Error(ErrorKind::type, "algorithm is NULL");
     if (!options) throw Error(ErrorKind::type, "options is NULL");
     fusedopt_options* created = nullptr;
-    Algorithms::visit(algorithm, [&](auto tag) {
-      created = new TypedOptions<typename decltype(tag)::type>();
-    });
+    Algorithms::visit(
+        algorithm, [&](auto tag) { created = new TypedOptions<typename decltype(tag)::type>(); });
     if (!created)
       throw Error(ErrorKind::value, std::string("unknown algorithm '") + algorithm + "'");
     *options = created;
@@ -383,10 +395,10 @@ const char* fusedopt_options_algorithm(const fusedopt_options* options) {
   return options ? options->algorithm() : nullptr;
 }
 
-fusedopt_status fusedopt_options_set(fusedopt_options* options, const char* name,
-                                     double value) {
+fusedopt_status fusedopt_options_set(fusedopt_options* options, const char* name, double value) {
   return guarded([&] {
-    if (!options || !name) throw Error(ErrorKind::type, !options ? "options is NULL" : "name is NULL");
+    if (!options || !name)
+      throw Error(ErrorKind::type, !options ? "options is NULL" : "name is NULL");
     options->set(name, value);
   });
 }
@@ -395,7 +407,9 @@ fusedopt_status fusedopt_options_get(const fusedopt_options* options, const char
                                      double* value) {
   return guarded([&] {
     if (!options || !name || !value)
-      throw Error(ErrorKind::type, !options ? "options is NULL" : !name ? "name is NULL" : "value is NULL");
+      throw Error(ErrorKind::type, !options ? "options is NULL"
+                                   : !name  ? "name is NULL"
+                                            : "value is NULL");
     *value = options->get(name);
   });
 }
