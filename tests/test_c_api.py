@@ -1,11 +1,12 @@
-"""The C ABI of the installed libfusedopt (fusedopt/fusedopt.h), called through ctypes: every
-algorithm's options and buffers reach the core as the header says (results match the reference),
-failures come back as status codes with a thread-local message and write nothing, and the
-library exports the API and nothing else."""
+"""The C ABI of the installed libfusedopt (fusedopt/fusedopt.h), called through ctypes: options set
+by name reach the core as the header says (every algorithm's steps match the reference in both
+conventions), plans step exactly as fusedopt_step does, failures come back as status codes with a
+thread-local message and write nothing, and the library exports the API and nothing else."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import shutil
 import subprocess
 import sys
@@ -27,225 +28,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 OK, TYPE_ERROR, VALUE_ERROR = 0, 1, 2
-DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+FLOAT32, FLOAT64 = 0, 1
+TORCH, KERAS = 0, 1
+MAX_STATES, MAX_SCALARS = 3, 2
+DTYPES = {np.dtype(np.float32): FLOAT32, np.dtype(np.float64): FLOAT64}
 
 
-def options_struct(doubles: str, flags: str) -> type[ctypes.Structure]:
-    fields = [(name, ctypes.c_double) for name in doubles.split()]
-    fields += [(name, ctypes.c_int32) for name in flags.split()]
-    return type("Options", (ctypes.Structure,), {"_fields_": fields})
+class Tensor(ctypes.Structure):
+    """fusedopt_tensor, as fusedopt.h lays it out."""
 
-
-def tensor_struct(states: tuple[str, ...]) -> type[ctypes.Structure]:
-    fields = [(name, ctypes.c_void_p) for name in ("param", "grad", *states)]
-    fields += [("size", ctypes.c_int64), ("step", ctypes.c_int64)]
-    fields += [("dtype", ctypes.c_int32), ("group", ctypes.c_int32)]
-    return type("Tensor", (ctypes.Structure,), {"_fields_": fields})
-
-
-class Algorithm:
-    """The C structs of one algorithm, as fusedopt.h lays them out, and its reference step."""
-
-    def __init__(self, name: str, doubles: str, flags: str, states: tuple[str, ...], step):
-        self.name, self.states, self.reference_step = name, states, step
-        self.options = options_struct(doubles, flags + " convention")
-        self.tensor = tensor_struct(states)
-        self.takes_grad_scale = name in ("sgd", "adam")
-
-
-SGD = Algorithm(
-    "sgd", "lr momentum dampening weight_decay", "nesterov maximize", ("momentum_buffer",),
-    reference.torch_sgd,
-)  # fmt: skip
-ADAGRAD = Algorithm(
-    "adagrad", "lr lr_decay weight_decay eps", "maximize", ("sum",), reference.torch_adagrad
-)
-RMSPROP = Algorithm(
-    "rmsprop", "lr alpha eps weight_decay momentum", "centered maximize",
-    ("square_avg", "momentum_buffer", "grad_avg"), reference.torch_rmsprop,
-)  # fmt: skip
-ADAM = Algorithm(
-    "adam", "lr beta1 beta2 eps weight_decay", "amsgrad maximize decoupled_weight_decay",
-    ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), reference.torch_adam,
-)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def lib() -> ctypes.CDLL:
-    library = ctypes.CDLL(str(LIBRARY))
-    for name in ("last_error", "version", "cpu_isa", "available_isas"):
-        getattr(library, f"fusedopt_{name}").restype = ctypes.c_char_p
-    library.fusedopt_set_cpu_isa.argtypes = [ctypes.c_char_p]
-    for algorithm in (SGD, ADAGRAD, RMSPROP, ADAM):
-        getattr(library, f"fusedopt_{algorithm.name}_default_options").restype = algorithm.options
-        step = getattr(library, f"fusedopt_{algorithm.name}_step")
-        step.argtypes = [
-            ctypes.POINTER(algorithm.options),
-            ctypes.c_int64,
-            ctypes.POINTER(algorithm.tensor),
-            ctypes.c_int64,
-        ] + ([ctypes.POINTER(ctypes.c_double)] if algorithm.takes_grad_scale else [])
-    return library
-
-
-def address(array: np.ndarray | None) -> int | None:
-    return None if array is None else array.ctypes.data
-
-
-def make_tensor(algorithm: Algorithm, param, grad, states, *, step: int, group: int = 0):
-    """The C struct of one tensor; a state given as None stays NULL."""
-    pointers = [address(param), address(grad)] + [address(s) for s in states]
-    return algorithm.tensor(*pointers, param.size, step, DTYPES[param.dtype], group)
-
-
-def call_step(lib, algorithm: Algorithm, options, tensors: list, grad_scale=None) -> int:
-    array = (algorithm.tensor * len(tensors))(*tensors)
-    extra = []
-    if algorithm.takes_grad_scale:
-        extra = [None if grad_scale is None else ctypes.byref(ctypes.c_double(grad_scale))]
-    step = getattr(lib, f"fusedopt_{algorithm.name}_step")
-    return step(ctypes.byref(options), 1, array, len(tensors), *extra)
-
-
-def default_options(lib, algorithm: Algorithm, **changes):
-    options = getattr(lib, f"fusedopt_{algorithm.name}_default_options")()
-    for name, value in changes.items():
-        setattr(options, name, value)
-    return options
-
-
-def test_version_and_isas_are_the_python_package_s(lib: ctypes.CDLL) -> None:
-    assert lib.fusedopt_version().decode() == fusedopt.__version__
-    assert lib.fusedopt_available_isas().decode().split(",") == fusedopt.available_isas()
-    assert lib.fusedopt_cpu_isa().decode() in fusedopt.available_isas()
-
-
-def test_default_options_are_torch_optim_s(lib: ctypes.CDLL) -> None:
-    adam = default_options(lib, ADAM)
-    assert (adam.lr, adam.beta1, adam.beta2, adam.eps, adam.weight_decay) == (
-        1e-3, 0.9, 0.999, 1e-8, 0.0,
-    )  # fmt: skip
-    assert (adam.amsgrad, adam.decoupled_weight_decay, adam.convention) == (0, 0, 0)
-    rmsprop = default_options(lib, RMSPROP)
-    assert (rmsprop.lr, rmsprop.alpha, rmsprop.eps) == (1e-2, 0.99, 1e-8)
-    adagrad = default_options(lib, ADAGRAD)
-    assert (adagrad.lr, adagrad.eps) == (1e-2, 1e-10)
-    assert default_options(lib, SGD).lr == 1e-3
-
-
-# Every option set away from its default, so a field read from the wrong place shows.
-CASES = [
-    (SGD, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01, maximize=1), 4.0),
-    (SGD, dict(lr=0.1, momentum=0.9, nesterov=1, weight_decay=0.01), None),
-    (ADAGRAD, dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, eps=1e-3, maximize=1), None),
-    (RMSPROP, dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.01, momentum=0.5), None),
-    (RMSPROP, dict(lr=0.01, alpha=0.9, centered=1, maximize=1), None),
-    (ADAM, dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-3, weight_decay=0.1, maximize=1), 4.0),
-    (ADAM, dict(lr=0.01, weight_decay=0.1, amsgrad=1, decoupled_weight_decay=1), None),
-]
-
-
-def run_against_reference(lib, algorithm: Algorithm, changes: dict, grad_scale, dtype) -> None:
-    rng = np.random.default_rng(0)
-    sizes = [0, 1, 17, 65537]
-    params = [rng.standard_normal(n).astype(dtype) for n in sizes]
-    buffers = [[np.zeros(n, dtype) for _ in algorithm.states] for n in sizes]
-    expected = [p.astype(np.float64) for p in params]
-    states: list[dict] = [{} for _ in sizes]
-    options = default_options(lib, algorithm, **changes)
-    hyperparameters = {name: bool(v) if isinstance(v, int) else v for name, v in changes.items()}
-    if grad_scale is not None:
-        hyperparameters["grad_scale"] = grad_scale
-    for step in (1, 2, 3):
-        grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
-        for i, g in enumerate(grads):
-            expected[i], states[i] = algorithm.reference_step(
-                expected[i], g, states[i], **hyperparameters
-            )
-        # An empty tensor may come with NULL buffers (an empty std::vector's data()).
-        tensors = [
-            make_tensor(algorithm, p, g, b, step=step)
-            if p.size
-            else algorithm.tensor(size=0, step=step)
-            for p, g, b in zip(params, grads, buffers)
-        ]
-        status = call_step(lib, algorithm, options, tensors, grad_scale)
-        assert status == OK, lib.fusedopt_last_error()
-        assert lib.fusedopt_last_error() == b""
-    tolerance = 5e-6 if dtype == np.float32 else 1e-12
-    for p, e, b, s in zip(params, expected, buffers, states):
-        np.testing.assert_allclose(p, e, rtol=tolerance, atol=tolerance)
-        for name, buffer in zip(algorithm.states, b):
-            if s.get(name) is not None:
-                np.testing.assert_allclose(buffer, s[name], rtol=tolerance, atol=tolerance)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(
-    "algorithm, changes, grad_scale", CASES, ids=[f"{c[0].name}-{i}" for i, c in enumerate(CASES)]
-)
-def test_each_step_matches_the_reference(lib, algorithm, changes, grad_scale, dtype) -> None:
-    run_against_reference(lib, algorithm, changes, grad_scale, dtype)
-
-
-@pytest.mark.parametrize("isa", fusedopt.available_isas())
-def test_set_cpu_isa_switches_the_kernels_and_each_matches(lib, isa: str) -> None:
-    previous = lib.fusedopt_cpu_isa()
-    assert lib.fusedopt_set_cpu_isa(isa.encode()) == OK
-    try:
-        assert lib.fusedopt_cpu_isa().decode() == isa
-        run_against_reference(lib, ADAM, dict(lr=0.01, amsgrad=1), 2.0, np.float32)
-    finally:
-        lib.fusedopt_set_cpu_isa(previous)
-
-
-def adam_arrays(n: int = 33) -> list[np.ndarray]:
-    """param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq: the buffers of one AMSGrad tensor."""
-    rng = np.random.default_rng(1)
-    return [rng.standard_normal(n) for _ in range(5)]
-
-
-def spoil(field: str, value) -> Callable:
-    return lambda tensors, options: setattr(tensors[1], field, value)
-
-
-@pytest.mark.parametrize(
-    "change, status, message",
-    [
-        (spoil("max_exp_avg_sq", None), VALUE_ERROR, "max_exp_avg_sq[1] is missing"),
-        (spoil("dtype", 7), TYPE_ERROR, "params[1] has dtype 7"),
-        (spoil("grad", None), TYPE_ERROR, "tensors[1].grad is NULL"),
-        (spoil("group", 1), VALUE_ERROR, "group index of params[1]"),
-        (spoil("step", 0), VALUE_ERROR, "step of params[1]"),
-        (spoil("size", -1), VALUE_ERROR, "tensors[1].size"),
-        (lambda t, o: setattr(t[1], "exp_avg", t[0].param), VALUE_ERROR, "overlaps"),
-        (lambda t, o: setattr(o, "beta1", 1.5), VALUE_ERROR, "beta"),
-        (lambda t, o: setattr(o, "convention", 5), VALUE_ERROR, "groups[0].convention"),
-    ],
-)
-def test_a_bad_call_returns_its_status_and_writes_nothing(lib, change, status, message) -> None:
-    arrays = [adam_arrays(), adam_arrays()]
-    before = checksum(*arrays[0], *arrays[1])
-    tensors = [make_tensor(ADAM, a[0], a[1], a[2:], step=1) for a in arrays]
-    options = default_options(lib, ADAM, amsgrad=1)
-    change(tensors, options)
-    assert call_step(lib, ADAM, options, tensors) == status
-    assert message in lib.fusedopt_last_error().decode()
-    assert checksum(*arrays[0], *arrays[1]) == before
-
-
-def test_the_last_error_belongs_to_the_thread_and_clears_on_success(lib) -> None:
-    options = default_options(lib, ADAM)
-    assert call_step(lib, ADAM, options, [ADAM.tensor(size=-1, step=1)]) == VALUE_ERROR
-    seen_by_other_thread = []
-    worker = threading.Thread(target=lambda: seen_by_other_thread.append(lib.fusedopt_last_error()))
-    worker.start()
-    worker.join()
-    assert seen_by_other_thread == [b""]
-    assert lib.fusedopt_last_error() != b""
-    a = adam_arrays()
-    assert call_step(lib, ADAM, options, [make_tensor(ADAM, a[0], a[1], a[2:], step=1)]) == OK
-    assert lib.fusedopt_last_error() == b""
+    _fields_ = [
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("state", ctypes.c_void_p * MAX_STATES),
+        ("scalars", ctypes.POINTER(ctypes.c_double)),
+        ("size", ctypes.c_int64),
+        ("step", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("new_state", ctypes.c_int32),
+    ]
 
 
 class EwmaOptions(ctypes.Structure):
@@ -257,6 +59,991 @@ class EwmaOptions(ctypes.Structure):
     ]
 
 
+# Opaque handles are plain pointers here; so are arrays of them.
+HANDLE = ctypes.c_void_p
+HANDLES = ctypes.POINTER(ctypes.c_void_p)
+DOUBLE_P = ctypes.POINTER(ctypes.c_double)
+INT64_P = ctypes.POINTER(ctypes.c_int64)
+c_char_p, c_double, c_int32, c_int64 = (
+    ctypes.c_char_p,
+    ctypes.c_double,
+    ctypes.c_int32,
+    ctypes.c_int64,
+)
+
+SIGNATURES = {
+    "fusedopt_last_error": (c_char_p, []),
+    "fusedopt_status_string": (c_char_p, [ctypes.c_int]),
+    "fusedopt_version": (c_char_p, []),
+    "fusedopt_algorithm_count": (c_int32, []),
+    "fusedopt_algorithm_name": (c_char_p, [c_int32]),
+    "fusedopt_options_create": (ctypes.c_int, [c_char_p, HANDLES]),
+    "fusedopt_options_destroy": (None, [HANDLE]),
+    "fusedopt_options_algorithm": (c_char_p, [HANDLE]),
+    "fusedopt_options_set": (ctypes.c_int, [HANDLE, c_char_p, c_double]),
+    "fusedopt_options_get": (ctypes.c_int, [HANDLE, c_char_p, DOUBLE_P]),
+    "fusedopt_option_name": (c_char_p, [HANDLE, c_int32]),
+    "fusedopt_options_check": (ctypes.c_int, [HANDLE]),
+    "fusedopt_state_name": (c_char_p, [HANDLE, c_int32]),
+    "fusedopt_states_used": (ctypes.c_uint32, [HANDLE]),
+    "fusedopt_initial_state": (c_double, [HANDLE, c_int32]),
+    "fusedopt_scalar_name": (c_char_p, [HANDLE, c_int32]),
+    "fusedopt_initial_scalar": (c_double, [HANDLE, c_int32]),
+    "fusedopt_step": (
+        ctypes.c_int,
+        [HANDLES, c_int64, ctypes.POINTER(Tensor), c_int64, DOUBLE_P],
+    ),
+    "fusedopt_plan_create": (
+        ctypes.c_int,
+        [HANDLES, c_int64, ctypes.POINTER(Tensor), c_int64, HANDLES],
+    ),
+    "fusedopt_plan_step": (ctypes.c_int, [HANDLE, HANDLES, DOUBLE_P]),
+    "fusedopt_plan_set_options": (ctypes.c_int, [HANDLE, c_int64, HANDLE]),
+    "fusedopt_plan_steps": (ctypes.c_int, [HANDLE, INT64_P]),
+    "fusedopt_plan_destroy": (None, [HANDLE]),
+    "fusedopt_ewma_default_options": (EwmaOptions, []),
+    "fusedopt_ewma": (
+        ctypes.c_int,
+        [DOUBLE_P, DOUBLE_P, c_int64, c_int64, c_int64, c_int64, ctypes.POINTER(EwmaOptions)],
+    ),
+    "fusedopt_cpu_isa": (c_char_p, []),
+    "fusedopt_available_isas": (c_char_p, []),
+    "fusedopt_set_cpu_isa": (ctypes.c_int, [c_char_p]),
+    "fusedopt_num_threads": (c_int32, []),
+    "fusedopt_set_num_threads": (ctypes.c_int, [c_int32]),
+}
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    library = ctypes.CDLL(str(LIBRARY))
+    for name, (restype, argtypes) in SIGNATURES.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = restype, argtypes
+    return library
+
+
+@pytest.fixture(scope="module")
+def lib() -> ctypes.CDLL:
+    return load()
+
+
+def last_error() -> str:
+    return load().fusedopt_last_error().decode()
+
+
+def algorithms() -> list[str]:
+    """fusedopt_algorithm_name's list (empty without the library: the tests skip)."""
+    if not LIBRARY.is_file():
+        return []
+    lib = load()
+    return [lib.fusedopt_algorithm_name(i).decode() for i in range(lib.fusedopt_algorithm_count())]
+
+
+class Options:
+    """An options object of the C ABI, destroyed with this wrapper. Values are given as Python
+    numbers or bools (a flag); fusedopt's names (csrc/math/<name>.h)."""
+
+    def __init__(self, algorithm: str, **values: float) -> None:
+        self.handle = HANDLE()
+        status = load().fusedopt_options_create(algorithm.encode(), ctypes.byref(self.handle))
+        assert status == OK, last_error()
+        for name, value in values.items():
+            self.set(name, value)
+
+    def __del__(self) -> None:
+        load().fusedopt_options_destroy(self.handle)
+
+    def set(self, name: str, value: float) -> int:
+        return load().fusedopt_options_set(self.handle, name.encode(), float(value))
+
+    def get(self, name: str) -> float:
+        value = c_double()
+        assert load().fusedopt_options_get(self.handle, name.encode(), ctypes.byref(value)) == OK
+        return value.value
+
+    def names(self, function: str) -> list[str]:
+        listed, lookup = [], getattr(load(), function)
+        while (name := lookup(self.handle, len(listed))) is not None:
+            listed.append(name.decode())
+        return listed
+
+    @property
+    def option_names(self) -> list[str]:
+        return self.names("fusedopt_option_name")
+
+    @property
+    def state_names(self) -> list[str]:
+        return self.names("fusedopt_state_name")
+
+    @property
+    def states_used(self) -> int:
+        return load().fusedopt_states_used(self.handle)
+
+    def initial_state(self, k: int) -> float:
+        return load().fusedopt_initial_state(self.handle, k)
+
+
+def address(array: np.ndarray | None) -> int | None:
+    return None if array is None else array.ctypes.data
+
+
+def make_tensor(param, grad, states=(), *, step=1, group=0, new_state=0, scalars=None) -> Tensor:
+    """The C struct of one tensor; a state given as None stays NULL."""
+    states = list(states) + [None] * (MAX_STATES - len(states))
+    t = Tensor(address(param), address(grad), (ctypes.c_void_p * MAX_STATES)(*map(address, states)))
+    t.size, t.step, t.dtype, t.group, t.new_state = (
+        param.size,
+        step,
+        DTYPES[param.dtype],
+        group,
+        new_state,
+    )
+    if scalars is not None:
+        t.scalars = scalars.ctypes.data_as(DOUBLE_P)
+    return t
+
+
+def handles(groups: list[Options | None]):
+    return (ctypes.c_void_p * len(groups))(*[None if g is None else g.handle for g in groups])
+
+
+def scale(grad_scale: float | None):
+    return None if grad_scale is None else ctypes.byref(c_double(grad_scale))
+
+
+def step(groups: list[Options], tensors: list[Tensor], grad_scale: float | None = None) -> int:
+    array = (Tensor * len(tensors))(*tensors)
+    return load().fusedopt_step(
+        handles(groups), len(groups), array, len(tensors), scale(grad_scale)
+    )
+
+
+class Plan:
+    """A plan of the C ABI, destroyed with this wrapper."""
+
+    def __init__(self, groups: list[Options], tensors: list[Tensor]) -> None:
+        self.handle, self.size = HANDLE(), len(tensors)
+        array = (Tensor * len(tensors))(*tensors)
+        status = load().fusedopt_plan_create(
+            handles(groups), len(groups), array, len(tensors), ctypes.byref(self.handle)
+        )
+        assert status == OK, last_error()
+
+    def __del__(self) -> None:
+        load().fusedopt_plan_destroy(self.handle)
+
+    def step(self, grads: list[np.ndarray | None], grad_scale: float | None = None) -> int:
+        pointers = (ctypes.c_void_p * max(len(grads), 1))(*map(address, grads))
+        return load().fusedopt_plan_step(self.handle, pointers, scale(grad_scale))
+
+    def set_options(self, group: int, options: Options) -> int:
+        return load().fusedopt_plan_set_options(self.handle, group, options.handle)
+
+    def steps(self) -> list[int]:
+        out = (c_int64 * max(self.size, 1))()
+        assert load().fusedopt_plan_steps(self.handle, out) == OK, last_error()
+        return list(out[: self.size])
+
+
+# ---- Library -----------------------------------------------------------------------------------
+
+
+def test_version_and_isas_are_the_python_package_s(lib) -> None:
+    assert lib.fusedopt_version().decode() == fusedopt.__version__
+    assert lib.fusedopt_available_isas().decode().split(",") == fusedopt.available_isas()
+    assert lib.fusedopt_cpu_isa().decode() in fusedopt.available_isas()
+    assert lib.fusedopt_status_string(VALUE_ERROR) == b"value error"
+
+
+# ---- Algorithms, options and their introspection ----------------------------------------------
+
+# torch.optim spells some pairs as one tuple; fusedopt (and the reference) as two options.
+TORCH_PAIRS = {
+    "betas": ("beta1", "beta2"),
+    "etas": ("etaminus", "etaplus"),
+    "step_sizes": ("step_size_min", "step_size_max"),
+}
+# Arguments of torch's implementations, not hyperparameters.
+TORCH_IMPLEMENTATION = {"foreach", "fused", "capturable", "differentiable"}
+
+
+@pytest.mark.parametrize("algorithm", algorithms())
+def test_default_options_are_torch_optim_s(algorithm: str) -> None:
+    torch = pytest.importorskip("torch")
+    classes = {name.lower(): name for name in dir(torch.optim) if name[:1].isupper()}
+    if algorithm not in classes:
+        pytest.skip(f"torch.optim has no {algorithm}")
+    optimizer = getattr(torch.optim, classes[algorithm])
+    defaults = optimizer([torch.zeros(1, requires_grad=True)]).defaults
+    expected = {}
+    for name, value in defaults.items():
+        if name in TORCH_PAIRS:
+            expected.update(zip(TORCH_PAIRS[name], value))
+        elif name not in TORCH_IMPLEMENTATION:
+            expected[name] = float(value)
+    options = Options(algorithm)
+    names = options.option_names
+    assert names[-1] == "convention" and options.get("convention") == TORCH
+    assert {name: options.get(name) for name in names[:-1]} == expected
+
+
+def test_algorithms_are_listed_by_index(lib) -> None:
+    names = algorithms()
+    assert {"sgd", "adagrad", "rmsprop", "adam"} <= set(names)
+    assert len(set(names)) == len(names)
+    assert lib.fusedopt_algorithm_name(len(names)) is None
+    assert lib.fusedopt_algorithm_name(-1) is None
+    for name in names:
+        assert lib.fusedopt_options_algorithm(Options(name).handle).decode() == name
+
+
+# csrc/math/<name>.h's fields and states, in order.
+DESCRIPTIONS = {
+    "sgd": (
+        ["lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "convention"],
+        ["momentum_buffer"],
+    ),
+    "adagrad": (
+        [
+            "lr",
+            "lr_decay",
+            "weight_decay",
+            "initial_accumulator_value",
+            "eps",
+            "maximize",
+            "convention",
+        ],
+        ["sum"],
+    ),  # fmt: skip
+    "rmsprop": (
+        ["lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize", "convention"],
+        ["square_avg", "momentum_buffer", "grad_avg"],
+    ),
+    "adam": (
+        [
+            "lr",
+            "beta1",
+            "beta2",
+            "eps",
+            "weight_decay",
+            "amsgrad",
+            "maximize",
+            "decoupled_weight_decay",
+            "convention",
+        ],
+        ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(DESCRIPTIONS))
+def test_option_and_state_names_are_the_description_s(lib, algorithm: str) -> None:
+    options = Options(algorithm)
+    assert (options.option_names, options.state_names) == DESCRIPTIONS[algorithm]
+    assert lib.fusedopt_option_name(options.handle, -1) is None
+    assert lib.fusedopt_state_name(options.handle, -1) is None
+    assert lib.fusedopt_option_name(None, 0) is None
+
+
+@pytest.mark.parametrize("algorithm", algorithms())
+def test_every_option_reads_back_what_was_set(algorithm: str) -> None:
+    options = Options(algorithm)
+    assert options.state_names and len(options.state_names) <= MAX_STATES
+    for name in options.option_names:
+        value = KERAS if name == "convention" else 0.125
+        assert options.set(name, value) == OK, last_error()
+        assert options.get(name) in (value, 1.0)  # a flag reads back as 1
+    assert options.set("convention", TORCH) == OK and options.get("convention") == TORCH
+
+
+@pytest.mark.parametrize(
+    "algorithm, values, used",
+    [
+        ("sgd", {}, 0b000),
+        ("sgd", {"momentum": 0.9}, 0b001),
+        ("adagrad", {}, 0b001),
+        ("rmsprop", {}, 0b001),
+        ("rmsprop", {"momentum": 0.5}, 0b011),
+        ("rmsprop", {"centered": True}, 0b101),
+        ("adam", {}, 0b011),
+        ("adam", {"amsgrad": True}, 0b111),
+    ],
+)
+def test_states_used_follow_the_options(lib, algorithm, values, used) -> None:
+    assert Options(algorithm, **values).states_used == used
+    assert lib.fusedopt_states_used(None) == 0
+
+
+def test_initial_state_is_adagrad_s_initial_accumulator_value(lib) -> None:
+    assert Options("adagrad").initial_state(0) == 0.0
+    assert Options("adagrad", initial_accumulator_value=0.1).initial_state(0) == 0.1
+    assert Options("adam", amsgrad=True).initial_state(2) == 0.0
+    assert lib.fusedopt_initial_state(None, 0) == 0.0
+
+
+def test_a_flag_is_stored_as_0_or_1() -> None:
+    options = Options("adam")
+    assert options.set("amsgrad", 2.0) == OK and options.get("amsgrad") == 1.0
+    assert options.set("amsgrad", 0.0) == OK and options.get("amsgrad") == 0.0
+
+
+def test_options_check_names_the_invalid_hyperparameter(lib) -> None:
+    assert lib.fusedopt_options_check(Options("adam").handle) == OK
+    options = Options("adam", beta2=1.0)  # set is not checked; a step or check is
+    assert lib.fusedopt_options_check(options.handle) == VALUE_ERROR
+    assert "Invalid beta2: 1" in last_error()
+    assert lib.fusedopt_options_check(None) == TYPE_ERROR
+
+
+def test_unknown_names_are_refused(lib) -> None:
+    handle = HANDLE()
+    assert lib.fusedopt_options_create(b"adamm", ctypes.byref(handle)) == VALUE_ERROR
+    assert "unknown algorithm 'adamm'" in last_error()
+    assert handle.value is None
+    assert lib.fusedopt_options_create(None, ctypes.byref(handle)) == TYPE_ERROR
+    assert "algorithm is NULL" in last_error()
+    assert lib.fusedopt_options_create(b"adam", None) == TYPE_ERROR
+    options = Options("adam")
+    assert options.set("betas", 0.5) == VALUE_ERROR
+    assert "adam has no option 'betas'" in last_error()
+    value = c_double(7.0)
+    assert lib.fusedopt_options_get(options.handle, b"momentum", ctypes.byref(value)) == VALUE_ERROR
+    assert "adam has no option 'momentum'" in last_error()
+    assert value.value == 7.0
+    assert lib.fusedopt_options_set(None, b"lr", 1.0) == TYPE_ERROR
+
+
+def test_a_bad_convention_is_refused_when_set() -> None:
+    options = Options("sgd")
+    assert options.set("convention", 5) == VALUE_ERROR
+    assert "convention" in last_error()
+    assert options.get("convention") == TORCH
+
+
+def test_destroying_null_is_a_no_op(lib) -> None:
+    lib.fusedopt_options_destroy(None)
+    lib.fusedopt_plan_destroy(None)
+
+
+# ---- Steps against the reference ----------------------------------------------------------------
+
+# fusedopt's option names as Keras spells them (fusedopt.keras), and Keras' names of the states.
+KERAS_NAMES = {
+    "sgd": {"lr": "learning_rate", "momentum": "momentum", "nesterov": "nesterov"},
+    "adagrad": {"lr": "learning_rate", "initial_accumulator_value": "initial_accumulator_value",
+                "eps": "epsilon"},
+    "rmsprop": {"lr": "learning_rate", "alpha": "rho", "momentum": "momentum", "eps": "epsilon",
+                "centered": "centered"},
+    "adam": {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon",
+             "amsgrad": "amsgrad"},
+}  # fmt: skip
+KERAS_STATES = {
+    "sgd": ("momentum",),
+    "adagrad": ("accumulator",),
+    "rmsprop": ("velocity", "momentum", "average_gradient"),
+    "adam": ("momentum", "velocity", "velocity_hat"),
+}
+
+# (algorithm, group 0's options, group 1's changes to them, grad_scale). Every option is set away
+# from its default somewhere, so an option read from the wrong place shows; group 1 changes the
+# states used (a group keeping a state next to one keeping none) or a branch of the math.
+TORCH_CASES = [
+    ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01, maximize=True),
+     dict(momentum=0.0, lr=0.05), 4.0),
+    ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+     dict(lr=0.2, nesterov=False), None),
+    ("adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, eps=1e-3, maximize=True,
+                     initial_accumulator_value=0.1), dict(lr_decay=0.0, lr=0.05), None),
+    ("rmsprop", dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.01, momentum=0.5),
+     dict(momentum=0.0, centered=True), None),
+    ("rmsprop", dict(lr=0.01, alpha=0.9, centered=True, maximize=True),
+     dict(alpha=0.4), None),  # torch.lerp's other rounding form for grad_avg
+    ("adam", dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-3, weight_decay=0.1, maximize=True),
+     dict(amsgrad=True), 4.0),
+    ("adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True),
+     dict(beta1=0.3, amsgrad=False), None),  # and for exp_avg
+]  # fmt: skip
+KERAS_CASES = [
+    ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+     dict(momentum=0.0, nesterov=False), None),
+    ("adagrad", dict(lr=0.1, initial_accumulator_value=0.1, eps=1e-7, weight_decay=0.004),
+     dict(lr=0.3), None),
+    ("rmsprop", dict(lr=0.01, alpha=0.8, momentum=0.5, eps=1e-7, centered=True, weight_decay=0.01),
+     dict(momentum=0.0, centered=False), None),
+    ("adam", dict(lr=0.01, beta1=0.85, beta2=0.99, eps=1e-7, amsgrad=True, weight_decay=0.004),
+     dict(amsgrad=False, lr=0.02), None),
+]  # fmt: skip
+CASES = [(TORCH, *c) for c in TORCH_CASES] + [(KERAS, *c) for c in KERAS_CASES]
+
+# One call's tensors: their sizes, groups and the steps they have taken before (each tensor keeps
+# its own t, so one call mixes step numbers).
+SIZES = [0, 1, 17, 33, 65537, 5]
+GROUPS = [0, 1, 0, 1, 0, 1]
+TAKEN = [0, 0, 0, 3, 5, 0]
+
+
+def test_every_algorithm_has_reference_cases() -> None:
+    covered = {(convention, c[0]) for convention, *c in CASES}
+    missing = {(c, a) for a in algorithms() for c in (TORCH, KERAS)} - covered
+    # An algorithm offered in one convention only refuses the other: that is its case.
+    missing = {(c, a) for c, a in missing if step([Options(a, convention=c)], []) == OK}
+    assert not missing, f"add (convention, algorithm) {sorted(missing)} to CASES in {__file__}"
+
+
+def reference_step(convention: int, algorithm: str, options: dict, grad_scale):
+    """The reference's step for these fusedopt options, as (p, g, state) -> (p, state)."""
+    if convention == TORCH:
+        function = getattr(reference, f"torch_{algorithm}")
+        kwargs = dict(options)
+        if grad_scale is not None:
+            kwargs["grad_scale"] = grad_scale
+    else:
+        function = getattr(reference, f"keras_{algorithm}")
+        names = KERAS_NAMES[algorithm] | {"weight_decay": "weight_decay"}
+        kwargs = {names[name]: value for name, value in options.items()}
+    return functools.partial(function, **kwargs)
+
+
+def state_key(convention: int, algorithm: str, options: Options, k: int) -> str:
+    return KERAS_STATES[algorithm][k] if convention == KERAS else options.state_names[k]
+
+
+def run_case(convention, algorithm, values, changes, grad_scale, dtype, steps=3):
+    """Steps fusedopt_step and the reference side by side; returns the arrays fusedopt wrote
+    and the reference's params and states."""
+    rng = np.random.default_rng(0)
+    group_values = [values, values | changes]
+    groups = [Options(algorithm, convention=convention, **v) for v in group_values]
+    params = [rng.standard_normal(n).astype(dtype) for n in SIZES]
+    buffers = [
+        [
+            np.full(n, groups[g].initial_state(k), dtype)
+            if groups[g].states_used >> k & 1
+            else None
+            for k in range(len(groups[g].state_names))
+        ]
+        for n, g in zip(SIZES, GROUPS)
+    ]
+    expected = [p.astype(np.float64) for p in params]
+    states: list[dict] = [{"step": taken} for taken in TAKEN]
+    steppers = [reference_step(convention, algorithm, v, grad_scale) for v in group_values]
+    for call in range(steps):
+        grads = [rng.standard_normal(n).astype(dtype) for n in SIZES]
+        for i, g in enumerate(grads):
+            expected[i], states[i] = steppers[GROUPS[i]](expected[i], g, states[i])
+        # An empty tensor may come with NULL buffers (an empty std::vector's data()).
+        tensors = [
+            make_tensor(p, g, b, step=call + 1 + taken, group=group, new_state=call == 0)
+            if p.size
+            else Tensor(size=0, step=call + 1 + taken, dtype=DTYPES[p.dtype], group=group)
+            for p, g, b, taken, group in zip(params, grads, buffers, TAKEN, GROUPS)
+        ]
+        assert step(groups, tensors, grad_scale) == OK, last_error()
+        assert last_error() == ""
+    return params, buffers, expected, states, groups
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "convention, algorithm, values, changes, grad_scale",
+    CASES,
+    ids=[f"{'torch' if c[0] == TORCH else 'keras'}-{c[1]}-{i}" for i, c in enumerate(CASES)],
+)
+def test_each_step_matches_the_reference(
+    convention, algorithm, values, changes, grad_scale, dtype
+) -> None:
+    params, buffers, expected, states, groups = run_case(
+        convention, algorithm, values, changes, grad_scale, dtype
+    )
+    tolerance = 5e-6 if dtype == np.float32 else 1e-12
+    compared = 0
+    for p, e, b, s, g in zip(params, expected, buffers, states, GROUPS):
+        np.testing.assert_allclose(p, e, rtol=tolerance, atol=tolerance)
+        for k, buffer in enumerate(b):
+            if buffer is not None:
+                key = state_key(convention, algorithm, groups[g], k)
+                np.testing.assert_allclose(buffer, s[key], rtol=tolerance, atol=tolerance)
+                compared += 1
+    assert compared > 0
+
+
+def test_set_cpu_isa_switches_the_kernels_with_identical_bits(lib) -> None:
+    previous = lib.fusedopt_cpu_isa()
+    results = {}
+    try:
+        for isa in fusedopt.available_isas():
+            assert lib.fusedopt_set_cpu_isa(isa.encode()) == OK
+            assert lib.fusedopt_cpu_isa().decode() == isa
+            arrays = []
+            for case in (CASES[5], CASES[3], CASES[-2]):  # Adam with a grad scale, RMSprop
+                for dtype in (np.float32, np.float64):
+                    params, buffers, *_ = run_case(*case, dtype)
+                    arrays += params + [b for bs in buffers for b in bs if b is not None]
+            results[isa] = checksum(*arrays)
+    finally:
+        lib.fusedopt_set_cpu_isa(previous)
+    assert len(set(results.values())) == 1, results
+
+
+def test_a_grad_scale_is_refused_by_an_algorithm_that_takes_none() -> None:
+    p, g, s = np.ones(4), np.ones(4), np.zeros(4)
+    before = checksum(p, g, s)
+    assert step([Options("adagrad")], [make_tensor(p, g, [s])], grad_scale=2.0) == VALUE_ERROR
+    assert "grad_scale: adagrad does not take a grad scale" in last_error()
+    assert checksum(p, g, s) == before
+
+
+# ---- Bad calls ----------------------------------------------------------------------------------
+
+
+def amsgrad_arrays(n: int = 33) -> list[np.ndarray]:
+    """param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq: the buffers of one AMSGrad tensor."""
+    rng = np.random.default_rng(1)
+    return [rng.standard_normal(n) for _ in range(5)]
+
+
+def spoil(field: str, value) -> Callable:
+    return lambda tensors, groups: setattr(tensors[1], field, value)
+
+
+def spoil_state(k: int, value: Callable) -> Callable:
+    def change(tensors, groups):
+        tensors[1].state[k] = value(tensors)
+
+    return change
+
+
+def second_group(options: Options) -> Callable:
+    def change(tensors, groups):
+        groups.append(options)
+        tensors[1].group = 1
+
+    return change
+
+
+def unscaled(change: Callable | None = None) -> Callable:
+    """A call with a grad scale, so the grads are written too."""
+
+    def apply(tensors, groups):
+        if change:
+            change(tensors, groups)
+        return 2.0
+
+    return apply
+
+
+BAD_CALLS = [
+    (spoil_state(2, lambda t: None), VALUE_ERROR, "max_exp_avg_sq[1] is missing"),
+    (spoil("dtype", 7), TYPE_ERROR, "params[1] has dtype 7"),
+    (spoil("grad", None), TYPE_ERROR, "tensors[1].grad is NULL"),
+    (spoil("param", None), TYPE_ERROR, "tensors[1].param is NULL"),
+    (spoil("group", 1), VALUE_ERROR, "group index of params[1]"),
+    (spoil("group", -1), VALUE_ERROR, "group index of params[1]"),
+    (spoil("step", 0), VALUE_ERROR, "step of params[1]"),
+    (spoil("size", -1), VALUE_ERROR, "tensors[1].size"),
+    (spoil_state(0, lambda t: t[0].param), VALUE_ERROR, "overlaps"),
+    (spoil_state(1, lambda t: t[1].state[0]), VALUE_ERROR, "overlaps"),
+    (lambda t, g: setattr(t[1], "grad", t[0].grad), OK, ""),  # grads only read may be shared
+    (unscaled(lambda t, g: setattr(t[1], "grad", t[0].grad)), VALUE_ERROR,
+     "grads[1] overlaps grads[0]"),  # grads written back may not
+    (second_group(Options("adam", amsgrad=True, beta2=1.0)), VALUE_ERROR,
+     "groups[1]: Invalid beta2: 1"),
+    (second_group(Options("sgd")), VALUE_ERROR, "groups[1] holds options for sgd, not adam"),
+    (second_group(None), TYPE_ERROR, "groups[1] is NULL"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("change, status, message", BAD_CALLS)
+def test_a_bad_call_returns_its_status_and_writes_nothing(change, status, message) -> None:
+    arrays = [amsgrad_arrays(), amsgrad_arrays()]
+    before = checksum(*arrays[0], *arrays[1])
+    tensors = [make_tensor(a[0], a[1], a[2:], step=1) for a in arrays]
+    groups = [Options("adam", amsgrad=True)]
+    grad_scale = change(tensors, groups)
+    assert step(groups, tensors, grad_scale) == status
+    assert message in last_error()
+    if status != OK:
+        assert message
+        assert checksum(*arrays[0], *arrays[1]) == before
+
+
+def test_a_call_without_tensors_or_groups_is_refused(lib) -> None:
+    options = Options("adam")
+    assert step([options], []) == OK
+    assert lib.fusedopt_step(handles([options]), 0, None, 0, None) == VALUE_ERROR
+    assert "num_groups must be >= 1" in last_error()
+    assert lib.fusedopt_step(None, 1, None, 0, None) == TYPE_ERROR
+    assert "groups is NULL" in last_error()
+    assert lib.fusedopt_step(handles([options]), 1, None, 2, None) == TYPE_ERROR
+    assert "tensors is NULL but num_tensors is 2" in last_error()
+    assert lib.fusedopt_step(handles([options]), 1, None, -1, None) == VALUE_ERROR
+    assert "num_tensors must be >= 0" in last_error()
+
+
+def test_the_last_error_belongs_to_the_thread_and_clears_on_success() -> None:
+    options = Options("adam")
+    assert step([options], [Tensor(size=-1, step=1)]) == VALUE_ERROR
+    seen_by_other_thread = []
+    worker = threading.Thread(target=lambda: seen_by_other_thread.append(last_error()))
+    worker.start()
+    worker.join()
+    assert seen_by_other_thread == [""]
+    assert last_error() != ""
+    a = amsgrad_arrays()
+    assert step([options], [make_tensor(a[0], a[1], a[2:4], step=1)]) == OK
+    assert last_error() == ""
+
+
+# ---- Plans -------------------------------------------------------------------------------------
+
+
+# Options that use every state of an algorithm.
+EVERY_STATE = {
+    "sgd": dict(momentum=0.5),
+    "adagrad": dict(initial_accumulator_value=0.1),
+    "rmsprop": dict(momentum=0.5, centered=True),
+    "adam": dict(amsgrad=True),
+}
+
+
+def offered(algorithm: str, convention: int) -> bool:
+    return step([Options(algorithm, convention=convention)], []) == OK
+
+
+def plan_case(algorithm: str, dtype=np.float64, **values):
+    """Tensors in two groups (group 1 in Keras' convention where the algorithm offers it), their
+    buffers for every state the options use, and how to copy them: one copy for fusedopt_step,
+    one for a plan."""
+    keras = KERAS if offered(algorithm, KERAS) else TORCH
+    groups = [
+        Options(algorithm, lr=0.01, **values),
+        Options(algorithm, lr=0.03, convention=keras, **values),
+    ]
+    rng = np.random.default_rng(3)
+    sizes, group_of, taken = [5, 300, 0, 17], [0, 1, 0, 0], [0, 4, 0, 2]
+    params = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    buffers = [
+        [
+            np.full(n, groups[g].initial_state(k), dtype)
+            if groups[g].states_used >> k & 1
+            else None
+            for k in range(len(groups[g].state_names))
+        ]
+        for n, g in zip(sizes, group_of)
+    ]
+
+    def tensors(params, buffers, call=0, grads=None):
+        grads = grads or [None] * len(sizes)
+        return [
+            make_tensor(p, g, b, step=call + 1 + t, group=group, new_state=call == 0)
+            for p, g, b, t, group in zip(params, grads, buffers, taken, group_of)
+        ]
+
+    def copy():
+        return [p.copy() for p in params], [[None if b is None else b.copy() for b in bs]
+                                            for bs in buffers]  # fmt: skip
+
+    def grads(call):
+        r = np.random.default_rng(100 + call)
+        return [r.standard_normal(n).astype(dtype) for n in sizes]
+
+    return groups, copy, tensors, grads, taken
+
+
+@pytest.mark.parametrize("grad_scale", [None, 0.5])
+@pytest.mark.parametrize("algorithm", algorithms())
+def test_a_plan_steps_bit_for_bit_as_fusedopt_step(algorithm: str, grad_scale) -> None:
+    groups, copy, tensors, grads, taken = plan_case(algorithm, **EVERY_STATE.get(algorithm, {}))
+    if grad_scale is not None and step(groups, [], grad_scale) != OK:
+        assert "does not take a grad scale" in last_error()
+        pytest.skip(f"{algorithm} takes no grad scale")
+    direct_params, direct_buffers = copy()
+    planned_params, planned_buffers = copy()
+    plan = Plan(groups, tensors(planned_params, planned_buffers))
+    assert plan.steps() == [1 + t for t in taken]
+    for call in range(4):
+        direct_grads, planned_grads = grads(call), grads(call)
+        call_tensors = tensors(direct_params, direct_buffers, call, direct_grads)
+        assert step(groups, call_tensors, grad_scale) == OK, last_error()
+        assert plan.step(planned_grads, grad_scale) == OK, last_error()
+        assert last_error() == ""
+        assert plan.steps() == [call + 2 + t for t in taken]
+        # A grad scale writes the unscaled gradient back, the same in both.
+        assert checksum(*direct_grads) == checksum(*planned_grads)
+    assert checksum(*direct_params) == checksum(*planned_params)
+    flat = [[b for bs in buffers for b in bs if b is not None] for buffers in
+            (direct_buffers, planned_buffers)]  # fmt: skip
+    assert checksum(*flat[0]) == checksum(*flat[1])
+    assert checksum(*direct_params) != checksum(*copy()[0])
+
+
+def test_a_plan_holds_its_own_copy_of_the_options_and_set_options_changes_them() -> None:
+    groups, copy, tensors, grads, _ = plan_case("sgd")
+    params, buffers = copy()
+    plan = Plan(groups, tensors(params, buffers))
+    groups[0].set("lr", 0.0)  # the plan took a copy: no effect
+    before = checksum(params[0])
+    assert plan.step(grads(0)) == OK
+    assert checksum(params[0]) != before
+    # lr = 0 for group 0 now: its params stay, group 1's move.
+    assert plan.set_options(0, Options("sgd", lr=0.0)) == OK
+    before = [checksum(p) for p in params]
+    assert plan.step(grads(1)) == OK
+    after = [checksum(p) for p in params]
+    assert [b == a for b, a in zip(before, after)] == [True, False, True, True]
+    # Back to lr 0.01: the same bits as fusedopt_step with the plan's first options.
+    assert plan.set_options(0, Options("sgd", lr=0.01)) == OK
+    groups[0].set("lr", 0.01)
+    expected = [p.copy() for p in params]
+    g = grads(2)
+    assert step(groups, tensors(expected, buffers, 2, g)) == OK
+    assert plan.step(g) == OK
+    assert checksum(*expected) == checksum(*params)
+
+
+def test_set_options_is_refused_when_it_cannot_apply() -> None:
+    groups, copy, tensors, grads, _ = plan_case("adam")
+    params, buffers = copy()
+    plan = Plan(groups, tensors(params, buffers))
+    assert plan.set_options(2, Options("adam")) == VALUE_ERROR
+    assert "group 2 is out of range" in last_error()
+    assert plan.set_options(-1, Options("adam")) == VALUE_ERROR
+    assert plan.set_options(0, Options("sgd")) == VALUE_ERROR
+    assert "holds options for sgd, not adam" in last_error()
+    assert plan.set_options(0, Options("adam", eps=-1.0)) == VALUE_ERROR
+    assert "Invalid eps: -1" in last_error()
+    # These tensors were registered without max_exp_avg_sq.
+    assert plan.set_options(0, Options("adam", amsgrad=True)) == VALUE_ERROR
+    assert "max_exp_avg_sq[0] is missing" in last_error()
+    assert load().fusedopt_plan_set_options(plan.handle, 0, None) == TYPE_ERROR
+    # Nothing changed: the plan still steps with the options it was created with.
+    expected_params, expected_buffers = copy()
+    g = grads(0)
+    assert step(groups, tensors(expected_params, expected_buffers, 0, g)) == OK
+    assert plan.step(g) == OK
+    assert checksum(*expected_params) == checksum(*params)
+
+
+def test_set_options_may_use_a_state_registered_for_later() -> None:
+    """A state buffer given at creation that the options do not use yet (AMSGrad's max, switched
+    on later) stays registered, and is updated once options that use it are set."""
+    groups, copy, tensors, grads, _ = plan_case("adam")
+    params, buffers = copy()
+    for bs, p in zip(buffers, params):
+        bs[2] = np.zeros_like(p)
+    plan = Plan(groups, tensors(params, buffers))
+    assert plan.step(grads(0)) == OK
+    assert not buffers[0][2].any()
+    assert plan.set_options(0, Options("adam", lr=0.01, amsgrad=True)) == OK, last_error()
+    assert plan.step(grads(1)) == OK
+    assert buffers[0][2].any() and not buffers[1][2].any()  # group 1 keeps its options
+    # A grad may not overlap it either.
+    assert plan.step([buffers[3][2]] + grads(2)[1:]) == VALUE_ERROR
+    assert "grads[0] overlaps max_exp_avg_sq[3]" in last_error()
+
+
+@pytest.mark.parametrize(
+    "grads, status, message",
+    [
+        (lambda g, p, b: [b[3][0], g[1], g[2], g[3]], VALUE_ERROR, "grads[0] overlaps exp_avg[3]"),
+        (lambda g, p, b: [g[0], g[1], g[2], p[3]], VALUE_ERROR, "grads[3] overlaps params[3]"),
+        (lambda g, p, b: [g[0], g[1], g[2], b[1][1][:17]], VALUE_ERROR,
+         "grads[3] overlaps exp_avg_sq[1]"),
+        (lambda g, p, b: [g[0], None, g[2], g[3]], TYPE_ERROR, "grads[1] is NULL"),
+        (lambda g, p, b: None, TYPE_ERROR, "grads is NULL"),
+    ],
+)  # fmt: skip
+def test_a_bad_plan_step_is_refused_and_writes_nothing(grads, status, message) -> None:
+    groups, copy, tensors, make_grads, taken = plan_case("adam")
+    params, buffers = copy()
+    plan = Plan(groups, tensors(params, buffers))
+    assert plan.step(make_grads(0)) == OK
+    arrays = params + [b for bs in buffers for b in bs if b is not None]
+    g = grads(make_grads(1), params, buffers)
+    before = checksum(*arrays)
+    if g is None:
+        assert load().fusedopt_plan_step(plan.handle, None, None) == status
+    else:
+        assert plan.step(g) == status
+    assert message in last_error()
+    assert checksum(*arrays) == before
+    assert plan.steps() == [2 + t for t in taken]  # a refused step is not counted
+
+
+def test_written_grads_of_a_plan_may_not_overlap_one_another() -> None:
+    groups, copy, tensors, grads, taken = plan_case("adam")
+    params, buffers = copy()
+    plan = Plan(groups, tensors(params, buffers))
+    g = grads(0)
+    shared = [g[0], g[1], g[2], g[1][:17]]
+    assert plan.step(shared) == OK  # read only: a grad may be shared
+    before = checksum(*params, *g)
+    assert plan.step(shared, grad_scale=2.0) == VALUE_ERROR
+    assert "grads[1] overlaps grads[3]" in last_error() or "grads[3] overlaps grads[1]" in (
+        last_error()
+    )
+    assert checksum(*params, *g) == before
+
+
+@pytest.mark.parametrize(
+    "spoil, status, message",
+    [
+        (lambda t: setattr(t[1], "dtype", 7), TYPE_ERROR, "params[1] has dtype 7"),
+        (lambda t: setattr(t[1], "step", 0), VALUE_ERROR, "tensors[1].step must be >= 1"),
+        (lambda t: setattr(t[1], "group", 2), VALUE_ERROR, "group index of params[1]"),
+        (lambda t: t[1].state.__setitem__(1, None), VALUE_ERROR, "exp_avg_sq[1] is missing"),
+        (lambda t: t[1].state.__setitem__(1, t[0].param), VALUE_ERROR, "overlaps"),
+        (lambda t: setattr(t[1], "size", -2), VALUE_ERROR, "tensors[1].size must be >= 0"),
+    ],
+)
+def test_a_plan_over_bad_tensors_is_refused(lib, spoil, status, message) -> None:
+    groups, copy, tensors, _, _ = plan_case("adam")
+    params, buffers = copy()
+    spoiled = tensors(params, buffers)
+    spoil(spoiled)
+    handle = HANDLE()
+    array = (Tensor * 4)(*spoiled)
+    assert lib.fusedopt_plan_create(handles(groups), 2, array, 4, ctypes.byref(handle)) == status
+    assert message in last_error()
+    assert handle.value is None
+
+
+def test_a_plan_without_tensors_steps(lib) -> None:
+    plan = Plan([Options("sgd")], [])
+    assert lib.fusedopt_plan_step(plan.handle, None, None) == OK
+    assert lib.fusedopt_plan_steps(plan.handle, None) == OK
+    assert lib.fusedopt_plan_step(None, None, None) == TYPE_ERROR
+    assert "plan is NULL" in last_error()
+
+
+def test_a_plan_s_grads_take_the_registered_dtype() -> None:
+    """A plan's grads are addresses: their dtype is the one each tensor was registered with (a
+    float32 plan reads float32 grads), checked once, at creation."""
+    p32, p64 = np.ones(8, np.float32), np.ones(8)
+    plan = Plan([Options("sgd", lr=0.5)], [make_tensor(p32, None), make_tensor(p64, None)])
+    assert plan.step([np.full(8, 2, np.float32), np.full(8, 2.0)]) == OK
+    assert (p32 == 0).all() and (p64 == 0).all()
+
+
+SCALAR_ALGORITHMS = [a for a in algorithms() if Options(a).names("fusedopt_scalar_name")]
+
+
+@pytest.mark.skipif(
+    not SCALAR_ALGORITHMS, reason="no algorithm of the registry keeps per-tensor scalars yet"
+)
+@pytest.mark.parametrize("algorithm", SCALAR_ALGORITHMS or ["none"])
+def test_scalars_advance_alike_in_steps_and_plans(lib, algorithm: str) -> None:
+    options = Options(algorithm)
+    count = len(options.names("fusedopt_scalar_name"))
+    assert count <= MAX_SCALARS
+    initial = np.array([lib.fusedopt_initial_scalar(options.handle, k) for k in range(MAX_SCALARS)])
+    n = 9
+    rng = np.random.default_rng(5)
+    param, grads = rng.standard_normal(n), [rng.standard_normal(n) for _ in range(3)]
+    used = options.states_used
+
+    def buffers():
+        return [
+            np.full(n, options.initial_state(k)) if used >> k & 1 else None
+            for k in range(len(options.state_names))
+        ]
+
+    direct_param, direct_states, direct_scalars = param.copy(), buffers(), initial.copy()
+    planned_param, planned_states, planned_scalars = param.copy(), buffers(), initial.copy()
+    # Without scalars the call is refused, and nothing written.
+    before = checksum(direct_param)
+    refused = make_tensor(direct_param, grads[0], direct_states, new_state=1)
+    assert step([options], [refused]) == TYPE_ERROR
+    assert "tensors[0].scalars is NULL" in last_error()
+    assert checksum(direct_param) == before
+    plan = Plan(
+        [options],
+        [make_tensor(planned_param, None, planned_states, new_state=1, scalars=planned_scalars)],
+    )
+    for call, g in enumerate(grads):
+        tensor = make_tensor(
+            direct_param, g, direct_states, step=call + 1, new_state=call == 0,
+            scalars=direct_scalars,
+        )  # fmt: skip
+        assert step([options], [tensor]) == OK, last_error()
+        assert plan.step([g.copy()]) == OK, last_error()
+        assert checksum(direct_scalars) == checksum(planned_scalars)
+    assert checksum(direct_param) == checksum(planned_param)
+    assert not np.array_equal(direct_scalars[:count], initial[:count])
+
+
+# ---- Plans on several threads ------------------------------------------------------------------
+
+
+def big_plan(seed: int, n: int = 1 << 18):
+    """An Adam plan over a few large float32 tensors (long enough steps to overlap in time)."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    states = [[np.zeros(n, np.float32) for _ in range(2)] for _ in params]
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in params]
+    plan = Plan(
+        [Options("adam", lr=0.01)], [make_tensor(p, None, s) for p, s in zip(params, states)]
+    )
+    return plan, params, states, grads
+
+
+def run_together(*bodies: Callable[[], None]) -> None:
+    barrier = threading.Barrier(len(bodies))
+    errors: list[BaseException] = []
+
+    def run(body):
+        try:
+            barrier.wait()
+            body()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def stepper(plan: Plan, grads: list[np.ndarray], steps: int) -> Callable[[], None]:
+    def body():
+        for _ in range(steps):
+            assert plan.step(grads) == OK, last_error()
+
+    return body
+
+
+def test_two_plans_step_at_once_as_they_step_one_after_the_other() -> None:
+    steps = 5
+    sequential = [big_plan(1), big_plan(2)]
+    for plan, _, _, grads in sequential:
+        stepper(plan, grads, steps)()
+    parallel = [big_plan(1), big_plan(2)]
+    run_together(*(stepper(plan, grads, steps) for plan, _, _, grads in parallel))
+    for (_, p1, s1, _), (_, p2, s2, _) in zip(sequential, parallel):
+        assert checksum(*p1, *s1[0], *s1[1], *s1[2]) == checksum(*p2, *s2[0], *s2[1], *s2[2])
+
+
+def test_two_threads_on_one_plan_take_turns() -> None:
+    """Steps on one plan are serialized: two threads stepping it (with equal grads, so the order
+    does not matter) leave what as many steps one after the other leave."""
+    steps = 4
+    plan, params, states, grads = big_plan(3)
+    other_grads = [g.copy() for g in grads]
+    run_together(stepper(plan, grads, steps), stepper(plan, other_grads, steps))
+    assert plan.steps() == [2 * steps + 1] * 3
+    expected_plan, expected_params, expected_states, expected_grads = big_plan(3)
+    stepper(expected_plan, expected_grads, 2 * steps)()
+    assert checksum(*params, *states[0], *states[1], *states[2]) == checksum(
+        *expected_params, *expected_states[0], *expected_states[1], *expected_states[2]
+    )
+
+
+# ---- EWMA, ISA and threads, exports ------------------------------------------------------------
+
+
 @pytest.mark.parametrize("adjust, ignore_na, min_periods", [(1, 0, 0), (0, 1, 2)])
 def test_ewma_matches_the_reference_on_series_with_gaps(
     lib, adjust: int, ignore_na: int, min_periods: int
@@ -265,13 +1052,15 @@ def test_ewma_matches_the_reference_on_series_with_gaps(
     x = rng.standard_normal((50, 3))
     x[[0, 7, 8, 30], [0, 1, 1, 2]] = np.nan
     out = np.empty_like(x)
+    defaults = lib.fusedopt_ewma_default_options()
+    assert (defaults.com, defaults.adjust, defaults.ignore_na, defaults.min_periods) == (0, 1, 0, 0)
     options = EwmaOptions(1.5, adjust, ignore_na, min_periods)
     # Column s of a C-order (50, 3) block: element t at s + 3 t.
     status = lib.fusedopt_ewma(
-        ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(50),
-        ctypes.c_int64(3), ctypes.c_int64(3), ctypes.c_int64(1), ctypes.byref(options),
+        x.ctypes.data_as(DOUBLE_P), out.ctypes.data_as(DOUBLE_P), 50, 3, 3, 1,
+        ctypes.byref(options),
     )  # fmt: skip
-    assert status == OK, lib.fusedopt_last_error()
+    assert status == OK, last_error()
     expected = reference.ewma(
         x, com=1.5, adjust=bool(adjust), ignore_na=bool(ignore_na), min_periods=min_periods
     )
@@ -280,23 +1069,33 @@ def test_ewma_matches_the_reference_on_series_with_gaps(
 
 def test_set_cpu_isa_and_threads_reject_bad_values(lib) -> None:
     assert lib.fusedopt_set_cpu_isa(b"neon") == VALUE_ERROR
-    assert b"not available" in lib.fusedopt_last_error()
+    assert "not available" in last_error()
+    assert lib.fusedopt_set_cpu_isa(None) == TYPE_ERROR
     assert lib.fusedopt_set_num_threads(0) == VALUE_ERROR
+    assert "n must be >= 1, got 0" in last_error()
     threads = lib.fusedopt_num_threads()
     assert lib.fusedopt_set_num_threads(1) == OK
     assert lib.fusedopt_num_threads() == 1
     assert lib.fusedopt_set_num_threads(threads) == OK
 
 
+def exported_symbols(library: Path) -> set[str]:
+    listing = subprocess.run(
+        ["nm", "-D", "--defined-only", str(library)], check=True, capture_output=True, text=True
+    ).stdout
+    return {line.split()[-1] for line in listing.splitlines() if line.strip()}
+
+
 @pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) is not installed")
 def test_only_the_c_api_is_exported() -> None:
-    listing = subprocess.run(
-        ["nm", "-D", "--defined-only", str(LIBRARY)], check=True, capture_output=True, text=True
-    ).stdout
-    exported = {line.split()[-1] for line in listing.splitlines() if line.strip()}
+    exported = exported_symbols(LIBRARY)
     assert exported, "no dynamic symbols found"
     assert {name for name in exported if not name.startswith("fusedopt_")} == set()
-    assert {"fusedopt_adam_step", "fusedopt_last_error", "fusedopt_ewma"} <= exported
+    # Every function of fusedopt.h, and none of the per-algorithm ABI it replaced.
+    assert set(SIGNATURES) <= exported
+    assert not {name for name in exported if name.endswith(("_default_options", "_step"))} - {
+        "fusedopt_step", "fusedopt_plan_step", "fusedopt_ewma_default_options",
+    }  # fmt: skip
 
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) is not installed")
@@ -306,8 +1105,5 @@ def test_the_python_modules_export_only_their_entry_points() -> None:
     modules = sorted(package.glob("_core*.so")) + sorted(package.glob("_cuda*.so"))
     assert modules, "no extension module found in the installed package"
     for module in modules:
-        listing = subprocess.run(
-            ["nm", "-D", "--defined-only", str(module)], check=True, capture_output=True, text=True
-        ).stdout
-        exported = {line.split()[-1] for line in listing.splitlines() if line.strip()}
+        exported = exported_symbols(module)
         assert all(name.startswith("PyInit_") for name in exported), (module.name, exported)

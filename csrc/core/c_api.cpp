@@ -3,6 +3,7 @@
 // every exception into a status code and a thread-local message.
 #include <algorithm>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <optional>
 #include <stdexcept>
@@ -123,19 +124,26 @@ namespace {
 template <class A>
 struct TypedOptions;
 
-// The groups of a call as A's Options: every one must be for A.
+// The groups of a call as A's Options: every one must be for A and valid. A message names
+// groups[g], or `single` (a function's one options argument) when given.
 template <class A>
-std::vector<typename A::Options> typed_groups(const fusedopt_options* const* groups,
-                                              int64_t count) {
+std::vector<typename A::Options> typed_groups(const fusedopt_options* const* groups, int64_t count,
+                                              const char* single = nullptr) {
   check_count(groups, count, "groups");
   std::vector<typename A::Options> result;
   result.reserve(count);
   for (int64_t g = 0; g < count; ++g) {
-    if (!groups[g]) throw Error(ErrorKind::type, indexed("groups", g) + " is NULL");
+    auto name = [&] { return single ? std::string(single) : indexed("groups", g); };
+    if (!groups[g]) throw Error(ErrorKind::type, name() + " is NULL");
     const auto* typed = dynamic_cast<const TypedOptions<A>*>(groups[g]);
     if (!typed)
-      throw Error(ErrorKind::value, indexed("groups", g) + " holds options for " +
-                                        groups[g]->algorithm() + ", not " + A::name);
+      throw Error(ErrorKind::value,
+                  name() + " holds options for " + groups[g]->algorithm() + ", not " + A::name);
+    try {
+      A::check(typed->options);
+    } catch (const OptionError& e) {
+      throw Error(ErrorKind::value, name() + ": " + e.what());
+    }
     result.push_back(typed->options);
   }
   return result;
@@ -210,14 +218,19 @@ class TypedPlan : public fusedopt_plan {
                                       A::scalar_names.size() ? scalars_.rows.data() : nullptr);
   }
 
+  // The lock covers the scalars' copy back after the core's step, and reads of the counts.
   void step(void* const* grads, const double* grad_scale) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const int64_t n = static_cast<int64_t>(sizes_.size());
     check_count(grads, n, "grads");
     std::vector<BufferInfo> infos;
     infos.reserve(n);
-    for (int64_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i) {
+      if (!grads[i] && sizes_[i].size > 0)
+        throw Error(ErrorKind::type, indexed("grads", i) + " is NULL");
       infos.push_back(describe(grads[i], sizes_[i].size,
                                sizes_[i].is_float32 ? FUSEDOPT_FLOAT32 : FUSEDOPT_FLOAT64));
+    }
     StepExtras extras;
     if (grad_scale) extras.grad_scale = *grad_scale;
     plan_->step(infos, extras, std::nullopt);
@@ -225,12 +238,14 @@ class TypedPlan : public fusedopt_plan {
   }
 
   void set_options(int64_t group, const fusedopt_options* options) override {
-    const auto groups = typed_groups<A>(&options, 1);
+    const auto groups = typed_groups<A>(&options, 1, "options");
     if (group < 0) throw Error(ErrorKind::value, "group must be >= 0");
+    std::lock_guard<std::mutex> lock(mutex_);
     plan_->set_options(static_cast<size_t>(group), groups[0]);
   }
 
   void steps(int64_t* out) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     if (!out && !counts_.empty()) throw Error(ErrorKind::type, "steps is NULL");
     for (size_t i = 0; i < counts_.size(); ++i) out[i] = counts_[i] + 1;
   }
@@ -245,6 +260,7 @@ class TypedPlan : public fusedopt_plan {
   std::vector<double*> scalar_sources_;
   ScalarRows scalars_;
   std::unique_ptr<Plan<A>> plan_;
+  std::mutex mutex_;
 };
 
 template <class A>

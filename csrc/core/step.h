@@ -273,12 +273,14 @@ class Plan {
     schedule_.new_state = std::move(new_state);
     schedule_.scalars = scalars;
     check_schedule(schedule_, step_.tensors.size(), groups_.size());
-    for (size_t i = 0; i < step_.tensors.size(); ++i)
-      detail::match_states<A>(step_.tensors[i], A::states_used(groups_[schedule_.group_of[i]]), i);
+    // Every state given is registered, a state these options do not use included, so that
+    // set_options may switch it on later; each step drops the states its options do not use.
     registered_states_.resize(step_.tensors.size());
     for (size_t i = 0; i < step_.tensors.size(); ++i)
       std::copy(std::begin(step_.tensors[i].state), std::end(step_.tensors[i].state),
                 registered_states_[i].begin());
+    for (size_t i = 0; i < step_.tensors.size(); ++i)
+      detail::match_states<A>(step_.tensors[i], A::states_used(groups_[schedule_.group_of[i]]), i);
     std::vector<ExtentIndex::Extent> extents;
     for (size_t i = 0; i < step_.tensors.size(); ++i) {
       const TensorRef& t = step_.tensors[i];

@@ -1,8 +1,9 @@
-// Fits a linear model y = A w + bias by least squares with fusedopt's Adam, the two parameter
-// tensors updated in one call, and prints the result. The data come from known weights and bias
-// plus a little noise, so the fit must land near them. tests/test_cmake_consumer.py
-// builds this program against the installed package and replays the same problem through
-// fusedopt.reference.torch_adam; keep the data and hyperparameters in step with it.
+// Fits a linear model y = A w + bias by least squares with fusedopt's Adam and prints the result:
+// the two parameter tensors and their states are registered once in a plan, and each step gives
+// it the two gradients. The data come from known weights and bias plus a little noise, so the fit
+// must land near them. tests/test_cmake_consumer.py builds this program against the installed
+// package and replays the same problem through fusedopt.reference.torch_adam; keep the data and
+// hyperparameters in step with it.
 #include <cstdio>
 #include <fusedopt/fusedopt.hpp>
 #include <vector>
@@ -53,17 +54,17 @@ int main() {
   std::vector<double> weights_exp_avg(kFeatures), weights_exp_avg_sq(kFeatures);
   std::vector<double> bias(1, 0.0), bias_grad(1), bias_exp_avg(1), bias_exp_avg_sq(1);
 
-  fusedopt_adam_options options = fusedopt_adam_default_options();
-  options.lr = 0.05;
-
   double loss = 0;
   try {
+    // torch.optim.Adam's defaults but the learning rate.
+    const fusedopt::Options adam = fusedopt::Options("adam").set("lr", 0.05);
+    // The params and Adam's states, registered once (their step numbers start at 1); each step
+    // then gives the gradients only.
+    fusedopt::Plan plan(adam, {fusedopt::tensor(weights, {}, {weights_exp_avg, weights_exp_avg_sq}),
+                               fusedopt::tensor(bias, {}, {bias_exp_avg, bias_exp_avg_sq})});
     for (int step = 1; step <= kSteps; ++step) {
       loss = mean_squared_error(weights, bias[0], weights_grad, bias_grad[0]);
-      const std::vector<fusedopt_adam_tensor> tensors = {
-          fusedopt::adam_tensor(weights, weights_grad, weights_exp_avg, weights_exp_avg_sq, step),
-          fusedopt::adam_tensor(bias, bias_grad, bias_exp_avg, bias_exp_avg_sq, step)};
-      fusedopt::adam_step(options, tensors);
+      plan.step({weights_grad, bias_grad});
     }
   } catch (const fusedopt::Error& e) {
     std::fprintf(stderr, "fusedopt: %s (%s)\n", e.what(), fusedopt_status_string(e.status()));

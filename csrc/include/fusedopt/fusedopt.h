@@ -139,21 +139,25 @@ FUSEDOPT_API fusedopt_status fusedopt_step(const fusedopt_options* const* groups
 
 /* A plan: the params and states of an optimizer, described and validated once, so that each step
  * checks only its grads (the many-small-tensors case costs its bytes, not its tensor count). The
- * plan copies the tensors' descriptions and their step numbers (tensors[i].step: t of the plan's
- * first step) and advances the step numbers itself; grad and the tensors' grads are ignored.
- * The caller keeps every param, state and scalar buffer alive and in place until
- * fusedopt_plan_destroy. Steps on one plan are serialized by its lock; different plans run in
- * parallel. */
+ * plan copies the options, the tensors' descriptions and their step numbers (tensors[i].step: t
+ * of the plan's first step) and advances the step numbers itself; tensors[i].grad is ignored.
+ * Every state buffer given is registered, one the options do not use yet included (options set
+ * later may use it). The caller keeps every param, state and scalar buffer alive and in place
+ * until fusedopt_plan_destroy. Steps on one plan are serialized by its lock; different plans run
+ * in parallel. */
 typedef struct fusedopt_plan fusedopt_plan;
 
 FUSEDOPT_API fusedopt_status fusedopt_plan_create(const fusedopt_options* const* groups,
                                                   int64_t num_groups,
                                                   const fusedopt_tensor* tensors,
                                                   int64_t num_tensors, fusedopt_plan** plan);
-/* grads[i] for tensor i, with the tensor's dtype and size. */
+/* grads[i] for tensor i, with the dtype and size tensor i was registered with (unchecked: a
+ * plan's grads are addresses); none may overlap a registered buffer. A refused step is not
+ * counted. */
 FUSEDOPT_API fusedopt_status fusedopt_plan_step(fusedopt_plan* plan, void* const* grads,
                                                 const double* grad_scale);
-/* New hyperparameters for one group (e.g. a learning-rate schedule). */
+/* New hyperparameters for one group (e.g. a learning-rate schedule); refused, and nothing
+ * changed, when they are invalid or need a state the group's tensors were registered without. */
 FUSEDOPT_API fusedopt_status fusedopt_plan_set_options(fusedopt_plan* plan, int64_t group,
                                                        const fusedopt_options* options);
 /* steps[i]: the step number t that tensor i's next step will have. */
