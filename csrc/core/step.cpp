@@ -63,8 +63,7 @@ void run_reduction_item(void* context, int64_t item) {
     const int64_t local_begin = block - w.first_block[i];
     const int64_t local_end = std::min(blocks, end - w.first_block[i]);
     if (local_end > local_begin)
-      w.run(w.context, i, local_begin, local_end,
-            w.partials + w.first_block[i] * w.reductions);
+      w.run(w.context, i, local_begin, local_end, w.partials + w.first_block[i] * w.reductions);
     block = w.first_block[i] + blocks;
   }
 }

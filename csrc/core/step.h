@@ -266,6 +266,8 @@ class Plan {
       : groups_(std::move(groups)), step_counts_(step_counts) {
     check_options<A>(groups_);
     step_.tensors = validate_step_buffers(registered, false);
+    state_names_ = registered.state_names;
+    state_names_.resize(kMaxStates);
     params_ = registered.params;
     for (BufferInfo& p : params_) p.data = nullptr;  // shapes and dtypes only
     schedule_.group_of = std::move(group_of);
@@ -280,7 +282,8 @@ class Plan {
       std::copy(std::begin(step_.tensors[i].state), std::end(step_.tensors[i].state),
                 registered_states_[i].begin());
     for (size_t i = 0; i < step_.tensors.size(); ++i)
-      detail::match_states<A>(step_.tensors[i], A::states_used(groups_[schedule_.group_of[i]]), i);
+      detail::match_states<A>(step_.tensors[i], A::states_used(groups_[schedule_.group_of[i]]), i,
+                              &state_names_);
     std::vector<ExtentIndex::Extent> extents;
     for (size_t i = 0; i < step_.tensors.size(); ++i) {
       const TensorRef& t = step_.tensors[i];
@@ -293,7 +296,7 @@ class Plan {
       };
       add(t.param, "params");
       for (int k = 0; k < kMaxStates; ++k)
-        if (registered_states_[i][k]) add(registered_states_[i][k], A::state_names[k]);
+        if (registered_states_[i][k]) add(registered_states_[i][k], state_names_[k]);
     }
     registered_extents_ = ExtentIndex(std::move(extents));
   }
@@ -312,7 +315,7 @@ class Plan {
       if (static_cast<size_t>(schedule_.group_of[i]) == group)
         for (int k = 0; k < kMaxStates; ++k)
           if ((used & (1u << k)) && !registered_states_[i][k])
-            throw Error(ErrorKind::value, std::string(A::state_names[k]) + "[" + std::to_string(i) +
+            throw Error(ErrorKind::value, state_names_[k] + "[" + std::to_string(i) +
                                               "] is missing but this param's options need it");
     groups_[group] = options;
   }
@@ -367,7 +370,7 @@ class Plan {
         schedule_.steps[i] = 1;
       }
     }
-    detail::compute_coefficients<A>(groups_, schedule_, extras, step_);
+    detail::compute_coefficients<A>(groups_, schedule_, extras, step_, &state_names_);
     run_step(step_);
     if (!step && step_counts_)
       for (size_t i = 0; i < n; ++i) step_counts_[i] = schedule_.steps[i];
@@ -386,6 +389,7 @@ class Plan {
   }
 
   std::mutex mutex_;
+  std::vector<std::string> state_names_;  // the caller's spelling, for messages
   std::vector<Options> groups_;
   PreparedStep<A> step_;
   std::vector<BufferInfo> params_;  // shapes and dtypes, for checking grads

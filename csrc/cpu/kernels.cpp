@@ -108,10 +108,9 @@ inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Updat
 template <class T, bool ReadOnlyStates, unsigned... Patterns, class Update>
 inline void stream(const TensorRef& t, int64_t begin, int64_t end, Update update) {
   const unsigned pattern = pattern_of(t);
-  const bool done =
-      ((pattern == Patterns &&
-        (stream_pattern<T, Patterns, ReadOnlyStates>(t, begin, end, update), true)) ||
-       ...);
+  const bool done = ((pattern == Patterns &&
+                      (stream_pattern<T, Patterns, ReadOnlyStates>(t, begin, end, update), true)) ||
+                     ...);
   if (!done) stream_pattern<T, kRuntimePattern, ReadOnlyStates>(t, begin, end, update);
 }
 
@@ -187,8 +186,7 @@ void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
         const V p = load_lane<V>(param + i);
         const V g = load_lane<V>(grad + i);
         V s[kMaxStates];
-        for (int k = 0; k < kMaxStates; ++k)
-          s[k] = state[k] ? load_lane<V>(state[k] + i) : V(T(0));
+        for (int k = 0; k < kMaxStates; ++k) s[k] = state[k] ? load_lane<V>(state[k] + i) : V(T(0));
         V out[R];
         math::reduce(c, p, g, s, out);
         for (int k = 0; k < kMaxStates; ++k)

@@ -18,8 +18,7 @@
 
 namespace fusedopt {
 
-using Algorithms =
-    AlgorithmList<Sgd, Adagrad, Rmsprop, Adam, Adadelta, Adamax, Nadam, Radam, Rprop, Asgd, Lion,
-                                 Lamb>;
+using Algorithms = AlgorithmList<Sgd, Adagrad, Rmsprop, Adam, Adadelta, Adamax, Nadam, Radam, Rprop,
+                                 Asgd, Lion, Lamb>;
 
 }  // namespace fusedopt

@@ -212,8 +212,23 @@ class AnyPlan {
   virtual ~AnyPlan() = default;
   virtual void set_options(size_t group, py::handle values) = 0;
   virtual void step(py::handle grads, py::handle grad_scale, std::optional<int64_t> step) = 0;
+  virtual bool step_if_same(py::handle params, py::handle states, py::handle grads,
+                            py::handle grad_scale, std::optional<int64_t> step,
+                            py::handle values) = 0;
   virtual size_t size() const = 0;
 };
+
+// Whether a weak reference still refers to `object` (false once its referent died).
+bool refers_to(const py::object& reference, PyObject* object) {
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* referent = nullptr;
+  if (PyWeakref_GetRef(reference.ptr(), &referent) < 0) throw py::error_already_set();
+  Py_XDECREF(referent);  // only compared, never used: the caller holds `object`
+  return referent == object;
+#else
+  return PyWeakref_GetObject(reference.ptr()) == object;
+#endif
+}
 
 template <class A>
 class PythonPlan : public AnyPlan {
@@ -240,15 +255,47 @@ class PythonPlan : public AnyPlan {
     const auto n = static_cast<py::ssize_t>(params_.size());
     step_counts_ = writeable_array<int64_t>(step_counts, "step_counts", n);
     scalars_ = writeable_array<double>(scalars, "scalars", n * kMaxScalars);
+    std::vector<PyObject*> arrays = params_;
+    for (const auto& list : states_)
+      for (PyObject* s : list.value_or(std::vector<PyObject*>{})) arrays.push_back(s);
+    for (PyObject* a : arrays)
+      references_.push_back(borrowed
+                                ? py::reinterpret_steal<py::object>(PyWeakref_NewRef(a, nullptr))
+                                : py::reinterpret_borrow<py::object>(a));
     if (!borrowed) {
-      for (PyObject* p : params_) references_.push_back(py::reinterpret_borrow<py::object>(p));
-      for (const auto& list : states_)
-        for (PyObject* s : list.value_or(std::vector<PyObject*>{}))
-          references_.push_back(py::reinterpret_borrow<py::object>(s));
       references_.push_back(py::reinterpret_borrow<py::object>(step_counts));
       references_.push_back(py::reinterpret_borrow<py::object>(scalars));
+    } else if (!step_counts.is_none() || !scalars.is_none()) {
+      throw Error(ErrorKind::value, "a borrowed plan keeps no step counts or scalars");
     }
+    borrowed_ = borrowed;
     register_buffers();
+  }
+
+  // For a borrowed plan: a step, when `params` and `states` are the very arrays it registered
+  // (its weak references say so, which also proves them alive), with new options for group 0
+  // first unless `values` is None; false, and nothing done, otherwise.
+  bool step_if_same(py::handle params, py::handle states, py::handle grads, py::handle grad_scale,
+                    std::optional<int64_t> step, py::handle values) override {
+    if (!borrowed_) throw Error(ErrorKind::value, "step_if_same is for borrowed plans");
+    size_t k = 0;
+    auto same = [&](py::handle list) {
+      if (!PyList_Check(list.ptr())) return false;
+      for (py::handle a : py::reinterpret_borrow<py::list>(list))
+        if (k >= references_.size() || !refers_to(references_[k++], a.ptr())) return false;
+      return true;
+    };
+    if (!same(params) || !PyTuple_Check(states.ptr()) && !PyList_Check(states.ptr())) return false;
+    const py::sequence lists = py::reinterpret_borrow<py::sequence>(states);
+    if (lists.size() != states_.size()) return false;
+    for (size_t i = 0; i < states_.size(); ++i) {
+      if (lists[i].is_none() != !states_[i].has_value()) return false;
+      if (!lists[i].is_none() && !same(lists[i])) return false;
+    }
+    if (k != references_.size()) return false;
+    if (!values.is_none()) set_options(0, values);
+    this->step(grads, grad_scale, step);
+    return true;
   }
 
   void set_options(size_t group, py::handle values) override {
@@ -301,10 +348,11 @@ class PythonPlan : public AnyPlan {
       for (PyObject* s : *list) items.append(py::reinterpret_borrow<py::object>(s));
       states.append(items);
     }
-    describe_registered<A>(params, py::tuple(states), kept, b);
+    // A borrowed plan serves the functional API: messages name its arguments (exp_avgs[2]).
+    describe_registered<A>(params, py::tuple(states), kept, b, borrowed_ ? "s" : "");
     // Built in place: a Plan holds a mutex and cannot move.
-    std::shared_ptr<Registered> registered(new Registered{
-        Plan<A>(groups_, b, group_of_, step_counts_, new_state_, scalars_), {}});
+    std::shared_ptr<Registered> registered(
+        new Registered{Plan<A>(groups_, b, group_of_, step_counts_, new_state_, scalars_), {}});
     for (PyObject* p : params_) registered->fingerprints.push_back(Fingerprint::of(p));
     for (const auto& list : states_)
       for (PyObject* s : list.value_or(std::vector<PyObject*>{}))
@@ -317,7 +365,9 @@ class PythonPlan : public AnyPlan {
   std::vector<uint8_t> new_state_;
   std::vector<PyObject*> params_;
   std::vector<std::optional<std::vector<PyObject*>>> states_;
-  std::vector<py::object> references_;  // every array above, unless borrowed
+  // Every array above (and the step counts' and scalars'); only weak references when borrowed.
+  std::vector<py::object> references_;
+  bool borrowed_ = false;
   int64_t* step_counts_ = nullptr;
   double* scalars_ = nullptr;
   std::shared_ptr<Registered> registered_;
@@ -481,6 +531,9 @@ PYBIND11_MODULE(_core, m) {
       .def("set_options", &AnyPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyPlan::step, py::arg("grads"), py::arg("grad_scale") = py::none(),
            py::arg("step") = py::none())
+      .def("step_if_same", &AnyPlan::step_if_same, py::arg("params"), py::arg("states"),
+           py::arg("grads"), py::arg("grad_scale") = py::none(), py::arg("step") = py::none(),
+           py::arg("values") = py::none())
       .def("__len__", &AnyPlan::size);
 
   m.def(

@@ -50,6 +50,11 @@ class Description:
     uses_step: bool
     uses_new_state: bool
 
+    @property
+    def plural_states(self) -> tuple[str, ...]:
+        """The states' names as the functional API's arguments: exp_avgs."""
+        return tuple(name + "s" for name in self.states)
+
     def field(self, name: str) -> Field:
         for f in self.fields:
             if f.name == name:

@@ -22,7 +22,6 @@ it, and nothing changes.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +48,9 @@ _CONVENTIONS = {"torch": TORCH, "keras": KERAS}
 def _list(arrays: OptionalArrays, name: str) -> list[Any] | None:
     if arrays is None:
         return None
-    if isinstance(arrays, np.ndarray) or hasattr(arrays, "__cuda_array_interface__"):
+    if type(arrays) is list:
+        return arrays
+    if type(arrays) is np.ndarray or hasattr(arrays, "__cuda_array_interface__"):
         return [arrays]
     if isinstance(arrays, str | bytes) or not isinstance(arrays, Sequence):
         raise TypeError(f"{name} must be an array or a list of arrays, got {type(arrays).__name__}")
@@ -79,48 +80,49 @@ def _steps(step: Any, count: int) -> int | np.ndarray:
 
 def _run(
     description: Description,
-    declared: tuple[Hyperparameter, ...],
-    values: dict[str, Any],
+    values: tuple[Any, ...],
+    convention: Any,
     params: Arrays,
     grads: Arrays,
     states: tuple[OptionalArrays, ...],
-    *,
-    step: Any = 1,
-    first_step: bool = False,
-    scalars: dict[str, Any] | None = None,
-    grad_scale: Any = None,
-    found_inf: Any = None,
-    convention: Any = "torch",
+    step: Any,
+    first_step: Any,
+    scalars: dict[str, Any] | None,
+    grad_scale: Any,
+    found_inf: Any,
 ) -> None:
-    if skip_step(found_inf):
+    """One call of a generated function: ``values`` are its hyperparameters in the order of the
+    description's fields (the convention left out)."""
+    if found_inf is not None and skip_step(found_inf):
         return
-    if convention not in _CONVENTIONS:
-        raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
-    options = _options(description, declared, values, convention)
-    param_list = _list(params, "params") or []
-    grad_list = _list(grads, "grads") or []
-    state_lists = [_list(s, name + "s") for s, name in zip(states, description.states)]
+    try:
+        options = _options_seen[description.name, convention, values]
+    except (KeyError, TypeError):
+        options = _options(description, values, convention)
+    param_list = params if type(params) is list else _list(params, "params")
+    grad_list = grads if type(grads) is list else _list(grads, "grads")
+    state_lists = [
+        s if type(s) is list or s is None else _list(s, name)
+        for s, name in zip(states, description.plural_states)
+    ]
+    if type(step) is int and first_step is False and scalars is None and 0 < step <= 2**62:
+        scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
+        if _step_cached(description, options, param_list, grad_list, state_lists, scale, step):
+            return
     count = len(param_list)
-    if not isinstance(first_step, bool | np.bool_):
+    if first_step is not False and not isinstance(first_step, bool | np.bool_):
         raise TypeError(f"first_step must be True or False, got {first_step!r}")
     scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
     scalar_rows = None
     if scalars is not None:
         scalar_rows = np.zeros((count, _core.max_scalars))
         for k, name in enumerate(description.scalars):
-            column = scalars[name]
-            scalar_rows[:, k] = column
-    steps = _steps(step, count)
-    if type(steps) is int and not first_step and scalar_rows is None:
-        plan = _cached_plan(description, options, param_list, state_lists)
-        if plan is not None:
-            plan.step(grad_list, scale, steps)
-            return
+            scalar_rows[:, k] = scalars[name]
     step_once(
         description.name,
         [options],
         None,
-        steps,
+        _steps(step, count),
         param_list,
         grad_list,
         state_lists,
@@ -133,121 +135,133 @@ def _run(
             scalars[name][...] = scalar_rows[:, k]
 
 
-# Native options by (algorithm, convention, values): a call with the hyperparameters of the last
-# calls skips their checks. Only plain numbers and bools are keys (an array could change in place).
+# Native options by (algorithm, convention, values): a call with the hyperparameters of a recent
+# call skips their checks. Only hashable values are keys, which leaves out what can change in
+# place (arrays, lists).
 _options_seen: dict[tuple[Any, ...], tuple[float, ...]] = {}
-_PLAIN = (float, int, bool)
 
 
 def _options(
-    description: Description,
-    declared: tuple[Hyperparameter, ...],
-    values: dict[str, Any],
-    convention: str,
+    description: Description, values: tuple[Any, ...], convention: Any
 ) -> tuple[float, ...]:
-    key = (description.name, convention, *values.values())
-    plain = all(type(v) in _PLAIN for v in values.values())
-    if plain and key in _options_seen:
-        return _options_seen[key]
-    options = native_values(description, declared, values, {"convention": _CONVENTIONS[convention]})
-    if plain:
+    key = (description.name, convention, values)
+    try:
+        options = _options_seen.get(key)
+    except TypeError:  # a list or an array among the values: checked every time
+        return _checked_options(description, values, convention)
+    if options is None:
+        options = _checked_options(description, values, convention)
         if len(_options_seen) > 1024:  # a schedule makes a new lr every step: forget the old
             _options_seen.clear()
         _options_seen[key] = options
     return options
 
 
+def _checked_options(
+    description: Description, values: tuple[Any, ...], convention: Any
+) -> tuple[float, ...]:
+    if convention not in _CONVENTIONS:
+        raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
+    declared = _declared(description)
+    named = dict(zip((h.name for h in declared), values))
+    return native_values(description, declared, named, {"convention": _CONVENTIONS[convention]})
+
+
+def _declared(description: Description) -> tuple[Hyperparameter, ...]:
+    """The functional API spells every option as the description does."""
+    return tuple(Hyperparameter(f.name) for f in description.fields if f.kind != "convention")
+
+
 # Plans for the arrays of this thread's recent calls (a training loop passes the same params and
-# states at every step), found by the arrays' identities and checked by weak references: a cached
-# plan keeps no array alive, and an array that died is never mistaken for a new one at its
-# address. Per thread, so that one thread's options never reach another's step.
+# states at every step). A plan holds weak references to its arrays and steps only when it is
+# given the very same ones (step_if_same): a cached plan keeps no array alive, and an array that
+# died is never mistaken for a new one at its address. Per thread, so that one thread's options
+# never reach another's step.
 _MAX_PLANS = 16
 _cache = threading.local()
 
 
-def _cached_plan(
+def _step_cached(
     description: Description,
     options: tuple[float, ...],
     params: list[Any],
+    grads: list[Any],
     states: list[list[Any] | None],
-) -> Any:
-    arrays = [*params, *(a for s in states if s is not None for a in s)]
-    if not arrays or not all(type(a) is np.ndarray for a in arrays):
-        return None
-    plans = getattr(_cache, "plans", None)
-    if plans is None:
+    scale: float | None,
+    step: int,
+) -> bool:
+    """A step through a cached plan; False (nothing done) for device arrays."""
+    if not params or type(params[0]) is not np.ndarray:
+        return False
+    try:
+        plans = _cache.plans
+    except AttributeError:
         plans = _cache.plans = {}
-    key = (description.name, tuple(s is None for s in states), *map(id, arrays))
+    key = (description.name, len(params), id(params[0]))
     entry = plans.get(key)
     if entry is not None:
-        references, plan, registered = entry
-        if all(r() is a for r, a in zip(references, arrays)):
-            if registered is not options:
-                plan.set_options(0, options)
-                plans[key] = (references, plan, options)
-            return plan
-        del plans[key]
+        plan, registered = entry
+        changed = None if registered is options else options
+        if plan.step_if_same(params, states, grads, scale, step, changed):
+            if changed is not None:
+                plans[key] = (plan, options)
+            return True
     plan = _core.Plan(
         description.name, [options], [0] * len(params), params, states, None, None, None, True
     )
+    plans.pop(key, None)
     if len(plans) >= _MAX_PLANS:
         del plans[next(iter(plans))]
-    plans[key] = (tuple(weakref.ref(a) for a in arrays), plan, options)
-    return plan
-
-
-def _plural(name: str) -> str:
-    return name + "s"
+    plans[key] = (plan, options)
+    plan.step(grads, scale, step)
+    return True
 
 
 def _make(algorithm: str) -> Any:
     """``<algorithm>_`` with a real signature: generated source, so that a call costs what a
     hand-written function's call costs."""
     d = describe(algorithm)
+    states = d.plural_states
     positional = ["params", "grads"]
-    for k, state in enumerate(d.states):
-        always = d.always_used_states & (1 << k)
-        positional.append(_plural(state) if always else f"{_plural(state)}=None")
-    keywords = []
-    if d.uses_step:
-        keywords.append("step")
-    declared = tuple(Hyperparameter(f.name) for f in d.fields if f.kind != "convention")
-    for f in d.fields:
-        if f.kind == "convention":
-            continue
+    for k, name in enumerate(states):
+        positional.append(name if d.always_used_states & (1 << k) else f"{name}=None")
+    keywords = ["step"] if d.uses_step else []
+    options = [f for f in d.fields if f.kind != "convention"]
+    for f in options:
         default = bool(f.default) if f.kind == "flag" else f.default
-        keywords.append("lr" if f.name == "lr" else f"{f.name}={default!r}")
-    for scalar in d.scalars:
-        keywords.append(_plural(scalar))
+        keywords.append(f.name if f.name == "lr" else f"{f.name}={default!r}")
+    scalars = [name + "s" for name in d.scalars]
+    keywords += scalars
     if d.uses_new_state:
         keywords.append("first_step=False")
     if d.takes_grad_scale:
         keywords += ["grad_scale=None", "found_inf=None"]
     keywords.append("convention='torch'")
-    option_names = [f.name for f in d.fields if f.kind != "convention"]
-    states = ", ".join(_plural(s) for s in d.states) + ("," if len(d.states) == 1 else "")
-    extras = ["convention=convention"]
-    if d.uses_step:
-        extras.append("step=step")
-    if d.uses_new_state:
-        extras.append("first_step=first_step")
-    if d.takes_grad_scale:
-        extras += ["grad_scale=grad_scale", "found_inf=found_inf"]
-    if d.scalars:
-        pairs = ", ".join(f"{s!r}: {_plural(s)}" for s in d.scalars)
-        extras.append(f"scalars={{{pairs}}}")
+    scalar_map = "{" + ", ".join(f"{s!r}: {a}" for s, a in zip(d.scalars, scalars)) + "}"
+    arguments = [
+        "_description",
+        "(" + "".join(f"{f.name}, " for f in options) + ")",
+        "convention",
+        "params",
+        "grads",
+        "(" + "".join(f"{name}, " for name in states) + ")",
+        "step" if d.uses_step else "1",
+        "first_step" if d.uses_new_state else "False",
+        scalar_map if d.scalars else "None",
+        "grad_scale" if d.takes_grad_scale else "None",
+        "found_inf" if d.takes_grad_scale else "None",
+    ]
     source = (
         f"def {algorithm}_({', '.join(positional)}, *, {', '.join(keywords)}):\n"
-        f"    _run(_description, _declared, {{{', '.join(f'{n!r}: {n}' for n in option_names)}}},"
-        f" params, grads, ({states}), {', '.join(extras)})\n"
+        f"    _run({', '.join(arguments)})\n"
     )
-    namespace: dict[str, Any] = {"_run": _run, "_description": d, "_declared": declared}
+    namespace: dict[str, Any] = {"_run": _run, "_description": d}
     exec(source, namespace)  # noqa: S102 - built from the native description only
     function = namespace[f"{algorithm}_"]
     function.__module__ = __name__
     function.__doc__ = (
         f"One fused {algorithm} step (docs/spec.md) over every tensor given, in place. States: "
-        f"{', '.join(_plural(s) for s in d.states)}. See the module docstring."
+        f"{', '.join(states)}. See the module docstring."
     )
     return function
 
