@@ -29,8 +29,8 @@ from fusedopt._engine import (
     Hyperparameter,
     Plan,
     as_number,
-    make_plan,
     describe,
+    make_plan,
     native_values,
     skip_step,
 )
