@@ -765,3 +765,127 @@ def test_ewma_bad_input_array(x: np.ndarray, error: type, what: str) -> None:
 def test_ewma_axis_one_of_a_series_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="axis"):
         fusedopt.ewma(np.zeros(5), com=1.0, axis=1)
+
+
+# ------------------------------------------------------- errors of the right type, naming the cause
+
+
+def adam_with_state() -> Any:
+    params = fresh()
+    opt = fusedopt.Adam(params, lr=0.1)
+    opt.step(fresh(seed=1))
+    return opt, params
+
+
+def corrupt(key: str, value: Any) -> Callable[[dict], dict]:
+    def spoil(sd: dict) -> dict:
+        sd[key] = value
+        return sd
+
+    return spoil
+
+
+def step_of_param_0(value: Any) -> Callable[[dict], dict]:
+    def spoil(sd: dict) -> dict:
+        sd["state"][0]["step"] = value
+        return sd
+
+    return spoil
+
+
+def without_params(sd: dict) -> dict:
+    del sd["param_groups"][0]["params"]
+    return sd
+
+
+CORRUPTED_STATE_DICTS = {
+    "step_inf": (step_of_param_0(math.inf), ValueError, "step"),
+    "step_1e30": (step_of_param_0(1e30), ValueError, "step"),
+    "step_nan": (step_of_param_0(math.nan), ValueError, "step"),
+    "step_negative": (step_of_param_0(-1), ValueError, "step"),
+    "step_text": (step_of_param_0("3"), TypeError, "step"),
+    "state_none": (corrupt("state", None), TypeError, "state"),
+    "state_list": (corrupt("state", []), TypeError, "state"),
+    "groups_none": (corrupt("param_groups", None), TypeError, "param_groups"),
+    "group_without_params": (without_params, ValueError, "params"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTED_STATE_DICTS, ids=CORRUPTED_STATE_DICTS.keys())
+def test_a_corrupted_state_dict_raises_a_named_error_and_changes_nothing(case: str) -> None:
+    spoil, error, what = CORRUPTED_STATE_DICTS[case]
+    opt, params = adam_with_state()
+    sd = spoil(opt.state_dict())
+    live = optimizer_buffers(opt, params, [])
+    steps = steps_of(opt)
+    assert_rejected(lambda: opt.load_state_dict(sd), live, error, what)
+    assert steps_of(opt) == steps
+
+
+def test_a_flat_state_dict_with_a_non_string_key_is_refused() -> None:
+    opt, params = adam_with_state()
+    flat = dict(fusedopt.flatten_state_dict(opt.state_dict()))
+    flat[7] = np.zeros(3)
+    assert_rejected(
+        lambda: opt.load_state_dict(flat), optimizer_buffers(opt, params, []), TypeError, "7"
+    )
+
+
+@pytest.mark.parametrize("option", ["clipnorm", "global_clipnorm", "clipvalue"])
+@pytest.mark.parametrize("grad", [[1.0, 2.0], "grad"], ids=["list", "str"])
+def test_keras_clipping_a_grad_that_is_not_an_array_is_a_type_error(option: str, grad: Any) -> None:
+    variables = fresh()
+    opt = fk.Adam(learning_rate=0.1, **{option: 1.0})
+    grads: list[Any] = fresh(seed=1)
+    grads[1] = grad
+    assert_rejected(lambda: opt.apply(grads, variables), variables, TypeError, "grads[1]")
+    assert opt.iterations == 0
+
+
+def test_a_one_element_list_hyperparameter_is_accepted_and_usable() -> None:
+    """torch accepts a one-element tensor for a hyperparameter; a one-element list is read the
+    same way, at construction, at every step and in load_state_dict (it used to be accepted and
+    then refused at every step)."""
+    params = fresh()
+    opt = fusedopt.RMSprop(params, lr=0.1, momentum=[0.5])
+    opt.step(fresh(seed=1))
+    assert "momentum_buffer" in opt.state[0]
+    reference_params = fresh()
+    fusedopt.RMSprop(reference_params, lr=0.1, momentum=0.5).step(fresh(seed=1))
+    for a, b in zip(params, reference_params):
+        np.testing.assert_array_equal(a, b)
+    opt.load_state_dict(opt.state_dict())
+    opt.step(fresh(seed=2))
+
+
+FUNCTIONAL_BAD_ARGUMENTS = [
+    (dict(lr="0.1"), TypeError, "lr"),
+    (dict(lr=None), TypeError, "lr"),
+    (dict(lr=0.1, convention=None), ValueError, "convention"),
+    (dict(lr=0.1, momentum=0.9, nesterov="yes"), TypeError, "nesterov"),
+    (dict(lr=0.1, grad_scale="2"), TypeError, "grad_scale"),
+    (dict(lr=0.1, maximize=2), TypeError, "maximize"),
+    (dict(lr=0.1, first_step="yes"), TypeError, "first_step"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, what",
+    FUNCTIONAL_BAD_ARGUMENTS,
+    ids=[next(k for k in reversed(c[0])) for c in FUNCTIONAL_BAD_ARGUMENTS],
+)
+def test_functional_bad_arguments_name_the_argument(kwargs: dict, error: type, what: str) -> None:
+    params, grads, buffers = fresh(), fresh(seed=1), [np.zeros(40, np.float32) for _ in range(3)]
+    assert_rejected(
+        lambda: F.sgd_(params, grads, buffers, **kwargs), params + grads + buffers, error, what
+    )
+
+
+@pytest.mark.parametrize("step", [2**63, 2**62 + 1, -(2**63)])
+def test_functional_step_out_of_range_is_refused(step: int) -> None:
+    params, grads = fresh(), fresh(seed=1)
+    states = [[np.zeros(40, np.float32) for _ in range(3)] for _ in range(2)]
+    buffers = params + grads + states[0] + states[1]
+    assert_rejected(
+        lambda: F.adam_(params, grads, *states, step=step, lr=0.1), buffers, ValueError, "step"
+    )

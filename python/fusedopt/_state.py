@@ -28,6 +28,8 @@ def flatten_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def unflatten_state_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`flatten_state_dict`; a nested dict is returned unchanged."""
+    if not isinstance(flat, Mapping):
+        raise TypeError(f"state_dict must be a dict, got {type(flat).__name__}")
     if "state" in flat and "param_groups" in flat:
         return dict(flat)
     if _HYPERPARAMETERS_KEY not in flat:
@@ -39,12 +41,22 @@ def unflatten_state_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
     for key in flat:
         if key == _HYPERPARAMETERS_KEY:
             continue
-        prefix, index, name = key.split("/", 2)
-        if prefix != "state":
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict: keys of a flat state dict are strings, got {key!r}")
+        parts = key.split("/", 2)
+        if len(parts) != 3 or parts[0] != "state":
             raise ValueError(f"state_dict: unexpected key {key!r}")
+        prefix, index, name = parts
+        if not index.isdigit():
+            raise ValueError(f"state_dict: unexpected key {key!r} (not a param index)")
         value = np.asarray(flat[key])
         state.setdefault(int(index), {})[name] = value.item() if value.ndim == 0 else value
-    groups = json.loads(str(np.asarray(flat[_HYPERPARAMETERS_KEY])))
+    try:
+        groups = json.loads(str(np.asarray(flat[_HYPERPARAMETERS_KEY])))
+    except ValueError:
+        raise ValueError(f"state_dict: {_HYPERPARAMETERS_KEY} is not valid JSON") from None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise TypeError(f"state_dict: {_HYPERPARAMETERS_KEY} must hold a list of param groups")
     for group in groups:
         for key, value in group.items():
             if isinstance(value, list) and key != "params":
