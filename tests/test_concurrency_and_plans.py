@@ -72,7 +72,7 @@ def assert_same_state(actual: dict, expected: dict) -> None:
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_two_threads_taking_the_first_step_give_two_steps(name: str) -> None:
     rng = np.random.default_rng(1)
-    grads = [rng.standard_normal(SIZE).astype(np.float32), rng.standard_normal(7).astype(np.float32)]
+    grads = [rng.standard_normal(n).astype(np.float32) for n in (SIZE, 7)]
     for _ in range(5):  # the crash needed a race: try it several times
         params = [np.zeros(g.size, np.float32) for g in grads]
         opt = OPTIMIZERS[name](params)
