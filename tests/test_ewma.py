@@ -1,4 +1,4 @@
-"""fusedopt.ewma against the reference loop of SPEC section 9: bit for bit, every option."""
+"""fusedopt.ewma against the reference loop of spec section 9: bit for bit, every option."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def test_leading_nans_give_nan_and_later_ones_carry_forward() -> None:
 
 
 def test_alpha_round_trips_through_com_as_pandas_does() -> None:
-    """SPEC 9: alpha = 0.05 becomes 1/(1 + 19) = 0.05000000000000001; the result shows it."""
+    """Spec section 9: alpha = 0.05 becomes 1/(1 + 19) = 0.05000000000000001, and it shows."""
     x = np.array([1.0, 0.0])
     result = fusedopt.ewma(x, alpha=0.05, adjust=False)
     alpha_used = 1.0 / (1.0 + (1 - 0.05) / 0.05)

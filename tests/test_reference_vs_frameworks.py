@@ -3,7 +3,7 @@
 Every other fusedopt test trusts ``fusedopt.reference``; this file is what earns that trust. It
 runs the real frameworks in float64 beside the reference, over several steps with a learning rate
 that changes every step, and compares parameters and state. The last part runs the seed
-document's literal formulas beside the framework configurations that SPEC section 10 says they
+document's literal formulas beside the framework configurations that spec section 10 says they
 equal (and the ones it says they do not). A framework that is not installed skips its tests.
 """
 
@@ -22,7 +22,7 @@ RTOL = 1e-12
 ATOL = 1e-14
 STEPS = 10
 # A learning rate that changes every step: Keras keeps old rates in its velocity, PyTorch does
-# not (SPEC section 3), so a constant rate would hide a convention mix-up.
+# not (spec section 3), so a constant rate would hide a convention mix-up.
 LEARNING_RATES = [0.1, 0.05, 0.2, 0.01, 0.15, 0.07, 0.3, 0.02, 0.12, 0.04]
 SHAPES = [(3, 5), (4,)]
 
@@ -63,7 +63,7 @@ TORCH_REFERENCE = {
 }
 # torch keeps these optimizers' scalar states (NAdam's mu_product, ASGD's eta and mu) as 0-dim
 # tensors of torch's default dtype, float32 unless set otherwise, even for float64 parameters
-# (SPEC section 13); the reference rounds them as its scalar_dtype option says.
+# (spec section 13); the reference rounds them as its scalar_dtype option says.
 TORCH_SCALAR_STATES = {"NAdam": ("mu_product",), "ASGD": ("eta", "mu")}
 
 TORCH_CASES = [
@@ -302,7 +302,7 @@ def test_torch_scalar_states_under_float64_default_dtype(name, options):
     ("name", "options"), [("NAdam", {}), ("ASGD", {"t0": 3.0})], ids=["NAdam", "ASGD"]
 )
 def test_torch_scalar_states_are_float32_for_float64_parameters(name, options):
-    """SPEC section 13: torch's default keeps the scalar states in float32, and the rounding
+    """spec section 13: torch's default keeps the scalar states in float32, and the rounding
     shows in a float64 trajectory (well above RTOL), so the reference has to model it."""
     torch = pytest.importorskip("torch")
     param0, grads = make_problem(seed=5)
@@ -353,7 +353,7 @@ FUSED_CASES = [
 
 @pytest.mark.parametrize(("name", "options"), FUSED_CASES, ids=case_ids(FUSED_CASES))
 def test_torch_fused_grad_scale_unscales_before_maximize(name, options):
-    """SPEC section 8: the fused kernels divide by grad_scale, then negate for maximize."""
+    """spec section 8: the fused kernels divide by grad_scale, then negate for maximize."""
     torch = pytest.importorskip("torch")
     grad_scale = 1024.0  # a power of two, so the scaled gradients are exact
     param0, grads = make_problem(seed=7)
@@ -495,7 +495,7 @@ def run_keras_beside_reference(
 
     ``step_options(t)`` gives hyperparameters to set (as optimizer attributes) before step t.
     Keras' Nadam keeps one optimizer-wide ``u_product``: every variable's reference call gets
-    the value from before the ``apply`` (SPEC section 16), and it is compared after each step.
+    the value from before the ``apply`` (spec section 16), and it is compared after each step.
     """
     if problems is None:
         problems = [
@@ -583,7 +583,7 @@ def test_keras_new_optimizer_hyperparameters_changing_every_step(
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_keras_lamb_zero_norms_give_a_trust_ratio_of_one(keras):
-    """SPEC section 21: a zero variable (w_norm = 0) and a zero first gradient (update = 0, so
+    """spec section 21: a zero variable (w_norm = 0) and a zero first gradient (update = 0, so
     g_norm = 0) each take ratio 1 instead of 0/x or x/0."""
     _, grads = make_problem(seed=31, shape=(3, 5))
     zero_first_grads = [np.zeros((4,)), *make_problem(seed=32, shape=(4,))[1][1:]]
@@ -593,7 +593,7 @@ def test_keras_lamb_zero_norms_give_a_trust_ratio_of_one(keras):
 
 
 # --------------------------------------------------------------------------------------------
-# Lion: Keras, optax, and fusedopt's PyTorch-style Lion (SPEC section 20)
+# Lion: Keras, optax, and fusedopt's PyTorch-style Lion (spec section 20)
 # --------------------------------------------------------------------------------------------
 
 
@@ -699,7 +699,7 @@ def test_torch_style_lion_maximize_negates_the_gradient():
 
 
 # --------------------------------------------------------------------------------------------
-# Hyperparameters the frameworks refuse (SPEC sections 13-21), and the reference with them
+# Hyperparameters the frameworks refuse (spec sections 13-21), and the reference with them
 # --------------------------------------------------------------------------------------------
 
 TORCH_REFUSALS = [
@@ -805,7 +805,7 @@ def test_keras_accepts_what_the_spec_lists_as_unchecked(keras, name, options):
 
 
 def test_keras_clipnorm_example_from_spec():
-    """SPEC section 1: clipnorm = 1 on the gradient [3, 4] gives [0.6, 0.8]."""
+    """spec section 1: clipnorm = 1 on the gradient [3, 4] gives [0.6, 0.8]."""
     (clipped,) = reference.keras_clip([[3.0, 4.0]], clipnorm=1.0)
     assert_close(clipped, [0.6, 0.8])
 
@@ -842,7 +842,7 @@ DECAYS = [
     ("alpha", 0.5),
     ("alpha", 1.0),
 ]
-# Each of these is com == 1, where pandas >= 3 changes adjust=False across NaN gaps (SPEC 9).
+# Each of these is com == 1, where pandas >= 3 changes adjust=False across NaN gaps (spec 9).
 COM_ONE = {("com", 1.0), ("span", 3.0), ("halflife", 1.0), ("alpha", 0.5)}
 MIN_PERIODS = [0, 1, 3, None]
 
@@ -898,7 +898,7 @@ def test_ewma_random_alphas_round_trip_through_com_like_pandas(pd):
 
 
 def test_ewma_alpha_does_not_survive_the_com_round_trip():
-    """SPEC section 9: alpha = 0.05 is used as 1/(1 + 19.0) = 0.05000000000000001."""
+    """spec section 9: alpha = 0.05 is used as 1/(1 + 19.0) = 0.05000000000000001."""
     result = reference.ewma([0.0, 1.0], alpha=0.05, adjust=False)
     assert result[1] == 0.05000000000000001
 
@@ -925,7 +925,7 @@ def test_ewma_two_dimensional_is_bit_identical_to_dataframe(pd, axis, options):
 
 @pytest.mark.parametrize(("parameter", "value"), sorted(COM_ONE))
 def test_ewma_com_one_without_adjust_follows_pandas_2(pd, parameter, value):
-    """SPEC A.5: at com == 1, adjust=False, a NaN gap uses pandas 2's weights, not pandas 3's."""
+    """spec A.5: at com == 1, adjust=False, a NaN gap uses pandas 2's weights, not pandas 3's."""
     series = [1.0, np.nan, 5.0]
     result = reference.ewma(series, **{parameter: value}, adjust=False)
     # After the gap the old weight is f^2 = 0.25 and the new one alpha = 0.5.
@@ -959,7 +959,7 @@ def test_ewma_rejects_decay_parameters_pandas_rejects(pd, decay):
 
 
 # --------------------------------------------------------------------------------------------
-# The seed's textbook formulas beside the framework configurations of SPEC section 10
+# The seed's textbook formulas beside the framework configurations of spec section 10
 # --------------------------------------------------------------------------------------------
 
 
@@ -1036,7 +1036,7 @@ def quadratic_gradient(curvature, center):
 
 
 def nesterov_runs(etas, gamma, seed):
-    """The seed NAG, and Keras and PyTorch Nesterov mapped back to the seed's iterate (SPEC 4)."""
+    """The seed NAG, and Keras and PyTorch Nesterov mapped back to the seed's iterate (spec 4)."""
     rng = np.random.default_rng(seed)
     grad_fn = quadratic_gradient(rng.uniform(0.5, 2.0, size=6), rng.normal(size=6))
     theta0 = rng.normal(size=6)
@@ -1177,7 +1177,7 @@ def test_seed_adam_is_torch_and_keras_only_with_a_per_step_epsilon_hat():
 
 
 # --------------------------------------------------------------------------------------------
-# Where the Keras and PyTorch forms of the new algorithms coincide (SPEC sections 14-16, 20)
+# Where the Keras and PyTorch forms of the new algorithms coincide (spec sections 14-16, 20)
 # --------------------------------------------------------------------------------------------
 
 CROSS_FRAMEWORK = [

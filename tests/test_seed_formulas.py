@@ -1,5 +1,5 @@
 """The seed document's textbook formulas, run literally beside the fusedopt configuration that
-README and SPEC section 10 map each of them to, in float64."""
+README and spec section 10 map each of them to, in float64."""
 
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def test_seed_adam_is_torch_adam() -> None:
 
 
 def test_seed_adam_is_keras_adam_only_with_a_per_step_epsilon_hat() -> None:
-    """SPEC 7: Keras' epsilon sits next to the uncorrected root, so the seed's eps maps to
+    """Spec section 7: Keras' epsilon sits next to the uncorrected root, so the seed's eps maps to
     epsilon_hat_t = eps * sqrt(1 - beta2^t), set before each step."""
     alpha, beta1, beta2, eps = 2.0**-7, 0.9, 0.999, 1e-3  # alpha exact in float32
     param = start(11)

@@ -29,7 +29,7 @@ LEARNING_RATES = [0.01 * (1.0 + 0.5 * np.sin(t)) for t in range(STEPS)]
 
 # float64: both sides round each operation once, in forms equal up to operand order; measured
 # worst over this grid 1.7e-14 relative (fused SGD with Nesterov), far inside 1e-10.
-# float32: fusedopt computes its per-step coefficients in double (SPEC A.6) where torch and Keras
+# float32: fusedopt computes its per-step coefficients in double (spec A.6) where torch and Keras
 # mix double scalars into float32 arithmetic, so each step differs by a few float32 ulps (6e-8);
 # over 20 steps, with momentum carrying them and Adam/RMSprop dividing by sqrt(v) + eps, the
 # measured worst is 3.8e-6 relative (torch RMSprop with momentum, the atol below counting as the
@@ -165,7 +165,7 @@ SKIPPED_STEPS = {3, 7, 8}  # steps (0-based) whose gradients overflowed: found_i
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=map(case_id, FUSED_CASES))
 def test_grad_scale_and_found_inf_match_torch_fused(case: tuple[str, dict], dtype: type) -> None:
-    """torch's fused kernels under a GradScaler (SPEC section 8): the gradient is unscaled inside
+    """torch's fused kernels under a GradScaler (spec section 8): the gradient is unscaled inside
     the pass and written back; a step with found_inf leaves params, state, step and grads alone."""
     torch = torch_module()
     name, options = case
@@ -234,7 +234,7 @@ KERAS_SHAPES = [(5, 7), (33,), (1,), (130,)]  # Keras variables need a nonzero s
 
 
 def keras_adam_float32_atol(rates: list[float], beta_2: float) -> float:
-    """Keras computes Adam's bias correction 1 - beta_2**t in the variable's dtype (SPEC 1), and
+    """Keras computes Adam's bias correction 1 - beta_2**t in the variable's dtype (spec 1), and
     in float32 that subtraction cancels: its relative error is u/(1 - beta_2**t), 6e-5 at t = 1
     with beta_2 = 0.999. fusedopt computes it in double. Adam's step is about lr in size, so step t
     may differ by lr_t * u/(1 - beta_2**t) (the square root halves the error; the other half
@@ -338,7 +338,7 @@ def series_with_nans(rng: np.random.Generator, n: int) -> np.ndarray:
     return x
 
 
-# Each decay parameter as pandas' center of mass (SPEC 9).
+# Each decay parameter as pandas' center of mass (spec 9).
 CENTER_OF_MASS = {
     "com": lambda v: v,
     "span": lambda v: (v - 1) / 2,
@@ -348,7 +348,7 @@ CENTER_OF_MASS = {
 
 
 def pandas3_differs(pd: Any, parameter: str, value: float, adjust: bool, ignore_na: bool) -> bool:
-    """pandas >= 3.0 changed com == 1 with adjust=False and NaN gaps (SPEC 9, pandas #66523);
+    """pandas >= 3.0 changed com == 1 with adjust=False and NaN gaps (spec 9, pandas #66523);
     fusedopt keeps pandas 2's rule there, so that case is compared with the reference instead."""
     pandas3 = int(pd.__version__.split(".")[0]) >= 3
     return pandas3 and CENTER_OF_MASS[parameter](value) == 1.0 and not adjust and not ignore_na
@@ -397,7 +397,7 @@ def test_ewma_2d_is_bit_identical_to_dataframe(
 def test_ewma_com_one_without_adjust_follows_pandas_2(
     pd: Any, parameter: str, value: float
 ) -> None:
-    """SPEC 9: [1, NaN, 5] gives 3.6667 under pandas 2's rule (4.0 in pandas 3.1)."""
+    """spec section 9: [1, NaN, 5] gives 3.6667 under pandas 2's rule (4.0 in pandas 3.1)."""
     x = np.array([1.0, np.nan, 5.0])
     actual = fusedopt.ewma(x, **{parameter: value}, adjust=False)
     np.testing.assert_array_equal(actual, reference.ewma(x, **{parameter: value}, adjust=False))

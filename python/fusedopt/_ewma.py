@@ -1,4 +1,4 @@
-"""Exponentially weighted moving average with pandas ``ewm(...).mean()`` semantics (SPEC 9)."""
+"""Exponentially weighted moving average with pandas ``ewm(...).mean()`` semantics (spec 9)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def _center_of_mass(
     com: float | None, span: float | None, halflife: float | None, alpha: float | None
 ) -> float:
     """pandas' ``get_center_of_mass``, operation for operation, so alpha' = 1 / (1 + com) comes
-    out bit-identical to pandas' (alpha does not always survive the round trip, SPEC 9)."""
+    out bit-identical to pandas' (alpha does not always survive the round trip, spec section 9)."""
     given = [
         name
         for name, v in (("com", com), ("span", span), ("halflife", halflife), ("alpha", alpha))
@@ -60,7 +60,7 @@ def ewma(
     ``ignore_na`` decides whether gaps decay the weights), and ``min_periods``
     counts observations. Computed in float64 (as pandas does); the result has ``x``'s float
     dtype, or float64 for integer input. At com == 1 with ``adjust=False`` and a NaN, the result
-    is pandas 2's (pandas 3.0 changed that one case; see SPEC section 9).
+    is pandas 2's (pandas 3.0 changed that one case; see spec section 9).
     """
     com_value = _center_of_mass(com, span, halflife, alpha)
     if isinstance(min_periods, bool) or not isinstance(min_periods, int | np.integer):

@@ -1,10 +1,9 @@
 """Reference implementations: the oracle of fusedopt's tests.
 
-Every function here is written straight from the SPEC (``docs/spec.md``, formerly ``SPEC.md``)
-in plain Python and NumPy, in float64, one optimizer step (or one EWMA) at a time. It is meant to
-be read next to the SPEC section its docstring cites, and it is slow on purpose: clarity over
-speed. Nothing here imports the compiled fusedopt modules, so the oracle cannot share a bug with
-the kernels it checks.
+Every function here is written straight from the spec (``docs/spec.md``) in plain Python and
+NumPy, in float64, one optimizer step (or one EWMA) at a time. It is meant to be read next to the
+spec section its docstring cites, and it is slow on purpose: clarity over speed. Nothing here
+imports the compiled fusedopt modules, so the oracle cannot share a bug with the kernels it checks.
 
 Conventions of the step functions:
 
@@ -23,10 +22,10 @@ Conventions of the step functions:
   is ``iterations + 1`` of this call).
 - Scalar states are Python floats in the state dict: torch's NAdam ``"mu_product"``, ASGD
   ``"eta"`` and ``"mu"`` (torch keeps them as 0-dim tensors of its default dtype, float32 even
-  for float64 parameters; ``scalar_dtype`` chooses that rounding, SPEC section 13), and Keras
+  for float64 parameters; ``scalar_dtype`` chooses that rounding, spec section 13), and Keras
   Nadam's optimizer-wide ``"u_product"``, which the caller passes in each variable's state
-  (SPEC section 16).
-- Functions of algorithms added with SPEC sections 13-21 refuse the hyperparameters the
+  (spec section 16).
+- Functions of algorithms added with spec sections 13-21 refuse the hyperparameters the
   framework's constructor refuses, with its ``ValueError`` message.
 - Rprop's hyperparameters are named as torch's functional API names them (``etaminus``,
   ``etaplus``, ``step_size_min``, ``step_size_max``), as ``betas`` are ``beta1`` and ``beta2``.
@@ -110,7 +109,7 @@ def _torch_lerp(start: Array, end: Array, weight: float) -> Array:
 
 
 def _torch_gradient(g: ArrayLike, grad_scale: float | None, maximize: bool) -> Array:
-    """The gradient as PyTorch's update sees it: unscaled first, then negated (SPEC section 8)."""
+    """The gradient as PyTorch's update sees it: unscaled first, then negated (spec section 8)."""
     grad = _float64(g)
     if grad_scale is not None:
         grad = grad / float(grad_scale)
@@ -120,7 +119,7 @@ def _torch_gradient(g: ArrayLike, grad_scale: float | None, maximize: bool) -> A
 
 
 # --------------------------------------------------------------------------------------------
-# PyTorch convention (SPEC A.1, A.8, sections 1-8 and 13-20)
+# PyTorch convention (spec A.1, A.8, sections 1-8 and 13-20)
 # --------------------------------------------------------------------------------------------
 
 
@@ -137,7 +136,7 @@ def torch_sgd(
     maximize: bool = False,
     grad_scale: float | None = None,
 ) -> StepResult:
-    """One step of ``torch.optim.SGD`` (SPEC sections 2-4; ``grad_scale`` as fused SGD, section 8).
+    """One step of ``torch.optim.SGD`` (spec sections 2-4; ``grad_scale`` as fused SGD, section 8).
 
     ``g <- g/grad_scale``; ``g <- -g`` if maximize; ``g <- g + wd*p`` (L2). With momentum, the first
     step sets ``buf = g`` (no dampening), later ``buf = mu*buf + (1 - dampening)*g``; nesterov uses
@@ -175,7 +174,7 @@ def torch_adagrad(
     eps: float = 1e-10,
     maximize: bool = False,
 ) -> StepResult:
-    """One step of ``torch.optim.Adagrad`` (SPEC section 5).
+    """One step of ``torch.optim.Adagrad`` (spec section 5).
 
     ``sum`` starts at ``initial_accumulator_value``; ``clr = lr/(1 + (step - 1)*lr_decay)``;
     ``sum <- sum + g*g``; ``p <- p - clr*g/(sqrt(sum) + eps)`` (eps outside the square root).
@@ -206,7 +205,7 @@ def torch_rmsprop(
     centered: bool = False,
     maximize: bool = False,
 ) -> StepResult:
-    """One step of ``torch.optim.RMSprop`` (SPEC section 6).
+    """One step of ``torch.optim.RMSprop`` (spec section 6).
 
     ``v <- alpha*v + (1 - alpha)*g*g``; centered: ``ga <- lerp(ga, g, 1 - alpha)`` and
     ``avg = sqrt(v - ga^2) + eps``, otherwise ``avg = sqrt(v) + eps`` (eps outside). With
@@ -249,7 +248,7 @@ def torch_adam(
     decoupled_weight_decay: bool = False,
     grad_scale: float | None = None,
 ) -> StepResult:
-    """One step of ``torch.optim.Adam``; ``AdamW`` is ``decoupled_weight_decay=True`` (SPEC 7, 8).
+    """One step of ``torch.optim.Adam``; ``AdamW`` is ``decoupled_weight_decay=True`` (spec 7, 8).
 
     Decay: L2 ``g <- g + wd*p``, or decoupled ``p <- p*(1 - lr*wd)`` before the moments.
     ``m <- lerp(m, g, 1 - beta1)``; ``v <- beta2*v + (1 - beta2)*g*g``; AMSGrad keeps
@@ -288,14 +287,14 @@ def _check(condition: bool, message: str) -> None:
 
 
 def _check_torch_betas(beta1: float, beta2: float) -> None:
-    # torch's "not 0.0 <= beta < 1.0" form: NaN is refused too (SPEC section 13).
+    # torch's "not 0.0 <= beta < 1.0" form: NaN is refused too (spec section 13).
     _check(0.0 <= beta1 < 1.0, f"Invalid beta parameter at index 0: {beta1}")
     _check(0.0 <= beta2 < 1.0, f"Invalid beta parameter at index 1: {beta2}")
 
 
 def _torch_scalar(value: float, scalar_dtype: str) -> float:
     """A scalar state value stored as torch stores it: a float32 tensor unless the default
-    dtype is float64 (``_get_scalar_dtype``, SPEC section 13)."""
+    dtype is float64 (``_get_scalar_dtype``, spec section 13)."""
     if scalar_dtype == "float32":
         return float(np.float32(value))
     if scalar_dtype == "float64":
@@ -314,7 +313,7 @@ def torch_adadelta(
     weight_decay: float = 0.0,
     maximize: bool = False,
 ) -> StepResult:
-    """One step of ``torch.optim.Adadelta`` (SPEC section 14).
+    """One step of ``torch.optim.Adadelta`` (spec section 14).
 
     ``g <- g + wd*p`` (L2); ``square_avg <- rho*square_avg + (1 - rho)*g*g``;
     ``delta = sqrt(acc_delta + eps)/sqrt(square_avg + eps)*g``;
@@ -350,7 +349,7 @@ def torch_adamax(
     weight_decay: float = 0.0,
     maximize: bool = False,
 ) -> StepResult:
-    """One step of ``torch.optim.Adamax`` (SPEC section 15).
+    """One step of ``torch.optim.Adamax`` (spec section 15).
 
     ``g <- g + wd*p`` (L2); ``exp_avg <- lerp(exp_avg, g, 1 - beta1)``;
     ``exp_inf <- max(beta2*exp_inf, |g| + eps)`` (eps inside the maximum);
@@ -389,7 +388,7 @@ def torch_nadam(
     maximize: bool = False,
     scalar_dtype: str = "float32",
 ) -> StepResult:
-    """One step of ``torch.optim.NAdam`` (SPEC section 16).
+    """One step of ``torch.optim.NAdam`` (spec section 16).
 
     Decay: L2 ``g <- g + wd*p``, or decoupled ``p <- p*(1 - lr*wd)``.
     ``mu = beta1*(1 - 0.5*0.96**(step*momentum_decay))``, ``mu_next`` the same at ``step + 1``;
@@ -450,7 +449,7 @@ def torch_radam(
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
 ) -> StepResult:
-    """One step of ``torch.optim.RAdam`` (SPEC section 17).
+    """One step of ``torch.optim.RAdam`` (spec section 17).
 
     Decay as NAdam; moments as Adam; ``m_hat = exp_avg/(1 - beta1**step)``;
     ``rho_inf = 2/(1 - beta2) - 1``, ``rho_t = rho_inf - 2*step*beta2**step/(1 - beta2**step)``.
@@ -503,7 +502,7 @@ def torch_rprop(
     maximize: bool = False,
 ) -> StepResult:
     """One step of ``torch.optim.Rprop``; ``etas = (etaminus, etaplus)``,
-    ``step_sizes = (step_size_min, step_size_max)`` (SPEC section 18).
+    ``step_sizes = (step_size_min, step_size_max)`` (spec section 18).
 
     ``lr`` is read only on the first step, to fill ``step_size``. ``s = sign(g*prev)``;
     factor ``etaplus`` where ``s > 0``, ``etaminus`` where ``s < 0``, 1 where ``s == 0``;
@@ -542,7 +541,7 @@ def torch_asgd(
     maximize: bool = False,
     scalar_dtype: str = "float32",
 ) -> StepResult:
-    """One step of ``torch.optim.ASGD`` (SPEC section 19).
+    """One step of ``torch.optim.ASGD`` (spec section 19).
 
     The step uses the ``eta`` and ``mu`` stored by the previous step (first step: ``eta = lr``,
     ``mu = 1``): ``g <- g + wd*p``; ``p <- p*(1 - lambd*eta)``; ``p <- p - eta*g``; ``ax <- p``
@@ -585,7 +584,7 @@ def torch_lion(
     weight_decay: float = 0.0,
     maximize: bool = False,
 ) -> StepResult:
-    """One step of Lion in fusedopt's PyTorch convention (SPEC section 20, A.8).
+    """One step of Lion in fusedopt's PyTorch convention (spec section 20, A.8).
 
     ``torch.optim`` has no Lion; this is lion-pytorch's update with torch's lerp rounding:
     ``p <- p*(1 - lr*wd)`` (decoupled); ``p <- p - lr*sign(lerp(exp_avg, g, 1 - beta1))``;
@@ -608,12 +607,12 @@ def torch_lion(
 
 
 # --------------------------------------------------------------------------------------------
-# Keras 3 convention (SPEC A.2, A.8, sections 1-7 and 13-21)
+# Keras 3 convention (spec A.2, A.8, sections 1-7 and 13-21)
 # --------------------------------------------------------------------------------------------
 
 
 def _keras_weight_decay(param: Array, weight_decay: float | None, learning_rate: float) -> Array:
-    """Keras' decoupled, lr-scaled decay before every ``update_step`` (SPEC section 1)."""
+    """Keras' decoupled, lr-scaled decay before every ``update_step`` (spec section 1)."""
     if not weight_decay:
         return param
     return param * (1.0 - weight_decay * learning_rate)
@@ -626,7 +625,7 @@ def keras_clip(
     clipvalue: float | None = None,
     global_clipnorm: float | None = None,
 ) -> list[Array]:
-    """Keras gradient clipping, pipeline step 5 of SPEC section 1; returns new float64 arrays.
+    """Keras gradient clipping, pipeline step 5 of spec section 1; returns new float64 arrays.
 
     At most one option may be set; ``None`` or ``0`` is off. ``clipnorm = c`` per tensor:
     ``g*c/max(||g||, c)``; ``global_clipnorm = c``: ``g * c*min(1/N, 1/c) + (N - N)`` with ``N``
@@ -660,7 +659,7 @@ def keras_sgd(
     nesterov: bool = False,
     weight_decay: float | None = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.SGD`` (SPEC sections 2, 3, 4).
+    """One step of ``keras.optimizers.SGD`` (spec sections 2, 3, 4).
 
     ``V <- mu*V - lr*g``; ``p <- p + V``, or with nesterov ``p <- p + mu*V - lr*g`` with the new
     ``V``. Without momentum, ``p <- p - lr*g`` and ``"momentum"`` stays zero.
@@ -689,7 +688,7 @@ def keras_adagrad(
     epsilon: float = 1e-7,
     weight_decay: float | None = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.Adagrad`` (SPEC section 5).
+    """One step of ``keras.optimizers.Adagrad`` (spec section 5).
 
     The accumulator starts at ``initial_accumulator_value``; ``acc <- acc + g^2``;
     ``p <- p - lr*g/sqrt(acc + epsilon)`` (epsilon inside the square root).
@@ -715,7 +714,7 @@ def keras_rmsprop(
     centered: bool = False,
     weight_decay: float | None = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.RMSprop`` (SPEC section 6).
+    """One step of ``keras.optimizers.RMSprop`` (spec section 6).
 
     ``ms <- rho*ms + (1 - rho)*g^2``; centered: ``mg <- rho*mg + (1 - rho)*g`` and
     ``D = ms - mg^2 + epsilon``, otherwise ``D = ms + epsilon``; ``inc = lr*g/sqrt(D)``. With
@@ -756,7 +755,7 @@ def keras_adam(
     amsgrad: bool = False,
     weight_decay: float | None = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.Adam``; ``AdamW`` is this with ``weight_decay`` (SPEC 7).
+    """One step of ``keras.optimizers.Adam``; ``AdamW`` is this with ``weight_decay`` (spec 7).
 
     ``t = step``; ``alpha_t = lr*sqrt(1 - beta_2^t)/(1 - beta_1^t)``;
     ``m <- m + (g - m)(1 - beta_1)``; ``v <- v + (g^2 - v)(1 - beta_2)``; AMSGrad:
@@ -791,7 +790,7 @@ def keras_adadelta(
     epsilon: float = 1e-7,
     weight_decay: float | None = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.Adadelta`` on the torch backend (SPEC section 14).
+    """One step of ``keras.optimizers.Adadelta`` on the torch backend (spec section 14).
 
     ``acc_g <- rho*acc_g + (1 - rho)*g^2``;
     ``delta = -sqrt(acc_d + epsilon)*g/sqrt(acc_g + epsilon)``;
@@ -824,7 +823,7 @@ def keras_adamax(
     epsilon: float = 1e-7,
     weight_decay: float | None = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.Adamax`` on the torch backend (SPEC section 15).
+    """One step of ``keras.optimizers.Adamax`` on the torch backend (spec section 15).
 
     ``m <- beta_1*m + (1 - beta_1)*g``; ``u <- max(beta_2*u, |g|)``;
     ``p <- p - (m*lr)/((u + epsilon)*(1 - beta_1^t))`` (epsilon outside the maximum).
@@ -852,7 +851,7 @@ def keras_nadam(
     epsilon: float = 1e-7,
     weight_decay: float | None = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.Nadam`` on the torch backend (SPEC section 16).
+    """One step of ``keras.optimizers.Nadam`` on the torch backend (spec section 16).
 
     ``state["u_product"]`` is Keras' optimizer-wide ``_u_product`` before this ``apply`` (1.0
     when absent); the returned state holds its value after. Keras updates it once per
@@ -892,7 +891,7 @@ def keras_lion(
     beta_2: float = 0.99,
     weight_decay: float | None = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.Lion`` on the torch backend (SPEC section 20).
+    """One step of ``keras.optimizers.Lion`` on the torch backend (spec section 20).
 
     ``p <- p - lr*sign(beta_1*m + (1 - beta_1)*g)``; ``m <- beta_2*m + (1 - beta_2)*g``.
     Keras refuses ``beta_1`` outside ``(0, 1]``.
@@ -923,7 +922,7 @@ def keras_lamb(
     epsilon: float = 1e-7,
     weight_decay: float | None = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.Lamb`` (SPEC section 21); ``p`` is one whole variable.
+    """One step of ``keras.optimizers.Lamb`` (spec section 21); ``p`` is one whole variable.
 
     ``m <- m + (g - m)(1 - beta_1)``; ``v <- v + (g^2 - v)(1 - beta_2)``;
     ``update = (m/(1 - beta_1^t))/(sqrt(v/(1 - beta_2^t)) + epsilon)``;
@@ -950,7 +949,7 @@ def keras_lamb(
 
 
 # --------------------------------------------------------------------------------------------
-# EWMA, pandas convention (SPEC A.5, section 9)
+# EWMA, pandas convention (spec A.5, section 9)
 # --------------------------------------------------------------------------------------------
 
 
@@ -985,7 +984,7 @@ def _pandas_center_of_mass(
 def _ewma_series(
     values: Array, center_of_mass: float, adjust: bool, ignore_na: bool, min_periods: int
 ) -> Array:
-    """The loop of SPEC section 9 over one series, in Python floats (IEEE double, no FMA)."""
+    """The loop of spec section 9 over one series, in Python floats (IEEE double, no FMA)."""
     result = np.empty(len(values), dtype=np.float64)
     if len(values) == 0:
         return result
@@ -1006,7 +1005,7 @@ def _ewma_series(
                 if is_observation:
                     # Skipping equal values keeps constant series exact, as pandas does. At
                     # com == 1 with adjust=False, pandas >= 3 uses new_weight = 1 - old_weight
-                    # here; fusedopt keeps the pandas 2 rule (SPEC A.5).
+                    # here; fusedopt keeps the pandas 2 rule (spec A.5).
                     if weighted != current:
                         weighted = (old_weight * weighted + new_weight * current) / (
                             old_weight + new_weight
@@ -1030,7 +1029,7 @@ def ewma(
     min_periods: int | None = 0,
     axis: int = 0,
 ) -> Array:
-    """pandas ``ewm(...).mean()`` on a 1-D series or along ``axis`` of a 2-D array (SPEC 9, A.5).
+    """pandas ``ewm(...).mean()`` on a 1-D series or along ``axis`` of a 2-D array (spec 9, A.5).
 
     Exactly one of ``com >= 0``, ``span >= 1``, ``halflife > 0``, ``0 < alpha <= 1``; it becomes
     a center of mass and then ``alpha' = 1/(1 + com)``, as pandas does, so results are
@@ -1061,14 +1060,14 @@ def ewma(
 
 
 # --------------------------------------------------------------------------------------------
-# The seed document's textbook formulas (SPEC A.3, section 10), literally
+# The seed document's textbook formulas (spec A.3, section 10), literally
 # --------------------------------------------------------------------------------------------
 
 
 def seed_momentum(
     theta: ArrayLike, g: ArrayLike, state: State, *, alpha: float, beta: float
 ) -> StepResult:
-    """Seed momentum (SPEC sections 3, 10).
+    """Seed momentum (spec sections 3, 10).
 
     ``v <- beta*v + (1 - beta)*g``; ``theta -= alpha*v``; v0 = 0.
     """
@@ -1087,7 +1086,7 @@ def seed_nesterov(
     eta: float,
     gamma: float,
 ) -> StepResult:
-    """Seed NAG, lookahead form (SPEC sections 4, 10).
+    """Seed NAG, lookahead form (spec sections 4, 10).
 
     ``theta_tilde = theta - gamma*v``; ``v <- gamma*v + eta*grad_fn(theta_tilde)``;
     ``theta -= v``; v0 = 0. ``grad_fn`` maps a float64 array to its gradient.
@@ -1104,7 +1103,7 @@ def seed_nesterov(
 def seed_adagrad(
     theta: ArrayLike, g: ArrayLike, state: State, *, eta: float, eps: float
 ) -> StepResult:
-    """Seed Adagrad (SPEC sections 5, 10): ``G += g*g``; ``theta -= eta*g/sqrt(G + eps)``."""
+    """Seed Adagrad (spec sections 5, 10): ``G += g*g``; ``theta -= eta*g/sqrt(G + eps)``."""
     params = _float64(theta)
     grad = _float64(g)
     new_state = _copy_state(state)
@@ -1116,7 +1115,7 @@ def seed_adagrad(
 def seed_rmsprop(
     theta: ArrayLike, g: ArrayLike, state: State, *, eta: float, rho: float, eps: float
 ) -> StepResult:
-    """Seed RMSprop (SPEC sections 6, 10).
+    """Seed RMSprop (spec sections 6, 10).
 
     ``E <- rho*E + (1 - rho)*g*g``; ``theta -= eta*g/sqrt(E + eps)``; E0 = 0.
     """
@@ -1138,7 +1137,7 @@ def seed_adam(
     beta2: float,
     eps: float,
 ) -> StepResult:
-    """Seed Adam, Algorithm 1 of Kingma & Ba (SPEC sections 7, 10).
+    """Seed Adam, Algorithm 1 of Kingma & Ba (spec sections 7, 10).
 
     ``t += 1``; ``m <- beta1*m + (1 - beta1)*g``; ``v <- beta2*v + (1 - beta2)*g^2``;
     ``m_hat = m/(1 - beta1^t)``; ``v_hat = v/(1 - beta2^t)``;
