@@ -236,7 +236,9 @@ def _make(algorithm: str) -> Any:
         keywords.append("first_step=False")
     if d.takes_grad_scale:
         keywords += ["grad_scale=None", "found_inf=None"]
-    keywords.append("convention='torch'")
+    # The convention the description defaults to: LAMB's is Keras', the only one it has.
+    default_convention = "keras" if d.field("convention").default == KERAS else "torch"
+    keywords.append(f"convention={default_convention!r}")
     scalar_map = "{" + ", ".join(f"{s!r}: {a}" for s, a in zip(d.scalars, scalars)) + "}"
     arguments = [
         "_description",
@@ -259,11 +261,28 @@ def _make(algorithm: str) -> Any:
     exec(source, namespace)  # noqa: S102 - built from the native description only
     function = namespace[f"{algorithm}_"]
     function.__module__ = __name__
-    function.__doc__ = (
-        f"One fused {algorithm} step (docs/spec.md) over every tensor given, in place. States: "
-        f"{', '.join(states)}. See the module docstring."
-    )
+    function.__doc__ = _docstring(d, positional, keywords)
     return function
+
+
+def _docstring(description: Description, positional: list[str], keywords: list[str]) -> str:
+    """The math from the class of the same algorithm (PyTorch style where there is one), and the
+    arguments."""
+    from fusedopt import keras, optim
+
+    classes = [
+        c
+        for module in (optim, keras)
+        for c in vars(module).values()
+        if isinstance(c, type) and getattr(c, "_algorithm", None) == description.name
+    ]
+    math = (classes[0].__doc__ or "").strip() if classes else ""
+    return (
+        f"One fused step of ``{description.name}`` over every tensor given, in place.\n\n"
+        f"{math}\n\n"
+        f"Arguments: {', '.join(positional)}; keyword-only: {', '.join(keywords)}. "
+        "See the module docstring."
+    )
 
 
 # One function per registered algorithm: adding an algorithm to the registry adds its function.
