@@ -362,6 +362,17 @@ GPU_CASES = [
     ("adam", dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True, amsgrad=True), 3),
     ("adam", dict(lr=0.01, maximize=True), 2),
     ("adam", dict(lr=0.01, weight_decay=0.004, amsgrad=True, convention="keras"), 3),
+    ("adadelta", dict(lr=0.5, rho=0.8, weight_decay=0.01, maximize=True), 2),
+    ("adadelta", dict(lr=0.5, weight_decay=0.01, convention="keras"), 2),
+    ("adamax", dict(lr=0.01, beta1=0.3, weight_decay=0.01), 2),
+    ("adamax", dict(lr=0.01, eps=1e-3, convention="keras"), 2),
+    ("nadam", dict(lr=0.01, momentum_decay=0.5, decoupled_weight_decay=True, weight_decay=0.1), 2),
+    ("nadam", dict(lr=0.01, momentum_decay=1.0, convention="keras"), 2),
+    ("radam", dict(lr=0.01, beta2=0.9, weight_decay=0.01), 2),
+    ("rprop", dict(lr=0.01, etaminus=0.3, step_size_max=0.05, maximize=True), 2),
+    ("asgd", dict(lr=0.01, t0=1.0, lambd=0.1, weight_decay=0.01), 1),
+    ("lion", dict(lr=0.01, beta1=0.3, weight_decay=0.1), 1),
+    ("lion", dict(lr=0.01, weight_decay=0.1, convention="keras"), 1),
 ]
 LISTS = {
     "awkward sizes": SIZES,
@@ -371,19 +382,29 @@ LISTS = {
 }
 
 
-def run_step(device: bool, algorithm: str, values: tuple, arrays: dict[str, list], step: int,
+def run_step(device: bool, algorithm: str, values: tuple, arrays: dict[str, Any], step: int,
              grad_scale: float | None) -> None:  # fmt: skip
     n = len(arrays["params"])
     group_of, steps = np.zeros(n, np.int64), np.full(n, step, np.int64)
-    count = len(_engine.describe(algorithm).states)
-    states = [arrays[f"s{k}"] for k in range(count)]
-    new_state = [step == 1] * n if _engine.describe(algorithm).uses_new_state else None
+    description = _engine.describe(algorithm)
+    states = [arrays[f"s{k}"] for k in range(len(description.states))]
+    new_state = [step == 1] * n if description.uses_new_state else None
+    scalars = arrays.get("scalars")
     if device:
         cuda.step(algorithm, [values], group_of, steps, arrays["params"], arrays["grads"], states,
-                  new_state=new_state, grad_scale=grad_scale)  # fmt: skip
+                  new_state=new_state, scalars=scalars, grad_scale=grad_scale)  # fmt: skip
     else:
         _core.step(algorithm, [values], group_of, steps, arrays["params"], arrays["grads"], states,
-                   new_state, None, grad_scale)  # fmt: skip
+                   new_state, scalars, grad_scale)  # fmt: skip
+
+
+def initial_scalars(algorithm: str, values: tuple, n: int) -> np.ndarray | None:
+    description = _engine.describe(algorithm)
+    if not description.scalars:
+        return None
+    rows = np.zeros((n, _core.max_scalars))
+    rows[:, : len(description.scalars)] = description.initial_values(values)[1]
+    return rows
 
 
 @needs_gpu
@@ -404,7 +425,11 @@ def test_gpu_matches_cpu_bit_for_bit(
     for k in range(3):
         states = [np.abs(rng.standard_normal(s)).astype(dtype) for s in sizes]
         host[f"s{k}"] = states if k < num_states else None
-    device = {k: None if v is None else [to_device(a, library) for a in v] for k, v in host.items()}
+    device: dict[str, Any] = {
+        k: None if v is None else [to_device(a, library) for a in v] for k, v in host.items()
+    }
+    host["scalars"] = initial_scalars(algorithm, values, len(sizes))
+    device["scalars"] = None if host["scalars"] is None else host["scalars"].copy()
     grad_scale = (
         2.0 if algorithm in ("sgd", "adam") and hyper.get("convention") != "keras" else None
     )
@@ -412,8 +437,37 @@ def test_gpu_matches_cpu_bit_for_bit(
         run_step(False, algorithm, values, host, step, grad_scale)
         run_step(True, algorithm, values, device, step, grad_scale)
     for key, arrays in host.items():
+        if key == "scalars":
+            np.testing.assert_array_equal(device[key], arrays)  # host values, advanced alike
+            continue
         for i, expected in enumerate(arrays or []):
             np.testing.assert_array_equal(cuda.to_numpy(device[key][i]), expected, f"{key}[{i}]")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_lamb_matches_cpu_within_rounding(dtype: type) -> None:
+    """LAMB's per-tensor sums add in another order on the GPU (threads, then a tree per block,
+    then chunk by chunk): equal to the CPU's up to the rounding of those sums."""
+    import torch
+
+    values = options("lamb", "keras", lr=0.01, weight_decay=0.01)
+    sizes = [1, 17, 5 * CHUNK + 3, 4097, 0]
+    rng = np.random.default_rng(11)
+    host = {
+        "params": [rng.standard_normal(s).astype(dtype) for s in sizes],
+        "grads": [rng.standard_normal(s).astype(dtype) for s in sizes],
+        "s0": [np.zeros(s, dtype) for s in sizes],
+        "s1": [np.zeros(s, dtype) for s in sizes],
+    }
+    device = {k: [torch.from_numpy(a.copy()).cuda() for a in v] for k, v in host.items()}
+    for step in range(1, 4):
+        run_step(False, "lamb", values, host, step, None)
+        run_step(True, "lamb", values, device, step, None)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    for key in ("params", "s0", "s1"):
+        for i, expected in enumerate(host[key]):
+            np.testing.assert_allclose(cuda.to_numpy(device[key][i]), expected, **tolerance)
 
 
 @needs_gpu

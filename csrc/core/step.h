@@ -100,6 +100,16 @@ void check_options(const std::vector<typename A::Options>& groups) {
   for (const typename A::Options& o : groups) A::check(o);
 }
 
+// An algorithm with per-tensor scalars (NAdam's mu_product) needs them for every tensor.
+template <class A>
+void check_scalars(const double* scalars) {
+  if constexpr (A::scalar_names.size() > 0)
+    if (!scalars)
+      throw Error(ErrorKind::value, std::string("scalars: ") + A::name + " keeps " +
+                                        A::scalar_names[0] +
+                                        " per tensor; give them (see initial_scalar)");
+}
+
 namespace detail {
 
 inline bool same_scalars(const double* a, const double* b) {
@@ -197,6 +207,7 @@ PreparedStep<A> prepare_step(const std::vector<typename A::Options>& groups,
   PreparedStep<A> step;
   step.tensors = validate_step_buffers(buffers);
   check_schedule(schedule, step.tensors.size(), groups.size());
+  check_scalars<A>(schedule.scalars);
   detail::compute_coefficients<A>(groups, schedule, extras, step, &buffers.state_names);
   return step;
 }
@@ -265,6 +276,7 @@ class Plan {
        int64_t* step_counts, std::vector<uint8_t> new_state, double* scalars)
       : groups_(std::move(groups)), step_counts_(step_counts) {
     check_options<A>(groups_);
+    check_scalars<A>(scalars);
     step_.tensors = validate_step_buffers(registered, false);
     state_names_ = registered.state_names;
     state_names_.resize(kMaxStates);

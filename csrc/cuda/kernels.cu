@@ -51,16 +51,89 @@ void launch_batch(const LaunchBatch& batch,
   check_launch("the multi-tensor kernel");
 }
 
+void check(cudaError_t error, const char* call) {
+  if (error != cudaSuccess)
+    throw std::runtime_error(std::string("fusedopt.cuda: ") + call +
+                             " failed: " + cudaGetErrorString(error));
+}
+
+template <class T, class A, class Kernel>
+void launch_reducing(Kernel kernel, const LaunchBatch& batch,
+                     const std::vector<typename A::Coefficients>& coefficients,
+                     const std::vector<int64_t>& first_chunk, double* partials, const double* sums,
+                     cudaStream_t stream) {
+  ReducingArguments<typename A::Coefficients> args{};
+  args.metadata = batch.metadata;
+  for (int k = 0; k < batch.num_coefficient_sets; ++k)
+    args.coefficients[k] = coefficients[batch.coefficient_ids[k]];
+  for (int slot = 0; slot < batch.metadata.num_tensors; ++slot) {
+    args.tensor_index[slot] = batch.tensor_index[slot];
+    args.first_chunk[slot] = first_chunk[batch.tensor_index[slot]];
+  }
+  args.partials = partials;
+  args.sums = sums;
+  kernel<<<batch.metadata.num_blocks, kThreadsPerBlock, 0, stream>>>(args);
+  check_launch("a reducing kernel");
+}
+
+// The three launches of an algorithm with per-tensor reductions (multi_tensor.cuh), with their
+// scratch memory allocated and freed in the stream's order.
+template <class A>
+void launch_reducing_step(const PreparedStep<A>& step, cudaStream_t stream) {
+  constexpr int R = A::reductions;
+  const std::vector<PlanTensor> tensors = plan_tensors(step.tensors, step.coefficient_of);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  std::vector<int64_t> first_chunk(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i)
+    first_chunk[i + 1] = first_chunk[i] + (tensors[i].size + kChunkElements - 1) / kChunkElements;
+  const int64_t chunks = first_chunk[n];
+  if (chunks == 0) return;
+  const size_t bytes = sizeof(double) * (chunks * R + n * R) + sizeof(int64_t) * (n + 1);
+  void* scratch = nullptr;
+  check(cudaMallocAsync(&scratch, bytes, stream), "cudaMallocAsync");
+  double* partials = static_cast<double*>(scratch);
+  double* sums = partials + chunks * R;
+  auto* chunk_index = reinterpret_cast<int64_t*>(sums + n * R);
+  const std::vector<LaunchBatch> plan = build_launch_plan(tensors);
+  try {
+    check(cudaMemcpyAsync(chunk_index, first_chunk.data(), sizeof(int64_t) * (n + 1),
+                          cudaMemcpyHostToDevice, stream),
+          "cudaMemcpyAsync");
+    for (const LaunchBatch& batch : plan) {
+      if (batch.element_bytes == 4)
+        launch_reducing<float, A>(reduce_kernel<float, A>, batch, step.coefficients, first_chunk,
+                                  partials, sums, stream);
+      else
+        launch_reducing<double, A>(reduce_kernel<double, A>, batch, step.coefficients, first_chunk,
+                                   partials, sums, stream);
+    }
+    const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
+    sum_chunks_kernel<R><<<blocks, 256, 0, stream>>>(partials, chunk_index, n, sums);
+    check_launch("the per-tensor sums");
+    for (const LaunchBatch& batch : plan) {
+      if (batch.element_bytes == 4)
+        launch_reducing<float, A>(finished_update_kernel<float, A>, batch, step.coefficients,
+                                  first_chunk, partials, sums, stream);
+      else
+        launch_reducing<double, A>(finished_update_kernel<double, A>, batch, step.coefficients,
+                                   first_chunk, partials, sums, stream);
+    }
+  } catch (...) {
+    cudaFreeAsync(scratch, stream);
+    throw;
+  }
+  check(cudaFreeAsync(scratch, stream), "cudaFreeAsync");
+}
+
 }  // namespace
 
 template <class A>
 void launch_step(const PreparedStep<A>& step, void* stream_handle) {
-  if constexpr (A::reductions > 0) {
-    throw std::invalid_argument(std::string("fusedopt.cuda: ") + A::name +
-                                " needs per-tensor reductions, which the CUDA backend does not "
-                                "run yet; use the CPU backend for it");
-  }
   const auto stream = static_cast<cudaStream_t>(stream_handle);
+  if constexpr (A::reductions > 0) {
+    launch_reducing_step(step, stream);
+    return;
+  }
   const std::vector<PlanTensor> tensors = plan_tensors(step.tensors, step.coefficient_of);
   // A dtype with a single non-empty tensor (one flat buffer for a whole model, say) takes the flat
   // kernel: one launch whatever its size, with no plan to build.

@@ -131,5 +131,90 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// ---- Algorithms with per-tensor reductions (LAMB) -------------------------------------------
+// A first launch updates the states and writes, per block (one chunk of one tensor), the sums of
+// the squares of what reduce() yields; a second sums each tensor's chunks in order; a third moves
+// the params with coefficients finished from those sums. Every sum has a fixed order (per thread,
+// then a tree over the block, then chunk by chunk), so a step is reproducible, though not bit for
+// bit the CPU's (whose blocks and lanes add in another order).
+template <class Coefficients>
+struct ReducingArguments {
+  LaunchMetadata metadata;
+  Coefficients coefficients[kMaxCoefficientSetsPerLaunch];
+  int32_t tensor_index[kMaxTensorsPerLaunch];  // the step-wide index of each slot's tensor
+  int64_t first_chunk[kMaxTensorsPerLaunch];   // its first chunk in the step-wide numbering
+  double* partials;                            // [chunk][reduction]
+  const double* sums;                          // [tensor][reduction]
+};
+
+template <class T, class A>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    reduce_kernel(const __grid_constant__ ReducingArguments<typename A::Coefficients> args) {
+  static_assert(sizeof(args) <= 32764, "a kernel's parameters are limited to 32764 bytes");
+  constexpr int R = A::reductions;
+  const LaunchMetadata& m = args.metadata;
+  const int slot = m.block_tensor[blockIdx.x];
+  const int64_t chunk = m.block_chunk[blockIdx.x];
+  const int64_t begin = chunk * kChunkElements;
+  const int64_t size = m.sizes[slot];
+  const int64_t end = begin + kChunkElements < size ? begin + kChunkElements : size;
+  const typename A::Coefficients c = args.coefficients[m.coefficient_set[slot]];
+  T* const param = static_cast<T*>(m.addresses[0][slot]);
+  T* const grad = static_cast<T*>(m.addresses[1][slot]);
+  T* state[kMaxStates];
+  for (int k = 0; k < kMaxStates; ++k) state[k] = static_cast<T*>(m.addresses[2 + k][slot]);
+  double sum[R] = {};
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    T s[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k) s[k] = state[k] ? state[k][i] : T(0);
+    T out[R];
+    math::reduce(c, param[i], grad[i], s, out);
+    for (int k = 0; k < kMaxStates; ++k)
+      if (state[k]) state[k][i] = s[k];
+    for (int r = 0; r < R; ++r) sum[r] += static_cast<double>(out[r]) * static_cast<double>(out[r]);
+  }
+  __shared__ double shared[R][kThreadsPerBlock];
+  for (int r = 0; r < R; ++r) shared[r][threadIdx.x] = sum[r];
+  __syncthreads();
+  for (int width = kThreadsPerBlock / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width)
+      for (int r = 0; r < R; ++r) shared[r][threadIdx.x] += shared[r][threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0)
+    for (int r = 0; r < R; ++r)
+      args.partials[(args.first_chunk[slot] + chunk) * R + r] = shared[r][0];
+}
+
+// One thread per tensor: its chunks' partial sums in order.
+template <int R>
+__global__ void sum_chunks_kernel(const double* partials, const int64_t* first_chunk,
+                                  int64_t num_tensors, double* sums) {
+  const int64_t tensor = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tensor >= num_tensors) return;
+  for (int r = 0; r < R; ++r) {
+    double total = 0;
+    for (int64_t chunk = first_chunk[tensor]; chunk < first_chunk[tensor + 1]; ++chunk)
+      total += partials[chunk * R + r];
+    sums[tensor * R + r] = total;
+  }
+}
+
+template <class T, class A>
+__global__ void __launch_bounds__(kThreadsPerBlock) finished_update_kernel(
+    const __grid_constant__ ReducingArguments<typename A::Coefficients> args) {
+  const LaunchMetadata& m = args.metadata;
+  const int slot = m.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(m.block_chunk[blockIdx.x]) * kChunkElements;
+  const int64_t size = m.sizes[slot];
+  const int64_t end = begin + kChunkElements < size ? begin + kChunkElements : size;
+  void* addresses[kMaxOperands];
+  for (int k = 0; k < kMaxOperands; ++k) addresses[k] = m.addresses[k][slot];
+  typename A::Coefficients c = args.coefficients[m.coefficient_set[slot]];
+  A::finish(c, args.sums + static_cast<int64_t>(args.tensor_index[slot]) * A::reductions);
+  update_range<T>(addresses, begin, end, m.flags[slot],
+                  [&](T& p, T& g, T(&s)[kMaxStates]) { math::update(c, p, g, s); });
+}
+
 }  // namespace cuda
 }  // namespace fusedopt

@@ -49,6 +49,13 @@
 
 namespace fusedopt {
 
+// Host code that the CUDA kernels call too (LAMB's finish, between its two passes).
+#if defined(__CUDACC__)
+#define FUSEDOPT_HOST_DEVICE __host__ __device__
+#else
+#define FUSEDOPT_HOST_DEVICE
+#endif
+
 // Per-element state buffers an algorithm may keep (RMSprop and Adam keep three).
 constexpr int kMaxStates = 3;
 // Per-tensor host scalars (NAdam's mu_product; ASGD's eta and mu).

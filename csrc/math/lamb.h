@@ -63,9 +63,9 @@ struct Lamb : AlgorithmDefaults {
 
   // Between the passes: the trust ratio from the tensor's sums. A NaN norm compares false and
   // takes ratio 1, as Keras' nested where does.
-  static void finish(Coefficients& c, const double* sums) {
-    const double param_norm = std::sqrt(sums[0]);
-    const double update_norm = std::sqrt(sums[1]);
+  FUSEDOPT_HOST_DEVICE static void finish(Coefficients& c, const double* sums) {
+    const double param_norm = sqrt(sums[0]);
+    const double update_norm = sqrt(sums[1]);
     const double ratio = param_norm > 0 && update_norm > 0 ? param_norm / update_norm : 1.0;
     c.step_size = ratio * c.lr;
   }
