@@ -1,18 +1,21 @@
 """The C ABI of the installed libfusedopt (fusedopt/fusedopt.h), called through ctypes: options set
-by name reach the core as the header says (every algorithm's steps match the reference in both
-conventions), plans step exactly as fusedopt_step does, failures come back as status codes with a
-thread-local message and write nothing, and the library exports the API and nothing else."""
+by name reach the core as the header says (every algorithm's steps, its per-tensor scalars
+included, match the reference in each convention it offers), plans step exactly as fusedopt_step
+does, failures come back as status codes with a thread-local message and write nothing, and the
+library exports the API and nothing else."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -78,6 +81,7 @@ SIGNATURES = {
     "fusedopt_algorithm_count": (c_int32, []),
     "fusedopt_algorithm_name": (c_char_p, [c_int32]),
     "fusedopt_options_create": (ctypes.c_int, [c_char_p, HANDLES]),
+    "fusedopt_options_copy": (ctypes.c_int, [HANDLE, HANDLES]),
     "fusedopt_options_destroy": (None, [HANDLE]),
     "fusedopt_options_algorithm": (c_char_p, [HANDLE]),
     "fusedopt_options_set": (ctypes.c_int, [HANDLE, c_char_p, c_double]),
@@ -89,6 +93,7 @@ SIGNATURES = {
     "fusedopt_initial_state": (c_double, [HANDLE, c_int32]),
     "fusedopt_scalar_name": (c_char_p, [HANDLE, c_int32]),
     "fusedopt_initial_scalar": (c_double, [HANDLE, c_int32]),
+    "fusedopt_takes_grad_scale": (c_int32, [HANDLE]),
     "fusedopt_step": (
         ctypes.c_int,
         [HANDLES, c_int64, ctypes.POINTER(Tensor), c_int64, DOUBLE_P],
@@ -144,12 +149,20 @@ class Options:
     """An options object of the C ABI, destroyed with this wrapper. Values are given as Python
     numbers or bools (a flag); fusedopt's names (csrc/math/<name>.h)."""
 
-    def __init__(self, algorithm: str, **values: float) -> None:
+    def __init__(self, algorithm: str | None = None, **values: float) -> None:
         self.handle = HANDLE()
+        if algorithm is None:  # filled by copy()
+            return
         status = load().fusedopt_options_create(algorithm.encode(), ctypes.byref(self.handle))
         assert status == OK, last_error()
         for name, value in values.items():
             self.set(name, value)
+
+    def copy(self) -> Options:
+        copied = Options()
+        status = load().fusedopt_options_copy(self.handle, ctypes.byref(copied.handle))
+        assert status == OK, last_error()
+        return copied
 
     def __del__(self) -> None:
         load().fusedopt_options_destroy(self.handle)
@@ -182,6 +195,22 @@ class Options:
 
     def initial_state(self, k: int) -> float:
         return load().fusedopt_initial_state(self.handle, k)
+
+    @property
+    def scalar_names(self) -> list[str]:
+        return self.names("fusedopt_scalar_name")
+
+    def initial_scalars(self) -> np.ndarray:
+        """A new tensor's scalars array (FUSEDOPT_MAX_SCALARS doubles, those past the
+        algorithm's count zero)."""
+        scalars = np.zeros(MAX_SCALARS)
+        for k in range(len(self.scalar_names)):
+            scalars[k] = load().fusedopt_initial_scalar(self.handle, k)
+        return scalars
+
+    @property
+    def takes_grad_scale(self) -> bool:
+        return bool(load().fusedopt_takes_grad_scale(self.handle))
 
 
 def address(array: np.ndarray | None) -> int | None:
@@ -266,6 +295,10 @@ TORCH_PAIRS = {
 }
 # Arguments of torch's implementations, not hyperparameters.
 TORCH_IMPLEMENTATION = {"foreach", "fused", "capturable", "differentiable"}
+# fusedopt's own options, which torch.optim has no argument for: float32_scalars (NAdam, ASGD)
+# says how the per-tensor scalars are stored. Its default, 1 (float32), is what torch does under
+# its default dtype, but as a setting it is torch's default dtype, not an optimizer argument.
+FUSEDOPT_OWN = {"float32_scalars"}
 
 
 @pytest.mark.parametrize("algorithm", algorithms())
@@ -285,12 +318,14 @@ def test_default_options_are_torch_optim_s(algorithm: str) -> None:
     options = Options(algorithm)
     names = options.option_names
     assert names[-1] == "convention" and options.get("convention") == TORCH
-    assert {name: options.get(name) for name in names[:-1]} == expected
+    compared = [name for name in names[:-1] if name not in FUSEDOPT_OWN]
+    assert {name: options.get(name) for name in compared} == expected
+    assert all(options.get(name) == 1.0 for name in set(names) & FUSEDOPT_OWN)
 
 
 def test_algorithms_are_listed_by_index(lib) -> None:
     names = algorithms()
-    assert {"sgd", "adagrad", "rmsprop", "adam"} <= set(names)
+    assert set(names) == set(DESCRIPTIONS)
     assert len(set(names)) == len(names)
     assert lib.fusedopt_algorithm_name(len(names)) is None
     assert lib.fusedopt_algorithm_name(-1) is None
@@ -298,52 +333,85 @@ def test_algorithms_are_listed_by_index(lib) -> None:
         assert lib.fusedopt_options_algorithm(Options(name).handle).decode() == name
 
 
-# csrc/math/<name>.h's fields and states, in order.
+# csrc/math/<name>.h's fields, states and per-tensor scalars, in order.
 DESCRIPTIONS = {
     "sgd": (
         ["lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "convention"],
         ["momentum_buffer"],
+        [],
     ),
     "adagrad": (
-        [
-            "lr",
-            "lr_decay",
-            "weight_decay",
-            "initial_accumulator_value",
-            "eps",
-            "maximize",
-            "convention",
-        ],
+        ["lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize",
+         "convention"],
         ["sum"],
-    ),  # fmt: skip
+        [],
+    ),
     "rmsprop": (
         ["lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize", "convention"],
         ["square_avg", "momentum_buffer", "grad_avg"],
+        [],
     ),
     "adam": (
-        [
-            "lr",
-            "beta1",
-            "beta2",
-            "eps",
-            "weight_decay",
-            "amsgrad",
-            "maximize",
-            "decoupled_weight_decay",
-            "convention",
-        ],
+        ["lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize",
+         "decoupled_weight_decay", "convention"],
         ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-    ),  # fmt: skip
-}
+        [],
+    ),
+    "adadelta": (
+        ["lr", "rho", "eps", "weight_decay", "maximize", "convention"],
+        ["square_avg", "acc_delta"],
+        [],
+    ),
+    "adamax": (
+        ["lr", "beta1", "beta2", "eps", "weight_decay", "maximize", "convention"],
+        ["exp_avg", "exp_inf"],
+        [],
+    ),
+    "nadam": (
+        ["lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay",
+         "decoupled_weight_decay", "maximize", "float32_scalars", "convention"],
+        ["exp_avg", "exp_avg_sq"],
+        ["mu_product"],
+    ),
+    "radam": (
+        ["lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay", "maximize",
+         "convention"],
+        ["exp_avg", "exp_avg_sq"],
+        [],
+    ),
+    "rprop": (
+        ["lr", "etaminus", "etaplus", "step_size_min", "step_size_max", "maximize", "convention"],
+        ["prev", "step_size"],
+        [],
+    ),
+    "asgd": (
+        ["lr", "lambd", "alpha", "t0", "weight_decay", "maximize", "float32_scalars",
+         "convention"],
+        ["ax"],
+        ["eta", "mu"],
+    ),
+    "lion": (
+        ["lr", "beta1", "beta2", "weight_decay", "maximize", "convention"],
+        ["exp_avg"],
+        [],
+    ),
+    "lamb": (
+        ["lr", "beta1", "beta2", "eps", "weight_decay", "convention"],
+        ["exp_avg", "exp_avg_sq"],
+        [],
+    ),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("algorithm", sorted(DESCRIPTIONS))
-def test_option_and_state_names_are_the_description_s(lib, algorithm: str) -> None:
+def test_option_state_and_scalar_names_are_the_description_s(lib, algorithm: str) -> None:
     options = Options(algorithm)
-    assert (options.option_names, options.state_names) == DESCRIPTIONS[algorithm]
-    assert lib.fusedopt_option_name(options.handle, -1) is None
-    assert lib.fusedopt_state_name(options.handle, -1) is None
-    assert lib.fusedopt_option_name(None, 0) is None
+    described = (options.option_names, options.state_names, options.scalar_names)
+    assert described == DESCRIPTIONS[algorithm]
+    assert len(options.state_names) <= MAX_STATES and len(options.scalar_names) <= MAX_SCALARS
+    for function in ("fusedopt_option_name", "fusedopt_state_name", "fusedopt_scalar_name"):
+        assert getattr(lib, function)(options.handle, -1) is None
+        assert getattr(lib, function)(None, 0) is None
 
 
 @pytest.mark.parametrize("algorithm", algorithms())
@@ -368,6 +436,14 @@ def test_every_option_reads_back_what_was_set(algorithm: str) -> None:
         ("rmsprop", {"centered": True}, 0b101),
         ("adam", {}, 0b011),
         ("adam", {"amsgrad": True}, 0b111),
+        ("adadelta", {}, 0b11),
+        ("adamax", {}, 0b11),
+        ("nadam", {}, 0b11),
+        ("radam", {}, 0b11),
+        ("rprop", {}, 0b11),
+        ("asgd", {}, 0b1),
+        ("lion", {}, 0b1),
+        ("lamb", {}, 0b11),
     ],
 )
 def test_states_used_follow_the_options(lib, algorithm, values, used) -> None:
@@ -375,11 +451,80 @@ def test_states_used_follow_the_options(lib, algorithm, values, used) -> None:
     assert lib.fusedopt_states_used(None) == 0
 
 
-def test_initial_state_is_adagrad_s_initial_accumulator_value(lib) -> None:
+def test_initial_states_follow_the_options(lib) -> None:
+    """Adagrad's sum starts at initial_accumulator_value and Rprop's step_size at lr; every other
+    state at zero, a state these options do not use included."""
     assert Options("adagrad").initial_state(0) == 0.0
     assert Options("adagrad", initial_accumulator_value=0.1).initial_state(0) == 0.1
-    assert Options("adam", amsgrad=True).initial_state(2) == 0.0
-    assert lib.fusedopt_initial_state(None, 0) == 0.0
+    assert Options("adam").initial_state(2) == 0.0
+    rprop = Options("rprop", lr=0.3)
+    assert rprop.state_names == ["prev", "step_size"]
+    assert (rprop.initial_state(0), rprop.initial_state(1)) == (0.0, 0.3)
+    assert Options("rprop").initial_state(1) == 0.01  # torch's default lr
+
+
+def test_initial_scalars_follow_the_options() -> None:
+    """NAdam's mu_product starts at 1; ASGD's eta at lr (rounded to float32 unless
+    float32_scalars is 0) and mu at 1."""
+    assert Options("nadam").initial_scalars().tolist() == [1.0, 0.0]
+    assert Options("asgd", lr=0.1).initial_scalars().tolist() == [float(np.float32(0.1)), 1.0]
+    assert Options("asgd", lr=0.1, float32_scalars=False).initial_scalars().tolist() == [0.1, 1.0]
+    assert Options("adam").initial_scalars().tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("algorithm", algorithms())
+def test_initial_values_past_the_last_are_nan(lib, algorithm: str) -> None:
+    """fusedopt_initial_state and fusedopt_initial_scalar return a double: for a k that is no
+    state (scalar) of the algorithm, or NULL options, it is NaN rather than a plausible value."""
+    options = Options(algorithm)
+    states, scalars = len(options.state_names), len(options.scalar_names)
+    for k in range(states):
+        assert not math.isnan(options.initial_state(k))
+    for k in (-1, states, MAX_STATES, 1 << 30):
+        assert math.isnan(options.initial_state(k)), k
+    for k in range(scalars):
+        assert not math.isnan(lib.fusedopt_initial_scalar(options.handle, k))
+    for k in (-1, scalars, MAX_SCALARS):
+        assert math.isnan(lib.fusedopt_initial_scalar(options.handle, k)), k
+    assert math.isnan(lib.fusedopt_initial_state(None, 0))
+    assert math.isnan(lib.fusedopt_initial_scalar(None, 0))
+
+
+@pytest.mark.parametrize("algorithm", algorithms())
+def test_takes_grad_scale_says_whether_a_step_takes_one(lib, algorithm: str) -> None:
+    options = Options(algorithm)
+    status = step([options], [], grad_scale=2.0)
+    assert options.takes_grad_scale == (status == OK), last_error()
+    assert options.takes_grad_scale == (algorithm in ("sgd", "adam"))
+    assert lib.fusedopt_takes_grad_scale(None) == 0
+
+
+@pytest.mark.parametrize("algorithm", algorithms())
+def test_a_copy_holds_every_value_and_is_independent(lib, algorithm: str) -> None:
+    source = Options(algorithm)
+    for i, name in enumerate(source.option_names):
+        if name == "convention":
+            continue
+        default = source.get(name)
+        assert source.set(name, 0.0 if default else 1.0 + i / 8) == OK, last_error()
+    copied = source.copy()
+    assert copied.handle.value != source.handle.value
+    assert lib.fusedopt_options_algorithm(copied.handle).decode() == algorithm
+    assert {n: copied.get(n) for n in copied.option_names} == {
+        n: source.get(n) for n in source.option_names
+    }
+    assert copied.set("lr", 0.125) == OK and source.get("lr") != 0.125
+    del source  # the copy outlives its source
+    assert copied.get("lr") == 0.125
+
+
+def test_options_copy_refuses_null(lib) -> None:
+    handle = HANDLE()
+    assert lib.fusedopt_options_copy(None, ctypes.byref(handle)) == TYPE_ERROR
+    assert "options is NULL" in last_error()
+    assert handle.value is None
+    assert lib.fusedopt_options_copy(Options("adam").handle, None) == TYPE_ERROR
+    assert "copy is NULL" in last_error()
 
 
 def test_a_flag_is_stored_as_0_or_1() -> None:
@@ -428,7 +573,8 @@ def test_destroying_null_is_a_no_op(lib) -> None:
 
 # ---- Steps against the reference ----------------------------------------------------------------
 
-# fusedopt's option names as Keras spells them (fusedopt.keras), and Keras' names of the states.
+# fusedopt's option names as Keras spells them (fusedopt.keras), and Keras' names of the states
+# and of the scalars.
 KERAS_NAMES = {
     "sgd": {"lr": "learning_rate", "momentum": "momentum", "nesterov": "nesterov"},
     "adagrad": {"lr": "learning_rate", "initial_accumulator_value": "initial_accumulator_value",
@@ -437,13 +583,27 @@ KERAS_NAMES = {
                 "centered": "centered"},
     "adam": {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon",
              "amsgrad": "amsgrad"},
+    "adadelta": {"lr": "learning_rate", "rho": "rho", "eps": "epsilon"},
+    "adamax": {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"},
+    "nadam": {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"},
+    "lion": {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2"},
+    "lamb": {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"},
 }  # fmt: skip
 KERAS_STATES = {
     "sgd": ("momentum",),
     "adagrad": ("accumulator",),
     "rmsprop": ("velocity", "momentum", "average_gradient"),
     "adam": ("momentum", "velocity", "velocity_hat"),
+    "adadelta": ("accumulated_grad", "accumulated_delta_var"),
+    "adamax": ("momentum", "norm"),
+    "nadam": ("momentum", "velocity"),
+    "lion": ("momentum",),
+    "lamb": ("momentum", "velocity"),
 }
+KERAS_SCALARS = {"nadam": ("u_product",)}
+# Native options that Keras' convention takes at one value, which the Keras reference has built
+# in: Keras' Nadam is the native nadam with momentum_decay = 1 (fusedopt.keras.Nadam).
+KERAS_FIXED = {"nadam": {"momentum_decay": 1.0}}
 
 # (algorithm, group 0's options, group 1's changes to them, grad_scale). Every option is set away
 # from its default somewhere, so an option read from the wrong place shows; group 1 changes the
@@ -455,7 +615,7 @@ TORCH_CASES = [
      dict(lr=0.2, nesterov=False), None),
     ("adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, eps=1e-3, maximize=True,
                      initial_accumulator_value=0.1), dict(lr_decay=0.0, lr=0.05), None),
-    ("rmsprop", dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.01, momentum=0.5),
+    ("rmsprop", dict(lr=0.03, alpha=0.9, eps=1e-3, weight_decay=0.01, momentum=0.5),
      dict(momentum=0.0, centered=True), None),
     ("rmsprop", dict(lr=0.01, alpha=0.9, centered=True, maximize=True),
      dict(alpha=0.4), None),  # torch.lerp's other rounding form for grad_avg
@@ -463,21 +623,61 @@ TORCH_CASES = [
      dict(amsgrad=True), 4.0),
     ("adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True),
      dict(beta1=0.3, amsgrad=False), None),  # and for exp_avg
+    ("adadelta", dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.01, maximize=True),
+     dict(weight_decay=0.0, rho=0.95), None),
+    ("adamax", dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-3, weight_decay=0.1, maximize=True),
+     dict(beta1=0.3, weight_decay=0.0), None),  # the other lerp form for exp_avg
+    ("nadam", dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-3, weight_decay=0.1,
+                   momentum_decay=0.01, maximize=True),
+     dict(decoupled_weight_decay=True), None),  # mu_product stored as float32 values (default)
+    ("nadam", dict(lr=0.02, beta1=0.95, weight_decay=0.05, decoupled_weight_decay=True,
+                   float32_scalars=False),
+     dict(beta1=0.3, weight_decay=0.0), None),  # as float64 values; the other lerp form
+    ("radam", dict(lr=0.01, beta1=0.8, eps=1e-3, weight_decay=0.1, maximize=True),
+     dict(beta2=0.9, decoupled_weight_decay=True), None),  # rho_t > 5 from t = 6 in both groups
+    ("radam", dict(lr=0.01, beta1=0.3, beta2=0.95, weight_decay=0.1, decoupled_weight_decay=True),
+     dict(beta1=0.9, weight_decay=0.0), None),  # from t = 5; the other lerp form in group 0
+    ("rprop", dict(lr=0.05, etaminus=0.4, etaplus=1.3, step_size_min=0.03, step_size_max=0.08,
+                   maximize=True),
+     dict(step_size_min=1e-6, step_size_max=50.0), None),  # clamped at both ends, or not
+    ("asgd", dict(lr=0.05, lambd=0.01, alpha=0.6, t0=1.0, weight_decay=0.01, maximize=True),
+     dict(t0=1e6, weight_decay=0.0), None),  # averaging (mu < 1) from t = 3, or never
+    ("asgd", dict(lr=0.1, lambd=0.5, alpha=0.9, t0=0.0, float32_scalars=False),
+     dict(lr=0.02), None),  # eta and mu as float64 values
+    ("lion", dict(lr=0.01, beta1=0.8, beta2=0.95, weight_decay=0.1, maximize=True),
+     dict(beta1=0.3, beta2=0.4, weight_decay=0.0), None),  # the other lerp form for both
 ]  # fmt: skip
 KERAS_CASES = [
     ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
      dict(momentum=0.0, nesterov=False), None),
     ("adagrad", dict(lr=0.1, initial_accumulator_value=0.1, eps=1e-7, weight_decay=0.004),
      dict(lr=0.3), None),
-    ("rmsprop", dict(lr=0.01, alpha=0.8, momentum=0.5, eps=1e-7, centered=True, weight_decay=0.01),
+    ("rmsprop", dict(lr=0.02, alpha=0.8, momentum=0.5, eps=1e-7, centered=True, weight_decay=0.01),
      dict(momentum=0.0, centered=False), None),
     ("adam", dict(lr=0.01, beta1=0.85, beta2=0.99, eps=1e-7, amsgrad=True, weight_decay=0.004),
      dict(amsgrad=False, lr=0.02), None),
+    ("adadelta", dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.004),
+     dict(weight_decay=0.0, rho=0.95), None),
+    ("adamax", dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-3, weight_decay=0.004),
+     dict(weight_decay=0.0, beta1=0.5), None),
+    # One beta1 in both groups: u_product is optimizer-wide, every tensor gets the same. The
+    # reference keeps it as a Python float, as Keras does for float64 variables
+    # (float32_scalars = 0); Keras (and fusedopt.keras) keep a float32 value for float32 variables
+    # (float32_scalars = 1), which the reference does not model: see
+    # test_float32_scalars_store_float32_values.
+    ("nadam", dict(lr=0.01, beta1=0.85, beta2=0.99, eps=1e-3, weight_decay=0.004,
+                   float32_scalars=False, **KERAS_FIXED["nadam"]),
+     dict(weight_decay=0.0, lr=0.02, beta2=0.9), None),
+    ("lion", dict(lr=0.01, beta1=0.85, beta2=0.95, weight_decay=0.004),
+     dict(beta1=1.0, beta2=0.5, weight_decay=0.0), None),
+    ("lamb", dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-3, weight_decay=0.004),
+     dict(weight_decay=0.0, eps=1e-7, lr=0.05), None),
 ]  # fmt: skip
 CASES = [(TORCH, *c) for c in TORCH_CASES] + [(KERAS, *c) for c in KERAS_CASES]
+CASE_IDS = [f"{'torch' if c[0] == TORCH else 'keras'}-{c[1]}-{i}" for i, c in enumerate(CASES)]
 
 # One call's tensors: their sizes, groups and the steps they have taken before (each tensor keeps
-# its own t, so one call mixes step numbers).
+# its own t, so one call mixes step numbers). 65537 elements are 17 blocks of LAMB's sums.
 SIZES = [0, 1, 17, 33, 65537, 5]
 GROUPS = [0, 1, 0, 1, 0, 1]
 TAKEN = [0, 0, 0, 3, 5, 0]
@@ -487,21 +687,60 @@ def test_every_algorithm_has_reference_cases() -> None:
     covered = {(convention, c[0]) for convention, *c in CASES}
     missing = {(c, a) for a in algorithms() for c in (TORCH, KERAS)} - covered
     # An algorithm offered in one convention only refuses the other: that is its case.
-    missing = {(c, a) for c, a in missing if step([Options(a, convention=c)], []) == OK}
+    missing = {(c, a) for c, a in missing if offered(a, c)}
     assert not missing, f"add (convention, algorithm) {sorted(missing)} to CASES in {__file__}"
+    # Every option is set away from its default in some case of each convention it offers.
+    for convention, algorithm in covered:
+        options = Options(algorithm, convention=convention)
+        set_here = {
+            name
+            for c, a, values, changes, _ in CASES
+            if (c, a) == (convention, algorithm)
+            for given in (values, changes)
+            for name, value in given.items()
+            if value != options.get(name)
+        }
+        fixed = set(KERAS_FIXED.get(algorithm, {})) if convention == KERAS else set()
+        unset = set(options.option_names) - set_here - fixed - {"convention"}
+        if convention == KERAS:  # options of torch's math that Keras' convention does not read
+            unset -= {"maximize", "decoupled_weight_decay", "lr_decay", "dampening"}
+        assert not unset, (convention, algorithm, sorted(unset))
+
+
+def test_the_convention_an_algorithm_lacks_is_refused() -> None:
+    """RAdam, Rprop and ASGD are PyTorch's only, LAMB Keras' only: options in the other
+    convention are refused, naming the convention."""
+    only = {"radam": TORCH, "rprop": TORCH, "asgd": TORCH, "lamb": KERAS}
+    for algorithm in algorithms():
+        for convention in (TORCH, KERAS):
+            expected = only.get(algorithm, convention) == convention
+            assert offered(algorithm, convention) == expected, (algorithm, convention)
+            if not expected:
+                assert "convention" in last_error() and "only the" in last_error()
+
+
+def shares_scalars(convention: int, algorithm: str) -> bool:
+    """Keras keeps an algorithm's scalars once for the whole optimizer (Nadam's u_product): every
+    tensor of a call is given the same value, and all tensors are at the same step."""
+    return convention == KERAS and bool(Options(algorithm).scalar_names)
 
 
 def reference_step(convention: int, algorithm: str, options: dict, grad_scale):
     """The reference's step for these fusedopt options, as (p, g, state) -> (p, state)."""
+    kwargs = dict(options)
     if convention == TORCH:
         function = getattr(reference, f"torch_{algorithm}")
-        kwargs = dict(options)
+        if "float32_scalars" in kwargs:  # the reference's scalar_dtype
+            kwargs["scalar_dtype"] = "float32" if kwargs.pop("float32_scalars") else "float64"
         if grad_scale is not None:
             kwargs["grad_scale"] = grad_scale
     else:
         function = getattr(reference, f"keras_{algorithm}")
+        for name, value in KERAS_FIXED.get(algorithm, {}).items():
+            assert kwargs.pop(name) == value, f"Keras' {algorithm} takes {name}={value}"
+        kwargs.pop("float32_scalars", None)  # the reference's u_product is a float64 value
         names = KERAS_NAMES[algorithm] | {"weight_decay": "weight_decay"}
-        kwargs = {names[name]: value for name, value in options.items()}
+        kwargs = {names[name]: value for name, value in kwargs.items()}
     return functools.partial(function, **kwargs)
 
 
@@ -509,12 +748,26 @@ def state_key(convention: int, algorithm: str, options: Options, k: int) -> str:
     return KERAS_STATES[algorithm][k] if convention == KERAS else options.state_names[k]
 
 
-def run_case(convention, algorithm, values, changes, grad_scale, dtype, steps=3):
-    """Steps fusedopt_step and the reference side by side; returns the arrays fusedopt wrote
-    and the reference's params and states."""
+def scalar_key(convention: int, algorithm: str, options: Options, k: int) -> str:
+    return KERAS_SCALARS[algorithm][k] if convention == KERAS else options.scalar_names[k]
+
+
+class Run(NamedTuple):
+    params: list[np.ndarray]
+    buffers: list[list[np.ndarray | None]]
+    scalars: list[np.ndarray | None]  # each tensor's, as fusedopt left them
+    expected: list[np.ndarray]  # the reference's params
+    states: list[dict]  # and states
+    groups: list[Options]
+
+
+def run_case(convention, algorithm, values, changes, grad_scale, dtype, steps=3, compare=True):
+    """Steps fusedopt_step and (with compare) the reference side by side."""
     rng = np.random.default_rng(0)
     group_values = [values, values | changes]
     groups = [Options(algorithm, convention=convention, **v) for v in group_values]
+    shared = shares_scalars(convention, algorithm)
+    taken_before = [0] * len(SIZES) if shared else TAKEN
     params = [rng.standard_normal(n).astype(dtype) for n in SIZES]
     buffers = [
         [
@@ -525,47 +778,87 @@ def run_case(convention, algorithm, values, changes, grad_scale, dtype, steps=3)
         ]
         for n, g in zip(SIZES, GROUPS)
     ]
+    # Each tensor's scalars start at its group's fusedopt_initial_scalar (ASGD's eta: its lr).
+    scalars = [groups[g].initial_scalars() if groups[g].scalar_names else None for g in GROUPS]
     expected = [p.astype(np.float64) for p in params]
-    states: list[dict] = [{"step": taken} for taken in TAKEN]
+    states: list[dict] = [{"step": taken} for taken in taken_before]
     steppers = [reference_step(convention, algorithm, v, grad_scale) for v in group_values]
     for call in range(steps):
         grads = [rng.standard_normal(n).astype(dtype) for n in SIZES]
-        for i, g in enumerate(grads):
-            expected[i], states[i] = steppers[GROUPS[i]](expected[i], g, states[i])
-        # An empty tensor may come with NULL buffers (an empty std::vector's data()).
+        if shared:  # the optimizer's u_product before this apply, given to every tensor
+            for i, s in enumerate(scalars):
+                s[:] = scalars[0]
+                states[i] = states[i] | {KERAS_SCALARS[algorithm][0]: float(s[0])}
+        if compare:
+            for i, g in enumerate(grads):
+                expected[i], states[i] = steppers[GROUPS[i]](expected[i], g, states[i])
+        # An empty tensor may come with NULL buffers (an empty std::vector's data()), but its
+        # scalars are still needed.
         tensors = [
-            make_tensor(p, g, b, step=call + 1 + taken, group=group, new_state=call == 0)
+            make_tensor(p, g, b, step=call + 1 + t, group=group, new_state=call == 0, scalars=s)
             if p.size
-            else Tensor(size=0, step=call + 1 + taken, dtype=DTYPES[p.dtype], group=group)
-            for p, g, b, taken, group in zip(params, grads, buffers, TAKEN, GROUPS)
-        ]
+            else Tensor(size=0, step=call + 1 + t, dtype=DTYPES[p.dtype], group=group,
+                        scalars=None if s is None else s.ctypes.data_as(DOUBLE_P))
+            for p, g, b, s, t, group in zip(params, grads, buffers, scalars, taken_before, GROUPS)
+        ]  # fmt: skip
         assert step(groups, tensors, grad_scale) == OK, last_error()
         assert last_error() == ""
-    return params, buffers, expected, states, groups
+        if shared:
+            assert all(np.array_equal(s, scalars[0]) for s in scalars), scalars
+    return Run(params, buffers, scalars, expected, states, groups)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(
-    "convention, algorithm, values, changes, grad_scale",
-    CASES,
-    ids=[f"{'torch' if c[0] == TORCH else 'keras'}-{c[1]}-{i}" for i, c in enumerate(CASES)],
-)
+@pytest.mark.parametrize("convention, algorithm, values, changes, grad_scale", CASES, ids=CASE_IDS)
 def test_each_step_matches_the_reference(
     convention, algorithm, values, changes, grad_scale, dtype
 ) -> None:
-    params, buffers, expected, states, groups = run_case(
-        convention, algorithm, values, changes, grad_scale, dtype
-    )
+    run = run_case(convention, algorithm, values, changes, grad_scale, dtype)
     tolerance = 5e-6 if dtype == np.float32 else 1e-12
     compared = 0
-    for p, e, b, s, g in zip(params, expected, buffers, states, GROUPS):
+    for p, e, b, sc, s, g in zip(
+        run.params, run.expected, run.buffers, run.scalars, run.states, GROUPS
+    ):
         np.testing.assert_allclose(p, e, rtol=tolerance, atol=tolerance)
         for k, buffer in enumerate(b):
             if buffer is not None:
-                key = state_key(convention, algorithm, groups[g], k)
+                key = state_key(convention, algorithm, run.groups[g], k)
                 np.testing.assert_allclose(buffer, s[key], rtol=tolerance, atol=tolerance)
                 compared += 1
+        # The scalars are host doubles, computed alike whatever the params' dtype: the same
+        # values as the reference's, rounded to float32 where both say so.
+        names = run.groups[g].scalar_names
+        for k in range(len(names)):
+            key = scalar_key(convention, algorithm, run.groups[g], k)
+            assert sc[k] == s[key], (key, sc[k], s[key])
+        if sc is not None:
+            assert not sc[len(names) :].any()  # the unused tail is left alone
+            assert not np.array_equal(sc, run.groups[g].initial_scalars())
     assert compared > 0
+
+
+@pytest.mark.parametrize("algorithm", [a for a in algorithms() if Options(a).scalar_names])
+def test_float32_scalars_store_float32_values(algorithm: str) -> None:
+    """float32_scalars = 1 (the default) stores every scalar as a float32 value, as torch keeps
+    them under its default dtype and Keras for float32 variables; 0 keeps doubles. Either way they
+    are close to the float64 reference's."""
+    for convention in (c for c in (TORCH, KERAS) if offered(algorithm, c)):
+        case = next(c for c in CASES if c[:2] == (convention, algorithm))
+        for float32_scalars in (True, False):
+            values = case[2] | {"float32_scalars": float32_scalars}
+            run = run_case(*case[:2], values, *case[3:], np.float64)
+            exact = (convention == TORCH) or not float32_scalars  # as the reference rounds
+            for sc, s, g in zip(run.scalars, run.states, GROUPS):
+                names = run.groups[g].scalar_names
+                for k in range(len(names)):
+                    key = scalar_key(convention, algorithm, run.groups[g], k)
+                    rounded = float(np.float32(sc[k])) == sc[k]
+                    if float32_scalars:
+                        assert rounded, (key, sc[k])
+                    assert sc[k] == pytest.approx(s[key], rel=0 if exact else 1e-7), key
+            # A double product is not a float32 value (mu_product after 3 steps; eta).
+            if not float32_scalars:
+                assert any(float(np.float32(s[0])) != s[0] for s in run.scalars)
 
 
 def test_set_cpu_isa_switches_the_kernels_with_identical_bits(lib) -> None:
@@ -576,14 +869,63 @@ def test_set_cpu_isa_switches_the_kernels_with_identical_bits(lib) -> None:
             assert lib.fusedopt_set_cpu_isa(isa.encode()) == OK
             assert lib.fusedopt_cpu_isa().decode() == isa
             arrays = []
-            for case in (CASES[5], CASES[3], CASES[-2]):  # Adam with a grad scale, RMSprop
+            for case in CASES:
                 for dtype in (np.float32, np.float64):
-                    params, buffers, *_ = run_case(*case, dtype)
-                    arrays += params + [b for bs in buffers for b in bs if b is not None]
+                    run = run_case(*case, dtype, compare=False)
+                    arrays += run.params + [b for bs in run.buffers for b in bs if b is not None]
+                    arrays += [s for s in run.scalars if s is not None]
             results[isa] = checksum(*arrays)
     finally:
         lib.fusedopt_set_cpu_isa(previous)
     assert len(set(results.values())) == 1, results
+
+
+def lamb_call(sizes: list[int], dtype=np.float64, seed: int = 4, zero: int | None = None):
+    """Params, grads and states of one LAMB call; param `zero` all zeros (its norm is 0)."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    if zero is not None:
+        params[zero][:] = 0
+    grads = [[rng.standard_normal(n).astype(dtype) for n in sizes] for _ in range(3)]
+    states = [[np.zeros(n, dtype), np.zeros(n, dtype)] for n in sizes]
+    return params, grads, states
+
+
+def step_lamb(options: Options, params, grads, states) -> None:
+    for call, g in enumerate(grads):
+        tensors = [make_tensor(p, gi, s, step=call + 1) for p, gi, s in zip(params, g, states)]
+        assert step([options], tensors) == OK, last_error()
+
+
+def test_lamb_s_trust_ratio_comes_from_each_whole_tensor(lib) -> None:
+    """LAMB's norms are sums over each tensor (in blocks of 4096 elements, added in block order):
+    a tensor of many blocks steps as the reference steps the whole variable, to the same bits
+    alone or next to other tensors, on one thread or several; a zero param takes ratio 1."""
+    options = Options("lamb", convention=KERAS, lr=0.01, weight_decay=0.004)
+    sizes = [3, 4 * 4096 + 1, 5, 70001, 12, 0]
+    params, grads, states = lamb_call(sizes, zero=2)
+    expected = [(p.copy(), {}) for p in params]
+    threads = lib.fusedopt_num_threads()
+    try:
+        assert lib.fusedopt_set_num_threads(4) == OK
+        step_lamb(options, params, grads, states)
+        for g in grads:
+            expected = [
+                reference.keras_lamb(p, gi, s, learning_rate=0.01, weight_decay=0.004)
+                for (p, s), gi in zip(expected, g)
+            ]
+        for p, s, (e, es) in zip(params, states, expected):
+            np.testing.assert_allclose(p, e, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(s[1], es["velocity"], rtol=1e-12, atol=1e-12)
+        assert params[2].any()  # the zero param moved, by lr * update
+        for threads_now in (1, 3):
+            assert lib.fusedopt_set_num_threads(threads_now) == OK
+            for i in (1, 2, 3):  # each tensor alone
+                p, g, s = lamb_call(sizes, zero=2)
+                step_lamb(options, [p[i]], [[gi[i]] for gi in g], [s[i]])
+                assert checksum(p[i], *s[i]) == checksum(params[i], *states[i]), (threads_now, i)
+    finally:
+        lib.fusedopt_set_num_threads(threads)
 
 
 def test_a_grad_scale_is_refused_by_an_algorithm_that_takes_none() -> None:
@@ -713,8 +1055,8 @@ def offered(algorithm: str, convention: int) -> bool:
 
 def plan_case(algorithm: str, dtype=np.float64, **values):
     """Tensors in two groups (group 1 in Keras' convention where the algorithm offers it), their
-    buffers for every state the options use, and how to copy them: one copy for fusedopt_step,
-    one for a plan."""
+    buffers for every state the options use and their scalars, and how to copy them: one copy
+    for fusedopt_step, one for a plan."""
     keras = KERAS if offered(algorithm, KERAS) else TORCH
     groups = [
         Options(algorithm, lr=0.01, **values),
@@ -732,17 +1074,22 @@ def plan_case(algorithm: str, dtype=np.float64, **values):
         ]
         for n, g in zip(sizes, group_of)
     ]
+    scalars = [groups[g].initial_scalars() if groups[g].scalar_names else None for g in group_of]
 
-    def tensors(params, buffers, call=0, grads=None):
+    def tensors(params, buffers, call=0, grads=None, scalars=None):
         grads = grads or [None] * len(sizes)
+        scalars = scalars or [None] * len(sizes)
         return [
-            make_tensor(p, g, b, step=call + 1 + t, group=group, new_state=call == 0)
-            for p, g, b, t, group in zip(params, grads, buffers, taken, group_of)
+            make_tensor(p, g, b, step=call + 1 + t, group=group, new_state=call == 0, scalars=s)
+            for p, g, b, s, t, group in zip(params, grads, buffers, scalars, taken, group_of)
         ]
 
     def copy():
-        return [p.copy() for p in params], [[None if b is None else b.copy() for b in bs]
-                                            for bs in buffers]  # fmt: skip
+        return (
+            [p.copy() for p in params],
+            [[None if b is None else b.copy() for b in bs] for bs in buffers],
+            [None if s is None else s.copy() for s in scalars],
+        )
 
     def grads(call):
         r = np.random.default_rng(100 + call)
@@ -755,32 +1102,38 @@ def plan_case(algorithm: str, dtype=np.float64, **values):
 @pytest.mark.parametrize("algorithm", algorithms())
 def test_a_plan_steps_bit_for_bit_as_fusedopt_step(algorithm: str, grad_scale) -> None:
     groups, copy, tensors, grads, taken = plan_case(algorithm, **EVERY_STATE.get(algorithm, {}))
-    if grad_scale is not None and step(groups, [], grad_scale) != OK:
-        assert "does not take a grad scale" in last_error()
+    if grad_scale is not None and not groups[0].takes_grad_scale:
         pytest.skip(f"{algorithm} takes no grad scale")
-    direct_params, direct_buffers = copy()
-    planned_params, planned_buffers = copy()
-    plan = Plan(groups, tensors(planned_params, planned_buffers))
+    direct_params, direct_buffers, direct_scalars = copy()
+    planned_params, planned_buffers, planned_scalars = copy()
+    plan = Plan(groups, tensors(planned_params, planned_buffers, scalars=planned_scalars))
     assert plan.steps() == [1 + t for t in taken]
     for call in range(4):
         direct_grads, planned_grads = grads(call), grads(call)
-        call_tensors = tensors(direct_params, direct_buffers, call, direct_grads)
+        call_tensors = tensors(direct_params, direct_buffers, call, direct_grads, direct_scalars)
         assert step(groups, call_tensors, grad_scale) == OK, last_error()
         assert plan.step(planned_grads, grad_scale) == OK, last_error()
         assert last_error() == ""
         assert plan.steps() == [call + 2 + t for t in taken]
         # A grad scale writes the unscaled gradient back, the same in both.
         assert checksum(*direct_grads) == checksum(*planned_grads)
+        # The scalars (NAdam's mu_product, ASGD's eta and mu) after every step.
+        assert [None if s is None else s.tolist() for s in direct_scalars] == [
+            None if s is None else s.tolist() for s in planned_scalars
+        ]
     assert checksum(*direct_params) == checksum(*planned_params)
     flat = [[b for bs in buffers for b in bs if b is not None] for buffers in
             (direct_buffers, planned_buffers)]  # fmt: skip
     assert checksum(*flat[0]) == checksum(*flat[1])
-    assert checksum(*direct_params) != checksum(*copy()[0])
+    initial_params, _, initial_scalars = copy()
+    assert checksum(*direct_params) != checksum(*initial_params)
+    if groups[0].scalar_names:
+        assert all(not np.array_equal(s, i) for s, i in zip(planned_scalars, initial_scalars))
 
 
 def test_a_plan_holds_its_own_copy_of_the_options_and_set_options_changes_them() -> None:
     groups, copy, tensors, grads, _ = plan_case("sgd")
-    params, buffers = copy()
+    params, buffers, _ = copy()
     plan = Plan(groups, tensors(params, buffers))
     groups[0].set("lr", 0.0)  # the plan took a copy: no effect
     before = checksum(params[0])
@@ -804,7 +1157,7 @@ def test_a_plan_holds_its_own_copy_of_the_options_and_set_options_changes_them()
 
 def test_set_options_is_refused_when_it_cannot_apply() -> None:
     groups, copy, tensors, grads, _ = plan_case("adam")
-    params, buffers = copy()
+    params, buffers, _ = copy()
     plan = Plan(groups, tensors(params, buffers))
     assert plan.set_options(2, Options("adam")) == VALUE_ERROR
     assert "group 2 is out of range" in last_error()
@@ -818,7 +1171,7 @@ def test_set_options_is_refused_when_it_cannot_apply() -> None:
     assert "max_exp_avg_sq[0] is missing" in last_error()
     assert load().fusedopt_plan_set_options(plan.handle, 0, None) == TYPE_ERROR
     # Nothing changed: the plan still steps with the options it was created with.
-    expected_params, expected_buffers = copy()
+    expected_params, expected_buffers, _ = copy()
     g = grads(0)
     assert step(groups, tensors(expected_params, expected_buffers, 0, g)) == OK
     assert plan.step(g) == OK
@@ -829,7 +1182,7 @@ def test_set_options_may_use_a_state_registered_for_later() -> None:
     """A state buffer given at creation that the options do not use yet (AMSGrad's max, switched
     on later) stays registered, and is updated once options that use it are set."""
     groups, copy, tensors, grads, _ = plan_case("adam")
-    params, buffers = copy()
+    params, buffers, _ = copy()
     for bs, p in zip(buffers, params):
         bs[2] = np.zeros_like(p)
     plan = Plan(groups, tensors(params, buffers))
@@ -856,7 +1209,7 @@ def test_set_options_may_use_a_state_registered_for_later() -> None:
 )  # fmt: skip
 def test_a_bad_plan_step_is_refused_and_writes_nothing(grads, status, message) -> None:
     groups, copy, tensors, make_grads, taken = plan_case("adam")
-    params, buffers = copy()
+    params, buffers, _ = copy()
     plan = Plan(groups, tensors(params, buffers))
     assert plan.step(make_grads(0)) == OK
     arrays = params + [b for bs in buffers for b in bs if b is not None]
@@ -873,7 +1226,7 @@ def test_a_bad_plan_step_is_refused_and_writes_nothing(grads, status, message) -
 
 def test_written_grads_of_a_plan_may_not_overlap_one_another() -> None:
     groups, copy, tensors, grads, taken = plan_case("adam")
-    params, buffers = copy()
+    params, buffers, _ = copy()
     plan = Plan(groups, tensors(params, buffers))
     g = grads(0)
     shared = [g[0], g[1], g[2], g[1][:17]]
@@ -899,7 +1252,7 @@ def test_written_grads_of_a_plan_may_not_overlap_one_another() -> None:
 )
 def test_a_plan_over_bad_tensors_is_refused(lib, spoil, status, message) -> None:
     groups, copy, tensors, _, _ = plan_case("adam")
-    params, buffers = copy()
+    params, buffers, _ = copy()
     spoiled = tensors(params, buffers)
     spoil(spoiled)
     handle = HANDLE()
@@ -926,18 +1279,19 @@ def test_a_plan_s_grads_take_the_registered_dtype() -> None:
     assert (p32 == 0).all() and (p64 == 0).all()
 
 
-SCALAR_ALGORITHMS = [a for a in algorithms() if Options(a).names("fusedopt_scalar_name")]
+SCALAR_ALGORITHMS = [a for a in algorithms() if Options(a).scalar_names]
 
 
-@pytest.mark.skipif(
-    not SCALAR_ALGORITHMS, reason="no algorithm of the registry keeps per-tensor scalars yet"
-)
-@pytest.mark.parametrize("algorithm", SCALAR_ALGORITHMS or ["none"])
+def test_nadam_and_asgd_keep_per_tensor_scalars() -> None:
+    assert SCALAR_ALGORITHMS == ["nadam", "asgd"]
+
+
+@pytest.mark.parametrize("algorithm", SCALAR_ALGORITHMS)
 def test_scalars_advance_alike_in_steps_and_plans(lib, algorithm: str) -> None:
     options = Options(algorithm)
-    count = len(options.names("fusedopt_scalar_name"))
-    assert count <= MAX_SCALARS
-    initial = np.array([lib.fusedopt_initial_scalar(options.handle, k) for k in range(MAX_SCALARS)])
+    count = len(options.scalar_names)
+    assert 0 < count <= MAX_SCALARS
+    initial = options.initial_scalars()
     n = 9
     rng = np.random.default_rng(5)
     param, grads = rng.standard_normal(n), [rng.standard_normal(n) for _ in range(3)]
@@ -957,6 +1311,13 @@ def test_scalars_advance_alike_in_steps_and_plans(lib, algorithm: str) -> None:
     assert step([options], [refused]) == TYPE_ERROR
     assert "tensors[0].scalars is NULL" in last_error()
     assert checksum(direct_param) == before
+    handle = HANDLE()
+    array = (Tensor * 1)(make_tensor(planned_param, None, planned_states))
+    assert lib.fusedopt_plan_create(handles([options]), 1, array, 1, ctypes.byref(handle)) == (
+        TYPE_ERROR
+    )
+    assert f"tensors[0].scalars is NULL but {algorithm} keeps" in last_error()
+    assert handle.value is None
     plan = Plan(
         [options],
         [make_tensor(planned_param, None, planned_states, new_state=1, scalars=planned_scalars)],
@@ -971,6 +1332,95 @@ def test_scalars_advance_alike_in_steps_and_plans(lib, algorithm: str) -> None:
         assert checksum(direct_scalars) == checksum(planned_scalars)
     assert checksum(direct_param) == checksum(planned_param)
     assert not np.array_equal(direct_scalars[:count], initial[:count])
+
+
+@pytest.mark.parametrize("algorithm", SCALAR_ALGORITHMS)
+def test_a_plan_reads_the_caller_s_scalars_at_each_step(algorithm: str) -> None:
+    """The scalars stay the caller's: each plan step reads them as they are then and writes them
+    back advanced, as fusedopt_step does, so a value the caller sets between steps is the one
+    used. A refused step writes none."""
+    groups, copy, tensors, grads, _ = plan_case(algorithm)
+    direct_params, direct_buffers, direct_scalars = copy()
+    planned_params, planned_buffers, planned_scalars = copy()
+    plan = Plan(groups, tensors(planned_params, planned_buffers, scalars=planned_scalars))
+    count = len(groups[0].scalar_names)
+    for call in range(3):
+        assert plan.step(grads(call)) == OK, last_error()
+        g = grads(call)  # alive while the tensors point at it
+        call_tensors = tensors(direct_params, direct_buffers, call, g, direct_scalars)
+        assert step(groups, call_tensors) == OK, last_error()
+        # The caller's own values for the next step (NAdam's product halved; ASGD's eta halved
+        # and mu < 1, so that it averages), in both.
+        for scalars in (direct_scalars, planned_scalars):
+            for s in scalars:
+                s[:count] *= 0.5
+        assert checksum(*direct_params) == checksum(*planned_params)
+        assert checksum(*direct_scalars) == checksum(*planned_scalars)
+    # What the last values set lead to: the same bits again, different from a plan that was not
+    # told (the values were used).
+    unchanged_params, unchanged_buffers, unchanged_scalars = copy()
+    unchanged = Plan(
+        groups, tensors(unchanged_params, unchanged_buffers, 0, None, unchanged_scalars)
+    )
+    for call in range(3):
+        assert unchanged.step(grads(call)) == OK
+    assert checksum(*unchanged_params) != checksum(*planned_params)
+    # A refused step (a NULL grad) writes nothing, the scalars included.
+    before = checksum(*planned_params, *planned_scalars)
+    assert plan.step([None] + grads(3)[1:]) == TYPE_ERROR
+    assert checksum(*planned_params, *planned_scalars) == before
+
+
+def test_keras_nadam_plans_share_the_optimizer_s_u_product() -> None:
+    """Keras' Nadam keeps one u_product for the whole optimizer. Two plans over parts of its
+    variables, each given the optimizer's value before a step (as fusedopt.keras does), step as
+    one fusedopt_step over every variable with the value given to all, and as the reference."""
+    options = Options("nadam", convention=KERAS, momentum_decay=1.0, lr=0.01, weight_decay=0.004)
+    rng = np.random.default_rng(8)
+    sizes = [7, 300, 1, 40]
+    params = [rng.standard_normal(n) for n in sizes]
+    grads = [[rng.standard_normal(n) for n in sizes] for _ in range(4)]
+
+    def fresh():
+        return (
+            [p.copy() for p in params],
+            [[np.zeros(n), np.zeros(n)] for n in sizes],
+            [options.initial_scalars() for _ in sizes],
+        )
+
+    planned_params, planned_states, planned_scalars = fresh()
+    plans = [
+        Plan([options], [make_tensor(planned_params[i], None, planned_states[i],
+                                     scalars=planned_scalars[i]) for i in part])
+        for part in ([0, 2], [1, 3])
+    ]  # fmt: skip
+    direct_params, direct_states, direct_scalars = fresh()
+    u_product = options.initial_scalars()
+    expected = [(p.copy(), {}) for p in params]
+    for call, g in enumerate(grads):
+        for scalars in planned_scalars + direct_scalars:
+            scalars[:] = u_product
+        for plan, part in zip(plans, ([0, 2], [1, 3])):
+            assert plan.step([g[i] for i in part]) == OK, last_error()
+        tensors = [
+            make_tensor(p, gi, s, step=call + 1, scalars=sc)
+            for p, gi, s, sc in zip(direct_params, g, direct_states, direct_scalars)
+        ]
+        assert step([options], tensors) == OK, last_error()
+        expected = [
+            reference.keras_nadam(p, gi, s | {"u_product": float(u_product[0])},
+                                  learning_rate=0.01, weight_decay=0.004)
+            for (p, s), gi in zip(expected, g)
+        ]  # fmt: skip
+        # Every tensor comes out with the optimizer's new value (float32 here, as Keras keeps it
+        # for float32 variables; the reference's is a double).
+        assert len({s.tobytes() for s in planned_scalars + direct_scalars}) == 1
+        u_product = planned_scalars[0].copy()
+        assert u_product[0] == float(np.float32(u_product[0]))
+        assert u_product[0] == pytest.approx(expected[0][1]["u_product"], rel=1e-7)
+    assert checksum(*planned_params) == checksum(*direct_params)
+    for p, (e, _) in zip(planned_params, expected):
+        np.testing.assert_allclose(p, e, rtol=1e-6, atol=1e-9)
 
 
 # ---- Plans on several threads ------------------------------------------------------------------

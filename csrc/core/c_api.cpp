@@ -2,6 +2,7 @@
 // caller's buffers to the same validator and step functions the Python bindings use, and turns
 // every exception into a status code and a thread-local message.
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -104,6 +105,7 @@ struct fusedopt_options {
   virtual double initial_state(int32_t k) const = 0;
   virtual const char* scalar_name(int32_t index) const = 0;
   virtual double initial_scalar(int32_t k) const = 0;
+  virtual bool takes_grad_scale() const = 0;
   virtual void step(const fusedopt_options* const* groups, int64_t num_groups,
                     const fusedopt_tensor* tensors, int64_t num_tensors,
                     const double* grad_scale) const = 0;
@@ -180,11 +182,13 @@ void describe_tensors(const fusedopt_tensor* tensors, int64_t count, bool with_g
 }
 
 // The core reads each tensor's scalars from one array of kMaxScalars per tensor: copied in from
-// the callers' pointers before a step and back after it.
+// the callers' pointers before a step and back after it. The rows are sized once and copied into
+// in place, so a plan's core may keep their address.
 struct ScalarRows {
   std::vector<double> rows;
+  explicit ScalarRows(size_t count = 0) : rows(count * kMaxScalars, 0.0) {}
   void gather(const std::vector<double*>& sources) {
-    rows.assign(sources.size() * kMaxScalars, 0.0);
+    rows.resize(sources.size() * kMaxScalars);  // no change after the first call
     for (size_t i = 0; i < sources.size(); ++i)
       if (sources[i])
         std::copy(sources[i], sources[i] + kMaxScalars, rows.begin() + i * kMaxScalars);
@@ -212,13 +216,15 @@ class TypedPlan : public fusedopt_plan {
     for (size_t i = 0; i < counts_.size(); ++i) counts_[i] = schedule.steps[i] - 1;
     sizes_.reserve(buffers.params.size());
     for (const BufferInfo& p : buffers.params) sizes_.push_back({p.size, p.is_float32});
-    scalars_.gather(scalar_sources_);
+    scalars_ = ScalarRows(scalar_sources_.size());  // read from the caller's at each step
     plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of, counts_.data(),
                                       schedule.new_state,
                                       A::scalar_names.size() ? scalars_.rows.data() : nullptr);
   }
 
-  // The lock covers the scalars' copy back after the core's step, and reads of the counts.
+  // The lock covers the scalars' copies, in from the caller's arrays before the core's step (a
+  // value the caller set since the last step is the one used) and back after it, and reads of
+  // the counts.
   void step(void* const* grads, const double* grad_scale) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t n = static_cast<int64_t>(sizes_.size());
@@ -233,6 +239,7 @@ class TypedPlan : public fusedopt_plan {
     }
     StepExtras extras;
     if (grad_scale) extras.grad_scale = *grad_scale;
+    scalars_.gather(scalar_sources_);
     plan_->step(infos, extras, std::nullopt);
     scalars_.scatter(scalar_sources_);
   }
@@ -298,14 +305,23 @@ struct TypedOptions : fusedopt_options {
                                                                             : nullptr;
   }
   uint32_t states_used() const override { return A::states_used(options); }
-  double initial_state(int32_t k) const override { return A::initial_state(options, k); }
+  double initial_state(int32_t k) const override {
+    return k >= 0 && static_cast<size_t>(k) < A::state_names.size()
+               ? A::initial_state(options, k)
+               : std::numeric_limits<double>::quiet_NaN();
+  }
   const char* scalar_name(int32_t index) const override {
     if constexpr (A::scalar_names.size() > 0)
       if (index >= 0 && static_cast<size_t>(index) < A::scalar_names.size())
         return A::scalar_names[index];
     return nullptr;
   }
-  double initial_scalar(int32_t k) const override { return A::initial_scalar(options, k); }
+  double initial_scalar(int32_t k) const override {
+    return k >= 0 && static_cast<size_t>(k) < A::scalar_names.size()
+               ? A::initial_scalar(options, k)
+               : std::numeric_limits<double>::quiet_NaN();
+  }
+  bool takes_grad_scale() const override { return A::takes_grad_scale; }
 
   void step(const fusedopt_options* const* groups, int64_t num_groups,
             const fusedopt_tensor* tensors, int64_t num_tensors,
@@ -389,6 +405,14 @@ fusedopt_status fusedopt_options_create(const char* algorithm, fusedopt_options*
   });
 }
 
+fusedopt_status fusedopt_options_copy(const fusedopt_options* options, fusedopt_options** copy) {
+  return guarded([&] {
+    if (!options || !copy)
+      throw Error(ErrorKind::type, !options ? "options is NULL" : "copy is NULL");
+    *copy = options->copy();
+  });
+}
+
 void fusedopt_options_destroy(fusedopt_options* options) { delete options; }
 
 const char* fusedopt_options_algorithm(const fusedopt_options* options) {
@@ -434,7 +458,7 @@ uint32_t fusedopt_states_used(const fusedopt_options* options) {
 }
 
 double fusedopt_initial_state(const fusedopt_options* options, int32_t k) {
-  return options ? options->initial_state(k) : 0.0;
+  return options ? options->initial_state(k) : std::numeric_limits<double>::quiet_NaN();
 }
 
 const char* fusedopt_scalar_name(const fusedopt_options* options, int32_t index) {
@@ -442,7 +466,11 @@ const char* fusedopt_scalar_name(const fusedopt_options* options, int32_t index)
 }
 
 double fusedopt_initial_scalar(const fusedopt_options* options, int32_t k) {
-  return options ? options->initial_scalar(k) : 0.0;
+  return options ? options->initial_scalar(k) : std::numeric_limits<double>::quiet_NaN();
+}
+
+int32_t fusedopt_takes_grad_scale(const fusedopt_options* options) {
+  return options && options->takes_grad_scale() ? 1 : 0;
 }
 
 fusedopt_status fusedopt_step(const fusedopt_options* const* groups, int64_t num_groups,

@@ -81,6 +81,21 @@ void options() {
   const fusedopt::Options chained = fusedopt::Options("adagrad").set("lr", 0.2);
   CHECK(chained.get("lr") == 0.2);
   CHECK(fusedopt::Options("adagrad").set("initial_accumulator_value", 0.1).initial_state(0) == 0.1);
+  CHECK(fusedopt::Options("rprop").set("lr", 0.25).initial_state(1) == 0.25);
+  CHECK(std::isnan(adam.initial_state(3)) && std::isnan(adam.initial_state(-1)));
+  CHECK(std::isnan(adam.initial_scalar(0)));
+  CHECK(adam.takes_grad_scale() && !fusedopt::Options("nadam").takes_grad_scale());
+
+  // fusedopt's own options are copied too (NAdam's float32_scalars).
+  const fusedopt::Options nadam = fusedopt::Options("nadam").set("float32_scalars", 0);
+  const fusedopt::Options nadam_copy = nadam;
+  CHECK(nadam_copy.get("float32_scalars") == 0 && nadam_copy.get("momentum_decay") == 4e-3);
+  CHECK((nadam_copy.scalar_names() == std::vector<std::string>{"mu_product"}));
+  CHECK(nadam_copy.initial_scalar(0) == 1 && std::isnan(nadam_copy.initial_scalar(1)));
+  fusedopt::Options moved_from = fusedopt::Options("sgd");
+  const fusedopt::Options taken = std::move(moved_from);
+  CHECK(taken.algorithm() == "sgd");
+  EXPECT_ERROR(fusedopt::Options{moved_from}, FUSEDOPT_STATUS_TYPE_ERROR, "options is NULL");
 
   EXPECT_ERROR(fusedopt::Options("adamm"), FUSEDOPT_STATUS_VALUE_ERROR, "adamm");
   EXPECT_ERROR(adam.set("betas", 0.5), FUSEDOPT_STATUS_VALUE_ERROR, "betas");
@@ -181,6 +196,36 @@ void steps_and_plans() {
   CHECK(buffer == g && p[0] == 0.75f && p[1] == 2.5f);
 }
 
+// Per-tensor scalars (ASGD's eta and mu): step() and a Plan advance them alike, and a plan reads
+// the caller's values at each step (here: eta halved between steps by the caller).
+void scalars() {
+  const int n = 11;
+  const fusedopt::Options asgd =
+      fusedopt::Options("asgd").set("lr", 0.05).set("t0", 1).set("lambd", 0.01);
+  std::vector<double> direct = ramp(n, 1.0), direct_ax(n), planned = direct, planned_ax(n);
+  double direct_scalars[FUSEDOPT_MAX_SCALARS] = {asgd.initial_scalar(0), asgd.initial_scalar(1)};
+  double planned_scalars[FUSEDOPT_MAX_SCALARS] = {direct_scalars[0], direct_scalars[1]};
+  CHECK(direct_scalars[0] == static_cast<float>(0.05) && direct_scalars[1] == 1);
+  fusedopt_tensor registered = fusedopt::tensor(planned, {}, {planned_ax});
+  registered.scalars = planned_scalars;
+  fusedopt::Plan plan(asgd, {registered});
+  for (int step = 1; step <= 4; ++step) {
+    std::vector<double> g = ramp(n, 0.5 * step);
+    fusedopt_tensor t = fusedopt::tensor(direct, g, {direct_ax}, step);
+    t.scalars = direct_scalars;
+    fusedopt::step(asgd, t);
+    plan.step({g});
+    CHECK(direct == planned && direct_ax == planned_ax);
+    CHECK(direct_scalars[0] == planned_scalars[0] && direct_scalars[1] == planned_scalars[1]);
+    direct_scalars[0] *= 0.5;
+    planned_scalars[0] *= 0.5;
+  }
+  CHECK(direct_scalars[1] == static_cast<float>(1.0 / 3));  // 1 / (t - t0) after step 4, a float
+  std::vector<double> g = ramp(n, 1.0);
+  const fusedopt_tensor without = fusedopt::tensor(direct, g, {direct_ax}, 5);
+  EXPECT_ERROR(fusedopt::step(asgd, without), FUSEDOPT_STATUS_TYPE_ERROR, "scalars is NULL");
+}
+
 void library() {
   const std::vector<std::string> isas = fusedopt::available_isas();
   CHECK(!isas.empty() && isas.front() == "scalar");
@@ -204,6 +249,7 @@ int main() {
   options();
   tensors();
   steps_and_plans();
+  scalars();
   library();
   if (failures) return 1;
   std::printf("ok\n");

@@ -81,6 +81,10 @@ FUSEDOPT_API const char* fusedopt_algorithm_name(int32_t index);
  * fusedopt_options_destroy. */
 FUSEDOPT_API fusedopt_status fusedopt_options_create(const char* algorithm,
                                                      fusedopt_options** options);
+/* A new options object with the algorithm and every value of `options` (fusedopt's own options,
+ * such as float32_scalars, included); release it with fusedopt_options_destroy. */
+FUSEDOPT_API fusedopt_status fusedopt_options_copy(const fusedopt_options* options,
+                                                   fusedopt_options** copy);
 FUSEDOPT_API void fusedopt_options_destroy(fusedopt_options* options);
 /* The algorithm an options object is for. Static storage. */
 FUSEDOPT_API const char* fusedopt_options_algorithm(const fusedopt_options* options);
@@ -99,12 +103,18 @@ FUSEDOPT_API fusedopt_status fusedopt_options_check(const fusedopt_options* opti
 FUSEDOPT_API const char* fusedopt_state_name(const fusedopt_options* options, int32_t index);
 /* Bit k set: these options read and write state k (its buffer must be given). */
 FUSEDOPT_API uint32_t fusedopt_states_used(const fusedopt_options* options);
-/* The value a new buffer of state k starts at (Adagrad: initial_accumulator_value). */
+/* The value a new buffer of state k starts at (Adagrad: initial_accumulator_value; Rprop's
+ * step_size: lr). NaN when k is not a state of the algorithm or options is NULL. */
 FUSEDOPT_API double fusedopt_initial_state(const fusedopt_options* options, int32_t k);
-/* The algorithm's per-tensor scalars (NAdam's mu_product), NULL past the last, and their
- * starting values. */
+/* The algorithm's per-tensor scalars (fusedopt_tensor.scalars[k]: NAdam's mu_product, ASGD's eta
+ * and mu), NULL past the last (an algorithm without scalars has none: NULL at 0), and the value
+ * scalar k of a new tensor starts at: NaN when k is not a scalar of the algorithm or options is
+ * NULL. */
 FUSEDOPT_API const char* fusedopt_scalar_name(const fusedopt_options* options, int32_t index);
 FUSEDOPT_API double fusedopt_initial_scalar(const fusedopt_options* options, int32_t k);
+/* 1 when a step of this algorithm may be given a grad_scale (SGD, Adam: as torch's fused
+ * optimizers), 0 otherwise (a step given one is refused) or when options is NULL. */
+FUSEDOPT_API int32_t fusedopt_takes_grad_scale(const fusedopt_options* options);
 
 /* ---- Tensors: the buffers of one parameter and where it stands ---------------------------- */
 
@@ -115,8 +125,11 @@ typedef struct fusedopt_tensor {
   void* param;
   void* grad;
   void* state[FUSEDOPT_MAX_STATES];
-  /* The algorithm's per-tensor scalars (FUSEDOPT_MAX_SCALARS doubles), updated in place by each
-   * step; NULL for algorithms without any. */
+  /* The algorithm's per-tensor scalars: an array of FUSEDOPT_MAX_SCALARS doubles (those past
+   * the algorithm's count are left as they are), read and updated in place by each step; NULL for
+   * algorithms without any. A new tensor's start at fusedopt_initial_scalar. Keras keeps NAdam's
+   * u_product once for the whole optimizer: give every tensor of a step the same value (tensors
+   * at the same step with the same options all come out with the same new one). */
   double* scalars;
   int64_t size;
   /* The tensor's step number t for this step: 1 on its first step. */
@@ -143,8 +156,11 @@ FUSEDOPT_API fusedopt_status fusedopt_step(const fusedopt_options* const* groups
  * of the plan's first step) and advances the step numbers itself; tensors[i].grad is ignored.
  * Every state buffer given is registered, one the options do not use yet included (options set
  * later may use it). The caller keeps every param, state and scalar buffer alive and in place
- * until fusedopt_plan_destroy. Steps on one plan are serialized by its lock; different plans run
- * in parallel. */
+ * until fusedopt_plan_destroy. Scalars stay the caller's: each step reads tensors[i].scalars as
+ * they are then (a value the caller set between steps, such as Keras' optimizer-wide u_product
+ * shared by several plans, is the one used) and writes the advanced values back, as
+ * fusedopt_step does; a refused step writes nothing. Steps on one plan are serialized by its
+ * lock (the scalars' reads and writes included); different plans run in parallel. */
 typedef struct fusedopt_plan fusedopt_plan;
 
 FUSEDOPT_API fusedopt_status fusedopt_plan_create(const fusedopt_options* const* groups,

@@ -91,18 +91,14 @@ inline std::vector<std::string> algorithms() {
 }
 
 // ---- Options: one group's hyperparameters, set by name, starting at torch.optim's defaults ---
-// A value type. The ABI has no copy function, so a copy is a new options object for the same
-// algorithm with every option read from the source and set on it (a few calls per option): the
-// same ABI a new algorithm's options go through, so it copies them with no change here. Value
-// semantics let a program keep a vector of groups and derive one group's options from another's.
+// A value type: a copy is fusedopt_options_copy's, every value included. Value semantics let a
+// program keep a vector of groups and derive one group's options from another's.
 class Options {
  public:
   explicit Options(const std::string& algorithm) {
     fusedopt::check(fusedopt_options_create(algorithm.c_str(), &handle_));
   }
-  Options(const Options& other) : Options(other.algorithm()) {
-    for (const std::string& name : other.option_names()) set(name, other.get(name));
-  }
+  Options(const Options& other) { fusedopt::check(fusedopt_options_copy(other.handle_, &handle_)); }
   Options(Options&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
   Options& operator=(Options other) noexcept {  // copy-and-swap: a failed copy changes nothing
     std::swap(handle_, other.handle_);
@@ -135,11 +131,14 @@ class Options {
   std::vector<std::string> state_names() const { return names(fusedopt_state_name); }
   // Whether these options read and write state k (its buffer must then be given).
   bool uses_state(int k) const { return (fusedopt_states_used(handle_) >> k) & 1u; }
-  // The value a new buffer of state k starts at.
+  // The value a new buffer of state k starts at (NaN past the last state).
   double initial_state(int k) const { return fusedopt_initial_state(handle_, k); }
-  // The per-tensor scalars (fusedopt_tensor.scalars) and their starting values.
+  // The per-tensor scalars (fusedopt_tensor.scalars) and their starting values (NaN past the
+  // last scalar).
   std::vector<std::string> scalar_names() const { return names(fusedopt_scalar_name); }
   double initial_scalar(int k) const { return fusedopt_initial_scalar(handle_, k); }
+  // Whether a step may be given a grad_scale.
+  bool takes_grad_scale() const { return fusedopt_takes_grad_scale(handle_) != 0; }
 
   const fusedopt_options* handle() const noexcept { return handle_; }
 
@@ -239,7 +238,8 @@ inline void step(const Options& options, const fusedopt_tensor& tensor,
 
 // ---- Plan: params and states registered (and validated) once, each step given grads only ----
 // The tensors' step fields are t of the plan's first step; the plan counts from there. Keep
-// every param, state and scalar buffer alive and in place while the plan lives. Move-only: it
+// every param, state and scalar buffer alive and in place while the plan lives; each step reads
+// the scalars as they are then and writes them back advanced. Move-only: it
 // owns a native plan, and two plans updating the same buffers would make no sense. Steps on one
 // plan are serialized (by the library); different plans may step in parallel.
 class Plan {
