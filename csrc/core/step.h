@@ -102,9 +102,9 @@ void check_options(const std::vector<typename A::Options>& groups) {
 
 // An algorithm with per-tensor scalars (NAdam's mu_product) needs them for every tensor.
 template <class A>
-void check_scalars(const double* scalars) {
+void check_scalars(const double* scalars, size_t num_tensors) {
   if constexpr (A::scalar_names.size() > 0)
-    if (!scalars)
+    if (!scalars && num_tensors > 0)
       throw Error(ErrorKind::value, std::string("scalars: ") + A::name + " keeps " +
                                         A::scalar_names[0] +
                                         " per tensor; give them (see initial_scalar)");
@@ -207,7 +207,7 @@ PreparedStep<A> prepare_step(const std::vector<typename A::Options>& groups,
   PreparedStep<A> step;
   step.tensors = validate_step_buffers(buffers);
   check_schedule(schedule, step.tensors.size(), groups.size());
-  check_scalars<A>(schedule.scalars);
+  check_scalars<A>(schedule.scalars, step.tensors.size());
   detail::compute_coefficients<A>(groups, schedule, extras, step, &buffers.state_names);
   return step;
 }
@@ -276,8 +276,8 @@ class Plan {
        int64_t* step_counts, std::vector<uint8_t> new_state, double* scalars)
       : groups_(std::move(groups)), step_counts_(step_counts) {
     check_options<A>(groups_);
-    check_scalars<A>(scalars);
     step_.tensors = validate_step_buffers(registered, false);
+    check_scalars<A>(scalars, step_.tensors.size());
     state_names_ = registered.state_names;
     state_names_.resize(kMaxStates);
     params_ = registered.params;
