@@ -9,6 +9,7 @@ not.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -280,6 +281,15 @@ def steps_of(opt: Any) -> dict[int, Any]:
     return {i: entry.get("step") for i, entry in opt.state.items()}
 
 
+def scalar_states_of(opt: Any) -> dict[int, dict[str, Any]]:
+    """Every state that is not an array (the step, NAdam's mu_product, ASGD's eta and mu), which
+    a checksum of the buffers does not cover."""
+    return {
+        i: {k: v for k, v in entry.items() if not isinstance(v, np.ndarray)}
+        for i, entry in opt.state.items()
+    }
+
+
 BAD_GRADS = {
     "wrong_dtype": (lambda: np.zeros(40, np.float64), TypeError, "dtype"),
     "wrong_shape": (lambda: np.zeros(39, np.float32), ValueError, "shape"),
@@ -443,6 +453,54 @@ BAD_HYPERPARAMETERS = [
     (fusedopt.Adam, dict(weight_decay=-0.01), "weight_decay"),
     (fusedopt.AdamW, dict(weight_decay=-0.01), "weight_decay"),
     (fusedopt.AdamW, dict(betas=(0.9, 1.5)), "beta"),
+    # The algorithms of spec sections 13-20, named as the user spelled the argument.
+    (fusedopt.Adadelta, dict(lr=-0.1), "lr"),
+    (fusedopt.Adadelta, dict(rho=1.5), "rho"),
+    (fusedopt.Adadelta, dict(rho=-0.1), "rho"),
+    (fusedopt.Adadelta, dict(rho=NAN), "rho"),
+    (fusedopt.Adadelta, dict(eps=-1e-6), "eps"),
+    (fusedopt.Adadelta, dict(weight_decay=-0.1), "weight_decay"),
+    (fusedopt.Adadelta, dict(weight_decay=NAN), "weight_decay"),
+    (fusedopt.Adamax, dict(lr=NAN), "lr"),
+    (fusedopt.Adamax, dict(betas=(1.0, 0.999)), "betas[0]"),
+    (fusedopt.Adamax, dict(betas=(NAN, 0.999)), "betas[0]"),
+    (fusedopt.Adamax, dict(betas=(0.9, -0.1)), "betas[1]"),
+    (fusedopt.Adamax, dict(eps=-1.0), "eps"),
+    (fusedopt.Adamax, dict(weight_decay=-0.5), "weight_decay"),
+    (fusedopt.NAdam, dict(lr=-1.0), "lr"),
+    (fusedopt.NAdam, dict(betas=(-0.1, 0.999)), "betas[0]"),
+    (fusedopt.NAdam, dict(betas=(0.9, 1.0)), "betas[1]"),
+    (fusedopt.NAdam, dict(eps=NAN), "eps"),
+    (fusedopt.NAdam, dict(momentum_decay=-4e-3), "momentum_decay"),
+    (fusedopt.NAdam, dict(momentum_decay=NAN), "momentum_decay"),
+    (fusedopt.NAdam, dict(weight_decay=-0.1, decoupled_weight_decay=True), "weight_decay"),
+    (fusedopt.RAdam, dict(lr=-1e-3), "lr"),
+    (fusedopt.RAdam, dict(betas=(1.0, 0.999)), "betas[0]"),
+    (fusedopt.RAdam, dict(betas=(0.9, NAN)), "betas[1]"),
+    (fusedopt.RAdam, dict(betas=(0.9, 1.5)), "betas[1]"),
+    (fusedopt.RAdam, dict(eps=-1e-8), "eps"),
+    (fusedopt.RAdam, dict(weight_decay=NAN), "weight_decay"),
+    (fusedopt.Rprop, dict(lr=-0.01), "lr"),
+    (fusedopt.Rprop, dict(lr=NAN), "lr"),
+    (fusedopt.Rprop, dict(etas=(1.2, 0.5)), "etas[0]"),  # out of order
+    (fusedopt.Rprop, dict(etas=(0.0, 1.2)), "etas[0]"),
+    (fusedopt.Rprop, dict(etas=(-0.5, 1.2)), "etas[0]"),
+    (fusedopt.Rprop, dict(etas=(1.0, 1.2)), "etas[0]"),
+    (fusedopt.Rprop, dict(etas=(NAN, 1.2)), "etas[0]"),
+    (fusedopt.Rprop, dict(etas=(0.5, 1.0)), "etas[1]"),
+    (fusedopt.Rprop, dict(etas=(0.5, 0.9)), "etas[1]"),
+    (fusedopt.Rprop, dict(etas=(0.5, NAN)), "etas[1]"),
+    (fusedopt.Rprop, dict(etas=0.5), "etas"),
+    (fusedopt.ASGD, dict(lr=-0.01), "lr"),
+    (fusedopt.ASGD, dict(lr=NAN), "lr"),
+    (fusedopt.ASGD, dict(weight_decay=-0.1), "weight_decay"),
+    (fusedopt.ASGD, dict(weight_decay=NAN), "weight_decay"),
+    (fusedopt.Lion, dict(lr=-1e-4), "lr"),
+    (fusedopt.Lion, dict(betas=(1.1, 0.99)), "betas[0]"),
+    (fusedopt.Lion, dict(betas=(NAN, 0.99)), "betas[0]"),
+    (fusedopt.Lion, dict(betas=(0.9, -0.1)), "betas[1]"),
+    (fusedopt.Lion, dict(weight_decay=-0.1), "weight_decay"),
+    (fusedopt.Lion, dict(weight_decay=NAN), "weight_decay"),
 ]
 
 
@@ -454,7 +512,7 @@ def hyper_id(case: tuple) -> str:
 @pytest.mark.parametrize("case", BAD_HYPERPARAMETERS, ids=map(hyper_id, BAD_HYPERPARAMETERS))
 def test_invalid_hyperparameter_is_refused_at_construction(case: tuple) -> None:
     cls, options, name = case
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=re.escape(name)):
         cls(fresh(), **options)
 
 
@@ -470,11 +528,11 @@ def test_invalid_hyperparameter_set_in_param_groups_is_refused_at_step(case: tup
     opt.step(fresh(seed=1))
     opt.param_groups[0].update(options)
     grads = fresh(seed=2)
-    steps = steps_of(opt)
+    scalar_states = scalar_states_of(opt)
     assert_rejected(
         lambda: opt.step(grads), optimizer_buffers(opt, params, grads), ValueError, name
     )
-    assert steps_of(opt) == steps
+    assert scalar_states_of(opt) == scalar_states
 
 
 def test_invalid_hyperparameter_in_an_added_group_is_refused() -> None:
@@ -551,6 +609,124 @@ def test_keras_invalid_learning_rate_set_later_is_refused_and_kept() -> None:
     with pytest.raises(ValueError, match="learning_rate"):
         opt.learning_rate = -1.0
     assert opt.learning_rate == np.float32(0.01)
+
+
+# The Keras-convention algorithms of spec sections 14-21 (and a few of the original ones): each
+# bad value must be refused naming Keras' argument, at construction and when set later.
+KERAS_BAD_HYPERPARAMETERS = [
+    (fk.Lion, dict(beta_1=0.0), "beta_1"),  # Keras' own refusal: Lion would be SignSGD
+    (fk.Lion, dict(beta_1=-0.5), "beta_1"),
+    (fk.Lion, dict(beta_1=1.5), "beta_1"),
+    (fk.Lion, dict(beta_1=NAN), "beta_1"),
+    (fk.Lion, dict(beta_2=-0.1), "beta_2"),
+    (fk.Lion, dict(weight_decay=-0.1), "weight_decay"),
+    (fk.Adadelta, dict(rho=1.5), "rho"),
+    (fk.Adadelta, dict(rho=-0.1), "rho"),
+    (fk.Adadelta, dict(rho=NAN), "rho"),
+    (fk.Adadelta, dict(epsilon=-1e-7), "epsilon"),
+    (fk.Adadelta, dict(weight_decay=NAN), "weight_decay"),
+    (fk.Adamax, dict(beta_1=1.0), "beta_1"),
+    (fk.Adamax, dict(beta_2=NAN), "beta_2"),
+    (fk.Adamax, dict(epsilon=NAN), "epsilon"),
+    (fk.Adamax, dict(weight_decay=-0.5), "weight_decay"),
+    (fk.Nadam, dict(beta_1=-0.1), "beta_1"),
+    (fk.Nadam, dict(beta_2=1.0), "beta_2"),
+    (fk.Nadam, dict(epsilon=-1e-7), "epsilon"),
+    (fk.Nadam, dict(weight_decay=-0.1), "weight_decay"),
+    (fk.Lamb, dict(beta_1=1.0), "beta_1"),
+    (fk.Lamb, dict(beta_2=-0.5), "beta_2"),
+    (fk.Lamb, dict(beta_2=NAN), "beta_2"),
+    (fk.Lamb, dict(epsilon=-1e-7), "epsilon"),
+    (fk.Lamb, dict(weight_decay=-0.01), "weight_decay"),
+    (fk.SGD, dict(momentum=1.5), "momentum"),
+    (fk.Adam, dict(beta_1=1.0), "beta_1"),
+    (fk.RMSprop, dict(rho=-0.9), "rho"),
+]
+KERAS_BAD_LEARNING_RATES = [
+    (cls, dict(learning_rate=rate), "learning_rate")
+    for cls in (fk.Adadelta, fk.Adamax, fk.Nadam, fk.Lion, fk.Lamb)
+    for rate in (-0.01, NAN)
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    KERAS_BAD_HYPERPARAMETERS + KERAS_BAD_LEARNING_RATES,
+    ids=map(hyper_id, KERAS_BAD_HYPERPARAMETERS + KERAS_BAD_LEARNING_RATES),
+)
+def test_keras_invalid_hyperparameter_is_refused_at_construction(case: tuple) -> None:
+    cls, options, name = case
+    with pytest.raises(ValueError, match=re.escape(name)):
+        cls(**options)
+
+
+@pytest.mark.parametrize(
+    "case", KERAS_BAD_HYPERPARAMETERS, ids=map(hyper_id, KERAS_BAD_HYPERPARAMETERS)
+)
+def test_keras_invalid_hyperparameter_set_later_is_refused_at_apply(case: tuple) -> None:
+    """Set as an attribute between steps (as a callback would): the next apply refuses it,
+    naming it, and writes nothing: variables, slots, iterations and Nadam's u_product stay."""
+    cls, options, name = case
+    variables = fresh(seed=6)
+    opt = cls(learning_rate=0.1)
+    opt.apply(fresh(seed=7), variables)
+    for key, value in options.items():
+        setattr(opt, key, value)
+    grads = fresh(seed=8)
+    iterations = opt.iterations
+    u_product = getattr(opt, "u_product", None)
+    assert_rejected(
+        lambda: opt.apply(grads, variables), variables + grads + opt.variables, ValueError, name
+    )
+    assert opt.iterations == iterations
+    assert getattr(opt, "u_product", None) == u_product
+
+
+def functional_call(name: str) -> tuple[Callable[[str], None], list[np.ndarray]]:
+    """A call of ``fusedopt.functional.<name>`` with valid arrays and hyperparameters, taking
+    only the convention; and every buffer it may write."""
+    params, grads = fresh(seed=1), fresh(seed=2)
+    states = {
+        "radam_": {"exp_avgs": fresh(seed=3), "exp_avg_sqs": fresh(seed=4)},
+        "rprop_": {"prevs": fresh(seed=3), "step_sizes": fresh(seed=4)},
+        "asgd_": {"axs": fresh(seed=3), "etas": np.full(N, 0.1), "mus": np.ones(N)},
+        "lamb_": {"exp_avgs": fresh(seed=3), "exp_avg_sqs": fresh(seed=4)},
+    }[name]
+    for key in ("exp_avg_sqs", "step_sizes"):
+        if key in states:
+            states[key] = [np.abs(a) for a in states[key]]
+    step = {} if name == "rprop_" else {"step": 2}
+    function = getattr(F, name)
+
+    def call(convention: str) -> None:
+        function(params, grads, **states, **step, lr=0.1, convention=convention)
+
+    buffers = params + grads
+    for value in states.values():  # a list per state buffer; ASGD's etas and mus are one array
+        buffers += value if isinstance(value, list) else [value]
+    return call, buffers
+
+
+@pytest.mark.parametrize(
+    ("name", "refused", "offered"),
+    [
+        ("radam_", "keras", "torch"),
+        ("rprop_", "keras", "torch"),
+        ("asgd_", "keras", "torch"),
+        ("lamb_", "torch", "keras"),
+    ],
+)
+def test_functional_refuses_the_convention_an_algorithm_lacks(
+    name: str, refused: str, offered: str
+) -> None:
+    """RAdam, Rprop and ASGD exist only in torch's convention, LAMB only in Keras': asking for
+    the other is a ValueError naming ``convention``, before anything is written; the same call
+    with the convention offered goes through."""
+    call, buffers = functional_call(name)
+    assert_rejected(lambda: call(refused), buffers, ValueError, "convention")
+    before = checksum(*buffers)
+    call(offered)
+    assert checksum(*buffers) != before
 
 
 def test_keras_unknown_keyword_is_a_type_error() -> None:
