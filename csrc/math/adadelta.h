@@ -47,7 +47,7 @@ struct Adadelta : AlgorithmDefaults {
     c.one_minus_rho = 1.0 - o.rho;
     c.eps = o.eps;
     c.weight_decay = o.weight_decay;
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.convention = o.convention;
     c.maximize = o.maximize;
     c.has_weight_decay = o.weight_decay != 0 && !keras;

@@ -51,7 +51,7 @@ struct Adagrad : AlgorithmDefaults {
     Coefficients c{};
     c.lr = keras ? o.lr : o.lr / (1.0 + static_cast<double>(in.step - 1) * o.lr_decay);
     c.weight_decay = o.weight_decay;
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.eps = o.eps;
     c.convention = o.convention;
     c.maximize = o.maximize;

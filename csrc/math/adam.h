@@ -66,7 +66,7 @@ struct Adam : AlgorithmDefaults {
     c.one_minus_beta2 = 1.0 - o.beta2;
     c.eps = o.eps;
     c.weight_decay = o.weight_decay;
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     // Keras folds both corrections into the step size and keeps eps-hat next to the raw root.
     c.step_size =
         keras ? o.lr * std::sqrt(bias_correction2) / bias_correction1 : o.lr / bias_correction1;

@@ -56,7 +56,7 @@ struct Adamax : AlgorithmDefaults {
     c.beta2 = o.beta2;
     c.eps = o.eps;
     c.weight_decay = o.weight_decay;
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.step_size = o.lr / bias_correction1;
     c.bias_correction1 = bias_correction1;
     c.convention = o.convention;

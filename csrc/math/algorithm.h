@@ -155,6 +155,25 @@ inline void check_convention(Convention c, std::initializer_list<Convention> off
                         : "only the PyTorch convention (0) is offered");
 }
 
+// x rounded to float32, for values a framework stores as float32 (torch's scalar states, Keras'
+// floatx tensors). Through a volatile: GCC 12's SLP vectorizer dropped the rounding of a plain
+// static_cast<float> in a function like LAMB's coefficients (found by its Keras tests; gone with
+// -fno-tree-vectorize).
+inline double to_float32(double x) {
+  volatile float rounded = static_cast<float>(x);
+  return rounded;
+}
+
+// Keras on the torch backend turns Python numbers into floatx (float32) tensors: its learning
+// rate is a float32 variable, and the decoupled decay 1 - lr * weight_decay is computed in float32
+// from it (spec section 1), whatever the variable's dtype. PyTorch's decay factor is a double.
+inline double keras_float(double x) { return to_float32(x); }
+inline double decay_factor(Convention convention, double lr, double weight_decay) {
+  if (convention == Convention::keras)
+    return to_float32(1.0 - to_float32(to_float32(lr) * to_float32(weight_decay)));
+  return 1.0 - lr * weight_decay;
+}
+
 // torch.lerp rounds as start + w * (end - start) when |w| < 0.5, otherwise as
 // end - (end - start) * (1 - w): the host picks the form once per step.
 inline bool small_lerp_weight(double w) { return std::fabs(w) < 0.5; }

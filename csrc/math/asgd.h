@@ -46,7 +46,7 @@ struct Asgd : AlgorithmDefaults {
   }
 
   static double rounded(const Options& o, double x) {
-    return o.float32_scalars ? static_cast<float>(x) : x;
+    return o.float32_scalars ? to_float32(x) : x;
   }
 
   struct Coefficients {

@@ -50,12 +50,13 @@ struct Lamb : AlgorithmDefaults {
   static Coefficients coefficients(const Options& o, const StepInput& in) {
     const double t = static_cast<double>(in.step);
     Coefficients c{};
-    c.one_minus_beta1 = 1.0 - o.beta1;
-    c.one_minus_beta2 = 1.0 - o.beta2;
-    c.eps = o.eps;
+    // Keras' generic update_step hands these Python numbers to keras.ops: float32 tensors.
+    c.one_minus_beta1 = keras_float(1.0 - o.beta1);
+    c.one_minus_beta2 = keras_float(1.0 - o.beta2);
+    c.eps = keras_float(o.eps);
     c.bias_correction1 = 1.0 - std::pow(o.beta1, t);
     c.bias_correction2 = 1.0 - std::pow(o.beta2, t);
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.lr = o.lr;
     c.has_decay = o.weight_decay != 0;
     return c;

@@ -49,7 +49,7 @@ struct Lion : AlgorithmDefaults {
     c.one_minus_beta1 = 1.0 - o.beta1;
     c.beta2 = o.beta2;
     c.one_minus_beta2 = 1.0 - o.beta2;
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.convention = o.convention;
     c.lerp_small_weight1 = small_lerp_weight(1.0 - o.beta1);
     c.lerp_small_weight2 = small_lerp_weight(1.0 - o.beta2);

@@ -56,7 +56,7 @@ struct Nadam : AlgorithmDefaults {
   static double next_product(const Options& o, const StepInput& in) {
     const double mu = momentum_at(o, static_cast<double>(in.step));
     if (!o.float32_scalars) return in.scalars[0] * mu;
-    return static_cast<float>(static_cast<float>(in.scalars[0]) * static_cast<float>(mu));
+    return to_float32(to_float32(in.scalars[0]) * to_float32(mu));
   }
 
   struct Coefficients {
@@ -77,7 +77,7 @@ struct Nadam : AlgorithmDefaults {
     const double mu_next = momentum_at(o, t + 1);
     const double product = next_product(o, in);
     double next = product * mu_next;
-    if (keras && o.float32_scalars) next = static_cast<float>(next);
+    if (keras && o.float32_scalars) next = to_float32(next);
     const bool decoupled = o.decoupled_weight_decay || keras;
     Coefficients c{};
     c.beta1 = o.beta1;
@@ -86,7 +86,7 @@ struct Nadam : AlgorithmDefaults {
     c.one_minus_beta2 = 1.0 - o.beta2;
     c.eps = o.eps;
     c.weight_decay = o.weight_decay;
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.lr = o.lr;
     c.bias_correction2 = 1.0 - std::pow(o.beta2, t);
     c.grad_coefficient = (-o.lr * (1.0 - mu)) / (1.0 - product);

@@ -60,7 +60,7 @@ struct Radam : AlgorithmDefaults {
     c.one_minus_beta2 = 1.0 - o.beta2;
     c.eps = o.eps;
     c.weight_decay = o.weight_decay;
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.bias_correction1 = 1.0 - std::pow(o.beta1, t);
     c.bias_correction2_sqrt = std::sqrt(bias_correction2);
     c.rectified = rho_t > 5.0;

@@ -55,7 +55,7 @@ struct Rmsprop : AlgorithmDefaults {
     c.eps = o.eps;
     c.momentum = o.momentum;
     c.weight_decay = o.weight_decay;
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.convention = o.convention;
     c.lerp_small_weight = small_lerp_weight(1.0 - o.alpha);
     c.centered = o.centered;

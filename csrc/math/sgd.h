@@ -54,7 +54,7 @@ struct Sgd : AlgorithmDefaults {
     Coefficients c{};
     c.lr = o.lr;
     c.weight_decay = o.weight_decay;
-    c.decay_factor = 1.0 - o.lr * o.weight_decay;
+    c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.momentum = o.momentum;
     c.dampening_complement = 1.0 - o.dampening;
     c.grad_scale = in.grad_scale ? *in.grad_scale : 1.0;

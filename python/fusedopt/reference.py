@@ -611,11 +611,20 @@ def torch_lion(
 # --------------------------------------------------------------------------------------------
 
 
+def _keras_float(x: float) -> float:
+    """A Python number as Keras' torch backend holds it under its default floatx: a float32
+    tensor (spec section 1)."""
+    return float(np.float32(x))
+
+
 def _keras_weight_decay(param: Array, weight_decay: float | None, learning_rate: float) -> Array:
-    """Keras' decoupled, lr-scaled decay before every ``update_step`` (spec section 1)."""
+    """Keras' decoupled, lr-scaled decay before every ``update_step`` (spec section 1). The
+    factor is computed in floatx (float32) from the float32 learning-rate variable, whatever the
+    variable's dtype: ``fl32(1 - fl32(lr * fl32(weight_decay)))``."""
     if not weight_decay:
         return param
-    return param * (1.0 - weight_decay * learning_rate)
+    factor = np.float32(1.0) - np.float32(learning_rate) * np.float32(weight_decay)
+    return param * float(factor)
 
 
 def keras_clip(
@@ -935,12 +944,13 @@ def keras_lamb(
     step = _next_step(state)
     new_state["step"] = step
     m = _slot(new_state, "momentum", param)
-    m = m + (grad - m) * (1.0 - beta_1)
+    # The generic update_step hands these Python numbers to keras.ops: float32 tensors.
+    m = m + (grad - m) * _keras_float(1.0 - beta_1)
     v = _slot(new_state, "velocity", param)
-    v = v + (grad * grad - v) * (1.0 - beta_2)
+    v = v + (grad * grad - v) * _keras_float(1.0 - beta_2)
     new_state.update(momentum=m, velocity=v)
     m_t_hat = m / (1.0 - beta_1 ** float(step))
-    v_sqrt = np.sqrt(v / (1.0 - beta_2 ** float(step))) + epsilon
+    v_sqrt = np.sqrt(v / (1.0 - beta_2 ** float(step))) + _keras_float(epsilon)
     update = m_t_hat / v_sqrt
     w_norm = math.sqrt(np.sum(param * param))
     g_norm = math.sqrt(np.sum(update * update))
