@@ -373,6 +373,261 @@ class PythonPlan : public AnyPlan {
   std::shared_ptr<Registered> registered_;
 };
 
+// ---- torch tensors ---------------------------------------------------------------------------
+// fusedopt.torch steps CPU tensors in their own memory. They are described through their Python
+// methods (data_ptr, is_contiguous, ...): nothing of libtorch is linked, so fusedopt builds and
+// imports without torch.
+
+struct TorchNames {
+  py::object grad = py::str("grad"), dtype = py::str("dtype"), shape = py::str("shape"),
+             is_cpu = py::str("is_cpu"), layout = py::str("layout");
+  // The methods themselves, called with the tensor: a step makes four such calls per tensor
+  // (about 45 ns each), and skipping the attribute lookup is a third of it.
+  py::object data_ptr, is_contiguous;
+  py::object float32, float64, strided;
+
+  static const TorchNames& get() {
+    static const TorchNames* names = [] {
+      auto* n = new TorchNames;  // leaked on purpose: destroyed after Python at exit otherwise
+      const py::module_ torch = py::module_::import("torch");
+      const py::object tensor_base = torch.attr("_C").attr("TensorBase");
+      n->data_ptr = tensor_base.attr("data_ptr");
+      n->is_contiguous = tensor_base.attr("is_contiguous");
+      n->float32 = torch.attr("float32");
+      n->float64 = torch.attr("float64");
+      n->strided = torch.attr("strided");
+      return n;
+    }();
+    return *names;
+  }
+};
+
+py::object call_with(const py::object& method, PyObject* tensor) {
+  PyObject* result = PyObject_CallOneArg(method.ptr(), tensor);
+  if (!result) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(result);
+}
+
+uintptr_t torch_data_ptr(PyObject* tensor) {
+  return PyLong_AsUnsignedLongLong(call_with(TorchNames::get().data_ptr, tensor).ptr());
+}
+
+// An empty tensor may have no memory at all (data_ptr 0); it is never read, and any address
+// stands in for it, as for the empty buffers of the C ABI.
+char empty_tensor_address;
+
+void* torch_address(uintptr_t data_ptr) {
+  return data_ptr ? reinterpret_cast<void*>(data_ptr) : &empty_tensor_address;
+}
+
+bool torch_is_contiguous(PyObject* tensor) {
+  return PyObject_IsTrue(call_with(TorchNames::get().is_contiguous, tensor).ptr()) == 1;
+}
+
+// A CPU tensor as the core sees an array: dtype, shape, contiguity and its own memory.
+void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info) {
+  const TorchNames& n = TorchNames::get();
+  info.present = tensor != Py_None;
+  if (!info.present) return;
+  const py::handle t(tensor);
+  if (!t.attr(n.is_cpu).cast<bool>())
+    throw Error(ErrorKind::value, name + " is not on the CPU (" +
+                                      std::string(py::str(t.attr("device"))) +
+                                      "); one step serves one device");
+  if (!py::object(t.attr(n.layout)).is(n.strided))
+    throw Error(ErrorKind::type, name + " is a " + std::string(py::str(t.attr(n.layout))) +
+                                     " tensor; fusedopt updates dense (strided) tensors");
+  const py::object dtype = t.attr(n.dtype);
+  info.is_float32 = dtype.is(n.float32);
+  info.is_float64 = dtype.is(n.float64);
+  info.dtype_name = info.is_float32 || info.is_float64 ? "" : std::string(py::str(dtype));
+  info.shape.clear();
+  info.size = 1;
+  for (py::handle d : t.attr(n.shape)) {
+    info.shape.push_back(d.cast<int64_t>());
+    info.size *= info.shape.back();
+  }
+  info.contiguous = torch_is_contiguous(tensor);
+  info.writeable = true;
+  info.data = torch_address(torch_data_ptr(tensor));
+}
+
+// A host value kept in a 0-dim tensor (torch's state["step"], NAdam's mu_product): read into and
+// written back from the core's int64 counts or double scalars around each step.
+struct ScalarSlot {
+  void* address;
+  bool is_float32;
+  double read() const {
+    if (is_float32) return *static_cast<const float*>(address);
+    return *static_cast<const double*>(address);
+  }
+  void write(double value) const {
+    if (is_float32)
+      *static_cast<float*>(address) = static_cast<float>(value);
+    else
+      *static_cast<double*>(address) = value;
+  }
+};
+
+ScalarSlot scalar_slot(py::handle tensor, const std::string& name) {
+  BufferInfo info;
+  describe_torch(tensor.ptr(), name, info);
+  if (info.size != 1 || !(info.is_float32 || info.is_float64))
+    throw Error(ErrorKind::type, name + " must be a one-element float32 or float64 tensor");
+  return {info.data, info.is_float32};
+}
+
+// The plan of a fusedopt.torch optimizer: every param of its groups, of which those with a grad
+// at registration are stepped (the "active" ones, with their states). Each step reads every
+// param's grad itself; when the params with a grad are not the active ones, or a param's memory
+// moved (ZeroRedundancyOptimizer's bucket views replace param.data), it steps nothing and says
+// so, and the optimizer registers again.
+class AnyTorchPlan {
+ public:
+  virtual ~AnyTorchPlan() = default;
+  virtual void set_options(size_t group, py::handle values) = 0;
+  virtual bool step(py::handle grad_scale) = 0;
+};
+
+template <class A>
+class TorchPlan : public AnyTorchPlan {
+ public:
+  TorchPlan(py::handle groups, py::handle group_of, py::handle params, py::handle active,
+            py::handle states, py::handle steps, py::handle scalars, py::handle new_state)
+      : groups_(groups_from<A>(groups)) {
+    const std::vector<int> all_groups = py::cast<std::vector<int>>(group_of);
+    for (py::handle p : items_of(params, "params"))
+      params_.push_back(py::reinterpret_borrow<py::object>(p));
+    active_ = py::cast<std::vector<bool>>(active);
+    if (active_.size() != params_.size() || all_groups.size() != params_.size())
+      throw Error(ErrorKind::value, "one group and one active flag per param");
+    StepBuffers b;
+    std::vector<int> group_of_active;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (!active_[i]) continue;
+      const std::string name = "params[" + std::to_string(i) + "]";
+      b.params.emplace_back();
+      describe_torch(params_[i].ptr(), name, b.params.back());
+      addresses_.push_back(torch_data_ptr(params_[i].ptr()));
+      group_of_active.push_back(all_groups[i]);
+      index_.push_back(i);
+    }
+    const size_t n = index_.size();
+    const py::tuple state_lists = items_of(states, "states");
+    if (state_lists.size() != A::state_names.size())
+      throw Error(ErrorKind::value, "one state list per state of the algorithm");
+    b.states.resize(A::state_names.size());
+    b.state_names.assign(A::state_names.begin(), A::state_names.end());
+    for (size_t k = 0; k < A::state_names.size(); ++k) {
+      if (state_lists[k].is_none()) continue;
+      const py::tuple items = items_of(state_lists[k], A::state_names[k]);
+      for (size_t j = 0; j < items.size(); ++j) {
+        b.states[k].emplace_back();
+        describe_torch(items[j].ptr(),
+                       std::string(A::state_names[k]) + "[" + std::to_string(index_.at(j)) + "]",
+                       b.states[k].back());
+        references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
+      }
+    }
+    const py::tuple step_items = items_of(steps, "steps");
+    for (size_t j = 0; j < step_items.size(); ++j) {
+      step_slots_.push_back(scalar_slot(
+          step_items[j], "state['step'] of params[" + std::to_string(index_.at(j)) + "]"));
+      references_.push_back(py::reinterpret_borrow<py::object>(step_items[j]));
+    }
+    if (!step_slots_.empty() && step_slots_.size() != n)
+      throw Error(ErrorKind::value, "one step tensor per active param");
+    if (!scalars.is_none()) {
+      for (py::handle row : items_of(scalars, "scalars")) {
+        std::vector<ScalarSlot> slots;
+        for (py::handle s : items_of(row, "scalars")) {
+          slots.push_back(scalar_slot(s, "a scalar state"));
+          references_.push_back(py::reinterpret_borrow<py::object>(s));
+        }
+        scalar_slots_.push_back(std::move(slots));
+      }
+      if (scalar_slots_.size() != n)
+        throw Error(ErrorKind::value, "one row of scalars per active param");
+    }
+    counts_.assign(n, 0);
+    scalar_rows_.assign(n * kMaxScalars, 0.0);
+    plan_ = std::make_unique<Plan<A>>(
+        groups_, b, group_of_active, step_slots_.empty() ? nullptr : counts_.data(),
+        flags_from(new_state, n), scalar_slots_.empty() ? nullptr : scalar_rows_.data());
+    // A grad has its param's dtype, shape and device: torch refuses any other (in autograd and
+    // in the grad setter). Each step reads only its memory and checks its layout.
+    infos_ = b.params;
+  }
+
+  void set_options(size_t group, py::handle values) override {
+    const typename A::Options o = options_from<A>(values);
+    plan_->set_options(group, o);
+    groups_[group] = o;
+  }
+
+  bool step(py::handle grad_scale) override {
+    const TorchNames& names = TorchNames::get();
+    std::vector<py::object> grads;  // kept alive while the GIL is released
+    grads.reserve(index_.size());
+    size_t j = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      py::object grad =
+          py::reinterpret_steal<py::object>(PyObject_GetAttr(params_[i].ptr(), names.grad.ptr()));
+      if (!grad) throw py::error_already_set();
+      if (grad.is_none() == bool(active_[i])) return false;  // other params have grads now
+      if (!active_[i]) continue;
+      if (torch_data_ptr(params_[i].ptr()) != addresses_[j]) return false;  // param.data moved
+      uintptr_t address = 0;
+      bool contiguous = false;
+      try {
+        address = torch_data_ptr(grad.ptr());
+        contiguous = torch_is_contiguous(grad.ptr());
+      } catch (const py::error_already_set&) {  // no storage (a sparse grad): say what it is
+        BufferInfo described;
+        describe_torch(grad.ptr(), "grads[" + std::to_string(i) + "]", described);
+        throw;
+      }
+      if (!contiguous)
+        throw Error(ErrorKind::value, "grads[" + std::to_string(i) +
+                                          "] is not contiguous; fusedopt reads a grad's own "
+                                          "memory in order");
+      infos_[j].data = torch_address(address);
+      grads.push_back(std::move(grad));
+      ++j;
+    }
+    for (size_t k = 0; k < step_slots_.size(); ++k)
+      counts_[k] = static_cast<int64_t>(step_slots_[k].read());
+    for (size_t k = 0; k < scalar_slots_.size(); ++k)
+      for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
+        scalar_rows_[k * kMaxScalars + r] = scalar_slots_[k][r].read();
+    const StepExtras extras{grad_scale_from(grad_scale)};
+    {
+      py::gil_scoped_release release;
+      plan_->step(infos_, extras, std::nullopt);
+    }
+    for (size_t k = 0; k < step_slots_.size(); ++k)
+      step_slots_[k].write(static_cast<double>(counts_[k]));
+    for (size_t k = 0; k < scalar_slots_.size(); ++k)
+      for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
+        scalar_slots_[k][r].write(scalar_rows_[k * kMaxScalars + r]);
+    return true;
+  }
+
+ private:
+  std::vector<typename A::Options> groups_;
+  std::vector<py::object> params_;
+  std::vector<bool> active_;
+  std::vector<size_t> index_;           // the param index of each active tensor
+  std::vector<uintptr_t> addresses_;    // each active param's memory at registration
+  std::vector<py::object> references_;  // the registered states and scalar tensors
+  std::vector<ScalarSlot> step_slots_;
+  std::vector<std::vector<ScalarSlot>> scalar_slots_;
+  std::vector<int64_t> counts_;
+  std::vector<double> scalar_rows_;
+  std::vector<BufferInfo> infos_;
+  std::unique_ptr<Plan<A>> plan_;
+};
+
 // Runs f(AlgorithmTag<A>{}) for the algorithm called `name`.
 template <class F>
 void with_algorithm(const std::string& name, F&& f) {
@@ -535,6 +790,27 @@ PYBIND11_MODULE(_core, m) {
            py::arg("grads"), py::arg("grad_scale") = py::none(), py::arg("step") = py::none(),
            py::arg("values") = py::none())
       .def("__len__", &AnyPlan::size);
+
+  py::class_<AnyTorchPlan>(m, "TorchPlan",
+                           "The plan of a fusedopt.torch optimizer over CPU tensors; step() "
+                           "returns False, having done nothing, when the params with a grad or "
+                           "their memory changed since it was made.")
+      .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
+                       py::handle params, py::handle active, py::handle states, py::handle steps,
+                       py::handle scalars, py::handle new_state) {
+             std::unique_ptr<AnyTorchPlan> plan;
+             with_algorithm(name, [&](auto tag) {
+               using A = typename decltype(tag)::type;
+               plan = std::make_unique<TorchPlan<A>>(groups, group_of, params, active, states,
+                                                     steps, scalars, new_state);
+             });
+             return plan;
+           }),
+           py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
+           py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
+           py::arg("new_state"))
+      .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
+      .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none());
 
   m.def(
       "stream_add",

@@ -1,0 +1,290 @@
+"""fusedopt.torch: drop-in torch.optim optimizers, beside torch.optim itself.
+
+Every algorithm in float32 and float64 follows torch.optim (foreach=False) over trajectories with
+a scheduler changing the learning rate and a param whose grad is None on some steps; state dicts
+load in both directions mid-run and training continues on the same trajectory; GradScaler's inf
+steps are skipped; bad params and grads are refused naming them, with nothing written.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fusedopt.torch as ft  # noqa: E402
+
+STEPS = 30
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}  # relative to 1 + |x|
+
+CASES = [
+    ("SGD", {}),
+    ("SGD", {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+    ("SGD", {"momentum": 0.9, "nesterov": True, "maximize": True}),
+    ("Adagrad", {"lr_decay": 0.01, "weight_decay": 0.01, "initial_accumulator_value": 0.1}),
+    ("RMSprop", {"momentum": 0.5, "centered": True, "weight_decay": 0.01}),
+    ("RMSprop", {"alpha": 0.3}),
+    ("Adam", {"amsgrad": True, "weight_decay": 0.01}),
+    ("Adam", {"decoupled_weight_decay": True, "weight_decay": 0.1, "maximize": True}),
+    ("AdamW", {"betas": (0.3, 0.9)}),
+    ("Adadelta", {"rho": 0.8, "weight_decay": 0.01}),
+    ("Adamax", {"betas": (0.8, 0.99), "weight_decay": 0.01}),
+    ("NAdam", {"momentum_decay": 0.1, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("RAdam", {"betas": (0.9, 0.9), "weight_decay": 0.01}),
+    ("Rprop", {"etas": (0.3, 1.5), "step_sizes": (1e-4, 0.1)}),
+    ("ASGD", {"t0": 3.0, "lambd": 0.01}),
+]
+
+
+def case_id(case: tuple[str, dict]) -> str:
+    name, options = case
+    return "-".join([name, *(f"{k}={v}" for k, v in options.items())])
+
+
+def assert_close(actual: Any, expected: Any, dtype: Any, what: str) -> None:
+    actual, expected = (torch.as_tensor(x, dtype=torch.float64) for x in (actual, expected))
+    assert actual.shape == expected.shape, what
+    if actual.numel() == 0:
+        return
+    error = ((actual - expected).abs() / (1 + expected.abs())).max().item()
+    assert error <= TOLERANCE[dtype], f"{what}: {error:.3g}"
+
+
+def model_params(dtype: Any, seed: int = 0) -> list[Any]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(5, 7), (33,), (1,), (0,), (4, 4)]
+    return [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype)) for s in shapes]
+
+
+def grads_for(step: int, params: list[Any]) -> list[Any]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    grads = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+    if step % 3 == 1:
+        grads[1] = None  # a param without a grad is skipped, as torch skips it
+    return grads
+
+
+def run(optimizer: Any, params: list[Any], steps: range, scheduler: Any = None) -> None:
+    for step in steps:
+        for p, g in zip(params, grads_for(step, params)):
+            p.grad = None if g is None else g.clone()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def compare(ours: Any, theirs: Any, ours_params: list, their_params: list, dtype: Any) -> None:
+    for i, (a, b) in enumerate(zip(ours_params, their_params)):
+        assert_close(a.detach(), b.detach(), dtype, f"params[{i}]")
+    ours_state, their_state = ours.state_dict()["state"], theirs.state_dict()["state"]
+    assert ours_state.keys() == their_state.keys()
+    for index, entry in their_state.items():
+        assert ours_state[index].keys() == entry.keys(), index
+        for key, value in entry.items():
+            mine = ours_state[index][key]
+            if torch.is_tensor(value):
+                assert mine.dtype == value.dtype, (index, key)
+                assert_close(mine, value, dtype, f"state[{index}][{key!r}]")
+            else:
+                assert mine == value, (index, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))
+def test_trajectory_matches_torch_optim_with_a_scheduler(case: tuple, dtype: Any) -> None:
+    name, options = case
+    ours_params, their_params = model_params(dtype), model_params(dtype)
+    ours = getattr(ft, name)(ours_params, lr=0.01, **options)
+    theirs = getattr(torch.optim, name)(their_params, lr=0.01, foreach=False, **options)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10) for o in (ours, theirs)]
+    run(ours, ours_params, range(STEPS), schedulers[0])
+    run(theirs, their_params, range(STEPS), schedulers[1])
+    compare(ours, theirs, ours_params, their_params, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))
+@pytest.mark.parametrize("direction", ["torch_to_fusedopt", "fusedopt_to_torch"])
+def test_state_dicts_interchange_mid_run(case: tuple, direction: str) -> None:
+    name, options = case
+    dtype = torch.float64
+    first_params, reference_params = model_params(dtype), model_params(dtype)
+    make_first = getattr(torch.optim if direction == "torch_to_fusedopt" else ft, name)
+    make_second = getattr(ft if direction == "torch_to_fusedopt" else torch.optim, name)
+    first = make_first(first_params, lr=0.01, **options)
+    reference = getattr(torch.optim, name)(reference_params, lr=0.01, foreach=False, **options)
+    run(first, first_params, range(10))
+    run(reference, reference_params, range(20))
+    second = make_second(first_params, lr=0.01, **options)
+    second.load_state_dict(first.state_dict())
+    run(second, first_params, range(10, 20))
+    for a, b in zip(first_params, reference_params):
+        assert_close(a.detach(), b.detach(), dtype, name)
+
+
+def test_a_param_whose_memory_moves_is_followed() -> None:
+    """ZeroRedundancyOptimizer's bucket views replace param.data: the next step must update the
+    new memory, not the old."""
+    params = model_params(torch.float64)
+    reference = model_params(torch.float64)
+    ours = ft.Adam(params, lr=0.1)
+    theirs = torch.optim.Adam(reference, lr=0.1, foreach=False)
+    run(ours, params, range(3))
+    run(theirs, reference, range(3))
+    old = params[0].data
+    params[0].data = old.clone()
+    frozen = old.clone()
+    run(ours, params, range(3, 6))
+    run(theirs, reference, range(3, 6))
+    assert torch.equal(old, frozen)  # the replaced memory is left alone
+    assert_close(params[0].detach(), reference[0].detach(), torch.float64, "moved param")
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_grad_scaler_skips_an_inf_step_and_unscales_the_others(name: str) -> None:
+    options = {"momentum": 0.9} if name == "SGD" else {}
+    results = []
+    for module in (ft, torch.optim):
+        params = model_params(torch.float32)
+        extra = {} if module is ft else {"fused": True}
+        optimizer = getattr(module, name)(params, lr=0.01, **options, **extra)
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        for step in range(6):
+            scale = scaler.scale(torch.ones(())).item()  # what scaler.scale(loss) would multiply by
+            for p, g in zip(params, grads_for(step, params)):
+                p.grad = None if g is None else g * scale
+            if step == 2:
+                params[0].grad[0, 0] = float("inf")
+            scaler.step(optimizer)
+            scaler.update()
+        results.append((params, optimizer.state_dict()["state"][0].get("step")))
+    (ours, our_step), (theirs, their_step) = results
+    for a, b in zip(ours, theirs):
+        assert_close(a.detach(), b.detach(), torch.float32, name)
+    assert our_step is None or float(our_step) == float(their_step) == 5.0
+
+
+def test_closure_zero_grad_and_hooks_work_as_in_torch() -> None:
+    params = model_params(torch.float64)
+    optimizer = ft.SGD(params, lr=0.1)
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+
+    def closure() -> Any:
+        optimizer.zero_grad()
+        loss = sum((p * p).sum() for p in params)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in params]
+    loss = optimizer.step(closure)
+    assert float(loss.detach()) > 0 and calls == ["pre", "post"]
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.detach(), b - 0.1 * 2 * b)
+
+
+def test_add_param_group_joins_the_next_step() -> None:
+    params = model_params(torch.float64)
+    reference = model_params(torch.float64)
+    ours = ft.Adam(params[:2], lr=0.01)
+    theirs = torch.optim.Adam(reference[:2], lr=0.01, foreach=False)
+    run(ours, params[:2], range(2))
+    run(theirs, reference[:2], range(2))
+    ours.add_param_group({"params": params[2:], "lr": 0.05})
+    theirs.add_param_group({"params": reference[2:], "lr": 0.05})
+    run(ours, params, range(2, 6))
+    run(theirs, reference, range(2, 6))
+    for a, b in zip(params, reference):
+        assert_close(a.detach(), b.detach(), torch.float64, "after add_param_group")
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "what"),
+    [
+        (lambda: torch.zeros(3, dtype=torch.int64), TypeError, "dtype"),
+        (lambda: torch.zeros(3, dtype=torch.complex64), TypeError, "dtype"),
+        (lambda: torch.zeros(3, 4).t(), ValueError, "not contiguous"),
+        (lambda: torch.zeros(3).to_sparse(), TypeError, "sparse"),
+    ],
+    ids=["int64", "complex64", "transposed", "sparse"],
+)
+def test_a_param_fusedopt_cannot_update_is_refused_naming_it(make: Any, error: type, what) -> None:
+    params = [torch.nn.Parameter(torch.zeros(3)), make()]
+    with pytest.raises(error, match=r"params\[1\] of param_groups\[0\].*" + what):
+        ft.Adam(params)
+
+
+def test_a_non_contiguous_grad_is_refused_with_nothing_written() -> None:
+    params = model_params(torch.float64)
+    optimizer = ft.Adam(params, lr=0.1)
+    run(optimizer, params, range(2))
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in optimizer.state[params[0]].items()}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[0].grad = torch.ones(7, 5, dtype=torch.float64).t()
+    with pytest.raises(ValueError, match=r"grads\[0\] is not contiguous"):
+        optimizer.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    for key, value in state.items():
+        assert torch.equal(optimizer.state[params[0]][key], value)
+
+
+@pytest.mark.parametrize("flag", ["differentiable", "capturable"])
+def test_unsupported_modes_are_refused_and_foreach_fused_accepted(flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        ft.Adam(model_params(torch.float32), **{flag: True})
+    ft.Adam(model_params(torch.float32), foreach=True)
+    ft.Adam(model_params(torch.float32), fused=True)
+
+
+def test_a_tensor_learning_rate_is_accepted() -> None:
+    """A float64 tensor: torch computes its coefficients in the lr tensor's dtype."""
+    params, reference = model_params(torch.float64), model_params(torch.float64)
+    lr = torch.tensor(0.01, dtype=torch.float64)
+    ours = ft.Adam(params, lr=lr)
+    theirs = torch.optim.Adam(reference, lr=lr.clone(), foreach=False)
+    run(ours, params, range(4))
+    run(theirs, reference, range(4))
+    for a, b in zip(params, reference):
+        assert_close(a.detach(), b.detach(), torch.float64, "tensor lr")
+
+
+def test_signatures_and_defaults_are_torch_optim_s() -> None:
+    import inspect
+
+    for name in ft.__all__:
+        if name == "Optimizer" or not hasattr(torch.optim, name):
+            continue
+        ours, theirs = getattr(ft, name), getattr(torch.optim, name)
+        assert inspect.signature(ours) == inspect.signature(theirs), name
+        assert issubclass(ours, torch.optim.Optimizer)
+        p = [torch.nn.Parameter(torch.zeros(2))]
+        assert ours(p).defaults == theirs(p).defaults, name
+
+
+def test_import_fusedopt_does_not_import_torch() -> None:
+    code = "import sys, fusedopt, fusedopt.functional; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_many_tensors_one_step_matches_torch() -> None:
+    generator = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(17, generator=generator)) for _ in range(300)]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = ft.AdamW(params, lr=0.01)
+    theirs = torch.optim.AdamW(reference, lr=0.01, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn(17, generator=generator) for _ in params]
+        for p, q, g in zip(params, reference, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for a, b in zip(params, reference):
+        assert_close(a.detach(), b.detach(), torch.float32, "300 tensors")
+    np.testing.assert_equal(len(ours.state), 300)
