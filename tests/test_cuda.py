@@ -289,6 +289,15 @@ def test_host_buffer_behind_dlpack_is_refused_as_wrong_device() -> None:
 
 
 @needs_cuda_module
+def test_a_cpu_torch_tensor_in_a_device_step_is_refused_naming_it() -> None:
+    """torch answers __dlpack__(stream=...) on a CPU tensor with an AssertionError: the device
+    is checked first, and the buffer named."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"grads\[0\] is in the CPU, not on a CUDA device"):
+        adam_on_device([FakeDeviceArray((16,))], [torch.zeros(16)])
+
+
+@needs_cuda_module
 def test_read_only_and_strided_dlpack_buffers_are_refused() -> None:
     read_only = np.zeros(16, np.float32)
     read_only.flags.writeable = False
@@ -299,10 +308,11 @@ def test_read_only_and_strided_dlpack_buffers_are_refused() -> None:
         adam_on_device([FakeDLPackArray(strided)], [FakeDeviceArray((4, 4))])
 
 
-def test_numpy_array_in_a_device_step_is_a_type_error() -> None:
+def test_numpy_array_in_a_device_step_is_refused_as_host_memory() -> None:
+    """A mixed-device step: the host buffer is named, before any CUDA call."""
     if not HAS_CUDA_MODULE:
         pytest.skip("fusedopt._cuda not built")
-    with pytest.raises(TypeError, match=r"grads\[0\] is a ndarray"):
+    with pytest.raises(ValueError, match=r"grads\[0\] is in the CPU, not on a CUDA device"):
         adam_on_device([FakeDeviceArray((4,))], [np.zeros(4, np.float32)])
 
 

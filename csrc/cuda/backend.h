@@ -34,6 +34,13 @@ void* stream_from_handle(uintptr_t handle);
 
 // Makes `stream` wait for the work already queued on each of `producers`.
 void wait_for_streams(void* stream, const std::vector<void*>& producers);
+// Makes each of `consumers` wait for the work queued so far on `stream`: after a step launched on
+// a stream of its own, the producers' next work (torch's next op, .cpu(), the caching allocator
+// reusing a freed grad) comes after fusedopt's writes.
+void signal_streams(void* stream, const std::vector<void*>& consumers);
+// Whether fusedopt's kernels can run on `device` (an image for its compute capability, or PTX it
+// can compile); the reason when not.
+bool kernels_run_on(int device, std::string* reason);
 
 // Makes `device` current until destroyed.
 class DeviceGuard {

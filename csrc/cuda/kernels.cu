@@ -15,6 +15,7 @@ namespace fusedopt {
 namespace cuda {
 namespace {
 
+// cudaGetLastError also clears the error it returns (unless the context is lost for good).
 void check_launch(const char* kernel) {
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess)
@@ -52,9 +53,11 @@ void launch_batch(const LaunchBatch& batch,
 }
 
 void check(cudaError_t error, const char* call) {
-  if (error != cudaSuccess)
+  if (error != cudaSuccess) {
+    cudaGetLastError();  // not left to surface at the next step's launch check
     throw std::runtime_error(std::string("fusedopt.cuda: ") + call +
                              " failed: " + cudaGetErrorString(error));
+  }
 }
 
 template <class T, class A, class Kernel>
@@ -159,6 +162,32 @@ void launch_step(const PreparedStep<A>& step, void* stream_handle) {
     else
       launch_batch<double, A>(batch, step.coefficients, stream);
   }
+}
+
+bool kernels_run_on(int device, std::string* reason) {
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    if (reason) *reason = "cannot select CUDA device " + std::to_string(device);
+    return false;
+  }
+  // Asking for a kernel's attributes fails when the module has no image for this device.
+  cudaFuncAttributes attributes{};
+  const cudaError_t error =
+      cudaFuncGetAttributes(&attributes, flat_kernel<float, Algorithms::First>);
+  cudaGetLastError();
+  cudaSetDevice(previous);
+  if (error == cudaSuccess) return true;
+  if (reason) {
+    cudaDeviceProp properties{};
+    cudaGetDeviceProperties(&properties, device);
+    cudaGetLastError();
+    *reason = std::string("fusedopt's CUDA kernels have no image for ") + properties.name +
+              " (compute capability " + std::to_string(properties.major) + "." +
+              std::to_string(properties.minor) +
+              "; this build serves " FUSEDOPT_CUDA_ARCHITECTURES "): " + cudaGetErrorString(error);
+  }
+  return false;
 }
 
 // Every registered algorithm's launch is compiled here, once, by this function's references to

@@ -11,10 +11,14 @@ namespace fusedopt {
 namespace cuda {
 namespace {
 
+// A failed call also sets the runtime's last error: cleared here, so that it does not surface at
+// the next, valid step's launch check as if that launch had failed.
 void check(cudaError_t error, const char* call) {
-  if (error != cudaSuccess)
+  if (error != cudaSuccess) {
+    cudaGetLastError();
     throw std::runtime_error(std::string("fusedopt.cuda: ") + call +
                              " failed: " + cudaGetErrorString(error));
+  }
 }
 
 }  // namespace
@@ -34,7 +38,12 @@ int device_count(std::string* reason) {
     return 0;
   }
   if (count == 0 && reason) *reason = "no CUDA device was found";
-  return count;
+  // A device counts when fusedopt's kernels can run on it: a GPU older than the build's images
+  // (sm_75 with the default 80-real;90-real;90-virtual) would otherwise fail at its first launch.
+  int usable = 0;
+  for (int device = 0; device < count; ++device)
+    if (kernels_run_on(device, usable == 0 ? reason : nullptr)) ++usable;
+  return usable;
 }
 
 void require_device() {
@@ -74,6 +83,20 @@ void wait_for_streams(void* stream, const std::vector<void*>& producers) {
                                 : recorded;
     cudaEventDestroy(ready);
     check(waited, "ordering after the producer's stream (cudaEventRecord/cudaStreamWaitEvent)");
+  }
+}
+
+void signal_streams(void* stream, const std::vector<void*>& consumers) {
+  for (void* consumer : consumers) {
+    if (consumer == stream) continue;
+    cudaEvent_t done;
+    check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    const cudaError_t recorded = cudaEventRecord(done, static_cast<cudaStream_t>(stream));
+    const cudaError_t waited =
+        recorded == cudaSuccess ? cudaStreamWaitEvent(static_cast<cudaStream_t>(consumer), done, 0)
+                                : recorded;
+    cudaEventDestroy(done);
+    check(waited, "ordering the producers' streams after the step (cudaStreamWaitEvent)");
   }
 }
 

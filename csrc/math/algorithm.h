@@ -188,6 +188,7 @@ struct AlgorithmTag {
 template <class... Algorithms>
 struct AlgorithmList {
   static constexpr int size = sizeof...(Algorithms);
+  using First = std::tuple_element_t<0, std::tuple<Algorithms...>>;
   // f(AlgorithmTag<A>{}) for every algorithm, in order.
   template <class F>
   static void for_each(F&& f) {

@@ -259,6 +259,7 @@ void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
   void* stream = cuda::stream_from_handle(stream_handle);
   cuda::wait_for_streams(stream, producers);
   cuda::launch_step(prepared, stream);
+  cuda::signal_streams(stream, producers);
 }
 
 // Options from their values in the order of the algorithm's fields (see _core's bindings).

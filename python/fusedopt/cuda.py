@@ -174,6 +174,14 @@ def _describe(x: Any, name: str, stream: int, producer_stream: int | None) -> An
         return None
     if getattr(x, "requires_grad", False) and hasattr(x, "detach"):
         x = x.detach()  # a torch Parameter: same memory, updated in place as torch.optim does
+    device = _dlpack_device_type(x)
+    if device is not None and device not in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED):
+        # Asked for a CUDA stream, a CPU producer raises (torch: an AssertionError): say what
+        # is wrong before asking.
+        raise ValueError(
+            f"{name} is in {_DEVICE_NAMES.get(device, f'DLPack device type {device}')}, not on a "
+            "CUDA device: every buffer of a CUDA step must be on the GPU"
+        )
     interface = _interface(x)
     if interface is not None:
         if producer_stream is not None:
@@ -189,6 +197,20 @@ def _describe(x: Any, name: str, stream: int, producer_stream: int | None) -> An
         return x.__dlpack__(stream=dlpack_stream, max_version=(1, 0), copy=False)
     except TypeError:  # a producer older than DLPack 1.0 and the 2023 array API
         return x.__dlpack__(stream=dlpack_stream)
+
+
+_DEVICE_NAMES = {1: "the CPU", 3: "pinned host memory"}
+
+
+def _dlpack_device_type(x: Any) -> int | None:
+    """The DLPack device type an array reports, or None when it reports none."""
+    dlpack_device = getattr(x, "__dlpack_device__", None)
+    if dlpack_device is None:
+        return None
+    try:
+        return int(dlpack_device()[0])
+    except Exception:
+        return None
 
 
 def _intake(stream: Any, **lists: Any) -> tuple[list[Any], int]:
