@@ -1,8 +1,11 @@
 #include "cpu/parallel.h"
 
+#include <pthread.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -107,6 +110,26 @@ ThreadPool* pool = nullptr;  // owned; replaced by set_num_threads
 pid_t pool_pid = 0;          // a forked child has none of its parent's threads
 std::atomic<int> requested_threads{default_num_threads()};
 
+// fork() copies only the thread that calls it. Without these handlers a child forked while
+// another thread of the parent was inside a step inherited pool_mutex locked, with no thread left
+// to unlock it, and ran every step of its life on one thread (try_to_lock always failed).
+// prepare takes pool_mutex, so the fork waits for a step in flight on another thread to finish
+// (steps do not wait on anything the forking thread may hold: they run with the GIL released, and
+// the workers need only the pool's own mutex). The parent then releases it; the child releases it
+// too (the forking thread, the child's only thread, holds it) and drops the parent's pool, whose
+// workers do not exist there: the object is leaked, since destroying it would join threads that
+// are not there and its own mutex may have been held by one of them. The child's next large step
+// starts a fresh pool.
+void lock_pool_before_fork() { pool_mutex.lock(); }
+void unlock_pool_in_parent() { pool_mutex.unlock(); }
+void reset_pool_in_child() {
+  pool = nullptr;
+  pool_pid = getpid();
+  pool_mutex.unlock();
+}
+[[maybe_unused]] const int fork_handlers_registered =
+    pthread_atfork(lock_pool_before_fork, unlock_pool_in_parent, reset_pool_in_child);
+
 }  // namespace
 
 int num_threads() { return requested_threads.load(); }
@@ -122,7 +145,9 @@ void parallel_for(int64_t count, void (*task)(void*, int64_t), void* context) {
     return;
   }
   if (pool_pid != getpid()) {
-    pool = nullptr;  // the parent's pool, if any, has no threads in this process: leak it
+    // Only a child made without the fork handlers (a raw clone) gets here; the parent's pool, if
+    // any, has no threads in this process: leak it.
+    pool = nullptr;
     pool_pid = getpid();
   }
   if (!pool || pool->requested_workers() != threads - 1) {
@@ -130,6 +155,20 @@ void parallel_for(int64_t count, void (*task)(void*, int64_t), void* context) {
     pool = new ThreadPool(threads - 1);
   }
   pool->run(count, task, context);
+}
+
+int threads_used_by_parallel_for(int64_t count) {
+  std::vector<std::thread::id> ran_on(count > 0 ? count : 0);
+  parallel_for(
+      count,
+      [](void* context, int64_t i) {
+        // Long enough that the workers wake and take items before the caller has run them all.
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        (*static_cast<std::vector<std::thread::id>*>(context))[i] = std::this_thread::get_id();
+      },
+      &ran_on);
+  std::sort(ran_on.begin(), ran_on.end());
+  return static_cast<int>(std::unique(ran_on.begin(), ran_on.end()) - ran_on.begin());
 }
 
 }  // namespace cpu

@@ -15,5 +15,10 @@ void set_num_threads(int n);
 // caller takes items itself, so a busy core delays a step by one item, not by a spin-wait.
 void parallel_for(int64_t count, void (*task)(void* context, int64_t index), void* context);
 
+// For tests: runs a parallel_for of count items of about 1 ms each and returns how many distinct
+// threads ran them (1 when no worker took part), to show that the pool works, e.g. in a child
+// after fork.
+int threads_used_by_parallel_for(int64_t count);
+
 }  // namespace cpu
 }  // namespace fusedopt

@@ -195,7 +195,8 @@ FUSEDOPT_API const char* fusedopt_available_isas(void);
 FUSEDOPT_API fusedopt_status fusedopt_set_cpu_isa(const char* isa);
 
 FUSEDOPT_API int32_t fusedopt_num_threads(void);
-/* n >= 1; takes effect at the next step. */
+/* n >= 1; takes effect at the next step. A process forked while another thread is in a step
+ * gets a thread pool of its own: fork() waits for that step to finish. */
 FUSEDOPT_API fusedopt_status fusedopt_set_num_threads(int32_t n);
 
 /* ---- CUDA device pointers --------------------------------------------------------------------
