@@ -1,13 +1,18 @@
 """The thread pool: a child forked while another thread is mid-step gets a fresh pool whose
-workers run its steps."""
+workers run its steps; a thread count outside [1, 1024] is refused by fusedopt.set_num_threads
+and fusedopt_set_num_threads, and ignored in FUSEDOPT_NUM_THREADS."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
+import re
 import select
 import signal
+import subprocess
+import sys
 import threading
 import traceback
 import warnings
@@ -19,6 +24,9 @@ import pytest
 import fusedopt
 from fusedopt import _core
 
+LIBRARY = fusedopt.get_cmake_dir().parent.parent / "libfusedopt.so"
+MAX_THREADS = 1024  # kMaxThreads in csrc/cpu/parallel.h
+OK, VALUE_ERROR = 0, 2
 # Above the 65536 elements under which a step runs on the calling thread.
 SIZE = 1 << 20
 # The other thread's tensor: its steps (~4 ms here) are much longer than the Python that the
@@ -31,6 +39,9 @@ CHILD_TIMEOUT_S = 60
 FORKS = 8
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+needs_library = pytest.mark.skipif(
+    not LIBRARY.is_file(), reason=f"no {LIBRARY.name} in the installed package (not Linux?)"
+)
 
 
 @pytest.fixture
@@ -161,3 +172,73 @@ def test_a_child_forked_mid_step_steps_correctly_on_its_own_worker_threads(
     # The parent's pool survived the forks.
     assert _core._threads_used_by_parallel_for(64) > 1
     np.testing.assert_array_equal(adam_step(param, grad)[0], expected[0])
+
+
+# Below 1 the message names n and the bound 1; above the limit it names n and the limit.
+@pytest.mark.parametrize("n", [0, -1, MAX_THREADS + 1, 4096, 2**31 - 1])
+def test_set_num_threads_refuses_counts_outside_1_to_the_limit(n: int) -> None:
+    before = fusedopt.num_threads()
+    bound = 1 if n < 1 else MAX_THREADS
+    with pytest.raises(ValueError, match=rf"^n must be .*\b{bound}\b.*got {n}$"):
+        fusedopt.set_num_threads(n)
+    assert fusedopt.num_threads() == before
+
+
+def test_set_num_threads_accepts_1_and_the_limit() -> None:
+    before = fusedopt.num_threads()
+    try:
+        for n in (1, MAX_THREADS):  # only stored: no step runs, so no pool of 1023 workers
+            fusedopt.set_num_threads(n)
+            assert fusedopt.num_threads() == n
+    finally:
+        fusedopt.set_num_threads(before)
+
+
+@needs_library
+@pytest.mark.parametrize("n", [0, -1, MAX_THREADS + 1, 4096, 2**31 - 1])
+def test_c_set_num_threads_refuses_counts_outside_1_to_the_limit(n: int) -> None:
+    lib = ctypes.CDLL(str(LIBRARY))
+    lib.fusedopt_last_error.restype = ctypes.c_char_p
+    before = lib.fusedopt_num_threads()
+    assert lib.fusedopt_set_num_threads(ctypes.c_int32(n)) == VALUE_ERROR
+    message = lib.fusedopt_last_error().decode()
+    bound = 1 if n < 1 else MAX_THREADS
+    assert re.fullmatch(rf"n must be .*\b{bound}\b.*got {n}", message), message
+    assert lib.fusedopt_num_threads() == before
+    assert lib.fusedopt_set_num_threads(ctypes.c_int32(MAX_THREADS)) == OK
+    assert lib.fusedopt_num_threads() == MAX_THREADS
+    assert lib.fusedopt_set_num_threads(ctypes.c_int32(before)) == OK
+
+
+# The thread count at load, in a fresh process, of the Python module and of libfusedopt.
+COUNTS_AT_LOAD = f"""
+import ctypes, json, pathlib
+import fusedopt
+library = pathlib.Path({str(LIBRARY)!r})
+c = ctypes.CDLL(str(library)).fusedopt_num_threads() if library.is_file() else None
+print(json.dumps([fusedopt.num_threads(), c]))
+"""
+
+
+def counts_at_load(value: str | None) -> list:
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDOPT_NUM_THREADS"}
+    if value is not None:
+        env["FUSEDOPT_NUM_THREADS"] = value
+    result = subprocess.run(
+        [sys.executable, "-c", COUNTS_AT_LOAD], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_fusedopt_num_threads_in_the_environment_sets_the_count() -> None:
+    python_count, c_count = counts_at_load("3")
+    assert python_count == 3
+    assert c_count in (3, None)
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "-2", "abc", "4x", "2.5", str(MAX_THREADS + 1), "4096", "99999999999999999999"]
+)
+def test_an_invalid_fusedopt_num_threads_falls_back_to_the_default(value: str) -> None:
+    assert counts_at_load(value) == counts_at_load(None)

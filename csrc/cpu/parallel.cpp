@@ -5,25 +5,35 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
+#include <string>
 #include <system_error>
 #include <thread>
 #include <vector>
+
+#include "core/error.h"
 
 namespace fusedopt {
 namespace cpu {
 namespace {
 
+// FUSEDOPT_NUM_THREADS when it is an integer in [1, kMaxThreads], else the number of hardware
+// threads (capped at kMaxThreads). An invalid value ("abc", "4x", "0", "100000") is ignored rather
+// than refused: this runs when the library loads, where nothing can report an error, and a tuning
+// variable should not stop a program.
 int default_num_threads() {
   if (const char* env = std::getenv("FUSEDOPT_NUM_THREADS"); env && *env) {
-    const int n = std::atoi(env);
-    if (n >= 1) return n;
+    char* end = nullptr;
+    errno = 0;
+    const long n = std::strtol(env, &end, 10);
+    if (errno == 0 && *end == '\0' && n >= 1 && n <= kMaxThreads) return static_cast<int>(n);
   }
   const unsigned hardware = std::thread::hardware_concurrency();
-  return hardware == 0 ? 1 : static_cast<int>(hardware);
+  return hardware == 0 ? 1 : static_cast<int>(std::min<unsigned>(hardware, kMaxThreads));
 }
 
 class ThreadPool {
@@ -134,7 +144,12 @@ void reset_pool_in_child() {
 
 int num_threads() { return requested_threads.load(); }
 
-void set_num_threads(int n) { requested_threads.store(n < 1 ? 1 : n); }
+void set_num_threads(int n) {
+  if (n < 1 || n > kMaxThreads)
+    throw Error(ErrorKind::value, "n must be between 1 and " + std::to_string(kMaxThreads) +
+                                      " (the thread limit), got " + std::to_string(n));
+  requested_threads.store(n);
+}
 
 void parallel_for(int64_t count, void (*task)(void*, int64_t), void* context) {
   const int threads = requested_threads.load();
