@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
@@ -29,11 +30,58 @@ void ewma_item(void* context, int64_t item) {
   w.kernel(w.block, first, std::min(first + w.series_per_item, w.num_series));
 }
 
+// The bytes [first, end) that a non-empty series block at data spans: from its first element to
+// just past its last, (length - 1) * time_stride + (num_series - 1) * series_stride elements
+// further (strides >= 0; a stride of 0 reads one element again). Everything is computed in
+// unsigned integers with overflow checks: a layout that reaches past the end of the address space
+// cannot describe a real buffer, and wrapped arithmetic could hide an overlap.
+struct Extent {
+  uintptr_t first, end;
+};
+
+Extent extent_of(const double* data, const char* name, int64_t length, int64_t num_series,
+                 int64_t time_stride, int64_t series_stride) {
+  const auto n = [](int64_t v) { return static_cast<uint64_t>(v); };
+  uint64_t last_time, last_series, last, bytes;
+  uintptr_t end;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(data);
+  if (__builtin_mul_overflow(n(length - 1), n(time_stride), &last_time) ||
+      __builtin_mul_overflow(n(num_series - 1), n(series_stride), &last_series) ||
+      __builtin_add_overflow(last_time, last_series, &last) ||
+      __builtin_add_overflow(last, uint64_t{1}, &last) ||
+      __builtin_mul_overflow(last, uint64_t{sizeof(double)}, &bytes) ||
+      __builtin_add_overflow(first, bytes, &end))
+    throw Error(ErrorKind::value, std::string(name) +
+                                      ": length, num_series and the strides reach past the end "
+                                      "of the address space");
+  return {first, end};
+}
+
 }  // namespace
 
 void ewma(const double* x, double* out, int64_t length, int64_t num_series, int64_t time_stride,
           int64_t series_stride, double com, bool adjust, bool ignore_na, int64_t min_periods) {
   if (!(com >= 0)) throw Error(ErrorKind::value, "com must satisfy: com >= 0");
+  if (length < 0 || num_series < 0 || time_stride < 0 || series_stride < 0)
+    throw Error(ErrorKind::value, "length, num_series and the strides must be >= 0");
+  // The kernels write out while x is still being read, in an order set by the layout and the
+  // threads, so an out that overlaps x can feed results back in as input: a wrong result that was
+  // reported as success. Refuse any overlap before anything is written. An empty block reads and
+  // writes nothing, whatever the pointers. The test is on the spans, so it also refuses
+  // interleaved layouts that share no element.
+  if (length > 0 && num_series > 0) {
+    const Extent in = extent_of(x, "x", length, num_series, time_stride, series_stride);
+    const Extent result = extent_of(out, "out", length, num_series, time_stride, series_stride);
+    if (in.first < result.end && result.first < in.end) {
+      const std::string where = result.first == in.first ? "at x"
+                                : result.first > in.first
+                                    ? std::to_string(result.first - in.first) + " bytes after x"
+                                    : std::to_string(in.first - result.first) + " bytes before x";
+      throw Error(ErrorKind::value, "x and out overlap: out starts " + where + " and both span " +
+                                        std::to_string(in.end - in.first) +
+                                        " bytes; out must not share memory with x");
+    }
+  }
   const bool side_by_side = series_stride == 1 && time_stride > 1;
   // Series side by side keep their running state in memory between rows: mean, old weight and
   // observation count, one array each. Each array starts on a cache line and items are whole

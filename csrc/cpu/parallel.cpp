@@ -1,26 +1,39 @@
 #include "cpu/parallel.h"
 
+#include <pthread.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
+#include <string>
 #include <system_error>
 #include <thread>
 #include <vector>
+
+#include "core/error.h"
 
 namespace fusedopt {
 namespace cpu {
 namespace {
 
+// FUSEDOPT_NUM_THREADS when it is an integer in [1, kMaxThreads], else the number of hardware
+// threads (capped at kMaxThreads). An invalid value ("abc", "4x", "0", "100000") is ignored rather
+// than refused: this runs when the library loads, where nothing can report an error, and a tuning
+// variable should not stop a program.
 int default_num_threads() {
   if (const char* env = std::getenv("FUSEDOPT_NUM_THREADS"); env && *env) {
-    const int n = std::atoi(env);
-    if (n >= 1) return n;
+    char* end = nullptr;
+    errno = 0;
+    const long n = std::strtol(env, &end, 10);
+    if (errno == 0 && *end == '\0' && n >= 1 && n <= kMaxThreads) return static_cast<int>(n);
   }
   const unsigned hardware = std::thread::hardware_concurrency();
-  return hardware == 0 ? 1 : static_cast<int>(hardware);
+  return hardware == 0 ? 1 : static_cast<int>(std::min<unsigned>(hardware, kMaxThreads));
 }
 
 class ThreadPool {
@@ -107,11 +120,36 @@ ThreadPool* pool = nullptr;  // owned; replaced by set_num_threads
 pid_t pool_pid = 0;          // a forked child has none of its parent's threads
 std::atomic<int> requested_threads{default_num_threads()};
 
+// fork() copies only the thread that calls it. Without these handlers a child forked while
+// another thread of the parent was inside a step inherited pool_mutex locked, with no thread left
+// to unlock it, and ran every step of its life on one thread (try_to_lock always failed).
+// prepare takes pool_mutex, so the fork waits for a step in flight on another thread to finish
+// (steps do not wait on anything the forking thread may hold: they run with the GIL released, and
+// the workers need only the pool's own mutex). The parent then releases it; the child releases it
+// too (the forking thread, the child's only thread, holds it) and drops the parent's pool, whose
+// workers do not exist there: the object is leaked, since destroying it would join threads that
+// are not there and its own mutex may have been held by one of them. The child's next large step
+// starts a fresh pool.
+void lock_pool_before_fork() { pool_mutex.lock(); }
+void unlock_pool_in_parent() { pool_mutex.unlock(); }
+void reset_pool_in_child() {
+  pool = nullptr;
+  pool_pid = getpid();
+  pool_mutex.unlock();
+}
+[[maybe_unused]] const int fork_handlers_registered =
+    pthread_atfork(lock_pool_before_fork, unlock_pool_in_parent, reset_pool_in_child);
+
 }  // namespace
 
 int num_threads() { return requested_threads.load(); }
 
-void set_num_threads(int n) { requested_threads.store(n < 1 ? 1 : n); }
+void set_num_threads(int n) {
+  if (n < 1 || n > kMaxThreads)
+    throw Error(ErrorKind::value, "n must be between 1 and " + std::to_string(kMaxThreads) +
+                                      " (the thread limit), got " + std::to_string(n));
+  requested_threads.store(n);
+}
 
 void parallel_for(int64_t count, void (*task)(void*, int64_t), void* context) {
   const int threads = requested_threads.load();
@@ -122,7 +160,9 @@ void parallel_for(int64_t count, void (*task)(void*, int64_t), void* context) {
     return;
   }
   if (pool_pid != getpid()) {
-    pool = nullptr;  // the parent's pool, if any, has no threads in this process: leak it
+    // Only a child made without the fork handlers (a raw clone) gets here; the parent's pool, if
+    // any, has no threads in this process: leak it.
+    pool = nullptr;
     pool_pid = getpid();
   }
   if (!pool || pool->requested_workers() != threads - 1) {
@@ -130,6 +170,20 @@ void parallel_for(int64_t count, void (*task)(void*, int64_t), void* context) {
     pool = new ThreadPool(threads - 1);
   }
   pool->run(count, task, context);
+}
+
+int threads_used_by_parallel_for(int64_t count) {
+  std::vector<std::thread::id> ran_on(count > 0 ? count : 0);
+  parallel_for(
+      count,
+      [](void* context, int64_t i) {
+        // Long enough that the workers wake and take items before the caller has run them all.
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        (*static_cast<std::vector<std::thread::id>*>(context))[i] = std::this_thread::get_id();
+      },
+      &ran_on);
+  std::sort(ran_on.begin(), ran_on.end());
+  return static_cast<int>(std::unique(ran_on.begin(), ran_on.end()) - ran_on.begin());
 }
 
 }  // namespace cpu

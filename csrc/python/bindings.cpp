@@ -935,4 +935,10 @@ PYBIND11_MODULE(_core, m) {
                py::arg("max_blocks") = cuda::kMaxBlocksPerLaunch,
                py::arg("max_coefficient_sets") = cuda::kMaxCoefficientSetsPerLaunch,
                py::arg("vector_bytes") = cuda::kVectorBytes);
+
+  // ---- Test hook for the thread pool (hardening branch; carry over as is) ----
+  // How many distinct threads ran a parallel_for of `count` items of ~1 ms: tests/test_threads.py
+  // checks with it that a forked child has working pool threads.
+  m.def("_threads_used_by_parallel_for", &cpu::threads_used_by_parallel_for, py::arg("count"),
+        py::call_guard<py::gil_scoped_release>());
 }

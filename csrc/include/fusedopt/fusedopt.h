@@ -194,7 +194,10 @@ typedef struct fusedopt_ewma_options {
 FUSEDOPT_API fusedopt_ewma_options fusedopt_ewma_default_options(void);
 
 /* Element t of series s is x[s * series_stride + t * time_stride] (strides in elements, >= 0);
- * out has the same layout and must not overlap x. */
+ * out has the same layout and must not overlap x: the bytes from the first to the last element
+ * of each may not meet (so interleaved x and out are refused too), else
+ * FUSEDOPT_STATUS_VALUE_ERROR and nothing is written. An empty block (length or num_series 0)
+ * is never an overlap. */
 FUSEDOPT_API fusedopt_status fusedopt_ewma(const double* x, double* out, int64_t length,
                                            int64_t num_series, int64_t time_stride,
                                            int64_t series_stride,
@@ -210,8 +213,13 @@ FUSEDOPT_API const char* fusedopt_cpu_isa(void);
 FUSEDOPT_API const char* fusedopt_available_isas(void);
 FUSEDOPT_API fusedopt_status fusedopt_set_cpu_isa(const char* isa);
 
+/* At load: FUSEDOPT_NUM_THREADS from the environment when it is an integer from 1 to 1024,
+ * else (unset, or any other value, which is ignored) the number of hardware threads, at most
+ * 1024. */
 FUSEDOPT_API int32_t fusedopt_num_threads(void);
-/* n >= 1; takes effect at the next step. */
+/* 1 <= n <= 1024, else FUSEDOPT_STATUS_VALUE_ERROR and the count is unchanged; takes effect at
+ * the next step. A process forked while another thread is in a step gets a thread pool of its
+ * own: fork() waits for that step to finish. */
 FUSEDOPT_API fusedopt_status fusedopt_set_num_threads(int32_t n);
 
 /* ---- CUDA device pointers --------------------------------------------------------------------

@@ -1,0 +1,244 @@
+"""The thread pool: a child forked while another thread is mid-step gets a fresh pool whose
+workers run its steps; a thread count outside [1, 1024] is refused by fusedopt.set_num_threads
+and fusedopt_set_num_threads, and ignored in FUSEDOPT_NUM_THREADS."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import multiprocessing
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+import fusedopt
+from fusedopt import _core
+
+LIBRARY = fusedopt.get_cmake_dir().parent.parent / "libfusedopt.so"
+MAX_THREADS = 1024  # kMaxThreads in csrc/cpu/parallel.h
+OK, VALUE_ERROR = 0, 2
+# Above the 65536 elements under which a step runs on the calling thread.
+SIZE = 1 << 20
+# The other thread's tensor: its steps (~4 ms here) are much longer than the Python that the
+# forking thread runs, holding the GIL, before fork(), so most forks land mid-step (with 0.75 ms
+# steps of 1 << 20 elements only 1 to 3 forks in 5 did).
+STEPPER_SIZE = 1 << 23
+CHILD_TIMEOUT_S = 60
+# Before the fix 3 to 5 children in 5 ran on one thread (their pool mutex inherited locked), so
+# 8 all lucky is rare (under 1e-3); after it, none may.
+FORKS = 8
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+needs_library = pytest.mark.skipif(
+    not LIBRARY.is_file(), reason=f"no {LIBRARY.name} in the installed package (not Linux?)"
+)
+
+
+@pytest.fixture
+def four_threads() -> Iterator[None]:
+    """Four threads whatever the core count, so the workers exist to be seen."""
+    previous = fusedopt.num_threads()
+    fusedopt.set_num_threads(4)
+    try:
+        yield
+    finally:
+        fusedopt.set_num_threads(previous)
+
+
+def adam_step(param: np.ndarray, grad: np.ndarray) -> list[np.ndarray]:
+    """One Adam step on a copy of param: the param and both moments after it."""
+    p = param.copy()
+    opt = fusedopt.Adam([p], lr=1e-2, weight_decay=0.1)
+    opt.step([grad])
+    return [p, opt.state[0]["exp_avg"], opt.state[0]["exp_avg_sq"]]
+
+
+def child_report(param: np.ndarray, grad: np.ndarray, expected: list[np.ndarray]) -> dict:
+    """What the child checks: a large step equal to the sequential one, and the pool's threads."""
+    try:
+        got = adam_step(param, grad)
+        return {
+            "equal": all(np.array_equal(a, b) for a, b in zip(got, expected)),
+            "threads": _core._threads_used_by_parallel_for(64),
+        }
+    except BaseException:
+        return {"error": traceback.format_exc()}
+
+
+def fork_with_os(report: Callable[[], dict]) -> dict:
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns that forking a multi-threaded process may deadlock: that is the case
+        # under test.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(report()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], CHILD_TIMEOUT_S)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            return {"error": f"the child gave no answer in {CHILD_TIMEOUT_S} s (deadlock?)"}
+        chunks = []
+        while chunk := os.read(read_end, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks) or b'{"error": "the child died without an answer"}')
+
+
+def _send_report(connection, report: Callable[[], dict]) -> None:
+    connection.send(report())
+    connection.close()
+
+
+def fork_with_multiprocessing(report: Callable[[], dict]) -> dict:
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        process = context.Process(target=_send_report, args=(sender, report))
+        process.start()
+    sender.close()
+    try:
+        if not receiver.poll(CHILD_TIMEOUT_S):
+            process.kill()
+            return {"error": f"the child gave no answer in {CHILD_TIMEOUT_S} s (deadlock?)"}
+        return receiver.recv()
+    finally:
+        process.join(CHILD_TIMEOUT_S)
+        receiver.close()
+
+
+def test_the_probe_sees_the_pool_workers(four_threads: None) -> None:
+    """The probe the fork tests rely on reports the workers of a healthy pool."""
+    assert _core._threads_used_by_parallel_for(64) > 1
+    assert _core._threads_used_by_parallel_for(1) == 1
+
+
+@needs_fork
+@pytest.mark.parametrize("fork", [fork_with_os, fork_with_multiprocessing], ids=["os", "mp"])
+def test_a_child_forked_mid_step_steps_correctly_on_its_own_worker_threads(
+    fork: Callable[[Callable[[], dict]], dict], four_threads: None
+) -> None:
+    rng = np.random.default_rng(0)
+    param = rng.standard_normal(SIZE, dtype=np.float32)
+    grad = rng.standard_normal(SIZE, dtype=np.float32)
+    fusedopt.set_num_threads(1)
+    expected = adam_step(param, grad)  # the same step, on the calling thread alone
+    fusedopt.set_num_threads(4)
+
+    # Another thread steps a large tensor in a loop, so it holds the pool at most fork()s.
+    stop, steps = threading.Event(), [0]
+
+    def step_in_a_loop() -> None:
+        p, g = np.zeros(STEPPER_SIZE, np.float32), np.ones(STEPPER_SIZE, np.float32)
+        opt = fusedopt.Adam([p], lr=1e-3)
+        while not stop.is_set():
+            opt.step([g])
+            steps[0] += 1
+
+    stepper = threading.Thread(target=step_in_a_loop)
+    stepper.start()
+    try:
+        while steps[0] < 3:  # it is stepping
+            stop.wait(0.001)
+        reports = [fork(lambda: child_report(param, grad, expected)) for _ in range(FORKS)]
+    finally:
+        stop.set()
+        stepper.join()
+
+    for report in reports:
+        assert "error" not in report, report["error"]
+    assert [r["equal"] for r in reports] == [True] * FORKS, "a child's step differs"
+    single = [r["threads"] for r in reports if r["threads"] <= 1]
+    assert not single, f"{len(single)} of {FORKS} children ran a parallel_for on one thread"
+    # The parent's pool survived the forks.
+    assert _core._threads_used_by_parallel_for(64) > 1
+    np.testing.assert_array_equal(adam_step(param, grad)[0], expected[0])
+
+
+# Below 1 the message names n and the bound 1; above the limit it names n and the limit.
+@pytest.mark.parametrize("n", [0, -1, MAX_THREADS + 1, 4096, 2**31 - 1])
+def test_set_num_threads_refuses_counts_outside_1_to_the_limit(n: int) -> None:
+    before = fusedopt.num_threads()
+    bound = 1 if n < 1 else MAX_THREADS
+    with pytest.raises(ValueError, match=rf"^n must be .*\b{bound}\b.*got {n}$"):
+        fusedopt.set_num_threads(n)
+    assert fusedopt.num_threads() == before
+
+
+def test_set_num_threads_accepts_1_and_the_limit() -> None:
+    before = fusedopt.num_threads()
+    try:
+        for n in (1, MAX_THREADS):  # only stored: no step runs, so no pool of 1023 workers
+            fusedopt.set_num_threads(n)
+            assert fusedopt.num_threads() == n
+    finally:
+        fusedopt.set_num_threads(before)
+
+
+@needs_library
+@pytest.mark.parametrize("n", [0, -1, MAX_THREADS + 1, 4096, 2**31 - 1])
+def test_c_set_num_threads_refuses_counts_outside_1_to_the_limit(n: int) -> None:
+    lib = ctypes.CDLL(str(LIBRARY))
+    lib.fusedopt_last_error.restype = ctypes.c_char_p
+    before = lib.fusedopt_num_threads()
+    assert lib.fusedopt_set_num_threads(ctypes.c_int32(n)) == VALUE_ERROR
+    message = lib.fusedopt_last_error().decode()
+    bound = 1 if n < 1 else MAX_THREADS
+    assert re.fullmatch(rf"n must be .*\b{bound}\b.*got {n}", message), message
+    assert lib.fusedopt_num_threads() == before
+    assert lib.fusedopt_set_num_threads(ctypes.c_int32(MAX_THREADS)) == OK
+    assert lib.fusedopt_num_threads() == MAX_THREADS
+    assert lib.fusedopt_set_num_threads(ctypes.c_int32(before)) == OK
+
+
+# The thread count at load, in a fresh process, of the Python module and of libfusedopt.
+COUNTS_AT_LOAD = f"""
+import ctypes, json, pathlib
+import fusedopt
+library = pathlib.Path({str(LIBRARY)!r})
+c = ctypes.CDLL(str(library)).fusedopt_num_threads() if library.is_file() else None
+print(json.dumps([fusedopt.num_threads(), c]))
+"""
+
+
+def counts_at_load(value: str | None) -> list:
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDOPT_NUM_THREADS"}
+    if value is not None:
+        env["FUSEDOPT_NUM_THREADS"] = value
+    result = subprocess.run(
+        [sys.executable, "-c", COUNTS_AT_LOAD], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_fusedopt_num_threads_in_the_environment_sets_the_count() -> None:
+    python_count, c_count = counts_at_load("3")
+    assert python_count == 3
+    assert c_count in (3, None)
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "-2", "abc", "4x", "2.5", str(MAX_THREADS + 1), "4096", "99999999999999999999"]
+)
+def test_an_invalid_fusedopt_num_threads_falls_back_to_the_default(value: str) -> None:
+    assert counts_at_load(value) == counts_at_load(None)
