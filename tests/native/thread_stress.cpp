@@ -56,13 +56,22 @@ struct Adam {
   }
 
   void step() {
-    fusedopt_adam_options options = fusedopt_adam_default_options();
-    options.lr = 1e-2;
-    options.weight_decay = 0.1;
-    fusedopt_adam_tensor t{param.data(),      grad.data(),      exp_avg.data(),
-                           exp_avg_sq.data(), nullptr,          kSize,
-                           ++steps,           FUSEDOPT_FLOAT32, 0};
-    check(fusedopt_adam_step(&options, 1, &t, 1, nullptr), "fusedopt_adam_step");
+    fusedopt_options* options = nullptr;
+    check(fusedopt_options_create("adam", &options), "fusedopt_options_create");
+    check(fusedopt_options_set(options, "lr", 1e-2), "fusedopt_options_set");
+    check(fusedopt_options_set(options, "weight_decay", 0.1), "fusedopt_options_set");
+    fusedopt_tensor t{};
+    t.param = param.data();
+    t.grad = grad.data();
+    t.state[0] = exp_avg.data();
+    t.state[1] = exp_avg_sq.data();
+    t.size = kSize;
+    t.step = ++steps;
+    t.dtype = FUSEDOPT_FLOAT32;
+    const fusedopt_options* groups[] = {options};
+    const fusedopt_status status = fusedopt_step(groups, 1, &t, 1, nullptr);
+    fusedopt_options_destroy(options);
+    check(status, "fusedopt_step");
   }
 
   bool operator==(const Adam& o) const {
