@@ -11,6 +11,7 @@ processor it runs on and multi-threaded with the GIL released.
 - Keras 3 convention: :mod:`fusedopt.keras`.
 - Functional form, for callers that hold their own state: :mod:`fusedopt.functional`.
 - pandas-compatible exponentially weighted mean: :func:`ewma`.
+- The learning-rate range test, for choosing a learning rate: :func:`lr_range_test`.
 """
 
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from fusedopt import optim
 from fusedopt._core import available_isas, cpu_isa, num_threads, set_cpu_isa, set_num_threads
 from fusedopt._ewma import ewma
+from fusedopt._lr_range import LRRangeTestResult, lr_range_test
 from fusedopt._state import flatten_state_dict
 from fusedopt.optim import *  # noqa: F403 - every optimizer class (optim.__all__)
 
@@ -49,11 +51,13 @@ def get_cmake_dir() -> Path:
 
 __all__ = [
     *optim.__all__,
+    "LRRangeTestResult",
     "available_isas",
     "cpu_isa",
     "ewma",
     "flatten_state_dict",
     "get_cmake_dir",
+    "lr_range_test",
     "num_threads",
     "set_cpu_isa",
     "set_num_threads",

@@ -1,9 +1,13 @@
 """`python -m fusedopt demo`: every optimizer on three 2-D loss surfaces and a small MLP.
 
 Nothing is downloaded: the surfaces are formulas and the MLP's data is generated from a fixed seed.
-Each optimizer updates NumPy parameter arrays in place. The demo prints a table (final loss, steps
-to reach a target loss, time per optimizer step) and, when matplotlib is installed, draws the
-optimizers' paths on the surfaces and the MLP's loss curves into a PNG.
+Each optimizer updates NumPy parameter arrays in place. On the surfaces each optimizer family runs
+at a learning rate picked by hand from a grid; on the MLP each optimizer first runs
+:func:`fusedopt.lr_range_test` from the starting weights and then trains at the rate it suggests,
+with the same optimizer (the test leaves the weights and the optimizer as they were). The demo
+prints the range tests and a table (learning rate and where it came from, final loss, steps to
+reach a target loss, time per optimizer step) and, when matplotlib is installed, draws the
+optimizers' paths on the surfaces, the MLP's loss curves and its range tests into a PNG.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -27,6 +31,7 @@ import fusedopt.keras
 Arrays = list[np.ndarray]
 Step = Callable[[Arrays], None]
 """Applies one update to the parameters an optimizer was built on, given their gradients."""
+Optimizer = fusedopt.Optimizer | fusedopt.keras.Optimizer
 
 FULL_STEPS = 2000
 QUICK_STEPS = 150
@@ -37,42 +42,41 @@ class OptimizerSetup:
     name: str
     family: str
     """Its key in `Problem.learning_rates`; the optimizers of one family share a rate."""
-    build: Callable[[Arrays, float], Step]
+    build: Callable[[Arrays, float], Optimizer]
+    """The optimizer over these parameters at this learning rate."""
 
 
-class KerasOptimizer(Protocol):
-    def apply(self, grads: Arrays, params: Arrays) -> object: ...
+def step_of(optimizer: Optimizer, params: Arrays) -> Step:
+    if isinstance(optimizer, fusedopt.keras.Optimizer):
+        return lambda grads: optimizer.apply(grads, params)
+    return optimizer.step
 
 
-def keras_step(optimizer: KerasOptimizer, params: Arrays) -> Step:
-    return lambda grads: optimizer.apply(grads, params)
+def set_learning_rate(optimizer: Optimizer, learning_rate: float) -> None:
+    if isinstance(optimizer, fusedopt.keras.Optimizer):
+        optimizer.learning_rate = learning_rate
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
 
 
 OPTIMIZERS = (
-    OptimizerSetup("SGD", "sgd", lambda params, lr: fusedopt.SGD(params, lr=lr).step),
+    OptimizerSetup("SGD", "sgd", lambda params, lr: fusedopt.SGD(params, lr=lr)),
     OptimizerSetup(
-        "SGD(momentum)",
-        "momentum",
-        lambda params, lr: fusedopt.SGD(params, lr=lr, momentum=0.9).step,
+        "SGD(momentum)", "momentum", lambda params, lr: fusedopt.SGD(params, lr=lr, momentum=0.9)
     ),
     OptimizerSetup(
         "SGD(nesterov)",
         "momentum",
-        lambda params, lr: fusedopt.SGD(params, lr=lr, momentum=0.9, nesterov=True).step,
+        lambda params, lr: fusedopt.SGD(params, lr=lr, momentum=0.9, nesterov=True),
     ),
-    OptimizerSetup("Adagrad", "adagrad", lambda params, lr: fusedopt.Adagrad(params, lr=lr).step),
-    OptimizerSetup("RMSprop", "rmsprop", lambda params, lr: fusedopt.RMSprop(params, lr=lr).step),
-    OptimizerSetup("Adam", "adam", lambda params, lr: fusedopt.Adam(params, lr=lr).step),
-    OptimizerSetup("AdamW", "adam", lambda params, lr: fusedopt.AdamW(params, lr=lr).step),
+    OptimizerSetup("Adagrad", "adagrad", lambda params, lr: fusedopt.Adagrad(params, lr=lr)),
+    OptimizerSetup("RMSprop", "rmsprop", lambda params, lr: fusedopt.RMSprop(params, lr=lr)),
+    OptimizerSetup("Adam", "adam", lambda params, lr: fusedopt.Adam(params, lr=lr)),
+    OptimizerSetup("AdamW", "adam", lambda params, lr: fusedopt.AdamW(params, lr=lr)),
+    OptimizerSetup("keras.Adam", "adam", lambda params, lr: fusedopt.keras.Adam(learning_rate=lr)),
     OptimizerSetup(
-        "keras.Adam",
-        "adam",
-        lambda params, lr: keras_step(fusedopt.keras.Adam(learning_rate=lr), params),
-    ),
-    OptimizerSetup(
-        "keras.RMSprop",
-        "rmsprop",
-        lambda params, lr: keras_step(fusedopt.keras.RMSprop(learning_rate=lr), params),
+        "keras.RMSprop", "rmsprop", lambda params, lr: fusedopt.keras.RMSprop(learning_rate=lr)
     ),
 )
 
@@ -98,6 +102,9 @@ class Problem:
     loss_and_grads: Callable[[Arrays], tuple[float, Arrays]]
     surface: Surface | None = None
     """How to draw a 2-D problem; None for the others."""
+    range_test: bool = False
+    """Whether each optimizer trains at the rate of an lr range test run first (the grid's rate
+    then only stands in where the test suggests none)."""
 
 
 def surface_problem(
@@ -239,10 +246,24 @@ def mlp_problem(model: SpiralClassifier) -> Problem:
         },
         initial_params=model.initial_params,
         loss_and_grads=model.loss_and_grads,
+        range_test=True,
     )
 
 
 PROBLEMS = (SADDLE, RAVINE, DOUBLE_WELL, mlp_problem(SpiralClassifier.generate()))
+
+
+GRID = "grid"
+RANGE_TEST = "range test"
+NO_SUGGESTION = "grid (no suggestion)"
+LR_SOURCES = {
+    GRID: "picked by hand from a grid of 1e-4 to 1 for the problem and the optimizer family",
+    RANGE_TEST: (
+        "fusedopt.lr_range_test's suggestion (the steepest descent of the smoothed loss against "
+        "log lr), run from the same start with the same optimizer"
+    ),
+    NO_SUGGESTION: "the range test saw the loss fall nowhere, so the grid's pick",
+}
 
 
 @dataclass(frozen=True)
@@ -250,6 +271,10 @@ class Run:
     problem: Problem
     optimizer: OptimizerSetup
     learning_rate: float
+    learning_rate_source: str
+    """Why this rate: a key of `LR_SOURCES`."""
+    range_test: fusedopt.LRRangeTestResult | None
+    """The range test run before training, on a problem that has one."""
     losses: np.ndarray
     """The loss before each step and after the last one."""
     path: np.ndarray | None
@@ -263,10 +288,38 @@ class Run:
         return int(reached[0]) if reached.size else None
 
 
-def run(problem: Problem, optimizer: OptimizerSetup, steps: int) -> Run:
+RANGE_TEST_SETTINGS = {"start_lr": 1e-7, "end_lr": 10.0, "num_steps": 100, "smoothing": 0.98}
+"""fusedopt.lr_range_test's defaults, spelled out for the printout."""
+
+
+def range_test(
+    problem: Problem, optimizer: Optimizer, params: Arrays
+) -> fusedopt.LRRangeTestResult:
+    keras_style = isinstance(optimizer, fusedopt.keras.Optimizer)
+    return fusedopt.lr_range_test(
+        optimizer,
+        lambda: problem.loss_and_grads(params),
+        variables=params if keras_style else None,
+        **RANGE_TEST_SETTINGS,
+    )
+
+
+def run(problem: Problem, setup: OptimizerSetup, steps: int) -> Run:
     params = problem.initial_params()
-    learning_rate = problem.learning_rates[optimizer.family]
-    step = optimizer.build(params, learning_rate)
+    learning_rate = problem.learning_rates[setup.family]
+    source = GRID
+    optimizer = setup.build(params, learning_rate)
+    test = None
+    if problem.range_test:
+        # The test restores the params and the optimizer exactly: training below starts from
+        # the same point, with the same (untouched) optimizer, only at the suggested rate.
+        test = range_test(problem, optimizer, params)
+        if test.suggestion is None:
+            source = NO_SUGGESTION
+        else:
+            learning_rate, source = test.suggestion, RANGE_TEST
+            set_learning_rate(optimizer, learning_rate)
+    step = step_of(optimizer, params)
     losses = np.empty(steps + 1)
     path = np.empty((steps + 1, 2)) if problem.surface is not None else None
     step_seconds = np.empty(steps)
@@ -278,47 +331,102 @@ def run(problem: Problem, optimizer: OptimizerSetup, steps: int) -> Run:
             start = time.perf_counter()
             step(grads)
             step_seconds[index] = time.perf_counter() - start
-    return Run(problem, optimizer, learning_rate, losses, path, float(np.median(step_seconds)))
+    return Run(
+        problem=problem,
+        optimizer=setup,
+        learning_rate=learning_rate,
+        learning_rate_source=source,
+        range_test=test,
+        losses=losses,
+        path=path,
+        seconds_per_step=float(np.median(step_seconds)),
+    )
 
 
 def format_table(runs: Sequence[Run]) -> str:
-    header = ("problem", "optimizer", "lr", "final loss", "target", "steps to target", "µs/step")
+    header = (
+        "problem",
+        "optimizer",
+        "lr",
+        "final loss",
+        "target",
+        "steps to target",
+        "µs/step",
+        "lr from",
+    )
     rows = [
         (
             r.problem.name,
             r.optimizer.name,
-            f"{r.learning_rate:g}",
+            f"{r.learning_rate:.3g}",
             f"{r.losses[-1]:.4g}",
             f"{r.problem.target:g}",
             "-" if r.steps_to_target is None else str(r.steps_to_target),
             f"{r.seconds_per_step * 1e6:.1f}",
+            r.learning_rate_source,
         )
         for r in runs
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:
-        # The first two columns are names, aligned left; the others are numbers.
+        # The first two columns and the last are words, aligned left; the others are numbers.
         cells = [
-            cell.ljust(w) if i < 2 else cell.rjust(w)
+            cell.ljust(w) if i < 2 or i == len(row) - 1 else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         ]
-        return "  ".join(cells)
+        return "  ".join(cells).rstrip()
 
-    return "\n".join([line(header), *(line(row) for row in rows)])
+    sources = sorted({r.learning_rate_source for r in runs})
+    notes = [f"lr from {source!r}: {LR_SOURCES[source]}" for source in sources]
+    return "\n".join([line(header), *(line(row) for row in rows), "", *notes])
+
+
+def format_range_tests(runs: Sequence[Run]) -> str:
+    """What each range test found, beside the rate the grid picked for the same problem."""
+    lines = []
+    for r in runs:
+        test = r.range_test
+        if test is None:
+            continue
+        if not lines:
+            settings = RANGE_TEST_SETTINGS
+            lines.append(
+                f"lr range test on {r.problem.name} (fusedopt.lr_range_test: lr from "
+                f"{settings['start_lr']:g} to {settings['end_lr']:g} in {settings['num_steps']} "
+                f"steps, loss smoothed with {settings['smoothing']:g}):"
+            )
+        suggestion = "none" if test.suggestion is None else f"{test.suggestion:.3g}"
+        end = (
+            f"stopped at lr {test.lrs[-1]:.3g}: the loss diverged"
+            if test.diverged
+            else f"ran to lr {test.lrs[-1]:.3g}"
+        )
+        grid = r.problem.learning_rates[r.optimizer.family]
+        lines.append(
+            f"  {r.optimizer.name:<14} suggests {suggestion:<8} ({len(test.lrs)} steps, {end}; "
+            f"the grid's pick: {grid:g})"
+        )
+    return "\n".join(lines)
 
 
 def plot(runs: Sequence[Run], output: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(15, 12), layout="constrained")
+    figure = Figure(figsize=(15, 18), layout="constrained")
     FigureCanvasAgg(figure)
+    # The four problems two by two, and the range tests across the bottom.
+    names = [problem.name for problem in PROBLEMS]
+    panels = figure.subplot_mosaic(
+        [names[:2], names[2:], ["range tests"] * 2], height_ratios=[1, 1, 0.8]
+    )
 
     def color_of(optimizer: OptimizerSetup) -> str:
         return f"C{OPTIMIZERS.index(optimizer)}"
 
-    for axes, problem in zip(figure.subplots(2, 2).ravel(), PROBLEMS, strict=True):
+    for problem in PROBLEMS:
+        axes = panels[problem.name]
         problem_runs = [r for r in runs if r.problem is problem]
         axes.set_title(textwrap.fill(f"{problem.name}: {problem.description}", 80), fontsize=9)
         if problem.surface is None:
@@ -340,9 +448,45 @@ def plot(runs: Sequence[Run], output: Path) -> None:
         axes.plot(*problem_runs[0].path[0], "ko")
         axes.set_xlim(x_min, x_max)
         axes.set_ylim(y_min, y_max)
-    handles, labels = figure.axes[0].get_legend_handles_labels()
+    plot_range_tests(panels["range tests"], [r for r in runs if r.range_test is not None], color_of)
+    handles, labels = panels[names[0]].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=len(OPTIMIZERS))
     figure.savefig(output, dpi=100)
+
+
+def plot_range_tests(
+    axes: Any, runs: Sequence[Run], color_of: Callable[[OptimizerSetup], str]
+) -> None:
+    """Each optimizer's smoothed range-test loss against the lr, its suggestion as a dot and the
+    grid's pick as a cross on its curve."""
+    if not runs:
+        axes.set_visible(False)
+        return
+    problem = runs[0].problem
+    settings = RANGE_TEST_SETTINGS
+    axes.set_title(
+        f"{problem.name}: lr range test of each optimizer (fusedopt.lr_range_test, lr "
+        f"{settings['start_lr']:g} to {settings['end_lr']:g} in {settings['num_steps']} steps, "
+        f"loss smoothed with {settings['smoothing']:g}); dot: the suggested lr (steepest "
+        "descent), which the MLP runs use; cross: the grid's pick",
+        fontsize=9,
+    )
+    lowest, start = np.inf, -np.inf
+    for r in runs:
+        test = r.range_test
+        color = color_of(r.optimizer)
+        axes.plot(test.lrs, test.losses, color=color, linewidth=1.2)
+        if test.suggestion is not None:
+            axes.plot(test.suggestion, test.losses[test.suggestion_index], "o", color=color)
+        grid = r.problem.learning_rates[r.optimizer.family]
+        axes.plot(grid, np.interp(np.log(grid), np.log(test.lrs), test.losses), "x", color=color)
+        lowest = min(lowest, np.nanmin(test.losses))
+        start = max(start, test.losses[0])
+    # The descent fills the panel; the blow-ups that end the tests run off its top.
+    axes.set_ylim(lowest - 0.1 * (start - lowest), start + 1.5 * (start - lowest))
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("smoothed loss")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -393,12 +537,20 @@ def main(argv: list[str] | None = None) -> int:
         for optimizer in OPTIMIZERS:
             started = time.perf_counter()
             runs.append(run(problem, optimizer, args.steps))
+            test = runs[-1].range_test
+            work = f"{args.steps} steps"
+            if test is not None:
+                work = f"range test ({len(test.lrs)} steps), then {work}"
             print(
                 f"[{len(runs):>2}/{total}] {problem.name:<12} {optimizer.name:<14} "
-                f"{args.steps} steps in {time.perf_counter() - started:.2f} s",
+                f"{work} in {time.perf_counter() - started:.2f} s",
                 file=sys.stderr,
                 flush=True,
             )
+    range_tests = format_range_tests(runs)
+    if range_tests:
+        print(range_tests)
+        print()
     print(format_table(runs), flush=True)
 
     if draw:

@@ -17,6 +17,7 @@ spells and defaults its hyperparameters, and Keras' names for its state; the res
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -198,6 +199,39 @@ class Optimizer:
                 self._buffers[name] = [np.full_like(v, value, order="C") for v in self._variables]
                 created = True
         return created
+
+    def _snapshot(self, variables: Sequence[np.ndarray] = ()) -> Callable[[], None]:
+        """Save everything ``apply`` and the attributes' setters touch; the returned function
+        puts it back exactly: the values of the variables it was built with and of
+        ``variables`` and of the slot arrays, in place (the same arrays), slots created since
+        dropped, and every attribute (``learning_rate``, ``iterations``, ``built``, Nadam's
+        ``u_product``, ...). For :func:`fusedopt.lr_range_test`."""
+        with self._lock:
+            arrays = {id(v): v for v in [*self._variables, *variables]}
+            values = [(a, a.copy()) for a in arrays.values()]
+            values += [(b, b.copy()) for entries in self._buffers.values() for b in entries]
+            attributes = {k: v for k, v in vars(self).items() if k != "_lock"}
+            containers = {
+                "_variables": list(self._variables),
+                "_index_of": dict(self._index_of),
+                "_buffers": {name: list(b) for name, b in self._buffers.items()},
+                "_scalars": dict(self._scalars),
+            }
+
+        def restore() -> None:
+            with self._lock:
+                for array, saved in values:
+                    np.copyto(array, saved)
+                for name in [k for k in vars(self) if k != "_lock" and k not in attributes]:
+                    delattr(self, name)
+                self.__dict__.update(attributes)
+                for name, saved in containers.items():
+                    setattr(self, name, copy.copy(saved))
+                self._buffers = {name: list(b) for name, b in containers["_buffers"].items()}
+                # Plans hold the options of the last step: register again.
+                self._plans = {}
+
+        return restore
 
     @property
     def variables(self) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import is_
 from typing import Any, ClassVar
 
@@ -202,6 +202,48 @@ class Optimizer:
                 for i in range(len(self._params)):
                     values = self._options_cache[self._group_of[i]][2]
                     self._create_states(i, self._description.states_used(values), values)
+
+    def _snapshot(self) -> Callable[[], None]:
+        """Save everything steps and hyperparameter changes touch; the returned function puts
+        it back exactly: the params' values and the state buffers' values in place (the same
+        arrays), buffers created since dropped, the step counts and scalars, and every group's
+        hyperparameters (the same group dicts). For :func:`fusedopt.lr_range_test`."""
+        with self._lock:
+            params = [(p, _copy(p)) for p in self._params]
+            buffers = {
+                name: [(b, None if b is None else _copy(b)) for b in entries]
+                for name, entries in self._buffers.items()
+            }
+            counters = (
+                self._steps.copy(),
+                self._scalars.copy(),
+                list(self._has_scalars),
+                list(self._new_state),
+            )
+            groups = [(group, dict(group)) for group in self.param_groups]
+            options_cache = list(self._options_cache)
+
+        def restore() -> None:
+            with self._lock:
+                for p, saved in params:
+                    _put(p, saved)
+                for name, entries in buffers.items():
+                    for b, saved in entries:
+                        if b is not None:
+                            _put(b, saved)
+                    self._buffers[name] = [b for b, _ in entries]
+                steps, scalars, has_scalars, new_state = counters
+                self._steps, self._scalars = steps.copy(), scalars.copy()
+                self._has_scalars, self._new_state = list(has_scalars), list(new_state)
+                for group, saved_group in groups:
+                    group.clear()
+                    group.update(saved_group)
+                self._options_cache = list(options_cache)
+                # The plan holds the options and counters of the last step: register again.
+                self._plan = None
+                self._plan_options = []
+
+        return restore
 
     def state_dict(self) -> dict[str, Any]:
         """``{"state": {index: {...}}, "param_groups": [...]}`` with copies of every buffer; see
@@ -448,6 +490,21 @@ def _full_like(param: Any, value: float) -> Any:
     if cuda.is_device_array(param):
         return cuda.full_like(param, value) if value else cuda.zeros_like(param)
     return np.full_like(param, value, order="C")
+
+
+def _copy(array: Any) -> Any:
+    """A copy of a host or device array, in its own library (torch tensors are cloned)."""
+    return array.clone() if hasattr(array, "clone") else array.copy()
+
+
+def _put(array: Any, values: Any) -> None:
+    """Write ``values`` (a copy made by ``_copy``) back into ``array``, in place."""
+    if isinstance(array, np.ndarray):
+        np.copyto(array, values)
+    elif hasattr(array, "copy_"):  # torch, outside autograd
+        array.detach().copy_(values)
+    else:
+        array[...] = values
 
 
 def _host(value: Any) -> Any:
