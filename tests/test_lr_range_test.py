@@ -113,12 +113,14 @@ def test_the_suggestion_lies_inside_sgds_stable_range(scale: float) -> None:
     assert result.suggestion is not None
     assert stable / 100 < result.suggestion < stable
     assert result.suggestion == result.lrs[result.suggestion_index]
-    # Inside the stable range, training at the suggestion brings every coordinate down.
+    # Inside the stable range, training at the suggestion brings the loss down, step by step.
     start = problem.loss()
     opt.param_groups[0]["lr"] = result.suggestion
-    for _ in range(200):
+    losses = []
+    for _ in range(1000):
         opt.step(problem()[1])
-    assert problem.loss() < 1e-3 * start
+        losses.append(problem.loss())
+    assert np.all(np.diff(losses) <= 0) and losses[-1] < 1e-2 * start
 
 
 def test_sgd_on_the_quadratic_stops_early_on_divergence() -> None:

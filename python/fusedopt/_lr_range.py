@@ -127,9 +127,11 @@ def lr_range_test(
     ``log10(lr)``. The slope is ``np.gradient(losses, log10(lrs))`` (central differences) over
     the finite smoothed losses; the candidates are the points from index ``num_steps // 10`` (the
     first tenth is skipped: its average holds few losses and is noisy) up to the minimum of the
-    smoothed loss, and the suggestion is the candidate with the most negative slope. It is None
-    when the minimum lies in the skipped tenth or no candidate's slope is negative: the loss
-    never fell, so start lower. The smoothed curve lags the raw one (an average of about
+    smoothed loss, and the suggestion is the candidate with the most negative slope, but no
+    larger than a tenth of the learning rate at the minimum (Smith's rule of thumb, which fastai
+    also offers): the steepest point can sit at the edge of stability, as it does for plain SGD
+    on the demo's MLP. It is None when the minimum lies in the skipped tenth or no candidate's
+    slope is negative: the loss never fell, so start lower. The smoothed curve lags the raw one (an average of about
     ``1 / (1 - smoothing)`` steps), so on a problem where plain SGD diverges above ``2 / L`` the
     suggestion lands at a fraction of that, inside the stable range.
 
@@ -194,7 +196,11 @@ def suggestion_index(lrs: np.ndarray, losses: np.ndarray, skip: int) -> int | No
         return None
     slope = np.gradient(y, np.log10(lrs[:count]))
     index = skip + int(np.argmin(slope[skip : minimum + 1]))
-    return index if slope[index] < 0 else None
+    if slope[index] >= 0:
+        return None
+    # At most a tenth of the rate at the minimum: the last lr not above it, if past the skip.
+    cap = int(np.searchsorted(lrs, lrs[minimum] / 10.0, side="right")) - 1
+    return min(index, cap) if cap >= skip else index
 
 
 class _Smoother:
