@@ -66,6 +66,15 @@ def _build() -> tuple[Path | None, str | None]:
     if run.returncode != 0:
         tail = " ".join((run.stderr or run.stdout).split())[-300:]
         return None, f"{compiler} could not compile {SOURCE.name}: {tail}"
+    try:  # one step of one tensor: it loads libfusedopt and runs
+        trial = subprocess.run(
+            [str(program), "1", "8", "1"], input="1\n", capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return None, f"the compiled {program.name} did not run: {error}"
+    if trial.returncode != 0 or not trial.stdout.strip():
+        tail = " ".join(trial.stderr.split())[-300:]
+        return None, f"the compiled {program.name} did not run (exit {trial.returncode}): {tail}"
     return program, None
 
 
