@@ -541,7 +541,9 @@ def write_chart(results: list[Result], path: Path) -> bool:
     best = fusedopt_label(best_isa(), 2)
     labels = [best, "torch fused", "torch foreach", "numpy", "ceiling 2t"]
     flat = [r for r in results if r.section == "flat" and r.case["dtype"] == "float32"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(18, 5.5), gridspec_kw={"width_ratios": [2, 1]}
+    )
     if flat:
         sizes = {r.elements for r in flat}
         largest = max(sizes, key=lambda n: (sum(r.elements == n for r in flat), n))
@@ -552,7 +554,12 @@ def write_chart(results: list[Result], path: Path) -> bool:
             values = [r.seconds.get(label, np.nan) / r.elements * 1e9 for r in rows]
             left.bar(np.arange(len(rows)) + k * width, values, width, label=label)
         left.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
-        left.set_xticklabels([str(r.case["algorithm"]) for r in rows], rotation=30)
+        left.set_xticklabels(
+            [str(r.case["algorithm"]) for r in rows],
+            rotation=35,
+            ha="right",
+            rotation_mode="anchor",
+        )
         left.set_yscale("log")
         left.set_ylabel("ns per element (lower is better)")
         left.set_title(f"float32, {_elements(largest)} elements, 2 threads")
