@@ -1,6 +1,7 @@
 """The algorithms under test and every way of running one step of them: fusedopt through its
 Python optimizer API, NumPy written as a user would write it, torch.optim in its three modes, and
-the bandwidth ceiling that moves the same bytes with no arithmetic."""
+the bandwidth ceiling that moves the same bytes with no arithmetic. LAMB, whose step is two
+passes, has its own candidates and ceiling at the end."""
 
 from __future__ import annotations
 
@@ -16,19 +17,24 @@ from bench.timing import Candidate
 from fusedopt import _core
 
 NumpyStep = Callable[[np.ndarray, np.ndarray, list[np.ndarray], int], None]
+NumpyStates = Callable[[np.ndarray], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
 class Algorithm:
     name: str
     fusedopt_class: str  # in fusedopt (PyTorch convention)
-    torch_class: str  # in torch.optim
+    torch_class: str  # in torch.optim; "" where torch has no such optimizer (Lion)
     options: dict[str, Any]  # the same hyperparameters for both
     num_states: int  # buffers besides param and grad: the ceiling streams as many
     numpy_step: NumpyStep = field(compare=False)
+    # The NumPy version's state for one param: num_states zero buffers unless given (then also
+    # any per-tensor scalars, as small arrays after the buffers).
+    numpy_states: NumpyStates | None = field(default=None, compare=False)
 
 
 LR, MOMENTUM, ALPHA, EPS, BETA1, BETA2, WEIGHT_DECAY = 1e-3, 0.9, 0.99, 1e-8, 0.9, 0.999, 1e-2
+ADAGRAD_EPS = 1e-10
 
 
 # NumPy as a user would write each update: in-place where it is natural, temporaries elsewhere.
@@ -53,7 +59,7 @@ def _numpy_nesterov(p, g, s, t):
 def _numpy_adagrad(p, g, s, t):
     (total,) = s
     total += g * g
-    p -= LR * g / (np.sqrt(total) + EPS)
+    p -= LR * g / (np.sqrt(total) + ADAGRAD_EPS)
 
 
 def _numpy_rmsprop(p, g, s, t):
@@ -102,6 +108,106 @@ def _numpy_amsgrad(p, g, s, t):
     _adam_update(p, g, m, v, v_max, t)
 
 
+# The algorithms added with the generic core, at torch's defaults (Lion: lion-pytorch's).
+ADADELTA_LR, RHO, ADADELTA_EPS = 1.0, 0.9, 1e-6
+ADAMAX_LR = NADAM_LR = 2e-3
+MOMENTUM_DECAY = 4e-3
+RPROP_LR, ETA_MINUS, ETA_PLUS, STEP_SIZE_MIN, STEP_SIZE_MAX = 1e-2, 0.5, 1.2, 1e-6, 50.0
+ASGD_LR, LAMBD, ASGD_ALPHA, T0 = 1e-2, 1e-4, 0.75, 1e6
+LION_LR, LION_BETA2 = 1e-4, 0.99
+
+
+def _numpy_adadelta(p, g, s, t):
+    square_avg, acc_delta = s
+    square_avg *= RHO
+    square_avg += (1 - RHO) * g * g
+    delta = np.sqrt(acc_delta + ADADELTA_EPS) / np.sqrt(square_avg + ADADELTA_EPS) * g
+    acc_delta *= RHO
+    acc_delta += (1 - RHO) * delta * delta
+    p -= ADADELTA_LR * delta
+
+
+def _numpy_adamax(p, g, s, t):
+    m, u = s
+    m *= BETA1
+    m += (1 - BETA1) * g
+    np.maximum(BETA2 * u, np.abs(g) + EPS, out=u)
+    p -= (ADAMAX_LR / (1 - BETA1**t)) * m / u
+
+
+def _nadam_momentum(t):
+    return BETA1 * (1 - 0.5 * 0.96 ** (t * MOMENTUM_DECAY))
+
+
+def _numpy_nadam(p, g, s, t):
+    m, v, mu_product = s
+    mu, mu_next = _nadam_momentum(t), _nadam_momentum(t + 1)
+    mu_product *= mu
+    product = float(mu_product[0])
+    m *= BETA1
+    m += (1 - BETA1) * g
+    v *= BETA2
+    v += (1 - BETA2) * g * g
+    denominator = np.sqrt(v / (1 - BETA2**t)) + EPS
+    p -= NADAM_LR * (1 - mu) / (1 - product) * g / denominator
+    p -= NADAM_LR * mu_next / (1 - product * mu_next) * m / denominator
+
+
+def _numpy_radam(p, g, s, t):
+    m, v = s
+    m *= BETA1
+    m += (1 - BETA1) * g
+    v *= BETA2
+    v += (1 - BETA2) * g * g
+    bias_correction1, bias_correction2 = 1 - BETA1**t, 1 - BETA2**t
+    rho_infinity = 2 / (1 - BETA2) - 1
+    rho_t = rho_infinity - 2 * t * BETA2**t / bias_correction2
+    if rho_t > 5:
+        rectification = math.sqrt(
+            (rho_t - 4)
+            * (rho_t - 2)
+            * rho_infinity
+            / ((rho_infinity - 4) * (rho_infinity - 2) * rho_t)
+        )
+        adaptive = math.sqrt(bias_correction2) / (np.sqrt(v) + EPS)
+        p -= LR * m / bias_correction1 * rectification * adaptive
+    else:
+        p -= LR * m / bias_correction1
+
+
+def _numpy_rprop(p, g, s, t):
+    prev, step_size = s
+    sign = np.sign(g * prev)
+    factor = np.ones_like(step_size)
+    factor[sign > 0] = ETA_PLUS
+    factor[sign < 0] = ETA_MINUS
+    step_size *= factor
+    np.clip(step_size, STEP_SIZE_MIN, STEP_SIZE_MAX, out=step_size)
+    g = np.where(sign < 0, 0, g)
+    p -= np.sign(g) * step_size
+    prev[...] = g
+
+
+def _numpy_asgd(p, g, s, t):
+    ax, scalars = s  # scalars: eta, mu of the previous step
+    eta, mu = float(scalars[0]), float(scalars[1])
+    p *= 1 - LAMBD * eta
+    p -= eta * g
+    if mu != 1:
+        ax += (p - ax) * mu
+    else:
+        ax[...] = p
+    scalars[0] = ASGD_LR / (1 + LAMBD * ASGD_LR * t) ** ASGD_ALPHA
+    scalars[1] = 1 / max(1, t - T0)
+
+
+def _numpy_lion(p, g, s, t):
+    (m,) = s
+    p -= LION_LR * np.sign(BETA1 * m + (1 - BETA1) * g)
+    m *= LION_BETA2
+    m += (1 - LION_BETA2) * g
+
+
 ALGORITHMS = {
     a.name: a
     for a in [
@@ -115,7 +221,9 @@ ALGORITHMS = {
             1,
             _numpy_nesterov,
         ),
-        Algorithm("adagrad", "Adagrad", "Adagrad", {"lr": LR, "eps": 1e-10}, 1, _numpy_adagrad),
+        Algorithm(
+            "adagrad", "Adagrad", "Adagrad", {"lr": LR, "eps": ADAGRAD_EPS}, 1, _numpy_adagrad
+        ),
         Algorithm("rmsprop", "RMSprop", "RMSprop", {"lr": LR, "alpha": ALPHA}, 1, _numpy_rmsprop),
         Algorithm(
             "rmsprop_centered",
@@ -130,6 +238,37 @@ ALGORITHMS = {
             "adamw", "AdamW", "AdamW", {"lr": LR, "weight_decay": WEIGHT_DECAY}, 2, _numpy_adamw
         ),
         Algorithm("amsgrad", "Adam", "Adam", {"lr": LR, "amsgrad": True}, 3, _numpy_amsgrad),
+        Algorithm("adadelta", "Adadelta", "Adadelta", {"lr": ADADELTA_LR}, 2, _numpy_adadelta),
+        Algorithm("adamax", "Adamax", "Adamax", {"lr": ADAMAX_LR}, 2, _numpy_adamax),
+        Algorithm(
+            "nadam",
+            "NAdam",
+            "NAdam",
+            {"lr": NADAM_LR},
+            2,
+            _numpy_nadam,
+            lambda p: [np.zeros_like(p), np.zeros_like(p), np.ones(1)],
+        ),
+        Algorithm("radam", "RAdam", "RAdam", {"lr": LR}, 2, _numpy_radam),
+        Algorithm(
+            "rprop",
+            "Rprop",
+            "Rprop",
+            {"lr": RPROP_LR},
+            2,
+            _numpy_rprop,
+            lambda p: [np.zeros_like(p), np.full_like(p, RPROP_LR)],
+        ),
+        Algorithm(
+            "asgd",
+            "ASGD",
+            "ASGD",
+            {"lr": ASGD_LR},
+            1,
+            _numpy_asgd,
+            lambda p: [np.zeros_like(p), np.array([ASGD_LR, 1.0])],
+        ),
+        Algorithm("lion", "Lion", "", {"lr": LION_LR}, 1, _numpy_lion),
     ]
 }
 
@@ -202,6 +341,35 @@ def fusedopt_candidates(
     ]
 
 
+def functional_candidate(
+    algorithm: Algorithm, w: Workload, threads: int, grads: GradSource | None
+) -> Candidate:
+    """``fusedopt.functional.<name>_`` over state the caller holds (the same lists every call, as
+    a training loop keeps them), the step number counted here. Adam only: the other algorithms'
+    functional steps take their own spellings."""
+    import fusedopt.functional
+
+    assert algorithm.name == "adam", "the functional candidate spells Adam's arguments"
+    params = w.param_copies()
+    exp_avgs = [np.zeros_like(p) for p in params]
+    exp_avg_sqs = [np.zeros_like(p) for p in params]
+    step_count = [0]
+    adam_ = fusedopt.functional.adam_
+    lr = algorithm.options["lr"]
+
+    def step() -> None:
+        step_count[0] += 1
+        current = grads.current if grads else w.grads
+        adam_(params, current, exp_avgs, exp_avg_sqs, step=step_count[0], lr=lr)
+
+    return Candidate(
+        f"fusedopt functional {threads}t",
+        step,
+        _select_fusedopt(best_isa(), threads),
+        grads.renew if grads else None,
+    )
+
+
 def ceiling_candidates(algorithm: Algorithm, w: Workload, threads: list[int]) -> list[Candidate]:
     """``p += g`` and ``s += g`` for each of the algorithm's states: exactly its bytes."""
     params = w.param_copies()
@@ -216,9 +384,15 @@ def ceiling_candidates(algorithm: Algorithm, w: Workload, threads: list[int]) ->
     ]
 
 
+def numpy_states(algorithm: Algorithm, param: np.ndarray) -> list[np.ndarray]:
+    if algorithm.numpy_states is not None:
+        return algorithm.numpy_states(param)
+    return [np.zeros_like(param) for _ in range(algorithm.num_states)]
+
+
 def numpy_candidate(algorithm: Algorithm, w: Workload, grads: GradSource | None) -> Candidate:
     params = w.param_copies()
-    states = [[np.zeros_like(p) for _ in range(algorithm.num_states)] for p in params]
+    states = [numpy_states(algorithm, p) for p in params]
     step_count = [0]
 
     def step() -> None:
@@ -249,7 +423,9 @@ def torch_candidates(
         "torch foreach": {"foreach": True},
         "torch fused": {"fused": True},
     }
-    candidates = []
+    candidates: list[Candidate] = []
+    if not algorithm.torch_class:
+        return candidates
     for label in torch_modes():
         params = [torch.from_numpy(p) for p in w.param_copies()]
         try:
@@ -280,3 +456,107 @@ def torch_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# ------------------------------------------------------------------------------------------------
+# LAMB (Keras' convention, its only one): a step is two passes over memory (csrc/math/lamb.h,
+# run_step in csrc/core/step.h). The first reads param, grad, m and v and writes m and v (and sums
+# ||param||^2 and ||u||^2 per tensor); the host turns the sums into the trust ratio; the second
+# reads param, m and v and writes param.
+
+LAMB_LR, LAMB_EPS = 1e-3, 1e-7  # keras.optimizers.Lamb's defaults
+
+
+def _numpy_lamb(p, g, s, t):
+    m, v = s
+    m += (g - m) * (1 - BETA1)
+    v += (g * g - v) * (1 - BETA2)
+    update = (m / (1 - BETA1**t)) / (np.sqrt(v / (1 - BETA2**t)) + LAMB_EPS)
+    param_norm, update_norm = np.linalg.norm(p), np.linalg.norm(update)
+    ratio = param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+    p -= LAMB_LR * ratio * update
+
+
+LAMB = Algorithm("lamb", "", "", {}, 2, _numpy_lamb)
+
+
+def lamb_candidates(w: Workload, threads: list[int]) -> list[Candidate]:
+    """``fusedopt.keras.Lamb`` at each thread count (one optimizer, as fusedopt_candidates) and
+    ``fusedopt.functional.lamb_`` at the most threads."""
+    import fusedopt.functional
+    import fusedopt.keras
+
+    variables = w.param_copies()
+    optimizer = fusedopt.keras.Lamb(learning_rate=LAMB_LR)
+    candidates = [
+        Candidate(
+            fusedopt_label(best_isa(), n),
+            lambda: optimizer.apply(w.grads, variables),
+            _select_fusedopt(best_isa(), n),
+        )
+        for n in threads
+    ]
+    params = w.param_copies()
+    exp_avgs = [np.zeros_like(p) for p in params]
+    exp_avg_sqs = [np.zeros_like(p) for p in params]
+    step_count = [0]
+
+    def functional_step() -> None:
+        step_count[0] += 1
+        fusedopt.functional.lamb_(
+            params, w.grads, exp_avgs, exp_avg_sqs, step=step_count[0], lr=LAMB_LR
+        )
+
+    candidates.append(
+        Candidate(
+            f"fusedopt functional {max(threads)}t",
+            functional_step,
+            _select_fusedopt(best_isa(), max(threads)),
+        )
+    )
+    return candidates
+
+
+# Pass 1 of LAMB moves 24 bytes per float32 element (reads 16, writes 8), pass 2 16 bytes (reads
+# 12, writes 4). stream_add over k elements with no state reads 8k bytes (p, g) and writes 4k (p):
+# over 2n elements it is pass 1 exactly (reads 16n, writes 8n); over 4n/3 elements it moves pass
+# 2's 16n bytes, as 10.67n read and 5.33n written (stream_add always writes a third of what it
+# moves, so no choice of its buffers gives pass 2's 3:1 split).
+LAMB_PASS2_ELEMENTS = (4, 3)  # (numerator, denominator) of each tensor's size, rounded down
+
+
+def lamb_ceiling_candidates(w: Workload, threads: list[int]) -> list[Candidate]:
+    """LAMB's two-pass ceiling: per tensor of n elements, ``p += g`` over buffers of 2n elements
+    (pass 1's bytes, and its reads and writes), then ``p += g`` over the first 4n/3 elements of
+    those same buffers (pass 2's bytes, over memory the first pass touched, as LAMB's second pass
+    re-reads what its first touched): two fork/joins, 40 bytes per element in all, the same
+    footprint (4n elements) as param, grad, m and v."""
+    firsts, seconds = [], []
+    for param, grad in zip(w.params, w.grads):
+        n = param.size
+        p = np.concatenate([param.ravel()] * 2)
+        g = np.concatenate([grad.ravel()] * 2)
+        second = n * LAMB_PASS2_ELEMENTS[0] // LAMB_PASS2_ELEMENTS[1]
+        firsts.append((p, g))
+        seconds.append((p[:second], g[:second]))
+    pass1 = ([p for p, _ in firsts], [g for _, g in firsts])
+    pass2 = ([p for p, _ in seconds], [g for _, g in seconds])
+
+    def step() -> None:
+        _core.stream_add(*pass1, [])
+        _core.stream_add(*pass2, [])
+
+    return [
+        Candidate(f"two-pass ceiling {n}t", step, _select_fusedopt(best_isa(), n)) for n in threads
+    ]
+
+
+def lamb_ceiling_bytes(w: Workload) -> tuple[int, int]:
+    """(bytes LAMB moves per step, bytes its ceiling moves), float32 or float64."""
+    item = np.dtype(w.dtype).itemsize
+    lamb = sum(10 * p.size for p in w.params) * item
+    ceiling = sum(
+        3 * (2 * p.size + p.size * LAMB_PASS2_ELEMENTS[0] // LAMB_PASS2_ELEMENTS[1])
+        for p in w.params
+    )
+    return lamb, ceiling * item

@@ -12,19 +12,27 @@ import numpy as np
 import fusedopt
 from bench.algorithms import (
     ALGORITHMS,
+    LAMB,
     GradSource,
     Workload,
     best_isa,
     ceiling_candidates,
+    functional_candidate,
     fusedopt_candidates,
     fusedopt_label,
+    lamb_candidates,
+    lamb_ceiling_bytes,
+    lamb_ceiling_candidates,
     numpy_candidate,
     torch_available,
     torch_candidates,
 )
+from bench.native import plan_step_candidate
 from bench.timing import Candidate, Progress, Timing, measure
+from bench.torch_front import GPT2_SMALL, Gpt2, run_torch_cases
 
 TORCH_THREADS = 2
+QUICK_GPT2_BLOCKS = 2
 
 
 @dataclass
@@ -32,7 +40,12 @@ class Plan:
     """What one mode measures. ``flat`` lists (algorithm, dtype, elements) cases."""
 
     flat: list[tuple[str, str, int]]
-    many_tensors: list[tuple[int, int]]  # (count, elements each); the flat total comes first
+    # Per-step cases, (count, elements each); each total among them also as one flat tensor.
+    many_tensors: list[tuple[int, int]]
+    lamb: int  # elements of the LAMB case's one float32 tensor
+    gpt2: Gpt2  # the shapes of fusedopt.torch's GPT-2 cases
+    torch_many: tuple[int, int]  # fusedopt.torch's many-tensor case, against one flat tensor
+    deepspeed: bool | str  # whether to try DeepSpeed's CPU Adam, or why not
     ewma_1d: int
     ewma_2d: tuple[int, int]
     contention_rounds: int
@@ -53,11 +66,16 @@ def _flat_cases(
 
 
 def make_plan(mode: str) -> Plan:
+    per_step = [(1, 1000), (1, 1_000_000), (1000, 1000), (10_000, 100)]
     if mode == "smoke":
         tiny = Timing(rounds=1, min_batch_s=0.0, max_batch=2)
         return Plan(
-            flat=[("adam", "float32", 1000), ("rmsprop", "float64", 1000)],
+            flat=[(a, "float32", 1000) for a in ALGORITHMS] + [("rmsprop", "float64", 1000)],
             many_tensors=[(1, 1000), (10, 100)],
+            lamb=1000,
+            gpt2=Gpt2(blocks=1, d_model=16, vocab=64, context=32),
+            torch_many=(10, 100),
+            deepspeed="left out of --smoke",
             ewma_1d=1000,
             ewma_2d=(100, 10),
             contention_rounds=1,
@@ -67,7 +85,12 @@ def make_plan(mode: str) -> Plan:
     if mode == "quick":
         return Plan(
             flat=_flat_cases(["float32"], {"float32": [1000, 100_000]}, [10_000_000]),
-            many_tensors=[(1, 1_000_000), (1000, 1000), (10_000, 100)],
+            many_tensors=per_step,
+            lamb=10_000_000,
+            gpt2=Gpt2(blocks=QUICK_GPT2_BLOCKS),
+            torch_many=(10_000, 100),
+            deepspeed="left out of --quick (its first use compiles a C++ op for minutes); "
+            "the full run tries it",
             ewma_1d=10_000_000,
             ewma_2d=(100_000, 100),
             contention_rounds=3,
@@ -82,7 +105,11 @@ def make_plan(mode: str) -> Plan:
             {"float32": sizes + [50_000_000], "float64": sizes},
             [100_000, 10_000_000],
         ),
-        many_tensors=[(1, 1_000_000), (1000, 1000), (10_000, 100)],
+        many_tensors=per_step,
+        lamb=10_000_000,
+        gpt2=GPT2_SMALL,
+        torch_many=(10_000, 100),
+        deepspeed=True,
         ewma_1d=10_000_000,
         ewma_2d=(100_000, 100),
         contention_rounds=7,
@@ -99,8 +126,11 @@ class Result:
     elements: int
 
 
-def count_cases(plan: Plan) -> int:
-    return len(plan.flat) + len(plan.many_tensors) + 2 + 1
+TORCH_CASES = 5  # bench/torch_front.py: three over GPT-2's shapes, flat and many tensors
+
+
+def count_cases(plan: Plan, with_torch: bool) -> int:
+    return len(plan.flat) + len(plan.many_tensors) + 1 + TORCH_CASES * with_torch + 2 + 1
 
 
 def run_flat(plan: Plan, progress: Progress, with_torch: bool) -> list[Result]:
@@ -123,20 +153,69 @@ def run_flat(plan: Plan, progress: Progress, with_torch: bool) -> list[Result]:
 
 
 def run_many_tensors(plan: Plan, progress: Progress, with_torch: bool) -> list[Result]:
-    """Adam through the Python API, new grad arrays every step, one flat tensor first."""
+    """The per-step cost of Adam float32, new grad arrays every step: the optimizer class, the
+    functional API, the C ABI's plan step timed in C, NumPy and torch, for one tensor and for
+    many tensors of the same total."""
     results = []
     algorithm = ALGORITHMS["adam"]
+    most = max(plan.threads)
     for count, size in plan.many_tensors:
-        progress.case(f"adam float32 {count} tensors x {size}")
+        progress.case(f"per step: adam float32 {count} tensors x {size}")
         w = Workload([(size,)] * count, np.float32)
         grads = GradSource(w)
         candidates = fusedopt_candidates(algorithm, w, [best_isa()], plan.threads, grads)
+        candidates.append(functional_candidate(algorithm, w, most, grads))
+        native, program, why = plan_step_candidate(count, size, most)
+        if native is not None:
+            candidates.append(native)
         candidates.append(numpy_candidate(algorithm, w, grads))
         if with_torch:
             candidates += torch_candidates(algorithm, w, TORCH_THREADS, grads)
-        seconds = measure(candidates, plan.timing)
-        results.append(Result("many", {"count": count, "size": size}, seconds, w.num_elements))
+        try:
+            seconds = measure(candidates, plan.timing)
+        finally:
+            if program is not None:
+                program.close()
+        case = {"count": count, "size": size, "c_abi_skipped": why}
+        results.append(Result("many", case, seconds, w.num_elements))
     return results
+
+
+def run_lamb(plan: Plan, progress: Progress) -> list[Result]:
+    """LAMB float32, one tensor: fusedopt.keras.Lamb, the functional lamb_, NumPy and the
+    two-pass ceiling (bench/algorithms.py)."""
+    n = plan.lamb
+    progress.case(f"lamb float32 {n:.0e} elements vs its two-pass ceiling")
+    w = Workload([(n,)], np.float32)
+    candidates = lamb_candidates(w, plan.threads)
+    candidates.append(numpy_candidate(LAMB, w, None))
+    candidates += lamb_ceiling_candidates(w, plan.threads)
+    timing = plan.large_timing if n >= 10_000_000 else plan.timing
+    seconds = measure(candidates, timing)
+    lamb_bytes, ceiling_bytes = lamb_ceiling_bytes(w)
+    case = {"n": n, "lamb_bytes": lamb_bytes, "ceiling_bytes": ceiling_bytes}
+    return [Result("lamb", case, seconds, n)]
+
+
+def run_torch(plan: Plan, progress: Progress) -> list[Result]:
+    cases = run_torch_cases(
+        plan.gpt2,
+        plan.torch_many,
+        TORCH_THREADS,
+        plan.large_timing,
+        plan.timing,
+        plan.deepspeed,
+        progress.case,
+    )
+    return [
+        Result(
+            "torch",
+            {"key": c.key, "label": c.label, "tensors": c.tensors, "skipped": c.skipped},
+            c.seconds,
+            c.elements,
+        )
+        for c in cases
+    ]
 
 
 def run_ewma(plan: Plan, progress: Progress) -> list[Result]:
@@ -204,9 +283,12 @@ def run_all(plan: Plan) -> list[Result]:
     with_torch = torch_available()
     if not with_torch:
         print("torch is not installed: its columns are left out", file=sys.stderr)
-    progress = Progress(count_cases(plan))
+    progress = Progress(count_cases(plan, with_torch))
     results = run_flat(plan, progress, with_torch)
     results += run_many_tensors(plan, progress, with_torch)
+    results += run_lamb(plan, progress)
+    if with_torch:
+        results += run_torch(plan, progress)
     results += run_ewma(plan, progress)
     results += run_contention(plan, progress, with_torch)
     fusedopt.set_cpu_isa(best_isa())

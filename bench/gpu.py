@@ -5,7 +5,15 @@ Adam reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_s
 element. The copy baseline copies a buffer of 14 bytes per element (14 read + 14 written), so
 "% of copy" is Adam's effective bandwidth over the best the memory system does on that traffic.
 
-    python bench/gpu.py [--repeats 20] [--max-elements 1e9] [--output table.md]
+Host time: for a step over many small tensors (10000 of 100 elements by default) the host's work
+per step (describing and checking every array, planning and queueing the launches) can exceed
+the device's. It is the time ``step()`` takes to return, with the queue drained before it
+(``torch.cuda.synchronize()``) and the kernels left running after it, beside the step's CUDA-event
+time; for fusedopt's NumPy-API ``fusedopt.Adam`` over torch CUDA tensors, ``fusedopt.torch.Adam``,
+and torch's fused and foreach Adam.
+
+    python bench/gpu.py [--repeats 20] [--max-elements 1e9] [--host-tensors 10000]
+                        [--host-size 100] [--output table.md]
 
 Without a GPU (or without torch with CUDA, or fusedopt's CUDA backend) it prints one line saying
 why and exits 0, so it is safe to run anywhere.
@@ -17,6 +25,7 @@ import argparse
 import gc
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +91,87 @@ def torch_ms(torch: Any, sizes: list[int], variant: str, repeats: int) -> float:
     return time_ms(torch, opt.step, repeats)
 
 
+def host_ms(
+    torch: Any, run: Callable[[], Any], repeats: int, warmup: int = 3
+) -> tuple[float, float]:
+    """Median milliseconds run() takes to return on the host (the device idle when it starts,
+    its kernels left running), and median CUDA-event milliseconds of the same steps."""
+    for _ in range(warmup):
+        run()
+    host, device = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        begin = time.perf_counter()
+        run()
+        host.append((time.perf_counter() - begin) * 1e3)
+        end.record()
+        end.synchronize()
+        device.append(start.elapsed_time(end))
+    return statistics.median(host), statistics.median(device)
+
+
+def _host_contenders(torch: Any, sizes: list[int]) -> dict[str, Callable[[], Callable[[], Any]]]:
+    """Each contender's setup, returning its step: made one at a time, so only one contender's
+    buffers are on the device at once."""
+    import fusedopt
+
+    def numpy_api() -> Callable[[], Any]:
+        params = [torch.randn(s, device="cuda") for s in sizes]
+        grads = [torch.randn(s, device="cuda") * 1e-3 for s in sizes]
+        opt = fusedopt.Adam(params, lr=1e-4)
+        return lambda: opt.step(grads)
+
+    def torch_front() -> Callable[[], Any]:
+        import fusedopt.torch
+
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in sizes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        return fusedopt.torch.Adam(params, lr=1e-4).step
+
+    def torch_optim(variant: str) -> Callable[[], Callable[[], Any]]:
+        def make() -> Callable[[], Any]:
+            params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in sizes]
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+            return torch.optim.Adam(params, lr=1e-4, **{variant: True}).step
+
+        return make
+
+    return {
+        "fusedopt.Adam": numpy_api,
+        "fusedopt.torch.Adam": torch_front,
+        "torch fused": torch_optim("fused"),
+        "torch foreach": torch_optim("foreach"),
+    }
+
+
+def bench_host(torch: Any, sizes: list[int], repeats: int) -> dict[str, tuple[float, float]]:
+    result = {}
+    for name, make in _host_contenders(torch, sizes).items():
+        result[name] = host_ms(torch, make(), repeats)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
+def host_markdown(count: int, size: int, timings: dict[str, tuple[float, float]]) -> str:
+    lines = [
+        f"Host time per step, Adam float32, {count} tensors of {size}: median ms until step() "
+        "returns (queue drained before it) and CUDA-event ms of the same steps.",
+        "",
+        "| contender | host ms | device ms (events) | host ÷ fusedopt.torch host |",
+        "|---|---:|---:|---:|",
+    ]
+    ours = timings.get("fusedopt.torch.Adam", (float("nan"), 0.0))[0]
+    for name, (host, device) in timings.items():
+        lines.append(f"| {name} | {host:.3f} | {device:.3f} | {host / ours:.2f}x |")
+    return "\n".join(lines)
+
+
 def bench_case(torch: Any, sizes: list[int], repeats: int) -> dict[str, float]:
     """Each contender alone on the device: its buffers are freed before the next one starts."""
     measures = {
@@ -122,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-elements", type=float, default=1e9, help="skip larger cases")
-    parser.add_argument("--output", help="also write the Markdown table to this file")
+    parser.add_argument("--host-tensors", type=int, default=10000, help="host-time case: count")
+    parser.add_argument("--host-size", type=int, default=100, help="host-time case: elements each")
+    parser.add_argument("--output", help="also write the Markdown tables to this file")
     args = parser.parse_args(argv)
 
     reason = why_no_gpu()
@@ -140,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, sum(sizes), timings))
         print(f"{label}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in timings.items()), flush=True)
     table = markdown(rows, torch.cuda.get_device_name())
+    host = bench_host(torch, [args.host_size] * args.host_tensors, args.repeats)
+    print(
+        "host: " + ", ".join(f"{k} {h:.3f} ms (device {d:.3f})" for k, (h, d) in host.items()),
+        flush=True,
+    )
+    table += "\n\n" + host_markdown(args.host_tensors, args.host_size, host)
     print(table)
     if args.output:
         with open(args.output, "w") as out:

@@ -21,13 +21,16 @@ class Candidate:
 
     ``select`` sets process-wide switches (fusedopt's ISA and thread count, torch's threads)
     before each of its batches. ``prepare`` runs untimed before every step (new grad arrays, as a
-    training loop produces); a candidate with one is timed step by step.
+    training loop produces); a candidate with one is timed step by step. ``timed``, when given,
+    replaces ``step``: it runs a batch of ``count`` steps and returns the seconds per step it
+    measured itself (a native program timing its own loop).
     """
 
     label: str
     step: Callable[[], object]
     select: Callable[[], object] | None = None
     prepare: Callable[[], object] | None = None
+    timed: Callable[[int], float] | None = None
 
 
 @dataclass
@@ -41,6 +44,8 @@ def _run_batch(candidate: Candidate, count: int) -> float:
     """Seconds per step over ``count`` steps."""
     if candidate.select:
         candidate.select()
+    if candidate.timed is not None:
+        return candidate.timed(count)
     if candidate.prepare is None:
         start = time.perf_counter()
         for _ in range(count):
