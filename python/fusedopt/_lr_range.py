@@ -131,9 +131,9 @@ def lr_range_test(
     larger than a tenth of the learning rate at the minimum (Smith's rule of thumb, which fastai
     also offers): the steepest point can sit at the edge of stability, as it does for plain SGD
     on the demo's MLP. It is None when the minimum lies in the skipped tenth or no candidate's
-    slope is negative: the loss never fell, so start lower. The smoothed curve lags the raw one (an average of about
-    ``1 / (1 - smoothing)`` steps), so on a problem where plain SGD diverges above ``2 / L`` the
-    suggestion lands at a fraction of that, inside the stable range.
+    slope is negative: the loss never fell, so start lower. The smoothed curve lags the raw one
+    (an average of about ``1 / (1 - smoothing)`` steps), so on a problem where plain SGD diverges
+    above ``2 / L`` the suggestion lands at a fraction of that, inside the stable range.
 
     Bad arguments raise TypeError or ValueError naming them before anything is touched;
     ``loss_and_grads`` returning something that is not ``(loss, grads)``, grads that do not
