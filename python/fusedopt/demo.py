@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 import fusedopt
-import fusedopt.keras
+import fusedopt.keras_numpy
 
 Arrays = list[np.ndarray]
 Step = Callable[[Arrays], None]
@@ -67,12 +67,12 @@ OPTIMIZERS = (
     OptimizerSetup(
         "keras.Adam",
         "adam",
-        lambda params, lr: keras_step(fusedopt.keras.Adam(learning_rate=lr), params),
+        lambda params, lr: keras_step(fusedopt.keras_numpy.Adam(learning_rate=lr), params),
     ),
     OptimizerSetup(
         "keras.RMSprop",
         "rmsprop",
-        lambda params, lr: keras_step(fusedopt.keras.RMSprop(learning_rate=lr), params),
+        lambda params, lr: keras_step(fusedopt.keras_numpy.RMSprop(learning_rate=lr), params),
     ),
 )
 

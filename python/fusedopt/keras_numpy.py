@@ -1,10 +1,13 @@
-"""Keras 3 convention: ``keras.optimizers``' names, defaults and math over NumPy arrays.
+"""Keras 3 convention over NumPy arrays: ``keras.optimizers``' names, defaults and math,
+without Keras.
 
-Used as in Keras: construct with hyperparameters only, then ``opt.apply(grads, variables)`` (or
-``opt.apply_gradients(zip(grads, variables))``) updates the arrays in place, building the state
-on first use. As in Keras 3 (spec A.2): weight decay is decoupled and scaled by the learning rate
-in every optimizer, Adam's epsilon is epsilon-hat (next to the uncorrected root), Adagrad's and
-RMSprop's epsilon sit inside the square root, and the learning rate lives inside momentum.
+The NumPy variant of :mod:`fusedopt.keras` (whose classes are real Keras optimizers, for
+``model.compile``); nothing here imports Keras. Used as in Keras: construct with hyperparameters
+only, then ``opt.apply(grads, variables)`` (or ``opt.apply_gradients(zip(grads, variables))``)
+updates the arrays in place, building the state on first use. As in Keras 3 (spec A.2): weight
+decay is decoupled and scaled by the learning rate in every optimizer, Adam's epsilon is
+epsilon-hat (next to the uncorrected root), Adagrad's and RMSprop's epsilon sit inside the square
+root, and the learning rate lives inside momentum.
 ``clipnorm``, ``clipvalue`` and ``global_clipnorm`` clip the gradients first.
 
 ``learning_rate`` is a float (settable between steps) or a callable of the iteration count, such
