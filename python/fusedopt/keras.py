@@ -1,0 +1,453 @@
+"""Keras 3 optimizers with fusedopt's step: ``model.compile(optimizer=fusedopt.keras.AdamW())``.
+
+``fusedopt.keras.<Name>`` (SGD, Adagrad, RMSprop, Adam, AdamW, Adadelta, Adamax, Nadam, Lion,
+Lamb) is a subclass of ``keras.optimizers.<Name>``, so of ``keras.optimizers.Optimizer``: the
+same constructor, defaults, ``get_config``, slot variables (names, order, initial values) and
+everything Keras' base class does around an update. It replaces one thing, the update itself:
+where Keras runs its update per variable (or a chain of ``torch._foreach_*`` passes), one native
+call updates every trainable variable in place, in the variables' own torch tensors (CPU through
+``fusedopt._core.TorchPlan``, CUDA through :mod:`fusedopt.cuda`), with Keras' math (spec A.2).
+
+How a step is split between Keras and fusedopt (``apply`` -> ``_backend_apply_gradients``):
+
+- Keras' base class, unchanged: dropping None gradients, ``overwrite_with_gradient``,
+  ``loss_scale_factor``, ``gradient_accumulation_steps`` (the accumulators are summed with one
+  ``torch._foreach_add_``, as Keras' torch optimizers do), ``clipnorm`` / ``clipvalue`` /
+  ``global_clipnorm``, the learning rate (a float32 variable, a ``LearningRateSchedule`` or a
+  callable), the decoupled ``weight_decay`` with ``exclude_from_weight_decay`` (Keras' own
+  ``torch._foreach_mul_`` by ``1 - weight_decay*lr``: the kernel is given weight_decay = 0, so
+  the decay is Keras' to the bit for every kind of learning rate, and the exclusions are Keras'
+  own), the EMA of the weights, constraints and ``iterations``.
+- fusedopt: the update of every variable and slot (momentums, velocities, ...; Nadam's
+  ``_u_product``), in one call, at Keras' ``t = iterations + 1``.
+
+Before Keras changes anything, each ``apply`` checks the gradients (one per variable, of its
+shape; converted to the variable's dtype and device as Keras' ``ops.cast`` would), the learning
+rate (a number, whatever a schedule returns) and the hyperparameters; a refused step changes no
+variable and leaves ``iterations`` alone. Variables must be float32 or float64 (the
+``mixed_float16`` policy keeps them float32); others are refused when the optimizer is built.
+
+Only the torch backend updates variables in place: on JAX or TensorFlow the constructor raises,
+naming the torch backend. Saving: the slots are Keras variables, so ``model.save`` and
+``keras.saving.load_model`` keep the optimizer and its state (the classes are registered as
+``fusedopt>Name``: ``import fusedopt.keras`` before loading). For NumPy arrays, the same math
+without Keras is :mod:`fusedopt.keras_numpy`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+from fusedopt import _core, cuda, keras_numpy
+from fusedopt._engine import KERAS, as_number, make_plan, native_values
+
+__all__ = ["Optimizer"]
+
+# Keras' attribute holding each native state's slots (one per trainable variable), in the order
+# of the algorithm's native states (csrc/math/<name>.h); the NumPy declaration of the same name
+# gives the algorithm and how Keras spells its hyperparameters.
+_SLOTS: dict[str, tuple[str, ...]] = {
+    "SGD": ("momentums",),
+    "Adagrad": ("_accumulators",),
+    "RMSprop": ("_velocities", "_momentums", "_average_gradients"),
+    "Adam": ("_momentums", "_velocities", "_velocity_hats"),
+    "AdamW": ("_momentums", "_velocities", "_velocity_hats"),
+    "Adadelta": ("_accumulated_grads", "_accumulated_delta_vars"),
+    "Adamax": ("_m", "_u"),
+    "Nadam": ("_momentums", "_velocities"),
+    "Lion": ("_momentums",),
+    "Lamb": ("_momentums", "_velocities"),
+}
+# Keras' optimizer-wide variable holding each native scalar (Nadam's u_product).
+_SCALARS = {"mu_product": "_u_product"}
+
+
+def _require_torch_backend(cls: type) -> None:
+    backend = keras.backend.backend()
+    if backend != "torch":
+        raise RuntimeError(
+            f"fusedopt.keras.{cls.__name__} needs Keras' torch backend (KERAS_BACKEND=torch): it "
+            f"updates the variables' torch tensors in place, and Keras runs on {backend!r} here, "
+            f"whose variables cannot be updated in place. Use keras.optimizers.{cls.__name__} on "
+            f"{backend!r}, or set KERAS_BACKEND=torch before importing Keras."
+        )
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+class _Entry:
+    """A native plan over the tensors of some of the variables (those given gradients)."""
+
+    def __init__(self, plan: Any, options: tuple[float, ...], values: list[Any], device: bool):
+        self.plan = plan
+        self.options = options
+        self.values = values  # the variables' tensors it was made over
+        self.device = device  # CUDA (fusedopt.cuda) rather than CPU (TorchPlan)
+        self.scalars: np.ndarray | None = None
+
+
+class _Native:
+    """fusedopt's own state on an optimizer, in one plain object: Keras tracks the attributes
+    of an optimizer (lists and dicts become tracked containers), and this holds no Keras
+    variable."""
+
+    def __init__(self) -> None:
+        self.plans: dict[tuple[int, ...], _Entry] = {}
+        self.options_key: tuple[Any, ...] | None = None
+        self.options: tuple[float, ...] = ()
+
+
+class Optimizer(keras.optimizers.Optimizer):
+    """Base class of fusedopt's Keras optimizers: Keras' pipeline, fusedopt's update.
+
+    A subclass is ``(Optimizer, keras.optimizers.<Name>)`` with ``_declaration``, the
+    :mod:`fusedopt.keras_numpy` class of the same algorithm (its native algorithm and Keras'
+    spelling of the hyperparameters), and ``_slots``, Keras' attribute for each native state.
+    """
+
+    _declaration: ClassVar[type[keras_numpy.Optimizer]]
+    _slots: ClassVar[tuple[str, ...]] = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        _require_torch_backend(cls)
+        return super().__new__(cls, *args, **kwargs)
+
+    def _fusedopt_setup(self) -> None:
+        """After Keras' constructor: fusedopt's state, and every hyperparameter checked now (a
+        bad one is refused at construction, not at the first step)."""
+        self._fusedopt = _Native()
+        rate = self._learning_rate
+        if isinstance(rate, keras.Variable):
+            rate = float(keras.ops.convert_to_numpy(rate.value))
+        elif callable(rate):
+            rate = 0.0  # a schedule's rates are checked at every step
+        decay = getattr(self, "weight_decay", None)
+        values, fixed = self._option_values(rate, 0.0 if decay is None else decay)
+        native_values(
+            self._declaration._description, self._declaration._hyperparameters, values, fixed
+        )
+
+    # ------------------------------------------------------------------------------ options
+
+    def _option_values(
+        self, learning_rate: float, weight_decay: Any
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """The declared hyperparameters' values (Keras' attributes, read at every step as Keras
+        reads them) and the options the class fixes."""
+        declaration = self._declaration
+        values = {h.name: getattr(self, h.name, None) for h in declaration._hyperparameters}
+        values["learning_rate"] = learning_rate
+        if "weight_decay" in values:
+            values["weight_decay"] = weight_decay
+        fixed: dict[str, float] = {"convention": KERAS, **declaration._fixed}
+        if any(f.name == "float32_scalars" for f in declaration._description.fields):
+            fixed["float32_scalars"] = float(self._scalar_dtype() != "float64")
+        return values, fixed
+
+    def _native_options(self, learning_rate: float) -> tuple[float, ...]:
+        """The kernel's options for the current attributes at this learning rate, recomputed
+        only when one changed. The kernel is given weight_decay = 0: Keras' base class decays
+        the variables before the update (module docstring)."""
+        values, fixed = self._option_values(learning_rate, 0.0)
+        key = (*values.values(), *fixed.values())
+        state = self._fusedopt
+        if key != state.options_key:
+            declaration = self._declaration
+            state.options = native_values(
+                declaration._description, declaration._hyperparameters, values, fixed
+            )
+            state.options_key = key
+        return state.options
+
+    def _scalar_dtype(self) -> str:
+        """The dtype of Keras' optimizer-wide scalars (Nadam's u_product: the first variable's
+        dtype, floatx before the optimizer is built)."""
+        for attribute in _SCALARS.values():
+            variable = getattr(self, attribute, None)
+            if variable is not None:
+                return str(variable.dtype)
+        return keras.config.floatx()
+
+    def _learning_rate_value(self, learning_rate: Any, first: Any) -> float:
+        """The learning rate as Keras applies it to ``first`` (the first variable's tensor): a
+        float32 variable or tensor as it is; a Python number cast to the variable's dtype, as
+        Keras' ``ops.cast(learning_rate, variable.dtype)`` does. TypeError for anything else."""
+        torch = _torch()
+        value = learning_rate
+        if isinstance(value, keras.Variable):
+            value = value.value
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or not value.is_floating_point():
+                raise TypeError(self._bad_learning_rate(learning_rate))
+            return float(value.item())
+        try:
+            number = as_number(value, "learning_rate")
+        except TypeError:
+            raise TypeError(self._bad_learning_rate(learning_rate)) from None
+        if isinstance(value, bool):
+            raise TypeError(self._bad_learning_rate(learning_rate))
+        return float(np.float32(number)) if first.dtype == torch.float32 else number
+
+    def _bad_learning_rate(self, value: Any) -> str:
+        source = self._learning_rate
+        origin = f"the learning-rate schedule {source!r} returned" if callable(source) else "got"
+        return (
+            f"fusedopt.keras.{type(self).__name__}: learning_rate must be a number; {origin} "
+            f"{value!r} ({type(value).__name__}). No variable was updated."
+        )
+
+    # -------------------------------------------------------------------------------- build
+
+    def build(self, variables: Sequence[Any]) -> None:
+        """Keras' build (the slots), after checking that fusedopt can update every variable:
+        a Keras variable, float32 or float64, on the CPU or a CUDA device."""
+        if not self.built:
+            variables = list(variables)
+            for i, v in enumerate(variables):
+                self._check_variable(v, i)
+        super().build(variables)
+
+    def _check_variable(self, v: Any, index: int) -> None:
+        name = type(self).__name__
+        if not isinstance(v, keras.Variable):
+            hint = (
+                f"; for NumPy arrays use fusedopt.keras_numpy.{name}"
+                if isinstance(v, np.ndarray)
+                else ""
+            )
+            raise TypeError(
+                f"fusedopt.keras.{name} updates keras.Variable objects (a model's "
+                f"trainable_variables); variables[{index}] is a {type(v).__name__}{hint}"
+            )
+        if getattr(v, "overwrite_with_gradient", False):
+            return  # assigned its gradient by Keras, never updated here
+        dtype = keras.backend.standardize_dtype(v.dtype)
+        if dtype not in ("float32", "float64"):
+            raise TypeError(
+                f"fusedopt.keras.{name}: variable '{v.path}' has dtype {dtype}; fusedopt updates "
+                "float32 and float64 variables (mixed precision: the 'mixed_float16' and "
+                "'mixed_bfloat16' policies keep variables in float32)"
+            )
+        value = v.value
+        if value.device.type == "cuda":
+            reason = cuda.unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(
+                    f"fusedopt.keras.{name}: variable '{v.path}' is on {value.device}, and "
+                    f"fusedopt's CUDA backend cannot run here: {reason}"
+                )
+        elif value.device.type != "cpu":
+            raise ValueError(
+                f"fusedopt.keras.{name}: variable '{v.path}' is on {value.device}; fusedopt "
+                "updates variables on the CPU and on CUDA devices"
+            )
+
+    # ------------------------------------------------------------------------------- steps
+
+    def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> None:
+        """Keras' pipeline, once the gradients, the learning rate and the native plan have
+        been checked: a refused step raises here, before Keras changes any variable."""
+        torch = _torch()
+        values = [v.value for v in trainable_variables]
+        grads = [
+            self._checked_grad(g, v, x, torch)
+            for g, v, x in zip(grads, trainable_variables, values)
+        ]
+        if values:
+            options = self._native_options(self._learning_rate_value(self.learning_rate, values[0]))
+            self._entry(trainable_variables, values, options)
+        super()._backend_apply_gradients(grads, trainable_variables)
+
+    def _checked_grad(self, grad: Any, variable: Any, value: Any, torch: Any) -> Any:
+        """The gradient as a contiguous torch tensor of the variable's shape, dtype and device
+        (Keras casts a gradient to its variable's dtype in every update step)."""
+        if not isinstance(grad, torch.Tensor):
+            try:
+                grad = keras.ops.convert_to_tensor(grad)
+            except Exception as error:
+                raise TypeError(
+                    f"fusedopt.keras.{type(self).__name__}: the gradient of variable "
+                    f"'{variable.path}' is a {type(grad).__name__}, not a tensor ({error}). "
+                    "No variable was updated."
+                ) from None
+        if grad.shape != value.shape:
+            raise ValueError(
+                f"fusedopt.keras.{type(self).__name__}: the gradient of variable "
+                f"'{variable.path}' has shape {tuple(grad.shape)}, but the variable's shape is "
+                f"{tuple(value.shape)}. No variable was updated."
+            )
+        if grad.dtype is not value.dtype or grad.device != value.device:
+            grad = grad.to(device=value.device, dtype=value.dtype)
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        return grad
+
+    def _backend_update_step(
+        self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any
+    ) -> None:
+        """Every variable's update in one native call (Keras calls this once per step, after
+        clipping and weight decay). The grads were checked in ``_backend_apply_gradients``;
+        Keras' clipping and averaging keep their dtype, device and shape (and the native step
+        checks them all again before it writes anything)."""
+        torch = _torch()
+        if not trainable_variables:
+            return
+        with torch.no_grad():
+            values = [v.value for v in trainable_variables]
+            options = self._native_options(self._learning_rate_value(learning_rate, values[0]))
+            step = self._step_number()
+            for attempt in range(2):
+                entry = self._entry(trainable_variables, values, options, fresh=attempt > 0)
+                if self._run(entry, grads, step):
+                    return
+            raise RuntimeError("fusedopt.keras: a plan made now refused its first step")
+
+    def _step_number(self) -> int:
+        """Keras' t: ``iterations + 1``, where iterations counts the updates (under gradient
+        accumulation, the raw count // the accumulation steps)."""
+        raw = int(self._iterations.value.item())
+        steps = self.gradient_accumulation_steps
+        return (raw // steps if steps else raw) + 1
+
+    def _entry(
+        self,
+        trainable_variables: list[Any],
+        values: list[Any],
+        options: tuple[float, ...],
+        fresh: bool = False,
+    ) -> _Entry:
+        """The native plan over these variables (made once per set of variables with a
+        gradient, and again when a variable's tensor changed), with these options."""
+        indices = tuple(self._get_variable_index(v) for v in trainable_variables)
+        state = self._fusedopt
+        stateless = in_stateless_scope()
+        entry = None if fresh or stateless else state.plans.get(indices)
+        if entry is not None and (
+            len(entry.values) != len(values)
+            or any(a is not b for a, b in zip(entry.values, values))
+        ):
+            entry = None  # a variable holds another tensor now
+        if entry is None:
+            entry = self._make_entry(indices, values, options)
+            if not stateless:
+                state.plans[indices] = entry
+        elif entry.options is not options:
+            entry.plan.set_options(0, options)  # refused, with nothing changed, if invalid
+            entry.options = options
+        return entry
+
+    def _make_entry(
+        self, indices: tuple[int, ...], values: list[Any], options: tuple[float, ...]
+    ) -> _Entry:
+        description = self._declaration._description
+        used = description.states_used(options)
+        states: list[list[Any] | None] = []
+        for native, attribute in zip(description.states, self._slots):
+            slots = getattr(self, attribute, None) or None
+            if native in used and slots is None:
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: these hyperparameters need the "
+                    f"'{native}' slots ({attribute}), which Keras did not create when the "
+                    "optimizer was built; set the hyperparameters before the first step"
+                )
+            states.append(None if slots is None else [slots[i].value for i in indices])
+        scalar_tensors = [getattr(self, _SCALARS[name]).value for name in description.scalars]
+        n = len(values)
+        device = values[0].device.type == "cuda"
+        if device:
+            scalars = np.zeros((n, _core.max_scalars)) if scalar_tensors else None
+            plan = make_plan(
+                description.name, [options], np.zeros(n, np.int64), values, states,
+                scalars=scalars,
+            )  # fmt: skip
+            entry = _Entry(plan, options, values, device=True)
+            entry.scalars = scalars
+            return entry
+        rows = [scalar_tensors] * n if scalar_tensors else None
+        plan = _core.TorchPlan(
+            description.name, [options], [0] * n, values, [True] * n, states, [], rows, None
+        )
+        return _Entry(plan, options, values, device=False)
+
+    def _run(self, entry: _Entry, grads: list[Any], step: int) -> bool:
+        if not entry.device:
+            return bool(entry.plan.step_grads(grads, step))
+        # CUDA: Keras' optimizer-wide scalars go to every tensor and come back advanced alike.
+        names = self._declaration._description.scalars
+        variables = [getattr(self, _SCALARS[name]) for name in names]
+        if entry.scalars is not None:
+            for k, variable in enumerate(variables):
+                entry.scalars[:, k] = float(variable.value.item())
+        entry.plan.step(grads, None, step)
+        if entry.scalars is not None:
+            for k, variable in enumerate(variables):
+                variable.assign(float(entry.scalars[0, k]))
+        return True
+
+    # ------------------------------------------------------------- gradient accumulation
+
+    def _backend_reset_gradient_accumulators(self) -> None:
+        torch = _torch()
+        with torch.no_grad():
+            accumulators = [v.value for v in self._accumulated_gradients if v is not None]
+            torch._foreach_mul_(accumulators, 0.0)
+
+    def _backend_increment_gradient_accumulators(
+        self, grads: list[Any], acc_grads: list[Any]
+    ) -> None:
+        torch = _torch()
+        with torch.no_grad():
+            torch._foreach_add_([v.value for v in acc_grads], grads, alpha=1.0)
+
+
+def _make(declaration: type[keras_numpy.Optimizer]) -> type[Optimizer]:
+    """fusedopt.keras.<Name>: ``(Optimizer, keras.optimizers.<Name>)`` with Keras' constructor
+    (its signature and defaults), registered for saving as ``fusedopt>Name``."""
+    name = declaration.__name__
+    keras_class = getattr(keras.optimizers, name)
+    keras_init = keras_class.__init__
+
+    def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
+        keras_init(self, *args, **kwargs)
+        self._fusedopt_setup()
+
+    __init__.__signature__ = inspect.signature(keras_init)  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{name}.__init__"
+    __init__.__doc__ = f"``keras.optimizers.{name}``'s constructor, arguments and defaults."
+    doc = (
+        f"``keras.optimizers.{name}`` with fusedopt's step: one native call updates every "
+        f"variable in place.\n\n{(declaration.__doc__ or '').strip()}"
+    )
+    namespace = {
+        "__init__": __init__,
+        "__doc__": doc,
+        "__module__": __name__,
+        "__qualname__": name,
+        "_declaration": declaration,
+        "_slots": _SLOTS[name],
+    }
+    cls = type(name, (Optimizer, keras_class), namespace)
+    return keras.saving.register_keras_serializable(package="fusedopt", name=name)(cls)
+
+
+for _name in _SLOTS:
+    globals()[_name] = _make(getattr(keras_numpy, _name))
+    __all__.append(_name)
+del _name
+
+if keras.backend.backend() == "torch":
+    # Under jit_compile=True Keras compiles its train step with torch.compile: the native step
+    # is opaque to it, so the optimizer's part of the step runs eagerly, as a unit.
+    Optimizer._backend_apply_gradients = _torch().compiler.disable(  # type: ignore[method-assign]
+        Optimizer._backend_apply_gradients
+    )
