@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from bench.cases import make_plan, run_all
+from bench.keras_front import keras_train_on_batch
 from bench.report import markdown, write_chart
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
 
     results = run_all(make_plan(mode_name))
-    report = markdown(results, mode_name)
+    report = markdown(results, mode_name) + keras_train_on_batch(mode_name)
     print(report, end="")
     if args.markdown:
         args.markdown.write_text(report)
