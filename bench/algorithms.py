@@ -481,13 +481,13 @@ LAMB = Algorithm("lamb", "", "", {}, 2, _numpy_lamb)
 
 
 def lamb_candidates(w: Workload, threads: list[int]) -> list[Candidate]:
-    """``fusedopt.keras.Lamb`` at each thread count (one optimizer, as fusedopt_candidates) and
+    """``fusedopt.keras_numpy.Lamb`` at each thread count (one optimizer, as fusedopt_candidates) and
     ``fusedopt.functional.lamb_`` at the most threads."""
     import fusedopt.functional
-    import fusedopt.keras
+    import fusedopt.keras_numpy
 
     variables = w.param_copies()
-    optimizer = fusedopt.keras.Lamb(learning_rate=LAMB_LR)
+    optimizer = fusedopt.keras_numpy.Lamb(learning_rate=LAMB_LR)
     candidates = [
         Candidate(
             fusedopt_label(best_isa(), n),

@@ -182,7 +182,7 @@ def run_many_tensors(plan: Plan, progress: Progress, with_torch: bool) -> list[R
 
 
 def run_lamb(plan: Plan, progress: Progress) -> list[Result]:
-    """LAMB float32, one tensor: fusedopt.keras.Lamb, the functional lamb_, NumPy and the
+    """LAMB float32, one tensor: fusedopt.keras_numpy.Lamb, the functional lamb_, NumPy and the
     two-pass ceiling (bench/algorithms.py)."""
     n = plan.lamb
     progress.case(f"lamb float32 {n:.0e} elements vs its two-pass ceiling")

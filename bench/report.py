@@ -171,7 +171,7 @@ def lamb_bytes_note(results: list[Result]) -> str:
             f"{ceiling / 1e6:.6g} MB ({ceiling / lamb:.6f} of it)"
         )
     return (
-        "fusedopt is `fusedopt.keras.Lamb.apply` (and `fusedopt.functional.lamb_`). The two-pass "
+        "fusedopt is `fusedopt.keras_numpy.Lamb.apply` (and `fusedopt.functional.lamb_`). The two-pass "
         "ceiling moves LAMB's bytes pass by pass: its first pass reads param, grad, m, v and "
         "writes m, v (24 bytes per float32 element); `stream_add` (p += g) over buffers of 2n "
         "elements reads and writes exactly that. Its second pass reads param, m, v and writes "
@@ -320,7 +320,7 @@ def targets(results: list[Result]) -> list[tuple[str, bool | None, str]]:
                 (
                     f"9. LAMB {_elements(r.elements)} ≥ 80% of its two-pass ceiling",
                     fraction >= 0.8,
-                    f"fusedopt.keras.Lamb {fraction:.2f} ({r.seconds[best] * 1e3:.2f} vs "
+                    f"fusedopt.keras_numpy.Lamb {fraction:.2f} ({r.seconds[best] * 1e3:.2f} vs "
                     f"{r.seconds['two-pass ceiling 2t'] * 1e3:.2f} ms); functional lamb_ "
                     f"{functional:.2f}",
                 )

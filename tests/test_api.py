@@ -14,7 +14,7 @@ import pytest
 
 import fusedopt
 import fusedopt.functional as F
-import fusedopt.keras as fk
+import fusedopt.keras_numpy as fk
 
 
 def cpu_flags() -> set[str]:

@@ -18,7 +18,7 @@ import pytest
 
 import fusedopt
 import fusedopt.functional as F
-import fusedopt.keras as fk
+import fusedopt.keras_numpy as fk
 from conftest import checksum
 
 N = 3  # tensors per call; index N - 1 is the bad one

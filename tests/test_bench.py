@@ -41,6 +41,7 @@ def test_smoke_run_prints_every_section_and_writes_the_chart(tmp_path: Path) -> 
         "## EWMA against pandas",
         "## Contention",
         "## Targets",
+        "## Keras train_on_batch",
     ]:
         assert heading in run.stdout
     assert report.read_text() == run.stdout

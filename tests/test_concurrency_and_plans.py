@@ -20,7 +20,7 @@ import pytest
 
 import fusedopt
 import fusedopt.functional as F
-import fusedopt.keras as fk
+import fusedopt.keras_numpy as fk
 from conftest import checksum
 
 SIZE = 1 << 17  # above the single-thread threshold: steps use the pool and release the GIL

@@ -10,7 +10,7 @@ import pytest
 
 import fusedopt
 import fusedopt.functional as F
-import fusedopt.keras as fk
+import fusedopt.keras_numpy as fk
 from fusedopt import reference
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-import fusedopt.keras as fk
+import fusedopt.keras_numpy as fk
 from fusedopt import _lr_range, optim
 
 CURVATURES = np.array([0.1, 1.0, 10.0])

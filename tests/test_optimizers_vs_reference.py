@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-import fusedopt.keras as fk
+import fusedopt.keras_numpy as fk
 from conftest import DTYPES, SIZES
 from fusedopt import reference
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 import fusedopt
-import fusedopt.keras as fk
+import fusedopt.keras_numpy as fk
 from fusedopt import reference
 
 STEPS = 40

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-import fusedopt.keras as fk
+import fusedopt.keras_numpy as fk
 from fusedopt import reference
 
 STEPS = 20

@@ -487,6 +487,7 @@ class AnyTorchPlan {
   virtual ~AnyTorchPlan() = default;
   virtual void set_options(size_t group, py::handle values) = 0;
   virtual bool step(py::handle grad_scale) = 0;
+  virtual bool step_grads(py::handle grads, int64_t step) = 0;
 };
 
 template <class A>
@@ -597,9 +598,7 @@ class TorchPlan : public AnyTorchPlan {
     }
     for (size_t k = 0; k < step_slots_.size(); ++k)
       counts_[k] = static_cast<int64_t>(step_slots_[k].read());
-    for (size_t k = 0; k < scalar_slots_.size(); ++k)
-      for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
-        scalar_rows_[k * kMaxScalars + r] = scalar_slots_[k][r].read();
+    read_scalars();
     const StepExtras extras{grad_scale_from(grad_scale)};
     {
       py::gil_scoped_release release;
@@ -607,13 +606,51 @@ class TorchPlan : public AnyTorchPlan {
     }
     for (size_t k = 0; k < step_slots_.size(); ++k)
       step_slots_[k].write(static_cast<double>(counts_[k]));
-    for (size_t k = 0; k < scalar_slots_.size(); ++k)
-      for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
-        scalar_slots_[k][r].write(scalar_rows_[k * kMaxScalars + r]);
+    write_scalars();
+    return true;
+  }
+
+  // fusedopt.keras: one step over the grads given (a list, one per active param, in order) at
+  // t = `step` for every tensor (Keras' global count, iterations + 1), instead of over each
+  // param's .grad with its own count; the step tensors, if any, are left alone. These grads are
+  // whatever Keras' pipeline made (clipped, unscaled, averaged), not autograd's, so each is
+  // described in full (device, layout, dtype, shape, contiguity) and the core checks them all
+  // before it writes anything. False, having done nothing, when a param's memory moved since
+  // the plan was made.
+  bool step_grads(py::handle grads, int64_t step) override {
+    const py::tuple items = items_of(grads, "grads");  // keeps them alive, GIL released
+    const size_t n = index_.size();
+    if (items.size() != n)
+      throw Error(ErrorKind::value, "grads: expected " + std::to_string(n) +
+                                        " tensors (one per param), got " +
+                                        std::to_string(items.size()));
+    for (size_t j = 0; j < n; ++j)
+      if (torch_data_ptr(params_[index_[j]].ptr()) != addresses_[j]) return false;
+    given_grads_.resize(n);
+    for (size_t j = 0; j < n; ++j)
+      describe_torch(items[j].ptr(), "grads[" + std::to_string(j) + "]", given_grads_[j]);
+    read_scalars();
+    {
+      py::gil_scoped_release release;
+      plan_->step(given_grads_, StepExtras{}, step);
+    }
+    write_scalars();
     return true;
   }
 
  private:
+  void read_scalars() {
+    for (size_t k = 0; k < scalar_slots_.size(); ++k)
+      for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
+        scalar_rows_[k * kMaxScalars + r] = scalar_slots_[k][r].read();
+  }
+
+  void write_scalars() {
+    for (size_t k = 0; k < scalar_slots_.size(); ++k)
+      for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
+        scalar_slots_[k][r].write(scalar_rows_[k * kMaxScalars + r]);
+  }
+
   std::vector<typename A::Options> groups_;
   std::vector<py::object> params_;
   std::vector<bool> active_;
@@ -625,6 +662,7 @@ class TorchPlan : public AnyTorchPlan {
   std::vector<int64_t> counts_;
   std::vector<double> scalar_rows_;
   std::vector<BufferInfo> infos_;
+  std::vector<BufferInfo> given_grads_;  // step_grads' grads, described at each step
   std::unique_ptr<Plan<A>> plan_;
 };
 
@@ -810,7 +848,10 @@ PYBIND11_MODULE(_core, m) {
            py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
            py::arg("new_state"))
       .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
-      .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none());
+      .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
+      .def("step_grads", &AnyTorchPlan::step_grads, py::arg("grads"), py::arg("step"),
+           "One step over these grads (one per active param) at t = step for every tensor, as "
+           "fusedopt.keras steps; False, having done nothing, when a param's memory moved.");
 
   m.def(
       "stream_add",

@@ -8,7 +8,9 @@ processor it runs on and multi-threaded with the GIL released.
   :class:`Adagrad`, :class:`RMSprop`, :class:`Adam`, :class:`AdamW`, :class:`Adadelta`,
   :class:`Adamax`, :class:`NAdam`, :class:`RAdam`, :class:`Rprop`, :class:`ASGD`, and
   :class:`Lion` (lion-pytorch's form).
-- Keras 3 convention: :mod:`fusedopt.keras`.
+- Keras 3 convention: :mod:`fusedopt.keras` (``keras.optimizers.Optimizer`` subclasses for
+  Keras models, on the torch backend; imports Keras) and :mod:`fusedopt.keras_numpy` (the same
+  math over NumPy arrays, without Keras).
 - Functional form, for callers that hold their own state: :mod:`fusedopt.functional`.
 - pandas-compatible exponentially weighted mean: :func:`ewma`.
 - The learning-rate range test, for choosing a learning rate: :func:`lr_range_test`.

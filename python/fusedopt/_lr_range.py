@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fusedopt import keras as fusedopt_keras
+from fusedopt import keras_numpy as fusedopt_keras
 from fusedopt import optim
 from fusedopt._engine import as_number
 from fusedopt._ewma import _center_of_mass, ewma
@@ -108,7 +108,7 @@ def lr_range_test(
       ``(loss, grads)``, one grad per param in param order (as ``step`` takes them); every
       group's ``lr`` is set. The state buffers are restored in place too (the same arrays), and
       the step counts, scalars and every group's hyperparameters.
-    - **Keras-style** (``fusedopt.keras.Adam``, ...): ``loss_and_grads()`` returns
+    - **Keras-style** (``fusedopt.keras_numpy.Adam``, ...): ``loss_and_grads()`` returns
       ``(loss, grads)`` with one grad (or None) per variable of ``variables``, the list that
       ``apply(grads, variables)`` takes. ``variables`` is required when the optimizer is not
       built yet (it is then left unbuilt); otherwise it defaults to the variables it was built
@@ -367,7 +367,7 @@ def _runner(optimizer: Any, loss_and_grads: Callable[[], Any], variables: Any) -
             )
         return _TorchRunner(torch, optimizer, loss_and_grads)
     raise TypeError(
-        "optimizer must be a fusedopt optimizer (fusedopt.Adam, fusedopt.keras.Adam, "
+        "optimizer must be a fusedopt optimizer (fusedopt.Adam, fusedopt.keras_numpy.Adam, "
         f"fusedopt.torch.Adam, ...) or a torch.optim.Optimizer, got {type(optimizer).__name__}"
     )
 

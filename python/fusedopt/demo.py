@@ -26,12 +26,12 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 import fusedopt
-import fusedopt.keras
+import fusedopt.keras_numpy
 
 Arrays = list[np.ndarray]
 Step = Callable[[Arrays], None]
 """Applies one update to the parameters an optimizer was built on, given their gradients."""
-Optimizer = fusedopt.Optimizer | fusedopt.keras.Optimizer
+Optimizer = fusedopt.Optimizer | fusedopt.keras_numpy.Optimizer
 
 FULL_STEPS = 2000
 QUICK_STEPS = 150
@@ -47,13 +47,13 @@ class OptimizerSetup:
 
 
 def step_of(optimizer: Optimizer, params: Arrays) -> Step:
-    if isinstance(optimizer, fusedopt.keras.Optimizer):
+    if isinstance(optimizer, fusedopt.keras_numpy.Optimizer):
         return lambda grads: optimizer.apply(grads, params)
     return optimizer.step
 
 
 def set_learning_rate(optimizer: Optimizer, learning_rate: float) -> None:
-    if isinstance(optimizer, fusedopt.keras.Optimizer):
+    if isinstance(optimizer, fusedopt.keras_numpy.Optimizer):
         optimizer.learning_rate = learning_rate
     else:
         for group in optimizer.param_groups:
@@ -74,9 +74,13 @@ OPTIMIZERS = (
     OptimizerSetup("RMSprop", "rmsprop", lambda params, lr: fusedopt.RMSprop(params, lr=lr)),
     OptimizerSetup("Adam", "adam", lambda params, lr: fusedopt.Adam(params, lr=lr)),
     OptimizerSetup("AdamW", "adam", lambda params, lr: fusedopt.AdamW(params, lr=lr)),
-    OptimizerSetup("keras.Adam", "adam", lambda params, lr: fusedopt.keras.Adam(learning_rate=lr)),
     OptimizerSetup(
-        "keras.RMSprop", "rmsprop", lambda params, lr: fusedopt.keras.RMSprop(learning_rate=lr)
+        "keras.Adam", "adam", lambda params, lr: fusedopt.keras_numpy.Adam(learning_rate=lr)
+    ),
+    OptimizerSetup(
+        "keras.RMSprop",
+        "rmsprop",
+        lambda params, lr: fusedopt.keras_numpy.RMSprop(learning_rate=lr),
     ),
 )
 
@@ -295,7 +299,7 @@ RANGE_TEST_SETTINGS = {"start_lr": 1e-7, "end_lr": 10.0, "num_steps": 100, "smoo
 def range_test(
     problem: Problem, optimizer: Optimizer, params: Arrays
 ) -> fusedopt.LRRangeTestResult:
-    keras_style = isinstance(optimizer, fusedopt.keras.Optimizer)
+    keras_style = isinstance(optimizer, fusedopt.keras_numpy.Optimizer)
     return fusedopt.lr_range_test(
         optimizer,
         lambda: problem.loss_and_grads(params),

@@ -268,11 +268,11 @@ def _make(algorithm: str) -> Any:
 def _docstring(description: Description, positional: list[str], keywords: list[str]) -> str:
     """The math from the class of the same algorithm (PyTorch style where there is one), and the
     arguments."""
-    from fusedopt import keras, optim
+    from fusedopt import keras_numpy, optim
 
     classes = [
         c
-        for module in (optim, keras)
+        for module in (optim, keras_numpy)
         for c in vars(module).values()
         if isinstance(c, type) and getattr(c, "_algorithm", None) == description.name
     ]

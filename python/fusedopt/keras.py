@@ -1,549 +1,453 @@
-"""Keras 3 convention: ``keras.optimizers``' names, defaults and math over NumPy arrays.
+"""Keras 3 optimizers with fusedopt's step: ``model.compile(optimizer=fusedopt.keras.AdamW())``.
 
-Used as in Keras: construct with hyperparameters only, then ``opt.apply(grads, variables)`` (or
-``opt.apply_gradients(zip(grads, variables))``) updates the arrays in place, building the state
-on first use. As in Keras 3 (spec A.2): weight decay is decoupled and scaled by the learning rate
-in every optimizer, Adam's epsilon is epsilon-hat (next to the uncorrected root), Adagrad's and
-RMSprop's epsilon sit inside the square root, and the learning rate lives inside momentum.
-``clipnorm``, ``clipvalue`` and ``global_clipnorm`` clip the gradients first.
+``fusedopt.keras.<Name>`` (SGD, Adagrad, RMSprop, Adam, AdamW, Adadelta, Adamax, Nadam, Lion,
+Lamb) is a subclass of ``keras.optimizers.<Name>``, so of ``keras.optimizers.Optimizer``: the
+same constructor, defaults, ``get_config``, slot variables (names, order, initial values) and
+everything Keras' base class does around an update. It replaces one thing, the update itself:
+where Keras runs its update per variable (or a chain of ``torch._foreach_*`` passes), one native
+call updates every trainable variable in place, in the variables' own torch tensors (CPU through
+``fusedopt._core.TorchPlan``, CUDA through :mod:`fusedopt.cuda`), with Keras' math (spec A.2).
 
-``learning_rate`` is a float (settable between steps) or a callable of the iteration count, such
-as a ``keras.optimizers.schedules`` object. Like Keras, the current rate is held as a float32
-value, so float64 variables see the same rounded rate that Keras gives them.
+How a step is split between Keras and fusedopt (``apply`` -> ``_backend_apply_gradients``):
 
-A class here declares only its algorithm (described once, in ``csrc/math/<name>.h``), how Keras
-spells and defaults its hyperparameters, and Keras' names for its state; the rest is shared.
+- Keras' base class, unchanged: dropping None gradients, ``overwrite_with_gradient``,
+  ``loss_scale_factor``, ``gradient_accumulation_steps`` (the accumulators are summed with one
+  ``torch._foreach_add_``, as Keras' torch optimizers do), ``clipnorm`` / ``clipvalue`` /
+  ``global_clipnorm``, the learning rate (a float32 variable, a ``LearningRateSchedule`` or a
+  callable), the decoupled ``weight_decay`` with ``exclude_from_weight_decay`` (Keras' own
+  ``torch._foreach_mul_`` by ``1 - weight_decay*lr``: the kernel is given weight_decay = 0, so
+  the decay is Keras' to the bit for every kind of learning rate, and the exclusions are Keras'
+  own), the EMA of the weights, constraints and ``iterations``.
+- fusedopt: the update of every variable and slot (momentums, velocities, ...; Nadam's
+  ``_u_product``), in one call, at Keras' ``t = iterations + 1``.
+
+Before Keras changes anything, each ``apply`` checks the gradients (one per variable, of its
+shape; converted to the variable's dtype and device as Keras' ``ops.cast`` would), the learning
+rate (a number, whatever a schedule returns) and the hyperparameters; a refused step changes no
+variable and leaves ``iterations`` alone. Variables must be float32 or float64 (the
+``mixed_float16`` policy keeps them float32); others are refused when the optimizer is built.
+
+Only the torch backend updates variables in place: on JAX or TensorFlow the constructor raises,
+naming the torch backend. Saving: the slots are Keras variables, so ``model.save`` and
+``keras.saving.load_model`` keep the optimizer and its state (the classes are registered as
+``fusedopt>Name``: ``import fusedopt.keras`` before loading). For NumPy arrays, the same math
+without Keras is :mod:`fusedopt.keras_numpy`.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import keras
 import numpy as np
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-from fusedopt import _core
-from fusedopt._engine import (
-    KERAS,
-    Description,
-    Hyperparameter,
-    Plan,
-    as_number,
-    describe,
-    make_plan,
-    native_values,
-)
+from fusedopt import _core, cuda, keras_numpy
+from fusedopt._engine import KERAS, as_number, make_plan, native_values
 
-LearningRate = float | Callable[[int], float]
-H = Hyperparameter
+__all__ = ["Optimizer"]
 
-# The arguments every Keras optimizer takes after its own (keras' BaseOptimizer), in its order.
-_BASE_ARGUMENTS = ("clipnorm", "clipvalue", "global_clipnorm", "name")
+# Keras' attribute holding each native state's slots (one per trainable variable), in the order
+# of the algorithm's native states (csrc/math/<name>.h); the NumPy declaration of the same name
+# gives the algorithm and how Keras spells its hyperparameters.
+_SLOTS: dict[str, tuple[str, ...]] = {
+    "SGD": ("momentums",),
+    "Adagrad": ("_accumulators",),
+    "RMSprop": ("_velocities", "_momentums", "_average_gradients"),
+    "Adam": ("_momentums", "_velocities", "_velocity_hats"),
+    "AdamW": ("_momentums", "_velocities", "_velocity_hats"),
+    "Adadelta": ("_accumulated_grads", "_accumulated_delta_vars"),
+    "Adamax": ("_m", "_u"),
+    "Nadam": ("_momentums", "_velocities"),
+    "Lion": ("_momentums",),
+    "Lamb": ("_momentums", "_velocities"),
+}
+# Keras' optimizer-wide variable holding each native scalar (Nadam's u_product).
+_SCALARS = {"mu_product": "_u_product"}
 
 
-class Optimizer:
-    """Base class of the Keras-convention optimizers: the gradient pipeline of Keras'
-    ``BaseOptimizer.apply`` (drop None gradients, clip, decay, update, ``iterations += 1``)."""
+def _require_torch_backend(cls: type) -> None:
+    backend = keras.backend.backend()
+    if backend != "torch":
+        raise RuntimeError(
+            f"fusedopt.keras.{cls.__name__} needs Keras' torch backend (KERAS_BACKEND=torch): it "
+            f"updates the variables' torch tensors in place, and Keras runs on {backend!r} here, "
+            f"whose variables cannot be updated in place. Use keras.optimizers.{cls.__name__} on "
+            f"{backend!r}, or set KERAS_BACKEND=torch before importing Keras."
+        )
 
-    _algorithm: ClassVar[str] = ""
-    # Keras' spelling and defaults, in Keras' argument order, learning_rate and weight_decay
-    # included (where Keras puts them).
-    _hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
-    _state_names: ClassVar[tuple[str, ...]] = ()  # Keras' names of the native states, in order
-    _fixed: ClassVar[dict[str, float]] = {}  # native options the class sets (Nadam's schedule)
-    _description: ClassVar[Description]
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls._algorithm:
-            cls._description = describe(cls._algorithm)
-            if len(cls._state_names) != len(cls._description.states):
-                raise TypeError(f"{cls.__name__}: one Keras name per native state")
-            if "__init__" not in cls.__dict__:
-                cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
+def _torch() -> Any:
+    import torch
 
-    def _setup(self, hyperparameters: dict[str, Any], base: dict[str, Any]) -> None:
-        clipnorm, clipvalue, global_clipnorm = (base[k] for k in _BASE_ARGUMENTS[:3])
-        given = [c for c in (clipnorm, clipvalue, global_clipnorm) if c is not None]
-        if len(given) > 1:
-            raise ValueError(
-                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
-                f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}"
-            )
-        for label in _BASE_ARGUMENTS[:3]:
-            value = base[label]
-            if value is not None and not as_number(value, label) > 0:
-                raise ValueError(f"Invalid {label}: {value} (must be > 0)")
-        if "weight_decay" in hyperparameters and hyperparameters["weight_decay"] is None:
-            if type(self).weight_decay_required():
-                raise ValueError(
-                    "Argument `weight_decay` must be a float. Received: weight_decay=None"
-                )
-        self._lock = threading.Lock()
-        self.clipnorm = clipnorm
-        self.clipvalue = clipvalue
-        self.global_clipnorm = global_clipnorm
-        self.name = base["name"] or type(self).__name__.lower()
-        for key, value in hyperparameters.items():
-            if key != "learning_rate":
-                setattr(self, key, value)
-        self.learning_rate = hyperparameters["learning_rate"]
-        self.iterations = 0
-        self._variables: list[np.ndarray] = []
-        self._index_of: dict[int, int] = {}
-        self._buffers: dict[str, list[np.ndarray]] = {}
-        # Scalars Keras keeps once for the whole optimizer (Nadam's u_product), by native name.
-        self._scalars = {
-            name: value
-            for name, value in zip(
-                self._description.scalars, self._description.initial_values(self._defaults())[1]
-            )
-        }
-        self._plans: dict[tuple[int, ...], tuple[Plan, tuple[float, ...], np.ndarray]] = {}
-        self._options_key: tuple[Any, ...] | None = None
-        self._options_values: tuple[float, ...] = ()
-        self.built = False
-        self._native_options(0.0)  # checks every hyperparameter now, as Keras does
+    return torch
 
-    @classmethod
-    def weight_decay_required(cls) -> bool:
-        """AdamW's weight_decay is a number, never None (Keras refuses None)."""
-        for h in cls._hyperparameters:
-            if h.name == "weight_decay":
-                return h.default is not None
-        return False
 
-    # ---------------------------------------------------------------------------- learning rate
+class _Entry:
+    """A native plan over the tensors of some of the variables (those given gradients)."""
 
-    @property
-    def learning_rate(self) -> float:
-        """The rate the next ``apply`` uses (a schedule is evaluated at ``iterations``)."""
-        return self._current_learning_rate()
+    def __init__(self, plan: Any, options: tuple[float, ...], values: list[Any], device: bool):
+        self.plan = plan
+        self.options = options
+        self.values = values  # the variables' tensors it was made over
+        self.device = device  # CUDA (fusedopt.cuda) rather than CPU (TorchPlan)
+        self.scalars: np.ndarray | None = None
 
-    @learning_rate.setter
-    def learning_rate(self, value: LearningRate) -> None:
-        if not callable(value):
-            rate = as_number(value, "learning_rate")
-            if not rate >= 0:
-                raise ValueError(f"Invalid learning_rate: {value} (must be >= 0)")
-        self._learning_rate = value
 
-    def _current_learning_rate(self) -> float:
+class _Native:
+    """fusedopt's own state on an optimizer, in one plain object: Keras tracks the attributes
+    of an optimizer (lists and dicts become tracked containers), and this holds no Keras
+    variable."""
+
+    def __init__(self) -> None:
+        self.plans: dict[tuple[int, ...], _Entry] = {}
+        self.options_key: tuple[Any, ...] | None = None
+        self.options: tuple[float, ...] = ()
+
+
+class Optimizer(keras.optimizers.Optimizer):
+    """Base class of fusedopt's Keras optimizers: Keras' pipeline, fusedopt's update.
+
+    A subclass is ``(Optimizer, keras.optimizers.<Name>)`` with ``_declaration``, the
+    :mod:`fusedopt.keras_numpy` class of the same algorithm (its native algorithm and Keras'
+    spelling of the hyperparameters), and ``_slots``, Keras' attribute for each native state.
+    """
+
+    _declaration: ClassVar[type[keras_numpy.Optimizer]]
+    _slots: ClassVar[tuple[str, ...]] = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        _require_torch_backend(cls)
+        return super().__new__(cls, *args, **kwargs)
+
+    def _fusedopt_setup(self) -> None:
+        """After Keras' constructor: fusedopt's state, and every hyperparameter checked now (a
+        bad one is refused at construction, not at the first step)."""
+        self._fusedopt = _Native()
         rate = self._learning_rate
-        value = rate(self.iterations) if callable(rate) else rate
-        return float(np.float32(as_number(value, "learning_rate")))
+        if isinstance(rate, keras.Variable):
+            rate = float(keras.ops.convert_to_numpy(rate.value))
+        elif callable(rate):
+            rate = 0.0  # a schedule's rates are checked at every step
+        decay = getattr(self, "weight_decay", None)
+        values, fixed = self._option_values(rate, 0.0 if decay is None else decay)
+        native_values(
+            self._declaration._description, self._declaration._hyperparameters, values, fixed
+        )
+
+    # ------------------------------------------------------------------------------ options
+
+    def _option_values(
+        self, learning_rate: float, weight_decay: Any
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """The declared hyperparameters' values (Keras' attributes, read at every step as Keras
+        reads them) and the options the class fixes."""
+        declaration = self._declaration
+        values = {h.name: getattr(self, h.name, None) for h in declaration._hyperparameters}
+        values["learning_rate"] = learning_rate
+        if "weight_decay" in values:
+            values["weight_decay"] = weight_decay
+        fixed: dict[str, float] = {"convention": KERAS, **declaration._fixed}
+        if any(f.name == "float32_scalars" for f in declaration._description.fields):
+            fixed["float32_scalars"] = float(self._scalar_dtype() != "float64")
+        return values, fixed
 
     def _native_options(self, learning_rate: float) -> tuple[float, ...]:
-        """The native options for the current attributes, recomputed only when one changed."""
-        values = {h.name: getattr(self, h.name, None) for h in self._hyperparameters}
-        values["learning_rate"] = learning_rate
-        if values.get("weight_decay") is None:
-            values["weight_decay"] = 0.0
-        key = tuple(values.values()) + (self._float32_scalars(),)
-        if key != self._options_key:
-            self._options_values = native_values(
-                self._description, self._hyperparameters, values, self._fixed_options()
+        """The kernel's options for the current attributes at this learning rate, recomputed
+        only when one changed. The kernel is given weight_decay = 0: Keras' base class decays
+        the variables before the update (module docstring)."""
+        values, fixed = self._option_values(learning_rate, 0.0)
+        key = (*values.values(), *fixed.values())
+        state = self._fusedopt
+        if key != state.options_key:
+            declaration = self._declaration
+            state.options = native_values(
+                declaration._description, declaration._hyperparameters, values, fixed
             )
-            self._options_key = key
-        return self._options_values
+            state.options_key = key
+        return state.options
 
-    def _fixed_options(self) -> dict[str, float]:
-        fixed = {"convention": KERAS, **self._fixed}
-        if any(f.name == "float32_scalars" for f in self._description.fields):
-            fixed["float32_scalars"] = float(self._float32_scalars())
-        return fixed
+    def _scalar_dtype(self) -> str:
+        """The dtype of Keras' optimizer-wide scalars (Nadam's u_product: the first variable's
+        dtype, floatx before the optimizer is built)."""
+        for attribute in _SCALARS.values():
+            variable = getattr(self, attribute, None)
+            if variable is not None:
+                return str(variable.dtype)
+        return keras.config.floatx()
 
-    def _float32_scalars(self) -> bool:
-        """Keras keeps an optimizer-wide scalar (Nadam's u_product) in the dtype of the first
-        variable it was built with (floatx, float32, before that)."""
-        variables = getattr(self, "_variables", None)
-        return not variables or variables[0].dtype != np.float64
+    def _learning_rate_value(self, learning_rate: Any, first: Any) -> float:
+        """The learning rate as Keras applies it to ``first`` (the first variable's tensor): a
+        float32 variable or tensor as it is; a Python number cast to the variable's dtype, as
+        Keras' ``ops.cast(learning_rate, variable.dtype)`` does. TypeError for anything else."""
+        torch = _torch()
+        value = learning_rate
+        if isinstance(value, keras.Variable):
+            value = value.value
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or not value.is_floating_point():
+                raise TypeError(self._bad_learning_rate(learning_rate))
+            return float(value.item())
+        try:
+            number = as_number(value, "learning_rate")
+        except TypeError:
+            raise TypeError(self._bad_learning_rate(learning_rate)) from None
+        if isinstance(value, bool):
+            raise TypeError(self._bad_learning_rate(learning_rate))
+        return float(np.float32(number)) if first.dtype == torch.float32 else number
 
-    def _defaults(self) -> tuple[float, ...]:
-        return tuple(f.default for f in self._description.fields)
+    def _bad_learning_rate(self, value: Any) -> str:
+        source = self._learning_rate
+        origin = f"the learning-rate schedule {source!r} returned" if callable(source) else "got"
+        return (
+            f"fusedopt.keras.{type(self).__name__}: learning_rate must be a number; {origin} "
+            f"{value!r} ({type(value).__name__}). No variable was updated."
+        )
 
-    # ------------------------------------------------------------------------------------ state
+    # -------------------------------------------------------------------------------- build
 
-    def build(self, variables: Sequence[np.ndarray]) -> None:
-        """Create the state of every variable (``apply`` does this on first use)."""
-        variables = list(variables)
-        for i, v in enumerate(variables):
-            if not isinstance(v, np.ndarray):
-                raise TypeError(f"variables[{i}] must be a numpy.ndarray, got {type(v).__name__}")
-            if v.dtype not in (np.float32, np.float64):
-                raise TypeError(
-                    f"variables[{i}] has dtype {v.dtype}; fusedopt updates float32 and float64"
-                )
-        index_of = {id(v): i for i, v in enumerate(variables)}
-        if len(index_of) != len(variables):
-            raise ValueError("variables: the same array appears twice")
-        self._variables = variables
-        self._index_of = index_of
-        self._buffers = {}
-        self._plans = {}
-        self._create_states(self._native_options(self._current_learning_rate()))
-        self.built = True
-
-    def _create_states(self, options: tuple[float, ...]) -> bool:
-        """The state lists these options use and the optimizer does not have yet (Keras creates
-        no others); whether any was created."""
-        used = self._description.states_used(options)
-        initial, _ = self._description.initial_values(options)
-        created = False
-        for native, name in zip(self._description.states, self._state_names):
-            if native in used and name not in self._buffers:
-                value = initial[self._description.states.index(native)]
-                self._buffers[name] = [np.full_like(v, value, order="C") for v in self._variables]
-                created = True
-        return created
-
-    def _snapshot(self, variables: Sequence[np.ndarray] = ()) -> Callable[[], None]:
-        """Save everything ``apply`` and the attributes' setters touch; the returned function
-        puts it back exactly: the values of the variables it was built with and of
-        ``variables`` and of the slot arrays, in place (the same arrays), slots created since
-        dropped, and every attribute (``learning_rate``, ``iterations``, ``built``, Nadam's
-        ``u_product``, ...). For :func:`fusedopt.lr_range_test`."""
-        with self._lock:
-            arrays = {id(v): v for v in [*self._variables, *variables]}
-            values = [(a, a.copy()) for a in arrays.values()]
-            values += [(b, b.copy()) for entries in self._buffers.values() for b in entries]
-            attributes = {k: v for k, v in vars(self).items() if k != "_lock"}
-            containers = {
-                "_variables": list(self._variables),
-                "_index_of": dict(self._index_of),
-                "_buffers": {name: list(b) for name, b in self._buffers.items()},
-                "_scalars": dict(self._scalars),
-            }
-
-        def restore() -> None:
-            with self._lock:
-                for array, saved in values:
-                    np.copyto(array, saved)
-                for name in [k for k in vars(self) if k != "_lock" and k not in attributes]:
-                    delattr(self, name)
-                self.__dict__.update(attributes)
-                for name, saved in containers.items():
-                    setattr(self, name, copy.copy(saved))
-                self._buffers = {name: list(b) for name, b in containers["_buffers"].items()}
-                # Plans hold the options of the last step: register again.
-                self._plans = {}
-
-        return restore
-
-    @property
-    def variables(self) -> list[np.ndarray]:
-        """The optimizer's state arrays, in Keras' order (one list per state name)."""
-        return [b for name in self._state_names for b in self._buffers.get(name, [])]
-
-    @property
-    def state(self) -> dict[int, dict[str, np.ndarray]]:
-        """The live state of each variable by index, with Keras' state names."""
-        return {
-            i: {name: buffers[i] for name, buffers in self._buffers.items()}
-            for i in range(len(self._variables))
-        }
-
-    # ------------------------------------------------------------------------------------ apply
-
-    def apply_gradients(self, grads_and_vars: Iterable[tuple[np.ndarray, np.ndarray]]) -> int:
-        """``apply`` over ``(grad, variable)`` pairs; returns ``iterations``."""
-        pairs = list(grads_and_vars)
-        return self.apply([g for g, _ in pairs], [v for _, v in pairs])
-
-    def apply(
-        self,
-        grads: Sequence[np.ndarray | None],
-        trainable_variables: Sequence[np.ndarray] | None = None,
-    ) -> int:
-        """Update ``trainable_variables`` in place from ``grads``; returns ``iterations``."""
-        with self._lock:
-            grads = list(grads)
-            if trainable_variables is None:
-                if not self.built:
-                    raise ValueError("apply: pass trainable_variables on the first call")
-                variables = self._variables
-            else:
-                variables = list(trainable_variables)
-            if len(grads) != len(variables):
-                raise ValueError(
-                    f"grads: expected {len(variables)} arrays (one per variable), got {len(grads)}"
-                )
-            if not self.built:
-                self.build(variables)
-            indices = []
+    def build(self, variables: Sequence[Any]) -> None:
+        """Keras' build (the slots), after checking that fusedopt can update every variable:
+        a Keras variable, float32 or float64, on the CPU or a CUDA device."""
+        if not self.built:
+            variables = list(variables)
             for i, v in enumerate(variables):
-                index = self._index_of.get(id(v))
-                if index is None or self._variables[index] is not v:
-                    raise ValueError(
-                        f"trainable_variables[{i}] is not one of the variables this optimizer "
-                        "was built with"
-                    )
-                indices.append(index)
-            kept = [(g, i) for g, i in zip(grads, indices) if g is not None]
-            if variables and not kept:
-                raise ValueError("No gradients provided for any variable.")
-            if kept:
-                clipped = self._clip([g for g, _ in kept])
-                self._update(clipped, tuple(i for _, i in kept))
-            self.iterations += 1
-            return self.iterations
+                self._check_variable(v, i)
+        super().build(variables)
 
-    def _update(self, grads: list[np.ndarray], indices: tuple[int, ...]) -> None:
-        """One native step over the given variables, at Keras' t = iterations + 1."""
-        options = self._native_options(self._current_learning_rate())
-        if self._create_states(options):
-            self._plans = {}
-        entry = self._plans.get(indices)
+    def _check_variable(self, v: Any, index: int) -> None:
+        name = type(self).__name__
+        if not isinstance(v, keras.Variable):
+            hint = (
+                f"; for NumPy arrays use fusedopt.keras_numpy.{name}"
+                if isinstance(v, np.ndarray)
+                else ""
+            )
+            raise TypeError(
+                f"fusedopt.keras.{name} updates keras.Variable objects (a model's "
+                f"trainable_variables); variables[{index}] is a {type(v).__name__}{hint}"
+            )
+        if getattr(v, "overwrite_with_gradient", False):
+            return  # assigned its gradient by Keras, never updated here
+        dtype = keras.backend.standardize_dtype(v.dtype)
+        if dtype not in ("float32", "float64"):
+            raise TypeError(
+                f"fusedopt.keras.{name}: variable '{v.path}' has dtype {dtype}; fusedopt updates "
+                "float32 and float64 variables (mixed precision: the 'mixed_float16' and "
+                "'mixed_bfloat16' policies keep variables in float32)"
+            )
+        value = v.value
+        if value.device.type == "cuda":
+            reason = cuda.unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(
+                    f"fusedopt.keras.{name}: variable '{v.path}' is on {value.device}, and "
+                    f"fusedopt's CUDA backend cannot run here: {reason}"
+                )
+        elif value.device.type != "cpu":
+            raise ValueError(
+                f"fusedopt.keras.{name}: variable '{v.path}' is on {value.device}; fusedopt "
+                "updates variables on the CPU and on CUDA devices"
+            )
+
+    # ------------------------------------------------------------------------------- steps
+
+    def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> None:
+        """Keras' pipeline, once the gradients, the learning rate and the native plan have
+        been checked: a refused step raises here, before Keras changes any variable."""
+        torch = _torch()
+        values = [v.value for v in trainable_variables]
+        grads = [
+            self._checked_grad(g, v, x, torch)
+            for g, v, x in zip(grads, trainable_variables, values)
+        ]
+        if values:
+            options = self._native_options(self._learning_rate_value(self.learning_rate, values[0]))
+            self._entry(trainable_variables, values, options)
+        super()._backend_apply_gradients(grads, trainable_variables)
+
+    def _checked_grad(self, grad: Any, variable: Any, value: Any, torch: Any) -> Any:
+        """The gradient as a contiguous torch tensor of the variable's shape, dtype and device
+        (Keras casts a gradient to its variable's dtype in every update step)."""
+        if not isinstance(grad, torch.Tensor):
+            try:
+                grad = keras.ops.convert_to_tensor(grad)
+            except Exception as error:
+                raise TypeError(
+                    f"fusedopt.keras.{type(self).__name__}: the gradient of variable "
+                    f"'{variable.path}' is a {type(grad).__name__}, not a tensor ({error}). "
+                    "No variable was updated."
+                ) from None
+        if grad.shape != value.shape:
+            raise ValueError(
+                f"fusedopt.keras.{type(self).__name__}: the gradient of variable "
+                f"'{variable.path}' has shape {tuple(grad.shape)}, but the variable's shape is "
+                f"{tuple(value.shape)}. No variable was updated."
+            )
+        if grad.dtype is not value.dtype or grad.device != value.device:
+            grad = grad.to(device=value.device, dtype=value.dtype)
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        return grad
+
+    def _backend_update_step(
+        self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any
+    ) -> None:
+        """Every variable's update in one native call (Keras calls this once per step, after
+        clipping and weight decay). The grads were checked in ``_backend_apply_gradients``;
+        Keras' clipping and averaging keep their dtype, device and shape (and the native step
+        checks them all again before it writes anything)."""
+        torch = _torch()
+        if not trainable_variables:
+            return
+        with torch.no_grad():
+            values = [v.value for v in trainable_variables]
+            options = self._native_options(self._learning_rate_value(learning_rate, values[0]))
+            step = self._step_number()
+            for attempt in range(2):
+                entry = self._entry(trainable_variables, values, options, fresh=attempt > 0)
+                if self._run(entry, grads, step):
+                    return
+            raise RuntimeError("fusedopt.keras: a plan made now refused its first step")
+
+    def _step_number(self) -> int:
+        """Keras' t: ``iterations + 1``, where iterations counts the updates (under gradient
+        accumulation, the raw count // the accumulation steps)."""
+        raw = int(self._iterations.value.item())
+        steps = self.gradient_accumulation_steps
+        return (raw // steps if steps else raw) + 1
+
+    def _entry(
+        self,
+        trainable_variables: list[Any],
+        values: list[Any],
+        options: tuple[float, ...],
+        fresh: bool = False,
+    ) -> _Entry:
+        """The native plan over these variables (made once per set of variables with a
+        gradient, and again when a variable's tensor changed), with these options."""
+        indices = tuple(self._get_variable_index(v) for v in trainable_variables)
+        state = self._fusedopt
+        stateless = in_stateless_scope()
+        entry = None if fresh or stateless else state.plans.get(indices)
+        if entry is not None and (
+            len(entry.values) != len(values)
+            or any(a is not b for a, b in zip(entry.values, values))
+        ):
+            entry = None  # a variable holds another tensor now
         if entry is None:
-            states = [
-                [self._buffers[name][i] for i in indices] if name in self._buffers else None
-                for name in self._state_names
-            ]
-            scalars = np.zeros((len(indices), _core.max_scalars))
+            entry = self._make_entry(indices, values, options)
+            if not stateless:
+                state.plans[indices] = entry
+        elif entry.options is not options:
+            entry.plan.set_options(0, options)  # refused, with nothing changed, if invalid
+            entry.options = options
+        return entry
+
+    def _make_entry(
+        self, indices: tuple[int, ...], values: list[Any], options: tuple[float, ...]
+    ) -> _Entry:
+        description = self._declaration._description
+        used = description.states_used(options)
+        states: list[list[Any] | None] = []
+        for native, attribute in zip(description.states, self._slots):
+            slots = getattr(self, attribute, None) or None
+            if native in used and slots is None:
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: these hyperparameters need the "
+                    f"'{native}' slots ({attribute}), which Keras did not create when the "
+                    "optimizer was built; set the hyperparameters before the first step"
+                )
+            states.append(None if slots is None else [slots[i].value for i in indices])
+        scalar_tensors = [getattr(self, _SCALARS[name]).value for name in description.scalars]
+        n = len(values)
+        device = values[0].device.type == "cuda"
+        if device:
+            scalars = np.zeros((n, _core.max_scalars)) if scalar_tensors else None
             plan = make_plan(
-                self._algorithm,
-                [options],
-                np.zeros(len(indices), np.int64),
-                [self._variables[i] for i in indices],
-                states,
+                description.name, [options], np.zeros(n, np.int64), values, states,
                 scalars=scalars,
-            )
-            self._plans[indices] = entry = (plan, options, scalars)
-        plan, registered, scalars = entry
-        if registered is not options:
-            plan.set_options(0, options)
-            self._plans[indices] = (plan, options, scalars)
-        # An optimizer-wide scalar goes to every tensor of the step; each advances it alike.
-        names = self._description.scalars
-        for k, name in enumerate(names):
-            scalars[:, k] = self._scalars[name]
-        plan.step(grads, None, self.iterations + 1)
-        for k, name in enumerate(names):
-            self._scalars[name] = float(scalars[0, k])
-
-    def _clip(self, grads: list[np.ndarray]) -> list[np.ndarray]:
-        """Keras' ``_clip_gradients`` (spec 1, step 5), in each gradient's dtype. Clipped
-        gradients are new arrays: the caller's gradients are never changed."""
-        if self.clipnorm is None and self.global_clipnorm is None and self.clipvalue is None:
-            return grads
-        for i, g in enumerate(grads):
-            if not isinstance(g, np.ndarray) or g.dtype.kind != "f":
-                kind = f"an array of {g.dtype}" if isinstance(g, np.ndarray) else type(g).__name__
-                raise TypeError(f"grads[{i}] must be a float numpy.ndarray to clip, got {kind}")
-        if self.clipnorm is not None:
-            return [self._clip_by_norm(g, self.clipnorm) for g in grads]
-        if self.global_clipnorm is not None:
-            norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads))
-            scale = (
-                self.global_clipnorm * min(1.0 / norm, 1.0 / self.global_clipnorm) if norm else 1.0
-            )
-            return [np.asarray(g * g.dtype.type(scale), dtype=g.dtype) for g in grads]
-        return [np.clip(g, -self.clipvalue, self.clipvalue) for g in grads]
-
-    @staticmethod
-    def _clip_by_norm(g: np.ndarray, clip_norm: float) -> np.ndarray:
-        norm = np.sqrt(np.sum(np.square(g)))
-        if norm == 0:
-            return g
-        c = g.dtype.type(clip_norm)
-        return (g * c) / np.maximum(norm, c)
-
-
-def _generated_init(cls: type[Optimizer]) -> Any:
-    """``__init__`` with Keras' signature for the class, from its declaration."""
-    description = cls._description
-    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    for h in cls._hyperparameters:
-        parameters.append(
-            inspect.Parameter(
-                h.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=h.default_for(description)
-            )
+            )  # fmt: skip
+            entry = _Entry(plan, options, values, device=True)
+            entry.scalars = scalars
+            return entry
+        rows = [scalar_tensors] * n if scalar_tensors else None
+        plan = _core.TorchPlan(
+            description.name, [options], [0] * n, values, [True] * n, states, [], rows, None
         )
-    for name in _BASE_ARGUMENTS:
-        parameters.append(
-            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
-        )
-    signature = inspect.Signature(parameters)
-    own = {h.name for h in cls._hyperparameters}
+        return _Entry(plan, options, values, device=False)
+
+    def _run(self, entry: _Entry, grads: list[Any], step: int) -> bool:
+        if not entry.device:
+            return bool(entry.plan.step_grads(grads, step))
+        # CUDA: Keras' optimizer-wide scalars go to every tensor and come back advanced alike.
+        names = self._declaration._description.scalars
+        variables = [getattr(self, _SCALARS[name]) for name in names]
+        if entry.scalars is not None:
+            for k, variable in enumerate(variables):
+                entry.scalars[:, k] = float(variable.value.item())
+        entry.plan.step(grads, None, step)
+        if entry.scalars is not None:
+            for k, variable in enumerate(variables):
+                variable.assign(float(entry.scalars[0, k]))
+        return True
+
+    # ------------------------------------------------------------- gradient accumulation
+
+    def _backend_reset_gradient_accumulators(self) -> None:
+        torch = _torch()
+        with torch.no_grad():
+            accumulators = [v.value for v in self._accumulated_gradients if v is not None]
+            torch._foreach_mul_(accumulators, 0.0)
+
+    def _backend_increment_gradient_accumulators(
+        self, grads: list[Any], acc_grads: list[Any]
+    ) -> None:
+        torch = _torch()
+        with torch.no_grad():
+            torch._foreach_add_([v.value for v in acc_grads], grads, alpha=1.0)
+
+
+def _make(declaration: type[keras_numpy.Optimizer]) -> type[Optimizer]:
+    """fusedopt.keras.<Name>: ``(Optimizer, keras.optimizers.<Name>)`` with Keras' constructor
+    (its signature and defaults), registered for saving as ``fusedopt>Name``."""
+    name = declaration.__name__
+    keras_class = getattr(keras.optimizers, name)
+    keras_init = keras_class.__init__
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        del arguments["self"]
-        self._setup(
-            {k: v for k, v in arguments.items() if k in own},
-            {k: v for k, v in arguments.items() if k not in own},
-        )
+        keras_init(self, *args, **kwargs)
+        self._fusedopt_setup()
 
-    __init__.__signature__ = signature  # type: ignore[attr-defined]
-    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-    __init__.__doc__ = f"Construct a {cls.__name__} with Keras' arguments and defaults."
-    return __init__
-
-
-def _learning_rate(default: float) -> Hyperparameter:
-    return H("learning_rate", native="lr", default=default)
-
-
-_WEIGHT_DECAY = H("weight_decay", default=None)
-
-
-class SGD(Optimizer):
-    """``keras.optimizers.SGD``: velocity ``v = momentum*v - lr*g``, ``w += v`` (Nesterov:
-    ``w += momentum*v - lr*g``); the learning rate stays inside the velocity."""
-
-    _algorithm = "sgd"
-    _hyperparameters = (
-        _learning_rate(0.01),
-        H("momentum", default=0.0),
-        H("nesterov", default=False),
-        _WEIGHT_DECAY,
+    __init__.__signature__ = inspect.signature(keras_init)  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{name}.__init__"
+    __init__.__doc__ = f"``keras.optimizers.{name}``'s constructor, arguments and defaults."
+    doc = (
+        f"``keras.optimizers.{name}`` with fusedopt's step: one native call updates every "
+        f"variable in place.\n\n{(declaration.__doc__ or '').strip()}"
     )
-    _state_names = ("momentum",)
+    namespace = {
+        "__init__": __init__,
+        "__doc__": doc,
+        "__module__": __name__,
+        "__qualname__": name,
+        "_declaration": declaration,
+        "_slots": _SLOTS[name],
+    }
+    cls = type(name, (Optimizer, keras_class), namespace)
+    return keras.saving.register_keras_serializable(package="fusedopt", name=name)(cls)
 
 
-class Adagrad(Optimizer):
-    """``keras.optimizers.Adagrad``: ``acc += g*g``, ``w -= lr*g / sqrt(acc + epsilon)``."""
+for _name in _SLOTS:
+    globals()[_name] = _make(getattr(keras_numpy, _name))
+    __all__.append(_name)
+del _name
 
-    _algorithm = "adagrad"
-    _hyperparameters = (
-        _learning_rate(0.001),
-        H("initial_accumulator_value", default=0.1),
-        H("epsilon", native="eps", default=1e-7),
-        _WEIGHT_DECAY,
+if keras.backend.backend() == "torch":
+    # Under jit_compile=True Keras compiles its train step with torch.compile: the native step
+    # is opaque to it, so the optimizer's part of the step runs eagerly, as a unit.
+    Optimizer._backend_apply_gradients = _torch().compiler.disable(  # type: ignore[method-assign]
+        Optimizer._backend_apply_gradients
     )
-    _state_names = ("accumulator",)
-
-
-class RMSprop(Optimizer):
-    """``keras.optimizers.RMSprop``: ``v = rho*v + (1-rho)*g*g`` and the step
-    ``lr*g / sqrt(v + epsilon)`` (centered: ``v - mg*mg + epsilon``), accumulated into the
-    momentum buffer when ``momentum > 0``."""
-
-    _algorithm = "rmsprop"
-    _hyperparameters = (
-        _learning_rate(0.001),
-        H("rho", native="alpha", default=0.9),
-        H("momentum", default=0.0),
-        H("epsilon", native="eps", default=1e-7),
-        H("centered", default=False),
-        _WEIGHT_DECAY,
-    )
-    _state_names = ("velocity", "momentum", "average_gradient")
-
-
-class Adam(Optimizer):
-    """``keras.optimizers.Adam``: ``alpha_t = lr*sqrt(1-beta_2^t)/(1-beta_1^t)``,
-    ``w -= alpha_t*m / (sqrt(v) + epsilon)`` with epsilon-hat next to the uncorrected root;
-    ``amsgrad`` takes the maximum of the raw second moment."""
-
-    _algorithm = "adam"
-    _hyperparameters = (
-        _learning_rate(0.001),
-        H("beta_1", native="beta1", default=0.9),
-        H("beta_2", native="beta2", default=0.999),
-        H("epsilon", native="eps", default=1e-7),
-        H("amsgrad", default=False),
-        _WEIGHT_DECAY,
-    )
-    _state_names = ("momentum", "velocity", "velocity_hat")
-
-
-class AdamW(Adam):
-    """``keras.optimizers.AdamW``: Keras Adam with ``weight_decay=0.004`` by default."""
-
-    _hyperparameters = (
-        _learning_rate(0.001),
-        H("weight_decay", default=0.004),
-        H("beta_1", native="beta1", default=0.9),
-        H("beta_2", native="beta2", default=0.999),
-        H("epsilon", native="eps", default=1e-7),
-        H("amsgrad", default=False),
-    )
-
-
-class Adadelta(Optimizer):
-    """``keras.optimizers.Adadelta``: ``A = rho*A + (1-rho)*g*g``,
-    ``delta = -sqrt(D + epsilon)*g/sqrt(A + epsilon)``, ``D = rho*D + (1-rho)*delta*delta``,
-    ``w += lr*delta``."""
-
-    _algorithm = "adadelta"
-    _hyperparameters = (
-        _learning_rate(0.001),
-        H("rho", default=0.95),
-        H("epsilon", native="eps", default=1e-7),
-        _WEIGHT_DECAY,
-    )
-    _state_names = ("accumulated_grad", "accumulated_delta_var")
-
-
-class Adamax(Optimizer):
-    """``keras.optimizers.Adamax``: ``m = beta_1*m + (1-beta_1)*g``, ``u = max(beta_2*u, |g|)``,
-    ``w -= lr*m / ((u + epsilon)*(1 - beta_1^t))`` (epsilon outside the maximum)."""
-
-    _algorithm = "adamax"
-    _hyperparameters = (
-        _learning_rate(0.001),
-        H("beta_1", native="beta1", default=0.9),
-        H("beta_2", native="beta2", default=0.999),
-        H("epsilon", native="eps", default=1e-7),
-        _WEIGHT_DECAY,
-    )
-    _state_names = ("momentum", "norm")
-
-
-class Nadam(Optimizer):
-    """``keras.optimizers.Nadam``: Adam with Nesterov momentum and the schedule
-    ``u_t = beta_1*(1 - 0.5*0.96^t)``, whose product the optimizer keeps once for all its
-    variables (``u_product``, in the first variable's dtype)."""
-
-    _algorithm = "nadam"
-    _hyperparameters = (
-        _learning_rate(0.001),
-        H("beta_1", native="beta1", default=0.9),
-        H("beta_2", native="beta2", default=0.999),
-        H("epsilon", native="eps", default=1e-7),
-        _WEIGHT_DECAY,
-    )
-    _state_names = ("momentum", "velocity")
-    _fixed = {"momentum_decay": 1.0}  # Keras' schedule 0.96^t
-
-    @property
-    def u_product(self) -> float:
-        """Keras' ``_u_product``: the product of the momentum schedule so far."""
-        return self._scalars["mu_product"]
-
-
-class Lion(Optimizer):
-    """``keras.optimizers.Lion``: ``w -= lr*sign(beta_1*m + (1-beta_1)*g)``,
-    ``m = beta_2*m + (1-beta_2)*g``."""
-
-    _algorithm = "lion"
-    _hyperparameters = (
-        _learning_rate(0.001),
-        H("beta_1", native="beta1", default=0.9),
-        H("beta_2", native="beta2", default=0.99),
-        _WEIGHT_DECAY,
-    )
-    _state_names = ("momentum",)
-
-
-class Lamb(Optimizer):
-    """``keras.optimizers.Lamb``: Adam's bias-corrected update ``u = m_hat/(sqrt(v_hat) +
-    epsilon)``, scaled per variable by the trust ratio ``||w||/||u||`` (1 unless both are > 0):
-    ``w -= ratio*lr*u``. One call per step still: a first pass sums both norms of every
-    variable, a second applies."""
-
-    _algorithm = "lamb"
-    _hyperparameters = (
-        _learning_rate(0.001),
-        H("beta_1", native="beta1", default=0.9),
-        H("beta_2", native="beta2", default=0.999),
-        H("epsilon", native="eps", default=1e-7),
-        _WEIGHT_DECAY,
-    )
-    _state_names = ("momentum", "velocity")

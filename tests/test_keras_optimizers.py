@@ -1,0 +1,519 @@
+"""fusedopt.keras: real Keras 3 optimizers (torch backend), beside keras.optimizers itself.
+
+The same model, data and seed trained by ``keras.optimizers.<Name>`` and by
+``fusedopt.keras.<Name>`` through ``fit``, ``train_on_batch`` and a custom loop must end within
+float32 rounding of each other, every weight and every optimizer variable (slots, iterations,
+Nadam's u_product, EMA averages, gradient accumulators, the loss scale) within
+``|fusedopt - keras| <= 1e-5 * (1 + |keras|)``, for every algorithm and each of Keras' options.
+Saving and loading mid-run continues exactly as uninterrupted training; refused input changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+keras = pytest.importorskip("keras")
+torch = pytest.importorskip("torch")
+if keras.backend.backend() != "torch":
+    pytest.skip("fusedopt.keras runs on Keras' torch backend", allow_module_level=True)
+
+import fusedopt  # noqa: E402
+import fusedopt.keras as fk  # noqa: E402
+import fusedopt.keras_numpy  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+NAMES = [
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "Adam",
+    "AdamW",
+    "Adadelta",
+    "Adamax",
+    "Nadam",
+    "Lion",
+    "Lamb",
+]
+TOLERANCE = 1e-5  # |fusedopt - keras| <= TOLERANCE * (1 + |keras|)
+EPOCHS, BATCH, SAMPLES = 3, 16, 64  # 4 steps an epoch
+# Base learning rates: Adadelta's lr only scales its move (Keras' example uses 1.0); SGD needs a
+# larger one to go somewhere in 12 steps.
+BASE_LR = {"Adadelta": 1.0, "SGD": 0.05}
+
+
+def schedule(name: str) -> Any:
+    """A rate that halves every 4 steps (every epoch here)."""
+    return keras.optimizers.schedules.ExponentialDecay(
+        BASE_LR.get(name, 0.01), decay_steps=4, decay_rate=0.5
+    )
+
+
+def data(dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((SAMPLES, 6)).astype(dtype)
+    y = np.stack([np.sin(x[:, 0]) + x[:, 1] * x[:, 2], x[:, 3] - x[:, 4] ** 2, x[:, 5]], axis=1)
+    return x, y.astype(dtype)
+
+
+def make_model(dtype: str | None = None) -> Any:
+    """Three Dense layers (6 variables) with the same initial weights on every call."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(12, activation="tanh", name="hidden_1", dtype=dtype),
+            keras.layers.Dense(8, activation="relu", name="hidden_2", dtype=dtype),
+            keras.layers.Dense(3, name="out", dtype=dtype),
+        ],
+        name="net",  # the slots' names follow the variables' paths
+    )
+
+
+def fit(optimizer: Any, epochs: int = EPOCHS, **kwargs: Any) -> Any:
+    model = make_model()
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = data()
+    model.fit(x, y, epochs=epochs, batch_size=BATCH, shuffle=False, verbose=0, **kwargs)
+    return model
+
+
+def custom_loop(model: Any, optimizer: Any, steps: int = 8, dtype: str = "float32") -> Any:
+    """A hand-written training loop: autograd's gradients, then ``optimizer.apply``."""
+    x, y = data(dtype)
+    variables = model.trainable_variables
+    for step in range(steps):
+        rows = slice((step * BATCH) % SAMPLES, (step * BATCH) % SAMPLES + BATCH)
+        prediction = model(torch.as_tensor(x[rows]), training=True)
+        loss = torch.mean((prediction - torch.as_tensor(y[rows])) ** 2)
+        grads = torch.autograd.grad(loss, [v.value for v in variables])
+        optimizer.apply(list(grads), variables)
+    return model
+
+
+def numpy_of(values: list[Any]) -> list[np.ndarray]:
+    return [np.array(keras.ops.convert_to_numpy(v), dtype=np.float64) for v in values]
+
+
+def max_error(actual: list[Any], expected: list[Any]) -> float:
+    """The worst |actual - expected| / (1 + |expected|) over lists of tensors or variables."""
+    worst = 0.0
+    assert len(actual) == len(expected)
+    for a, b in zip(numpy_of(actual), numpy_of(expected)):
+        assert a.shape == b.shape
+        if a.size:
+            worst = max(worst, float(np.max(np.abs(a - b) / (1.0 + np.abs(b)))))
+    return worst
+
+
+def assert_matches(fused_model: Any, keras_model: Any, tol: float = TOLERANCE) -> float:
+    """Every weight and every optimizer variable (the same layout: fusedopt.keras builds its
+    slots with Keras' own build) within tol; returns the worst error."""
+    weights = max_error(fused_model.weights, keras_model.weights)
+    fused_opt, keras_opt = fused_model.optimizer, keras_model.optimizer
+    assert slot_names(fused_opt) == slot_names(keras_opt)
+    slots = max_error(fused_opt.variables, keras_opt.variables)
+    assert weights <= tol and slots <= tol, f"weights {weights:.3g}, optimizer {slots:.3g}"
+    return max(weights, slots)
+
+
+def slot_names(optimizer: Any) -> list[str]:
+    """The optimizer variables' names, without the optimizer's and model's own names and the
+    global counter of unnamed variables (Nadam's u_product)."""
+    names = [v.path.split("/")[-1] for v in optimizer.variables]
+    return ["variable" if n.startswith("variable") else n for n in names]
+
+
+def inner(optimizer: Any) -> Any:
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+@contextlib.contextmanager
+def policy(name: str) -> Iterator[None]:
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+# --------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_with_a_schedule_matches_keras(name: str) -> None:
+    """Three epochs of ``fit``, the learning rate halving every epoch."""
+    keras_model = fit(getattr(keras.optimizers, name)(learning_rate=schedule(name)))
+    fused_model = fit(getattr(fk, name)(learning_rate=schedule(name)))
+    assert type(fused_model.optimizer) is getattr(fk, name)
+    assert int(fused_model.optimizer.iterations) == EPOCHS * SAMPLES // BATCH
+    assert_matches(fused_model, keras_model)
+
+
+def _excluding_bias(optimizer: Any) -> Any:
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    return optimizer
+
+
+# (algorithm, constructor options, a step to run on the optimizer before fit)
+OPTION_CASES = [
+    ("AdamW", {"weight_decay": 0.1}, _excluding_bias),
+    ("SGD", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.05}, None),
+    ("Lamb", {"weight_decay": 0.05}, _excluding_bias),
+    ("Adam", {"clipnorm": 0.05, "amsgrad": True}, None),
+    ("RMSprop", {"global_clipnorm": 0.1, "centered": True, "momentum": 0.5}, None),
+    ("Lion", {"clipvalue": 0.01}, None),
+    ("Adam", {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 3}, None),
+    ("Nadam", {"use_ema": True}, None),
+    ("Nadam", {"gradient_accumulation_steps": 3}, None),
+    ("Adagrad", {"gradient_accumulation_steps": 2, "weight_decay": 0.01}, None),
+    ("Adamax", {"loss_scale_factor": 256.0}, None),
+    ("Adadelta", {"loss_scale_factor": 0.5, "learning_rate": 1.0}, None),
+    ("SGD", {"learning_rate": lambda: 0.03, "momentum": 0.5}, None),
+]
+
+
+def option_id(case: tuple) -> str:
+    name, options, prepare = case
+    items = [f"{k}={'callable' if callable(v) else v}" for k, v in options.items()]
+    return "-".join([name, *items] + (["exclude_bias"] if prepare else []))
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=map(option_id, OPTION_CASES))
+def test_fit_with_keras_options_matches_keras(case: tuple) -> None:
+    name, options, prepare = case
+    prepare = prepare or (lambda o: o)
+    keras_model = fit(prepare(getattr(keras.optimizers, name)(**options)))
+    fused_model = fit(prepare(getattr(fk, name)(**options)))
+    assert_matches(fused_model, keras_model)
+
+
+# Under mixed_float16 the forward and backward passes round to float16 (2^-11), so a float32
+# difference in a weight can flip a float16 rounding and move the next gradients by float16
+# steps: Keras against itself, its initial weights scaled by 1 + 1e-6, ends 1.3e-5 apart (Nadam)
+# after these 12 steps. fusedopt's Adam and Nadam differ from Keras' by about that much after the
+# first step (Keras rounds 1 - beta_2**t in float32, fusedopt in double: spec 1), which float16
+# then amplifies: measured 1.1e-5 (Adam) and 1.2e-5 (Nadam); SGD and Lamb stay below 1e-7.
+MIXED_FLOAT16_TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "Nadam", "Lamb"])
+def test_mixed_float16_matches_keras(name: str) -> None:
+    """Under the mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer; the
+    variables stay float32 and the dynamic loss scale is compared too."""
+    with policy("mixed_float16"):
+        keras_model = fit(getattr(keras.optimizers, name)(learning_rate=0.01))
+        fused_model = fit(getattr(fk, name)(learning_rate=0.01))
+    assert isinstance(fused_model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert type(inner(fused_model.optimizer)) is getattr(fk, name)
+    assert fused_model.weights[0].dtype == "float32"
+    assert_matches(fused_model, keras_model, MIXED_FLOAT16_TOLERANCE)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_custom_loop_apply_matches_keras(name: str) -> None:
+    """``optimizer.apply(grads, variables)`` in a hand-written loop, float32 variables."""
+    keras_model = custom_loop(
+        make_model(), getattr(keras.optimizers, name)(BASE_LR.get(name, 0.01))
+    )
+    fused_model = custom_loop(make_model(), getattr(fk, name)(BASE_LR.get(name, 0.01)))
+    assert max_error(fused_model.weights, keras_model.weights) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["Adam", "Nadam", "Lamb"])
+def test_float64_variables_match_keras(name: str) -> None:
+    """float64 layers (Keras' learning-rate variable stays float32, floatx)."""
+    keras_opt = getattr(keras.optimizers, name)(0.01)
+    fused_opt = getattr(fk, name)(0.01)
+    keras_model = custom_loop(make_model("float64"), keras_opt, dtype="float64")
+    fused_model = custom_loop(make_model("float64"), fused_opt, dtype="float64")
+    assert fused_model.weights[0].dtype == "float64"
+    assert max_error(fused_model.weights, keras_model.weights) <= 1e-10
+    assert max_error(fused_opt.variables, keras_opt.variables) <= 1e-10
+
+
+def test_train_on_batch_and_evaluate_match_keras() -> None:
+    x, y = data()
+    losses = {}
+    models = {}
+    for label, optimizer in (("keras", keras.optimizers.AdamW(0.01)), ("fused", fk.AdamW(0.01))):
+        model = make_model()
+        model.compile(optimizer=optimizer, loss="mse", metrics=["mae"])
+        losses[label] = [model.train_on_batch(x[:BATCH], y[:BATCH]) for _ in range(5)]
+        losses[label].append(model.evaluate(x, y, verbose=0))
+        models[label] = model
+    np.testing.assert_allclose(losses["fused"], losses["keras"], rtol=TOLERANCE)
+    assert_matches(models["fused"], models["keras"])
+
+
+def test_numpy_api_matches_the_keras_optimizer() -> None:
+    """fusedopt.keras_numpy (NumPy arrays, no Keras) and fusedopt.keras (Keras variables) run
+    the same kernel with the same options: the same grads give the same bits."""
+    rng = np.random.default_rng(0)
+    shapes = [(4, 3), (3,)]
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    arrays = [a.copy() for a in start]
+    variables = [keras.Variable(a) for a in start]
+    numpy_opt = fusedopt.keras_numpy.Nadam(learning_rate=0.01)
+    keras_opt = fk.Nadam(learning_rate=0.01)
+    for _ in range(5):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        assert numpy_opt.apply(grads, arrays) == 1 + int(keras_opt.iterations)
+        keras_opt.apply(grads, variables)  # NumPy gradients are accepted, as Keras accepts them
+    for a, v in zip(arrays, variables):
+        np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(v))
+    assert numpy_opt.u_product == float(keras.ops.convert_to_numpy(keras_opt._u_product))
+
+
+# ------------------------------------------------------------------------ one fused step
+
+
+def test_one_native_call_updates_every_variable_in_place(monkeypatch: Any) -> None:
+    """Keras' per-variable update_step is never called; each step is one native call over all
+    the variables, in the tensors the model holds."""
+    calls = []
+    run = fk.Optimizer._run
+
+    def counting_run(self: Any, entry: Any, grads: list, step: int) -> bool:
+        calls.append((len(grads), step, entry.device))
+        return run(self, entry, grads, step)
+
+    def no_update_step(*args: Any) -> None:
+        raise AssertionError("Keras' per-variable update_step was called")
+
+    monkeypatch.setattr(fk.Optimizer, "_run", counting_run)
+    monkeypatch.setattr(fk.Adam, "update_step", no_update_step)
+    model = make_model()
+    model.compile(optimizer=fk.Adam(0.01), loss="mse")
+    model.build((None, 6))
+    model.optimizer.build(model.trainable_variables)
+    tensors = [v.value for v in model.trainable_variables + model.optimizer.variables]
+    before = numpy_of(model.trainable_variables)
+    x, y = data()
+    model.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0)
+    assert calls == [(6, t, False) for t in range(1, 9)]
+    assert all(a is v.value for a, v in zip(tensors, model.trainable_variables))
+    assert all(a is v.value for a, v in zip(tensors[6:], model.optimizer.variables))
+    assert all(np.any(a != b) for a, b in zip(numpy_of(model.trainable_variables), before))
+
+
+def test_a_variable_given_a_new_tensor_is_followed() -> None:
+    """A plan is made over the variables' tensors; a variable that holds another tensor later
+    (its memory replaced) gets a new plan, never an update of the old memory."""
+    models = []
+    for optimizer in (keras.optimizers.Adam(0.01), fk.Adam(0.01)):
+        model = custom_loop(make_model(), optimizer, steps=2)
+        variable = model.trainable_variables[0]
+        variable._value = torch.nn.Parameter(variable.value.detach().clone())
+        models.append(custom_loop(model, optimizer, steps=2))
+    assert max_error(models[1].weights, models[0].weights) <= TOLERANCE
+
+
+def test_a_gradient_missing_for_some_variables_steps_the_others() -> None:
+    results = []
+    for optimizer in (keras.optimizers.RMSprop(0.01, momentum=0.9), fk.RMSprop(0.01, momentum=0.9)):
+        variables = [keras.Variable(np.full(n, 1.0, np.float32)) for n in (3, 4, 5)]
+        for step in range(4):
+            grads = [torch.full((3,), 0.5), None, torch.full((5,), -2.0)]
+            if step % 2:
+                grads = [None, torch.full((4,), 1.5), torch.full((5,), 0.1)]
+            with pytest.warns(UserWarning, match="Gradients do not exist"):
+                optimizer.apply(grads, variables)
+        results.append(variables + optimizer.variables)
+    assert max_error(results[1], results[0]) <= TOLERANCE
+
+
+# ----------------------------------------------------------------------- saving, config
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("Nadam", {}),
+        ("AdamW", {"clipnorm": 0.5}),
+        ("SGD", {"momentum": 0.9, "gradient_accumulation_steps": 3}),
+    ],
+)
+def test_save_load_and_continue_equals_uninterrupted_training(
+    tmp_path: Path, name: str, options: dict
+) -> None:
+    def optimizer() -> Any:
+        return getattr(fk, name)(learning_rate=schedule(name), **options)
+
+    uninterrupted = fit(optimizer(), epochs=4)
+    first_half = fit(optimizer(), epochs=2)
+    path = tmp_path / "model.keras"
+    first_half.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.optimizer) is getattr(fk, name)
+    assert loaded.optimizer.get_config() == first_half.optimizer.get_config()
+    assert int(loaded.optimizer.iterations) == int(first_half.optimizer.iterations)
+    x, y = data()
+    loaded.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0)
+    for a, b in zip(numpy_of(loaded.weights), numpy_of(uninterrupted.weights)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        numpy_of(loaded.optimizer.variables), numpy_of(uninterrupted.optimizer.variables)
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_callback_saves_a_loadable_model(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.keras"
+    model = fit(fk.Lamb(0.01), epochs=2, callbacks=[keras.callbacks.ModelCheckpoint(path)])
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.optimizer) is fk.Lamb
+    assert max_error(loaded.optimizer.variables, model.optimizer.variables) == 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_signature_defaults_and_config_are_keras_s(name: str) -> None:
+    import inspect
+
+    ours, theirs = getattr(fk, name), getattr(keras.optimizers, name)
+    assert issubclass(ours, theirs) and issubclass(ours, keras.optimizers.Optimizer)
+    assert inspect.signature(ours) == inspect.signature(theirs)
+    optimizer = ours()
+    config = optimizer.get_config()
+    expected = theirs().get_config()
+    assert {k: v for k, v in config.items() if k != "name"} == {
+        k: v for k, v in expected.items() if k != "name"
+    }
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert type(again) is ours and again.get_config() == config
+    assert type(ours.from_config(config)) is ours
+
+
+def test_compile_takes_the_optimizer() -> None:
+    model = make_model()
+    model.compile(optimizer=fk.AdamW(learning_rate=1e-3), loss="mse")
+    assert type(model.optimizer) is fk.AdamW
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def snapshot(*groups: list[Any]) -> list[np.ndarray]:
+    return [a.copy() for group in groups for a in numpy_of(group)]
+
+
+def assert_unchanged(before: list[np.ndarray], *groups: list[Any]) -> None:
+    after = snapshot(*groups)
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+
+
+def built(optimizer: Any) -> tuple[Any, list[Any]]:
+    """A model trained one step by the optimizer (so every slot exists and is nonzero)."""
+    model = custom_loop(make_model(), optimizer, steps=1)
+    return model, model.trainable_variables
+
+
+def test_a_variable_of_another_dtype_is_refused_at_build() -> None:
+    optimizer = fk.Adam(weight_decay=0.1)
+    variables = [keras.Variable(np.ones(3), dtype="float32", name="w")]
+    variables.append(keras.Variable(np.ones(2), dtype="float16", name="half"))
+    with pytest.raises(TypeError, match=r"'half' has dtype float16; fusedopt updates float32"):
+        optimizer.apply([np.ones(3, np.float32), np.ones(2, np.float16)], variables)
+    assert not optimizer.built and int(optimizer.iterations) == 0
+    assert_unchanged([np.ones(3), np.ones(2)], variables)
+
+
+def test_a_gradient_of_the_wrong_shape_is_refused_with_nothing_changed() -> None:
+    optimizer = fk.Adam(0.01, weight_decay=0.1)  # Keras would decay before the update
+    _, variables = built(optimizer)
+    grads = [np.ones(v.shape, np.float32) for v in variables]
+    grads[3] = np.ones((2, 2), np.float32)
+    before = snapshot(variables, optimizer.variables)
+    with pytest.raises(ValueError, match=r"hidden_2/bias' has shape \(2, 2\), but .* \(8,\)"):
+        optimizer.apply(grads, variables)
+    assert_unchanged(before, variables, optimizer.variables)
+
+
+class _Broken(keras.optimizers.schedules.LearningRateSchedule):
+    def __call__(self, step: Any) -> Any:
+        return "fast"
+
+    def get_config(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("rate", [_Broken(), lambda: None, lambda: np.ones(2)])
+def test_a_schedule_that_returns_a_non_number_is_refused_with_nothing_changed(rate: Any) -> None:
+    optimizer = fk.SGD(0.01, momentum=0.9, weight_decay=0.1)
+    _, variables = built(optimizer)
+    optimizer.learning_rate = rate
+    before = snapshot(variables, optimizer.variables)
+    with pytest.raises(TypeError, match="learning_rate must be a number; the learning-rate"):
+        optimizer.apply([np.ones(v.shape, np.float32) for v in variables], variables)
+    assert_unchanged(before, variables, optimizer.variables)
+
+
+def test_a_negative_learning_rate_is_refused_with_nothing_changed() -> None:
+    optimizer = fk.Adam(0.01, weight_decay=0.1)
+    _, variables = built(optimizer)
+    optimizer.learning_rate = -0.5
+    before = snapshot(variables, optimizer.variables)
+    with pytest.raises(ValueError, match="Invalid learning_rate"):
+        optimizer.apply([np.ones(v.shape, np.float32) for v in variables], variables)
+    assert_unchanged(before, variables, optimizer.variables)
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda: fk.Adam(beta_1=1.5), "beta_1"),
+        (lambda: fk.SGD(momentum=-0.1), "momentum"),
+        (lambda: fk.RMSprop(rho=-1.0), "rho"),
+        (lambda: fk.AdamW(weight_decay=-0.1), "weight_decay"),
+        (lambda: fk.Lion(beta_1=0.0), "beta_1"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_at_construction(make: Callable, what: str) -> None:
+    with pytest.raises(ValueError, match=what):  # Keras' own check, or fusedopt's
+        make()
+
+
+def test_numpy_arrays_as_variables_are_pointed_to_the_numpy_api() -> None:
+    with pytest.raises(TypeError, match="fusedopt.keras_numpy.Adam"):
+        fk.Adam().apply([np.ones(2, np.float32)], [np.zeros(2, np.float32)])
+
+
+def test_other_backends_are_refused_at_construction_naming_torch(monkeypatch: Any) -> None:
+    for backend in ("jax", "tensorflow"):
+        monkeypatch.setattr(keras.backend, "backend", lambda backend=backend: backend)
+        with pytest.raises(RuntimeError, match=f"torch backend .* runs on '{backend}'"):
+            fk.Adam()
+
+
+def test_import_fusedopt_does_not_import_keras() -> None:
+    code = (
+        "import sys, fusedopt, fusedopt.functional, fusedopt.keras_numpy; "
+        "assert 'keras' not in sys.modules and 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not fusedopt.cuda.is_available(),
+    reason="needs a CUDA device and fusedopt's CUDA backend",
+)
+def test_fit_on_cuda_matches_keras() -> None:
+    with keras.device("cuda"):
+        keras_model = fit(keras.optimizers.Nadam(learning_rate=schedule("Nadam")))
+        fused_model = fit(fk.Nadam(learning_rate=schedule("Nadam")))
+    assert fused_model.weights[0].value.is_cuda
+    assert_matches(fused_model, keras_model)
