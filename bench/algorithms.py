@@ -481,8 +481,8 @@ LAMB = Algorithm("lamb", "", "", {}, 2, _numpy_lamb)
 
 
 def lamb_candidates(w: Workload, threads: list[int]) -> list[Candidate]:
-    """``fusedopt.keras_numpy.Lamb`` at each thread count (one optimizer, as fusedopt_candidates) and
-    ``fusedopt.functional.lamb_`` at the most threads."""
+    """``fusedopt.keras_numpy.Lamb`` at each thread count (one optimizer, as
+    fusedopt_candidates) and ``fusedopt.functional.lamb_`` at the most threads."""
     import fusedopt.functional
     import fusedopt.keras_numpy
 

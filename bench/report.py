@@ -171,7 +171,8 @@ def lamb_bytes_note(results: list[Result]) -> str:
             f"{ceiling / 1e6:.6g} MB ({ceiling / lamb:.6f} of it)"
         )
     return (
-        "fusedopt is `fusedopt.keras_numpy.Lamb.apply` (and `fusedopt.functional.lamb_`). The two-pass "
+        "fusedopt is `fusedopt.keras_numpy.Lamb.apply` (and `fusedopt.functional.lamb_`). "
+        "The two-pass "
         "ceiling moves LAMB's bytes pass by pass: its first pass reads param, grad, m, v and "
         "writes m, v (24 bytes per float32 element); `stream_add` (p += g) over buffers of 2n "
         "elements reads and writes exactly that. Its second pass reads param, m, v and writes "

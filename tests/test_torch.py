@@ -227,7 +227,9 @@ def test_a_non_contiguous_grad_is_refused_with_nothing_written() -> None:
     for p in params:
         p.grad = torch.ones_like(p)
     params[0].grad = torch.ones(7, 5, dtype=torch.float64).t()
-    with pytest.raises(ValueError, match=r"grads\[0\] is not contiguous"):
+    with pytest.raises(
+        ValueError, match=r"grad of params\[0\] of param_groups\[0\] is not contiguous"
+    ):
         optimizer.step()
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)

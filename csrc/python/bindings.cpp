@@ -380,10 +380,13 @@ class PythonPlan : public AnyPlan {
 
 struct TorchNames {
   py::object grad = py::str("grad"), dtype = py::str("dtype"), shape = py::str("shape"),
-             is_cpu = py::str("is_cpu"), layout = py::str("layout");
+             is_cpu = py::str("is_cpu"), layout = py::str("layout"), to_local = py::str("to_local");
   // The methods themselves, called with the tensor: a step makes four such calls per tensor
   // (about 45 ns each), and skipping the attribute lookup is a third of it.
   py::object data_ptr, is_contiguous;
+  // TensorBase's descriptors of the properties a step reads of every grad, read through the
+  // descriptor (read_property) for the same reason.
+  py::object dtype_property, shape_property, is_cpu_property;
   py::object float32, float64, strided;
 
   static const TorchNames& get() {
@@ -393,6 +396,10 @@ struct TorchNames {
       const py::object tensor_base = torch.attr("_C").attr("TensorBase");
       n->data_ptr = tensor_base.attr("data_ptr");
       n->is_contiguous = tensor_base.attr("is_contiguous");
+      const py::dict properties = tensor_base.attr("__dict__");
+      n->dtype_property = properties["dtype"];
+      n->shape_property = properties["shape"];
+      n->is_cpu_property = properties["is_cpu"];
       n->float32 = torch.attr("float32");
       n->float64 = torch.attr("float64");
       n->strided = torch.attr("strided");
@@ -404,6 +411,15 @@ struct TorchNames {
 
 py::object call_with(const py::object& method, PyObject* tensor) {
   PyObject* result = PyObject_CallOneArg(method.ptr(), tensor);
+  if (!result) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(result);
+}
+
+// tensor.<property>, given TensorBase's descriptor of it.
+py::object read_property(const py::object& property, PyObject* tensor) {
+  PyObject* result =
+      Py_TYPE(property.ptr())
+          ->tp_descr_get(property.ptr(), tensor, reinterpret_cast<PyObject*>(Py_TYPE(tensor)));
   if (!result) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(result);
 }
@@ -449,7 +465,14 @@ void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info)
   }
   info.contiguous = torch_is_contiguous(tensor);
   info.writeable = true;
-  info.data = torch_address(torch_data_ptr(tensor));
+  const uintptr_t data_ptr = torch_data_ptr(tensor);
+  // A tensor subclass that keeps its data elsewhere (DTensor, a wrapper subclass) says 0: it
+  // has no memory of its own to update, and its elements must never be read from the stand-in.
+  if (data_ptr == 0 && info.size > 0)
+    throw Error(ErrorKind::type,
+                name + " (" + std::string(py::str(py::type::handle_of(t).attr("__name__"))) +
+                    ") has no memory of its own; fusedopt updates a tensor's own memory");
+  info.data = torch_address(data_ptr);
 }
 
 // A host value kept in a 0-dim tensor (torch's state["step"], NAdam's mu_product): read into and
@@ -481,7 +504,11 @@ ScalarSlot scalar_slot(py::handle tensor, const std::string& name) {
 // at registration are stepped (the "active" ones, with their states). Each step reads every
 // param's grad itself; when the params with a grad are not the active ones, or a param's memory
 // moved (ZeroRedundancyOptimizer's bucket views replace param.data), it steps nothing and says
-// so, and the optimizer registers again.
+// so, and the optimizer registers again; so it does when a state tensor it holds is no longer in
+// its entry of optimizer.state (`kept`: (entry, key, tensor) triples), as when a user or
+// ZeroRedundancyOptimizer.load_state_dict replaced it. A param flagged `local` is a DTensor:
+// the plan steps its local tensor, param.to_local(), with its grad's, param.grad.to_local(); the
+// optimizer gives it the local tensors of the states.
 class AnyTorchPlan {
  public:
   virtual ~AnyTorchPlan() = default;
@@ -494,22 +521,36 @@ template <class A>
 class TorchPlan : public AnyTorchPlan {
  public:
   TorchPlan(py::handle groups, py::handle group_of, py::handle params, py::handle active,
-            py::handle states, py::handle steps, py::handle scalars, py::handle new_state)
+            py::handle states, py::handle steps, py::handle scalars, py::handle new_state,
+            py::handle local, py::handle kept)
       : groups_(groups_from<A>(groups)) {
     const std::vector<int> all_groups = py::cast<std::vector<int>>(group_of);
     for (py::handle p : items_of(params, "params"))
       params_.push_back(py::reinterpret_borrow<py::object>(p));
     active_ = py::cast<std::vector<bool>>(active);
-    if (active_.size() != params_.size() || all_groups.size() != params_.size())
-      throw Error(ErrorKind::value, "one group and one active flag per param");
+    local_ = local.is_none() ? std::vector<bool>(params_.size(), false)
+                             : py::cast<std::vector<bool>>(local);
+    if (active_.size() != params_.size() || all_groups.size() != params_.size() ||
+        local_.size() != params_.size())
+      throw Error(ErrorKind::value, "one group, one active flag and one local flag per param");
+    if (!kept.is_none())
+      for (py::handle item : items_of(kept, "kept")) {
+        const py::tuple triple = items_of(item, "kept");
+        if (triple.size() != 3 || !PyDict_Check(triple[0].ptr()))
+          throw Error(ErrorKind::type, "kept holds (dict, key, tensor) triples");
+        kept_.push_back({triple[0], triple[1], triple[2]});
+      }
     StepBuffers b;
     std::vector<int> group_of_active;
     for (size_t i = 0; i < params_.size(); ++i) {
       if (!active_[i]) continue;
       const std::string name = "params[" + std::to_string(i) + "]";
+      const py::object memory = memory_of(i, params_[i]);
       b.params.emplace_back();
-      describe_torch(params_[i].ptr(), name, b.params.back());
-      addresses_.push_back(torch_data_ptr(params_[i].ptr()));
+      describe_torch(memory.ptr(), name, b.params.back());
+      addresses_.push_back(torch_data_ptr(memory.ptr()));
+      grad_dtypes_.push_back(memory.attr(TorchNames::get().dtype));
+      grad_shapes_.push_back(memory.attr(TorchNames::get().shape));
       group_of_active.push_back(all_groups[i]);
       index_.push_back(i);
     }
@@ -555,8 +596,9 @@ class TorchPlan : public AnyTorchPlan {
     plan_ = std::make_unique<Plan<A>>(
         groups_, b, group_of_active, step_slots_.empty() ? nullptr : counts_.data(),
         flags_from(new_state, n), scalar_slots_.empty() ? nullptr : scalar_rows_.data());
-    // A grad has its param's dtype, shape and device: torch refuses any other (in autograd and
-    // in the grad setter). Each step reads only its memory and checks its layout.
+    // A grad has its param's dtype, shape and device: torch refuses any other in autograd and in
+    // the grad setter, but `param.grad.data = x` or `param.data = x` gets past both. Each step
+    // checks the grad's dtype, shape, device and layout and reads its memory.
     infos_ = b.params;
   }
 
@@ -568,6 +610,11 @@ class TorchPlan : public AnyTorchPlan {
 
   bool step(py::handle grad_scale) override {
     const TorchNames& names = TorchNames::get();
+    for (const Kept& k : kept_) {  // a state tensor replaced in its entry: register again
+      PyObject* now = PyDict_GetItemWithError(k.entry.ptr(), k.key.ptr());
+      if (!now && PyErr_Occurred()) throw py::error_already_set();
+      if (now != k.tensor.ptr()) return false;
+    }
     std::vector<py::object> grads;  // kept alive while the GIL is released
     grads.reserve(index_.size());
     size_t j = 0;
@@ -577,7 +624,24 @@ class TorchPlan : public AnyTorchPlan {
       if (!grad) throw py::error_already_set();
       if (grad.is_none() == bool(active_[i])) return false;  // other params have grads now
       if (!active_[i]) continue;
-      if (torch_data_ptr(params_[i].ptr()) != addresses_[j]) return false;  // param.data moved
+      // param.data moved:
+      if (torch_data_ptr(memory_of(i, params_[i]).ptr()) != addresses_[j]) return false;
+      if (local_[i]) grad = memory_of(i, grad);
+      const auto name = [i] { return "grads[" + std::to_string(i) + "]"; };  // for errors only
+      const py::object dtype = read_property(names.dtype_property, grad.ptr());
+      if (!dtype.is(grad_dtypes_[j]))
+        throw Error(ErrorKind::type, name() + " has dtype " + std::string(py::str(dtype)) +
+                                         ", not its param's " +
+                                         std::string(py::str(grad_dtypes_[j])));
+      const py::object shape = read_property(names.shape_property, grad.ptr());
+      if (!shape.equal(grad_shapes_[j]))
+        throw Error(ErrorKind::value, name() + " has shape " + std::string(py::str(shape)) +
+                                          ", not its param's " +
+                                          std::string(py::str(grad_shapes_[j])));
+      if (read_property(names.is_cpu_property, grad.ptr()).ptr() != Py_True)
+        throw Error(ErrorKind::value, name() + " is not on the CPU (" +
+                                          std::string(py::str(grad.attr("device"))) +
+                                          "), its param is");
       uintptr_t address = 0;
       bool contiguous = false;
       try {
@@ -585,13 +649,16 @@ class TorchPlan : public AnyTorchPlan {
         contiguous = torch_is_contiguous(grad.ptr());
       } catch (const py::error_already_set&) {  // no storage (a sparse grad): say what it is
         BufferInfo described;
-        describe_torch(grad.ptr(), "grads[" + std::to_string(i) + "]", described);
+        describe_torch(grad.ptr(), name(), described);
         throw;
       }
       if (!contiguous)
-        throw Error(ErrorKind::value, "grads[" + std::to_string(i) +
-                                          "] is not contiguous; fusedopt reads a grad's own "
-                                          "memory in order");
+        throw Error(ErrorKind::value,
+                    name() + " is not contiguous; fusedopt reads a grad's own memory in order");
+      if (address == 0 && infos_[j].size > 0)
+        throw Error(ErrorKind::type, name() +
+                                         " has no memory of its own; fusedopt reads a "
+                                         "grad's own memory");
       infos_[j].data = torch_address(address);
       grads.push_back(std::move(grad));
       ++j;
@@ -625,7 +692,8 @@ class TorchPlan : public AnyTorchPlan {
                                         " tensors (one per param), got " +
                                         std::to_string(items.size()));
     for (size_t j = 0; j < n; ++j)
-      if (torch_data_ptr(params_[index_[j]].ptr()) != addresses_[j]) return false;
+      if (torch_data_ptr(memory_of(index_[j], params_[index_[j]]).ptr()) != addresses_[j])
+        return false;
     given_grads_.resize(n);
     for (size_t j = 0; j < n; ++j)
       describe_torch(items[j].ptr(), "grads[" + std::to_string(j) + "]", given_grads_[j]);
@@ -651,12 +719,28 @@ class TorchPlan : public AnyTorchPlan {
         scalar_slots_[k][r].write(scalar_rows_[k * kMaxScalars + r]);
   }
 
+  // The tensor whose memory is stepped for params_[i]: the param itself, or a DTensor's local
+  // tensor (the same object at every step, as DTensor keeps it, unless its memory moved).
+  py::object memory_of(size_t i, const py::object& tensor) const {
+    if (!local_[i]) return tensor;
+    PyObject* local = PyObject_CallMethodNoArgs(tensor.ptr(), TorchNames::get().to_local.ptr());
+    if (!local) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(local);
+  }
+
   std::vector<typename A::Options> groups_;
   std::vector<py::object> params_;
   std::vector<bool> active_;
-  std::vector<size_t> index_;           // the param index of each active tensor
-  std::vector<uintptr_t> addresses_;    // each active param's memory at registration
-  std::vector<py::object> references_;  // the registered states and scalar tensors
+  struct Kept {
+    py::object entry, key, tensor;  // optimizer.state[param][key] was tensor at registration
+  };
+  std::vector<Kept> kept_;
+  std::vector<bool> local_;              // a DTensor: its local tensor is stepped
+  std::vector<py::object> grad_dtypes_;  // each active param's dtype and shape, which its grad
+  std::vector<py::object> grad_shapes_;  // must have
+  std::vector<size_t> index_;            // the param index of each active tensor
+  std::vector<uintptr_t> addresses_;     // each active param's memory at registration
+  std::vector<py::object> references_;   // the registered states and scalar tensors
   std::vector<ScalarSlot> step_slots_;
   std::vector<std::vector<ScalarSlot>> scalar_slots_;
   std::vector<int64_t> counts_;
@@ -833,20 +917,21 @@ PYBIND11_MODULE(_core, m) {
                            "The plan of a fusedopt.torch optimizer over CPU tensors; step() "
                            "returns False, having done nothing, when the params with a grad or "
                            "their memory changed since it was made.")
-      .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
-                       py::handle params, py::handle active, py::handle states, py::handle steps,
-                       py::handle scalars, py::handle new_state) {
-             std::unique_ptr<AnyTorchPlan> plan;
-             with_algorithm(name, [&](auto tag) {
-               using A = typename decltype(tag)::type;
-               plan = std::make_unique<TorchPlan<A>>(groups, group_of, params, active, states,
-                                                     steps, scalars, new_state);
-             });
-             return plan;
-           }),
-           py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
-           py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
-           py::arg("new_state"))
+      .def(
+          py::init([](const std::string& name, py::handle groups, py::handle group_of,
+                      py::handle params, py::handle active, py::handle states, py::handle steps,
+                      py::handle scalars, py::handle new_state, py::handle local, py::handle kept) {
+            std::unique_ptr<AnyTorchPlan> plan;
+            with_algorithm(name, [&](auto tag) {
+              using A = typename decltype(tag)::type;
+              plan = std::make_unique<TorchPlan<A>>(groups, group_of, params, active, states, steps,
+                                                    scalars, new_state, local, kept);
+            });
+            return plan;
+          }),
+          py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
+          py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
+          py::arg("new_state"), py::arg("local") = py::none(), py::arg("kept") = py::none())
       .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
       .def("step_grads", &AnyTorchPlan::step_grads, py::arg("grads"), py::arg("step"),

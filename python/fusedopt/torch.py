@@ -11,13 +11,19 @@ through :mod:`fusedopt.cuda` on the current stream.
 ``foreach`` and ``fused`` are accepted and change nothing (fused is what you get);
 ``differentiable=True`` and ``capturable=True`` are refused. Sparse, complex or integer params,
 non-contiguous params, and params on other devices are refused when they are added, naming the
-param and its group; a non-contiguous or sparse grad is refused at the step, with nothing written.
+param and its group; a grad fusedopt cannot read in place (sparse, non-contiguous, of another
+dtype, shape or device) is refused at the step, naming its param, with nothing written.
+
+DTensor params (FSDP2's ``fully_shard``) are stepped through their local shards: ``p.to_local()``
+with ``p.grad.to_local()``, the states being DTensors of the same placements, as torch.optim's.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,6 +36,55 @@ from fusedopt._engine import TORCH, native_values
 __all__ = ["Optimizer"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (never importing torch.distributed: none exists before; torch
+    2.4 has it in torch.distributed._tensor, later ones in torch.distributed.tensor too)."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        dtensor = getattr(sys.modules.get(name), "DTensor", None)
+        if dtensor is not None:
+            return isinstance(t, dtensor)
+    return False
+
+
+def _memory(t: Any) -> Any:
+    """The tensor whose memory holds ``t``'s elements here: a DTensor's local tensor, else
+    ``t`` (called under no_grad, where ``to_local()`` is the DTensor's own local tensor)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+class _State(defaultdict):
+    """``optimizer.state``, counting the changes of its entries: the plans hold the state
+    tensors they were made with, so an entry set, replaced or removed by anyone but the step (as
+    ``ZeroRedundancyOptimizer.load_state_dict`` sets its local optimizer's) makes the next step
+    register again. (A tensor replaced inside an entry, ``state[p]["exp_avg"] = t``, the plans
+    notice themselves.) Pickled and copied as a plain ``defaultdict(dict)``."""
+
+    def __init__(self, entries: Any = ()) -> None:
+        super().__init__(dict, entries)
+        self.changes = 0
+
+    def __reduce__(self) -> Any:
+        return (defaultdict, (dict,), None, None, iter(self.items()))
+
+
+def _counting(name: str) -> Callable[..., Any]:
+    method = getattr(defaultdict, name)
+
+    def counted(self: _State, *args: Any, **kwargs: Any) -> Any:
+        self.changes += 1
+        return method(self, *args, **kwargs)
+
+    counted.__name__ = name
+    return counted
+
+
+for _method in (
+    "__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault",
+):  # fmt: skip
+    setattr(_State, _method, _counting(_method))
+del _method
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -45,12 +100,10 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     _declaration: type[optim.Optimizer]
+    _step_supports_amp_scaling = False  # set per class: GradScaler passes grad_scale, found_inf
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        self._lock = threading.RLock()
-        self._plans: dict[Any, Any] = {}
-        self._options_cache: dict[int, tuple[tuple[Any, ...], tuple[float, ...]]] = {}
-        self._registered: tuple[Any, ...] | None = None
+        self._reset_plans()
         for flag in ("differentiable", "capturable"):
             if defaults.get(flag):
                 raise ValueError(
@@ -58,13 +111,27 @@ class Optimizer(torch.optim.Optimizer):
                     "(fusedopt's step runs outside autograd and CUDA graphs); leave it False"
                 )
         super().__init__(params, defaults)
-        description = self._declaration._description
-        self._step_supports_amp_scaling = description.takes_grad_scale
+        self.state = _State(self.state)
         if self._declaration._states_at_construction:
             for group in self.param_groups:
                 values = self._native_options(group)
                 for p in group["params"]:
                     self._create_state(p, group, values)
+
+    def _reset_plans(self) -> None:
+        """The lock and the caches: made anew, never pickled or copied."""
+        self.__dict__.setdefault("_lock", threading.RLock())
+        self._plans: dict[Any, Any] = {}
+        self._options_cache: dict[int, tuple[tuple[Any, ...], tuple[float, ...]]] = {}
+        self._registered_state: tuple[_State, int] | None = None  # self.state, its changes
+        self._dtensors: list[tuple[torch.Tensor, int, int]] = []  # (param, index, group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """torch's (load_state_dict and unpickling come here), then optimizer.state counting its
+        changes again, and no plan."""
+        super().__setstate__(state)
+        self.state = _State(self.state)
+        self._reset_plans()
 
     # ------------------------------------------------------------------------------- groups
 
@@ -133,12 +200,14 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         with self._lock:
-            super().load_state_dict(state_dict)
-            self._plans.clear()
-            self._options_cache.clear()
+            super().load_state_dict(state_dict)  # __setstate__ drops the plans
 
     # ----------------------------------------------------------------------------------- step
 
+    # A training step compiled whole (torch.compile of a function that calls optimizer.step())
+    # runs this step eagerly, between graphs: dynamo cannot trace the native call, and tracing
+    # the rest of it would not be this step.
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One step of every param that has a grad, in one native call per device.
 
@@ -158,6 +227,11 @@ class Optimizer(torch.optim.Optimizer):
         # it creates requires no grad (entering no_grad cost 3.4 us, as much as the native step).
         with self._lock:
             options = [self._native_options(group) for group in self.param_groups]
+            if not self._state_unchanged():
+                self._plans = {}
+            for p, index, group in self._dtensors:
+                if p.grad is not None:
+                    _check_dtensor_grad(p, index, group)
             for device, plan in self._plans.items():
                 if not self._step_plan(device, plan, options, scale):
                     break
@@ -170,6 +244,20 @@ class Optimizer(torch.optim.Optimizer):
                     raise RuntimeError("fusedopt.torch: a plan made now refused its first step")
         return loss
 
+    def _state_unchanged(self) -> bool:
+        """Whether optimizer.state still holds the entries the plans were made with (the plans
+        check the tensors of those entries)."""
+        if self._registered_state is None:
+            return False
+        registered, changes = self._registered_state
+        return self.state is registered and registered.changes == changes
+
+    def _check_grads(self) -> None:
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    _check_grad(p, i, g)
+
     def _step_plan(self, device: Any, plan: Any, options: list, scale: float | None) -> bool:
         entry_options, native = plan
         for g, now in enumerate(options):
@@ -179,7 +267,11 @@ class Optimizer(torch.optim.Optimizer):
                     return False
                 native.set_options(g, now)
                 entry_options[g] = now
-        return native.step(scale)
+        try:
+            return native.step(scale)
+        except (TypeError, ValueError):
+            self._check_grads()  # the same refusal, naming the param and its group
+            raise
 
     def _needs_states(self, group_index: int, values: tuple[float, ...]) -> bool:
         used = self._declaration._description.states_used(values)
@@ -192,13 +284,24 @@ class Optimizer(torch.optim.Optimizer):
         )
 
     def _register(self, options: list[tuple[float, ...]]) -> None:
-        """Plans over the params that have a grad now, one per device, their state created."""
+        """Plans over the params that have a grad now, one per device, their state created.
+        Every param, grad and state is checked first, naming the param and its group, so a
+        refusal leaves everything as it was."""
         description = self._declaration._description
         by_device: dict[Any, list[tuple[int, torch.Tensor, bool]]] = {}
-        for g, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                by_device.setdefault(p.device, []).append((g, p, p.grad is not None))
         self._plans = {}
+        self._dtensors = []
+        if not isinstance(self.state, _State):  # optimizer.state = defaultdict(dict) to reset
+            self.state = _State(self.state)
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                _check_param(p, i, g)
+                if p.grad is not None:
+                    _check_grad(p, i, g)
+                    _check_states(self.state.get(p, {}), description.states, p, i, g)
+                if _is_dtensor(p):
+                    self._dtensors.append((p, i, g))
+                by_device.setdefault(p.device, []).append((g, p, p.grad is not None))
         for device, entries in by_device.items():
             params = [p for _, p, _ in entries]
             group_of = [g for g, _, _ in entries]
@@ -211,11 +314,12 @@ class Optimizer(torch.optim.Optimizer):
             active_params = [p for p, a in zip(params, active) if a]
             kept = [self.state.get(p, {}) for p in active_params]
             states = [
-                [entry.get(name) for entry in kept]
+                [None if entry.get(name) is None else _memory(entry[name]) for entry in kept]
                 if any(entry.get(name) is not None for entry in kept)
                 else None
                 for name in description.states
             ]
+            local = [_is_dtensor(p) for p in params]
             steps = (
                 [self.state[p]["step"] for p in active_params]
                 if self._declaration._tracks_step
@@ -226,17 +330,20 @@ class Optimizer(torch.optim.Optimizer):
                 if description.scalars
                 else None
             )
-            if device.type == "cpu":
-                native = _core.TorchPlan(
-                    description.name, options, group_of, params, active, states, steps,
-                    scalars, new_state if description.uses_new_state else None,
-                )  # fmt: skip
-            else:
-                native = _DevicePlan(
-                    description.name, options, group_of, params, active, states, steps,
-                    scalars, new_state if description.uses_new_state else None,
-                )  # fmt: skip
+            # Each state tensor as its entry holds it: a plan steps nothing once one was replaced.
+            kept_tensors = [
+                (entry, key, value)
+                for entry in kept
+                for key, value in entry.items()
+                if isinstance(value, torch.Tensor)
+            ]
+            make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
+            native = make(
+                description.name, options, group_of, params, active, states, steps, scalars,
+                new_state if description.uses_new_state else None, local=local, kept=kept_tensors,
+            )  # fmt: skip
             self._plans[device] = (list(options), native)
+        self._registered_state = (self.state, self.state.changes)
 
 
 class _DevicePlan:
@@ -245,18 +352,21 @@ class _DevicePlan:
     def __init__(
         self, algorithm: str, options: list, group_of: list[int], params: list, active: list,
         states: list, steps: list, scalars: list | None, new_state: list | None,
+        local: list | None = None, kept: list | None = None,
     ) -> None:  # fmt: skip
         self.algorithm = algorithm
         self.options = list(options)
         self.params = params
         self.active = active
         self.active_params = [p for p, a in zip(params, active) if a]
+        self.local = any(local or ())  # DTensors: their local tensors are stepped
+        self.kept = kept or []  # (entry, key, tensor): the state tensors as their entries hold them
         self.group_of = np.array([g for g, a in zip(group_of, active) if a], np.int64)
         self.states = states
         self.steps = steps
         self.scalars = scalars
         self.new_state = new_state
-        self.addresses = [p.data_ptr() for p in self.active_params]
+        self.addresses = [_memory(p).data_ptr() for p in self.active_params]
 
     def set_options(self, group: int, values: tuple[float, ...]) -> None:
         self.options[group] = values
@@ -264,9 +374,12 @@ class _DevicePlan:
     def step(self, grad_scale: float | None) -> bool:
         if [p.grad is not None for p in self.params] != self.active:
             return False
-        if [p.data_ptr() for p in self.active_params] != self.addresses:
+        if any(entry.get(key) is not value for entry, key, value in self.kept):
             return False
-        grads = [p.grad for p in self.active_params]
+        if [_memory(p).data_ptr() for p in self.active_params] != self.addresses:
+            return False
+        grads = [_memory(p.grad) for p in self.active_params]
+        params = [_memory(p) for p in self.active_params] if self.local else self.active_params
         counts = np.array([float(s) for s in self.steps], np.int64) + 1 if self.steps else None
         steps = counts if counts is not None else np.ones(len(grads), np.int64)
         rows = None
@@ -275,7 +388,7 @@ class _DevicePlan:
             for i, row in enumerate(self.scalars):
                 rows[i, : len(row)] = [float(s) for s in row]
         cuda.step(
-            self.algorithm, self.options, self.group_of, steps, self.active_params, grads,
+            self.algorithm, self.options, self.group_of, steps, params, grads,
             self.states, new_state=self.new_state, scalars=rows, grad_scale=grad_scale,
         )  # fmt: skip
         self.new_state = None
@@ -290,6 +403,8 @@ class _DevicePlan:
 
 
 def _check_param(p: Any, index: int, group: int) -> None:
+    """A param fusedopt can update in place: dense, float32 or float64, contiguous, in memory of
+    its own on the CPU or a CUDA device fusedopt.cuda serves (a DTensor: its local tensor)."""
     where = f"params[{index}] of param_groups[{group}]"
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(p).__name__}")
@@ -299,11 +414,74 @@ def _check_param(p: Any, index: int, group: int) -> None:
         raise TypeError(f"{where} has dtype {p.dtype}; fusedopt updates float32 and float64")
     if p.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{where} is on {p.device}; fusedopt.torch serves the CPU and CUDA")
-    if not p.is_contiguous():
+    if p.device.type == "cuda" and (reason := cuda.unavailable_reason()):
+        raise ValueError(f"{where} is on {p.device}, which fusedopt cannot serve here: {reason}")
+    with torch.no_grad():
+        memory = _memory(p)
+    if not memory.is_contiguous():
         raise ValueError(
             f"{where} is not contiguous; an in-place update needs the tensor's own memory "
             "(a contiguous copy would be updated instead of it)"
         )
+    if memory.numel() > 0 and memory.data_ptr() == 0:
+        raise TypeError(
+            f"{where} ({type(p).__name__}) has no memory of its own; fusedopt updates a tensor's "
+            "own memory (DTensors are stepped through their local tensors)"
+        )
+
+
+def _check_dtensor_grad(p: Any, index: int, group: int) -> None:
+    """A DTensor param's grad is a DTensor of its placements (FSDP2's are: Shard(0) both)."""
+    grad = p.grad
+    if not _is_dtensor(grad) or grad.placements != p.placements:
+        what = grad.placements if _is_dtensor(grad) else f"a {type(grad).__name__}"
+        raise ValueError(
+            f"the grad of params[{index}] of param_groups[{group}] is {what}; a DTensor param's "
+            f"grad must be a DTensor of the param's placements {p.placements}, whose local "
+            "tensors fusedopt steps"
+        )
+
+
+def _check_grad(p: Any, index: int, group: int) -> None:
+    """A grad fusedopt can read in place: dense, contiguous, in memory of its own, with its
+    param's dtype, shape and device."""
+    where = f"the grad of params[{index}] of param_groups[{group}]"
+    if _is_dtensor(p):
+        _check_dtensor_grad(p, index, group)
+    with torch.no_grad():
+        param, grad = _memory(p), _memory(p.grad)
+    if grad.layout != torch.strided:
+        raise TypeError(f"{where} is a {grad.layout} tensor; fusedopt reads dense grads")
+    if grad.dtype != param.dtype:
+        raise TypeError(f"{where} has dtype {grad.dtype}, not its param's {param.dtype}")
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"{where} has shape {tuple(grad.shape)}, not its param's {tuple(param.shape)}"
+        )
+    if grad.device != param.device:
+        raise ValueError(f"{where} is on {grad.device}, not on its param's {param.device}")
+    if not grad.is_contiguous():
+        raise ValueError(f"{where} is not contiguous; fusedopt reads a grad's own memory in order")
+    if grad.numel() > 0 and grad.data_ptr() == 0:
+        raise TypeError(f"{where} has no memory of its own; fusedopt reads a grad's own memory")
+
+
+def _check_states(entry: dict, names: Iterable[str], p: Any, index: int, group: int) -> None:
+    """The state buffers kept for a param have its dtype, shape and device (they may not, once
+    ``param.data`` was given another dtype or shape)."""
+    with torch.no_grad():
+        param = _memory(p)
+        for key in names:
+            value = entry.get(key)
+            if value is None:
+                continue
+            value = _memory(value)
+            if (value.dtype, value.shape, value.device) != (param.dtype, param.shape, param.device):
+                raise TypeError(
+                    f"state[{key!r}] of params[{index}] of param_groups[{group}] is a "
+                    f"{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}, "
+                    f"not like its param ({param.dtype}, {tuple(param.shape)}, {param.device})"
+                )
 
 
 def _plain(value: Any) -> Any:
@@ -341,6 +519,7 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         "__init__": __init__,
         "__doc__": doc,
         "_declaration": declaration,
+        "_step_supports_amp_scaling": declaration._description.takes_grad_scale,
         "__module__": __name__,
         "__qualname__": name,
     }
