@@ -143,6 +143,34 @@ def test_a_param_whose_memory_moves_is_followed() -> None:
     assert_close(params[0].detach(), reference[0].detach(), torch.float64, "moved param")
 
 
+def test_a_device_already_stepped_is_not_stepped_again_when_another_needs_a_new_plan() -> None:
+    """One optimizer over two devices keeps one plan per device. When the second plan refuses
+    (its params moved) after the first has stepped, the plans are made again: the first
+    device's params must not take the step twice. The second device here is a stand-in plan
+    (this machine may have no GPU) that refuses, as a CUDA plan whose param moved does."""
+    params = model_params(torch.float64)
+    reference = model_params(torch.float64)
+    ours = ft.Adam(params, lr=0.1)
+    theirs = torch.optim.Adam(reference, lr=0.1, foreach=False)
+    run(ours, params, range(3))  # steps 2 and 3 give every param a grad: the plan holds
+    run(theirs, reference, range(3))
+
+    class Refuses:
+        calls = 0
+
+        def step(self, grad_scale: float | None) -> bool:
+            Refuses.calls += 1
+            return False
+
+    ((device, cpu_plan),) = ours._plans.items()
+    ours._plans = {device: cpu_plan, torch.device("cuda", 0): (cpu_plan[0], Refuses())}
+    run(ours, params, range(3, 4))
+    run(theirs, reference, range(3, 4))
+    assert Refuses.calls == 1
+    for mine, torch_param in zip(params, reference):
+        assert_close(mine.detach(), torch_param.detach(), torch.float64, "stepped once")
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
 def test_grad_scaler_skips_an_inf_step_and_unscales_the_others(name: str) -> None:
     options = {"momentum": 0.9} if name == "SGD" else {}

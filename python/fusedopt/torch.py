@@ -232,14 +232,20 @@ class Optimizer(torch.optim.Optimizer):
             for p, index, group in self._dtensors:
                 if p.grad is not None:
                     _check_dtensor_grad(p, index, group)
+            # A plan that refuses has written nothing; the devices stepped before it are not
+            # stepped again by the plans made after it (params on CPU and CUDA in one optimizer).
+            stepped = set()
             for device, plan in self._plans.items():
                 if not self._step_plan(device, plan, options, scale):
                     break
+                stepped.add(device)
             else:
                 if self._plans:
                     return loss
             self._register(options)
             for device, plan in self._plans.items():
+                if device in stepped:
+                    continue
                 if not self._step_plan(device, plan, options, scale):
                     raise RuntimeError("fusedopt.torch: a plan made now refused its first step")
         return loss
