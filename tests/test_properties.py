@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 
 import fusedopt
 import fusedopt.functional as F
-import fusedopt.keras as fk
+import fusedopt.keras_numpy as fk
 from conftest import checksum
 from fusedopt import reference
 from fusedopt._engine import describe
