@@ -102,7 +102,7 @@ FUSEDOPT_LANE_FN void update(const Adam::Coefficients& c, V& param, V& grad,
     exp_avg = exp_avg + (g - exp_avg) * splat<V>(c.one_minus_beta1);
     exp_avg_sq = exp_avg_sq + (g * g - exp_avg_sq) * splat<V>(c.one_minus_beta2);
     V second_moment = exp_avg_sq;
-    if (c.amsgrad) second_moment = max_exp_avg_sq = lane_max(max_exp_avg_sq, exp_avg_sq);
+    if (c.amsgrad) second_moment = max_exp_avg_sq = lane_max_nan(max_exp_avg_sq, exp_avg_sq);
     param =
         param - (exp_avg * splat<V>(c.step_size)) / (lane_sqrt(second_moment) + splat<V>(c.eps));
     return;
@@ -112,7 +112,7 @@ FUSEDOPT_LANE_FN void update(const Adam::Coefficients& c, V& param, V& grad,
   exp_avg = torch_lerp(exp_avg, g, c.one_minus_beta1, c.lerp_small_weight);
   exp_avg_sq = exp_avg_sq * splat<V>(c.beta2) + splat<V>(c.one_minus_beta2) * g * g;
   V second_moment = exp_avg_sq;
-  if (c.amsgrad) second_moment = max_exp_avg_sq = lane_max(max_exp_avg_sq, exp_avg_sq);
+  if (c.amsgrad) second_moment = max_exp_avg_sq = lane_max_nan(max_exp_avg_sq, exp_avg_sq);
   const V denominator =
       lane_sqrt(second_moment) / splat<V>(c.bias_correction2_sqrt) + splat<V>(c.eps);
   param = param + (splat<V>(-c.step_size) * exp_avg) / denominator;

@@ -81,14 +81,14 @@ FUSEDOPT_LANE_FN void update(const Adamax::Coefficients& c, V& param, V& grad,
   if (c.convention == Convention::keras) {
     if (c.has_decoupled_decay) param = param * splat<V>(c.decay_factor);
     exp_avg = exp_avg * splat<V>(c.beta1) + splat<V>(c.one_minus_beta1) * g;
-    exp_inf = lane_max(exp_inf * splat<V>(c.beta2), lane_abs(g));
+    exp_inf = lane_max_nan(exp_inf * splat<V>(c.beta2), lane_abs(g));
     param = param - (exp_avg * splat<V>(c.lr)) /
                         ((exp_inf + splat<V>(c.eps)) * splat<V>(c.bias_correction1));
     return;
   }
   if (c.has_weight_decay) g = g + splat<V>(c.weight_decay) * param;
   exp_avg = torch_lerp(exp_avg, g, c.one_minus_beta1, c.lerp_small_weight);
-  exp_inf = lane_max(exp_inf * splat<V>(c.beta2), lane_abs(g) + splat<V>(c.eps));
+  exp_inf = lane_max_nan(exp_inf * splat<V>(c.beta2), lane_abs(g) + splat<V>(c.eps));
   param = param + (splat<V>(-c.step_size) * exp_avg) / exp_inf;
 }
 

@@ -73,6 +73,14 @@ FUSEDOPT_LANE_FN T lane_select(bool mask, T if_true, T if_false) {
 }
 FUSEDOPT_LANE_FN bool lane_all(bool mask) { return mask; }
 
+// torch.maximum / torch.amax (and Keras' ops.maximum): NaN when either operand is NaN, so a NaN
+// running maximum (AMSGrad's max_exp_avg_sq, Adamax's exp_inf) stays NaN as in the frameworks
+// instead of healing to the other operand.
+template <class V>
+FUSEDOPT_LANE_FN V lane_max_nan(V a, V b) {
+  return lane_select(a == a, lane_max(a, b), a);
+}
+
 // torch.sign: -1, 0 or 1; a zero keeps its sign and NaN stays NaN.
 template <class V>
 FUSEDOPT_LANE_FN V lane_sign(V x) {

@@ -218,8 +218,10 @@ class AnyPlan {
   virtual size_t size() const = 0;
 };
 
-// Whether a weak reference still refers to `object` (false once its referent died).
+// Whether a weak reference still refers to `object` (false once its referent died). None stands
+// for itself: a state list may hold None for a tensor whose state the step does not use.
 bool refers_to(const py::object& reference, PyObject* object) {
+  if (reference.is_none()) return object == Py_None;
 #if PY_VERSION_HEX >= 0x030D0000
   PyObject* referent = nullptr;
   if (PyWeakref_GetRef(reference.ptr(), &referent) < 0) throw py::error_already_set();
@@ -255,21 +257,28 @@ class PythonPlan : public AnyPlan {
     const auto n = static_cast<py::ssize_t>(params_.size());
     step_counts_ = writeable_array<int64_t>(step_counts, "step_counts", n);
     scalars_ = writeable_array<double>(scalars, "scalars", n * kMaxScalars);
+    if (borrowed && (!step_counts.is_none() || !scalars.is_none()))
+      throw Error(ErrorKind::value, "a borrowed plan keeps no step counts or scalars");
+    borrowed_ = borrowed;
+    // Checked first, so that anything that is not an array is refused naming it (and a borrowed
+    // plan's weak references below are made only to arrays).
+    register_buffers();
     std::vector<PyObject*> arrays = params_;
     for (const auto& list : states_)
       for (PyObject* s : list.value_or(std::vector<PyObject*>{})) arrays.push_back(s);
-    for (PyObject* a : arrays)
-      references_.push_back(borrowed
-                                ? py::reinterpret_steal<py::object>(PyWeakref_NewRef(a, nullptr))
-                                : py::reinterpret_borrow<py::object>(a));
+    for (PyObject* a : arrays) {
+      if (!borrowed || a == Py_None) {
+        references_.push_back(py::reinterpret_borrow<py::object>(a));
+        continue;
+      }
+      PyObject* reference = PyWeakref_NewRef(a, nullptr);
+      if (!reference) throw py::error_already_set();
+      references_.push_back(py::reinterpret_steal<py::object>(reference));
+    }
     if (!borrowed) {
       references_.push_back(py::reinterpret_borrow<py::object>(step_counts));
       references_.push_back(py::reinterpret_borrow<py::object>(scalars));
-    } else if (!step_counts.is_none() || !scalars.is_none()) {
-      throw Error(ErrorKind::value, "a borrowed plan keeps no step counts or scalars");
     }
-    borrowed_ = borrowed;
-    register_buffers();
   }
 
   // For a borrowed plan: a step, when `params` and `states` are the very arrays it registered

@@ -121,12 +121,19 @@ def _plain_default(field: Field) -> Any:
     return bool(field.default) if field.kind == "flag" else field.default
 
 
+_LARGEST_FLOAT = int(np.finfo(np.float64).max)
+
+
 def as_number(value: Any, name: str) -> float:
     """A hyperparameter as a Python float: a number, or a one-element array (as torch accepts a
     one-element tensor for lr). TypeError naming it otherwise."""
     if value is None or isinstance(value, str | bytes):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if type(value) is float or type(value) is int:
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        if abs(value) > _LARGEST_FLOAT:  # float() would raise OverflowError
+            raise ValueError(f"{name} is too large for a float64, got {value!r}")
         return float(value)
     try:
         array = np.asarray(value, dtype=np.float64)

@@ -14,6 +14,9 @@ in place, in one native call over all tensors. Pass one array or a list of array
 - ``convention``: ``"torch"`` (PyTorch's math, the default) or ``"keras"`` (Keras 3's math,
   spec A.2).
 - ``grad_scale`` / ``found_inf`` (SGD, Adam): PyTorch's fused GradScaler hooks (spec 8).
+- ``mu_products`` (NAdam), ``etas`` and ``mus`` (ASGD): the per-tensor scalars of the state, each
+  a writeable float64 array with one value per param (``np.ones(n)`` for NAdam's first step,
+  ``np.full(n, lr)`` and ``np.ones(n)`` for ASGD's), advanced in place.
 
 Every buffer is checked before any is written: a bad one raises TypeError or ValueError naming
 it, and nothing changes.
@@ -45,8 +48,10 @@ OptionalArrays = np.ndarray | Sequence[np.ndarray | None] | None
 _CONVENTIONS = {"torch": TORCH, "keras": KERAS}
 
 
-def _list(arrays: OptionalArrays, name: str) -> list[Any] | None:
+def _list(arrays: OptionalArrays, name: str, required: bool = False) -> list[Any] | None:
     if arrays is None:
+        if required:
+            raise TypeError(f"{name} must be an array or a list of arrays, got None")
         return None
     if type(arrays) is list:
         return arrays
@@ -95,12 +100,14 @@ def _run(
     description's fields (the convention left out)."""
     if found_inf is not None and skip_step(found_inf):
         return
+    # The values' types are part of the key: 1.0 == True, yet a flag refuses 1.0.
+    key = (description.name, convention, values, tuple(map(type, values)))
     try:
-        options = _options_seen[description.name, convention, values]
+        options = _options_seen[key]
     except (KeyError, TypeError):
-        options = _options(description, values, convention)
-    param_list = params if type(params) is list else _list(params, "params")
-    grad_list = grads if type(grads) is list else _list(grads, "grads")
+        options = _options(key, description, values, convention)
+    param_list = params if type(params) is list else _list(params, "params", required=True)
+    grad_list = grads if type(grads) is list else _list(grads, "grads", required=True)
     state_lists = [
         s if type(s) is list or s is None else _list(s, name)
         for s, name in zip(states, description.plural_states)
@@ -115,6 +122,7 @@ def _run(
     scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
     scalar_rows = None
     if scalars is not None:
+        _check_scalars(scalars, count, param_list, state_lists)
         scalar_rows = np.zeros((count, _core.max_scalars))
         for k, name in enumerate(description.scalars):
             scalar_rows[:, k] = scalars[name]
@@ -135,16 +143,38 @@ def _run(
             scalars[name][...] = scalar_rows[:, k]
 
 
-# Native options by (algorithm, convention, values): a call with the hyperparameters of a recent
-# call skips their checks. Only hashable values are keys, which leaves out what can change in
-# place (arrays, lists).
+def _check_scalars(
+    scalars: dict[str, Any], count: int, params: list[Any], states: list[list[Any] | None]
+) -> None:
+    """Each per-tensor scalar array can take the step's new values: checked before the step, so
+    that a refusal leaves everything as it was."""
+    buffers = [a for a in params if isinstance(a, np.ndarray)] + [
+        a for s in states if s is not None for a in s if isinstance(a, np.ndarray)
+    ]
+    for name, values in scalars.items():
+        argument = name + "s"
+        if type(values) is not np.ndarray or values.dtype != np.float64:
+            kind = values.dtype if isinstance(values, np.ndarray) else type(values).__name__
+            raise TypeError(f"{argument} must be a float64 numpy array, one per param, got {kind}")
+        if values.shape != (count,):
+            raise ValueError(
+                f"{argument} must have shape ({count},), one per param, got {values.shape}"
+            )
+        if not values.flags.writeable:
+            raise ValueError(f"{argument} is read-only; the step writes its new values there")
+        if any(np.may_share_memory(values, b) for b in buffers):
+            raise ValueError(f"{argument} overlaps a param or a state array")
+
+
+# Native options by (algorithm, convention, values, their types): a call with the hyperparameters
+# of a recent call skips their checks. Only hashable values are keys, which leaves out what can
+# change in place (arrays, lists).
 _options_seen: dict[tuple[Any, ...], tuple[float, ...]] = {}
 
 
 def _options(
-    description: Description, values: tuple[Any, ...], convention: Any
+    key: tuple[Any, ...], description: Description, values: tuple[Any, ...], convention: Any
 ) -> tuple[float, ...]:
-    key = (description.name, convention, values)
     try:
         options = _options_seen.get(key)
     except TypeError:  # a list or an array among the values: checked every time
@@ -160,7 +190,7 @@ def _options(
 def _checked_options(
     description: Description, values: tuple[Any, ...], convention: Any
 ) -> tuple[float, ...]:
-    if convention not in _CONVENTIONS:
+    if not isinstance(convention, str) or convention not in _CONVENTIONS:
         raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
     declared = _declared(description)
     named = dict(zip((h.name for h in declared), values))
@@ -202,7 +232,14 @@ def _step_cached(
     if entry is not None:
         plan, registered = entry
         changed = None if registered is options else options
-        if plan.step_if_same(params, states, grads, scale, step, changed):
+        try:
+            stepped = plan.step_if_same(params, states, grads, scale, step, changed)
+        except BaseException:
+            # Refused (nothing written), perhaps after taking the new options: forget the plan,
+            # or a later call with the registered options would step with these.
+            del plans[key]
+            raise
+        if stepped:
             if changed is not None:
                 plans[key] = (plan, options)
             return True

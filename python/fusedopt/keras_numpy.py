@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
@@ -45,6 +46,7 @@ H = Hyperparameter
 
 # The arguments every Keras optimizer takes after its own (keras' BaseOptimizer), in its order.
 _BASE_ARGUMENTS = ("clipnorm", "clipvalue", "global_clipnorm", "name")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class Optimizer:
@@ -130,8 +132,10 @@ class Optimizer:
     def learning_rate(self, value: LearningRate) -> None:
         if not callable(value):
             rate = as_number(value, "learning_rate")
-            if not rate >= 0:
-                raise ValueError(f"Invalid learning_rate: {value} (must be >= 0)")
+            if not 0 <= rate <= _FLOAT32_MAX:  # Keras holds it as a float32: inf at apply
+                raise ValueError(
+                    f"Invalid learning_rate: {value} (must be >= 0 and finite as a float32)"
+                )
         self._learning_rate = value
 
     def _current_learning_rate(self) -> float:
@@ -145,7 +149,9 @@ class Optimizer:
         values["learning_rate"] = learning_rate
         if values.get("weight_decay") is None:
             values["weight_decay"] = 0.0
+        # With the values' types: 1.0 == True, yet a flag refuses 1.0.
         key = tuple(values.values()) + (self._float32_scalars(),)
+        key += tuple(map(type, key))
         if key != self._options_key:
             self._options_values = native_values(
                 self._description, self._hyperparameters, values, self._fixed_options()
@@ -285,12 +291,16 @@ class Optimizer:
                         "was built with"
                     )
                 indices.append(index)
-            kept = [(g, i) for g, i in zip(grads, indices) if g is not None]
+            # Where each kept grad was in this call: errors name grads[k] as the caller passed it.
+            kept = [k for k, g in enumerate(grads) if g is not None]
             if variables and not kept:
                 raise ValueError("No gradients provided for any variable.")
             if kept:
-                clipped = self._clip([g for g, _ in kept])
-                self._update(clipped, tuple(i for _, i in kept))
+                clipped = self._clip([grads[k] for k in kept], kept)
+                try:
+                    self._update(clipped, tuple(indices[k] for k in kept))
+                except (TypeError, ValueError) as error:
+                    raise _named_as_given(error, kept) from None
             self.iterations += 1
             return self.iterations
 
@@ -327,15 +337,15 @@ class Optimizer:
         for k, name in enumerate(names):
             self._scalars[name] = float(scalars[0, k])
 
-    def _clip(self, grads: list[np.ndarray]) -> list[np.ndarray]:
+    def _clip(self, grads: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
         """Keras' ``_clip_gradients`` (spec 1, step 5), in each gradient's dtype. Clipped
-        gradients are new arrays: the caller's gradients are never changed."""
+        gradients are new arrays (0-d ones too): the caller's gradients are never changed."""
         if self.clipnorm is None and self.global_clipnorm is None and self.clipvalue is None:
             return grads
-        for i, g in enumerate(grads):
+        for g, k in zip(grads, positions):
             if not isinstance(g, np.ndarray) or g.dtype.kind != "f":
                 kind = f"an array of {g.dtype}" if isinstance(g, np.ndarray) else type(g).__name__
-                raise TypeError(f"grads[{i}] must be a float numpy.ndarray to clip, got {kind}")
+                raise TypeError(f"grads[{k}] must be a float numpy.ndarray to clip, got {kind}")
         if self.clipnorm is not None:
             return [self._clip_by_norm(g, self.clipnorm) for g in grads]
         if self.global_clipnorm is not None:
@@ -344,7 +354,7 @@ class Optimizer:
                 self.global_clipnorm * min(1.0 / norm, 1.0 / self.global_clipnorm) if norm else 1.0
             )
             return [np.asarray(g * g.dtype.type(scale), dtype=g.dtype) for g in grads]
-        return [np.clip(g, -self.clipvalue, self.clipvalue) for g in grads]
+        return [np.asarray(np.clip(g, -self.clipvalue, self.clipvalue), g.dtype) for g in grads]
 
     @staticmethod
     def _clip_by_norm(g: np.ndarray, clip_norm: float) -> np.ndarray:
@@ -352,7 +362,19 @@ class Optimizer:
         if norm == 0:
             return g
         c = g.dtype.type(clip_norm)
-        return (g * c) / np.maximum(norm, c)
+        return np.asarray((g * c) / np.maximum(norm, c), g.dtype)
+
+
+def _named_as_given(error: Exception, positions: list[int]) -> Exception:
+    """The step's error with grads[j] / params[j] (the j-th grad that was not None) named as the
+    caller passed them: grads[k] and trainable_variables[k]."""
+
+    def rename(match: re.Match[str]) -> str:
+        role = "grads" if match[1] == "grads" else "trainable_variables"
+        j = int(match[2])
+        return f"{role}[{positions[j] if j < len(positions) else j}]"
+
+    return type(error)(re.sub(r"\b(grads|params)\[(\d+)\]", rename, str(error)))
 
 
 def _generated_init(cls: type[Optimizer]) -> Any:

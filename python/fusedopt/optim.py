@@ -281,6 +281,11 @@ class Optimizer:
         for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
             if not isinstance(saved, Mapping) or "params" not in saved:
                 raise ValueError(f"state_dict: param_groups[{g}] must be a dict with 'params'")
+            if not isinstance(saved["params"], Sequence) or isinstance(saved["params"], str):
+                raise TypeError(
+                    f"state_dict: param_groups[{g}]['params'] must be a list of param indices, "
+                    f"got {type(saved['params']).__name__}"
+                )
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"state_dict: the size of param_groups[{g}] ({len(saved['params'])} params) "
@@ -315,6 +320,11 @@ class Optimizer:
                     has_scalars[i] = True
                 else:
                     raise ValueError(f"state_dict: unknown state {name!r} for param {i}")
+            # The scalars come together (a state that has one has them all): one missing would
+            # load as 0.0, which no step makes (ASGD's eta = 0 would freeze the param).
+            missing = [name for name in scalar_names if name not in entry]
+            if has_scalars[i] and missing:
+                raise ValueError(f"state_dict: state[{i}] has no {missing[0]!r}")
         with self._lock:
             for group, (merged, _) in zip(self.param_groups, new_groups):
                 params = group["params"]
@@ -569,6 +579,8 @@ def _plain(value: Any) -> Any:
         return value.item() if np.ndim(value) == 0 or np.size(value) == 1 else value.tolist()
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
     return value
 
 

@@ -518,10 +518,10 @@ def torch_rprop(
     prev = _slot(new_state, "prev", param)
     step_size = _slot(new_state, "step_size", param, lr)
     sign = np.sign(grad * prev)  # the sign of the rounded product: an underflow counts as 0
-    factor = sign.copy()
-    factor[sign > 0] = etaplus
-    factor[sign < 0] = etaminus
-    factor[sign == 0] = 1.0  # NaN stays NaN
+    # np.where, not item assignment: a 0-d param's sign is a NumPy scalar. NaN stays NaN.
+    factor = np.where(
+        sign > 0, etaplus, np.where(sign < 0, etaminus, np.where(sign == 0, 1.0, sign))
+    )
     step_size = np.minimum(np.maximum(step_size * factor, step_size_min), step_size_max)
     grad = np.where(factor == etaminus, 0.0, grad)
     new_state.update(prev=grad, step_size=step_size)
