@@ -335,6 +335,30 @@ def test_torch_rprop_zero_and_repeated_gradients():
         )
 
 
+def test_torch_rprop_nan_has_sign_0():
+    """torch.sign(NaN) is 0 (pytorch/pytorch#41245): a NaN product g*prev takes the factor 1,
+    and a NaN gradient leaves the param where it is and becomes prev."""
+    torch = pytest.importorskip("torch")
+    nan = float("nan")
+    prev, grad = np.array([nan, 1.0, 1.0, nan]), np.array([1.0, nan, -1.0, nan])
+    param = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    optimizer = torch.optim.Rprop([param], lr=0.1)
+    param.grad = torch.ones(4, dtype=torch.float64)
+    optimizer.step()
+    optimizer.state[param]["prev"].copy_(torch.from_numpy(prev))
+    state = {
+        "step": 1,
+        "prev": prev,
+        "step_size": optimizer.state[param]["step_size"].numpy().copy(),
+    }
+    expected, state = reference.torch_rprop(param.detach().numpy().copy(), grad, state, lr=0.1)
+    param.grad = torch.from_numpy(grad)
+    optimizer.step()
+    np.testing.assert_array_equal(param.detach().numpy(), expected)
+    for key in ("prev", "step_size"):
+        np.testing.assert_array_equal(optimizer.state[param][key].numpy(), state[key])
+
+
 def test_torch_radam_default_betas_take_both_branches():
     """With betas (0.9, 0.999), rho_t crosses 5 within the 10 steps of the trajectory tests."""
     beta2 = 0.999

@@ -458,7 +458,7 @@ class Optimizer:
             values = tuple([group[name] for name in names])
             if last_key is not last_values or not all(map(is_, values, last_values)):
                 key = _frozen(values)
-                if key != last_key:
+                if not _same_key(key, last_key):
                     native = self._native_options(group)
                 self._options_cache[i] = (values, key, native)
             result.append(native)
@@ -564,13 +564,25 @@ _IMMUTABLE = (float, int, bool)
 def _frozen(values: tuple[Any, ...]) -> tuple[Any, ...]:
     """A group's hyperparameters as a cache key that cannot change behind the cache's back: a
     one-element array or a list (betas) is copied into plain numbers, so changing it in place
-    is seen at the next step."""
+    is seen at the next step, each with its type (the checks refuse np.array([True]) for a
+    flag, whose plain copy is True)."""
     if all(
         type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
         for v in values
     ):
         return values
-    return tuple(_plain(v) if not isinstance(v, list) else tuple(map(_plain, v)) for v in values)
+    return tuple(
+        (type(v), _plain(v) if not isinstance(v, list) else tuple(map(_plain, v))) for v in values
+    )
+
+
+def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Equal keys of the same types: 1.0 == True, yet a flag refuses 1.0."""
+    return a == b and _types(a) == _types(b)
+
+
+def _types(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(_types(v) if type(v) is tuple else type(v) for v in values)
 
 
 def _plain(value: Any) -> Any:

@@ -507,7 +507,9 @@ def torch_rprop(
     ``lr`` is read only on the first step, to fill ``step_size``. ``s = sign(g*prev)``;
     factor ``etaplus`` where ``s > 0``, ``etaminus`` where ``s < 0``, 1 where ``s == 0``;
     ``step_size <- min(max(step_size*factor, step_size_min), step_size_max)``; ``g <- 0`` where
-    the factor is ``etaminus``; ``p <- p - sign(g)*step_size``; ``prev <- g``.
+    the factor is ``etaminus``; ``p <- p - sign(g)*step_size``; ``prev <- g``. ``sign`` is
+    torch's, 0 for NaN (pytorch/pytorch#41245): a NaN product takes the factor 1, and a NaN
+    gradient leaves the param where it is (and becomes prev).
     """
     _check(0.0 <= lr, f"Invalid learning rate: {lr}")
     _check(0.0 < etaminus < 1.0 < etaplus, f"Invalid eta values: {etaminus}, {etaplus}")
@@ -517,15 +519,18 @@ def torch_rprop(
     new_state["step"] = _next_step(state)
     prev = _slot(new_state, "prev", param)
     step_size = _slot(new_state, "step_size", param, lr)
-    sign = np.sign(grad * prev)  # the sign of the rounded product: an underflow counts as 0
-    # np.where, not item assignment: a 0-d param's sign is a NumPy scalar. NaN stays NaN.
-    factor = np.where(
-        sign > 0, etaplus, np.where(sign < 0, etaminus, np.where(sign == 0, 1.0, sign))
-    )
+    sign = _torch_sign(grad * prev)  # the sign of the rounded product: an underflow counts as 0
+    # np.where, not item assignment: a 0-d param's sign is a NumPy scalar.
+    factor = np.where(sign > 0, etaplus, np.where(sign < 0, etaminus, 1.0))
     step_size = np.minimum(np.maximum(step_size * factor, step_size_min), step_size_max)
     grad = np.where(factor == etaminus, 0.0, grad)
     new_state.update(prev=grad, step_size=step_size)
-    return param - np.sign(grad) * step_size, new_state
+    return param - _torch_sign(grad) * step_size, new_state
+
+
+def _torch_sign(x: np.ndarray) -> np.ndarray:
+    """torch.sign: NumPy's, but 0 for NaN (pytorch/pytorch#41245)."""
+    return np.where(x > 0, 1.0, np.where(x < 0, -1.0, 0.0))
 
 
 def torch_asgd(

@@ -157,7 +157,12 @@ class Optimizer(torch.optim.Optimizer):
         declaration = self._declaration
         values = tuple([group[name] for name in declaration._hyperparameter_names])
         cached = self._options_cache.get(id(group))
-        if cached is not None and cached[0] == values:
+        # The types too: 1.0 == True (and np.array([True]) == True), yet a flag refuses them.
+        if (
+            cached is not None
+            and cached[0] == values
+            and tuple(map(type, cached[0])) == tuple(map(type, values))
+        ):
             return cached[1]
         fixed = {"convention": TORCH, **declaration._fixed}
         if any(f.name == "float32_scalars" for f in declaration._description.fields):
