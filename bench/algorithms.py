@@ -517,34 +517,18 @@ def lamb_candidates(w: Workload, threads: list[int]) -> list[Candidate]:
     return candidates
 
 
-# Pass 1 of LAMB moves 24 bytes per float32 element (reads 16, writes 8), pass 2 16 bytes (reads
-# 12, writes 4). stream_add over k elements with no state reads 8k bytes (p, g) and writes 4k (p):
-# over 2n elements it is pass 1 exactly (reads 16n, writes 8n); over 4n/3 elements it moves pass
-# 2's 16n bytes, as 10.67n read and 5.33n written (stream_add always writes a third of what it
-# moves, so no choice of its buffers gives pass 2's 3:1 split).
-LAMB_PASS2_ELEMENTS = (4, 3)  # (numerator, denominator) of each tensor's size, rounded down
-
-
 def lamb_ceiling_candidates(w: Workload, threads: list[int]) -> list[Candidate]:
-    """LAMB's two-pass ceiling: per tensor of n elements, ``p += g`` over buffers of 2n elements
-    (pass 1's bytes, and its reads and writes), then ``p += g`` over the first 4n/3 elements of
-    those same buffers (pass 2's bytes, over memory the first pass touched, as LAMB's second pass
-    re-reads what its first touched): two fork/joins, 40 bytes per element in all, the same
-    footprint (4n elements) as param, grad, m and v."""
-    firsts, seconds = [], []
-    for param, grad in zip(w.params, w.grads):
-        n = param.size
-        p = np.concatenate([param.ravel()] * 2)
-        g = np.concatenate([grad.ravel()] * 2)
-        second = n * LAMB_PASS2_ELEMENTS[0] // LAMB_PASS2_ELEMENTS[1]
-        firsts.append((p, g))
-        seconds.append((p[:second], g[:second]))
-    pass1 = ([p for p, _ in firsts], [g for _, g in firsts])
-    pass2 = ([p for p, _ in seconds], [g for _, g in seconds])
+    """LAMB's two-pass ceiling: ``stream_add`` over LAMB's own four buffers per tensor, as two
+    fork/joins, ``m += g, v += g`` (reads m, g, v, writes m, v) then ``p += m, v += m`` (reads p,
+    m, v, writes p, v): 40 bytes per float32 element, as LAMB's 24 and 16, over the same
+    buffers. Every line written is also read, so neither adds write-allocate traffic."""
+    params = w.param_copies()
+    exp_avgs = [np.zeros_like(p) for p in params]
+    exp_avg_sqs = [np.zeros_like(p) for p in params]
 
     def step() -> None:
-        _core.stream_add(*pass1, [])
-        _core.stream_add(*pass2, [])
+        _core.stream_add(exp_avgs, w.grads, [exp_avg_sqs])
+        _core.stream_add(params, exp_avgs, [exp_avg_sqs])
 
     return [
         Candidate(f"two-pass ceiling {n}t", step, _select_fusedopt(best_isa(), n)) for n in threads
@@ -552,11 +536,11 @@ def lamb_ceiling_candidates(w: Workload, threads: list[int]) -> list[Candidate]:
 
 
 def lamb_ceiling_bytes(w: Workload) -> tuple[int, int]:
-    """(bytes LAMB moves per step, bytes its ceiling moves), float32 or float64."""
+    """(bytes LAMB moves per step, bytes its ceiling moves), float32 or float64: 10 values per
+    element for each. LAMB's first pass reads param, grad, m, v and writes m, v; its second
+    reads param, m, v and writes param. The ceiling's passes read m, g, v and write m, v, then
+    read p, m, v and write p, v."""
     item = np.dtype(w.dtype).itemsize
-    lamb = sum(10 * p.size for p in w.params) * item
-    ceiling = sum(
-        3 * (2 * p.size + p.size * LAMB_PASS2_ELEMENTS[0] // LAMB_PASS2_ELEMENTS[1])
-        for p in w.params
-    )
-    return lamb, ceiling * item
+    lamb = sum((6 + 4) * p.size for p in w.params) * item
+    ceiling = sum((5 + 5) * p.size for p in w.params) * item
+    return lamb, ceiling

@@ -172,17 +172,12 @@ def lamb_bytes_note(results: list[Result]) -> str:
         )
     return (
         "fusedopt is `fusedopt.keras_numpy.Lamb.apply` (and `fusedopt.functional.lamb_`). "
-        "The two-pass "
-        "ceiling moves LAMB's bytes pass by pass: its first pass reads param, grad, m, v and "
-        "writes m, v (24 bytes per float32 element); `stream_add` (p += g) over buffers of 2n "
-        "elements reads and writes exactly that. Its second pass reads param, m, v and writes "
-        "param (16 bytes); `stream_add` over the first 4n/3 elements of the same buffers moves "
-        "those 16 bytes, as 10.7 read and 5.3 written instead of 12 and 4 (stream_add writes a "
-        "third of what it moves, so no choice of buffers splits it 3:1); if a written byte costs "
-        "more than a read one, this ceiling is that much slower than an exact one. Two "
-        "fork/joins, as LAMB's two passes; the same footprint (4n elements). "
-        + "; ".join(notes)
-        + "."
+        "The two-pass ceiling streams LAMB's own four buffers as LAMB does, in two fork/joins "
+        "of `stream_add`: m += g, v += g (reads m, g, v and writes m, v: 20 bytes per float32 "
+        "element), then p += m, v += m (reads p, m, v and writes p, v: 20 bytes). LAMB's first "
+        "pass reads param, grad, m, v and writes m, v (24 bytes), its second reads param, m, v "
+        "and writes param (16 bytes): the same 40 bytes over the same footprint, every written "
+        "line also read. " + "; ".join(notes) + "."
     )
 
 

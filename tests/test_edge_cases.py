@@ -33,6 +33,15 @@ def test_a_step_runs_when_the_system_refuses_worker_threads() -> None:
     assert run.stdout.split() == ["0.9", "0.9"]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+def test_a_zero_learning_rate_leaves_a_negative_zero_param_alone(dtype: type, isa: str) -> None:
+    # The vector lanes made each constant as 0 + c, which turned -lr = -0.0 into +0.0: a -0 param
+    # became +0 in the vector body, and stayed -0 in the tail and on the scalar path, as in torch.
+    params = np.full(37, -0.0, dtype)
+    F.sgd_([params], [np.ones(37, dtype)], lr=0.0)
+    assert np.all(np.signbit(params))
+
+
 def test_a_hyperparameter_changed_in_place_takes_effect() -> None:
     lr = np.array(0.1)
     p = np.ones(4)

@@ -145,13 +145,17 @@ inline void stream_algorithm(const TensorRef& t, int64_t begin, int64_t end, Upd
 
 // The coefficients are copied into the closure: it is then a local whose address never escapes,
 // so the compiler keeps them in registers instead of reloading them after every store (a store
-// through memcpy may alias anything reachable).
+// through memcpy may alias anything reachable). Inlined by force: GCC 12 made a function of the
+// larger updates (NAdam, RMSprop, LAMB), called once per vector, which reloads and broadcasts
+// every coefficient at each call.
 template <class A, class T>
 void update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients, int64_t begin,
                    int64_t end) {
   const typename A::Coefficients c = coefficients;
   stream_algorithm<T, A>(
-      t, begin, end, [c](auto& p, auto& g, auto(&s)[kMaxStates]) { math::update(c, p, g, s); },
+      t, begin, end,
+      [c](auto& p, auto& g, auto(&s)[kMaxStates])
+          __attribute__((always_inline)) { math::update(c, p, g, s); },
       std::make_integer_sequence<unsigned, pattern_count<A>()>{});
 }
 

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 namespace fusedopt {
 namespace cpu {
@@ -24,7 +25,13 @@ struct Vec {
   native v;
 
   Vec() = default;
-  explicit Vec(T x) : v(native{} + x) {}
+  // A plain broadcast: 0 + x, which this was, is an add (it turns -0 into +0) that the compiler
+  // must not move out of a branch, so every constant was made again at each element.
+  explicit Vec(T x) : v(broadcast(x, std::make_integer_sequence<int, lanes>{})) {}
+  template <int... Lane>
+  static native broadcast(T x, std::integer_sequence<int, Lane...>) {
+    return native{((void)Lane, x)...};
+  }
   static Vec wrap(native x) {
     Vec r;
     r.v = x;
