@@ -285,6 +285,18 @@ def test_a_tensor_learning_rate_is_accepted() -> None:
         assert_close(a.detach(), b.detach(), torch.float64, "tensor lr")
 
 
+def test_a_tensor_learning_rate_changed_in_place_by_a_scheduler_takes_effect() -> None:
+    """Schedulers fill_ a tensor lr in place: the same tensor holds each new rate."""
+    params, reference = model_params(torch.float32), model_params(torch.float32)
+    ours = ft.SGD(params, lr=torch.tensor(0.01))
+    theirs = torch.optim.SGD(reference, lr=torch.tensor(0.01), foreach=False)
+    for optimizer, p in ((ours, params), (theirs, reference)):
+        run(optimizer, p, range(6), torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5))
+    assert float(ours.param_groups[0]["lr"]) == float(theirs.param_groups[0]["lr"]) < 0.001
+    for a, b in zip(params, reference):
+        assert_close(a.detach(), b.detach(), torch.float32, "tensor lr under StepLR")
+
+
 def test_signatures_and_defaults_are_torch_optim_s() -> None:
     import inspect
 

@@ -155,7 +155,14 @@ class Optimizer(torch.optim.Optimizer):
     def _native_options(self, group: dict[str, Any]) -> tuple[float, ...]:
         """The group's native options, recomputed only when one of its values changed."""
         declaration = self._declaration
-        values = tuple([group[name] for name in declaration._hyperparameter_names])
+        # A tensor hyperparameter by its value: the schedulers change a tensor lr in place
+        # (``fill_``), so the same tensor object may hold a new learning rate.
+        values = tuple(
+            [
+                _plain(value) if isinstance(value, torch.Tensor) else value
+                for value in (group[name] for name in declaration._hyperparameter_names)
+            ]
+        )
         cached = self._options_cache.get(id(group))
         # The types too: 1.0 == True (and np.array([True]) == True), yet a flag refuses them.
         if (

@@ -1,0 +1,422 @@
+"""torch's own optimizer test matrix, run against fusedopt.torch.
+
+PyTorch's optimizer tests (test/test_optim.py) draw their option combinations from the
+``optim_inputs_func_<name>`` functions of ``torch/testing/_internal/common_optimizers.py``
+(pytorch/pytorch, read at commit cd3602a3db1467e03ea5b1897493f68423041aaa; the module is not
+in the CPU wheel). ``CPU_INPUTS`` transcribes each function's CPU list (kwargs and ``desc``),
+``CUDA_ONLY_INPUTS`` its ``cuda_supported_configs`` (every one sets ``capturable=True``), and
+``IMPLS`` the ``supported_impls`` of its ``OptimizerInfo`` (``fused`` only where
+``supports_fused_on`` names the CPU). As ``_get_optim_inputs_including_global_cliquey_kwargs``
+does, every input runs with those flags all False and once with each one True.
+
+For every combination, in float32 and float64, the same params (a 0-d one, an empty one, one of
+more than 16 elements) run 20 steps with changing grads and a StepLR schedule under
+``torch.optim`` (``foreach=False``) and ``fusedopt.torch`` side by side, and the params and the
+state dicts (state keys, dtypes and values; the param groups) must agree within the project's
+targets. A torch.optim state dict loaded into fusedopt.torch mid-run must continue torch's
+trajectory. ``torch.tensor`` learning rates, as torch's ``test_tensor_lr`` makes them from every
+input, run too.
+
+What fusedopt does not do is refused, as README.md says ("Accepted and ignored: foreach, fused.
+Refused: differentiable=True, capturable=True"): the refusal must be a ValueError naming the flag.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import fusedopt.torch as ft  # noqa: E402
+
+STEPS = 20
+RESUME_AT = 10
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}  # relative to 1 + |x|
+DTYPES = [torch.float32, torch.float64]
+SHAPES = [(5, 7), (33,), (), (0,), (4, 4)]
+
+
+def _tensor_lr() -> Any:
+    return torch.tensor(0.001)
+
+
+# optim_inputs_func_<name>(device="cpu"): (desc, kwargs), in torch's order.
+CPU_INPUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "Adadelta": [
+        ("default", {}),
+        ("non-default lr", {"lr": 0.01}),
+        ("nonzero weight_decay", {"weight_decay": 0.1}),
+        ("maximize", {"weight_decay": 0.1, "maximize": True}),
+        ("rho", {"rho": 0.95, "weight_decay": 0.9}),
+    ],
+    "Adagrad": [
+        ("default", {}),
+        ("nonzero weight_decay", {"weight_decay": 0.1}),
+        ("maximize", {"weight_decay": 0.1, "maximize": True}),
+        ("non-default lr", {"lr": 0.1}),
+        ("initial_accumulator_value", {"initial_accumulator_value": 0.1, "weight_decay": 0.1}),
+        ("lr_decay", {"lr": 0.1, "lr_decay": 0.5, "weight_decay": 0.1}),
+        ("Tensor lr", {"lr": _tensor_lr}),
+    ],
+    "Adam": [
+        ("default", {}),
+        ("non-default lr", {"lr": 0.01}),
+        ("nonzero weight_decay", {"weight_decay": 0.1}),
+        ("maximize", {"weight_decay": 0.1, "maximize": True}),
+        ("amsgrad", {"weight_decay": 0.1, "amsgrad": True}),
+    ],
+    "Adamax": [
+        ("default", {}),
+        ("non-default lr", {"lr": 0.1}),
+        ("nonzero weight_decay", {"weight_decay": 0.1}),
+        ("maximize", {"weight_decay": 0.1, "maximize": True}),
+    ],
+    "ASGD": [
+        ("default", {}),
+        ("non-default lambd", {"lambd": 0.1}),
+        ("non-default lr", {"lr": 0.02}),
+        ("t0", {"t0": 100}),
+        ("maximize", {"maximize": True}),
+        ("nonzero weight_decay", {"weight_decay": 0.1}),
+        ("maximize, nonzero weight_decay", {"weight_decay": 0.1, "maximize": True}),
+    ],
+    "NAdam": [
+        ("default", {}),
+        ("non-default lr", {"lr": 1e-3}),
+        ("non-zero momentum_decay", {"momentum_decay": 6e-3}),
+        ("weight_decay", {"weight_decay": 0.1, "momentum_decay": 6e-3}),
+        (
+            "decoupled_weight_decay",
+            {"weight_decay": 0.1, "momentum_decay": 6e-3, "decoupled_weight_decay": True},
+        ),
+        ("maximize", {"weight_decay": 0.1, "maximize": True}),
+    ],
+    "RAdam": [
+        ("default", {}),
+        ("non-default lr", {"lr": 2e-3}),
+        ("non-default eps", {"eps": 1e-6}),
+        ("nonzero weight_decay", {"weight_decay": 0.1}),
+        ("decoupled_weight_decay", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+        ("maximize", {"weight_decay": 0.1, "maximize": True}),
+    ],
+    "RMSprop": [
+        ("default", {}),
+        ("non-default lr", {"lr": 1e-3}),
+        ("nonzero weight_decay", {"weight_decay": 0.1}),
+        ("centered", {"weight_decay": 0.1, "centered": True}),
+        ("momentum", {"weight_decay": 0.1, "centered": True, "momentum": 0.1}),
+        (
+            "maximize",
+            {"weight_decay": 0.1, "centered": True, "momentum": 0.1, "maximize": True},
+        ),
+    ],
+    "Rprop": [
+        ("default", {}),
+        ("non-default lr", {"lr": 2e-4}),
+        ("non-default etas", {"etas": (0.5, 1.5)}),
+        ("non-default step_sizes", {"step_sizes": (2e-6, 100)}),
+        ("maximize", {"maximize": True}),
+    ],
+    "SGD": [
+        ("default", {}),
+        ("non-default lr", {"lr": 1e-2}),
+        ("tensor lr", {"lr": _tensor_lr}),
+        ("momentum", {"momentum": 0.9}),
+        ("dampening", {"momentum": 0.9, "dampening": 0.5}),
+        ("non-zero weight_decay", {"momentum": 0.9, "weight_decay": 0.1}),
+        ("nesterov", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+        ("maximize", {"weight_decay": 0.1, "maximize": True}),
+    ],
+}
+CPU_INPUTS["AdamW"] = CPU_INPUTS["Adam"]  # optim_inputs_func_adamw returns Adam's
+
+# The cuda_supported_configs of the same functions: capturable, which fusedopt refuses.
+CUDA_ONLY_INPUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "Adadelta": [
+        ("capturable", {"capturable": True}),
+        ("capturable with weight decay", {"weight_decay": 0.1, "capturable": True}),
+        ("Tensor lr with capturable", {"lr": _tensor_lr, "capturable": True}),
+    ],
+    "Adam": [
+        ("capturable", {"capturable": True}),
+        ("capturable, amsgrad", {"weight_decay": 0.1, "amsgrad": True, "capturable": True}),
+        (
+            "Tensor lr with capturable and amsgrad",
+            {"lr": _tensor_lr, "amsgrad": True, "capturable": True},
+        ),
+    ],
+    "Adamax": [
+        ("capturable", {"capturable": True}),
+        (
+            "capturable, maximize, weight_decay",
+            {"weight_decay": 0.9, "maximize": True, "capturable": True},
+        ),
+        ("capturable, maximize", {"weight_decay": 0, "maximize": True, "capturable": True}),
+        (
+            "capturable, weight_decay",
+            {"weight_decay": 0.9, "maximize": False, "capturable": True},
+        ),
+        (
+            "capturable, weight_decay, tensor LR",
+            {"lr": _tensor_lr, "weight_decay": 0.9, "maximize": False, "capturable": True},
+        ),
+    ],
+    "ASGD": [
+        ("capturable", {"capturable": True}),
+        ("maximize, capturable", {"maximize": True, "capturable": True}),
+        ("weight_decay, capturable", {"weight_decay": 0.1, "capturable": True}),
+        (
+            "maximize, weight_decay, capturable",
+            {"weight_decay": 0.1, "maximize": True, "capturable": True},
+        ),
+        (
+            "maximize, weight_decay, capturable, tensor LR",
+            {"lr": _tensor_lr, "weight_decay": 0.1, "maximize": True, "capturable": True},
+        ),
+    ],
+    "NAdam": [
+        ("capturable", {"capturable": True}),
+        (
+            "weight_decay, capturable",
+            {"weight_decay": 0.9, "momentum_decay": 6e-3, "capturable": True},
+        ),
+        (
+            "decoupled_weight_decay, capturable",
+            {
+                "weight_decay": 0.9,
+                "momentum_decay": 6e-3,
+                "decoupled_weight_decay": True,
+                "capturable": True,
+            },
+        ),
+        (
+            "decoupled_weight_decay, capturable",  # torch's desc; this one has a tensor lr
+            {
+                "lr": _tensor_lr,
+                "weight_decay": 0.9,
+                "momentum_decay": 6e-3,
+                "decoupled_weight_decay": True,
+                "capturable": True,
+            },
+        ),
+    ],
+    "RAdam": [
+        ("capturable", {"capturable": True}),
+        ("capturable, weight_decay", {"capturable": True, "weight_decay": 0.1}),
+        (
+            "capturable, weight_decay, decoupled_weight_decay",
+            {"capturable": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ),
+        (
+            "capturable, weight_decay, decoupled_weight_decay, tensor LR",
+            {
+                "lr": _tensor_lr,
+                "capturable": True,
+                "weight_decay": 0.1,
+                "decoupled_weight_decay": True,
+            },
+        ),
+    ],
+    "RMSprop": [
+        ("capturable", {"capturable": True}),
+        ("capturable, maximize", {"weight_decay": 0.1, "maximize": True, "capturable": True}),
+        ("Tensor lr with capturable", {"lr": _tensor_lr, "capturable": True}),
+    ],
+    "Rprop": [
+        ("capturable", {"capturable": True}),
+        ("Tensor lr with capturable", {"lr": _tensor_lr, "capturable": True}),
+    ],
+    "Adagrad": [],
+    "SGD": [],
+}
+CUDA_ONLY_INPUTS["AdamW"] = CUDA_ONLY_INPUTS["Adam"]
+
+# OptimizerInfo.supported_impls, "fused" kept where supports_fused_on has "cpu".
+IMPLS = {name: ("foreach", "differentiable") for name in CPU_INPUTS}
+for _name in ("Adagrad", "Adam", "AdamW", "SGD"):
+    IMPLS[_name] = ("foreach", "differentiable", "fused")
+
+REFUSED = (
+    "differentiable",
+    "capturable",
+)  # README: "Refused: differentiable=True, capturable=True"
+
+
+def _tensor_of(lr: float, dtype: Any) -> Any:
+    return lambda: torch.tensor(lr, dtype=dtype)
+
+
+def _combinations(inputs: dict[str, list]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(optimizer, desc, kwargs) for every input, its flags all False, then each one True."""
+    combinations = []
+    for name, entries in inputs.items():
+        for desc, kwargs in entries:
+            base = {**kwargs, **dict.fromkeys(IMPLS[name], False)}
+            combinations.append((name, desc, base))
+            for flag in IMPLS[name]:
+                combinations.append((name, f"{desc} & {flag}", {**base, flag: True}))
+    return combinations
+
+
+ALL = _combinations(CPU_INPUTS) + _combinations(CUDA_ONLY_INPUTS)
+SUPPORTED = [c for c in ALL if not any(c[2].get(flag) for flag in REFUSED)]
+REFUSALS = [c for c in ALL if any(c[2].get(flag) for flag in REFUSED)]
+# torch's test_tensor_lr: every CPU input (its flags False) again with its lr as a tensor (1e-3
+# where the input sets none, as test_tensor_lr does), of torch's default dtype (float32) and of
+# float64.
+TENSOR_LR = [
+    (name, f"{desc} (tensor lr {str(lr_dtype)[6:]})", {**kwargs, "lr": _tensor_of(lr, lr_dtype)})
+    for name, desc, kwargs in _combinations(CPU_INPUTS)
+    if " & " not in desc and not callable(kwargs.get("lr"))
+    for lr in [kwargs.get("lr", 1e-3)]
+    for lr_dtype in (torch.float32, torch.float64)
+]
+
+
+def combination_id(combination: tuple[str, str, dict]) -> str:
+    return f"{combination[0]}-{combination[1]}"
+
+
+def build(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs with a fresh tensor wherever a tensor lr is asked for (each optimizer its own,
+    as a scheduler changes it in place)."""
+    return {k: v() if callable(v) else v for k, v in kwargs.items()}
+
+
+def model_params(dtype: Any) -> list[Any]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype)) for s in SHAPES]
+
+
+def set_grads(step: int, params: list[Any]) -> None:
+    generator = torch.Generator().manual_seed(1000 + step)
+    for i, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        # A grad that changes sign, size and, on some steps, is exactly zero or missing.
+        p.grad = None if (i == 1 and step % 7 == 3) else grad * (1 + step % 4) * (step % 5 != 2)
+
+
+def scheduler_for(optimizer: Any) -> Any:
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.7)
+
+
+def run(optimizer: Any, scheduler: Any, params: list[Any], steps: range) -> None:
+    for step in steps:
+        set_grads(step, params)
+        optimizer.step()
+        scheduler.step()
+
+
+def assert_close(actual: Any, expected: Any, dtype: Any, what: str) -> None:
+    actual, expected = (torch.as_tensor(x).to(torch.float64) for x in (actual, expected))
+    assert actual.shape == expected.shape, what
+    if actual.numel() == 0:
+        return
+    error = ((actual - expected).abs() / (1 + expected.abs())).max().item()
+    assert error <= TOLERANCE[dtype], f"{what}: {error:.3g}"
+
+
+def compare(
+    ours: Any, theirs: Any, ours_params: list, their_params: list, dtype: Any, given: dict
+) -> None:
+    """Params and state dicts alike; the groups hold the ``given`` foreach / fused (the
+    reference's are its own)."""
+    for i, (a, b) in enumerate(zip(ours_params, their_params)):
+        assert_close(a.detach(), b.detach(), dtype, f"params[{i}]")
+    mine, expected = ours.state_dict(), theirs.state_dict()
+    assert mine["state"].keys() == expected["state"].keys()
+    for index, entry in expected["state"].items():
+        assert mine["state"][index].keys() == entry.keys(), index
+        for key, value in entry.items():
+            got = mine["state"][index][key]
+            if torch.is_tensor(value):
+                assert torch.is_tensor(got) and got.dtype == value.dtype, (index, key)
+                assert got.shape == value.shape, (index, key)
+                assert_close(got, value, dtype, f"state[{index}][{key!r}]")
+            else:
+                assert got == value, (index, key)
+    assert len(mine["param_groups"]) == len(expected["param_groups"])
+    for group, reference in zip(mine["param_groups"], expected["param_groups"]):
+        assert group.keys() == reference.keys()
+        for key, value in reference.items():
+            if key in ("foreach", "fused"):
+                value = given.get(key, value)
+            if torch.is_tensor(value):
+                assert torch.is_tensor(group[key]) and group[key].dtype == value.dtype, key
+                assert_close(group[key], value, torch.float64, f"param_groups[{key!r}]")
+            else:
+                assert group[key] == value, key
+
+
+def precision(name: str, kwargs: dict[str, Any], dtype: Any, loaded: bool) -> Any:
+    """The dtype whose target the comparison meets. README.md (fusedopt.torch, "A tensor lr"):
+    fusedopt reads a tensor lr as its value and computes as for that float lr, while torch computes
+    some lr-derived values as tensors of the lr's dtype (Adam's ``lr / bias_correction1``, ASGD's
+    ``eta``...). A float32 lr on float64 params, and ASGD's eta once a checkpoint made it a
+    float64 state (fusedopt rounds it to float32 as for a float lr), agree to float32's target."""
+    lr = build(kwargs).get("lr")
+    if not torch.is_tensor(lr) or dtype == torch.float32:
+        return dtype
+    if lr.dtype == torch.float32 or (name == "ASGD" and loaded):
+        return torch.float32
+    return dtype
+
+
+def torch_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The reference: torch.optim's for-loop (foreach=False, fused off) with the same options."""
+    reference = {k: v for k, v in build(kwargs).items() if k not in ("foreach", "fused")}
+    return {**reference, "foreach": False}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("combination", SUPPORTED + TENSOR_LR, ids=combination_id)
+def test_trajectory_and_state_dict_match_torch_optim(combination: tuple, dtype: Any) -> None:
+    name, _, kwargs = combination
+    ours_params, their_params = model_params(dtype), model_params(dtype)
+    ours = getattr(ft, name)(ours_params, **build(kwargs))
+    theirs = getattr(torch.optim, name)(their_params, **torch_kwargs(kwargs))
+    run(ours, scheduler_for(ours), ours_params, range(STEPS))
+    run(theirs, scheduler_for(theirs), their_params, range(STEPS))
+    tolerance = precision(name, kwargs, dtype, loaded=False)
+    compare(ours, theirs, ours_params, their_params, tolerance, kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("combination", SUPPORTED + TENSOR_LR, ids=combination_id)
+def test_torch_state_dict_loads_mid_run(combination: tuple, dtype: Any) -> None:
+    """torch.optim runs RESUME_AT steps and is checkpointed (optimizer and scheduler); the
+    checkpoint loaded into fusedopt.torch must continue as it does loaded into torch.optim (whose
+    load_state_dict casts every state but ``step`` to the param's dtype)."""
+    name, _, kwargs = combination
+    params = model_params(dtype)
+    first = getattr(torch.optim, name)(params, **torch_kwargs(kwargs))
+    first_scheduler = scheduler_for(first)
+    run(first, first_scheduler, params, range(RESUME_AT))
+    checkpoint = copy.deepcopy((first.state_dict(), first_scheduler.state_dict()))
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+    ours = getattr(ft, name)(params, **build(kwargs))
+    theirs = getattr(torch.optim, name)(reference_params, **torch_kwargs(kwargs))
+    for optimizer, resumed_params in ((ours, params), (theirs, reference_params)):
+        optimizer.load_state_dict(copy.deepcopy(checkpoint[0]))
+        scheduler = scheduler_for(optimizer)
+        scheduler.load_state_dict(checkpoint[1])
+        run(optimizer, scheduler, resumed_params, range(RESUME_AT, STEPS))
+    tolerance = precision(name, kwargs, dtype, loaded=True)
+    compare(ours, theirs, params, reference_params, tolerance, {})  # the checkpoint's groups
+
+
+@pytest.mark.parametrize("combination", REFUSALS, ids=combination_id)
+def test_unsupported_modes_are_refused_naming_the_flag(combination: tuple) -> None:
+    name, _, kwargs = combination
+    flag = next(flag for flag in REFUSED if kwargs.get(flag))
+    params = model_params(torch.float32)
+    with pytest.raises(ValueError, match=rf"{flag}=True is not supported"):
+        getattr(ft, name)(params, **build(kwargs))
+
+
+def test_the_matrix_covers_every_optimizer() -> None:
+    names = {name for name in ft.__all__ if name != "Optimizer" and hasattr(torch.optim, name)}
+    assert names == set(CPU_INPUTS) == set(CUDA_ONLY_INPUTS) == set(IMPLS)
