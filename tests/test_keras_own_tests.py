@@ -36,6 +36,7 @@ from keras.src import backend, constraints, layers, models, ops, optimizers, tes
 from keras.src.optimizers.loss_scale_optimizer import LossScaleOptimizer  # noqa: E402
 
 import fusedopt.keras as fk  # noqa: E402
+import fusedopt.keras_numpy as fk_numpy  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -57,6 +58,8 @@ TOLERANCE = 1e-5  # fusedopt against keras.optimizers (README): 1e-5 * (1 + |ker
 
 class _KerasTestCase(testing.TestCase):
     """Keras' own assertions (assertAllClose at Keras' default 1e-6, the serialization test)."""
+
+    __test__ = False  # a holder of assertions, not a test for pytest to collect
 
     def runTest(self) -> None:  # pragma: no cover - never run, only its assertions are used
         pass
@@ -1184,3 +1187,33 @@ def test_lso_serialization(impl: str, name: str) -> None:
     assert "inner_optimizer" in config
     revived = LossScaleOptimizer.from_config(config)
     assert isinstance(revived.inner_optimizer, opt_class(impl, name))
+
+
+# ------------------------------------------------------------------------------------------
+# fusedopt.keras_numpy: Keras' math over NumPy arrays (README), held to the same golden values.
+# Its optimizers have no exclude_from_weight_decay and no _clip_gradients: the weight-decay test
+# keeps its first variable, and the clipping tests are not ported here.
+
+
+@name_param
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_keras_numpy_golden_single_step_and_weight_decay(name: str, dtype: str) -> None:
+    # <name>_test.py::test_correctness_with_golden, test_single_step, test_weight_decay (var1)
+    cls = getattr(fk_numpy, name)
+    kwargs, _, golden = GOLDEN[name]
+    optimizer = cls(**kwargs)
+    x = np.ones([10], dtype=dtype)
+    grads = np.arange(0.1, 1.1, 0.1).astype(dtype)
+    optimizer.apply([np.full((10,), 0.01, dtype=dtype)], [x])
+    for i in range(5):
+        tc.assertAllClose(x, golden[i], rtol=5e-4, atol=5e-4)
+        optimizer.apply([grads], [x])
+
+    vars = np.array([1.0, 2.0, 3.0, 4.0], dtype=dtype)
+    cls(learning_rate=0.5).apply([np.array([1.0, 6.0, 7.0, 2.0], dtype=dtype)], [vars])
+    tc.assertAllClose(vars, SINGLE_STEP[name], rtol=1e-4, atol=1e-4)
+
+    var1 = np.array(2.0, dtype=dtype)
+    for _ in range(3):  # optimizer_1, _2 and _3 of the test each step var1 once
+        cls(learning_rate=1.0, weight_decay=0.004).apply([np.zeros((), dtype=dtype)], [var1])
+    tc.assertAlmostEqual(var1, 1.9760959, decimal=6)
