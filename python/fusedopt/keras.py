@@ -94,6 +94,9 @@ class _Entry:
         self.values = values  # the variables' tensors it was made over
         self.device = device  # CUDA (fusedopt.cuda) rather than CPU (TorchPlan)
         self.scalars: np.ndarray | None = None
+        # Under a stateless scope (``stateless_apply``): Keras' optimizer-wide variables and the
+        # copies of their values the plan steps, assigned back after the step.
+        self.assign_back: list[tuple[Any, Any]] = []
 
 
 class _Native:
@@ -361,7 +364,16 @@ class Optimizer(keras.optimizers.Optimizer):
                     "optimizer was built; set the hyperparameters before the first step"
                 )
             states.append(None if slots is None else [slots[i].value for i in indices])
-        scalar_tensors = [getattr(self, _SCALARS[name]).value for name in description.scalars]
+        scalar_variables = [getattr(self, _SCALARS[name]) for name in description.scalars]
+        scalar_tensors = [variable.value for variable in scalar_variables]
+        assign_back: list[tuple[Any, Any]] = []
+        if scalar_tensors and in_stateless_scope():
+            # stateless_apply: the scope may hold no value for a scalar (LossScaleOptimizer
+            # leaves Nadam's u_product out of its variables), and then .value is the variable's
+            # own tensor. Step a copy and assign it, as Keras does: the new value goes to the
+            # scope, and no variable is changed.
+            scalar_tensors = [tensor.clone() for tensor in scalar_tensors]
+            assign_back = list(zip(scalar_variables, scalar_tensors))
         n = len(values)
         device = values[0].device.type == "cuda"
         if device:
@@ -377,11 +389,17 @@ class Optimizer(keras.optimizers.Optimizer):
         plan = _core.TorchPlan(
             description.name, [options], [0] * n, values, [True] * n, states, [], rows, None
         )
-        return _Entry(plan, options, values, device=False)
+        entry = _Entry(plan, options, values, device=False)
+        entry.assign_back = assign_back
+        return entry
 
     def _run(self, entry: _Entry, grads: list[Any], step: int) -> bool:
         if not entry.device:
-            return bool(entry.plan.step_grads(grads, step))
+            if not entry.plan.step_grads(grads, step):
+                return False
+            for variable, tensor in entry.assign_back:
+                variable.assign(tensor)
+            return True
         # CUDA: Keras' optimizer-wide scalars go to every tensor and come back advanced alike.
         names = self._declaration._description.scalars
         variables = [getattr(self, _SCALARS[name]) for name in names]
