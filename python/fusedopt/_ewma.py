@@ -59,8 +59,11 @@ def ewma(
     are handled as pandas does (leading ones give NaN, later ones carry the last mean forward,
     ``ignore_na`` decides whether gaps decay the weights), and ``min_periods``
     counts observations. Computed in float64 (as pandas does); the result has ``x``'s float
-    dtype, or float64 for integer input. At com == 1 with ``adjust=False`` and a NaN, the result
-    is pandas 2's (pandas 3.0 changed that one case; see spec section 9).
+    dtype, or float64 for other input (integers, bools, and object arrays, which are read with
+    ``astype(float64)`` as pandas reads them). At com == 1 with ``adjust=False`` and a NaN, the
+    result is pandas 2's (pandas 3.0 changed that one case; see spec section 9). Unlike pandas,
+    which clamps ``min_periods`` to ``max(int(min_periods), 1)``, a negative ``min_periods`` is a
+    ValueError and a non-integer one a TypeError.
     """
     com_value = _center_of_mass(com, span, halflife, alpha)
     if isinstance(min_periods, bool) or not isinstance(min_periods, int | np.integer):
@@ -69,6 +72,15 @@ def ewma(
         raise ValueError("min_periods must be >= 0")
     # A masked value is missing, as pandas reads it (np.asarray would drop the mask).
     array = np.ma.filled(x.astype(np.float64), np.nan) if np.ma.isMaskedArray(x) else np.asarray(x)
+    if array.dtype.kind == "O":
+        # pandas reads an object array as float64 (window _prep_values: ensure_float64), so
+        # None is NaN and numeric strings parse; what does not convert is no real number.
+        try:
+            array = array.astype(np.float64)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"x must hold real numbers, got dtype object, not all float64: {error}"
+            ) from None
     if array.dtype.kind not in "fiub":
         raise TypeError(f"x must hold real numbers, got dtype {array.dtype}")
     if array.ndim not in (1, 2):
