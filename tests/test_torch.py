@@ -62,7 +62,7 @@ def model_params(dtype: Any, seed: int = 0) -> list[Any]:
 
 def grads_for(step: int, params: list[Any]) -> list[Any]:
     generator = torch.Generator().manual_seed(1000 + step)
-    grads = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+    grads = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
     if step % 3 == 1:
         grads[1] = None  # a param without a grad is skipped, as torch skips it
     return grads
@@ -88,6 +88,7 @@ def compare(ours: Any, theirs: Any, ours_params: list, their_params: list, dtype
             mine = ours_state[index][key]
             if torch.is_tensor(value):
                 assert mine.dtype == value.dtype, (index, key)
+                assert mine.device == value.device, (index, key)
                 assert_close(mine, value, dtype, f"state[{index}][{key!r}]")
             else:
                 assert mine == value, (index, key)
