@@ -3,7 +3,9 @@
 Every algorithm in float32 and float64 follows torch.optim (foreach=False) over trajectories with
 a scheduler changing the learning rate and a param whose grad is None on some steps; state dicts
 load in both directions mid-run and training continues on the same trajectory; GradScaler's inf
-steps are skipped; bad params and grads are refused naming them, with nothing written.
+steps are skipped; bad params and grads are refused naming them, with nothing written. The
+tests marked with ``device`` run on CUDA tensors too, beside torch.optim on the same device, where
+a GPU and fusedopt's CUDA backend are usable (``.ci/gpu-check``), and skip saying why elsewhere.
 """
 
 from __future__ import annotations
@@ -16,7 +18,18 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import fusedopt.cuda  # noqa: E402
 import fusedopt.torch as ft  # noqa: E402
+
+CUDA_UNUSABLE = (
+    "torch sees no CUDA device"
+    if not torch.cuda.is_available()
+    else fusedopt.cuda.unavailable_reason()
+    if not fusedopt.cuda.is_available()
+    else None
+)
+needs_cuda = pytest.mark.skipif(CUDA_UNUSABLE is not None, reason=f"no CUDA: {CUDA_UNUSABLE}")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 STEPS = 30
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}  # relative to 1 + |x|
@@ -54,10 +67,14 @@ def assert_close(actual: Any, expected: Any, dtype: Any, what: str) -> None:
     assert error <= TOLERANCE[dtype], f"{what}: {error:.3g}"
 
 
-def model_params(dtype: Any, seed: int = 0) -> list[Any]:
+def model_params(dtype: Any, seed: int = 0, device: Any = "cpu") -> list[Any]:
+    """Made on the CPU from a seeded generator, then moved: every device starts alike."""
     generator = torch.Generator().manual_seed(seed)
     shapes = [(5, 7), (33,), (1,), (0,), (4, 4)]
-    return [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype)) for s in shapes]
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype).to(device))
+        for s in shapes
+    ]
 
 
 def grads_for(step: int, params: list[Any]) -> list[Any]:
@@ -94,11 +111,15 @@ def compare(ours: Any, theirs: Any, ours_params: list, their_params: list, dtype
                 assert mine == value, (index, key)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))
-def test_trajectory_matches_torch_optim_with_a_scheduler(case: tuple, dtype: Any) -> None:
+def test_trajectory_matches_torch_optim_with_a_scheduler(case: tuple, dtype: Any, device) -> None:
     name, options = case
-    ours_params, their_params = model_params(dtype), model_params(dtype)
+    ours_params, their_params = (
+        model_params(dtype, device=device),
+        model_params(dtype, device=device),
+    )
     ours = getattr(ft, name)(ours_params, lr=0.01, **options)
     theirs = getattr(torch.optim, name)(their_params, lr=0.01, foreach=False, **options)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10) for o in (ours, theirs)]
@@ -107,12 +128,14 @@ def test_trajectory_matches_torch_optim_with_a_scheduler(case: tuple, dtype: Any
     compare(ours, theirs, ours_params, their_params, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))
 @pytest.mark.parametrize("direction", ["torch_to_fusedopt", "fusedopt_to_torch"])
-def test_state_dicts_interchange_mid_run(case: tuple, direction: str) -> None:
+def test_state_dicts_interchange_mid_run(case: tuple, direction: str, device: str) -> None:
     name, options = case
     dtype = torch.float64
-    first_params, reference_params = model_params(dtype), model_params(dtype)
+    first_params = model_params(dtype, device=device)
+    reference_params = model_params(dtype, device=device)
     make_first = getattr(torch.optim if direction == "torch_to_fusedopt" else ft, name)
     make_second = getattr(ft if direction == "torch_to_fusedopt" else torch.optim, name)
     first = make_first(first_params, lr=0.01, **options)
@@ -126,11 +149,12 @@ def test_state_dicts_interchange_mid_run(case: tuple, direction: str) -> None:
         assert_close(a.detach(), b.detach(), dtype, name)
 
 
-def test_a_param_whose_memory_moves_is_followed() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_param_whose_memory_moves_is_followed(device: str) -> None:
     """ZeroRedundancyOptimizer's bucket views replace param.data: the next step must update the
     new memory, not the old."""
-    params = model_params(torch.float64)
-    reference = model_params(torch.float64)
+    params = model_params(torch.float64, device=device)
+    reference = model_params(torch.float64, device=device)
     ours = ft.Adam(params, lr=0.1)
     theirs = torch.optim.Adam(reference, lr=0.1, foreach=False)
     run(ours, params, range(3))
@@ -172,17 +196,19 @@ def test_a_device_already_stepped_is_not_stepped_again_when_another_needs_a_new_
         assert_close(mine.detach(), torch_param.detach(), torch.float64, "stepped once")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
-def test_grad_scaler_skips_an_inf_step_and_unscales_the_others(name: str) -> None:
+def test_grad_scaler_skips_an_inf_step_and_unscales_the_others(name: str, device: str) -> None:
     options = {"momentum": 0.9} if name == "SGD" else {}
     results = []
     for module in (ft, torch.optim):
-        params = model_params(torch.float32)
+        params = model_params(torch.float32, device=device)
         extra = {} if module is ft else {"fused": True}
         optimizer = getattr(module, name)(params, lr=0.01, **options, **extra)
-        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        scaler = torch.amp.GradScaler(device, init_scale=256.0)
         for step in range(6):
-            scale = scaler.scale(torch.ones(())).item()  # what scaler.scale(loss) would multiply by
+            # what scaler.scale(loss) would multiply by
+            scale = scaler.scale(torch.ones((), device=device)).item()
             for p, g in zip(params, grads_for(step, params)):
                 p.grad = None if g is None else g * scale
             if step == 2:
@@ -331,3 +357,36 @@ def test_many_tensors_one_step_matches_torch() -> None:
     for a, b in zip(params, reference):
         assert_close(a.detach(), b.detach(), torch.float32, "300 tensors")
     np.testing.assert_equal(len(ours.state), 300)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_one_optimizer_over_cpu_and_cuda_params_steps_each_device_once(name: str) -> None:
+    """Params on both devices in one group: each device's params take exactly torch's step."""
+    dtype = torch.float64
+    ours_params = model_params(dtype, 1, "cpu") + model_params(dtype, 2, "cuda")
+    their_params = model_params(dtype, 1, "cpu") + model_params(dtype, 2, "cuda")
+    ours = getattr(ft, name)(ours_params, lr=0.01)
+    theirs = getattr(torch.optim, name)(their_params, lr=0.01, foreach=False)
+    run(ours, ours_params, range(8))
+    run(theirs, their_params, range(8))
+    for i, (a, b) in enumerate(zip(ours_params, their_params)):
+        assert a.device == b.device
+        assert_close(a.detach(), b.detach(), dtype, f"params[{i}] on {a.device}")
+
+
+@needs_cuda
+def test_a_cpu_grad_for_a_cuda_param_is_refused_with_nothing_written() -> None:
+    params = model_params(torch.float32, device="cuda")
+    optimizer = ft.Adam(params, lr=0.1)
+    run(optimizer, params, range(2))
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads_for(2, params)):
+        p.grad = None if g is None else g.clone()
+    # torch refuses such an assignment to .grad, not to .grad.data
+    params[2].grad.data = params[2].grad.data.cpu()
+    assert params[2].grad.device.type == "cpu"
+    with pytest.raises((TypeError, ValueError), match=r"params\[2\]"):
+        optimizer.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
