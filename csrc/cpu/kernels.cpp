@@ -96,7 +96,17 @@ inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Updat
 
   int64_t i = begin;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  for (; i + Lane<T>::lanes <= end; i += Lane<T>::lanes) at(Lane<T>(T(0)), i);
+  for (; i + Lane<T>::lanes <= end; i += Lane<T>::lanes) {
+    // The states a step writes, a kilobyte ahead, for writing: a store to a line not yet in
+    // cache stalls on its read for ownership, which the hardware prefetchers do not run ahead
+    // of as they do for loads. ASGD, whose ax is only written before averaging starts, spent 63%
+    // of its loop on that store (0.67 of its ceiling at 1e7); the others gain too (Adam 1e7
+    // float32, 2 threads: 4.9 -> 4.5 ms). A prefetch past the end of a buffer is only a hint.
+    if (!ReadOnlyStates)
+      for (int k = 0; k < kMaxStates; ++k)
+        if (has_state[k]) __builtin_prefetch(state[k] + i + 1024 / sizeof(T), 1);
+    at(Lane<T>(T(0)), i);
+  }
 #endif
   for (; i < end; ++i) at(T(0), i);
 }
