@@ -50,7 +50,7 @@ class Description:
     uses_step: bool
     uses_new_state: bool
 
-    @property
+    @functools.cached_property  # read at every functional call
     def plural_states(self) -> tuple[str, ...]:
         """The states' names as the functional API's arguments: exp_avgs."""
         return tuple(name + "s" for name in self.states)
