@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -652,3 +653,125 @@ def test_import_fusedopt_imports_neither_torch_nor_matplotlib() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# ---- Keras optimizers (fusedopt.keras and Keras' own) over a Keras model ----------------------
+
+
+def keras_model_and_loss(seed: int = 0) -> tuple[Any, Callable[[], Any]]:
+    """A small Keras model on the torch backend, and its loss_and_grads (torch autograd)."""
+    keras = pytest.importorskip("keras")
+    torch = pytest.importorskip("torch")
+    if keras.backend.backend() != "torch":
+        pytest.skip("fusedopt.keras runs on Keras' torch backend")
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)]
+    )
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 4, generator=generator)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+    def loss_and_grads() -> tuple[Any, list[Any]]:
+        loss = torch.mean((model(x) - y) ** 2)
+        grads = torch.autograd.grad(loss, [v.value for v in model.trainable_variables])
+        return loss, list(grads)
+
+    return model, loss_and_grads
+
+
+def keras_values(variables: list[Any]) -> list[np.ndarray]:
+    return [np.array(v.numpy(), copy=True) for v in variables]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras
+@pytest.mark.parametrize("make", ["fusedopt.keras.Adam", "fusedopt.keras.SGD", "keras.SGD"])
+def test_keras_optimizer_variables_and_state_are_restored_and_training_goes_on_as_before(
+    make: str,
+) -> None:
+    model, loss_and_grads = keras_model_and_loss()
+    import keras
+
+    import fusedopt.keras
+
+    module, name = make.rsplit(".", 1)
+    cls = getattr(fusedopt.keras if module == "fusedopt.keras" else keras.optimizers, name)
+    options = {"momentum": 0.9} if name == "SGD" else {}
+    optimizer = cls(learning_rate=0.01, **options)
+    variables = model.trainable_variables
+    _, grads = loss_and_grads()
+    optimizer.apply(grads, variables)  # some state to restore
+    before = keras_values(variables)
+    state_before = keras_values(optimizer.variables)
+    result = fusedopt.lr_range_test(
+        optimizer, loss_and_grads, start_lr=1e-4, end_lr=10.0, num_steps=40
+    )
+    assert len(result.lrs) >= 2 and result.lrs[0] == 1e-4
+    for v, b in zip(variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    for v, b in zip(optimizer.variables, state_before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    assert float(optimizer.learning_rate.numpy()) == np.float32(0.01)
+    # Training goes on exactly as an optimizer that never saw the test.
+    twin_model, twin_loss_and_grads = keras_model_and_loss()
+    twin = cls(learning_rate=0.01, **options)
+    _, grads = twin_loss_and_grads()
+    twin.apply(grads, twin_model.trainable_variables)
+    for _ in range(3):
+        optimizer.apply(loss_and_grads()[1], variables)
+        twin.apply(twin_loss_and_grads()[1], twin_model.trainable_variables)
+    for a, b in zip(variables, twin_model.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras
+def test_keras_optimizer_not_built_and_with_a_schedule_is_left_with_its_schedule() -> None:
+    model, loss_and_grads = keras_model_and_loss()
+    import keras
+
+    import fusedopt.keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.5)
+    optimizer = fusedopt.keras.Adam(learning_rate=schedule)
+    before = keras_values(model.trainable_variables)
+    result = fusedopt.lr_range_test(
+        optimizer, loss_and_grads, variables=model.trainable_variables, num_steps=20
+    )
+    assert len(result.lrs) >= 2
+    assert optimizer._learning_rate is schedule
+    assert int(optimizer.iterations.numpy()) == 0
+    assert all(not np.any(v.numpy()) for v in optimizer.variables if "iteration" not in v.path)
+    for v, b in zip(model.trainable_variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras
+def test_keras_optimizer_bad_grads_and_variables_raise_and_change_nothing() -> None:
+    model, loss_and_grads = keras_model_and_loss()
+    import keras
+
+    import fusedopt.keras
+
+    optimizer = fusedopt.keras.SGD(learning_rate=0.01)
+    variables = model.trainable_variables
+    before = keras_values(variables)
+    with pytest.raises(TypeError, match="variables: SGD is not built yet"):
+        fusedopt.lr_range_test(optimizer, loss_and_grads)
+    with pytest.raises(ValueError, match="returned 3 grads for 4 variables"):
+        fusedopt.lr_range_test(
+            optimizer, lambda: (1.0, loss_and_grads()[1][:3]), variables=variables
+        )
+    with pytest.raises(ValueError, match=r"grads\[0\] with shape"):
+        fusedopt.lr_range_test(
+            optimizer,
+            lambda: (1.0, [g.T if i == 0 else g for i, g in enumerate(loss_and_grads()[1])]),
+            variables=variables,
+        )
+    with pytest.raises(TypeError, match=r"variables\[0\] must be a keras.Variable"):
+        fusedopt.lr_range_test(optimizer, loss_and_grads, variables=[np.zeros(3)])
+    with pytest.raises(TypeError, match="inner_optimizer"):
+        fusedopt.lr_range_test(
+            keras.optimizers.LossScaleOptimizer(optimizer), loss_and_grads, variables=variables
+        )
+    for v, b in zip(variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)

@@ -114,6 +114,14 @@ def lr_range_test(
       built yet (it is then left unbuilt); otherwise it defaults to the variables it was built
       with. ``learning_rate`` (a float or a schedule), ``iterations``, the slot arrays (in
       place) and Nadam's ``u_product`` are restored.
+    - **Keras optimizers** (``fusedopt.keras.Adam``, ..., and Keras' own): ``loss_and_grads()``
+      returns ``(loss, grads)`` with one grad (or None) per variable of ``variables`` (Keras
+      variables, e.g. ``model.trainable_variables``; by default the ones it was built with), as
+      ``apply(grads, variables)`` takes them. An optimizer not built yet is built first (its
+      slots start at zero, as they would at its first step). The variables' values and every
+      optimizer variable (iterations, the learning rate, the slots) are restored by ``assign``,
+      and a ``learning_rate`` schedule or callable is put back. Not a ``LossScaleOptimizer``
+      (it would unscale the grads): pass its ``inner_optimizer``.
     - **torch** (``fusedopt.torch`` optimizers, and any ``torch.optim.Optimizer`` whose
       ``step()`` needs no closure): ``loss_and_grads`` is a closure as ``optimizer.step(closure)``
       takes it: it computes the loss, calls ``backward()`` and returns the loss. The params'
@@ -358,6 +366,9 @@ def _runner(optimizer: Any, loss_and_grads: Callable[[], Any], variables: Any) -
         return _TorchStyleRunner(optimizer, loss_and_grads)
     if isinstance(optimizer, fusedopt_keras.Optimizer):
         return _KerasRunner(optimizer, loss_and_grads, variables)
+    keras = sys.modules.get("keras")  # never imported here: a Keras optimizer brought it
+    if keras is not None and isinstance(optimizer, keras.optimizers.Optimizer):
+        return _KerasOptimizerRunner(keras, optimizer, loss_and_grads, variables)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(optimizer, torch.optim.Optimizer):
         if variables is not None:
@@ -368,7 +379,8 @@ def _runner(optimizer: Any, loss_and_grads: Callable[[], Any], variables: Any) -
         return _TorchRunner(torch, optimizer, loss_and_grads)
     raise TypeError(
         "optimizer must be a fusedopt optimizer (fusedopt.Adam, fusedopt.keras_numpy.Adam, "
-        f"fusedopt.torch.Adam, ...) or a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        "fusedopt.torch.Adam, fusedopt.keras.Adam, ...), a torch.optim.Optimizer or a Keras "
+        f"optimizer, got {type(optimizer).__name__}"
     )
 
 
@@ -433,6 +445,98 @@ class _KerasRunner(_Runner):
 
     def step(self, lr: float) -> None:
         self.optimizer.learning_rate = lr
+        self.optimizer.apply(self.grads, self.variables)
+
+
+class _KerasOptimizerRunner(_Runner):
+    """A Keras 3 optimizer (``fusedopt.keras``'s, or Keras' own) over Keras variables."""
+
+    def __init__(
+        self, keras: Any, optimizer: Any, loss_and_grads: Callable[[], Any], variables: Any
+    ) -> None:
+        if variables is None:
+            if not optimizer.built:
+                raise TypeError(
+                    f"variables: {type(optimizer).__name__} is not built yet; pass the variables "
+                    "it updates (lr_range_test(optimizer, loss_and_grads, "
+                    "variables=model.trainable_variables))"
+                )
+            variables = optimizer._trainable_variables
+        elif isinstance(variables, str | bytes) or not isinstance(variables, Sequence):
+            raise TypeError("variables must be a list of Keras variables")
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise TypeError(
+                "optimizer: a LossScaleOptimizer unscales the grads it is given; pass its "
+                "inner_optimizer and unscaled grads"
+            )
+        self.keras = keras
+        self.optimizer = optimizer
+        self.loss_and_grads = loss_and_grads
+        self.variables = list(variables)
+        for i, v in enumerate(self.variables):
+            if not isinstance(v, keras.Variable):
+                raise TypeError(f"variables[{i}] must be a keras.Variable, got {type(v).__name__}")
+        if optimizer.built:
+            built = {id(v) for v in optimizer._trainable_variables}
+            for i, v in enumerate(self.variables):
+                if id(v) not in built:
+                    raise ValueError(
+                        f"variables[{i}] is not one of the variables {type(optimizer).__name__} "
+                        "was built with"
+                    )
+        self.grads: list[Any] = []
+        self.current_lr = 0.0
+
+    def snapshot(self) -> Callable[[], None]:
+        optimizer = self.optimizer
+        # Built first, so that its slots exist to be saved: a fresh optimizer's slots are zeros and
+        # its iterations 0, so it steps afterwards as it would have.
+        if not optimizer.built:
+            optimizer.build(self.variables)
+        saved = [
+            (v, np.array(v.numpy(), copy=True)) for v in (*self.variables, *optimizer.variables)
+        ]
+        learning_rate = optimizer._learning_rate
+        if not isinstance(learning_rate, self.keras.Variable):
+            # A schedule or a callable is not settable to a number: the test's rate is read
+            # through a callable in its place, and the original is put back.
+            optimizer.learning_rate = lambda: self.current_lr
+
+        def restore() -> None:
+            if optimizer._learning_rate is not learning_rate:
+                optimizer.learning_rate = learning_rate
+            for v, value in saved:
+                v.assign(value)
+
+        return restore
+
+    def loss(self) -> float:
+        loss, grads = _loss_and_grads(self.loss_and_grads())
+        if isinstance(grads, str | bytes) or not isinstance(grads, Sequence):
+            raise TypeError(
+                f"loss_and_grads must return (loss, grads) with grads a list, one per variable, "
+                f"got grads of type {type(grads).__name__}"
+            )
+        grads = list(grads)
+        if len(grads) != len(self.variables):
+            raise ValueError(
+                f"loss_and_grads returned {len(grads)} grads for {len(self.variables)} variables "
+                "(one per variable, in order)"
+            )
+        for i, (g, v) in enumerate(zip(grads, self.variables)):
+            if g is not None and tuple(getattr(g, "shape", ())) != tuple(v.shape):
+                raise ValueError(
+                    f"loss_and_grads returned grads[{i}] with shape "
+                    f"{tuple(getattr(g, 'shape', ()))}, but variables[{i}] has shape "
+                    f"{tuple(v.shape)}"
+                )
+        self.grads = grads
+        return _loss_value(loss.detach() if hasattr(loss, "detach") else loss)
+
+    def step(self, lr: float) -> None:
+        self.current_lr = lr
+        if isinstance(self.optimizer._learning_rate, self.keras.Variable):
+            self.optimizer.learning_rate = lr
         self.optimizer.apply(self.grads, self.variables)
 
 
