@@ -390,3 +390,20 @@ def test_a_cpu_grad_for_a_cuda_param_is_refused_with_nothing_written() -> None:
         optimizer.step()
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)
+
+
+def test_a_one_element_array_hyperparameter_changed_in_place_takes_effect() -> None:
+    """The options cache keys a value that can change in place by its number, as the NumPy
+    classes' cache does: an array lr changed in place steps with the new rate."""
+    ours_params, expected_params = model_params(torch.float64), model_params(torch.float64)
+    lr = np.array(0.1)
+    ours = ft.SGD(ours_params, lr=lr, momentum=0.9)
+    expected = ft.SGD(expected_params, lr=0.1, momentum=0.9)
+    run(ours, ours_params, range(2))
+    run(expected, expected_params, range(2))
+    lr[...] = 0.05
+    expected.param_groups[0]["lr"] = 0.05
+    run(ours, ours_params, range(2, 4))
+    run(expected, expected_params, range(2, 4))
+    for a, b in zip(ours_params, expected_params):
+        assert torch.equal(a.detach(), b.detach())

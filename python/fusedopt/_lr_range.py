@@ -292,8 +292,12 @@ def _loss_value(loss: Any) -> float:
         ) from None
 
 
-def _check_grads(grads: Any, arrays: Sequence[Any], label: str, none_allowed: bool) -> list[Any]:
-    """The grads ``loss_and_grads`` returned, checked against the params (``label``)."""
+def _check_grads(
+    grads: Any, arrays: Sequence[Any], label: str, none_allowed: bool, same_dtype: bool = True
+) -> list[Any]:
+    """The grads ``loss_and_grads`` returned, checked against the params (``label``);
+    ``same_dtype=False`` for Keras variables, whose dtype is a name and whose grads are the
+    backend's tensors (Keras casts them)."""
     if isinstance(grads, np.ndarray):
         grads = [grads]
     elif isinstance(grads, str | bytes) or not isinstance(grads, Sequence):
@@ -320,7 +324,7 @@ def _check_grads(grads: Any, arrays: Sequence[Any], label: str, none_allowed: bo
                 f"loss_and_grads returned grads[{i}] with shape {tuple(g.shape)}, but {label}[{i}] "
                 f"has shape {tuple(p.shape)}"
             )
-        if g.dtype != p.dtype:
+        if same_dtype and g.dtype != p.dtype:
             raise TypeError(
                 f"loss_and_grads returned grads[{i}] with dtype {g.dtype}, but {label}[{i}] has "
                 f"dtype {p.dtype}"
@@ -512,25 +516,9 @@ class _KerasOptimizerRunner(_Runner):
 
     def loss(self) -> float:
         loss, grads = _loss_and_grads(self.loss_and_grads())
-        if isinstance(grads, str | bytes) or not isinstance(grads, Sequence):
-            raise TypeError(
-                f"loss_and_grads must return (loss, grads) with grads a list, one per variable, "
-                f"got grads of type {type(grads).__name__}"
-            )
-        grads = list(grads)
-        if len(grads) != len(self.variables):
-            raise ValueError(
-                f"loss_and_grads returned {len(grads)} grads for {len(self.variables)} variables "
-                "(one per variable, in order)"
-            )
-        for i, (g, v) in enumerate(zip(grads, self.variables)):
-            if g is not None and tuple(getattr(g, "shape", ())) != tuple(v.shape):
-                raise ValueError(
-                    f"loss_and_grads returned grads[{i}] with shape "
-                    f"{tuple(getattr(g, 'shape', ()))}, but variables[{i}] has shape "
-                    f"{tuple(v.shape)}"
-                )
-        self.grads = grads
+        self.grads = _check_grads(
+            grads, self.variables, "variables", none_allowed=True, same_dtype=False
+        )
         return _loss_value(loss.detach() if hasattr(loss, "detach") else loss)
 
     def step(self, lr: float) -> None:

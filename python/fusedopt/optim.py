@@ -561,18 +561,20 @@ def _state_array(value: Any, param: Any, i: int, name: str) -> Any:
 _IMMUTABLE = (float, int, bool)
 
 
-def _frozen(values: tuple[Any, ...]) -> tuple[Any, ...]:
+def _frozen(values: tuple[Any, ...], plain: Callable[[Any], Any] | None = None) -> tuple[Any, ...]:
     """A group's hyperparameters as a cache key that cannot change behind the cache's back: a
     one-element array or a list (betas) is copied into plain numbers, so changing it in place
     is seen at the next step, each with its type (the checks refuse np.array([True]) for a
-    flag, whose plain copy is True)."""
+    flag, whose plain copy is True). ``plain``: the copy for a front end's own value types
+    (fusedopt.torch's tensors), ``_plain`` by default."""
     if all(
         type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
         for v in values
     ):
         return values
+    plain = plain or _plain
     return tuple(
-        (type(v), _plain(v) if not isinstance(v, list) else tuple(map(_plain, v))) for v in values
+        (type(v), plain(v) if not isinstance(v, list) else tuple(map(plain, v))) for v in values
     )
 
 

@@ -155,21 +155,13 @@ class Optimizer(torch.optim.Optimizer):
     def _native_options(self, group: dict[str, Any]) -> tuple[float, ...]:
         """The group's native options, recomputed only when one of its values changed."""
         declaration = self._declaration
-        # A tensor hyperparameter by its value: the schedulers change a tensor lr in place
-        # (``fill_``), so the same tensor object may hold a new learning rate.
-        values = tuple(
-            [
-                _plain(value) if isinstance(value, torch.Tensor) else value
-                for value in (group[name] for name in declaration._hyperparameter_names)
-            ]
+        # The NumPy classes' key: values that can change in place (a tensor lr that a scheduler
+        # fill_s, a one-element array) are copied into plain numbers, and types are compared.
+        key = optim._frozen(
+            tuple([group[name] for name in declaration._hyperparameter_names]), _key_plain
         )
         cached = self._options_cache.get(id(group))
-        # The types too: 1.0 == True (and np.array([True]) == True), yet a flag refuses them.
-        if (
-            cached is not None
-            and cached[0] == values
-            and tuple(map(type, cached[0])) == tuple(map(type, values))
-        ):
+        if cached is not None and optim._same_key(key, cached[0]):
             return cached[1]
         fixed = {"convention": TORCH, **declaration._fixed}
         if any(f.name == "float32_scalars" for f in declaration._description.fields):
@@ -180,7 +172,7 @@ class Optimizer(torch.optim.Optimizer):
             {h.name: _plain(group[h.name]) for h in declaration._hyperparameters},
             fixed,
         )
-        self._options_cache[id(group)] = (values, native)
+        self._options_cache[id(group)] = (key, native)
         return native
 
     # ---------------------------------------------------------------------------------- state
@@ -509,6 +501,16 @@ def _plain(value: Any) -> Any:
             raise ValueError(f"a tensor hyperparameter has one element, not {tuple(value.shape)}")
         return value.item()
     return value
+
+
+def _key_plain(value: Any) -> Any:
+    """An options-cache key's copy of a hyperparameter: a tensor as its number (also inside
+    betas: torch takes tensor betas too)."""
+    if isinstance(value, torch.Tensor):
+        return _plain(value)
+    if isinstance(value, tuple):
+        return tuple(map(_key_plain, value))
+    return optim._plain(value)
 
 
 def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
