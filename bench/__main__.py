@@ -21,6 +21,7 @@ from pathlib import Path  # noqa: E402
 
 from bench.cases import make_plan, run_all  # noqa: E402
 from bench.keras_front import keras_train_on_batch  # noqa: E402
+from bench.low_precision import low_precision_section  # noqa: E402
 from bench.report import markdown, write_chart  # noqa: E402
 
 
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
 
     results = run_all(make_plan(mode_name))
-    report = markdown(results, mode_name) + keras_train_on_batch(mode_name)
+    report = (
+        markdown(results, mode_name)
+        + low_precision_section(mode_name)
+        + keras_train_on_batch(mode_name)
+    )
     print(report, end="")
     if args.markdown:
         args.markdown.write_text(report)

@@ -660,13 +660,13 @@ class _NoStorage(torch.Tensor):
     [
         (lambda: torch.zeros(3, dtype=torch.int32), TypeError, "dtype torch.int32"),
         (lambda: torch.zeros(3, dtype=torch.complex128), TypeError, "dtype torch.complex128"),
-        (lambda: torch.zeros(3, dtype=torch.float16), TypeError, "dtype torch.float16"),
+        (lambda: torch.zeros(3, dtype=torch.float8_e5m2), TypeError, "dtype torch.float8_e5m2"),
         (lambda: torch.zeros(4, 6)[:, ::2], ValueError, "not contiguous"),
         (lambda: torch.zeros(3, 3).to_sparse_csr(), TypeError, "sparse_csr"),
         (lambda: torch.zeros(3, device="meta"), ValueError, "is on meta"),
         (lambda: _NoStorage((3,)), TypeError, "no memory of its own"),
     ],
-    ids=["int32", "complex128", "float16", "strided", "sparse_csr", "meta", "no-storage"],
+    ids=["int32", "complex128", "float8_e5m2", "strided", "sparse_csr", "meta", "no-storage"],
 )
 def test_a_param_that_cannot_be_updated_in_place_is_refused_at_construction(
     make: Any, error: type, what: str

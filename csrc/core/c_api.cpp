@@ -78,13 +78,10 @@ BufferInfo describe(void* data, int64_t size, int32_t dtype) {
   info.present = info.data != nullptr;
   info.shape = {size};
   info.size = size;
-  info.is_float32 = dtype == FUSEDOPT_FLOAT32;
-  info.is_float64 = dtype == FUSEDOPT_FLOAT64;
+  if (dtype >= 0 && dtype < kNumDtypes) info.dtype = static_cast<Dtype>(dtype);
   info.contiguous = true;
   info.writeable = true;
-  info.dtype_name = info.is_float32   ? "float32"
-                    : info.is_float64 ? "float64"
-                                      : std::to_string(dtype) + " (not a fusedopt_dtype)";
+  info.dtype_name = std::to_string(dtype) + " (not a fusedopt_dtype)";
   return info;
 }
 
@@ -215,7 +212,7 @@ class TypedPlan : public fusedopt_plan {
     counts_.resize(schedule.steps.size());
     for (size_t i = 0; i < counts_.size(); ++i) counts_[i] = schedule.steps[i] - 1;
     sizes_.reserve(buffers.params.size());
-    for (const BufferInfo& p : buffers.params) sizes_.push_back({p.size, p.is_float32});
+    for (const BufferInfo& p : buffers.params) sizes_.push_back({p.size, *p.dtype});
     scalars_ = ScalarRows(scalar_sources_.size());  // read from the caller's at each step
     plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of, counts_.data(),
                                       schedule.new_state,
@@ -234,8 +231,7 @@ class TypedPlan : public fusedopt_plan {
     for (int64_t i = 0; i < n; ++i) {
       if (!grads[i] && sizes_[i].size > 0)
         throw Error(ErrorKind::type, indexed("grads", i) + " is NULL");
-      infos.push_back(describe(grads[i], sizes_[i].size,
-                               sizes_[i].is_float32 ? FUSEDOPT_FLOAT32 : FUSEDOPT_FLOAT64));
+      infos.push_back(describe(grads[i], sizes_[i].size, static_cast<int32_t>(sizes_[i].dtype)));
     }
     StepExtras extras;
     if (grad_scale) extras.grad_scale = *grad_scale;
@@ -260,7 +256,7 @@ class TypedPlan : public fusedopt_plan {
  private:
   struct Size {
     int64_t size;
-    bool is_float32;
+    Dtype dtype;
   };
   std::vector<Size> sizes_;
   std::vector<int64_t> counts_;

@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "core/tensor.h"
 #include "cpu/dispatch.h"
+#include "math/rounding.h"
 
 namespace fusedopt {
 
@@ -25,12 +26,16 @@ struct BufferInfo {
   bool present = true;  // false: the caller passed None (no such state for this tensor)
   void* data = nullptr;
   std::vector<int64_t> shape;
-  int64_t size = 0;  // number of elements
-  bool is_float32 = false;
-  bool is_float64 = false;
-  bool contiguous = false;  // C order, no gaps
+  int64_t size = 0;            // number of elements
+  std::optional<Dtype> dtype;  // empty: a dtype fusedopt does not update
+  bool contiguous = false;     // C order, no gaps
   bool writeable = false;
-  std::string dtype_name;  // set only for dtypes other than float32/float64, for messages
+  std::string dtype_name;  // set only for dtypes fusedopt does not update, for messages
+
+  int64_t bytes() const { return dtype ? size * dtype_size(*dtype) : 0; }
+  const char* dtype_str() const {
+    return dtype ? fusedopt::dtype_name(*dtype) : dtype_name.c_str();
+  }
 };
 
 // The buffers of one step, by role. states[k] is empty when no tensor keeps state k; otherwise it
@@ -40,7 +45,10 @@ struct StepBuffers {
   std::vector<BufferInfo> grads;
   std::vector<std::vector<BufferInfo>> states;
   std::vector<std::string> state_names;  // for messages: "exp_avg"
-  bool grads_written = false;            // grad_scale writes the unscaled gradient back
+  // The float32 master copies of 16-bit params: empty, or one per param (absent for a param
+  // without one).
+  std::vector<BufferInfo> masters;
+  bool grads_written = false;  // grad_scale writes the unscaled gradient back
 };
 
 // Per-tensor bookkeeping: which hyperparameter group a tensor belongs to, its step number t,
@@ -54,6 +62,8 @@ struct StepSchedule {
 
 struct StepExtras {
   std::optional<double> grad_scale;  // divides the gradient, which is then written back
+  // Set: 16-bit params and states are rounded stochastically, keyed by (seed, step).
+  std::optional<uint64_t> rounding_seed;
 };
 
 // Checks every buffer of the call (type, dtype, shape, contiguity, writeability, aliasing) and
@@ -169,6 +179,9 @@ void compute_coefficients(const std::vector<typename A::Options>& groups,
       step.coefficients.push_back(A::coefficients(groups[schedule.group_of[i]], in));
     step.coefficient_of[i] = static_cast<int>(step.coefficients.size()) - 1;
     match_states<A>(step.tensors[i], A::states_used(groups[schedule.group_of[i]]), i, state_names);
+    TensorRef& t = step.tensors[i];
+    t.stochastic = extras.rounding_seed.has_value();
+    t.rounding_key = t.stochastic ? rounding_key(*extras.rounding_seed, in.step) : 0;
   }
   if constexpr (A::scalar_names.size() > 0) {
     if (schedule.scalars)
@@ -180,7 +193,7 @@ void compute_coefficients(const std::vector<typename A::Options>& groups,
 
 template <class A>
 struct KernelContext {
-  const KernelFn<A>* kernel;
+  const AlgorithmKernels<A>* kernels;
   const PreparedStep<A>* step;
 };
 
@@ -188,8 +201,9 @@ template <class A>
 void run_tensor_range(void* context, size_t i, int64_t begin, int64_t end) {
   const auto& k = *static_cast<const KernelContext<A>*>(context);
   const TensorRef& t = k.step->tensors[i];
-  k.kernel[static_cast<int>(t.dtype)](t, k.step->coefficients[k.step->coefficient_of[i]], begin,
-                                      end);
+  const KernelFn<A> kernel =
+      t.staged() ? k.kernels->staged_update : k.kernels->update[static_cast<int>(t.dtype)];
+  kernel(t, k.step->coefficients[k.step->coefficient_of[i]], begin, end);
 }
 
 }  // namespace detail
@@ -226,9 +240,9 @@ void run_tensor_blocks(void* context, size_t i, int64_t first_block, int64_t end
                        double* partials) {
   const auto& k = *static_cast<const KernelContext<A>*>(context);
   const TensorRef& t = k.step->tensors[i];
-  kernels_of<A>(cpu::kernels())
-      .reduce[static_cast<int>(t.dtype)](t, k.step->coefficients[k.step->coefficient_of[i]],
-                                         first_block, end_block, partials);
+  const ReduceFn<A> kernel =
+      t.staged() ? k.kernels->staged_reduce : k.kernels->reduce[static_cast<int>(t.dtype)];
+  kernel(t, k.step->coefficients[k.step->coefficient_of[i]], first_block, end_block, partials);
 }
 
 }  // namespace detail
@@ -237,8 +251,9 @@ void run_tensor_blocks(void* context, size_t i, int64_t first_block, int64_t end
 template <class A>
 void run_step(const PreparedStep<A>& step) {
   const size_t n = step.tensors.size();
+  const AlgorithmKernels<A>* kernels = &kernels_of<A>(cpu::kernels());
   if constexpr (A::reductions > 0) {
-    detail::KernelContext<A> first{nullptr, &step};
+    detail::KernelContext<A> first{kernels, &step};
     const std::vector<double> sums =
         run_reductions(n, step.tensors.data(), A::reductions, detail::run_tensor_blocks<A>, &first);
     // The second pass: each tensor's own coefficients, finished with its sums.
@@ -251,10 +266,10 @@ void run_step(const PreparedStep<A>& step) {
       A::finish(second.coefficients.back(), &sums[i * A::reductions]);
       second.coefficient_of[i] = static_cast<int>(i);
     }
-    detail::KernelContext<A> context{kernels_of<A>(cpu::kernels()).update, &second};
+    detail::KernelContext<A> context{kernels, &second};
     run_work(n, second.tensors.data(), detail::run_tensor_range<A>, &context);
   } else {
-    detail::KernelContext<A> context{kernels_of<A>(cpu::kernels()).update, &step};
+    detail::KernelContext<A> context{kernels, &step};
     run_work(n, step.tensors.data(), detail::run_tensor_range<A>, &context);
   }
 }
@@ -299,16 +314,16 @@ class Plan {
     std::vector<ExtentIndex::Extent> extents;
     for (size_t i = 0; i < step_.tensors.size(); ++i) {
       const TensorRef& t = step_.tensors[i];
-      const int64_t bytes = t.size * (t.dtype == Dtype::float32 ? 4 : 8);
-      if (bytes == 0) continue;
-      auto add = [&](void* data, const std::string& name) {
+      if (t.size == 0) continue;
+      auto add = [&](void* data, Dtype dtype, const std::string& name) {
         const auto begin = reinterpret_cast<uintptr_t>(data);
-        extents.push_back(
-            {begin, begin + static_cast<uintptr_t>(bytes), name + "[" + std::to_string(i) + "]"});
+        extents.push_back({begin, begin + static_cast<uintptr_t>(t.size * dtype_size(dtype)),
+                           name + "[" + std::to_string(i) + "]"});
       };
-      add(t.param, "params");
+      add(t.param, t.dtype, "params");
+      if (t.master) add(t.master, Dtype::float32, "masters");
       for (int k = 0; k < kMaxStates; ++k)
-        if (registered_states_[i][k]) add(registered_states_[i][k], state_names_[k]);
+        if (registered_states_[i][k]) add(registered_states_[i][k], t.state_dtype, state_names_[k]);
     }
     registered_extents_ = ExtentIndex(std::move(extents));
   }
@@ -350,7 +365,7 @@ class Plan {
     std::vector<ExtentIndex::Extent> written_grads;
     for (size_t i = 0; i < n; ++i) {
       check_grad(grads[i], i, params_[i], written);
-      const int64_t bytes = grads[i].size * (grads[i].is_float32 ? 4 : 8);
+      const int64_t bytes = grads[i].bytes();
       if (bytes == 0) continue;
       const auto begin = reinterpret_cast<uintptr_t>(grads[i].data);
       const auto end = begin + static_cast<uintptr_t>(bytes);

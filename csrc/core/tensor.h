@@ -10,16 +10,40 @@
 
 namespace fusedopt {
 
-enum class Dtype : int { float32 = 0, float64 = 1 };
-constexpr int kNumDtypes = 2;
+// The values are the C ABI's (fusedopt_dtype). float32 and float64 are computed in their own
+// precision; the 16-bit formats are storage only, computed in float32 (csrc/math/rounding.h).
+enum class Dtype : int { float32 = 0, float64 = 1, bfloat16 = 2, float16 = 3 };
+constexpr int kNumDtypes = 4;
+constexpr int kNumComputeDtypes = 2;  // float32 and float64: the kernels' own types
+
+constexpr int64_t dtype_size(Dtype d) {
+  return d == Dtype::float64 ? 8 : d == Dtype::float32 ? 4 : 2;
+}
+constexpr const char* dtype_name(Dtype d) {
+  return d == Dtype::float32    ? "float32"
+         : d == Dtype::float64  ? "float64"
+         : d == Dtype::bfloat16 ? "bfloat16"
+                                : "float16";
+}
 
 struct TensorRef {
   void* param;
   void* grad;
   void* state[kMaxStates];  // null where this tensor's configuration keeps no such state
+  float* master;            // the float32 master copy of a 16-bit param, or null
   int64_t size;
-  Dtype dtype;
-  bool write_grad;  // PyTorch's fused grad_scale writes the unscaled gradient back
+  Dtype dtype;        // the param's and the grad's
+  Dtype state_dtype;  // every state's
+  bool write_grad;    // PyTorch's fused grad_scale writes the unscaled gradient back
+  bool stochastic;    // 16-bit params and states are rounded stochastically, keyed by:
+  uint64_t rounding_key;
+
+  // Whether the tensor goes through the staged kernels (16-bit storage, float32 math) rather
+  // than the kernels of its own dtype.
+  bool staged() const {
+    return master != nullptr || state_dtype != dtype ||
+           (dtype != Dtype::float32 && dtype != Dtype::float64);
+  }
 };
 
 // Updates elements [begin, end) of one tensor with the coefficients of its step.
@@ -38,8 +62,11 @@ using ReduceFn = void (*)(const TensorRef& tensor, const typename A::Coefficient
 
 template <class A>
 struct AlgorithmKernels {
-  KernelFn<A> update[kNumDtypes];
-  ReduceFn<A> reduce[kNumDtypes];  // null without reductions
+  KernelFn<A> update[kNumComputeDtypes];
+  ReduceFn<A> reduce[kNumComputeDtypes];  // null without reductions
+  // Staged tensors: widened to float32 a chunk at a time, updated, rounded back.
+  KernelFn<A> staged_update;
+  ReduceFn<A> staged_reduce;  // null without reductions
 };
 
 // The bandwidth ceiling of bench/: reads and writes the same buffers as a step, no math.

@@ -22,9 +22,7 @@ std::string indexed(const std::string& name, size_t i) {
   return name + "[" + std::to_string(i) + "]";
 }
 
-std::string dtype_of(const BufferInfo& b) {
-  return b.is_float32 ? "float32" : b.is_float64 ? "float64" : b.dtype_name;
-}
+std::string dtype_of(const BufferInfo& b) { return b.dtype_str(); }
 
 [[noreturn]] void fail(ErrorKind kind, const std::string& message) { throw Error(kind, message); }
 
@@ -37,9 +35,9 @@ struct BufferName {
 };
 
 void check_buffer(const BufferInfo& b, const BufferName& name, bool written) {
-  if (!b.is_float32 && !b.is_float64)
+  if (!b.dtype)
     fail(ErrorKind::type, name.str() + " has dtype " + b.dtype_name +
-                              "; fusedopt updates float32 and float64 arrays");
+                              "; fusedopt updates float32, float64, bfloat16 and float16 arrays");
   if (!b.contiguous)
     fail(ErrorKind::value, name.str() +
                                " is not C-contiguous; an in-place update needs the "
@@ -48,14 +46,39 @@ void check_buffer(const BufferInfo& b, const BufferName& name, bool written) {
   if (written && !b.writeable) fail(ErrorKind::value, name.str() + " is read-only");
 }
 
-void check_matches_param(const BufferInfo& b, const BufferName& name, const BufferInfo& param,
+void check_shape_matches(const BufferInfo& b, const BufferName& name, const BufferInfo& param,
                          const BufferName& param_name) {
-  if (b.is_float32 != param.is_float32 || b.is_float64 != param.is_float64)
-    fail(ErrorKind::type, name.str() + " has dtype " + dtype_of(b) + " but " + param_name.str() +
-                              " has " + dtype_of(param));
   if (b.shape != param.shape)
     fail(ErrorKind::value, name.str() + " has shape " + shape_string(b.shape) + " but " +
                                param_name.str() + " has shape " + shape_string(param.shape));
+}
+
+void check_matches_param(const BufferInfo& b, const BufferName& name, const BufferInfo& param,
+                         const BufferName& param_name) {
+  if (b.dtype != param.dtype)
+    fail(ErrorKind::type, name.str() + " has dtype " + dtype_of(b) + " but " + param_name.str() +
+                              " has " + dtype_of(param));
+  check_shape_matches(b, name, param, param_name);
+}
+
+// A tensor's states share one dtype: the param's, or (for float32 and 16-bit params) float32 or
+// bfloat16, which the staged kernels widen and round (docs/spec.md section 22).
+void check_state_dtype(const BufferInfo& state, const BufferName& name, const BufferInfo& param,
+                       const BufferName& param_name, std::optional<Dtype>& tensor_state_dtype) {
+  const Dtype d = *state.dtype;
+  if (tensor_state_dtype && d != *tensor_state_dtype)
+    fail(ErrorKind::type, name.str() + " has dtype " + dtype_of(state) +
+                              " but the other states of " + param_name.str() + " have " +
+                              dtype_name(*tensor_state_dtype));
+  const bool allowed = d == *param.dtype || (*param.dtype != Dtype::float64 &&
+                                             (d == Dtype::float32 || d == Dtype::bfloat16));
+  if (!allowed)
+    fail(ErrorKind::type, name.str() + " has dtype " + dtype_of(state) + " but " +
+                              param_name.str() + " has " + dtype_of(param) +
+                              "; a state has its param's dtype, or float32 or bfloat16 for "
+                              "float32, bfloat16 and float16 params");
+  tensor_state_dtype = d;
+  check_shape_matches(state, name, param, param_name);
 }
 
 struct Extent {
@@ -131,8 +154,13 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
   std::vector<TensorRef> tensors(n);
   std::vector<Extent> extents;
   extents.reserve(n * (2 + b.states.size()));
+  if (!b.masters.empty() && b.masters.size() != n)
+    fail(ErrorKind::value, "masters: expected " + std::to_string(n) +
+                               " arrays (one per param, None where there is none), got " +
+                               std::to_string(b.masters.size()));
+  static const std::string masters_role = "masters";
   auto add_extent = [&](const BufferInfo& buffer, bool written, const BufferName& name) {
-    const int64_t bytes = buffer.size * (buffer.is_float32 ? 4 : 8);
+    const int64_t bytes = buffer.bytes();
     if (bytes == 0) return;
     const auto begin = reinterpret_cast<uintptr_t>(buffer.data);
     extents.push_back({begin, begin + static_cast<uintptr_t>(bytes), written, name});
@@ -157,16 +185,33 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
     t.param = param.data;
     t.grad = with_grads ? b.grads[i].data : nullptr;
     t.size = param.size;
-    t.dtype = param.is_float32 ? Dtype::float32 : Dtype::float64;
+    t.dtype = *param.dtype;
     t.write_grad = b.grads_written;
+    std::optional<Dtype> state_dtype;
     for (size_t k = 0; k < b.states.size(); ++k) {
       if (b.states[k].empty() || !b.states[k][i].present) continue;
       const BufferInfo& state = b.states[k][i];
       const BufferName state_name{&b.state_names[k], i};
       check_buffer(state, state_name, true);
-      check_matches_param(state, state_name, param, param_name);
+      check_state_dtype(state, state_name, param, param_name, state_dtype);
       add_extent(state, true, state_name);
       t.state[k] = state.data;
+    }
+    t.state_dtype = state_dtype.value_or(t.dtype);
+    if (!b.masters.empty() && b.masters[i].present) {
+      const BufferInfo& master = b.masters[i];
+      const BufferName master_name{&masters_role, i};
+      check_buffer(master, master_name, true);
+      if (master.dtype != Dtype::float32)
+        fail(ErrorKind::type,
+             master_name.str() + " has dtype " + dtype_of(master) + "; a master copy is float32");
+      if (t.dtype != Dtype::bfloat16 && t.dtype != Dtype::float16)
+        fail(ErrorKind::type, master_name.str() + " is given but " + param_name.str() +
+                                  " has dtype " + dtype_of(param) +
+                                  "; master copies are for bfloat16 and float16 params");
+      check_shape_matches(master, master_name, param, param_name);
+      add_extent(master, true, master_name);
+      t.master = static_cast<float*>(master.data);
     }
   }
   check_no_overlap(extents);

@@ -10,6 +10,7 @@
 #include "core/tensor.h"
 #include "math/ewma.h"
 #include "math/registry.h"
+#include "math/rounding.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include "cpu/vec.h"
@@ -231,6 +232,175 @@ void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
   }
 }
 
+// ---- 16-bit storage: staged through float32 -------------------------------------------------
+// A staged tensor (TensorRef::staged) is updated a chunk at a time: its 16-bit buffers are
+// widened into float32 scratch in L1, the float32 kernel above runs on the chunk (float32 buffers
+// and the master copy take part in place), and the written buffers are rounded back. One float32
+// kernel per algorithm serves every storage combination, so the math is the float32 math
+// exactly. Chunks start at multiples of kStageChunk elements of the tensor.
+constexpr int64_t kStageChunk = 256;
+
+// Sixteen lanes of bits or floats: two ymm registers, one zmm, four xmm.
+typedef uint32_t Bits16 __attribute__((vector_size(16 * sizeof(uint32_t))));
+typedef float Floats16Lanes __attribute__((vector_size(16 * sizeof(float))));
+typedef uint16_t Halves16 __attribute__((vector_size(16 * sizeof(uint16_t))));
+
+// Inlined by force: a function of its own over 16 lanes would be a symbol outside the per-ISA
+// kernel loops (and a call per 16 elements).
+template <Dtype D, class U>
+FUSEDOPT_LANE_FN U widen_bits(U h) {
+  if constexpr (D == Dtype::bfloat16)
+    return math::bfloat16_to_float_bits(h);
+  else
+    return math::float16_to_float_bits<U, std::conditional_t<sizeof(U) == 4, float, Floats16Lanes>>(
+        h);
+}
+
+template <Dtype D>
+void widen(const uint16_t* in, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    Halves16 h;
+    std::memcpy(&h, in + i, sizeof h);
+    const Bits16 f = widen_bits<D>(__builtin_convertvector(h, Bits16));
+    std::memcpy(out + i, &f, sizeof f);
+  }
+  for (; i < n; ++i) {
+    const uint32_t f = widen_bits<D>(static_cast<uint32_t>(in[i]));
+    std::memcpy(out + i, &f, sizeof f);
+  }
+}
+
+// `index`: the position of in[0] in its tensor, for the random bits of stochastic rounding.
+template <Dtype D, bool Stochastic, class U>
+FUSEDOPT_LANE_FN U narrow_bits(U f, U random) {
+  if constexpr (D == Dtype::bfloat16)
+    return Stochastic ? math::float_bits_to_bfloat16_stochastic(f, random)
+                      : math::float_bits_to_bfloat16(f);
+  else
+    return Stochastic ? math::float_bits_to_float16_stochastic(f, random)
+                      : math::float_bits_to_float16(f);
+}
+
+template <Dtype D, bool Stochastic>
+void narrow(const float* in, int64_t n, uint16_t* out, uint64_t role_key, int64_t index) {
+  const auto key_low = static_cast<uint32_t>(role_key);
+  const uint32_t key_high = math::chunk_key_high(role_key, static_cast<uint64_t>(index));
+  const auto first = static_cast<uint32_t>(index);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    Bits16 f;
+    std::memcpy(&f, in + i, sizeof f);
+    Bits16 random{};
+    if constexpr (Stochastic) {
+      const Bits16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      random = math::random_bits(lane + (first + static_cast<uint32_t>(i)), key_low, key_high);
+    }
+    const Halves16 h = __builtin_convertvector(narrow_bits<D, Stochastic>(f, random), Halves16);
+    std::memcpy(out + i, &h, sizeof h);
+  }
+  for (; i < n; ++i) {
+    uint32_t f;
+    std::memcpy(&f, in + i, sizeof f);
+    const uint32_t random =
+        Stochastic ? math::random_bits(first + static_cast<uint32_t>(i), key_low, key_high) : 0u;
+    out[i] = static_cast<uint16_t>(narrow_bits<D, Stochastic>(f, random));
+  }
+}
+
+// Elements [first, first + n) of a buffer of dtype d as float32: in place for float32, widened
+// into scratch otherwise.
+inline float* stage_in(void* buffer, Dtype d, int64_t first, int64_t n, float* scratch) {
+  if (d == Dtype::float32) return static_cast<float*>(buffer) + first;
+  const uint16_t* in = static_cast<const uint16_t*>(buffer) + first;
+  if (d == Dtype::bfloat16)
+    widen<Dtype::bfloat16>(in, n, scratch);
+  else
+    widen<Dtype::float16>(in, n, scratch);
+  return scratch;
+}
+
+// The float32 values back into a 16-bit buffer (nothing to do for float32: updated in place).
+inline void stage_out(const float* values, void* buffer, Dtype d, int64_t first, int64_t n,
+                      bool stochastic, uint64_t role_key) {
+  if (d == Dtype::float32) return;
+  uint16_t* out = static_cast<uint16_t*>(buffer) + first;
+  if (d == Dtype::bfloat16) {
+    if (stochastic)
+      narrow<Dtype::bfloat16, true>(values, n, out, role_key, first);
+    else
+      narrow<Dtype::bfloat16, false>(values, n, out, role_key, first);
+  } else {
+    if (stochastic)
+      narrow<Dtype::float16, true>(values, n, out, role_key, first);
+    else
+      narrow<Dtype::float16, false>(values, n, out, role_key, first);
+  }
+}
+
+// Elements [first, first + n) of a staged tensor as a float32 tensor of n elements. Roles of the
+// rounding keys: 0 the param, 1 + k state k.
+struct StagedChunk {
+  TensorRef view;
+  float scratch[2 + kMaxStates][kReductionBlock] __attribute__((aligned(64)));
+
+  // `with_grad`: false for the second pass of an algorithm with reductions, which reads none.
+  void load(const TensorRef& t, int64_t first, int64_t n, bool with_grad) {
+    view = t;
+    view.size = n;
+    view.dtype = view.state_dtype = Dtype::float32;
+    view.master = nullptr;
+    view.param = t.master ? t.master + first : stage_in(t.param, t.dtype, first, n, scratch[0]);
+    view.grad = with_grad ? stage_in(t.grad, t.dtype, first, n, scratch[1]) : nullptr;
+    for (int k = 0; k < kMaxStates; ++k)
+      if (t.state[k]) view.state[k] = stage_in(t.state[k], t.state_dtype, first, n, scratch[2 + k]);
+  }
+
+  void store_param(const TensorRef& t, int64_t first) const {
+    stage_out(static_cast<const float*>(view.param), t.param, t.dtype, first, view.size,
+              t.stochastic, role_key(t.rounding_key, 0));
+    // The unscaled gradient written back is rounded to nearest, as torch's fused kernels do.
+    if (t.write_grad)
+      stage_out(static_cast<const float*>(view.grad), t.grad, t.dtype, first, view.size, false, 0);
+  }
+
+  void store_states(const TensorRef& t, int64_t first) const {
+    for (int k = 0; k < kMaxStates; ++k)
+      if (t.state[k])
+        stage_out(static_cast<const float*>(view.state[k]), t.state[k], t.state_dtype, first,
+                  view.size, t.stochastic, role_key(t.rounding_key, 1 + k));
+  }
+};
+
+template <class A>
+void staged_update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
+                          int64_t begin, int64_t end) {
+  constexpr bool second_pass = A::reductions > 0;  // reads the states, writes only the param
+  StagedChunk chunk;
+  for (int64_t first = begin; first < end;) {
+    const int64_t last = std::min(end, (first / kStageChunk + 1) * kStageChunk);
+    chunk.load(t, first, last - first, !second_pass);
+    update_kernel<A, float>(chunk.view, coefficients, 0, last - first);
+    chunk.store_param(t, first);
+    if (!second_pass) chunk.store_states(t, first);
+    first = last;
+  }
+}
+
+// The first pass, a block of kReductionBlock elements at a time: the sums are the float32
+// kernel's over the widened values, and the updated states are rounded back.
+template <class A>
+void staged_reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
+                          int64_t first_block, int64_t end_block, double* partials) {
+  StagedChunk chunk;
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const int64_t first = block * kReductionBlock;
+    chunk.load(t, first, std::min(kReductionBlock, t.size - first), true);
+    reduce_kernel<A, float>(chunk.view, coefficients, 0, 1, partials + block * A::reductions);
+    chunk.store_states(t, first);
+  }
+}
+
 template <class T>
 void stream_add_kernel(const TensorRef& t, int64_t begin, int64_t end) {
   stream<T, false, 0u, 1u, 3u, 7u>(t, begin, end, [](auto& p, auto& g, auto(&s)[kMaxStates]) {
@@ -286,16 +456,23 @@ template <class A>
 constexpr AlgorithmKernels<A> kernels_for() {
   if constexpr (A::reductions > 0)
     return {{update_kernel<A, float>, update_kernel<A, double>},
-            {reduce_kernel<A, float>, reduce_kernel<A, double>}};
+            {reduce_kernel<A, float>, reduce_kernel<A, double>},
+            staged_update_kernel<A>,
+            staged_reduce_kernel<A>};
   else
-    return {{update_kernel<A, float>, update_kernel<A, double>}, {nullptr, nullptr}};
+    return {{update_kernel<A, float>, update_kernel<A, double>},
+            {nullptr, nullptr},
+            staged_update_kernel<A>,
+            nullptr};
 }
 
 template <class... A>
 constexpr KernelTable make_table(AlgorithmList<A...>) {
+  // 16-bit buffers stream as integers: the ceiling counts their bytes, not their math.
   return {FUSEDOPT_STRING(FUSEDOPT_ISA),
           {kernels_for<A>()...},
-          {stream_add_kernel<float>, stream_add_kernel<double>},
+          {stream_add_kernel<float>, stream_add_kernel<double>, stream_add_kernel<uint16_t>,
+           stream_add_kernel<uint16_t>},
           ewma_kernel};
 }
 

@@ -116,7 +116,7 @@ std::vector<PlanTensor> plan_tensors(const std::vector<TensorRef>& tensors,
     p.addresses[1] = t.grad;
     for (int k = 0; k < kMaxStates; ++k) p.addresses[2 + k] = t.state[k];
     p.size = t.size;
-    p.element_bytes = t.dtype == Dtype::float32 ? 4 : 8;
+    p.element_bytes = static_cast<int>(dtype_size(t.dtype));
     p.coefficient_id = coefficient_id[i];
     p.write_grad = t.write_grad;
   }

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -29,6 +30,28 @@ bool native_byte_order(const py::dtype& dtype) {
   return order == '=' || order == '|' || order == native;
 }
 
+// NumPy's float16, and ml_dtypes' bfloat16 (the NumPy bfloat16 of JAX and TensorFlow), a
+// user-defined dtype whose number depends on import order: known by its scalar type's name.
+std::optional<Dtype> numpy_dtype(const py::detail::PyArrayDescr_Proxy* descr) {
+  constexpr int npy_half = 23;  // NPY_HALF, part of NumPy's ABI
+  switch (descr->type_num) {
+    case py::detail::npy_api::NPY_FLOAT_:
+      return Dtype::float32;
+    case py::detail::npy_api::NPY_DOUBLE_:
+      return Dtype::float64;
+    case npy_half:
+      return Dtype::float16;
+    default:
+      break;
+  }
+  constexpr int npy_userdef = 256;
+  if (descr->type_num >= npy_userdef &&
+      std::strcmp(reinterpret_cast<PyTypeObject*>(descr->typeobj)->tp_name, "ml_dtypes.bfloat16") ==
+          0)
+    return Dtype::bfloat16;
+  return std::nullopt;
+}
+
 // Fills `info` (reused across steps, so its shape keeps its capacity) from a NumPy array's own
 // fields: no reference counting, no allocation in the steady state. A ten-thousand-tensor step
 // describes fifty thousand buffers, and this was most of its cost.
@@ -48,13 +71,12 @@ void describe(py::handle object, const char* role, size_t index, BufferInfo& inf
   for (int d = 0; d < array->nd; ++d) info.shape[d] = array->dimensions[d];
   info.size = 1;
   for (int d = 0; d < array->nd; ++d) info.size *= array->dimensions[d];
-  info.is_float32 = native && descr->type_num == py::detail::npy_api::NPY_FLOAT_;
-  info.is_float64 = native && descr->type_num == py::detail::npy_api::NPY_DOUBLE_;
+  info.dtype = native ? numpy_dtype(descr) : std::nullopt;
   info.contiguous = array->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
   info.writeable = array->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
   info.dtype_name.clear();
   // Formatting a dtype costs more than the rest of the call: name only the ones a message needs.
-  if (!info.is_float32 && !info.is_float64) {
+  if (!info.dtype) {
     info.dtype_name = py::str(dtype);
     if (!native) info.dtype_name += " (non-native byte order)";
   }
@@ -213,8 +235,8 @@ class AnyPlan {
   virtual void set_options(size_t group, py::handle values) = 0;
   virtual void step(py::handle grads, py::handle grad_scale, std::optional<int64_t> step) = 0;
   virtual bool step_if_same(py::handle params, py::handle states, py::handle grads,
-                            py::handle grad_scale, std::optional<int64_t> step,
-                            py::handle values) = 0;
+                            py::handle grad_scale, std::optional<int64_t> step, py::handle values,
+                            py::handle masters) = 0;
   virtual size_t size() const = 0;
 };
 
@@ -238,11 +260,17 @@ class PythonPlan : public AnyPlan {
   // `borrowed`: the plan keeps no reference to the arrays; its caller guarantees they are alive at
   // every step (the functional API checks its weak references first), so a cache of plans never
   // keeps arrays alive.
+  // `masters`: None, or one float32 master copy per param (None for a param without one);
+  // `rounding_seed`: set, 16-bit params and states are rounded stochastically.
   PythonPlan(py::handle groups, py::handle group_of, py::handle params, py::handle states,
-             py::handle step_counts, py::handle new_state, py::handle scalars, bool borrowed)
+             py::handle step_counts, py::handle new_state, py::handle scalars, bool borrowed,
+             py::handle masters, std::optional<uint64_t> rounding_seed)
       : groups_(groups_from<A>(groups)),
         group_of_(py::cast<std::vector<int>>(group_of)),
-        new_state_(flags_from(new_state, group_of_.size())) {
+        new_state_(flags_from(new_state, group_of_.size())),
+        rounding_seed_(rounding_seed) {
+    if (!masters.is_none())
+      for (py::handle m : items_of(masters, "masters")) masters_.push_back(m.ptr());
     const py::tuple param_items = items_of(params, "params");
     for (py::handle p : param_items) params_.push_back(p.ptr());
     for (py::handle list : items_of(states, "states")) {
@@ -266,6 +294,7 @@ class PythonPlan : public AnyPlan {
     std::vector<PyObject*> arrays = params_;
     for (const auto& list : states_)
       for (PyObject* s : list.value_or(std::vector<PyObject*>{})) arrays.push_back(s);
+    arrays.insert(arrays.end(), masters_.begin(), masters_.end());
     for (PyObject* a : arrays) {
       if (!borrowed || a == Py_None) {
         references_.push_back(py::reinterpret_borrow<py::object>(a));
@@ -285,7 +314,7 @@ class PythonPlan : public AnyPlan {
   // (its weak references say so, which also proves them alive), with new options for group 0
   // first unless `values` is None; false, and nothing done, otherwise.
   bool step_if_same(py::handle params, py::handle states, py::handle grads, py::handle grad_scale,
-                    std::optional<int64_t> step, py::handle values) override {
+                    std::optional<int64_t> step, py::handle values, py::handle masters) override {
     if (!borrowed_) throw Error(ErrorKind::value, "step_if_same is for borrowed plans");
     size_t k = 0;
     auto same = [&](py::handle list) {
@@ -301,6 +330,7 @@ class PythonPlan : public AnyPlan {
       if (lists[i].is_none() != !states_[i].has_value()) return false;
       if (!lists[i].is_none() && !same(lists[i])) return false;
     }
+    if (!masters_.empty() && !same(masters)) return false;
     if (k != references_.size()) return false;
     if (!values.is_none()) set_options(0, values);
     this->step(grads, grad_scale, step);
@@ -322,7 +352,7 @@ class PythonPlan : public AnyPlan {
     const py::tuple items = items_of(grads, "grads");
     thread_local std::vector<BufferInfo> infos;
     describe_items(items, "grads", infos);
-    const StepExtras extras{grad_scale_from(grad_scale)};
+    const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
     // This frame keeps the grads (items) alive while the GIL is released, and the plan, even if
     // another thread re-registers meanwhile; the registered arrays are kept by references_.
     const std::shared_ptr<Registered> registered = registered_;
@@ -359,6 +389,10 @@ class PythonPlan : public AnyPlan {
     }
     // A borrowed plan serves the functional API: messages name its arguments (exp_avgs[2]).
     describe_registered<A>(params, py::tuple(states), kept, b, borrowed_ ? "s" : "");
+    py::tuple masters(masters_.size());
+    for (size_t i = 0; i < masters_.size(); ++i)
+      masters[i] = py::reinterpret_borrow<py::object>(masters_[i]);
+    describe_items(masters, "masters", b.masters);
     // Built in place: a Plan holds a mutex and cannot move.
     std::shared_ptr<Registered> registered(
         new Registered{Plan<A>(groups_, b, group_of_, step_counts_, new_state_, scalars_), {}});
@@ -366,6 +400,7 @@ class PythonPlan : public AnyPlan {
     for (const auto& list : states_)
       for (PyObject* s : list.value_or(std::vector<PyObject*>{}))
         registered->fingerprints.push_back(Fingerprint::of(s));
+    for (PyObject* m : masters_) registered->fingerprints.push_back(Fingerprint::of(m));
     registered_ = std::move(registered);
   }
 
@@ -374,6 +409,8 @@ class PythonPlan : public AnyPlan {
   std::vector<uint8_t> new_state_;
   std::vector<PyObject*> params_;
   std::vector<std::optional<std::vector<PyObject*>>> states_;
+  std::vector<PyObject*> masters_;  // empty, or one per param (Py_None where there is none)
+  std::optional<uint64_t> rounding_seed_;
   // Every array above (and the step counts' and scalars'); only weak references when borrowed.
   std::vector<py::object> references_;
   bool borrowed_ = false;
@@ -396,7 +433,7 @@ struct TorchNames {
   // TensorBase's descriptors of the properties a step reads of every grad, read through the
   // descriptor (read_property) for the same reason.
   py::object dtype_property, shape_property, is_cpu_property;
-  py::object float32, float64, strided;
+  py::object float32, float64, bfloat16, float16, strided;
 
   static const TorchNames& get() {
     static const TorchNames* names = [] {
@@ -411,6 +448,8 @@ struct TorchNames {
       n->is_cpu_property = properties["is_cpu"];
       n->float32 = torch.attr("float32");
       n->float64 = torch.attr("float64");
+      n->bfloat16 = torch.attr("bfloat16");
+      n->float16 = torch.attr("float16");
       n->strided = torch.attr("strided");
       return n;
     }();
@@ -463,9 +502,12 @@ void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info)
     throw Error(ErrorKind::type, name + " is a " + std::string(py::str(t.attr(n.layout))) +
                                      " tensor; fusedopt updates dense (strided) tensors");
   const py::object dtype = t.attr(n.dtype);
-  info.is_float32 = dtype.is(n.float32);
-  info.is_float64 = dtype.is(n.float64);
-  info.dtype_name = info.is_float32 || info.is_float64 ? "" : std::string(py::str(dtype));
+  info.dtype = dtype.is(n.float32)    ? std::optional(Dtype::float32)
+               : dtype.is(n.float64)  ? std::optional(Dtype::float64)
+               : dtype.is(n.bfloat16) ? std::optional(Dtype::bfloat16)
+               : dtype.is(n.float16)  ? std::optional(Dtype::float16)
+                                      : std::nullopt;
+  info.dtype_name = info.dtype ? "" : std::string(py::str(dtype));
   info.shape.clear();
   info.size = 1;
   for (py::handle d : t.attr(n.shape)) {
@@ -504,9 +546,9 @@ struct ScalarSlot {
 ScalarSlot scalar_slot(py::handle tensor, const std::string& name) {
   BufferInfo info;
   describe_torch(tensor.ptr(), name, info);
-  if (info.size != 1 || !(info.is_float32 || info.is_float64))
+  if (info.size != 1 || !(info.dtype == Dtype::float32 || info.dtype == Dtype::float64))
     throw Error(ErrorKind::type, name + " must be a one-element float32 or float64 tensor");
-  return {info.data, info.is_float32};
+  return {info.data, info.dtype == Dtype::float32};
 }
 
 // The plan of a fusedopt.torch optimizer: every param of its groups, of which those with a grad
@@ -529,10 +571,13 @@ class AnyTorchPlan {
 template <class A>
 class TorchPlan : public AnyTorchPlan {
  public:
+  // `masters`: None, or one float32 master copy per active param (None where there is none);
+  // `rounding_seed`: set, 16-bit params and states are rounded stochastically.
   TorchPlan(py::handle groups, py::handle group_of, py::handle params, py::handle active,
             py::handle states, py::handle steps, py::handle scalars, py::handle new_state,
-            py::handle local, py::handle kept)
-      : groups_(groups_from<A>(groups)) {
+            py::handle local, py::handle kept, py::handle masters,
+            std::optional<uint64_t> rounding_seed)
+      : groups_(groups_from<A>(groups)), rounding_seed_(rounding_seed) {
     const std::vector<int> all_groups = py::cast<std::vector<int>>(group_of);
     for (py::handle p : items_of(params, "params"))
       params_.push_back(py::reinterpret_borrow<py::object>(p));
@@ -577,6 +622,16 @@ class TorchPlan : public AnyTorchPlan {
         describe_torch(items[j].ptr(),
                        std::string(A::state_names[k]) + "[" + std::to_string(index_.at(j)) + "]",
                        b.states[k].back());
+        references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
+      }
+    }
+    if (!masters.is_none()) {
+      const py::tuple items = items_of(masters, "masters");
+      for (size_t j = 0; j < items.size(); ++j) {
+        b.masters.emplace_back();
+        describe_torch(items[j].ptr(),
+                       "state['master'] of params[" + std::to_string(index_.at(j)) + "]",
+                       b.masters.back());
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
     }
@@ -675,7 +730,7 @@ class TorchPlan : public AnyTorchPlan {
     for (size_t k = 0; k < step_slots_.size(); ++k)
       counts_[k] = static_cast<int64_t>(step_slots_[k].read());
     read_scalars();
-    const StepExtras extras{grad_scale_from(grad_scale)};
+    const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
     {
       py::gil_scoped_release release;
       plan_->step(infos_, extras, std::nullopt);
@@ -709,7 +764,7 @@ class TorchPlan : public AnyTorchPlan {
     read_scalars();
     {
       py::gil_scoped_release release;
-      plan_->step(given_grads_, StepExtras{}, step);
+      plan_->step(given_grads_, StepExtras{std::nullopt, rounding_seed_}, step);
     }
     write_scalars();
     return true;
@@ -756,6 +811,7 @@ class TorchPlan : public AnyTorchPlan {
   std::vector<double> scalar_rows_;
   std::vector<BufferInfo> infos_;
   std::vector<BufferInfo> given_grads_;  // step_grads' grads, described at each step
+  std::optional<uint64_t> rounding_seed_;
   std::unique_ptr<Plan<A>> plan_;
 };
 
@@ -856,7 +912,8 @@ PYBIND11_MODULE(_core, m) {
       "step",
       [](const std::string& name, py::handle groups, py::handle group_of, py::handle steps,
          py::handle params, py::handle grads, py::handle states, py::handle new_state,
-         py::handle scalars, py::handle grad_scale) {
+         py::handle scalars, py::handle grad_scale, py::handle masters,
+         std::optional<uint64_t> rounding_seed) {
         with_algorithm(name, [&](auto tag) {
           using A = typename decltype(tag)::type;
           const auto options = groups_from<A>(groups);
@@ -867,7 +924,13 @@ PYBIND11_MODULE(_core, m) {
           // Messages name the functional API's arguments: exp_avgs[2], not exp_avg[2].
           describe_registered<A>(param_items, items_of(states, "states"), kept, b, "s");
           describe_items(grad_items, "grads", b.grads);
-          const StepExtras extras{grad_scale_from(grad_scale)};
+          if (masters.is_none()) {
+            b.masters.clear();
+          } else {
+            kept.push_back(items_of(masters, "masters"));
+            describe_items(kept.back(), "masters", b.masters);
+          }
+          const StepExtras extras{grad_scale_from(grad_scale), rounding_seed};
           b.grads_written = extras.grad_scale.has_value();
           StepSchedule s;
           // None: every tensor in group 0; an int: the same t for every tensor.
@@ -894,53 +957,59 @@ PYBIND11_MODULE(_core, m) {
       "of each tensor, t of each tensor, params, grads, one list per state (or None).",
       py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("steps"),
       py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("new_state") = py::none(),
-      py::arg("scalars") = py::none(), py::arg("grad_scale") = py::none());
+      py::arg("scalars") = py::none(), py::arg("grad_scale") = py::none(),
+      py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none());
 
   py::class_<AnyPlan>(m, "Plan",
                       "An optimizer's params and states, registered once; each step checks the "
                       "grads and that no registered array moved.")
       .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
                        py::handle params, py::handle states, py::handle step_counts,
-                       py::handle new_state, py::handle scalars, bool borrowed) {
+                       py::handle new_state, py::handle scalars, bool borrowed, py::handle masters,
+                       std::optional<uint64_t> rounding_seed) {
              std::unique_ptr<AnyPlan> plan;
              with_algorithm(name, [&](auto tag) {
                using A = typename decltype(tag)::type;
                plan = std::make_unique<PythonPlan<A>>(groups, group_of, params, states, step_counts,
-                                                      new_state, scalars, borrowed);
+                                                      new_state, scalars, borrowed, masters,
+                                                      rounding_seed);
              });
              return plan;
            }),
            py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
            py::arg("states"), py::arg("step_counts") = py::none(),
            py::arg("new_state") = py::none(), py::arg("scalars") = py::none(),
-           py::arg("borrowed") = false)
+           py::arg("borrowed") = false, py::arg("masters") = py::none(),
+           py::arg("rounding_seed") = py::none())
       .def("set_options", &AnyPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyPlan::step, py::arg("grads"), py::arg("grad_scale") = py::none(),
            py::arg("step") = py::none())
       .def("step_if_same", &AnyPlan::step_if_same, py::arg("params"), py::arg("states"),
            py::arg("grads"), py::arg("grad_scale") = py::none(), py::arg("step") = py::none(),
-           py::arg("values") = py::none())
+           py::arg("values") = py::none(), py::arg("masters") = py::none())
       .def("__len__", &AnyPlan::size);
 
   py::class_<AnyTorchPlan>(m, "TorchPlan",
                            "The plan of a fusedopt.torch optimizer over CPU tensors; step() "
                            "returns False, having done nothing, when the params with a grad or "
                            "their memory changed since it was made.")
-      .def(
-          py::init([](const std::string& name, py::handle groups, py::handle group_of,
-                      py::handle params, py::handle active, py::handle states, py::handle steps,
-                      py::handle scalars, py::handle new_state, py::handle local, py::handle kept) {
-            std::unique_ptr<AnyTorchPlan> plan;
-            with_algorithm(name, [&](auto tag) {
-              using A = typename decltype(tag)::type;
-              plan = std::make_unique<TorchPlan<A>>(groups, group_of, params, active, states, steps,
-                                                    scalars, new_state, local, kept);
-            });
-            return plan;
-          }),
-          py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
-          py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
-          py::arg("new_state"), py::arg("local") = py::none(), py::arg("kept") = py::none())
+      .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
+                       py::handle params, py::handle active, py::handle states, py::handle steps,
+                       py::handle scalars, py::handle new_state, py::handle local, py::handle kept,
+                       py::handle masters, std::optional<uint64_t> rounding_seed) {
+             std::unique_ptr<AnyTorchPlan> plan;
+             with_algorithm(name, [&](auto tag) {
+               using A = typename decltype(tag)::type;
+               plan = std::make_unique<TorchPlan<A>>(groups, group_of, params, active, states,
+                                                     steps, scalars, new_state, local, kept,
+                                                     masters, rounding_seed);
+             });
+             return plan;
+           }),
+           py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
+           py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
+           py::arg("new_state"), py::arg("local") = py::none(), py::arg("kept") = py::none(),
+           py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none())
       .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
       .def("step_grads", &AnyTorchPlan::step_grads, py::arg("grads"), py::arg("step"),

@@ -89,9 +89,11 @@ bool row_major(const std::vector<int64_t>& shape, const int64_t* strides, int64_
   return true;
 }
 
+// The CUDA kernels update float32 and float64 buffers (16-bit storage is CPU-only for now).
 void set_dtype(BufferInfo& info, bool is_float, int bits, const std::string& name) {
-  info.is_float32 = is_float && bits == 32;
-  info.is_float64 = is_float && bits == 64;
+  info.dtype.reset();
+  if (is_float && bits == 32) info.dtype = Dtype::float32;
+  if (is_float && bits == 64) info.dtype = Dtype::float64;
   info.dtype_name = name;
 }
 

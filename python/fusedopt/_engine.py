@@ -263,15 +263,129 @@ def make_plan(
     step_counts: np.ndarray | None = None,
     new_state: Sequence[bool] | None = None,
     scalars: np.ndarray | None = None,
+    masters: Sequence[Any] | None = None,
+    rounding_seed: int | None = None,
 ) -> Plan:
     """A plan on the CPU core (``fusedopt._core.Plan``) or the CUDA backend: ``step_counts``
-    (steps taken, one per param) and ``scalars`` are arrays the plan advances in place."""
+    (steps taken, one per param) and ``scalars`` are arrays the plan advances in place;
+    ``masters`` the float32 master copies of 16-bit params (None where there is none);
+    ``rounding_seed`` set: 16-bit params and states are rounded stochastically."""
     if is_device(params):
         return cuda.Plan(
             algorithm, groups, group_of, params, states,
             step_counts=step_counts, new_state=new_state, scalars=scalars,
         )  # fmt: skip
-    return _core.Plan(algorithm, groups, group_of, params, states, step_counts, new_state, scalars)
+    return _core.Plan(
+        algorithm, groups, group_of, params, states, step_counts, new_state, scalars,
+        masters=masters, rounding_seed=rounding_seed,
+    )  # fmt: skip
+
+
+# ---- Low precision (docs/spec.md section 22) ---------------------------------------------------
+
+SIXTEEN_BIT = ("bfloat16", "float16")
+STATE_DTYPES = (None, "float32", "bfloat16")
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"float32"``, ``"bfloat16"``, ... for a NumPy, ml_dtypes or torch dtype (or its name)."""
+    name = getattr(dtype, "name", None)
+    if not isinstance(name, str):
+        name = str(dtype)
+    return name.removeprefix("torch.")
+
+
+@functools.cache
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a name; bfloat16 is ml_dtypes' (the NumPy bfloat16 of JAX)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How an optimizer stores what it updates, the same options on every front end:
+
+    - ``state_dtype``: None (each state has its param's dtype, as torch keeps it), ``"float32"``
+      or ``"bfloat16"`` (for float32, bfloat16 and float16 params);
+    - ``master_weights``: a float32 copy of each bfloat16/float16 param, kept in the optimizer's
+      state, is what the step updates; the param is written as its rounding;
+    - ``stochastic_rounding``: bfloat16/float16 params and states are rounded stochastically
+      (unbiased), from random bits keyed by (``seed``, step, element index), the same for any
+      thread count or ISA; otherwise to nearest, ties to even.
+
+    All math is float32 for 16-bit storage.
+    """
+
+    state_dtype: str | None = None
+    master_weights: bool = False
+    stochastic_rounding: bool = False
+    seed: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        state_dtype: Any = None,
+        master_weights: Any = False,
+        stochastic_rounding: Any = False,
+        seed: Any = 0,
+    ) -> Precision:
+        name = None if state_dtype is None else dtype_name(state_dtype)
+        if name == "int8":
+            raise ValueError(
+                "state_dtype: 'int8' (8-bit blockwise state) is not implemented yet; use None, "
+                "'float32' or 'bfloat16'"
+            )
+        if name not in STATE_DTYPES:
+            raise ValueError(
+                f"state_dtype: must be None, 'float32' or 'bfloat16', got {state_dtype!r}"
+            )
+        for flag, value in (
+            ("master_weights", master_weights),
+            ("stochastic_rounding", stochastic_rounding),
+        ):
+            if not isinstance(value, bool | np.bool_):
+                raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not 0 <= int(seed) < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        return cls(name, bool(master_weights), bool(stochastic_rounding), int(seed))
+
+    def check(self, param_dtypes: Sequence[str]) -> None:
+        """ValueError naming the option that does not apply to params of these dtypes."""
+        sixteen = any(d in SIXTEEN_BIT for d in param_dtypes)
+        if self.master_weights and not sixteen:
+            raise ValueError(
+                "master_weights: master copies are for bfloat16 and float16 params; these params "
+                f"are {sorted(set(param_dtypes))}"
+            )
+        if self.state_dtype is not None and "float64" in param_dtypes:
+            raise ValueError(
+                f"state_dtype: {self.state_dtype!r} does not apply to float64 params, whose "
+                "state is float64"
+            )
+        if self.stochastic_rounding and not sixteen and self.state_dtype != "bfloat16":
+            raise ValueError(
+                "stochastic_rounding: nothing is stored in 16 bits (the params are "
+                f"{sorted(set(param_dtypes))} and state_dtype is {self.state_dtype!r})"
+            )
+
+    def state_dtype_for(self, param_dtype: str) -> str:
+        return self.state_dtype or param_dtype
+
+    def needs_master(self, param_dtype: str) -> bool:
+        return self.master_weights and param_dtype in SIXTEEN_BIT
+
+    @property
+    def rounding_seed(self) -> int | None:
+        return self.seed if self.stochastic_rounding else None
+
+
+FULL_PRECISION = Precision()  # the default: nothing stored in fewer bits than the param
 
 
 def skip_step(found_inf: Any) -> bool:

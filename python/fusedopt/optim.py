@@ -24,14 +24,19 @@ import numpy as np
 
 from fusedopt import _core, cuda
 from fusedopt._engine import (
+    FULL_PRECISION,
+    SIXTEEN_BIT,
     TORCH,
     Description,
     Hyperparameter,
     Plan,
+    Precision,
     as_number,
     describe,
+    dtype_name,
     make_plan,
     native_values,
+    numpy_dtype,
     skip_step,
 )
 from fusedopt._state import unflatten_state_dict
@@ -80,7 +85,10 @@ class Optimizer:
             if "__init__" not in cls.__dict__:
                 cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
 
-    def _setup(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+    def _setup(
+        self, params: ParamsT, defaults: dict[str, Any], precision: Precision = FULL_PRECISION
+    ) -> None:
+        self.precision = precision
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -89,6 +97,7 @@ class Optimizer:
         self._group_of = np.zeros(0, dtype=np.int64)
         self._steps = np.zeros(0, dtype=np.int64)  # steps taken, advanced by the native step
         self._buffers: dict[str, list[Any]] = {n: [] for n in self._description.states}
+        self._masters: list[Any] = []  # float32 master copies of 16-bit params, or None
         self._scalars = np.zeros((0, _core.max_scalars), dtype=np.float64)
         self._has_scalars: list[bool] = []
         self._new_state: list[bool] = []  # buffers created since the param's last step
@@ -103,6 +112,7 @@ class Optimizer:
             groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(group)
+        precision.check([dtype_name(p.dtype) for p in self._params])
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -130,12 +140,24 @@ class Optimizer:
         for i, p in enumerate(params):
             if cuda.is_device_array(p) or cuda.is_device_array(first):
                 cuda.check_param(p, i, first)
+                if self.precision != FULL_PRECISION:
+                    raise ValueError(
+                        "state_dtype, master_weights and stochastic_rounding are CPU-only for "
+                        f"now; params[{i}] is a device array"
+                    )
             elif not isinstance(p, np.ndarray):
                 raise TypeError(f"params[{i}] must be a numpy.ndarray, got {type(p).__name__}")
-            elif p.dtype not in (np.float32, np.float64):
+            elif not p.dtype.isnative or dtype_name(p.dtype) not in (
+                "float32",
+                "float64",
+                *SIXTEEN_BIT,
+            ):
                 raise TypeError(
-                    f"params[{i}] has dtype {p.dtype}; fusedopt updates float32 and float64"
+                    f"params[{i}] has dtype {p.dtype}; fusedopt updates float32, float64, "
+                    "bfloat16 (ml_dtypes) and float16"
                 )
+            elif self.precision.state_dtype and dtype_name(p.dtype) == "float64":
+                self.precision.check(["float64"])
             if id(p) in seen:
                 raise ValueError(f"params[{i}] appears twice among the optimizer's params")
             seen.add(id(p))
@@ -160,6 +182,7 @@ class Optimizer:
             self._new_state += [False] * count
             for name in self._description.states:
                 self._buffers[name] += [None] * count
+            self._masters += [None] * count
             self._plan = None
             if self._states_at_construction:
                 used = self._description.states_used(values)
@@ -175,7 +198,9 @@ class Optimizer:
         result: dict[int, dict[str, Any]] = {}
         for i in range(len(self._params)):
             entry: dict[str, Any] = {}
-            if self._tracks_step and self._steps[i] > 0:
+            # Stochastic rounding keys its bits by the step: kept then even where torch keeps none.
+            tracked = self._tracks_step or self.precision.stochastic_rounding
+            if tracked and self._steps[i] > 0:
                 entry["step"] = int(self._steps[i])
             for name in self._description.states:
                 buffer = self._buffers[name][i]
@@ -184,6 +209,8 @@ class Optimizer:
             if self._has_scalars[i]:
                 for k, name in enumerate(self._description.scalars):
                     entry[name] = float(self._scalars[i, k])
+            if self._masters[i] is not None:
+                entry["master"] = self._masters[i]
             if entry:
                 result[i] = entry
         return result
@@ -197,6 +224,7 @@ class Optimizer:
             self._new_state = [False] * len(self._params)
             for name in self._description.states:
                 self._buffers[name] = [None] * len(self._params)
+            self._masters = [None] * len(self._params)
             self._plan = None
             if self._states_at_construction:
                 for i in range(len(self._params)):
@@ -214,6 +242,7 @@ class Optimizer:
                 name: [(b, None if b is None else _copy(b)) for b in entries]
                 for name, entries in self._buffers.items()
             }
+            masters = [(m, None if m is None else _copy(m)) for m in self._masters]
             counters = (
                 self._steps.copy(),
                 self._scalars.copy(),
@@ -232,6 +261,10 @@ class Optimizer:
                         if b is not None:
                             _put(b, saved)
                     self._buffers[name] = [b for b, _ in entries]
+                for m, saved in masters:
+                    if m is not None:
+                        _put(m, saved)
+                self._masters = [m for m, _ in masters]
                 steps, scalars, has_scalars, new_state = counters
                 self._steps, self._scalars = steps.copy(), scalars.copy()
                 self._has_scalars, self._new_state = list(has_scalars), list(new_state)
@@ -302,6 +335,7 @@ class Optimizer:
         scalars = np.zeros((n, _core.max_scalars), dtype=np.float64)
         has_scalars = [False] * n
         buffers: dict[str, list[Any]] = {name: [None] * n for name in self._description.states}
+        masters: list[Any] = [None] * n
         scalar_names = self._description.scalars
         for key, entry in saved_state.items():
             i = _state_index(key, n)
@@ -314,7 +348,10 @@ class Optimizer:
                 if name == "step":
                     steps[i] = _step_count(value, i)
                 elif name in buffers:
-                    buffers[name][i] = _state_array(value, param, i, name)
+                    dtype = self.precision.state_dtype_for(dtype_name(param.dtype))
+                    buffers[name][i] = _state_array(value, param, i, name, dtype)
+                elif name == "master" and self.precision.needs_master(dtype_name(param.dtype)):
+                    masters[i] = _state_array(value, param, i, name, "float32")
                 elif name in scalar_names:
                     scalars[i, scalar_names.index(name)] = as_number(value, f"state[{i}][{name!r}]")
                     has_scalars[i] = True
@@ -339,6 +376,7 @@ class Optimizer:
             self._scalars = scalars
             self._has_scalars = has_scalars
             self._buffers = buffers
+            self._masters = masters
             self._new_state = [False] * n
             self._plan = None
 
@@ -385,11 +423,17 @@ class Optimizer:
             self._scalars.copy(),
             list(self._has_scalars),
             list(self._new_state),
+            list(self._masters),
         )
         try:
             for i in range(len(self._params)):
                 values = options[self._group_of[i]]
                 self._create_states(i, self._description.states_used(values), values)
+                param = self._params[i]
+                if self._masters[i] is None and self.precision.needs_master(
+                    dtype_name(param.dtype)
+                ):
+                    self._masters[i] = _master_of(param)
             states = [b if any(x is not None for x in b) else None for b in self._buffers.values()]
             plan = make_plan(
                 self._algorithm,
@@ -400,10 +444,14 @@ class Optimizer:
                 step_counts=self._steps,
                 new_state=self._new_state if self._description.uses_new_state else None,
                 scalars=self._scalars,
+                masters=self._masters if self.precision.master_weights else None,
+                rounding_seed=self.precision.rounding_seed,
             )
             plan.step(grads, scale, None)
         except Exception:
-            self._buffers, self._scalars, self._has_scalars, self._new_state = saved
+            (self._buffers, self._scalars, self._has_scalars, self._new_state, self._masters) = (
+                saved
+            )
             self._plan = None
             raise
         self._plan = plan
@@ -425,9 +473,10 @@ class Optimizer:
             return
         state_values, scalar_values = self._description.initial_values(values)
         param = self._params[i]
+        dtype = self.precision.state_dtype_for(dtype_name(param.dtype))
         for name in missing:
             value = state_values[self._description.states.index(name)]
-            self._buffers[name][i] = _full_like(param, value)
+            self._buffers[name][i] = _full_like(param, value, dtype)
             self._new_state[i] = True
         if not self._has_scalars[i]:
             self._scalars[i, : len(scalar_values)] = scalar_values
@@ -480,6 +529,9 @@ def _generated_init(cls: type[Optimizer]) -> Any:
             else inspect.Parameter.POSITIONAL_OR_KEYWORD
         )
         parameters.append(inspect.Parameter(h.name, kind, default=h.default_for(description)))
+    for name in PRECISION_OPTIONS:
+        default = Precision.__dataclass_fields__[name].default
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
     signature = inspect.Signature(parameters)
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
@@ -488,7 +540,8 @@ def _generated_init(cls: type[Optimizer]) -> Any:
         arguments = dict(bound.arguments)
         del arguments["self"]
         params = arguments.pop("params")
-        self._setup(params, arguments)
+        precision = Precision.of(**{name: arguments.pop(name) for name in PRECISION_OPTIONS})
+        self._setup(params, arguments, precision)
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
@@ -496,10 +549,19 @@ def _generated_init(cls: type[Optimizer]) -> Any:
     return __init__
 
 
-def _full_like(param: Any, value: float) -> Any:
+# Every optimizer's low-precision options (fusedopt._engine.Precision), keyword-only.
+PRECISION_OPTIONS = ("state_dtype", "master_weights", "stochastic_rounding", "seed")
+
+
+def _full_like(param: Any, value: float, dtype: str) -> Any:
     if cuda.is_device_array(param):
         return cuda.full_like(param, value) if value else cuda.zeros_like(param)
-    return np.full_like(param, value, order="C")
+    return np.full_like(param, value, dtype=numpy_dtype(dtype), order="C")
+
+
+def _master_of(param: np.ndarray) -> np.ndarray:
+    """A 16-bit param's float32 master copy: its value, exactly."""
+    return np.array(param, dtype=np.float32, order="C", copy=True)
 
 
 def _copy(array: Any) -> Any:
@@ -541,7 +603,7 @@ def _step_count(value: Any, i: int) -> int:
     return int(step)
 
 
-def _state_array(value: Any, param: Any, i: int, name: str) -> Any:
+def _state_array(value: Any, param: Any, i: int, name: str, dtype: str) -> Any:
     try:
         array = np.asarray(_host(value))
     except (TypeError, ValueError):
@@ -551,11 +613,12 @@ def _state_array(value: Any, param: Any, i: int, name: str) -> Any:
             f"state_dict: state[{i}][{name!r}] has shape {array.shape}, params[{i}] has "
             f"{tuple(param.shape)}"
         )
-    if array.dtype.kind != "f":
+    if array.dtype.kind != "f" and dtype_name(array.dtype) != "bfloat16":
         raise TypeError(f"state_dict: state[{i}][{name!r}] has dtype {array.dtype}")
     if cuda.is_device_array(param):
         return cuda.array_like(array, param)
-    return np.array(array, dtype=param.dtype, order="C", copy=True)
+    # Cast (and rounded to nearest) to the dtype this optimizer keeps it in.
+    return np.array(array, dtype=numpy_dtype(dtype), order="C", copy=True)
 
 
 _IMMUTABLE = (float, int, bool)

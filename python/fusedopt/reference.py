@@ -1168,3 +1168,129 @@ def seed_adam(
     m_hat = m / (1.0 - beta1**t)
     v_hat = v / (1.0 - beta2**t)
     return params - alpha * m_hat / (np.sqrt(v_hat) + eps), new_state
+
+
+# --------------------------------------------------------------------------------------------
+# Low precision (spec section 22): 16-bit storage, float32 math, two rounding rules
+# --------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer, on Python ints."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _mix32(x: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """Wellons' lowbias32, on uint32 values held in uint64 (so products do not overflow)."""
+    mask = np.uint64(0xFFFFFFFF)
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & mask
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & mask
+    return x ^ (x >> np.uint64(16))
+
+
+def rounding_bits(seed: int, step: int, role: int, size: int) -> NDArray[np.uint64]:
+    """The 32 random bits of stochastic rounding for elements 0..size-1 of a tensor: keyed by
+    (seed, step, role), role 0 for the param and 1 + k for state k, indexed by position."""
+    key = _mix64(seed ^ _mix64(step & _MASK64))
+    role_key = _mix64((key + role) & _MASK64)
+    index = np.arange(size, dtype=np.uint64)
+    low = index & np.uint64(0xFFFFFFFF)
+    high = _mix32((np.uint64(role_key >> 32) ^ (index >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
+    return _mix32((_mix32(low ^ np.uint64(role_key & 0xFFFFFFFF)) + high) & np.uint64(0xFFFFFFFF))
+
+
+def _sixteen_bit_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def round_nearest(x: ArrayLike, dtype: str) -> Array:
+    """x as the kernels store it: float32 math, then rounded to nearest (ties to even) to
+    ``dtype``; returned as float64 values."""
+    single = np.asarray(x, dtype=np.float64).astype(np.float32)
+    if dtype == "float32":
+        return single.astype(np.float64)
+    return single.astype(_sixteen_bit_dtype(dtype)).astype(np.float64)
+
+
+def round_stochastic(x: ArrayLike, dtype: str, bits: NDArray[np.uint64]) -> Array:
+    """x (float32 math) rounded stochastically to ``dtype`` with these 32-bit random numbers:
+    written from the definition, in float64, not from the kernels' bit tricks. The lower
+    neighbour is |x| truncated to ``dtype``, the upper one a unit in its last place (ulp) above;
+    the discarded fraction of an ulp, exactly a multiple of 2^-k (k = 16 for bfloat16, 13 for
+    float16 normals, 14-31 for float16 subnormals), plus k random bits carries to the upper one,
+    so E[result] = x. Float16 magnitudes below 2^-32 give zero (k would exceed 31); past the
+    largest finite value the upper neighbour is infinity.
+    """
+    single = np.asarray(x, dtype=np.float64).astype(np.float32).ravel().astype(np.float64)
+    largest = float(np.finfo(_sixteen_bit_dtype(dtype)).max)
+    out = np.empty(single.size, dtype=np.float64)
+    for i, value in enumerate(single):
+        magnitude = abs(value)
+        if not math.isfinite(value) or magnitude == 0:
+            out[i] = value
+            continue
+        exponent = math.frexp(magnitude)[1] - 1  # magnitude in [2^exponent, 2^(exponent + 1))
+        if dtype == "bfloat16":
+            ulp, k = 2.0 ** (max(exponent, -126) - 7), 16
+        elif magnitude >= 2.0**-14:
+            ulp, k = 2.0 ** (exponent - 10), 13
+        else:
+            ulp, k = 2.0**-24, -exponent - 1
+            if k > 31:
+                out[i] = math.copysign(0.0, value)
+                continue
+        lower = math.floor(magnitude / ulp) * ulp
+        discarded = round((magnitude - lower) / ulp * 2**k)  # an integer, exactly
+        up = discarded + (int(bits[i]) >> (32 - k)) >= 2**k
+        result = lower + ulp if up else lower
+        out[i] = math.copysign(math.inf if result > largest else result, value)
+    return out.reshape(np.shape(x))
+
+
+def low_precision_step(
+    step: Callable[..., StepResult],
+    p: ArrayLike,
+    g: ArrayLike,
+    state: State,
+    *,
+    param_dtype: str,
+    state_dtype: str,
+    state_order: tuple[str, ...],
+    master: ArrayLike | None = None,
+    stochastic_seed: int | None = None,
+    **hyperparameters: Any,
+) -> tuple[Array, State, Array | None]:
+    """One step of ``step`` (any reference function of this module) on 16-bit storage: the
+    param (or its float32 ``master`` copy), the grad and the states are read as their values,
+    the update is computed, and the param, the states and the master are stored as the kernels
+    store them. Returns (param, state, master) as float64 values of what is stored.
+    ``state_order``: the algorithm's state buffers in the kernels' order (their rounding roles).
+    """
+    start = master if master is not None else p
+    new_param, new_state = step(start, g, state, **hyperparameters)
+    t = int(new_state.get("step", new_state.get("t", 1)))
+
+    def store(x: Array, dtype: str, role: int) -> Array:
+        if dtype in ("float32", "float64"):
+            return np.asarray(x, dtype=dtype).astype(np.float64)
+        if stochastic_seed is None:
+            return round_nearest(x, dtype)
+        return round_stochastic(x, dtype, rounding_bits(stochastic_seed, t, role, np.size(x)))
+
+    stored_state = dict(new_state)
+    for k, name in enumerate(state_order):
+        if isinstance(new_state.get(name), np.ndarray):
+            stored_state[name] = store(new_state[name], state_dtype, 1 + k)
+    new_master = None if master is None else round_nearest(new_param, "float32")
+    return store(new_param, param_dtype, 0), stored_state, new_master

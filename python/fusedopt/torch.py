@@ -31,11 +31,13 @@ import numpy as np
 import torch
 
 from fusedopt import _core, cuda, optim
-from fusedopt._engine import TORCH, native_values
+from fusedopt._engine import FULL_PRECISION, TORCH, Precision, dtype_name, native_values
 
 __all__ = ["Optimizer"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}  # fmt: skip
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -102,7 +104,10 @@ class Optimizer(torch.optim.Optimizer):
     _declaration: type[optim.Optimizer]
     _step_supports_amp_scaling = False  # set per class: GradScaler passes grad_scale, found_inf
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], precision: Precision = FULL_PRECISION
+    ) -> None:
+        self.precision = precision
         self._reset_plans()
         for flag in ("differentiable", "capturable"):
             if defaults.get(flag):
@@ -112,6 +117,13 @@ class Optimizer(torch.optim.Optimizer):
                 )
         super().__init__(params, defaults)
         self.state = _State(self.state)
+        precision.check([dtype_name(p.dtype) for g in self.param_groups for p in g["params"]])
+        if precision != FULL_PRECISION and any(
+            p.device.type != "cpu" for g in self.param_groups for p in g["params"]
+        ):
+            raise ValueError(
+                "state_dtype, master_weights and stochastic_rounding are CPU-only for now"
+            )
         if self._declaration._states_at_construction:
             for group in self.param_groups:
                 values = self._native_options(group)
@@ -126,10 +138,15 @@ class Optimizer(torch.optim.Optimizer):
         self._registered_state: tuple[_State, int] | None = None  # self.state, its changes
         self._dtensors: list[tuple[torch.Tensor, int, int]] = []  # (param, index, group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's (defaults, state, param_groups) and the low-precision options."""
+        return {**super().__getstate__(), "precision": self.precision}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """torch's (load_state_dict and unpickling come here), then optimizer.state counting its
         changes again, and no plan."""
         super().__setstate__(state)
+        self.__dict__.setdefault("precision", FULL_PRECISION)
         self.state = _State(self.state)
         self._reset_plans()
 
@@ -182,29 +199,63 @@ class Optimizer(torch.optim.Optimizer):
         buffers these options use and the scalars. Whether a buffer was created."""
         description = self._declaration._description
         used = description.states_used(values)
-        if p not in self.state and not (
-            self._declaration._tracks_step or used or description.scalars
-        ):
+        if p not in self.state and not (self._tracks_step() or used or description.scalars):
             return False  # torch keeps no state at all here (SGD without momentum)
         state = self.state[p]
-        if self._declaration._tracks_step and "step" not in state:
+        if self._tracks_step() and "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
         used = description.states_used(values)
         initial_states, initial_scalars = description.initial_values(values)
         created = False
+        state_dtype = self._state_dtype(p)
         for name in used:
             if state.get(name) is None:
                 value = initial_states[description.states.index(name)]
-                state[name] = torch.full_like(p, value, memory_format=torch.contiguous_format)
+                state[name] = torch.full_like(
+                    p, value, dtype=state_dtype, memory_format=torch.contiguous_format
+                )
                 created = True
+        if self._needs_master(p) and state.get("master") is None:
+            state["master"] = p.detach().to(
+                torch.float32, memory_format=torch.contiguous_format, copy=True
+            )
         for name, value in zip(description.scalars, initial_scalars):
             if name not in state:
                 state[name] = torch.tensor(value, dtype=_scalar_dtype())
         return created
 
+    def _tracks_step(self) -> bool:
+        """torch's SGD keeps no step count; with stochastic rounding, whose bits are keyed by
+        the step, it keeps one."""
+        return self._declaration._tracks_step or self.precision.stochastic_rounding
+
+    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return _TORCH_DTYPES[self.precision.state_dtype_for(dtype_name(p.dtype))]
+
+    def _needs_master(self, p: torch.Tensor) -> bool:
+        return self.precision.needs_master(dtype_name(p.dtype))
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, which casts every floating state tensor to its param's dtype; then the
+        states this optimizer keeps in another dtype (``state_dtype``, the float32 ``master``)
+        are cast from the saved tensors instead, so a master comes back exact."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_state = state_dict["state"]
         with self._lock:
             super().load_state_dict(state_dict)  # __setstate__ drops the plans
+            params = [p for g in self.param_groups for p in g["params"]]
+            names = (*self._declaration._description.states, "master")
+            for saved_id, p in zip(saved_ids, params):
+                entry = saved_state.get(saved_id)
+                if not entry or p not in self.state:
+                    continue
+                for name in names:
+                    value = entry.get(name)
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    dtype = torch.float32 if name == "master" else self._state_dtype(p)
+                    if dtype != p.dtype:
+                        self.state[p][name] = value.to(dtype=dtype, device=p.device, copy=True)
 
     # ----------------------------------------------------------------------------------- step
 
@@ -308,7 +359,10 @@ class Optimizer(torch.optim.Optimizer):
                 _check_param(p, i, g)
                 if p.grad is not None:
                     _check_grad(p, i, g)
-                    _check_states(self.state.get(p, {}), description.states, p, i, g)
+                    _check_states(
+                        self.state.get(p, {}), description.states, p, i, g, self._state_dtype(p),
+                        self._needs_master(p),
+                    )  # fmt: skip
                 if _is_dtensor(p):
                     self._dtensors.append((p, i, g))
                 by_device.setdefault(p.device, []).append((g, p, p.grad is not None))
@@ -330,11 +384,7 @@ class Optimizer(torch.optim.Optimizer):
                 for name in description.states
             ]
             local = [_is_dtensor(p) for p in params]
-            steps = (
-                [self.state[p]["step"] for p in active_params]
-                if self._declaration._tracks_step
-                else []
-            )
+            steps = [self.state[p]["step"] for p in active_params] if self._tracks_step() else []
             scalars = (
                 [[self.state[p][name] for name in description.scalars] for p in active_params]
                 if description.scalars
@@ -347,10 +397,18 @@ class Optimizer(torch.optim.Optimizer):
                 for key, value in entry.items()
                 if isinstance(value, torch.Tensor)
             ]
+            extra = {}
+            if device.type == "cpu":
+                if self.precision.master_weights:
+                    extra["masters"] = [
+                        _memory(entry["master"]) if "master" in entry else None for entry in kept
+                    ]
+                extra["rounding_seed"] = self.precision.rounding_seed
             make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
             native = make(
                 description.name, options, group_of, params, active, states, steps, scalars,
                 new_state if description.uses_new_state else None, local=local, kept=kept_tensors,
+                **extra,
             )  # fmt: skip
             self._plans[device] = (list(options), native)
         self._registered_state = (self.state, self.state.changes)
@@ -421,7 +479,11 @@ def _check_param(p: Any, index: int, group: int) -> None:
     if p.layout != torch.strided:
         raise TypeError(f"{where} is a {p.layout} tensor; fusedopt updates dense tensors")
     if p.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{where} has dtype {p.dtype}; fusedopt updates float32 and float64")
+        raise TypeError(
+            f"{where} has dtype {p.dtype}; fusedopt updates float32, float64, bfloat16 and float16"
+        )
+    if p.device.type == "cuda" and p.dtype in (torch.bfloat16, torch.float16):
+        raise TypeError(f"{where} is a {p.dtype} CUDA tensor; 16-bit storage is CPU-only for now")
     if p.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{where} is on {p.device}; fusedopt.torch serves the CPU and CUDA")
     if p.device.type == "cuda" and (reason := cuda.unavailable_reason()):
@@ -476,21 +538,34 @@ def _check_grad(p: Any, index: int, group: int) -> None:
         raise TypeError(f"{where} has no memory of its own; fusedopt reads a grad's own memory")
 
 
-def _check_states(entry: dict, names: Iterable[str], p: Any, index: int, group: int) -> None:
-    """The state buffers kept for a param have its dtype, shape and device (they may not, once
-    ``param.data`` was given another dtype or shape)."""
+def _check_states(
+    entry: dict,
+    names: Iterable[str],
+    p: Any,
+    index: int,
+    group: int,
+    state_dtype: torch.dtype,
+    master: bool,
+) -> None:
+    """The state buffers kept for a param have the dtype the optimizer keeps (its param's unless
+    ``state_dtype`` says otherwise; float32 for a master), its shape and its device (they may not,
+    once ``param.data`` was given another dtype or shape)."""
     with torch.no_grad():
         param = _memory(p)
-        for key in names:
+        expected = [(key, state_dtype) for key in names]
+        if master:
+            expected.append(("master", torch.float32))
+        for key, dtype in expected:
             value = entry.get(key)
             if value is None:
                 continue
             value = _memory(value)
-            if (value.dtype, value.shape, value.device) != (param.dtype, param.shape, param.device):
+            if (value.dtype, value.shape, value.device) != (dtype, param.shape, param.device):
                 raise TypeError(
                     f"state[{key!r}] of params[{index}] of param_groups[{group}] is a "
                     f"{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}, "
-                    f"not like its param ({param.dtype}, {tuple(param.shape)}, {param.device})"
+                    f"not {dtype} like its param ({param.dtype}, {tuple(param.shape)}, "
+                    f"{param.device})"
                 )
 
 
@@ -520,6 +595,17 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
     torch_class = getattr(torch.optim, name, None)
     source = torch_class.__init__ if torch_class is not None else declaration.__init__
     signature = inspect.signature(source)
+    # fusedopt's low-precision options, keyword-only after torch's own (the NumPy classes
+    # already have them).
+    own = [q for q in signature.parameters.values() if q.name not in optim.PRECISION_OPTIONS]
+    precision_parameters = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                          default=Precision.__dataclass_fields__[name].default)
+        for name in optim.PRECISION_OPTIONS
+    ]  # fmt: skip
+    variadic = [q for q in own if q.kind == inspect.Parameter.VAR_KEYWORD]
+    own = [q for q in own if q.kind != inspect.Parameter.VAR_KEYWORD]
+    signature = signature.replace(parameters=own + precision_parameters + variadic)
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs)
@@ -527,8 +613,9 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         arguments = dict(bound.arguments)
         del arguments["self"]
         params = arguments.pop("params")
+        precision = Precision.of(**{name: arguments.pop(name) for name in optim.PRECISION_OPTIONS})
         defaults = _torch_defaults(declaration, arguments)
-        Optimizer.__init__(self, params, defaults)
+        Optimizer.__init__(self, params, defaults, precision)
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     doc = (

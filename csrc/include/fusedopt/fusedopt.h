@@ -45,7 +45,14 @@ typedef enum fusedopt_status {
   FUSEDOPT_STATUS_INTERNAL_ERROR = 4
 } fusedopt_status;
 
-typedef enum fusedopt_dtype { FUSEDOPT_FLOAT32 = 0, FUSEDOPT_FLOAT64 = 1 } fusedopt_dtype;
+/* 16-bit buffers hold bfloat16 or IEEE float16 bits; their math is float32, rounded to nearest
+ * (ties to even) when written back. */
+typedef enum fusedopt_dtype {
+  FUSEDOPT_FLOAT32 = 0,
+  FUSEDOPT_FLOAT64 = 1,
+  FUSEDOPT_BFLOAT16 = 2,
+  FUSEDOPT_FLOAT16 = 3
+} fusedopt_dtype;
 
 typedef enum fusedopt_convention {
   FUSEDOPT_CONVENTION_TORCH = 0,

@@ -1,0 +1,525 @@
+"""16-bit storage (docs/spec.md section 22): bfloat16 and float16 params and grads, float32 or
+bfloat16 state, float32 master weights, rounding to nearest or stochastic.
+
+The kernels run the float32 math on widened values and round what they store, so the checks are:
+the conversions against NumPy and ml_dtypes over every 16-bit value; each algorithm's 16-bit step
+against its float32 step on the widened values, rounded, bit for bit; the stochastic rounding
+against the reference's own generator and definition; the same bits for every ISA and thread
+count; unbiasedness where rounding to nearest stalls; checkpoints; and refusals.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import fusedopt
+from fusedopt import reference
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+SIXTEEN = {"bfloat16": BF16, "float16": F16}
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit, with any NaN equal to any NaN (payloads are not part of the contract)."""
+    with np.errstate(invalid="ignore"):
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    nan = np.isnan(a64) & np.isnan(b64)
+    return bool(
+        np.array_equal(bits(a)[~nan], bits(b)[~nan])
+        and np.array_equal(np.isnan(a64), np.isnan(b64))
+    )
+
+
+@pytest.fixture(params=fusedopt.available_isas())
+def isa(request):
+    before = fusedopt.cpu_isa()
+    fusedopt.set_cpu_isa(request.param)
+    yield request.param
+    fusedopt.set_cpu_isa(before)
+
+
+def every_float32_sample(count: int = 1 << 20) -> np.ndarray:
+    """Random float32 bit patterns (NaN and infinity included) and the edges of both formats."""
+    rng = np.random.default_rng(0)
+    random = rng.integers(0, 2**32, count, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    edges = np.array(
+        [0.0, -0.0, 65504, 65519.99, 65520, 65536, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8, 1e-40,
+         3.3895e38, 3.4e38, np.inf, -np.inf, np.nan, 1.00390625, 1.01171875],
+        dtype=np.float32,
+    )  # fmt: skip
+    return np.concatenate([edges, -edges, random])
+
+
+# ---- conversions, through the kernels --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_every_16_bit_value_widens_exactly(isa, dtype):
+    """SGD with momentum and float32 state copies the grad into the buffer on the first step:
+    the buffer is the grad's float32 value, for all 65536 bit patterns."""
+    grad = np.arange(65536, dtype=np.uint16).view(SIXTEEN[dtype])
+    param = np.zeros(65536, SIXTEEN[dtype])
+    opt = fusedopt.SGD([param], lr=0.0, momentum=0.9, state_dtype="float32")
+    opt.step([grad])
+    assert same(opt.state[0]["momentum_buffer"], grad.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rounding_to_nearest_matches_numpy(isa, dtype):
+    """With master weights and lr 0 the param is written as the rounding of its master: any
+    float32 value, rounded as NumPy (float16) and ml_dtypes (bfloat16) round, ties to even."""
+    values = every_float32_sample()
+    param = np.zeros(values.size, SIXTEEN[dtype])
+    opt = fusedopt.SGD([param], lr=0.0, master_weights=True)
+    opt.step([np.zeros_like(param)])  # creates the master from the param
+    opt.state[0]["master"][...] = values
+    opt.step([np.zeros_like(param)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = values.astype(SIXTEEN[dtype])
+    assert same(param, expected)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_stochastic_rounding_matches_the_reference_definition(isa, dtype):
+    values = every_float32_sample(1 << 14)
+    param = np.zeros(values.size, SIXTEEN[dtype])
+    opt = fusedopt.SGD([param], lr=0.0, master_weights=True, stochastic_rounding=True, seed=7)
+    opt.step([np.zeros_like(param)])
+    opt.state[0]["master"][...] = values
+    opt.step([np.zeros_like(param)])  # step 2
+    random = reference.rounding_bits(7, 2, 0, values.size)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = reference.round_stochastic(values, dtype, random)
+    stored = param.astype(np.float64)
+    assert np.array_equal(np.isnan(stored), np.isnan(expected))
+    ok = ~np.isnan(expected)
+    np.testing.assert_array_equal(stored[ok], expected[ok])
+    assert np.array_equal(np.signbit(stored[ok]), np.signbit(expected[ok]))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_stochastic_rounding_is_unbiased_where_nearest_stalls(dtype):
+    """Updates far below half an ulp: rounding to nearest never moves the param; stochastic
+    rounding moves it by the right amount on average (here 2000 steps of -1e-4 from 1.0)."""
+    n, steps, lr = 4096, 2000, 1e-4
+    results = {}
+    for stochastic in (False, True):
+        param = np.ones(n, SIXTEEN[dtype])
+        opt = fusedopt.SGD([param], lr=lr, stochastic_rounding=stochastic, seed=1)
+        grad = np.ones(n, SIXTEEN[dtype])
+        for _ in range(steps):
+            opt.step([grad])
+        results[stochastic] = param.astype(np.float64).mean()
+    assert results[False] == 1.0
+    expected = 1.0 - steps * lr
+    assert abs(results[True] - expected) < 0.02 * steps * lr
+
+
+# ---- every algorithm: the float32 step, rounded ---------------------------------------------
+
+CLASSES = [
+    (fusedopt.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (fusedopt.SGD, dict(lr=0.1)),
+    (fusedopt.Adagrad, dict(lr=0.1, weight_decay=0.01)),
+    (fusedopt.RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
+    (fusedopt.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    (fusedopt.AdamW, dict(lr=0.01)),
+    (fusedopt.Adadelta, dict(lr=1.0)),
+    (fusedopt.Adamax, dict(lr=0.01)),
+    (fusedopt.NAdam, dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1)),
+    (fusedopt.RAdam, dict(lr=0.01)),
+    (fusedopt.Rprop, dict(lr=0.01)),
+    (fusedopt.ASGD, dict(lr=0.01, t0=2)),
+    (fusedopt.Lion, dict(lr=0.001, weight_decay=0.1)),
+]
+
+
+def _widened_state(state: dict) -> dict:
+    return {k: (v.astype(np.float32) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize(("cls", "hyper"), CLASSES, ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize(
+    ("dtype", "state_dtype", "master"),
+    [
+        ("bfloat16", None, False),
+        ("float16", None, False),
+        ("bfloat16", "float32", True),
+        ("float16", "bfloat16", True),
+        ("float32", "bfloat16", False),
+    ],
+)
+def test_each_step_is_the_float32_step_rounded(cls, hyper, dtype, state_dtype, master):
+    """Over 6 steps with a changing lr and a grad scale of 1 where taken: every step of the
+    16-bit optimizer equals a float32 optimizer's step from the same (widened) values, rounded to
+    nearest, bit for bit."""
+    rng = np.random.default_rng(3)
+    n = 1037  # vector bodies, tails, and more than one chunk of 256
+    storage = SIXTEEN.get(dtype, np.dtype(np.float32))
+    param = (rng.standard_normal(n) * 2).astype(storage)
+    opt = cls([param], **hyper, state_dtype=state_dtype, master_weights=master)
+    for step in range(6):
+        grad = rng.standard_normal(n).astype(storage)
+        if step:  # the widened twin: a float32 optimizer loaded with the same state
+            start = opt.state[0]["master"] if master else param.astype(np.float32)
+            twin_param = np.array(start, np.float32)
+            twin = cls([twin_param], **hyper)
+            saved = opt.state_dict()
+            saved["state"] = {i: _widened_state(e) for i, e in saved["state"].items()}
+            for entry in saved["state"].values():
+                entry.pop("master", None)
+            twin.load_state_dict(saved)
+            twin.param_groups[0]["lr"] = opt.param_groups[0]["lr"] = 0.01 * (1 + step)
+            twin.step([grad.astype(np.float32)])
+        opt.step([grad])
+        if step:
+            assert same(param, twin_param.astype(storage)), f"param at step {step + 1}"
+            if master:
+                assert same(opt.state[0]["master"], twin_param)
+            for name, value in twin.state.get(0, {}).items():
+                if isinstance(value, np.ndarray):
+                    kept = opt.state[0][name]
+                    assert kept.dtype == (
+                        np.dtype(np.float32)
+                        if state_dtype == "float32"
+                        else SIXTEEN.get(state_dtype or dtype, storage)
+                    )
+                    assert same(kept, value.astype(kept.dtype)), f"{name} at step {step + 1}"
+
+
+# ---- against the float64 reference, with stochastic rounding ---------------------------------
+
+REFERENCE = [
+    (fusedopt.Adam, reference.torch_adam, dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8,
+                                               weight_decay=0.0, amsgrad=False, maximize=False),
+     dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+          maximize=False)),
+    (fusedopt.SGD, reference.torch_sgd, dict(lr=0.1, momentum=0.9),
+     dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+          maximize=False)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cls", "ref", "hyper", "ref_hyper"), REFERENCE,
+                         ids=["adam", "sgd"])  # fmt: skip
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_steps_match_the_reference(cls, ref, hyper, ref_hyper, dtype, master, stochastic):
+    """Each step from the kernels' stored values, recomputed by the float64 reference and stored
+    by its own rounding rules: at most one element in a thousand one ulp away (the kernels'
+    float32 math against float64 at a rounding boundary), none further."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    param = rng.standard_normal(n).astype(SIXTEEN[dtype])
+    opt = cls([param], **hyper, master_weights=master, stochastic_rounding=stochastic, seed=11)
+    order = opt._description.states
+    ref_state: dict = {}
+    for step in range(1, 5):
+        grad = rng.standard_normal(n).astype(SIXTEEN[dtype])
+        start_master = opt.state.get(0, {}).get("master") if master else None
+        if master and start_master is None:
+            start_master = param.astype(np.float32)
+        expected, ref_state, expected_master = reference.low_precision_step(
+            ref, param.copy(), grad, ref_state, param_dtype=dtype, state_dtype=dtype,
+            state_order=order, master=None if start_master is None else start_master.copy(),
+            stochastic_seed=11 if stochastic else None, **ref_hyper,
+        )  # fmt: skip
+        opt.step([grad])
+        ulp = np.spacing(np.abs(expected).astype(SIXTEEN[dtype])).astype(np.float64)
+        off = np.abs(param.astype(np.float64) - expected)
+        assert (off <= ulp).all() and (off > 0).mean() <= 1e-3, f"step {step}"
+        if master:
+            np.testing.assert_allclose(opt.state[0]["master"], expected_master, rtol=1e-6,
+                                       atol=1e-7)  # fmt: skip
+        # The next step starts from what the kernels stored.
+        ref_state = {
+            k: (opt.state[0][k].astype(np.float64) if isinstance(v, np.ndarray) else v)
+            for k, v in ref_state.items()
+        }
+
+
+# ---- the same bits for every ISA and thread count --------------------------------------------
+
+
+def _run_adam(isa_name: str, threads: int) -> list[np.ndarray]:
+    before_isa, before_threads = fusedopt.cpu_isa(), fusedopt.num_threads()
+    fusedopt.set_cpu_isa(isa_name)
+    fusedopt.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(9)
+        params = [rng.standard_normal(n).astype(BF16) for n in (1, 17, 300, 70001)]
+        opt = fusedopt.AdamW(params, lr=1e-3, state_dtype="bfloat16", stochastic_rounding=True)
+        for _ in range(3):
+            opt.step([rng.standard_normal(p.size).astype(BF16) for p in params])
+        return params + [opt.state[i]["exp_avg_sq"] for i in range(len(params))]
+    finally:
+        fusedopt.set_cpu_isa(before_isa)
+        fusedopt.set_num_threads(before_threads)
+
+
+def test_stochastic_results_are_the_same_for_every_isa_and_thread_count():
+    first = _run_adam(fusedopt.available_isas()[0], 1)
+    for isa_name in fusedopt.available_isas():
+        for threads in (1, 2, 3):
+            for a, b in zip(first, _run_adam(isa_name, threads)):
+                assert same(a, b), (isa_name, threads)
+
+
+def test_sgd_without_a_step_count_still_draws_new_bits_each_step():
+    """torch's SGD keeps no step; with stochastic rounding fusedopt keeps one, so each step's
+    bits differ (the same bits every step would round the same way every time: biased)."""
+    param = np.ones(4096, BF16)
+    opt = fusedopt.SGD([param], lr=1e-4, stochastic_rounding=True)
+    ups = []
+    for _ in range(2):
+        before = param.copy()
+        opt.step([-np.ones_like(param)])
+        ups.append(param != before)
+    assert opt.state[0]["step"] == 2
+    assert (ups[0] != ups[1]).any()
+
+
+def test_the_seed_chooses_the_bits():
+    def run(seed: int) -> np.ndarray:
+        param = np.full(4096, 1.0, BF16)
+        opt = fusedopt.SGD([param], lr=1e-3, stochastic_rounding=True, seed=seed)
+        opt.step([np.ones_like(param)])
+        return param
+
+    assert same(run(1), run(1))
+    assert not same(run(1), run(2))
+
+
+# ---- memory, checkpoints, refusals -----------------------------------------------------------
+
+
+def test_states_and_masters_have_the_configured_dtypes():
+    param = np.zeros(10, BF16)
+    opt = fusedopt.Adam([param], amsgrad=True, master_weights=True, state_dtype="float32")
+    opt.step([np.ones_like(param)])
+    state = opt.state[0]
+    assert {k: v.dtype for k, v in state.items() if isinstance(v, np.ndarray)} == {
+        "exp_avg": np.float32, "exp_avg_sq": np.float32, "max_exp_avg_sq": np.float32,
+        "master": np.float32,
+    }  # fmt: skip
+    plain = fusedopt.Adam([np.zeros(10, F16)])
+    plain.step([np.ones(10, F16)])
+    assert plain.state[0]["exp_avg"].dtype == F16
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    rng = np.random.default_rng(2)
+    grads = [rng.standard_normal(600).astype(BF16) for _ in range(6)]
+    options = dict(lr=1e-2, master_weights=True, stochastic_rounding=True, seed=5)
+    a = rng.standard_normal(600).astype(BF16)
+    b = a.copy()
+    opt_a = fusedopt.AdamW([a], **options)
+    for g in grads[:3]:
+        opt_a.step([g])
+    opt_b = fusedopt.AdamW([b], **options)
+    saved = opt_a.state_dict()
+    assert saved["state"][0]["exp_avg"].dtype == BF16
+    b[...] = a
+    opt_b.load_state_dict(saved)
+    for g in grads[3:]:
+        opt_a.step([g])
+        opt_b.step([g])
+    assert same(a, b)
+    assert same(opt_a.state[0]["master"], opt_b.state[0]["master"])
+
+
+def test_loading_float32_state_casts_it_to_the_configured_dtype():
+    source = fusedopt.Adam([np.ones(8, np.float32)])
+    source.step([np.ones(8, np.float32)])
+    target = fusedopt.Adam([np.ones(8, np.float32)], state_dtype="bfloat16")
+    target.load_state_dict(source.state_dict())
+    assert target.state[0]["exp_avg"].dtype == BF16
+
+
+@pytest.mark.parametrize(
+    ("params", "options", "message"),
+    [
+        ([np.zeros(4, np.float32)], dict(master_weights=True), "master_weights"),
+        ([np.zeros(4, np.float32)], dict(stochastic_rounding=True), "stochastic_rounding"),
+        ([np.zeros(4, np.float64)], dict(state_dtype="bfloat16"), "state_dtype"),
+        ([np.zeros(4, np.float32)], dict(state_dtype="int4"), "state_dtype"),
+        ([np.zeros(4, np.float32)], dict(state_dtype="int8"), "state_dtype"),
+        ([np.zeros(4, np.float32)], dict(seed=-1), "seed"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused(params, options, message):
+    with pytest.raises(ValueError, match=message):
+        fusedopt.Adam(params, **options)
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "grad_dtype"),
+    [(BF16, np.float32), (BF16, F16), (F16, BF16), (np.float32, BF16)],
+)
+def test_a_grad_of_another_dtype_is_refused_and_nothing_changes(param_dtype, grad_dtype):
+    params = [np.ones(5, param_dtype), np.ones(300, param_dtype)]
+    opt = fusedopt.Adam(params, master_weights=param_dtype != np.float32)
+    opt.step([np.ones(5, param_dtype), np.ones(300, param_dtype)])
+    before = [p.copy() for p in params], {k: v.copy() for k, v in opt.state[1].items()
+                                          if isinstance(v, np.ndarray)}  # fmt: skip
+    with pytest.raises(TypeError, match=r"grads\[0\]"):
+        opt.step([np.ones(5, grad_dtype), np.ones(300, param_dtype)])
+    assert all(same(p, q) for p, q in zip(params, before[0]))
+    assert all(same(opt.state[1][k], v) for k, v in before[1].items())
+
+
+def test_a_master_may_not_overlap_a_param_or_another_buffer():
+    from fusedopt import _core
+
+    param = np.zeros(64, BF16)
+    grad = np.ones(64, BF16)
+    memory = np.zeros(64, np.float32)
+    exp_avg, exp_avg_sq = np.zeros(64, BF16), np.zeros(64, BF16)
+    options = [(1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0, 0.0)]
+    with pytest.raises(ValueError, match="overlaps"):
+        _core.step("adam", options, None, 1, [param], [grad], [[exp_avg], [memory.view(BF16)[:64]],
+                   None], masters=[memory])  # fmt: skip
+    with pytest.raises(TypeError, match=r"masters\[0\]"):
+        _core.step("adam", options, None, 1, [param], [grad], [[exp_avg], [exp_avg_sq], None],
+                   masters=[np.zeros(64, np.float64)])  # fmt: skip
+    assert not param.any() and not exp_avg.any() and not memory.any()
+
+
+def test_lamb_on_16_bit_storage_is_the_float32_lamb_rounded():
+    """The first algorithm with reductions: its norms come from the widened values, block by
+    block, and its states are stored rounded between the passes."""
+    from fusedopt import _core
+
+    rng = np.random.default_rng(4)
+    n = 9000  # three reduction blocks
+    values = [rng.standard_normal(n).astype(BF16) for _ in range(4)]
+    values[3] = np.abs(values[3])  # exp_avg_sq
+    options = [(1e-2, 0.9, 0.999, 1e-7, 0.01, 1.0)]
+    wide = [v.astype(np.float32) for v in values]
+    start = wide[0].astype(np.float64)
+    _core.step("lamb", options, None, 3, [values[0]], [values[1]], [[values[2]], [values[3]]])
+    _core.step("lamb", options, None, 3, [wide[0]], [wide[1]], [[wide[2]], [wide[3]]])
+    for v, w in zip(values[2:], wide[2:]):
+        assert same(v, w.astype(BF16))
+    # The second pass reads the rounded states (bfloat16 keeps 8 significant bits): the param
+    # moves by the float32 LAMB's update to within 2^-6 of it, then is rounded.
+    update = np.abs(wide[0].astype(np.float64) - start)
+    off = np.abs(values[0].astype(np.float64) - wide[0].astype(np.float64))
+    ulp = np.spacing(np.abs(values[0]).astype(BF16)).astype(np.float64)
+    assert np.isfinite(off).all()
+    assert (off <= ulp + update / 64).all()
+
+
+# ---- fusedopt.torch --------------------------------------------------------------------------
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "RMSprop", "Adagrad"])
+def test_torch_tensors_step_as_the_numpy_arrays_do(name, dtype):
+    """fusedopt.torch over bfloat16/float16 tensors, master weights and stochastic rounding on:
+    the same bits as the NumPy class over the same values (one description, one kernel)."""
+    torch = _torch()
+    import fusedopt.torch as ftorch
+
+    rng = np.random.default_rng(8)
+    values = rng.standard_normal(700).astype(np.float32)
+    options = dict(lr=0.01, master_weights=True, stochastic_rounding=True, seed=3)
+    if name == "SGD":
+        options["momentum"] = 0.9
+    tensor = torch.tensor(values).to(getattr(torch, dtype))
+    param = torch.nn.Parameter(tensor.clone())
+    array = tensor.float().numpy().astype(SIXTEEN[dtype])
+    t_opt = getattr(ftorch, name)([param], **options)
+    n_opt = getattr(fusedopt, name)([array], **options)
+    for _ in range(4):
+        grad = rng.standard_normal(700).astype(np.float32)
+        param.grad = torch.tensor(grad).to(getattr(torch, dtype))
+        t_opt.step()
+        n_opt.step([grad.astype(SIXTEEN[dtype])])
+    stepped = param.detach().float().numpy().astype(SIXTEEN[dtype])
+    assert same(stepped, array)
+    state = t_opt.state[param]
+    assert state["master"].dtype == torch.float32
+    assert same(state["master"].numpy(), n_opt.state[0]["master"])
+
+
+def test_torch_bfloat16_adamw_is_torch_fused_adamw_without_a_master():
+    """With state in the param's dtype and rounding to nearest, fusedopt's bfloat16 AdamW keeps
+    what torch's fused CPU AdamW keeps (bfloat16 moments, float32 math) and lands within one
+    bfloat16 ulp of it after 20 steps (its float32 math is ordered differently)."""
+    torch = _torch()
+    import fusedopt.torch as ftorch
+
+    torch.manual_seed(0)
+    start = torch.randn(5000).to(torch.bfloat16)
+    ours = torch.nn.Parameter(start.clone())
+    theirs = torch.nn.Parameter(start.clone())
+    opt_ours = ftorch.AdamW([ours], lr=1e-3, weight_decay=0.01)
+    opt_theirs = torch.optim.AdamW([theirs], lr=1e-3, weight_decay=0.01, fused=True)
+    for _ in range(20):
+        grad = torch.randn(5000).to(torch.bfloat16)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert opt_ours.state[ours]["exp_avg"].dtype == torch.bfloat16
+    ulp = torch.tensor(np.spacing(np.abs(theirs.detach().float().numpy()).astype(BF16)).astype(
+        np.float32))  # fmt: skip
+    off = (ours.detach().float() - theirs.detach().float()).abs()
+    assert bool((off <= ulp).all()), float((off / ulp).max())
+
+
+def test_torch_state_dict_keeps_the_master_exact():
+    """torch's load_state_dict casts every floating state to the param's dtype; the master and
+    a float32 state come back in float32, exactly."""
+    torch = _torch()
+    import fusedopt.torch as ftorch
+
+    param = torch.nn.Parameter(torch.randn(300).to(torch.bfloat16))
+    options = dict(lr=1e-2, master_weights=True, state_dtype="float32")
+    opt = ftorch.Adam([param], **options)
+    for _ in range(3):
+        param.grad = torch.randn(300).to(torch.bfloat16)
+        opt.step()
+    # A copy, as a checkpoint file is: torch's load_state_dict shares the "step" tensors.
+    saved = copy.deepcopy(opt.state_dict())
+    other_param = torch.nn.Parameter(param.detach().clone())
+    other = ftorch.Adam([other_param], **options)
+    other.load_state_dict(saved)
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        got = other.state[other_param][key]
+        assert got.dtype == torch.float32
+        assert torch.equal(got, opt.state[param][key])
+    grad = torch.randn(300).to(torch.bfloat16)
+    param.grad, other_param.grad = grad.clone(), grad.clone()
+    opt.step()
+    other.step()
+    assert torch.equal(param, other_param)
+
+
+def test_torch_refuses_what_does_not_apply():
+    torch = _torch()
+    import fusedopt.torch as ftorch
+
+    with pytest.raises(ValueError, match="master_weights"):
+        ftorch.Adam([torch.nn.Parameter(torch.zeros(3))], master_weights=True)
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    opt = ftorch.Adam([param])
+    param.grad = torch.zeros(3, dtype=torch.bfloat16)
+    param.grad.data = torch.zeros(3)  # past torch's own check, as `.data` gets
+    with pytest.raises(TypeError, match="dtype"):
+        opt.step()
+    assert not opt.state.get(param)
