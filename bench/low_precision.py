@@ -30,6 +30,8 @@ _CONFIGS = [
     ("bfloat16 + float32 master, bfloat16 state", "bfloat16", None, True, False, 20),
     ("bfloat16 + float32 master and state", "bfloat16", "float32", True, False, 28),
     ("float16 params and state", "float16", None, False, False, 14),
+    ("bfloat16 params, 8-bit state", "bfloat16", "int8", False, False, 10),
+    ("float32 params, 8-bit state", "float32", "int8", False, False, 18),
 ]
 
 

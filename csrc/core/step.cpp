@@ -30,11 +30,10 @@ void run_item(void* context, int64_t item) {
   const int64_t begin = item * kChunkElements;
   const int64_t end = std::min(begin + kChunkElements, w.total);
   size_t i = std::upper_bound(w.starts.begin(), w.starts.end(), begin) - w.starts.begin() - 1;
-  for (int64_t position = begin; position < end; ++i) {
-    const int64_t local_begin = position - w.starts[i];
+  for (; i < w.starts.size() && w.starts[i] < end; ++i) {
+    const int64_t local_begin = std::max<int64_t>(0, begin - w.starts[i]);
     const int64_t local_end = std::min(w.tensors[i].size, end - w.starts[i]);
     if (local_end > local_begin) w.run(w.context, i, local_begin, local_end);
-    position = w.starts[i] + w.tensors[i].size;
   }
 }
 
@@ -119,9 +118,15 @@ void run_work(size_t num_tensors, const TensorRef* tensors,
               void (*run)(void*, size_t, int64_t, int64_t), void* context) {
   Work w{tensors, run, context, {}, 0};
   w.starts.reserve(num_tensors);
+  // A block of 8-bit state is quantized by one thread: tensors with one start on a block in the
+  // list, so that work items (multiples of the block) split them between blocks.
+  bool quantized = false;
+  for (size_t i = 0; i < num_tensors; ++i) quantized |= tensors[i].state_dtype == Dtype::blockwise8;
+  const int64_t align = quantized ? kQuantBlock : 1;
+  static_assert(kChunkElements % kQuantBlock == 0, "work items hold whole blocks");
   for (size_t i = 0; i < num_tensors; ++i) {
     w.starts.push_back(w.total);
-    w.total += tensors[i].size;
+    w.total += (tensors[i].size + align - 1) / align * align;
   }
   if (w.total < kParallelThreshold || cpu::num_threads() <= 1) {
     for (size_t i = 0; i < num_tensors; ++i)

@@ -48,6 +48,9 @@ struct StepBuffers {
   // The float32 master copies of 16-bit params: empty, or one per param (absent for a param
   // without one).
   std::vector<BufferInfo> masters;
+  // The per-block scales of 8-bit blockwise states: empty, or like `states` (absmax[k][i] for
+  // states[k][i], absent where that state is not 8-bit).
+  std::vector<std::vector<BufferInfo>> absmax;
   bool grads_written = false;  // grad_scale writes the unscaled gradient back
 };
 
@@ -324,6 +327,13 @@ class Plan {
       if (t.master) add(t.master, Dtype::float32, "masters");
       for (int k = 0; k < kMaxStates; ++k)
         if (registered_states_[i][k]) add(registered_states_[i][k], t.state_dtype, state_names_[k]);
+      for (int k = 0; k < kMaxStates; ++k)
+        if (t.absmax[k]) {
+          const auto begin = reinterpret_cast<uintptr_t>(t.absmax[k]);
+          const int64_t blocks = (t.size + kQuantBlock - 1) / kQuantBlock;
+          extents.push_back({begin, begin + static_cast<uintptr_t>(blocks * 4),
+                             state_names_[k] + "_absmax[" + std::to_string(i) + "]"});
+        }
     }
     registered_extents_ = ExtentIndex(std::move(extents));
   }

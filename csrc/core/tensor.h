@@ -12,25 +12,30 @@ namespace fusedopt {
 
 // The values are the C ABI's (fusedopt_dtype). float32 and float64 are computed in their own
 // precision; the 16-bit formats are storage only, computed in float32 (csrc/math/rounding.h).
-enum class Dtype : int { float32 = 0, float64 = 1, bfloat16 = 2, float16 = 3 };
-constexpr int kNumDtypes = 4;
+// blockwise8: a state quantized to 8-bit codes of bitsandbytes' dynamic map, one float32 absmax
+// per block of kQuantBlock elements (states only; not in the C ABI).
+enum class Dtype : int { float32 = 0, float64 = 1, bfloat16 = 2, float16 = 3, blockwise8 = 4 };
+constexpr int kNumDtypes = 5;
+constexpr int64_t kQuantBlock = 256;
 constexpr int kNumComputeDtypes = 2;  // float32 and float64: the kernels' own types
 
 constexpr int64_t dtype_size(Dtype d) {
-  return d == Dtype::float64 ? 8 : d == Dtype::float32 ? 4 : 2;
+  return d == Dtype::float64 ? 8 : d == Dtype::float32 ? 4 : d == Dtype::blockwise8 ? 1 : 2;
 }
 constexpr const char* dtype_name(Dtype d) {
   return d == Dtype::float32    ? "float32"
          : d == Dtype::float64  ? "float64"
          : d == Dtype::bfloat16 ? "bfloat16"
-                                : "float16";
+         : d == Dtype::float16  ? "float16"
+                                : "uint8 (8-bit blockwise state)";
 }
 
 struct TensorRef {
   void* param;
   void* grad;
-  void* state[kMaxStates];  // null where this tensor's configuration keeps no such state
-  float* master;            // the float32 master copy of a 16-bit param, or null
+  void* state[kMaxStates];    // null where this tensor's configuration keeps no such state
+  float* absmax[kMaxStates];  // a blockwise8 state's per-block scales (absmax), else null
+  float* master;              // the float32 master copy of a 16-bit param, or null
   int64_t size;
   Dtype dtype;        // the param's and the grad's
   Dtype state_dtype;  // every state's

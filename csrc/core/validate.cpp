@@ -70,13 +70,14 @@ void check_state_dtype(const BufferInfo& state, const BufferName& name, const Bu
     fail(ErrorKind::type, name.str() + " has dtype " + dtype_of(state) +
                               " but the other states of " + param_name.str() + " have " +
                               dtype_name(*tensor_state_dtype));
-  const bool allowed = d == *param.dtype || (*param.dtype != Dtype::float64 &&
-                                             (d == Dtype::float32 || d == Dtype::bfloat16));
+  const bool allowed = d == *param.dtype ||
+                       (*param.dtype != Dtype::float64 &&
+                        (d == Dtype::float32 || d == Dtype::bfloat16 || d == Dtype::blockwise8));
   if (!allowed)
     fail(ErrorKind::type, name.str() + " has dtype " + dtype_of(state) + " but " +
                               param_name.str() + " has " + dtype_of(param) +
-                              "; a state has its param's dtype, or float32 or bfloat16 for "
-                              "float32, bfloat16 and float16 params");
+                              "; a state has its param's dtype, or float32, bfloat16 or 8-bit "
+                              "blockwise (uint8 codes) for float32, bfloat16 and float16 params");
   tensor_state_dtype = d;
   check_shape_matches(state, name, param, param_name);
 }
@@ -172,6 +173,10 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
     const BufferName grad_name{&grads_role, i};
     if (!param.present) fail(ErrorKind::type, param_name.str() + " is None");
     check_buffer(param, param_name, true);
+    if (param.dtype == Dtype::blockwise8)
+      fail(ErrorKind::type, param_name.str() +
+                                " has dtype uint8; fusedopt updates float32, float64, bfloat16 and "
+                                "float16 params (uint8 arrays are the codes of 8-bit states)");
     add_extent(param, true, param_name);
     if (with_grads) {
       if (!b.grads[i].present) fail(ErrorKind::type, grad_name.str() + " is None");
@@ -196,6 +201,23 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
       check_state_dtype(state, state_name, param, param_name, state_dtype);
       add_extent(state, true, state_name);
       t.state[k] = state.data;
+      if (*state.dtype == Dtype::blockwise8) {
+        const std::string scale_role = b.state_names[k] + "_absmax";
+        const BufferName scale_name{&scale_role, i};
+        if (b.absmax.size() <= k || b.absmax[k].size() != n || !b.absmax[k][i].present)
+          fail(ErrorKind::value, state_name.str() + " is 8-bit (uint8 codes) but " +
+                                     scale_name.str() + ", its per-block absmax, is not given");
+        const BufferInfo& scale = b.absmax[k][i];
+        check_buffer(scale, scale_name, true);
+        const int64_t blocks = (param.size + kQuantBlock - 1) / kQuantBlock;
+        if (scale.dtype != Dtype::float32 || scale.size != blocks)
+          fail(ErrorKind::value, scale_name.str() + " must be float32 with " +
+                                     std::to_string(blocks) + " values (one per block of " +
+                                     std::to_string(kQuantBlock) + "), got " + dtype_of(scale) +
+                                     " with " + std::to_string(scale.size));
+        add_extent(scale, true, scale_name);
+        t.absmax[k] = static_cast<float*>(scale.data);
+      }
     }
     t.state_dtype = state_dtype.value_or(t.dtype);
     if (!b.masters.empty() && b.masters[i].present) {

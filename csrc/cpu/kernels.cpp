@@ -4,10 +4,12 @@
 // kernels of every registered algorithm (csrc/math/registry.h) are instantiated here from one
 // template.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
 #include "core/tensor.h"
+#include "math/dynamic_map.h"
 #include "math/ewma.h"
 #include "math/registry.h"
 #include "math/rounding.h"
@@ -239,6 +241,8 @@ void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
 // kernel per algorithm serves every storage combination, so the math is the float32 math
 // exactly. Chunks start at multiples of kStageChunk elements of the tensor.
 constexpr int64_t kStageChunk = 256;
+static_assert(kStageChunk % kQuantBlock == 0 && kReductionBlock % kQuantBlock == 0,
+              "a staged chunk holds whole blocks of 8-bit state");
 
 // Sixteen lanes of bits or floats: two ymm registers, one zmm, four xmm.
 typedef uint32_t Bits16 __attribute__((vector_size(16 * sizeof(uint32_t))));
@@ -338,22 +342,130 @@ inline void stage_out(const float* values, void* buffer, Dtype d, int64_t first,
   }
 }
 
+// ---- 8-bit blockwise state, as bitsandbytes' blockwise optimizers keep it -----------------------
+// Each block of kQuantBlock elements of a state is stored as 8-bit indices into bitsandbytes'
+// dynamic map (the signed one, or the unsigned one for a non-negative state) and the block's
+// absmax: the value of element i is map[code[i]] * absmax. A step dequantizes, updates in
+// float32, and quantizes each block again with its new absmax (docs/spec.md section 22).
+
+inline const float* dynamic_map(bool nonnegative) {
+  return nonnegative ? kUnsignedDynamicMap : kSignedDynamicMap;
+}
+
+// Elements [first, first + n) of a quantized state (first and n need not be block-aligned).
+inline void dequantize(const uint8_t* codes, const float* absmax, const float* map, int64_t first,
+                       int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = map[codes[first + i]] * absmax[(first + i) / kQuantBlock];
+}
+
+// The search, branch-free (the comparisons depend on the data: mispredicted branches made a
+// quantized step 60 times slower than a float32 one).
+inline int binary_search_code(float x, const float* map) {
+  int i = 0;
+  for (int step = 128; step > 0; step >>= 1) i += step & -static_cast<int>(map[i + step] <= x);
+  return i;
+}
+
+// A dependent chain of eight loads per element was still 30 times a float32 step: a table over
+// the top 16 bits of x (sign, exponent, 7 mantissa bits) gives the code at or below the lowest
+// value of x's bucket, and a few steps up finish the search. Built once per map, and checked
+// when built: no bucket holds more codes than the steps taken (else the plain search is used).
+constexpr int kRefineSteps = 3;
+
+struct CodeTable {
+  uint8_t left[1 << 16];
+  bool exact = true;
+
+  explicit CodeTable(const float* map) {
+    for (uint32_t b = 0; b < (1u << 16); ++b) {
+      const uint32_t low_bits = (b & 0x8000u) ? (b << 16) | 0xffffu : b << 16;
+      const uint32_t high_bits = (b & 0x8000u) ? b << 16 : (b << 16) | 0xffffu;
+      float low, high;
+      std::memcpy(&low, &low_bits, sizeof low);
+      std::memcpy(&high, &high_bits, sizeof high);
+      if (low != low || high != high) {  // NaN: code 0 (x / absmax is never infinite)
+        left[b] = 0;
+        continue;
+      }
+      const int first = binary_search_code(low, map);
+      left[b] = static_cast<uint8_t>(first);
+      if (binary_search_code(high, map) - first > kRefineSteps) exact = false;
+    }
+  }
+
+  int search(float x, const float* map) const {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    int i = left[bits >> 16];
+    for (int s = 0; s < kRefineSteps; ++s) {
+      const int next = i + (i < 255);
+      i += static_cast<int>(next != i && map[next] <= x);
+    }
+    return i;
+  }
+};
+
+inline const CodeTable& code_table(bool nonnegative) {
+  static const CodeTable signed_table(kSignedDynamicMap), unsigned_table(kUnsignedDynamicMap);
+  return nonnegative ? unsigned_table : signed_table;
+}
+
+// bitsandbytes' rule: the largest code <= x (the first when there is none), or the next one
+// when strictly closer; NaN takes code 0.
+inline uint8_t nearest_code(float x, const float* map, const CodeTable& table) {
+  int i = table.exact ? table.search(x, map) : binary_search_code(x, map);
+  const int next = i + (i < 255);
+  i += static_cast<int>(std::fabs(x - map[next]) < std::fabs(x - map[i]));
+  return static_cast<uint8_t>(i);
+}
+
+// Whole blocks: [first, first + n) starts on a block and ends on one or at the tensor's end.
+// NaN values do not count toward the absmax; a block of zeros has absmax 0 (and code 0).
+inline void quantize(const float* values, bool nonnegative, int64_t first, int64_t n,
+                     uint8_t* codes, float* absmax) {
+  const float* map = dynamic_map(nonnegative);
+  const CodeTable& table = code_table(nonnegative);
+  float normalized[kQuantBlock];
+  for (int64_t begin = 0; begin < n; begin += kQuantBlock) {
+    const int64_t count = std::min(n - begin, kQuantBlock);
+    float largest = 0.0f;
+    for (int64_t i = 0; i < count; ++i) {
+      const float a = std::fabs(values[begin + i]);
+      largest = a > largest ? a : largest;
+    }
+    absmax[(first + begin) / kQuantBlock] = largest;
+    for (int64_t i = 0; i < count; ++i) normalized[i] = values[begin + i] / largest;
+    for (int64_t i = 0; i < count; ++i)
+      codes[first + begin + i] = nearest_code(normalized[i], map, table);
+  }
+}
+
 // Elements [first, first + n) of a staged tensor as a float32 tensor of n elements. Roles of the
-// rounding keys: 0 the param, 1 + k state k.
+// rounding keys: 0 the param, 1 + k state k. `nonnegative`: bit k set, state k takes the unsigned
+// dynamic map when quantized.
 struct StagedChunk {
   TensorRef view;
   float scratch[2 + kMaxStates][kReductionBlock] __attribute__((aligned(64)));
 
   // `with_grad`: false for the second pass of an algorithm with reductions, which reads none.
-  void load(const TensorRef& t, int64_t first, int64_t n, bool with_grad) {
+  void load(const TensorRef& t, int64_t first, int64_t n, bool with_grad, unsigned nonnegative) {
     view = t;
     view.size = n;
     view.dtype = view.state_dtype = Dtype::float32;
     view.master = nullptr;
     view.param = t.master ? t.master + first : stage_in(t.param, t.dtype, first, n, scratch[0]);
     view.grad = with_grad ? stage_in(t.grad, t.dtype, first, n, scratch[1]) : nullptr;
-    for (int k = 0; k < kMaxStates; ++k)
-      if (t.state[k]) view.state[k] = stage_in(t.state[k], t.state_dtype, first, n, scratch[2 + k]);
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (!t.state[k]) continue;
+      if (t.state_dtype == Dtype::blockwise8) {
+        dequantize(static_cast<const uint8_t*>(t.state[k]), t.absmax[k],
+                   dynamic_map(nonnegative & (1u << k)), first, n, scratch[2 + k]);
+        view.state[k] = scratch[2 + k];
+      } else {
+        view.state[k] = stage_in(t.state[k], t.state_dtype, first, n, scratch[2 + k]);
+      }
+    }
   }
 
   void store_param(const TensorRef& t, int64_t first) const {
@@ -364,11 +476,17 @@ struct StagedChunk {
       stage_out(static_cast<const float*>(view.grad), t.grad, t.dtype, first, view.size, false, 0);
   }
 
-  void store_states(const TensorRef& t, int64_t first) const {
-    for (int k = 0; k < kMaxStates; ++k)
-      if (t.state[k])
-        stage_out(static_cast<const float*>(view.state[k]), t.state[k], t.state_dtype, first,
-                  view.size, t.stochastic, role_key(t.rounding_key, 1 + k));
+  void store_states(const TensorRef& t, int64_t first, unsigned nonnegative) const {
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (!t.state[k]) continue;
+      const auto* values = static_cast<const float*>(view.state[k]);
+      if (t.state_dtype == Dtype::blockwise8)
+        quantize(values, nonnegative & (1u << k), first, view.size,
+                 static_cast<uint8_t*>(t.state[k]), t.absmax[k]);
+      else
+        stage_out(values, t.state[k], t.state_dtype, first, view.size, t.stochastic,
+                  role_key(t.rounding_key, 1 + k));
+    }
   }
 };
 
@@ -379,10 +497,10 @@ void staged_update_kernel(const TensorRef& t, const typename A::Coefficients& co
   StagedChunk chunk;
   for (int64_t first = begin; first < end;) {
     const int64_t last = std::min(end, (first / kStageChunk + 1) * kStageChunk);
-    chunk.load(t, first, last - first, !second_pass);
+    chunk.load(t, first, last - first, !second_pass, A::nonnegative_states);
     update_kernel<A, float>(chunk.view, coefficients, 0, last - first);
     chunk.store_param(t, first);
-    if (!second_pass) chunk.store_states(t, first);
+    if (!second_pass) chunk.store_states(t, first, A::nonnegative_states);
     first = last;
   }
 }
@@ -395,9 +513,9 @@ void staged_reduce_kernel(const TensorRef& t, const typename A::Coefficients& co
   StagedChunk chunk;
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t first = block * kReductionBlock;
-    chunk.load(t, first, std::min(kReductionBlock, t.size - first), true);
+    chunk.load(t, first, std::min(kReductionBlock, t.size - first), true, A::nonnegative_states);
     reduce_kernel<A, float>(chunk.view, coefficients, 0, 1, partials + block * A::reductions);
-    chunk.store_states(t, first);
+    chunk.store_states(t, first, A::nonnegative_states);
   }
 }
 
@@ -472,7 +590,7 @@ constexpr KernelTable make_table(AlgorithmList<A...>) {
   return {FUSEDOPT_STRING(FUSEDOPT_ISA),
           {kernels_for<A>()...},
           {stream_add_kernel<float>, stream_add_kernel<double>, stream_add_kernel<uint16_t>,
-           stream_add_kernel<uint16_t>},
+           stream_add_kernel<uint16_t>, stream_add_kernel<uint8_t>},
           ewma_kernel};
 }
 

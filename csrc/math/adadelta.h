@@ -23,6 +23,7 @@ struct Adadelta : AlgorithmDefaults {
 
   static constexpr bool uses_step = false;
   static constexpr std::array state_names{"square_avg", "acc_delta"};
+  static constexpr unsigned nonnegative_states = 0b11;
   static constexpr unsigned always_used_states = 0b11;
   static unsigned states_used(const Options&) { return 0b11; }
 

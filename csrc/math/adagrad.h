@@ -25,6 +25,7 @@ struct Adagrad : AlgorithmDefaults {
 
   static constexpr bool uses_step = true;
   static constexpr std::array state_names{"sum"};
+  static constexpr unsigned nonnegative_states = 0b1;
   static constexpr unsigned always_used_states = 1;
   static unsigned states_used(const Options&) { return 1; }
   static double initial_state(const Options& o, int) { return o.initial_accumulator_value; }

@@ -29,6 +29,7 @@ struct Adam : AlgorithmDefaults {
 
   static constexpr bool uses_step = true;
   static constexpr std::array state_names{"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+  static constexpr unsigned nonnegative_states = 0b110;
   static constexpr unsigned always_used_states = 0b011;
   static unsigned states_used(const Options& o) { return o.amsgrad ? 0b111 : 0b011; }
   static constexpr bool takes_grad_scale = true;

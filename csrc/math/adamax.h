@@ -27,6 +27,7 @@ struct Adamax : AlgorithmDefaults {
 
   static constexpr bool uses_step = true;
   static constexpr std::array state_names{"exp_avg", "exp_inf"};
+  static constexpr unsigned nonnegative_states = 0b10;
   static constexpr unsigned always_used_states = 0b11;
   static unsigned states_used(const Options&) { return 0b11; }
 

@@ -16,6 +16,7 @@
 //                            momentum step copies the gradient)
 //   takes_grad_scale         whether a step may divide the gradient by a GradScaler's scale (and
 //                            write the unscaled gradient back, as PyTorch's fused kernels do)
+//   nonnegative_states, quantizable_states   how 8-bit blockwise state stores the states
 //   check(options)           throws OptionError naming the first invalid hyperparameter
 //   Coefficients             what the kernels read: computed once per (group, step) on the host,
 //                            in double, and read by every backend
@@ -118,6 +119,11 @@ struct AlgorithmDefaults {
   static constexpr bool takes_grad_scale = false;
   static constexpr bool uses_new_state = false;
   static constexpr int reductions = 0;
+  // 8-bit blockwise state (docs/spec.md section 22): bit k set, state k is never negative and
+  // takes the unsigned dynamic map; `quantizable_states` false refuses 8-bit state (states that
+  // are not moments: ASGD's averaged param, Rprop's step sizes).
+  static constexpr unsigned nonnegative_states = 0;
+  static constexpr bool quantizable_states = true;
 };
 
 // ---- Hyperparameter checks (the same rules as torch.optim and Keras) -------------------------

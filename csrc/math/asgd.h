@@ -30,6 +30,7 @@ struct Asgd : AlgorithmDefaults {
 
   static constexpr bool uses_step = true;
   static constexpr std::array state_names{"ax"};
+  static constexpr bool quantizable_states = false;
   static constexpr unsigned always_used_states = 0b1;
   static unsigned states_used(const Options&) { return 0b1; }
   static constexpr std::array scalar_names{"eta", "mu"};

@@ -26,6 +26,7 @@ struct Lamb : AlgorithmDefaults {
 
   static constexpr bool uses_step = true;
   static constexpr std::array state_names{"exp_avg", "exp_avg_sq"};
+  static constexpr unsigned nonnegative_states = 0b10;
   static constexpr unsigned always_used_states = 0b11;
   static unsigned states_used(const Options&) { return 0b11; }
   // The sums of each tensor the first pass computes: of param^2 and of u^2.

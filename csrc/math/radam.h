@@ -28,6 +28,7 @@ struct Radam : AlgorithmDefaults {
 
   static constexpr bool uses_step = true;
   static constexpr std::array state_names{"exp_avg", "exp_avg_sq"};
+  static constexpr unsigned nonnegative_states = 0b10;
   static constexpr unsigned always_used_states = 0b11;
   static unsigned states_used(const Options&) { return 0b11; }
 

@@ -27,6 +27,7 @@ struct Rmsprop : AlgorithmDefaults {
 
   static constexpr bool uses_step = false;
   static constexpr std::array state_names{"square_avg", "momentum_buffer", "grad_avg"};
+  static constexpr unsigned nonnegative_states = 0b001;
   static constexpr unsigned always_used_states = 0b001;
   static unsigned states_used(const Options& o) {
     return 0b001 | (o.momentum > 0 ? 0b010 : 0) | (o.centered ? 0b100 : 0);

@@ -27,6 +27,7 @@ struct Rprop : AlgorithmDefaults {
 
   static constexpr bool uses_step = false;
   static constexpr std::array state_names{"prev", "step_size"};
+  static constexpr bool quantizable_states = false;
   static constexpr unsigned always_used_states = 0b11;
   static unsigned states_used(const Options&) { return 0b11; }
   static double initial_state(const Options& o, int k) { return k == 1 ? o.lr : 0.0; }

@@ -18,6 +18,7 @@
 #include "cpu/dispatch.h"
 #include "cpu/parallel.h"
 #include "cuda/launch_plan.h"
+#include "math/dynamic_map.h"
 
 namespace py = pybind11;
 using namespace fusedopt;
@@ -41,6 +42,8 @@ std::optional<Dtype> numpy_dtype(const py::detail::PyArrayDescr_Proxy* descr) {
       return Dtype::float64;
     case npy_half:
       return Dtype::float16;
+    case py::detail::npy_api::NPY_UBYTE_:  // the codes of an 8-bit blockwise state
+      return Dtype::blockwise8;
     default:
       break;
   }
@@ -194,6 +197,24 @@ StepBuffers& describe_registered(const py::tuple& params, const py::tuple& state
   return b;
 }
 
+// The per-block scales of 8-bit states: None, or one list per state of the algorithm (None for a
+// state no tensor keeps in 8 bits; None items where a tensor's state is not 8-bit).
+template <class A>
+void describe_absmax(py::handle lists, std::vector<py::tuple>& kept, StepBuffers& b) {
+  b.absmax.clear();
+  if (lists.is_none()) return;
+  const py::tuple items = items_of(lists, "absmax");
+  if (items.size() != A::state_names.size())
+    throw Error(ErrorKind::value, "absmax: one list (or None) per state of the algorithm");
+  b.absmax.resize(items.size());
+  for (size_t k = 0; k < items.size(); ++k) {
+    if (items[k].is_none()) continue;
+    kept.push_back(items_of(items[k], "absmax"));
+    const std::string role = b.state_names[k] + "_absmax";
+    describe_items(kept.back(), role.c_str(), b.absmax[k]);
+  }
+}
+
 // ---- Plans: the params and states registered once ------------------------------------------
 
 // What can change about an array after it was registered without it being replaced: its data
@@ -264,13 +285,19 @@ class PythonPlan : public AnyPlan {
   // `rounding_seed`: set, 16-bit params and states are rounded stochastically.
   PythonPlan(py::handle groups, py::handle group_of, py::handle params, py::handle states,
              py::handle step_counts, py::handle new_state, py::handle scalars, bool borrowed,
-             py::handle masters, std::optional<uint64_t> rounding_seed)
+             py::handle masters, std::optional<uint64_t> rounding_seed, py::handle absmax)
       : groups_(groups_from<A>(groups)),
         group_of_(py::cast<std::vector<int>>(group_of)),
         new_state_(flags_from(new_state, group_of_.size())),
-        rounding_seed_(rounding_seed) {
+        rounding_seed_(rounding_seed),
+        absmax_(absmax.is_none() ? py::object(py::none())
+                                 : py::object(py::tuple(items_of(absmax, "absmax")))) {
     if (!masters.is_none())
       for (py::handle m : items_of(masters, "masters")) masters_.push_back(m.ptr());
+    if (!absmax_.is_none())
+      for (py::handle list : absmax_)
+        if (!list.is_none())
+          for (py::handle a : items_of(list, "absmax")) absmax_arrays_.push_back(a.ptr());
     const py::tuple param_items = items_of(params, "params");
     for (py::handle p : param_items) params_.push_back(p.ptr());
     for (py::handle list : items_of(states, "states")) {
@@ -295,6 +322,7 @@ class PythonPlan : public AnyPlan {
     for (const auto& list : states_)
       for (PyObject* s : list.value_or(std::vector<PyObject*>{})) arrays.push_back(s);
     arrays.insert(arrays.end(), masters_.begin(), masters_.end());
+    arrays.insert(arrays.end(), absmax_arrays_.begin(), absmax_arrays_.end());
     for (PyObject* a : arrays) {
       if (!borrowed || a == Py_None) {
         references_.push_back(py::reinterpret_borrow<py::object>(a));
@@ -393,6 +421,7 @@ class PythonPlan : public AnyPlan {
     for (size_t i = 0; i < masters_.size(); ++i)
       masters[i] = py::reinterpret_borrow<py::object>(masters_[i]);
     describe_items(masters, "masters", b.masters);
+    describe_absmax<A>(absmax_, kept, b);
     // Built in place: a Plan holds a mutex and cannot move.
     std::shared_ptr<Registered> registered(
         new Registered{Plan<A>(groups_, b, group_of_, step_counts_, new_state_, scalars_), {}});
@@ -401,6 +430,7 @@ class PythonPlan : public AnyPlan {
       for (PyObject* s : list.value_or(std::vector<PyObject*>{}))
         registered->fingerprints.push_back(Fingerprint::of(s));
     for (PyObject* m : masters_) registered->fingerprints.push_back(Fingerprint::of(m));
+    for (PyObject* a : absmax_arrays_) registered->fingerprints.push_back(Fingerprint::of(a));
     registered_ = std::move(registered);
   }
 
@@ -411,6 +441,8 @@ class PythonPlan : public AnyPlan {
   std::vector<std::optional<std::vector<PyObject*>>> states_;
   std::vector<PyObject*> masters_;  // empty, or one per param (Py_None where there is none)
   std::optional<uint64_t> rounding_seed_;
+  py::object absmax_;                     // the lists of 8-bit states' scales, or None
+  std::vector<PyObject*> absmax_arrays_;  // their items, in order
   // Every array above (and the step counts' and scalars'); only weak references when borrowed.
   std::vector<py::object> references_;
   bool borrowed_ = false;
@@ -433,7 +465,7 @@ struct TorchNames {
   // TensorBase's descriptors of the properties a step reads of every grad, read through the
   // descriptor (read_property) for the same reason.
   py::object dtype_property, shape_property, is_cpu_property;
-  py::object float32, float64, bfloat16, float16, strided;
+  py::object float32, float64, bfloat16, float16, uint8, strided;
 
   static const TorchNames& get() {
     static const TorchNames* names = [] {
@@ -450,6 +482,7 @@ struct TorchNames {
       n->float64 = torch.attr("float64");
       n->bfloat16 = torch.attr("bfloat16");
       n->float16 = torch.attr("float16");
+      n->uint8 = torch.attr("uint8");
       n->strided = torch.attr("strided");
       return n;
     }();
@@ -506,6 +539,7 @@ void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info)
                : dtype.is(n.float64)  ? std::optional(Dtype::float64)
                : dtype.is(n.bfloat16) ? std::optional(Dtype::bfloat16)
                : dtype.is(n.float16)  ? std::optional(Dtype::float16)
+               : dtype.is(n.uint8)    ? std::optional(Dtype::blockwise8)
                                       : std::nullopt;
   info.dtype_name = info.dtype ? "" : std::string(py::str(dtype));
   info.shape.clear();
@@ -576,7 +610,7 @@ class TorchPlan : public AnyTorchPlan {
   TorchPlan(py::handle groups, py::handle group_of, py::handle params, py::handle active,
             py::handle states, py::handle steps, py::handle scalars, py::handle new_state,
             py::handle local, py::handle kept, py::handle masters,
-            std::optional<uint64_t> rounding_seed)
+            std::optional<uint64_t> rounding_seed, py::handle absmax)
       : groups_(groups_from<A>(groups)), rounding_seed_(rounding_seed) {
     const std::vector<int> all_groups = py::cast<std::vector<int>>(group_of);
     for (py::handle p : items_of(params, "params"))
@@ -633,6 +667,24 @@ class TorchPlan : public AnyTorchPlan {
                        "state['master'] of params[" + std::to_string(index_.at(j)) + "]",
                        b.masters.back());
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
+      }
+    }
+    if (!absmax.is_none()) {
+      const py::tuple lists = items_of(absmax, "absmax");
+      if (lists.size() != A::state_names.size())
+        throw Error(ErrorKind::value, "absmax: one list (or None) per state of the algorithm");
+      b.absmax.resize(lists.size());
+      for (size_t k = 0; k < lists.size(); ++k) {
+        if (lists[k].is_none()) continue;
+        const py::tuple items = items_of(lists[k], "absmax");
+        for (size_t j = 0; j < items.size(); ++j) {
+          b.absmax[k].emplace_back();
+          describe_torch(
+              items[j].ptr(),
+              std::string(A::state_names[k]) + "_absmax[" + std::to_string(index_.at(j)) + "]",
+              b.absmax[k].back());
+          references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
+        }
       }
     }
     const py::tuple step_items = items_of(steps, "steps");
@@ -842,6 +894,8 @@ py::dict algorithm_info(const std::string& name) {
     info["takes_grad_scale"] = A::takes_grad_scale;
     info["uses_step"] = A::uses_step;
     info["uses_new_state"] = A::uses_new_state;
+    info["quantizable_states"] = A::quantizable_states;
+    info["nonnegative_states"] = A::nonnegative_states;
   });
   return info;
 }
@@ -895,6 +949,15 @@ PYBIND11_MODULE(_core, m) {
     return used;
   });
 
+  m.def(
+      "dynamic_map",
+      [](bool nonnegative) {
+        const float* map = nonnegative ? kUnsignedDynamicMap : kSignedDynamicMap;
+        return std::vector<float>(map, map + 256);
+      },
+      "bitsandbytes' dynamic map of 8-bit states: the unsigned one for non-negative states.",
+      py::arg("nonnegative"));
+
   m.def("initial_values", [](const std::string& name, py::handle values) {
     std::vector<double> states, scalars;
     with_algorithm(name, [&](auto tag) {
@@ -913,7 +976,7 @@ PYBIND11_MODULE(_core, m) {
       [](const std::string& name, py::handle groups, py::handle group_of, py::handle steps,
          py::handle params, py::handle grads, py::handle states, py::handle new_state,
          py::handle scalars, py::handle grad_scale, py::handle masters,
-         std::optional<uint64_t> rounding_seed) {
+         std::optional<uint64_t> rounding_seed, py::handle absmax) {
         with_algorithm(name, [&](auto tag) {
           using A = typename decltype(tag)::type;
           const auto options = groups_from<A>(groups);
@@ -930,6 +993,7 @@ PYBIND11_MODULE(_core, m) {
             kept.push_back(items_of(masters, "masters"));
             describe_items(kept.back(), "masters", b.masters);
           }
+          describe_absmax<A>(absmax, kept, b);
           const StepExtras extras{grad_scale_from(grad_scale), rounding_seed};
           b.grads_written = extras.grad_scale.has_value();
           StepSchedule s;
@@ -958,7 +1022,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("steps"),
       py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("new_state") = py::none(),
       py::arg("scalars") = py::none(), py::arg("grad_scale") = py::none(),
-      py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none());
+      py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none(),
+      py::arg("absmax") = py::none());
 
   py::class_<AnyPlan>(m, "Plan",
                       "An optimizer's params and states, registered once; each step checks the "
@@ -966,13 +1031,13 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
                        py::handle params, py::handle states, py::handle step_counts,
                        py::handle new_state, py::handle scalars, bool borrowed, py::handle masters,
-                       std::optional<uint64_t> rounding_seed) {
+                       std::optional<uint64_t> rounding_seed, py::handle absmax) {
              std::unique_ptr<AnyPlan> plan;
              with_algorithm(name, [&](auto tag) {
                using A = typename decltype(tag)::type;
                plan = std::make_unique<PythonPlan<A>>(groups, group_of, params, states, step_counts,
                                                       new_state, scalars, borrowed, masters,
-                                                      rounding_seed);
+                                                      rounding_seed, absmax);
              });
              return plan;
            }),
@@ -980,7 +1045,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("states"), py::arg("step_counts") = py::none(),
            py::arg("new_state") = py::none(), py::arg("scalars") = py::none(),
            py::arg("borrowed") = false, py::arg("masters") = py::none(),
-           py::arg("rounding_seed") = py::none())
+           py::arg("rounding_seed") = py::none(), py::arg("absmax") = py::none())
       .def("set_options", &AnyPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyPlan::step, py::arg("grads"), py::arg("grad_scale") = py::none(),
            py::arg("step") = py::none())
@@ -996,20 +1061,22 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
                        py::handle params, py::handle active, py::handle states, py::handle steps,
                        py::handle scalars, py::handle new_state, py::handle local, py::handle kept,
-                       py::handle masters, std::optional<uint64_t> rounding_seed) {
+                       py::handle masters, std::optional<uint64_t> rounding_seed,
+                       py::handle absmax) {
              std::unique_ptr<AnyTorchPlan> plan;
              with_algorithm(name, [&](auto tag) {
                using A = typename decltype(tag)::type;
                plan = std::make_unique<TorchPlan<A>>(groups, group_of, params, active, states,
                                                      steps, scalars, new_state, local, kept,
-                                                     masters, rounding_seed);
+                                                     masters, rounding_seed, absmax);
              });
              return plan;
            }),
            py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
            py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
            py::arg("new_state"), py::arg("local") = py::none(), py::arg("kept") = py::none(),
-           py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none())
+           py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none(),
+           py::arg("absmax") = py::none())
       .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
       .def("step_grads", &AnyTorchPlan::step_grads, py::arg("grads"), py::arg("step"),

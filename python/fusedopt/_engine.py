@@ -49,6 +49,8 @@ class Description:
     takes_grad_scale: bool
     uses_step: bool
     uses_new_state: bool
+    quantizable_states: bool = True  # 8-bit state is offered (docs/spec.md section 22)
+    nonnegative_states: int = 0  # bit k: state k takes the unsigned dynamic map
 
     @functools.cached_property  # read at every functional call
     def plural_states(self) -> tuple[str, ...]:
@@ -83,6 +85,8 @@ def describe(algorithm: str) -> Description:
         takes_grad_scale=info["takes_grad_scale"],
         uses_step=info["uses_step"],
         uses_new_state=info["uses_new_state"],
+        quantizable_states=info["quantizable_states"],
+        nonnegative_states=info["nonnegative_states"],
     )
 
 
@@ -265,11 +269,13 @@ def make_plan(
     scalars: np.ndarray | None = None,
     masters: Sequence[Any] | None = None,
     rounding_seed: int | None = None,
+    absmax: Sequence[Sequence[Any] | None] | None = None,
 ) -> Plan:
     """A plan on the CPU core (``fusedopt._core.Plan``) or the CUDA backend: ``step_counts``
     (steps taken, one per param) and ``scalars`` are arrays the plan advances in place;
     ``masters`` the float32 master copies of 16-bit params (None where there is none);
-    ``rounding_seed`` set: 16-bit params and states are rounded stochastically."""
+    ``rounding_seed`` set: 16-bit params and states are rounded stochastically; ``absmax`` the
+    per-block scales of 8-bit states, a list per state (None where no tensor has one)."""
     if is_device(params):
         return cuda.Plan(
             algorithm, groups, group_of, params, states,
@@ -277,14 +283,17 @@ def make_plan(
         )  # fmt: skip
     return _core.Plan(
         algorithm, groups, group_of, params, states, step_counts, new_state, scalars,
-        masters=masters, rounding_seed=rounding_seed,
+        masters=masters, rounding_seed=rounding_seed, absmax=absmax,
     )  # fmt: skip
 
 
 # ---- Low precision (docs/spec.md section 22) ---------------------------------------------------
 
 SIXTEEN_BIT = ("bfloat16", "float16")
-STATE_DTYPES = (None, "float32", "bfloat16")
+STATE_DTYPES = (None, "float32", "bfloat16", "int8")
+# 8-bit state: bitsandbytes' blocks and its smallest quantized tensor (smaller ones keep float32).
+QUANT_BLOCK = 256
+MIN_QUANTIZED_SIZE = 4096
 
 
 def dtype_name(dtype: Any) -> str:
@@ -302,7 +311,41 @@ def numpy_dtype(name: str) -> np.dtype:
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
+    if name == "int8":  # 8-bit blockwise state: uint8 codes
+        return np.dtype(np.uint8)
     return np.dtype(name)
+
+
+@functools.cache
+def _dynamic_map(nonnegative: bool) -> np.ndarray:
+    return np.array(_core.dynamic_map(nonnegative), dtype=np.float32)
+
+
+def quantize_blockwise(values: Any, nonnegative: bool) -> tuple[np.ndarray, np.ndarray]:
+    """float values as 8-bit state (codes, absmax per block of 256), by the kernels' rule:
+    bitsandbytes' dynamic map, the largest code <= x / absmax or the next when strictly closer
+    (for checkpoints loaded into an 8-bit optimizer; the kernels quantize during steps)."""
+    x = np.ascontiguousarray(values, dtype=np.float32).ravel()
+    blocks = -(-x.size // QUANT_BLOCK)
+    padded = np.zeros(blocks * QUANT_BLOCK, np.float32)
+    padded[: x.size] = x
+    with np.errstate(invalid="ignore", divide="ignore"):
+        absmax = np.nan_to_num(np.abs(padded), nan=0.0).reshape(blocks, QUANT_BLOCK).max(axis=1)
+        normed = (padded.reshape(blocks, QUANT_BLOCK) / absmax[:, None]).ravel()[: x.size]
+    code = _dynamic_map(nonnegative)
+    left = np.clip(np.searchsorted(code, normed, side="right") - 1, 0, 255)
+    right = np.minimum(left + 1, 255)
+    closer = np.abs(normed - code[right]) < np.abs(normed - code[left])
+    codes = np.where(closer & (left < 255), right, left)
+    codes = np.where(np.isnan(normed), 0, codes).astype(np.uint8)
+    return codes.reshape(np.shape(values)), absmax.astype(np.float32)
+
+
+def dequantize_blockwise(codes: Any, absmax: Any, nonnegative: bool) -> np.ndarray:
+    """8-bit state's float32 values: map[code] * absmax of its block."""
+    flat = np.asarray(codes, dtype=np.uint8).ravel()
+    scale = np.repeat(np.asarray(absmax, dtype=np.float32), QUANT_BLOCK)[: flat.size]
+    return (_dynamic_map(nonnegative)[flat] * scale).reshape(np.shape(codes))
 
 
 @dataclass(frozen=True)
@@ -334,14 +377,9 @@ class Precision:
         seed: Any = 0,
     ) -> Precision:
         name = None if state_dtype is None else dtype_name(state_dtype)
-        if name == "int8":
-            raise ValueError(
-                "state_dtype: 'int8' (8-bit blockwise state) is not implemented yet; use None, "
-                "'float32' or 'bfloat16'"
-            )
         if name not in STATE_DTYPES:
             raise ValueError(
-                f"state_dtype: must be None, 'float32' or 'bfloat16', got {state_dtype!r}"
+                f"state_dtype: must be None, 'float32', 'bfloat16' or 'int8', got {state_dtype!r}"
             )
         for flag, value in (
             ("master_weights", master_weights),
@@ -374,7 +412,18 @@ class Precision:
                 f"{sorted(set(param_dtypes))} and state_dtype is {self.state_dtype!r})"
             )
 
-    def state_dtype_for(self, param_dtype: str) -> str:
+    def check_algorithm(self, description: Description) -> None:
+        if self.state_dtype == "int8" and not description.quantizable_states:
+            raise ValueError(
+                f"state_dtype: 'int8' does not apply to {description.name}, whose states "
+                f"{list(description.states)} are not moments that 8 bits can hold"
+            )
+
+    def state_dtype_for(self, param_dtype: str, size: int = MIN_QUANTIZED_SIZE) -> str:
+        """The dtype of a param's states; 8-bit state only for tensors of 4096 elements or more
+        (smaller ones keep float32, as bitsandbytes does)."""
+        if self.state_dtype == "int8":
+            return "int8" if size >= MIN_QUANTIZED_SIZE else "float32"
         return self.state_dtype or param_dtype
 
     def needs_master(self, param_dtype: str) -> bool:

@@ -32,11 +32,13 @@ from fusedopt._engine import (
     Plan,
     Precision,
     as_number,
+    dequantize_blockwise,
     describe,
     dtype_name,
     make_plan,
     native_values,
     numpy_dtype,
+    quantize_blockwise,
     skip_step,
 )
 from fusedopt._state import unflatten_state_dict
@@ -98,6 +100,8 @@ class Optimizer:
         self._steps = np.zeros(0, dtype=np.int64)  # steps taken, advanced by the native step
         self._buffers: dict[str, list[Any]] = {n: [] for n in self._description.states}
         self._masters: list[Any] = []  # float32 master copies of 16-bit params, or None
+        # The per-block scales of 8-bit states (state_dtype="int8"), or None.
+        self._absmax: dict[str, list[Any]] = {n: [] for n in self._description.states}
         self._scalars = np.zeros((0, _core.max_scalars), dtype=np.float64)
         self._has_scalars: list[bool] = []
         self._new_state: list[bool] = []  # buffers created since the param's last step
@@ -113,6 +117,7 @@ class Optimizer:
         for group in groups:
             self.add_param_group(group)
         precision.check([dtype_name(p.dtype) for p in self._params])
+        precision.check_algorithm(self._description)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -182,6 +187,7 @@ class Optimizer:
             self._new_state += [False] * count
             for name in self._description.states:
                 self._buffers[name] += [None] * count
+                self._absmax[name] += [None] * count
             self._masters += [None] * count
             self._plan = None
             if self._states_at_construction:
@@ -206,6 +212,8 @@ class Optimizer:
                 buffer = self._buffers[name][i]
                 if buffer is not None:
                     entry[name] = buffer
+                    if self._absmax[name][i] is not None:
+                        entry[name + "_absmax"] = self._absmax[name][i]
             if self._has_scalars[i]:
                 for k, name in enumerate(self._description.scalars):
                     entry[name] = float(self._scalars[i, k])
@@ -224,6 +232,7 @@ class Optimizer:
             self._new_state = [False] * len(self._params)
             for name in self._description.states:
                 self._buffers[name] = [None] * len(self._params)
+                self._absmax[name] = [None] * len(self._params)
             self._masters = [None] * len(self._params)
             self._plan = None
             if self._states_at_construction:
@@ -243,6 +252,10 @@ class Optimizer:
                 for name, entries in self._buffers.items()
             }
             masters = [(m, None if m is None else _copy(m)) for m in self._masters]
+            scales = {
+                name: [(a, None if a is None else _copy(a)) for a in entries]
+                for name, entries in self._absmax.items()
+            }
             counters = (
                 self._steps.copy(),
                 self._scalars.copy(),
@@ -265,6 +278,11 @@ class Optimizer:
                     if m is not None:
                         _put(m, saved)
                 self._masters = [m for m, _ in masters]
+                for name, entries in scales.items():
+                    for a, saved in entries:
+                        if a is not None:
+                            _put(a, saved)
+                    self._absmax[name] = [a for a, _ in entries]
                 steps, scalars, has_scalars, new_state = counters
                 self._steps, self._scalars = steps.copy(), scalars.copy()
                 self._has_scalars, self._new_state = list(has_scalars), list(new_state)
@@ -336,6 +354,7 @@ class Optimizer:
         has_scalars = [False] * n
         buffers: dict[str, list[Any]] = {name: [None] * n for name in self._description.states}
         masters: list[Any] = [None] * n
+        absmax: dict[str, list[Any]] = {name: [None] * n for name in self._description.states}
         scalar_names = self._description.scalars
         for key, entry in saved_state.items():
             i = _state_index(key, n)
@@ -348,8 +367,9 @@ class Optimizer:
                 if name == "step":
                     steps[i] = _step_count(value, i)
                 elif name in buffers:
-                    dtype = self.precision.state_dtype_for(dtype_name(param.dtype))
-                    buffers[name][i] = _state_array(value, param, i, name, dtype)
+                    buffers[name][i], absmax[name][i] = self._loaded_state(entry, param, i, name)
+                elif name.endswith("_absmax") and name.removesuffix("_absmax") in buffers:
+                    pass  # read with its state
                 elif name == "master" and self.precision.needs_master(dtype_name(param.dtype)):
                     masters[i] = _state_array(value, param, i, name, "float32")
                 elif name in scalar_names:
@@ -376,6 +396,7 @@ class Optimizer:
             self._scalars = scalars
             self._has_scalars = has_scalars
             self._buffers = buffers
+            self._absmax = absmax
             self._masters = masters
             self._new_state = [False] * n
             self._plan = None
@@ -424,6 +445,7 @@ class Optimizer:
             list(self._has_scalars),
             list(self._new_state),
             list(self._masters),
+            {name: list(a) for name, a in self._absmax.items()},
         )
         try:
             for i in range(len(self._params)):
@@ -446,12 +468,20 @@ class Optimizer:
                 scalars=self._scalars,
                 masters=self._masters if self.precision.master_weights else None,
                 rounding_seed=self.precision.rounding_seed,
+                absmax=[a if any(x is not None for x in a) else None for a in self._absmax.values()]
+                if self.precision.state_dtype == "int8"
+                else None,
             )
             plan.step(grads, scale, None)
         except Exception:
-            (self._buffers, self._scalars, self._has_scalars, self._new_state, self._masters) = (
-                saved
-            )
+            (
+                self._buffers,
+                self._scalars,
+                self._has_scalars,
+                self._new_state,
+                self._masters,
+                self._absmax,
+            ) = saved
             self._plan = None
             raise
         self._plan = plan
@@ -473,14 +503,47 @@ class Optimizer:
             return
         state_values, scalar_values = self._description.initial_values(values)
         param = self._params[i]
-        dtype = self.precision.state_dtype_for(dtype_name(param.dtype))
+        dtype = self.precision.state_dtype_for(dtype_name(param.dtype), param.size)
         for name in missing:
             value = state_values[self._description.states.index(name)]
-            self._buffers[name][i] = _full_like(param, value, dtype)
+            if dtype == "int8":
+                self._buffers[name][i], self._absmax[name][i] = quantize_blockwise(
+                    np.full(param.shape, value, np.float32), self._nonnegative(name)
+                )
+            else:
+                self._buffers[name][i] = _full_like(param, value, dtype)
             self._new_state[i] = True
         if not self._has_scalars[i]:
             self._scalars[i, : len(scalar_values)] = scalar_values
             self._has_scalars[i] = True
+
+    def _nonnegative(self, name: str) -> bool:
+        return bool(
+            self._description.nonnegative_states >> self._description.states.index(name) & 1
+        )
+
+    def _loaded_state(
+        self, entry: Mapping[str, Any], param: Any, i: int, name: str
+    ) -> tuple[Any, Any]:
+        """A saved state in the dtype this optimizer keeps it in, and its 8-bit scales: 8-bit
+        codes (with their ``<name>_absmax``) are dequantized for a float state, float values
+        quantized for an 8-bit one."""
+        dtype = self.precision.state_dtype_for(dtype_name(param.dtype), param.size)
+        value = entry[name]
+        if np.asarray(_host(value)).dtype == np.uint8:
+            if name + "_absmax" not in entry:
+                raise ValueError(f"state_dict: state[{i}][{name!r}] is 8-bit but has no absmax")
+            scales = np.asarray(_host(entry[name + "_absmax"]), dtype=np.float32)
+            codes = np.asarray(_host(value))
+            if codes.shape != tuple(param.shape) or scales.size != -(-param.size // 256):
+                raise ValueError(f"state_dict: state[{i}][{name!r}] does not fit params[{i}]")
+            if dtype == "int8":
+                return np.array(codes, order="C", copy=True), np.array(scales, copy=True)
+            value = dequantize_blockwise(codes, scales, self._nonnegative(name))
+        if dtype == "int8":
+            floats = _state_array(value, param, i, name, "float32")
+            return quantize_blockwise(floats, self._nonnegative(name))
+        return _state_array(value, param, i, name, dtype), None
 
     def _values_of(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
         return tuple([group[name] for name in self._hyperparameter_names])

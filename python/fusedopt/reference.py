@@ -1294,3 +1294,58 @@ def low_precision_step(
             stored_state[name] = store(new_state[name], state_dtype, 1 + k)
     new_master = None if master is None else round_nearest(new_param, "float32")
     return store(new_param, param_dtype, 0), stored_state, new_master
+
+
+def dynamic_map(signed: bool) -> Array:
+    """bitsandbytes' dynamic quantization map (``create_dynamic_map``, 7 exponent bits, 8 bits in
+    all), computed from its formula in float64 and rounded to float32: for exponent i in 0..6,
+    the midpoints of 2^i (signed) or 2^(i+1) (unsigned) equal parts of [0.1, 1], times 10^(i-6),
+    with their negatives when signed; then 0 and 1. (bitsandbytes computes them in float32; the
+    two agree to a float32 ulp.)"""
+    data = [0.0, 1.0]
+    for i in range(7):
+        parts = 2**i if signed else 2 ** (i + 1)
+        bounds = np.linspace(0.1, 1.0, parts + 1)
+        means = (bounds[:-1] + bounds[1:]) / 2 * 10.0 ** (i - 6)
+        data += list(means) + (list(-means) if signed else [])
+    return np.sort(np.array(data, dtype=np.float32)).astype(np.float64)
+
+
+def quantize_blockwise(
+    x: ArrayLike, signed: bool, code: Array | None = None
+) -> tuple[NDArray[np.uint8], Array]:
+    """8-bit blockwise state (spec section 22): per block of 256 elements the largest |x| (NaN
+    left out) is the block's absmax; each x/absmax (float32) takes the nearest code, the lower
+    one on a tie (bitsandbytes' rule: the largest code <= x, or the next one when strictly
+    closer); NaN takes code 0. Written as a loop, one element at a time."""
+    code = dynamic_map(signed) if code is None else code
+    values = np.asarray(x, dtype=np.float32).ravel()
+    blocks = -(-values.size // 256)
+    codes = np.zeros(values.size, np.uint8)
+    absmax = np.zeros(blocks, np.float32)
+    for b in range(blocks):
+        block = values[b * 256 : (b + 1) * 256]
+        finite = block[~np.isnan(block)]
+        absmax[b] = np.abs(finite).max() if finite.size else 0.0
+        for j, v in enumerate(block):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                normed = float(np.float32(v) / absmax[b])
+            if math.isnan(normed):
+                continue
+            below = [k for k in range(256) if code[k] <= normed]
+            k = below[-1] if below else 0
+            if k < 255 and abs(normed - code[k + 1]) < abs(normed - code[k]):
+                k += 1
+            codes[b * 256 + j] = k
+    return codes.reshape(np.shape(x)), absmax.astype(np.float64)
+
+
+def dequantize_blockwise(
+    codes: ArrayLike, absmax: ArrayLike, signed: bool, code: Array | None = None
+) -> Array:
+    """The float32 values of 8-bit state: code[c] * absmax of the element's block."""
+    code = dynamic_map(signed) if code is None else code
+    flat = np.asarray(codes).ravel()
+    scales = np.repeat(np.asarray(absmax, dtype=np.float32), 256)[: flat.size]
+    values = code.astype(np.float32)[flat] * scales
+    return values.astype(np.float64).reshape(np.shape(codes))

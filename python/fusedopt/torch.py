@@ -31,13 +31,21 @@ import numpy as np
 import torch
 
 from fusedopt import _core, cuda, optim
-from fusedopt._engine import FULL_PRECISION, TORCH, Precision, dtype_name, native_values
+from fusedopt._engine import (
+    FULL_PRECISION,
+    TORCH,
+    Precision,
+    dequantize_blockwise,
+    dtype_name,
+    native_values,
+    quantize_blockwise,
+)
 
 __all__ = ["Optimizer"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}  # fmt: skip
+                 "float16": torch.float16, "int8": torch.uint8}  # fmt: skip
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -118,6 +126,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.state = _State(self.state)
         precision.check([dtype_name(p.dtype) for g in self.param_groups for p in g["params"]])
+        precision.check_algorithm(self._declaration._description)
         if precision != FULL_PRECISION and any(
             p.device.type != "cpu" for g in self.param_groups for p in g["params"]
         ):
@@ -210,10 +219,19 @@ class Optimizer(torch.optim.Optimizer):
         state_dtype = self._state_dtype(p)
         for name in used:
             if state.get(name) is None:
-                value = initial_states[description.states.index(name)]
-                state[name] = torch.full_like(
-                    p, value, dtype=state_dtype, memory_format=torch.contiguous_format
-                )
+                k = description.states.index(name)
+                value = initial_states[k]
+                if state_dtype == torch.uint8:  # 8-bit blockwise: codes and per-block absmax
+                    codes, absmax = quantize_blockwise(
+                        np.full(tuple(p.shape), value, np.float32),
+                        bool(description.nonnegative_states >> k & 1),
+                    )
+                    state[name] = torch.from_numpy(codes)
+                    state[name + "_absmax"] = torch.from_numpy(absmax)
+                else:
+                    state[name] = torch.full_like(
+                        p, value, dtype=state_dtype, memory_format=torch.contiguous_format
+                    )
                 created = True
         if self._needs_master(p) and state.get("master") is None:
             state["master"] = p.detach().to(
@@ -230,7 +248,7 @@ class Optimizer(torch.optim.Optimizer):
         return self._declaration._tracks_step or self.precision.stochastic_rounding
 
     def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
-        return _TORCH_DTYPES[self.precision.state_dtype_for(dtype_name(p.dtype))]
+        return _TORCH_DTYPES[self.precision.state_dtype_for(dtype_name(p.dtype), p.numel())]
 
     def _needs_master(self, p: torch.Tensor) -> bool:
         return self.precision.needs_master(dtype_name(p.dtype))
@@ -244,7 +262,8 @@ class Optimizer(torch.optim.Optimizer):
         with self._lock:
             super().load_state_dict(state_dict)  # __setstate__ drops the plans
             params = [p for g in self.param_groups for p in g["params"]]
-            names = (*self._declaration._description.states, "master")
+            states = self._declaration._description.states
+            names = (*states, *(name + "_absmax" for name in states), "master")
             for saved_id, p in zip(saved_ids, params):
                 entry = saved_state.get(saved_id)
                 if not entry or p not in self.state:
@@ -253,9 +272,32 @@ class Optimizer(torch.optim.Optimizer):
                     value = entry.get(name)
                     if not isinstance(value, torch.Tensor):
                         continue
-                    dtype = torch.float32 if name == "master" else self._state_dtype(p)
-                    if dtype != p.dtype:
+                    if name == "master" or name.endswith("_absmax"):
+                        dtype = torch.float32
+                    else:
+                        dtype = self._state_dtype(p)
+                    if name in states and (dtype == torch.uint8) != (value.dtype == torch.uint8):
+                        self._convert_loaded(p, name, value, entry.get(name + "_absmax"), dtype)
+                    elif dtype != p.dtype:
                         self.state[p][name] = value.to(dtype=dtype, device=p.device, copy=True)
+
+    def _convert_loaded(
+        self, p: torch.Tensor, name: str, value: torch.Tensor, absmax: Any, dtype: torch.dtype
+    ) -> None:
+        """A saved state between 8-bit and float: quantized (float state into an 8-bit
+        optimizer) or dequantized (8-bit state, with its absmax, into a float one)."""
+        description = self._declaration._description
+        nonnegative = bool(description.nonnegative_states >> description.states.index(name) & 1)
+        entry = self.state[p]
+        if dtype == torch.uint8:
+            codes, scales = quantize_blockwise(value.detach().float().cpu().numpy(), nonnegative)
+            entry[name], entry[name + "_absmax"] = torch.from_numpy(codes), torch.from_numpy(scales)
+            return
+        if absmax is None:
+            raise ValueError(f"state_dict: the 8-bit state {name!r} has no {name}_absmax")
+        values = dequantize_blockwise(value.numpy(), absmax.float().numpy(), nonnegative)
+        entry[name] = torch.from_numpy(values).to(dtype=dtype, device=p.device)
+        entry.pop(name + "_absmax", None)
 
     # ----------------------------------------------------------------------------------- step
 
@@ -404,6 +446,13 @@ class Optimizer(torch.optim.Optimizer):
                         _memory(entry["master"]) if "master" in entry else None for entry in kept
                     ]
                 extra["rounding_seed"] = self.precision.rounding_seed
+                if self.precision.state_dtype == "int8":
+                    extra["absmax"] = [
+                        [entry.get(name + "_absmax") for entry in kept]
+                        if any(entry.get(name + "_absmax") is not None for entry in kept)
+                        else None
+                        for name in description.states
+                    ]
             make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
             native = make(
                 description.name, options, group_of, params, active, states, steps, scalars,
