@@ -177,6 +177,7 @@ void update_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
 // lane is its own sequential sum, so each ISA adds the same numbers in the same order.
 typedef double Sums16 __attribute__((vector_size(16 * sizeof(double))));
 typedef float Floats16 __attribute__((vector_size(16 * sizeof(float))));
+typedef int32_t Ints16 __attribute__((vector_size(16 * sizeof(int32_t))));
 template <class T>
 using Values16 = std::conditional_t<std::is_same_v<T, float>, Floats16, Sums16>;
 
@@ -246,7 +247,6 @@ static_assert(kStageChunk % kQuantBlock == 0 && kReductionBlock % kQuantBlock ==
 
 // Sixteen lanes of bits or floats: two ymm registers, one zmm, four xmm.
 typedef uint32_t Bits16 __attribute__((vector_size(16 * sizeof(uint32_t))));
-typedef float Floats16Lanes __attribute__((vector_size(16 * sizeof(float))));
 typedef uint16_t Halves16 __attribute__((vector_size(16 * sizeof(uint16_t))));
 
 // Inlined by force: a function of its own over 16 lanes would be a symbol outside the per-ISA
@@ -256,8 +256,7 @@ FUSEDOPT_LANE_FN U widen_bits(U h) {
   if constexpr (D == Dtype::bfloat16)
     return math::bfloat16_to_float_bits(h);
   else
-    return math::float16_to_float_bits<U, std::conditional_t<sizeof(U) == 4, float, Floats16Lanes>>(
-        h);
+    return math::float16_to_float_bits<U, std::conditional_t<sizeof(U) == 4, float, Floats16>>(h);
 }
 
 template <Dtype D>
@@ -353,10 +352,16 @@ inline const float* dynamic_map(bool nonnegative) {
 }
 
 // Elements [first, first + n) of a quantized state (first and n need not be block-aligned).
+inline void dequantize_run(const uint8_t* codes, float scale, const float* map, int64_t n,
+                           float* out);
 inline void dequantize(const uint8_t* codes, const float* absmax, const float* map, int64_t first,
                        int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = map[codes[first + i]] * absmax[(first + i) / kQuantBlock];
+  for (int64_t i = 0; i < n;) {
+    const int64_t block = (first + i) / kQuantBlock;
+    const int64_t run = std::min(n - i, (block + 1) * kQuantBlock - (first + i));
+    dequantize_run(codes + first + i, absmax[block], map, run, out + i);
+    i += run;
+  }
 }
 
 // The search, branch-free (the comparisons depend on the data: mispredicted branches made a
@@ -374,7 +379,8 @@ inline int binary_search_code(float x, const float* map) {
 constexpr int kRefineSteps = 3;
 
 struct CodeTable {
-  uint8_t left[1 << 16];
+  // uint16 entries (one spare at the end) so that SIMD gathers of 32 bits stay in the table.
+  uint16_t left[(1 << 16) + 1] = {};
   bool exact = true;
 
   explicit CodeTable(const float* map) {
@@ -389,7 +395,7 @@ struct CodeTable {
         continue;
       }
       const int first = binary_search_code(low, map);
-      left[b] = static_cast<uint8_t>(first);
+      left[b] = static_cast<uint16_t>(first);
       if (binary_search_code(high, map) - first > kRefineSteps) exact = false;
     }
   }
@@ -420,6 +426,92 @@ inline uint8_t nearest_code(float x, const float* map, const CodeTable& table) {
   return static_cast<uint8_t>(i);
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The same search and rule, a vector of lanes at a time, with the ISA's gathers for the table
+// and the map (the same comparisons: the same codes as the scalar search, on every ISA).
+#if defined(__AVX512F__)
+constexpr int kGatherLanes = 16;
+typedef int32_t GatherInts __attribute__((vector_size(64)));
+typedef float GatherFloats __attribute__((vector_size(64)));
+inline GatherInts gather_table(const uint16_t* table, GatherInts index) {
+  return (GatherInts)_mm512_i32gather_epi32((__m512i)index, table, 2) & 0xffff;
+}
+inline GatherFloats gather_map(const float* map, GatherInts index) {
+  return (GatherFloats)_mm512_i32gather_ps((__m512i)index, map, 4);
+}
+#else
+constexpr int kGatherLanes = 8;
+typedef int32_t GatherInts __attribute__((vector_size(32)));
+typedef float GatherFloats __attribute__((vector_size(32)));
+inline GatherInts gather_table(const uint16_t* table, GatherInts index) {
+  return (GatherInts)_mm256_i32gather_epi32(reinterpret_cast<const int*>(table), (__m256i)index,
+                                            2) &
+         0xffff;
+}
+inline GatherFloats gather_map(const float* map, GatherInts index) {
+  return (GatherFloats)_mm256_i32gather_ps(map, (__m256i)index, 4);
+}
+#endif
+typedef uint8_t GatherBytes __attribute__((vector_size(kGatherLanes)));
+
+inline GatherFloats lanes_abs(GatherFloats x) { return (GatherFloats)((GatherInts)x & 0x7fffffff); }
+
+// Comparisons give -1 in a lane where true: subtracting a mask adds one.
+inline void nearest_codes(const float* x, int64_t n, const float* map, const CodeTable& table,
+                          uint8_t* out) {
+  int64_t i = 0;
+  if (table.exact)
+    for (; i + kGatherLanes <= n; i += kGatherLanes) {
+      GatherFloats v;
+      std::memcpy(&v, x + i, sizeof v);
+      GatherInts bits;
+      std::memcpy(&bits, &v, sizeof bits);
+      const GatherInts start = gather_table(table.left, (bits >> 16) & 0xffff);  // top 16 bits
+      // The codes from start to start + kRefineSteps + 1 (255 past the end), gathered at once
+      // rather than one dependent gather per step: the steps up are the count of them <= x.
+      GatherFloats code[kRefineSteps + 2];
+      for (int j = 0; j < kRefineSteps + 2; ++j) {
+        const GatherInts index = start + j;
+        code[j] = gather_map(map, index > 255 ? 255 : index);
+      }
+      GatherInts up = {};
+      for (int j = 1; j <= kRefineSteps; ++j) up -= (start + j <= 255) & (code[j] <= v);
+      GatherFloats lower = code[0], upper = code[1];
+      for (int j = 1; j <= kRefineSteps; ++j) {
+        lower = up == j ? code[j] : lower;
+        upper = up == j ? code[j + 1] : upper;
+      }
+      const GatherInts k =
+          start + up - (lanes_abs(v - upper) < lanes_abs(v - lower) & (start + up < 255));
+      const GatherBytes codes = __builtin_convertvector(k, GatherBytes);
+      std::memcpy(out + i, &codes, sizeof codes);
+    }
+  for (; i < n; ++i) out[i] = nearest_code(x[i], map, table);
+}
+
+inline void dequantize_run(const uint8_t* codes, float scale, const float* map, int64_t n,
+                           float* out) {
+  int64_t i = 0;
+  for (; i + kGatherLanes <= n; i += kGatherLanes) {
+    GatherBytes bytes;
+    std::memcpy(&bytes, codes + i, sizeof bytes);
+    const GatherFloats values = gather_map(map, __builtin_convertvector(bytes, GatherInts)) * scale;
+    std::memcpy(out + i, &values, sizeof values);
+  }
+  for (; i < n; ++i) out[i] = map[codes[i]] * scale;
+}
+#else
+inline void dequantize_run(const uint8_t* codes, float scale, const float* map, int64_t n,
+                           float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = map[codes[i]] * scale;
+}
+
+inline void nearest_codes(const float* x, int64_t n, const float* map, const CodeTable& table,
+                          uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = nearest_code(x[i], map, table);
+}
+#endif
+
 // Whole blocks: [first, first + n) starts on a block and ends on one or at the tensor's end.
 // NaN values do not count toward the absmax; a block of zeros has absmax 0 (and code 0).
 inline void quantize(const float* values, bool nonnegative, int64_t first, int64_t n,
@@ -429,15 +521,25 @@ inline void quantize(const float* values, bool nonnegative, int64_t first, int64
   float normalized[kQuantBlock];
   for (int64_t begin = 0; begin < n; begin += kQuantBlock) {
     const int64_t count = std::min(n - begin, kQuantBlock);
+    // Sixteen running maxima (a NaN never replaces one), then the largest of them: the same
+    // value in any order, and a serial chain of maxima cost more than the rest of the block.
+    Floats16 lanes = {};
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+      Floats16 v;
+      std::memcpy(&v, values + begin + i, sizeof v);
+      v = (Floats16)((Ints16)v & 0x7fffffff);
+      lanes = v > lanes ? v : lanes;
+    }
     float largest = 0.0f;
-    for (int64_t i = 0; i < count; ++i) {
+    for (int lane = 0; lane < 16; ++lane) largest = lanes[lane] > largest ? lanes[lane] : largest;
+    for (; i < count; ++i) {
       const float a = std::fabs(values[begin + i]);
       largest = a > largest ? a : largest;
     }
     absmax[(first + begin) / kQuantBlock] = largest;
     for (int64_t i = 0; i < count; ++i) normalized[i] = values[begin + i] / largest;
-    for (int64_t i = 0; i < count; ++i)
-      codes[first + begin + i] = nearest_code(normalized[i], map, table);
+    nearest_codes(normalized, count, map, table, codes + first + begin);
   }
 }
 

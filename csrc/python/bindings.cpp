@@ -198,9 +198,10 @@ StepBuffers& describe_registered(const py::tuple& params, const py::tuple& state
 }
 
 // The per-block scales of 8-bit states: None, or one list per state of the algorithm (None for a
-// state no tensor keeps in 8 bits; None items where a tensor's state is not 8-bit).
-template <class A>
-void describe_absmax(py::handle lists, std::vector<py::tuple>& kept, StepBuffers& b) {
+// state no tensor keeps in 8 bits; None items where a tensor's state is not 8-bit). Calls
+// describe(k, j, item, info) for item j of state k's list, into b.absmax[k][j].
+template <class A, class Describe>
+void describe_absmax(py::handle lists, StepBuffers& b, Describe&& describe) {
   b.absmax.clear();
   if (lists.is_none()) return;
   const py::tuple items = items_of(lists, "absmax");
@@ -209,10 +210,19 @@ void describe_absmax(py::handle lists, std::vector<py::tuple>& kept, StepBuffers
   b.absmax.resize(items.size());
   for (size_t k = 0; k < items.size(); ++k) {
     if (items[k].is_none()) continue;
-    kept.push_back(items_of(items[k], "absmax"));
-    const std::string role = b.state_names[k] + "_absmax";
-    describe_items(kept.back(), role.c_str(), b.absmax[k]);
+    const py::tuple list = items_of(items[k], "absmax");
+    b.absmax[k].resize(list.size());
+    for (size_t j = 0; j < list.size(); ++j) describe(k, j, list, b.absmax[k][j]);
   }
+}
+
+// For NumPy arrays; `kept` holds the lists while the step runs.
+template <class A>
+void describe_absmax(py::handle lists, std::vector<py::tuple>& kept, StepBuffers& b) {
+  describe_absmax<A>(lists, b, [&](size_t k, size_t j, const py::tuple& list, BufferInfo& info) {
+    if (j == 0) kept.push_back(list);
+    describe(list[j], (b.state_names[k] + "_absmax").c_str(), j, info);
+  });
 }
 
 // ---- Plans: the params and states registered once ------------------------------------------
@@ -669,24 +679,12 @@ class TorchPlan : public AnyTorchPlan {
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
     }
-    if (!absmax.is_none()) {
-      const py::tuple lists = items_of(absmax, "absmax");
-      if (lists.size() != A::state_names.size())
-        throw Error(ErrorKind::value, "absmax: one list (or None) per state of the algorithm");
-      b.absmax.resize(lists.size());
-      for (size_t k = 0; k < lists.size(); ++k) {
-        if (lists[k].is_none()) continue;
-        const py::tuple items = items_of(lists[k], "absmax");
-        for (size_t j = 0; j < items.size(); ++j) {
-          b.absmax[k].emplace_back();
-          describe_torch(
-              items[j].ptr(),
-              std::string(A::state_names[k]) + "_absmax[" + std::to_string(index_.at(j)) + "]",
-              b.absmax[k].back());
-          references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
-        }
-      }
-    }
+    describe_absmax<A>(absmax, b, [&](size_t k, size_t j, const py::tuple& list, BufferInfo& info) {
+      describe_torch(
+          list[j].ptr(),
+          std::string(A::state_names[k]) + "_absmax[" + std::to_string(index_.at(j)) + "]", info);
+      references_.push_back(py::reinterpret_borrow<py::object>(list[j]));
+    });
     const py::tuple step_items = items_of(steps, "steps");
     for (size_t j = 0; j < step_items.size(); ++j) {
       step_slots_.push_back(scalar_slot(

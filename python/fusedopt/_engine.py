@@ -228,6 +228,9 @@ def step_once(
     scalars: np.ndarray | None = None,
     grad_scale: float | None = None,
     stream: Any = None,
+    masters: Sequence[Any] | None = None,
+    absmax: Sequence[Sequence[Any] | None] | None = None,
+    rounding_seed: int | None = None,
 ) -> None:
     """One step over arrays described for this call only: every buffer is checked, then every
     tensor updated, in one native call (on the device for CUDA arrays). ``group_of`` None puts
@@ -242,8 +245,9 @@ def step_once(
         )  # fmt: skip
         return
     _core.step(
-        algorithm, groups, group_of, steps, params, grads, states, new_state, scalars, grad_scale
-    )
+        algorithm, groups, group_of, steps, params, grads, states, new_state, scalars, grad_scale,
+        masters=masters, rounding_seed=rounding_seed, absmax=absmax,
+    )  # fmt: skip
 
 
 class Plan(Protocol):

@@ -233,7 +233,9 @@ class SpiralClassifier:
         return float(loss), grads
 
 
-def mlp_problem(model: SpiralClassifier) -> Problem:
+def mlp_problem(model: SpiralClassifier, hidden: int | None = None) -> Problem:
+    if hidden is not None:  # a wider hidden layer (64 x 64 = 4096 weights: 8-bit state applies)
+        model = SpiralClassifier(model.inputs, model.labels, hidden=hidden, seed=model.seed)
     return Problem(
         name="mlp-spirals",
         description=(
@@ -493,6 +495,88 @@ def plot_range_tests(
     axes.set_ylabel("smoothed loss")
 
 
+# ---- Low precision: the same training in fewer bytes (docs/spec.md section 22) ----------------
+
+PRECISIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "float32": ("float32", {}),
+    "bfloat16, rounded to nearest": ("bfloat16", {}),
+    "bfloat16 + float32 master": ("bfloat16", {"master_weights": True}),
+    "bfloat16, stochastic rounding": ("bfloat16", {"stochastic_rounding": True}),
+    "bfloat16 + master, 8-bit state": ("bfloat16", {"master_weights": True, "state_dtype": "int8"}),
+}
+"""Adam's storage configurations the demo compares: (param dtype, options)."""
+
+
+def noisy_quadratic(n: int = 8192, noise: float = 0.5, seed: int = 0) -> Problem:
+    """An ill-conditioned quadratic (curvatures 0.01 to 1, log-spaced; the minimum near 3, where
+    a bfloat16 ulp is 1/64) with noisy gradients: the loss is exact, the gradients are not."""
+    rng = np.random.default_rng(seed)
+    curvature = np.logspace(-2, 0, n)
+    minimum = rng.standard_normal(n) + 3.0
+
+    def loss_and_grads(params: Arrays) -> tuple[float, Arrays]:
+        offset = params[0].astype(np.float64) - minimum
+        grad = curvature * offset + noise * rng.standard_normal(n)
+        return float(0.5 * np.mean(curvature * offset**2)), [grad]
+
+    return Problem(
+        name="noisy-quadratic",
+        description=f"{n} curvatures from 0.01 to 1, gradient noise {noise}",
+        target=0.0,
+        learning_rates={"adam": 1e-2},
+        initial_params=lambda: [np.zeros(n)],
+        loss_and_grads=loss_and_grads,
+    )
+
+
+def low_precision_losses(problem: Problem, steps: int, learning_rate: float) -> dict[str, float]:
+    """Adam on ``problem`` in each of PRECISIONS: the mean loss of the last tenth of the steps.
+    The loss and gradients are computed in float32 from the stored params (as a bfloat16 model's
+    forward pass sees them); the gradients are stored in the params' dtype."""
+    from fusedopt._engine import numpy_dtype
+
+    finals = {}
+    for name, (dtype, options) in PRECISIONS.items():
+        params = [p.astype(numpy_dtype(dtype)) for p in problem.initial_params()]
+        optimizer = fusedopt.Adam(params, lr=learning_rate, **options)
+        tail = []
+        for index in range(steps):
+            loss, grads = problem.loss_and_grads([p.astype(np.float32) for p in params])
+            if index >= steps - max(1, steps // 10):
+                tail.append(loss)
+            optimizer.step([g.astype(numpy_dtype(dtype)) for g in grads])
+        finals[name] = float(np.mean(tail))
+    return finals
+
+
+def low_precision_results(quick: bool) -> dict[str, tuple[int, dict[str, float]]]:
+    """Per problem: its steps and low_precision_losses. The MLP stops at 150 steps, where its
+    loss is still about 0.1: past that it approaches 0, where the bfloat16 forward pass's own
+    rounding, not the optimizer's storage, sets the ratio."""
+    quadratic_steps = 500 if quick else 2000
+    mlp = mlp_problem(SpiralClassifier.generate(), hidden=64)
+    return {
+        "noisy quadratic": (
+            quadratic_steps,
+            low_precision_losses(noisy_quadratic(), quadratic_steps, 1e-2),
+        ),
+        "MLP 2-64-64-1": (150, low_precision_losses(mlp, 150, 1e-2)),
+    }
+
+
+def format_low_precision(quick: bool) -> str:
+    lines = [
+        "Low precision: Adam (lr 0.01) in each storage; final loss (mean of the last tenth of the "
+        "steps) and its ratio to float32's",
+    ]
+    for problem, (steps, finals) in low_precision_results(quick).items():
+        base = finals["float32"]
+        lines.append(f"  {problem}, {steps} steps")
+        for name, value in finals.items():
+            lines.append(f"    {name:<32} {value:10.4g}  {value / base:6.2f}x")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fusedopt demo",
@@ -556,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         print(range_tests)
         print()
     print(format_table(runs), flush=True)
+    print()
+    print(format_low_precision(quick=args.steps < FULL_STEPS), flush=True)
 
     if draw:
         plot(runs, args.output)

@@ -25,7 +25,7 @@ it, and nothing changes.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from fusedopt._engine import (
     TORCH,
     Description,
     Hyperparameter,
+    Precision,
     as_number,
     describe,
     native_values,
@@ -95,9 +96,15 @@ def _run(
     scalars: dict[str, Any] | None,
     grad_scale: Any,
     found_inf: Any,
+    masters: OptionalArrays = None,
+    absmax: Mapping[str, OptionalArrays] | None = None,
+    stochastic_rounding: Any = False,
+    seed: Any = 0,
 ) -> None:
     """One call of a generated function: ``values`` are its hyperparameters in the order of the
-    description's fields (the convention left out)."""
+    description's fields (the convention left out). ``masters``, ``absmax`` (the per-block
+    scales of 8-bit states, by the state argument's name) and ``stochastic_rounding`` with its
+    ``seed``: 16-bit and 8-bit storage (docs/spec.md section 22)."""
     if found_inf is not None and skip_step(found_inf):
         return
     # The values' types are part of the key: 1.0 == True, yet a flag refuses 1.0.
@@ -112,7 +119,14 @@ def _run(
         s if type(s) is list or s is None else _list(s, name)
         for s, name in zip(states, description.plural_states)
     ]
-    if type(step) is int and first_step is False and scalars is None and 0 < step <= 2**62:
+    low_precision = masters is not None or absmax is not None or stochastic_rounding is not False
+    if (
+        type(step) is int
+        and first_step is False
+        and scalars is None
+        and 0 < step <= 2**62
+        and not low_precision
+    ):
         scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
         if _step_cached(description, options, param_list, grad_list, state_lists, scale, step):
             return
@@ -137,7 +151,9 @@ def _run(
         new_state=[bool(first_step)] * count if description.uses_new_state else None,
         scalars=scalar_rows,
         grad_scale=scale,
-    )
+        **(_low_precision(description, masters, absmax, stochastic_rounding, seed)
+           if low_precision else {}),
+    )  # fmt: skip
     if scalars is not None and scalar_rows is not None:
         for k, name in enumerate(description.scalars):
             scalars[name][...] = scalar_rows[:, k]
@@ -211,6 +227,32 @@ _MAX_PLANS = 16
 _cache = threading.local()
 
 
+def _low_precision(
+    description: Description,
+    masters: OptionalArrays,
+    absmax: Mapping[str, OptionalArrays] | None,
+    stochastic_rounding: Any,
+    seed: Any,
+) -> dict[str, Any]:
+    precision = Precision.of(stochastic_rounding=stochastic_rounding, seed=seed)
+    scales = None
+    if absmax is not None:
+        if not isinstance(absmax, Mapping):
+            raise TypeError("absmax must be a dict: state argument name -> list of scales")
+        unknown = set(absmax) - set(description.plural_states)
+        if unknown:
+            raise ValueError(f"absmax: unknown states {sorted(unknown)}")
+        scales = [
+            _list(absmax[name], f"absmax[{name!r}]") if name in absmax else None
+            for name in description.plural_states
+        ]
+    return {
+        "masters": None if masters is None else _list(masters, "masters"),
+        "absmax": scales,
+        "rounding_seed": precision.rounding_seed,
+    }
+
+
 def _step_cached(
     description: Description,
     options: tuple[float, ...],
@@ -273,6 +315,8 @@ def _make(algorithm: str) -> Any:
         keywords.append("first_step=False")
     if d.takes_grad_scale:
         keywords += ["grad_scale=None", "found_inf=None"]
+    low_precision = ["masters=None", "absmax=None", "stochastic_rounding=False", "seed=0"]
+    keywords += low_precision
     # The convention the description defaults to: LAMB's is Keras', the only one it has.
     default_convention = "keras" if d.field("convention").default == KERAS else "torch"
     keywords.append(f"convention={default_convention!r}")
@@ -289,6 +333,10 @@ def _make(algorithm: str) -> Any:
         scalar_map if d.scalars else "None",
         "grad_scale" if d.takes_grad_scale else "None",
         "found_inf" if d.takes_grad_scale else "None",
+        "masters",
+        "absmax",
+        "stochastic_rounding",
+        "seed",
     ]
     source = (
         f"def {algorithm}_({', '.join(positional)}, *, {', '.join(keywords)}):\n"
