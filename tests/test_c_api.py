@@ -35,6 +35,13 @@ FLOAT32, FLOAT64 = 0, 1
 TORCH, KERAS = 0, 1
 MAX_STATES, MAX_SCALARS = 3, 2
 DTYPES = {np.dtype(np.float32): FLOAT32, np.dtype(np.float64): FLOAT64}
+DTYPES[np.dtype(np.float16)] = 3  # FUSEDOPT_FLOAT16
+try:
+    import ml_dtypes
+
+    DTYPES[np.dtype(ml_dtypes.bfloat16)] = 2  # FUSEDOPT_BFLOAT16
+except ImportError:  # the bfloat16 test skips
+    pass
 
 
 class Tensor(ctypes.Structure):
@@ -1557,3 +1564,45 @@ def test_the_python_modules_export_only_their_entry_points() -> None:
     for module in modules:
         exported = exported_symbols(module)
         assert all(name.startswith("PyInit_") for name in exported), (module.name, exported)
+
+
+@pytest.mark.parametrize("dtype_value", [2, 3], ids=["bfloat16", "float16"])
+def test_16_bit_tensors_step_as_the_python_classes_do(lib, dtype_value: int) -> None:
+    """FUSEDOPT_BFLOAT16 and FUSEDOPT_FLOAT16 buffers (state in the param's dtype, rounded to
+    nearest): the same bits as fusedopt.Adam over the same arrays, by fusedopt_step and by a
+    plan."""
+    storage = np.dtype(np.float16)
+    if dtype_value == 2:
+        storage = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    rng = np.random.default_rng(21)
+    values = rng.standard_normal(1000).astype(np.float32)
+    grads = [rng.standard_normal(1000).astype(storage) for _ in range(3)]
+    expected = values.astype(storage)
+    reference_opt = fusedopt.Adam([expected], lr=0.01)
+    for g in grads:
+        reference_opt.step([g])
+    options = Options("adam", lr=0.01)
+    for route in ("step", "plan"):
+        param = values.astype(storage)
+        m, v = np.zeros_like(param), np.zeros_like(param)
+        if route == "step":
+            for t, g in enumerate(grads, start=1):
+                assert step([options], [make_tensor(param, g, (m, v), step=t)]) == OK, last_error()
+        else:
+            plan = Plan([options], [make_tensor(param, grads[0], (m, v))])
+            for g in grads:
+                assert plan.step([g]) == OK, last_error()
+        assert np.array_equal(param.view(np.uint16), expected.view(np.uint16)), route
+        assert np.array_equal(
+            v.view(np.uint16), reference_opt.state[0]["exp_avg_sq"].view(np.uint16)
+        )
+
+
+def test_a_dtype_the_c_abi_does_not_offer_is_refused(lib) -> None:
+    param = np.zeros(8, np.uint8)
+    t = make_tensor(np.zeros(8, np.float32), np.zeros(8, np.float32))
+    t.dtype = 4  # fusedopt's internal 8-bit state: not a fusedopt_dtype
+    options = Options("sgd")
+    assert step([options], [t]) != OK
+    assert "not a fusedopt_dtype" in last_error()
+    assert not param.any()

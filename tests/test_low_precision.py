@@ -782,3 +782,65 @@ def test_the_functional_api_takes_the_same_storage():
     assert same(param, opt._params[0])
     assert same(master, state["master"])
     assert np.array_equal(codes[0], state["exp_avg"]) and same(scale_v, state["exp_avg_sq_absmax"])
+
+
+def test_keras_style_classes_take_the_same_options():
+    """fusedopt.keras_numpy: a bfloat16 variable's step is the float32 step rounded (Keras'
+    convention), and master weights, 8-bit state and stochastic rounding are kept as in the
+    PyTorch-style classes."""
+    from fusedopt import keras_numpy
+
+    rng = np.random.default_rng(15)
+    variable = rng.standard_normal(5000).astype(BF16)
+    wide = variable.astype(np.float32)
+    ours, theirs = keras_numpy.Adam(learning_rate=0.01), keras_numpy.Adam(learning_rate=0.01)
+    grad = rng.standard_normal(5000).astype(BF16)
+    ours.apply([grad], [variable])
+    theirs.apply([grad.astype(np.float32)], [wide])
+    assert same(variable, wide.astype(BF16))
+    assert same(ours.state[0]["momentum"], theirs.state[0]["momentum"].astype(BF16))
+
+    stored = keras_numpy.Adam(
+        learning_rate=0.01, master_weights=True, state_dtype="int8", stochastic_rounding=True
+    )
+    stored.apply([grad], [variable])
+    entry = stored.state[0]
+    assert entry["master"].dtype == np.float32 and entry["momentum"].dtype == np.uint8
+    assert entry["momentum_absmax"].shape == (-(-5000 // 256),)
+    # Stochastic rounding of the master: one of its two bfloat16 neighbours.
+    off = np.abs(variable.astype(np.float64) - entry["master"].astype(np.float64))
+    assert (off <= np.spacing(np.abs(variable)).astype(np.float64)).all()
+    with pytest.raises(ValueError, match="master_weights"):
+        keras_numpy.Adam(master_weights=True).apply(
+            [np.ones(3, np.float32)], [np.ones(3, np.float32)]
+        )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_conversions_give_the_same_bits_on_every_isa_nan_payloads_included(dtype):
+    """The AVX2 and AVX-512 builds convert float16 with F16C, the scalar one with integer
+    arithmetic: every 16-bit pattern widened, and 2^20 float32 patterns rounded, bit for bit
+    alike (NaN payloads too)."""
+
+    def run(isa_name: str) -> tuple[np.ndarray, np.ndarray]:
+        before = fusedopt.cpu_isa()
+        fusedopt.set_cpu_isa(isa_name)
+        try:
+            grad = np.arange(65536, dtype=np.uint16).view(SIXTEEN[dtype])
+            opt = fusedopt.SGD([np.zeros(65536, SIXTEEN[dtype])], lr=0.0, momentum=0.9,
+                               state_dtype="float32")  # fmt: skip
+            opt.step([grad])
+            values = every_float32_sample()
+            param = np.zeros(values.size, SIXTEEN[dtype])
+            rounding = fusedopt.SGD([param], lr=0.0, master_weights=True)
+            rounding.step([np.zeros_like(param)])
+            rounding.state[0]["master"][...] = values
+            rounding.step([np.zeros_like(param)])
+            return bits(opt.state[0]["momentum_buffer"]), bits(param)
+        finally:
+            fusedopt.set_cpu_isa(before)
+
+    first = run(fusedopt.available_isas()[0])
+    for isa_name in fusedopt.available_isas()[1:]:
+        again = run(isa_name)
+        assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1]), isa_name

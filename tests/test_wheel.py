@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -76,11 +77,17 @@ def test_the_repaired_wheel_is_manylinux_and_carries_the_cmake_package(
 
 
 def test_the_suite_passes_against_the_installed_wheel(repaired_wheel: Path, tmp_path: Path) -> None:
-    # The interpreter's own packages (numpy, pytest, torch, keras, pandas) stay visible so the
-    # whole suite runs; the wheel, installed into the venv, comes first on sys.path.
+    # The packages of the environment running this test (numpy, ml_dtypes, pytest, torch, keras,
+    # pandas) stay visible so the whole suite runs: a .pth file appends its site-packages, which
+    # --system-site-packages alone would not (it reaches the base interpreter's, not a venv's).
+    # The wheel, installed into the venv, comes first on sys.path.
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
     python = venv / "bin" / "python"
+    inner = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                cwd=tmp_path).strip()  # fmt: skip
+    outer = [path for path in site.getsitepackages() if Path(path).is_dir()]
+    (Path(inner) / "outer-environment.pth").write_text("\n".join(outer) + "\n")
     # --force-reinstall: an installed fusedopt of the same version outside the venv would
     # otherwise count as already installed.
     install = ["-m", "pip", "install", "--no-deps", "--force-reinstall", str(repaired_wheel)]

@@ -103,14 +103,17 @@ FUSEDOPT_LANE_FN U float_bits_to_bfloat16_stochastic(U f, U random) {
 
 // ---- float16 (IEEE binary16) --------------------------------------------------------------------
 
-// Exact. Subnormals through float32 arithmetic (m * 2^-24 is exact), which every ISA has.
+// Exact. Subnormals through float32 arithmetic (m * 2^-24 is exact), which every ISA has. The
+// same bits as F16C's vcvtph2ps (the kernels use it where built with F16C).
 template <class U, class F>
 FUSEDOPT_LANE_FN U float16_to_float_bits(U h) {
   const U sign = (h & 0x8000u) << 16;
   const U exponent = (h >> 10) & 0x1fu;
   const U mantissa = h & 0x3ffu;
   const U normal = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-  const U special = sign | 0x7f800000u | (mantissa << 13);
+  // NaN keeps its payload and is quieted (the quiet bit set), as F16C's conversion does.
+  const U special =
+      sign | 0x7f800000u | (mantissa << 13) | pick(mantissa != 0u, U{} + 0x400000u, U{});
   F scaled = convert_to_float<F>(mantissa) * 0x1p-24f;
   U subnormal;
   __builtin_memcpy(&subnormal, &scaled, sizeof subnormal);
@@ -118,7 +121,8 @@ FUSEDOPT_LANE_FN U float16_to_float_bits(U h) {
 }
 
 // Ties to even, as numpy and torch round. Overflow (|x| >= 65520) gives infinity; NaN the quiet
-// NaN 0x7e00 with its sign.
+// NaN 0x7e00 with its sign. F16C's vcvtps2ph gives the same bits but for NaN payloads (the
+// kernels then set those NaNs to this one).
 template <class U>
 FUSEDOPT_LANE_FN U float_bits_to_float16(U f) {
   const U sign = (f >> 16) & 0x8000u;

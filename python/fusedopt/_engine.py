@@ -439,6 +439,8 @@ class Precision:
 
 
 FULL_PRECISION = Precision()  # the default: nothing stored in fewer bits than the param
+# The options' names, keyword-only on every optimizer class.
+PRECISION_OPTIONS = ("state_dtype", "master_weights", "stochastic_rounding", "seed")
 
 
 def skip_step(found_inf: Any) -> bool:

@@ -31,14 +31,21 @@ import numpy as np
 
 from fusedopt import _core
 from fusedopt._engine import (
+    FULL_PRECISION,
     KERAS,
+    PRECISION_OPTIONS,
+    SIXTEEN_BIT,
     Description,
     Hyperparameter,
     Plan,
+    Precision,
     as_number,
     describe,
+    dtype_name,
     make_plan,
     native_values,
+    numpy_dtype,
+    quantize_blockwise,
 )
 
 LearningRate = float | Callable[[int], float]
@@ -70,7 +77,14 @@ class Optimizer:
             if "__init__" not in cls.__dict__:
                 cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
 
-    def _setup(self, hyperparameters: dict[str, Any], base: dict[str, Any]) -> None:
+    def _setup(
+        self,
+        hyperparameters: dict[str, Any],
+        base: dict[str, Any],
+        precision: Precision = FULL_PRECISION,
+    ) -> None:
+        precision.check_algorithm(self._description)
+        self.precision = precision
         clipnorm, clipvalue, global_clipnorm = (base[k] for k in _BASE_ARGUMENTS[:3])
         given = [c for c in (clipnorm, clipvalue, global_clipnorm) if c is not None]
         if len(given) > 1:
@@ -100,6 +114,10 @@ class Optimizer:
         self._variables: list[np.ndarray] = []
         self._index_of: dict[int, int] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}
+        # Low precision (docs/spec.md section 22): the per-block scales of 8-bit states (None for
+        # a variable whose state is float32) and the float32 masters of 16-bit variables.
+        self._absmax: dict[str, list[np.ndarray | None]] = {}
+        self._masters: list[np.ndarray | None] = []
         # Scalars Keras keeps once for the whole optimizer (Nadam's u_product), by native name.
         self._scalars = {
             name: value
@@ -182,16 +200,29 @@ class Optimizer:
         for i, v in enumerate(variables):
             if not isinstance(v, np.ndarray):
                 raise TypeError(f"variables[{i}] must be a numpy.ndarray, got {type(v).__name__}")
-            if v.dtype not in (np.float32, np.float64):
+            if not v.dtype.isnative or dtype_name(v.dtype) not in (
+                "float32",
+                "float64",
+                *SIXTEEN_BIT,
+            ):
                 raise TypeError(
-                    f"variables[{i}] has dtype {v.dtype}; fusedopt updates float32 and float64"
+                    f"variables[{i}] has dtype {v.dtype}; fusedopt updates float32, float64, "
+                    "bfloat16 and float16"
                 )
         index_of = {id(v): i for i, v in enumerate(variables)}
         if len(index_of) != len(variables):
             raise ValueError("variables: the same array appears twice")
+        self.precision.check([dtype_name(v.dtype) for v in variables])
         self._variables = variables
         self._index_of = index_of
         self._buffers = {}
+        self._absmax = {}
+        self._masters = [
+            np.array(v, dtype=np.float32, order="C", copy=True)
+            if self.precision.needs_master(dtype_name(v.dtype))
+            else None
+            for v in variables
+        ]
         self._plans = {}
         self._create_states(self._native_options(self._current_learning_rate()))
         self.built = True
@@ -202,10 +233,24 @@ class Optimizer:
         used = self._description.states_used(options)
         initial, _ = self._description.initial_values(options)
         created = False
-        for native, name in zip(self._description.states, self._state_names):
+        for k, (native, name) in enumerate(zip(self._description.states, self._state_names)):
             if native in used and name not in self._buffers:
-                value = initial[self._description.states.index(native)]
-                self._buffers[name] = [np.full_like(v, value, order="C") for v in self._variables]
+                buffers, scales = [], []
+                for v in self._variables:
+                    dtype = self.precision.state_dtype_for(dtype_name(v.dtype), v.size)
+                    if dtype == "int8":
+                        codes, absmax = quantize_blockwise(
+                            np.full(v.shape, initial[k], np.float32),
+                            bool(self._description.nonnegative_states >> k & 1),
+                        )
+                        buffers.append(codes)
+                        scales.append(absmax)
+                    else:
+                        buffers.append(np.full_like(v, initial[k], numpy_dtype(dtype), order="C"))
+                        scales.append(None)
+                self._buffers[name] = buffers
+                if any(s is not None for s in scales):
+                    self._absmax[name] = scales
                 created = True
         return created
 
@@ -219,11 +264,18 @@ class Optimizer:
             arrays = {id(v): v for v in [*self._variables, *variables]}
             values = [(a, a.copy()) for a in arrays.values()]
             values += [(b, b.copy()) for entries in self._buffers.values() for b in entries]
+            values += [
+                (a, a.copy())
+                for a in [*self._masters, *(a for s in self._absmax.values() for a in s)]
+                if a is not None
+            ]
             attributes = {k: v for k, v in vars(self).items() if k != "_lock"}
             containers = {
                 "_variables": list(self._variables),
                 "_index_of": dict(self._index_of),
                 "_buffers": {name: list(b) for name, b in self._buffers.items()},
+                "_absmax": {name: list(a) for name, a in self._absmax.items()},
+                "_masters": list(self._masters),
                 "_scalars": dict(self._scalars),
             }
 
@@ -249,11 +301,18 @@ class Optimizer:
 
     @property
     def state(self) -> dict[int, dict[str, np.ndarray]]:
-        """The live state of each variable by index, with Keras' state names."""
-        return {
-            i: {name: buffers[i] for name, buffers in self._buffers.items()}
-            for i in range(len(self._variables))
-        }
+        """The live state of each variable by index, with Keras' state names (8-bit states'
+        scales as ``<name>_absmax``, a 16-bit variable's float32 master as ``master``)."""
+        result = {}
+        for i in range(len(self._variables)):
+            entry = {name: buffers[i] for name, buffers in self._buffers.items()}
+            for name, scales in self._absmax.items():
+                if scales[i] is not None:
+                    entry[name + "_absmax"] = scales[i]
+            if self._masters and self._masters[i] is not None:
+                entry["master"] = self._masters[i]
+            result[i] = entry
+        return result
 
     # ------------------------------------------------------------------------------------ apply
 
@@ -316,6 +375,10 @@ class Optimizer:
                 for name in self._state_names
             ]
             scalars = np.zeros((len(indices), _core.max_scalars))
+            absmax = [
+                [self._absmax[name][i] for i in indices] if name in self._absmax else None
+                for name in self._state_names
+            ]
             plan = make_plan(
                 self._algorithm,
                 [options],
@@ -323,6 +386,11 @@ class Optimizer:
                 [self._variables[i] for i in indices],
                 states,
                 scalars=scalars,
+                masters=[self._masters[i] for i in indices]
+                if self.precision.master_weights
+                else None,
+                rounding_seed=self.precision.rounding_seed,
+                absmax=absmax if any(a is not None for a in absmax) else None,
             )
             self._plans[indices] = entry = (plan, options, scalars)
         plan, registered, scalars = entry
@@ -391,6 +459,9 @@ def _generated_init(cls: type[Optimizer]) -> Any:
         parameters.append(
             inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
         )
+    for name in PRECISION_OPTIONS:
+        default = Precision.__dataclass_fields__[name].default
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
     signature = inspect.Signature(parameters)
     own = {h.name for h in cls._hyperparameters}
 
@@ -399,9 +470,11 @@ def _generated_init(cls: type[Optimizer]) -> Any:
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         del arguments["self"]
+        precision = Precision.of(**{name: arguments.pop(name) for name in PRECISION_OPTIONS})
         self._setup(
             {k: v for k, v in arguments.items() if k in own},
             {k: v for k, v in arguments.items() if k not in own},
+            precision,
         )
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ import numpy as np
 from fusedopt import _core, cuda
 from fusedopt._engine import (
     FULL_PRECISION,
+    PRECISION_OPTIONS,
     SIXTEEN_BIT,
     TORCH,
     Description,
@@ -610,10 +611,6 @@ def _generated_init(cls: type[Optimizer]) -> Any:
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     __init__.__doc__ = f"Construct a {cls.__name__} over ``params`` (arrays or param groups)."
     return __init__
-
-
-# Every optimizer's low-precision options (fusedopt._engine.Precision), keyword-only.
-PRECISION_OPTIONS = ("state_dtype", "master_weights", "stochastic_rounding", "seed")
 
 
 def _full_like(param: Any, value: float, dtype: str) -> Any:

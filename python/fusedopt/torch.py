@@ -33,6 +33,7 @@ import torch
 from fusedopt import _core, cuda, optim
 from fusedopt._engine import (
     FULL_PRECISION,
+    PRECISION_OPTIONS,
     TORCH,
     Precision,
     dequantize_blockwise,
@@ -646,11 +647,11 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
     signature = inspect.signature(source)
     # fusedopt's low-precision options, keyword-only after torch's own (the NumPy classes
     # already have them).
-    own = [q for q in signature.parameters.values() if q.name not in optim.PRECISION_OPTIONS]
+    own = [q for q in signature.parameters.values() if q.name not in PRECISION_OPTIONS]
     precision_parameters = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                           default=Precision.__dataclass_fields__[name].default)
-        for name in optim.PRECISION_OPTIONS
+        for name in PRECISION_OPTIONS
     ]  # fmt: skip
     variadic = [q for q in own if q.kind == inspect.Parameter.VAR_KEYWORD]
     own = [q for q in own if q.kind != inspect.Parameter.VAR_KEYWORD]
@@ -662,7 +663,7 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         arguments = dict(bound.arguments)
         del arguments["self"]
         params = arguments.pop("params")
-        precision = Precision.of(**{name: arguments.pop(name) for name in optim.PRECISION_OPTIONS})
+        precision = Precision.of(**{name: arguments.pop(name) for name in PRECISION_OPTIONS})
         defaults = _torch_defaults(declaration, arguments)
         Optimizer.__init__(self, params, defaults, precision)
 
