@@ -79,7 +79,8 @@ BufferInfo describe(void* data, int64_t size, int32_t dtype) {
   info.shape = {size};
   info.size = size;
   // The C ABI's dtypes: float32, float64, bfloat16 and float16 (8-bit state is not offered).
-  if (dtype >= FUSEDOPT_FLOAT32 && dtype <= FUSEDOPT_FLOAT16) info.dtype = static_cast<Dtype>(dtype);
+  if (dtype >= FUSEDOPT_FLOAT32 && dtype <= FUSEDOPT_FLOAT16)
+    info.dtype = static_cast<Dtype>(dtype);
   info.contiguous = true;
   info.writeable = true;
   info.dtype_name = std::to_string(dtype) + " (not a fusedopt_dtype)";
