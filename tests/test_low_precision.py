@@ -495,32 +495,43 @@ def test_torch_bfloat16_adamw_is_torch_fused_adamw_without_a_master():
     assert bool((off <= ulp).all()), float((off / ulp).max())
 
 
-def test_torch_state_dict_keeps_the_master_exact():
-    """torch's load_state_dict casts every floating state to the param's dtype; the master and
-    a float32 state come back in float32, exactly."""
+def _torch_checkpoint_continues(name: str, size: int, options: dict, check) -> None:
+    """Three steps of fusedopt.torch.<name> over a bfloat16 param, its state dict loaded into a
+    fresh optimizer (``check(saved, original state, loaded state)`` first), then one more step
+    of each: the same param, bit for bit."""
     torch = _torch()
     import fusedopt.torch as ftorch
 
-    param = torch.nn.Parameter(torch.randn(300).to(torch.bfloat16))
-    options = dict(lr=1e-2, master_weights=True, state_dtype="float32")
-    opt = ftorch.Adam([param], **options)
+    param = torch.nn.Parameter(torch.randn(size).to(torch.bfloat16))
+    opt = getattr(ftorch, name)([param], **options)
     for _ in range(3):
-        param.grad = torch.randn(300).to(torch.bfloat16)
+        param.grad = torch.randn(size).to(torch.bfloat16)
         opt.step()
     # A copy, as a checkpoint file is: torch's load_state_dict shares the "step" tensors.
     saved = copy.deepcopy(opt.state_dict())
     other_param = torch.nn.Parameter(param.detach().clone())
-    other = ftorch.Adam([other_param], **options)
+    other = getattr(ftorch, name)([other_param], **options)
     other.load_state_dict(saved)
-    for key in ("master", "exp_avg", "exp_avg_sq"):
-        got = other.state[other_param][key]
-        assert got.dtype == torch.float32
-        assert torch.equal(got, opt.state[param][key])
-    grad = torch.randn(300).to(torch.bfloat16)
+    check(saved, opt.state[param], other.state[other_param])
+    grad = torch.randn(size).to(torch.bfloat16)
     param.grad, other_param.grad = grad.clone(), grad.clone()
     opt.step()
     other.step()
     assert torch.equal(param, other_param)
+
+
+def test_torch_state_dict_keeps_the_master_exact():
+    """torch's load_state_dict casts every floating state to the param's dtype; the master and
+    a float32 state come back in float32, exactly."""
+    torch = _torch()
+
+    def check(saved, original, loaded):
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            assert loaded[key].dtype == torch.float32
+            assert torch.equal(loaded[key], original[key])
+
+    options = dict(lr=1e-2, master_weights=True, state_dtype="float32")
+    _torch_checkpoint_continues("Adam", 300, options, check)
 
 
 def test_torch_refuses_what_does_not_apply():
@@ -601,7 +612,7 @@ def test_each_8_bit_step_is_the_float32_step_quantized(cls, hyper, dtype):
             for entry in saved["state"].values():
                 for name in names:
                     if name in entry:
-                        nonneg = opt._nonnegative(name)
+                        nonneg = opt._description.nonnegative(name)
                         entry[name] = dequantize_blockwise(
                             entry[name], entry.pop(name + "_absmax"), nonneg
                         )
@@ -612,7 +623,9 @@ def test_each_8_bit_step_is_the_float32_step_quantized(cls, hyper, dtype):
             assert same(param, twin_param.astype(storage)), f"param at step {step + 1}"
             for name in names:
                 if name in twin.state.get(0, {}):
-                    codes, absmax = quantize_blockwise(twin.state[0][name], opt._nonnegative(name))
+                    codes, absmax = quantize_blockwise(
+                        twin.state[0][name], opt._description.nonnegative(name)
+                    )
                     assert np.array_equal(opt.state[0][name], codes), f"{name}, step {step + 1}"
                     assert same(opt.state[0][name + "_absmax"], absmax)
 
@@ -703,25 +716,13 @@ def test_torch_8_bit_adam_tracks_bitsandbytes_adam8bit():
 
 def test_torch_8_bit_state_dict_round_trip():
     torch = _torch()
-    import fusedopt.torch as ftorch
 
-    param = torch.nn.Parameter(torch.randn(6000).to(torch.bfloat16))
+    def check(saved, original, loaded):
+        assert saved["state"][0]["exp_avg_absmax"].dtype == torch.float32
+        assert loaded["exp_avg_absmax"].dtype == torch.float32
+
     options = dict(lr=1e-2, state_dtype="int8", master_weights=True)
-    opt = ftorch.AdamW([param], **options)
-    for _ in range(3):
-        param.grad = torch.randn(6000).to(torch.bfloat16)
-        opt.step()
-    saved = copy.deepcopy(opt.state_dict())
-    assert saved["state"][0]["exp_avg_absmax"].dtype == torch.float32
-    other_param = torch.nn.Parameter(param.detach().clone())
-    other = ftorch.AdamW([other_param], **options)
-    other.load_state_dict(saved)
-    assert other.state[other_param]["exp_avg_absmax"].dtype == torch.float32
-    grad = torch.randn(6000).to(torch.bfloat16)
-    param.grad, other_param.grad = grad.clone(), grad.clone()
-    opt.step()
-    other.step()
-    assert torch.equal(param, other_param)
+    _torch_checkpoint_continues("AdamW", 6000, options, check)
 
 
 # ---- training quality ------------------------------------------------------------------------

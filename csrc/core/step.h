@@ -318,22 +318,18 @@ class Plan {
     for (size_t i = 0; i < step_.tensors.size(); ++i) {
       const TensorRef& t = step_.tensors[i];
       if (t.size == 0) continue;
-      auto add = [&](void* data, Dtype dtype, const std::string& name) {
+      auto add = [&](void* data, int64_t bytes, const std::string& name) {
         const auto begin = reinterpret_cast<uintptr_t>(data);
-        extents.push_back({begin, begin + static_cast<uintptr_t>(t.size * dtype_size(dtype)),
-                           name + "[" + std::to_string(i) + "]"});
+        extents.push_back(
+            {begin, begin + static_cast<uintptr_t>(bytes), name + "[" + std::to_string(i) + "]"});
       };
-      add(t.param, t.dtype, "params");
-      if (t.master) add(t.master, Dtype::float32, "masters");
-      for (int k = 0; k < kMaxStates; ++k)
-        if (registered_states_[i][k]) add(registered_states_[i][k], t.state_dtype, state_names_[k]);
-      for (int k = 0; k < kMaxStates; ++k)
-        if (t.absmax[k]) {
-          const auto begin = reinterpret_cast<uintptr_t>(t.absmax[k]);
-          const int64_t blocks = (t.size + kQuantBlock - 1) / kQuantBlock;
-          extents.push_back({begin, begin + static_cast<uintptr_t>(blocks * 4),
-                             state_names_[k] + "_absmax[" + std::to_string(i) + "]"});
-        }
+      add(t.param, t.size * dtype_size(t.dtype), "params");
+      if (t.master) add(t.master, t.size * 4, "masters");
+      for (int k = 0; k < kMaxStates; ++k) {
+        if (registered_states_[i][k])
+          add(registered_states_[i][k], t.size * dtype_size(t.state_dtype), state_names_[k]);
+        if (t.absmax[k]) add(t.absmax[k], quant_blocks(t.size) * 4, state_names_[k] + "_absmax");
+      }
     }
     registered_extents_ = ExtentIndex(std::move(extents));
   }

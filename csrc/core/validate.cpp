@@ -209,7 +209,7 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
                                      scale_name.str() + ", its per-block absmax, is not given");
         const BufferInfo& scale = b.absmax[k][i];
         check_buffer(scale, scale_name, true);
-        const int64_t blocks = (param.size + kQuantBlock - 1) / kQuantBlock;
+        const int64_t blocks = quant_blocks(param.size);
         if (scale.dtype != Dtype::float32 || scale.size != blocks)
           fail(ErrorKind::value, scale_name.str() + " must be float32 with " +
                                      std::to_string(blocks) + " values (one per block of " +

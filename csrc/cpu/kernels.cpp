@@ -177,7 +177,6 @@ void update_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
 // lane is its own sequential sum, so each ISA adds the same numbers in the same order.
 typedef double Sums16 __attribute__((vector_size(16 * sizeof(double))));
 typedef float Floats16 __attribute__((vector_size(16 * sizeof(float))));
-typedef int32_t Ints16 __attribute__((vector_size(16 * sizeof(int32_t))));
 template <class T>
 using Values16 = std::conditional_t<std::is_same_v<T, float>, Floats16, Sums16>;
 
@@ -299,7 +298,6 @@ void widen(const uint16_t* in, int64_t n, float* out) {
   }
 }
 
-// `index`: the position of in[0] in its tensor, for the random bits of stochastic rounding.
 template <Dtype D, bool Stochastic, class U>
 FUSEDOPT_LANE_FN U narrow_bits(U f, U random) {
   if constexpr (D == Dtype::bfloat16)
@@ -310,6 +308,7 @@ FUSEDOPT_LANE_FN U narrow_bits(U f, U random) {
                       : math::float_bits_to_float16(f);
 }
 
+// `index`: the position of in[0] in its tensor, for the random bits of stochastic rounding.
 template <Dtype D, bool Stochastic>
 void narrow(const float* in, int64_t n, uint16_t* out, uint64_t role_key, int64_t index) {
   const auto key_low = static_cast<uint32_t>(role_key);
@@ -378,6 +377,13 @@ inline void stage_out(const float* values, void* buffer, Dtype d, int64_t first,
 // dynamic map (the signed one, or the unsigned one for a non-negative state) and the block's
 // absmax: the value of element i is map[code[i]] * absmax. A step dequantizes, updates in
 // float32, and quantizes each block again with its new absmax (docs/spec.md section 22).
+
+// |x| lane by lane (the sign bit cleared) for a GCC vector of floats.
+template <class F>
+inline F lanes_abs(F x) {
+  using Bits = decltype(x == x);  // integer lanes of the same width
+  return (F)((Bits)x & 0x7fffffff);
+}
 
 inline const float* dynamic_map(bool nonnegative) {
   return nonnegative ? kUnsignedDynamicMap : kSignedDynamicMap;
@@ -486,8 +492,6 @@ inline GatherFloats gather_map(const float* map, GatherInts index) {
 #endif
 typedef uint8_t GatherBytes __attribute__((vector_size(kGatherLanes)));
 
-inline GatherFloats lanes_abs(GatherFloats x) { return (GatherFloats)((GatherInts)x & 0x7fffffff); }
-
 // Comparisons give -1 in a lane where true: subtracting a mask adds one.
 inline void nearest_codes(const float* x, int64_t n, const float* map, const CodeTable& table,
                           uint8_t* out) {
@@ -560,7 +564,7 @@ inline void quantize(const float* values, bool nonnegative, int64_t first, int64
     for (; i + 16 <= count; i += 16) {
       Floats16 v;
       std::memcpy(&v, values + begin + i, sizeof v);
-      v = (Floats16)((Ints16)v & 0x7fffffff);
+      v = lanes_abs(v);
       lanes = v > lanes ? v : lanes;
     }
     float largest = 0.0f;

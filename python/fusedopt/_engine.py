@@ -68,6 +68,10 @@ class Description:
         mask = _core.states_used(self.name, values)
         return tuple(name for k, name in enumerate(self.states) if mask & (1 << k))
 
+    def nonnegative(self, state: str) -> bool:
+        """Whether 8-bit storage of this state takes the unsigned dynamic map."""
+        return bool(self.nonnegative_states >> self.states.index(state) & 1)
+
     def initial_values(self, values: tuple[float, ...]) -> tuple[list[float], list[float]]:
         """The starting value of each state and of each scalar under these options."""
         return _core.initial_values(self.name, values)
@@ -294,6 +298,7 @@ def make_plan(
 # ---- Low precision (docs/spec.md section 22) ---------------------------------------------------
 
 SIXTEEN_BIT = ("bfloat16", "float16")
+UPDATED_DTYPES = ("float32", "float64", *SIXTEEN_BIT)  # of params, grads and float states
 STATE_DTYPES = (None, "float32", "bfloat16", "int8")
 # 8-bit state: bitsandbytes' blocks and its smallest quantized tensor (smaller ones keep float32).
 QUANT_BLOCK = 256
@@ -343,6 +348,16 @@ def quantize_blockwise(values: Any, nonnegative: bool) -> tuple[np.ndarray, np.n
     codes = np.where(closer & (left < 255), right, left)
     codes = np.where(np.isnan(normed), 0, codes).astype(np.uint8)
     return codes.reshape(np.shape(values)), absmax.astype(np.float32)
+
+
+def updates_dtype(dtype: np.dtype) -> bool:
+    """Whether fusedopt updates NumPy arrays of this dtype (native byte order only)."""
+    return dtype.isnative and dtype_name(dtype) in UPDATED_DTYPES
+
+
+def quantized_full(shape: tuple[int, ...], value: float, nonnegative: bool) -> tuple:
+    """A new 8-bit state of this shape, every element ``value``: (codes, absmax)."""
+    return quantize_blockwise(np.full(shape, value, np.float32), nonnegative)
 
 
 def dequantize_blockwise(codes: Any, absmax: Any, nonnegative: bool) -> np.ndarray:

@@ -34,7 +34,6 @@ from fusedopt._engine import (
     FULL_PRECISION,
     KERAS,
     PRECISION_OPTIONS,
-    SIXTEEN_BIT,
     Description,
     Hyperparameter,
     Plan,
@@ -45,7 +44,8 @@ from fusedopt._engine import (
     make_plan,
     native_values,
     numpy_dtype,
-    quantize_blockwise,
+    quantized_full,
+    updates_dtype,
 )
 
 LearningRate = float | Callable[[int], float]
@@ -200,11 +200,7 @@ class Optimizer:
         for i, v in enumerate(variables):
             if not isinstance(v, np.ndarray):
                 raise TypeError(f"variables[{i}] must be a numpy.ndarray, got {type(v).__name__}")
-            if not v.dtype.isnative or dtype_name(v.dtype) not in (
-                "float32",
-                "float64",
-                *SIXTEEN_BIT,
-            ):
+            if not updates_dtype(v.dtype):
                 raise TypeError(
                     f"variables[{i}] has dtype {v.dtype}; fusedopt updates float32, float64, "
                     "bfloat16 and float16"
@@ -239,9 +235,8 @@ class Optimizer:
                 for v in self._variables:
                     dtype = self.precision.state_dtype_for(dtype_name(v.dtype), v.size)
                     if dtype == "int8":
-                        codes, absmax = quantize_blockwise(
-                            np.full(v.shape, initial[k], np.float32),
-                            bool(self._description.nonnegative_states >> k & 1),
+                        codes, absmax = quantized_full(
+                            v.shape, initial[k], self._description.nonnegative(native)
                         )
                         buffers.append(codes)
                         scales.append(absmax)

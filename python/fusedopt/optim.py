@@ -26,7 +26,7 @@ from fusedopt import _core, cuda
 from fusedopt._engine import (
     FULL_PRECISION,
     PRECISION_OPTIONS,
-    SIXTEEN_BIT,
+    QUANT_BLOCK,
     TORCH,
     Description,
     Hyperparameter,
@@ -40,7 +40,9 @@ from fusedopt._engine import (
     native_values,
     numpy_dtype,
     quantize_blockwise,
+    quantized_full,
     skip_step,
+    updates_dtype,
 )
 from fusedopt._state import unflatten_state_dict
 
@@ -153,11 +155,7 @@ class Optimizer:
                     )
             elif not isinstance(p, np.ndarray):
                 raise TypeError(f"params[{i}] must be a numpy.ndarray, got {type(p).__name__}")
-            elif not p.dtype.isnative or dtype_name(p.dtype) not in (
-                "float32",
-                "float64",
-                *SIXTEEN_BIT,
-            ):
+            elif not updates_dtype(p.dtype):
                 raise TypeError(
                     f"params[{i}] has dtype {p.dtype}; fusedopt updates float32, float64, "
                     "bfloat16 (ml_dtypes) and float16"
@@ -508,8 +506,8 @@ class Optimizer:
         for name in missing:
             value = state_values[self._description.states.index(name)]
             if dtype == "int8":
-                self._buffers[name][i], self._absmax[name][i] = quantize_blockwise(
-                    np.full(param.shape, value, np.float32), self._nonnegative(name)
+                self._buffers[name][i], self._absmax[name][i] = quantized_full(
+                    param.shape, value, self._description.nonnegative(name)
                 )
             else:
                 self._buffers[name][i] = _full_like(param, value, dtype)
@@ -517,11 +515,6 @@ class Optimizer:
         if not self._has_scalars[i]:
             self._scalars[i, : len(scalar_values)] = scalar_values
             self._has_scalars[i] = True
-
-    def _nonnegative(self, name: str) -> bool:
-        return bool(
-            self._description.nonnegative_states >> self._description.states.index(name) & 1
-        )
 
     def _loaded_state(
         self, entry: Mapping[str, Any], param: Any, i: int, name: str
@@ -536,14 +529,14 @@ class Optimizer:
                 raise ValueError(f"state_dict: state[{i}][{name!r}] is 8-bit but has no absmax")
             scales = np.asarray(_host(entry[name + "_absmax"]), dtype=np.float32)
             codes = np.asarray(_host(value))
-            if codes.shape != tuple(param.shape) or scales.size != -(-param.size // 256):
+            if codes.shape != tuple(param.shape) or scales.size != -(-param.size // QUANT_BLOCK):
                 raise ValueError(f"state_dict: state[{i}][{name!r}] does not fit params[{i}]")
             if dtype == "int8":
                 return np.array(codes, order="C", copy=True), np.array(scales, copy=True)
-            value = dequantize_blockwise(codes, scales, self._nonnegative(name))
+            value = dequantize_blockwise(codes, scales, self._description.nonnegative(name))
         if dtype == "int8":
             floats = _state_array(value, param, i, name, "float32")
-            return quantize_blockwise(floats, self._nonnegative(name))
+            return quantize_blockwise(floats, self._description.nonnegative(name))
         return _state_array(value, param, i, name, dtype), None
 
     def _values_of(self, group: Mapping[str, Any]) -> tuple[Any, ...]:

@@ -40,6 +40,7 @@ from fusedopt._engine import (
     dtype_name,
     native_values,
     quantize_blockwise,
+    quantized_full,
 )
 
 __all__ = ["Optimizer"]
@@ -223,9 +224,8 @@ class Optimizer(torch.optim.Optimizer):
                 k = description.states.index(name)
                 value = initial_states[k]
                 if state_dtype == torch.uint8:  # 8-bit blockwise: codes and per-block absmax
-                    codes, absmax = quantize_blockwise(
-                        np.full(tuple(p.shape), value, np.float32),
-                        bool(description.nonnegative_states >> k & 1),
+                    codes, absmax = quantized_full(
+                        tuple(p.shape), value, description.nonnegative(name)
                     )
                     state[name] = torch.from_numpy(codes)
                     state[name + "_absmax"] = torch.from_numpy(absmax)
@@ -287,8 +287,7 @@ class Optimizer(torch.optim.Optimizer):
     ) -> None:
         """A saved state between 8-bit and float: quantized (float state into an 8-bit
         optimizer) or dequantized (8-bit state, with its absmax, into a float one)."""
-        description = self._declaration._description
-        nonnegative = bool(description.nonnegative_states >> description.states.index(name) & 1)
+        nonnegative = self._declaration._description.nonnegative(name)
         entry = self.state[p]
         if dtype == torch.uint8:
             codes, scales = quantize_blockwise(value.detach().float().cpu().numpy(), nonnegative)
