@@ -19,6 +19,15 @@ SIZES = [0, 1, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 4097, 65535, 65536, 65537]
 DTYPES = [np.float32, np.float64]
 
 
+# Tests that take minutes (they build the package) run first: pytest-xdist (README's `-n auto`)
+# hands out tests in collection order, and one of these collected last would run alone at the end.
+BUILDS_THE_PACKAGE = ("test_wheel.py", "test_cmake_consumer.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in BUILDS_THE_PACKAGE)
+
+
 @pytest.fixture(params=ISAS)
 def isa(request: pytest.FixtureRequest) -> Iterator[str]:
     """Runs the test with the kernels of one ISA, then restores the default."""
