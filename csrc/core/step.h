@@ -88,8 +88,11 @@ class ExtentIndex {
   const std::string* find_overlap(uintptr_t begin, uintptr_t end) const;
 
  private:
-  std::vector<Extent> extents_;          // by begin
+  // By begin. The begins are searched on their own: with the names beside them (48 bytes an
+  // extent) a lookup among 30,000 buffers missed the cache at every level of the search.
+  std::vector<uintptr_t> begins_;
   std::vector<uintptr_t> furthest_end_;  // furthest_end_[i]: max end of extents_[0..i]
+  std::vector<Extent> extents_;
 };
 
 // Checks that a grad can be read (and written, for a grad scale) next to its param.

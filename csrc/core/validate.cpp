@@ -251,17 +251,18 @@ void check_grad(const BufferInfo& grad, size_t index, const BufferInfo& param, b
 ExtentIndex::ExtentIndex(std::vector<Extent> extents) : extents_(std::move(extents)) {
   std::sort(extents_.begin(), extents_.end(),
             [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
+  begins_.reserve(extents_.size());
   furthest_end_.reserve(extents_.size());
   uintptr_t furthest = 0;
-  for (const Extent& e : extents_) furthest_end_.push_back(furthest = std::max(furthest, e.end));
+  for (const Extent& e : extents_) {
+    begins_.push_back(e.begin);
+    furthest_end_.push_back(furthest = std::max(furthest, e.end));
+  }
 }
 
 const std::string* ExtentIndex::find_overlap(uintptr_t begin, uintptr_t end) const {
   // The extents starting before `end`; one of them overlaps when the furthest reaches past begin.
-  const size_t count =
-      std::upper_bound(extents_.begin(), extents_.end(), end - 1,
-                       [](uintptr_t address, const Extent& e) { return address < e.begin; }) -
-      extents_.begin();
+  const size_t count = std::upper_bound(begins_.begin(), begins_.end(), end - 1) - begins_.begin();
   if (count == 0 || furthest_end_[count - 1] <= begin) return nullptr;
   for (size_t i = count; i-- > 0;)
     if (extents_[i].end > begin) return &extents_[i].name;
