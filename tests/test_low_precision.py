@@ -11,6 +11,7 @@ count; unbiasedness where rounding to nearest stalls; checkpoints; and refusals.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -252,17 +253,19 @@ def test_steps_match_the_reference(cls, ref, hyper, ref_hyper, dtype, master, st
 # ---- the same bits for every ISA and thread count --------------------------------------------
 
 
-def _run_adamw(isa_name: str, threads: int, sizes: tuple[int, ...], **options) -> list:
+def _run_adamw(
+    isa_name: str, threads: int, sizes: tuple[int, ...], dtype: Any = BF16, **options
+) -> list:
     """Three AdamW steps under this ISA and thread count: the params and every state array."""
     before_isa, before_threads = fusedopt.cpu_isa(), fusedopt.num_threads()
     fusedopt.set_cpu_isa(isa_name)
     fusedopt.set_num_threads(threads)
     try:
         rng = np.random.default_rng(9)
-        params = [rng.standard_normal(n).astype(BF16) for n in sizes]
+        params = [rng.standard_normal(n).astype(dtype) for n in sizes]
         opt = fusedopt.AdamW(params, lr=1e-3, **options)
         for _ in range(3):
-            opt.step([rng.standard_normal(p.size).astype(BF16) for p in params])
+            opt.step([rng.standard_normal(p.size).astype(dtype) for p in params])
         states = [v for e in opt.state.values() for v in e.values() if isinstance(v, np.ndarray)]
         return params + states
     finally:
@@ -275,8 +278,28 @@ def _run_adamw(isa_name: str, threads: int, sizes: tuple[int, ...], **options) -
     [
         ((1, 17, 300, 70001), dict(state_dtype="bfloat16", stochastic_rounding=True)),
         ((5000, 70001, 4097, 300), dict(state_dtype="int8", master_weights=True)),
+        # 16-bit storage is converted in registers by the AVX2 and AVX-512 kernels, staged by the
+        # scalar ones: every choice that loop makes.
+        (
+            (1, 17, 300, 70001),
+            dict(state_dtype="float32", master_weights=True, stochastic_rounding=True),
+        ),
+        ((33, 4099), dict(amsgrad=True, stochastic_rounding=True)),
+        ((33, 4099), dict(master_weights=True)),
+        ((1, 17, 300, 70001), dict(dtype=np.float16, stochastic_rounding=True)),
+        ((33, 4099), dict(dtype=np.float16, state_dtype="float32", master_weights=True)),
+        ((33, 4099), dict(dtype=np.float16, amsgrad=True)),
     ],
-    ids=["stochastic", "8-bit"],
+    ids=[
+        "stochastic",
+        "8-bit",
+        "float32-state-master",
+        "amsgrad",
+        "master-nearest",
+        "float16-stochastic",
+        "float16-float32-state-master",
+        "float16-amsgrad",
+    ],
 )
 def test_results_are_the_same_for_every_isa_and_thread_count(sizes, options):
     """Stochastic rounding's bits and 8-bit blocks do not depend on how a step is split."""

@@ -259,21 +259,36 @@ FUSEDOPT_LANE_FN U widen_bits(U h) {
 }
 
 // float16 by AVX-512's conversions in that build: the same bits as the integer conversions
-// (csrc/math/rounding.h), NaNs rounded to nearest made the canonical one. The AVX2 build keeps
-// the integer code: a first F16C version, its 16 lanes split in two through memory, was slower.
+// (csrc/math/rounding.h), NaNs rounded to nearest made the canonical one. The AVX2 build's staged
+// path keeps the integer code: F16C over its 16 lanes, split in two through memory, was slower
+// (the in-register loop below takes F16C's 8 lanes at a time).
 #if defined(__AVX512F__)
 #define FUSEDOPT_FLOAT16_HARDWARE 1
 inline Bits16 float16_to_float_bits_hardware(Halves16 h) {
   return (Bits16)_mm512_cvtph_ps((__m256i)h);
 }
+#endif
 
-inline Halves16 float_bits_to_float16_hardware(Bits16 f) {
-  const Halves16 h =
-      (Halves16)_mm512_cvtps_ph((__m512)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Bits16 nan = (Bits16)((f & 0x7fffffffu) > 0x7f800000u);
-  const Halves16 canonical = __builtin_convertvector(((f >> 16) & 0x8000u) | 0x7e00u, Halves16);
-  return __builtin_convertvector(nan, Halves16) ? canonical : h;
+#if defined(__AVX512F__) || defined(__AVX2__)
+// A lane of floats, and of their bits.
+using FloatLane = Lane<float>;
+constexpr int kFloatLanes = FloatLane::lanes;
+typedef uint32_t LaneBits __attribute__((vector_size(kFloatLanes * sizeof(uint32_t))));
+
+// float16 to nearest by F16C: the integer rounding's bits once every NaN is made the quiet NaN
+// with no payload, which converts to the canonical 0x7e00 (with its sign).
+FUSEDOPT_LANE_FN LaneBits round_float16_hardware(LaneBits f) {
+  const LaneBits nan = (LaneBits)((f & 0x7fffffffu) > 0x7f800000u);
+  f = nan ? (f & 0x80000000u) | 0x7fc00000u : f;
+#if defined(__AVX512F__)
+  const __m256i h = _mm512_cvtps_ph((__m512)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (LaneBits)_mm512_cvtepu16_epi32(h);
+#else
+  const __m128i h = _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (LaneBits)_mm256_cvtepu16_epi32(h);
+#endif
 }
+
 #endif
 
 template <Dtype D>
@@ -325,7 +340,7 @@ void narrow(const float* in, int64_t n, uint16_t* out, uint64_t role_key, int64_
     }
 #if defined(FUSEDOPT_FLOAT16_HARDWARE)
     if constexpr (D == Dtype::float16 && !Stochastic) {
-      const Halves16 h = float_bits_to_float16_hardware(f);
+      const Halves16 h = __builtin_convertvector(round_float16_hardware(f), Halves16);
       std::memcpy(out + i, &h, sizeof h);
       continue;
     }
@@ -628,9 +643,10 @@ struct StagedChunk {
   }
 };
 
+// The staged path over [begin, end) of a tensor, a chunk at a time.
 template <class A>
-void staged_update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
-                          int64_t begin, int64_t end) {
+void staged_chunks(const TensorRef& t, const typename A::Coefficients& coefficients, int64_t begin,
+                   int64_t end) {
   constexpr bool second_pass = A::reductions > 0;  // reads the states, writes only the param
   StagedChunk chunk;
   for (int64_t first = begin; first < end;) {
@@ -641,6 +657,171 @@ void staged_update_kernel(const TensorRef& t, const typename A::Coefficients& co
     if (!second_pass) chunk.store_states(t, first, A::nonnegative_states);
     first = last;
   }
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// ---- 16-bit storage in registers --------------------------------------------------------------
+// Staging is an L1 round trip per buffer, which cost about as much as Adam's own math (Adam over
+// bfloat16 at 1e7 elements was slower than over float32, though it moves half the bytes). For the
+// common low-precision configurations, 16-bit params and grads with states of the same dtype or
+// float32 (a master copy or not, either rounding), each lane of values is widened right after its
+// load and rounded right before its store, inside the float32 loop: the same float32 math on the
+// same values and the same rounding, so the same bits as staging. The rest (8-bit state, bfloat16
+// state for float16 params, a written-back grad, a reduction's pass) and lanes left over at a
+// tensor's end take the staged path; so does the scalar build.
+
+template <int... Lane>
+constexpr LaneBits lane_numbers(std::integer_sequence<int, Lane...>) {
+  return LaneBits{static_cast<uint32_t>(Lane)...};
+}
+
+// One zero-extending load and one narrowing store, by intrinsics: GCC's generic vector
+// conversions split these into halves and shuffles.
+FUSEDOPT_LANE_FN LaneBits load_halves(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return (LaneBits)_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  return (LaneBits)_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+}
+
+// Lanes below 2^16 (the roundings' results), narrowed to 16 bits.
+FUSEDOPT_LANE_FN void store_halves(uint16_t* p, LaneBits x) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)x));
+#else
+  const __m256i v = (__m256i)x;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+#endif
+}
+
+// A lane of 16-bit values of dtype D, widened: float16 by F16C's conversion (the integer
+// conversion's bits, csrc/math/rounding.h).
+template <Dtype D>
+FUSEDOPT_LANE_FN FloatLane load_sixteen(const void* buffer, int64_t i) {
+  const uint16_t* const p = static_cast<const uint16_t*>(buffer) + i;
+  FloatLane x;
+  if constexpr (D == Dtype::float16) {
+#if defined(__AVX512F__)
+    x.v =
+        (FloatLane::native)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+    x.v = (FloatLane::native)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+  } else {
+    const LaneBits bits = math::bfloat16_to_float_bits(load_halves(p));
+    std::memcpy(&x.v, &bits, sizeof bits);
+  }
+  return x;
+}
+
+// The rounding key of a role, split as the staged path splits it (math::random_bits).
+struct RoundingKey {
+  uint32_t low = 0, high = 0;
+};
+
+template <Dtype D, bool Stochastic>
+FUSEDOPT_LANE_FN void store_sixteen(void* buffer, int64_t i, const FloatLane& x, RoundingKey key) {
+  LaneBits f;
+  std::memcpy(&f, &x.v, sizeof f);
+  LaneBits rounded;
+  if constexpr (Stochastic) {
+    constexpr LaneBits lane = lane_numbers(std::make_integer_sequence<int, kFloatLanes>{});
+    const LaneBits random = math::random_bits(lane + static_cast<uint32_t>(i), key.low, key.high);
+    rounded = D == Dtype::bfloat16 ? math::float_bits_to_bfloat16_stochastic(f, random)
+                                   : math::float_bits_to_float16_stochastic(f, random);
+  } else {
+    rounded = D == Dtype::bfloat16 ? math::float_bits_to_bfloat16(f) : round_float16_hardware(f);
+  }
+  store_halves(static_cast<uint16_t*>(buffer) + i, rounded);
+}
+
+inline bool sixteen_bit_in_registers(const TensorRef& t) {
+  return (t.dtype == Dtype::bfloat16 || t.dtype == Dtype::float16) && !t.write_grad &&
+         (t.state_dtype == t.dtype || t.state_dtype == Dtype::float32);
+}
+
+// A loop per rounding and state dtype; the master copy and which states a tensor has are tested
+// per lane (the same way every time for a tensor, so predicted), which keeps the build small.
+template <class A, Dtype D, bool Stochastic, bool FloatStates>
+void sixteen_bit_update_loop(const TensorRef& t, const typename A::Coefficients& coefficients,
+                             int64_t begin, int64_t end) {
+  // Everything the loop reads, in locals whose addresses never escape (see update_kernel): read
+  // through `t`, the pointers were loaded again after every store.
+  void* const param = t.param;
+  const void* const grad = t.grad;
+  float* const master = t.master;
+  void* const state[kMaxStates] = {t.state[0], t.state[1], t.state[2]};
+  const auto update = [c = coefficients](FloatLane & p, FloatLane & g, FloatLane(&s)[kMaxStates])
+      __attribute__((always_inline)) {
+    math::update(c, p, g, s);
+  };
+  for (int64_t i = begin; i < end;) {
+    // Lanes within one 2^32 elements of the tensor: the rounding keys' high half is per chunk.
+    const int64_t segment_end = std::min(end, ((i >> 32) + 1) << 32);
+    RoundingKey keys[1 + kMaxStates];
+    if (Stochastic)
+      for (int role = 0; role <= kMaxStates; ++role) {
+        const uint64_t key = role_key(t.rounding_key, role);
+        keys[role] = {static_cast<uint32_t>(key),
+                      math::chunk_key_high(key, static_cast<uint64_t>(i))};
+      }
+    for (; i + kFloatLanes <= segment_end; i += kFloatLanes) {
+      FloatLane p = master ? load_lane<FloatLane>(master + i) : load_sixteen<D>(param, i);
+      FloatLane g = load_sixteen<D>(grad, i);
+      FloatLane s[kMaxStates];
+      for (int k = 0; k < kMaxStates; ++k) {
+        if (!state[k]) {
+          s[k] = FloatLane(0.0f);
+        } else if (FloatStates) {
+          float* const at = static_cast<float*>(state[k]) + i;
+          __builtin_prefetch(at + 1024 / sizeof(float), 1);  // as stream_pattern does
+          s[k] = load_lane<FloatLane>(at);
+        } else {
+          s[k] = load_sixteen<D>(state[k], i);
+        }
+      }
+      update(p, g, s);
+      if (master) store_lane(master + i, p);
+      store_sixteen<D, Stochastic>(param, i, p, keys[0]);
+      for (int k = 0; k < kMaxStates; ++k) {
+        if (!state[k]) continue;
+        if (FloatStates)
+          store_lane(static_cast<float*>(state[k]) + i, s[k]);
+        else
+          store_sixteen<D, Stochastic>(state[k], i, s[k], keys[1 + k]);
+      }
+    }
+    if (i < segment_end) staged_chunks<A>(t, coefficients, i, segment_end);
+    i = segment_end;
+  }
+}
+
+template <class A, Dtype D>
+void sixteen_bit_update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
+                               int64_t begin, int64_t end) {
+  const bool float_states = t.state_dtype == Dtype::float32;
+  if (t.stochastic)
+    (float_states ? sixteen_bit_update_loop<A, D, true, true>
+                  : sixteen_bit_update_loop<A, D, true, false>)(t, coefficients, begin, end);
+  else
+    (float_states ? sixteen_bit_update_loop<A, D, false, true>
+                  : sixteen_bit_update_loop<A, D, false, false>)(t, coefficients, begin, end);
+}
+#endif
+
+template <class A>
+void staged_update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
+                          int64_t begin, int64_t end) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (A::reductions == 0)
+    if (sixteen_bit_in_registers(t))
+      return t.dtype == Dtype::bfloat16
+                 ? sixteen_bit_update_kernel<A, Dtype::bfloat16>(t, coefficients, begin, end)
+                 : sixteen_bit_update_kernel<A, Dtype::float16>(t, coefficients, begin, end);
+#endif
+  staged_chunks<A>(t, coefficients, begin, end);
 }
 
 // The first pass, a block of kReductionBlock elements at a time: the sums are the float32
