@@ -612,6 +612,63 @@ def test_quantization_follows_the_reference_rule():
         np.testing.assert_array_equal(absmax, ref_absmax.astype(np.float32))
 
 
+def _decision_points(code: np.ndarray) -> np.ndarray:
+    """float32 values where the rule's answer may change or a table's bucket starts or ends:
+    every code and every midpoint between neighbours, a few ulps either side, and both ends of
+    every bucket of |x| at 9 mantissa bits."""
+    code = code.astype(np.float32)
+    mid = ((code[:-1].astype(np.float64) + code[1:]) / 2).astype(np.float32)
+    points = np.concatenate([code, mid])
+    near = [points]
+    for steps in (1, 2, 3):
+        up, down = points.copy(), points.copy()
+        for _ in range(steps):
+            up, down = np.nextafter(up, np.float32(2)), np.nextafter(down, np.float32(-2))
+        near += [up, down]
+    magnitudes = np.arange(0, (0x3F800000 >> 14) + 1, dtype=np.uint32) << 14
+    edges = np.concatenate([magnitudes, magnitudes | 0x3FFF]).view(np.float32)
+    values = np.concatenate(near + [edges, -edges])
+    return values[np.abs(values) <= 1]
+
+
+@pytest.mark.parametrize("isa_name", fusedopt.available_isas())
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_the_kernels_quantize_by_the_rule_at_every_decision_point(isa_name, nonnegative):
+    """The kernels' quantizer (a table per bucket of |x| and the rule's comparison) against the
+    engine's (search and rule, the reference's definition) at every point where the answer can
+    change. Each block holds 1.0, so its values are quantized as they are. The first step of SGD
+    with momentum stores the grad as its buffer (the signed map); Adagrad's sum stores g * g (the
+    unsigned one)."""
+    from fusedopt._engine import quantize_blockwise
+
+    values = _decision_points(np.array(fusedopt._core.dynamic_map(nonnegative), np.float32))
+    if nonnegative:
+        values = np.abs(values)
+    blocks = -(-values.size // 255)
+    padded = np.zeros(blocks * 255, np.float32)
+    padded[: values.size] = values
+    grads = np.concatenate([np.ones((blocks, 1), np.float32), padded.reshape(blocks, 255)], 1)
+    if nonnegative:
+        grads = np.sqrt(grads)  # Adagrad stores the float32 square of these
+        opt = fusedopt.Adagrad([np.zeros(grads.size, np.float32)], lr=0.0, state_dtype="int8")
+        name = "sum"
+    else:
+        opt = fusedopt.SGD(
+            [np.zeros(grads.size, np.float32)], lr=0.0, momentum=0.9, state_dtype="int8"
+        )
+        name = "momentum_buffer"
+    before = fusedopt.cpu_isa()
+    fusedopt.set_cpu_isa(isa_name)
+    try:
+        opt.step([grads.ravel()])
+    finally:
+        fusedopt.set_cpu_isa(before)
+    stored = grads.ravel() * grads.ravel() if nonnegative else grads.ravel()
+    expected, absmax = quantize_blockwise(stored, nonnegative)
+    assert np.array_equal(opt.state[0][name + "_absmax"], absmax)
+    assert np.array_equal(opt.state[0][name], expected)
+
+
 @pytest.mark.parametrize(("cls", "hyper"), QUANTIZABLE, ids=lambda x: getattr(x, "__name__", ""))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_each_8_bit_step_is_the_float32_step_quantized(cls, hyper, dtype):
