@@ -60,6 +60,22 @@ class Tensor(ctypes.Structure):
     ]
 
 
+class TensorPrecision(ctypes.Structure):
+    """fusedopt_tensor_precision."""
+
+    _fields_ = [
+        ("state_dtype", ctypes.c_int32),
+        ("master", ctypes.c_void_p),
+        ("absmax", ctypes.c_void_p * MAX_STATES),
+    ]
+
+
+class Precision(ctypes.Structure):
+    """fusedopt_precision."""
+
+    _fields_ = [("stochastic_rounding", ctypes.c_int32), ("seed", ctypes.c_uint64)]
+
+
 class EwmaOptions(ctypes.Structure):
     _fields_ = [
         ("com", ctypes.c_double),
@@ -80,6 +96,11 @@ c_char_p, c_double, c_int32, c_int64 = (
     ctypes.c_int32,
     ctypes.c_int64,
 )
+
+# groups, num_groups, tensors, tensor_precision, num_tensors
+GROUPS_AND_TENSORS_WITH_PRECISION = [
+    HANDLES, c_int64, ctypes.POINTER(Tensor), ctypes.POINTER(TensorPrecision), c_int64
+]  # fmt: skip
 
 SIGNATURES = {
     "fusedopt_last_error": (c_char_p, []),
@@ -108,6 +129,14 @@ SIGNATURES = {
     "fusedopt_plan_create": (
         ctypes.c_int,
         [HANDLES, c_int64, ctypes.POINTER(Tensor), c_int64, HANDLES],
+    ),
+    "fusedopt_step_with_precision": (
+        ctypes.c_int,
+        [*GROUPS_AND_TENSORS_WITH_PRECISION, DOUBLE_P, ctypes.POINTER(Precision)],
+    ),
+    "fusedopt_plan_create_with_precision": (
+        ctypes.c_int,
+        [*GROUPS_AND_TENSORS_WITH_PRECISION, ctypes.POINTER(Precision), HANDLES],
     ),
     "fusedopt_plan_step": (ctypes.c_int, [HANDLE, HANDLES, DOUBLE_P]),
     "fusedopt_plan_set_options": (ctypes.c_int, [HANDLE, c_int64, HANDLE]),
@@ -1596,6 +1625,122 @@ def test_16_bit_tensors_step_as_the_python_classes_do(lib, dtype_value: int) -> 
         assert np.array_equal(
             v.view(np.uint16), reference_opt.state[0]["exp_avg_sq"].view(np.uint16)
         )
+
+
+INT8_BLOCKWISE = 4  # FUSEDOPT_INT8_BLOCKWISE, a state's dtype only
+PRECISION_CASES = [
+    # (param dtype, state_dtype option, C state dtype, master, stochastic rounding)
+    ("bfloat16", "float32", FLOAT32, True, True),
+    ("bfloat16", "int8", INT8_BLOCKWISE, False, False),
+    ("float16", "bfloat16", 2, True, True),
+    ("float32", "int8", INT8_BLOCKWISE, False, False),
+    ("bfloat16", None, 2, False, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "state_dtype", "state_value", "master", "stochastic"),
+    PRECISION_CASES,
+    ids=[f"{c[0]}-{c[1]}-master{c[3]:d}-sr{c[4]:d}" for c in PRECISION_CASES],
+)
+def test_precision_options_step_as_the_python_classes_do(
+    lib, dtype: str, state_dtype: str | None, state_value: int, master: bool, stochastic: bool
+) -> None:
+    """fusedopt_step_with_precision and a plan made with precision: the same bits as
+    fusedopt.AdamW with the same state_dtype, master_weights, stochastic_rounding and seed, for
+    the param, its master and every state (8-bit codes and scales included), over 3 steps."""
+    from fusedopt._engine import numpy_dtype, quantized_full
+
+    storage = numpy_dtype(dtype)
+    rng = np.random.default_rng(31)
+    n = 5000  # 8-bit state needs 4096 elements or more; a partial last block
+    values = rng.standard_normal(n).astype(storage)
+    grads = [rng.standard_normal(n).astype(storage) for _ in range(3)]
+    options = dict(state_dtype=state_dtype, master_weights=master, stochastic_rounding=stochastic,
+                   seed=7)  # fmt: skip
+    expected = values.copy()
+    python = fusedopt.AdamW([expected], lr=0.01, weight_decay=0.1, **options)
+    for g in grads:
+        python.step([g])
+    names = ("exp_avg", "exp_avg_sq")
+    for route in ("step", "plan"):
+        param = values.copy()
+        states, absmax = [], []
+        for name in names:
+            if state_value == INT8_BLOCKWISE:
+                codes, scales = quantized_full((n,), 0.0, name == "exp_avg_sq")
+                states.append(codes)
+                absmax.append(scales)
+            else:
+                state_storage = np.float32 if state_value == FLOAT32 else numpy_dtype("bfloat16")
+                states.append(np.zeros(n, state_storage))
+        master_copy = param.astype(np.float32) if master else None
+        extra = TensorPrecision(state_value, address(master_copy),
+                                (ctypes.c_void_p * MAX_STATES)(*map(address, absmax)))  # fmt: skip
+        precision = Precision(int(stochastic), 7)
+        adamw = Options("adam", lr=0.01, weight_decay=0.1, decoupled_weight_decay=1)
+        if route == "step":
+            for t, g in enumerate(grads, start=1):
+                tensor = make_tensor(param, g, states, step=t)
+                status = lib.fusedopt_step_with_precision(
+                    handles([adamw]), 1, ctypes.byref(tensor), ctypes.byref(extra), 1, None,
+                    ctypes.byref(precision),
+                )  # fmt: skip
+                assert status == OK, last_error()
+        else:
+            plan = HANDLE()
+            tensor = make_tensor(param, grads[0], states)
+            status = lib.fusedopt_plan_create_with_precision(
+                handles([adamw]), 1, ctypes.byref(tensor), ctypes.byref(extra), 1,
+                ctypes.byref(precision), ctypes.byref(plan),
+            )  # fmt: skip
+            assert status == OK, last_error()
+            try:
+                for g in grads:
+                    pointers = (ctypes.c_void_p * 1)(address(g))
+                    assert lib.fusedopt_plan_step(plan, pointers, None) == OK, last_error()
+            finally:
+                lib.fusedopt_plan_destroy(plan)
+        state = python.state[0]
+        assert bits_equal(param, expected), route
+        if master:
+            assert bits_equal(master_copy, state["master"]), route
+        for k, name in enumerate(names):
+            assert bits_equal(states[k], state[name]), (route, name)
+            if absmax:
+                assert bits_equal(absmax[k], state[name + "_absmax"]), (route, name)
+
+
+def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_precision_that_does_not_fit_is_refused_and_nothing_changes(lib) -> None:
+    """8-bit states without their scales, a master for a float32 param, and
+    FUSEDOPT_INT8_BLOCKWISE as a param's dtype: refused naming the buffer, nothing written."""
+    n = 5000
+    param, grad = np.ones(n, np.float32), np.ones(n, np.float32)
+    codes = [np.zeros(n, np.uint8), np.zeros(n, np.uint8)]
+    adam = Options("adam", lr=0.1)
+    before = checksum(param, *codes)
+    no_scales = TensorPrecision(INT8_BLOCKWISE, None, (ctypes.c_void_p * MAX_STATES)())
+    tensor = make_tensor(param, grad, codes)
+    status = lib.fusedopt_step_with_precision(
+        handles([adam]), 1, ctypes.byref(tensor), ctypes.byref(no_scales), 1, None, None
+    )
+    assert status != OK and "absmax" in last_error()
+    master = np.ones(n, np.float32)
+    with_master = TensorPrecision(FLOAT32, address(master), (ctypes.c_void_p * MAX_STATES)())
+    states = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    tensor = make_tensor(param, grad, states)
+    status = lib.fusedopt_step_with_precision(
+        handles([adam]), 1, ctypes.byref(tensor), ctypes.byref(with_master), 1, None, None
+    )
+    assert status != OK and "master" in last_error()
+    tensor.dtype = INT8_BLOCKWISE
+    assert step([adam], [tensor]) != OK and "not a fusedopt_dtype" in last_error()
+    assert checksum(param, *codes) == before and not any(s.any() for s in states)
+    assert (master == 1).all()
 
 
 def test_a_dtype_the_c_abi_does_not_offer_is_refused(lib) -> None:

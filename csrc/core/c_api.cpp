@@ -72,14 +72,17 @@ void check_count(const void* array, int64_t count, const char* name) {
 // any address stands in for them and the tensor is skipped like any other empty one.
 char empty_buffer_address;
 
-BufferInfo describe(void* data, int64_t size, int32_t dtype) {
+// `state`: FUSEDOPT_INT8_BLOCKWISE is a state's dtype, not a param's or a grad's.
+BufferInfo describe(void* data, int64_t size, int32_t dtype, bool state = false) {
   BufferInfo info;
   info.data = size == 0 && !data ? &empty_buffer_address : data;
   info.present = info.data != nullptr;
   info.shape = {size};
   info.size = size;
-  // The C ABI's dtypes: float32, float64, bfloat16 and float16 (8-bit state is not offered).
-  if (dtype >= FUSEDOPT_FLOAT32 && dtype <= FUSEDOPT_FLOAT16)
+  static_assert(static_cast<int>(Dtype::blockwise8) == FUSEDOPT_INT8_BLOCKWISE &&
+                    static_cast<int>(Dtype::float16) == FUSEDOPT_FLOAT16,
+                "fusedopt_dtype values are the core's Dtype values");
+  if (dtype >= FUSEDOPT_FLOAT32 && dtype <= (state ? FUSEDOPT_INT8_BLOCKWISE : FUSEDOPT_FLOAT16))
     info.dtype = static_cast<Dtype>(dtype);
   info.contiguous = true;
   info.writeable = true;
@@ -106,10 +109,13 @@ struct fusedopt_options {
   virtual double initial_scalar(int32_t k) const = 0;
   virtual bool takes_grad_scale() const = 0;
   virtual void step(const fusedopt_options* const* groups, int64_t num_groups,
-                    const fusedopt_tensor* tensors, int64_t num_tensors,
-                    const double* grad_scale) const = 0;
+                    const fusedopt_tensor* tensors,
+                    const fusedopt_tensor_precision* tensor_precision, int64_t num_tensors,
+                    const double* grad_scale, const fusedopt_precision* precision) const = 0;
   virtual fusedopt_plan* plan(const fusedopt_options* const* groups, int64_t num_groups,
-                              const fusedopt_tensor* tensors, int64_t num_tensors) const = 0;
+                              const fusedopt_tensor* tensors,
+                              const fusedopt_tensor_precision* tensor_precision,
+                              int64_t num_tensors, const fusedopt_precision* precision) const = 0;
 };
 
 struct fusedopt_plan {
@@ -152,11 +158,13 @@ std::vector<typename A::Options> typed_groups(const fusedopt_options* const* gro
 
 // The tensors of a call as the core's buffers and schedule.
 template <class A>
-void describe_tensors(const fusedopt_tensor* tensors, int64_t count, bool with_grads,
-                      StepBuffers& buffers, StepSchedule& schedule, std::vector<double*>& scalars) {
+void describe_tensors(const fusedopt_tensor* tensors, const fusedopt_tensor_precision* precision,
+                      int64_t count, bool with_grads, StepBuffers& buffers, StepSchedule& schedule,
+                      std::vector<double*>& scalars) {
   check_count(tensors, count, "tensors");
   buffers.states.resize(A::state_names.size());
   buffers.state_names.assign(A::state_names.begin(), A::state_names.end());
+  if (precision) buffers.absmax.resize(A::state_names.size());
   for (int64_t i = 0; i < count; ++i) {
     const fusedopt_tensor& t = tensors[i];
     if (t.size < 0)
@@ -171,13 +179,30 @@ void describe_tensors(const fusedopt_tensor* tensors, int64_t count, bool with_g
                                        " keeps " + A::scalar_names[0] + " per tensor");
     buffers.params.push_back(describe(t.param, t.size, t.dtype));
     if (with_grads) buffers.grads.push_back(describe(t.grad, t.size, t.dtype));
+    const int32_t state_dtype = precision ? precision[i].state_dtype : t.dtype;
     for (size_t k = 0; k < A::state_names.size(); ++k)
-      buffers.states[k].push_back(describe(t.state[k], t.size, t.dtype));
+      buffers.states[k].push_back(describe(t.state[k], t.size, state_dtype, true));
+    if (precision) {
+      // The core checks them: a master only for a 16-bit param, an absmax exactly for 8-bit
+      // states, of (size + 255) / 256 elements.
+      buffers.masters.push_back(describe(precision[i].master, t.size, FUSEDOPT_FLOAT32));
+      buffers.masters.back().present = precision[i].master != nullptr;
+      const int64_t blocks = (t.size + kQuantBlock - 1) / kQuantBlock;
+      for (size_t k = 0; k < A::state_names.size(); ++k) {
+        buffers.absmax[k].push_back(describe(precision[i].absmax[k], blocks, FUSEDOPT_FLOAT32));
+        buffers.absmax[k].back().present = precision[i].absmax[k] != nullptr;
+      }
+    }
     schedule.group_of.push_back(t.group);
     schedule.steps.push_back(t.step);
     schedule.new_state.push_back(t.new_state != 0);
     scalars.push_back(t.scalars);
   }
+}
+
+std::optional<uint64_t> rounding_seed_of(const fusedopt_precision* precision) {
+  if (!precision || !precision->stochastic_rounding) return std::nullopt;
+  return precision->seed;
 }
 
 // The core reads each tensor's scalars from one array of kMaxScalars per tensor: copied in from
@@ -203,10 +228,13 @@ template <class A>
 class TypedPlan : public fusedopt_plan {
  public:
   TypedPlan(std::vector<typename A::Options> groups, const fusedopt_tensor* tensors,
-            int64_t count) {
+            const fusedopt_tensor_precision* tensor_precision, int64_t count,
+            std::optional<uint64_t> rounding_seed)
+      : rounding_seed_(rounding_seed) {
     StepBuffers buffers;
     StepSchedule schedule;
-    describe_tensors<A>(tensors, count, false, buffers, schedule, scalar_sources_);
+    describe_tensors<A>(tensors, tensor_precision, count, false, buffers, schedule,
+                        scalar_sources_);
     for (size_t i = 0; i < schedule.steps.size(); ++i)
       if (schedule.steps[i] < 1)
         throw Error(ErrorKind::value, indexed("tensors", static_cast<int64_t>(i)) +
@@ -237,6 +265,7 @@ class TypedPlan : public fusedopt_plan {
     }
     StepExtras extras;
     if (grad_scale) extras.grad_scale = *grad_scale;
+    extras.rounding_seed = rounding_seed_;
     scalars_.gather(scalar_sources_);
     plan_->step(infos, extras, std::nullopt);
     scalars_.scatter(scalar_sources_);
@@ -260,6 +289,7 @@ class TypedPlan : public fusedopt_plan {
     int64_t size;
     Dtype dtype;
   };
+  std::optional<uint64_t> rounding_seed_;
   std::vector<Size> sizes_;
   std::vector<int64_t> counts_;
   std::vector<double*> scalar_sources_;
@@ -322,15 +352,17 @@ struct TypedOptions : fusedopt_options {
   bool takes_grad_scale() const override { return A::takes_grad_scale; }
 
   void step(const fusedopt_options* const* groups, int64_t num_groups,
-            const fusedopt_tensor* tensors, int64_t num_tensors,
-            const double* grad_scale) const override {
+            const fusedopt_tensor* tensors, const fusedopt_tensor_precision* tensor_precision,
+            int64_t num_tensors, const double* grad_scale,
+            const fusedopt_precision* precision) const override {
     const auto typed = typed_groups<A>(groups, num_groups);
     StepBuffers buffers;
     StepSchedule schedule;
     std::vector<double*> sources;
-    describe_tensors<A>(tensors, num_tensors, true, buffers, schedule, sources);
+    describe_tensors<A>(tensors, tensor_precision, num_tensors, true, buffers, schedule, sources);
     StepExtras extras;
     if (grad_scale) extras.grad_scale = *grad_scale;
+    extras.rounding_seed = rounding_seed_of(precision);
     buffers.grads_written = grad_scale != nullptr;
     ScalarRows scalars;
     scalars.gather(sources);
@@ -340,8 +372,11 @@ struct TypedOptions : fusedopt_options {
   }
 
   fusedopt_plan* plan(const fusedopt_options* const* groups, int64_t num_groups,
-                      const fusedopt_tensor* tensors, int64_t num_tensors) const override {
-    return new TypedPlan<A>(typed_groups<A>(groups, num_groups), tensors, num_tensors);
+                      const fusedopt_tensor* tensors,
+                      const fusedopt_tensor_precision* tensor_precision, int64_t num_tensors,
+                      const fusedopt_precision* precision) const override {
+    return new TypedPlan<A>(typed_groups<A>(groups, num_groups), tensors, tensor_precision,
+                            num_tensors, rounding_seed_of(precision));
   }
 };
 
@@ -474,17 +509,36 @@ int32_t fusedopt_takes_grad_scale(const fusedopt_options* options) {
 fusedopt_status fusedopt_step(const fusedopt_options* const* groups, int64_t num_groups,
                               const fusedopt_tensor* tensors, int64_t num_tensors,
                               const double* grad_scale) {
+  return fusedopt_step_with_precision(groups, num_groups, tensors, nullptr, num_tensors, grad_scale,
+                                      nullptr);
+}
+
+fusedopt_status fusedopt_step_with_precision(const fusedopt_options* const* groups,
+                                             int64_t num_groups, const fusedopt_tensor* tensors,
+                                             const fusedopt_tensor_precision* tensor_precision,
+                                             int64_t num_tensors, const double* grad_scale,
+                                             const fusedopt_precision* precision) {
   return guarded([&] {
-    first_group(groups, num_groups).step(groups, num_groups, tensors, num_tensors, grad_scale);
+    first_group(groups, num_groups)
+        .step(groups, num_groups, tensors, tensor_precision, num_tensors, grad_scale, precision);
   });
 }
 
 fusedopt_status fusedopt_plan_create(const fusedopt_options* const* groups, int64_t num_groups,
                                      const fusedopt_tensor* tensors, int64_t num_tensors,
                                      fusedopt_plan** plan) {
+  return fusedopt_plan_create_with_precision(groups, num_groups, tensors, nullptr, num_tensors,
+                                             nullptr, plan);
+}
+
+fusedopt_status fusedopt_plan_create_with_precision(
+    const fusedopt_options* const* groups, int64_t num_groups, const fusedopt_tensor* tensors,
+    const fusedopt_tensor_precision* tensor_precision, int64_t num_tensors,
+    const fusedopt_precision* precision, fusedopt_plan** plan) {
   return guarded([&] {
     if (!plan) throw Error(ErrorKind::type, "plan is NULL");
-    *plan = first_group(groups, num_groups).plan(groups, num_groups, tensors, num_tensors);
+    *plan = first_group(groups, num_groups)
+                .plan(groups, num_groups, tensors, tensor_precision, num_tensors, precision);
   });
 }
 

@@ -46,12 +46,16 @@ typedef enum fusedopt_status {
 } fusedopt_status;
 
 /* 16-bit buffers hold bfloat16 or IEEE float16 bits; their math is float32, rounded to nearest
- * (ties to even) when written back. */
+ * (ties to even) when written back unless stochastic rounding is asked for (fusedopt_precision). */
 typedef enum fusedopt_dtype {
   FUSEDOPT_FLOAT32 = 0,
   FUSEDOPT_FLOAT64 = 1,
   FUSEDOPT_BFLOAT16 = 2,
-  FUSEDOPT_FLOAT16 = 3
+  FUSEDOPT_FLOAT16 = 3,
+  /* For states only (fusedopt_tensor_precision.state_dtype): bitsandbytes' blockwise 8-bit
+   * state, one uint8 code of its dynamic map per element (the signed map, or the unsigned one for
+   * a non-negative state such as a second moment) and one float32 absmax per 256 elements. */
+  FUSEDOPT_INT8_BLOCKWISE = 4
 } fusedopt_dtype;
 
 typedef enum fusedopt_convention {
@@ -148,6 +152,31 @@ typedef struct fusedopt_tensor {
   int32_t new_state;
 } fusedopt_tensor;
 
+/* ---- Low precision (docs/spec.md section 22): the options every front end names alike ------ */
+
+/* How one tensor's states are stored, and its master copy (Python's state_dtype and
+ * master_weights). A zeroed struct means float32 states and no master. */
+typedef struct fusedopt_tensor_precision {
+  /* The fusedopt_dtype of every state buffer of the tensor: the tensor's own dtype (what the
+   * steps without precision use), or FUSEDOPT_FLOAT32, FUSEDOPT_BFLOAT16 or
+   * FUSEDOPT_INT8_BLOCKWISE for a float32, bfloat16 or float16 tensor. */
+  int32_t state_dtype;
+  /* NULL, or a float32 copy of a bfloat16 or float16 param (size elements): the step updates it
+   * and writes the param as its rounding. */
+  float* master;
+  /* For FUSEDOPT_INT8_BLOCKWISE states: state k's absmax, (size + 255) / 256 floats; NULL for an
+   * unused state and for other state dtypes. */
+  float* absmax[FUSEDOPT_MAX_STATES];
+} fusedopt_tensor_precision;
+
+/* How 16-bit params and states are written (Python's stochastic_rounding and seed). */
+typedef struct fusedopt_precision {
+  /* Nonzero: rounded stochastically, from random bits keyed by (seed, the tensor's step, the
+   * element's index): the same bits for any thread count or ISA. Zero: to nearest, ties to even. */
+  int32_t stochastic_rounding;
+  uint64_t seed;
+} fusedopt_precision;
+
 /* ---- Steps on the CPU: every tensor of the call in one pass over a shared thread pool ------ */
 
 /* One step of every tensor; groups[g] are the options of group g, all for one algorithm.
@@ -156,6 +185,13 @@ typedef struct fusedopt_tensor {
 FUSEDOPT_API fusedopt_status fusedopt_step(const fusedopt_options* const* groups,
                                            int64_t num_groups, const fusedopt_tensor* tensors,
                                            int64_t num_tensors, const double* grad_scale);
+
+/* fusedopt_step with storage: tensor_precision[i] for tensors[i] (NULL: every tensor's states in
+ * its own dtype, no master), and precision (NULL: rounding to nearest). */
+FUSEDOPT_API fusedopt_status fusedopt_step_with_precision(
+    const fusedopt_options* const* groups, int64_t num_groups, const fusedopt_tensor* tensors,
+    const fusedopt_tensor_precision* tensor_precision, int64_t num_tensors,
+    const double* grad_scale, const fusedopt_precision* precision);
 
 /* A plan: the params and states of an optimizer, described and validated once, so that each step
  * checks only its grads (the many-small-tensors case costs its bytes, not its tensor count). The
@@ -174,6 +210,12 @@ FUSEDOPT_API fusedopt_status fusedopt_plan_create(const fusedopt_options* const*
                                                   int64_t num_groups,
                                                   const fusedopt_tensor* tensors,
                                                   int64_t num_tensors, fusedopt_plan** plan);
+/* A plan with storage, as fusedopt_step_with_precision takes it: the masters and absmax arrays
+ * are registered with the params and states. */
+FUSEDOPT_API fusedopt_status fusedopt_plan_create_with_precision(
+    const fusedopt_options* const* groups, int64_t num_groups, const fusedopt_tensor* tensors,
+    const fusedopt_tensor_precision* tensor_precision, int64_t num_tensors,
+    const fusedopt_precision* precision, fusedopt_plan** plan);
 /* grads[i] for tensor i, with the dtype and size tensor i was registered with (unchecked: a
  * plan's grads are addresses); none may overlap a registered buffer. A refused step is not
  * counted. */
