@@ -384,7 +384,13 @@ def test_signature_defaults_and_config_are_keras_s(name: str) -> None:
 
     ours, theirs = getattr(fk, name), getattr(keras.optimizers, name)
     assert issubclass(ours, theirs) and issubclass(ours, keras.optimizers.Optimizer)
-    assert inspect.signature(ours) == inspect.signature(theirs)
+    # Keras' parameters, then the low-precision options, keyword-only, before **kwargs.
+    parameters = list(inspect.signature(ours).parameters.values())
+    options = [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert [p.name for p in options] == list(fusedopt._engine.PRECISION_OPTIONS)
+    assert [p for p in parameters if p not in options] == list(
+        inspect.signature(theirs).parameters.values()
+    )
     optimizer = ours()
     config = optimizer.get_config()
     expected = theirs().get_config()
@@ -425,11 +431,122 @@ def built(optimizer: Any) -> tuple[Any, list[Any]]:
 def test_a_variable_of_another_dtype_is_refused_at_build() -> None:
     optimizer = fk.Adam(weight_decay=0.1)
     variables = [keras.Variable(np.ones(3), dtype="float32", name="w")]
-    variables.append(keras.Variable(np.ones(2), dtype="float16", name="half"))
-    with pytest.raises(TypeError, match=r"'half' has dtype float16; fusedopt updates float32"):
-        optimizer.apply([np.ones(3, np.float32), np.ones(2, np.float16)], variables)
+    variables.append(keras.Variable(np.ones(2), dtype="int32", name="ints", trainable=False))
+    with pytest.raises(TypeError, match=r"'ints' has dtype int32; fusedopt updates float32"):
+        optimizer.apply([np.ones(3, np.float32), np.ones(2, np.int32)], variables)
     assert not optimizer.built and int(optimizer.iterations) == 0
     assert_unchanged([np.ones(3), np.ones(2)], variables)
+
+
+# ----------------------------------------------------------------------- 16-bit variables
+
+SIXTEEN_BIT_CASES = [
+    ("Adam", {}, {}),  # slots in the variables' dtype, as Keras makes them
+    ("Adam", {}, dict(stochastic_rounding=True, seed=3)),
+    ("SGD", dict(momentum=0.9), dict(state_dtype="float32", stochastic_rounding=True, seed=5)),
+    ("RMSprop", dict(momentum=0.5), dict(state_dtype="float32")),
+    ("Lion", {}, dict(state_dtype="bfloat16")),
+    ("Lamb", {}, dict(stochastic_rounding=True, seed=9)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    ("name", "hyper", "options"),
+    SIXTEEN_BIT_CASES,
+    ids=[f"{c[0]}-{'-'.join(c[2]) or 'default'}" for c in SIXTEEN_BIT_CASES],
+)
+def test_16_bit_variables_step_as_the_numpy_keras_classes_do(
+    name: str, hyper: dict, options: dict, dtype: str
+) -> None:
+    """bfloat16 and float16 Keras variables, slots in ``state_dtype``, stochastic rounding keyed
+    by Keras' t: the same bits as fusedopt.keras_numpy with the same options over NumPy arrays,
+    three steps, two variables. (Keras' own optimizers compute in the variables' dtype;
+    fusedopt's math is float32, rounded once per write.)"""
+    from fusedopt._engine import numpy_dtype
+
+    storage = numpy_dtype(dtype)
+    rng = np.random.default_rng(17)
+    starts = [rng.standard_normal(shape).astype(storage) for shape in ((40, 30), (30,))]
+    variables = [keras.Variable(a.astype(np.float32), dtype=dtype) for a in starts]
+    arrays = [a.copy() for a in starts]
+    optimizer = getattr(fk, name)(learning_rate=0.01, **hyper, **options)
+    twin = getattr(fusedopt.keras_numpy, name)(learning_rate=0.01, **hyper, **options)
+    for _ in range(3):
+        grads = [rng.standard_normal(a.shape).astype(storage) for a in starts]
+        optimizer.apply([torch.from_numpy(g.view(np.uint16)).view(getattr(torch, dtype))
+                         for g in grads], variables)  # fmt: skip
+        twin.apply(grads, arrays)
+    for variable, array in zip(variables, arrays):
+        got = variable.value.detach().view(torch.int16).numpy()
+        assert np.array_equal(got, array.view(np.int16))
+    slot_dtype = options.get("state_dtype") or dtype
+    slots = [v for v in optimizer.variables if v.shape == variables[0].shape]
+    assert slots and all(keras.backend.standardize_dtype(v.dtype) == slot_dtype for v in slots)
+
+
+def test_nadam_keeps_its_u_product_in_the_variables_dtype_as_keras_does() -> None:
+    """Keras makes Nadam's optimizer-wide u_product in the variables' dtype: over bfloat16
+    variables it is stepped in float32 and stored rounded, each step from the stored value."""
+    variable = keras.Variable(np.ones(64, np.float32), dtype="bfloat16")
+    optimizer = fk.Nadam(0.01)
+    expected = 1.0
+    for t in range(1, 4):
+        optimizer.apply([torch.full((64,), 0.5, dtype=torch.bfloat16)], [variable])
+        u_t = 0.9 * (1.0 - 0.5 * 0.96**t)
+        expected = float(torch.tensor(expected * u_t, dtype=torch.bfloat16))
+        stored = optimizer._u_product.value.detach()
+        assert stored.dtype == torch.bfloat16
+        assert abs(float(stored) - expected) <= 2**-7 * expected
+    assert (variable.value.float() < 1).all()
+
+
+def test_a_bfloat16_model_trains_saves_and_continues_with_its_options(tmp_path: Path) -> None:
+    """Under the 'bfloat16' policy (bfloat16 variables) model.fit trains with float32 slots and
+    stochastic rounding; the options are in the saved config, and a loaded model continues
+    exactly as the original does."""
+    with policy("bfloat16"):
+        model = make_model()
+        optimizer = fk.AdamW(0.01, state_dtype="float32", stochastic_rounding=True, seed=2)
+        model.compile(optimizer=optimizer, loss="mse")
+        x, y = data()
+        before = model.evaluate(x, y, verbose=0)
+        model.fit(x, y, epochs=4, batch_size=BATCH, shuffle=False, verbose=0)
+        assert model.evaluate(x, y, verbose=0) < 0.8 * before
+        assert {keras.backend.standardize_dtype(v.dtype) for v in model.trainable_variables} == {
+            "bfloat16"
+        }
+        assert keras.backend.standardize_dtype(optimizer._momentums[0].dtype) == "float32"
+        path = tmp_path / "model.keras"
+        model.save(path)
+        loaded = keras.saving.load_model(path)
+        assert loaded.optimizer.precision == optimizer.precision
+        for m in (model, loaded):
+            m.fit(x, y, epochs=1, batch_size=BATCH, shuffle=False, verbose=0)
+        for a, b in zip(model.weights, loaded.weights):
+            assert np.array_equal(
+                a.value.detach().view(torch.int16).numpy(),
+                b.value.detach().view(torch.int16).numpy(),
+            )
+
+
+@pytest.mark.parametrize(
+    ("options", "what"),
+    [(dict(master_weights=True), "master_weights=True is not offered for Keras variables"),
+     (dict(state_dtype="int8"), "state_dtype='int8' is not offered for Keras variables"),
+     (dict(state_dtype="float16"), "state_dtype: must be None")],
+)  # fmt: skip
+def test_precision_options_keras_variables_do_not_take_are_refused(options: dict, what: str):
+    with pytest.raises(ValueError, match=what):
+        fk.Adam(**options)
+
+
+def test_a_state_dtype_for_float64_variables_is_refused_at_build() -> None:
+    optimizer = fk.Adam(state_dtype="float32")
+    variables = [keras.Variable(np.ones(3), dtype="float64", name="w")]
+    with pytest.raises(ValueError, match="does not apply to float64 params"):
+        optimizer.apply([np.ones(3)], variables)
+    assert not optimizer.built and int(optimizer.iterations) == 0
 
 
 def test_a_gradient_of_the_wrong_shape_is_refused_with_nothing_changed() -> None:

@@ -24,8 +24,16 @@ How a step is split between Keras and fusedopt (``apply`` -> ``_backend_apply_gr
 Before Keras changes anything, each ``apply`` checks the gradients (one per variable, of its
 shape; converted to the variable's dtype and device as Keras' ``ops.cast`` would), the learning
 rate (a number, whatever a schedule returns) and the hyperparameters; a refused step changes no
-variable and leaves ``iterations`` alone. Variables must be float32 or float64 (the
-``mixed_float16`` policy keeps them float32); others are refused when the optimizer is built.
+variable and leaves ``iterations`` alone. Variables must be float32, float64, bfloat16 or float16
+(the ``mixed_*`` policies keep them float32, the ``bfloat16`` policy makes them bfloat16); others
+are refused when the optimizer is built.
+
+Low precision (docs/spec.md section 22), keyword-only after Keras' arguments: ``state_dtype``
+(None: Keras' slots in each variable's dtype; ``"float32"`` or ``"bfloat16"``),
+``stochastic_rounding`` and ``seed`` (keyed by Keras' t). For 16-bit variables fusedopt's math
+is float32, rounded once per write, where Keras' own optimizers compute in the variables' dtype;
+Keras' parts of a step (weight decay, clipping, EMA) stay Keras', in that dtype, rounded to
+nearest. Not yet for Keras variables: ``master_weights`` and ``state_dtype="int8"`` (refused).
 
 Only the torch backend updates variables in place: on JAX or TensorFlow the constructor raises,
 naming the torch backend. Saving: the slots are Keras variables, so ``model.save`` and
@@ -45,7 +53,16 @@ import numpy as np
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from fusedopt import _core, cuda, keras_numpy
-from fusedopt._engine import KERAS, as_number, make_plan, native_values
+from fusedopt._engine import (
+    FULL_PRECISION,
+    KERAS,
+    PRECISION_OPTIONS,
+    SIXTEEN_BIT,
+    Precision,
+    as_number,
+    make_plan,
+    native_values,
+)
 
 __all__ = ["Optimizer"]
 
@@ -97,6 +114,9 @@ class _Entry:
         # Under a stateless scope (``stateless_apply``): Keras' optimizer-wide variables and the
         # copies of their values the plan steps, assigned back after the step.
         self.assign_back: list[tuple[Any, Any]] = []
+        # 16-bit optimizer-wide variables (Keras makes Nadam's u_product in the variables'
+        # dtype): float32 copies the plan steps, read from them before each step.
+        self.read_first: list[tuple[Any, Any]] = []
 
 
 class _Native:
@@ -125,9 +145,25 @@ class Optimizer(keras.optimizers.Optimizer):
         _require_torch_backend(cls)
         return super().__new__(cls, *args, **kwargs)
 
-    def _fusedopt_setup(self) -> None:
+    def _fusedopt_setup(self, precision: Precision = FULL_PRECISION) -> None:
         """After Keras' constructor: fusedopt's state, and every hyperparameter checked now (a
         bad one is refused at construction, not at the first step)."""
+        name = type(self).__name__
+        precision.check_algorithm(self._declaration._description)
+        for option, offered in (
+            ("master_weights", not precision.master_weights),
+            ("state_dtype", precision.state_dtype != "int8"),
+        ):
+            if not offered:
+                raise ValueError(
+                    f"fusedopt.keras.{name}: {option}={getattr(precision, option)!r} is not "
+                    "offered for Keras variables yet (their master copies and 8-bit scales would "
+                    "be optimizer variables of their own); fusedopt.keras_numpy and "
+                    "fusedopt.torch offer it, and Keras' 'mixed_bfloat16' policy keeps float32 "
+                    "variables"
+                )
+        self.precision = precision
+        self._fusedopt_slot_dtype: str | None = None
         self._fusedopt = _Native()
         rate = self._learning_rate
         if isinstance(rate, keras.Variable):
@@ -218,7 +254,37 @@ class Optimizer(keras.optimizers.Optimizer):
             variables = list(variables)
             for i, v in enumerate(variables):
                 self._check_variable(v, i)
+            dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
+            self.precision.check(dtypes)
         super().build(variables)
+
+    def add_optimizer_variables(
+        self, trainable_variables: Any, name: Any, initializer: Any = "zeros"
+    ) -> Any:
+        """Keras' slots, in ``state_dtype`` when one is set (Keras makes them in each
+        variable's dtype)."""
+        self._fusedopt_slot_dtype = self.precision.state_dtype
+        try:
+            return super().add_optimizer_variables(trainable_variables, name, initializer)
+        finally:
+            self._fusedopt_slot_dtype = None
+
+    def add_variable_from_reference(
+        self, reference_variable: Any, name: Any = None, initializer: Any = "zeros"
+    ) -> Any:
+        dtype = self._fusedopt_slot_dtype
+        if dtype is not None:
+            # Keras' own naming and layout, from a stand-in of the reference in the slot's dtype.
+            reference_variable = _Reference(reference_variable, dtype)
+        return super().add_variable_from_reference(reference_variable, name, initializer)
+
+    def get_config(self) -> dict[str, Any]:
+        """Keras' config, and the low-precision options when any is set (so a default config is
+        keras.optimizers' own)."""
+        config = super().get_config()
+        if self.precision != FULL_PRECISION:
+            config.update({option: getattr(self.precision, option) for option in PRECISION_OPTIONS})
+        return config
 
     def _check_variable(self, v: Any, index: int) -> None:
         name = type(self).__name__
@@ -235,11 +301,10 @@ class Optimizer(keras.optimizers.Optimizer):
         if getattr(v, "overwrite_with_gradient", False):
             return  # assigned its gradient by Keras, never updated here
         dtype = keras.backend.standardize_dtype(v.dtype)
-        if dtype not in ("float32", "float64"):
+        if dtype not in ("float32", "float64", *SIXTEEN_BIT):
             raise TypeError(
                 f"fusedopt.keras.{name}: variable '{v.path}' has dtype {dtype}; fusedopt updates "
-                "float32 and float64 variables (mixed precision: the 'mixed_float16' and "
-                "'mixed_bfloat16' policies keep variables in float32)"
+                "float32, float64, bfloat16 and float16 variables"
             )
         value = v.value
         if value.device.type == "cuda":
@@ -374,6 +439,13 @@ class Optimizer(keras.optimizers.Optimizer):
             # scope, and no variable is changed.
             scalar_tensors = [tensor.clone() for tensor in scalar_tensors]
             assign_back = list(zip(scalar_variables, scalar_tensors))
+        read_first: list[tuple[Any, Any]] = []
+        for k, tensor in enumerate(scalar_tensors):
+            if keras.backend.standardize_dtype(tensor.dtype) in SIXTEEN_BIT:
+                # Stepped in float32 and stored back rounded, as Keras stores it.
+                scalar_tensors[k] = tensor.float()
+                read_first.append((scalar_variables[k], scalar_tensors[k]))
+                assign_back.append((scalar_variables[k], scalar_tensors[k]))
         n = len(values)
         device = values[0].device.type == "cuda"
         if device:
@@ -387,14 +459,18 @@ class Optimizer(keras.optimizers.Optimizer):
             return entry
         rows = [scalar_tensors] * n if scalar_tensors else None
         plan = _core.TorchPlan(
-            description.name, [options], [0] * n, values, [True] * n, states, [], rows, None
-        )
+            description.name, [options], [0] * n, values, [True] * n, states, [], rows, None,
+            rounding_seed=self.precision.rounding_seed,
+        )  # fmt: skip
         entry = _Entry(plan, options, values, device=False)
         entry.assign_back = assign_back
+        entry.read_first = read_first
         return entry
 
     def _run(self, entry: _Entry, grads: list[Any], step: int) -> bool:
         if not entry.device:
+            for variable, tensor in entry.read_first:
+                tensor.copy_(variable.value)
             if not entry.plan.step_grads(grads, step):
                 return False
             for variable, tensor in entry.assign_back:
@@ -428,6 +504,15 @@ class Optimizer(keras.optimizers.Optimizer):
             torch._foreach_add_([v.value for v in acc_grads], grads, alpha=1.0)
 
 
+class _Reference:
+    """A variable as Keras' add_variable_from_reference reads it, in another dtype."""
+
+    def __init__(self, variable: Any, dtype: str) -> None:
+        self.path, self.name, self.shape = variable.path, variable.name, variable.shape
+        self._layout = getattr(variable, "_layout", None)
+        self.dtype = dtype
+
+
 def _make(declaration: type[keras_numpy.Optimizer]) -> type[Optimizer]:
     """fusedopt.keras.<Name>: ``(Optimizer, keras.optimizers.<Name>)`` with Keras' constructor
     (its signature and defaults), registered for saving as ``fusedopt>Name``."""
@@ -436,10 +521,24 @@ def _make(declaration: type[keras_numpy.Optimizer]) -> type[Optimizer]:
     keras_init = keras_class.__init__
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
+        precision = Precision.of(
+            **{option: kwargs.pop(option) for option in PRECISION_OPTIONS if option in kwargs}
+        )
         keras_init(self, *args, **kwargs)
-        self._fusedopt_setup()
+        self._fusedopt_setup(precision)
 
-    __init__.__signature__ = inspect.signature(keras_init)  # type: ignore[attr-defined]
+    keras_signature = inspect.signature(keras_init)
+    options = [
+        inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY,
+                          default=Precision.__dataclass_fields__[option].default)
+        for option in PRECISION_OPTIONS
+    ]  # fmt: skip
+    parameters = list(keras_signature.parameters.values())
+    if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        parameters = parameters[:-1] + options + parameters[-1:]
+    else:
+        parameters += options
+    __init__.__signature__ = keras_signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{name}.__init__"
     __init__.__doc__ = f"``keras.optimizers.{name}``'s constructor, arguments and defaults."
     doc = (
