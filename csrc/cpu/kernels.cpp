@@ -767,6 +767,14 @@ void sixteen_bit_update_loop(const TensorRef& t, const typename A::Coefficients&
                       math::chunk_key_high(key, static_cast<uint64_t>(i))};
       }
     for (; i + kFloatLanes <= segment_end; i += kFloatLanes) {
+      // With a master, the master and the param (written, never read), a kilobyte ahead, for
+      // writing (see stream_pattern). The same for 16-bit buffers that are read first (two
+      // prefetches a line) made those steps 12% slower.
+      constexpr int64_t kAhead = 1024;
+      if (master) {
+        __builtin_prefetch(master + i + kAhead / sizeof(float), 1);
+        __builtin_prefetch(static_cast<uint16_t*>(param) + i + kAhead / sizeof(uint16_t), 1);
+      }
       FloatLane p = master ? load_lane<FloatLane>(master + i) : load_sixteen<D>(param, i);
       FloatLane g = load_sixteen<D>(grad, i);
       FloatLane s[kMaxStates];
@@ -775,7 +783,7 @@ void sixteen_bit_update_loop(const TensorRef& t, const typename A::Coefficients&
           s[k] = FloatLane(0.0f);
         } else if (FloatStates) {
           float* const at = static_cast<float*>(state[k]) + i;
-          __builtin_prefetch(at + 1024 / sizeof(float), 1);  // as stream_pattern does
+          __builtin_prefetch(at + kAhead / sizeof(float), 1);
           s[k] = load_lane<FloatLane>(at);
         } else {
           s[k] = load_sixteen<D>(state[k], i);
