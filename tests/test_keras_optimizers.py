@@ -447,6 +447,9 @@ SIXTEEN_BIT_CASES = [
     ("RMSprop", dict(momentum=0.5), dict(state_dtype="float32")),
     ("Lion", {}, dict(state_dtype="bfloat16")),
     ("Lamb", {}, dict(stochastic_rounding=True, seed=9)),
+    ("Adam", {}, dict(master_weights=True)),
+    ("AdamW", dict(weight_decay=0.0), dict(master_weights=True, stochastic_rounding=True)),
+    ("Adagrad", {}, dict(master_weights=True, state_dtype="float32")),
 ]
 
 
@@ -480,8 +483,15 @@ def test_16_bit_variables_step_as_the_numpy_keras_classes_do(
     for variable, array in zip(variables, arrays):
         got = variable.value.detach().view(torch.int16).numpy()
         assert np.array_equal(got, array.view(np.int16))
+    if options.get("master_weights"):
+        for k, master in enumerate(optimizer._fusedopt_masters):
+            assert master.dtype == "float32"
+            assert np.array_equal(master.value.detach().numpy(), twin._masters[k])
     slot_dtype = options.get("state_dtype") or dtype
-    slots = [v for v in optimizer.variables if v.shape == variables[0].shape]
+    masters = {id(m) for m in getattr(optimizer, "_fusedopt_masters", []) if m is not None}
+    slots = [
+        v for v in optimizer.variables if v.shape == variables[0].shape and id(v) not in masters
+    ]
     assert slots and all(keras.backend.standardize_dtype(v.dtype) == slot_dtype for v in slots)
 
 
@@ -501,13 +511,21 @@ def test_nadam_keeps_its_u_product_in_the_variables_dtype_as_keras_does() -> Non
     assert (variable.value.float() < 1).all()
 
 
-def test_a_bfloat16_model_trains_saves_and_continues_with_its_options(tmp_path: Path) -> None:
-    """Under the 'bfloat16' policy (bfloat16 variables) model.fit trains with float32 slots and
-    stochastic rounding; the options are in the saved config, and a loaded model continues
-    exactly as the original does."""
+@pytest.mark.parametrize(
+    "options",
+    [dict(state_dtype="float32", stochastic_rounding=True, seed=2),
+     dict(master_weights=True, stochastic_rounding=True, seed=2)],
+    ids=["float32-slots", "master"],
+)  # fmt: skip
+def test_a_bfloat16_model_trains_saves_and_continues_with_its_options(
+    tmp_path: Path, options: dict
+) -> None:
+    """Under the 'bfloat16' policy (bfloat16 variables) model.fit trains (with weight decay)
+    with float32 slots or float32 masters and stochastic rounding; the options are in the saved
+    config, and a loaded model continues exactly as the original does (masters included)."""
     with policy("bfloat16"):
         model = make_model()
-        optimizer = fk.AdamW(0.01, state_dtype="float32", stochastic_rounding=True, seed=2)
+        optimizer = fk.AdamW(0.01, **options)
         model.compile(optimizer=optimizer, loss="mse")
         x, y = data()
         before = model.evaluate(x, y, verbose=0)
@@ -516,7 +534,8 @@ def test_a_bfloat16_model_trains_saves_and_continues_with_its_options(tmp_path: 
         assert {keras.backend.standardize_dtype(v.dtype) for v in model.trainable_variables} == {
             "bfloat16"
         }
-        assert keras.backend.standardize_dtype(optimizer._momentums[0].dtype) == "float32"
+        slot = "float32" if options.get("state_dtype") else "bfloat16"
+        assert keras.backend.standardize_dtype(optimizer._momentums[0].dtype) == slot
         path = tmp_path / "model.keras"
         model.save(path)
         loaded = keras.saving.load_model(path)
@@ -528,17 +547,39 @@ def test_a_bfloat16_model_trains_saves_and_continues_with_its_options(tmp_path: 
                 a.value.detach().view(torch.int16).numpy(),
                 b.value.detach().view(torch.int16).numpy(),
             )
+        for a, b in zip(optimizer.variables, loaded.optimizer.variables):
+            assert np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
 
 
 @pytest.mark.parametrize(
     ("options", "what"),
-    [(dict(master_weights=True), "master_weights=True is not offered for Keras variables"),
-     (dict(state_dtype="int8"), "state_dtype='int8' is not offered for Keras variables"),
+    [(dict(state_dtype="int8"), "state_dtype='int8' is not offered for Keras variables"),
      (dict(state_dtype="float16"), "state_dtype: must be None")],
 )  # fmt: skip
 def test_precision_options_keras_variables_do_not_take_are_refused(options: dict, what: str):
     with pytest.raises(ValueError, match=what):
         fk.Adam(**options)
+
+
+def test_master_weights_take_keras_weight_decay_and_follow_writes_to_the_variables() -> None:
+    """With master_weights, Keras' decoupled decay goes to the float32 master (a bfloat16
+    variable would lose it: 1 - 1e-4 rounds to 1), and a variable written outside the step (an
+    assign, an EMA overwrite, a load) is where its master starts again."""
+    variable = keras.Variable(np.ones(8, np.float32), dtype="bfloat16")
+    optimizer = fk.SGD(0.1, weight_decay=1e-3, master_weights=True)
+    zeros = torch.zeros(8, dtype=torch.bfloat16)
+    factor = 1 - 1e-3 * torch.tensor(0.1)  # Keras' torch backend: v *= 1 - wd * lr
+    expected = torch.ones(8)
+    for _ in range(3):
+        optimizer.apply([zeros], [variable])
+        expected = expected * factor
+    master = optimizer._fusedopt_masters[0].value.detach()
+    assert torch.equal(master, expected) and (master < 1).all()
+    assert torch.equal(variable.value.detach(), expected.to(torch.bfloat16))
+    variable.assign(np.full(8, 2.0, np.float32))
+    optimizer.apply([zeros], [variable])
+    master = optimizer._fusedopt_masters[0].value.detach()
+    assert torch.equal(master, torch.full((8,), 2.0) * factor)
 
 
 def test_a_state_dtype_for_float64_variables_is_refused_at_build() -> None:

@@ -30,10 +30,14 @@ are refused when the optimizer is built.
 
 Low precision (docs/spec.md section 22), keyword-only after Keras' arguments: ``state_dtype``
 (None: Keras' slots in each variable's dtype; ``"float32"`` or ``"bfloat16"``),
-``stochastic_rounding`` and ``seed`` (keyed by Keras' t). For 16-bit variables fusedopt's math
-is float32, rounded once per write, where Keras' own optimizers compute in the variables' dtype;
-Keras' parts of a step (weight decay, clipping, EMA) stay Keras', in that dtype, rounded to
-nearest. Not yet for Keras variables: ``master_weights`` and ``state_dtype="int8"`` (refused).
+``master_weights`` (a float32 optimizer variable per 16-bit variable, saved with the optimizer;
+Keras' decoupled weight decay goes to it; a variable written outside the step, by an assign, an
+EMA overwrite or a load of the model alone, is where its master starts again, seen by its torch
+version and a check that it no longer holds a rounding of its master), ``stochastic_rounding``
+and ``seed`` (keyed by Keras' t). For 16-bit variables fusedopt's math is float32, rounded once
+per write, where Keras' own optimizers compute in the variables' dtype; Keras' parts of a step
+(clipping, EMA, the decay without a master) stay Keras', in that dtype. Not yet for Keras
+variables: ``state_dtype="int8"`` (refused).
 
 Only the torch backend updates variables in place: on JAX or TensorFlow the constructor raises,
 naming the torch backend. Saving: the slots are Keras variables, so ``model.save`` and
@@ -117,6 +121,8 @@ class _Entry:
         # 16-bit optimizer-wide variables (Keras makes Nadam's u_product in the variables'
         # dtype): float32 copies the plan steps, read from them before each step.
         self.read_first: list[tuple[Any, Any]] = []
+        # The Keras variables of ``values`` (for their masters).
+        self.variables: list[Any] = []
 
 
 class _Native:
@@ -150,20 +156,20 @@ class Optimizer(keras.optimizers.Optimizer):
         bad one is refused at construction, not at the first step)."""
         name = type(self).__name__
         precision.check_algorithm(self._declaration._description)
-        for option, offered in (
-            ("master_weights", not precision.master_weights),
-            ("state_dtype", precision.state_dtype != "int8"),
-        ):
-            if not offered:
-                raise ValueError(
-                    f"fusedopt.keras.{name}: {option}={getattr(precision, option)!r} is not "
-                    "offered for Keras variables yet (their master copies and 8-bit scales would "
-                    "be optimizer variables of their own); fusedopt.keras_numpy and "
-                    "fusedopt.torch offer it, and Keras' 'mixed_bfloat16' policy keeps float32 "
-                    "variables"
-                )
+        if precision.state_dtype == "int8":
+            raise ValueError(
+                f"fusedopt.keras.{name}: state_dtype='int8' is not offered for Keras variables yet "
+                "(the codes and their scales would be optimizer variables of their own); "
+                "fusedopt.keras_numpy and fusedopt.torch offer it"
+            )
         self.precision = precision
         self._fusedopt_slot_dtype: str | None = None
+        # master_weights: a float32 optimizer variable per 16-bit trainable variable (None for
+        # the others), by variable index, and the variable's tensor and its torch version when
+        # the master last matched it: a write to the variable since (an EMA overwrite, a load,
+        # any assign) is seen as a new version, and the master starts again from it.
+        self._fusedopt_masters: list[Any] = []
+        self._fusedopt_synced: dict[int, tuple[Any, int]] = {}
         self._fusedopt = _Native()
         rate = self._learning_rate
         if isinstance(rate, keras.Variable):
@@ -256,7 +262,52 @@ class Optimizer(keras.optimizers.Optimizer):
                 self._check_variable(v, i)
             dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
             self.precision.check(dtypes)
+        built = self.built
         super().build(variables)
+        if not built and self.precision.master_weights:
+            self._fusedopt_masters = [
+                self._add_master(i, v) if self.precision.needs_master(dtype) else None
+                for i, (v, dtype) in enumerate(zip(variables, dtypes))
+            ]
+
+    def _add_master(self, index: int, variable: Any) -> Any:
+        """A float32 optimizer variable holding ``variable``'s value (saved with the optimizer,
+        after Keras' own variables)."""
+        master = self.add_variable(
+            shape=variable.shape,
+            initializer="zeros",
+            dtype="float32",
+            name=f"{variable.path.replace('/', '_')}_master",
+        )
+        master.assign(keras.ops.cast(variable.value, "float32"))
+        self._fusedopt_synced[index] = (variable.value, variable.value._version)
+        return master
+
+    def _masters_of(self, indices: Sequence[int]) -> list[Any]:
+        if not self._fusedopt_masters:
+            return [None] * len(indices)
+        return [self._fusedopt_masters[i] for i in indices]
+
+    def _apply_weight_decay(self, variables: list[Any]) -> None:
+        """Keras' decoupled decay (its torch backend's ``torch._foreach_mul_`` by ``1 -
+        weight_decay * lr``), applied to a variable's master where it has one: the step updates
+        the master and writes the variable as its rounding. Keras' own for the others."""
+        masters = self._masters_of([self._get_variable_index(v) for v in variables])
+        if self.weight_decay is None or not any(m is not None for m in masters):
+            return super()._apply_weight_decay(variables)
+        plain = [v for v, m in zip(variables, masters) if m is None]
+        if any(self._use_weight_decay(v) for v in plain):
+            super()._apply_weight_decay(plain)
+        decayed = [
+            m.value
+            for v, m in zip(variables, masters)
+            if m is not None and self._use_weight_decay(v)
+        ]
+        if decayed:
+            torch = _torch()
+            with torch.no_grad():
+                factor = 1 - self.weight_decay * self._get_current_learning_rate()
+                torch._foreach_mul_(decayed, factor)
 
     def add_optimizer_variables(
         self, trainable_variables: Any, name: Any, initializer: Any = "zeros"
@@ -334,6 +385,8 @@ class Optimizer(keras.optimizers.Optimizer):
         if values:
             options = self._native_options(self._learning_rate_value(self.learning_rate, values[0]))
             self._entry(trainable_variables, values, options)
+        # Before Keras' weight decay, which goes to the masters.
+        self._sync_masters(trainable_variables, values, after_step=False)
         super()._backend_apply_gradients(grads, trainable_variables)
 
     def _checked_grad(self, grad: Any, variable: Any, value: Any, torch: Any) -> Any:
@@ -458,14 +511,44 @@ class Optimizer(keras.optimizers.Optimizer):
             entry.scalars = scalars
             return entry
         rows = [scalar_tensors] * n if scalar_tensors else None
+        masters = self._masters_of(indices)
         plan = _core.TorchPlan(
             description.name, [options], [0] * n, values, [True] * n, states, [], rows, None,
+            masters=[None if m is None else m.value for m in masters]
+            if self.precision.master_weights else None,
             rounding_seed=self.precision.rounding_seed,
         )  # fmt: skip
         entry = _Entry(plan, options, values, device=False)
         entry.assign_back = assign_back
         entry.read_first = read_first
+        entry.variables = [self._trainable_variables[i] for i in indices]
         return entry
+
+    def _sync_masters(self, variables: list[Any], values: list[Any], after_step: bool) -> None:
+        """Before a step, a master whose variable was written since the master last matched it
+        starts again from the variable's value, unless the variable still holds a rounding of
+        the master (a checkpoint loaded both); after a step, the versions are noted (the native
+        step writes through the tensors' memory, which torch does not count)."""
+        if not self._fusedopt_masters or in_stateless_scope():
+            return  # no masters; or the scope's values, not the variables': nothing to compare
+        torch = _torch()
+        for variable, value in zip(variables, values):
+            index = self._get_variable_index(variable)
+            master = self._fusedopt_masters[index]
+            if master is None:
+                continue
+            seen = self._fusedopt_synced.get(index)
+            if not after_step and not (
+                seen is not None and seen[0] is value and seen[1] == value._version
+            ):
+                # Within one unit in the last place (either rounding's result is): its master's.
+                info = torch.finfo(value.dtype)
+                widened = value.detach().float()
+                apart = (widened - master.value).abs()
+                if not bool((apart <= widened.abs() * info.eps + info.tiny).all()):
+                    with torch.no_grad():
+                        master.value.copy_(widened)
+            self._fusedopt_synced[index] = (value, value._version)
 
     def _run(self, entry: _Entry, grads: list[Any], step: int) -> bool:
         if not entry.device:
@@ -473,6 +556,7 @@ class Optimizer(keras.optimizers.Optimizer):
                 tensor.copy_(variable.value)
             if not entry.plan.step_grads(grads, step):
                 return False
+            self._sync_masters(entry.variables, entry.values, after_step=True)
             for variable, tensor in entry.assign_back:
                 variable.assign(tensor)
             return True
