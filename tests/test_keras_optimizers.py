@@ -453,6 +453,32 @@ SIXTEEN_BIT_CASES = [
 ]
 
 
+def _three_steps_beside_keras_numpy(
+    name: str, hyper: dict, options: dict, dtype: str, shapes: tuple
+) -> tuple[Any, Any, list[Any]]:
+    """fusedopt.keras.<name> over Keras variables of this dtype and fusedopt.keras_numpy.<name>
+    over NumPy copies, the same options and grads for three steps; the variables' bits are
+    asserted equal. Returns both optimizers and the variables."""
+    from fusedopt._engine import numpy_dtype
+
+    storage = numpy_dtype(dtype)
+    rng = np.random.default_rng(17)
+    starts = [rng.standard_normal(shape).astype(storage) for shape in shapes]
+    variables = [keras.Variable(a.astype(np.float32), dtype=dtype) for a in starts]
+    arrays = [a.copy() for a in starts]
+    optimizer = getattr(fk, name)(learning_rate=0.01, **hyper, **options)
+    twin = getattr(fusedopt.keras_numpy, name)(learning_rate=0.01, **hyper, **options)
+    for _ in range(3):
+        grads = [rng.standard_normal(a.shape).astype(storage) for a in starts]
+        optimizer.apply([torch.from_numpy(g.astype(np.float32)).to(getattr(torch, dtype))
+                         for g in grads], variables)  # fmt: skip
+        twin.apply(grads, arrays)
+    for variable, array in zip(variables, arrays):
+        got = keras.ops.convert_to_numpy(variable.value.float()).astype(storage)
+        assert np.array_equal(got.view(np.uint8), array.view(np.uint8))
+    return optimizer, twin, variables
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize(
     ("name", "hyper", "options"),
@@ -466,23 +492,9 @@ def test_16_bit_variables_step_as_the_numpy_keras_classes_do(
     by Keras' t: the same bits as fusedopt.keras_numpy with the same options over NumPy arrays,
     three steps, two variables. (Keras' own optimizers compute in the variables' dtype;
     fusedopt's math is float32, rounded once per write.)"""
-    from fusedopt._engine import numpy_dtype
-
-    storage = numpy_dtype(dtype)
-    rng = np.random.default_rng(17)
-    starts = [rng.standard_normal(shape).astype(storage) for shape in ((40, 30), (30,))]
-    variables = [keras.Variable(a.astype(np.float32), dtype=dtype) for a in starts]
-    arrays = [a.copy() for a in starts]
-    optimizer = getattr(fk, name)(learning_rate=0.01, **hyper, **options)
-    twin = getattr(fusedopt.keras_numpy, name)(learning_rate=0.01, **hyper, **options)
-    for _ in range(3):
-        grads = [rng.standard_normal(a.shape).astype(storage) for a in starts]
-        optimizer.apply([torch.from_numpy(g.view(np.uint16)).view(getattr(torch, dtype))
-                         for g in grads], variables)  # fmt: skip
-        twin.apply(grads, arrays)
-    for variable, array in zip(variables, arrays):
-        got = variable.value.detach().view(torch.int16).numpy()
-        assert np.array_equal(got, array.view(np.int16))
+    optimizer, twin, variables = _three_steps_beside_keras_numpy(
+        name, hyper, options, dtype, ((40, 30), (30,))
+    )
     if options.get("master_weights"):
         for k, master in enumerate(optimizer._fusedopt_masters):
             assert master.dtype == "float32"
@@ -553,12 +565,64 @@ def test_a_bfloat16_model_trains_saves_and_continues_with_its_options(
 
 @pytest.mark.parametrize(
     ("options", "what"),
-    [(dict(state_dtype="int8"), "state_dtype='int8' is not offered for Keras variables"),
-     (dict(state_dtype="float16"), "state_dtype: must be None")],
+    [(dict(state_dtype="float16"), "state_dtype: must be None"),
+     (dict(state_dtype="int8", seed=-1), r"seed must be in \[0, 2\*\*64\)")],
 )  # fmt: skip
-def test_precision_options_keras_variables_do_not_take_are_refused(options: dict, what: str):
+def test_invalid_precision_options_are_refused_at_construction(options: dict, what: str):
     with pytest.raises(ValueError, match=what):
         fk.Adam(**options)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(("name", "hyper"), [("Adam", {}), ("Adagrad", {}),
+                                             ("SGD", dict(momentum=0.9))])  # fmt: skip
+def test_8_bit_slots_step_as_the_numpy_keras_classes_do(name: str, hyper: dict, dtype: str):
+    """state_dtype="int8": a variable of 4096 elements or more gets uint8 slots holding the
+    codes of the state's initial value (Adagrad's 0.1 included) and an absmax variable each; a
+    smaller one float32 slots. Three steps: the same bits as fusedopt.keras_numpy, variables,
+    codes and scales."""
+    optimizer, twin, _ = _three_steps_beside_keras_numpy(
+        name, hyper, dict(state_dtype="int8"), dtype, ((80, 70), (30,))
+    )
+    native = optimizer._declaration._description.states[0]
+    slots = getattr(optimizer, optimizer._slots[0])
+    assert keras.backend.standardize_dtype(slots[0].dtype) == "uint8"
+    assert keras.backend.standardize_dtype(slots[1].dtype) == "float32"
+    keras_name = twin._state_names[0]
+    twin_state = twin.state[0]
+    assert np.array_equal(keras.ops.convert_to_numpy(slots[0]), twin_state[keras_name])
+    scales = optimizer._fusedopt_absmax[native]
+    assert scales[1] is None
+    assert np.array_equal(keras.ops.convert_to_numpy(scales[0]), twin_state[keras_name + "_absmax"])
+
+
+def test_an_8_bit_model_saves_loads_and_continues_exactly(tmp_path: Path) -> None:
+    """A wide layer (6400 weights) with 8-bit slots and a bfloat16 master under the 'bfloat16'
+    policy: saved and loaded, it continues bit for bit, codes and scales included."""
+    with policy("bfloat16"):
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential(
+            [keras.Input((64,)), keras.layers.Dense(100, name="wide"), keras.layers.Dense(3)]
+        )
+        model.compile(optimizer=fk.AdamW(0.01, state_dtype="int8", master_weights=True), loss="mse")
+        rng = np.random.default_rng(8)
+        x, y = rng.standard_normal((64, 64)), rng.standard_normal((64, 3))
+        model.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0)
+        path = tmp_path / "wide.keras"
+        model.save(path)
+        loaded = keras.saving.load_model(path)
+        for m in (model, loaded):
+            m.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0)
+        dtypes = {keras.backend.standardize_dtype(v.dtype) for v in model.optimizer.variables}
+        assert {"uint8", "float32"} <= dtypes
+        for a, b in zip(
+            [*model.weights, *model.optimizer.variables],
+            [*loaded.weights, *loaded.optimizer.variables],
+        ):
+            assert np.array_equal(
+                keras.ops.convert_to_numpy(a.value.float() if a.dtype == "bfloat16" else a),
+                keras.ops.convert_to_numpy(b.value.float() if b.dtype == "bfloat16" else b),
+            )
 
 
 def test_master_weights_take_keras_weight_decay_and_follow_writes_to_the_variables() -> None:

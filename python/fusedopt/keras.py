@@ -29,15 +29,16 @@ variable and leaves ``iterations`` alone. Variables must be float32, float64, bf
 are refused when the optimizer is built.
 
 Low precision (docs/spec.md section 22), keyword-only after Keras' arguments: ``state_dtype``
-(None: Keras' slots in each variable's dtype; ``"float32"`` or ``"bfloat16"``),
+(None: Keras' slots in each variable's dtype; ``"float32"`` or ``"bfloat16"``; ``"int8"``:
+uint8 slots holding bitsandbytes' blockwise codes, each with a float32 ``<slot>_absmax``
+optimizer variable, for variables of 4096 elements or more, float32 slots for smaller ones),
 ``master_weights`` (a float32 optimizer variable per 16-bit variable, saved with the optimizer;
 Keras' decoupled weight decay goes to it; a variable written outside the step, by an assign, an
 EMA overwrite or a load of the model alone, is where its master starts again, seen by its torch
 version and a check that it no longer holds a rounding of its master), ``stochastic_rounding``
 and ``seed`` (keyed by Keras' t). For 16-bit variables fusedopt's math is float32, rounded once
 per write, where Keras' own optimizers compute in the variables' dtype; Keras' parts of a step
-(clipping, EMA, the decay without a master) stay Keras', in that dtype. Not yet for Keras
-variables: ``state_dtype="int8"`` (refused).
+(clipping, EMA, the decay without a master) stay Keras', in that dtype.
 
 Only the torch backend updates variables in place: on JAX or TensorFlow the constructor raises,
 naming the torch backend. Saving: the slots are Keras variables, so ``model.save`` and
@@ -66,6 +67,7 @@ from fusedopt._engine import (
     as_number,
     make_plan,
     native_values,
+    quantized_full,
 )
 
 __all__ = ["Optimizer"]
@@ -154,14 +156,7 @@ class Optimizer(keras.optimizers.Optimizer):
     def _fusedopt_setup(self, precision: Precision = FULL_PRECISION) -> None:
         """After Keras' constructor: fusedopt's state, and every hyperparameter checked now (a
         bad one is refused at construction, not at the first step)."""
-        name = type(self).__name__
         precision.check_algorithm(self._declaration._description)
-        if precision.state_dtype == "int8":
-            raise ValueError(
-                f"fusedopt.keras.{name}: state_dtype='int8' is not offered for Keras variables yet "
-                "(the codes and their scales would be optimizer variables of their own); "
-                "fusedopt.keras_numpy and fusedopt.torch offer it"
-            )
         self.precision = precision
         self._fusedopt_slot_dtype: str | None = None
         # master_weights: a float32 optimizer variable per 16-bit trainable variable (None for
@@ -170,6 +165,9 @@ class Optimizer(keras.optimizers.Optimizer):
         # any assign) is seen as a new version, and the master starts again from it.
         self._fusedopt_masters: list[Any] = []
         self._fusedopt_synced: dict[int, tuple[Any, int]] = {}
+        # state_dtype="int8": per native state, the float32 absmax variable of each variable's
+        # 8-bit slot (None where the slot is float32: variables under 4096 elements).
+        self._fusedopt_absmax: dict[str, list[Any]] = {}
         self._fusedopt = _Native()
         rate = self._learning_rate
         if isinstance(rate, keras.Variable):
@@ -264,11 +262,45 @@ class Optimizer(keras.optimizers.Optimizer):
             self.precision.check(dtypes)
         built = self.built
         super().build(variables)
-        if not built and self.precision.master_weights:
+        if built:
+            return
+        if self.precision.state_dtype == "int8":
+            self._quantize_slots()
+        if self.precision.master_weights:
             self._fusedopt_masters = [
                 self._add_master(i, v) if self.precision.needs_master(dtype) else None
                 for i, (v, dtype) in enumerate(zip(variables, dtypes))
             ]
+
+    def _quantize_slots(self) -> None:
+        """8-bit slots (uint8, as Keras made them for state_dtype="int8") hold the codes of
+        their state's initial value, and each gets its absmax variable (after Keras' own)."""
+        description = self._declaration._description
+        values, fixed = self._option_values(0.0, 0.0)
+        initial, _ = description.initial_values(
+            native_values(description, self._declaration._hyperparameters, values, fixed)
+        )
+        for k, (native, attribute) in enumerate(zip(description.states, self._slots)):
+            slots = getattr(self, attribute, None)
+            if not slots:
+                continue
+            scales = []
+            for slot in slots:
+                if slot is None or keras.backend.standardize_dtype(slot.dtype) != "uint8":
+                    scales.append(None)
+                    continue
+                codes, absmax = quantized_full(
+                    tuple(slot.shape), initial[k], description.nonnegative(native)
+                )
+                slot.assign(codes)
+                scale = self.add_variable(
+                    shape=absmax.shape, initializer="zeros", dtype="float32",
+                    name=f"{slot.path.replace('/', '_')}_absmax",
+                )  # fmt: skip
+                scale.assign(absmax)
+                scales.append(scale)
+            if any(a is not None for a in scales):
+                self._fusedopt_absmax[native] = scales
 
     def _add_master(self, index: int, variable: Any) -> Any:
         """A float32 optimizer variable holding ``variable``'s value (saved with the optimizer,
@@ -324,6 +356,11 @@ class Optimizer(keras.optimizers.Optimizer):
         self, reference_variable: Any, name: Any = None, initializer: Any = "zeros"
     ) -> Any:
         dtype = self._fusedopt_slot_dtype
+        if dtype == "int8":  # uint8 codes, filled in by _quantize_slots; float32 when small
+            variable_dtype = keras.backend.standardize_dtype(reference_variable.dtype)
+            size = int(np.prod(reference_variable.shape))
+            dtype = self.precision.state_dtype_for(variable_dtype, size)
+            dtype = "uint8" if dtype == "int8" else dtype
         if dtype is not None:
             # Keras' own naming and layout, from a stand-in of the reference in the slot's dtype.
             reference_variable = _Reference(reference_variable, dtype)
@@ -512,11 +549,17 @@ class Optimizer(keras.optimizers.Optimizer):
             return entry
         rows = [scalar_tensors] * n if scalar_tensors else None
         masters = self._masters_of(indices)
+        absmax = [
+            [_value_or_none(self._fusedopt_absmax[native][i]) for i in indices]
+            if native in self._fusedopt_absmax else None
+            for native in description.states
+        ]  # fmt: skip
         plan = _core.TorchPlan(
             description.name, [options], [0] * n, values, [True] * n, states, [], rows, None,
-            masters=[None if m is None else m.value for m in masters]
+            masters=[_value_or_none(m) for m in masters]
             if self.precision.master_weights else None,
             rounding_seed=self.precision.rounding_seed,
+            absmax=absmax if self._fusedopt_absmax else None,
         )  # fmt: skip
         entry = _Entry(plan, options, values, device=False)
         entry.assign_back = assign_back
@@ -586,6 +629,10 @@ class Optimizer(keras.optimizers.Optimizer):
         torch = _torch()
         with torch.no_grad():
             torch._foreach_add_([v.value for v in acc_grads], grads, alpha=1.0)
+
+
+def _value_or_none(variable: Any) -> Any:
+    return None if variable is None else variable.value
 
 
 class _Reference:
