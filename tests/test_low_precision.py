@@ -925,3 +925,32 @@ def test_conversions_give_the_same_bits_on_every_isa_nan_payloads_included(dtype
     for isa_name in fusedopt.available_isas()[1:]:
         again = run(isa_name)
         assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1]), isa_name
+
+
+def test_with_a_master_the_master_is_what_a_step_reads():
+    """README: with master_weights a step reads the master, not the param: a param written
+    outside a step is overwritten by the next one from its master (NumPy and fusedopt.torch),
+    unless the master is written too."""
+    torch = pytest.importorskip("torch")
+    param = np.ones(8, BF16)
+    opt = fusedopt.SGD([param], lr=0.0, master_weights=True)
+    opt.step([np.zeros(8, BF16)])
+    param[...] = 2.0
+    opt.step([np.zeros(8, BF16)])
+    assert (param == 1.0).all()
+    param[...] = 2.0
+    opt.state[0]["master"][...] = 2.0
+    opt.step([np.zeros(8, BF16)])
+    assert (param == 2.0).all()
+
+    import fusedopt.torch as ftorch
+
+    weight = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    weight.grad = torch.zeros(8, dtype=torch.bfloat16)
+    tensor_opt = ftorch.SGD([weight], lr=0.0, master_weights=True)
+    tensor_opt.step()
+    # SGD without momentum keeps no state in torch; with a master it keeps that, from step 1.
+    assert set(tensor_opt.state[weight]) == {"master"}
+    weight.data.fill_(2.0)
+    tensor_opt.step()
+    assert (weight == 1.0).all()

@@ -210,7 +210,9 @@ class Optimizer(torch.optim.Optimizer):
         buffers these options use and the scalars. Whether a buffer was created."""
         description = self._declaration._description
         used = description.states_used(values)
-        if p not in self.state and not (self._tracks_step() or used or description.scalars):
+        if p not in self.state and not (
+            self._tracks_step() or used or description.scalars or self._needs_master(p)
+        ):
             return False  # torch keeps no state at all here (SGD without momentum)
         state = self.state[p]
         if self._tracks_step() and "step" not in state:
