@@ -739,3 +739,21 @@ def test_fit_on_cuda_matches_keras() -> None:
         fused_model = fit(fk.Nadam(learning_rate=schedule("Nadam")))
     assert fused_model.weights[0].value.is_cuda
     assert_matches(fused_model, keras_model)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not fusedopt.cuda.is_available(),
+    reason="needs a CUDA device and fusedopt's CUDA backend",
+)
+@pytest.mark.parametrize(
+    ("dtype", "options"),
+    [("bfloat16", {}), ("float32", dict(state_dtype="bfloat16"))],
+    ids=["bfloat16-variable", "bfloat16-state"],
+)
+def test_low_precision_on_cuda_is_refused_at_build(dtype: str, options: dict) -> None:
+    with keras.device("cuda"):
+        variable = keras.Variable(np.ones(4, np.float32), dtype=dtype, name="w")
+        optimizer = fk.Adam(**options)
+        with pytest.raises(ValueError, match="'w' is on cuda.*CPU-only for now"):
+            optimizer.apply([np.ones(4, np.float32)], [variable])
+    assert not optimizer.built

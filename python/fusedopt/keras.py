@@ -396,6 +396,12 @@ class Optimizer(keras.optimizers.Optimizer):
             )
         value = v.value
         if value.device.type == "cuda":
+            if self.precision != FULL_PRECISION or dtype in SIXTEEN_BIT:
+                raise ValueError(
+                    f"fusedopt.keras.{name}: variable '{v.path}' is on {value.device}; "
+                    "16-bit variables and state_dtype, master_weights and stochastic_rounding "
+                    "are CPU-only for now"
+                )
             reason = cuda.unavailable_reason()
             if reason is not None:
                 raise RuntimeError(
