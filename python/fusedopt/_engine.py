@@ -16,6 +16,7 @@ the CUDA backend (:mod:`fusedopt.cuda`) for device arrays.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -412,6 +413,14 @@ class Precision:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         return cls(name, bool(master_weights), bool(stochastic_rounding), int(seed))
 
+    @classmethod
+    def popped(cls, arguments: dict[str, Any]) -> Precision:
+        """The options taken out of a constructor's ``arguments`` (absent ones at their
+        defaults)."""
+        return cls.of(
+            **{name: arguments.pop(name) for name in PRECISION_OPTIONS if name in arguments}
+        )
+
     def check(self, param_dtypes: Sequence[str]) -> None:
         """ValueError naming the option that does not apply to params of these dtypes."""
         sixteen = any(d in SIXTEEN_BIT for d in param_dtypes)
@@ -456,6 +465,19 @@ class Precision:
 FULL_PRECISION = Precision()  # the default: nothing stored in fewer bits than the param
 # The options' names, keyword-only on every optimizer class.
 PRECISION_OPTIONS = ("state_dtype", "master_weights", "stochastic_rounding", "seed")
+
+
+def with_precision_options(parameters: Sequence[inspect.Parameter]) -> list[inspect.Parameter]:
+    """A constructor's parameters and then the low-precision options, keyword-only with their
+    defaults, before any ``**kwargs`` (once: options already there are replaced)."""
+    options = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                          default=Precision.__dataclass_fields__[name].default)
+        for name in PRECISION_OPTIONS
+    ]  # fmt: skip
+    own = [p for p in parameters if p.name not in PRECISION_OPTIONS]
+    variadic = [p for p in own if p.kind is inspect.Parameter.VAR_KEYWORD]
+    return [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD] + options + variadic
 
 
 def skip_step(found_inf: Any) -> bool:

@@ -68,6 +68,7 @@ from fusedopt._engine import (
     make_plan,
     native_values,
     quantized_full,
+    with_precision_options,
 )
 
 __all__ = ["Optimizer"]
@@ -123,8 +124,8 @@ class _Entry:
         # 16-bit optimizer-wide variables (Keras makes Nadam's u_product in the variables'
         # dtype): float32 copies the plan steps, read from them before each step.
         self.read_first: list[tuple[Any, Any]] = []
-        # The Keras variables of ``values`` (for their masters).
-        self.variables: list[Any] = []
+        # The variables' indices, in the order of ``values`` (for their masters).
+        self.indices: tuple[int, ...] = ()
 
 
 class _Native:
@@ -276,10 +277,7 @@ class Optimizer(keras.optimizers.Optimizer):
         """8-bit slots (uint8, as Keras made them for state_dtype="int8") hold the codes of
         their state's initial value, and each gets its absmax variable (after Keras' own)."""
         description = self._declaration._description
-        values, fixed = self._option_values(0.0, 0.0)
-        initial, _ = description.initial_values(
-            native_values(description, self._declaration._hyperparameters, values, fixed)
-        )
+        initial, _ = description.initial_values(self._native_options(0.0))
         for k, (native, attribute) in enumerate(zip(description.states, self._slots)):
             slots = getattr(self, attribute, None)
             if not slots:
@@ -427,9 +425,9 @@ class Optimizer(keras.optimizers.Optimizer):
         ]
         if values:
             options = self._native_options(self._learning_rate_value(self.learning_rate, values[0]))
-            self._entry(trainable_variables, values, options)
-        # Before Keras' weight decay, which goes to the masters.
-        self._sync_masters(trainable_variables, values, after_step=False)
+            entry = self._entry(trainable_variables, values, options)
+            # Before Keras' weight decay, which goes to the masters.
+            self._sync_masters(entry, after_step=False)
         super()._backend_apply_gradients(grads, trainable_variables)
 
     def _checked_grad(self, grad: Any, variable: Any, value: Any, torch: Any) -> Any:
@@ -570,10 +568,10 @@ class Optimizer(keras.optimizers.Optimizer):
         entry = _Entry(plan, options, values, device=False)
         entry.assign_back = assign_back
         entry.read_first = read_first
-        entry.variables = [self._trainable_variables[i] for i in indices]
+        entry.indices = indices
         return entry
 
-    def _sync_masters(self, variables: list[Any], values: list[Any], after_step: bool) -> None:
+    def _sync_masters(self, entry: _Entry, after_step: bool) -> None:
         """Before a step, a master whose variable was written since the master last matched it
         starts again from the variable's value, unless the variable still holds a rounding of
         the master (a checkpoint loaded both); after a step, the versions are noted (the native
@@ -581,8 +579,7 @@ class Optimizer(keras.optimizers.Optimizer):
         if not self._fusedopt_masters or in_stateless_scope():
             return  # no masters; or the scope's values, not the variables': nothing to compare
         torch = _torch()
-        for variable, value in zip(variables, values):
-            index = self._get_variable_index(variable)
+        for index, value in zip(entry.indices, entry.values):
             master = self._fusedopt_masters[index]
             if master is None:
                 continue
@@ -605,7 +602,7 @@ class Optimizer(keras.optimizers.Optimizer):
                 tensor.copy_(variable.value)
             if not entry.plan.step_grads(grads, step):
                 return False
-            self._sync_masters(entry.variables, entry.values, after_step=True)
+            self._sync_masters(entry, after_step=True)
             for variable, tensor in entry.assign_back:
                 variable.assign(tensor)
             return True
@@ -658,24 +655,14 @@ def _make(declaration: type[keras_numpy.Optimizer]) -> type[Optimizer]:
     keras_init = keras_class.__init__
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
-        precision = Precision.of(
-            **{option: kwargs.pop(option) for option in PRECISION_OPTIONS if option in kwargs}
-        )
+        precision = Precision.popped(kwargs)
         keras_init(self, *args, **kwargs)
         self._fusedopt_setup(precision)
 
     keras_signature = inspect.signature(keras_init)
-    options = [
-        inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY,
-                          default=Precision.__dataclass_fields__[option].default)
-        for option in PRECISION_OPTIONS
-    ]  # fmt: skip
-    parameters = list(keras_signature.parameters.values())
-    if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
-        parameters = parameters[:-1] + options + parameters[-1:]
-    else:
-        parameters += options
-    __init__.__signature__ = keras_signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    __init__.__signature__ = keras_signature.replace(  # type: ignore[attr-defined]
+        parameters=with_precision_options(list(keras_signature.parameters.values()))
+    )
     __init__.__qualname__ = f"{name}.__init__"
     __init__.__doc__ = f"``keras.optimizers.{name}``'s constructor, arguments and defaults."
     doc = (

@@ -33,7 +33,6 @@ from fusedopt import _core
 from fusedopt._engine import (
     FULL_PRECISION,
     KERAS,
-    PRECISION_OPTIONS,
     Description,
     Hyperparameter,
     Plan,
@@ -46,6 +45,7 @@ from fusedopt._engine import (
     numpy_dtype,
     quantized_full,
     updates_dtype,
+    with_precision_options,
 )
 
 LearningRate = float | Callable[[int], float]
@@ -454,10 +454,7 @@ def _generated_init(cls: type[Optimizer]) -> Any:
         parameters.append(
             inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
         )
-    for name in PRECISION_OPTIONS:
-        default = Precision.__dataclass_fields__[name].default
-        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
-    signature = inspect.Signature(parameters)
+    signature = inspect.Signature(with_precision_options(parameters))
     own = {h.name for h in cls._hyperparameters}
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
@@ -465,7 +462,7 @@ def _generated_init(cls: type[Optimizer]) -> Any:
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         del arguments["self"]
-        precision = Precision.of(**{name: arguments.pop(name) for name in PRECISION_OPTIONS})
+        precision = Precision.popped(arguments)
         self._setup(
             {k: v for k, v in arguments.items() if k in own},
             {k: v for k, v in arguments.items() if k not in own},

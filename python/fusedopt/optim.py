@@ -25,7 +25,6 @@ import numpy as np
 from fusedopt import _core, cuda
 from fusedopt._engine import (
     FULL_PRECISION,
-    PRECISION_OPTIONS,
     QUANT_BLOCK,
     TORCH,
     Description,
@@ -43,6 +42,7 @@ from fusedopt._engine import (
     quantized_full,
     skip_step,
     updates_dtype,
+    with_precision_options,
 )
 from fusedopt._state import unflatten_state_dict
 
@@ -586,10 +586,7 @@ def _generated_init(cls: type[Optimizer]) -> Any:
             else inspect.Parameter.POSITIONAL_OR_KEYWORD
         )
         parameters.append(inspect.Parameter(h.name, kind, default=h.default_for(description)))
-    for name in PRECISION_OPTIONS:
-        default = Precision.__dataclass_fields__[name].default
-        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
-    signature = inspect.Signature(parameters)
+    signature = inspect.Signature(with_precision_options(parameters))
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs)
@@ -597,8 +594,7 @@ def _generated_init(cls: type[Optimizer]) -> Any:
         arguments = dict(bound.arguments)
         del arguments["self"]
         params = arguments.pop("params")
-        precision = Precision.of(**{name: arguments.pop(name) for name in PRECISION_OPTIONS})
-        self._setup(params, arguments, precision)
+        self._setup(params, arguments, Precision.popped(arguments))
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"

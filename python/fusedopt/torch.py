@@ -33,7 +33,6 @@ import torch
 from fusedopt import _core, cuda, optim
 from fusedopt._engine import (
     FULL_PRECISION,
-    PRECISION_OPTIONS,
     TORCH,
     Precision,
     dequantize_blockwise,
@@ -41,6 +40,7 @@ from fusedopt._engine import (
     native_values,
     quantize_blockwise,
     quantized_full,
+    with_precision_options,
 )
 
 __all__ = ["Optimizer"]
@@ -648,15 +648,9 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
     signature = inspect.signature(source)
     # fusedopt's low-precision options, keyword-only after torch's own (the NumPy classes
     # already have them).
-    own = [q for q in signature.parameters.values() if q.name not in PRECISION_OPTIONS]
-    precision_parameters = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                          default=Precision.__dataclass_fields__[name].default)
-        for name in PRECISION_OPTIONS
-    ]  # fmt: skip
-    variadic = [q for q in own if q.kind == inspect.Parameter.VAR_KEYWORD]
-    own = [q for q in own if q.kind != inspect.Parameter.VAR_KEYWORD]
-    signature = signature.replace(parameters=own + precision_parameters + variadic)
+    signature = signature.replace(
+        parameters=with_precision_options(list(signature.parameters.values()))
+    )
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs)
@@ -664,7 +658,7 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         arguments = dict(bound.arguments)
         del arguments["self"]
         params = arguments.pop("params")
-        precision = Precision.of(**{name: arguments.pop(name) for name in PRECISION_OPTIONS})
+        precision = Precision.popped(arguments)
         defaults = _torch_defaults(declaration, arguments)
         Optimizer.__init__(self, params, defaults, precision)
 
