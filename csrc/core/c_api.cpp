@@ -184,10 +184,10 @@ void describe_tensors(const fusedopt_tensor* tensors, const fusedopt_tensor_prec
       buffers.states[k].push_back(describe(t.state[k], t.size, state_dtype, true));
     if (precision) {
       // The core checks them: a master only for a 16-bit param, an absmax exactly for 8-bit
-      // states, of (size + 255) / 256 elements.
+      // states, of one float per block.
       buffers.masters.push_back(describe(precision[i].master, t.size, FUSEDOPT_FLOAT32));
       buffers.masters.back().present = precision[i].master != nullptr;
-      const int64_t blocks = (t.size + kQuantBlock - 1) / kQuantBlock;
+      const int64_t blocks = quant_blocks(t.size);
       for (size_t k = 0; k < A::state_names.size(); ++k) {
         buffers.absmax[k].push_back(describe(precision[i].absmax[k], blocks, FUSEDOPT_FLOAT32));
         buffers.absmax[k].back().present = precision[i].absmax[k] != nullptr;
