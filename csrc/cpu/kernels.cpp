@@ -258,18 +258,20 @@ FUSEDOPT_LANE_FN U widen_bits(U h) {
     return math::float16_to_float_bits<U, std::conditional_t<sizeof(U) == 4, float, Floats16>>(h);
 }
 
-// float16 by AVX-512's conversions in that build: the same bits as the integer conversions
-// (csrc/math/rounding.h), NaNs rounded to nearest made the canonical one. The AVX2 build's staged
-// path keeps the integer code: F16C over its 16 lanes, split in two through memory, was slower
-// (the in-register loop below takes F16C's 8 lanes at a time).
-#if defined(__AVX512F__)
-#define FUSEDOPT_FLOAT16_HARDWARE 1
-inline Bits16 float16_to_float_bits_hardware(Halves16 h) {
-  return (Bits16)_mm512_cvtph_ps((__m256i)h);
-}
-#endif
+// The rounding key of a role for elements within one 2^32 of their tensor (math::random_bits):
+// its low half, and the high half mixed with those elements' index >> 32.
+struct RoundingKey {
+  uint32_t low = 0, high = 0;
+  RoundingKey() = default;
+  RoundingKey(uint64_t role_key, uint64_t index)
+      : low(static_cast<uint32_t>(role_key)), high(math::chunk_key_high(role_key, index)) {}
+};
 
 #if defined(__AVX512F__) || defined(__AVX2__)
+// The AVX2 and AVX-512 builds convert a lane of the ISA's width at a time, by intrinsics (F16C
+// for float16: the integer conversions' bits, NaNs rounded to nearest made the canonical one),
+// for the staged path and the in-register loop alike; the scalar build converts 16 lanes of GCC
+// vectors by the integer code (csrc/math/rounding.h).
 // A lane of floats, and of their bits.
 using FloatLane = Lane<float>;
 constexpr int kFloatLanes = FloatLane::lanes;
@@ -289,24 +291,86 @@ FUSEDOPT_LANE_FN LaneBits round_float16_hardware(LaneBits f) {
 #endif
 }
 
+template <int... Lane>
+constexpr LaneBits lane_numbers(std::integer_sequence<int, Lane...>) {
+  return LaneBits{static_cast<uint32_t>(Lane)...};
+}
+
+// One zero-extending load and one narrowing store, by intrinsics: GCC's generic vector
+// conversions split these into halves and shuffles.
+FUSEDOPT_LANE_FN LaneBits load_halves(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return (LaneBits)_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  return (LaneBits)_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+}
+
+// Lanes below 2^16 (the roundings' results), narrowed to 16 bits.
+FUSEDOPT_LANE_FN void store_halves(uint16_t* p, LaneBits x) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)x));
+#else
+  const __m256i v = (__m256i)x;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+#endif
+}
+
+// A lane of 16-bit values of dtype D, widened: float16 by F16C's conversion (the integer
+// conversion's bits, csrc/math/rounding.h).
+template <Dtype D>
+FUSEDOPT_LANE_FN FloatLane load_sixteen(const void* buffer, int64_t i) {
+  const uint16_t* const p = static_cast<const uint16_t*>(buffer) + i;
+  FloatLane x;
+  if constexpr (D == Dtype::float16) {
+#if defined(__AVX512F__)
+    x.v =
+        (FloatLane::native)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+    x.v = (FloatLane::native)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+  } else {
+    const LaneBits bits = math::bfloat16_to_float_bits(load_halves(p));
+    std::memcpy(&x.v, &bits, sizeof bits);
+  }
+  return x;
+}
+
+// A lane rounded to 16 bits and stored at `out`; `index`: the low 32 bits of out[0]'s position
+// in its tensor, for the random bits of stochastic rounding.
+template <Dtype D, bool Stochastic>
+FUSEDOPT_LANE_FN void store_sixteen(uint16_t* out, uint32_t index, const FloatLane& x,
+                                    RoundingKey key) {
+  LaneBits f;
+  std::memcpy(&f, &x.v, sizeof f);
+  LaneBits rounded;
+  if constexpr (Stochastic) {
+    constexpr LaneBits lane = lane_numbers(std::make_integer_sequence<int, kFloatLanes>{});
+    const LaneBits random = math::random_bits(lane + index, key.low, key.high);
+    rounded = D == Dtype::bfloat16 ? math::float_bits_to_bfloat16_stochastic(f, random)
+                                   : math::float_bits_to_float16_stochastic(f, random);
+  } else {
+    rounded = D == Dtype::bfloat16 ? math::float_bits_to_bfloat16(f) : round_float16_hardware(f);
+  }
+  store_halves(out, rounded);
+}
+
 #endif
 
 template <Dtype D>
 void widen(const uint16_t* in, int64_t n, float* out) {
   int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (; i + kFloatLanes <= n; i += kFloatLanes) store_lane(out + i, load_sixteen<D>(in, i));
+#else
   for (; i + 16 <= n; i += 16) {
     Halves16 h;
     std::memcpy(&h, in + i, sizeof h);
-#if defined(FUSEDOPT_FLOAT16_HARDWARE)
-    if constexpr (D == Dtype::float16) {
-      const Bits16 f = float16_to_float_bits_hardware(h);
-      std::memcpy(out + i, &f, sizeof f);
-      continue;
-    }
-#endif
     const Bits16 f = widen_bits<D>(__builtin_convertvector(h, Bits16));
     std::memcpy(out + i, &f, sizeof f);
   }
+#endif
   for (; i < n; ++i) {
     const uint32_t f = widen_bits<D>(static_cast<uint32_t>(in[i]));
     std::memcpy(out + i, &f, sizeof f);
@@ -326,33 +390,31 @@ FUSEDOPT_LANE_FN U narrow_bits(U f, U random) {
 // `index`: the position of in[0] in its tensor, for the random bits of stochastic rounding.
 template <Dtype D, bool Stochastic>
 void narrow(const float* in, int64_t n, uint16_t* out, uint64_t role_key, int64_t index) {
-  const auto key_low = static_cast<uint32_t>(role_key);
-  const uint32_t key_high = math::chunk_key_high(role_key, static_cast<uint64_t>(index));
+  const RoundingKey key(role_key, static_cast<uint64_t>(index));
   const auto first = static_cast<uint32_t>(index);
   int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (; i + kFloatLanes <= n; i += kFloatLanes)
+    store_sixteen<D, Stochastic>(out + i, first + static_cast<uint32_t>(i),
+                                 load_lane<FloatLane>(in + i), key);
+#else
   for (; i + 16 <= n; i += 16) {
     Bits16 f;
     std::memcpy(&f, in + i, sizeof f);
     Bits16 random{};
     if constexpr (Stochastic) {
       const Bits16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-      random = math::random_bits(lane + (first + static_cast<uint32_t>(i)), key_low, key_high);
+      random = math::random_bits(lane + (first + static_cast<uint32_t>(i)), key.low, key.high);
     }
-#if defined(FUSEDOPT_FLOAT16_HARDWARE)
-    if constexpr (D == Dtype::float16 && !Stochastic) {
-      const Halves16 h = __builtin_convertvector(round_float16_hardware(f), Halves16);
-      std::memcpy(out + i, &h, sizeof h);
-      continue;
-    }
-#endif
     const Halves16 h = __builtin_convertvector(narrow_bits<D, Stochastic>(f, random), Halves16);
     std::memcpy(out + i, &h, sizeof h);
   }
+#endif
   for (; i < n; ++i) {
     uint32_t f;
     std::memcpy(&f, in + i, sizeof f);
     const uint32_t random =
-        Stochastic ? math::random_bits(first + static_cast<uint32_t>(i), key_low, key_high) : 0u;
+        Stochastic ? math::random_bits(first + static_cast<uint32_t>(i), key.low, key.high) : 0u;
     out[i] = static_cast<uint16_t>(narrow_bits<D, Stochastic>(f, random));
   }
 }
@@ -669,73 +731,6 @@ void staged_chunks(const TensorRef& t, const typename A::Coefficients& coefficie
 // state for float16 params, a written-back grad, a reduction's pass) and lanes left over at a
 // tensor's end take the staged path; so does the scalar build.
 
-template <int... Lane>
-constexpr LaneBits lane_numbers(std::integer_sequence<int, Lane...>) {
-  return LaneBits{static_cast<uint32_t>(Lane)...};
-}
-
-// One zero-extending load and one narrowing store, by intrinsics: GCC's generic vector
-// conversions split these into halves and shuffles.
-FUSEDOPT_LANE_FN LaneBits load_halves(const uint16_t* p) {
-#if defined(__AVX512F__)
-  return (LaneBits)_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#else
-  return (LaneBits)_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#endif
-}
-
-// Lanes below 2^16 (the roundings' results), narrowed to 16 bits.
-FUSEDOPT_LANE_FN void store_halves(uint16_t* p, LaneBits x) {
-#if defined(__AVX512F__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)x));
-#else
-  const __m256i v = (__m256i)x;
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
-#endif
-}
-
-// A lane of 16-bit values of dtype D, widened: float16 by F16C's conversion (the integer
-// conversion's bits, csrc/math/rounding.h).
-template <Dtype D>
-FUSEDOPT_LANE_FN FloatLane load_sixteen(const void* buffer, int64_t i) {
-  const uint16_t* const p = static_cast<const uint16_t*>(buffer) + i;
-  FloatLane x;
-  if constexpr (D == Dtype::float16) {
-#if defined(__AVX512F__)
-    x.v =
-        (FloatLane::native)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#else
-    x.v = (FloatLane::native)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#endif
-  } else {
-    const LaneBits bits = math::bfloat16_to_float_bits(load_halves(p));
-    std::memcpy(&x.v, &bits, sizeof bits);
-  }
-  return x;
-}
-
-// The rounding key of a role, split as the staged path splits it (math::random_bits).
-struct RoundingKey {
-  uint32_t low = 0, high = 0;
-};
-
-template <Dtype D, bool Stochastic>
-FUSEDOPT_LANE_FN void store_sixteen(void* buffer, int64_t i, const FloatLane& x, RoundingKey key) {
-  LaneBits f;
-  std::memcpy(&f, &x.v, sizeof f);
-  LaneBits rounded;
-  if constexpr (Stochastic) {
-    constexpr LaneBits lane = lane_numbers(std::make_integer_sequence<int, kFloatLanes>{});
-    const LaneBits random = math::random_bits(lane + static_cast<uint32_t>(i), key.low, key.high);
-    rounded = D == Dtype::bfloat16 ? math::float_bits_to_bfloat16_stochastic(f, random)
-                                   : math::float_bits_to_float16_stochastic(f, random);
-  } else {
-    rounded = D == Dtype::bfloat16 ? math::float_bits_to_bfloat16(f) : round_float16_hardware(f);
-  }
-  store_halves(static_cast<uint16_t*>(buffer) + i, rounded);
-}
-
 inline bool sixteen_bit_in_registers(const TensorRef& t) {
   return (t.dtype == Dtype::bfloat16 || t.dtype == Dtype::float16) && !t.write_grad &&
          (t.state_dtype == t.dtype || t.state_dtype == Dtype::float32);
@@ -761,11 +756,8 @@ void sixteen_bit_update_loop(const TensorRef& t, const typename A::Coefficients&
     const int64_t segment_end = std::min(end, ((i >> 32) + 1) << 32);
     RoundingKey keys[1 + kMaxStates];
     if (Stochastic)
-      for (int role = 0; role <= kMaxStates; ++role) {
-        const uint64_t key = role_key(t.rounding_key, role);
-        keys[role] = {static_cast<uint32_t>(key),
-                      math::chunk_key_high(key, static_cast<uint64_t>(i))};
-      }
+      for (int role = 0; role <= kMaxStates; ++role)
+        keys[role] = RoundingKey(role_key(t.rounding_key, role), static_cast<uint64_t>(i));
     for (; i + kFloatLanes <= segment_end; i += kFloatLanes) {
       // With a master, the master and the param (written, never read), a kilobyte ahead, for
       // writing (see stream_pattern). The same for 16-bit buffers that are read first (two
@@ -791,13 +783,15 @@ void sixteen_bit_update_loop(const TensorRef& t, const typename A::Coefficients&
       }
       update(p, g, s);
       if (master) store_lane(master + i, p);
-      store_sixteen<D, Stochastic>(param, i, p, keys[0]);
+      const auto index = static_cast<uint32_t>(i);
+      store_sixteen<D, Stochastic>(static_cast<uint16_t*>(param) + i, index, p, keys[0]);
       for (int k = 0; k < kMaxStates; ++k) {
         if (!state[k]) continue;
         if (FloatStates)
           store_lane(static_cast<float*>(state[k]) + i, s[k]);
         else
-          store_sixteen<D, Stochastic>(state[k], i, s[k], keys[1 + k]);
+          store_sixteen<D, Stochastic>(static_cast<uint16_t*>(state[k]) + i, index, s[k],
+                                       keys[1 + k]);
       }
     }
     if (i < segment_end) staged_chunks<A>(t, coefficients, i, segment_end);
