@@ -11,6 +11,7 @@ through a stale description.
 from __future__ import annotations
 
 import gc
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -248,6 +249,47 @@ def test_a_grad_aliasing_a_registered_state_is_refused() -> None:
     with pytest.raises(ValueError, match=r"grads\[0\] overlaps exp_avg_sq\[2\]"):
         opt.step([state, np.ones(40, np.float32), np.ones(40, np.float32)])
     assert checksum(*every_buffer(opt, params)) == before
+
+
+def test_grads_overlapping_registered_buffers_anywhere_are_found() -> None:
+    """The plan searches each grad among its registered buffers starting from where the previous
+    grad was found: grads in address order, in reverse and shuffled, each either its own array or
+    a slice of any param or state (its first, middle or last element), must all be judged as a
+    scan over every registered buffer judges them."""
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(1, 50, size=60)
+    params = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    opt = fusedopt.Adam(params, lr=1e-3)
+    opt.step([np.ones_like(p) for p in params])
+    registered = [(f"params[{i}]", p) for i, p in enumerate(params)] + [
+        (f"{key}[{i}]", opt.state[i][key])
+        for i in range(len(params))
+        for key in ("exp_avg", "exp_avg_sq")
+    ]
+    for trial in range(200):
+        # Allocated in this order, so their addresses mostly follow it.
+        order = {0: np.arange, 1: lambda n: np.arange(n)[::-1]}.get(trial % 3, rng.permutation)
+        order = order(len(params))
+        grads: list[Any] = [None] * len(params)
+        for j in order:
+            grads[j] = np.ones_like(params[j])
+        clash = None
+        if trial % 4:
+            name, buffer = registered[rng.integers(len(registered))]
+            j = int(order[rng.integers(len(order))])
+            if buffer.size >= params[j].size:
+                spare = buffer.size - params[j].size
+                first = [0, spare // 2, spare][trial % 3]
+                grads[j] = buffer[first : first + params[j].size]
+                clash = (j, name)
+        before = checksum(*every_buffer(opt, params))
+        if clash is None:
+            opt.step(grads)
+            continue
+        expected = rf"grads\[{clash[0]}\] overlaps {re.escape(clash[1])} "
+        with pytest.raises(ValueError, match=expected):
+            opt.step(grads)
+        assert checksum(*every_buffer(opt, params)) == before
 
 
 def test_states_swapped_by_load_state_dict_are_the_ones_updated() -> None:

@@ -73,20 +73,29 @@ void check_count(const void* array, int64_t count, const char* name) {
 char empty_buffer_address;
 
 // `state`: FUSEDOPT_INT8_BLOCKWISE is a state's dtype, not a param's or a grad's.
-BufferInfo describe(void* data, int64_t size, int32_t dtype, bool state = false) {
-  BufferInfo info;
+// Into `info`, whose shape's memory a plan reuses at every step: an allocation per grad (the
+// shape, and the name of a dtype no message needed) was a third of a 10,000-tensor plan step.
+void describe(void* data, int64_t size, int32_t dtype, bool state, BufferInfo& info) {
   info.data = size == 0 && !data ? &empty_buffer_address : data;
   info.present = info.data != nullptr;
-  info.shape = {size};
+  info.shape.resize(1);
+  info.shape[0] = size;
   info.size = size;
   static_assert(static_cast<int>(Dtype::blockwise8) == FUSEDOPT_INT8_BLOCKWISE &&
                     static_cast<int>(Dtype::float16) == FUSEDOPT_FLOAT16,
                 "fusedopt_dtype values are the core's Dtype values");
-  if (dtype >= FUSEDOPT_FLOAT32 && dtype <= (state ? FUSEDOPT_INT8_BLOCKWISE : FUSEDOPT_FLOAT16))
-    info.dtype = static_cast<Dtype>(dtype);
+  const bool known =
+      dtype >= FUSEDOPT_FLOAT32 && dtype <= (state ? FUSEDOPT_INT8_BLOCKWISE : FUSEDOPT_FLOAT16);
+  info.dtype = known ? std::optional(static_cast<Dtype>(dtype)) : std::nullopt;
   info.contiguous = true;
   info.writeable = true;
-  info.dtype_name = std::to_string(dtype) + " (not a fusedopt_dtype)";
+  info.dtype_name.clear();
+  if (!known) info.dtype_name = std::to_string(dtype) + " (not a fusedopt_dtype)";
+}
+
+BufferInfo describe(void* data, int64_t size, int32_t dtype, bool state = false) {
+  BufferInfo info;
+  describe(data, size, dtype, state, info);
   return info;
 }
 
@@ -256,18 +265,18 @@ class TypedPlan : public fusedopt_plan {
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t n = static_cast<int64_t>(sizes_.size());
     check_count(grads, n, "grads");
-    std::vector<BufferInfo> infos;
-    infos.reserve(n);
+    grad_infos_.resize(n);
     for (int64_t i = 0; i < n; ++i) {
       if (!grads[i] && sizes_[i].size > 0)
         throw Error(ErrorKind::type, indexed("grads", i) + " is NULL");
-      infos.push_back(describe(grads[i], sizes_[i].size, static_cast<int32_t>(sizes_[i].dtype)));
+      describe(grads[i], sizes_[i].size, static_cast<int32_t>(sizes_[i].dtype), false,
+               grad_infos_[i]);
     }
     StepExtras extras;
     if (grad_scale) extras.grad_scale = *grad_scale;
     extras.rounding_seed = rounding_seed_;
     scalars_.gather(scalar_sources_);
-    plan_->step(infos, extras, std::nullopt);
+    plan_->step(grad_infos_, extras, std::nullopt);
     scalars_.scatter(scalar_sources_);
   }
 
@@ -291,6 +300,7 @@ class TypedPlan : public fusedopt_plan {
   };
   std::optional<uint64_t> rounding_seed_;
   std::vector<Size> sizes_;
+  std::vector<BufferInfo> grad_infos_;  // the grads of the step in progress (under the lock)
   std::vector<int64_t> counts_;
   std::vector<double*> scalar_sources_;
   ScalarRows scalars_;

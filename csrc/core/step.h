@@ -84,8 +84,9 @@ class ExtentIndex {
   };
   explicit ExtentIndex(std::vector<Extent> extents);
   ExtentIndex() = default;
-  // The name of an extent that [begin, end) overlaps, or null.
-  const std::string* find_overlap(uintptr_t begin, uintptr_t end) const;
+  // The name of an extent that [begin, end) overlaps, or null. `hint`, when given, is where the
+  // search starts (the value it left at the previous call) and is updated.
+  const std::string* find_overlap(uintptr_t begin, uintptr_t end, size_t* hint = nullptr) const;
 
  private:
   // By begin. The begins are searched on their own: with the names beside them (48 bytes an
@@ -372,13 +373,14 @@ class Plan {
                   std::string("grad_scale: ") + A::name + " does not take a grad scale");
     const bool written = extras.grad_scale.has_value();
     std::vector<ExtentIndex::Extent> written_grads;
+    size_t hint = 0;
     for (size_t i = 0; i < n; ++i) {
       check_grad(grads[i], i, params_[i], written);
       const int64_t bytes = grads[i].bytes();
       if (bytes == 0) continue;
       const auto begin = reinterpret_cast<uintptr_t>(grads[i].data);
       const auto end = begin + static_cast<uintptr_t>(bytes);
-      if (const std::string* clash = registered_extents_.find_overlap(begin, end))
+      if (const std::string* clash = registered_extents_.find_overlap(begin, end, &hint))
         throw Error(ErrorKind::value, "grads[" + std::to_string(i) + "] overlaps " + *clash +
                                           " in memory; every param, grad and state must be "
                                           "its own buffer");

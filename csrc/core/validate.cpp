@@ -260,9 +260,34 @@ ExtentIndex::ExtentIndex(std::vector<Extent> extents) : extents_(std::move(exten
   }
 }
 
-const std::string* ExtentIndex::find_overlap(uintptr_t begin, uintptr_t end) const {
+const std::string* ExtentIndex::find_overlap(uintptr_t begin, uintptr_t end, size_t* hint) const {
   // The extents starting before `end`; one of them overlaps when the furthest reaches past begin.
-  const size_t count = std::upper_bound(begins_.begin(), begins_.end(), end - 1) - begins_.begin();
+  // Searched outward from the hint (the previous answer) by doubling steps: a framework's grads
+  // of one step are mostly allocated one after another, near where the previous one was found.
+  const uintptr_t last = end - 1;
+  auto first = begins_.begin(), stop = begins_.end();
+  if (hint && *hint <= begins_.size()) {
+    const auto at = begins_.begin() + static_cast<std::ptrdiff_t>(*hint);
+    if (at != begins_.begin() && *(at - 1) > last) {  // the answer is left of the hint
+      size_t step = 1;
+      stop = at - 1;
+      while (static_cast<size_t>(stop - begins_.begin()) > step && *(stop - step) > last) {
+        stop -= step;
+        step *= 2;
+      }
+      first = static_cast<size_t>(stop - begins_.begin()) > step ? stop - step : begins_.begin();
+    } else {  // at or right of it
+      size_t step = 1;
+      first = at;
+      while (static_cast<size_t>(begins_.end() - first) > step && *(first + step - 1) <= last) {
+        first += step;
+        step *= 2;
+      }
+      stop = static_cast<size_t>(begins_.end() - first) > step ? first + step : begins_.end();
+    }
+  }
+  const size_t count = std::upper_bound(first, stop, last) - begins_.begin();
+  if (hint) *hint = count;
   if (count == 0 || furthest_end_[count - 1] <= begin) return nullptr;
   for (size_t i = count; i-- > 0;)
     if (extents_[i].end > begin) return &extents_[i].name;
