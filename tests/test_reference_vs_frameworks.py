@@ -16,6 +16,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import numpy as np
 import pytest
 
+import fusedopt
+import fusedopt.keras_numpy
 from fusedopt import reference
 
 RTOL = 1e-12
@@ -1319,3 +1321,34 @@ def test_reference_steps_never_write_their_inputs_and_return_float64(step, optio
     assert new_param.dtype == np.float64
     for value in new_state.values():
         assert not isinstance(value, np.ndarray) or value.dtype == np.float64
+
+
+@pytest.mark.parametrize("convention", ["keras", "torch"])
+def test_lion_nan_direction_has_sign_0(keras, convention: str) -> None:
+    """torch.sign(NaN) is 0, so Keras' Lion on the torch backend (and lion-pytorch) leaves an
+    element whose direction is NaN where it was, and its momentum takes the NaN. The reference
+    and the kernels, float32 and float64, do the same; they moved it by sign(NaN) = NaN."""
+    nan = float("nan")
+    lr = float(np.float32(0.1))  # Keras' learning-rate variable is float32
+    param0, grad = np.array([1.0, 1.0, -2.0]), np.array([nan, 1.0, -0.5])
+    variable = keras.Variable(param0, dtype="float64")
+    optimizer = keras.optimizers.Lion(learning_rate=lr)
+    optimizer.apply([keras.ops.convert_to_tensor(grad)], [variable])
+    want = keras.ops.convert_to_numpy(variable.value)
+    np.testing.assert_array_equal(want, [1.0, 1.0 - lr, -2.0 + lr])  # as torch.sign makes it
+    if convention == "keras":
+        expected, state = reference.keras_lion(param0, grad, {}, learning_rate=lr)
+        momentum = state["momentum"]
+    else:
+        expected, state = reference.torch_lion(param0, grad, {}, lr=lr)
+        momentum = state["exp_avg"]
+    np.testing.assert_array_equal(expected, want)
+    assert np.isnan(momentum[0]) and not np.isnan(momentum[1:]).any()
+    for dtype in (np.float32, np.float64):
+        param = param0.astype(dtype)
+        if convention == "keras":
+            optimizer = fusedopt.keras_numpy.Lion(learning_rate=lr)
+            optimizer.apply([grad.astype(dtype)], [param])
+        else:
+            fusedopt.Lion([param], lr=lr).step([grad.astype(dtype)])
+        np.testing.assert_array_equal(param, want.astype(dtype), err_msg=str(dtype))

@@ -81,11 +81,13 @@ FUSEDOPT_LANE_FN V lane_max_nan(V a, V b) {
   return lane_select(a == a, lane_max(a, b), a);
 }
 
-// torch.sign: -1, 0 or 1; a zero keeps its sign and NaN stays NaN.
+// torch.sign: -1, 0 or 1, and 0 for a zero of either sign and for NaN (pytorch/pytorch#41245),
+// so a NaN direction does not move a param (Rprop, and Lion in both conventions: lion-pytorch and
+// Keras' torch backend take torch.sign).
 template <class V>
 FUSEDOPT_LANE_FN V lane_sign(V x) {
   const V zero = splat<V>(0.0);
-  return lane_select(x > zero, splat<V>(1.0), lane_select(x < zero, splat<V>(-1.0), x));
+  return lane_select(x > zero, splat<V>(1.0), lane_select(x < zero, splat<V>(-1.0), zero));
 }
 
 // torch.clamp(x, low, high): the lower bound first, so low > high gives high; NaN stays NaN.

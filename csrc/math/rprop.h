@@ -72,11 +72,9 @@ FUSEDOPT_LANE_FN void update(const Rprop::Coefficients& c, V& param, V& grad,
   step_size = lane_clamp(step_size * factor, splat<V>(c.step_size_min), splat<V>(c.step_size_max));
   // After a flip the element does not move, and its next factor is 1.
   g = lane_select(flipped, zero, g);
-  // torch.sign, 0 for NaN (pytorch/pytorch#41245): a NaN gradient does not move the param (and
-  // a NaN product above takes the factor 1).
-  const V sign_g =
-      lane_select(g > zero, splat<V>(1.0), lane_select(g < zero, splat<V>(-1.0), zero));
-  param = param - sign_g * step_size;
+  // A NaN gradient does not move the param (torch.sign(NaN) is 0), and a NaN product above takes
+  // the factor 1.
+  param = param - lane_sign(g) * step_size;
   prev = g;
 }
 

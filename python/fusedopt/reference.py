@@ -606,7 +606,7 @@ def torch_lion(
     if weight_decay != 0:
         param = param * (1.0 - lr * weight_decay)
     exp_avg = _slot(new_state, "exp_avg", param)
-    update = np.sign(_torch_lerp(exp_avg, grad, 1.0 - beta1))
+    update = _torch_sign(_torch_lerp(exp_avg, grad, 1.0 - beta1))
     new_state["exp_avg"] = _torch_lerp(exp_avg, grad, 1.0 - beta2)
     return param - lr * update, new_state
 
@@ -920,7 +920,7 @@ def keras_lion(
     new_state = _copy_state(state)
     new_state["step"] = _next_step(state)
     m = _slot(new_state, "momentum", param)
-    update = np.sign(m * beta_1 + (1.0 - beta_1) * grad)
+    update = _torch_sign(m * beta_1 + (1.0 - beta_1) * grad)
     new_state["momentum"] = m * beta_2 + (1.0 - beta_2) * grad
     return param - update * learning_rate, new_state
 
