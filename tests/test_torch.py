@@ -414,3 +414,23 @@ def test_a_one_element_array_hyperparameter_changed_in_place_takes_effect() -> N
     run(expected, expected_params, range(2, 4))
     for a, b in zip(ours_params, expected_params):
         assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "step"])
+def test_a_state_given_new_memory_is_followed_not_written_after_free(key: str) -> None:
+    """`state[key].data = other` keeps the tensor object (and its entry in optimizer.state) and
+    frees its old memory: the plan went on writing the freed memory. Every registered tensor's
+    memory is now checked at each step, and a moved one gets a new plan, as torch follows it."""
+    results = []
+    for module in (torch.optim, ft):
+        p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+        opt = module.Adam([p], lr=0.1)
+        for step in range(3):
+            p.grad = torch.full((6,), 0.5 + step)
+            opt.step()
+            if step == 0:
+                state = opt.state[p][key]
+                state.data = state.detach().clone()
+        results.append([p.detach().clone(), *(v.clone() for v in opt.state[p].values())])
+    for fused, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-7)

@@ -730,6 +730,8 @@ class TorchPlan : public AnyTorchPlan {
     // the grad setter, but `param.grad.data = x` or `param.data = x` gets past both. Each step
     // checks the grad's dtype, shape, device and layout and reads its memory.
     infos_ = b.params;
+    for (const py::object& tensor : references_)
+      reference_addresses_.push_back(tensor.is_none() ? 0 : torch_data_ptr(tensor.ptr()));
   }
 
   void set_options(size_t group, py::handle values) override {
@@ -745,6 +747,7 @@ class TorchPlan : public AnyTorchPlan {
       if (!now && PyErr_Occurred()) throw py::error_already_set();
       if (now != k.tensor.ptr()) return false;
     }
+    if (!registered_memory_unchanged()) return false;
     std::vector<py::object> grads;  // kept alive while the GIL is released
     grads.reserve(index_.size());
     size_t j = 0;
@@ -824,6 +827,7 @@ class TorchPlan : public AnyTorchPlan {
     for (size_t j = 0; j < n; ++j)
       if (torch_data_ptr(memory_of(index_[j], params_[index_[j]]).ptr()) != addresses_[j])
         return false;
+    if (!registered_memory_unchanged()) return false;
     given_grads_.resize(n);
     for (size_t j = 0; j < n; ++j)
       describe_torch(items[j].ptr(), "grads[" + std::to_string(j) + "]", given_grads_[j]);
@@ -837,6 +841,17 @@ class TorchPlan : public AnyTorchPlan {
   }
 
  private:
+  // Whether every registered state, master, scale and scalar tensor still has the memory it was
+  // registered with: `tensor.data = other` (or a Keras slot's) keeps the object and frees its old
+  // memory, which the plan would otherwise go on writing.
+  bool registered_memory_unchanged() const {
+    for (size_t k = 0; k < references_.size(); ++k)
+      if (!references_[k].is_none() &&
+          torch_data_ptr(references_[k].ptr()) != reference_addresses_[k])
+        return false;
+    return true;
+  }
+
   void read_scalars() {
     for (size_t k = 0; k < scalar_slots_.size(); ++k)
       for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
@@ -871,6 +886,7 @@ class TorchPlan : public AnyTorchPlan {
   std::vector<size_t> index_;            // the param index of each active tensor
   std::vector<uintptr_t> addresses_;     // each active param's memory at registration
   std::vector<py::object> references_;   // the registered states and scalar tensors
+  std::vector<uintptr_t> reference_addresses_;  // their memory at registration
   std::vector<ScalarSlot> step_slots_;
   std::vector<std::vector<ScalarSlot>> scalar_slots_;
   std::vector<int64_t> counts_;
