@@ -126,6 +126,9 @@ class _Entry:
         self.read_first: list[tuple[Any, Any]] = []
         # The variables' indices, in the order of ``values`` (for their masters).
         self.indices: tuple[int, ...] = ()
+        # The memory of every tensor the plan writes (storage addresses): a gradient in one of
+        # them is copied before Keras' pipeline runs (see _separate_grads).
+        self.storages: frozenset[int] = frozenset()
 
 
 class _Native:
@@ -442,6 +445,8 @@ class Optimizer(keras.optimizers.Optimizer):
                     f"'{variable.path}' is a {type(grad).__name__}, not a tensor ({error}). "
                     "No variable was updated."
                 ) from None
+        if grad.layout != torch.strided:  # sparse: Keras applies it as the dense gradient
+            grad = grad.to_dense()
         if grad.shape != value.shape:
             raise ValueError(
                 f"fusedopt.keras.{type(self).__name__}: the gradient of variable "
@@ -470,6 +475,13 @@ class Optimizer(keras.optimizers.Optimizer):
             step = self._step_number()
             for attempt in range(2):
                 entry = self._entry(trainable_variables, values, options, fresh=attempt > 0)
+                # Keras accepts a gradient that is a variable's own tensor (and reads it after
+                # its weight decay has written the variable); the native step refuses a gradient
+                # that overlaps anything it writes. Such a gradient is copied now.
+                grads = [
+                    g.clone() if g.untyped_storage().data_ptr() in entry.storages else g
+                    for g in grads
+                ]
                 if self._run(entry, grads, step):
                     return
             raise RuntimeError("fusedopt.keras: a plan made now refused its first step")
@@ -511,6 +523,12 @@ class Optimizer(keras.optimizers.Optimizer):
     def _make_entry(
         self, indices: tuple[int, ...], values: list[Any], options: tuple[float, ...]
     ) -> _Entry:
+        for value in values:
+            if not value.is_contiguous():
+                # Keras' Orthogonal initializer (torch's QR gives column-major Q) and transposed
+                # arrays leave tensors the kernels cannot update in place: made row-major once,
+                # the same values (Keras' assign and load_model copy into them and keep that).
+                value.data = value.data.contiguous()
         description = self._declaration._description
         used = description.states_used(options)
         states: list[list[Any] | None] = []
@@ -542,6 +560,17 @@ class Optimizer(keras.optimizers.Optimizer):
                 assign_back.append((scalar_variables[k], scalar_tensors[k]))
         n = len(values)
         device = values[0].device.type == "cuda"
+        written = [*values, *(t for slots in states if slots for t in slots)]
+        written += [
+            v.value
+            for v in (
+                *self._masters_of(indices),
+                *(self._fusedopt_absmax[native][i] for native in self._fusedopt_absmax
+                  for i in indices),
+            )
+            if v is not None
+        ]  # fmt: skip
+        storages = frozenset(t.untyped_storage().data_ptr() for t in written)
         if device:
             scalars = np.zeros((n, _core.max_scalars)) if scalar_tensors else None
             plan = make_plan(
@@ -550,6 +579,7 @@ class Optimizer(keras.optimizers.Optimizer):
             )  # fmt: skip
             entry = _Entry(plan, options, values, device=True)
             entry.scalars = scalars
+            entry.storages = storages
             return entry
         rows = [scalar_tensors] * n if scalar_tensors else None
         masters = self._masters_of(indices)
@@ -566,6 +596,7 @@ class Optimizer(keras.optimizers.Optimizer):
             absmax=absmax if self._fusedopt_absmax else None,
         )  # fmt: skip
         entry = _Entry(plan, options, values, device=False)
+        entry.storages = storages
         entry.assign_back = assign_back
         entry.read_first = read_first
         entry.indices = indices
