@@ -652,6 +652,11 @@ def _step_count(value: Any, i: int) -> int:
     return int(step)
 
 
+# np.savez stores ml_dtypes.bfloat16 arrays as raw 2-byte voids, and np.load gives them back so:
+# bfloat16 is the only 2-byte dtype NumPy does not know, so a plain 'V2' state is one.
+_SAVED_BFLOAT16 = np.dtype("V2")
+
+
 def _state_array(value: Any, param: Any, i: int, name: str, dtype: str) -> Any:
     try:
         array = np.asarray(_host(value))
@@ -662,6 +667,8 @@ def _state_array(value: Any, param: Any, i: int, name: str, dtype: str) -> Any:
             f"state_dict: state[{i}][{name!r}] has shape {array.shape}, params[{i}] has "
             f"{tuple(param.shape)}"
         )
+    if array.dtype == _SAVED_BFLOAT16:
+        array = array.view(numpy_dtype("bfloat16"))
     if array.dtype.kind != "f" and dtype_name(array.dtype) != "bfloat16":
         raise TypeError(f"state_dict: state[{i}][{name!r}] has dtype {array.dtype}")
     if cuda.is_device_array(param):
