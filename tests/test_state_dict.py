@@ -298,3 +298,52 @@ def test_load_into_an_unstepped_optimizer_then_save_again_is_identical() -> None
     for i, entry in sd["state"].items():
         for key, value in entry.items():
             np.testing.assert_array_equal(again["state"][i][key], value)
+
+
+@pytest.mark.parametrize("step", [2**53 + 1, 2**62 - 1], ids=["2**53+1", "2**62-1"])
+def test_large_step_counts_load_exactly(step: int, tmp_path: Any) -> None:
+    """Integers are read as integers: a float64 on the way would round 2**53 + 1 and 2**62 - 1."""
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=1)
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        entry["step"] = step
+    target = MAKERS["Adam"]([p.copy() for p in params])
+    target.load_state_dict(saved)
+    assert [e["step"] for e in target.state.values()] == [step] * len(params)
+    path = tmp_path / "optimizer.npz"
+    np.savez(path, **fusedopt.flatten_state_dict(target.state_dict()))
+    again = MAKERS["Adam"]([p.copy() for p in params])
+    with np.load(path) as flat:
+        again.load_state_dict(flat)
+    assert [e["step"] for e in again.state.values()] == [step] * len(params)
+    again.step(make_grads(np.random.default_rng(3), params))
+    assert [e["step"] for e in again.state.values()] == [step + 1] * len(params)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [2**62, 2**63, np.int64(2**62), -1, 2.5, np.float64(3.5), np.array([2**62], np.int64)],
+    ids=["2**62", "2**63", "np.int64(2**62)", "-1", "2.5", "np.float64(3.5)", "array([2**62])"],
+)
+def test_step_counts_that_are_not_whole_or_out_of_range_are_refused(step: Any) -> None:
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=1)
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = step
+    with pytest.raises(ValueError, match=r"state\[0\]\['step'\] must be a whole number in \[0, "):
+        opt.load_state_dict(saved)
+    assert opt.state[0]["step"] == 1
+
+
+def test_whole_step_counts_of_any_numeric_type_load() -> None:
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=1)
+    saved = opt.state_dict()
+    for i, step in enumerate([np.int32(7), 8.0, np.array(9, np.uint64), np.array([10.0])]):
+        saved["state"][i]["step"] = step
+    opt.load_state_dict(saved)
+    assert [opt.state[i]["step"] for i in range(4)] == [7, 8, 9, 10]

@@ -644,12 +644,21 @@ def _state_index(key: Any, n: int) -> int:
 
 
 def _step_count(value: Any, i: int) -> int:
-    step = as_number(value, f"state[{i}]['step']")
-    if not (math.isfinite(step) and 0 <= step < 2**62 and step == int(step)):
+    """A saved step count, exactly: integers are read as integers (through a float64, counts
+    above 2**53 would change), other numbers only where they are whole."""
+    array = value if isinstance(value, np.ndarray) else None
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        step: int | None = int(value)
+    elif array is not None and array.dtype.kind in "iu" and array.size == 1:
+        step = int(array.reshape(()))
+    else:
+        number = as_number(value, f"state[{i}]['step']")
+        step = int(number) if math.isfinite(number) and number.is_integer() else None
+    if step is None or not 0 <= step < 2**62:
         raise ValueError(
             f"state_dict: state[{i}]['step'] must be a whole number in [0, 2**62), got {value!r}"
         )
-    return int(step)
+    return step
 
 
 # np.savez stores ml_dtypes.bfloat16 arrays as raw 2-byte voids, and np.load gives them back so:
