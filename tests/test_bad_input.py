@@ -836,6 +836,18 @@ def spoil_dtype(sd: dict) -> None:
     sd["state"][2]["exp_avg"] = np.zeros(40, np.int32)
 
 
+def spoil_missing_buffer(sd: dict) -> None:
+    del sd["state"][2]["exp_avg_sq"]
+
+
+def spoil_missing_step(sd: dict) -> None:
+    del sd["state"][2]["step"]
+
+
+def spoil_only_a_step(sd: dict) -> None:
+    sd["state"][2] = {"step": 3}
+
+
 def live_buffer_ids(opt: Any) -> dict[tuple[int, str], int]:
     return {
         (i, n): id(v)
@@ -856,6 +868,9 @@ SPOILERS = [
     (spoil_hyperparameter, ValueError, "lr"),
     (spoil_unknown_hyperparameter, ValueError, "momentun"),
     (spoil_dtype, TypeError, "dtype"),
+    (spoil_missing_buffer, ValueError, "state[2] has no 'exp_avg_sq'"),
+    (spoil_missing_step, ValueError, "state[2] has no 'step'"),
+    (spoil_only_a_step, ValueError, "state[2] has no 'exp_avg'"),
 ]
 
 
@@ -879,6 +894,34 @@ def test_state_dict_that_does_not_fit_is_refused_and_changes_nothing(
         for name, value in entry.items():
             np.testing.assert_array_equal(after["state"][i][name], value)
     assert live_buffer_ids(opt) == live_ids, "a refused load replaced a live buffer"
+
+
+INCOMPLETE_ENTRIES = {  # the class, its options, the states dropped: the first is named
+    "nadam_mu_product": (fusedopt.NAdam, {}, ("mu_product",)),
+    "asgd_eta_and_mu": (fusedopt.ASGD, {}, ("eta", "mu")),
+    "asgd_ax": (fusedopt.ASGD, {}, ("ax",)),
+    "rmsprop_square_avg": (fusedopt.RMSprop, dict(momentum=0.9), ("square_avg",)),
+    "adagrad_sum": (fusedopt.Adagrad, {}, ("sum",)),
+    "rprop_step": (fusedopt.Rprop, {}, ("step",)),
+    "lion_exp_avg": (fusedopt.Lion, {}, ("exp_avg",)),
+}
+
+
+@pytest.mark.parametrize("case", INCOMPLETE_ENTRIES)
+def test_a_stepped_entry_without_a_state_its_algorithm_keeps_is_refused(case: str) -> None:
+    """torch raises KeyError at the next step; loading it would start that state again beside
+    the carried-over ones (a zero second moment under a trained first moment)."""
+    cls, options, dropped = INCOMPLETE_ENTRIES[case]
+    params = fresh(seed=9)
+    opt = cls(params, **options)
+    opt.step(fresh(seed=10))
+    sd = opt.state_dict()
+    sd["state"][1] = {k: v for k, v in sd["state"][1].items() if k not in dropped}
+    live = optimizer_buffers(opt, params, [])
+    scalars = scalar_states_of(opt)
+    named = f"state[1] has no '{dropped[0]}'"
+    assert_rejected(lambda: opt.load_state_dict(sd), live, ValueError, named)
+    assert scalar_states_of(opt) == scalars
 
 
 def test_flat_state_dict_with_a_foreign_key_is_refused() -> None:

@@ -347,3 +347,42 @@ def test_whole_step_counts_of_any_numeric_type_load() -> None:
         saved["state"][i]["step"] = step
     opt.load_state_dict(saved)
     assert [opt.state[i]["step"] for i in range(4)] == [7, 8, 9, 10]
+
+
+def test_states_options_add_later_may_be_absent_from_a_loaded_entry() -> None:
+    """Options that add a state (amsgrad, centered, momentum) may be switched on after the
+    first step; a loaded entry without that state then starts it, as a live optimizer does."""
+    for cls, saved_options, loaded_options in [
+        (fusedopt.Adam, dict(lr=0.01), dict(amsgrad=True)),
+        (fusedopt.RMSprop, dict(lr=0.01), dict(centered=True, momentum=0.5)),
+        (fusedopt.SGD, dict(lr=0.01), dict(momentum=0.9)),
+    ]:
+        params = make_params(np.float32)
+        live = cls(params, **saved_options)
+        train(live, params, np.random.default_rng(1), steps=2)
+        saved = live.state_dict()
+        copies = [p.copy() for p in params]
+        resumed = cls(copies, **saved_options)
+        resumed.load_state_dict(saved)
+        for opt in (live, resumed):
+            opt.param_groups[0].update(loaded_options)
+        rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
+        for _ in range(2):
+            live.step(make_grads(rng_a, params))
+            resumed.step(make_grads(rng_b, copies))
+        for p, q in zip(params, copies):
+            np.testing.assert_array_equal(q, p)
+        assert_same_state(live, resumed)
+
+
+def test_params_without_state_and_unstepped_adagrad_sums_load() -> None:
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=1)
+    saved = opt.state_dict()
+    del saved["state"][1]
+    opt.load_state_dict(saved)
+    assert 1 not in opt.state and opt.state[0]["step"] == 1
+    adagrad = fusedopt.Adagrad(make_params(np.float32))
+    adagrad.load_state_dict(adagrad.state_dict())
+    assert "step" not in adagrad.state[0] and "sum" in adagrad.state[0]

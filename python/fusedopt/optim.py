@@ -376,10 +376,8 @@ class Optimizer:
                     has_scalars[i] = True
                 else:
                     raise ValueError(f"state_dict: unknown state {name!r} for param {i}")
-            # The scalars come together (a state that has one has them all): one missing would
-            # load as 0.0, which no step makes (ASGD's eta = 0 would freeze the param).
-            missing = [name for name in scalar_names if name not in entry]
-            if has_scalars[i] and missing:
+            missing = [name for name in self._required_state(entry, steps[i]) if name not in entry]
+            if missing:
                 raise ValueError(f"state_dict: state[{i}] has no {missing[0]!r}")
         with self._lock:
             for group, (merged, _) in zip(self.param_groups, new_groups):
@@ -399,6 +397,26 @@ class Optimizer:
             self._masters = masters
             self._new_state = [False] * n
             self._plan = None
+
+    def _required_state(self, entry: Mapping[str, Any], step: int) -> list[str]:
+        """What a saved entry must hold. A missing one would not fail, it would start again
+        beside the carried-over ones (a zero second moment under a trained first moment, ASGD's
+        eta back at lr), where torch raises KeyError at the next step:
+
+        - once stepped: every state the algorithm always keeps, and its scalars (the states
+          that options add, such as amsgrad's, may be switched on later: they start then);
+        - a class that counts steps saves a step with any state a step made (Adagrad's sum is
+          made before the first step);
+        - the scalars come together (one missing would load as 0.0, which no step makes)."""
+        description = self._description
+        scalars = list(description.scalars)
+        if step > 0:
+            always = description.always_used_states
+            return [n for k, n in enumerate(description.states) if always >> k & 1] + scalars
+        required = scalars if any(name in entry for name in scalars) else []
+        if self._tracks_step and not self._states_at_construction and entry:
+            required = ["step", *required]
+        return required
 
     # ------------------------------------------------------------------------------------ step
 
