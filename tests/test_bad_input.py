@@ -193,6 +193,44 @@ def test_overlap_of_part_of_a_buffer_is_a_value_error() -> None:
     assert_rejected(functional_adam(lists), every_array(lists) + [storage], ValueError, "overlaps")
 
 
+def per_tensor_scalar_call(alias: str) -> tuple[Callable[[], None], list[np.ndarray]]:
+    """A functional ASGD or NAdam call whose per-tensor scalar arrays alias as ``alias`` says,
+    and every array it may write."""
+    params, grads = fresh(np.float64, (N,), seed=1), fresh(np.float64, (N,), seed=2)
+    states, more_states = fresh(np.float64, (N,), seed=3), fresh(np.float64, (N,), seed=4)
+    storage = np.arange(1.0, 2 * N + 1)
+    first, second = {
+        "etas_is_mus": (storage[:N], storage[:N]),
+        "etas_overlaps_mus": (storage[:N], storage[N - 1 : 2 * N - 1]),
+        "etas_is_a_grad": (grads[0], storage[:N]),
+        "mus_views_a_grad": (storage[:N], grads[1][::-1]),
+        "mu_products_is_a_grad": (grads[0], None),
+    }[alias]
+
+    def call() -> None:
+        if second is None:
+            F.nadam_(params, grads, states, more_states, step=1, lr=0.1, mu_products=first)
+        else:
+            F.asgd_(params, grads, states, step=1, lr=0.1, etas=first, mus=second)
+
+    return call, params + grads + states + more_states + [storage]
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        "etas_is_mus",
+        "etas_overlaps_mus",
+        "etas_is_a_grad",
+        "mus_views_a_grad",
+        "mu_products_is_a_grad",
+    ],
+)
+def test_aliased_per_tensor_scalars_are_a_value_error(alias: str) -> None:
+    call, buffers = per_tensor_scalar_call(alias)
+    assert_rejected(call, buffers, ValueError, "overlaps")
+
+
 def test_non_ndarray_grad_is_a_type_error() -> None:
     lists = adam_buffers()
     lists["grads"][-1] = [0.0] * 40
