@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 import fusedopt
+import fusedopt.keras_numpy as fk
 from fusedopt import reference
 
 SHAPES = [(7,), (3, 5), (0,), (65,)]
@@ -386,3 +389,79 @@ def test_params_without_state_and_unstepped_adagrad_sums_load() -> None:
     adagrad = fusedopt.Adagrad(make_params(np.float32))
     adagrad.load_state_dict(adagrad.state_dict())
     assert "step" not in adagrad.state[0] and "sum" in adagrad.state[0]
+
+
+COPIED = {
+    **MAKERS,
+    "NAdam": lambda ps: fusedopt.NAdam(ps, lr=0.01),
+    "ASGD": lambda ps: fusedopt.ASGD(ps, lr=0.01, t0=1),
+    "Adam_bfloat16_state": lambda ps: fusedopt.Adam(ps, lr=0.01, state_dtype="bfloat16"),
+}
+COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda thing: pickle.loads(pickle.dumps(thing)),
+}
+
+
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("name", COPIED)
+def test_a_copied_optimizer_is_independent_and_continues_the_same_trajectory(
+    name: str, how: str
+) -> None:
+    """As torch.optim's optimizers do, ours deepcopy and pickle (with their params, as a model
+    and its optimizer are copied together): the copy owns copies of every array."""
+    params = make_params(np.float32)
+    opt = COPIED[name](params)
+    train(opt, params, np.random.default_rng(1), steps=3)
+    copied_params, twin = COPIES[how]((params, opt))
+    assert [p for g in twin.param_groups for p in g["params"]] == copied_params
+    assert not any(np.shares_memory(p, q) for p in params for q in copied_params)
+    saved, values = copy_state_dict(opt.state_dict()), [p.copy() for p in params]
+    train(twin, copied_params, np.random.default_rng(2), steps=3)
+    for p, value in zip(params, values):
+        np.testing.assert_array_equal(p, value)
+    assert opt.state.keys() == saved["state"].keys()
+    for i, entry in saved["state"].items():
+        for key, value in entry.items():
+            np.testing.assert_array_equal(opt.state[i][key], value)
+    train(opt, params, np.random.default_rng(2), steps=3)
+    for p, q in zip(params, copied_params):
+        np.testing.assert_array_equal(q, p)
+    assert_same_state(opt, twin)
+
+
+KERAS_COPIED = {
+    "Adam": lambda: fk.Adam(learning_rate=0.01, amsgrad=True),
+    "Nadam": lambda: fk.Nadam(learning_rate=0.01),
+    "SGD": lambda: fk.SGD(learning_rate=0.01, momentum=0.9),
+    "Lamb_master": lambda: fk.Lamb(learning_rate=0.01, master_weights=True),
+}
+
+
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("name", KERAS_COPIED)
+def test_a_copied_keras_style_optimizer_is_independent_and_continues_the_same_trajectory(
+    name: str, how: str
+) -> None:
+    dtype = np.float16 if name.endswith("master") else np.float32
+    variables = make_params(dtype)
+    opt = KERAS_COPIED[name]()
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        opt.apply(make_grads(rng, variables), variables)
+    copied_variables, twin = COPIES[how]((variables, opt))
+    values = [v.copy() for v in variables]
+    rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
+    for _ in range(3):
+        twin.apply(make_grads(rng_b, copied_variables), copied_variables)
+    for v, value in zip(variables, values):
+        np.testing.assert_array_equal(v, value)
+    for _ in range(3):
+        opt.apply(make_grads(rng_a, variables), variables)
+    for v, w in zip(variables, copied_variables):
+        np.testing.assert_array_equal(w, v)
+    assert opt.iterations == twin.iterations == 6
+    assert opt.state.keys() == twin.state.keys()
+    for i, entry in opt.state.items():
+        for key, value in entry.items():
+            np.testing.assert_array_equal(twin.state[i][key], value)

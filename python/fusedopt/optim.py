@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import is_
 from typing import Any, ClassVar
@@ -30,6 +29,7 @@ from fusedopt._engine import (
     Description,
     Hyperparameter,
     Plan,
+    PlanHolder,
     Precision,
     as_number,
     dequantize_blockwise,
@@ -66,13 +66,15 @@ __all__ = [
 ]
 
 
-class Optimizer:
+class Optimizer(PlanHolder):
     """Base class: PyTorch-style param groups, per-param state and state dicts.
 
     A subclass names its native algorithm (``_algorithm``) and declares its hyperparameters as
     torch spells them (``_hyperparameters``); everything else comes from the algorithm's
-    description.
+    description. Optimizers deepcopy and pickle, as torch's do.
     """
+
+    _plan_attributes = {"_plan": lambda: None, "_plan_options": list}
 
     _algorithm: ClassVar[str] = ""
     _hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
@@ -96,7 +98,7 @@ class Optimizer:
         self.precision = precision
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
+        self._start_lock()
         self._params: list[Any] = []
         self._group_params: list[tuple[Any, ...]] = []  # each group's "params", as given
         self._group_of = np.zeros(0, dtype=np.int64)
