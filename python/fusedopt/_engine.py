@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -328,6 +329,22 @@ class PlanHolder:
 
 
 _live_optimizers: weakref.WeakSet[PlanHolder] = weakref.WeakSet()
+# Plans a forked child took from its optimizers. Never freed: a plan may have been in a step on
+# another thread of the parent, and destroying its locked mutex is undefined.
+_plans_left_by_fork: list[dict[str, Any]] = []
+
+
+def _reset_optimizers_in_child() -> None:
+    for optimizer in list(_live_optimizers):
+        _plans_left_by_fork.append(
+            {name: optimizer.__dict__.get(name) for name in optimizer._plan_attributes}
+        )
+        optimizer.__dict__.update(optimizer._without_plans())
+        optimizer._start_lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_optimizers_in_child)
 
 
 # ---- Low precision (docs/spec.md section 22) ---------------------------------------------------
