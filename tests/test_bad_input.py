@@ -374,6 +374,27 @@ def test_optimizer_step_with_too_few_grads_changes_nothing(name: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "grads",
+    [None, lambda: (g for g in fresh(seed=8)), lambda: {0: 1}, lambda: "grads", lambda: 3.0],
+    ids=["None", "generator", "dict", "str", "float"],
+)
+def test_optimizer_step_with_grads_that_are_not_a_list_is_a_type_error_naming_grads(
+    grads: Any,
+) -> None:
+    opt, params = trained("Adam")
+    given = grads() if grads is not None else None
+    assert_rejected(lambda: opt.step(given), optimizer_buffers(opt, params, []), TypeError, "grads")
+
+
+def test_keras_apply_with_grads_that_are_not_iterable_is_a_type_error_naming_grads() -> None:
+    variables = fresh()
+    opt = fk.Adam(learning_rate=0.1)
+    assert_rejected(lambda: opt.apply(None, variables), variables, TypeError, "grads")
+    assert_rejected(lambda: opt.apply(3.0, variables), variables, TypeError, "grads")
+    assert opt.iterations == 0
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize(
     "make", [noncontiguous_1d, transposed_2d, read_only], ids=["strided", "transposed", "read_only"]

@@ -262,6 +262,23 @@ def test_set_num_threads_accepts_1_and_the_limit() -> None:
         fusedopt.set_num_threads(before)
 
 
+@pytest.mark.parametrize("n", [2.5, 2.0, True, False, "2", None, np.float64(2)])
+def test_set_num_threads_refuses_what_is_not_an_integer_naming_n(n: object) -> None:
+    before = fusedopt.num_threads()
+    with pytest.raises(TypeError, match=r"\bn must be an int"):
+        fusedopt.set_num_threads(n)  # type: ignore[arg-type]
+    assert fusedopt.num_threads() == before
+
+
+def test_set_num_threads_takes_numpy_integers() -> None:
+    before = fusedopt.num_threads()
+    try:
+        fusedopt.set_num_threads(np.int64(2))
+        assert fusedopt.num_threads() == 2
+    finally:
+        fusedopt.set_num_threads(before)
+
+
 @needs_library
 @pytest.mark.parametrize("n", [0, -1, MAX_THREADS + 1, 4096, 2**31 - 1])
 def test_c_set_num_threads_refuses_counts_outside_1_to_the_limit(n: int) -> None:

@@ -331,7 +331,12 @@ class Optimizer(PlanHolder):
     ) -> int:
         """Update ``trainable_variables`` in place from ``grads``; returns ``iterations``."""
         with self._lock:
-            grads = list(grads)
+            try:
+                grads = list(grads)
+            except TypeError:
+                raise TypeError(
+                    f"grads must be a list of arrays (one per variable), got {type(grads).__name__}"
+                ) from None
             if trainable_variables is None:
                 if not self.built:
                     raise ValueError("apply: pass trainable_variables on the first call")

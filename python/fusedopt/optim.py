@@ -434,7 +434,7 @@ class Optimizer(PlanHolder):
             return
         scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
         with self._lock:
-            if len(grads) != len(self._params) or isinstance(grads, np.ndarray):
+            if type(grads) is not list or len(grads) != len(self._params):
                 grads = _grad_list(grads, len(self._params))
             options = self._group_options()
             plan = self._plan
@@ -747,7 +747,14 @@ def _plain(value: Any) -> Any:
 
 
 def _grad_list(grads: Sequence[Any], n: int) -> list[Any]:
-    grads = [grads] if isinstance(grads, np.ndarray) else list(grads)
+    if isinstance(grads, np.ndarray):
+        grads = [grads]
+    elif isinstance(grads, Sequence) and not isinstance(grads, str | bytes):
+        grads = list(grads)
+    else:  # a generator would be used up by a refused step
+        raise TypeError(
+            f"grads must be a list of arrays (one per param), got {type(grads).__name__}"
+        )
     if len(grads) != n:
         raise ValueError(f"grads: expected {n} arrays (one per param), got {len(grads)}")
     return grads
