@@ -193,6 +193,44 @@ def test_overlap_of_part_of_a_buffer_is_a_value_error() -> None:
     assert_rejected(functional_adam(lists), every_array(lists) + [storage], ValueError, "overlaps")
 
 
+def per_tensor_scalar_call(alias: str) -> tuple[Callable[[], None], list[np.ndarray]]:
+    """A functional ASGD or NAdam call whose per-tensor scalar arrays alias as ``alias`` says,
+    and every array it may write."""
+    params, grads = fresh(np.float64, (N,), seed=1), fresh(np.float64, (N,), seed=2)
+    states, more_states = fresh(np.float64, (N,), seed=3), fresh(np.float64, (N,), seed=4)
+    storage = np.arange(1.0, 2 * N + 1)
+    first, second = {
+        "etas_is_mus": (storage[:N], storage[:N]),
+        "etas_overlaps_mus": (storage[:N], storage[N - 1 : 2 * N - 1]),
+        "etas_is_a_grad": (grads[0], storage[:N]),
+        "mus_views_a_grad": (storage[:N], grads[1][::-1]),
+        "mu_products_is_a_grad": (grads[0], None),
+    }[alias]
+
+    def call() -> None:
+        if second is None:
+            F.nadam_(params, grads, states, more_states, step=1, lr=0.1, mu_products=first)
+        else:
+            F.asgd_(params, grads, states, step=1, lr=0.1, etas=first, mus=second)
+
+    return call, params + grads + states + more_states + [storage]
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        "etas_is_mus",
+        "etas_overlaps_mus",
+        "etas_is_a_grad",
+        "mus_views_a_grad",
+        "mu_products_is_a_grad",
+    ],
+)
+def test_aliased_per_tensor_scalars_are_a_value_error(alias: str) -> None:
+    call, buffers = per_tensor_scalar_call(alias)
+    assert_rejected(call, buffers, ValueError, "overlaps")
+
+
 def test_non_ndarray_grad_is_a_type_error() -> None:
     lists = adam_buffers()
     lists["grads"][-1] = [0.0] * 40
@@ -334,6 +372,27 @@ def test_optimizer_step_with_too_few_grads_changes_nothing(name: str) -> None:
         "grads",
         "expected 3",
     )
+
+
+@pytest.mark.parametrize(
+    "grads",
+    [None, lambda: (g for g in fresh(seed=8)), lambda: {0: 1}, lambda: "grads", lambda: 3.0],
+    ids=["None", "generator", "dict", "str", "float"],
+)
+def test_optimizer_step_with_grads_that_are_not_a_list_is_a_type_error_naming_grads(
+    grads: Any,
+) -> None:
+    opt, params = trained("Adam")
+    given = grads() if grads is not None else None
+    assert_rejected(lambda: opt.step(given), optimizer_buffers(opt, params, []), TypeError, "grads")
+
+
+def test_keras_apply_with_grads_that_are_not_iterable_is_a_type_error_naming_grads() -> None:
+    variables = fresh()
+    opt = fk.Adam(learning_rate=0.1)
+    assert_rejected(lambda: opt.apply(None, variables), variables, TypeError, "grads")
+    assert_rejected(lambda: opt.apply(3.0, variables), variables, TypeError, "grads")
+    assert opt.iterations == 0
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -836,6 +895,18 @@ def spoil_dtype(sd: dict) -> None:
     sd["state"][2]["exp_avg"] = np.zeros(40, np.int32)
 
 
+def spoil_missing_buffer(sd: dict) -> None:
+    del sd["state"][2]["exp_avg_sq"]
+
+
+def spoil_missing_step(sd: dict) -> None:
+    del sd["state"][2]["step"]
+
+
+def spoil_only_a_step(sd: dict) -> None:
+    sd["state"][2] = {"step": 3}
+
+
 def live_buffer_ids(opt: Any) -> dict[tuple[int, str], int]:
     return {
         (i, n): id(v)
@@ -856,6 +927,9 @@ SPOILERS = [
     (spoil_hyperparameter, ValueError, "lr"),
     (spoil_unknown_hyperparameter, ValueError, "momentun"),
     (spoil_dtype, TypeError, "dtype"),
+    (spoil_missing_buffer, ValueError, "state[2] has no 'exp_avg_sq'"),
+    (spoil_missing_step, ValueError, "state[2] has no 'step'"),
+    (spoil_only_a_step, ValueError, "state[2] has no 'exp_avg'"),
 ]
 
 
@@ -879,6 +953,34 @@ def test_state_dict_that_does_not_fit_is_refused_and_changes_nothing(
         for name, value in entry.items():
             np.testing.assert_array_equal(after["state"][i][name], value)
     assert live_buffer_ids(opt) == live_ids, "a refused load replaced a live buffer"
+
+
+INCOMPLETE_ENTRIES = {  # the class, its options, the states dropped: the first is named
+    "nadam_mu_product": (fusedopt.NAdam, {}, ("mu_product",)),
+    "asgd_eta_and_mu": (fusedopt.ASGD, {}, ("eta", "mu")),
+    "asgd_ax": (fusedopt.ASGD, {}, ("ax",)),
+    "rmsprop_square_avg": (fusedopt.RMSprop, dict(momentum=0.9), ("square_avg",)),
+    "adagrad_sum": (fusedopt.Adagrad, {}, ("sum",)),
+    "rprop_step": (fusedopt.Rprop, {}, ("step",)),
+    "lion_exp_avg": (fusedopt.Lion, {}, ("exp_avg",)),
+}
+
+
+@pytest.mark.parametrize("case", INCOMPLETE_ENTRIES)
+def test_a_stepped_entry_without_a_state_its_algorithm_keeps_is_refused(case: str) -> None:
+    """torch raises KeyError at the next step; loading it would start that state again beside
+    the carried-over ones (a zero second moment under a trained first moment)."""
+    cls, options, dropped = INCOMPLETE_ENTRIES[case]
+    params = fresh(seed=9)
+    opt = cls(params, **options)
+    opt.step(fresh(seed=10))
+    sd = opt.state_dict()
+    sd["state"][1] = {k: v for k, v in sd["state"][1].items() if k not in dropped}
+    live = optimizer_buffers(opt, params, [])
+    scalars = scalar_states_of(opt)
+    named = f"state[1] has no '{dropped[0]}'"
+    assert_rejected(lambda: opt.load_state_dict(sd), live, ValueError, named)
+    assert scalar_states_of(opt) == scalars
 
 
 def test_flat_state_dict_with_a_foreign_key_is_refused() -> None:

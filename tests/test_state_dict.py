@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 import fusedopt
+import fusedopt.keras_numpy as fk
 from fusedopt import reference
 
 SHAPES = [(7,), (3, 5), (0,), (65,)]
@@ -298,3 +301,167 @@ def test_load_into_an_unstepped_optimizer_then_save_again_is_identical() -> None
     for i, entry in sd["state"].items():
         for key, value in entry.items():
             np.testing.assert_array_equal(again["state"][i][key], value)
+
+
+@pytest.mark.parametrize("step", [2**53 + 1, 2**62 - 1], ids=["2**53+1", "2**62-1"])
+def test_large_step_counts_load_exactly(step: int, tmp_path: Any) -> None:
+    """Integers are read as integers: a float64 on the way would round 2**53 + 1 and 2**62 - 1."""
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=1)
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        entry["step"] = step
+    target = MAKERS["Adam"]([p.copy() for p in params])
+    target.load_state_dict(saved)
+    assert [e["step"] for e in target.state.values()] == [step] * len(params)
+    path = tmp_path / "optimizer.npz"
+    np.savez(path, **fusedopt.flatten_state_dict(target.state_dict()))
+    again = MAKERS["Adam"]([p.copy() for p in params])
+    with np.load(path) as flat:
+        again.load_state_dict(flat)
+    assert [e["step"] for e in again.state.values()] == [step] * len(params)
+    again.step(make_grads(np.random.default_rng(3), params))
+    assert [e["step"] for e in again.state.values()] == [step + 1] * len(params)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [2**62, 2**63, np.int64(2**62), -1, 2.5, np.float64(3.5), np.array([2**62], np.int64)],
+    ids=["2**62", "2**63", "np.int64(2**62)", "-1", "2.5", "np.float64(3.5)", "array([2**62])"],
+)
+def test_step_counts_that_are_not_whole_or_out_of_range_are_refused(step: Any) -> None:
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=1)
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = step
+    with pytest.raises(ValueError, match=r"state\[0\]\['step'\] must be a whole number in \[0, "):
+        opt.load_state_dict(saved)
+    assert opt.state[0]["step"] == 1
+
+
+def test_whole_step_counts_of_any_numeric_type_load() -> None:
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=1)
+    saved = opt.state_dict()
+    for i, step in enumerate([np.int32(7), 8.0, np.array(9, np.uint64), np.array([10.0])]):
+        saved["state"][i]["step"] = step
+    opt.load_state_dict(saved)
+    assert [opt.state[i]["step"] for i in range(4)] == [7, 8, 9, 10]
+
+
+def test_states_options_add_later_may_be_absent_from_a_loaded_entry() -> None:
+    """Options that add a state (amsgrad, centered, momentum) may be switched on after the
+    first step; a loaded entry without that state then starts it, as a live optimizer does."""
+    for cls, saved_options, loaded_options in [
+        (fusedopt.Adam, dict(lr=0.01), dict(amsgrad=True)),
+        (fusedopt.RMSprop, dict(lr=0.01), dict(centered=True, momentum=0.5)),
+        (fusedopt.SGD, dict(lr=0.01), dict(momentum=0.9)),
+    ]:
+        params = make_params(np.float32)
+        live = cls(params, **saved_options)
+        train(live, params, np.random.default_rng(1), steps=2)
+        saved = live.state_dict()
+        copies = [p.copy() for p in params]
+        resumed = cls(copies, **saved_options)
+        resumed.load_state_dict(saved)
+        for opt in (live, resumed):
+            opt.param_groups[0].update(loaded_options)
+        rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
+        for _ in range(2):
+            live.step(make_grads(rng_a, params))
+            resumed.step(make_grads(rng_b, copies))
+        for p, q in zip(params, copies):
+            np.testing.assert_array_equal(q, p)
+        assert_same_state(live, resumed)
+
+
+def test_params_without_state_and_unstepped_adagrad_sums_load() -> None:
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=1)
+    saved = opt.state_dict()
+    del saved["state"][1]
+    opt.load_state_dict(saved)
+    assert 1 not in opt.state and opt.state[0]["step"] == 1
+    adagrad = fusedopt.Adagrad(make_params(np.float32))
+    adagrad.load_state_dict(adagrad.state_dict())
+    assert "step" not in adagrad.state[0] and "sum" in adagrad.state[0]
+
+
+COPIED = {
+    **MAKERS,
+    "NAdam": lambda ps: fusedopt.NAdam(ps, lr=0.01),
+    "ASGD": lambda ps: fusedopt.ASGD(ps, lr=0.01, t0=1),
+    "Adam_bfloat16_state": lambda ps: fusedopt.Adam(ps, lr=0.01, state_dtype="bfloat16"),
+}
+COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda thing: pickle.loads(pickle.dumps(thing)),
+}
+
+
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("name", COPIED)
+def test_a_copied_optimizer_is_independent_and_continues_the_same_trajectory(
+    name: str, how: str
+) -> None:
+    """As torch.optim's optimizers do, ours deepcopy and pickle (with their params, as a model
+    and its optimizer are copied together): the copy owns copies of every array."""
+    params = make_params(np.float32)
+    opt = COPIED[name](params)
+    train(opt, params, np.random.default_rng(1), steps=3)
+    copied_params, twin = COPIES[how]((params, opt))
+    assert [p for g in twin.param_groups for p in g["params"]] == copied_params
+    assert not any(np.shares_memory(p, q) for p in params for q in copied_params)
+    saved, values = copy_state_dict(opt.state_dict()), [p.copy() for p in params]
+    train(twin, copied_params, np.random.default_rng(2), steps=3)
+    for p, value in zip(params, values):
+        np.testing.assert_array_equal(p, value)
+    assert opt.state.keys() == saved["state"].keys()
+    for i, entry in saved["state"].items():
+        for key, value in entry.items():
+            np.testing.assert_array_equal(opt.state[i][key], value)
+    train(opt, params, np.random.default_rng(2), steps=3)
+    for p, q in zip(params, copied_params):
+        np.testing.assert_array_equal(q, p)
+    assert_same_state(opt, twin)
+
+
+KERAS_COPIED = {
+    "Adam": lambda: fk.Adam(learning_rate=0.01, amsgrad=True),
+    "Nadam": lambda: fk.Nadam(learning_rate=0.01),
+    "SGD": lambda: fk.SGD(learning_rate=0.01, momentum=0.9),
+    "Lamb_master": lambda: fk.Lamb(learning_rate=0.01, master_weights=True),
+}
+
+
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("name", KERAS_COPIED)
+def test_a_copied_keras_style_optimizer_is_independent_and_continues_the_same_trajectory(
+    name: str, how: str
+) -> None:
+    dtype = np.float16 if name.endswith("master") else np.float32
+    variables = make_params(dtype)
+    opt = KERAS_COPIED[name]()
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        opt.apply(make_grads(rng, variables), variables)
+    copied_variables, twin = COPIES[how]((variables, opt))
+    values = [v.copy() for v in variables]
+    rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
+    for _ in range(3):
+        twin.apply(make_grads(rng_b, copied_variables), copied_variables)
+    for v, value in zip(variables, values):
+        np.testing.assert_array_equal(v, value)
+    for _ in range(3):
+        opt.apply(make_grads(rng_a, variables), variables)
+    for v, w in zip(variables, copied_variables):
+        np.testing.assert_array_equal(w, v)
+    assert opt.iterations == twin.iterations == 6
+    assert opt.state.keys() == twin.state.keys()
+    for i, entry in opt.state.items():
+        for key, value in entry.items():
+            np.testing.assert_array_equal(twin.state[i][key], value)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 import fusedopt
+import fusedopt.keras_numpy
 from fusedopt import _core
 
 LIBRARY = fusedopt.get_cmake_dir().parent.parent / "libfusedopt.so"
@@ -174,6 +176,72 @@ def test_a_child_forked_mid_step_steps_correctly_on_its_own_worker_threads(
     np.testing.assert_array_equal(adam_step(param, grad)[0], expected[0])
 
 
+def wait_for_child(pid: int, timeout_s: float) -> str:
+    """The child's exit status as words; a child still running after timeout_s is killed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return f"exit {os.waitstatus_to_exitcode(status)}"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return f"no exit in {timeout_s} s (deadlock?)"
+
+
+def numpy_adam(param: np.ndarray) -> Callable[[np.ndarray], None]:
+    opt = fusedopt.Adam([param], lr=1e-3)
+    return lambda grad: opt.step([grad])
+
+
+def keras_numpy_adam(param: np.ndarray) -> Callable[[np.ndarray], None]:
+    opt = fusedopt.keras_numpy.Adam(learning_rate=1e-3)
+    return lambda grad: opt.apply([grad], [param])
+
+
+@needs_fork
+@pytest.mark.parametrize("make", [numpy_adam, keras_numpy_adam], ids=["optim", "keras_numpy"])
+def test_a_child_forked_while_another_thread_steps_the_same_optimizer_can_step_it(
+    make: Callable[[np.ndarray], Callable[[np.ndarray], None]],
+) -> None:
+    """The other thread holds the optimizer's lock (and its plan's mutex) at most forks: the
+    child has a fresh lock and registers its arrays again. Steps below the pool's threshold, so
+    that the fork does not wait for them."""
+    param, grad = np.zeros(60_000, np.float32), np.ones(60_000, np.float32)
+    step = make(param)
+    stop, steps = threading.Event(), [0]
+
+    def step_in_a_loop() -> None:
+        while not stop.is_set():
+            step(grad)
+            steps[0] += 1
+
+    stepper = threading.Thread(target=step_in_a_loop)
+    stepper.start()
+    outcomes = []
+    try:
+        while steps[0] < 3:
+            stop.wait(0.001)
+        for _ in range(FORKS):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:
+                try:
+                    step(grad)
+                    step(grad)
+                finally:
+                    os._exit(0)
+            outcomes.append(wait_for_child(pid, 20))
+            if outcomes[-1] != "exit 0":
+                break
+    finally:
+        stop.set()
+        stepper.join()
+    assert outcomes == ["exit 0"] * FORKS
+    step(grad)  # the parent's optimizer still steps
+
+
 # Below 1 the message names n and the bound 1; above the limit it names n and the limit.
 @pytest.mark.parametrize("n", [0, -1, MAX_THREADS + 1, 4096, 2**31 - 1])
 def test_set_num_threads_refuses_counts_outside_1_to_the_limit(n: int) -> None:
@@ -190,6 +258,23 @@ def test_set_num_threads_accepts_1_and_the_limit() -> None:
         for n in (1, MAX_THREADS):  # only stored: no step runs, so no pool of 1023 workers
             fusedopt.set_num_threads(n)
             assert fusedopt.num_threads() == n
+    finally:
+        fusedopt.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n", [2.5, 2.0, True, False, "2", None, np.float64(2)])
+def test_set_num_threads_refuses_what_is_not_an_integer_naming_n(n: object) -> None:
+    before = fusedopt.num_threads()
+    with pytest.raises(TypeError, match=r"\bn must be an int"):
+        fusedopt.set_num_threads(n)  # type: ignore[arg-type]
+    assert fusedopt.num_threads() == before
+
+
+def test_set_num_threads_takes_numpy_integers() -> None:
+    before = fusedopt.num_threads()
+    try:
+        fusedopt.set_num_threads(np.int64(2))
+        assert fusedopt.num_threads() == 2
     finally:
         fusedopt.set_num_threads(before)
 

@@ -16,12 +16,15 @@ processor it runs on and multi-threaded with the GIL released.
 - The learning-rate range test, for choosing a learning rate: :func:`lr_range_test`.
 """
 
+import numbers
 import os
 import warnings
 from pathlib import Path
 
-from fusedopt import optim
-from fusedopt._core import available_isas, cpu_isa, num_threads, set_cpu_isa, set_num_threads
+import numpy as np
+
+from fusedopt import _core, optim
+from fusedopt._core import available_isas, cpu_isa, num_threads, set_cpu_isa
 from fusedopt._ewma import ewma
 from fusedopt._lr_range import LRRangeTestResult, lr_range_test
 from fusedopt._state import flatten_state_dict
@@ -39,6 +42,14 @@ if _requested_isa and _requested_isa != cpu_isa():
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+def set_num_threads(n: int) -> None:
+    """The number of threads a large step runs on, from 1 to 1024 (ValueError outside)."""
+    # The binding would take True for 1 and refuse 2.5 without naming n.
+    if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int, got {n!r}")
+    _core.set_num_threads(int(n))
 
 
 def get_cmake_dir() -> Path:

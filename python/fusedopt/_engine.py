@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping, Sequence
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -294,6 +297,54 @@ def make_plan(
         algorithm, groups, group_of, params, states, step_counts, new_state, scalars,
         masters=masters, rounding_seed=rounding_seed, absmax=absmax,
     )  # fmt: skip
+
+
+class PlanHolder:
+    """Base of the optimizer classes over NumPy arrays: their lock and native plans, which
+    neither a copy (``copy.deepcopy``, ``pickle``) nor a forked child may share. A plan holds its
+    arrays' addresses and cannot be pickled, and in a child forked while another thread was in a
+    step the lock (and the plan's own mutex) stay locked by a thread that is not there. Both get
+    a new lock and no plan: the next step registers the arrays again.
+
+    ``_plan_attributes``: each attribute that holds plans, and a function making its empty value.
+    """
+
+    _plan_attributes: ClassVar[Mapping[str, Callable[[], Any]]] = {}
+
+    def _start_lock(self) -> None:
+        self._lock = threading.Lock()
+        _live_optimizers.add(self)
+
+    def _without_plans(self) -> dict[str, Any]:
+        return {name: empty() for name, empty in self._plan_attributes.items()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {name: value for name, value in self.__dict__.items() if name != "_lock"}
+        state.update(self._without_plans())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._start_lock()
+
+
+_live_optimizers: weakref.WeakSet[PlanHolder] = weakref.WeakSet()
+# Plans a forked child took from its optimizers. Never freed: a plan may have been in a step on
+# another thread of the parent, and destroying its locked mutex is undefined.
+_plans_left_by_fork: list[dict[str, Any]] = []
+
+
+def _reset_optimizers_in_child() -> None:
+    for optimizer in list(_live_optimizers):
+        _plans_left_by_fork.append(
+            {name: optimizer.__dict__.get(name) for name in optimizer._plan_attributes}
+        )
+        optimizer.__dict__.update(optimizer._without_plans())
+        optimizer._start_lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_optimizers_in_child)
 
 
 # ---- Low precision (docs/spec.md section 22) ---------------------------------------------------

@@ -136,7 +136,7 @@ def _run(
     scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
     scalar_rows = None
     if scalars is not None:
-        _check_scalars(scalars, count, param_list, state_lists)
+        _check_scalars(scalars, count, [param_list, grad_list, *state_lists])
         scalar_rows = np.zeros((count, _core.max_scalars))
         for k, name in enumerate(description.scalars):
             scalar_rows[:, k] = scalars[name]
@@ -159,14 +159,12 @@ def _run(
             scalars[name][...] = scalar_rows[:, k]
 
 
-def _check_scalars(
-    scalars: dict[str, Any], count: int, params: list[Any], states: list[list[Any] | None]
-) -> None:
+def _check_scalars(scalars: dict[str, Any], count: int, arrays: list[list[Any] | None]) -> None:
     """Each per-tensor scalar array can take the step's new values: checked before the step, so
-    that a refusal leaves everything as it was."""
-    buffers = [a for a in params if isinstance(a, np.ndarray)] + [
-        a for s in states if s is not None for a in s if isinstance(a, np.ndarray)
-    ]
+    that a refusal leaves everything as it was. ``arrays``: the call's params, grads and states;
+    a scalar array may share memory with none of them nor with another scalar array (the new
+    values of one would overwrite the other's, or a grad the step reads)."""
+    buffers = [a for role in arrays if role is not None for a in role if isinstance(a, np.ndarray)]
     for name, values in scalars.items():
         argument = name + "s"
         if type(values) is not np.ndarray or values.dtype != np.float64:
@@ -179,7 +177,8 @@ def _check_scalars(
         if not values.flags.writeable:
             raise ValueError(f"{argument} is read-only; the step writes its new values there")
         if any(np.may_share_memory(values, b) for b in buffers):
-            raise ValueError(f"{argument} overlaps a param or a state array")
+            raise ValueError(f"{argument} overlaps a param, a grad, a state or a scalar array")
+        buffers.append(values)
 
 
 # Native options by (algorithm, convention, values, their types): a call with the hyperparameters

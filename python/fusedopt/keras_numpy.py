@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import inspect
 import re
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -36,6 +35,7 @@ from fusedopt._engine import (
     Description,
     Hyperparameter,
     Plan,
+    PlanHolder,
     Precision,
     as_number,
     describe,
@@ -56,9 +56,12 @@ _BASE_ARGUMENTS = ("clipnorm", "clipvalue", "global_clipnorm", "name")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class Optimizer:
+class Optimizer(PlanHolder):
     """Base class of the Keras-convention optimizers: the gradient pipeline of Keras'
-    ``BaseOptimizer.apply`` (drop None gradients, clip, decay, update, ``iterations += 1``)."""
+    ``BaseOptimizer.apply`` (drop None gradients, clip, decay, update, ``iterations += 1``).
+    Optimizers deepcopy and pickle (with their variables, copied together)."""
+
+    _plan_attributes = {"_plans": dict}
 
     _algorithm: ClassVar[str] = ""
     # Keras' spelling and defaults, in Keras' argument order, learning_rate and weight_decay
@@ -101,7 +104,7 @@ class Optimizer:
                 raise ValueError(
                     "Argument `weight_decay` must be a float. Received: weight_decay=None"
                 )
-        self._lock = threading.Lock()
+        self._start_lock()
         self.clipnorm = clipnorm
         self.clipvalue = clipvalue
         self.global_clipnorm = global_clipnorm
@@ -130,6 +133,11 @@ class Optimizer:
         self._options_values: tuple[float, ...] = ()
         self.built = False
         self._native_options(0.0)  # checks every hyperparameter now, as Keras does
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # By id(): a copy's variables are new arrays.
+        self._index_of = {id(v): i for i, v in enumerate(self._variables)}
 
     @classmethod
     def weight_decay_required(cls) -> bool:
@@ -323,7 +331,12 @@ class Optimizer:
     ) -> int:
         """Update ``trainable_variables`` in place from ``grads``; returns ``iterations``."""
         with self._lock:
-            grads = list(grads)
+            try:
+                grads = list(grads)
+            except TypeError:
+                raise TypeError(
+                    f"grads must be a list of arrays (one per variable), got {type(grads).__name__}"
+                ) from None
             if trainable_variables is None:
                 if not self.built:
                     raise ValueError("apply: pass trainable_variables on the first call")

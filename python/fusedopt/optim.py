@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import is_
 from typing import Any, ClassVar
@@ -30,6 +29,7 @@ from fusedopt._engine import (
     Description,
     Hyperparameter,
     Plan,
+    PlanHolder,
     Precision,
     as_number,
     dequantize_blockwise,
@@ -66,13 +66,15 @@ __all__ = [
 ]
 
 
-class Optimizer:
+class Optimizer(PlanHolder):
     """Base class: PyTorch-style param groups, per-param state and state dicts.
 
     A subclass names its native algorithm (``_algorithm``) and declares its hyperparameters as
     torch spells them (``_hyperparameters``); everything else comes from the algorithm's
-    description.
+    description. Optimizers deepcopy and pickle, as torch's do.
     """
+
+    _plan_attributes = {"_plan": lambda: None, "_plan_options": list}
 
     _algorithm: ClassVar[str] = ""
     _hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
@@ -96,7 +98,7 @@ class Optimizer:
         self.precision = precision
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
+        self._start_lock()
         self._params: list[Any] = []
         self._group_params: list[tuple[Any, ...]] = []  # each group's "params", as given
         self._group_of = np.zeros(0, dtype=np.int64)
@@ -376,10 +378,8 @@ class Optimizer:
                     has_scalars[i] = True
                 else:
                     raise ValueError(f"state_dict: unknown state {name!r} for param {i}")
-            # The scalars come together (a state that has one has them all): one missing would
-            # load as 0.0, which no step makes (ASGD's eta = 0 would freeze the param).
-            missing = [name for name in scalar_names if name not in entry]
-            if has_scalars[i] and missing:
+            missing = [name for name in self._required_state(entry, steps[i]) if name not in entry]
+            if missing:
                 raise ValueError(f"state_dict: state[{i}] has no {missing[0]!r}")
         with self._lock:
             for group, (merged, _) in zip(self.param_groups, new_groups):
@@ -400,6 +400,26 @@ class Optimizer:
             self._new_state = [False] * n
             self._plan = None
 
+    def _required_state(self, entry: Mapping[str, Any], step: int) -> list[str]:
+        """What a saved entry must hold. A missing one would not fail, it would start again
+        beside the carried-over ones (a zero second moment under a trained first moment, ASGD's
+        eta back at lr), where torch raises KeyError at the next step:
+
+        - once stepped: every state the algorithm always keeps, and its scalars (the states
+          that options add, such as amsgrad's, may be switched on later: they start then);
+        - a class that counts steps saves a step with any state a step made (Adagrad's sum is
+          made before the first step);
+        - the scalars come together (one missing would load as 0.0, which no step makes)."""
+        description = self._description
+        scalars = list(description.scalars)
+        if step > 0:
+            always = description.always_used_states
+            return [n for k, n in enumerate(description.states) if always >> k & 1] + scalars
+        required = scalars if any(name in entry for name in scalars) else []
+        if self._tracks_step and not self._states_at_construction and entry:
+            required = ["step", *required]
+        return required
+
     # ------------------------------------------------------------------------------------ step
 
     def step(self, grads: Sequence[Any], *, grad_scale: Any = None, found_inf: Any = None) -> None:
@@ -414,7 +434,7 @@ class Optimizer:
             return
         scale = None if grad_scale is None else as_number(grad_scale, "grad_scale")
         with self._lock:
-            if len(grads) != len(self._params) or isinstance(grads, np.ndarray):
+            if type(grads) is not list or len(grads) != len(self._params):
                 grads = _grad_list(grads, len(self._params))
             options = self._group_options()
             plan = self._plan
@@ -644,12 +664,26 @@ def _state_index(key: Any, n: int) -> int:
 
 
 def _step_count(value: Any, i: int) -> int:
-    step = as_number(value, f"state[{i}]['step']")
-    if not (math.isfinite(step) and 0 <= step < 2**62 and step == int(step)):
+    """A saved step count, exactly: integers are read as integers (through a float64, counts
+    above 2**53 would change), other numbers only where they are whole."""
+    array = value if isinstance(value, np.ndarray) else None
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        step: int | None = int(value)
+    elif array is not None and array.dtype.kind in "iu" and array.size == 1:
+        step = int(array.reshape(()))
+    else:
+        number = as_number(value, f"state[{i}]['step']")
+        step = int(number) if math.isfinite(number) and number.is_integer() else None
+    if step is None or not 0 <= step < 2**62:
         raise ValueError(
             f"state_dict: state[{i}]['step'] must be a whole number in [0, 2**62), got {value!r}"
         )
-    return int(step)
+    return step
+
+
+# np.savez stores ml_dtypes.bfloat16 arrays as raw 2-byte voids, and np.load gives them back so:
+# bfloat16 is the only 2-byte dtype NumPy does not know, so a plain 'V2' state is one.
+_SAVED_BFLOAT16 = np.dtype("V2")
 
 
 def _state_array(value: Any, param: Any, i: int, name: str, dtype: str) -> Any:
@@ -662,6 +696,8 @@ def _state_array(value: Any, param: Any, i: int, name: str, dtype: str) -> Any:
             f"state_dict: state[{i}][{name!r}] has shape {array.shape}, params[{i}] has "
             f"{tuple(param.shape)}"
         )
+    if array.dtype == _SAVED_BFLOAT16:
+        array = array.view(numpy_dtype("bfloat16"))
     if array.dtype.kind != "f" and dtype_name(array.dtype) != "bfloat16":
         raise TypeError(f"state_dict: state[{i}][{name!r}] has dtype {array.dtype}")
     if cuda.is_device_array(param):
@@ -711,7 +747,14 @@ def _plain(value: Any) -> Any:
 
 
 def _grad_list(grads: Sequence[Any], n: int) -> list[Any]:
-    grads = [grads] if isinstance(grads, np.ndarray) else list(grads)
+    if isinstance(grads, np.ndarray):
+        grads = [grads]
+    elif isinstance(grads, Sequence) and not isinstance(grads, str | bytes):
+        grads = list(grads)
+    else:  # a generator would be used up by a refused step
+        raise TypeError(
+            f"grads must be a list of arrays (one per param), got {type(grads).__name__}"
+        )
     if len(grads) != n:
         raise ValueError(f"grads: expected {n} arrays (one per param), got {len(grads)}")
     return grads
