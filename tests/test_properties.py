@@ -1924,6 +1924,40 @@ def state_of(opt: Any, params: list[np.ndarray]) -> list[dict[str, Any]]:
     return expected_after_load(type(opt), opt, params, opt.state_dict()["state"])
 
 
+def missing_state_problems(cls: type, given: Any, flat: bool) -> list[Problem]:
+    """What a loaded entry lacks (after the mutations): once stepped, every state its algorithm
+    always keeps and its scalars (a missing one would start again beside the carried-over ones,
+    where torch raises KeyError); before, a step beside any state where the class counts steps
+    (Adagrad makes its sum before the first step)."""
+    entries: dict[Any, dict[str, Any]] = {}
+    if flat:
+        for key, value in given.items():
+            parts = key.split("/") if isinstance(key, str) else []
+            if len(parts) == 3 and parts[0] == "state":
+                entries.setdefault(parts[1], {})[parts[2]] = value
+    elif isinstance(given, dict) and isinstance(given.get("state"), dict):
+        entries = {k: v for k, v in given["state"].items() if isinstance(v, dict)}
+    description = cls._description
+    always = [
+        n for k, n in enumerate(description.states) if description.always_used_states >> k & 1
+    ]
+    found = []
+    for entry in entries.values():
+        if "step" not in entry:
+            if cls._tracks_step and not cls._states_at_construction and entry:
+                found.append(problem("'step'", ValueError))
+            continue
+        try:
+            step = float(np.asarray(entry["step"], dtype=np.float64).reshape(()))
+        except (TypeError, ValueError):
+            continue  # a bad step, a problem of its own
+        if math.isfinite(step) and step.is_integer() and 0 < step < 2**62:
+            missing = [n for n in [*always, *description.scalars] if n not in entry]
+            if missing:
+                found.append(problem(tuple(f"'{m}'" for m in missing), ValueError))
+    return found
+
+
 @given(case=load_cases())
 @settings(SETTINGS, max_examples=400)
 def test_load_state_dict_loads_correctly_or_refuses_and_changes_nothing(case: LoadCase) -> None:
@@ -1962,6 +1996,7 @@ def test_load_state_dict_loads_correctly_or_refuses_and_changes_nothing(case: Lo
                 if isinstance(params_given, list) and len(params_given) != len(group["params"]):
                     found["group", g, "size"] = [problem(f"param_groups[{g}]", ValueError)]
     problems += [p for found_here in found.values() for p in found_here]
+    problems += missing_state_problems(case.cls, given, case.flat)
     before = optimizer_snapshot(opt, params)
     before_state = state_of(opt, params)
     wanted = copy.deepcopy(given)
