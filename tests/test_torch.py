@@ -222,6 +222,43 @@ def test_grad_scaler_skips_an_inf_step_and_unscales_the_others(name: str, device
     assert our_step is None or float(our_step) == float(their_step) == 5.0
 
 
+class Snapshot:
+    """Every param, grad and state entry of an optimizer, to prove a refusal modified nothing."""
+
+    def __init__(self, optimizer: Any, params: list[Any]) -> None:
+        self.optimizer, self.params = optimizer, params
+        self.values = [(p.detach().clone(), _copy(p.grad)) for p in params]
+        self.state = {
+            id(p): {k: _copy(v) for k, v in entry.items()} for p, entry in optimizer.state.items()
+        }
+        self.groups = [dict(g, params=list(g["params"])) for g in optimizer.param_groups]
+
+    def assert_unchanged(self) -> None:
+        for p, (value, grad) in zip(self.params, self.values):
+            assert torch.equal(p.detach(), value)
+            assert _same(p.grad, grad)
+        now = {id(p): entry for p, entry in self.optimizer.state.items()}
+        assert now.keys() == self.state.keys()
+        for key, entry in self.state.items():
+            assert now[key].keys() == entry.keys()
+            for name, value in entry.items():
+                assert _same(now[key][name], value), name
+        assert len(self.optimizer.param_groups) == len(self.groups)
+        for group, saved in zip(self.optimizer.param_groups, self.groups):
+            assert group.keys() == saved.keys()
+            assert all(a is b for a, b in zip(group["params"], saved["params"]))
+
+
+def _copy(value: Any) -> Any:
+    return value.clone() if torch.is_tensor(value) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
 def test_closure_zero_grad_and_hooks_work_as_in_torch() -> None:
     params = model_params(torch.float64)
     optimizer = ft.SGD(params, lr=0.1)
@@ -414,3 +451,28 @@ def test_a_one_element_array_hyperparameter_changed_in_place_takes_effect() -> N
     run(expected, expected_params, range(2, 4))
     for a, b in zip(ours_params, expected_params):
         assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("flag", ["differentiable", "capturable"])
+def test_unsupported_modes_are_refused_in_an_added_group_with_nothing_modified(flag: str) -> None:
+    params = model_params(torch.float32)
+    optimizer = ft.Adam(params[:2], lr=0.01)
+    run(optimizer, params[:2], range(2))
+    snapshot = Snapshot(optimizer, params)
+    with pytest.raises(ValueError, match=rf"{flag}=True is not supported.*param_groups\[1\]"):
+        optimizer.add_param_group({"params": params[2:], flag: True})
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.parametrize("flag", ["differentiable", "capturable"])
+def test_unsupported_modes_set_in_a_group_later_are_refused_at_the_step(flag: str) -> None:
+    params = model_params(torch.float32)
+    optimizer = ft.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.01)
+    run(optimizer, params, range(2))
+    optimizer.param_groups[1][flag] = True
+    for p, g in zip(params, grads_for(2, params)):
+        p.grad = g
+    snapshot = Snapshot(optimizer, params)
+    with pytest.raises(ValueError, match=rf"{flag}=True is not supported.*param_groups\[1\]"):
+        optimizer.step()
+    snapshot.assert_unchanged()

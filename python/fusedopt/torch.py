@@ -119,13 +119,7 @@ class Optimizer(torch.optim.Optimizer):
     ) -> None:
         self.precision = precision
         self._reset_plans()
-        for flag in ("differentiable", "capturable"):
-            if defaults.get(flag):
-                raise ValueError(
-                    f"fusedopt.torch.{type(self).__name__}: {flag}=True is not supported "
-                    "(fusedopt's step runs outside autograd and CUDA graphs); leave it False"
-                )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # add_param_group checks each group
         self.state = _State(self.state)
         precision.check([dtype_name(p.dtype) for g in self.param_groups for p in g["params"]])
         precision.check_algorithm(self._declaration._description)
@@ -171,6 +165,7 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            self._check_modes(group, index)
             for i, p in enumerate(group["params"]):
                 _check_param(p, i, index)
             self._native_options(group)
@@ -179,6 +174,17 @@ class Optimizer(torch.optim.Optimizer):
             raise
         with self._lock:
             self._plans.clear()
+
+    def _check_modes(self, group: dict[str, Any], index: int) -> None:
+        """The modes fusedopt has no step for, refused in a group added with them or set in
+        one later (the step checks every group)."""
+        for flag in ("differentiable", "capturable"):
+            if group.get(flag):
+                raise ValueError(
+                    f"fusedopt.torch.{type(self).__name__}: {flag}=True is not supported "
+                    f"(param_groups[{index}]; fusedopt's step runs outside autograd and CUDA "
+                    "graphs); leave it False"
+                )
 
     def _native_options(self, group: dict[str, Any]) -> tuple[float, ...]:
         """The group's native options, recomputed only when one of its values changed."""
@@ -325,6 +331,8 @@ class Optimizer(torch.optim.Optimizer):
         # No torch.no_grad(): the native step writes memory autograd never sees, and the state
         # it creates requires no grad (entering no_grad cost 3.4 us, as much as the native step).
         with self._lock:
+            for g, group in enumerate(self.param_groups):
+                self._check_modes(group, g)
             options = [self._native_options(group) for group in self.param_groups]
             if not self._state_unchanged():
                 self._plans = {}
