@@ -572,6 +572,29 @@ def test_torch_refuses_what_does_not_apply():
     assert not opt.state.get(param)
 
 
+def test_torch_add_param_group_refuses_what_does_not_apply():
+    """As the constructor does, over every param of the optimizer once the group is in; a refused
+    group is not added and no later step sees it."""
+    torch = _torch()
+    import fusedopt.torch as ftorch
+
+    param = torch.nn.Parameter(torch.ones(8))
+    opt = ftorch.Adam([param], state_dtype="bfloat16")
+    with pytest.raises(ValueError, match="state_dtype: 'bfloat16' does not apply to float64"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.float64))]})
+    assert len(opt.param_groups) == 1
+    param.grad = torch.ones(8)
+    opt.step()
+    assert opt.state[param]["exp_avg"].dtype == torch.bfloat16
+    # The options apply to all the params together: a float32 group joins bfloat16 masters.
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    full = torch.nn.Parameter(torch.ones(3))
+    ftorch.Adam([{"params": [full]}, {"params": [half]}], master_weights=True)
+    opt = ftorch.Adam([half], master_weights=True)
+    opt.add_param_group({"params": [full]})
+    assert len(opt.param_groups) == 2
+
+
 # ---- 8-bit blockwise state -------------------------------------------------------------------
 
 QUANTIZABLE = [(cls, hyper) for cls, hyper in CLASSES if cls not in (fusedopt.Rprop, fusedopt.ASGD)]

@@ -119,16 +119,12 @@ class Optimizer(torch.optim.Optimizer):
     ) -> None:
         self.precision = precision
         self._reset_plans()
-        super().__init__(params, defaults)  # add_param_group checks each group
+        # add_param_group checks each group; the precision options, over all of them at once.
+        self._constructing = True
+        super().__init__(params, defaults)
+        self._constructing = False
         self.state = _State(self.state)
-        precision.check([dtype_name(p.dtype) for g in self.param_groups for p in g["params"]])
-        precision.check_algorithm(self._declaration._description)
-        if precision != FULL_PRECISION and any(
-            p.device.type != "cpu" for g in self.param_groups for p in g["params"]
-        ):
-            raise ValueError(
-                "state_dtype, master_weights and stochastic_rounding are CPU-only for now"
-            )
+        self._check_precision()
         if self._declaration._states_at_construction:
             for group in self.param_groups:
                 values = self._native_options(group)
@@ -152,6 +148,7 @@ class Optimizer(torch.optim.Optimizer):
         changes again, and no plan."""
         super().__setstate__(state)
         self.__dict__.setdefault("precision", FULL_PRECISION)
+        self._constructing = False
         self.state = _State(self.state)
         self._reset_plans()
 
@@ -159,8 +156,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group, then fusedopt's checks: every param must be a dense,
-        contiguous float32 or float64 tensor on the CPU or a CUDA device, and the group's
-        hyperparameters valid; a refused group is not added."""
+        contiguous float32, float64, bfloat16 or float16 tensor on the CPU (16-bit ones) or a
+        CUDA device, the group's hyperparameters valid and the low-precision options must apply
+        to the params; a refused group is not added."""
         index = len(self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -169,11 +167,24 @@ class Optimizer(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 _check_param(p, i, index)
             self._native_options(group)
+            if not self._constructing:
+                self._check_precision()
         except Exception:
             del self.param_groups[-1]
             raise
         with self._lock:
             self._plans.clear()
+
+    def _check_precision(self) -> None:
+        """The low-precision options apply to the params, taken together (master_weights needs
+        a 16-bit param among them), all on the CPU."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.precision.check([dtype_name(p.dtype) for p in params])
+        self.precision.check_algorithm(self._declaration._description)
+        if self.precision != FULL_PRECISION and any(p.device.type != "cpu" for p in params):
+            raise ValueError(
+                "state_dtype, master_weights and stochastic_rounding are CPU-only for now"
+            )
 
     def _check_modes(self, group: dict[str, Any], index: int) -> None:
         """The modes fusedopt has no step for, refused in a group added with them or set in
@@ -530,8 +541,9 @@ class _DevicePlan:
 
 
 def _check_param(p: Any, index: int, group: int) -> None:
-    """A param fusedopt can update in place: dense, float32 or float64, contiguous, in memory of
-    its own on the CPU or a CUDA device fusedopt.cuda serves (a DTensor: its local tensor)."""
+    """A param fusedopt can update in place: dense, floating (16-bit ones on the CPU only),
+    contiguous, in memory of its own on the CPU or a CUDA device fusedopt.cuda serves (a
+    DTensor: its local tensor)."""
     where = f"params[{index}] of param_groups[{group}]"
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(p).__name__}")
