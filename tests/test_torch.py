@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -476,3 +477,43 @@ def test_unsupported_modes_set_in_a_group_later_are_refused_at_the_step(flag: st
     with pytest.raises(ValueError, match=rf"{flag}=True is not supported.*param_groups\[1\]"):
         optimizer.step()
     snapshot.assert_unchanged()
+
+
+def _append(params: list, extra: list) -> list:
+    params.append(extra[0])  # a layer unfrozen: its params join a group
+    return params
+
+
+def _pop(params: list, extra: list) -> list:
+    params.pop(0)
+    return params
+
+
+def _replace_an_item(params: list, extra: list) -> list:
+    params[1] = extra[0]
+    return params
+
+
+def _replace_the_list(params: list, extra: list) -> list:
+    return [params[0], *extra]
+
+
+@pytest.mark.parametrize("edit", [_append, _pop, _replace_an_item, _replace_the_list])
+def test_a_group_s_params_edited_after_a_step_are_stepped_as_listed(edit: Callable) -> None:
+    """torch.optim steps the lists as they are at each step; so does fusedopt.torch."""
+    results = []
+    for module in (ft, torch.optim):
+        params = model_params(torch.float64)
+        extra = {"foreach": False} if module is torch.optim else {}
+        groups = [{"params": params[:2]}, {"params": params[3:4], "lr": 0.1}]
+        optimizer = module.Adam(groups, lr=0.01, **extra)
+        for step in range(5):
+            if step == 2:
+                group = optimizer.param_groups[0]
+                group["params"] = edit(group["params"], [params[4], params[2]])
+            for p in params:  # every param has a grad at every step: only the lists change
+                p.grad = torch.full_like(p, step + 1.0)
+            optimizer.step()
+        results.append(params)
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a.detach(), b.detach(), torch.float64, f"params[{i}]")

@@ -21,6 +21,7 @@ with ``p.grad.to_local()``, the states being DTensors of the same placements, as
 from __future__ import annotations
 
 import inspect
+import operator
 import sys
 import threading
 from collections import defaultdict
@@ -137,6 +138,7 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[Any, Any] = {}
         self._options_cache: dict[int, tuple[tuple[Any, ...], tuple[float, ...]]] = {}
         self._registered_state: tuple[_State, int] | None = None  # self.state, its changes
+        self._registered_groups: list[tuple[dict, tuple]] = []  # (group, its params then)
         self._dtensors: list[tuple[torch.Tensor, int, int]] = []  # (param, index, group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -345,7 +347,7 @@ class Optimizer(torch.optim.Optimizer):
             for g, group in enumerate(self.param_groups):
                 self._check_modes(group, g)
             options = [self._native_options(group) for group in self.param_groups]
-            if not self._state_unchanged():
+            if not (self._state_unchanged() and self._groups_unchanged()):
                 self._plans = {}
             for p, index, group in self._dtensors:
                 if p.grad is not None:
@@ -375,6 +377,18 @@ class Optimizer(torch.optim.Optimizer):
             return False
         registered, changes = self._registered_state
         return self.state is registered and registered.changes == changes
+
+    def _groups_unchanged(self) -> bool:
+        """Whether param_groups lists the params the plans were made with: torch steps the lists
+        as they are, and a param appended (a layer unfrozen), removed or replaced in a list (an
+        edit keeps the list's identity) joins or leaves the next step."""
+        groups = self.param_groups
+        return len(groups) == len(self._registered_groups) and all(
+            group is registered
+            and len(group["params"]) == len(params)
+            and all(map(operator.is_, group["params"], params))
+            for group, (registered, params) in zip(groups, self._registered_groups)
+        )
 
     def _check_grads(self) -> None:
         for g, group in enumerate(self.param_groups):
@@ -482,6 +496,7 @@ class Optimizer(torch.optim.Optimizer):
             )  # fmt: skip
             self._plans[device] = (list(options), native)
         self._registered_state = (self.state, self.state.changes)
+        self._registered_groups = [(group, tuple(group["params"])) for group in self.param_groups]
 
 
 class _DevicePlan:
