@@ -517,3 +517,49 @@ def test_a_group_s_params_edited_after_a_step_are_stepped_as_listed(edit: Callab
         results.append(params)
     for i, (a, b) in enumerate(zip(*results)):
         assert_close(a.detach(), b.detach(), torch.float64, f"params[{i}]")
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_a_step_refused_while_registering_leaves_no_new_state(first: bool) -> None:
+    """The native plan refuses a grad that is its param's own memory once the state is made:
+    the state that registration created is taken back."""
+    params = model_params(torch.float32)
+    optimizer = ft.Adam([{"params": params[:2]}, {"params": params[2:4], "lr": 0.1}], lr=0.01)
+    if not first:
+        run(optimizer, params[:4], range(2))
+    optimizer.add_param_group({"params": params[4:]})
+    for p, g in zip(params, grads_for(2, params)):
+        p.grad = g
+    params[4].grad = params[4].detach()
+    snapshot = Snapshot(optimizer, params)
+    with pytest.raises(ValueError, match="overlaps"):
+        optimizer.step()
+    snapshot.assert_unchanged()
+
+
+def test_a_param_listed_twice_is_refused_naming_both_with_nothing_modified() -> None:
+    """torch.optim warns and updates it twice; one fused pass updates each tensor once."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        optimizer = ft.Adam([{"params": [b]}, {"params": [a, a]}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    snapshot = Snapshot(optimizer, [a, b])
+    expected = r"params\[1\] of param_groups\[1\] is the same tensor as params\[0\] of param_gr"
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()
+    snapshot.assert_unchanged()
+
+
+def test_params_that_share_memory_are_refused_naming_both_with_nothing_modified() -> None:
+    base = torch.zeros(6)
+    params = [torch.nn.Parameter(x) for x in (torch.zeros(2), base[2:], base[:4])]
+    optimizer = ft.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    params[0].grad = torch.ones(2)
+    optimizer.step()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    snapshot = Snapshot(optimizer, params)
+    expected = r"params\[0\] of param_groups\[1\] overlaps params\[1\] of param_groups\[1\]"
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()
+    snapshot.assert_unchanged()

@@ -362,12 +362,33 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 if self._plans:
                     return loss
-            self._register(options)
-            for device, plan in self._plans.items():
-                if device in stepped:
-                    continue
-                if not self._step_plan(device, plan, options, scale):
-                    raise RuntimeError("fusedopt.torch: a plan made now refused its first step")
+            # The new plans check more (buffers apart, dtypes) once the state is made, making
+            # them or at their first step: a refusal takes back the state made for its device.
+            entries = {
+                p: None if p not in self.state else dict(self.state[p])
+                for group in self.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            }
+            try:
+                self._register(options)
+                for device, plan in self._plans.items():
+                    if device in stepped:
+                        continue
+                    if not self._step_plan(device, plan, options, scale):
+                        raise RuntimeError("fusedopt.torch: a plan made now refused its first step")
+                    stepped.add(device)
+            except BaseException:
+                self._plans = {}
+                for p, entry in entries.items():
+                    if p.device in stepped:
+                        continue
+                    if entry is None:
+                        self.state.pop(p, None)
+                    else:
+                        self.state[p].clear()
+                        self.state[p].update(entry)
+                raise
         return loss
 
     def _state_unchanged(self) -> bool:
@@ -424,7 +445,8 @@ class Optimizer(torch.optim.Optimizer):
     def _register(self, options: list[tuple[float, ...]]) -> None:
         """Plans over the params that have a grad now, one per device, their state created.
         Every param, grad and state is checked first, naming the param and its group, so a
-        refusal leaves everything as it was."""
+        refusal leaves everything as it was (the step takes back the state made for a plan that
+        refuses later)."""
         description = self._declaration._description
         by_device: dict[Any, list[tuple[int, torch.Tensor, bool]]] = {}
         self._plans = {}
@@ -443,60 +465,69 @@ class Optimizer(torch.optim.Optimizer):
                 if _is_dtensor(p):
                     self._dtensors.append((p, i, g))
                 by_device.setdefault(p.device, []).append((g, p, p.grad is not None))
-        for device, entries in by_device.items():
-            params = [p for _, p, _ in entries]
-            group_of = [g for g, _, _ in entries]
-            active = [a for _, _, a in entries]
-            new_state = []
-            for g, p, a in entries:
-                if a:
-                    group = self.param_groups[g]
-                    new_state.append(self._create_state(p, group, options[g]))
-            active_params = [p for p, a in zip(params, active) if a]
-            kept = [self.state.get(p, {}) for p in active_params]
-            states = [
-                [None if entry.get(name) is None else _memory(entry[name]) for entry in kept]
-                if any(entry.get(name) is not None for entry in kept)
-                else None
-                for name in description.states
-            ]
-            local = [_is_dtensor(p) for p in params]
-            steps = [self.state[p]["step"] for p in active_params] if self._tracks_step() else []
-            scalars = (
-                [[self.state[p][name] for name in description.scalars] for p in active_params]
-                if description.scalars
-                else None
-            )
-            # Each state tensor as its entry holds it: a plan steps nothing once one was replaced.
-            kept_tensors = [
-                (entry, key, value)
-                for entry in kept
-                for key, value in entry.items()
-                if isinstance(value, torch.Tensor)
-            ]
-            extra = {}
-            if device.type == "cpu":
-                if self.precision.master_weights:
-                    extra["masters"] = [
-                        _memory(entry["master"]) if "master" in entry else None for entry in kept
-                    ]
-                extra["rounding_seed"] = self.precision.rounding_seed
-                if self.precision.state_dtype == "int8":
-                    extra["absmax"] = [
-                        [entry.get(name + "_absmax") for entry in kept]
-                        if any(entry.get(name + "_absmax") is not None for entry in kept)
-                        else None
-                        for name in description.states
-                    ]
-            make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
-            native = make(
-                description.name, options, group_of, params, active, states, steps, scalars,
-                new_state if description.uses_new_state else None, local=local, kept=kept_tensors,
-                **extra,
-            )  # fmt: skip
-            self._plans[device] = (list(options), native)
+        _check_updated_once(self.param_groups)
+        for device, device_entries in by_device.items():
+            self._plans[device] = self._make_plan(device, device_entries, options)
         self._registered_state = (self.state, self.state.changes)
         self._registered_groups = [(group, tuple(group["params"])) for group in self.param_groups]
+
+    def _make_plan(
+        self, device: Any, entries: list[tuple[int, torch.Tensor, bool]], options: list
+    ) -> tuple[list, Any]:
+        """The plan of one device over its (group, param, has a grad) entries, the state of the
+        params with a grad created."""
+        description = self._declaration._description
+        params = [p for _, p, _ in entries]
+        group_of = [g for g, _, _ in entries]
+        active = [a for _, _, a in entries]
+        new_state = []
+        for g, p, a in entries:
+            if a:
+                group = self.param_groups[g]
+                new_state.append(self._create_state(p, group, options[g]))
+        active_params = [p for p, a in zip(params, active) if a]
+        kept = [self.state.get(p, {}) for p in active_params]
+        states = [
+            [None if entry.get(name) is None else _memory(entry[name]) for entry in kept]
+            if any(entry.get(name) is not None for entry in kept)
+            else None
+            for name in description.states
+        ]
+        local = [_is_dtensor(p) for p in params]
+        steps = [self.state[p]["step"] for p in active_params] if self._tracks_step() else []
+        scalars = (
+            [[self.state[p][name] for name in description.scalars] for p in active_params]
+            if description.scalars
+            else None
+        )
+        # Each state tensor as its entry holds it: a plan steps nothing once one was replaced.
+        kept_tensors = [
+            (entry, key, value)
+            for entry in kept
+            for key, value in entry.items()
+            if isinstance(value, torch.Tensor)
+        ]
+        extra = {}
+        if device.type == "cpu":
+            if self.precision.master_weights:
+                extra["masters"] = [
+                    _memory(entry["master"]) if "master" in entry else None for entry in kept
+                ]
+            extra["rounding_seed"] = self.precision.rounding_seed
+            if self.precision.state_dtype == "int8":
+                extra["absmax"] = [
+                    [entry.get(name + "_absmax") for entry in kept]
+                    if any(entry.get(name + "_absmax") is not None for entry in kept)
+                    else None
+                    for name in description.states
+                ]
+        make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
+        native = make(
+            description.name, options, group_of, params, active, states, steps, scalars,
+            new_state if description.uses_new_state else None, local=local, kept=kept_tensors,
+            **extra,
+        )  # fmt: skip
+        return (list(options), native)
 
 
 class _DevicePlan:
@@ -622,6 +653,40 @@ def _check_grad(p: Any, index: int, group: int) -> None:
         raise ValueError(f"{where} is not contiguous; fusedopt reads a grad's own memory in order")
     if grad.numel() > 0 and grad.data_ptr() == 0:
         raise TypeError(f"{where} has no memory of its own; fusedopt reads a grad's own memory")
+
+
+def _check_updated_once(groups: list[dict[str, Any]]) -> None:
+    """No tensor is updated twice in a step: one fused pass updates each param once, so a param
+    listed twice (torch warns, and updates it twice) or params that share memory are refused."""
+    seen: dict[int, str] = {}
+    extents: dict[Any, list[tuple[int, int, str]]] = {}  # per device: [begin, end), its name
+    for g, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            where = f"params[{i}] of param_groups[{g}]"
+            if id(p) in seen:
+                raise ValueError(
+                    f"{where} is the same tensor as {seen[id(p)]}; fusedopt updates each tensor "
+                    "once per step"
+                )
+            seen[id(p)] = where
+            with torch.no_grad():
+                memory = _memory(p)
+            begin = memory.data_ptr()
+            end = begin + memory.numel() * memory.element_size()
+            if end > begin:
+                extents.setdefault(memory.device, []).append((begin, end, where))
+    for device_extents in extents.values():
+        furthest: tuple[int, int, str] | None = None  # the extent that ends last so far
+        for extent in sorted(device_extents):
+            if furthest is not None and extent[0] < furthest[1]:
+                raise ValueError(
+                    f"{extent[2]} overlaps {furthest[2]} in memory; fusedopt updates each tensor "
+                    "once per step"
+                )
+            if furthest is None or extent[1] > furthest[1]:
+                furthest = extent
 
 
 def _check_states(
