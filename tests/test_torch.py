@@ -10,6 +10,7 @@ a GPU and fusedopt's CUDA backend are usable (``.ci/gpu-check``), and skip sayin
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -256,7 +257,9 @@ def _copy(value: Any) -> Any:
 
 def _same(a: Any, b: Any) -> bool:
     if torch.is_tensor(a) and torch.is_tensor(b):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return (a.dtype, a.shape) == (b.dtype, b.shape) and torch.allclose(
+            a, b, rtol=0, atol=0, equal_nan=True
+        )
     return type(a) is type(b) and a == b
 
 
@@ -560,6 +563,31 @@ def test_params_that_share_memory_are_refused_naming_both_with_nothing_modified(
         p.grad = torch.ones_like(p)
     snapshot = Snapshot(optimizer, params)
     expected = r"params\[0\] of param_groups\[1\] overlaps params\[1\] of param_groups\[1\]"
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("nan"), 1e30, -3.0, float("inf")])
+@pytest.mark.parametrize("how", ["loaded", "filled in place"])
+def test_a_step_count_out_of_range_is_refused_naming_it_with_nothing_modified(
+    value: float, how: str, device: str
+) -> None:
+    params = model_params(torch.float32, device=device)
+    optimizer = ft.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}], lr=0.01)
+    run(optimizer, params, range(2))
+    if how == "loaded":
+        state_dict = optimizer.state_dict()
+        state_dict["state"][2]["step"] = torch.tensor(value)
+        optimizer.load_state_dict(state_dict)
+    else:
+        optimizer.state[params[2]]["step"].fill_(value)
+    for p, g in zip(params, grads_for(2, params)):
+        p.grad = g
+    snapshot = Snapshot(optimizer, params)
+    stored = torch.tensor(value).item()  # as the float32 step holds it
+    expected = rf"state\['step'\] of params\[0\] of param_groups\[1\] is {re.escape(str(stored))}"
     with pytest.raises(ValueError, match=expected):
         optimizer.step()
     snapshot.assert_unchanged()

@@ -411,11 +411,14 @@ class Optimizer(torch.optim.Optimizer):
             for group, (registered, params) in zip(groups, self._registered_groups)
         )
 
-    def _check_grads(self) -> None:
+    def _check_grads_and_steps(self) -> None:
+        """What a plan checks at each step, naming the param and its group."""
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
                     _check_grad(p, i, g)
+                    if self._tracks_step():
+                        _check_step_count(self.state.get(p, {}), i, g)
 
     def _step_plan(self, device: Any, plan: Any, options: list, scale: float | None) -> bool:
         entry_options, native = plan
@@ -429,7 +432,7 @@ class Optimizer(torch.optim.Optimizer):
         try:
             return native.step(scale)
         except (TypeError, ValueError):
-            self._check_grads()  # the same refusal, naming the param and its group
+            self._check_grads_and_steps()  # the same refusal, naming the param and its group
             raise
 
     def _needs_states(self, group_index: int, values: tuple[float, ...]) -> bool:
@@ -458,6 +461,8 @@ class Optimizer(torch.optim.Optimizer):
                 _check_param(p, i, g)
                 if p.grad is not None:
                     _check_grad(p, i, g)
+                    if self._tracks_step():
+                        _check_step_count(self.state.get(p, {}), i, g)
                     _check_states(
                         self.state.get(p, {}), description.states, p, i, g, self._state_dtype(p),
                         self._needs_master(p),
@@ -564,7 +569,12 @@ class _DevicePlan:
             return False
         grads = [_memory(p.grad) for p in self.active_params]
         params = [_memory(p) for p in self.active_params] if self.local else self.active_params
-        counts = np.array([float(s) for s in self.steps], np.int64) + 1 if self.steps else None
+        counts = None
+        if self.steps:
+            taken = np.array([float(s) for s in self.steps])
+            if not np.all((taken >= 0) & (taken < 2.0**63)):  # NaN too
+                raise ValueError("a step count is not in [0, 2**63)")
+            counts = taken.astype(np.int64) + 1
         steps = counts if counts is not None else np.ones(len(grads), np.int64)
         rows = None
         if self.scalars is not None:
@@ -687,6 +697,17 @@ def _check_updated_once(groups: list[dict[str, Any]]) -> None:
                 )
             if furthest is None or extent[1] > furthest[1]:
                 furthest = extent
+
+
+def _check_step_count(entry: dict, index: int, group: int) -> None:
+    """The native step reads a step count as an integer: a value out of [0, 2**63) (NaN, or 1e30
+    from a checkpoint) would be a garbage number there, so it is refused as it is stored."""
+    step = entry.get("step")
+    if step is not None and not 0 <= float(step) < 2.0**63:
+        raise ValueError(
+            f"state['step'] of params[{index}] of param_groups[{group}] is {float(step)}; a step "
+            "count is in [0, 2**63)"
+        )
 
 
 def _check_states(
