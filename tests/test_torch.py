@@ -10,6 +10,7 @@ a GPU and fusedopt's CUDA backend are usable (``.ci/gpu-check``), and skip sayin
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import sys
@@ -591,3 +592,39 @@ def test_a_step_count_out_of_range_is_refused_naming_it_with_nothing_modified(
     with pytest.raises(ValueError, match=expected):
         optimizer.step()
     snapshot.assert_unchanged()
+
+
+def _keys_torch_restores(name: str) -> set[str]:
+    """The group keys torch.optim.<name>.__setstate__ adds to a checkpoint of an older torch."""
+    optimizer = getattr(torch.optim, name)([torch.nn.Parameter(torch.zeros(1))])
+    optimizer.__setstate__({"param_groups": [{"params": []}]})
+    return set(optimizer.param_groups[0]) - {"params"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))
+def test_a_checkpoint_of_an_older_torch_loads_and_resumes_as_in_torch(case: tuple) -> None:
+    """Older torch saved fewer group keys (no decoupled_weight_decay, foreach, ...) and scalar
+    states as Python numbers (an int step, a float mu_product or eta): torch's __setstate__
+    restores both, and so does fusedopt.torch's."""
+    name, options = case
+    params = model_params(torch.float64)
+    saver = getattr(torch.optim, name)(params, lr=0.01, **options)
+    run(saver, params, range(3))
+    checkpoint = saver.state_dict()
+    old_keys = _keys_torch_restores(name)
+    for group in checkpoint["param_groups"]:
+        for key in old_keys:
+            group.pop(key)
+    for entry in checkpoint["state"].values():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() == 0:
+                entry[key] = int(value) if key == "step" else float(value)
+    resumed = []
+    for module in (ft, torch.optim):
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        optimizer = getattr(module, name)(copies, lr=0.01)
+        optimizer.load_state_dict(copy.deepcopy(checkpoint))  # its step tensors are stepped
+        run(optimizer, copies, range(3, 6))
+        resumed.append((optimizer, copies))
+    (ours, ours_params), (theirs, their_params) = resumed
+    compare(ours, theirs, ours_params, their_params, torch.float64)

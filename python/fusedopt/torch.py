@@ -34,6 +34,7 @@ import torch
 from fusedopt import _core, cuda, optim
 from fusedopt._engine import (
     FULL_PRECISION,
+    PRECISION_OPTIONS,
     TORCH,
     Precision,
     dequantize_blockwise,
@@ -114,6 +115,7 @@ class Optimizer(torch.optim.Optimizer):
 
     _declaration: type[optim.Optimizer]
     _step_supports_amp_scaling = False  # set per class: GradScaler passes grad_scale, found_inf
+    _group_defaults: dict[str, Any] = {}  # set per class: the constructor's defaults, as torch's
 
     def __init__(
         self, params: Iterable[Any], defaults: dict[str, Any], precision: Precision = FULL_PRECISION
@@ -147,12 +149,26 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """torch's (load_state_dict and unpickling come here), then optimizer.state counting its
-        changes again, and no plan."""
+        changes again, and no plan.
+
+        As torch's classes do here for a checkpoint of an older torch: a group key it lacks
+        takes the constructor's default (AdamW's decoupled_weight_decay is True), and a step
+        count or scalar state saved as a number becomes a tensor."""
         super().__setstate__(state)
         self.__dict__.setdefault("precision", FULL_PRECISION)
         self._constructing = False
         self.state = _State(self.state)
         self._reset_plans()
+        scalars = ("step", *self._declaration._description.scalars)
+        for group in self.param_groups:
+            for name, value in self._group_defaults.items():
+                group.setdefault(name, value)
+            group.update({name: bool(value) for name, value in self._declaration._fixed.items()})
+            for p in group["params"]:
+                entry = self.state.get(p, {})
+                for name in scalars:
+                    if name in entry and not isinstance(entry[name], torch.Tensor):
+                        entry[name] = torch.tensor(float(entry[name]), dtype=_scalar_dtype())
 
     # ------------------------------------------------------------------------------- groups
 
@@ -784,6 +800,11 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         Optimizer.__init__(self, params, defaults, precision)
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
+    group_defaults = {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.default is not p.empty and p.name not in PRECISION_OPTIONS
+    }
     doc = (
         f"``torch.optim.{name}`` with fusedopt's step: the same signature, defaults, param "
         f"groups and state.\n\n{(declaration.__doc__ or '').strip()}"
@@ -793,6 +814,7 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         "__doc__": doc,
         "_declaration": declaration,
         "_step_supports_amp_scaling": declaration._description.takes_grad_scale,
+        "_group_defaults": _torch_defaults(declaration, group_defaults),
         "__module__": __name__,
         "__qualname__": name,
     }
