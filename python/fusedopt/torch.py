@@ -293,8 +293,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, which casts every floating state tensor to its param's dtype; then the
-        states this optimizer keeps in another dtype (``state_dtype``, the float32 ``master``)
-        are cast from the saved tensors instead, so a master comes back exact."""
+        states this optimizer keeps in another dtype (``state_dtype``, the float32 ``master``,
+        the scalar states of 16-bit params) are cast from the saved tensors instead, so a
+        master comes back exact."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         with self._lock:
@@ -306,6 +307,11 @@ class Optimizer(torch.optim.Optimizer):
                 entry = saved_state.get(saved_id)
                 if not entry or p not in self.state:
                     continue
+                if p.dtype not in (torch.float32, torch.float64):
+                    for name in self._declaration._description.scalars:
+                        if isinstance(entry.get(name), torch.Tensor):
+                            value = float(entry[name])
+                            self.state[p][name] = torch.tensor(value, dtype=_scalar_dtype())
                 for name in names:
                     value = entry.get(name)
                     if not isinstance(value, torch.Tensor):
