@@ -628,3 +628,35 @@ def test_a_checkpoint_of_an_older_torch_loads_and_resumes_as_in_torch(case: tupl
         resumed.append((optimizer, copies))
     (ours, ours_params), (theirs, their_params) = resumed
     compare(ours, theirs, ours_params, their_params, torch.float64)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
+def test_a_checkpoint_of_a_channels_last_model_resumes_as_in_torch(name: str) -> None:
+    """torch keeps a channels_last param's state channels_last; loaded for contiguous params,
+    the state is made contiguous (the same elements in the param's order) and training goes
+    on along torch.optim's trajectory."""
+    torch.manual_seed(0)
+    options = {"lr": 0.01, **({"momentum": 0.9} if name != "Adam" else {})}
+    inputs = [torch.randn(2, 3, 8, 8) for _ in range(5)]
+    model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    saver = getattr(torch.optim, name)(model.parameters(), **options)
+    for x in inputs[:2]:
+        saver.zero_grad()
+        model(x.to(memory_format=torch.channels_last)).square().sum().backward()
+        saver.step()
+    checkpoint = saver.state_dict()
+    weight_state = [v for k, v in checkpoint["state"][0].items() if k != "step"]
+    assert not any(v.is_contiguous() for v in weight_state)  # channels_last
+    results = []
+    for module in (ft, torch.optim):
+        resumed = torch.nn.Conv2d(3, 4, 3)
+        resumed.load_state_dict(model.state_dict())
+        optimizer = getattr(module, name)(resumed.parameters(), **options)
+        optimizer.load_state_dict(copy.deepcopy(checkpoint))
+        for x in inputs[2:]:
+            optimizer.zero_grad()
+            resumed(x).square().sum().backward()
+            optimizer.step()
+        results.append((optimizer, list(resumed.parameters())))
+    (ours, ours_params), (theirs, their_params) = results
+    compare(ours, theirs, ours_params, their_params, torch.float32)

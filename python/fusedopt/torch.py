@@ -295,7 +295,8 @@ class Optimizer(torch.optim.Optimizer):
         """torch's, which casts every floating state tensor to its param's dtype; then the
         states this optimizer keeps in another dtype (``state_dtype``, the float32 ``master``,
         the scalar states of 16-bit params) are cast from the saved tensors instead, so a
-        master comes back exact."""
+        master comes back exact; and a state saved in another memory format (channels_last)
+        is made contiguous."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         with self._lock:
@@ -324,6 +325,13 @@ class Optimizer(torch.optim.Optimizer):
                         self._convert_loaded(p, name, value, entry.get(name + "_absmax"), dtype)
                     elif dtype != p.dtype:
                         self.state[p][name] = value.to(dtype=dtype, device=p.device, copy=True)
+            # torch keeps a channels_last param's state channels_last; the step reads each state
+            # in its (contiguous) param's order, which is the state's logical order too.
+            for p in params:
+                entry = self.state.get(p, {})
+                for name, value in list(entry.items()):
+                    if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                        entry[name] = value.contiguous()
 
     def _convert_loaded(
         self, p: torch.Tensor, name: str, value: torch.Tensor, absmax: Any, dtype: torch.dtype
