@@ -501,68 +501,60 @@ class Optimizer(torch.optim.Optimizer):
                     self._dtensors.append((p, i, g))
                 by_device.setdefault(p.device, []).append((g, p, p.grad is not None))
         _check_updated_once(self.param_groups)
-        for device, device_entries in by_device.items():
-            self._plans[device] = self._make_plan(device, device_entries, options)
+        for device, entries in by_device.items():
+            params = [p for _, p, _ in entries]
+            group_of = [g for g, _, _ in entries]
+            active = [a for _, _, a in entries]
+            new_state = []
+            for g, p, a in entries:
+                if a:
+                    group = self.param_groups[g]
+                    new_state.append(self._create_state(p, group, options[g]))
+            active_params = [p for p, a in zip(params, active) if a]
+            kept = [self.state.get(p, {}) for p in active_params]
+            states = [
+                [None if entry.get(name) is None else _memory(entry[name]) for entry in kept]
+                if any(entry.get(name) is not None for entry in kept)
+                else None
+                for name in description.states
+            ]
+            local = [_is_dtensor(p) for p in params]
+            steps = [self.state[p]["step"] for p in active_params] if self._tracks_step() else []
+            scalars = (
+                [[self.state[p][name] for name in description.scalars] for p in active_params]
+                if description.scalars
+                else None
+            )
+            # Each state tensor as its entry holds it: a plan steps nothing once one was replaced.
+            kept_tensors = [
+                (entry, key, value)
+                for entry in kept
+                for key, value in entry.items()
+                if isinstance(value, torch.Tensor)
+            ]
+            extra = {}
+            if device.type == "cpu":
+                if self.precision.master_weights:
+                    extra["masters"] = [
+                        _memory(entry["master"]) if "master" in entry else None for entry in kept
+                    ]
+                extra["rounding_seed"] = self.precision.rounding_seed
+                if self.precision.state_dtype == "int8":
+                    extra["absmax"] = [
+                        [entry.get(name + "_absmax") for entry in kept]
+                        if any(entry.get(name + "_absmax") is not None for entry in kept)
+                        else None
+                        for name in description.states
+                    ]
+            make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
+            native = make(
+                description.name, options, group_of, params, active, states, steps, scalars,
+                new_state if description.uses_new_state else None, local=local, kept=kept_tensors,
+                **extra,
+            )  # fmt: skip
+            self._plans[device] = (list(options), native)
         self._registered_state = (self.state, self.state.changes)
         self._registered_groups = [(group, tuple(group["params"])) for group in self.param_groups]
-
-    def _make_plan(
-        self, device: Any, entries: list[tuple[int, torch.Tensor, bool]], options: list
-    ) -> tuple[list, Any]:
-        """The plan of one device over its (group, param, has a grad) entries, the state of the
-        params with a grad created."""
-        description = self._declaration._description
-        params = [p for _, p, _ in entries]
-        group_of = [g for g, _, _ in entries]
-        active = [a for _, _, a in entries]
-        new_state = []
-        for g, p, a in entries:
-            if a:
-                group = self.param_groups[g]
-                new_state.append(self._create_state(p, group, options[g]))
-        active_params = [p for p, a in zip(params, active) if a]
-        kept = [self.state.get(p, {}) for p in active_params]
-        states = [
-            [None if entry.get(name) is None else _memory(entry[name]) for entry in kept]
-            if any(entry.get(name) is not None for entry in kept)
-            else None
-            for name in description.states
-        ]
-        local = [_is_dtensor(p) for p in params]
-        steps = [self.state[p]["step"] for p in active_params] if self._tracks_step() else []
-        scalars = (
-            [[self.state[p][name] for name in description.scalars] for p in active_params]
-            if description.scalars
-            else None
-        )
-        # Each state tensor as its entry holds it: a plan steps nothing once one was replaced.
-        kept_tensors = [
-            (entry, key, value)
-            for entry in kept
-            for key, value in entry.items()
-            if isinstance(value, torch.Tensor)
-        ]
-        extra = {}
-        if device.type == "cpu":
-            if self.precision.master_weights:
-                extra["masters"] = [
-                    _memory(entry["master"]) if "master" in entry else None for entry in kept
-                ]
-            extra["rounding_seed"] = self.precision.rounding_seed
-            if self.precision.state_dtype == "int8":
-                extra["absmax"] = [
-                    [entry.get(name + "_absmax") for entry in kept]
-                    if any(entry.get(name + "_absmax") is not None for entry in kept)
-                    else None
-                    for name in description.states
-                ]
-        make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
-        native = make(
-            description.name, options, group_of, params, active, states, steps, scalars,
-            new_state if description.uses_new_state else None, local=local, kept=kept_tensors,
-            **extra,
-        )  # fmt: skip
-        return (list(options), native)
 
 
 class _DevicePlan:
