@@ -644,6 +644,66 @@ def test_torch_refuses_what_does_not_apply():
     assert not opt.state.get(param)
 
 
+def test_torch_add_param_group_refuses_what_does_not_apply():
+    """As the constructor does, over every param of the optimizer once the group is in; a refused
+    group is not added and no later step sees it."""
+    torch = _torch()
+    import fusedopt.torch as ftorch
+
+    param = torch.nn.Parameter(torch.ones(8))
+    opt = ftorch.Adam([param], state_dtype="bfloat16")
+    with pytest.raises(ValueError, match="state_dtype: 'bfloat16' does not apply to float64"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.float64))]})
+    assert len(opt.param_groups) == 1
+    param.grad = torch.ones(8)
+    opt.step()
+    assert opt.state[param]["exp_avg"].dtype == torch.bfloat16
+    # The options apply to all the params together: a float32 group joins bfloat16 masters.
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    full = torch.nn.Parameter(torch.ones(3))
+    ftorch.Adam([{"params": [full]}, {"params": [half]}], master_weights=True)
+    opt = ftorch.Adam([half], master_weights=True)
+    opt.add_param_group({"params": [full]})
+    assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("source", ["fusedopt", "torch"])
+@pytest.mark.parametrize("name", ["NAdam", "ASGD"])
+def test_torch_scalar_states_of_16_bit_params_resume_exactly(name, source, dtype):
+    """torch's load_state_dict casts NAdam's mu_product and ASGD's eta and mu to the param's
+    16-bit dtype; they come back as the float32 the step keeps them in, exactly as saved."""
+    torch = _torch()
+    import copy
+
+    import fusedopt.torch as ftorch
+
+    dtype = getattr(torch, dtype)
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(6, generator=generator).to(dtype) for _ in range(4)]
+    param = torch.nn.Parameter(torch.randn(6, generator=generator).to(dtype))
+    saver = getattr(ftorch if source == "fusedopt" else torch.optim, name)([param], lr=0.01)
+    for grad in grads[:2]:
+        param.grad = grad.clone()
+        saver.step()
+    saved = copy.deepcopy(saver.state_dict())
+    resumed = torch.nn.Parameter(param.detach().clone())
+    opt = getattr(ftorch, name)([resumed], lr=0.01)
+    opt.load_state_dict(copy.deepcopy(saved))
+    for key, value in saved["state"][0].items():
+        if value.dim() == 0 and key != "step":
+            assert opt.state[resumed][key].dtype == torch.float32
+            assert torch.equal(opt.state[resumed][key], value.float())
+    for grad in grads[2:]:
+        resumed.grad = grad.clone()
+        opt.step()
+        if source == "fusedopt":
+            param.grad = grad.clone()
+            saver.step()
+    if source == "fusedopt":
+        assert torch.equal(resumed, param)
+
+
 # ---- 8-bit blockwise state -------------------------------------------------------------------
 
 QUANTIZABLE = [(cls, hyper) for cls, hyper in CLASSES if cls not in (fusedopt.Rprop, fusedopt.ASGD)]

@@ -10,8 +10,11 @@ a GPU and fusedopt's CUDA backend are usable (``.ci/gpu-check``), and skip sayin
 
 from __future__ import annotations
 
+import copy
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -220,6 +223,45 @@ def test_grad_scaler_skips_an_inf_step_and_unscales_the_others(name: str, device
     for a, b in zip(ours, theirs):
         assert_close(a.detach(), b.detach(), torch.float32, name)
     assert our_step is None or float(our_step) == float(their_step) == 5.0
+
+
+class Snapshot:
+    """Every param, grad and state entry of an optimizer, to prove a refusal modified nothing."""
+
+    def __init__(self, optimizer: Any, params: list[Any]) -> None:
+        self.optimizer, self.params = optimizer, params
+        self.values = [(p.detach().clone(), _copy(p.grad)) for p in params]
+        self.state = {
+            id(p): {k: _copy(v) for k, v in entry.items()} for p, entry in optimizer.state.items()
+        }
+        self.groups = [dict(g, params=list(g["params"])) for g in optimizer.param_groups]
+
+    def assert_unchanged(self) -> None:
+        for p, (value, grad) in zip(self.params, self.values):
+            assert torch.equal(p.detach(), value)
+            assert _same(p.grad, grad)
+        now = {id(p): entry for p, entry in self.optimizer.state.items()}
+        assert now.keys() == self.state.keys()
+        for key, entry in self.state.items():
+            assert now[key].keys() == entry.keys()
+            for name, value in entry.items():
+                assert _same(now[key][name], value), name
+        assert len(self.optimizer.param_groups) == len(self.groups)
+        for group, saved in zip(self.optimizer.param_groups, self.groups):
+            assert group.keys() == saved.keys()
+            assert all(a is b for a, b in zip(group["params"], saved["params"]))
+
+
+def _copy(value: Any) -> Any:
+    return value.clone() if torch.is_tensor(value) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return (a.dtype, a.shape) == (b.dtype, b.shape) and torch.allclose(
+            a, b, rtol=0, atol=0, equal_nan=True
+        )
+    return type(a) is type(b) and a == b
 
 
 def test_closure_zero_grad_and_hooks_work_as_in_torch() -> None:
@@ -434,3 +476,207 @@ def test_a_state_given_new_memory_is_followed_not_written_after_free(key: str) -
         results.append([p.detach().clone(), *(v.clone() for v in opt.state[p].values())])
     for fused, expected in zip(results[1], results[0]):
         torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("flag", ["differentiable", "capturable"])
+def test_unsupported_modes_are_refused_in_an_added_group_with_nothing_modified(flag: str) -> None:
+    params = model_params(torch.float32)
+    optimizer = ft.Adam(params[:2], lr=0.01)
+    run(optimizer, params[:2], range(2))
+    snapshot = Snapshot(optimizer, params)
+    with pytest.raises(ValueError, match=rf"{flag}=True is not supported.*param_groups\[1\]"):
+        optimizer.add_param_group({"params": params[2:], flag: True})
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.parametrize("flag", ["differentiable", "capturable"])
+def test_unsupported_modes_set_in_a_group_later_are_refused_at_the_step(flag: str) -> None:
+    params = model_params(torch.float32)
+    optimizer = ft.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.01)
+    run(optimizer, params, range(2))
+    optimizer.param_groups[1][flag] = True
+    for p, g in zip(params, grads_for(2, params)):
+        p.grad = g
+    snapshot = Snapshot(optimizer, params)
+    with pytest.raises(ValueError, match=rf"{flag}=True is not supported.*param_groups\[1\]"):
+        optimizer.step()
+    snapshot.assert_unchanged()
+
+
+def _append(params: list, extra: list) -> list:
+    params.append(extra[0])  # a layer unfrozen: its params join a group
+    return params
+
+
+def _pop(params: list, extra: list) -> list:
+    params.pop(0)
+    return params
+
+
+def _replace_an_item(params: list, extra: list) -> list:
+    params[1] = extra[0]
+    return params
+
+
+def _replace_the_list(params: list, extra: list) -> list:
+    return [params[0], *extra]
+
+
+@pytest.mark.parametrize("edit", [_append, _pop, _replace_an_item, _replace_the_list])
+def test_a_group_s_params_edited_after_a_step_are_stepped_as_listed(edit: Callable) -> None:
+    """torch.optim steps the lists as they are at each step; so does fusedopt.torch."""
+    results = []
+    for module in (ft, torch.optim):
+        params = model_params(torch.float64)
+        extra = {"foreach": False} if module is torch.optim else {}
+        groups = [{"params": params[:2]}, {"params": params[3:4], "lr": 0.1}]
+        optimizer = module.Adam(groups, lr=0.01, **extra)
+        for step in range(5):
+            if step == 2:
+                group = optimizer.param_groups[0]
+                group["params"] = edit(group["params"], [params[4], params[2]])
+            for p in params:  # every param has a grad at every step: only the lists change
+                p.grad = torch.full_like(p, step + 1.0)
+            optimizer.step()
+        results.append(params)
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a.detach(), b.detach(), torch.float64, f"params[{i}]")
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_a_step_refused_while_registering_leaves_no_new_state(first: bool) -> None:
+    """The native plan refuses a grad that is its param's own memory once the state is made:
+    the state that registration created is taken back."""
+    params = model_params(torch.float32)
+    optimizer = ft.Adam([{"params": params[:2]}, {"params": params[2:4], "lr": 0.1}], lr=0.01)
+    if not first:
+        run(optimizer, params[:4], range(2))
+    optimizer.add_param_group({"params": params[4:]})
+    for p, g in zip(params, grads_for(2, params)):
+        p.grad = g
+    params[4].grad = params[4].detach()
+    snapshot = Snapshot(optimizer, params)
+    with pytest.raises(ValueError, match="overlaps"):
+        optimizer.step()
+    snapshot.assert_unchanged()
+
+
+def test_a_param_listed_twice_is_refused_naming_both_with_nothing_modified() -> None:
+    """torch.optim warns and updates it twice; one fused pass updates each tensor once."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        optimizer = ft.Adam([{"params": [b]}, {"params": [a, a]}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    snapshot = Snapshot(optimizer, [a, b])
+    expected = r"params\[1\] of param_groups\[1\] is the same tensor as params\[0\] of param_gr"
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()
+    snapshot.assert_unchanged()
+
+
+def test_params_that_share_memory_are_refused_naming_both_with_nothing_modified() -> None:
+    base = torch.zeros(6)
+    params = [torch.nn.Parameter(x) for x in (torch.zeros(2), base[2:], base[:4])]
+    optimizer = ft.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    params[0].grad = torch.ones(2)
+    optimizer.step()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    snapshot = Snapshot(optimizer, params)
+    expected = r"params\[0\] of param_groups\[1\] overlaps params\[1\] of param_groups\[1\]"
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("nan"), 1e30, -3.0, float("inf")])
+@pytest.mark.parametrize("how", ["loaded", "filled in place"])
+def test_a_step_count_out_of_range_is_refused_naming_it_with_nothing_modified(
+    value: float, how: str, device: str
+) -> None:
+    params = model_params(torch.float32, device=device)
+    optimizer = ft.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}], lr=0.01)
+    run(optimizer, params, range(2))
+    if how == "loaded":
+        state_dict = optimizer.state_dict()
+        state_dict["state"][2]["step"] = torch.tensor(value)
+        optimizer.load_state_dict(state_dict)
+    else:
+        optimizer.state[params[2]]["step"].fill_(value)
+    for p, g in zip(params, grads_for(2, params)):
+        p.grad = g
+    snapshot = Snapshot(optimizer, params)
+    stored = torch.tensor(value).item()  # as the float32 step holds it
+    expected = rf"state\['step'\] of params\[0\] of param_groups\[1\] is {re.escape(str(stored))}"
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()
+    snapshot.assert_unchanged()
+
+
+def _keys_torch_restores(name: str) -> set[str]:
+    """The group keys torch.optim.<name>.__setstate__ adds to a checkpoint of an older torch."""
+    optimizer = getattr(torch.optim, name)([torch.nn.Parameter(torch.zeros(1))])
+    optimizer.__setstate__({"param_groups": [{"params": []}]})
+    return set(optimizer.param_groups[0]) - {"params"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))
+def test_a_checkpoint_of_an_older_torch_loads_and_resumes_as_in_torch(case: tuple) -> None:
+    """Older torch saved fewer group keys (no decoupled_weight_decay, foreach, ...) and scalar
+    states as Python numbers (an int step, a float mu_product or eta): torch's __setstate__
+    restores both, and so does fusedopt.torch's."""
+    name, options = case
+    params = model_params(torch.float64)
+    saver = getattr(torch.optim, name)(params, lr=0.01, **options)
+    run(saver, params, range(3))
+    checkpoint = saver.state_dict()
+    old_keys = _keys_torch_restores(name)
+    for group in checkpoint["param_groups"]:
+        for key in old_keys:
+            group.pop(key)
+    for entry in checkpoint["state"].values():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() == 0:
+                entry[key] = int(value) if key == "step" else float(value)
+    resumed = []
+    for module in (ft, torch.optim):
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        optimizer = getattr(module, name)(copies, lr=0.01)
+        optimizer.load_state_dict(copy.deepcopy(checkpoint))  # its step tensors are stepped
+        run(optimizer, copies, range(3, 6))
+        resumed.append((optimizer, copies))
+    (ours, ours_params), (theirs, their_params) = resumed
+    compare(ours, theirs, ours_params, their_params, torch.float64)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
+def test_a_checkpoint_of_a_channels_last_model_resumes_as_in_torch(name: str) -> None:
+    """torch keeps a channels_last param's state channels_last; loaded for contiguous params,
+    the state is made contiguous (the same elements in the param's order) and training goes
+    on along torch.optim's trajectory."""
+    torch.manual_seed(0)
+    options = {"lr": 0.01, **({"momentum": 0.9} if name != "Adam" else {})}
+    inputs = [torch.randn(2, 3, 8, 8) for _ in range(5)]
+    model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    saver = getattr(torch.optim, name)(model.parameters(), **options)
+    for x in inputs[:2]:
+        saver.zero_grad()
+        model(x.to(memory_format=torch.channels_last)).square().sum().backward()
+        saver.step()
+    checkpoint = saver.state_dict()
+    weight_state = [v for k, v in checkpoint["state"][0].items() if k != "step"]
+    assert not any(v.is_contiguous() for v in weight_state)  # channels_last
+    results = []
+    for module in (ft, torch.optim):
+        resumed = torch.nn.Conv2d(3, 4, 3)
+        resumed.load_state_dict(model.state_dict())
+        optimizer = getattr(module, name)(resumed.parameters(), **options)
+        optimizer.load_state_dict(copy.deepcopy(checkpoint))
+        for x in inputs[2:]:
+            optimizer.zero_grad()
+            resumed(x).square().sum().backward()
+            optimizer.step()
+        results.append((optimizer, list(resumed.parameters())))
+    (ours, ours_params), (theirs, their_params) = results
+    compare(ours, theirs, ours_params, their_params, torch.float32)

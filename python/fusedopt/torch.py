@@ -21,6 +21,7 @@ with ``p.grad.to_local()``, the states being DTensors of the same placements, as
 from __future__ import annotations
 
 import inspect
+import operator
 import sys
 import threading
 from collections import defaultdict
@@ -33,6 +34,7 @@ import torch
 from fusedopt import _core, cuda, optim
 from fusedopt._engine import (
     FULL_PRECISION,
+    PRECISION_OPTIONS,
     TORCH,
     Precision,
     dequantize_blockwise,
@@ -113,28 +115,19 @@ class Optimizer(torch.optim.Optimizer):
 
     _declaration: type[optim.Optimizer]
     _step_supports_amp_scaling = False  # set per class: GradScaler passes grad_scale, found_inf
+    _group_defaults: dict[str, Any] = {}  # set per class: the constructor's defaults, as torch's
 
     def __init__(
         self, params: Iterable[Any], defaults: dict[str, Any], precision: Precision = FULL_PRECISION
     ) -> None:
         self.precision = precision
         self._reset_plans()
-        for flag in ("differentiable", "capturable"):
-            if defaults.get(flag):
-                raise ValueError(
-                    f"fusedopt.torch.{type(self).__name__}: {flag}=True is not supported "
-                    "(fusedopt's step runs outside autograd and CUDA graphs); leave it False"
-                )
+        # add_param_group checks each group; the precision options, over all of them at once.
+        self._constructing = True
         super().__init__(params, defaults)
+        self._constructing = False
         self.state = _State(self.state)
-        precision.check([dtype_name(p.dtype) for g in self.param_groups for p in g["params"]])
-        precision.check_algorithm(self._declaration._description)
-        if precision != FULL_PRECISION and any(
-            p.device.type != "cpu" for g in self.param_groups for p in g["params"]
-        ):
-            raise ValueError(
-                "state_dtype, master_weights and stochastic_rounding are CPU-only for now"
-            )
+        self._check_precision()
         if self._declaration._states_at_construction:
             for group in self.param_groups:
                 values = self._native_options(group)
@@ -147,6 +140,7 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[Any, Any] = {}
         self._options_cache: dict[int, tuple[tuple[Any, ...], tuple[float, ...]]] = {}
         self._registered_state: tuple[_State, int] | None = None  # self.state, its changes
+        self._registered_groups: list[tuple[dict, tuple]] = []  # (group, its params then)
         self._dtensors: list[tuple[torch.Tensor, int, int]] = []  # (param, index, group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -155,30 +149,71 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """torch's (load_state_dict and unpickling come here), then optimizer.state counting its
-        changes again, and no plan."""
+        changes again, and no plan.
+
+        As torch's classes do here for a checkpoint of an older torch: a group key it lacks
+        takes the constructor's default (AdamW's decoupled_weight_decay is True), and a step
+        count or scalar state saved as a number becomes a tensor."""
         super().__setstate__(state)
         self.__dict__.setdefault("precision", FULL_PRECISION)
+        self._constructing = False
         self.state = _State(self.state)
         self._reset_plans()
+        scalars = ("step", *self._declaration._description.scalars)
+        for group in self.param_groups:
+            for name, value in self._group_defaults.items():
+                group.setdefault(name, value)
+            group.update({name: bool(value) for name, value in self._declaration._fixed.items()})
+            for p in group["params"]:
+                entry = self.state.get(p, {})
+                for name in scalars:
+                    if name in entry and not isinstance(entry[name], torch.Tensor):
+                        entry[name] = torch.tensor(float(entry[name]), dtype=_scalar_dtype())
 
     # ------------------------------------------------------------------------------- groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group, then fusedopt's checks: every param must be a dense,
-        contiguous float32 or float64 tensor on the CPU or a CUDA device, and the group's
-        hyperparameters valid; a refused group is not added."""
+        contiguous float32, float64, bfloat16 or float16 tensor on the CPU (16-bit ones) or a
+        CUDA device, the group's hyperparameters valid and the low-precision options must apply
+        to the params; a refused group is not added."""
         index = len(self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            self._check_modes(group, index)
             for i, p in enumerate(group["params"]):
                 _check_param(p, i, index)
             self._native_options(group)
+            if not self._constructing:
+                self._check_precision()
         except Exception:
             del self.param_groups[-1]
             raise
         with self._lock:
             self._plans.clear()
+
+    def _check_precision(self) -> None:
+        """The low-precision options apply to the params, taken together (master_weights needs
+        a 16-bit param among them), all on the CPU."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.precision.check([dtype_name(p.dtype) for p in params])
+        self.precision.check_algorithm(self._declaration._description)
+        if self.precision != FULL_PRECISION and any(p.device.type != "cpu" for p in params):
+            raise ValueError(
+                "state_dtype, master_weights and stochastic_rounding are CPU-only for now"
+            )
+
+    def _check_modes(self, group: dict[str, Any], index: int) -> None:
+        """The modes fusedopt has no step for, refused in a group added with them or set in
+        one later (the step checks every group)."""
+        for flag in ("differentiable", "capturable"):
+            if group.get(flag):
+                raise ValueError(
+                    f"fusedopt.torch.{type(self).__name__}: {flag}=True is not supported "
+                    f"(param_groups[{index}]; fusedopt's step runs outside autograd and CUDA "
+                    "graphs); leave it False"
+                )
 
     def _native_options(self, group: dict[str, Any]) -> tuple[float, ...]:
         """The group's native options, recomputed only when one of its values changed."""
@@ -258,8 +293,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, which casts every floating state tensor to its param's dtype; then the
-        states this optimizer keeps in another dtype (``state_dtype``, the float32 ``master``)
-        are cast from the saved tensors instead, so a master comes back exact."""
+        states this optimizer keeps in another dtype (``state_dtype``, the float32 ``master``,
+        the scalar states of 16-bit params) are cast from the saved tensors instead, so a
+        master comes back exact; and a state saved in another memory format (channels_last)
+        is made contiguous."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         with self._lock:
@@ -271,6 +308,11 @@ class Optimizer(torch.optim.Optimizer):
                 entry = saved_state.get(saved_id)
                 if not entry or p not in self.state:
                     continue
+                if p.dtype not in (torch.float32, torch.float64):
+                    for name in self._declaration._description.scalars:
+                        if isinstance(entry.get(name), torch.Tensor):
+                            value = float(entry[name])
+                            self.state[p][name] = torch.tensor(value, dtype=_scalar_dtype())
                 for name in names:
                     value = entry.get(name)
                     if not isinstance(value, torch.Tensor):
@@ -283,6 +325,13 @@ class Optimizer(torch.optim.Optimizer):
                         self._convert_loaded(p, name, value, entry.get(name + "_absmax"), dtype)
                     elif dtype != p.dtype:
                         self.state[p][name] = value.to(dtype=dtype, device=p.device, copy=True)
+            # torch keeps a channels_last param's state channels_last; the step reads each state
+            # in its (contiguous) param's order, which is the state's logical order too.
+            for p in params:
+                entry = self.state.get(p, {})
+                for name, value in list(entry.items()):
+                    if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                        entry[name] = value.contiguous()
 
     def _convert_loaded(
         self, p: torch.Tensor, name: str, value: torch.Tensor, absmax: Any, dtype: torch.dtype
@@ -325,8 +374,10 @@ class Optimizer(torch.optim.Optimizer):
         # No torch.no_grad(): the native step writes memory autograd never sees, and the state
         # it creates requires no grad (entering no_grad cost 3.4 us, as much as the native step).
         with self._lock:
+            for g, group in enumerate(self.param_groups):
+                self._check_modes(group, g)
             options = [self._native_options(group) for group in self.param_groups]
-            if not self._state_unchanged():
+            if not (self._state_unchanged() and self._groups_unchanged()):
                 self._plans = {}
             for p, index, group in self._dtensors:
                 if p.grad is not None:
@@ -341,12 +392,33 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 if self._plans:
                     return loss
-            self._register(options)
-            for device, plan in self._plans.items():
-                if device in stepped:
-                    continue
-                if not self._step_plan(device, plan, options, scale):
-                    raise RuntimeError("fusedopt.torch: a plan made now refused its first step")
+            # The new plans check more (buffers apart, dtypes) once the state is made, making
+            # them or at their first step: a refusal takes back the state made for its device.
+            entries = {
+                p: None if p not in self.state else dict(self.state[p])
+                for group in self.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            }
+            try:
+                self._register(options)
+                for device, plan in self._plans.items():
+                    if device in stepped:
+                        continue
+                    if not self._step_plan(device, plan, options, scale):
+                        raise RuntimeError("fusedopt.torch: a plan made now refused its first step")
+                    stepped.add(device)
+            except BaseException:
+                self._plans = {}
+                for p, entry in entries.items():
+                    if p.device in stepped:
+                        continue
+                    if entry is None:
+                        self.state.pop(p, None)
+                    else:
+                        self.state[p].clear()
+                        self.state[p].update(entry)
+                raise
         return loss
 
     def _state_unchanged(self) -> bool:
@@ -357,11 +429,26 @@ class Optimizer(torch.optim.Optimizer):
         registered, changes = self._registered_state
         return self.state is registered and registered.changes == changes
 
-    def _check_grads(self) -> None:
+    def _groups_unchanged(self) -> bool:
+        """Whether param_groups lists the params the plans were made with: torch steps the lists
+        as they are, and a param appended (a layer unfrozen), removed or replaced in a list (an
+        edit keeps the list's identity) joins or leaves the next step."""
+        groups = self.param_groups
+        return len(groups) == len(self._registered_groups) and all(
+            group is registered
+            and len(group["params"]) == len(params)
+            and all(map(operator.is_, group["params"], params))
+            for group, (registered, params) in zip(groups, self._registered_groups)
+        )
+
+    def _check_grads_and_steps(self) -> None:
+        """What a plan checks at each step, naming the param and its group."""
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
                     _check_grad(p, i, g)
+                    if self._tracks_step():
+                        _check_step_count(self.state.get(p, {}), i, g)
 
     def _step_plan(self, device: Any, plan: Any, options: list, scale: float | None) -> bool:
         entry_options, native = plan
@@ -375,7 +462,7 @@ class Optimizer(torch.optim.Optimizer):
         try:
             return native.step(scale)
         except (TypeError, ValueError):
-            self._check_grads()  # the same refusal, naming the param and its group
+            self._check_grads_and_steps()  # the same refusal, naming the param and its group
             raise
 
     def _needs_states(self, group_index: int, values: tuple[float, ...]) -> bool:
@@ -391,7 +478,8 @@ class Optimizer(torch.optim.Optimizer):
     def _register(self, options: list[tuple[float, ...]]) -> None:
         """Plans over the params that have a grad now, one per device, their state created.
         Every param, grad and state is checked first, naming the param and its group, so a
-        refusal leaves everything as it was."""
+        refusal leaves everything as it was (the step takes back the state made for a plan that
+        refuses later)."""
         description = self._declaration._description
         by_device: dict[Any, list[tuple[int, torch.Tensor, bool]]] = {}
         self._plans = {}
@@ -403,6 +491,8 @@ class Optimizer(torch.optim.Optimizer):
                 _check_param(p, i, g)
                 if p.grad is not None:
                     _check_grad(p, i, g)
+                    if self._tracks_step():
+                        _check_step_count(self.state.get(p, {}), i, g)
                     _check_states(
                         self.state.get(p, {}), description.states, p, i, g, self._state_dtype(p),
                         self._needs_master(p),
@@ -410,6 +500,7 @@ class Optimizer(torch.optim.Optimizer):
                 if _is_dtensor(p):
                     self._dtensors.append((p, i, g))
                 by_device.setdefault(p.device, []).append((g, p, p.grad is not None))
+        _check_updated_once(self.param_groups)
         for device, entries in by_device.items():
             params = [p for _, p, _ in entries]
             group_of = [g for g, _, _ in entries]
@@ -463,6 +554,7 @@ class Optimizer(torch.optim.Optimizer):
             )  # fmt: skip
             self._plans[device] = (list(options), native)
         self._registered_state = (self.state, self.state.changes)
+        self._registered_groups = [(group, tuple(group["params"])) for group in self.param_groups]
 
 
 class _DevicePlan:
@@ -499,7 +591,12 @@ class _DevicePlan:
             return False
         grads = [_memory(p.grad) for p in self.active_params]
         params = [_memory(p) for p in self.active_params] if self.local else self.active_params
-        counts = np.array([float(s) for s in self.steps], np.int64) + 1 if self.steps else None
+        counts = None
+        if self.steps:
+            taken = np.array([float(s) for s in self.steps])
+            if not np.all((taken >= 0) & (taken < 2.0**63)):  # NaN too
+                raise ValueError("a step count is not in [0, 2**63)")
+            counts = taken.astype(np.int64) + 1
         steps = counts if counts is not None else np.ones(len(grads), np.int64)
         rows = None
         if self.scalars is not None:
@@ -522,8 +619,9 @@ class _DevicePlan:
 
 
 def _check_param(p: Any, index: int, group: int) -> None:
-    """A param fusedopt can update in place: dense, float32 or float64, contiguous, in memory of
-    its own on the CPU or a CUDA device fusedopt.cuda serves (a DTensor: its local tensor)."""
+    """A param fusedopt can update in place: dense, floating (16-bit ones on the CPU only),
+    contiguous, in memory of its own on the CPU or a CUDA device fusedopt.cuda serves (a
+    DTensor: its local tensor)."""
     where = f"params[{index}] of param_groups[{group}]"
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(p).__name__}")
@@ -587,6 +685,51 @@ def _check_grad(p: Any, index: int, group: int) -> None:
         raise ValueError(f"{where} is not contiguous; fusedopt reads a grad's own memory in order")
     if grad.numel() > 0 and grad.data_ptr() == 0:
         raise TypeError(f"{where} has no memory of its own; fusedopt reads a grad's own memory")
+
+
+def _check_updated_once(groups: list[dict[str, Any]]) -> None:
+    """No tensor is updated twice in a step: one fused pass updates each param once, so a param
+    listed twice (torch warns, and updates it twice) or params that share memory are refused."""
+    seen: dict[int, str] = {}
+    extents: dict[Any, list[tuple[int, int, str]]] = {}  # per device: [begin, end), its name
+    for g, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            where = f"params[{i}] of param_groups[{g}]"
+            if id(p) in seen:
+                raise ValueError(
+                    f"{where} is the same tensor as {seen[id(p)]}; fusedopt updates each tensor "
+                    "once per step"
+                )
+            seen[id(p)] = where
+            with torch.no_grad():
+                memory = _memory(p)
+            begin = memory.data_ptr()
+            end = begin + memory.numel() * memory.element_size()
+            if end > begin:
+                extents.setdefault(memory.device, []).append((begin, end, where))
+    for device_extents in extents.values():
+        furthest: tuple[int, int, str] | None = None  # the extent that ends last so far
+        for extent in sorted(device_extents):
+            if furthest is not None and extent[0] < furthest[1]:
+                raise ValueError(
+                    f"{extent[2]} overlaps {furthest[2]} in memory; fusedopt updates each tensor "
+                    "once per step"
+                )
+            if furthest is None or extent[1] > furthest[1]:
+                furthest = extent
+
+
+def _check_step_count(entry: dict, index: int, group: int) -> None:
+    """The native step reads a step count as an integer: a value out of [0, 2**63) (NaN, or 1e30
+    from a checkpoint) would be a garbage number there, so it is refused as it is stored."""
+    step = entry.get("step")
+    if step is not None and not 0 <= float(step) < 2.0**63:
+        raise ValueError(
+            f"state['step'] of params[{index}] of param_groups[{group}] is {float(step)}; a step "
+            "count is in [0, 2**63)"
+        )
 
 
 def _check_states(
@@ -663,6 +806,11 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         Optimizer.__init__(self, params, defaults, precision)
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
+    group_defaults = {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.default is not p.empty and p.name not in PRECISION_OPTIONS
+    }
     doc = (
         f"``torch.optim.{name}`` with fusedopt's step: the same signature, defaults, param "
         f"groups and state.\n\n{(declaration.__doc__ or '').strip()}"
@@ -672,6 +820,7 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         "__doc__": doc,
         "_declaration": declaration,
         "_step_supports_amp_scaling": declaration._description.takes_grad_scale,
+        "_group_defaults": _torch_defaults(declaration, group_defaults),
         "__module__": __name__,
         "__qualname__": name,
     }
