@@ -465,3 +465,32 @@ def test_a_copied_keras_style_optimizer_is_independent_and_continues_the_same_tr
     for i, entry in opt.state.items():
         for key, value in entry.items():
             np.testing.assert_array_equal(twin.state[i][key], value)
+
+
+def test_assigning_into_the_state_view_is_refused_and_in_place_changes_take_effect() -> None:
+    """optimizer.state is built from the optimizer's own arrays at each access: an assignment
+    into it (``state[0]["step"] = 0``, which torch's optimizers would read) was silently lost.
+    It is refused, naming the way that works; a buffer changed in place is the live buffer."""
+    param = np.ones(4, np.float32)
+    opt = fusedopt.Adam([param], lr=0.1)
+    opt.step([np.ones(4, np.float32)])
+    before = opt.state_dict()
+    for change in (
+        lambda s: s[0].__setitem__("step", 0),
+        lambda s: s[0].__setitem__("exp_avg", np.zeros(4, np.float32)),
+        lambda s: s[0].pop("exp_avg_sq"),
+        lambda s: s[0].update(step=3),
+        lambda s: s.__setitem__(0, {}),
+        lambda s: s.clear(),
+    ):
+        with pytest.raises(TypeError, match="in place"):
+            change(opt.state)
+    after = opt.state_dict()
+    assert after["state"][0]["step"] == before["state"][0]["step"]
+    for name in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_array_equal(after["state"][0][name], before["state"][0][name])
+    opt.state[0]["exp_avg"][...] = 0.0
+    np.testing.assert_array_equal(opt.state_dict()["state"][0]["exp_avg"], 0.0)
+    plain = copy.deepcopy(opt.state)
+    plain[0]["step"] = 7  # a copy is an ordinary dict
+    assert type(pickle.loads(pickle.dumps(opt.state))) is dict

@@ -13,6 +13,7 @@ in parallel.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -201,7 +202,8 @@ class Optimizer(PlanHolder):
     @property
     def state(self) -> dict[int, dict[str, Any]]:
         """Per-param state by index in param order: ``{"step": int, "<buffer>": array, ...}``
-        for every param that has state. The arrays are the live buffers."""
+        for every param that has state. The arrays are the live buffers (change them in place);
+        the dicts are a view, which refuses assignment (see :class:`StateView`)."""
         result: dict[int, dict[str, Any]] = {}
         for i in range(len(self._params)):
             entry: dict[str, Any] = {}
@@ -221,8 +223,8 @@ class Optimizer(PlanHolder):
             if self._masters[i] is not None:
                 entry["master"] = self._masters[i]
             if entry:
-                result[i] = entry
-        return result
+                result[i] = StateView(entry)
+        return StateView(result)
 
     def reset_state(self) -> None:
         """Forget all state, as if no step had been taken."""
@@ -733,6 +735,33 @@ def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 
 def _types(values: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(_types(v) if type(v) is tuple else type(v) for v in values)
+
+
+class StateView(dict):
+    """A dict of an optimizer's state that refuses to be changed. torch's optimizer.state is
+    where its step reads, so ``state[p]["step"] = 0`` takes effect there; here the state lives in
+    the optimizer's own arrays and counts, and an assignment into this view would be silently
+    lost. Buffers change in place (``state[i]["exp_avg"][...] = 0``); anything else goes through
+    ``load_state_dict``."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "optimizer.state is a view of the optimizer's state: change a buffer in place "
+            "(state[i]['exp_avg'][...] = x), or change the state through "
+            "load_state_dict(state_dict())"
+        )
+
+    __setitem__ = __delitem__ = _refuse
+    pop = popitem = clear = update = setdefault = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __copy__(self) -> dict[Any, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[Any, Any]:
+        return copy.deepcopy(dict(self), memo)
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))
 
 
 def _plain(value: Any) -> Any:
