@@ -1751,3 +1751,120 @@ def test_a_dtype_the_c_abi_does_not_offer_is_refused(lib) -> None:
     assert step([options], [t]) != OK
     assert "not a fusedopt_dtype" in last_error()
     assert not param.any()
+
+
+# ---- Found by an outside review of the C ABI ----------------------------------------------------
+
+
+def test_an_8_bit_scale_in_an_overlap_is_named_not_read_after_free(lib) -> None:
+    """The absmax role's name lived in the state loop while the overlap check, after the loop,
+    kept a pointer to it: a clash with a scale was named from freed memory (garbage bytes)."""
+    from fusedopt._engine import quantized_full
+
+    n = 5000
+    param, grad = np.ones(n, np.float32), np.ones(n, np.float32)
+    (c0, a0), (c1, a1) = quantized_full((n,), 0.0, False), quantized_full((n,), 0.0, True)
+    before = checksum(param, c0, c1, a0, a1)
+    shared = TensorPrecision(
+        INT8_BLOCKWISE, None, (ctypes.c_void_p * MAX_STATES)(*[address(a1)] * 2)
+    )
+    tensor, adam = make_tensor(param, grad, (c0, c1)), Options("adam", lr=0.1)
+    status = lib.fusedopt_step_with_precision(
+        handles([adam]), 1, ctypes.byref(tensor), ctypes.byref(shared), 1,
+        None, None,
+    )  # fmt: skip
+    assert status == VALUE_ERROR
+    message = last_error()
+    assert "exp_avg_sq_absmax[0] overlaps exp_avg_absmax[0]" in message, message
+    assert checksum(param, c0, c1, a0, a1) == before
+
+
+@pytest.mark.parametrize("size", [2**61, 2**62 - 1, 2**63 - 1])
+def test_a_size_whose_bytes_overflow_is_refused(lib, size: int) -> None:
+    """Such a size wrapped the extents the overlap check compares: a step reported success
+    having done nothing, named separate arrays as overlapping, or wrote through memory."""
+    param, grad, momentum = np.ones(16), np.ones(16), np.zeros(16)
+    before = checksum(param, grad, momentum)
+    tensor = make_tensor(param, grad, (momentum,))
+    tensor.size = size
+    options = Options("sgd", lr=0.1, momentum=0.9)
+    assert step([options], [tensor]) == VALUE_ERROR
+    assert "params[0] has" in last_error() and "address space" in last_error()
+    handle = HANDLE()
+    status = lib.fusedopt_plan_create(handles([options]), 1, ctypes.byref(tensor), 1,
+                                      ctypes.byref(handle))  # fmt: skip
+    assert status == VALUE_ERROR and "address space" in last_error()
+    assert checksum(param, grad, momentum) == before
+
+
+@pytest.mark.parametrize("where", ["param", "grad", "exp_avg", "another row in part"])
+def test_scalars_overlapping_a_buffer_are_refused_by_a_step_and_a_plan(lib, where: str) -> None:
+    """NAdam writes its per-tensor mu_product back after the step: a row inside a buffer of
+    the call (even the grad, only read) corrupted it, with status OK."""
+    arrays = [[np.ones(8), np.full(8, 0.5), np.zeros(8), np.zeros(8)] for _ in range(2)]
+    rows = np.ones(4)
+    scalars = [rows[:2], rows[2:]]
+    target = {"param": arrays[1][0], "grad": arrays[1][1], "exp_avg": arrays[1][2],
+              "another row in part": rows[1:]}[where]  # fmt: skip
+    scalars[1] = target[:2]
+    before = checksum(*arrays[0], *arrays[1], rows)
+    tensors = [make_tensor(a[0], a[1], a[2:], scalars=s) for a, s in zip(arrays, scalars)]
+    options = Options("nadam", lr=0.1)
+    assert step([options], tensors) == VALUE_ERROR
+    assert "tensors[" in last_error() and ".scalars" in last_error(), last_error()
+    assert checksum(*arrays[0], *arrays[1], rows) == before
+    if where == "grad":  # a plan registers no grad: it meets the row at its step
+        plan = Plan([options], [make_tensor(a[0], None, a[2:], scalars=s)
+                                for a, s in zip(arrays, scalars)])  # fmt: skip
+        assert plan.step([arrays[0][1], arrays[1][1]]) == VALUE_ERROR
+        assert ".scalars overlaps grads[1]" in last_error()
+    else:
+        handle = HANDLE()
+        array = (Tensor * 2)(*tensors)
+        assert lib.fusedopt_plan_create(handles([options]), 1, array, 2,
+                                        ctypes.byref(handle)) == VALUE_ERROR  # fmt: skip
+    assert checksum(*arrays[0], *arrays[1], rows) == before
+
+
+def test_a_shared_row_of_scalars_and_an_ignored_pointer_are_accepted() -> None:
+    """A row shared whole (Keras' u_product) steps; an algorithm without scalars never reads
+    or writes the pointer, which may then point anywhere (here into the param)."""
+    arrays = [[np.ones(8), np.full(8, 0.5), np.zeros(8), np.zeros(8)] for _ in range(2)]
+    row = np.array([1.0, 0.0])
+    tensors = [make_tensor(a[0], a[1], a[2:], scalars=row) for a in arrays]
+    assert step([Options("nadam", lr=0.1, convention=KERAS)], tensors) == OK, last_error()
+    param, grad = np.ones(8), np.ones(8)
+    expected = param - 0.1
+    tensor = make_tensor(param, grad, scalars=param)
+    assert step([Options("sgd", lr=0.1)], [tensor]) == OK, last_error()
+    np.testing.assert_array_equal(param, expected)
+
+
+def test_the_steps_after_the_last_step_number_are_refused_not_wrapped(lib) -> None:
+    param, grad = np.ones(4), np.ones(4)
+    plan = Plan([Options("sgd", lr=0.1)], [make_tensor(param, None, step=2**63 - 1)])
+    assert plan.steps() == [2**63 - 1]
+    assert plan.step([grad]) == OK
+    out = (c_int64 * 1)(7)
+    assert lib.fusedopt_plan_steps(plan.handle, out) == VALUE_ERROR
+    assert "2**63 - 1" in last_error() and out[0] == 7
+    assert plan.step([grad]) == VALUE_ERROR
+
+
+def test_an_empty_8_bit_tensor_needs_no_scales(lib) -> None:
+    """The header: an empty tensor may have NULL buffers. Its absmax (0 floats) was required."""
+    tensor = Tensor()
+    tensor.size, tensor.step = 0, 1
+    no_scales = TensorPrecision(INT8_BLOCKWISE, None, (ctypes.c_void_p * MAX_STATES)())
+    adam = Options("adam")  # kept: a handle of a collected Options is freed memory
+    status = lib.fusedopt_step_with_precision(
+        handles([adam]), 1, ctypes.byref(tensor), ctypes.byref(no_scales), 1, None, None
+    )
+    assert status == OK, last_error()
+    handle = HANDLE()
+    status = lib.fusedopt_plan_create_with_precision(
+        handles([adam]), 1, ctypes.byref(tensor), ctypes.byref(no_scales), 1, None,
+        ctypes.byref(handle),
+    )  # fmt: skip
+    assert status == OK, last_error()
+    lib.fusedopt_plan_destroy(handle)

@@ -205,7 +205,59 @@ void describe_tensors(const fusedopt_tensor* tensors, const fusedopt_tensor_prec
     schedule.group_of.push_back(t.group);
     schedule.steps.push_back(t.step);
     schedule.new_state.push_back(t.new_state != 0);
-    scalars.push_back(t.scalars);
+    // An algorithm without scalars never reads or writes the pointer (it may be anything).
+    scalars.push_back(A::scalar_names.size() > 0 ? t.scalars : nullptr);
+  }
+}
+
+// The per-tensor scalars are written back after the kernels have run, so they are checked like
+// a written buffer: a row (FUSEDOPT_MAX_SCALARS doubles) may be shared whole by several tensors
+// (Keras' optimizer-wide u_product), but may not overlap another row in part, nor any param,
+// grad, state, master or scale of the call. Returns the rows, for a plan's grads at each step.
+ExtentIndex scalar_rows(const std::vector<double*>& scalars) {
+  std::vector<std::pair<uintptr_t, size_t>> rows;  // (address, first tensor with it)
+  for (size_t i = 0; i < scalars.size(); ++i)
+    if (scalars[i]) rows.push_back({reinterpret_cast<uintptr_t>(scalars[i]), i});
+  std::stable_sort(rows.begin(), rows.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  constexpr uintptr_t bytes = kMaxScalars * sizeof(double);
+  std::vector<ExtentIndex::Extent> extents;
+  for (const auto& [address, i] : rows) {
+    if (!extents.empty() && extents.back().begin == address) continue;  // shared whole
+    if (address > std::numeric_limits<uintptr_t>::max() - bytes)
+      throw Error(ErrorKind::value, indexed("tensors", static_cast<int64_t>(i)) +
+                                        ".scalars reaches past the end of the address space");
+    const std::string name = indexed("tensors", static_cast<int64_t>(i)) + ".scalars";
+    if (!extents.empty() && address < extents.back().end)
+      throw Error(ErrorKind::value, name + " overlaps " + extents.back().name +
+                                        " in part; tensors may share a row of scalars only whole");
+    extents.push_back({address, address + bytes, name});
+  }
+  return ExtentIndex(std::move(extents));
+}
+
+void check_apart_from_scalars(const ExtentIndex& rows, const BufferInfo& buffer, const char* role,
+                              size_t index) {
+  const int64_t bytes = buffer.present ? buffer.bytes() : 0;
+  if (bytes == 0) return;
+  const auto begin = reinterpret_cast<uintptr_t>(buffer.data);
+  if (const std::string* row = rows.find_overlap(begin, begin + static_cast<uintptr_t>(bytes)))
+    throw Error(ErrorKind::value, *row + " overlaps " + indexed(role, static_cast<int64_t>(index)) +
+                                      " in memory; the scalars are written after the step");
+}
+
+// Every buffer of a validated call against the scalar rows.
+void check_apart_from_scalars(const ExtentIndex& rows, const StepBuffers& b) {
+  for (size_t i = 0; i < b.params.size(); ++i) {
+    check_apart_from_scalars(rows, b.params[i], "params", i);
+    if (i < b.grads.size()) check_apart_from_scalars(rows, b.grads[i], "grads", i);
+    if (i < b.masters.size()) check_apart_from_scalars(rows, b.masters[i], "masters", i);
+    for (size_t k = 0; k < b.states.size(); ++k) {
+      if (i < b.states[k].size())
+        check_apart_from_scalars(rows, b.states[k][i], b.state_names[k].c_str(), i);
+      if (k < b.absmax.size() && i < b.absmax[k].size())
+        check_apart_from_scalars(rows, b.absmax[k][i], "absmax", i);
+    }
   }
 }
 
@@ -256,6 +308,10 @@ class TypedPlan : public fusedopt_plan {
     plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of, counts_.data(),
                                       schedule.new_state,
                                       A::scalar_names.size() ? scalars_.rows.data() : nullptr);
+    if constexpr (A::scalar_names.size() > 0) {
+      scalar_rows_ = scalar_rows(scalar_sources_);
+      check_apart_from_scalars(scalar_rows_, buffers);
+    }
   }
 
   // The lock covers the scalars' copies, in from the caller's arrays before the core's step (a
@@ -271,6 +327,8 @@ class TypedPlan : public fusedopt_plan {
         throw Error(ErrorKind::type, indexed("grads", i) + " is NULL");
       describe(grads[i], sizes_[i].size, static_cast<int32_t>(sizes_[i].dtype), false,
                grad_infos_[i]);
+      if constexpr (A::scalar_names.size() > 0)
+        check_apart_from_scalars(scalar_rows_, grad_infos_[i], "grads", static_cast<size_t>(i));
     }
     StepExtras extras;
     if (grad_scale) extras.grad_scale = *grad_scale;
@@ -290,6 +348,10 @@ class TypedPlan : public fusedopt_plan {
   void steps(int64_t* out) override {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!out && !counts_.empty()) throw Error(ErrorKind::type, "steps is NULL");
+    for (size_t i = 0; i < counts_.size(); ++i)
+      if (counts_[i] == std::numeric_limits<int64_t>::max())
+        throw Error(ErrorKind::value, indexed("tensors", static_cast<int64_t>(i)) +
+                                          " has taken step 2**63 - 1, the last: it has no next");
     for (size_t i = 0; i < counts_.size(); ++i) out[i] = counts_[i] + 1;
   }
 
@@ -303,6 +365,7 @@ class TypedPlan : public fusedopt_plan {
   std::vector<BufferInfo> grad_infos_;  // the grads of the step in progress (under the lock)
   std::vector<int64_t> counts_;
   std::vector<double*> scalar_sources_;
+  ExtentIndex scalar_rows_;  // the callers' scalar rows, which no grad may overlap
   ScalarRows scalars_;
   std::unique_ptr<Plan<A>> plan_;
   std::mutex mutex_;
@@ -377,7 +440,10 @@ struct TypedOptions : fusedopt_options {
     ScalarRows scalars;
     scalars.gather(sources);
     if (A::scalar_names.size() > 0) schedule.scalars = scalars.rows.data();
-    run_step(prepare_step<A>(typed, schedule, buffers, extras));
+    const PreparedStep<A> prepared = prepare_step<A>(typed, schedule, buffers, extras);
+    if constexpr (A::scalar_names.size() > 0)
+      check_apart_from_scalars(scalar_rows(sources), buffers);
+    run_step(prepared);
     scalars.scatter(sources);
   }
 

@@ -1,6 +1,7 @@
 // One validator for every entry point: nothing is written until every buffer of the call passed.
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <utility>
 
@@ -38,6 +39,14 @@ void check_buffer(const BufferInfo& b, const BufferName& name, bool written) {
   if (!b.dtype)
     fail(ErrorKind::type, name.str() + " has dtype " + b.dtype_name +
                               "; fusedopt updates float32, float64, bfloat16 and float16 arrays");
+  // A C caller's size is any int64: one whose bytes overflow, or reach past the end of the
+  // address space, would wrap the extents the overlap check compares (and the step's counts).
+  const int64_t element = dtype_size(*b.dtype);
+  if (b.size < 0 || b.size > std::numeric_limits<int64_t>::max() / element ||
+      reinterpret_cast<uintptr_t>(b.data) >
+          std::numeric_limits<uintptr_t>::max() - static_cast<uintptr_t>(b.size * element))
+    fail(ErrorKind::value, name.str() + " has " + std::to_string(b.size) +
+                               " elements, which would reach past the end of the address space");
   if (!b.contiguous)
     fail(ErrorKind::value, name.str() +
                                " is not C-contiguous; an in-place update needs the "
@@ -160,6 +169,9 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
                                " arrays (one per param, None where there is none), got " +
                                std::to_string(b.masters.size()));
   static const std::string masters_role = "masters";
+  // The scales' names, alive until the overlap check at the end has named any clash.
+  std::vector<std::string> absmax_roles;
+  for (const std::string& name : b.state_names) absmax_roles.push_back(name + "_absmax");
   auto add_extent = [&](const BufferInfo& buffer, bool written, const BufferName& name) {
     const int64_t bytes = buffer.bytes();
     if (bytes == 0) return;
@@ -201,10 +213,12 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
       check_state_dtype(state, state_name, param, param_name, state_dtype);
       add_extent(state, true, state_name);
       t.state[k] = state.data;
-      if (*state.dtype == Dtype::blockwise8) {
-        const std::string scale_role = b.state_names[k] + "_absmax";
-        const BufferName scale_name{&scale_role, i};
-        if (b.absmax.size() <= k || b.absmax[k].size() != n || !b.absmax[k][i].present)
+      const bool has_scale =
+          b.absmax.size() > k && b.absmax[k].size() == n && b.absmax[k][i].present;
+      // An empty tensor has no blocks: its scales may be absent (the C ABI's NULL).
+      if (*state.dtype == Dtype::blockwise8 && (param.size > 0 || has_scale)) {
+        const BufferName scale_name{&absmax_roles.at(k), i};
+        if (!has_scale)
           fail(ErrorKind::value, state_name.str() + " is 8-bit (uint8 codes) but " +
                                      scale_name.str() + ", its per-block absmax, is not given");
         const BufferInfo& scale = b.absmax[k][i];

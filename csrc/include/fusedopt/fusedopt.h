@@ -137,10 +137,12 @@ typedef struct fusedopt_tensor {
   void* grad;
   void* state[FUSEDOPT_MAX_STATES];
   /* The algorithm's per-tensor scalars: an array of FUSEDOPT_MAX_SCALARS doubles (those past
-   * the algorithm's count are left as they are), read and updated in place by each step; NULL for
-   * algorithms without any. A new tensor's start at fusedopt_initial_scalar. Keras keeps NAdam's
-   * u_product once for the whole optimizer: give every tensor of a step the same value (tensors
-   * at the same step with the same options all come out with the same new one). */
+   * the algorithm's count are left as they are), read and updated in place by each step; an
+   * algorithm without any never reads the pointer (NULL). A new tensor's start at
+   * fusedopt_initial_scalar. Keras keeps NAdam's u_product once for the whole optimizer: give
+   * every tensor of a step the same value (tensors at the same step with the same options all
+   * come out with the same new one), or the same array. An array may be shared whole by several
+   * tensors, but may not overlap another tensor's in part, nor any buffer of the call. */
   double* scalars;
   int64_t size;
   /* The tensor's step number t for this step: 1 on its first step. */
@@ -165,7 +167,7 @@ typedef struct fusedopt_tensor_precision {
    * and writes the param as its rounding. */
   float* master;
   /* For FUSEDOPT_INT8_BLOCKWISE states: state k's absmax, (size + 255) / 256 floats; NULL for an
-   * unused state and for other state dtypes. */
+   * unused state, for other state dtypes and for an empty tensor (size 0). */
   float* absmax[FUSEDOPT_MAX_STATES];
 } fusedopt_tensor_precision;
 
