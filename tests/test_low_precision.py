@@ -881,6 +881,59 @@ def test_8_bit_checkpoints_round_trip_and_float_state_is_quantized_on_load():
     )
 
 
+def _special_value_blocks() -> np.ndarray:
+    """One block of 256 per case of special values (the rest of each block zeros), then 4096
+    zeros so that the tensor is large enough for 8-bit state."""
+    tiny, subnormal, largest = np.float32(1e-45), np.float32(1e-40), np.finfo(np.float32).max
+    cases = [
+        [np.inf, 1.0], [-np.inf, 1.0, -2.0], [np.inf, -np.inf, 3.0], [np.inf, np.nan, 2.0],
+        [np.nan, 1.0, -0.5], [np.nan] * 256, [], [-0.0, 1.0], [tiny], [subnormal, tiny],
+        [1e-38, subnormal, -tiny], [np.nan, tiny], [largest, 1.0, -largest],
+    ]  # fmt: skip
+    blocks = np.zeros((len(cases), 256), np.float32)
+    for block, values in zip(blocks, cases):
+        block[: len(values)] = values
+    return np.concatenate([blocks.ravel(), np.zeros(4096, np.float32)])
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_loading_float_state_quantizes_special_values_as_the_kernels_do(nonnegative):
+    """A float32 state loaded into an 8-bit optimizer gets the codes and absmax a step's
+    quantization gives the same values, bit for bit, and the reference's: an infinity is its
+    block's absmax (x / inf is 0, inf / inf NaN: code 0), NaN is left out of the absmax,
+    subnormals are divided as they are. SGD's first step stores the grad as its buffer (the
+    signed map), Adagrad's stores g * g (the unsigned one)."""
+    from fusedopt import _core
+
+    values = _special_value_blocks()
+    if nonnegative:
+        values = np.abs(values)
+        grad = np.sqrt(values)
+        cls, hyper, name = fusedopt.Adagrad, {"lr": 0.0}, "sum"
+    else:
+        grad = values
+        cls, hyper, name = fusedopt.SGD, {"lr": 0.0, "momentum": 0.9}, "momentum_buffer"
+    stepped = cls([np.zeros(values.size, np.float32)], **hyper, state_dtype="int8")
+    plain = cls([np.zeros(values.size, np.float32)], **hyper)
+    with np.errstate(invalid="ignore"):
+        stepped.step([grad])
+        plain.step([grad])
+    assert same(plain.state[0][name], grad * grad if nonnegative else grad)
+    loaded = cls([np.zeros(values.size, np.float32)], **hyper, state_dtype="int8")
+    loaded.load_state_dict(plain.state_dict())
+    code = np.array(_core.dynamic_map(nonnegative), np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref_codes, ref_absmax = reference.quantize_blockwise(
+            plain.state[0][name], not nonnegative, code
+        )
+    for expected_codes, expected_absmax in [
+        (stepped.state[0][name], stepped.state[0][name + "_absmax"]),
+        (ref_codes, ref_absmax.astype(np.float32)),
+    ]:
+        assert np.array_equal(loaded.state[0][name], expected_codes)
+        assert same(loaded.state[0][name + "_absmax"], expected_absmax)
+
+
 @pytest.mark.parametrize("cls", [fusedopt.Rprop, fusedopt.ASGD])
 def test_8_bit_state_is_refused_where_the_states_are_not_moments(cls):
     with pytest.raises(ValueError, match="state_dtype"):

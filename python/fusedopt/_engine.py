@@ -390,8 +390,11 @@ def quantize_blockwise(values: Any, nonnegative: bool) -> tuple[np.ndarray, np.n
     blocks = -(-x.size // QUANT_BLOCK)
     padded = np.zeros(blocks * QUANT_BLOCK, np.float32)
     padded[: x.size] = x
+    magnitudes = np.abs(padded).reshape(blocks, QUANT_BLOCK)
+    # As the kernels: NaN is left out of the absmax, an infinity is not (the block's absmax is
+    # inf, so its finite values quantize as 0 and the infinities, inf / inf = NaN, as NaN).
+    absmax = np.where(np.isnan(magnitudes), np.float32(0), magnitudes).max(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        absmax = np.nan_to_num(np.abs(padded), nan=0.0).reshape(blocks, QUANT_BLOCK).max(axis=1)
         normed = (padded.reshape(blocks, QUANT_BLOCK) / absmax[:, None]).ravel()[: x.size]
     code = _dynamic_map(nonnegative)
     left = np.clip(np.searchsorted(code, normed, side="right") - 1, 0, 255)
