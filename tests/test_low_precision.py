@@ -940,6 +940,32 @@ def test_8_bit_state_is_refused_where_the_states_are_not_moments(cls):
         cls([np.zeros(5000, np.float32)], state_dtype="int8")
 
 
+@pytest.mark.parametrize("algorithm", ["rprop", "asgd"])
+def test_the_functional_api_refuses_8_bit_state_where_the_states_are_not_moments(algorithm):
+    """As the classes refuse state_dtype="int8" for Rprop and ASGD, the functional API refuses
+    their states as uint8 codes with absmax scales, naming absmax, and writes nothing."""
+    from fusedopt import functional
+    from fusedopt._engine import describe
+
+    n = 4096
+    param, grad = np.ones(n, BF16), np.ones(n, BF16)
+    names = describe(algorithm).plural_states
+    codes = {name: np.zeros(n, np.uint8) for name in names}
+    scales = {name: np.zeros(n // 256, np.float32) for name in names}
+    extra = {"step": 1, "etas": np.full(1, 0.01), "mus": np.ones(1)} if algorithm == "asgd" else {}
+    before = copy.deepcopy((param, codes, scales, extra))
+    with pytest.raises(ValueError, match="absmax.*8-bit state does not apply"):
+        getattr(functional, algorithm + "_")(
+            [param], [grad], *([c] for c in codes.values()), lr=0.01,
+            absmax={name: [s] for name, s in scales.items()}, **extra,
+        )  # fmt: skip
+    for was, now in zip(before, (param, codes, scales, extra)):
+        if isinstance(was, dict):
+            assert all(same(np.asarray(was[k]), np.asarray(now[k])) for k in was)
+        else:
+            assert same(was, now)
+
+
 def test_a_missing_or_wrong_absmax_is_refused_and_nothing_changes():
     from fusedopt import _core
 

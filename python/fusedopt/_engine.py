@@ -494,10 +494,13 @@ class Precision:
                 f"{sorted(set(param_dtypes))} and state_dtype is {self.state_dtype!r})"
             )
 
-    def check_algorithm(self, description: Description) -> None:
+    def check_algorithm(self, description: Description, option: str = "state_dtype") -> None:
+        """ValueError naming ``option`` (what asked for 8-bit state: the classes'
+        ``state_dtype``, the functional API's ``absmax``) where the algorithm's states cannot be
+        8-bit."""
         if self.state_dtype == "int8" and not description.quantizable_states:
             raise ValueError(
-                f"state_dtype: 'int8' does not apply to {description.name}, whose states "
+                f"{option}: 8-bit state does not apply to {description.name}, whose states "
                 f"{list(description.states)} are not moments that 8 bits can hold"
             )
 

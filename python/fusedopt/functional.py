@@ -233,7 +233,6 @@ def _low_precision(
     stochastic_rounding: Any,
     seed: Any,
 ) -> dict[str, Any]:
-    precision = Precision.of(stochastic_rounding=stochastic_rounding, seed=seed)
     scales = None
     if absmax is not None:
         if not isinstance(absmax, Mapping):
@@ -245,6 +244,14 @@ def _low_precision(
             _list(absmax[name], f"absmax[{name!r}]") if name in absmax else None
             for name in description.plural_states
         ]
+    # A scale given is a state stored in 8 bits: the classes' state_dtype="int8".
+    eight_bit = scales is not None and any(s is not None for role in scales if role for s in role)
+    precision = Precision.of(
+        state_dtype="int8" if eight_bit else None,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
+    )
+    precision.check_algorithm(description, "absmax")
     return {
         "masters": None if masters is None else _list(masters, "masters"),
         "absmax": scales,
