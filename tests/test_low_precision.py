@@ -325,6 +325,64 @@ def test_sgd_without_a_step_count_still_draws_new_bits_each_step():
     assert (ups[0] != ups[1]).any()
 
 
+# The functional API's algorithms whose update reads no t: (class, hyperparameters, each state's
+# starting value as the class starts it, functional keywords of the first call).
+UNSTEPPED = {
+    "sgd": (fusedopt.SGD, {"lr": 1e-2, "momentum": 0.9}, [0.0], {"first_step": True}),
+    "rmsprop": (fusedopt.RMSprop, {"lr": 1e-2}, [0.0], {}),
+    "adadelta": (fusedopt.Adadelta, {"lr": 1.0}, [0.0, 0.0], {}),
+    "rprop": (fusedopt.Rprop, {"lr": 1e-2}, [0.0, 1e-2], {}),
+    "lion": (fusedopt.Lion, {"lr": 1e-3}, [0.0], {}),
+}
+
+
+@pytest.mark.parametrize("algorithm", UNSTEPPED)
+def test_functional_stochastic_rounding_keys_each_call_by_its_step(algorithm):
+    """sgd_, rmsprop_, adadelta_, rprop_ and lion_ take no t for their math; with stochastic
+    rounding they take ``step`` for the rounding's keys, so call t draws the bits of step t:
+    the class's bits (bfloat16 param and states), bit for bit."""
+    from fusedopt import functional
+
+    cls, hyper, starts, first = UNSTEPPED[algorithm]
+    rng = np.random.default_rng(21)
+    param = rng.standard_normal(4096).astype(BF16)
+    opt = cls([param.copy()], **hyper, stochastic_rounding=True, seed=5)
+    states = [np.full(param.shape, start, BF16) for start in starts]
+    for t in range(1, 5):
+        grad = rng.standard_normal(4096).astype(BF16)
+        opt.step([grad])
+        getattr(functional, algorithm + "_")(
+            [param], [grad], *([s] for s in states), **hyper, step=t,
+            stochastic_rounding=True, seed=5, **(first if t == 1 else {}),
+        )  # fmt: skip
+        assert same(param, opt._params[0]), f"step {t}"
+    for state, name in zip(states, opt._description.states):
+        assert same(state, opt.state[0][name]), name
+
+
+@pytest.mark.parametrize("algorithm", UNSTEPPED)
+def test_functional_stochastic_rounding_without_a_step_is_refused(algorithm):
+    """Without ``step`` every call would draw the same bits (each element rounded the same way
+    at every call): refused, naming step, before anything is written. Rounding to nearest needs
+    no step, and is the same for any."""
+    from fusedopt import functional
+
+    _, hyper, starts, _ = UNSTEPPED[algorithm]
+    function = getattr(functional, algorithm + "_")
+    param, grad = np.ones(4096, BF16), np.full(4096, 1e-3, BF16)
+    states = [np.full(param.shape, start, BF16) for start in starts]
+    before = [param.copy(), *(s.copy() for s in states)]
+    for step, error in [(None, ValueError), (0, ValueError), (1.5, TypeError)]:
+        with pytest.raises(error, match="step"):
+            function([param], [grad], *([s] for s in states), **hyper, step=step,
+                     stochastic_rounding=True)  # fmt: skip
+        assert all(same(a, b) for a, b in zip(before, [param, *states]))
+    twins = [a.copy() for a in before]
+    function([param], [grad], *([s] for s in states), **hyper)
+    function([twins[0]], [grad], *([s] for s in twins[1:]), **hyper, step=7)
+    assert all(same(a, b) for a, b in zip(twins, [param, *states]))
+
+
 def test_the_seed_chooses_the_bits():
     def run(seed: int) -> np.ndarray:
         param = np.full(4096, 1.0, BF16)
