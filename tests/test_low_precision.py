@@ -687,6 +687,51 @@ def test_torch_state_dict_keeps_the_master_exact():
     _torch_checkpoint_continues("Adam", 300, options, check)
 
 
+def _as_numpy(tensor) -> np.ndarray:
+    """A CPU tensor's values in its own dtype (NumPy has no torch.bfloat16)."""
+    torch = _torch()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(BF16)
+    return tensor.numpy()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torch_load_state_dict_converts_each_state_with_its_scale_as_numpy_does(dtype):
+    """A checkpoint loaded through int8 -> float32 -> int8 -> bfloat16 -> int8 -> int8 state of
+    16-bit params: after each load fusedopt.torch keeps the entries and bits the NumPy class keeps
+    (an absmax only beside 8-bit state, requantized from the loaded values), and the next step
+    (its grads growing the state a hundredfold, which a stale absmax could not hold) gives the
+    same param and state."""
+    torch = _torch()
+    import fusedopt.torch as ftorch
+
+    rng = np.random.default_rng(30)
+    n = 4096
+    storage, torch_dtype = SIXTEEN[dtype], getattr(torch, dtype)
+    array = rng.standard_normal(n).astype(storage)
+    t_opt = n_opt = None
+    for link, state_dtype in enumerate(["int8", "float32", "int8", "bfloat16", "int8", "int8"]):
+        param = torch.nn.Parameter(torch.from_numpy(array.astype(np.float32)).to(torch_dtype))
+        options = dict(lr=1e-2, state_dtype=state_dtype)
+        t_next, n_next = ftorch.AdamW([param], **options), fusedopt.AdamW([array], **options)
+        if t_opt is not None:
+            t_next.load_state_dict(copy.deepcopy(t_opt.state_dict()))
+            n_next.load_state_dict(copy.deepcopy(n_opt.state_dict()))
+            t_state, n_state = t_next.state[param], n_next.state[0]
+            assert set(t_state) == set(n_state), state_dtype
+            for name, value in n_state.items():
+                if isinstance(value, np.ndarray):
+                    assert same(_as_numpy(t_state[name]), value), (link, name)
+        t_opt, n_opt = t_next, n_next
+        grad = ((100.0 if link % 2 else 1.0) * rng.standard_normal(n)).astype(storage)
+        param.grad = torch.from_numpy(grad.astype(np.float32)).to(torch_dtype)
+        t_opt.step()
+        n_opt.step([grad])
+        assert same(_as_numpy(param.detach()), array), (link, "param")
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert same(_as_numpy(t_opt.state[param][name]), n_opt.state[0][name]), (link, name)
+
+
 def test_torch_refuses_what_does_not_apply():
     torch = _torch()
     import fusedopt.torch as ftorch
