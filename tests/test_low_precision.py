@@ -1211,6 +1211,29 @@ def test_keras_style_classes_take_the_same_options():
         )
 
 
+def test_keras_style_master_starts_from_the_variable_at_its_first_step():
+    """A variable written between build() and its first step (pretrained weights loaded after
+    building) is where its master starts, as the spec says (not the value at build); a refused
+    first step changes no master; a variable without a grad at the first apply starts its master
+    at its own first step."""
+    from fusedopt import keras_numpy
+
+    first, second = np.zeros(4, BF16), np.zeros(4, BF16)
+    opt = keras_numpy.SGD(learning_rate=0.1, master_weights=True)
+    opt.build([first, second])
+    first[...], second[...] = 5.0, -3.0
+    built = [opt.state[i]["master"].copy() for i in (0, 1)]
+    with pytest.raises(TypeError, match="grads"):
+        opt.apply([np.ones(4, np.float64), None], [first, second])
+    assert all(same(opt.state[i]["master"], built[i]) for i in (0, 1))
+    opt.apply([np.ones(4, BF16), None], [first, second])
+    assert same(opt.state[0]["master"], np.full(4, np.float32(5.0) - np.float32(0.1)))
+    assert same(first, opt.state[0]["master"].astype(BF16))
+    second[...] = -2.0
+    opt.apply([None, np.ones(4, BF16)], [first, second])
+    assert same(opt.state[1]["master"], np.full(4, np.float32(-2.0) - np.float32(0.1)))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_conversions_give_the_same_bits_on_every_isa_nan_payloads_included(dtype):
     """The AVX2 and AVX-512 builds convert float16 with F16C, the scalar one with integer
