@@ -325,6 +325,64 @@ def test_sgd_without_a_step_count_still_draws_new_bits_each_step():
     assert (ups[0] != ups[1]).any()
 
 
+# The functional API's algorithms whose update reads no t: (class, hyperparameters, each state's
+# starting value as the class starts it, functional keywords of the first call).
+UNSTEPPED = {
+    "sgd": (fusedopt.SGD, {"lr": 1e-2, "momentum": 0.9}, [0.0], {"first_step": True}),
+    "rmsprop": (fusedopt.RMSprop, {"lr": 1e-2}, [0.0], {}),
+    "adadelta": (fusedopt.Adadelta, {"lr": 1.0}, [0.0, 0.0], {}),
+    "rprop": (fusedopt.Rprop, {"lr": 1e-2}, [0.0, 1e-2], {}),
+    "lion": (fusedopt.Lion, {"lr": 1e-3}, [0.0], {}),
+}
+
+
+@pytest.mark.parametrize("algorithm", UNSTEPPED)
+def test_functional_stochastic_rounding_keys_each_call_by_its_step(algorithm):
+    """sgd_, rmsprop_, adadelta_, rprop_ and lion_ take no t for their math; with stochastic
+    rounding they take ``step`` for the rounding's keys, so call t draws the bits of step t:
+    the class's bits (bfloat16 param and states), bit for bit."""
+    from fusedopt import functional
+
+    cls, hyper, starts, first = UNSTEPPED[algorithm]
+    rng = np.random.default_rng(21)
+    param = rng.standard_normal(4096).astype(BF16)
+    opt = cls([param.copy()], **hyper, stochastic_rounding=True, seed=5)
+    states = [np.full(param.shape, start, BF16) for start in starts]
+    for t in range(1, 5):
+        grad = rng.standard_normal(4096).astype(BF16)
+        opt.step([grad])
+        getattr(functional, algorithm + "_")(
+            [param], [grad], *([s] for s in states), **hyper, step=t,
+            stochastic_rounding=True, seed=5, **(first if t == 1 else {}),
+        )  # fmt: skip
+        assert same(param, opt._params[0]), f"step {t}"
+    for state, name in zip(states, opt._description.states):
+        assert same(state, opt.state[0][name]), name
+
+
+@pytest.mark.parametrize("algorithm", UNSTEPPED)
+def test_functional_stochastic_rounding_without_a_step_is_refused(algorithm):
+    """Without ``step`` every call would draw the same bits (each element rounded the same way
+    at every call): refused, naming step, before anything is written. Rounding to nearest needs
+    no step, and is the same for any."""
+    from fusedopt import functional
+
+    _, hyper, starts, _ = UNSTEPPED[algorithm]
+    function = getattr(functional, algorithm + "_")
+    param, grad = np.ones(4096, BF16), np.full(4096, 1e-3, BF16)
+    states = [np.full(param.shape, start, BF16) for start in starts]
+    before = [param.copy(), *(s.copy() for s in states)]
+    for step, error in [(None, ValueError), (0, ValueError), (1.5, TypeError)]:
+        with pytest.raises(error, match="step"):
+            function([param], [grad], *([s] for s in states), **hyper, step=step,
+                     stochastic_rounding=True)  # fmt: skip
+        assert all(same(a, b) for a, b in zip(before, [param, *states]))
+    twins = [a.copy() for a in before]
+    function([param], [grad], *([s] for s in states), **hyper)
+    function([twins[0]], [grad], *([s] for s in twins[1:]), **hyper, step=7)
+    assert all(same(a, b) for a, b in zip(twins, [param, *states]))
+
+
 def test_the_seed_chooses_the_bits():
     def run(seed: int) -> np.ndarray:
         param = np.full(4096, 1.0, BF16)
@@ -629,6 +687,51 @@ def test_torch_state_dict_keeps_the_master_exact():
     _torch_checkpoint_continues("Adam", 300, options, check)
 
 
+def _as_numpy(tensor) -> np.ndarray:
+    """A CPU tensor's values in its own dtype (NumPy has no torch.bfloat16)."""
+    torch = _torch()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(BF16)
+    return tensor.numpy()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torch_load_state_dict_converts_each_state_with_its_scale_as_numpy_does(dtype):
+    """A checkpoint loaded through int8 -> float32 -> int8 -> bfloat16 -> int8 -> int8 state of
+    16-bit params: after each load fusedopt.torch keeps the entries and bits the NumPy class keeps
+    (an absmax only beside 8-bit state, requantized from the loaded values), and the next step
+    (its grads growing the state a hundredfold, which a stale absmax could not hold) gives the
+    same param and state."""
+    torch = _torch()
+    import fusedopt.torch as ftorch
+
+    rng = np.random.default_rng(30)
+    n = 4096
+    storage, torch_dtype = SIXTEEN[dtype], getattr(torch, dtype)
+    array = rng.standard_normal(n).astype(storage)
+    t_opt = n_opt = None
+    for link, state_dtype in enumerate(["int8", "float32", "int8", "bfloat16", "int8", "int8"]):
+        param = torch.nn.Parameter(torch.from_numpy(array.astype(np.float32)).to(torch_dtype))
+        options = dict(lr=1e-2, state_dtype=state_dtype)
+        t_next, n_next = ftorch.AdamW([param], **options), fusedopt.AdamW([array], **options)
+        if t_opt is not None:
+            t_next.load_state_dict(copy.deepcopy(t_opt.state_dict()))
+            n_next.load_state_dict(copy.deepcopy(n_opt.state_dict()))
+            t_state, n_state = t_next.state[param], n_next.state[0]
+            assert set(t_state) == set(n_state), state_dtype
+            for name, value in n_state.items():
+                if isinstance(value, np.ndarray):
+                    assert same(_as_numpy(t_state[name]), value), (link, name)
+        t_opt, n_opt = t_next, n_next
+        grad = ((100.0 if link % 2 else 1.0) * rng.standard_normal(n)).astype(storage)
+        param.grad = torch.from_numpy(grad.astype(np.float32)).to(torch_dtype)
+        t_opt.step()
+        n_opt.step([grad])
+        assert same(_as_numpy(param.detach()), array), (link, "param")
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert same(_as_numpy(t_opt.state[param][name]), n_opt.state[0][name]), (link, name)
+
+
 def test_torch_refuses_what_does_not_apply():
     torch = _torch()
     import fusedopt.torch as ftorch
@@ -881,10 +984,89 @@ def test_8_bit_checkpoints_round_trip_and_float_state_is_quantized_on_load():
     )
 
 
+def _special_value_blocks() -> np.ndarray:
+    """One block of 256 per case of special values (the rest of each block zeros), then 4096
+    zeros so that the tensor is large enough for 8-bit state."""
+    tiny, subnormal, largest = np.float32(1e-45), np.float32(1e-40), np.finfo(np.float32).max
+    cases = [
+        [np.inf, 1.0], [-np.inf, 1.0, -2.0], [np.inf, -np.inf, 3.0], [np.inf, np.nan, 2.0],
+        [np.nan, 1.0, -0.5], [np.nan] * 256, [], [-0.0, 1.0], [tiny], [subnormal, tiny],
+        [1e-38, subnormal, -tiny], [np.nan, tiny], [largest, 1.0, -largest],
+    ]  # fmt: skip
+    blocks = np.zeros((len(cases), 256), np.float32)
+    for block, values in zip(blocks, cases):
+        block[: len(values)] = values
+    return np.concatenate([blocks.ravel(), np.zeros(4096, np.float32)])
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_loading_float_state_quantizes_special_values_as_the_kernels_do(nonnegative):
+    """A float32 state loaded into an 8-bit optimizer gets the codes and absmax a step's
+    quantization gives the same values, bit for bit, and the reference's: an infinity is its
+    block's absmax (x / inf is 0, inf / inf NaN: code 0), NaN is left out of the absmax,
+    subnormals are divided as they are. SGD's first step stores the grad as its buffer (the
+    signed map), Adagrad's stores g * g (the unsigned one)."""
+    from fusedopt import _core
+
+    values = _special_value_blocks()
+    if nonnegative:
+        values = np.abs(values)
+        grad = np.sqrt(values)
+        cls, hyper, name = fusedopt.Adagrad, {"lr": 0.0}, "sum"
+    else:
+        grad = values
+        cls, hyper, name = fusedopt.SGD, {"lr": 0.0, "momentum": 0.9}, "momentum_buffer"
+    stepped = cls([np.zeros(values.size, np.float32)], **hyper, state_dtype="int8")
+    plain = cls([np.zeros(values.size, np.float32)], **hyper)
+    with np.errstate(invalid="ignore"):
+        stepped.step([grad])
+        plain.step([grad])
+    assert same(plain.state[0][name], grad * grad if nonnegative else grad)
+    loaded = cls([np.zeros(values.size, np.float32)], **hyper, state_dtype="int8")
+    loaded.load_state_dict(plain.state_dict())
+    code = np.array(_core.dynamic_map(nonnegative), np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref_codes, ref_absmax = reference.quantize_blockwise(
+            plain.state[0][name], not nonnegative, code
+        )
+    for expected_codes, expected_absmax in [
+        (stepped.state[0][name], stepped.state[0][name + "_absmax"]),
+        (ref_codes, ref_absmax.astype(np.float32)),
+    ]:
+        assert np.array_equal(loaded.state[0][name], expected_codes)
+        assert same(loaded.state[0][name + "_absmax"], expected_absmax)
+
+
 @pytest.mark.parametrize("cls", [fusedopt.Rprop, fusedopt.ASGD])
 def test_8_bit_state_is_refused_where_the_states_are_not_moments(cls):
     with pytest.raises(ValueError, match="state_dtype"):
         cls([np.zeros(5000, np.float32)], state_dtype="int8")
+
+
+@pytest.mark.parametrize("algorithm", ["rprop", "asgd"])
+def test_the_functional_api_refuses_8_bit_state_where_the_states_are_not_moments(algorithm):
+    """As the classes refuse state_dtype="int8" for Rprop and ASGD, the functional API refuses
+    their states as uint8 codes with absmax scales, naming absmax, and writes nothing."""
+    from fusedopt import functional
+    from fusedopt._engine import describe
+
+    n = 4096
+    param, grad = np.ones(n, BF16), np.ones(n, BF16)
+    names = describe(algorithm).plural_states
+    codes = {name: np.zeros(n, np.uint8) for name in names}
+    scales = {name: np.zeros(n // 256, np.float32) for name in names}
+    extra = {"step": 1, "etas": np.full(1, 0.01), "mus": np.ones(1)} if algorithm == "asgd" else {}
+    before = copy.deepcopy((param, codes, scales, extra))
+    with pytest.raises(ValueError, match="absmax.*8-bit state does not apply"):
+        getattr(functional, algorithm + "_")(
+            [param], [grad], *([c] for c in codes.values()), lr=0.01,
+            absmax={name: [s] for name, s in scales.items()}, **extra,
+        )  # fmt: skip
+    for was, now in zip(before, (param, codes, scales, extra)):
+        if isinstance(was, dict):
+            assert all(same(np.asarray(was[k]), np.asarray(now[k])) for k in was)
+        else:
+            assert same(was, now)
 
 
 def test_a_missing_or_wrong_absmax_is_refused_and_nothing_changes():
@@ -1027,6 +1209,29 @@ def test_keras_style_classes_take_the_same_options():
         keras_numpy.Adam(master_weights=True).apply(
             [np.ones(3, np.float32)], [np.ones(3, np.float32)]
         )
+
+
+def test_keras_style_master_starts_from_the_variable_at_its_first_step():
+    """A variable written between build() and its first step (pretrained weights loaded after
+    building) is where its master starts, as the spec says (not the value at build); a refused
+    first step changes no master; a variable without a grad at the first apply starts its master
+    at its own first step."""
+    from fusedopt import keras_numpy
+
+    first, second = np.zeros(4, BF16), np.zeros(4, BF16)
+    opt = keras_numpy.SGD(learning_rate=0.1, master_weights=True)
+    opt.build([first, second])
+    first[...], second[...] = 5.0, -3.0
+    built = [opt.state[i]["master"].copy() for i in (0, 1)]
+    with pytest.raises(TypeError, match="grads"):
+        opt.apply([np.ones(4, np.float64), None], [first, second])
+    assert all(same(opt.state[i]["master"], built[i]) for i in (0, 1))
+    opt.apply([np.ones(4, BF16), None], [first, second])
+    assert same(opt.state[0]["master"], np.full(4, np.float32(5.0) - np.float32(0.1)))
+    assert same(first, opt.state[0]["master"].astype(BF16))
+    second[...] = -2.0
+    opt.apply([None, np.ones(4, BF16)], [first, second])
+    assert same(opt.state[1]["master"], np.full(4, np.float32(-2.0) - np.float32(0.1)))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

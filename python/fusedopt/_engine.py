@@ -390,8 +390,11 @@ def quantize_blockwise(values: Any, nonnegative: bool) -> tuple[np.ndarray, np.n
     blocks = -(-x.size // QUANT_BLOCK)
     padded = np.zeros(blocks * QUANT_BLOCK, np.float32)
     padded[: x.size] = x
+    magnitudes = np.abs(padded).reshape(blocks, QUANT_BLOCK)
+    # As the kernels: NaN is left out of the absmax, an infinity is not (the block's absmax is
+    # inf, so its finite values quantize as 0 and the infinities, inf / inf = NaN, as NaN).
+    absmax = np.where(np.isnan(magnitudes), np.float32(0), magnitudes).max(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        absmax = np.nan_to_num(np.abs(padded), nan=0.0).reshape(blocks, QUANT_BLOCK).max(axis=1)
         normed = (padded.reshape(blocks, QUANT_BLOCK) / absmax[:, None]).ravel()[: x.size]
     code = _dynamic_map(nonnegative)
     left = np.clip(np.searchsorted(code, normed, side="right") - 1, 0, 255)
@@ -491,10 +494,13 @@ class Precision:
                 f"{sorted(set(param_dtypes))} and state_dtype is {self.state_dtype!r})"
             )
 
-    def check_algorithm(self, description: Description) -> None:
+    def check_algorithm(self, description: Description, option: str = "state_dtype") -> None:
+        """ValueError naming ``option`` (what asked for 8-bit state: the classes'
+        ``state_dtype``, the functional API's ``absmax``) where the algorithm's states cannot be
+        8-bit."""
         if self.state_dtype == "int8" and not description.quantizable_states:
             raise ValueError(
-                f"state_dtype: 'int8' does not apply to {description.name}, whose states "
+                f"{option}: 8-bit state does not apply to {description.name}, whose states "
                 f"{list(description.states)} are not moments that 8 bits can hold"
             )
 

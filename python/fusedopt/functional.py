@@ -7,8 +7,11 @@ arguments are ``params``, ``grads``, then one list per state buffer (``exp_avgs`
 with the native names and PyTorch's defaults. Each call updates ``params`` and the state arrays
 in place, in one native call over all tensors. Pass one array or a list of arrays for each role.
 
-- ``step`` (algorithms whose update depends on it): the step number t of this call, 1 on the
-  first step, for all tensors or one per tensor.
+- ``step``: the step number t of this call, 1 on the first step, for all tensors or one per
+  tensor. Required where the update depends on it; optional for ``sgd_``, ``rmsprop_``,
+  ``adadelta_``, ``rprop_`` and ``lion_``, whose t only keys the stochastic rounding's random
+  bits (docs/spec.md section 22): with ``stochastic_rounding=True`` they require it too, since
+  each call needs its own t to draw new bits.
 - ``first_step`` (SGD): the momentum buffers are new, so PyTorch's rule copies the gradient into
   them instead of accumulating.
 - ``convention``: ``"torch"`` (PyTorch's math, the default) or ``"keras"`` (Keras 3's math,
@@ -107,6 +110,8 @@ def _run(
     ``seed``: 16-bit and 8-bit storage (docs/spec.md section 22)."""
     if found_inf is not None and skip_step(found_inf):
         return
+    if step is None and not description.uses_step:
+        step = _step_for_rounding_only(stochastic_rounding)
     # The values' types are part of the key: 1.0 == True, yet a flag refuses 1.0.
     key = (description.name, convention, values, tuple(map(type, values)))
     try:
@@ -157,6 +162,23 @@ def _run(
     if scalars is not None and scalar_rows is not None:
         for k, name in enumerate(description.scalars):
             scalars[name][...] = scalar_rows[:, k]
+
+
+def _step_for_rounding_only(stochastic_rounding: Any) -> int:
+    """t of a call without ``step`` to an algorithm whose update reads no t: any t for rounding
+    to nearest; refused for stochastic rounding, whose bits are keyed by t (the same t at every
+    call would round each element the same way at every call: biased, and stalled where an
+    update is below half an ulp)."""
+    if (
+        stochastic_rounding is not False
+        and Precision.of(stochastic_rounding=stochastic_rounding).stochastic_rounding
+    ):
+        raise ValueError(
+            "step: stochastic_rounding=True needs this call's step number t (step=t, 1 on the "
+            "first call, one more at each call): each call draws its random bits by t, and "
+            "without it every call would draw the same ones"
+        )
+    return 1
 
 
 def _check_scalars(scalars: dict[str, Any], count: int, arrays: list[list[Any] | None]) -> None:
@@ -233,7 +255,6 @@ def _low_precision(
     stochastic_rounding: Any,
     seed: Any,
 ) -> dict[str, Any]:
-    precision = Precision.of(stochastic_rounding=stochastic_rounding, seed=seed)
     scales = None
     if absmax is not None:
         if not isinstance(absmax, Mapping):
@@ -245,6 +266,14 @@ def _low_precision(
             _list(absmax[name], f"absmax[{name!r}]") if name in absmax else None
             for name in description.plural_states
         ]
+    # A scale given is a state stored in 8 bits: the classes' state_dtype="int8".
+    eight_bit = scales is not None and any(s is not None for role in scales if role for s in role)
+    precision = Precision.of(
+        state_dtype="int8" if eight_bit else None,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
+    )
+    precision.check_algorithm(description, "absmax")
     return {
         "masters": None if masters is None else _list(masters, "masters"),
         "absmax": scales,
@@ -303,7 +332,8 @@ def _make(algorithm: str) -> Any:
     positional = ["params", "grads"]
     for k, name in enumerate(states):
         positional.append(name if d.always_used_states & (1 << k) else f"{name}=None")
-    keywords = ["step"] if d.uses_step else []
+    # Where the update reads no t, step only keys the stochastic rounding's bits: optional.
+    keywords = ["step"] if d.uses_step else ["step=None"]
     options = [f for f in d.fields if f.kind != "convention"]
     for f in options:
         default = bool(f.default) if f.kind == "flag" else f.default
@@ -327,7 +357,7 @@ def _make(algorithm: str) -> Any:
         "params",
         "grads",
         "(" + "".join(f"{name}, " for name in states) + ")",
-        "step" if d.uses_step else "1",
+        "step",
         "first_step" if d.uses_new_state else "False",
         scalar_map if d.scalars else "None",
         "grad_scale" if d.takes_grad_scale else "None",
@@ -361,11 +391,17 @@ def _docstring(description: Description, positional: list[str], keywords: list[s
         if isinstance(c, type) and getattr(c, "_algorithm", None) == description.name
     ]
     math = (classes[0].__doc__ or "").strip() if classes else ""
+    step = (
+        ""
+        if description.uses_step
+        else "\n\n``step`` (t of this call, 1 on the first) keys only the stochastic rounding's "
+        "random bits: required with ``stochastic_rounding=True``, so that each call draws new ones."
+    )
     return (
         f"One fused step of ``{description.name}`` over every tensor given, in place.\n\n"
         f"{math}\n\n"
         f"Arguments: {', '.join(positional)}; keyword-only: {', '.join(keywords)}. "
-        "See the module docstring."
+        f"See the module docstring.{step}"
     )
 
 

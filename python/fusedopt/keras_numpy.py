@@ -121,6 +121,7 @@ class Optimizer(PlanHolder):
         # a variable whose state is float32) and the float32 masters of 16-bit variables.
         self._absmax: dict[str, list[np.ndarray | None]] = {}
         self._masters: list[np.ndarray | None] = []
+        self._master_started: list[bool] = []  # by variable: its master was read by a step
         # Scalars Keras keeps once for the whole optimizer (Nadam's u_product), by native name.
         self._scalars = {
             name: value
@@ -227,6 +228,7 @@ class Optimizer(PlanHolder):
             else None
             for v in variables
         ]
+        self._master_started = [False] * len(variables)
         self._plans = {}
         self._create_states(self._native_options(self._current_learning_rate()))
         self.built = True
@@ -279,6 +281,7 @@ class Optimizer(PlanHolder):
                 "_buffers": {name: list(b) for name, b in self._buffers.items()},
                 "_absmax": {name: list(a) for name, a in self._absmax.items()},
                 "_masters": list(self._masters),
+                "_master_started": list(self._master_started),
                 "_scalars": dict(self._scalars),
             }
 
@@ -409,7 +412,23 @@ class Optimizer(PlanHolder):
         names = self._description.scalars
         for k, name in enumerate(names):
             scalars[:, k] = self._scalars[name]
-        plan.step(grads, None, self.iterations + 1)
+        # A master starts from its variable at the variable's first step (spec section 22), not
+        # at build(): a variable written in between (weights loaded after building) is where it
+        # starts. Put back if the step is refused, which then changes nothing.
+        starting = [
+            i for i in indices if self._masters[i] is not None and not self._master_started[i]
+        ]
+        built = [self._masters[i].copy() for i in starting]
+        for i in starting:
+            self._masters[i][...] = self._variables[i]
+        try:
+            plan.step(grads, None, self.iterations + 1)
+        except BaseException:
+            for i, saved in zip(starting, built):
+                self._masters[i][...] = saved
+            raise
+        for i in starting:
+            self._master_started[i] = True
         for k, name in enumerate(names):
             self._scalars[name] = float(scalars[0, k])
 

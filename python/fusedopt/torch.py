@@ -302,8 +302,6 @@ class Optimizer(torch.optim.Optimizer):
         with self._lock:
             super().load_state_dict(state_dict)  # __setstate__ drops the plans
             params = [p for g in self.param_groups for p in g["params"]]
-            states = self._declaration._description.states
-            names = (*states, *(name + "_absmax" for name in states), "master")
             for saved_id, p in zip(saved_ids, params):
                 entry = saved_state.get(saved_id)
                 if not entry or p not in self.state:
@@ -313,18 +311,14 @@ class Optimizer(torch.optim.Optimizer):
                         if isinstance(entry.get(name), torch.Tensor):
                             value = float(entry[name])
                             self.state[p][name] = torch.tensor(value, dtype=_scalar_dtype())
-                for name in names:
-                    value = entry.get(name)
-                    if not isinstance(value, torch.Tensor):
-                        continue
-                    if name == "master" or name.endswith("_absmax"):
-                        dtype = torch.float32
-                    else:
-                        dtype = self._state_dtype(p)
-                    if name in states and (dtype == torch.uint8) != (value.dtype == torch.uint8):
-                        self._convert_loaded(p, name, value, entry.get(name + "_absmax"), dtype)
-                    elif dtype != p.dtype:
-                        self.state[p][name] = value.to(dtype=dtype, device=p.device, copy=True)
+                for name in self._declaration._description.states:
+                    if isinstance(entry.get(name), torch.Tensor):
+                        self._load_state(p, name, entry[name], entry.get(name + "_absmax"))
+                master = entry.get("master")
+                if isinstance(master, torch.Tensor) and p.dtype != torch.float32:
+                    self.state[p]["master"] = master.to(
+                        dtype=torch.float32, device=p.device, copy=True
+                    )
             # torch keeps a channels_last param's state channels_last; the step reads each state
             # in its (contiguous) param's order, which is the state's logical order too.
             for p in params:
@@ -333,22 +327,31 @@ class Optimizer(torch.optim.Optimizer):
                     if isinstance(value, torch.Tensor) and not value.is_contiguous():
                         entry[name] = value.contiguous()
 
-    def _convert_loaded(
-        self, p: torch.Tensor, name: str, value: torch.Tensor, absmax: Any, dtype: torch.dtype
-    ) -> None:
-        """A saved state between 8-bit and float: quantized (float state into an 8-bit
-        optimizer) or dequantized (8-bit state, with its absmax, into a float one)."""
+    def _load_state(self, p: torch.Tensor, name: str, value: torch.Tensor, absmax: Any) -> None:
+        """A saved state and its saved absmax (8-bit state) as this optimizer keeps them,
+        converted together from the saved tensors (torch's load_state_dict cast both, uint8
+        codes too, to the param's dtype and copied every entry): quantized (float state into
+        8-bit), dequantized (8-bit into float) or cast; an absmax is kept beside 8-bit state
+        only, in float32."""
         nonnegative = self._declaration._description.nonnegative(name)
         entry = self.state[p]
-        if dtype == torch.uint8:
+        dtype = self._state_dtype(p)
+        if dtype == torch.uint8 and value.dtype != torch.uint8:
             codes, scales = quantize_blockwise(value.detach().float().cpu().numpy(), nonnegative)
             entry[name], entry[name + "_absmax"] = torch.from_numpy(codes), torch.from_numpy(scales)
             return
-        if absmax is None:
+        if value.dtype == torch.uint8 and absmax is None:
             raise ValueError(f"state_dict: the 8-bit state {name!r} has no {name}_absmax")
-        values = dequantize_blockwise(value.numpy(), absmax.float().numpy(), nonnegative)
-        entry[name] = torch.from_numpy(values).to(dtype=dtype, device=p.device)
+        if dtype == torch.uint8:
+            entry[name] = value.to(dtype=dtype, device=p.device, copy=True)
+            entry[name + "_absmax"] = absmax.to(dtype=torch.float32, device=p.device, copy=True)
+            return
         entry.pop(name + "_absmax", None)
+        if value.dtype == torch.uint8:
+            values = dequantize_blockwise(value.numpy(), absmax.float().numpy(), nonnegative)
+            entry[name] = torch.from_numpy(values).to(dtype=dtype, device=p.device)
+        elif dtype != p.dtype:
+            entry[name] = value.to(dtype=dtype, device=p.device, copy=True)
 
     # ----------------------------------------------------------------------------------- step
 
