@@ -1868,3 +1868,24 @@ def test_an_empty_8_bit_tensor_needs_no_scales(lib) -> None:
     )  # fmt: skip
     assert status == OK, last_error()
     lib.fusedopt_plan_destroy(handle)
+
+
+@pytest.mark.parametrize("algorithm", ["rprop", "asgd"])
+def test_8_bit_state_is_refused_where_the_states_are_not_moments(lib, algorithm: str) -> None:
+    """The classes and the functional API refuse it; the core (so the C ABI) stepped it."""
+    n = 4096
+    param, grad = np.ones(n, np.float32), np.ones(n, np.float32)
+    states = [np.zeros(n, np.uint8) for _ in range(2 if algorithm == "rprop" else 1)]
+    scales = [np.zeros(n // 256, np.float32) for _ in states]
+    before = checksum(param, *states, *scales)
+    row = np.array([0.01, 1.0])
+    options = Options(algorithm, lr=0.01)
+    tensor = make_tensor(param, grad, states, scalars=row if algorithm == "asgd" else None)
+    precision = TensorPrecision(
+        INT8_BLOCKWISE, None, (ctypes.c_void_p * MAX_STATES)(*map(address, scales))
+    )
+    status = lib.fusedopt_step_with_precision(
+        handles([options]), 1, ctypes.byref(tensor), ctypes.byref(precision), 1, None, None
+    )
+    assert status == VALUE_ERROR and "not moments" in last_error(), last_error()
+    assert checksum(param, *states, *scales) == before

@@ -117,6 +117,18 @@ void check_options(const std::vector<typename A::Options>& groups) {
   for (const typename A::Options& o : groups) A::check(o);
 }
 
+// 8-bit state only where the algorithm's states are moments (docs/spec.md section 22): Rprop's
+// step sizes and ASGD's average are not, and every entry point refuses them in 8 bits.
+template <class A>
+void check_storage(const std::vector<TensorRef>& tensors) {
+  if constexpr (!A::quantizable_states)
+    for (size_t i = 0; i < tensors.size(); ++i)
+      if (tensors[i].state_dtype == Dtype::blockwise8)
+        throw Error(ErrorKind::value, std::string("the states of params[") + std::to_string(i) +
+                                          "] are 8-bit, which " + A::name +
+                                          " does not take: its states are not moments");
+}
+
 // An algorithm with per-tensor scalars (NAdam's mu_product) needs them for every tensor.
 template <class A>
 void check_scalars(const double* scalars, size_t num_tensors) {
@@ -227,6 +239,7 @@ PreparedStep<A> prepare_step(const std::vector<typename A::Options>& groups,
                                       "Adam do; unscale the grads before the step)");
   PreparedStep<A> step;
   step.tensors = validate_step_buffers(buffers);
+  check_storage<A>(step.tensors);
   check_schedule(schedule, step.tensors.size(), groups.size());
   check_scalars<A>(schedule.scalars, step.tensors.size());
   detail::compute_coefficients<A>(groups, schedule, extras, step, &buffers.state_names);
@@ -299,6 +312,7 @@ class Plan {
       : groups_(std::move(groups)), step_counts_(step_counts) {
     check_options<A>(groups_);
     step_.tensors = validate_step_buffers(registered, false);
+    check_storage<A>(step_.tensors);
     check_scalars<A>(scalars, step_.tensors.size());
     state_names_ = registered.state_names;
     state_names_.resize(kMaxStates);
