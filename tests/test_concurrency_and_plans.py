@@ -212,13 +212,16 @@ def every_buffer(opt: Any, params: list[np.ndarray]) -> list[np.ndarray]:
     return params + [v for e in opt.state.values() for v in e.values() if isinstance(v, np.ndarray)]
 
 
-def test_a_state_resized_in_place_is_caught_before_any_write() -> None:
-    opt, params = trained()
-    buffer = opt.state[1]["exp_avg"]
+# 3 params: the registered arrays are compared on the calling thread; 2000 params (6000 arrays):
+# a slice each on the pool's threads. The one changed is first, in the middle or last.
+@pytest.mark.parametrize("n, changed", [(3, 1), (2000, 0), (2000, 1234), (2000, 1999)])
+def test_a_state_resized_in_place_is_caught_before_any_write(n: int, changed: int) -> None:
+    opt, params = trained(n)
+    buffer = opt.state[changed]["exp_avg"]
     buffer.resize(20, refcheck=False)  # new memory, new shape: the registered description is stale
     before = checksum(*every_buffer(opt, params))
-    with pytest.raises(ValueError, match=r"exp_avg\[1\] has shape \(20,\)"):
-        opt.step([np.ones(40, np.float32)] * 3)
+    with pytest.raises(ValueError, match=rf"exp_avg\[{changed}\] has shape \(20,\)"):
+        opt.step([np.ones(40, np.float32)] * n)
     assert checksum(*every_buffer(opt, params)) == before
 
 

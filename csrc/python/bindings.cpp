@@ -6,7 +6,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -265,12 +267,12 @@ struct Fingerprint {
   }
 };
 
-// Whether every registered array is as it was registered. The arrays lie wherever NumPy put
-// them: a few ahead are fetched while this one is compared.
-bool all_unchanged(const std::vector<Fingerprint>& fingerprints) {
+// Whether fingerprints [begin, end) are as registered. The arrays lie wherever NumPy put them: a
+// few ahead are fetched while this one is compared.
+bool all_unchanged(const Fingerprint* fingerprints, size_t begin, size_t end) {
   constexpr size_t ahead = 8;
-  for (size_t i = 0; i < fingerprints.size(); ++i) {
-    if (i + ahead < fingerprints.size()) {
+  for (size_t i = begin; i < end; ++i) {
+    if (i + ahead < end) {
       const char* next = reinterpret_cast<const char*>(fingerprints[i + ahead].object);
       __builtin_prefetch(next);
       __builtin_prefetch(next + 64);  // the flags, past the first line of a PyArrayObject
@@ -278,6 +280,31 @@ bool all_unchanged(const std::vector<Fingerprint>& fingerprints) {
     if (!fingerprints[i].unchanged()) return false;
   }
   return true;
+}
+
+// Whether every registered array is as it was registered. Many arrays are compared on the pool's
+// threads, a slice each: the comparisons only read the arrays' fields, which nothing changes
+// without the GIL this thread holds, and every array is kept alive by the plan.
+bool all_unchanged(const std::vector<Fingerprint>& fingerprints) {
+  constexpr size_t kSlice = 2048;
+  const size_t n = fingerprints.size();
+  if (n < 2 * kSlice || cpu::num_threads() < 2) return all_unchanged(fingerprints.data(), 0, n);
+  struct Check {
+    const Fingerprint* fingerprints;
+    size_t n;
+    std::atomic<bool> changed{false};
+  } check{fingerprints.data(), n};
+  cpu::parallel_for(
+      static_cast<int64_t>((n + kSlice - 1) / kSlice),
+      [](void* context, int64_t slice) {
+        auto& c = *static_cast<Check*>(context);
+        const size_t begin = static_cast<size_t>(slice) * kSlice;
+        if (!c.changed.load(std::memory_order_relaxed) &&
+            !all_unchanged(c.fingerprints, begin, std::min(c.n, begin + kSlice)))
+          c.changed.store(true, std::memory_order_relaxed);
+      },
+      &check);
+  return !check.changed.load();
 }
 
 class AnyPlan {
