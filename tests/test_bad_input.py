@@ -147,6 +147,25 @@ def test_read_only_written_buffer_is_a_value_error(role: str) -> None:
     assert_rejected(functional_adam(lists), every_array(lists), ValueError, role + BAD, "read-only")
 
 
+@pytest.mark.parametrize(
+    "make, what",
+    [(noncontiguous_1d, "not C-contiguous"), (transposed_2d, "not C-contiguous"),
+     (read_only, "read-only")],
+    ids=["strided", "transposed", "read-only"],
+)  # fmt: skip
+def test_a_param_no_step_could_update_is_refused_when_added(make: Callable, what: str) -> None:
+    """A non-contiguous or read-only param was taken by the constructor and add_param_group,
+    then refused by every step; a group cannot be taken out, so the optimizer was unusable."""
+    good = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=rf"params\[1\] is {what}"):
+        fusedopt.Adam([good, make(np.float32)])
+    opt = fusedopt.Adam([good])
+    with pytest.raises(ValueError, match=rf"params\[0\] is {what}"):
+        opt.add_param_group({"params": [make(np.float32)]})
+    assert len(opt.param_groups) == 1
+    opt.step([np.ones(3, np.float32)])
+
+
 def test_read_only_grad_is_fine_unless_grad_scale_writes_it_back() -> None:
     lists = adam_buffers()
     lists["grads"][-1] = read_only(np.float32)
@@ -400,10 +419,15 @@ def test_keras_apply_with_grads_that_are_not_iterable_is_a_type_error_naming_gra
     "make", [noncontiguous_1d, transposed_2d, read_only], ids=["strided", "transposed", "read_only"]
 )
 def test_optimizer_step_over_a_bad_param_changes_nothing(name: str, make: Callable) -> None:
-    """Construction accepts these (they are float arrays); the first step must refuse them."""
+    """Construction refuses these, as every step would; a param made read-only after it is
+    refused by the first step, with nothing changed."""
     params = fresh(seed=6)
-    params[-1] = make(np.float32)
+    with pytest.raises(ValueError, match=re.escape("params" + BAD)):
+        OPTIMIZERS[name]([*params[:-1], make(np.float32)])
+    if make is not read_only:
+        return  # an array cannot become non-contiguous in place
     opt = OPTIMIZERS[name](params)
+    params[-1].flags.writeable = False
     grads = [np.ones_like(p, order="C") for p in params]
     steps = steps_of(opt)
     assert_rejected(

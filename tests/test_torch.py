@@ -680,3 +680,30 @@ def test_a_checkpoint_of_a_channels_last_model_resumes_as_in_torch(name: str) ->
         results.append((optimizer, list(resumed.parameters())))
     (ours, ours_params), (theirs, their_params) = results
     compare(ours, theirs, ours_params, their_params, torch.float32)
+
+
+def test_a_refused_load_state_dict_leaves_the_optimizer_as_it_was() -> None:
+    """torch's load ran first and fusedopt's conversions after it: a refusal there (8-bit state
+    saved without its absmax) left the new state loaded. The next step is now the one a twin
+    that never saw the refused load takes."""
+    results = []
+    for refused in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5000))
+        opt = ft.Adam([p], lr=0.01, state_dtype="int8")
+        p.grad = torch.randn(5000)
+        opt.step()
+        if refused:
+            saved = opt.state_dict()
+            saved["state"][0] = {k: v.clone() for k, v in saved["state"][0].items()}
+            saved["state"][0]["exp_avg"].fill_(7)
+            del saved["state"][0]["exp_avg_absmax"]
+            saved["param_groups"][0]["lr"] = 0.5
+            with pytest.raises(ValueError, match="exp_avg_absmax"):
+                opt.load_state_dict(saved)
+            assert opt.param_groups[0]["lr"] == 0.01
+        p.grad = torch.ones(5000)
+        opt.step()
+        results.append([p.detach().clone(), *(v.clone() for v in opt.state[p].values())])
+    for after_refusal, expected in zip(results[1], results[0]):
+        assert torch.equal(after_refusal, expected)

@@ -163,6 +163,14 @@ class Optimizer(PlanHolder):
                     f"params[{i}] has dtype {p.dtype}; fusedopt updates float32, float64, "
                     "bfloat16 (ml_dtypes) and float16"
                 )
+            elif not p.flags.c_contiguous:
+                # Refused now, as every step would refuse it (a group cannot be taken out).
+                raise ValueError(
+                    f"params[{i}] is not C-contiguous; fusedopt updates an array in its own "
+                    "memory, in order (np.ascontiguousarray would make a copy, not update it)"
+                )
+            elif not p.flags.writeable:
+                raise ValueError(f"params[{i}] is read-only; a step writes it")
             elif self.precision.state_dtype and dtype_name(p.dtype) == "float64":
                 self.precision.check(["float64"])
             if id(p) in seen:

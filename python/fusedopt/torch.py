@@ -296,36 +296,45 @@ class Optimizer(torch.optim.Optimizer):
         states this optimizer keeps in another dtype (``state_dtype``, the float32 ``master``,
         the scalar states of 16-bit params) are cast from the saved tensors instead, so a
         master comes back exact; and a state saved in another memory format (channels_last)
-        is made contiguous."""
+        is made contiguous. A refusal (of torch's or of these conversions) leaves the
+        optimizer as it was: torch's load builds a new state and new groups, which replace the
+        old ones only once every conversion has passed."""
+        with self._lock:
+            previous = self.state, self.param_groups
+            try:
+                self._load_state_dict(state_dict)
+            except BaseException:
+                self.state, self.param_groups = previous
+                self._reset_plans()
+                raise
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
-        with self._lock:
-            super().load_state_dict(state_dict)  # __setstate__ drops the plans
-            params = [p for g in self.param_groups for p in g["params"]]
-            for saved_id, p in zip(saved_ids, params):
-                entry = saved_state.get(saved_id)
-                if not entry or p not in self.state:
-                    continue
-                if p.dtype not in (torch.float32, torch.float64):
-                    for name in self._declaration._description.scalars:
-                        if isinstance(entry.get(name), torch.Tensor):
-                            value = float(entry[name])
-                            self.state[p][name] = torch.tensor(value, dtype=_scalar_dtype())
-                for name in self._declaration._description.states:
+        super().load_state_dict(state_dict)  # __setstate__ drops the plans
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            entry = saved_state.get(saved_id)
+            if not entry or p not in self.state:
+                continue
+            if p.dtype not in (torch.float32, torch.float64):
+                for name in self._declaration._description.scalars:
                     if isinstance(entry.get(name), torch.Tensor):
-                        self._load_state(p, name, entry[name], entry.get(name + "_absmax"))
-                master = entry.get("master")
-                if isinstance(master, torch.Tensor) and p.dtype != torch.float32:
-                    self.state[p]["master"] = master.to(
-                        dtype=torch.float32, device=p.device, copy=True
-                    )
-            # torch keeps a channels_last param's state channels_last; the step reads each state
-            # in its (contiguous) param's order, which is the state's logical order too.
-            for p in params:
-                entry = self.state.get(p, {})
-                for name, value in list(entry.items()):
-                    if isinstance(value, torch.Tensor) and not value.is_contiguous():
-                        entry[name] = value.contiguous()
+                        value = float(entry[name])
+                        self.state[p][name] = torch.tensor(value, dtype=_scalar_dtype())
+            for name in self._declaration._description.states:
+                if isinstance(entry.get(name), torch.Tensor):
+                    self._load_state(p, name, entry[name], entry.get(name + "_absmax"))
+            master = entry.get("master")
+            if isinstance(master, torch.Tensor) and p.dtype != torch.float32:
+                self.state[p]["master"] = master.to(dtype=torch.float32, device=p.device, copy=True)
+        # torch keeps a channels_last param's state channels_last; the step reads each state
+        # in its (contiguous) param's order, which is the state's logical order too.
+        for p in params:
+            entry = self.state.get(p, {})
+            for name, value in list(entry.items()):
+                if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                    entry[name] = value.contiguous()
 
     def _load_state(self, p: torch.Tensor, name: str, value: torch.Tensor, absmax: Any) -> None:
         """A saved state and its saved absmax (8-bit state) as this optimizer keeps them,
