@@ -514,7 +514,7 @@ BAD_HYPERPARAMETERS = [
     (fusedopt.SGD, dict(lr=NAN), "lr"),
     (fusedopt.SGD, dict(lr=math.inf), "lr"),
     (fusedopt.SGD, dict(momentum=-0.5), "momentum"),
-    (fusedopt.SGD, dict(dampening=-0.5, momentum=0.9), "dampening"),
+    (fusedopt.SGD, dict(dampening=float("nan"), momentum=0.9), "dampening"),
     (fusedopt.SGD, dict(weight_decay=-1e-4), "weight_decay"),
     (fusedopt.SGD, dict(nesterov=True, momentum=0.0), "nesterov"),
     (fusedopt.SGD, dict(nesterov=True, momentum=0.9, dampening=0.1), "nesterov"),

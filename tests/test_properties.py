@@ -170,7 +170,10 @@ _ADAM_LIKE = {
 
 # The native checks (csrc/math/<name>.h), written again here: option by option.
 RULES: dict[str, dict[str, Callable[[float], bool]]] = {
-    "sgd": {k: _non_negative for k in ("lr", "momentum", "dampening", "weight_decay")},
+    "sgd": {
+        **{k: _non_negative for k in ("lr", "momentum", "weight_decay")},
+        "dampening": _number,  # torch checks none
+    },
     "adagrad": {
         k: _non_negative
         for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")

@@ -178,6 +178,7 @@ TORCH_CASES = [
     ("SGD", {}),
     ("SGD", {"momentum": 0.9}),
     ("SGD", {"momentum": 0.8, "dampening": 0.3, "weight_decay": 0.05}),
+    ("SGD", {"momentum": 0.9, "dampening": -0.5}),  # torch checks no dampening
     ("SGD", {"momentum": 0.9, "nesterov": True}),
     ("SGD", {"momentum": 0.7, "nesterov": True, "weight_decay": 0.1, "maximize": True}),
     ("Adagrad", {}),

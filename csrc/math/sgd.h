@@ -34,7 +34,8 @@ struct Sgd : AlgorithmDefaults {
   static void check(const Options& o) {
     check_non_negative(o.lr, "lr");
     check_non_negative(o.momentum, "momentum");
-    check_non_negative(o.dampening, "dampening");
+    // torch checks no dampening: any number (a negative one grows the gradient's share).
+    check_rule(!std::isnan(o.dampening), "dampening", o.dampening, "must be a number");
     check_non_negative(o.weight_decay, "weight_decay");
     if (o.convention == Convention::keras) check_unit_interval(o.momentum, "momentum");
     if (o.nesterov && o.convention == Convention::torch)
