@@ -315,7 +315,27 @@ def test_a_param_fusedopt_cannot_update_is_refused_naming_it(make: Any, error: t
         ft.Adam(params)
 
 
-def test_a_non_contiguous_grad_is_refused_with_nothing_written() -> None:
+def test_a_non_contiguous_grad_is_read_as_torch_reads_it() -> None:
+    """torch.func.grad gives a grad the strides of its param's use (a transposed one here):
+    torch.optim steps it, fusedopt refused it. It is only read, so it is read through a
+    contiguous copy."""
+    params, reference = model_params(torch.float64), model_params(torch.float64)
+    ours, theirs = ft.Adam(params, lr=0.1), torch.optim.Adam(reference, lr=0.1, foreach=False)
+    for step in range(3):
+        for model in (params, reference):
+            for p in model:
+                p.grad = torch.full_like(p, 0.5 + step)
+            model[0].grad = torch.arange(35.0, dtype=torch.float64).reshape(7, 5).t().clone()
+            model[0].grad = model[0].grad.t().contiguous().t()  # strides (1, 5)
+            assert not model[0].grad.is_contiguous()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, reference):
+        assert_close(p.detach(), q.detach(), torch.float64, "param")
+
+
+def test_a_non_contiguous_grad_under_a_grad_scale_is_refused_with_nothing_written() -> None:
+    """A grad scale writes the unscaled grad back: a copy would take it instead of the grad."""
     params = model_params(torch.float64)
     optimizer = ft.Adam(params, lr=0.1)
     run(optimizer, params, range(2))
@@ -323,10 +343,12 @@ def test_a_non_contiguous_grad_is_refused_with_nothing_written() -> None:
     state = {k: v.clone() for k, v in optimizer.state[params[0]].items()}
     for p in params:
         p.grad = torch.ones_like(p)
-    params[0].grad = torch.ones(7, 5, dtype=torch.float64).t()
+    params[0].grad = torch.ones(params[0].shape[::-1], dtype=torch.float64).t()
     with pytest.raises(
         ValueError, match=r"grad of params\[0\] of param_groups\[0\] is not contiguous"
     ):
+        # As torch.amp.GradScaler hands them over to a fused optimizer.
+        optimizer.grad_scale, optimizer.found_inf = torch.tensor(2.0), torch.tensor(0.0)
         optimizer.step()
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)

@@ -692,10 +692,6 @@ def _spoil_shape(p: Any) -> None:
     p.grad.data = torch.ones(3)
 
 
-def _spoil_strides(p: Any) -> None:
-    p.grad = torch.ones(p.shape[::-1]).t()
-
-
 def _spoil_param_strides(p: Any) -> None:
     p.data = torch.zeros(p.shape[::-1]).t()
     p.grad = torch.ones(p.shape)
@@ -721,11 +717,6 @@ SPOILS = {
         _spoil_shape,
         ValueError,
         r"grad of params\[1\] of param_groups\[1\] has shape \(3,\)",
-    ),
-    "strided grad": (
-        _spoil_strides,
-        ValueError,
-        r"grad of params\[1\] of param_groups\[1\] is not contiguous",
     ),
     "strided param": (
         _spoil_param_strides,

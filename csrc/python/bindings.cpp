@@ -514,7 +514,7 @@ struct TorchNames {
              is_cpu = py::str("is_cpu"), layout = py::str("layout"), to_local = py::str("to_local");
   // The methods themselves, called with the tensor: a step makes four such calls per tensor
   // (about 45 ns each), and skipping the attribute lookup is a third of it.
-  py::object data_ptr, is_contiguous;
+  py::object data_ptr, is_contiguous, contiguous;
   // TensorBase's descriptors of the properties a step reads of every grad, read through the
   // descriptor (read_property) for the same reason.
   py::object dtype_property, shape_property, is_cpu_property;
@@ -527,6 +527,7 @@ struct TorchNames {
       const py::object tensor_base = torch.attr("_C").attr("TensorBase");
       n->data_ptr = tensor_base.attr("data_ptr");
       n->is_contiguous = tensor_base.attr("is_contiguous");
+      n->contiguous = tensor_base.attr("contiguous");
       const py::dict properties = tensor_base.attr("__dict__");
       n->dtype_property = properties["dtype"];
       n->shape_property = properties["shape"];
@@ -775,6 +776,7 @@ class TorchPlan : public AnyTorchPlan {
       if (now != k.tensor.ptr()) return false;
     }
     if (!registered_memory_unchanged()) return false;
+    const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
     std::vector<py::object> grads;  // kept alive while the GIL is released
     grads.reserve(index_.size());
     size_t j = 0;
@@ -812,9 +814,17 @@ class TorchPlan : public AnyTorchPlan {
         describe_torch(grad.ptr(), name(), described);
         throw;
       }
-      if (!contiguous)
-        throw Error(ErrorKind::value,
-                    name() + " is not contiguous; fusedopt reads a grad's own memory in order");
+      if (!contiguous) {
+        // Only read, so it is read from a contiguous copy, as torch.optim reads any strides
+        // (torch.func gives a grad its param's use's strides); unless a grad scale writes the
+        // unscaled grad back, which would then land in the copy.
+        if (extras.grad_scale)
+          throw Error(ErrorKind::value, name() +
+                                            " is not contiguous; a grad scale writes the unscaled "
+                                            "grad back into it, which needs its own memory");
+        grad = call_with(names.contiguous, grad.ptr());
+        address = torch_data_ptr(grad.ptr());
+      }
       if (address == 0 && infos_[j].size > 0)
         throw Error(ErrorKind::type, name() +
                                          " has no memory of its own; fusedopt reads a "
@@ -826,7 +836,6 @@ class TorchPlan : public AnyTorchPlan {
     for (size_t k = 0; k < step_slots_.size(); ++k)
       counts_[k] = static_cast<int64_t>(step_slots_[k].read());
     read_scalars();
-    const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
     {
       py::gil_scoped_release release;
       plan_->step(infos_, extras, std::nullopt);

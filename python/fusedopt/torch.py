@@ -453,12 +453,13 @@ class Optimizer(torch.optim.Optimizer):
             for group, (registered, params) in zip(groups, self._registered_groups)
         )
 
-    def _check_grads_and_steps(self) -> None:
-        """What a plan checks at each step, naming the param and its group."""
+    def _check_grads_and_steps(self, written: bool) -> None:
+        """What a plan checks at each step, naming the param and its group (``written``: a grad
+        scale writes the grads back)."""
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    _check_grad(p, i, g)
+                    _check_grad(p, i, g, written)
                     if self._tracks_step():
                         _check_step_count(self.state.get(p, {}), i, g)
 
@@ -474,7 +475,8 @@ class Optimizer(torch.optim.Optimizer):
         try:
             return native.step(scale)
         except (TypeError, ValueError):
-            self._check_grads_and_steps()  # the same refusal, naming the param and its group
+            # The same refusal, naming the param and its group.
+            self._check_grads_and_steps(written=scale is not None)
             raise
 
     def _needs_states(self, group_index: int, values: tuple[float, ...]) -> bool:
@@ -602,6 +604,8 @@ class _DevicePlan:
         if [_memory(p).data_ptr() for p in self.active_params] != self.addresses:
             return False
         grads = [_memory(p.grad) for p in self.active_params]
+        if grad_scale is None:  # only read: any strides, through a contiguous copy (as on the CPU)
+            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
         params = [_memory(p) for p in self.active_params] if self.local else self.active_params
         counts = None
         if self.steps:
@@ -675,9 +679,10 @@ def _check_dtensor_grad(p: Any, index: int, group: int) -> None:
         )
 
 
-def _check_grad(p: Any, index: int, group: int) -> None:
-    """A grad fusedopt can read in place: dense, contiguous, in memory of its own, with its
-    param's dtype, shape and device."""
+def _check_grad(p: Any, index: int, group: int, written: bool = False) -> None:
+    """A grad fusedopt can read: dense, in memory of its own, with its param's dtype, shape and
+    device; contiguous where a grad scale writes it back (the step reads any other through a
+    contiguous copy)."""
     where = f"the grad of params[{index}] of param_groups[{group}]"
     if _is_dtensor(p):
         _check_dtensor_grad(p, index, group)
@@ -693,8 +698,11 @@ def _check_grad(p: Any, index: int, group: int) -> None:
         )
     if grad.device != param.device:
         raise ValueError(f"{where} is on {grad.device}, not on its param's {param.device}")
-    if not grad.is_contiguous():
-        raise ValueError(f"{where} is not contiguous; fusedopt reads a grad's own memory in order")
+    if written and not grad.is_contiguous():
+        raise ValueError(
+            f"{where} is not contiguous; a grad scale writes the unscaled grad back into it, "
+            "which needs its own memory"
+        )
     if grad.numel() > 0 and grad.data_ptr() == 0:
         raise TypeError(f"{where} has no memory of its own; fusedopt reads a grad's own memory")
 
