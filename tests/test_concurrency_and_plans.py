@@ -216,6 +216,15 @@ def every_buffer(opt: Any, params: list[np.ndarray]) -> list[np.ndarray]:
 # a slice each on the pool's threads. The one changed is first, in the middle or last.
 @pytest.mark.parametrize("n, changed", [(3, 1), (2000, 0), (2000, 1234), (2000, 1999)])
 def test_a_state_resized_in_place_is_caught_before_any_write(n: int, changed: int) -> None:
+    previous = fusedopt.num_threads()
+    fusedopt.set_num_threads(2)  # the pool's threads, even on a one-core runner
+    try:
+        check_a_state_resized_in_place_is_caught(n, changed)
+    finally:
+        fusedopt.set_num_threads(previous)
+
+
+def check_a_state_resized_in_place_is_caught(n: int, changed: int) -> None:
     opt, params = trained(n)
     buffer = opt.state[changed]["exp_avg"]
     buffer.resize(20, refcheck=False)  # new memory, new shape: the registered description is stale

@@ -494,3 +494,29 @@ def test_assigning_into_the_state_view_is_refused_and_in_place_changes_take_effe
     plain = copy.deepcopy(opt.state)
     plain[0]["step"] = 7  # a copy is an ordinary dict
     assert type(pickle.loads(pickle.dumps(opt.state))) is dict
+
+
+def test_the_keras_style_state_view_refuses_assignment_and_keeps_a_restored_master() -> None:
+    """keras_numpy's state is a view too (assignment refused, in-place changes live); a master
+    restored through it beside its variable's rounding is kept at the first step, not replaced
+    by that rounding (a variable written to something else starts its master again)."""
+    from fusedopt._engine import numpy_dtype
+
+    bf16 = numpy_dtype("bfloat16")
+    results = []
+    for restore in (False, True):
+        variable = np.zeros(4, bf16)
+        opt = fk.SGD(learning_rate=0.5, master_weights=True)
+        opt.build([variable])
+        with pytest.raises(TypeError, match="in place"):
+            opt.state[0]["master"] = np.zeros(4, np.float32)
+        master = np.float32(1.0) + np.float32(2.0) ** -12  # not a bfloat16
+        if restore:
+            opt.state[0]["master"][...] = master
+            variable[...] = np.float32(master).astype(bf16)
+        else:
+            variable[...] = np.float32(master).astype(bf16)
+        opt.apply([np.ones(4, bf16)], [variable])
+        results.append(opt.state[0]["master"].copy())
+    np.testing.assert_array_equal(results[1], master - np.float32(0.5))
+    np.testing.assert_array_equal(results[0], np.float32(1.0) - np.float32(0.5))

@@ -729,3 +729,24 @@ def test_a_refused_load_state_dict_leaves_the_optimizer_as_it_was() -> None:
         results.append([p.detach().clone(), *(v.clone() for v in opt.state[p].values())])
     for after_refusal, expected in zip(results[1], results[0]):
         assert torch.equal(after_refusal, expected)
+
+
+@pytest.mark.parametrize("name, missing", [("Adam", "exp_avg_sq"), ("NAdam", "mu_product"),
+                                           ("Adam", "step"), ("Adagrad", "sum")])  # fmt: skip
+def test_a_loaded_entry_missing_a_state_it_keeps_is_refused(name: str, missing: str) -> None:
+    """fusedopt.torch made the missing state again at the next step (a zero second moment under
+    a trained first moment), where torch raises KeyError: refused at the load, as the NumPy
+    classes refuse it, naming the param and the state, nothing loaded."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = getattr(ft, name)([p], lr=0.1)
+    p.grad = torch.ones(4)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    del saved["state"][0][missing]
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=rf"params\[0\] of param_groups\[0\] has no '{missing}'"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"][0].items():
+        assert torch.equal(after["state"][0][key], value)

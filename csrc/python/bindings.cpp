@@ -833,8 +833,14 @@ class TorchPlan : public AnyTorchPlan {
       grads.push_back(std::move(grad));
       ++j;
     }
-    for (size_t k = 0; k < step_slots_.size(); ++k)
-      counts_[k] = static_cast<int64_t>(step_slots_[k].read());
+    for (size_t k = 0; k < step_slots_.size(); ++k) {
+      // A float out of int64's range (NaN, 1e30 filled in place) has no conversion (undefined
+      // behaviour); the front end names the param when this refuses.
+      const double taken = step_slots_[k].read();
+      if (!(taken >= 0 && taken < 0x1p63))
+        throw Error(ErrorKind::value, "a step count is not in [0, 2**63)");
+      counts_[k] = static_cast<int64_t>(taken);
+    }
     read_scalars();
     {
       py::gil_scoped_release release;

@@ -45,7 +45,8 @@ if _requested_isa and _requested_isa != cpu_isa():
 
 
 def set_num_threads(n: int) -> None:
-    """The number of threads a large step runs on, from 1 to 1024 (ValueError outside)."""
+    """The number of threads a large step runs on, from 1 to the core's limit (1024,
+    csrc/cpu/parallel.h's kMaxThreads; the core raises ValueError outside)."""
     # The binding would take True for 1 and refuse 2.5 without naming n.
     if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int, got {n!r}")

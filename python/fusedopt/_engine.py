@@ -15,6 +15,7 @@ the CUDA backend (:mod:`fusedopt.cuda`) for device arrays.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
@@ -299,6 +300,60 @@ def make_plan(
     )  # fmt: skip
 
 
+class StateView(dict):
+    """A dict of an optimizer's state (the NumPy classes' ``state``) that refuses to be
+    changed. torch's optimizer.state is
+    where its step reads, so ``state[p]["step"] = 0`` takes effect there; here the state lives in
+    the optimizer's own arrays and counts, and an assignment into this view would be silently
+    lost. Buffers change in place (``state[i]["exp_avg"][...] = 0``); anything else goes through
+    ``load_state_dict``."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "optimizer.state is a view of the optimizer's state: change a buffer in place "
+            "(state[i]['exp_avg'][...] = x), or change the state through "
+            "load_state_dict(state_dict())"
+        )
+
+    __setitem__ = __delitem__ = _refuse
+    pop = popitem = clear = update = setdefault = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __copy__(self) -> dict[Any, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[Any, Any]:
+        return copy.deepcopy(dict(self), memo)
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))
+
+
+def required_state(
+    description: Description,
+    entry: Mapping[str, Any],
+    step: int,
+    tracks_step: bool,
+    states_at_construction: bool,
+) -> list[str]:
+    """What a saved per-param entry must hold (every front end's load). A missing one would not
+    fail, it would start again beside the carried-over ones (a zero second moment under a
+    trained first moment, ASGD's eta back at lr), where torch raises KeyError at the next step:
+
+    - once stepped: every state the algorithm always keeps, and its scalars (the states that
+      options add, such as amsgrad's, may be switched on later: they start then);
+    - a class that counts steps saves a step with any state a step made (Adagrad's sum is made
+      before the first step: ``states_at_construction``);
+    - the scalars come together (one missing would load as 0.0, which no step makes)."""
+    scalars = list(description.scalars)
+    if step > 0:
+        always = description.always_used_states
+        return [n for k, n in enumerate(description.states) if always >> k & 1] + scalars
+    required = scalars if any(name in entry for name in scalars) else []
+    if tracks_step and not states_at_construction and entry:
+        required = ["step", *required]
+    return required
+
+
 class PlanHolder:
     """Base of the optimizer classes over NumPy arrays: their lock and native plans, which
     neither a copy (``copy.deepcopy``, ``pickle``) nor a forked child may share. A plan holds its
@@ -392,7 +447,8 @@ def quantize_blockwise(values: Any, nonnegative: bool) -> tuple[np.ndarray, np.n
     padded[: x.size] = x
     magnitudes = np.abs(padded).reshape(blocks, QUANT_BLOCK)
     # As the kernels: NaN is left out of the absmax, an infinity is not (the block's absmax is
-    # inf, so its finite values quantize as 0 and the infinities, inf / inf = NaN, as NaN).
+    # inf, so its finite values quantize as 0, and the infinities, inf / inf = NaN, take NaN's
+    # code 0).
     absmax = np.where(np.isnan(magnitudes), np.float32(0), magnitudes).max(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         normed = (padded.reshape(blocks, QUANT_BLOCK) / absmax[:, None]).ravel()[: x.size]

@@ -37,6 +37,7 @@ from fusedopt._engine import (
     Plan,
     PlanHolder,
     Precision,
+    StateView,
     as_number,
     describe,
     dtype_name,
@@ -308,7 +309,8 @@ class Optimizer(PlanHolder):
     @property
     def state(self) -> dict[int, dict[str, np.ndarray]]:
         """The live state of each variable by index, with Keras' state names (8-bit states'
-        scales as ``<name>_absmax``, a 16-bit variable's float32 master as ``master``)."""
+        scales as ``<name>_absmax``, a 16-bit variable's float32 master as ``master``). The
+        arrays are the live buffers (change them in place); the dicts refuse assignment."""
         result = {}
         for i in range(len(self._variables)):
             entry = {name: buffers[i] for name, buffers in self._buffers.items()}
@@ -317,8 +319,8 @@ class Optimizer(PlanHolder):
                     entry[name + "_absmax"] = scales[i]
             if self._masters and self._masters[i] is not None:
                 entry["master"] = self._masters[i]
-            result[i] = entry
-        return result
+            result[i] = StateView(entry)
+        return StateView(result)
 
     # ------------------------------------------------------------------------------------ apply
 
@@ -414,10 +416,21 @@ class Optimizer(PlanHolder):
             scalars[:, k] = self._scalars[name]
         # A master starts from its variable at the variable's first step (spec section 22), not
         # at build(): a variable written in between (weights loaded after building) is where it
-        # starts. Put back if the step is refused, which then changes nothing.
+        # starts, unless the variable is still the master's rounding (a master restored through
+        # state["master"] with its variable, as fusedopt.keras keeps one). Put back if the step
+        # is refused, which then changes nothing.
+        started_before = {i for i in indices if self._master_started[i]}
         starting = [
-            i for i in indices if self._masters[i] is not None and not self._master_started[i]
+            i
+            for i in indices
+            if self._masters[i] is not None
+            and not self._master_started[i]
+            and self._masters[i].astype(self._variables[i].dtype).tobytes()
+            != self._variables[i].tobytes()
         ]
+        for i in indices:
+            if self._masters[i] is not None:
+                self._master_started[i] = True  # taken back below if the step is refused
         built = [self._masters[i].copy() for i in starting]
         for i in starting:
             self._masters[i][...] = self._variables[i]
@@ -426,9 +439,10 @@ class Optimizer(PlanHolder):
         except BaseException:
             for i, saved in zip(starting, built):
                 self._masters[i][...] = saved
+            for i in indices:
+                if self._masters[i] is not None and i not in started_before:
+                    self._master_started[i] = False
             raise
-        for i in starting:
-            self._master_started[i] = True
         for k, name in enumerate(names):
             self._scalars[name] = float(scalars[0, k])
 

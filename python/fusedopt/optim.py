@@ -13,7 +13,6 @@ in parallel.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,6 +31,7 @@ from fusedopt._engine import (
     Plan,
     PlanHolder,
     Precision,
+    StateView,
     as_number,
     dequantize_blockwise,
     describe,
@@ -41,6 +41,7 @@ from fusedopt._engine import (
     numpy_dtype,
     quantize_blockwise,
     quantized_full,
+    required_state,
     skip_step,
     updates_dtype,
     with_precision_options,
@@ -388,7 +389,10 @@ class Optimizer(PlanHolder):
                     has_scalars[i] = True
                 else:
                     raise ValueError(f"state_dict: unknown state {name!r} for param {i}")
-            missing = [name for name in self._required_state(entry, steps[i]) if name not in entry]
+            required = required_state(
+                self._description, entry, steps[i], self._tracks_step, self._states_at_construction
+            )
+            missing = [name for name in required if name not in entry]
             if missing:
                 raise ValueError(f"state_dict: state[{i}] has no {missing[0]!r}")
         with self._lock:
@@ -409,26 +413,6 @@ class Optimizer(PlanHolder):
             self._masters = masters
             self._new_state = [False] * n
             self._plan = None
-
-    def _required_state(self, entry: Mapping[str, Any], step: int) -> list[str]:
-        """What a saved entry must hold. A missing one would not fail, it would start again
-        beside the carried-over ones (a zero second moment under a trained first moment, ASGD's
-        eta back at lr), where torch raises KeyError at the next step:
-
-        - once stepped: every state the algorithm always keeps, and its scalars (the states
-          that options add, such as amsgrad's, may be switched on later: they start then);
-        - a class that counts steps saves a step with any state a step made (Adagrad's sum is
-          made before the first step);
-        - the scalars come together (one missing would load as 0.0, which no step makes)."""
-        description = self._description
-        scalars = list(description.scalars)
-        if step > 0:
-            always = description.always_used_states
-            return [n for k, n in enumerate(description.states) if always >> k & 1] + scalars
-        required = scalars if any(name in entry for name in scalars) else []
-        if self._tracks_step and not self._states_at_construction and entry:
-            required = ["step", *required]
-        return required
 
     # ------------------------------------------------------------------------------------ step
 
@@ -743,33 +727,6 @@ def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 
 def _types(values: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(_types(v) if type(v) is tuple else type(v) for v in values)
-
-
-class StateView(dict):
-    """A dict of an optimizer's state that refuses to be changed. torch's optimizer.state is
-    where its step reads, so ``state[p]["step"] = 0`` takes effect there; here the state lives in
-    the optimizer's own arrays and counts, and an assignment into this view would be silently
-    lost. Buffers change in place (``state[i]["exp_avg"][...] = 0``); anything else goes through
-    ``load_state_dict``."""
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError(
-            "optimizer.state is a view of the optimizer's state: change a buffer in place "
-            "(state[i]['exp_avg'][...] = x), or change the state through "
-            "load_state_dict(state_dict())"
-        )
-
-    __setitem__ = __delitem__ = _refuse
-    pop = popitem = clear = update = setdefault = __ior__ = _refuse  # type: ignore[assignment]
-
-    def __copy__(self) -> dict[Any, Any]:
-        return dict(self)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> dict[Any, Any]:
-        return copy.deepcopy(dict(self), memo)
-
-    def __reduce__(self) -> Any:
-        return (dict, (dict(self),))
 
 
 def _plain(value: Any) -> Any:

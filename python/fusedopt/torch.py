@@ -42,6 +42,7 @@ from fusedopt._engine import (
     native_values,
     quantize_blockwise,
     quantized_full,
+    required_state,
     with_precision_options,
 )
 
@@ -152,7 +153,8 @@ class Optimizer(torch.optim.Optimizer):
         changes again, and no plan.
 
         As torch's classes do here for a checkpoint of an older torch: a group key it lacks
-        takes the constructor's default (AdamW's decoupled_weight_decay is True), and a step
+        takes the constructor's default, the class's fixed flags are forced (AdamW's
+        decoupled_weight_decay is True, as torch.optim.AdamW.__setstate__ forces it), and a step
         count or scalar state saved as a number becomes a tensor."""
         super().__setstate__(state)
         self.__dict__.setdefault("precision", FULL_PRECISION)
@@ -328,6 +330,21 @@ class Optimizer(torch.optim.Optimizer):
             master = entry.get("master")
             if isinstance(master, torch.Tensor) and p.dtype != torch.float32:
                 self.state[p]["master"] = master.to(dtype=torch.float32, device=p.device, copy=True)
+        description = self._declaration._description
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                entry = self.state.get(p, {})
+                stepped = "step" in entry and float(entry["step"]) > 0  # NaN: refused at a step
+                required = required_state(
+                    description, entry, int(stepped), self._tracks_step(),
+                    self._declaration._states_at_construction,
+                )  # fmt: skip
+                missing = [name for name in required if name not in entry]
+                if missing:
+                    raise ValueError(
+                        f"state_dict: the state of params[{i}] of param_groups[{g}] has no "
+                        f"{missing[0]!r}, which {type(self).__name__} keeps"
+                    )
         # torch keeps a channels_last param's state channels_last; the step reads each state
         # in its (contiguous) param's order, which is the state's logical order too.
         for p in params:

@@ -138,7 +138,7 @@ typedef struct fusedopt_tensor {
   void* state[FUSEDOPT_MAX_STATES];
   /* The algorithm's per-tensor scalars: an array of FUSEDOPT_MAX_SCALARS doubles (those past
    * the algorithm's count are left as they are), read and updated in place by each step; an
-   * algorithm without any never reads the pointer (NULL). A new tensor's start at
+   * algorithm without any never reads or writes the pointer (NULL, or anything). A new tensor's start at
    * fusedopt_initial_scalar. Keras keeps NAdam's u_product once for the whole optimizer: give
    * every tensor of a step the same value (tensors at the same step with the same options all
    * come out with the same new one), or the same array. An array may be shared whole by several
@@ -227,7 +227,8 @@ FUSEDOPT_API fusedopt_status fusedopt_plan_step(fusedopt_plan* plan, void* const
  * changed, when they are invalid or need a state the group's tensors were registered without. */
 FUSEDOPT_API fusedopt_status fusedopt_plan_set_options(fusedopt_plan* plan, int64_t group,
                                                        const fusedopt_options* options);
-/* steps[i]: the step number t that tensor i's next step will have. */
+/* steps[i]: the step number t that tensor i's next step will have; FUSEDOPT_STATUS_VALUE_ERROR,
+ * and nothing written, once a tensor has taken step 2**63 - 1 (it has no next). */
 FUSEDOPT_API fusedopt_status fusedopt_plan_steps(fusedopt_plan* plan, int64_t* steps);
 FUSEDOPT_API void fusedopt_plan_destroy(fusedopt_plan* plan);
 
