@@ -1185,3 +1185,17 @@ def test_functional_step_out_of_range_is_refused(step: int) -> None:
     assert_rejected(
         lambda: F.adam_(params, grads, *states, step=step, lr=0.1), buffers, ValueError, "step"
     )
+
+
+def test_params_that_share_memory_are_refused_when_added() -> None:
+    """Views of one array as two params: every step refused them, and a group cannot be taken
+    out. Refused at construction and in add_param_group, naming both, nothing added."""
+    storage = np.ones(10, np.float32)
+    with pytest.raises(ValueError, match=r"params\[1\] shares memory with params\[0\]"):
+        fusedopt.Adam([storage[:6], storage[4:]])
+    opt = fusedopt.Adam([storage[:5]])
+    with pytest.raises(ValueError, match=r"shares memory with params\[0\] of param_groups\[0\]"):
+        opt.add_param_group({"params": [storage[4:]]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [storage[5:]]})  # beside it, not over it
+    opt.step([np.ones(5, np.float32), np.ones(5, np.float32)])

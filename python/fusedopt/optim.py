@@ -177,6 +177,7 @@ class Optimizer(PlanHolder):
             if id(p) in seen:
                 raise ValueError(f"params[{i}] appears twice among the optimizer's params")
             seen.add(id(p))
+        _check_params_apart(self.param_groups, params)
         values = self._native_options(group)
         with self._lock:
             # A tuple: the optimizer updates the params it was given, so editing a group's list
@@ -727,6 +728,30 @@ def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 
 def _types(values: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(_types(v) if type(v) is tuple else type(v) for v in values)
+
+
+def _check_params_apart(groups: list[dict[str, Any]], params: list[Any]) -> None:
+    """No new param shares memory with another param (views of one array): every step would
+    refuse it, and a group cannot be taken out."""
+    extents = [
+        (q.__array_interface__["data"][0], q.nbytes, f"params[{j}] of param_groups[{g}]")
+        for g, group in enumerate(groups)
+        for j, q in enumerate(group["params"])
+        if isinstance(q, np.ndarray)
+    ]
+    extents += [
+        (p.__array_interface__["data"][0], p.nbytes, f"params[{i}]")
+        for i, p in enumerate(params)
+        if isinstance(p, np.ndarray)
+    ]
+    furthest: tuple[int, str] | None = None  # the end reached so far, and whose it is
+    for begin, size, name in sorted((e for e in extents if e[1] > 0), key=lambda e: e[0]):
+        if furthest is not None and begin < furthest[0]:
+            raise ValueError(
+                f"{name} shares memory with {furthest[1]}; every param must be its own array"
+            )
+        if furthest is None or begin + size > furthest[0]:
+            furthest = (begin + size, name)
 
 
 def _plain(value: Any) -> Any:
