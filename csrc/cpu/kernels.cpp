@@ -110,6 +110,28 @@ inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Updat
         if (has_state[k]) __builtin_prefetch(state[k] + i + 1024 / sizeof(T), 1);
     at(Lane<T>(T(0)), i);
   }
+  // The tail (fewer elements than a vector) as one vector, by masked loads and stores: the same
+  // operations lane by lane give the same bits as the scalar math. Adam, 2 threads: 10000 x 100
+  // 1.64 -> 1.39-1.48 ms, 1000 x 1000 0.62 -> 0.55-0.58 ms (their last 4 and 8 elements took a
+  // scalar divide and root each); a single element stays scalar (10000 x 1 was 7% slower as a
+  // vector). The other lanes compute on zeros. Float lanes only: the bandwidth ceiling streams
+  // 16-bit storage as integers.
+  if constexpr (std::is_floating_point_v<T>) {
+    if (const int rest = static_cast<int>(end - i); rest >= 2) {
+      Lane<T> p = Lane<T>::load_first(param + i, rest);
+      Lane<T> g = ReadOnlyStates ? Lane<T>(T(0)) : Lane<T>::load_first(grad + i, rest);
+      Lane<T> s[kMaxStates];
+      for (int k = 0; k < kMaxStates; ++k)
+        s[k] = has_state[k] ? Lane<T>::load_first(state[k] + i, rest) : Lane<T>(T(0));
+      update(p, g, s);
+      p.store_first(param + i, rest);
+      if (write_grad) g.store_first(grad + i, rest);
+      if (!ReadOnlyStates)
+        for (int k = 0; k < kMaxStates; ++k)
+          if (has_state[k]) s[k].store_first(state[k] + i, rest);
+      i = end;
+    }
+  }
 #endif
   for (; i < end; ++i) at(T(0), i);
 }

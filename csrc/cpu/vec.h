@@ -43,6 +43,39 @@ struct Vec {
     return r;
   }
   void store(T* p) const { std::memcpy(p, &v, Bytes); }
+  // The first `count` (< lanes) elements only, by masked loads and stores: the lanes past them
+  // read as zero and are never written, and memory past them is not touched (no fault).
+  static Vec load_first(const T* p, int count) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float lanes only");
+    Vec r;
+    if constexpr (Bytes == 64 && sizeof(T) == 4)
+      r.v = (native)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
+    else if constexpr (Bytes == 64)
+      r.v = (native)_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << count) - 1), p);
+    else if constexpr (sizeof(T) == 4)
+      r.v = (native)_mm256_maskload_ps(reinterpret_cast<const float*>(p), first_lanes(count));
+    else
+      r.v = (native)_mm256_maskload_pd(reinterpret_cast<const double*>(p), first_lanes(count));
+    return r;
+  }
+  void store_first(T* p, int count) const {
+    if constexpr (Bytes == 64 && sizeof(T) == 4)
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), (__m512)v);
+    else if constexpr (Bytes == 64)
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << count) - 1), (__m512d)v);
+    else if constexpr (sizeof(T) == 4)
+      _mm256_maskstore_ps(reinterpret_cast<float*>(p), first_lanes(count), (__m256)v);
+    else
+      _mm256_maskstore_pd(reinterpret_cast<double*>(p), first_lanes(count), (__m256d)v);
+  }
+  // AVX2's masks: all ones in the lanes of the first `count` elements (64-bit lanes for double).
+  static __m256i first_lanes(int count) {
+    if constexpr (sizeof(T) == 4)
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(count),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    else
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
 };
 
 template <class T, int B>
