@@ -138,9 +138,9 @@ typedef struct fusedopt_tensor {
   void* state[FUSEDOPT_MAX_STATES];
   /* The algorithm's per-tensor scalars: an array of FUSEDOPT_MAX_SCALARS doubles (those past
    * the algorithm's count are left as they are), read and updated in place by each step; an
-   * algorithm without any never reads or writes the pointer (NULL, or anything). A new tensor's start at
-   * fusedopt_initial_scalar. Keras keeps NAdam's u_product once for the whole optimizer: give
-   * every tensor of a step the same value (tensors at the same step with the same options all
+   * algorithm without any never reads or writes the pointer (NULL, or anything). A new tensor's
+   * start at fusedopt_initial_scalar. Keras keeps NAdam's u_product once for the whole optimizer:
+   * give every tensor of a step the same value (tensors at the same step with the same options all
    * come out with the same new one), or the same array. An array may be shared whole by several
    * tensors, but may not overlap another tensor's in part, nor any buffer of the call. */
   double* scalars;
