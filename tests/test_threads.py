@@ -199,8 +199,24 @@ def keras_numpy_adam(param: np.ndarray) -> Callable[[np.ndarray], None]:
     return lambda grad: opt.apply([grad], [param])
 
 
+def torch_adam(param: np.ndarray) -> Callable[[np.ndarray], None]:
+    torch = pytest.importorskip("torch")
+    import fusedopt.torch as ft
+
+    tensor = torch.nn.Parameter(torch.from_numpy(param))
+    opt = ft.Adam([tensor], lr=1e-3)
+
+    def step(grad: np.ndarray) -> None:
+        tensor.grad = torch.from_numpy(grad)
+        opt.step()
+
+    return step
+
+
 @needs_fork
-@pytest.mark.parametrize("make", [numpy_adam, keras_numpy_adam], ids=["optim", "keras_numpy"])
+@pytest.mark.parametrize(
+    "make", [numpy_adam, keras_numpy_adam, torch_adam], ids=["optim", "keras_numpy", "torch"]
+)
 def test_a_child_forked_while_another_thread_steps_the_same_optimizer_can_step_it(
     make: Callable[[np.ndarray], Callable[[np.ndarray], None]],
 ) -> None:

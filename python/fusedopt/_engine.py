@@ -383,7 +383,9 @@ class PlanHolder:
         self._start_lock()
 
 
-_live_optimizers: weakref.WeakSet[PlanHolder] = weakref.WeakSet()
+# Every optimizer with a lock and plans (the NumPy classes, fusedopt.torch): each has
+# _plan_attributes and _start_lock.
+_live_optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
 # Plans a forked child took from its optimizers. Never freed: a plan may have been in a step on
 # another thread of the parent, and destroying its locked mutex is undefined.
 _plans_left_by_fork: list[dict[str, Any]] = []
@@ -394,7 +396,9 @@ def _reset_optimizers_in_child() -> None:
         _plans_left_by_fork.append(
             {name: optimizer.__dict__.get(name) for name in optimizer._plan_attributes}
         )
-        optimizer.__dict__.update(optimizer._without_plans())
+        optimizer.__dict__.update(
+            {name: empty() for name, empty in optimizer._plan_attributes.items()}
+        )
         optimizer._start_lock()
 
 

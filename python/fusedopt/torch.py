@@ -26,7 +26,7 @@ import sys
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from fusedopt._engine import (
     PRECISION_OPTIONS,
     TORCH,
     Precision,
+    _live_optimizers,
     dequantize_blockwise,
     dtype_name,
     native_values,
@@ -135,9 +136,20 @@ class Optimizer(torch.optim.Optimizer):
                 for p in group["params"]:
                     self._create_state(p, group, values)
 
+    # What a forked child drops (_engine's fork handler, as for the NumPy classes): another
+    # thread of the parent may have been in a step, holding the lock and a plan's mutex.
+    _plan_attributes: ClassVar[dict[str, Callable[[], Any]]] = {
+        "_plans": dict, "_options_cache": dict, "_registered_state": lambda: None,
+    }  # fmt: skip
+
+    def _start_lock(self) -> None:
+        self._lock = threading.RLock()
+        _live_optimizers.add(self)
+
     def _reset_plans(self) -> None:
         """The lock and the caches: made anew, never pickled or copied."""
-        self.__dict__.setdefault("_lock", threading.RLock())
+        if "_lock" not in self.__dict__:
+            self._start_lock()
         self._plans: dict[Any, Any] = {}
         self._options_cache: dict[int, tuple[tuple[Any, ...], tuple[float, ...]]] = {}
         self._registered_state: tuple[_State, int] | None = None  # self.state, its changes
