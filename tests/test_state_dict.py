@@ -89,6 +89,18 @@ def train(opt: Any, params: list[np.ndarray], rng: np.random.Generator, steps: i
         opt.step(make_grads(rng, params))
 
 
+def continue_alike(
+    a: Any, params_a: list[np.ndarray], b: Any, params_b: list[np.ndarray], steps: int, seed: int
+) -> None:
+    """Steps two optimizers with the same gradients: their params and state must stay
+    bit-identical."""
+    train(a, params_a, np.random.default_rng(seed), steps)
+    train(b, params_b, np.random.default_rng(seed), steps)
+    for p, q in zip(params_a, params_b):
+        np.testing.assert_array_equal(q, p)
+    assert_same_state(a, b)
+
+
 def resume_and_compare(name: str, dtype: type, load: Callable[[Any, dict], None]) -> None:
     """Train k steps, save, load into a fresh optimizer over copies of the params, continue
     both with the same gradients: the trajectories must be bit-identical."""
@@ -101,13 +113,7 @@ def resume_and_compare(name: str, dtype: type, load: Callable[[Any, dict], None]
     load(resumed, saved)
     assert_same_state(opt, resumed)
     assert resumed.param_groups[1]["params"][0] is copies[2]
-    rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
-    for _ in range(4):
-        opt.step(make_grads(rng_a, params))
-        resumed.step(make_grads(rng_b, copies))
-    for p, q in zip(params, copies):
-        np.testing.assert_array_equal(q, p)
-    assert_same_state(opt, resumed)
+    continue_alike(opt, params, resumed, copies, steps=4, seed=2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
@@ -271,13 +277,7 @@ def test_reset_state_restarts_as_a_fresh_optimizer(name: str) -> None:
     copies = [p.copy() for p in params]
     fresh = MAKERS[name](copies)
     assert_same_state(opt, fresh)
-    rng_a, rng_b = np.random.default_rng(6), np.random.default_rng(6)
-    for _ in range(2):
-        opt.step(make_grads(rng_a, params))
-        fresh.step(make_grads(rng_b, copies))
-    for p, q in zip(params, copies):
-        np.testing.assert_array_equal(p, q)
-    assert_same_state(opt, fresh)
+    continue_alike(opt, params, fresh, copies, steps=2, seed=6)
 
 
 def test_state_is_empty_before_the_first_step_except_adagrad_sums() -> None:
@@ -369,13 +369,7 @@ def test_states_options_add_later_may_be_absent_from_a_loaded_entry() -> None:
         resumed.load_state_dict(saved)
         for opt in (live, resumed):
             opt.param_groups[0].update(loaded_options)
-        rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
-        for _ in range(2):
-            live.step(make_grads(rng_a, params))
-            resumed.step(make_grads(rng_b, copies))
-        for p, q in zip(params, copies):
-            np.testing.assert_array_equal(q, p)
-        assert_same_state(live, resumed)
+        continue_alike(live, params, resumed, copies, steps=2, seed=2)
 
 
 def test_params_without_state_and_unstepped_adagrad_sums_load() -> None:
