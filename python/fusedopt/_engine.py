@@ -21,7 +21,7 @@ import inspect
 import os
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -326,6 +326,18 @@ class StateView(dict):
 
     def __reduce__(self) -> Any:
         return (dict, (dict(self),))
+
+
+def first_overlap(extents: Iterable[tuple[int, int, str]]) -> tuple[str, str] | None:
+    """The first two of the named byte ranges ``(begin, end, name)`` that overlap, in address
+    order (the later one first), or None; empty ranges overlap nothing."""
+    furthest: tuple[int, int, str] | None = None  # the range that ends last so far
+    for extent in sorted(e for e in extents if e[1] > e[0]):
+        if furthest is not None and extent[0] < furthest[1]:
+            return extent[2], furthest[2]
+        if furthest is None or extent[1] > furthest[1]:
+            furthest = extent
+    return None
 
 
 def required_state(

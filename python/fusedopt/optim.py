@@ -36,6 +36,7 @@ from fusedopt._engine import (
     dequantize_blockwise,
     describe,
     dtype_name,
+    first_overlap,
     make_plan,
     native_values,
     numpy_dtype,
@@ -733,25 +734,24 @@ def _types(values: tuple[Any, ...]) -> tuple[Any, ...]:
 def _check_params_apart(groups: list[dict[str, Any]], params: list[Any]) -> None:
     """No new param shares memory with another param (views of one array): every step would
     refuse it, and a group cannot be taken out."""
+
+    def extent(array: np.ndarray, name: str) -> tuple[int, int, str]:
+        begin = array.__array_interface__["data"][0]
+        return begin, begin + array.nbytes, name
+
     extents = [
-        (q.__array_interface__["data"][0], q.nbytes, f"params[{j}] of param_groups[{g}]")
+        extent(q, f"params[{j}] of param_groups[{g}]")
         for g, group in enumerate(groups)
         for j, q in enumerate(group["params"])
         if isinstance(q, np.ndarray)
     ]
     extents += [
-        (p.__array_interface__["data"][0], p.nbytes, f"params[{i}]")
-        for i, p in enumerate(params)
-        if isinstance(p, np.ndarray)
+        extent(p, f"params[{i}]") for i, p in enumerate(params) if isinstance(p, np.ndarray)
     ]
-    furthest: tuple[int, str] | None = None  # the end reached so far, and whose it is
-    for begin, size, name in sorted((e for e in extents if e[1] > 0), key=lambda e: e[0]):
-        if furthest is not None and begin < furthest[0]:
-            raise ValueError(
-                f"{name} shares memory with {furthest[1]}; every param must be its own array"
-            )
-        if furthest is None or begin + size > furthest[0]:
-            furthest = (begin + size, name)
+    if clash := first_overlap(extents):
+        raise ValueError(
+            f"{clash[0]} shares memory with {clash[1]}; every param must be its own array"
+        )
 
 
 def _plain(value: Any) -> Any:

@@ -40,6 +40,7 @@ from fusedopt._engine import (
     _live_optimizers,
     dequantize_blockwise,
     dtype_name,
+    first_overlap,
     native_values,
     quantize_blockwise,
     quantized_full,
@@ -756,18 +757,13 @@ def _check_updated_once(groups: list[dict[str, Any]]) -> None:
                 memory = _memory(p)
             begin = memory.data_ptr()
             end = begin + memory.numel() * memory.element_size()
-            if end > begin:
-                extents.setdefault(memory.device, []).append((begin, end, where))
+            extents.setdefault(memory.device, []).append((begin, end, where))
     for device_extents in extents.values():
-        furthest: tuple[int, int, str] | None = None  # the extent that ends last so far
-        for extent in sorted(device_extents):
-            if furthest is not None and extent[0] < furthest[1]:
-                raise ValueError(
-                    f"{extent[2]} overlaps {furthest[2]} in memory; fusedopt updates each tensor "
-                    "once per step"
-                )
-            if furthest is None or extent[1] > furthest[1]:
-                furthest = extent
+        if clash := first_overlap(device_extents):
+            raise ValueError(
+                f"{clash[0]} overlaps {clash[1]} in memory; fusedopt updates each tensor once per "
+                "step"
+            )
 
 
 def _check_step_count(entry: dict, index: int, group: int) -> None:
