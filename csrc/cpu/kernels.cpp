@@ -66,6 +66,12 @@ inline unsigned pattern_of(const TensorRef& t) {
   return pattern;
 }
 
+// How far ahead LAMB's two passes prefetch every buffer they read. Their math (a root and three
+// divisions per element, twice) keeps so few loads in flight that the hardware prefetchers fell
+// behind: LAMB at 1e7 float32, 2 threads, was 0.67-0.69 of its two-pass ceiling, 0.75-0.80 with
+// these (1 KB ahead: 0.74-0.81; 4 KB: as 2 KB; interleaved runs of one hour).
+constexpr int64_t kReducingAhead = 2048;
+
 // Streams [begin, end) of one tensor through update(param, grad, states) with the widest lane
 // type, then the tail with the same math on plain T: no element is processed twice. The second
 // pass of an algorithm with reductions (ReadOnlyStates) reads the states and no grad, and writes
@@ -108,6 +114,11 @@ inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Updat
     if (!ReadOnlyStates)
       for (int k = 0; k < kMaxStates; ++k)
         if (has_state[k]) __builtin_prefetch(state[k] + i + 1024 / sizeof(T), 1);
+    if (ReadOnlyStates) {  // LAMB's second pass (see kReducingAhead)
+      __builtin_prefetch(param + i + kReducingAhead / sizeof(T), 1);
+      for (int k = 0; k < kMaxStates; ++k)
+        if (has_state[k]) __builtin_prefetch(state[k] + i + kReducingAhead / sizeof(T));
+    }
     at(Lane<T>(T(0)), i);
   }
   // The tail (fewer elements than a vector) as one vector, by masked loads and stores: the same
@@ -235,6 +246,11 @@ void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
       int64_t i = group;
       if (end - group >= 16) {
 #if defined(__AVX512F__) || defined(__AVX2__)
+        // Every buffer two kilobytes ahead (see kReducingAhead).
+        __builtin_prefetch(param + group + kReducingAhead / sizeof(T));
+        __builtin_prefetch(grad + group + kReducingAhead / sizeof(T));
+        for (int k = 0; k < kMaxStates; ++k)
+          if (state[k]) __builtin_prefetch(state[k] + group + kReducingAhead / sizeof(T), 1);
         for (; i + Lane<T>::lanes <= group + 16; i += Lane<T>::lanes) at(Lane<T>(T(0)), i);
 #endif
       }
