@@ -69,7 +69,8 @@ inline unsigned pattern_of(const TensorRef& t) {
 // How far ahead LAMB's two passes prefetch every buffer they read. Their math (a root and three
 // divisions per element, twice) keeps so few loads in flight that the hardware prefetchers fell
 // behind: LAMB at 1e7 float32, 2 threads, was 0.67-0.69 of its two-pass ceiling, 0.75-0.80 with
-// these (1 KB ahead: 0.74-0.81; 4 KB: as 2 KB; interleaved runs of one hour).
+// these (1 KB ahead: 0.74-0.81; 4 KB: as 2 KB; interleaved runs of one hour), 0.77-0.82 with the
+// divisions by its bias corrections made products (common.h's Divisor).
 constexpr int64_t kReducingAhead = 2048;
 
 // Streams [begin, end) of one tensor through update(param, grad, states) with the widest lane
@@ -785,9 +786,17 @@ void sixteen_bit_update_loop(const TensorRef& t, const typename A::Coefficients&
   const void* const grad = t.grad;
   float* const master = t.master;
   void* const state[kMaxStates] = {t.state[0], t.state[1], t.state[2]};
+  // The math on lanes that divide by the divider (vec.h's lane_divide): the conversions of the
+  // 16-bit buffers keep the other port busy. The same registers, retyped.
   const auto update = [c = coefficients](FloatLane & p, FloatLane & g, FloatLane(&s)[kMaxStates])
       __attribute__((always_inline)) {
-    math::update(c, p, g, s);
+    using Dividing = Vec<float, sizeof(FloatLane), true>;
+    Dividing dp = Dividing::wrap(p.v), dg = Dividing::wrap(g.v), ds[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k) ds[k] = Dividing::wrap(s[k].v);
+    math::update(c, dp, dg, ds);
+    p.v = dp.v;
+    g.v = dg.v;
+    for (int k = 0; k < kMaxStates; ++k) s[k].v = ds[k].v;
   };
   for (int64_t i = begin; i < end;) {
     // Lanes within one 2^32 elements of the tensor: the rounding keys' high half is per chunk.

@@ -44,11 +44,11 @@ struct Adam : AlgorithmDefaults {
 
   struct Coefficients {
     double beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-    double weight_decay;           // torch L2
-    double decay_factor;           // decoupled decay: torch AdamW and every Keras optimizer
-    double step_size;              // torch: lr / bc1; Keras: lr * sqrt(bc2) / bc1
-    double bias_correction2_sqrt;  // torch: sqrt(1 - beta2^t)
-    double grad_scale;
+    double weight_decay;            // torch L2
+    double decay_factor;            // decoupled decay: torch AdamW and every Keras optimizer
+    double step_size;               // torch: lr / bc1; Keras: lr * sqrt(bc2) / bc1
+    Divisor bias_correction2_sqrt;  // torch: sqrt(1 - beta2^t)
+    Divisor grad_scale;
     Convention convention;
     bool lerp_small_weight, amsgrad, maximize, has_weight_decay, has_decoupled_decay;
     bool has_grad_scale;
@@ -71,8 +71,8 @@ struct Adam : AlgorithmDefaults {
     // Keras folds both corrections into the step size and keeps eps-hat next to the raw root.
     c.step_size =
         keras ? o.lr * std::sqrt(bias_correction2) / bias_correction1 : o.lr / bias_correction1;
-    c.bias_correction2_sqrt = std::sqrt(bias_correction2);
-    c.grad_scale = in.grad_scale ? *in.grad_scale : 1.0;
+    c.bias_correction2_sqrt = divisor(std::sqrt(bias_correction2));
+    c.grad_scale = divisor(in.grad_scale ? *in.grad_scale : 1.0);
     c.convention = o.convention;
     c.lerp_small_weight = small_lerp_weight(1.0 - o.beta1);
     c.amsgrad = o.amsgrad;
@@ -95,7 +95,7 @@ FUSEDOPT_LANE_FN void update(const Adam::Coefficients& c, V& param, V& grad,
   V& exp_avg = state[0];
   V& exp_avg_sq = state[1];
   V& max_exp_avg_sq = state[2];
-  if (c.has_grad_scale) grad = grad / splat<V>(c.grad_scale);
+  if (c.has_grad_scale) grad = lane_divide(grad, c.grad_scale);
   V g = c.maximize ? -grad : grad;
   if (c.has_decoupled_decay) param = param * splat<V>(c.decay_factor);
 
@@ -115,7 +115,7 @@ FUSEDOPT_LANE_FN void update(const Adam::Coefficients& c, V& param, V& grad,
   V second_moment = exp_avg_sq;
   if (c.amsgrad) second_moment = max_exp_avg_sq = lane_max_nan(max_exp_avg_sq, exp_avg_sq);
   const V denominator =
-      lane_sqrt(second_moment) / splat<V>(c.bias_correction2_sqrt) + splat<V>(c.eps);
+      lane_divide(lane_sqrt(second_moment), c.bias_correction2_sqrt) + splat<V>(c.eps);
   param = param + (splat<V>(-c.step_size) * exp_avg) / denominator;
 }
 

@@ -32,6 +32,29 @@
   }                       \
   }
 
+namespace fusedopt {
+
+// A divisor fixed for a step (a bias correction, a grad scale). A float lane divides by it with
+// one double multiply by the reciprocal of its float rounding, rounded to float: bit for bit the
+// float division (docs/spec.md A.9), off the divider that the square roots and the other
+// divisions queue on. That holds for every float x unless d is an even integer other than a
+// power of two (a grad scale of 98: some subnormal quotients are then float midpoints, which the
+// product misses); such a divisor is divided.
+struct Divisor {
+  double value;
+  double float_reciprocal;  // 1 / float(value), in double
+  bool by_product;          // float lanes may multiply by float_reciprocal
+};
+inline Divisor divisor(double value) {
+  const float d = static_cast<float>(value);
+  int exponent = 0;
+  const bool power_of_two = std::frexp(std::fabs(d), &exponent) == 0.5f;
+  const bool even_integer = std::isfinite(d) && std::fmod(d, 2.0f) == 0.0f && d != 0.0f;
+  return {value, 1.0 / static_cast<double>(d), !even_integer || power_of_two};
+}
+
+}  // namespace fusedopt
+
 FUSEDOPT_MATH_BEGIN
 
 template <class V>
@@ -64,6 +87,12 @@ FUSEDOPT_LANE_FN float lane_max(float a, float b) { return a > b ? a : b; }
 FUSEDOPT_LANE_FN double lane_max(double a, double b) { return a > b ? a : b; }
 FUSEDOPT_LANE_FN float lane_min(float a, float b) { return a < b ? a : b; }
 FUSEDOPT_LANE_FN double lane_min(double a, double b) { return a < b ? a : b; }
+
+FUSEDOPT_LANE_FN float lane_divide(float x, const Divisor& d) {
+  if (!d.by_product) return x / static_cast<float>(d.value);
+  return static_cast<float>(static_cast<double>(x) * d.float_reciprocal);
+}
+FUSEDOPT_LANE_FN double lane_divide(double x, const Divisor& d) { return x / d.value; }
 
 // Lane-wise choice, and whether every lane of a mask is set; for plain float and double a mask is
 // a bool (the SIMD types define their own).

@@ -42,7 +42,8 @@ struct Lamb : AlgorithmDefaults {
   }
 
   struct Coefficients {
-    double one_minus_beta1, one_minus_beta2, eps, bias_correction1, bias_correction2;
+    double one_minus_beta1, one_minus_beta2, eps;
+    Divisor bias_correction1, bias_correction2;
     double decay_factor, lr;
     double step_size;  // ratio * lr, once the tensor's sums are known (finish)
     bool has_decay;
@@ -55,8 +56,8 @@ struct Lamb : AlgorithmDefaults {
     c.one_minus_beta1 = keras_float(1.0 - o.beta1);
     c.one_minus_beta2 = keras_float(1.0 - o.beta2);
     c.eps = keras_float(o.eps);
-    c.bias_correction1 = 1.0 - std::pow(o.beta1, t);
-    c.bias_correction2 = 1.0 - std::pow(o.beta2, t);
+    c.bias_correction1 = divisor(1.0 - std::pow(o.beta1, t));
+    c.bias_correction2 = divisor(1.0 - std::pow(o.beta2, t));
     c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.lr = o.lr;
     c.has_decay = o.weight_decay != 0;
@@ -83,8 +84,8 @@ template <class V>
 FUSEDOPT_LANE_FN void lamb_direction(const Lamb::Coefficients& c, V param,
                                      const V (&state)[kMaxStates], V& decayed, V& direction) {
   decayed = c.has_decay ? param * splat<V>(c.decay_factor) : param;
-  const V corrected_momentum = state[0] / splat<V>(c.bias_correction1);
-  const V root = lane_sqrt(state[1] / splat<V>(c.bias_correction2)) + splat<V>(c.eps);
+  const V corrected_momentum = lane_divide(state[0], c.bias_correction1);
+  const V root = lane_sqrt(lane_divide(state[1], c.bias_correction2)) + splat<V>(c.eps);
   direction = corrected_momentum / root;
 }
 

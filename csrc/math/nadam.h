@@ -62,11 +62,11 @@ struct Nadam : AlgorithmDefaults {
 
   struct Coefficients {
     double beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, lr;
-    double bias_correction2;
-    double grad_coefficient;                           // torch: -lr (1 - mu_t) / (1 - P_t)
-    double momentum_coefficient;                       // torch: -lr mu_{t+1} / (1 - P_t mu_{t+1})
-    double mu, mu_next;                                // Keras: u_t, u_{t+1}
-    double one_minus_product, one_minus_next_product;  // Keras: 1 - U_t, 1 - U_{t+1}
+    Divisor bias_correction2;
+    double grad_coefficient;                            // torch: -lr (1 - mu_t) / (1 - P_t)
+    double momentum_coefficient;                        // torch: -lr mu_{t+1} / (1 - P_t mu_{t+1})
+    double mu, mu_next;                                 // Keras: u_t, u_{t+1}
+    Divisor one_minus_product, one_minus_next_product;  // Keras: 1 - U_t, 1 - U_{t+1}
     Convention convention;
     bool lerp_small_weight, maximize, has_weight_decay, has_decoupled_decay;
   };
@@ -89,13 +89,13 @@ struct Nadam : AlgorithmDefaults {
     c.weight_decay = o.weight_decay;
     c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.lr = o.lr;
-    c.bias_correction2 = 1.0 - std::pow(o.beta2, t);
+    c.bias_correction2 = divisor(1.0 - std::pow(o.beta2, t));
     c.grad_coefficient = (-o.lr * (1.0 - mu)) / (1.0 - product);
     c.momentum_coefficient = (-o.lr * mu_next) / (1.0 - product * mu_next);
     c.mu = mu;
     c.mu_next = mu_next;
-    c.one_minus_product = 1.0 - product;
-    c.one_minus_next_product = 1.0 - next;
+    c.one_minus_product = divisor(1.0 - product);
+    c.one_minus_next_product = divisor(1.0 - next);
     c.convention = o.convention;
     c.lerp_small_weight = small_lerp_weight(1.0 - o.beta1);
     c.maximize = o.maximize;
@@ -124,9 +124,9 @@ FUSEDOPT_LANE_FN void update(const Nadam::Coefficients& c, V& param, V& grad,
     exp_avg = exp_avg * splat<V>(c.beta1) + splat<V>(c.one_minus_beta1) * g;
     exp_avg_sq = exp_avg_sq * splat<V>(c.beta2) + splat<V>(c.one_minus_beta2) * (g * g);
     const V corrected_momentum =
-        (exp_avg * splat<V>(c.mu_next)) / splat<V>(c.one_minus_next_product) +
-        (g * splat<V>(1.0 - c.mu)) / splat<V>(c.one_minus_product);
-    const V corrected_square = exp_avg_sq / splat<V>(c.bias_correction2);
+        lane_divide(exp_avg * splat<V>(c.mu_next), c.one_minus_next_product) +
+        lane_divide(g * splat<V>(1.0 - c.mu), c.one_minus_product);
+    const V corrected_square = lane_divide(exp_avg_sq, c.bias_correction2);
     param = param -
             (corrected_momentum * splat<V>(c.lr)) / (lane_sqrt(corrected_square) + splat<V>(c.eps));
     return;
@@ -136,7 +136,7 @@ FUSEDOPT_LANE_FN void update(const Nadam::Coefficients& c, V& param, V& grad,
   exp_avg_sq = exp_avg_sq * splat<V>(c.beta2) + splat<V>(c.one_minus_beta2) * g * g;
   // The division before the root (torch's single-tensor form), and two separate updates of the
   // param, each rounded, as torch's two addcdiv calls.
-  const V denominator = lane_sqrt(exp_avg_sq / splat<V>(c.bias_correction2)) + splat<V>(c.eps);
+  const V denominator = lane_sqrt(lane_divide(exp_avg_sq, c.bias_correction2)) + splat<V>(c.eps);
   param = param + (splat<V>(c.grad_coefficient) * g) / denominator;
   param = param + (splat<V>(c.momentum_coefficient) * exp_avg) / denominator;
 }

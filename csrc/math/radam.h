@@ -43,7 +43,8 @@ struct Radam : AlgorithmDefaults {
 
   struct Coefficients {
     double lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor;
-    double bias_correction1, bias_correction2_sqrt, rectification;
+    Divisor bias_correction1;
+    double bias_correction2_sqrt, rectification;
     bool rectified, lerp_small_weight, maximize, has_weight_decay, has_decoupled_decay;
   };
 
@@ -62,7 +63,7 @@ struct Radam : AlgorithmDefaults {
     c.eps = o.eps;
     c.weight_decay = o.weight_decay;
     c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
-    c.bias_correction1 = 1.0 - std::pow(o.beta1, t);
+    c.bias_correction1 = divisor(1.0 - std::pow(o.beta1, t));
     c.bias_correction2_sqrt = std::sqrt(bias_correction2);
     c.rectified = rho_t > 5.0;
     c.rectification = c.rectified ? std::sqrt(((rho_t - 4) * (rho_t - 2) * rho_infinity) /
@@ -90,7 +91,7 @@ FUSEDOPT_LANE_FN void update(const Radam::Coefficients& c, V& param, V& grad,
   if (c.has_weight_decay) g = g + splat<V>(c.weight_decay) * param;
   exp_avg = torch_lerp(exp_avg, g, c.one_minus_beta1, c.lerp_small_weight);
   exp_avg_sq = exp_avg_sq * splat<V>(c.beta2) + splat<V>(c.one_minus_beta2) * g * g;
-  const V corrected = exp_avg / splat<V>(c.bias_correction1);
+  const V corrected = lane_divide(exp_avg, c.bias_correction1);
   if (c.rectified) {
     const V adaptive =
         splat<V>(c.bias_correction2_sqrt) / (lane_sqrt(exp_avg_sq) + splat<V>(c.eps));

@@ -44,7 +44,8 @@ struct Sgd : AlgorithmDefaults {
   }
 
   struct Coefficients {
-    double lr, weight_decay, decay_factor, momentum, dampening_complement, grad_scale;
+    double lr, weight_decay, decay_factor, momentum, dampening_complement;
+    Divisor grad_scale;
     Convention convention;
     bool has_momentum;
     bool first_step;  // torch: a new momentum buffer takes the gradient itself (spec 3)
@@ -58,7 +59,7 @@ struct Sgd : AlgorithmDefaults {
     c.decay_factor = decay_factor(o.convention, o.lr, o.weight_decay);
     c.momentum = o.momentum;
     c.dampening_complement = 1.0 - o.dampening;
-    c.grad_scale = in.grad_scale ? *in.grad_scale : 1.0;
+    c.grad_scale = divisor(in.grad_scale ? *in.grad_scale : 1.0);
     c.convention = o.convention;
     c.has_momentum = o.momentum != 0;
     c.first_step = in.new_state;
@@ -81,7 +82,7 @@ template <class V>
 FUSEDOPT_LANE_FN void update(const Sgd::Coefficients& c, V& param, V& grad,
                              V (&state)[kMaxStates]) {
   V& buffer = state[0];
-  if (c.has_grad_scale) grad = grad / splat<V>(c.grad_scale);
+  if (c.has_grad_scale) grad = lane_divide(grad, c.grad_scale);
   V g = c.maximize ? -grad : grad;
   const V lr = splat<V>(c.lr);
   const V momentum = splat<V>(c.momentum);
