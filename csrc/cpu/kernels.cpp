@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "core/tensor.h"
@@ -553,9 +554,17 @@ struct CodeTable {
   static constexpr uint32_t kBuckets = (0x3f800000u >> kShift) + 1;  // |x| up to 1.0
   // [0, kBuckets) for x >= 0, then x < 0; three spare bytes so 32-bit gathers stay inside.
   uint8_t code[2 * kBuckets + 3] = {};
+  // threshold[c]: the least x that the rule moves from c up to c + 1 (NaN for the last code, so
+  // no x moves). The rule's comparison, |x - map[c + 1]| < |x - map[c]| or x >= map[c + 1], only
+  // turns from false to true as x rises (a rounded difference is monotonic in x), and is false
+  // below map[c]: one comparison with the threshold is the rule, and one gather fewer than
+  // reading both map values.
+  float threshold[256];
   bool exact = true;
 
   explicit CodeTable(const float* map) {
+    for (int c = 0; c < 256; ++c)
+      threshold[c] = c == 255 ? std::numeric_limits<float>::quiet_NaN() : least_moved_up(map, c);
     for (uint32_t negative = 0; negative < 2; ++negative)
       for (uint32_t b = 0; b < kBuckets; ++b) {
         const uint32_t low = b << kShift, high = std::min(low | ((1u << kShift) - 1), 0x3f800000u);
@@ -567,6 +576,34 @@ struct CodeTable {
         code[negative * kBuckets + b] = static_cast<uint8_t>(first);
         if (nearest_code_by_search(highest, map) - first > 1) exact = false;
       }
+  }
+
+  // By bisection over the floats of [map[c], map[c + 1]], ordered as integers that rise with
+  // them (the sign bit flipped for x >= 0, every bit for x < 0).
+  static float least_moved_up(const float* map, int c) {
+    const auto moves_up = [&](float x) {
+      return x >= map[c + 1] || std::fabs(x - map[c + 1]) < std::fabs(x - map[c]);
+    };
+    const auto ordered = [](float x) {
+      uint32_t bits;
+      std::memcpy(&bits, &x, sizeof bits);
+      return bits >> 31 ? ~bits : bits | 0x80000000u;
+    };
+    const auto from_ordered = [](uint32_t key) {
+      const uint32_t bits = key >> 31 ? key & 0x7fffffffu : ~key;
+      float x;
+      std::memcpy(&x, &bits, sizeof x);
+      return x;
+    };
+    uint32_t low = ordered(map[c]), high = ordered(map[c + 1]);  // moves_up(map[c + 1]) holds
+    while (low < high) {
+      const uint32_t middle = low + (high - low) / 2;
+      if (moves_up(from_ordered(middle)))
+        high = middle;
+      else
+        low = middle + 1;
+    }
+    return from_ordered(low);
   }
 
   // The bucket of x (NaN and |x| > 1 clamp to the last; callers handle NaN).
@@ -585,9 +622,7 @@ inline uint8_t nearest_code(float x, const float* map, const CodeTable& table) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
   const int c = table.code[CodeTable::bucket(bits)];
-  const int next = c + (c < 255);
-  const bool up = next != c && (x >= map[next] || std::fabs(x - map[next]) < std::fabs(x - map[c]));
-  return static_cast<uint8_t>(c + up);
+  return static_cast<uint8_t>(c + (x >= table.threshold[c]));
 }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -635,10 +670,7 @@ inline void nearest_codes(const float* x, int64_t n, const float* map, const Cod
                ? magnitude
                : GatherInts{} + (CodeTable::kBuckets - 1));
       const GatherInts c = gather_bytes(table.code, bucket);
-      const GatherInts next = c < 255 ? c + 1 : c;
-      const GatherFloats at = gather_map(map, c), above = gather_map(map, next);
-      const GatherInts up =
-          (next != c) & ((v >= above) | (lanes_abs(v - above) < lanes_abs(v - at)));
+      const GatherInts up = v >= gather_map(table.threshold, c);
       const GatherInts k = v != v ? GatherInts{} : c - up;  // NaN: code 0
       const GatherBytes codes = __builtin_convertvector(k, GatherBytes);
       std::memcpy(out + i, &codes, sizeof codes);
@@ -695,7 +727,15 @@ inline void quantize(const float* values, bool nonnegative, int64_t first, int64
       largest = a > largest ? a : largest;
     }
     absmax[(first + begin) / kQuantBlock] = largest;
-    for (int64_t i = 0; i < count; ++i) normalized[i] = values[begin + i] / largest;
+    // values / largest with the division's bits, by the product where that is exact
+    // (common.h's Divisor): off the divider.
+    const Divisor by_largest = divisor(largest);
+    if (by_largest.by_product)
+      for (int64_t i = 0; i < count; ++i)
+        normalized[i] = static_cast<float>(static_cast<double>(values[begin + i]) *
+                                           by_largest.float_reciprocal);
+    else
+      for (int64_t i = 0; i < count; ++i) normalized[i] = values[begin + i] / largest;
     nearest_codes(normalized, count, map, table, codes + first + begin);
   }
 }
