@@ -11,6 +11,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FUSEDOPT_LANE_FN __host__ __device__ __forceinline__
@@ -47,10 +49,17 @@ struct Divisor {
 };
 inline Divisor divisor(double value) {
   const float d = static_cast<float>(value);
-  int exponent = 0;
-  const bool power_of_two = std::frexp(std::fabs(d), &exponent) == 0.5f;
-  const bool even_integer = std::isfinite(d) && std::fmod(d, 2.0f) == 0.0f && d != 0.0f;
-  return {value, 1.0 / static_cast<double>(d), !even_integer || power_of_two};
+  uint32_t bits;
+  std::memcpy(&bits, &d, sizeof bits);
+  const int exponent = static_cast<int>((bits >> 23) & 0xff);  // biased; 0: zero or subnormal
+  const uint32_t fraction = bits & 0x7fffff;
+  // |d| = significand * 2^(exponent - 150): an even integer when its lowest set bit weighs 2 or
+  // more. A power of two has no fraction bits; zero, subnormals, infinities and NaN take the
+  // product (their quotients are the division's too).
+  const bool normal = exponent != 0 && exponent != 0xff;
+  const bool even_integer =
+      normal && __builtin_ctz(fraction | 0x800000) + exponent - 150 >= 1 && fraction != 0;
+  return {value, 1.0 / static_cast<double>(d), !even_integer};
 }
 
 }  // namespace fusedopt
