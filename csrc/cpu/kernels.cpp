@@ -744,15 +744,10 @@ inline void quantize(const float* values, bool nonnegative, int64_t first, int64
       largest = a > largest ? a : largest;
     }
     absmax[(first + begin) / kQuantBlock] = largest;
-    // values / largest with the division's bits, by the product where that is exact
-    // (common.h's Divisor): off the divider.
+    // values / largest with the division's bits, off the divider where that is exact.
     const Divisor by_largest = divisor(largest);
-    if (by_largest.by_product)
-      for (int64_t i = 0; i < count; ++i)
-        normalized[i] = static_cast<float>(static_cast<double>(values[begin + i]) *
-                                           by_largest.float_reciprocal);
-    else
-      for (int64_t i = 0; i < count; ++i) normalized[i] = values[begin + i] / largest;
+    for (int64_t i = 0; i < count; ++i)
+      normalized[i] = math::lane_divide(values[begin + i], by_largest);
     nearest_codes(normalized, count, map, table, codes + first + begin);
   }
 }
