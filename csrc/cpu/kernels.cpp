@@ -221,6 +221,13 @@ typedef float Floats16 __attribute__((vector_size(16 * sizeof(float))));
 template <class T>
 using Values16 = std::conditional_t<std::is_same_v<T, float>, Floats16, Sums16>;
 
+// float32 squares are summed in float32 over kSquaresPerLane groups of 16 (each lane adds 16
+// squares: relative error under 2^-20, where Keras sums a whole tensor in float32), and those
+// partial sums in double. Widening every square to double took conversions that LAMB's first
+// pass, bound by its arithmetic, has no room for: in cache (32768 elements, 1 thread, AMD Zen 5,
+// best of 15 rounds, six interleaved runs) 0.91-0.94 -> 0.83-0.87 ns per element for the step.
+constexpr int64_t kSquaresPerLane = 16;
+
 // The first pass over whole blocks of one tensor: the states updated in place, and per block the
 // sums of the squares of what reduce() yields, 16 elements at a time (a block's last, partial
 // group padded with zeros, which add nothing).
@@ -237,6 +244,8 @@ void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
     const int64_t begin = block * kReductionBlock;
     const int64_t end = std::min(begin + kReductionBlock, t.size);
     Sums16 sums[R] = {};
+    Values16<T> squares[R] = {};
+    int64_t squared_groups = 0;
     for (int64_t group = begin; group < end; group += 16) {
       alignas(64) T summed[R][16] = {};
       auto at = [&](auto lane, int64_t i) {
@@ -266,8 +275,16 @@ void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
       for (int r = 0; r < R; ++r) {
         Values16<T> values;
         std::memcpy(&values, summed[r], sizeof values);
-        const Sums16 wide = __builtin_convertvector(values, Sums16);
-        sums[r] = sums[r] + wide * wide;
+        squares[r] = squares[r] + values * values;
+      }
+      // float64 squares go straight into the sums, as before.
+      if (++squared_groups == (std::is_same_v<T, float> ? kSquaresPerLane : 1) ||
+          group + 16 >= end) {
+        for (int r = 0; r < R; ++r) {
+          sums[r] = sums[r] + __builtin_convertvector(squares[r], Sums16);
+          squares[r] = Values16<T>{};
+        }
+        squared_groups = 0;
       }
     }
     for (int r = 0; r < R; ++r) {
