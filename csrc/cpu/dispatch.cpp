@@ -34,6 +34,7 @@ unsigned long long read_xcr0() {
 struct CpuFeatures {
   bool avx2 = false;
   bool avx512 = false;
+  bool avx512_bfloat16 = false;  // AVX512_BF16 (CPUID leaf 7, subleaf 1, EAX bit 5)
 };
 
 CpuFeatures detect_features() {
@@ -54,6 +55,8 @@ CpuFeatures detect_features() {
   const bool avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
   f.avx2 = os_saves_ymm && avx2 && fma && f16c;
   f.avx512 = f.avx2 && os_saves_zmm && avx512f && avx512dq && avx512bw && avx512vl;
+  if (f.avx512 && eax >= 1 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx))
+    f.avx512_bfloat16 = eax & (1u << 5);
   return f;
 }
 #endif
@@ -124,6 +127,12 @@ void set_isa(const std::string& isa) {
 }
 
 const KernelTable& kernels() { return *active_table().load(); }
+
+#if defined(__x86_64__) || defined(__i386__)
+const bool avx512_bfloat16 = detect_features().avx512_bfloat16;
+#else
+const bool avx512_bfloat16 = false;
+#endif
 
 }  // namespace cpu
 }  // namespace fusedopt

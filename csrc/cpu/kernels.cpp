@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "core/tensor.h"
+#include "cpu/dispatch.h"
 #include "math/dynamic_map.h"
 #include "math/ewma.h"
 #include "math/registry.h"
@@ -400,6 +401,25 @@ FUSEDOPT_LANE_FN FloatLane load_sixteen(const void* buffer, int64_t i) {
   return x;
 }
 
+#if defined(__AVX512F__)
+// bfloat16 to nearest by AVX512_BF16's vcvtneps2bf16 where the CPU has it (AMD Zen 4 and 5,
+// Intel from Cooper Lake on): the bits of math::float_bits_to_bfloat16 for every float32 but
+// NaNs (it keeps payload bits) and subnormals (it flushes them to zero), compared over all 2^32;
+// a vector holding either takes the integer rounding. Inline assembly, so that the avx512
+// compile, which also runs on AVX-512 CPUs without BF16, holds the instruction only behind the
+// CPU check. Adam over 1e6 bfloat16 params and states in cache, 1 thread, AMD Zen 5: 0.41-0.43
+// -> 0.31 ns per element (0.22 with no check: two compares on integer lanes instead of one
+// vfpclassps cost half the gain); 1e7, 2 threads, 0.26 -> 0.22-0.25.
+FUSEDOPT_LANE_FN bool store_bfloat16_native(uint16_t* out, const FloatLane& x) {
+  // One classification: quiet NaN (0x01), subnormal (0x20), signalling NaN (0x80).
+  if (_mm512_fpclass_ps_mask((__m512)x.v, 0xa1)) return false;
+  __m256i rounded;
+  __asm__("vcvtneps2bf16 %1, %0" : "=v"(rounded) : "v"((__m512)x.v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), rounded);
+  return true;
+}
+#endif
+
 // A lane rounded to 16 bits and stored at `out`; `index`: the low 32 bits of out[0]'s position
 // in its tensor, for the random bits of stochastic rounding.
 template <Dtype D, bool Stochastic>
@@ -414,6 +434,10 @@ FUSEDOPT_LANE_FN void store_sixteen(uint16_t* out, uint32_t index, const FloatLa
     rounded = D == Dtype::bfloat16 ? math::float_bits_to_bfloat16_stochastic(f, random)
                                    : math::float_bits_to_float16_stochastic(f, random);
   } else {
+#if defined(__AVX512F__)
+    if constexpr (D == Dtype::bfloat16)
+      if (avx512_bfloat16 && store_bfloat16_native(out, x)) return;
+#endif
     rounded = D == Dtype::bfloat16 ? math::float_bits_to_bfloat16(f) : round_float16_hardware(f);
   }
   store_halves(out, rounded);
