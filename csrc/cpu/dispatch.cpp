@@ -59,6 +59,12 @@ CpuFeatures detect_features() {
     f.avx512_bfloat16 = eax & (1u << 5);
   return f;
 }
+
+// Read once: the ISA list and the AVX512_BF16 flag below both come from here.
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = detect_features();
+  return features;
+}
 #endif
 
 struct IsaEntry {
@@ -69,7 +75,7 @@ struct IsaEntry {
 std::vector<IsaEntry> runnable_isas() {
   std::vector<IsaEntry> isas = {{"scalar", kernel_table_scalar}};
 #if defined(__x86_64__) || defined(__i386__)
-  const CpuFeatures f = detect_features();
+  const CpuFeatures& f = cpu_features();
 #if defined(FUSEDOPT_HAVE_avx2)
   if (f.avx2) isas.push_back({"avx2", kernel_table_avx2});
 #endif
@@ -129,7 +135,7 @@ void set_isa(const std::string& isa) {
 const KernelTable& kernels() { return *active_table().load(); }
 
 #if defined(__x86_64__) || defined(__i386__)
-const bool avx512_bfloat16 = detect_features().avx512_bfloat16;
+const bool avx512_bfloat16 = cpu_features().avx512_bfloat16;
 #else
 const bool avx512_bfloat16 = false;
 #endif

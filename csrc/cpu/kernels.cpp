@@ -246,7 +246,6 @@ void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
     const int64_t end = std::min(begin + kReductionBlock, t.size);
     Sums16 sums[R] = {};
     Values16<T> squares[R] = {};
-    int64_t squared_groups = 0;
     for (int64_t group = begin; group < end; group += 16) {
       alignas(64) T summed[R][16] = {};
       auto at = [&](auto lane, int64_t i) {
@@ -279,13 +278,12 @@ void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
         squares[r] = squares[r] + values * values;
       }
       // float64 squares go straight into the sums, as before.
-      if (++squared_groups == (std::is_same_v<T, float> ? kSquaresPerLane : 1) ||
-          group + 16 >= end) {
+      constexpr int64_t run = std::is_same_v<T, float> ? 16 * kSquaresPerLane : 16;
+      if ((group + 16 - begin) % run == 0 || group + 16 >= end) {
         for (int r = 0; r < R; ++r) {
           sums[r] = sums[r] + __builtin_convertvector(squares[r], Sums16);
           squares[r] = Values16<T>{};
         }
-        squared_groups = 0;
       }
     }
     for (int r = 0; r < R; ++r) {
