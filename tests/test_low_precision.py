@@ -873,12 +873,21 @@ def test_quantization_follows_the_reference_rule():
 
 
 def _decision_points(code: np.ndarray) -> np.ndarray:
-    """float32 values where the rule's answer may change or a table's bucket starts or ends:
-    every code and every midpoint between neighbours, a few ulps either side, and both ends of
-    every bucket of |x| at 9 mantissa bits."""
+    """float32 values where the rule's answer may change or a kernel's way to it does: every code
+    and every midpoint between neighbours, a few ulps either side; both ends of every bucket of
+    |x| at 9 mantissa bits (the bucket table); and either side of the edges of the bands that the
+    AVX-512 kernels' arithmetic leaves to the table (2^-12 of a code's width from where the
+    answer changes)."""
     code = code.astype(np.float32)
-    mid = ((code[:-1].astype(np.float64) + code[1:]) / 2).astype(np.float32)
-    points = np.concatenate([code, mid])
+    wide = code.astype(np.float64)
+    mid = ((wide[:-1] + wide[1:]) / 2).astype(np.float32)
+    width = np.diff(wide)
+    bands = [
+        (wide[:-1] + wide[1:]) / 2 + side * width * fraction
+        for side in (-1, 1)
+        for fraction in (2.0**-13, 2.0**-12 * (1 - 2.0**-6), 2.0**-12 * (1 + 2.0**-6), 2.0**-10)
+    ]
+    points = np.concatenate([code, mid, *[b.astype(np.float32) for b in bands]])
     near = [points]
     for steps in (1, 2, 3):
         up, down = points.copy(), points.copy()
