@@ -1012,18 +1012,26 @@ inline void quantize(const float* values, bool nonnegative, int64_t first, int64
   float normalized[kQuantBlock];
   for (int64_t begin = 0; begin < n; begin += kQuantBlock) {
     const int64_t count = std::min(n - begin, kQuantBlock);
-    // Sixteen running maxima (a NaN never replaces one), then the largest of them: the same
-    // value in any order, and a serial chain of maxima cost more than the rest of the block.
-    Floats16 lanes = {};
+    // Running maxima, four sets of sixteen (a NaN never replaces one), then the largest of them
+    // by halves: the same value in any order, and a serial chain of maxima cost more than the
+    // rest of the block.
+    Floats16 lanes[4] = {};
     int64_t i = 0;
     for (; i + 16 <= count; i += 16) {
       Floats16 v;
       std::memcpy(&v, values + begin + i, sizeof v);
       v = lanes_abs(v);
-      lanes = v > lanes ? v : lanes;
+      Floats16& set = lanes[(i / 16) % 4];
+      set = v > set ? v : set;
     }
-    float largest = 0.0f;
-    for (int lane = 0; lane < 16; ++lane) largest = lanes[lane] > largest ? lanes[lane] : largest;
+    for (const Floats16& set : {lanes[1], lanes[2], lanes[3]})
+      lanes[0] = set > lanes[0] ? set : lanes[0];
+    float halves[16];
+    std::memcpy(halves, &lanes[0], sizeof halves);
+    for (int width = 8; width > 0; width /= 2)
+      for (int lane = 0; lane < width; ++lane)
+        halves[lane] = halves[lane + width] > halves[lane] ? halves[lane + width] : halves[lane];
+    float largest = halves[0];
     for (; i < count; ++i) {
       const float a = std::fabs(values[begin + i]);
       largest = a > largest ? a : largest;
