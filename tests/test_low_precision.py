@@ -314,6 +314,11 @@ def _run_adamw(
         ((1, 17, 300, 70001), dict(dtype=np.float16, stochastic_rounding=True)),
         ((33, 4099), dict(dtype=np.float16, state_dtype="float32", master_weights=True)),
         ((33, 4099), dict(dtype=np.float16, amsgrad=True)),
+        # 8-bit states are dequantized and coded in registers by the AVX2 and AVX-512 kernels
+        # (a block cut short at a tensor's end staged), staged by the scalar ones.
+        ((5000, 70001, 4097), dict(state_dtype="int8", stochastic_rounding=True)),
+        ((5000, 4097), dict(dtype=np.float16, state_dtype="int8")),
+        ((5000, 4097), dict(dtype=np.float32, state_dtype="int8")),
     ],
     ids=[
         "stochastic",
@@ -324,6 +329,9 @@ def _run_adamw(
         "float16-stochastic",
         "float16-float32-state-master",
         "float16-amsgrad",
+        "8-bit-stochastic",
+        "float16-8-bit",
+        "float32-8-bit",
     ],
 )
 def test_results_are_the_same_for_every_isa_and_thread_count(sizes, options):
@@ -939,7 +947,7 @@ def test_the_kernels_quantize_by_the_rule_at_every_decision_point(isa_name, nonn
 
 
 @pytest.mark.parametrize(("cls", "hyper"), QUANTIZABLE, ids=lambda x: getattr(x, "__name__", ""))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_each_8_bit_step_is_the_float32_step_quantized(cls, hyper, dtype):
     """From the dequantized states, the float32 step, then each block quantized again: the
     kernels' codes and scales equal the engine's quantizer's, bit for bit (5000 elements: a

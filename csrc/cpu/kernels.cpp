@@ -1003,45 +1003,59 @@ inline void nearest_codes(const float* x, int64_t n, const float* map, const Cod
 }
 #endif
 
+// The largest of the lanes of a vector none of which is NaN, by halves: the largest in any order.
+template <class F>
+inline float largest_lane(F lanes) {
+  constexpr int n = sizeof(F) / sizeof(float);
+  float halves[n];
+  std::memcpy(halves, &lanes, sizeof halves);
+  for (int width = n / 2; width > 0; width /= 2)
+    for (int lane = 0; lane < width; ++lane)
+      halves[lane] = halves[lane + width] > halves[lane] ? halves[lane + width] : halves[lane];
+  return halves[0];
+}
+
+// The largest |x| of `count` values, NaN left out (a NaN never replaces a running maximum). Four
+// sets of sixteen running maxima: a serial chain of maxima cost more than the rest of a block.
+inline float block_absmax(const float* values, int64_t count) {
+  Floats16 lanes[4] = {};
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    Floats16 v;
+    std::memcpy(&v, values + i, sizeof v);
+    v = lanes_abs(v);
+    Floats16& set = lanes[(i / 16) % 4];
+    set = v > set ? v : set;
+  }
+  for (const Floats16& set : {lanes[1], lanes[2], lanes[3]})
+    lanes[0] = set > lanes[0] ? set : lanes[0];
+  float largest = largest_lane(lanes[0]);
+  for (; i < count; ++i) {
+    const float a = std::fabs(values[i]);
+    largest = a > largest ? a : largest;
+  }
+  return largest;
+}
+
+// One block of `count` values whose absmax is `largest`: its codes, each value / largest (with
+// the division's bits, off the divider where that is exact) coded by the rule. A block of zeros
+// has absmax 0 (and code 0).
+inline void code_block(const float* values, int64_t count, float largest, bool nonnegative,
+                       uint8_t* codes) {
+  float normalized[kQuantBlock];
+  const Divisor by_largest = divisor(largest);
+  for (int64_t i = 0; i < count; ++i) normalized[i] = math::lane_divide(values[i], by_largest);
+  nearest_codes(normalized, count, dynamic_map(nonnegative), code_table(nonnegative), codes);
+}
+
 // Whole blocks: [first, first + n) starts on a block and ends on one or at the tensor's end.
-// NaN values do not count toward the absmax; a block of zeros has absmax 0 (and code 0).
 inline void quantize(const float* values, bool nonnegative, int64_t first, int64_t n,
                      uint8_t* codes, float* absmax) {
-  const float* map = dynamic_map(nonnegative);
-  const CodeTable& table = code_table(nonnegative);
-  float normalized[kQuantBlock];
   for (int64_t begin = 0; begin < n; begin += kQuantBlock) {
     const int64_t count = std::min(n - begin, kQuantBlock);
-    // Running maxima, four sets of sixteen (a NaN never replaces one), then the largest of them
-    // by halves: the same value in any order, and a serial chain of maxima cost more than the
-    // rest of the block.
-    Floats16 lanes[4] = {};
-    int64_t i = 0;
-    for (; i + 16 <= count; i += 16) {
-      Floats16 v;
-      std::memcpy(&v, values + begin + i, sizeof v);
-      v = lanes_abs(v);
-      Floats16& set = lanes[(i / 16) % 4];
-      set = v > set ? v : set;
-    }
-    for (const Floats16& set : {lanes[1], lanes[2], lanes[3]})
-      lanes[0] = set > lanes[0] ? set : lanes[0];
-    float halves[16];
-    std::memcpy(halves, &lanes[0], sizeof halves);
-    for (int width = 8; width > 0; width /= 2)
-      for (int lane = 0; lane < width; ++lane)
-        halves[lane] = halves[lane + width] > halves[lane] ? halves[lane + width] : halves[lane];
-    float largest = halves[0];
-    for (; i < count; ++i) {
-      const float a = std::fabs(values[begin + i]);
-      largest = a > largest ? a : largest;
-    }
+    const float largest = block_absmax(values + begin, count);
     absmax[(first + begin) / kQuantBlock] = largest;
-    // values / largest with the division's bits, off the divider where that is exact.
-    const Divisor by_largest = divisor(largest);
-    for (int64_t i = 0; i < count; ++i)
-      normalized[i] = math::lane_divide(values[begin + i], by_largest);
-    nearest_codes(normalized, count, map, table, codes + first + begin);
+    code_block(values + begin, count, largest, nonnegative, codes + first + begin);
   }
 }
 
@@ -1126,6 +1140,20 @@ inline bool sixteen_bit_in_registers(const TensorRef& t) {
          (t.state_dtype == t.dtype || t.state_dtype == Dtype::float32);
 }
 
+// The math on lanes that divide by the divider (vec.h's lane_divide): the conversions of the
+// 16-bit and 8-bit buffers keep the other port busy. The same registers, retyped.
+template <class A>
+FUSEDOPT_LANE_FN void update_dividing(const typename A::Coefficients& c, FloatLane& p, FloatLane& g,
+                                      FloatLane (&s)[kMaxStates]) {
+  using Dividing = Vec<float, sizeof(FloatLane), true>;
+  Dividing dp = Dividing::wrap(p.v), dg = Dividing::wrap(g.v), ds[kMaxStates];
+  for (int k = 0; k < kMaxStates; ++k) ds[k] = Dividing::wrap(s[k].v);
+  math::update(c, dp, dg, ds);
+  p.v = dp.v;
+  g.v = dg.v;
+  for (int k = 0; k < kMaxStates; ++k) s[k].v = ds[k].v;
+}
+
 // A loop per rounding and state dtype; the master copy and which states a tensor has are tested
 // per lane (the same way every time for a tensor, so predicted), which keeps the build small.
 template <class A, Dtype D, bool Stochastic, bool FloatStates>
@@ -1137,17 +1165,9 @@ void sixteen_bit_update_loop(const TensorRef& t, const typename A::Coefficients&
   const void* const grad = t.grad;
   float* const master = t.master;
   void* const state[kMaxStates] = {t.state[0], t.state[1], t.state[2]};
-  // The math on lanes that divide by the divider (vec.h's lane_divide): the conversions of the
-  // 16-bit buffers keep the other port busy. The same registers, retyped.
   const auto update = [c = coefficients](FloatLane & p, FloatLane & g, FloatLane(&s)[kMaxStates])
       __attribute__((always_inline)) {
-    using Dividing = Vec<float, sizeof(FloatLane), true>;
-    Dividing dp = Dividing::wrap(p.v), dg = Dividing::wrap(g.v), ds[kMaxStates];
-    for (int k = 0; k < kMaxStates; ++k) ds[k] = Dividing::wrap(s[k].v);
-    math::update(c, dp, dg, ds);
-    p.v = dp.v;
-    g.v = dg.v;
-    for (int k = 0; k < kMaxStates; ++k) s[k].v = ds[k].v;
+    update_dividing<A>(c, p, g, s);
   };
   for (int64_t i = begin; i < end;) {
     // Lanes within one 2^32 elements of the tensor: the rounding keys' high half is per chunk.
@@ -1210,15 +1230,114 @@ void sixteen_bit_update_kernel(const TensorRef& t, const typename A::Coefficient
 }
 #endif
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// ---- 8-bit states in registers ------------------------------------------------------------------
+// The same for 8-bit states (float32 or 16-bit params, a master copy or not, either rounding of
+// the param): a block of kQuantBlock elements at a time, each lane of each state dequantized
+// right after its codes' load, the float32 math, the param stored, the block's new state values
+// kept in L1 with their running largest |x|, then each state's block coded by the rule. The
+// staged path dequantized every state into L1, staged the param and the grad, ran the math over
+// L1 and read every state back twice more (its absmax, its division). The same values, the same
+// math and the same rule: the same bits. A block cut short at a tensor's end takes the staged
+// path.
+inline bool blockwise8_in_registers(const TensorRef& t) {
+  return t.state_dtype == Dtype::blockwise8 && !t.write_grad &&
+         (t.dtype == Dtype::float32 || t.dtype == Dtype::bfloat16 || t.dtype == Dtype::float16);
+}
+
+template <class A, Dtype D, bool Stochastic>
+void blockwise8_update_loop(const TensorRef& t, const typename A::Coefficients& coefficients,
+                            int64_t begin, int64_t end) {
+  void* const param = t.param;
+  const void* const grad = t.grad;
+  float* const master = t.master;
+  const uint8_t* const codes[kMaxStates] = {static_cast<const uint8_t*>(t.state[0]),
+                                            static_cast<const uint8_t*>(t.state[1]),
+                                            static_cast<const uint8_t*>(t.state[2])};
+  float* const absmax[kMaxStates] = {t.absmax[0], t.absmax[1], t.absmax[2]};
+  const auto load = [](const void* buffer, int64_t i) __attribute__((always_inline)) {
+    if constexpr (D == Dtype::float32)
+      return load_lane<FloatLane>(static_cast<const float*>(buffer) + i);
+    else
+      return load_sixteen<D>(buffer, i);
+  };
+  const FloatTable signed_values(kSignedDynamicMap), unsigned_values(kUnsignedDynamicMap);
+  float values[kMaxStates][kQuantBlock] __attribute__((aligned(64)));
+  for (int64_t first = begin; first < end; first += kQuantBlock) {
+    if (end - first < kQuantBlock) {
+      staged_chunks<A>(t, coefficients, first, end);
+      break;
+    }
+    const int64_t block = first / kQuantBlock;
+    const RoundingKey key =
+        Stochastic ? RoundingKey(role_key(t.rounding_key, 0), static_cast<uint64_t>(first))
+                   : RoundingKey();
+    float scale[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k) scale[k] = codes[k] ? absmax[k][block] : 0.0f;
+    GatherFloats largest[kMaxStates] = {};
+    for (int64_t j = 0; j < kQuantBlock; j += kFloatLanes) {
+      const int64_t i = first + j;
+      FloatLane p = master ? load_lane<FloatLane>(master + i) : load(param, i);
+      FloatLane g = load(grad, i);
+      FloatLane s[kMaxStates];
+      for (int k = 0; k < kMaxStates; ++k) {
+        if (!codes[k]) {
+          s[k] = FloatLane(0.0f);
+          continue;
+        }
+        const FloatTable& map = A::nonnegative_states & (1u << k) ? unsigned_values : signed_values;
+        s[k].v = map(widen_codes(codes[k] + i)) * scale[k];
+      }
+      update_dividing<A>(coefficients, p, g, s);
+      if (master) store_lane(master + i, p);
+      if constexpr (D == Dtype::float32)
+        store_lane(static_cast<float*>(param) + i, p);
+      else
+        store_sixteen<D, Stochastic>(static_cast<uint16_t*>(param) + i, static_cast<uint32_t>(i), p,
+                                     key);
+      for (int k = 0; k < kMaxStates; ++k) {
+        if (!codes[k]) continue;
+        store_lane(values[k] + j, s[k]);
+        const GatherFloats magnitude = lanes_abs(s[k].v);
+        largest[k] = magnitude > largest[k] ? magnitude : largest[k];  // NaN: left out
+      }
+    }
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (!codes[k]) continue;
+      const float block_largest = largest_lane(largest[k]);
+      absmax[k][block] = block_largest;
+      code_block(values[k], kQuantBlock, block_largest, A::nonnegative_states & (1u << k),
+                 static_cast<uint8_t*>(t.state[k]) + first);
+    }
+  }
+}
+
+template <class A>
+void blockwise8_update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
+                              int64_t begin, int64_t end) {
+  if (t.dtype == Dtype::float32)
+    return blockwise8_update_loop<A, Dtype::float32, false>(t, coefficients, begin, end);
+  if (t.dtype == Dtype::bfloat16)
+    return t.stochastic
+               ? blockwise8_update_loop<A, Dtype::bfloat16, true>(t, coefficients, begin, end)
+               : blockwise8_update_loop<A, Dtype::bfloat16, false>(t, coefficients, begin, end);
+  return t.stochastic
+             ? blockwise8_update_loop<A, Dtype::float16, true>(t, coefficients, begin, end)
+             : blockwise8_update_loop<A, Dtype::float16, false>(t, coefficients, begin, end);
+}
+#endif
+
 template <class A>
 void staged_update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
                           int64_t begin, int64_t end) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-  if constexpr (A::reductions == 0)
+  if constexpr (A::reductions == 0) {
     if (sixteen_bit_in_registers(t))
       return t.dtype == Dtype::bfloat16
                  ? sixteen_bit_update_kernel<A, Dtype::bfloat16>(t, coefficients, begin, end)
                  : sixteen_bit_update_kernel<A, Dtype::float16>(t, coefficients, begin, end);
+    if (blockwise8_in_registers(t)) return blockwise8_update_kernel<A>(t, coefficients, begin, end);
+  }
 #endif
   staged_chunks<A>(t, coefficients, begin, end);
 }
