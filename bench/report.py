@@ -429,6 +429,19 @@ def _torch_targets(results: list[Result]) -> list[tuple[str, bool | None, str]]:
                     f"{r.seconds['torch default'] * 1e3:.1f} ms)",
                 )
             )
+    r = cases.get("gpt2-adamw-bfloat16")
+    if r is not None:
+        speedup = r.seconds["torch fused"] / r.seconds[ours]
+        shapes = r.case["label"].split(", ", 1)[1]
+        out.append(
+            (
+                f"11. {shapes}, bfloat16: fusedopt.torch AdamW with master_weights ≥ 1.3× torch's "
+                "fused bfloat16 AdamW (no master)",
+                speedup >= 1.3,
+                f"{speedup:.2f}× ({r.seconds[ours] * 1e3:.1f} vs "
+                f"{r.seconds['torch fused'] * 1e3:.1f} ms)",
+            )
+        )
     many, flat = cases.get("many-adam"), cases.get("flat-adam")
     if many is not None:
         speedup = many.seconds["torch fused"] / many.seconds[ours]

@@ -1,7 +1,8 @@
 """fusedopt.torch, the drop-in torch.optim classes, against torch.optim over torch tensors: GPT-2
-small's parameter shapes (AdamW, RMSprop, Adagrad), one flat tensor against many small ones
-(Adam), fusedopt's NumPy API over views of the same memory, and DeepSpeed's CPU Adam where it
-builds.
+small's parameter shapes (AdamW, RMSprop, Adagrad; AdamW over bfloat16 params with fusedopt's
+float32 master against torch's fused bfloat16 AdamW, which keeps none), one flat tensor against
+many small ones (Adam), fusedopt's NumPy API over views of the same memory, and DeepSpeed's CPU
+Adam where it builds.
 
 Every optimizer of a case updates the same param tensors in turn (an AdamW step moves a param by
 about lr, so the values stay ordinary) and reads the same ``p.grad``: memory is the params and
@@ -58,15 +59,15 @@ GPT2_SMALL = Gpt2()
 
 
 class TorchWorkload:
-    """Param tensors with a grad each; ``renew`` gives every param a new grad tensor, as a
-    backward pass after ``zero_grad()`` does."""
+    """Param tensors with a grad each (float32, or ``dtype``); ``renew`` gives every param a new
+    grad tensor, as a backward pass after ``zero_grad()`` does."""
 
-    def __init__(self, shapes: list[tuple[int, ...]], seed: int = 0) -> None:
+    def __init__(self, shapes: list[tuple[int, ...]], seed: int = 0, dtype: Any = None) -> None:
         import torch
 
         generator = torch.Generator().manual_seed(seed)
-        self.params = [torch.randn(s, generator=generator) for s in shapes]
-        self.grads = [1e-2 * torch.randn(s, generator=generator) for s in shapes]
+        self.params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+        self.grads = [(1e-2 * torch.randn(s, generator=generator)).to(dtype) for s in shapes]
         for p, g in zip(self.params, self.grads):
             p.grad = g
         self.num_elements = sum(p.numel() for p in self.params)
@@ -161,7 +162,7 @@ def deepspeed_candidate(
 class TorchCase:
     """One case's timings: ``skipped`` maps a left-out peer to the reason."""
 
-    key: str  # gpt2-adamw, gpt2-rmsprop, gpt2-adagrad, flat-adam, many-adam
+    key: str  # gpt2-adamw, gpt2-rmsprop, gpt2-adagrad, gpt2-adamw-bfloat16, flat-adam, many-adam
     label: str
     tensors: int
     elements: int
@@ -231,6 +232,29 @@ def run_torch_cases(
         del candidates
         gc.collect()
     del w
+    gc.collect()
+
+    # Low precision: bfloat16 params and grads, fusedopt keeping a float32 master (its state
+    # bfloat16, as the params), torch's fused AdamW keeping none (its state bfloat16).
+    import torch
+
+    progress(f"fusedopt.torch: AdamW, {gpt2.label()}, bfloat16, with a float32 master")
+    w = TorchWorkload(shapes, dtype=torch.bfloat16)
+    candidates = [
+        fusedopt_torch_candidate("AdamW", w, {**adamw, "master_weights": True}, threads, False),
+        torch_candidate("AdamW", w, adamw, "fused", threads, renew=False),
+    ]
+    cases.append(
+        TorchCase(
+            "gpt2-adamw-bfloat16",
+            f"AdamW bfloat16 (fusedopt with a float32 master), {gpt2.label()}",
+            len(shapes),
+            w.num_elements,
+            measure(candidates, large_timing),
+            {},
+        )
+    )
+    del candidates, w
     gc.collect()
 
     count, size = many
