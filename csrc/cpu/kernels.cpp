@@ -619,7 +619,8 @@ float least_magnitude(Predicate holds) {
 // bucket table took a gather. Which decade: compared exactly, with its least |x| (one boundary
 // at most per binade of |x|: a 32-entry table by the exponent). Within it floor(y) is the rule's
 // answer wherever y is at least kBand from an integer: checked here, from the rule itself (a
-// search per code), that at every x where the rule moves to the next code of a decade, y is
+// search per code, over the values quantized: x / absmax, in [-1, 1]), that at every x where the
+// rule moves to the next code of a decade, y is
 // within kBand of that integer; y rises with |x| (one rounding of a product-sum with a positive
 // slope), so on either side of that band the answer is known. Lanes inside a band (about one
 // in 2000 for values spread over a part; NaN) take the table and the rule's comparison. A
@@ -632,20 +633,17 @@ struct DecadeCodes {
   static constexpr float kBand = 0x1p-12f;
   static constexpr int kBinadeBias = 104;  // binade slot of |x|: exponent field - 104, in [0, 31]
   bool usable = false;
-  int32_t mirror = 0;  // a negative x's code: max(mirror - code(|x|), 0); 254 signed, 0 unsigned
+  // A negative x's code: max(mirror - c, 0), c its decade's first code plus its part, the
+  // decade found by the negative boundaries; 254 signed, 0 unsigned (every x <= 0: code 0).
+  int32_t mirror = 0;
   // Per sign of x (0: not negative) and binade slot: the decade of the slot's smallest |x|, and
-  // the least |x| in the slot that starts the next one (+infinity if none does).
+  // the least |x| in the slot that starts the next one (NaN if none does: no |x|, +infinity
+  // included, compares >= it, so the decade stays in 0..8).
   int32_t below[2][32] = {};
   float boundary[2][32] = {};
   // Per decade: 0 is the zero code, 1 to 7 bitsandbytes' decades 0 to 6, 8 the code of 1.0.
   float slope[16] = {}, intercept[16] = {};
   int32_t first[16] = {}, last[16] = {};  // its first code (x >= 0), and its count less one
-
-  static int binade_slot(float a) {
-    uint32_t bits;
-    std::memcpy(&bits, &a, sizeof bits);
-    return std::clamp(static_cast<int>(bits >> 23) - kBinadeBias, 0, 31);
-  }
 
   static DecadeCodes of(const float* map, bool nonnegative) {
     DecadeCodes d;
@@ -667,11 +665,12 @@ struct DecadeCodes {
     }
     if (code != 256) return d;
     const auto code_of = [&](float x) { return nearest_code_by_search(x, map); };
-    // Where, as |x| rises, x's code reaches `c` (for a negative x, mirror - c): +infinity where it
-    // never does.
+    // Where, as |x| rises, x's code reaches `c` (for a negative x, max(mirror - c, 0): the signed
+    // map has no -1.0, so a negative x's top decade is its last code, 0, and -1.0 is decided
+    // there rather than at y = 64, a band's middle): +infinity where it never does.
     const auto reaches = [&](int sign, int c) {
       if (sign == 0) return least_magnitude([&](float a) { return code_of(a) >= c; });
-      return least_magnitude([&](float a) { return code_of(-a) <= d.mirror - c; });
+      return least_magnitude([&](float a) { return code_of(-a) <= std::max(d.mirror - c, 0); });
     };
     for (int sign = 0; sign < (nonnegative ? 1 : 2); ++sign) {
       float starts[9];  // the least |x| of decade k
@@ -683,7 +682,7 @@ struct DecadeCodes {
                                       : float_of_bits((uint32_t(slot + 1 + kBinadeBias) << 23) - 1);
         int inside = 0;
         d.below[sign][slot] = 0;
-        d.boundary[sign][slot] = std::numeric_limits<float>::infinity();
+        d.boundary[sign][slot] = std::numeric_limits<float>::quiet_NaN();
         for (int k = 1; k < 9; ++k) {
           if (starts[k] <= low) {
             ++d.below[sign][slot];
