@@ -620,12 +620,12 @@ float least_magnitude(Predicate holds) {
 // at most per binade of |x|: a 32-entry table by the exponent). Within it floor(y) is the rule's
 // answer wherever y is at least kBand from an integer: checked here, from the rule itself (a
 // search per code, over the values quantized: x / absmax, in [-1, 1]), that at every x where the
-// rule moves to the next code of a decade, y is
-// within kBand of that integer; y rises with |x| (one rounding of a product-sum with a positive
-// slope), so on either side of that band the answer is known. Lanes inside a band (about one
-// in 2000 for values spread over a part; NaN) take the table and the rule's comparison. A
-// negative x of the signed map takes the mirrored code, 254 - code(|x|), with its own decade
-// boundaries (a tie goes the other way); of the unsigned map, code 0. A map that is not built
+// rule moves to the next code of a decade, y is within kBand of that integer; y rises with |x|
+// (one rounding of a product-sum with a positive slope), so on either side of that band the
+// answer is known. Lanes inside a band (about one in 2000 for values spread over a part; NaN)
+// take the table and the rule's comparison. A negative x of the signed map takes the mirrored
+// code, 254 less its decade's first code and part, with its own decade boundaries (a tie goes
+// the other way); of the unsigned map, code 0. A map that is not built
 // this way fails a check and is never coded by arithmetic. Adam over bfloat16 params with 8-bit
 // state, 1e6 elements, 1 thread (AMD Zen 5, best of 7 in three interleaved runs): 2.18-3.45 ->
 // 1.65-2.42 ns per element; 1e7, 2 threads: 12.4-13.2 -> 10.9-11.3 ms.
@@ -728,12 +728,14 @@ struct CodeTable {
   // reading both map values.
   float threshold[256];
   bool exact = true;
-  DecadeCodes decades;  // read by the AVX-512 kernels
+  DecadeCodes decades;  // built and read by the AVX-512 kernels only
 
   explicit CodeTable(const float* map, bool nonnegative) {
     for (int c = 0; c < 256; ++c)
       threshold[c] = c == 255 ? std::numeric_limits<float>::quiet_NaN() : least_moved_up(map, c);
-    decades = DecadeCodes::of(map, nonnegative);
+#if defined(__AVX512F__)
+    decades = DecadeCodes::of(map, nonnegative);  // a search per code: only where it is used
+#endif
     for (uint32_t negative = 0; negative < 2; ++negative)
       for (uint32_t b = 0; b < kBuckets; ++b) {
         const uint32_t low = b << kShift, high = std::min(low | ((1u << kShift) - 1), 0x3f800000u);
@@ -1164,10 +1166,7 @@ void sixteen_bit_update_loop(const TensorRef& t, const typename A::Coefficients&
   const void* const grad = t.grad;
   float* const master = t.master;
   void* const state[kMaxStates] = {t.state[0], t.state[1], t.state[2]};
-  const auto update = [c = coefficients](FloatLane & p, FloatLane & g, FloatLane(&s)[kMaxStates])
-      __attribute__((always_inline)) {
-    update_dividing<A>(c, p, g, s);
-  };
+  const typename A::Coefficients c = coefficients;
   for (int64_t i = begin; i < end;) {
     // Lanes within one 2^32 elements of the tensor: the rounding keys' high half is per chunk.
     const int64_t segment_end = std::min(end, ((i >> 32) + 1) << 32);
@@ -1198,7 +1197,7 @@ void sixteen_bit_update_loop(const TensorRef& t, const typename A::Coefficients&
           s[k] = load_sixteen<D>(state[k], i);
         }
       }
-      update(p, g, s);
+      update_dividing<A>(c, p, g, s);
       if (master) store_lane(master + i, p);
       const auto index = static_cast<uint32_t>(i);
       store_sixteen<D, Stochastic>(static_cast<uint16_t*>(param) + i, index, p, keys[0]);
@@ -1247,6 +1246,7 @@ inline bool blockwise8_in_registers(const TensorRef& t) {
 template <class A, Dtype D, bool Stochastic>
 void blockwise8_update_loop(const TensorRef& t, const typename A::Coefficients& coefficients,
                             int64_t begin, int64_t end) {
+  // What the loop reads, in locals (see sixteen_bit_update_loop).
   void* const param = t.param;
   const void* const grad = t.grad;
   float* const master = t.master;
@@ -1254,6 +1254,7 @@ void blockwise8_update_loop(const TensorRef& t, const typename A::Coefficients& 
                                             static_cast<const uint8_t*>(t.state[1]),
                                             static_cast<const uint8_t*>(t.state[2])};
   float* const absmax[kMaxStates] = {t.absmax[0], t.absmax[1], t.absmax[2]};
+  const typename A::Coefficients c = coefficients;
   const auto load = [](const void* buffer, int64_t i) __attribute__((always_inline)) {
     if constexpr (D == Dtype::float32)
       return load_lane<FloatLane>(static_cast<const float*>(buffer) + i);
@@ -1287,7 +1288,7 @@ void blockwise8_update_loop(const TensorRef& t, const typename A::Coefficients& 
         const FloatTable& map = A::nonnegative_states & (1u << k) ? unsigned_values : signed_values;
         s[k].v = map(widen_codes(codes[k] + i)) * scale[k];
       }
-      update_dividing<A>(coefficients, p, g, s);
+      update_dividing<A>(c, p, g, s);
       if (master) store_lane(master + i, p);
       if constexpr (D == Dtype::float32)
         store_lane(static_cast<float*>(param) + i, p);
