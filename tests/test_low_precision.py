@@ -888,14 +888,13 @@ def _decision_points(code: np.ndarray) -> np.ndarray:
     answer changes)."""
     code = code.astype(np.float32)
     wide = code.astype(np.float64)
-    mid = ((wide[:-1] + wide[1:]) / 2).astype(np.float32)
-    width = np.diff(wide)
+    middle, width = (wide[:-1] + wide[1:]) / 2, np.diff(wide)
     bands = [
-        (wide[:-1] + wide[1:]) / 2 + side * width * fraction
+        middle + side * width * fraction
         for side in (-1, 1)
         for fraction in (2.0**-13, 2.0**-12 * (1 - 2.0**-6), 2.0**-12 * (1 + 2.0**-6), 2.0**-10)
     ]
-    points = np.concatenate([code, mid, *[b.astype(np.float32) for b in bands]])
+    points = np.concatenate([code, *[p.astype(np.float32) for p in [middle, *bands]]])
     near = [points]
     for steps in (1, 2, 3):
         up, down = points.copy(), points.copy()
