@@ -370,6 +370,48 @@ def test_optimizer_step_with_a_bad_grad_changes_nothing(name: str, bad: str) -> 
     assert steps_of(opt) == steps
 
 
+# Over two slices of 1024 tensors: a step checks and describes these grads on the pool's threads.
+MANY = 3000
+# Bad grads in two slices, the later one first in the list: the error names the first by index.
+BAD_AT = (2900, 1500)
+
+
+@pytest.mark.parametrize("bad", [*BAD_GRADS, "aliasing", "big_endian", "float16"], ids=str)
+def test_a_bad_grad_among_many_tensors_is_named_by_the_first_index_and_changes_nothing(
+    bad: str,
+) -> None:
+    previous = fusedopt.num_threads()
+    fusedopt.set_num_threads(2)
+    try:
+        params = [np.full(40, 1.0, np.float32) for _ in range(MANY)]
+        opt = fusedopt.Adam(params, lr=0.1)
+        opt.step([np.ones(40, np.float32) for _ in range(MANY)])
+        grads: list[Any] = [np.ones(40, np.float32) for _ in range(MANY)]
+        if bad in BAD_GRADS:
+            make, error, what = BAD_GRADS[bad]
+        elif bad == "aliasing":
+            make, error, what = None, ValueError, "overlaps params"
+        else:  # a dtype fusedopt updates elsewhere, or one it does not: both named
+            make = lambda: np.zeros(40, ">f4" if bad == "big_endian" else np.float16)  # noqa: E731
+            error, what = TypeError, "dtype"
+        for i in BAD_AT:
+            grads[i] = params[i] if make is None else make()
+        steps = steps_of(opt)
+        assert_rejected(
+            lambda: opt.step(grads),
+            optimizer_buffers(opt, params, grads),
+            error,
+            f"grads[{min(BAD_AT)}]",
+            what,
+        )
+        assert steps_of(opt) == steps
+        grads[BAD_AT[0]] = grads[BAD_AT[1]] = np.ones(40, np.float32)
+        opt.step(grads)  # the same optimizer steps again once the grads are good
+        assert all(p[0] < 1.0 for p in params)
+    finally:
+        fusedopt.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_step_with_a_grad_aliasing_its_param_changes_nothing(name: str) -> None:
     opt, params = trained(name)

@@ -134,6 +134,36 @@ def test_the_probe_sees_the_pool_workers(four_threads: None) -> None:
     assert _core._threads_used_by_parallel_for(1) == 1
 
 
+# A step over many tensors keeps the workers awake between its passes (its checks, then its
+# kernels); after the step they must sleep, not spin: measured in a fresh interpreter, where no
+# other library's threads (torch's OpenMP workers) run.
+IDLE_AFTER_STEPS = """
+import time
+import numpy as np
+import fusedopt
+
+fusedopt.set_num_threads(2)
+params = [np.zeros(40, np.float32) for _ in range(3000)]
+opt = fusedopt.Adam(params, lr=1e-3)
+for _ in range(20):
+    opt.step([np.ones(40, np.float32) for _ in range(3000)])
+time.sleep(0.05)
+start = time.process_time()
+time.sleep(0.5)
+print(time.process_time() - start)
+"""
+
+
+def test_the_workers_do_not_spin_between_steps() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", IDLE_AFTER_STEPS], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    cpu_seconds = float(run.stdout)
+    # A worker spinning through the sleep would use 0.5 s; sleeping, almost none.
+    assert cpu_seconds < 0.05, f"{cpu_seconds:.3f} s of CPU time while idle after the steps"
+
+
 @needs_fork
 @pytest.mark.parametrize("fork", [fork_with_os, fork_with_multiprocessing], ids=["os", "mp"])
 def test_a_child_forked_mid_step_steps_correctly_on_its_own_worker_threads(

@@ -11,6 +11,7 @@ namespace {
 // Below this many elements a second thread costs more than it saves (the wake-up of a sleeping
 // worker is tens of microseconds); measured by bench/.
 constexpr int64_t kParallelThreshold = 1 << 16;
+static_assert(kParallelThreshold == kParallelElements);
 // Work item size: small enough to balance two threads on 1e5 elements, large enough that the
 // shared counter is touched rarely. A multiple of 16 so items start on cache lines.
 constexpr int64_t kChunkElements = 1 << 14;

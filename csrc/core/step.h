@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "core/tensor.h"
 #include "cpu/dispatch.h"
+#include "cpu/parallel.h"
 #include "math/rounding.h"
 
 namespace fusedopt {
@@ -95,6 +96,14 @@ class ExtentIndex {
   std::vector<uintptr_t> furthest_end_;  // furthest_end_[i]: max end of extents_[0..i]
   std::vector<Extent> extents_;
 };
+
+// A step's kernels run on the pool from this many elements in all, and its per-tensor checks from
+// two slices of this many tensors.
+constexpr int64_t kParallelElements = 1 << 16;
+constexpr size_t kCheckSlice = 1024;
+inline bool uses_pool(size_t num_tensors, int64_t num_elements) {
+  return num_elements >= kParallelElements || num_tensors >= 2 * kCheckSlice;
+}
 
 // Checks that a grad can be read (and written, for a grad scale) next to its param.
 void check_grad(const BufferInfo& grad, size_t index, const BufferInfo& param, bool written);
@@ -350,9 +359,12 @@ class Plan {
       }
     }
     registered_extents_ = ExtentIndex(std::move(extents));
+    for (const TensorRef& t : step_.tensors) num_elements_ += t.size;
   }
 
   size_t size() const { return step_.tensors.size(); }
+  // Whether a step runs any of its work on the pool.
+  bool uses_pool() const { return fusedopt::uses_pool(step_.tensors.size(), num_elements_); }
 
   // New hyperparameters for a group; refused (and nothing changed) when invalid or when they
   // need a state the group's tensors were registered without.
@@ -377,6 +389,7 @@ class Plan {
   void step(const std::vector<BufferInfo>& grads, const StepExtras& extras,
             std::optional<int64_t> step) {
     std::lock_guard<std::mutex> lock(mutex_);
+    const cpu::StayAwake awake(uses_pool());
     const size_t n = step_.tensors.size();
     if (grads.size() != n)
       throw Error(ErrorKind::value, "grads: expected " + std::to_string(n) +
@@ -386,21 +399,32 @@ class Plan {
       throw Error(ErrorKind::value,
                   std::string("grad_scale: ") + A::name + " does not take a grad scale");
     const bool written = extras.grad_scale.has_value();
-    std::vector<ExtentIndex::Extent> written_grads;
-    size_t hint = 0;
-    for (size_t i = 0; i < n; ++i) {
-      check_grad(grads[i], i, params_[i], written);
-      const int64_t bytes = grads[i].bytes();
-      if (bytes == 0) continue;
-      const auto begin = reinterpret_cast<uintptr_t>(grads[i].data);
-      const auto end = begin + static_cast<uintptr_t>(bytes);
-      if (const std::string* clash = registered_extents_.find_overlap(begin, end, &hint))
-        throw Error(ErrorKind::value, "grads[" + std::to_string(i) + "] overlaps " + *clash +
-                                          " in memory; every param, grad and state must be "
-                                          "its own buffer");
-      if (written) written_grads.push_back({begin, end, "grads[" + std::to_string(i) + "]"});
+    // Each grad checked against its param and the registered buffers, many on the pool's
+    // threads; a failure is found again on this thread, in order, so that the error names the
+    // first bad grad.
+    auto check_grads = [&](size_t begin, size_t end) {
+      size_t hint = 0;
+      for (size_t i = begin; i < end; ++i) check_grad_apart(grads[i], i, written, hint);
+    };
+    const bool checked = cpu::all_slices(n, kCheckSlice, [&](size_t begin, size_t end) {
+      try {
+        check_grads(begin, end);
+        return true;
+      } catch (...) {
+        return false;
+      }
+    });
+    if (!checked) check_grads(0, n);
+    if (written) {
+      std::vector<ExtentIndex::Extent> written_grads;
+      for (size_t i = 0; i < n; ++i) {
+        const auto begin = reinterpret_cast<uintptr_t>(grads[i].data);
+        if (grads[i].bytes() > 0)
+          written_grads.push_back({begin, begin + static_cast<uintptr_t>(grads[i].bytes()),
+                                   "grads[" + std::to_string(i) + "]"});
+      }
+      check_grads_apart(std::move(written_grads));
     }
-    if (written) check_grads_apart(std::move(written_grads));
     if (step && *step < 1)
       throw Error(ErrorKind::value,
                   "step must be >= 1 (the first step is 1), got " + std::to_string(*step));
@@ -430,6 +454,20 @@ class Plan {
   }
 
  private:
+  // A grad that can be read (and written, when `written`) next to param i and shares no memory
+  // with a registered buffer; `hint` carries the overlap search from one grad to the next.
+  void check_grad_apart(const BufferInfo& grad, size_t i, bool written, size_t& hint) const {
+    check_grad(grad, i, params_[i], written);
+    const int64_t bytes = grad.bytes();
+    if (bytes == 0) return;
+    const auto begin = reinterpret_cast<uintptr_t>(grad.data);
+    const auto end = begin + static_cast<uintptr_t>(bytes);
+    if (const std::string* clash = registered_extents_.find_overlap(begin, end, &hint))
+      throw Error(ErrorKind::value, "grads[" + std::to_string(i) + "] overlaps " + *clash +
+                                        " in memory; every param, grad and state must be its "
+                                        "own buffer");
+  }
+
   // Grads that are written back must not overlap one another.
   static void check_grads_apart(std::vector<ExtentIndex::Extent> extents) {
     std::sort(extents.begin(), extents.end(),
@@ -449,6 +487,7 @@ class Plan {
   StepSchedule schedule_;
   int64_t* step_counts_;
   ExtentIndex registered_extents_;
+  int64_t num_elements_ = 0;
 };
 
 }  // namespace fusedopt

@@ -36,6 +36,13 @@ int default_num_threads() {
   return hardware == 0 ? 1 : static_cast<int>(std::min<unsigned>(hardware, kMaxThreads));
 }
 
+// Steps in progress that keep the workers awake (StayAwake), and how many such requests were
+// made, so that a worker answers each one once.
+std::atomic<int> awake_steps{0};
+std::atomic<uint64_t> awake_requests{0};
+// The longest a worker spins for the next job of a step before it sleeps again.
+constexpr auto kLongestSpin = std::chrono::milliseconds(1);
+
 class ThreadPool {
  public:
   // Starts as many of the requested workers as the system allows: where it refuses a thread
@@ -67,7 +74,7 @@ class ThreadPool {
       context_ = context;
       next_.store(0, std::memory_order_relaxed);
       open_ = true;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     drain();
@@ -78,6 +85,12 @@ class ThreadPool {
     done_.wait(lock, [this] { return active_ == 0; });
   }
 
+  // Wakes sleeping workers to wait for a step's jobs awake.
+  void wake() {
+    { std::lock_guard<std::mutex> lock(mutex_); }  // a worker between its check and its sleep
+    wake_.notify_all();
+  }
+
  private:
   void drain() {
     for (int64_t i = next_.fetch_add(1, std::memory_order_relaxed); i < count_;
@@ -85,18 +98,42 @@ class ThreadPool {
       task_(context_, i);
   }
 
+  // While a step keeps the workers awake, waits for its next job (a generation after `seen`)
+  // spinning, yielding the core to any other thread that wants it, for at most kLongestSpin.
+  void spin_for_job(uint64_t seen) const {
+    const auto start = std::chrono::steady_clock::now();
+    while (awake_steps.load(std::memory_order_relaxed) > 0 &&
+           generation_.load(std::memory_order_acquire) == seen &&
+           std::chrono::steady_clock::now() - start < kLongestSpin)
+      std::this_thread::yield();
+  }
+
   void worker_loop() {
     uint64_t seen = 0;
+    uint64_t answered = awake_requests.load();
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      wake_.wait(lock, [&] { return stopping_ || (open_ && generation_ != seen); });
+      wake_.wait(lock, [&] {
+        return stopping_ || (open_ && generation_.load() != seen) ||
+               awake_requests.load() != answered;
+      });
       if (stopping_) return;
-      seen = generation_;
+      if (!open_ || generation_.load() == seen) {  // woken to wait for a step's job awake
+        answered = awake_requests.load();
+        lock.unlock();
+        spin_for_job(seen);
+        lock.lock();
+        continue;
+      }
+      seen = generation_.load();
       ++active_;
       lock.unlock();
       drain();
       lock.lock();
       if (--active_ == 0) done_.notify_one();
+      lock.unlock();
+      spin_for_job(seen);  // the step's next job, if it has one, comes within microseconds
+      lock.lock();
     }
   }
 
@@ -107,7 +144,7 @@ class ThreadPool {
   std::condition_variable done_;
   bool stopping_ = false;
   bool open_ = false;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};  // changed under mutex_, read by spinning workers
   int active_ = 0;
   int64_t count_ = 0;
   void (*task_)(void*, int64_t) = nullptr;
@@ -170,6 +207,18 @@ void parallel_for(int64_t count, void (*task)(void*, int64_t), void* context) {
     pool = new ThreadPool(threads - 1);
   }
   pool->run(count, task, context);
+}
+
+StayAwake::StayAwake(bool parallel) : engaged_(parallel && requested_threads.load() > 1) {
+  if (!engaged_) return;
+  awake_steps.fetch_add(1);
+  awake_requests.fetch_add(1);
+  std::unique_lock<std::mutex> lock(pool_mutex, std::try_to_lock);
+  if (lock.owns_lock() && pool && pool_pid == getpid()) pool->wake();
+}
+
+StayAwake::~StayAwake() {
+  if (engaged_) awake_steps.fetch_sub(1);
 }
 
 int threads_used_by_parallel_for(int64_t count) {

@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -60,31 +59,47 @@ std::optional<Dtype> numpy_dtype(const py::detail::PyArrayDescr_Proxy* descr) {
 
 // Fills `info` (reused across steps, so its shape keeps its capacity) from a NumPy array's own
 // fields: no reference counting, no allocation in the steady state. A ten-thousand-tensor step
-// describes fifty thousand buffers, and this was most of its cost.
-void describe(py::handle object, const char* role, size_t index, BufferInfo& info) {
-  info.present = !object.is_none();
-  if (!info.present) return;
-  if (!py::isinstance<py::array>(object))
-    throw Error(ErrorKind::type, std::string(role) + "[" + std::to_string(index) +
-                                     "] must be a numpy.ndarray, got " +
-                                     std::string(py::str(py::type::of(object).attr("__name__"))));
-  const auto* array = py::detail::array_proxy(object.ptr());
+// describes fifty thousand buffers, and this was most of its cost. False, `info` partly written,
+// for what only the Python API can describe (not an array; a dtype fusedopt does not update,
+// whose name a message needs). It only reads memory, so it may run on the pool's threads while
+// this thread holds the GIL and the caller holds every object.
+bool describe_quickly(PyObject* object, BufferInfo& info) {
+  info.present = object != Py_None;
+  if (!info.present) return true;
+  if (!py::isinstance<py::array>(object)) return false;
+  const auto* array = py::detail::array_proxy(object);
   const auto* descr = py::detail::array_descriptor_proxy(array->descr);
-  const bool native = native_byte_order(descr);
+  info.dtype = native_byte_order(descr) ? numpy_dtype(descr) : std::nullopt;
+  if (!info.dtype) return false;
   info.data = array->data;
   info.shape.resize(array->nd);  // element-wise: a memmove call per buffer cost 10% of a step
   for (int d = 0; d < array->nd; ++d) info.shape[d] = array->dimensions[d];
   info.size = 1;
   for (int d = 0; d < array->nd; ++d) info.size *= array->dimensions[d];
-  info.dtype = native ? numpy_dtype(descr) : std::nullopt;
   info.contiguous = array->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
   info.writeable = array->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
   info.dtype_name.clear();
-  // Formatting a dtype costs more than the rest of the call: name only the ones a message needs.
-  if (!info.dtype) {
-    info.dtype_name = py::str(py::handle(array->descr));
-    if (!native) info.dtype_name += " (non-native byte order)";
-  }
+  return true;
+}
+
+void describe(py::handle object, const char* role, size_t index, BufferInfo& info) {
+  if (describe_quickly(object.ptr(), info)) return;
+  if (!py::isinstance<py::array>(object))
+    throw Error(ErrorKind::type, std::string(role) + "[" + std::to_string(index) +
+                                     "] must be a numpy.ndarray, got " +
+                                     std::string(py::str(py::type::of(object).attr("__name__"))));
+  // An array of a dtype fusedopt does not update: described, for the core to refuse by name.
+  const auto* array = py::detail::array_proxy(object.ptr());
+  info.data = array->data;
+  info.shape.assign(array->dimensions, array->dimensions + array->nd);
+  info.size = 1;
+  for (int d = 0; d < array->nd; ++d) info.size *= array->dimensions[d];
+  info.contiguous = array->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
+  info.writeable = array->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  // Formatting a dtype costs more than the rest of the call: only here, where a message needs it.
+  info.dtype_name = py::str(py::handle(array->descr));
+  if (!native_byte_order(py::detail::array_descriptor_proxy(array->descr)))
+    info.dtype_name += " (non-native byte order)";
 }
 
 // The items of a list or tuple as a new tuple: it holds a reference to every array for as long
@@ -96,9 +111,18 @@ py::tuple items_of(py::handle sequence, const char* role) {
   return py::reinterpret_steal<py::tuple>(PySequence_Tuple(sequence.ptr()));
 }
 
+// Many items are described on the pool's threads, a slice each; anything describe_quickly
+// cannot describe sends every item through describe, in order, so a message names the first.
 void describe_items(const py::tuple& items, const char* role, std::vector<BufferInfo>& infos) {
   infos.resize(items.size());
-  for (size_t i = 0; i < items.size(); ++i) describe(items[i], role, i, infos[i]);
+  PyObject* const* objects = &PyTuple_GET_ITEM(items.ptr(), 0);
+  const bool described = cpu::all_slices(items.size(), kCheckSlice, [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; ++i)
+      if (!describe_quickly(objects[i], infos[i])) return false;
+    return true;
+  });
+  if (!described)
+    for (size_t i = 0; i < items.size(); ++i) describe(items[i], role, i, infos[i]);
 }
 
 // Options from their values in the order of the algorithm's fields (bools and the convention as
@@ -286,25 +310,9 @@ bool all_unchanged(const Fingerprint* fingerprints, size_t begin, size_t end) {
 // threads, a slice each: the comparisons only read the arrays' fields, which nothing changes
 // without the GIL this thread holds, and every array is kept alive by the plan.
 bool all_unchanged(const std::vector<Fingerprint>& fingerprints) {
-  constexpr size_t kSlice = 2048;
-  const size_t n = fingerprints.size();
-  if (n < 2 * kSlice || cpu::num_threads() < 2) return all_unchanged(fingerprints.data(), 0, n);
-  struct Check {
-    const Fingerprint* fingerprints;
-    size_t n;
-    std::atomic<bool> changed{false};
-  } check{fingerprints.data(), n};
-  cpu::parallel_for(
-      static_cast<int64_t>((n + kSlice - 1) / kSlice),
-      [](void* context, int64_t slice) {
-        auto& c = *static_cast<Check*>(context);
-        const size_t begin = static_cast<size_t>(slice) * kSlice;
-        if (!c.changed.load(std::memory_order_relaxed) &&
-            !all_unchanged(c.fingerprints, begin, std::min(c.n, begin + kSlice)))
-          c.changed.store(true, std::memory_order_relaxed);
-      },
-      &check);
-  return !check.changed.load();
+  return cpu::all_slices(fingerprints.size(), 2048, [&](size_t begin, size_t end) {
+    return all_unchanged(fingerprints.data(), begin, end);
+  });
 }
 
 class AnyPlan {
@@ -429,8 +437,9 @@ class PythonPlan : public AnyPlan {
   }
 
   void step(py::handle grads, py::handle grad_scale, std::optional<int64_t> step) override {
-    if (!all_unchanged(registered_->fingerprints)) register_buffers();
+    const cpu::StayAwake awake(registered_->plan.uses_pool());
     const py::tuple items = items_of(grads, "grads");
+    if (!all_unchanged(registered_->fingerprints)) register_buffers();
     thread_local std::vector<BufferInfo> infos;
     describe_items(items, "grads", infos);
     const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
