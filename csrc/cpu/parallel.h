@@ -1,4 +1,5 @@
-// One fork/join per optimizer step over a flat list of work items drawn from every tensor.
+// The thread pool: a step's kernels in one fork/join over a flat list of work items drawn from
+// every tensor, and, over many tensors, its per-tensor checks before them (all_slices).
 #pragma once
 
 #include <atomic>
@@ -22,8 +23,9 @@ int num_threads();
 void set_num_threads(int n);
 
 // Calls task(context, i) once for every i in [0, count), spread over the pool and the calling
-// thread, and returns when all have finished. Workers sleep on a condition variable and the
-// caller takes items itself, so a busy core delays a step by one item, not by a spin-wait.
+// thread, and returns when all have finished. Workers sleep on a condition variable (unless a
+// StayAwake is held) and the caller takes items itself, so a busy core delays a step by one
+// item, not by a spin-wait.
 void parallel_for(int64_t count, void (*task)(void* context, int64_t index), void* context);
 
 // Keeps the pool's workers awake for the jobs of one step, from construction to destruction:
