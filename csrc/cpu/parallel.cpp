@@ -172,6 +172,9 @@ void unlock_pool_in_parent() { pool_mutex.unlock(); }
 void reset_pool_in_child() {
   pool = nullptr;
   pool_pid = getpid();
+  // A step of another thread may have held a StayAwake across the fork; no step runs in the
+  // child's only thread, which forked, so no worker of the child's pool must stay awake.
+  awake_steps.store(0);
   pool_mutex.unlock();
 }
 [[maybe_unused]] const int fork_handlers_registered =
