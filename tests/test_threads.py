@@ -164,6 +164,35 @@ def test_the_workers_do_not_spin_between_steps() -> None:
     assert cpu_seconds < 0.05, f"{cpu_seconds:.3f} s of CPU time while idle after the steps"
 
 
+# The first call of a fresh process that describes many arrays on the pool: pybind11's lookup
+# of NumPy's array type, done once per process, imports NumPy and takes the GIL, which a pool
+# thread must never do (it crashed this call, SIGSEGV, 20 runs in 20).
+FIRST_CALL_OVER_MANY_ARRAYS = """
+import numpy as np
+import fusedopt
+import fusedopt.functional
+
+fusedopt.set_num_threads(2)
+n = 3000
+zeros = lambda: [np.zeros(40, np.float32) for _ in range(n)]
+params = zeros()
+fusedopt.functional.adam_(params, [np.ones(40, np.float32)] * n, zeros(), zeros(), step=1, lr=0.1)
+print(float(params[-1][0]))
+"""
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_the_first_step_of_a_process_over_many_arrays_describes_them_on_the_pool(run: int) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_CALL_OVER_MANY_ARRAYS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) == pytest.approx(-0.1)
+
+
 @needs_fork
 @pytest.mark.parametrize("fork", [fork_with_os, fork_with_multiprocessing], ids=["os", "mp"])
 def test_a_child_forked_mid_step_steps_correctly_on_its_own_worker_threads(

@@ -407,12 +407,8 @@ class Plan {
       for (size_t i = begin; i < end; ++i) check_grad_apart(grads[i], i, written, hint);
     };
     const bool checked = cpu::all_slices(n, kCheckSlice, [&](size_t begin, size_t end) {
-      try {
-        check_grads(begin, end);
-        return true;
-      } catch (...) {
-        return false;
-      }
+      check_grads(begin, end);  // a throw is a failed slice
+      return true;
     });
     if (!checked) check_grads(0, n);
     if (written) {
@@ -470,8 +466,9 @@ class Plan {
 
   // Grads that are written back must not overlap one another.
   static void check_grads_apart(std::vector<ExtentIndex::Extent> extents) {
-    std::sort(extents.begin(), extents.end(),
-              [](const auto& a, const auto& b) { return a.begin < b.begin; });
+    // Stable, so that of two grads at one address the message names them in grad order.
+    std::stable_sort(extents.begin(), extents.end(),
+                     [](const auto& a, const auto& b) { return a.begin < b.begin; });
     for (size_t i = 1; i < extents.size(); ++i)
       if (extents[i].begin < extents[i - 1].end)
         throw Error(ErrorKind::value, extents[i].name + " overlaps " + extents[i - 1].name +

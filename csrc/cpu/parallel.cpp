@@ -40,6 +40,9 @@ int default_num_threads() {
 // made, so that a worker answers each one once.
 std::atomic<int> awake_steps{0};
 std::atomic<uint64_t> awake_requests{0};
+// This thread's StayAwake guards, for a child forked by this thread (from Python code that a
+// step ran, e.g. a finalizer), where they are the only ones.
+thread_local int awake_steps_of_this_thread = 0;
 // The longest a worker spins for the next job of a step before it sleeps again.
 constexpr auto kLongestSpin = std::chrono::milliseconds(1);
 
@@ -120,6 +123,7 @@ class ThreadPool {
       if (stopping_) return;
       if (!open_ || generation_.load() == seen) {  // woken to wait for a step's job awake
         answered = awake_requests.load();
+        seen = generation_.load();  // a job that closed before this worker woke: wait for the next
         lock.unlock();
         spin_for_job(seen);
         lock.lock();
@@ -172,9 +176,9 @@ void unlock_pool_in_parent() { pool_mutex.unlock(); }
 void reset_pool_in_child() {
   pool = nullptr;
   pool_pid = getpid();
-  // A step of another thread may have held a StayAwake across the fork; no step runs in the
-  // child's only thread, which forked, so no worker of the child's pool must stay awake.
-  awake_steps.store(0);
+  // Steps of other threads may have held a StayAwake across the fork: in the child only the
+  // forking thread's own guards remain, and their destructors will lower the count.
+  awake_steps.store(awake_steps_of_this_thread);
   pool_mutex.unlock();
 }
 [[maybe_unused]] const int fork_handlers_registered =
@@ -215,13 +219,16 @@ void parallel_for(int64_t count, void (*task)(void*, int64_t), void* context) {
 StayAwake::StayAwake(bool parallel) : engaged_(parallel && requested_threads.load() > 1) {
   if (!engaged_) return;
   awake_steps.fetch_add(1);
+  ++awake_steps_of_this_thread;
   awake_requests.fetch_add(1);
   std::unique_lock<std::mutex> lock(pool_mutex, std::try_to_lock);
   if (lock.owns_lock() && pool && pool_pid == getpid()) pool->wake();
 }
 
 StayAwake::~StayAwake() {
-  if (engaged_) awake_steps.fetch_sub(1);
+  if (!engaged_) return;
+  awake_steps.fetch_sub(1);
+  --awake_steps_of_this_thread;
 }
 
 int threads_used_by_parallel_for(int64_t count) {

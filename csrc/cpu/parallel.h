@@ -48,15 +48,24 @@ class StayAwake {
 // Whether check(begin, end) holds for every slice of `slice` indices of [0, count): the checks a
 // step makes per tensor before it writes anything (ten thousand tensors take a millisecond on
 // one thread), on the pool's threads when count spans two slices or more. A slice stops at its
-// first false; the others are skipped once one has failed. `check` must not throw.
+// first false; the others are skipped once one has failed. A slice that throws counts as false
+// (an exception must not leave a pool thread): the caller runs its checks again on its own
+// thread to raise the error.
 template <class Check>
 bool all_slices(size_t count, size_t slice, Check&& check) {
-  if (count < 2 * slice || num_threads() < 2) return check(size_t{0}, count);
+  auto holds = [&check](size_t begin, size_t end) {
+    try {
+      return static_cast<bool>(check(begin, end));
+    } catch (...) {
+      return false;
+    }
+  };
+  if (count < 2 * slice || num_threads() < 2) return holds(size_t{0}, count);
   struct Context {
-    Check& check;
+    decltype(holds)& check;
     size_t count, slice;
     std::atomic<bool> failed{false};
-  } context{check, count, slice};
+  } context{holds, count, slice};
   parallel_for(
       static_cast<int64_t>((count + slice - 1) / slice),
       [](void* opaque, int64_t index) {

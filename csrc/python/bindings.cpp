@@ -61,12 +61,14 @@ std::optional<Dtype> numpy_dtype(const py::detail::PyArrayDescr_Proxy* descr) {
 // fields: no reference counting, no allocation in the steady state. A ten-thousand-tensor step
 // describes fifty thousand buffers, and this was most of its cost. False, `info` partly written,
 // for what only the Python API can describe (not an array; a dtype fusedopt does not update,
-// whose name a message needs). It only reads memory, so it may run on the pool's threads while
-// this thread holds the GIL and the caller holds every object.
-bool describe_quickly(PyObject* object, BufferInfo& info) {
+// whose name a message needs). It calls no Python API (`array_type`, NumPy's ndarray type, is
+// looked up by the caller: pybind11's lookup may import NumPy and take the GIL) and allocates
+// only a shape's first storage, so it may run on the pool's threads while this thread holds the
+// GIL and the caller holds every object.
+bool describe_quickly(PyObject* object, BufferInfo& info, PyTypeObject* array_type) {
   info.present = object != Py_None;
   if (!info.present) return true;
-  if (!py::isinstance<py::array>(object)) return false;
+  if (Py_TYPE(object) != array_type && !PyType_IsSubtype(Py_TYPE(object), array_type)) return false;
   const auto* array = py::detail::array_proxy(object);
   const auto* descr = py::detail::array_descriptor_proxy(array->descr);
   info.dtype = native_byte_order(descr) ? numpy_dtype(descr) : std::nullopt;
@@ -83,7 +85,7 @@ bool describe_quickly(PyObject* object, BufferInfo& info) {
 }
 
 void describe(py::handle object, const char* role, size_t index, BufferInfo& info) {
-  if (describe_quickly(object.ptr(), info)) return;
+  if (describe_quickly(object.ptr(), info, py::detail::npy_api::get().PyArray_Type_)) return;
   if (!py::isinstance<py::array>(object))
     throw Error(ErrorKind::type, std::string(role) + "[" + std::to_string(index) +
                                      "] must be a numpy.ndarray, got " +
@@ -116,9 +118,13 @@ py::tuple items_of(py::handle sequence, const char* role) {
 void describe_items(const py::tuple& items, const char* role, std::vector<BufferInfo>& infos) {
   infos.resize(items.size());
   PyObject* const* objects = &PyTuple_GET_ITEM(items.ptr(), 0);
+  // Looked up here, on the thread that holds the GIL: the first lookup imports NumPy, releasing
+  // and taking the GIL, which a pool thread must never do (it crashed the first functional call
+  // over 3000 arrays).
+  PyTypeObject* const array_type = py::detail::npy_api::get().PyArray_Type_;
   const bool described = cpu::all_slices(items.size(), kCheckSlice, [&](size_t begin, size_t end) {
     for (size_t i = begin; i < end; ++i)
-      if (!describe_quickly(objects[i], infos[i])) return false;
+      if (!describe_quickly(objects[i], infos[i], array_type)) return false;
     return true;
   });
   if (!described)
