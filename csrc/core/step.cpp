@@ -8,10 +8,6 @@
 namespace fusedopt {
 namespace {
 
-// Below this many elements a second thread costs more than it saves (the wake-up of a sleeping
-// worker is tens of microseconds); measured by bench/.
-constexpr int64_t kParallelThreshold = 1 << 16;
-static_assert(kParallelThreshold == kParallelElements);
 // Work item size: small enough to balance two threads on 1e5 elements, large enough that the
 // shared counter is touched rarely. A multiple of 16 so items start on cache lines.
 constexpr int64_t kChunkElements = 1 << 14;
@@ -84,7 +80,7 @@ std::vector<double> run_reductions(size_t num_tensors, const TensorRef* tensors,
   std::vector<double> partials(static_cast<size_t>(w.total_blocks) * reductions);
   w.partials = partials.data();
   const int64_t items = (w.total_blocks + kBlocksPerItem - 1) / kBlocksPerItem;
-  if (total_elements < kParallelThreshold || cpu::num_threads() <= 1) {
+  if (total_elements < kParallelElements || cpu::num_threads() <= 1) {
     for (int64_t item = 0; item < items; ++item) run_reduction_item(&w, item);
   } else {
     cpu::parallel_for(items, run_reduction_item, &w);
@@ -129,7 +125,7 @@ void run_work(size_t num_tensors, const TensorRef* tensors,
     w.starts.push_back(w.total);
     w.total += (tensors[i].size + align - 1) / align * align;
   }
-  if (w.total < kParallelThreshold || cpu::num_threads() <= 1) {
+  if (w.total < kParallelElements || cpu::num_threads() <= 1) {
     for (size_t i = 0; i < num_tensors; ++i)
       if (tensors[i].size > 0) run(context, i, 0, tensors[i].size);
     return;

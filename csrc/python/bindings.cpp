@@ -59,20 +59,17 @@ std::optional<Dtype> numpy_dtype(const py::detail::PyArrayDescr_Proxy* descr) {
 
 // Fills `info` (reused across steps, so its shape keeps its capacity) from a NumPy array's own
 // fields: no reference counting, no allocation in the steady state. A ten-thousand-tensor step
-// describes fifty thousand buffers, and this was most of its cost. False, `info` partly written,
-// for what only the Python API can describe (not an array; a dtype fusedopt does not update,
-// whose name a message needs). It calls no Python API (`array_type`, NumPy's ndarray type, is
-// looked up by the caller: pybind11's lookup may import NumPy and take the GIL) and allocates
-// only a shape's first storage, so it may run on the pool's threads while this thread holds the
-// GIL and the caller holds every object.
+// describes fifty thousand buffers, and this was most of its cost. False for what only the
+// Python API can describe: not an array (nothing written), or a dtype fusedopt does not update
+// (all written but dtype_name, which a message needs). It calls no Python API (`array_type`,
+// NumPy's ndarray type, is looked up by the caller: pybind11's lookup may import NumPy and take
+// the GIL) and allocates only a shape's first storage, so it may run on the pool's threads while
+// this thread holds the GIL and the caller holds every object.
 bool describe_quickly(PyObject* object, BufferInfo& info, PyTypeObject* array_type) {
   info.present = object != Py_None;
   if (!info.present) return true;
   if (Py_TYPE(object) != array_type && !PyType_IsSubtype(Py_TYPE(object), array_type)) return false;
   const auto* array = py::detail::array_proxy(object);
-  const auto* descr = py::detail::array_descriptor_proxy(array->descr);
-  info.dtype = native_byte_order(descr) ? numpy_dtype(descr) : std::nullopt;
-  if (!info.dtype) return false;
   info.data = array->data;
   info.shape.resize(array->nd);  // element-wise: a memmove call per buffer cost 10% of a step
   for (int d = 0; d < array->nd; ++d) info.shape[d] = array->dimensions[d];
@@ -81,7 +78,9 @@ bool describe_quickly(PyObject* object, BufferInfo& info, PyTypeObject* array_ty
   info.contiguous = array->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
   info.writeable = array->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
   info.dtype_name.clear();
-  return true;
+  const auto* descr = py::detail::array_descriptor_proxy(array->descr);
+  info.dtype = native_byte_order(descr) ? numpy_dtype(descr) : std::nullopt;
+  return info.dtype.has_value();  // all but the name of a dtype it does not update
 }
 
 void describe(py::handle object, const char* role, size_t index, BufferInfo& info) {
@@ -90,15 +89,9 @@ void describe(py::handle object, const char* role, size_t index, BufferInfo& inf
     throw Error(ErrorKind::type, std::string(role) + "[" + std::to_string(index) +
                                      "] must be a numpy.ndarray, got " +
                                      std::string(py::str(py::type::of(object).attr("__name__"))));
-  // An array of a dtype fusedopt does not update: described, for the core to refuse by name.
+  // An array of a dtype fusedopt does not update, described but for that dtype's name, which the
+  // core's message gives. Formatting a dtype costs more than the rest: only here.
   const auto* array = py::detail::array_proxy(object.ptr());
-  info.data = array->data;
-  info.shape.assign(array->dimensions, array->dimensions + array->nd);
-  info.size = 1;
-  for (int d = 0; d < array->nd; ++d) info.size *= array->dimensions[d];
-  info.contiguous = array->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
-  info.writeable = array->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-  // Formatting a dtype costs more than the rest of the call: only here, where a message needs it.
   info.dtype_name = py::str(py::handle(array->descr));
   if (!native_byte_order(py::detail::array_descriptor_proxy(array->descr)))
     info.dtype_name += " (non-native byte order)";
