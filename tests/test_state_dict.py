@@ -280,6 +280,36 @@ def test_reset_state_restarts_as_a_fresh_optimizer(name: str) -> None:
     continue_alike(opt, params, fresh, copies, steps=2, seed=6)
 
 
+def test_state_buffers_are_created_and_loaded_state_by_state(monkeypatch: Any) -> None:
+    """Every param's exp_avg, then every param's exp_avg_sq, when created and when loaded: one
+    state's buffers of consecutive params are allocated one after another, as a step streams
+    them (side by side per param, they cost Adam over 1000 x 1000 about 8%)."""
+    import fusedopt.optim
+
+    made: list[tuple[str, int]] = []
+    params = [np.ones(1000, np.float32) for _ in range(3)]
+    full_like, state_array = fusedopt.optim._full_like, fusedopt.optim._state_array
+
+    def full_like_recorded(param: Any, value: float, dtype: str) -> Any:
+        made.append(("new", next(i for i, p in enumerate(params) if p is param)))
+        return full_like(param, value, dtype)
+
+    def state_array_recorded(value: Any, param: Any, i: int, name: str, dtype: str) -> Any:
+        made.append((name, i))
+        return state_array(value, param, i, name, dtype)
+
+    monkeypatch.setattr(fusedopt.optim, "_full_like", full_like_recorded)
+    monkeypatch.setattr(fusedopt.optim, "_state_array", state_array_recorded)
+    opt = fusedopt.Adam(params, amsgrad=True)
+    opt.step([np.ones(1000, np.float32)] * 3)
+    assert made == [("new", 0), ("new", 1), ("new", 2)] * 3
+    made.clear()
+    sd = opt.state_dict()
+    fusedopt.Adam(params, amsgrad=True).load_state_dict(sd)
+    names = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    assert made == [(name, i) for name in names for i in range(3)]
+
+
 def test_state_is_empty_before_the_first_step_except_adagrad_sums() -> None:
     params = make_params(np.float32)
     assert MAKERS["Adam"](params).state == {}

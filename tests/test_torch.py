@@ -103,7 +103,7 @@ def compare(ours: Any, theirs: Any, ours_params: list, their_params: list, dtype
     ours_state, their_state = ours.state_dict()["state"], theirs.state_dict()["state"]
     assert ours_state.keys() == their_state.keys()
     for index, entry in their_state.items():
-        assert ours_state[index].keys() == entry.keys(), index
+        assert list(ours_state[index]) == list(entry), index  # the same keys in torch's order
         for key, value in entry.items():
             mine = ours_state[index][key]
             if torch.is_tensor(value):
@@ -112,6 +112,32 @@ def compare(ours: Any, theirs: Any, ours_params: list, their_params: list, dtype
                 assert_close(mine, value, dtype, f"state[{index}][{key!r}]")
             else:
                 assert mine == value, (index, key)
+
+
+def test_state_buffers_are_allocated_state_by_state(monkeypatch: Any) -> None:
+    """Every param's exp_avg, then every param's exp_avg_sq (torch allocates them param by
+    param): one state's buffers of consecutive params are allocated one after another, as a
+    step streams them. Each param's state keeps torch's keys in torch's order."""
+    params = [torch.zeros(1000, requires_grad=True) for _ in range(3)]
+    made: list[int] = []
+    full_like = torch.full_like
+
+    def recorded(p: Any, *args: Any, **kwargs: Any) -> Any:
+        made.append(next(i for i, q in enumerate(params) if q is p))
+        return full_like(p, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "full_like", recorded)
+    ours = ft.Adam(params, amsgrad=True)
+    for p in params:
+        p.grad = torch.ones(1000)
+    ours.step()
+    assert made == [0, 1, 2] * 3
+    their_params = [p.detach().clone().requires_grad_() for p in params]
+    theirs = torch.optim.Adam(their_params, amsgrad=True, foreach=False)
+    for p in their_params:
+        p.grad = torch.ones(1000)
+    theirs.step()
+    assert [list(ours.state[p]) for p in params] == [list(theirs.state[p]) for p in their_params]
 
 
 @pytest.mark.parametrize("device", DEVICES)

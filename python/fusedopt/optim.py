@@ -204,9 +204,7 @@ class Optimizer(PlanHolder):
             self._masters += [None] * count
             self._plan = None
             if self._states_at_construction:
-                used = self._description.states_used(values)
-                for i in range(first_new, len(self._params)):
-                    self._create_states(i, used, values)
+                self._create_states(range(first_new, len(self._params)), lambda i: values)
 
     # ----------------------------------------------------------------------------------- state
 
@@ -222,15 +220,15 @@ class Optimizer(PlanHolder):
             tracked = self._tracks_step or self.precision.stochastic_rounding
             if tracked and self._steps[i] > 0:
                 entry["step"] = int(self._steps[i])
+            if self._has_scalars[i]:  # before the buffers, in torch's order
+                for k, name in enumerate(self._description.scalars):
+                    entry[name] = float(self._scalars[i, k])
             for name in self._description.states:
                 buffer = self._buffers[name][i]
                 if buffer is not None:
                     entry[name] = buffer
                     if self._absmax[name][i] is not None:
                         entry[name + "_absmax"] = self._absmax[name][i]
-            if self._has_scalars[i]:
-                for k, name in enumerate(self._description.scalars):
-                    entry[name] = float(self._scalars[i, k])
             if self._masters[i] is not None:
                 entry["master"] = self._masters[i]
             if entry:
@@ -250,9 +248,8 @@ class Optimizer(PlanHolder):
             self._masters = [None] * len(self._params)
             self._plan = None
             if self._states_at_construction:
-                for i in range(len(self._params)):
-                    values = self._options_cache[self._group_of[i]][2]
-                    self._create_states(i, self._description.states_used(values), values)
+                options = [native for _, _, native in self._options_cache]
+                self._create_states(range(len(self._params)), lambda i: options[self._group_of[i]])
 
     def _snapshot(self) -> Callable[[], None]:
         """Save everything steps and hyperparameter changes touch; the returned function puts
@@ -370,6 +367,7 @@ class Optimizer(PlanHolder):
         masters: list[Any] = [None] * n
         absmax: dict[str, list[Any]] = {name: [None] * n for name in self._description.states}
         scalar_names = self._description.scalars
+        pending = []  # (param index, state name, entry): the buffers to load, after the checks
         for key, entry in saved_state.items():
             i = _state_index(key, n)
             if not isinstance(entry, Mapping):
@@ -381,7 +379,7 @@ class Optimizer(PlanHolder):
                 if name == "step":
                     steps[i] = _step_count(value, i)
                 elif name in buffers:
-                    buffers[name][i], absmax[name][i] = self._loaded_state(entry, param, i, name)
+                    pending.append((i, name, entry))
                 elif name.endswith("_absmax") and name.removesuffix("_absmax") in buffers:
                     pass  # read with its state
                 elif name == "master" and self.precision.needs_master(dtype_name(param.dtype)):
@@ -397,6 +395,10 @@ class Optimizer(PlanHolder):
             missing = [name for name in required if name not in entry]
             if missing:
                 raise ValueError(f"state_dict: state[{i}] has no {missing[0]!r}")
+        # Copied state by state, in param order, as _create_states lays them out.
+        pending.sort(key=lambda item: (self._description.states.index(item[1]), item[0]))
+        for i, name, entry in pending:
+            buffers[name][i], absmax[name][i] = self._loaded_state(entry, self._params[i], i, name)
         with self._lock:
             for group, (merged, _) in zip(self.param_groups, new_groups):
                 params = group["params"]
@@ -463,9 +465,8 @@ class Optimizer(PlanHolder):
             {name: list(a) for name, a in self._absmax.items()},
         )
         try:
+            self._create_states(range(len(self._params)), lambda i: options[self._group_of[i]])
             for i in range(len(self._params)):
-                values = options[self._group_of[i]]
-                self._create_states(i, self._description.states_used(values), values)
                 param = self._params[i]
                 if self._masters[i] is None and self.precision.needs_master(
                     dtype_name(param.dtype)
@@ -511,26 +512,40 @@ class Optimizer(PlanHolder):
             for name in used
         )
 
-    def _create_states(self, i: int, used: tuple[str, ...], values: tuple[float, ...]) -> None:
-        """The buffers param i's options use and it does not have yet, and its scalars."""
-        missing = [name for name in used if self._buffers[name][i] is None]
-        if not missing and (self._has_scalars[i] or not self._description.scalars):
-            return
-        state_values, scalar_values = self._description.initial_values(values)
-        param = self._params[i]
-        dtype = self.precision.state_dtype_for(dtype_name(param.dtype), param.size)
-        for name in missing:
-            value = state_values[self._description.states.index(name)]
-            if dtype == "int8":
-                self._buffers[name][i], self._absmax[name][i] = quantized_full(
-                    param.shape, value, self._description.nonnegative(name)
-                )
-            else:
-                self._buffers[name][i] = _full_like(param, value, dtype)
-            self._new_state[i] = True
-        if not self._has_scalars[i]:
-            self._scalars[i, : len(scalar_values)] = scalar_values
-            self._has_scalars[i] = True
+    def _create_states(
+        self, indices: Iterable[int], values_of: Callable[[int], tuple[float, ...]]
+    ) -> None:
+        """The buffers each of these params' options (``values_of(i)``) use and it does not have
+        yet, and its scalars. State by state: every param's first buffer, then every param's
+        second, so that one state's buffers of consecutive params lie one after another in
+        memory, as a step streams them (Adam over 1000 x 1000, 2 threads: 271 -> 252 µs against
+        a param's buffers side by side)."""
+        description = self._description
+        values = {i: values_of(i) for i in indices}
+        # Per distinct options: the states they use and their initial values.
+        of_options = {
+            v: (description.states_used(v), description.initial_values(v))
+            for v in set(values.values())
+        }
+        for k, name in enumerate(description.states):
+            for i, v in values.items():
+                used, (initial, _) = of_options[v]
+                if name not in used or self._buffers[name][i] is not None:
+                    continue
+                param = self._params[i]
+                dtype = self.precision.state_dtype_for(dtype_name(param.dtype), param.size)
+                if dtype == "int8":
+                    self._buffers[name][i], self._absmax[name][i] = quantized_full(
+                        param.shape, initial[k], description.nonnegative(name)
+                    )
+                else:
+                    self._buffers[name][i] = _full_like(param, initial[k], dtype)
+                self._new_state[i] = True
+        for i, v in values.items():
+            if not self._has_scalars[i]:
+                _, (_, scalar_values) = of_options[v]
+                self._scalars[i, : len(scalar_values)] = scalar_values
+                self._has_scalars[i] = True
 
     def _loaded_state(
         self, entry: Mapping[str, Any], param: Any, i: int, name: str

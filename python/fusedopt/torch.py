@@ -25,7 +25,7 @@ import operator
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -132,10 +132,11 @@ class Optimizer(torch.optim.Optimizer):
         self.state = _State(self.state)
         self._check_precision()
         if self._declaration._states_at_construction:
+            entries = []
             for group in self.param_groups:
                 values = self._native_options(group)
-                for p in group["params"]:
-                    self._create_state(p, group, values)
+                entries += [(p, values) for p in group["params"]]
+            self._create_states(entries)
 
     # What a forked child drops (_engine's fork handler, as for the NumPy classes): another
     # thread of the parent may have been in a step, holding the lock and a plan's mutex.
@@ -255,45 +256,50 @@ class Optimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------------------------- state
 
-    def _create_state(self, p: torch.Tensor, group: dict[str, Any], values: tuple) -> bool:
-        """torch's state for ``p``, created lazily as torch creates it: the step count, the
-        buffers these options use and the scalars. Whether a buffer was created."""
+    def _create_states(self, entries: Sequence[tuple[torch.Tensor, tuple]]) -> list[bool]:
+        """torch's state for each (param, options), created lazily as torch creates it: the
+        step count, the scalars, the buffers these options use and a master, in that order;
+        for each, whether a buffer was created. The buffers are allocated state by state (every
+        param's exp_avg, then every param's exp_avg_sq), so that one state's buffers of
+        consecutive params lie one after another in memory, as a step streams them; torch's
+        per-param order puts them side by side (the NumPy classes' Adam over 1000 x 1000, 2
+        threads: 271 -> 252 µs)."""
         description = self._declaration._description
-        used = description.states_used(values)
-        if p not in self.state and not (
-            self._tracks_step() or used or description.scalars or self._needs_master(p)
-        ):
-            return False  # torch keeps no state at all here (SGD without momentum)
-        state = self.state[p]
-        if self._tracks_step() and "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-        used = description.states_used(values)
-        initial_states, initial_scalars = description.initial_values(values)
-        created = False
-        state_dtype = self._state_dtype(p)
-        for name in used:
-            if state.get(name) is None:
-                k = description.states.index(name)
-                value = initial_states[k]
-                if state_dtype == torch.uint8:  # 8-bit blockwise: codes and per-block absmax
+        used = [description.states_used(values) for _, values in entries]
+        initial = {values: description.initial_values(values) for _, values in entries}
+        new_buffers: list[dict[str, torch.Tensor]] = [{} for _ in entries]
+        for k, name in enumerate(description.states):
+            for j, (p, values) in enumerate(entries):
+                if name not in used[j] or self.state.get(p, {}).get(name) is not None:
+                    continue
+                value = initial[values][0][k]
+                if self._state_dtype(p) == torch.uint8:  # 8-bit blockwise: codes, block absmax
                     codes, absmax = quantized_full(
                         tuple(p.shape), value, description.nonnegative(name)
                     )
-                    state[name] = torch.from_numpy(codes)
-                    state[name + "_absmax"] = torch.from_numpy(absmax)
+                    new_buffers[j][name] = torch.from_numpy(codes)
+                    new_buffers[j][name + "_absmax"] = torch.from_numpy(absmax)
                 else:
-                    state[name] = torch.full_like(
-                        p, value, dtype=state_dtype, memory_format=torch.contiguous_format
+                    new_buffers[j][name] = torch.full_like(
+                        p, value, dtype=self._state_dtype(p), memory_format=torch.contiguous_format
                     )
-                created = True
-        if self._needs_master(p) and state.get("master") is None:
-            state["master"] = p.detach().to(
-                torch.float32, memory_format=torch.contiguous_format, copy=True
-            )
-        for name, value in zip(description.scalars, initial_scalars):
-            if name not in state:
-                state[name] = torch.tensor(value, dtype=_scalar_dtype())
-        return created
+        for (p, values), buffers in zip(entries, new_buffers):
+            if p not in self.state and not (
+                self._tracks_step() or buffers or description.scalars or self._needs_master(p)
+            ):
+                continue  # torch keeps no state at all here (SGD without momentum)
+            state = self.state[p]
+            if self._tracks_step() and "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            for name, value in zip(description.scalars, initial[values][1]):
+                if name not in state:
+                    state[name] = torch.tensor(value, dtype=_scalar_dtype())
+            state.update(buffers)
+            if self._needs_master(p) and state.get("master") is None:
+                state["master"] = p.detach().to(
+                    torch.float32, memory_format=torch.contiguous_format, copy=True
+                )
+        return [bool(buffers) for buffers in new_buffers]
 
     def _tracks_step(self) -> bool:
         """torch's SGD keeps no step count; with stochastic rounding, whose bits are keyed by
@@ -549,11 +555,7 @@ class Optimizer(torch.optim.Optimizer):
             params = [p for _, p, _ in entries]
             group_of = [g for g, _, _ in entries]
             active = [a for _, _, a in entries]
-            new_state = []
-            for g, p, a in entries:
-                if a:
-                    group = self.param_groups[g]
-                    new_state.append(self._create_state(p, group, options[g]))
+            new_state = self._create_states([(p, options[g]) for g, p, a in entries if a])
             active_params = [p for p, a in zip(params, active) if a]
             kept = [self.state.get(p, {}) for p in active_params]
             states = [
