@@ -489,6 +489,41 @@ def test_a_cpu_grad_for_a_cuda_param_is_refused_with_nothing_written() -> None:
         assert torch.equal(p.detach(), b)
 
 
+# (param shape, grad shape): the same element count in another shape, a transpose, an extra
+# dimension, and empty shapes that differ only where an element count of 0 settles nothing.
+SHAPE_SPOILS = [
+    ((3, 4), (2, 6)),
+    ((3, 4), (4, 3)),
+    ((3, 4), (3, 4, 1)),
+    ((12,), (12, 1)),
+    ((), (1,)),
+    ((4, 0), (2, 0)),
+    ((0, 4), (4, 0)),
+    ((2, 3, 0), (3, 2, 0)),
+]
+
+
+@pytest.mark.parametrize("param_shape, grad_shape", SHAPE_SPOILS, ids=str)
+def test_a_grad_of_another_shape_is_refused_with_nothing_written(
+    param_shape: tuple, grad_shape: tuple
+) -> None:
+    """torch refuses such a grad when it is assigned to .grad, not through .grad.data; the step
+    compares the whole shape, not only the element count and the number of dimensions."""
+    params = [torch.ones(5, requires_grad=True), torch.ones(param_shape, requires_grad=True)]
+    optimizer = ft.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones(p.shape)
+    optimizer.step()
+    before = [p.detach().clone() for p in params]
+    states = [t.clone() for p in params for t in optimizer.state[p].values()]
+    params[1].grad.data = torch.ones(grad_shape)
+    with pytest.raises(ValueError, match=r"grad of params\[1\] of param_groups\[0\] has shape"):
+        optimizer.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    after = [t for p in params for t in optimizer.state[p].values()]
+    assert all(torch.equal(a, b) for a, b in zip(after, states))
+
+
 def test_a_one_element_array_hyperparameter_changed_in_place_takes_effect() -> None:
     """The options cache keys a value that can change in place by its number, as the NumPy
     classes' cache does: an array lr changed in place steps with the new rate."""
