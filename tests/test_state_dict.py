@@ -310,6 +310,49 @@ def test_state_buffers_are_created_and_loaded_state_by_state(monkeypatch: Any) -
     assert made == [(name, i) for name in names for i in range(3)]
 
 
+def test_saved_states_map_to_params_through_the_saved_groups_ids_as_torch_maps_them() -> None:
+    """A state dict whose groups list their param ids in another order (one made by hand, or by
+    a tool that numbers params its own way): the k-th id listed is the k-th param, as
+    torch.optim's load_state_dict maps it, not the param whose index is the id."""
+    params = [np.full(3, float(i), np.float32) for i in range(3)]
+    opt = fusedopt.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
+    opt.step([np.full(3, float(i + 1), np.float32) for i in range(3)])
+    sd = copy_state_dict(opt.state_dict())
+    ids = [2, 0, 1]  # saved param 0 is id 2, 1 is id 0, 2 is id 1
+    permuted = {
+        "state": {ids[i]: entry for i, entry in sd["state"].items()},
+        "param_groups": [
+            {**sd["param_groups"][0], "params": ids[:2]},
+            {**sd["param_groups"][1], "params": ids[2:]},
+        ],
+    }
+    resumed = fusedopt.Adam(
+        [{"params": [p.copy() for p in params[:2]]}, {"params": [params[2].copy()]}], lr=0.1
+    )
+    resumed.load_state_dict(permuted)
+    assert_same_state(opt, resumed)
+    torch = pytest.importorskip("torch")
+    tensors = [torch.zeros(3, requires_grad=True) for _ in range(3)]
+    reference = torch.optim.Adam([{"params": tensors[:2]}, {"params": tensors[2:]}], lr=0.1)
+    state = permuted["state"]
+    tensor_state = {k: {n: torch.as_tensor(v) for n, v in e.items()} for k, e in state.items()}
+    reference.load_state_dict({"state": tensor_state, "param_groups": permuted["param_groups"]})
+    for i, t in enumerate(tensors):  # torch put saved param i's state on param i too
+        np.testing.assert_array_equal(
+            reference.state[t]["exp_avg"].numpy(), sd["state"][i]["exp_avg"]
+        )
+
+
+def test_a_param_id_listed_twice_is_refused() -> None:
+    params = [np.ones(3, np.float32) for _ in range(2)]
+    opt = fusedopt.Adam(params, lr=0.1)
+    opt.step([np.ones(3, np.float32)] * 2)
+    sd = copy_state_dict(opt.state_dict())
+    sd["param_groups"][0]["params"] = [1, 1]
+    with pytest.raises(ValueError, match="param id 1 is listed twice"):
+        fusedopt.Adam([p.copy() for p in params], lr=0.1).load_state_dict(sd)
+
+
 def test_state_is_empty_before_the_first_step_except_adagrad_sums() -> None:
     params = make_params(np.float32)
     assert MAKERS["Adam"](params).state == {}

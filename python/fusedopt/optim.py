@@ -340,6 +340,9 @@ class Optimizer(PlanHolder):
                 f"{len(self.param_groups)}"
             )
         new_groups = []
+        # The saved states are keyed by the ids the saved groups list; as torch maps them, the
+        # k-th id listed (over all groups, in order) is this optimizer's k-th param.
+        position: dict[int, int] = {}
         for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
             if not isinstance(saved, Mapping) or "params" not in saved:
                 raise ValueError(f"state_dict: param_groups[{g}] must be a dict with 'params'")
@@ -353,6 +356,11 @@ class Optimizer(PlanHolder):
                     f"state_dict: the size of param_groups[{g}] ({len(saved['params'])} params) "
                     f"does not match the optimizer's ({len(group['params'])})"
                 )
+            for saved_id in saved["params"]:
+                key = _param_id(saved_id)
+                if key in position:
+                    raise ValueError(f"state_dict: param id {saved_id!r} is listed twice")
+                position[key] = len(position)
             merged = dict(group)
             merged.update({k: v for k, v in saved.items() if k != "params"})
             unknown = set(merged) - set(self.defaults) - {"params"}
@@ -369,7 +377,7 @@ class Optimizer(PlanHolder):
         scalar_names = self._description.scalars
         pending = []  # (param index, state name, entry): the buffers to load, after the checks
         for key, entry in saved_state.items():
-            i = _state_index(key, n)
+            i = _state_index(key, position)
             if not isinstance(entry, Mapping):
                 raise TypeError(
                     f"state_dict: state[{i}] must be a dict, got {type(entry).__name__}"
@@ -664,12 +672,22 @@ def _host(value: Any) -> Any:
     return cuda.to_numpy(value) if cuda.is_device_array(value) else value
 
 
-def _state_index(key: Any, n: int) -> int:
+def _param_id(key: Any) -> int:
+    """A saved param id: a whole number (np.load gives back numpy integers, a flat state dict's
+    keys are strings of digits)."""
     try:
         i = int(key)
     except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"state_dict: state keys must be param indices, got {key!r}") from None
-    if not 0 <= i < n or (isinstance(key, float) and key != i):
+        raise TypeError(f"state_dict: param ids must be whole numbers, got {key!r}") from None
+    if isinstance(key, bool) or (isinstance(key, float) and key != i):
+        raise TypeError(f"state_dict: param ids must be whole numbers, got {key!r}")
+    return i
+
+
+def _state_index(key: Any, position: Mapping[int, int]) -> int:
+    """The index of the param a saved state belongs to, through the saved groups' ids."""
+    i = position.get(_param_id(key))
+    if i is None:
         raise ValueError(f"state_dict: state for param {key!r}, which does not exist")
     return i
 
