@@ -85,7 +85,8 @@ constexpr int64_t kPrefetchAhead = 2048;
 // pass of an algorithm with reductions (ReadOnlyStates) reads the states and no grad, and writes
 // only the param.
 template <class T, unsigned Pattern, bool ReadOnlyStates = false, class Update>
-inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Update update) {
+__attribute__((always_inline)) inline void stream_pattern(const TensorRef& t, int64_t begin,
+                                                          int64_t end, Update update) {
   const auto has = [&](unsigned bit, bool at_run_time) {
     return Pattern == kRuntimePattern ? at_run_time : (Pattern & bit) != 0;
   };
@@ -161,7 +162,8 @@ inline void stream_pattern(const TensorRef& t, int64_t begin, int64_t end, Updat
 // elements run at half the bandwidth of a plain p += g); any other pattern takes the general
 // loop.
 template <class T, bool ReadOnlyStates, unsigned... Patterns, class Update>
-inline void stream(const TensorRef& t, int64_t begin, int64_t end, Update update) {
+__attribute__((always_inline)) inline void stream(const TensorRef& t, int64_t begin, int64_t end,
+                                                  Update update) {
   const unsigned pattern = pattern_of(t);
   const bool done = ((pattern == Patterns &&
                       (stream_pattern<T, Patterns, ReadOnlyStates>(t, begin, end, update), true)) ||
@@ -193,8 +195,9 @@ constexpr unsigned pattern_at() {
 }
 
 template <class T, class A, class Update, unsigned... Index>
-inline void stream_algorithm(const TensorRef& t, int64_t begin, int64_t end, Update update,
-                             std::integer_sequence<unsigned, Index...>) {
+__attribute__((always_inline)) inline void stream_algorithm(
+    const TensorRef& t, int64_t begin, int64_t end, Update update,
+    std::integer_sequence<unsigned, Index...>) {
   stream<T, (A::reductions > 0), pattern_at<A, Index>()...>(t, begin, end, update);
 }
 
@@ -202,7 +205,10 @@ inline void stream_algorithm(const TensorRef& t, int64_t begin, int64_t end, Upd
 // so the compiler keeps them in registers instead of reloading them after every store (a store
 // through memcpy may alias anything reachable). Inlined by force: GCC 12 made a function of the
 // larger updates (NAdam, RMSprop, LAMB), called once per vector, which reloads and broadcasts
-// every coefficient at each call.
+// every coefficient at each call. The loops are inlined into the kernel too (stream_algorithm,
+// stream, stream_pattern are always_inline): passed by value to a call, the closure was copied
+// through the stack, a wide load of narrow stores that the CPU cannot forward, a stall at every
+// call (the C ABI's Adam over 10000 x 100, 1 thread, AMD Zen 5: 681 -> 644 µs per step).
 template <class A, class T>
 void update_kernel(const TensorRef& t, const typename A::Coefficients& coefficients, int64_t begin,
                    int64_t end) {
