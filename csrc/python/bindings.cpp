@@ -326,17 +326,13 @@ class AnyPlan {
 };
 
 // Whether a weak reference still refers to `object` (false once its referent died). None stands
-// for itself: a state list may hold None for a tensor whose state the step does not use.
-bool refers_to(const py::object& reference, PyObject* object) {
-  if (reference.is_none()) return object == Py_None;
-#if PY_VERSION_HEX >= 0x030D0000
-  PyObject* referent = nullptr;
-  if (PyWeakref_GetRef(reference.ptr(), &referent) < 0) throw py::error_already_set();
-  Py_XDECREF(referent);  // only compared, never used: the caller holds `object`
-  return referent == object;
-#else
-  return PyWeakref_GetObject(reference.ptr()) == object;
-#endif
+// for itself: a state list may hold None for a tensor whose state the step does not use. Read
+// from the weak reference's field, not through the Python API, so that many are compared on the
+// pool's threads; this thread holds the GIL meanwhile, so none is cleared. A weak reference
+// whose referent died holds None, which `object`, an item of the caller's list, is not.
+bool refers_to(PyObject* reference, PyObject* object) {
+  if (reference == Py_None) return object == Py_None;
+  return object != Py_None && reinterpret_cast<PyWeakReference*>(reference)->wr_object == object;
 }
 
 template <class A>
@@ -408,22 +404,34 @@ class PythonPlan : public AnyPlan {
   bool step_if_same(py::handle params, py::handle states, py::handle grads, py::handle grad_scale,
                     std::optional<int64_t> step, py::handle values, py::handle masters) override {
     if (!borrowed_) throw Error(ErrorKind::value, "step_if_same is for borrowed plans");
-    size_t k = 0;
-    auto same = [&](py::handle list) {
+    const cpu::StayAwake awake(registered_->plan.uses_pool());
+    // The lists' items in the order of references_, then compared to them (on the pool's
+    // threads too: they read this thread's vector through the reference).
+    thread_local std::vector<PyObject*> items_of_this_thread;
+    std::vector<PyObject*>& items = items_of_this_thread;
+    items.clear();
+    auto gather = [&items](py::handle list) {
       if (!PyList_Check(list.ptr())) return false;
-      for (py::handle a : py::reinterpret_borrow<py::list>(list))
-        if (k >= references_.size() || !refers_to(references_[k++], a.ptr())) return false;
+      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list.ptr()); ++i)
+        items.push_back(PyList_GET_ITEM(list.ptr(), i));
       return true;
     };
-    if (!same(params) || !PyTuple_Check(states.ptr()) && !PyList_Check(states.ptr())) return false;
+    if (!gather(params) || !PyTuple_Check(states.ptr()) && !PyList_Check(states.ptr()))
+      return false;
     const py::sequence lists = py::reinterpret_borrow<py::sequence>(states);
     if (lists.size() != states_.size()) return false;
     for (size_t i = 0; i < states_.size(); ++i) {
       if (lists[i].is_none() != !states_[i].has_value()) return false;
-      if (!lists[i].is_none() && !same(lists[i])) return false;
+      if (!lists[i].is_none() && !gather(lists[i])) return false;
     }
-    if (!masters_.empty() && !same(masters)) return false;
-    if (k != references_.size()) return false;
+    if (!masters_.empty() && !gather(masters)) return false;
+    if (items.size() != references_.size()) return false;
+    const bool same = cpu::all_slices(items.size(), 2048, [&](size_t begin, size_t end) {
+      for (size_t k = begin; k < end; ++k)
+        if (!refers_to(references_[k].ptr(), items[k])) return false;
+      return true;
+    });
+    if (!same) return false;
     if (!values.is_none()) set_options(0, values);
     this->step(grads, grad_scale, step);
     return true;
