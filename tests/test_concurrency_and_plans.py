@@ -367,15 +367,16 @@ def test_functional_sees_a_state_list_changed_between_calls() -> None:
     np.testing.assert_array_equal(m2, m1)  # each set of states took one step from zero
 
 
-# 2000 params: their 6000 arrays are compared with the cached plan's weak references in slices on
-# the pool's threads. The one replaced is in the first slice, a middle one or the last.
-@pytest.mark.parametrize("role, index", [("params", 0), ("exp_avgs", 700), ("exp_avg_sqs", 1999)])
+# 10,000 params: their 30,000 arrays are compared with the cached plan's weak references in slices
+# on the pool's threads, long enough for a worker woken by the call to take some. The one
+# replaced is in the first slice, a middle one or the last.
+@pytest.mark.parametrize("role, index", [("params", 0), ("exp_avgs", 5000), ("exp_avg_sqs", 9999)])
 def test_functional_over_many_arrays_sees_one_replaced_between_calls(role: str, index: int) -> None:
     previous = fusedopt.num_threads()
     fusedopt.set_num_threads(2)  # the pool's threads, even on a one-core runner
     try:
         rng = np.random.default_rng(10)
-        n = 2000
+        n = 10_000
         arrays = {
             "params": [rng.standard_normal(8) for _ in range(n)],
             "exp_avgs": [np.zeros(8) for _ in range(n)],
@@ -384,13 +385,15 @@ def test_functional_over_many_arrays_sees_one_replaced_between_calls(role: str, 
         grads = [rng.standard_normal(8) for _ in range(n)]
         expected = [p.copy() for p in arrays["params"]]
         reference = fusedopt.Adam(expected, lr=0.1)
-        reference.step(grads)
-        F.adam_(arrays["params"], grads, arrays["exp_avgs"], arrays["exp_avg_sqs"], step=1, lr=0.1)
+        lists = arrays["params"], grads, arrays["exp_avgs"], arrays["exp_avg_sqs"]
+        for step in range(1, 5):  # the plan registered at the first, used by the others
+            reference.step(grads)
+            F.adam_(*lists, step=step, lr=0.1)
         old = arrays[role][index]
         replacement = old.copy()
         arrays[role][index] = replacement  # the cached plan registered `old`
         reference.step(grads)
-        F.adam_(arrays["params"], grads, arrays["exp_avgs"], arrays["exp_avg_sqs"], step=2, lr=0.1)
+        F.adam_(*lists, step=5, lr=0.1)
         for i, (p, e) in enumerate(zip(arrays["params"], expected)):
             np.testing.assert_array_equal(p, e, err_msg=f"params[{i}]")
         state = reference.state[index]["exp_avg" if role == "exp_avgs" else "exp_avg_sq"]
