@@ -18,6 +18,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -402,3 +403,81 @@ def test_fusedopt_num_threads_in_the_environment_sets_the_count() -> None:
 )
 def test_an_invalid_fusedopt_num_threads_falls_back_to_the_default(value: str) -> None:
     assert counts_at_load(value) == counts_at_load(None)
+
+
+# ------------------------------------------------------- the default: the CPUs the process may use
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs sched_setaffinity (Linux) and two CPUs allowed to this process",
+)
+def test_the_default_thread_count_follows_the_affinity_mask() -> None:
+    """A process allowed one CPU (taskset, a cpuset, a container) starts one thread, not one per
+    CPU of the machine; FUSEDOPT_NUM_THREADS still overrides."""
+    cpu = min(os.sched_getaffinity(0))
+    program = f"import os; os.sched_setaffinity(0, {{{cpu}}}); {COUNTS_AT_LOAD}"
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDOPT_NUM_THREADS"}
+    for value, expected in ((None, 1), ("3", 3)):
+        if value is not None:
+            env["FUSEDOPT_NUM_THREADS"] = value
+        result = subprocess.run(
+            [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        python_count, c_count = json.loads(result.stdout)
+        assert python_count == expected
+        assert c_count in (expected, None)
+
+
+def write(path: Any, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# (/proc/self/cgroup, {file under the cgroup root: contents}, the limit in CPUs, 0 for none)
+CGROUPS = {
+    "v2, no files": ("0::/a/b\n", {}, 0),
+    "v2, unlimited": ("0::/a/b\n", {"a/b/cpu.max": "max 100000\n"}, 0),
+    "v2, 1.5 CPUs rounded up": ("0::/a/b\n", {"a/b/cpu.max": "150000 100000\n"}, 2),
+    "v2, a parent's smaller quota": (
+        "0::/a/b\n",
+        {"a/b/cpu.max": "300000 100000\n", "a/cpu.max": "200000 100000\n"},
+        2,
+    ),
+    "v2, the root's quota (a container's namespace)": ("0::/\n", {"cpu.max": "400000 100000"}, 4),
+    "v1, cpu,cpuacct": (
+        "5:memory:/x\n4:cpu,cpuacct:/docker/abc\n",
+        {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+         "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"},
+        1,
+    ),
+    "v1, no quota": (
+        "1:cpu:/\n",
+        {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
+        0,
+    ),
+    "v1, group not visible, the mount's root quota": (
+        "1:cpu:/docker/abc\n",
+        {"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"},
+        3,
+    ),
+    "v1, a controller list without cpu": (
+        "1:cpuacct,cpuset:/\n",
+        {"cpuacct,cpuset/cpu.cfs_quota_us": "100000\n",
+         "cpuacct,cpuset/cpu.cfs_period_us": "100000\n"},
+        0,
+    ),
+    "malformed lines": ("garbage\n::\n0::\n", {"cpu.max": "nonsense"}, 0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CGROUPS)
+def test_cgroup_cpu_quota_is_read_from_the_process_groups(name: str, tmp_path: Any) -> None:
+    self_cgroup, files, expected = CGROUPS[name]
+    write(tmp_path / "self_cgroup", self_cgroup)
+    for relative, text in files.items():
+        write(tmp_path / "root" / relative, text)
+    assert (
+        _core._cgroup_cpu_limit(str(tmp_path / "self_cgroup"), str(tmp_path / "root")) == expected
+    )

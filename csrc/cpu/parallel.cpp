@@ -1,6 +1,7 @@
 #include "cpu/parallel.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,7 +10,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <fstream>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -21,8 +24,88 @@ namespace fusedopt {
 namespace cpu {
 namespace {
 
-// FUSEDOPT_NUM_THREADS when it is an integer in [1, kMaxThreads], else the number of hardware
-// threads (capped at kMaxThreads). An invalid value ("abc", "4x", "0", "100000") is ignored rather
+// The first line of a small file, or "" when it cannot be read.
+std::string first_line(const std::string& path) {
+  std::ifstream file(path);
+  std::string line;
+  std::getline(file, line);
+  return line;
+}
+
+// Calls visit(group) for a cgroup path ("/a/b") and every group above it ("/a", "").
+template <class Visit>
+void for_group_and_parents(std::string group, Visit&& visit) {
+  if (group == "/") group.clear();
+  for (;;) {
+    visit(group);
+    if (group.empty()) return;
+    const size_t slash = group.rfind('/');
+    group.erase(slash == std::string::npos ? 0 : slash);
+  }
+}
+
+}  // namespace
+
+// The smallest quota of the process's group and the groups above it (no file read: 0, as on a
+// system without cgroups), cgroup v2 (`cpu.max`: "max
+// 100000" or "150000 100000") or v1 (`cpu.cfs_quota_us`, -1 for none, over `cpu.cfs_period_us`).
+// The groups above reach the hierarchy's root, which is a container's own group where the
+// container sees its hierarchy mounted at the root.
+int cgroup_cpu_limit(const std::string& self_cgroup, const std::string& root) {
+  int limit = 0;
+  const auto consider = [&limit](int64_t quota, int64_t period) {
+    if (quota <= 0 || period <= 0) return;
+    const int cpus =
+        static_cast<int>(std::min<int64_t>((quota + period - 1) / period, kMaxThreads));
+    limit = limit == 0 ? cpus : std::min(limit, cpus);
+  };
+  std::ifstream groups(self_cgroup);
+  for (std::string line; std::getline(groups, line);) {
+    // "hierarchy:controllers:path": "0::/path" for v2, "4:cpu,cpuacct:/path" for v1.
+    const size_t first = line.find(':'), second = line.find(':', first + 1);
+    if (first == std::string::npos || second == std::string::npos) continue;
+    const std::string controllers = line.substr(first + 1, second - first - 1);
+    const std::string group = line.substr(second + 1);
+    if (controllers.empty()) {
+      for_group_and_parents(group, [&](const std::string& g) {
+        std::istringstream max(first_line(root + g + "/cpu.max"));
+        std::string quota;
+        int64_t period = 0;
+        if (max >> quota >> period && quota != "max") consider(std::atoll(quota.c_str()), period);
+      });
+    } else if (("," + controllers + ",").find(",cpu,") != std::string::npos) {
+      for (const std::string& mount : {root + "/cpu", root + "/" + controllers}) {
+        for_group_and_parents(group, [&](const std::string& g) {
+          const std::string quota = first_line(mount + g + "/cpu.cfs_quota_us");
+          const std::string period = first_line(mount + g + "/cpu.cfs_period_us");
+          if (!quota.empty() && !period.empty())
+            consider(std::atoll(quota.c_str()), std::atoll(period.c_str()));
+        });
+      }
+    }
+  }
+  return limit;
+}
+
+namespace {
+
+// The CPUs this process may use: those its affinity mask allows (taskset, a cpuset, a container's
+// CPUs) and no more than its cgroups' CPU quota, rather than every CPU of the host, so that a
+// container granted two CPUs of a 64-core host steps with two threads, not 64 that take turns in
+// its quota.
+int available_cpus() {
+  unsigned count = std::thread::hardware_concurrency();
+#if defined(__linux__)
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0) count = CPU_COUNT(&allowed);
+  if (const int limit = cgroup_cpu_limit("/proc/self/cgroup", "/sys/fs/cgroup"); limit > 0)
+    count = std::min(count, static_cast<unsigned>(limit));
+#endif
+  return count == 0 ? 1 : static_cast<int>(std::min<unsigned>(count, kMaxThreads));
+}
+
+// FUSEDOPT_NUM_THREADS when it is an integer in [1, kMaxThreads], else the CPUs available to the
+// process (capped at kMaxThreads). An invalid value ("abc", "4x", "0", "100000") is ignored rather
 // than refused: this runs when the library loads, where nothing can report an error, and a tuning
 // variable should not stop a program.
 int default_num_threads() {
@@ -32,8 +115,7 @@ int default_num_threads() {
     const long n = std::strtol(env, &end, 10);
     if (errno == 0 && *end == '\0' && n >= 1 && n <= kMaxThreads) return static_cast<int>(n);
   }
-  const unsigned hardware = std::thread::hardware_concurrency();
-  return hardware == 0 ? 1 : static_cast<int>(std::min<unsigned>(hardware, kMaxThreads));
+  return available_cpus();
 }
 
 // Steps in progress that keep the workers awake (StayAwake), and how many such requests were

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace fusedopt {
 namespace cpu {
@@ -16,6 +17,12 @@ namespace cpu {
 // every machine; it is above the hardware threads of all but the largest servers, and there the
 // default is capped to it.
 constexpr int kMaxThreads = 1024;
+
+// The CPU time the cgroups listed in `self_cgroup` (a file as /proc/self/cgroup) may use, under the
+// cgroup file systems mounted at `root` (as /sys/fs/cgroup), in CPUs rounded up; 0 for no limit.
+// The default thread count is at most this, for the process's own; tests give it a tree of their
+// own.
+int cgroup_cpu_limit(const std::string& self_cgroup, const std::string& root);
 
 int num_threads();
 // 1 <= n <= kMaxThreads, else throws Error(ErrorKind::value) naming n and the limit; takes

@@ -1236,6 +1236,7 @@ PYBIND11_MODULE(_core, m) {
     if (n < 1) throw Error(ErrorKind::value, "n must be >= 1, got " + std::to_string(n));
     cpu::set_num_threads(n);
   });
+  m.def("_cgroup_cpu_limit", &cpu::cgroup_cpu_limit);  // for tests
   m.attr("built_isas") = FUSEDOPT_BUILT_ISAS;
   m.attr("max_states") = kMaxStates;
   m.attr("max_scalars") = kMaxScalars;

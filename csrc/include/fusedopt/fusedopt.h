@@ -266,8 +266,8 @@ FUSEDOPT_API const char* fusedopt_available_isas(void);
 FUSEDOPT_API fusedopt_status fusedopt_set_cpu_isa(const char* isa);
 
 /* At load: FUSEDOPT_NUM_THREADS from the environment when it is an integer from 1 to 1024,
- * else (unset, or any other value, which is ignored) the number of hardware threads, at most
- * 1024. */
+ * else (unset, or any other value, which is ignored) the number of CPUs the process may use (its
+ * affinity mask, and at most its cgroup CPU quota rounded up), at most 1024. */
 FUSEDOPT_API int32_t fusedopt_num_threads(void);
 /* 1 <= n <= 1024, else FUSEDOPT_STATUS_VALUE_ERROR and the count is unchanged; takes effect at
  * the next step. A process forked while another thread is in a step gets a thread pool of its
