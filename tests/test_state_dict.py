@@ -294,9 +294,9 @@ def test_state_buffers_are_created_and_loaded_state_by_state(monkeypatch: Any) -
         made.append(("new", next(i for i, p in enumerate(params) if p is param)))
         return full_like(param, value, dtype)
 
-    def state_array_recorded(value: Any, param: Any, i: int, name: str, dtype: str) -> Any:
+    def state_array_recorded(value: Any, param: Any, i: int, name: str, *rest: Any) -> Any:
         made.append((name, i))
-        return state_array(value, param, i, name, dtype)
+        return state_array(value, param, i, name, *rest)
 
     monkeypatch.setattr(fusedopt.optim, "_full_like", full_like_recorded)
     monkeypatch.setattr(fusedopt.optim, "_state_array", state_array_recorded)
@@ -341,6 +341,32 @@ def test_saved_states_map_to_params_through_the_saved_groups_ids_as_torch_maps_t
         np.testing.assert_array_equal(
             reference.state[t]["exp_avg"].numpy(), sd["state"][i]["exp_avg"]
         )
+
+
+def test_a_refusal_names_the_saved_state_by_its_id() -> None:
+    """Messages name an entry as the state dict keys it (its saved id), not by the position of
+    the param it maps to."""
+    params = [np.full(3, float(i), np.float32) for i in range(3)]
+    opt = fusedopt.Adam(params, lr=0.1)
+    opt.step([np.ones(3, np.float32)] * 3)
+    sd = copy_state_dict(opt.state_dict())
+    ids = [10, 20, 30]
+    renumbered = {
+        "state": {ids[i]: entry for i, entry in sd["state"].items()},
+        "param_groups": [{**sd["param_groups"][0], "params": ids}],
+    }
+    del renumbered["state"][30]["exp_avg_sq"]
+    with pytest.raises(ValueError, match=r"state\[30\] has no 'exp_avg_sq'"):
+        fusedopt.Adam([p.copy() for p in params], lr=0.1).load_state_dict(renumbered)
+    renumbered["state"][30]["exp_avg_sq"] = np.zeros(4, np.float32)
+    with pytest.raises(
+        ValueError, match=r"state\[30\]\['exp_avg_sq'\] has shape \(4,\), params\[2\]"
+    ):
+        fusedopt.Adam([p.copy() for p in params], lr=0.1).load_state_dict(renumbered)
+    renumbered["state"][30]["exp_avg_sq"] = np.zeros(3, np.float32)
+    renumbered["state"][20]["step"] = 2.5
+    with pytest.raises(ValueError, match=r"state\[20\]\['step'\] must be a whole number"):
+        fusedopt.Adam([p.copy() for p in params], lr=0.1).load_state_dict(renumbered)
 
 
 def test_a_param_id_listed_twice_is_refused() -> None:

@@ -377,36 +377,40 @@ class Optimizer(PlanHolder):
         scalar_names = self._description.scalars
         pending = []  # (param index, state name, entry): the buffers to load, after the checks
         for key, entry in saved_state.items():
-            i = _state_index(key, position)
+            # The saved id names the entry in messages; i is the param it belongs to.
+            saved_id, i = _state_index(key, position)
             if not isinstance(entry, Mapping):
                 raise TypeError(
-                    f"state_dict: state[{i}] must be a dict, got {type(entry).__name__}"
+                    f"state_dict: state[{saved_id}] must be a dict, got {type(entry).__name__}"
                 )
             param = self._params[i]
             for name, value in entry.items():
                 if name == "step":
-                    steps[i] = _step_count(value, i)
+                    steps[i] = _step_count(value, saved_id)
                 elif name in buffers:
-                    pending.append((i, name, entry))
+                    pending.append((i, name, entry, saved_id))
                 elif name.endswith("_absmax") and name.removesuffix("_absmax") in buffers:
                     pass  # read with its state
                 elif name == "master" and self.precision.needs_master(dtype_name(param.dtype)):
-                    masters[i] = _state_array(value, param, i, name, "float32")
+                    masters[i] = _state_array(value, param, i, name, "float32", saved_id)
                 elif name in scalar_names:
-                    scalars[i, scalar_names.index(name)] = as_number(value, f"state[{i}][{name!r}]")
+                    where = f"state[{saved_id}][{name!r}]"
+                    scalars[i, scalar_names.index(name)] = as_number(value, where)
                     has_scalars[i] = True
                 else:
-                    raise ValueError(f"state_dict: unknown state {name!r} for param {i}")
+                    raise ValueError(f"state_dict: unknown state {name!r} in state[{saved_id}]")
             required = required_state(
                 self._description, entry, steps[i], self._tracks_step, self._states_at_construction
             )
             missing = [name for name in required if name not in entry]
             if missing:
-                raise ValueError(f"state_dict: state[{i}] has no {missing[0]!r}")
+                raise ValueError(f"state_dict: state[{saved_id}] has no {missing[0]!r}")
         # Copied state by state, in param order, as _create_states lays them out.
         pending.sort(key=lambda item: (self._description.states.index(item[1]), item[0]))
-        for i, name, entry in pending:
-            buffers[name][i], absmax[name][i] = self._loaded_state(entry, self._params[i], i, name)
+        for i, name, entry, saved_id in pending:
+            buffers[name][i], absmax[name][i] = self._loaded_state(
+                entry, self._params[i], i, name, saved_id
+            )
         with self._lock:
             for group, (merged, _) in zip(self.param_groups, new_groups):
                 params = group["params"]
@@ -556,7 +560,7 @@ class Optimizer(PlanHolder):
                 self._has_scalars[i] = True
 
     def _loaded_state(
-        self, entry: Mapping[str, Any], param: Any, i: int, name: str
+        self, entry: Mapping[str, Any], param: Any, i: int, name: str, saved_id: int
     ) -> tuple[Any, Any]:
         """A saved state in the dtype this optimizer keeps it in, and its 8-bit scales: 8-bit
         codes (with their ``<name>_absmax``) are dequantized for a float state, float values
@@ -565,18 +569,22 @@ class Optimizer(PlanHolder):
         value = entry[name]
         if np.asarray(_host(value)).dtype == np.uint8:
             if name + "_absmax" not in entry:
-                raise ValueError(f"state_dict: state[{i}][{name!r}] is 8-bit but has no absmax")
+                raise ValueError(
+                    f"state_dict: state[{saved_id}][{name!r}] is 8-bit but has no absmax"
+                )
             scales = np.asarray(_host(entry[name + "_absmax"]), dtype=np.float32)
             codes = np.asarray(_host(value))
             if codes.shape != tuple(param.shape) or scales.size != -(-param.size // QUANT_BLOCK):
-                raise ValueError(f"state_dict: state[{i}][{name!r}] does not fit params[{i}]")
+                raise ValueError(
+                    f"state_dict: state[{saved_id}][{name!r}] does not fit params[{i}]"
+                )
             if dtype == "int8":
                 return np.array(codes, order="C", copy=True), np.array(scales, copy=True)
             value = dequantize_blockwise(codes, scales, self._description.nonnegative(name))
         if dtype == "int8":
-            floats = _state_array(value, param, i, name, "float32")
+            floats = _state_array(value, param, i, name, "float32", saved_id)
             return quantize_blockwise(floats, self._description.nonnegative(name))
-        return _state_array(value, param, i, name, dtype), None
+        return _state_array(value, param, i, name, dtype, saved_id), None
 
     def _values_of(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
         return tuple([group[name] for name in self._hyperparameter_names])
@@ -684,15 +692,17 @@ def _param_id(key: Any) -> int:
     return i
 
 
-def _state_index(key: Any, position: Mapping[int, int]) -> int:
-    """The index of the param a saved state belongs to, through the saved groups' ids."""
-    i = position.get(_param_id(key))
+def _state_index(key: Any, position: Mapping[int, int]) -> tuple[int, int]:
+    """A saved state's id and the index of the param it belongs to, through the saved groups'
+    ids."""
+    saved_id = _param_id(key)
+    i = position.get(saved_id)
     if i is None:
         raise ValueError(f"state_dict: state for param {key!r}, which does not exist")
-    return i
+    return saved_id, i
 
 
-def _step_count(value: Any, i: int) -> int:
+def _step_count(value: Any, saved_id: int) -> int:
     """A saved step count, exactly: integers are read as integers (through a float64, counts
     above 2**53 would change), other numbers only where they are whole."""
     array = value if isinstance(value, np.ndarray) else None
@@ -701,11 +711,12 @@ def _step_count(value: Any, i: int) -> int:
     elif array is not None and array.dtype.kind in "iu" and array.size == 1:
         step = int(array.reshape(()))
     else:
-        number = as_number(value, f"state[{i}]['step']")
+        number = as_number(value, f"state[{saved_id}]['step']")
         step = int(number) if math.isfinite(number) and number.is_integer() else None
     if step is None or not 0 <= step < 2**62:
         raise ValueError(
-            f"state_dict: state[{i}]['step'] must be a whole number in [0, 2**62), got {value!r}"
+            f"state_dict: state[{saved_id}]['step'] must be a whole number in [0, 2**62), got "
+            f"{value!r}"
         )
     return step
 
@@ -715,20 +726,21 @@ def _step_count(value: Any, i: int) -> int:
 _SAVED_BFLOAT16 = np.dtype("V2")
 
 
-def _state_array(value: Any, param: Any, i: int, name: str, dtype: str) -> Any:
+def _state_array(value: Any, param: Any, i: int, name: str, dtype: str, saved_id: int) -> Any:
+    """A saved state (entry ``saved_id`` of the state dict) for params[i], in ``dtype``."""
     try:
         array = np.asarray(_host(value))
     except (TypeError, ValueError):
-        raise TypeError(f"state_dict: state[{i}][{name!r}] must be an array") from None
+        raise TypeError(f"state_dict: state[{saved_id}][{name!r}] must be an array") from None
     if array.shape != tuple(param.shape):
         raise ValueError(
-            f"state_dict: state[{i}][{name!r}] has shape {array.shape}, params[{i}] has "
+            f"state_dict: state[{saved_id}][{name!r}] has shape {array.shape}, params[{i}] has "
             f"{tuple(param.shape)}"
         )
     if array.dtype == _SAVED_BFLOAT16:
         array = array.view(numpy_dtype("bfloat16"))
     if array.dtype.kind != "f" and dtype_name(array.dtype) != "bfloat16":
-        raise TypeError(f"state_dict: state[{i}][{name!r}] has dtype {array.dtype}")
+        raise TypeError(f"state_dict: state[{saved_id}][{name!r}] has dtype {array.dtype}")
     if cuda.is_device_array(param):
         return cuda.array_like(array, param)
     # Cast (and rounded to nearest) to the dtype this optimizer keeps it in.
