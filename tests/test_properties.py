@@ -1421,9 +1421,9 @@ def test_optimizer_construction_and_steps_are_correct_or_refused(case: ClassCase
     group_problems: list[list[Problem]] = [[], []]
     value_problems: list[dict[str, list[Problem]]] = [{}, {}]  # by hyperparameter, per group
     states: list[dict[str, Any]] = [{} for _ in range(n)]
-    if case.cls is fusedopt.Adagrad:  # torch's Adagrad fills its sums when a param is added
-        for j, p in enumerate(params):
-            value = native[0 if not split or j < split else 1]["initial_accumulator_value"]
+    if case.cls is fusedopt.Adagrad:  # torch's Adagrad fills every sum from its constructor's
+        for j, p in enumerate(params):  # value (group 0's here), whatever a group says
+            value = native[0]["initial_accumulator_value"]
             states[j] = {"sum": np.full(p.shape, value, dtype=p.dtype).astype(np.float64)}
     for step in case.steps:
         if "change" in step:

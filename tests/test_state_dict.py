@@ -379,6 +379,19 @@ def test_a_param_id_listed_twice_is_refused() -> None:
         fusedopt.Adam([p.copy() for p in params], lr=0.1).load_state_dict(sd)
 
 
+def test_adagrad_fills_every_sum_from_the_constructors_value_as_torch_does() -> None:
+    """torch's Adagrad fills the sums of every group at construction from its constructor's
+    initial_accumulator_value, a group's own unread, and a param added later from its defaults'."""
+    first, second, added = np.zeros(2), np.zeros(2), np.zeros(2)
+    opt = fusedopt.Adagrad(
+        [{"params": [first]}, {"params": [second], "initial_accumulator_value": 0.25}],
+        lr=0.1,
+        initial_accumulator_value=0.5,
+    )
+    opt.add_param_group({"params": [added], "initial_accumulator_value": 0.75})
+    np.testing.assert_array_equal([opt.state[i]["sum"] for i in range(3)], np.full((3, 2), 0.5))
+
+
 def test_state_is_empty_before_the_first_step_except_adagrad_sums() -> None:
     params = make_params(np.float32)
     assert MAKERS["Adam"](params).state == {}

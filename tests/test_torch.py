@@ -524,6 +524,29 @@ def test_a_grad_of_another_shape_is_refused_with_nothing_written(
     assert all(torch.equal(a, b) for a, b in zip(after, states))
 
 
+def test_adagrad_fills_every_sum_from_the_constructors_value_as_torch_does() -> None:
+    """torch's Adagrad reads no group's initial_accumulator_value: every sum starts at the
+    constructor's value, and a param added later starts at its defaults'."""
+    optimizers = []
+    for make in (ft.Adagrad, torch.optim.Adagrad):
+        params = [torch.zeros(2, requires_grad=True) for _ in range(3)]
+        groups = [
+            {"params": params[:1]},
+            {"params": params[1:2], "initial_accumulator_value": 0.25},
+        ]
+        optimizer = make(groups, lr=0.1, initial_accumulator_value=0.5)
+        optimizer.add_param_group({"params": params[2:], "initial_accumulator_value": 0.75})
+        for p in params:
+            p.grad = torch.ones(2)
+        optimizer.step()
+        optimizers.append((optimizer, params))
+    (ours, our_params), (theirs, their_params) = optimizers
+    for p, q in zip(our_params, their_params):
+        assert torch.equal(ours.state[p]["sum"], theirs.state[q]["sum"])
+        assert torch.equal(p.detach(), q.detach())
+    assert torch.equal(theirs.state[their_params[2]]["sum"], torch.full((2,), 1.5))
+
+
 def test_a_one_element_array_hyperparameter_changed_in_place_takes_effect() -> None:
     """The options cache keys a value that can change in place by its number, as the NumPy
     classes' cache does: an array lr changed in place steps with the new rate."""

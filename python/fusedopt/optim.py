@@ -83,7 +83,10 @@ class Optimizer(PlanHolder):
     _hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
     _fixed: ClassVar[Mapping[str, float]] = {}  # native options the class sets (AdamW's decay)
     _tracks_step: ClassVar[bool] = True  # torch's SGD keeps no step count in its state
-    _states_at_construction: ClassVar[bool] = False  # torch's Adagrad allocates its sum eagerly
+    # torch's Adagrad allocates its sums eagerly, every group's filled with the constructor's
+    # initial_accumulator_value (a group's own is not read), and a param's added later with the
+    # defaults' (the same value unless `defaults` was changed).
+    _states_at_construction: ClassVar[bool] = False
     _description: ClassVar[Description]
     _hyperparameter_names: ClassVar[tuple[str, ...]]
 
@@ -528,15 +531,17 @@ class Optimizer(PlanHolder):
         self, indices: Iterable[int], values_of: Callable[[int], tuple[float, ...]]
     ) -> None:
         """The buffers each of these params' options (``values_of(i)``) use and it does not have
-        yet, and its scalars. State by state: every param's first buffer, then every param's
+        yet, and its scalars (Adagrad's initial sums from the defaults, as torch fills them, see
+        ``_states_at_construction``). State by state: every param's first buffer, then every param's
         second, so that one state's buffers of consecutive params lie one after another in
         memory, as a step streams them (Adam over 1000 x 1000, 2 threads: 271 -> 252 µs against
         a param's buffers side by side)."""
         description = self._description
         values = {i: values_of(i) for i in indices}
+        defaults = self._native_options(self.defaults) if self._states_at_construction else None
         # Per distinct options: the states they use and their initial values.
         of_options = {
-            v: (description.states_used(v), description.initial_values(v))
+            v: (description.states_used(v), description.initial_values(defaults or v))
             for v in set(values.values())
         }
         for k, name in enumerate(description.states):
