@@ -146,3 +146,37 @@ def test_a_layout_past_the_end_of_the_address_space_is_a_value_error(lib) -> Non
     assert ewma_in(lib, buffer, 0, 1, layout) == VALUE_ERROR
     assert re.search(r"\bx\b", lib.fusedopt_last_error().decode())
     assert not buffer.any()
+
+
+# Layouts whose out has elements the EWMA does not write: each must keep its value when the series
+# are split over two threads (the library first touches the pages of a dense out in parallel,
+# writing zeros the EWMA then overwrites, and only of a dense one).
+GAPPED = [
+    (1000, 200, 0, 1000),  # time stride 0: each series writes its first element only
+    (500, 200, 1, 503),  # series one after another, 3 elements apart
+    (500, 200, 203, 1),  # series side by side, rows 3 elements apart
+]
+
+
+@pytest.mark.parametrize("layout", GAPPED, ids=["stride-0", "series-apart", "rows-apart"])
+def test_elements_between_a_layouts_elements_are_not_written(lib, layout: tuple) -> None:
+    length, num_series, time_stride, series_stride = layout
+    size = extent(layout) + 8
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(size)
+    out = np.full(size, 7.0)
+    previous = lib.fusedopt_num_threads()
+    assert lib.fusedopt_set_num_threads(2) == OK
+    try:
+        status = lib.fusedopt_ewma(
+            ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data),
+            *(ctypes.c_int64(v) for v in layout), ctypes.byref(EwmaOptions(COM, 1, 0, 0)),
+        )  # fmt: skip
+    finally:
+        lib.fusedopt_set_num_threads(previous)
+    assert status == OK, lib.fusedopt_last_error()
+    written = np.zeros(size, bool)
+    t, s = np.meshgrid(np.arange(length), np.arange(num_series), indexing="ij")
+    written[(t * time_stride + s * series_stride).ravel()] = True
+    np.testing.assert_array_equal(out[~written], 7.0)
+    np.testing.assert_array_equal(out[written], ewma_apart(lib, x, layout)[written])
