@@ -46,11 +46,11 @@ void for_group_and_parents(std::string group, Visit&& visit) {
 
 }  // namespace
 
-// The smallest quota of the process's group and the groups above it (no file read: 0, as on a
-// system without cgroups), cgroup v2 (`cpu.max`: "max
-// 100000" or "150000 100000") or v1 (`cpu.cfs_quota_us`, -1 for none, over `cpu.cfs_period_us`).
-// The groups above reach the hierarchy's root, which is a container's own group where the
-// container sees its hierarchy mounted at the root.
+// The smallest quota of the process's group and the groups above it, cgroup v2 (`cpu.max`: "max
+// 100000" or "150000 100000") or v1 (`cpu.cfs_quota_us`, -1 for none, over `cpu.cfs_period_us`);
+// 0 where no file can be read, as on a system without cgroups. The groups above reach the
+// hierarchy's root, which is a container's own group where the container sees its hierarchy
+// mounted at the root.
 int cgroup_cpu_limit(const std::string& self_cgroup, const std::string& root) {
   int limit = 0;
   const auto consider = [&limit](int64_t quota, int64_t period) {
