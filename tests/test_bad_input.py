@@ -905,6 +905,41 @@ def test_keras_build_rejects_a_wrong_dtype() -> None:
         fk.Adam().apply(fresh(seed=1), variables)
 
 
+def _read_only(variables: list[np.ndarray]) -> np.ndarray:
+    array = np.zeros(40, np.float32)
+    array.flags.writeable = False
+    return array
+
+
+UNSTEPPABLE_VARIABLES = {  # a variable no step could update, made beside the good ones
+    "not-contiguous": (lambda variables: np.zeros(80, np.float32)[::2], "is not C-contiguous"),
+    "read-only": (_read_only, "is read-only"),
+    "overlapping": (lambda variables: variables[0][:], "shares memory with"),
+}
+
+
+@pytest.mark.parametrize("how", ["apply", "build"])
+@pytest.mark.parametrize("case", UNSTEPPABLE_VARIABLES)
+def test_keras_a_refused_first_build_leaves_the_optimizer_unbuilt(case: str, how: str) -> None:
+    """A variable no step could update is refused before anything is built: the optimizer keeps
+    no variables and no slots, and a retry with corrected variables is built for those (it was
+    refused as 'not one of the variables this optimizer was built with')."""
+    make, what = UNSTEPPABLE_VARIABLES[case]
+    variables = fresh()
+    bad = [*variables[:-1], make(variables)]
+    opt = fk.Adam(learning_rate=0.1, amsgrad=True)
+    role = "trainable_variables" if how == "apply" else "variables"
+    call = (lambda: opt.apply(fresh(seed=1), bad)) if how == "apply" else lambda: opt.build(bad)
+    assert_rejected(call, variables, ValueError, f"{role}{BAD}", what)
+    assert not opt.built and opt.iterations == 0
+    assert opt.variables == [] and opt.state == {}
+    opt.apply(fresh(seed=1), variables)
+    reference = fresh()
+    fk.Adam(learning_rate=0.1, amsgrad=True).apply(fresh(seed=1), reference)
+    for a, b in zip(variables, reference):
+        np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------------------ state dicts
 
 

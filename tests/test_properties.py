@@ -2222,7 +2222,9 @@ def test_keras_apply_is_correct_or_refused_and_writes_nothing(case: KerasCase) -
     values = {h.name: case.native.get(h.name) for h in case.cls._hyperparameters}
     states: list[dict[str, Any]] = [{} for _ in range(n)]
     u_product = 1.0
-    # What building refuses: a variable that is not a float array, or one given twice.
+    # What building refuses: a variable that is not a float array, or one given twice, and (so
+    # that a refused first apply leaves the optimizer unbuilt) one no step could update: not
+    # C-contiguous, read-only, or sharing memory with another.
     build_problems = []
     for i, v in enumerate(variables):
         labels = (f"variables[{i}]", f"trainable_variables[{i}]")
@@ -2230,8 +2232,12 @@ def test_keras_apply_is_correct_or_refused_and_writes_nothing(case: KerasCase) -
             build_problems.append(problem(labels, TypeError))
         elif not v.dtype.isnative:
             build_problems.append(problem(labels, TypeError))
+        elif not v.flags.c_contiguous or not v.flags.writeable:
+            build_problems.append(problem(labels, ValueError))
         if any(v is w for w in variables[:i]):
             build_problems.append(problem(("variables", "same array"), ValueError))
+        elif any(isinstance(w, np.ndarray) and np.may_share_memory(v, w) for w in variables[:i]):
+            build_problems.append(problem(labels + ("shares memory",), ValueError))
     for apply in case.applies:
         problems: list[Problem] = [] if opt.built else list(build_problems)
         if "rate" in apply:

@@ -328,6 +328,23 @@ class StateView(dict):
         return (dict, (dict(self),))
 
 
+def check_in_place(array: np.ndarray, name: str) -> None:
+    """ValueError naming an array that a step cannot update in its own memory."""
+    if not array.flags.c_contiguous:
+        raise ValueError(
+            f"{name} is not C-contiguous; fusedopt updates an array in its own memory, in order "
+            "(np.ascontiguousarray would make a copy, not update it)"
+        )
+    if not array.flags.writeable:
+        raise ValueError(f"{name} is read-only; a step writes it")
+
+
+def byte_range(array: np.ndarray, name: str) -> tuple[int, int, str]:
+    """An array's memory as :func:`first_overlap` takes it."""
+    begin = array.__array_interface__["data"][0]
+    return begin, begin + array.nbytes, name
+
+
 def first_overlap(extents: Iterable[tuple[int, int, str]]) -> tuple[str, str] | None:
     """The first two of the named byte ranges ``(begin, end, name)`` that overlap, in address
     order (the later one first), or None; empty ranges overlap nothing."""

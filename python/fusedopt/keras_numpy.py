@@ -39,8 +39,11 @@ from fusedopt._engine import (
     Precision,
     StateView,
     as_number,
+    byte_range,
+    check_in_place,
     describe,
     dtype_name,
+    first_overlap,
     make_plan,
     native_values,
     numpy_dtype,
@@ -206,20 +209,39 @@ class Optimizer(PlanHolder):
 
     def build(self, variables: Sequence[np.ndarray]) -> None:
         """Create the state of every variable (``apply`` does this on first use)."""
-        variables = list(variables)
+        self._build(list(variables), "variables")
+
+    def _build(self, variables: list[np.ndarray], role: str) -> None:
+        """``build``, with errors naming the variables as ``role`` (the argument that gave
+        them). Every variable is checked as a step would check it before anything is built: a
+        refused build (or first ``apply``) leaves the optimizer unbuilt, so that a retry with
+        corrected variables is built for those."""
         for i, v in enumerate(variables):
             if not isinstance(v, np.ndarray):
-                raise TypeError(f"variables[{i}] must be a numpy.ndarray, got {type(v).__name__}")
+                raise TypeError(f"{role}[{i}] must be a numpy.ndarray, got {type(v).__name__}")
             if not updates_dtype(v.dtype):
                 raise TypeError(
-                    f"variables[{i}] has dtype {v.dtype}; fusedopt updates float32, float64, "
+                    f"{role}[{i}] has dtype {v.dtype}; fusedopt updates float32, float64, "
                     "bfloat16 and float16"
                 )
+            check_in_place(v, f"{role}[{i}]")
         index_of = {id(v): i for i, v in enumerate(variables)}
         if len(index_of) != len(variables):
-            raise ValueError("variables: the same array appears twice")
+            raise ValueError(f"{role}: the same array appears twice")
+        if clash := first_overlap(byte_range(v, f"{role}[{i}]") for i, v in enumerate(variables)):
+            raise ValueError(
+                f"{clash[0]} shares memory with {clash[1]}; every variable must be its own array"
+            )
         self.precision.check([dtype_name(v.dtype) for v in variables])
+        # The options depend on the first variable's dtype (Nadam's u_product): read with the
+        # new variables, which are put back if they are refused.
+        previous = self._variables
         self._variables = variables
+        try:
+            options = self._native_options(self._current_learning_rate())
+        except BaseException:
+            self._variables = previous
+            raise
         self._index_of = index_of
         self._buffers = {}
         self._absmax = {}
@@ -231,7 +253,7 @@ class Optimizer(PlanHolder):
         ]
         self._master_started = [False] * len(variables)
         self._plans = {}
-        self._create_states(self._native_options(self._current_learning_rate()))
+        self._create_states(options)
         self.built = True
 
     def _create_states(self, options: tuple[float, ...]) -> bool:
@@ -353,7 +375,7 @@ class Optimizer(PlanHolder):
                     f"grads: expected {len(variables)} arrays (one per variable), got {len(grads)}"
                 )
             if not self.built:
-                self.build(variables)
+                self._build(variables, "trainable_variables")
             indices = []
             for i, v in enumerate(variables):
                 index = self._index_of.get(id(v))

@@ -33,6 +33,8 @@ from fusedopt._engine import (
     Precision,
     StateView,
     as_number,
+    byte_range,
+    check_in_place,
     dequantize_blockwise,
     describe,
     dtype_name,
@@ -168,16 +170,11 @@ class Optimizer(PlanHolder):
                     f"params[{i}] has dtype {p.dtype}; fusedopt updates float32, float64, "
                     "bfloat16 (ml_dtypes) and float16"
                 )
-            elif not p.flags.c_contiguous:
+            else:
                 # Refused now, as every step would refuse it (a group cannot be taken out).
-                raise ValueError(
-                    f"params[{i}] is not C-contiguous; fusedopt updates an array in its own "
-                    "memory, in order (np.ascontiguousarray would make a copy, not update it)"
-                )
-            elif not p.flags.writeable:
-                raise ValueError(f"params[{i}] is read-only; a step writes it")
-            elif self.precision.state_dtype and dtype_name(p.dtype) == "float64":
-                self.precision.check(["float64"])
+                check_in_place(p, f"params[{i}]")
+                if self.precision.state_dtype and dtype_name(p.dtype) == "float64":
+                    self.precision.check(["float64"])
             if id(p) in seen:
                 raise ValueError(f"params[{i}] appears twice among the optimizer's params")
             seen.add(id(p))
@@ -785,18 +782,14 @@ def _check_params_apart(groups: list[dict[str, Any]], params: list[Any]) -> None
     """No new param shares memory with another param (views of one array): every step would
     refuse it, and a group cannot be taken out."""
 
-    def extent(array: np.ndarray, name: str) -> tuple[int, int, str]:
-        begin = array.__array_interface__["data"][0]
-        return begin, begin + array.nbytes, name
-
     extents = [
-        extent(q, f"params[{j}] of param_groups[{g}]")
+        byte_range(q, f"params[{j}] of param_groups[{g}]")
         for g, group in enumerate(groups)
         for j, q in enumerate(group["params"])
         if isinstance(q, np.ndarray)
     ]
     extents += [
-        extent(p, f"params[{i}]") for i, p in enumerate(params) if isinstance(p, np.ndarray)
+        byte_range(p, f"params[{i}]") for i, p in enumerate(params) if isinstance(p, np.ndarray)
     ]
     if clash := first_overlap(extents):
         raise ValueError(
