@@ -13,6 +13,11 @@ from typing import Any
 import numpy as np
 
 _HYPERPARAMETERS_KEY = "param_groups.json"
+# The dtypes np.asarray gives Python scalars (step counts, scalar states such as mu_product): a 0-d
+# array of one of them is read back as that scalar. A 0-d state of another dtype (the exp_avg of a
+# 0-d float32, float16 or bfloat16 param; np.load gives bfloat16 back as raw 'V2', whose .item()
+# is bytes) stays an array, which load_state_dict reads with its dtype.
+_PYTHON_SCALAR_DTYPES = frozenset(np.asarray(value).dtype for value in (False, 0, 0.0))
 
 
 def flatten_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -50,7 +55,9 @@ def unflatten_state_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
         if not index.isdigit():
             raise ValueError(f"state_dict: unexpected key {key!r} (not a param index)")
         value = np.asarray(flat[key])
-        state.setdefault(int(index), {})[name] = value.item() if value.ndim == 0 else value
+        if value.ndim == 0 and value.dtype in _PYTHON_SCALAR_DTYPES:
+            value = value.item()
+        state.setdefault(int(index), {})[name] = value
     try:
         groups = json.loads(str(np.asarray(flat[_HYPERPARAMETERS_KEY])))
     except ValueError:
