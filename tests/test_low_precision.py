@@ -11,6 +11,7 @@ count; unbiasedness where rounding to nearest stalls; checkpoints; and refusals.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import numpy as np
@@ -1159,6 +1160,93 @@ def test_a_missing_or_wrong_absmax_is_refused_and_nothing_changes():
     with pytest.raises(TypeError, match=r"params\[0\]"):
         _core.step("adam", options, None, 1, [codes.copy()], [codes.copy()], [None, None, None])
     assert (param == 1).all() and not codes.any()
+
+
+BLOCKS = 32  # of a tensor of 8192 elements
+BAD_ABSMAX = {  # what an exp_avg_sq_absmax is replaced by, the error it raises
+    "none": (lambda absmax: None, TypeError),
+    "nan": (lambda absmax: np.where(np.arange(BLOCKS) == 3, np.nan, absmax), ValueError),
+    "negative": (lambda absmax: -absmax, ValueError),
+    "float64_overflowing_float32": (lambda absmax: np.full(BLOCKS, 1e300), ValueError),
+    "complex": (lambda absmax: absmax.astype(np.complex64), TypeError),
+    "strings": (lambda absmax: ["a"] * BLOCKS, TypeError),
+    "objects": (lambda absmax: [*absmax[:-1], None], TypeError),
+    "too_few": (lambda absmax: absmax[:-1], ValueError),
+}
+
+
+def _8_bit_adam(front_end: str, state_dtype: str | None = "int8") -> tuple[Any, Any]:
+    """An Adam over one param of 8192 elements, stepped once, and the param."""
+    rng = np.random.default_rng(7)
+    values, grad = rng.standard_normal(8192, np.float32), rng.standard_normal(8192, np.float32)
+    if front_end == "numpy":
+        opt = fusedopt.Adam([values], lr=1e-2, state_dtype=state_dtype)
+        opt.step([grad])
+        return opt, values
+    torch = _torch()
+    import fusedopt.torch as ftorch
+
+    param = torch.nn.Parameter(torch.from_numpy(values))
+    opt = ftorch.Adam([param], lr=1e-2, state_dtype=state_dtype)
+    param.grad = torch.from_numpy(grad)
+    opt.step()
+    return opt, param
+
+
+def _numpy_state(opt: Any) -> dict[str, np.ndarray]:
+    entry = next(iter(opt.state.values()))
+    return {k: np.array(v.numpy() if hasattr(v, "numpy") else v) for k, v in entry.items()}
+
+
+@pytest.mark.parametrize("front_end", ["numpy", "torch"])
+@pytest.mark.parametrize("target", ["int8", "float32"])
+@pytest.mark.parametrize("case", BAD_ABSMAX)
+def test_a_saved_absmax_that_no_block_can_have_is_refused_and_nothing_changes(
+    case, target, front_end
+):
+    """An absmax is its block's largest |x| (spec section 22): never NaN or negative, finite in
+    float32 unless the block holds an infinity. One that is not (or None, or not real numbers)
+    loaded without a word and turned the block's values into NaN at the next step; it is refused
+    naming it, loaded into 8-bit state (kept) or float state (dequantized), nothing changed."""
+    saved_opt, _ = _8_bit_adam(front_end)
+    saved = saved_opt.state_dict()
+    make, error = BAD_ABSMAX[case]
+    absmax = np.array(saved["state"][0]["exp_avg_sq_absmax"], np.float32)
+    bad = make(absmax)
+    if front_end == "torch" and isinstance(bad, np.ndarray) and bad.dtype != object:
+        bad = _torch().from_numpy(bad)
+    saved["state"][0]["exp_avg_sq_absmax"] = bad
+    opt, _ = _8_bit_adam(front_end, None if target == "float32" else "int8")
+    before = _numpy_state(opt)
+    with pytest.raises(error, match=re.escape("state[0]['exp_avg_sq_absmax']")):
+        opt.load_state_dict(saved)
+    after = _numpy_state(opt)
+    assert before.keys() == after.keys() and all(same(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("front_end", ["numpy", "torch"])
+def test_an_infinite_absmax_loads(front_end):
+    """+inf is the absmax of a block holding an infinity: a valid checkpoint."""
+    saved_opt, _ = _8_bit_adam(front_end)
+    saved = saved_opt.state_dict()
+    saved["state"][0]["exp_avg_absmax"][5] = np.inf
+    opt, _ = _8_bit_adam(front_end)
+    opt.load_state_dict(saved)
+    assert np.isinf(_numpy_state(opt)["exp_avg_absmax"][5])
+
+
+@pytest.mark.parametrize("front_end", ["numpy", "torch"])
+def test_an_absmax_beside_a_state_that_is_not_8_bit_is_refused(front_end):
+    """Only 8-bit codes come with an absmax; one beside a float state was ignored silently."""
+    saved_opt, _ = _8_bit_adam(front_end, None)
+    saved = saved_opt.state_dict()
+    saved["state"][0]["exp_avg_absmax"] = saved_opt.state_dict()["state"][0]["exp_avg"][:BLOCKS]
+    opt, _ = _8_bit_adam(front_end, None)
+    before = _numpy_state(opt)
+    with pytest.raises(ValueError, match=re.escape("state[0]['exp_avg_absmax']")):
+        opt.load_state_dict(saved)
+    after = _numpy_state(opt)
+    assert before.keys() == after.keys() and all(same(before[k], after[k]) for k in before)
 
 
 def test_torch_8_bit_adam_tracks_bitsandbytes_adam8bit():

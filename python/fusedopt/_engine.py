@@ -494,6 +494,39 @@ def quantize_blockwise(values: Any, nonnegative: bool) -> tuple[np.ndarray, np.n
     return codes.reshape(np.shape(values)), absmax.astype(np.float32)
 
 
+def checked_absmax(value: Any, size: int, where: str) -> np.ndarray:
+    """A saved 8-bit state's per-block scales (``where`` names them) for a tensor of ``size``
+    elements, as a new float32 array. An absmax is the largest |x| of its block: >= 0, +inf for a
+    block holding an infinity, never NaN (NaN is left out of it). A NaN, negative or
+    float32-overflowing one would make its block's values NaN or flip their sign at the next
+    step, so it is refused: TypeError for None or values that are not real numbers, ValueError
+    for the rest."""
+    try:
+        array = None if value is None else np.asarray(value)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.dtype.kind not in "fiu":
+        what = f"dtype {array.dtype}" if array is not None else repr(value)[:80]
+        raise TypeError(f"state_dict: {where} must be an array of real numbers, got {what}")
+    blocks = -(-size // QUANT_BLOCK)
+    if array.size != blocks:
+        raise ValueError(
+            f"state_dict: {where} must have {blocks} values (one per block of {QUANT_BLOCK}), "
+            f"got {array.size}"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        scales = array.astype(np.float32).ravel()
+        wide = array.astype(np.float64).ravel()
+    if np.isnan(wide).any() or (wide < 0).any():
+        raise ValueError(
+            f"state_dict: {where} holds a NaN or negative value; an absmax is a block's largest "
+            "|x|, >= 0 (NaN is left out of it)"
+        )
+    if (np.isinf(scales) & np.isfinite(wide)).any():
+        raise ValueError(f"state_dict: {where} holds a finite value too large for a float32")
+    return scales
+
+
 def updates_dtype(dtype: np.dtype) -> bool:
     """Whether fusedopt updates NumPy arrays of this dtype (native byte order only)."""
     return dtype.isnative and dtype_name(dtype) in UPDATED_DTYPES

@@ -24,7 +24,6 @@ import numpy as np
 from fusedopt import _core, cuda
 from fusedopt._engine import (
     FULL_PRECISION,
-    QUANT_BLOCK,
     TORCH,
     Description,
     Hyperparameter,
@@ -35,6 +34,7 @@ from fusedopt._engine import (
     as_number,
     byte_range,
     check_in_place,
+    checked_absmax,
     dequantize_blockwise,
     describe,
     dtype_name,
@@ -390,7 +390,12 @@ class Optimizer(PlanHolder):
                 elif name in buffers:
                     pending.append((i, name, entry, saved_id))
                 elif name.endswith("_absmax") and name.removesuffix("_absmax") in buffers:
-                    pass  # read with its state
+                    state = name.removesuffix("_absmax")
+                    if not _is_8_bit(entry.get(state)):  # else read with its state
+                        raise ValueError(
+                            f"state_dict: unexpected state[{saved_id}][{name!r}]: {state!r} is "
+                            "not 8-bit state (uint8 codes), the only state with an absmax"
+                        )
                 elif name == "master" and self.precision.needs_master(dtype_name(param.dtype)):
                     masters[i] = _state_array(value, param, i, name, "float32", saved_id)
                 elif name in scalar_names:
@@ -569,19 +574,21 @@ class Optimizer(PlanHolder):
         quantized for an 8-bit one."""
         dtype = self.precision.state_dtype_for(dtype_name(param.dtype), param.size)
         value = entry[name]
-        if np.asarray(_host(value)).dtype == np.uint8:
+        if _is_8_bit(value):
             if name + "_absmax" not in entry:
                 raise ValueError(
                     f"state_dict: state[{saved_id}][{name!r}] is 8-bit but has no absmax"
                 )
-            scales = np.asarray(_host(entry[name + "_absmax"]), dtype=np.float32)
             codes = np.asarray(_host(value))
-            if codes.shape != tuple(param.shape) or scales.size != -(-param.size // QUANT_BLOCK):
+            if codes.shape != tuple(param.shape):
                 raise ValueError(
                     f"state_dict: state[{saved_id}][{name!r}] does not fit params[{i}]"
                 )
+            scales = checked_absmax(
+                _host(entry[name + "_absmax"]), param.size, f"state[{saved_id}]['{name}_absmax']"
+            )
             if dtype == "int8":
-                return np.array(codes, order="C", copy=True), np.array(scales, copy=True)
+                return np.array(codes, order="C", copy=True), scales
             value = dequantize_blockwise(codes, scales, self._description.nonnegative(name))
         if dtype == "int8":
             floats = _state_array(value, param, i, name, "float32", saved_id)
@@ -702,6 +709,14 @@ def _state_index(key: Any, position: Mapping[int, int]) -> tuple[int, int]:
     if i is None:
         raise ValueError(f"state_dict: state for param {key!r}, which does not exist")
     return saved_id, i
+
+
+def _is_8_bit(value: Any) -> bool:
+    """Whether a saved state is 8-bit state's uint8 codes (which come with an absmax)."""
+    try:
+        return np.asarray(_host(value)).dtype == np.uint8
+    except (TypeError, ValueError):
+        return False  # not an array: refused, naming it, where the state is read
 
 
 def _step_count(value: Any, saved_id: int) -> int:

@@ -38,6 +38,7 @@ from fusedopt._engine import (
     TORCH,
     Precision,
     _live_optimizers,
+    checked_absmax,
     dequantize_blockwise,
     dtype_name,
     first_overlap,
@@ -352,7 +353,7 @@ class Optimizer(torch.optim.Optimizer):
                         self.state[p][name] = torch.tensor(value, dtype=_scalar_dtype())
             for name in self._declaration._description.states:
                 if isinstance(entry.get(name), torch.Tensor):
-                    self._load_state(p, name, entry[name], entry.get(name + "_absmax"))
+                    self._load_state(p, name, entry, saved_id)
             master = entry.get("master")
             if isinstance(master, torch.Tensor) and p.dtype != torch.float32:
                 self.state[p]["master"] = master.to(dtype=torch.float32, device=p.device, copy=True)
@@ -379,28 +380,43 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor) and not value.is_contiguous():
                     entry[name] = value.contiguous()
 
-    def _load_state(self, p: torch.Tensor, name: str, value: torch.Tensor, absmax: Any) -> None:
+    def _load_state(self, p: torch.Tensor, name: str, saved: dict[str, Any], saved_id: Any) -> None:
         """A saved state and its saved absmax (8-bit state) as this optimizer keeps them,
         converted together from the saved tensors (torch's load_state_dict cast both, uint8
         codes too, to the param's dtype and copied every entry): quantized (float state into
         8-bit), dequantized (8-bit into float) or cast; an absmax is kept beside 8-bit state
-        only, in float32."""
+        only, in float32, once checked as the NumPy classes check it."""
         nonnegative = self._declaration._description.nonnegative(name)
         entry = self.state[p]
         dtype = self._state_dtype(p)
+        value, has_absmax = saved[name], name + "_absmax" in saved
+        where = f"state[{saved_id}]['{name}_absmax']"
+        if value.dtype != torch.uint8 and has_absmax:
+            raise ValueError(
+                f"state_dict: unexpected {where}: {name!r} is not 8-bit state (uint8 codes), "
+                "the only state with an absmax"
+            )
         if dtype == torch.uint8 and value.dtype != torch.uint8:
             codes, scales = quantize_blockwise(value.detach().float().cpu().numpy(), nonnegative)
             entry[name], entry[name + "_absmax"] = torch.from_numpy(codes), torch.from_numpy(scales)
             return
-        if value.dtype == torch.uint8 and absmax is None:
-            raise ValueError(f"state_dict: the 8-bit state {name!r} has no {name}_absmax")
+        if value.dtype == torch.uint8:
+            if not has_absmax:
+                raise ValueError(f"state_dict: the 8-bit state {name!r} has no {name}_absmax")
+            absmax = saved[name + "_absmax"]
+            if isinstance(absmax, torch.Tensor):
+                absmax = absmax.detach().cpu()
+                if absmax.dtype in (torch.bfloat16, torch.float16):  # no NumPy dtype: widened
+                    absmax = absmax.float()
+                absmax = absmax.numpy()
+            absmax = torch.from_numpy(checked_absmax(absmax, p.numel(), where))
         if dtype == torch.uint8:
             entry[name] = value.to(dtype=dtype, device=p.device, copy=True)
-            entry[name + "_absmax"] = absmax.to(dtype=torch.float32, device=p.device, copy=True)
+            entry[name + "_absmax"] = absmax.to(device=p.device)
             return
         entry.pop(name + "_absmax", None)
         if value.dtype == torch.uint8:
-            values = dequantize_blockwise(value.numpy(), absmax.float().numpy(), nonnegative)
+            values = dequantize_blockwise(value.numpy(), absmax.numpy(), nonnegative)
             entry[name] = torch.from_numpy(values).to(dtype=dtype, device=p.device)
         elif dtype != p.dtype:
             entry[name] = value.to(dtype=dtype, device=p.device, copy=True)
