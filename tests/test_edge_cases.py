@@ -42,6 +42,66 @@ def test_a_zero_learning_rate_leaves_a_negative_zero_param_alone(dtype: type, is
     assert np.all(np.signbit(params))
 
 
+def _sgd_signs_functional(lrs: list[float]) -> list[bool]:
+    signs = []
+    for lr in lrs:
+        p = np.array([-0.0], np.float32)
+        F.sgd_([p], [np.ones(1, np.float32)], lr=lr)
+        signs.append(bool(np.signbit(p[0])))
+    return signs
+
+
+def _sgd_signs_class(lrs: list[float]) -> list[bool]:
+    p = np.array([-0.0], np.float32)
+    opt, signs = fusedopt.SGD([p], lr=lrs[0]), []
+    for lr in lrs:
+        p[...] = -0.0
+        opt.param_groups[0]["lr"] = lr
+        opt.step([np.ones(1, np.float32)])
+        signs.append(bool(np.signbit(p[0])))
+    return signs
+
+
+def _sgd_signs_keras_numpy(lrs: list[float]) -> list[bool]:
+    v = np.array([-0.0], np.float32)
+    opt, signs = fk.SGD(learning_rate=lrs[0]), []
+    for lr in lrs:
+        v[...] = -0.0
+        opt.learning_rate = lr
+        opt.apply([np.ones(1, np.float32)], [v])
+        signs.append(bool(np.signbit(v[0])))
+    return signs
+
+
+def _sgd_signs_torch(lrs: list[float]) -> list[bool]:
+    torch = pytest.importorskip("torch")
+    import fusedopt.torch as ftorch
+
+    p = torch.nn.Parameter(torch.tensor([-0.0]))
+    opt, signs = ftorch.SGD([p], lr=lrs[0]), []
+    for lr in lrs:
+        with torch.no_grad():
+            p.fill_(-0.0)
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.ones(1)
+        opt.step()
+        signs.append(bool(torch.signbit(p.detach())[0]))
+    return signs
+
+
+@pytest.mark.parametrize(
+    "signs",
+    [_sgd_signs_functional, _sgd_signs_class, _sgd_signs_keras_numpy, _sgd_signs_torch],
+    ids=["functional", "class", "keras_numpy", "torch"],
+)
+def test_a_negative_zero_learning_rate_is_not_taken_for_a_cached_zero(signs) -> None:
+    # -0.0 - (-0.0 * 1) is +0 and -0.0 - (0.0 * 1) is -0, in torch and Keras alike; the option
+    # caches compared lr with ==, for which -0.0 == 0.0, and stepped lr=-0.0 with the options
+    # of an earlier lr=0.0 (or the reverse), so the result depended on the calls before.
+    assert signs([0.0, -0.0, 0.0, -0.0]) == [True, False, True, False]
+    assert signs([-0.0, 0.0]) == [False, True]
+
+
 def test_a_hyperparameter_changed_in_place_takes_effect() -> None:
     lr = np.array(0.1)
     p = np.ones(4)

@@ -755,6 +755,23 @@ def test_a_schedule_that_returns_a_non_number_is_refused_with_nothing_changed(ra
     assert_unchanged(before, variables, optimizer.variables)
 
 
+def test_a_negative_zero_learning_rate_steps_as_keras_after_a_zero_one() -> None:
+    """-0.0 == 0.0: the options cached for lr=0.0 were used for lr=-0.0, which leaves a -0.0
+    variable +0 in Keras (-0.0 - (-0.0 * 1)), where 0.0 leaves it -0."""
+
+    def signs(cls: type) -> list[bool]:
+        variable = keras.Variable(np.array([-0.0], np.float32))
+        opt, result = cls(learning_rate=0.0), []
+        for lr in (0.0, -0.0, 0.0, -0.0):
+            variable.assign(np.array([-0.0], np.float32))
+            opt.learning_rate = lr
+            opt.apply([keras.ops.ones(1)], [variable])
+            result.append(bool(np.signbit(keras.ops.convert_to_numpy(variable)[0])))
+        return result
+
+    assert signs(fk.SGD) == signs(keras.optimizers.SGD) == [True, False, True, False]
+
+
 def test_a_negative_learning_rate_is_refused_with_nothing_changed() -> None:
     optimizer = fk.Adam(0.01, weight_decay=0.1)
     _, variables = built(optimizer)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 import os
 import threading
 import weakref
@@ -165,6 +166,21 @@ def as_flag(value: Any, name: str) -> bool:
     if isinstance(value, int | np.integer) and value in (0, 1):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def value_kinds(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a cache key of hyperparameter values holds beside the values themselves, which it
+    compares with ==: each value's type (1.0 == True, yet a flag refuses 1.0) and each float's
+    sign (-0.0 == 0.0, yet lr=-0.0 and lr=0.0 leave a -0.0 param with different signs, as in
+    torch), inside tuples too. A NaN equals nothing, so a key holding one never matches."""
+    return tuple(
+        value_kinds(v)
+        if type(v) is tuple
+        else (type(v), math.copysign(1.0, v))
+        if isinstance(v, float | np.floating)
+        else type(v)
+        for v in values
+    )
 
 
 def native_values(

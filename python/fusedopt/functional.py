@@ -45,6 +45,7 @@ from fusedopt._engine import (
     native_values,
     skip_step,
     step_once,
+    value_kinds,
 )
 
 Arrays = np.ndarray | Sequence[np.ndarray]
@@ -112,8 +113,8 @@ def _run(
         return
     if step is None and not description.uses_step:
         step = _step_for_rounding_only(stochastic_rounding)
-    # The values' types are part of the key: 1.0 == True, yet a flag refuses 1.0.
-    key = (description.name, convention, values, tuple(map(type, values)))
+    # 1.0 == True and -0.0 == 0.0, yet they differ here: their kinds are part of the key.
+    key = (description.name, convention, values, value_kinds(values))
     try:
         options = _options_seen[key]
     except (KeyError, TypeError):

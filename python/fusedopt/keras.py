@@ -68,6 +68,7 @@ from fusedopt._engine import (
     make_plan,
     native_values,
     quantized_full,
+    value_kinds,
     with_precision_options,
 )
 
@@ -207,6 +208,7 @@ class Optimizer(keras.optimizers.Optimizer):
         the variables before the update (module docstring)."""
         values, fixed = self._option_values(learning_rate, 0.0)
         key = (*values.values(), *fixed.values())
+        key += value_kinds(key)  # 1.0 == True and -0.0 == 0.0, yet they differ here
         state = self._fusedopt
         if key != state.options_key:
             declaration = self._declaration

@@ -49,6 +49,7 @@ from fusedopt._engine import (
     numpy_dtype,
     quantized_full,
     updates_dtype,
+    value_kinds,
     with_precision_options,
 )
 
@@ -180,9 +181,8 @@ class Optimizer(PlanHolder):
         values["learning_rate"] = learning_rate
         if values.get("weight_decay") is None:
             values["weight_decay"] = 0.0
-        # With the values' types: 1.0 == True, yet a flag refuses 1.0.
         key = tuple(values.values()) + (self._float32_scalars(),)
-        key += tuple(map(type, key))
+        key += value_kinds(key)  # 1.0 == True and -0.0 == 0.0, yet they differ here
         if key != self._options_key:
             self._options_values = native_values(
                 self._description, self._hyperparameters, values, self._fixed_options()

@@ -47,6 +47,7 @@ from fusedopt._engine import (
     required_state,
     skip_step,
     updates_dtype,
+    value_kinds,
     with_precision_options,
 )
 from fusedopt._state import unflatten_state_dict
@@ -785,12 +786,8 @@ def _frozen(values: tuple[Any, ...], plain: Callable[[Any], Any] | None = None) 
 
 
 def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """Equal keys of the same types: 1.0 == True, yet a flag refuses 1.0."""
-    return a == b and _types(a) == _types(b)
-
-
-def _types(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(_types(v) if type(v) is tuple else type(v) for v in values)
+    """Equal keys of the same types and float signs (see value_kinds)."""
+    return a == b and value_kinds(a) == value_kinds(b)
 
 
 def _check_params_apart(groups: list[dict[str, Any]], params: list[Any]) -> None:
