@@ -1177,6 +1177,8 @@ CORRUPTED_STATE_DICTS = {
     "step_nan": (step_of_param_0(math.nan), ValueError, "step"),
     "step_negative": (step_of_param_0(-1), ValueError, "step"),
     "step_text": (step_of_param_0("3"), TypeError, "step"),
+    "step_bool": (step_of_param_0(True), TypeError, "state[0]['step']"),  # as param ids refuse it
+    "step_numpy_bool": (step_of_param_0(np.array(True)), TypeError, "state[0]['step']"),
     "state_none": (corrupt("state", None), TypeError, "state"),
     "state_list": (corrupt("state", []), TypeError, "state"),
     "groups_none": (corrupt("param_groups", None), TypeError, "param_groups"),

@@ -379,6 +379,56 @@ def test_a_param_id_listed_twice_is_refused() -> None:
         fusedopt.Adam([p.copy() for p in params], lr=0.1).load_state_dict(sd)
 
 
+def test_two_state_keys_naming_one_param_are_refused() -> None:
+    """1 and '1' (a dict's keys, np.int64(1) and 1.0 are the key 1 itself), as a param id
+    listed twice in the groups is: the later entry silently won."""
+    other = "1"
+    params = [np.ones(3, np.float32) for _ in range(2)]
+    opt = fusedopt.Adam(params, lr=0.1)
+    opt.step([np.ones(3, np.float32)] * 2)
+    sd = copy_state_dict(opt.state_dict())
+    sd["state"][other] = {k: np.copy(v) for k, v in sd["state"][0].items()}
+    before = copy_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=f"state keys 1 and {other!r} both name param id 1"):
+        opt.load_state_dict(sd)
+    for name, value in before["state"][1].items():
+        np.testing.assert_array_equal(opt.state[1][name], value)
+
+
+@pytest.mark.parametrize("key", [" 1", "0_1", "01", "+1", "\u0661", b"1"])
+def test_a_param_id_that_is_not_an_int_s_digits_is_refused(key: Any) -> None:
+    """int() reads all of these as 1 (two of them could name one param); a state dict holds ints,
+    or their digits as str() writes them (through JSON)."""
+    params = [np.ones(3, np.float32) for _ in range(2)]
+    opt = fusedopt.Adam(params, lr=0.1)
+    opt.step([np.ones(3, np.float32)] * 2)
+    sd = copy_state_dict(opt.state_dict())
+    sd["state"][key] = sd["state"].pop(1)
+    with pytest.raises(TypeError, match="param ids must be whole numbers"):
+        opt.load_state_dict(sd)
+    sd = copy_state_dict(opt.state_dict())
+    sd["param_groups"][0]["params"] = [0, key]
+    with pytest.raises(TypeError, match="param ids must be whole numbers"):
+        opt.load_state_dict(sd)
+    flat = fusedopt.flatten_state_dict(opt.state_dict())
+    flat[f"state/{key}/step"] = flat.pop("state/1/step")
+    with pytest.raises(ValueError, match="not a param index"):
+        opt.load_state_dict(flat)
+
+
+def test_param_ids_as_strings_of_digits_load() -> None:
+    """A state dict written through JSON has string keys: they still map as the ints do."""
+    params = [np.ones(3, np.float32) for _ in range(2)]
+    opt = fusedopt.Adam(params, lr=0.1)
+    opt.step([np.ones(3, np.float32), np.full(3, 2.0, np.float32)])
+    sd = copy_state_dict(opt.state_dict())
+    sd["state"] = {str(i): entry for i, entry in sd["state"].items()}
+    sd["param_groups"][0]["params"] = ["0", "1"]
+    resumed = fusedopt.Adam([p.copy() for p in params], lr=0.1)
+    resumed.load_state_dict(sd)
+    assert_same_state(opt, resumed)
+
+
 def test_adagrad_fills_every_sum_from_the_constructors_value_as_torch_does() -> None:
     """torch's Adagrad fills the sums of every group at construction from its constructor's
     initial_accumulator_value, a group's own unread, and a param added later from its defaults'."""

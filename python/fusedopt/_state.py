@@ -20,6 +20,15 @@ _HYPERPARAMETERS_KEY = "param_groups.json"
 _PYTHON_SCALAR_DTYPES = frozenset(np.asarray(value).dtype for value in (False, 0, 0.0))
 
 
+def param_id_of(text: str) -> int | None:
+    """The param id a string names: its decimal digits as str() writes an int ("7"; not " 7",
+    "07" or "0_7", which int() reads as 7 too, so that two keys could name one param), else
+    None."""
+    if text.isascii() and text.isdigit() and str(int(text)) == text:
+        return int(text)
+    return None
+
+
 def flatten_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Turn a nested state dict into ``{"state/<index>/<name>": array, ...}`` plus the param
     groups as JSON, every value a NumPy array (steps included), so ``np.savez`` keeps it exactly."""
@@ -52,12 +61,13 @@ def unflatten_state_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
         if len(parts) != 3 or parts[0] != "state":
             raise ValueError(f"state_dict: unexpected key {key!r}")
         prefix, index, name = parts
-        if not index.isdigit():
+        param_id = param_id_of(index)
+        if param_id is None:
             raise ValueError(f"state_dict: unexpected key {key!r} (not a param index)")
         value = np.asarray(flat[key])
         if value.ndim == 0 and value.dtype in _PYTHON_SCALAR_DTYPES:
             value = value.item()
-        state.setdefault(int(index), {})[name] = value
+        state.setdefault(param_id, {})[name] = value
     try:
         groups = json.loads(str(np.asarray(flat[_HYPERPARAMETERS_KEY])))
     except ValueError:

@@ -50,7 +50,7 @@ from fusedopt._engine import (
     value_kinds,
     with_precision_options,
 )
-from fusedopt._state import unflatten_state_dict
+from fusedopt._state import param_id_of, unflatten_state_dict
 
 ParamsT = Iterable[np.ndarray] | Iterable[dict[str, Any]]
 H = Hyperparameter
@@ -377,9 +377,16 @@ class Optimizer(PlanHolder):
         absmax: dict[str, list[Any]] = {name: [None] * n for name in self._description.states}
         scalar_names = self._description.scalars
         pending = []  # (param index, state name, entry): the buffers to load, after the checks
+        key_of: dict[int, Any] = {}  # the state dict's key of each saved id read so far
         for key, entry in saved_state.items():
             # The saved id names the entry in messages; i is the param it belongs to.
             saved_id, i = _state_index(key, position)
+            if saved_id in key_of:
+                raise ValueError(
+                    f"state_dict: state keys {key_of[saved_id]!r} and {key!r} both name param id "
+                    f"{saved_id}"
+                )
+            key_of[saved_id] = key
             if not isinstance(entry, Mapping):
                 raise TypeError(
                     f"state_dict: state[{saved_id}] must be a dict, got {type(entry).__name__}"
@@ -691,13 +698,13 @@ def _host(value: Any) -> Any:
 
 
 def _param_id(key: Any) -> int:
-    """A saved param id: a whole number (np.load gives back numpy integers, a flat state dict's
-    keys are strings of digits)."""
+    """A saved param id: a whole number (np.load gives back numpy integers), or its digits as
+    str() writes them (a state dict through JSON)."""
     try:
-        i = int(key)
+        i = param_id_of(key) if isinstance(key, str) else int(key)
     except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"state_dict: param ids must be whole numbers, got {key!r}") from None
-    if isinstance(key, bool) or (isinstance(key, float) and key != i):
+        i = None
+    if i is None or isinstance(key, bool | bytes) or (isinstance(key, float) and key != i):
         raise TypeError(f"state_dict: param ids must be whole numbers, got {key!r}")
     return i
 
@@ -724,7 +731,12 @@ def _step_count(value: Any, saved_id: int) -> int:
     """A saved step count, exactly: integers are read as integers (through a float64, counts
     above 2**53 would change), other numbers only where they are whole."""
     array = value if isinstance(value, np.ndarray) else None
-    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+    if isinstance(value, bool | np.bool_) or (array is not None and array.dtype == np.bool_):
+        # Refused as a param id is: True is no step count a step would have written.
+        raise TypeError(
+            f"state_dict: state[{saved_id}]['step'] must be a whole number, got {value!r}"
+        )
+    if isinstance(value, int | np.integer):
         step: int | None = int(value)
     elif array is not None and array.dtype.kind in "iu" and array.size == 1:
         step = int(array.reshape(()))
