@@ -1106,6 +1106,16 @@ EWMA_BAD = [
     (dict(com=1.0, min_periods=1.5), TypeError, "min_periods"),
     (dict(com=1.0, axis=2), ValueError, "axis"),
     (dict(com=1.0, axis=-3), ValueError, "axis"),
+    # Used to raise NumPy's "truth value ambiguous", a bare TypeError, or run with bool('no').
+    (dict(com=np.array([1.0, 2.0])), TypeError, "com"),
+    (dict(com="1"), TypeError, "com"),
+    (dict(span=1j), TypeError, "span"),
+    (dict(halflife=None, alpha=[0.5, 0.5]), TypeError, "alpha"),
+    (dict(com=1.0, adjust="no"), TypeError, "adjust"),
+    (dict(com=1.0, ignore_na="no"), TypeError, "ignore_na"),
+    (dict(com=1.0, adjust=2), TypeError, "adjust"),
+    (dict(com=1.0, axis=True), TypeError, "axis"),
+    (dict(com=1.0, axis=1.0), TypeError, "axis"),
 ]
 
 

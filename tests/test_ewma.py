@@ -198,3 +198,21 @@ def test_large_2d_multi_threaded_equals_single_threaded() -> None:
         np.testing.assert_array_equal(
             results[2][1][row], reference.ewma(x[row], span=20.0, ignore_na=True)
         )
+
+
+def test_a_min_periods_beyond_int64_gives_nan_as_any_unreached_one() -> None:
+    """It was refused by the binding as 'incompatible function arguments', naming nothing."""
+    x = np.arange(6.0)
+    expected = fusedopt.ewma(x, com=1.0, min_periods=7)
+    assert np.isnan(expected).all()
+    np.testing.assert_array_equal(fusedopt.ewma(x, com=1.0, min_periods=2**63), expected)
+    np.testing.assert_array_equal(fusedopt.ewma(x, com=1.0, min_periods=10**30), expected)
+
+
+def test_numpy_flags_axes_and_one_element_arrays_are_read_as_their_values() -> None:
+    x = np.arange(12.0).reshape(4, 3)
+    expected = fusedopt.ewma(x.T, com=1.5, adjust=False, ignore_na=True, axis=1)
+    got = fusedopt.ewma(
+        x.T, com=np.array([1.5]), adjust=np.False_, ignore_na=np.True_, axis=np.int64(1)
+    )
+    np.testing.assert_array_equal(got, expected)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from fusedopt import _core
+from fusedopt._engine import as_flag, as_number
 
 
 def _center_of_mass(
@@ -12,31 +15,36 @@ def _center_of_mass(
 ) -> float:
     """pandas' ``get_center_of_mass``, operation for operation, so alpha' = 1 / (1 + com) comes
     out bit-identical to pandas' (alpha does not always survive the round trip, spec section 9)."""
-    given = [
-        name
-        for name, v in (("com", com), ("span", span), ("halflife", halflife), ("alpha", alpha))
-        if v is not None
-    ]
+    given = {
+        name: value
+        for name, value in (("com", com), ("span", span), ("halflife", halflife), ("alpha", alpha))
+        if value is not None
+    }
     if len(given) > 1:
         raise ValueError("com, span, halflife, and alpha are mutually exclusive")
-    if com is not None:
-        if not com >= 0:
+    if not given:
+        raise ValueError("Must pass one of com, span, halflife, or alpha")
+    ((name, value),) = given.items()
+    number = as_number(value, name)  # TypeError naming it: a string, an array of several numbers
+    # A Python or NumPy number is computed with as given, as pandas does (a float32 alpha in
+    # float32); a one-element array as its float.
+    x = value if isinstance(value, numbers.Real) else number
+    if name == "com":
+        if not x >= 0:
             raise ValueError("com must satisfy: com >= 0")
-        return float(com)
-    if span is not None:
-        if not span >= 1:
+        return float(x)
+    if name == "span":
+        if not x >= 1:
             raise ValueError("span must satisfy: span >= 1")
-        return float((span - 1) / 2)
-    if halflife is not None:
-        if not halflife > 0:
+        return float((x - 1) / 2)
+    if name == "halflife":
+        if not x > 0:
             raise ValueError("halflife must satisfy: halflife > 0")
-        decay = 1 - np.exp(np.log(0.5) / halflife)
+        decay = 1 - np.exp(np.log(0.5) / x)
         return float(1 / decay - 1)
-    if alpha is not None:
-        if not 0 < alpha <= 1:
-            raise ValueError("alpha must satisfy: 0 < alpha <= 1")
-        return float((1 - alpha) / alpha)
-    raise ValueError("Must pass one of com, span, halflife, or alpha")
+    if not 0 < x <= 1:
+        raise ValueError("alpha must satisfy: 0 < alpha <= 1")
+    return float((1 - x) / x)
 
 
 def ewma(
@@ -63,13 +71,19 @@ def ewma(
     ``astype(float64)`` as pandas reads them). At com == 1 with ``adjust=False`` and a NaN, the
     result is pandas 2's (pandas 3.0 changed that one case; see spec section 9). Unlike pandas,
     which clamps ``min_periods`` to ``max(int(min_periods), 1)``, a negative ``min_periods`` is a
-    ValueError and a non-integer one a TypeError.
+    ValueError and a non-integer one a TypeError; and unlike pandas, which reads any object's
+    truth, ``adjust`` and ``ignore_na`` are True or False (or 1 or 0): ``adjust="no"`` is a
+    TypeError, not True.
     """
     com_value = _center_of_mass(com, span, halflife, alpha)
     if isinstance(min_periods, bool) or not isinstance(min_periods, int | np.integer):
         raise TypeError(f"min_periods must be an integer, got {min_periods!r}")
     if min_periods < 0:
         raise ValueError("min_periods must be >= 0")
+    # Strict where pandas reads any object's truth ('no' would be True), as the optimizers' flags.
+    adjust, ignore_na = as_flag(adjust, "adjust"), as_flag(ignore_na, "ignore_na")
+    if isinstance(axis, bool | np.bool_) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"axis must be an integer, got {axis!r}")  # True would be axis 1
     # A masked value is missing, as pandas reads it (np.asarray would drop the mask).
     array = np.ma.filled(x.astype(np.float64), np.nan) if np.ma.isMaskedArray(x) else np.asarray(x)
     if array.dtype.kind == "O":
@@ -107,8 +121,9 @@ def ewma(
             time_stride,
             series_stride,
             com_value,
-            bool(adjust),
-            bool(ignore_na),
-            int(min_periods),
+            adjust,
+            ignore_na,
+            # No series is longer than the native count: beyond it, every mean is NaN alike.
+            min(int(min_periods), np.iinfo(np.int64).max),
         )
     return out.astype(result_dtype, copy=False)
