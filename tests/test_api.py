@@ -148,6 +148,10 @@ def test_set_num_threads() -> None:
         for bad in (0, -2):
             with pytest.raises(ValueError, match="n must be >= 1"):
                 fusedopt.set_num_threads(bad)
+        # Beyond a C int the binding raised TypeError; README promises ValueError.
+        for bad in (1025, 2**31, 10**10, -(2**40)):
+            with pytest.raises(ValueError, match="n must be between 1 and 1024"):
+                fusedopt.set_num_threads(bad)
         assert fusedopt.num_threads() == 3
     finally:
         fusedopt.set_num_threads(previous)

@@ -885,6 +885,22 @@ def test_keras_apply_with_bad_grads_changes_nothing(bad: Callable, error: type, 
     assert opt.iterations == iterations
 
 
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(2.0, TypeError), (True, TypeError), ("2", TypeError), (-1, ValueError), (2**62, ValueError)],
+)
+def test_keras_iterations_set_to_what_no_step_can_count_is_refused(value: Any, error: type) -> None:
+    """It was taken, and the next apply failed in the binding, naming nothing."""
+    variables = fresh()
+    opt = fk.Adam(learning_rate=0.1)
+    opt.apply(fresh(seed=1), variables)
+    with pytest.raises(error, match="iterations"):
+        opt.iterations = value
+    assert opt.iterations == 1
+    opt.iterations = np.int64(5)  # a whole number of any integer type
+    assert opt.apply(fresh(seed=2), variables) == 6
+
+
 def test_keras_apply_to_a_variable_it_was_not_built_with_is_a_value_error() -> None:
     variables = fresh(seed=6)
     opt = fk.SGD(learning_rate=0.1)

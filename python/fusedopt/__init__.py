@@ -50,6 +50,8 @@ def set_num_threads(n: int) -> None:
     # The binding would take True for 1 and refuse 2.5 without naming n.
     if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int, got {n!r}")
+    if not -(2**31) <= n < 2**31:  # beyond the binding's int: it would raise a bare TypeError
+        raise ValueError(f"n must be between 1 and 1024, got {n}")
     _core.set_num_threads(int(n))
 
 

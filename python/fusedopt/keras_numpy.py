@@ -153,6 +153,21 @@ class Optimizer(PlanHolder):
                 return h.default is not None
         return False
 
+    @property
+    def iterations(self) -> int:
+        """The number of applied steps (Keras' ``iterations``): a schedule reads it, and the next
+        ``apply`` steps at t = iterations + 1. It may be set, to a whole number in [0, 2**62)."""
+        return self._iterations
+
+    @iterations.setter
+    def iterations(self, value: int) -> None:
+        # Checked here, not by the native step's binding, which would name nothing.
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+            raise TypeError(f"iterations must be an int, got {value!r}")
+        if not 0 <= value < 2**62:
+            raise ValueError(f"iterations must be in [0, 2**62), got {value}")
+        self._iterations = int(value)
+
     # ---------------------------------------------------------------------------- learning rate
 
     @property
