@@ -1267,6 +1267,9 @@ FUNCTIONAL_BAD_ARGUMENTS = [
     (dict(lr=0.1, grad_scale="2"), TypeError, "grad_scale"),
     (dict(lr=0.1, maximize=2), TypeError, "maximize"),
     (dict(lr=0.1, first_step="yes"), TypeError, "first_step"),
+    # Checked as the classes check it, stochastic_rounding on or off (it was ignored when off).
+    (dict(lr=0.1, seed="x"), TypeError, "seed"),
+    (dict(lr=0.1, seed=-1), ValueError, "seed"),
 ]
 
 

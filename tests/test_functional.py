@@ -303,6 +303,17 @@ def test_single_arrays_are_accepted_for_every_role() -> None:
     np.testing.assert_allclose(q, expected, **TOLERANCE)
 
 
+def test_a_single_memmap_is_accepted_as_a_list_of_one_is(tmp_path: Any) -> None:
+    """Any ndarray alone is read as one array: a memmap alone was refused, in a list taken."""
+    alone = np.memmap(tmp_path / "alone", dtype=np.float32, mode="w+", shape=(5,))
+    listed = np.memmap(tmp_path / "listed", dtype=np.float32, mode="w+", shape=(5,))
+    alone[...] = listed[...] = np.arange(5)
+    F.sgd_(alone, np.ones(5, np.float32), lr=0.5)
+    F.sgd_([listed], [np.ones(5, np.float32)], lr=0.5)
+    np.testing.assert_array_equal(alone, np.arange(5) - np.float32(0.5))
+    np.testing.assert_array_equal(alone, listed)
+
+
 def test_tuples_of_arrays_are_accepted() -> None:
     params, grads = problem(12)
     sums = tuple(zeros(params))

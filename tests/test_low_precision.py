@@ -1162,6 +1162,25 @@ def test_a_missing_or_wrong_absmax_is_refused_and_nothing_changes():
     assert (param == 1).all() and not codes.any()
 
 
+@pytest.mark.parametrize("given", [1, 3])
+def test_functional_absmax_lists_of_another_length_than_the_params_are_refused(given):
+    """Naming the list and its length: the step said exp_avgs_absmax[0] "is not given", though
+    it was."""
+    from fusedopt import functional
+
+    n = 4096
+    params = [np.ones(n, np.float32), np.ones(n, np.float32)]
+    codes = [[np.zeros(n, np.uint8) for _ in params] for _ in range(2)]
+    scales = {name: [np.zeros(16, np.float32)] * given for name in ("exp_avgs", "exp_avg_sqs")}
+    with pytest.raises(
+        ValueError, match=rf"absmax\['exp_avgs'\]: expected 2 arrays .* got {given}"
+    ):
+        functional.adam_(
+            params, [np.ones(n, np.float32)] * 2, *codes, step=1, lr=0.1, absmax=scales
+        )
+    assert all((p == 1).all() for p in params) and not any(c.any() for c in codes[0] + codes[1])
+
+
 BLOCKS = 32  # of a tensor of 8192 elements
 BAD_ABSMAX = {  # what an exp_avg_sq_absmax is replaced by, the error it raises
     "none": (lambda absmax: None, TypeError),

@@ -60,7 +60,8 @@ def _list(arrays: OptionalArrays, name: str, required: bool = False) -> list[Any
         return None
     if type(arrays) is list:
         return arrays
-    if type(arrays) is np.ndarray or hasattr(arrays, "__cuda_array_interface__"):
+    # Any ndarray (a memmap too), as a list of them takes it.
+    if isinstance(arrays, np.ndarray) or hasattr(arrays, "__cuda_array_interface__"):
         return [arrays]
     if isinstance(arrays, str | bytes) or not isinstance(arrays, Sequence):
         raise TypeError(f"{name} must be an array or a list of arrays, got {type(arrays).__name__}")
@@ -126,6 +127,8 @@ def _run(
         for s, name in zip(states, description.plural_states)
     ]
     low_precision = masters is not None or absmax is not None or stochastic_rounding is not False
+    if not low_precision and (type(seed) is not int or seed != 0):
+        Precision.of(seed=seed)  # checked as the classes check it, though no rounding reads it
     if (
         type(step) is int
         and first_step is False
@@ -157,7 +160,7 @@ def _run(
         new_state=[bool(first_step)] * count if description.uses_new_state else None,
         scalars=scalar_rows,
         grad_scale=scale,
-        **(_low_precision(description, masters, absmax, stochastic_rounding, seed)
+        **(_low_precision(description, count, masters, absmax, stochastic_rounding, seed)
            if low_precision else {}),
     )  # fmt: skip
     if scalars is not None and scalar_rows is not None:
@@ -251,6 +254,7 @@ _cache = threading.local()
 
 def _low_precision(
     description: Description,
+    count: int,
     masters: OptionalArrays,
     absmax: Mapping[str, OptionalArrays] | None,
     stochastic_rounding: Any,
@@ -267,6 +271,13 @@ def _low_precision(
             _list(absmax[name], f"absmax[{name!r}]") if name in absmax else None
             for name in description.plural_states
         ]
+        for name, role in zip(description.plural_states, scales):
+            if role is not None and len(role) != count:
+                # Else the step would say the first 8-bit state's absmax "is not given".
+                raise ValueError(
+                    f"absmax[{name!r}]: expected {count} arrays (one per param, None where its "
+                    f"state is not 8-bit), got {len(role)}"
+                )
     # A scale given is a state stored in 8 bits: the classes' state_dtype="int8".
     eight_bit = scales is not None and any(s is not None for role in scales if role for s in role)
     precision = Precision.of(
