@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import pickle
 from collections.abc import Callable
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -232,6 +234,20 @@ def test_state_dict_of_numpy_hyperparameters_is_plain_python() -> None:
     opt.param_groups[0]["lr"] = np.float32(0.5)
     saved = opt.state_dict()["param_groups"][0]["lr"]
     assert type(saved) is float and saved == 0.5
+
+
+@pytest.mark.parametrize("lr", [Fraction(1, 10), Decimal("0.1")], ids=["Fraction", "Decimal"])
+def test_state_dict_of_fraction_and_decimal_hyperparameters_is_plain_python(lr: Any) -> None:
+    """Taken as torch takes them (and kept in param_groups as given), then saved as the float
+    every step used: flatten_state_dict refused them, JSON having no such number."""
+    opt = fusedopt.Adam([np.zeros(3)], lr=lr, betas=(Fraction(9, 10), 0.999))
+    opt.step([np.ones(3)])
+    assert opt.param_groups[0]["lr"] is lr
+    flat = fusedopt.flatten_state_dict(opt.state_dict())
+    resumed = fusedopt.Adam([np.zeros(3)])
+    resumed.load_state_dict(flat)
+    group = resumed.param_groups[0]
+    assert type(group["lr"]) is float and group["lr"] == 0.1 and group["betas"] == (0.9, 0.999)
 
 
 def test_sgd_state_dict_has_no_step_and_resumes_past_the_first_step() -> None:

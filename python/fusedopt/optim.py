@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import is_
 from typing import Any, ClassVar
@@ -825,6 +826,8 @@ def _plain(value: Any) -> Any:
     """Group values as plain Python numbers, so a state dict survives JSON and np.savez."""
     if isinstance(value, np.ndarray | np.generic):
         return value.item() if np.ndim(value) == 0 or np.size(value) == 1 else value.tolist()
+    if isinstance(value, numbers.Number) and not isinstance(value, int | float):
+        return float(value)  # a Fraction or Decimal, which JSON lacks: the float a step reads
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
     if isinstance(value, list):
