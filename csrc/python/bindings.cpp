@@ -676,12 +676,14 @@ template <class A>
 class TorchPlan : public AnyTorchPlan {
  public:
   // `masters`: None, or one float32 master copy per active param (None where there is none);
-  // `rounding_seed`: set, 16-bit params and states are rounded stochastically.
+  // `rounding_seed`: set, 16-bit params and states are rounded stochastically; `checked`
+  // false: the options' ranges are never checked (fusedopt.torch: torch checks them in its
+  // constructors only, and uses a value set later in param_groups as it is).
   TorchPlan(py::handle groups, py::handle group_of, py::handle params, py::handle active,
             py::handle states, py::handle steps, py::handle scalars, py::handle new_state,
             py::handle local, py::handle kept, py::handle masters,
-            std::optional<uint64_t> rounding_seed, py::handle absmax)
-      : groups_(groups_from<A>(groups)), rounding_seed_(rounding_seed) {
+            std::optional<uint64_t> rounding_seed, py::handle absmax, bool checked)
+      : groups_(groups_from<A>(groups)), rounding_seed_(rounding_seed), checked_(checked) {
     const std::vector<int> all_groups = py::cast<std::vector<int>>(group_of);
     for (py::handle p : items_of(params, "params"))
       params_.push_back(py::reinterpret_borrow<py::object>(p));
@@ -767,6 +769,7 @@ class TorchPlan : public AnyTorchPlan {
     }
     counts_.assign(n, 0);
     scalar_rows_.assign(n * kMaxScalars, 0.0);
+    const RangeChecks ranges(checked_);
     plan_ = std::make_unique<Plan<A>>(
         groups_, b, group_of_active, step_slots_.empty() ? nullptr : counts_.data(),
         flags_from(new_state, n), scalar_slots_.empty() ? nullptr : scalar_rows_.data());
@@ -780,6 +783,7 @@ class TorchPlan : public AnyTorchPlan {
 
   void set_options(size_t group, py::handle values) override {
     const typename A::Options o = options_from<A>(values);
+    const RangeChecks ranges(checked_);
     plan_->set_options(group, o);
     groups_[group] = o;
   }
@@ -952,6 +956,7 @@ class TorchPlan : public AnyTorchPlan {
   std::vector<BufferInfo> infos_;
   std::vector<BufferInfo> given_grads_;  // step_grads' grads, described at each step
   std::optional<uint64_t> rounding_seed_;
+  bool checked_;  // whether the options' ranges are checked
   std::unique_ptr<Plan<A>> plan_;
 };
 
@@ -1149,14 +1154,14 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
                        py::handle params, py::handle active, py::handle states, py::handle steps,
                        py::handle scalars, py::handle new_state, py::handle local, py::handle kept,
-                       py::handle masters, std::optional<uint64_t> rounding_seed,
-                       py::handle absmax) {
+                       py::handle masters, std::optional<uint64_t> rounding_seed, py::handle absmax,
+                       bool checked) {
              std::unique_ptr<AnyTorchPlan> plan;
              with_algorithm(name, [&](auto tag) {
                using A = typename decltype(tag)::type;
                plan = std::make_unique<TorchPlan<A>>(groups, group_of, params, active, states,
                                                      steps, scalars, new_state, local, kept,
-                                                     masters, rounding_seed, absmax);
+                                                     masters, rounding_seed, absmax, checked);
              });
              return plan;
            }),
@@ -1164,7 +1169,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
            py::arg("new_state"), py::arg("local") = py::none(), py::arg("kept") = py::none(),
            py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none(),
-           py::arg("absmax") = py::none())
+           py::arg("absmax") = py::none(), py::arg("checked") = true)
       .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
       .def("step_grads", &AnyTorchPlan::step_grads, py::arg("grads"), py::arg("step"),
