@@ -1012,3 +1012,38 @@ def test_adamw_switches_to_l2_decay_when_its_group_says_so_as_torch_does() -> No
             optimizer.step()
         trajectories.append(p.detach().clone())
     assert_close(trajectories[1], trajectories[0], torch.float64, "AdamW turned to L2")
+
+
+def _spoil_exp_avg_strides(optimizer: Any, p: Any) -> None:
+    optimizer.state[p]["exp_avg"] = optimizer.state[p]["exp_avg"].t().contiguous().t()
+
+
+def _grad_sharing_its_param(optimizer: Any, p: Any) -> None:
+    p.grad = p.detach()
+
+
+def _int64_step(optimizer: Any, p: Any) -> None:
+    optimizer.state[p]["step"] = torch.tensor(3)
+
+
+def _float_step(optimizer: Any, p: Any) -> None:
+    optimizer.state[p]["step"] = 3.0
+
+
+@pytest.mark.parametrize(
+    "spoil", [_spoil_exp_avg_strides, _grad_sharing_its_param, _int64_step, _float_step]
+)
+def test_refusals_below_the_python_checks_name_the_param_and_its_group(spoil: Callable) -> None:
+    """The refusals the native plan makes name params[i] of param_groups[g] too, nothing
+    written (the first param has no grad: the flat index is not the param's)."""
+    a, b, c, d = (torch.nn.Parameter(torch.randn(2, 3)) for _ in range(4))
+    optimizer = ft.Adam([{"params": [a, b]}, {"params": [c, d], "lr": 0.1}])
+    for p in (a, b, c, d):
+        p.grad = torch.randn(2, 3)
+    optimizer.step()
+    a.grad = None
+    spoil(optimizer, d)
+    before = d.detach().clone()
+    with pytest.raises((TypeError, ValueError), match=r"params\[1\] of param_groups\[1\]"):
+        optimizer.step()
+    assert torch.equal(d.detach(), before)

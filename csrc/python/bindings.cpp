@@ -702,9 +702,11 @@ class TorchPlan : public AnyTorchPlan {
       }
     StepBuffers b;
     std::vector<int> group_of_active;
+    // Messages name an active param by its index among the active ones, as the core's do; the
+    // optimizer says which param of which group that is.
     for (size_t i = 0; i < params_.size(); ++i) {
       if (!active_[i]) continue;
-      const std::string name = "params[" + std::to_string(i) + "]";
+      const std::string name = "params[" + std::to_string(index_.size()) + "]";
       const py::object memory = memory_of(i, params_[i]);
       b.params.emplace_back();
       describe_torch(memory.ptr(), name, b.params.back());
@@ -726,7 +728,7 @@ class TorchPlan : public AnyTorchPlan {
       for (size_t j = 0; j < items.size(); ++j) {
         b.states[k].emplace_back();
         describe_torch(items[j].ptr(),
-                       std::string(A::state_names[k]) + "[" + std::to_string(index_.at(j)) + "]",
+                       std::string(A::state_names[k]) + "[" + std::to_string(j) + "]",
                        b.states[k].back());
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
@@ -735,22 +737,20 @@ class TorchPlan : public AnyTorchPlan {
       const py::tuple items = items_of(masters, "masters");
       for (size_t j = 0; j < items.size(); ++j) {
         b.masters.emplace_back();
-        describe_torch(items[j].ptr(),
-                       "state['master'] of params[" + std::to_string(index_.at(j)) + "]",
+        describe_torch(items[j].ptr(), "state['master'] of params[" + std::to_string(j) + "]",
                        b.masters.back());
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
     }
     describe_absmax<A>(absmax, b, [&](size_t k, size_t j, const py::tuple& list, BufferInfo& info) {
-      describe_torch(
-          list[j].ptr(),
-          std::string(A::state_names[k]) + "_absmax[" + std::to_string(index_.at(j)) + "]", info);
+      describe_torch(list[j].ptr(),
+                     std::string(A::state_names[k]) + "_absmax[" + std::to_string(j) + "]", info);
       references_.push_back(py::reinterpret_borrow<py::object>(list[j]));
     });
     const py::tuple step_items = items_of(steps, "steps");
     for (size_t j = 0; j < step_items.size(); ++j) {
-      step_slots_.push_back(scalar_slot(
-          step_items[j], "state['step'] of params[" + std::to_string(index_.at(j)) + "]"));
+      step_slots_.push_back(
+          scalar_slot(step_items[j], "state['step'] of params[" + std::to_string(j) + "]"));
       references_.push_back(py::reinterpret_borrow<py::object>(step_items[j]));
     }
     if (!step_slots_.empty() && step_slots_.size() != n)
@@ -809,7 +809,7 @@ class TorchPlan : public AnyTorchPlan {
       // param.data moved:
       if (torch_data_ptr(memory_of(i, params_[i]).ptr()) != addresses_[j]) return false;
       if (local_[i]) grad = memory_of(i, grad);
-      const auto name = [i] { return "grads[" + std::to_string(i) + "]"; };  // for errors only
+      const auto name = [j] { return "grads[" + std::to_string(j) + "]"; };  // for errors only
       const py::object dtype = read_property(names.dtype_property, grad.ptr());
       if (!dtype.is(grad_dtypes_[j]))
         throw Error(ErrorKind::type, name() + " has dtype " + std::string(py::str(dtype)) +

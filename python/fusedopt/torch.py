@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 import sys
 import threading
 from collections import defaultdict
@@ -516,7 +517,7 @@ class Optimizer(torch.optim.Optimizer):
                         _check_step_count(self.state.get(p, {}), i, g)
 
     def _step_plan(self, device: Any, plan: Any, options: list, scale: float | None) -> bool:
-        entry_options, native, active, written = plan
+        entry_options, native, active, written = plan  # active: (group, index, param)
         for g, now in enumerate(options):
             if now is not entry_options[g]:
                 # New options may need a state the params do not have yet: register again.
@@ -528,27 +529,27 @@ class Optimizer(torch.optim.Optimizer):
         try:
             if not native.step(scale):
                 return False
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as error:
             # The same refusal, naming the param and its group.
             self._check_grads_and_steps(written=scale is not None)
-            raise
+            raise _named(error, active) from None
         # The native step wrote memory autograd never saw: bump the versions of what it wrote,
         # as torch's in-place updates do, so that a graph that saved a param (or a state)
         # before the step refuses its backward after it ("modified by an inplace operation").
         if written is None:
             written = plan[3] = self._written(active, entry_options)
         if scale is not None:  # the unscaled grads were written back
-            written = written + _with_local([p.grad for _, p in active])
+            written = written + _with_local([p.grad for _, _, p in active])
         torch._C._increment_version(written)
         return True
 
-    def _written(self, active: list[tuple[int, torch.Tensor]], options: list) -> list:
-        """The tensors a step of these (group, param) pairs writes: each param, its step count
+    def _written(self, active: list[tuple[int, int, torch.Tensor]], options: list) -> list:
+        """The tensors a step of these (group, index, param) writes: each param, its step count
         and scalar states, the buffers its group's options use (8-bit scales beside them) and
         its master."""
         description = self._declaration._description
         tensors = []
-        for g, p in active:
+        for g, _, p in active:
             used = description.states_used(options[g])
             entry = self.state.get(p, {})
             names = ["step", *description.scalars, "master", *used]
@@ -574,6 +575,7 @@ class Optimizer(torch.optim.Optimizer):
         refuses later)."""
         description = self._declaration._description
         by_device: dict[Any, list[tuple[int, torch.Tensor, bool]]] = {}
+        where: dict[Any, list[tuple[int, int, torch.Tensor]]] = {}  # (group, index, param)
         self._plans = {}
         self._dtensors = []
         if not isinstance(self.state, _State):  # optimizer.state = defaultdict(dict) to reset
@@ -592,6 +594,8 @@ class Optimizer(torch.optim.Optimizer):
                 if _is_dtensor(p):
                     self._dtensors.append((p, i, g))
                 by_device.setdefault(p.device, []).append((g, p, p.grad is not None))
+                if p.grad is not None:
+                    where.setdefault(p.device, []).append((g, i, p))
         _check_updated_once(self.param_groups)
         for device, entries in by_device.items():
             params = [p for _, p, _ in entries]
@@ -599,7 +603,6 @@ class Optimizer(torch.optim.Optimizer):
             active = [a for _, _, a in entries]
             new_state = self._create_states([(p, options[g]) for g, p, a in entries if a])
             active_params = [p for p, a in zip(params, active) if a]
-            active_pairs = [(g, p) for g, p, a in entries if a]
             kept = [self.state.get(p, {}) for p in active_params]
             states = [
                 [None if entry.get(name) is None else _memory(entry[name]) for entry in kept]
@@ -636,12 +639,15 @@ class Optimizer(torch.optim.Optimizer):
                         for name in description.states
                     ]
             make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
-            native = make(
-                description.name, options, group_of, params, active, states, steps, scalars,
-                new_state if description.uses_new_state else None, local=local, kept=kept_tensors,
-                checked=False, **extra,
-            )  # fmt: skip
-            self._plans[device] = [list(options), native, active_pairs, None]
+            try:
+                native = make(
+                    description.name, options, group_of, params, active, states, steps, scalars,
+                    new_state if description.uses_new_state else None, local=local,
+                    kept=kept_tensors, checked=False, **extra,
+                )  # fmt: skip
+            except (TypeError, ValueError) as error:
+                raise _named(error, where.get(device, [])) from None
+            self._plans[device] = [list(options), native, where.get(device, []), None]
         self._registered_state = (self.state, self.state.changes)
         self._registered_groups = [(group, tuple(group["params"])) for group in self.param_groups]
 
@@ -748,6 +754,17 @@ def _check_param(p: Any, index: int, group: int) -> None:
         )
 
 
+def _named(error: Exception, active: list[tuple[int, int, torch.Tensor]]) -> Exception:
+    """A native refusal, which names a param's buffer by the param's index among those stepped
+    (``exp_avg[2] is not C-contiguous``, ``grads[2] overlaps params[2]``), with the param and
+    its group named first, as every refusal names them."""
+    match = re.search(r"\[(\d+)\]", str(error))
+    if match is None or int(match[1]) >= len(active):
+        return error
+    g, i, _ = active[int(match[1])]
+    return type(error)(f"params[{i}] of param_groups[{g}]: {error}")
+
+
 def _with_local(tensors: list) -> list:
     """The tensors and, for a DTensor, its local tensor too, whose memory the step writes."""
     if not any(map(_is_dtensor, tensors)):
@@ -829,6 +846,11 @@ def _check_step_count(entry: dict, index: int, group: int) -> None:
     """The native step reads a step count as an integer: a value out of [0, 2**63) (NaN, or 1e30
     from a checkpoint) would be a garbage number there, so it is refused as it is stored."""
     step = entry.get("step")
+    if step is not None and not isinstance(step, torch.Tensor):
+        raise TypeError(
+            f"state['step'] of params[{index}] of param_groups[{group}] is a "
+            f"{type(step).__name__}; torch keeps a step count in a tensor, which the step updates"
+        )
     if step is not None and not 0 <= float(step) < 2.0**63:
         raise ValueError(
             f"state['step'] of params[{index}] of param_groups[{group}] is {float(step)}; a step "
