@@ -2613,18 +2613,24 @@ def test_bug_flag_changed_in_a_group_is_checked_only_if_unequal_to_the_last(
 ) -> None:
     """A class recomputes a group's options only when its values compare unequal to the last
     step's: 1.0 == True (and np.array([True]) became True in the comparison), so a flag changed
-    to 1.0 was refused after False and accepted after True, taken for True."""
+    to 1.0 was refused after False and accepted after True, taken for True. fusedopt.torch takes
+    it by its truth, as torch's step does (torch checks no group value): after False as after
+    True, as torch.optim.NAdam steps."""
     if front_end == "torch":
         torch = pytest.importorskip("torch")
         import fusedopt.torch as ft
 
-        p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-        opt: Any = ft.NAdam([p], lr=0.1, decoupled_weight_decay=before)
-
-        def step() -> None:
-            p.grad = torch.ones(3, dtype=torch.float64)
-            opt.step()
-
+        stepped = []
+        for module in (torch.optim, ft):
+            p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+            opt: Any = module.NAdam([p], lr=0.1, weight_decay=0.5, decoupled_weight_decay=before)
+            for _ in range(2):
+                p.grad = torch.ones(3, dtype=torch.float64)
+                opt.step()
+                opt.param_groups[0]["decoupled_weight_decay"] = spelling
+            stepped.append(p.detach())
+        torch.testing.assert_close(stepped[1], stepped[0], rtol=1e-12, atol=0)
+        return
     else:
         opt = fusedopt.NAdam([np.ones(3)], lr=0.1, decoupled_weight_decay=before)
 

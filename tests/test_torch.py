@@ -217,7 +217,8 @@ def test_a_device_already_stepped_is_not_stepped_again_when_another_needs_a_new_
             return False
 
     ((device, cpu_plan),) = ours._plans.items()
-    ours._plans = {device: cpu_plan, torch.device("cuda", 0): (cpu_plan[0], Refuses())}
+    refusing = [cpu_plan[0], Refuses(), [], None]  # options, native plan, params, written
+    ours._plans = {device: cpu_plan, torch.device("cuda", 0): refusing}
     run(ours, params, range(3, 4))
     run(theirs, reference, range(3, 4))
     assert Refuses.calls == 1
@@ -834,3 +835,215 @@ def test_a_loaded_entry_missing_a_state_it_keeps_is_refused(name: str, missing: 
     assert after["state"].keys() == before["state"].keys()
     for key, value in before["state"][0].items():
         assert torch.equal(after["state"][0][key], value)
+
+
+TORCH_NAMES = [name for name in ft.__all__ if hasattr(torch.optim, name) and name != "Optimizer"]
+
+
+@pytest.mark.parametrize("name", TORCH_NAMES)
+def test_a_step_bumps_autograd_versions_as_torch_s_in_place_updates_do(name: str) -> None:
+    """A graph that saved a param before the step refuses its backward after it, as with
+    torch.optim: the native step bumps the version of every tensor it wrote (param and state)."""
+    for module in (torch.optim, ft):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(3, 3))
+        optimizer = getattr(module, name)([w])
+        x = torch.randn(2, 3, requires_grad=True)
+        (x @ w).sum().backward()
+        optimizer.step()  # the state exists from here on
+        y = (x @ w).square().sum()  # saves w for the backward wrt x
+        versions = {key: v._version for key, v in optimizer.state[w].items()}
+        optimizer.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+        if module is ft:
+            # torch's in-place updates bump every state they write: ours too.
+            for key, v in optimizer.state[w].items():
+                assert v._version > versions[key], (name, key)
+
+
+def test_grads_unscaled_by_a_grad_scale_have_their_version_bumped() -> None:
+    """Under a GradScaler the step writes the unscaled grads back, as torch's fused step does."""
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = ft.Adam([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(p.sum()).backward()
+    before = p.grad._version
+    scaler.step(optimizer)
+    assert torch.equal(p.grad, torch.ones(3)) and p.grad._version > before
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_a_lazy_module_is_taken_and_trained_as_torch_trains_it(name: str) -> None:
+    """torch.optim takes a lazy module's UninitializedParameters; they are checked at the first
+    step after the first forward materialized them."""
+    trained = []
+    for module in (torch.optim, ft):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh(), torch.nn.LazyLinear(2))
+        optimizer = getattr(module, name)(model.parameters(), lr=0.1)
+        data = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(data).square().sum().backward()
+            optimizer.step()
+        trained.append([p.detach().clone() for p in model.parameters()])
+    for ours, theirs in zip(trained[1], trained[0]):
+        assert_close(ours, theirs, torch.float32, f"{name} over a lazy module")
+
+
+def test_a_lazy_param_is_checked_once_materialized() -> None:
+    """A lazy param materialized as something fusedopt cannot update (here non-contiguous) is
+    refused at its first step, naming it, with nothing written."""
+    model = torch.nn.LazyLinear(3)
+    optimizer = ft.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    model.weight.data = torch.ones(4, 3).t()
+    model.weight.grad = torch.ones(3, 4)
+    with pytest.raises(ValueError, match=r"params\[0\] of param_groups\[0\] is not contiguous"):
+        optimizer.step()
+    assert torch.equal(model.weight.detach(), torch.ones(3, 4)) and not optimizer.state
+
+
+CONSTRUCTOR_ARGUMENTS = [
+    ("Adam", {"lr": -1.0}), ("Adam", {"eps": -1e-8}), ("Adam", {"betas": (1.0, 0.9)}),
+    ("Adam", {"betas": (0.9,)}), ("Adam", {"betas": (torch.tensor(0.9), 0.999)}),
+    ("Adam", {"fused": True, "foreach": True}),
+    ("Adam", {"foreach": True, "lr": torch.tensor(0.01)}),
+    ("Adam", {"maximize": "yes"}), ("Adam", {"lr": float("inf")}), ("Adam", {"lr": float("nan")}),
+    ("Adam", {"lr": torch.tensor([0.1, 0.2])}), ("SGD", {"lr": float("nan")}),
+    ("SGD", {"weight_decay": float("nan")}), ("SGD", {"nesterov": True}),
+    ("SGD", {"momentum": -0.1}), ("Rprop", {"etas": (1.5, 0.5)}),
+    ("Rprop", {"step_sizes": (1, 0.1)}),
+    ("Adadelta", {"rho": 1.5}), ("Adagrad", {"initial_accumulator_value": -0.1}),
+    ("RMSprop", {"alpha": -0.1}), ("NAdam", {"momentum_decay": -0.1}), ("ASGD", {"lambd": -1.0}),
+    ("RAdam", {"betas": (float("nan"), 0.9)}), ("Adamax", {"betas": (0.9, 1.0)}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, arguments", CONSTRUCTOR_ARGUMENTS, ids=str)
+def test_constructor_arguments_are_checked_as_torch_checks_them(name: str, arguments: dict) -> None:
+    """What torch's constructor refuses, with its exception type and message, and nothing else
+    (it takes an inf or NaN lr, maximize='yes')."""
+    outcomes = []
+    for module in (torch.optim, ft):
+        try:
+            getattr(module, name)([torch.nn.Parameter(torch.ones(3))], **arguments)
+            outcomes.append(None)
+        except Exception as error:  # noqa: BLE001 - compared with torch's
+            outcomes.append((type(error), str(error)))
+    assert outcomes[1] == outcomes[0]
+
+
+LATER_VALUES = [
+    ("SGD", {"momentum": 0.9}, {"lr": -0.1}),
+    ("SGD", {"momentum": 0.9}, {"nesterov": True, "dampening": 0.5}),
+    ("SGD", {}, {"lr": float("inf")}),
+    ("Adam", {}, {"eps": -1e-3}),
+    ("Adam", {}, {"weight_decay": -0.1}),
+    ("Adam", {}, {"betas": (0.9, 1.0)}),
+    ("Adam", {}, {"betas": (-0.5, 0.999)}),
+    ("Adamax", {}, {"betas": (0.9, 1.0)}),
+    ("NAdam", {}, {"momentum_decay": -1.0}),
+    ("RAdam", {}, {"betas": (0.9, 1.5)}),
+    ("Rprop", {}, {"etas": (1.5, 0.5)}),
+    ("Adadelta", {}, {"rho": 1.5}),
+    ("Adagrad", {}, {"lr_decay": -0.1}),
+    ("RMSprop", {}, {"alpha": -0.5}),
+    ("ASGD", {}, {"lr": float("nan")}),
+]
+
+
+@pytest.mark.parametrize("name, arguments, change", LATER_VALUES, ids=str)
+def test_a_value_set_later_in_param_groups_is_used_as_torch_uses_it(
+    name: str, arguments: dict, change: dict
+) -> None:
+    """torch checks its constructor's arguments only: a value set later is stepped with,
+    whatever its arithmetic gives (inf and NaN included)."""
+    trajectories = []
+    for module in (torch.optim, ft):
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64))
+        kwargs = {"foreach": False} if module is torch.optim else {}
+        optimizer = getattr(module, name)([p], lr=0.1, **arguments, **kwargs)
+        for t in range(4):
+            p.grad = torch.tensor([0.5, 1.0, -0.3, 0.0], dtype=torch.float64) * (t + 1)
+            if t == 1:
+                optimizer.param_groups[0].update(change)
+            optimizer.step()
+        trajectories.append(p.detach().clone())
+    ours, theirs = trajectories[1], trajectories[0]
+    assert torch.equal(ours.isnan(), theirs.isnan()), (ours, theirs)
+    finite = theirs.isfinite()
+    assert torch.equal(ours[~finite & ~theirs.isnan()], theirs[~finite & ~theirs.isnan()])
+    assert_close(ours[finite], theirs[finite], torch.float64, f"{name} with {change}")
+
+
+def test_a_group_added_with_values_torch_never_checks_is_taken() -> None:
+    """torch's add_param_group checks no value: a group's lr of -1 is taken and stepped with."""
+    results = []
+    for module in (torch.optim, ft):
+        a, b = (torch.nn.Parameter(torch.ones(2)) for _ in range(2))
+        optimizer = module.Adam([{"params": [a]}, {"params": [b], "lr": -1.0}])
+        a.grad, b.grad = torch.ones(2), torch.ones(2)
+        optimizer.step()
+        results.append(b.detach().clone())
+    assert torch.allclose(results[1], results[0])
+
+
+@pytest.mark.parametrize("name", TORCH_NAMES)
+def test_defaults_and_param_groups_keep_torch_s_key_order(name: str) -> None:
+    for module_params in ([torch.nn.Parameter(torch.zeros(2))],):
+        ours, theirs = getattr(ft, name)(module_params), getattr(torch.optim, name)(module_params)
+        assert list(ours.defaults) == list(theirs.defaults)
+        assert list(ours.param_groups[0]) == list(theirs.param_groups[0])
+
+
+def test_adamw_switches_to_l2_decay_when_its_group_says_so_as_torch_does() -> None:
+    """torch's Adam step reads decoupled_weight_decay from the group, AdamW's too."""
+    trajectories = []
+    for module in (torch.optim, ft):
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+        kwargs = {"foreach": False} if module is torch.optim else {}
+        optimizer = module.AdamW([p], lr=0.1, **kwargs)
+        for t in range(3):
+            p.grad = torch.tensor([0.5, 1.0, -0.3], dtype=torch.float64) * (t + 1)
+            if t == 1:
+                optimizer.param_groups[0]["decoupled_weight_decay"] = False
+            optimizer.step()
+        trajectories.append(p.detach().clone())
+    assert_close(trajectories[1], trajectories[0], torch.float64, "AdamW turned to L2")
+
+
+def _spoil_exp_avg_strides(optimizer: Any, p: Any) -> None:
+    optimizer.state[p]["exp_avg"] = optimizer.state[p]["exp_avg"].t().contiguous().t()
+
+
+def _grad_sharing_its_param(optimizer: Any, p: Any) -> None:
+    p.grad = p.detach()
+
+
+def _int64_step(optimizer: Any, p: Any) -> None:
+    optimizer.state[p]["step"] = torch.tensor(3)
+
+
+def _float_step(optimizer: Any, p: Any) -> None:
+    optimizer.state[p]["step"] = 3.0
+
+
+@pytest.mark.parametrize(
+    "spoil", [_spoil_exp_avg_strides, _grad_sharing_its_param, _int64_step, _float_step]
+)
+def test_refusals_below_the_python_checks_name_the_param_and_its_group(spoil: Callable) -> None:
+    """The refusals the native plan makes name params[i] of param_groups[g] too, nothing
+    written (the first param has no grad: the flat index is not the param's)."""
+    a, b, c, d = (torch.nn.Parameter(torch.randn(2, 3)) for _ in range(4))
+    optimizer = ft.Adam([{"params": [a, b]}, {"params": [c, d], "lr": 0.1}])
+    for p in (a, b, c, d):
+        p.grad = torch.randn(2, 3)
+    optimizer.step()
+    a.grad = None
+    spoil(optimizer, d)
+    before = d.detach().clone()
+    with pytest.raises((TypeError, ValueError), match=r"params\[1\] of param_groups\[1\]"):
+        optimizer.step()
+    assert torch.equal(d.detach(), before)

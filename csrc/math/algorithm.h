@@ -129,26 +129,45 @@ struct AlgorithmDefaults {
 // ---- Hyperparameter checks (the same rules as torch.optim and Keras) -------------------------
 // The `!(x >= 0)` forms also refuse NaN.
 
+// Whether the range checks below refuse, on this thread: yes but within a RangeChecks(false)
+// scope. torch.optim checks its hyperparameters in its constructors only (docs/spec.md,
+// "Hyperparameters"): a value set later in param_groups is used as is, and a negative lr or a
+// beta2 of 1 gives what torch's arithmetic gives (inf and NaN included). fusedopt.torch builds
+// and updates its plans in such a scope. The values are only arithmetic: no range protects
+// memory. The convention check is no range check and still refuses.
+class RangeChecks {
+ public:
+  explicit RangeChecks(bool on) : previous_(on_) { on_ = on; }
+  ~RangeChecks() { on_ = previous_; }
+  RangeChecks(const RangeChecks&) = delete;
+  RangeChecks& operator=(const RangeChecks&) = delete;
+  static bool on() { return on_; }
+
+ private:
+  static inline thread_local bool on_ = true;
+  bool previous_;
+};
+
+inline void check_rule(bool ok, const char* name, double x, const char* rule) {
+  if (!ok && RangeChecks::on()) throw OptionError(name, x, rule);
+}
+
 inline void check_non_negative(double x, const char* name) {
-  if (!(x >= 0 && std::isfinite(x))) throw OptionError(name, x, "must be a finite number >= 0");
+  check_rule(x >= 0 && std::isfinite(x), name, x, "must be a finite number >= 0");
 }
 
 inline void check_positive(double x, const char* name) {
-  if (!(x > 0 && std::isfinite(x))) throw OptionError(name, x, "must be a finite number > 0");
+  check_rule(x > 0 && std::isfinite(x), name, x, "must be a finite number > 0");
 }
 
 // [0, 1): betas and other decay rates that divide by 1 - x^t.
 inline void check_below_one(double x, const char* name) {
-  if (!(x >= 0 && x < 1)) throw OptionError(name, x, "must be in [0, 1)");
+  check_rule(x >= 0 && x < 1, name, x, "must be in [0, 1)");
 }
 
 // [0, 1].
 inline void check_unit_interval(double x, const char* name) {
-  if (!(x >= 0 && x <= 1)) throw OptionError(name, x, "must be in [0, 1]");
-}
-
-inline void check_rule(bool ok, const char* name, double x, const char* rule) {
-  if (!ok) throw OptionError(name, x, rule);
+  check_rule(x >= 0 && x <= 1, name, x, "must be in [0, 1]");
 }
 
 // An algorithm offered in one convention only refuses the other.

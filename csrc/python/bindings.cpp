@@ -676,12 +676,14 @@ template <class A>
 class TorchPlan : public AnyTorchPlan {
  public:
   // `masters`: None, or one float32 master copy per active param (None where there is none);
-  // `rounding_seed`: set, 16-bit params and states are rounded stochastically.
+  // `rounding_seed`: set, 16-bit params and states are rounded stochastically; `checked`
+  // false: the options' ranges are never checked (fusedopt.torch: torch checks them in its
+  // constructors only, and uses a value set later in param_groups as it is).
   TorchPlan(py::handle groups, py::handle group_of, py::handle params, py::handle active,
             py::handle states, py::handle steps, py::handle scalars, py::handle new_state,
             py::handle local, py::handle kept, py::handle masters,
-            std::optional<uint64_t> rounding_seed, py::handle absmax)
-      : groups_(groups_from<A>(groups)), rounding_seed_(rounding_seed) {
+            std::optional<uint64_t> rounding_seed, py::handle absmax, bool checked)
+      : groups_(groups_from<A>(groups)), rounding_seed_(rounding_seed), checked_(checked) {
     const std::vector<int> all_groups = py::cast<std::vector<int>>(group_of);
     for (py::handle p : items_of(params, "params"))
       params_.push_back(py::reinterpret_borrow<py::object>(p));
@@ -700,9 +702,11 @@ class TorchPlan : public AnyTorchPlan {
       }
     StepBuffers b;
     std::vector<int> group_of_active;
+    // Messages name an active param by its index among the active ones, as the core's do; the
+    // optimizer says which param of which group that is.
     for (size_t i = 0; i < params_.size(); ++i) {
       if (!active_[i]) continue;
-      const std::string name = "params[" + std::to_string(i) + "]";
+      const std::string name = "params[" + std::to_string(index_.size()) + "]";
       const py::object memory = memory_of(i, params_[i]);
       b.params.emplace_back();
       describe_torch(memory.ptr(), name, b.params.back());
@@ -724,7 +728,7 @@ class TorchPlan : public AnyTorchPlan {
       for (size_t j = 0; j < items.size(); ++j) {
         b.states[k].emplace_back();
         describe_torch(items[j].ptr(),
-                       std::string(A::state_names[k]) + "[" + std::to_string(index_.at(j)) + "]",
+                       std::string(A::state_names[k]) + "[" + std::to_string(j) + "]",
                        b.states[k].back());
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
@@ -733,22 +737,20 @@ class TorchPlan : public AnyTorchPlan {
       const py::tuple items = items_of(masters, "masters");
       for (size_t j = 0; j < items.size(); ++j) {
         b.masters.emplace_back();
-        describe_torch(items[j].ptr(),
-                       "state['master'] of params[" + std::to_string(index_.at(j)) + "]",
+        describe_torch(items[j].ptr(), "state['master'] of params[" + std::to_string(j) + "]",
                        b.masters.back());
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
     }
     describe_absmax<A>(absmax, b, [&](size_t k, size_t j, const py::tuple& list, BufferInfo& info) {
-      describe_torch(
-          list[j].ptr(),
-          std::string(A::state_names[k]) + "_absmax[" + std::to_string(index_.at(j)) + "]", info);
+      describe_torch(list[j].ptr(),
+                     std::string(A::state_names[k]) + "_absmax[" + std::to_string(j) + "]", info);
       references_.push_back(py::reinterpret_borrow<py::object>(list[j]));
     });
     const py::tuple step_items = items_of(steps, "steps");
     for (size_t j = 0; j < step_items.size(); ++j) {
-      step_slots_.push_back(scalar_slot(
-          step_items[j], "state['step'] of params[" + std::to_string(index_.at(j)) + "]"));
+      step_slots_.push_back(
+          scalar_slot(step_items[j], "state['step'] of params[" + std::to_string(j) + "]"));
       references_.push_back(py::reinterpret_borrow<py::object>(step_items[j]));
     }
     if (!step_slots_.empty() && step_slots_.size() != n)
@@ -767,6 +769,7 @@ class TorchPlan : public AnyTorchPlan {
     }
     counts_.assign(n, 0);
     scalar_rows_.assign(n * kMaxScalars, 0.0);
+    const RangeChecks ranges(checked_);
     plan_ = std::make_unique<Plan<A>>(
         groups_, b, group_of_active, step_slots_.empty() ? nullptr : counts_.data(),
         flags_from(new_state, n), scalar_slots_.empty() ? nullptr : scalar_rows_.data());
@@ -780,6 +783,7 @@ class TorchPlan : public AnyTorchPlan {
 
   void set_options(size_t group, py::handle values) override {
     const typename A::Options o = options_from<A>(values);
+    const RangeChecks ranges(checked_);
     plan_->set_options(group, o);
     groups_[group] = o;
   }
@@ -805,7 +809,7 @@ class TorchPlan : public AnyTorchPlan {
       // param.data moved:
       if (torch_data_ptr(memory_of(i, params_[i]).ptr()) != addresses_[j]) return false;
       if (local_[i]) grad = memory_of(i, grad);
-      const auto name = [i] { return "grads[" + std::to_string(i) + "]"; };  // for errors only
+      const auto name = [j] { return "grads[" + std::to_string(j) + "]"; };  // for errors only
       const py::object dtype = read_property(names.dtype_property, grad.ptr());
       if (!dtype.is(grad_dtypes_[j]))
         throw Error(ErrorKind::type, name() + " has dtype " + std::string(py::str(dtype)) +
@@ -952,6 +956,7 @@ class TorchPlan : public AnyTorchPlan {
   std::vector<BufferInfo> infos_;
   std::vector<BufferInfo> given_grads_;  // step_grads' grads, described at each step
   std::optional<uint64_t> rounding_seed_;
+  bool checked_;  // whether the options' ranges are checked
   std::unique_ptr<Plan<A>> plan_;
 };
 
@@ -1149,14 +1154,14 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
                        py::handle params, py::handle active, py::handle states, py::handle steps,
                        py::handle scalars, py::handle new_state, py::handle local, py::handle kept,
-                       py::handle masters, std::optional<uint64_t> rounding_seed,
-                       py::handle absmax) {
+                       py::handle masters, std::optional<uint64_t> rounding_seed, py::handle absmax,
+                       bool checked) {
              std::unique_ptr<AnyTorchPlan> plan;
              with_algorithm(name, [&](auto tag) {
                using A = typename decltype(tag)::type;
                plan = std::make_unique<TorchPlan<A>>(groups, group_of, params, active, states,
                                                      steps, scalars, new_state, local, kept,
-                                                     masters, rounding_seed, absmax);
+                                                     masters, rounding_seed, absmax, checked);
              });
              return plan;
            }),
@@ -1164,7 +1169,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
            py::arg("new_state"), py::arg("local") = py::none(), py::arg("kept") = py::none(),
            py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none(),
-           py::arg("absmax") = py::none())
+           py::arg("absmax") = py::none(), py::arg("checked") = true)
       .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
       .def("step_grads", &AnyTorchPlan::step_grads, py::arg("grads"), py::arg("step"),

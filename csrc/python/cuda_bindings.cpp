@@ -315,7 +315,7 @@ PYBIND11_MODULE(_cuda, m) {
       [](const std::string& name, py::handle groups, const IndexArray& group_of,
          const IndexArray& steps, py::handle params, py::handle grads, py::handle states,
          py::handle new_state, py::handle scalars, std::optional<double> grad_scale,
-         uintptr_t stream) {
+         uintptr_t stream, bool checked) {
         bool found = Algorithms::visit(name, [&](auto tag) {
           using A = typename decltype(tag)::type;
           std::vector<std::pair<py::handle, std::string>> state_lists;
@@ -336,6 +336,7 @@ PYBIND11_MODULE(_cuda, m) {
             scalar_rows = py::reinterpret_borrow<py::array_t<double, py::array::c_style>>(scalars);
             s.scalars = scalar_rows.mutable_data();
           }
+          const RangeChecks ranges(checked);  // false: fusedopt.torch, as TorchPlan's
           run<A>(d, groups_from<A>(groups), s, StepExtras{grad_scale}, stream);
         });
         if (!found) throw Error(ErrorKind::value, "unknown algorithm '" + name + "'");
@@ -343,5 +344,5 @@ PYBIND11_MODULE(_cuda, m) {
       "One step on device arrays (see fusedopt._core.step), launched on `stream`.",
       py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("steps"),
       py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("new_state"),
-      py::arg("scalars"), py::arg("grad_scale"), py::arg("stream"));
+      py::arg("scalars"), py::arg("grad_scale"), py::arg("stream"), py::arg("checked") = true);
 }

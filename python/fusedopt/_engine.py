@@ -188,10 +188,13 @@ def native_values(
     declared: Sequence[Hyperparameter],
     values: Mapping[str, Any],
     fixed: Mapping[str, float],
+    checked: bool = True,
 ) -> tuple[float, ...]:
     """The native option values, in the description's field order, from a front end's values
     (``values`` by declared name; ``fixed`` by native name, e.g. the convention). Raises
-    TypeError or ValueError naming the front end's hyperparameter."""
+    TypeError or ValueError naming the front end's hyperparameter. ``checked=False`` (torch's
+    param_groups, which torch checks in its constructors only) takes any number, and a flag by
+    its truth as torch's ``if maximize:`` does, refusing only what is no number."""
     native: dict[str, float] = dict(fixed)
     spelled: dict[str, tuple[str, Any]] = {}  # native name -> (front end's name, value)
     for h in declared:
@@ -214,14 +217,17 @@ def native_values(
             parts = [(h.name, value)]
         for native_name, (label, item) in zip(names, parts):
             kind = description.field(native_name).kind
-            native[native_name] = (
-                float(as_flag(item, label)) if kind == "flag" else as_number(item, label)
-            )
+            if kind != "flag":
+                native[native_name] = as_number(item, label)
+            else:
+                native[native_name] = float(as_flag(item, label) if checked else bool(item))
             spelled[native_name] = (label, item)
     result = []
     for f in description.fields:
         result.append(native[f.name] if f.name in native else f.default)
     result_tuple = tuple(result)
+    if not checked:
+        return result_tuple
     problem = _core.check_options(description.name, result_tuple)
     if problem is not None:
         field, rule, message = problem

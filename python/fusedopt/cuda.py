@@ -247,9 +247,11 @@ def step(
     scalars: np.ndarray | None = None,
     grad_scale: float | None = None,
     stream: Any = None,
+    checked: bool = True,
 ) -> None:
     """One step of ``algorithm`` on device arrays: ``steps`` holds each tensor's step number t
-    (see fusedopt.functional for the arguments)."""
+    (see fusedopt.functional for the arguments); ``checked=False`` uses the options as they are,
+    never checking their ranges (fusedopt.torch, as torch uses its param_groups' values)."""
     native = _module()
     named = {"params": params, "grads": grads}
     state_names = _core.algorithm_info(algorithm)["states"]
@@ -257,7 +259,7 @@ def step(
     lists, handle = _intake(stream, **named)
     native.step(
         algorithm, groups, np.asarray(group_of, np.int64), np.asarray(steps, np.int64), lists[0],
-        lists[1], lists[2:], new_state, scalars, grad_scale, handle,
+        lists[1], lists[2:], new_state, scalars, grad_scale, handle, checked,
     )  # fmt: skip
 
 

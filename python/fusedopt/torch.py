@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 import sys
 import threading
 from collections import defaultdict
@@ -192,8 +193,10 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group, then fusedopt's checks: every param must be a dense,
         contiguous float32, float64, bfloat16 or float16 tensor on the CPU (16-bit ones) or a
-        CUDA device, the group's hyperparameters valid and the low-precision options must apply
-        to the params; a refused group is not added."""
+        CUDA device (a lazy module's uninitialized param is checked once it has a grad), the
+        group's hyperparameters numbers (their ranges are never checked here, as torch's
+        add_param_group checks none) and the low-precision options must apply to the params; a
+        refused group is not added."""
         index = len(self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -233,17 +236,23 @@ class Optimizer(torch.optim.Optimizer):
                 )
 
     def _native_options(self, group: dict[str, Any]) -> tuple[float, ...]:
-        """The group's native options, recomputed only when one of its values changed."""
+        """The group's native options, recomputed only when one of its values changed. Never
+        checked (torch checks its constructor's arguments only, and steps with whatever a group
+        holds later: a negative lr, a beta of 1); refused only when not a number."""
         declaration = self._declaration
+        # A flag the class fixes is read from the group where torch reads it there at each step
+        # (torch's Adam step reads AdamW's decoupled_weight_decay from the group).
+        flags = {name: group.get(name, value) for name, value in declaration._fixed.items()}
         # The NumPy classes' key: values that can change in place (a tensor lr that a scheduler
         # fill_s, a one-element array) are copied into plain numbers, and types are compared.
         key = optim._frozen(
-            tuple([group[name] for name in declaration._hyperparameter_names]), _key_plain
+            (*[group[name] for name in declaration._hyperparameter_names], *flags.values()),
+            _key_plain,
         )
         cached = self._options_cache.get(id(group))
         if cached is not None and optim._same_key(key, cached[0]):
             return cached[1]
-        fixed = {"convention": TORCH, **declaration._fixed}
+        fixed = {"convention": TORCH, **{name: float(bool(v)) for name, v in flags.items()}}
         if any(f.name == "float32_scalars" for f in declaration._description.fields):
             fixed["float32_scalars"] = float(_scalar_dtype() == torch.float32)
         native = native_values(
@@ -251,6 +260,7 @@ class Optimizer(torch.optim.Optimizer):
             declaration._hyperparameters,
             {h.name: _plain(group[h.name]) for h in declaration._hyperparameters},
             fixed,
+            checked=False,
         )
         self._options_cache[id(group)] = (key, native)
         return native
@@ -523,7 +533,7 @@ class Optimizer(torch.optim.Optimizer):
                         _check_step_count(self.state.get(p, {}), i, g)
 
     def _step_plan(self, device: Any, plan: Any, options: list, scale: float | None) -> bool:
-        entry_options, native = plan
+        entry_options, native, active, written = plan  # active: (group, index, param)
         for g, now in enumerate(options):
             if now is not entry_options[g]:
                 # New options may need a state the params do not have yet: register again.
@@ -531,12 +541,38 @@ class Optimizer(torch.optim.Optimizer):
                     return False
                 native.set_options(g, now)
                 entry_options[g] = now
+                written = plan[3] = None  # they may use other states
         try:
-            return native.step(scale)
-        except (TypeError, ValueError):
+            if not native.step(scale):
+                return False
+        except (TypeError, ValueError) as error:
             # The same refusal, naming the param and its group.
             self._check_grads_and_steps(written=scale is not None)
-            raise
+            raise _named(error, active) from None
+        # The native step wrote memory autograd never saw: bump the versions of what it wrote,
+        # as torch's in-place updates do, so that a graph that saved a param (or a state)
+        # before the step refuses its backward after it ("modified by an inplace operation").
+        if written is None:
+            written = plan[3] = self._written(active, entry_options)
+        if scale is not None:  # the unscaled grads were written back
+            written = written + _with_local([p.grad for _, _, p in active])
+        torch._C._increment_version(written)
+        return True
+
+    def _written(self, active: list[tuple[int, int, torch.Tensor]], options: list) -> list:
+        """The tensors a step of these (group, index, param) writes: each param, its step count
+        and scalar states, the buffers its group's options use (8-bit scales beside them) and
+        its master."""
+        description = self._declaration._description
+        tensors = []
+        for g, _, p in active:
+            used = description.states_used(options[g])
+            entry = self.state.get(p, {})
+            names = ["step", *description.scalars, "master", *used]
+            names += [name + "_absmax" for name in used]
+            tensors.append(p)
+            tensors += [entry[n] for n in names if isinstance(entry.get(n), torch.Tensor)]
+        return _with_local(tensors)
 
     def _needs_states(self, group_index: int, values: tuple[float, ...]) -> bool:
         used = self._declaration._description.states_used(values)
@@ -555,6 +591,7 @@ class Optimizer(torch.optim.Optimizer):
         refuses later)."""
         description = self._declaration._description
         by_device: dict[Any, list[tuple[int, torch.Tensor, bool]]] = {}
+        where: dict[Any, list[tuple[int, int, torch.Tensor]]] = {}  # (group, index, param)
         self._plans = {}
         self._dtensors = []
         if not isinstance(self.state, _State):  # optimizer.state = defaultdict(dict) to reset
@@ -573,6 +610,8 @@ class Optimizer(torch.optim.Optimizer):
                 if _is_dtensor(p):
                     self._dtensors.append((p, i, g))
                 by_device.setdefault(p.device, []).append((g, p, p.grad is not None))
+                if p.grad is not None:
+                    where.setdefault(p.device, []).append((g, i, p))
         _check_updated_once(self.param_groups)
         for device, entries in by_device.items():
             params = [p for _, p, _ in entries]
@@ -616,12 +655,15 @@ class Optimizer(torch.optim.Optimizer):
                         for name in description.states
                     ]
             make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
-            native = make(
-                description.name, options, group_of, params, active, states, steps, scalars,
-                new_state if description.uses_new_state else None, local=local, kept=kept_tensors,
-                **extra,
-            )  # fmt: skip
-            self._plans[device] = (list(options), native)
+            try:
+                native = make(
+                    description.name, options, group_of, params, active, states, steps, scalars,
+                    new_state if description.uses_new_state else None, local=local,
+                    kept=kept_tensors, checked=False, **extra,
+                )  # fmt: skip
+            except (TypeError, ValueError) as error:
+                raise _named(error, where.get(device, [])) from None
+            self._plans[device] = [list(options), native, where.get(device, []), None]
         self._registered_state = (self.state, self.state.changes)
         self._registered_groups = [(group, tuple(group["params"])) for group in self.param_groups]
 
@@ -632,9 +674,10 @@ class _DevicePlan:
     def __init__(
         self, algorithm: str, options: list, group_of: list[int], params: list, active: list,
         states: list, steps: list, scalars: list | None, new_state: list | None,
-        local: list | None = None, kept: list | None = None,
+        local: list | None = None, kept: list | None = None, checked: bool = True,
     ) -> None:  # fmt: skip
         self.algorithm = algorithm
+        self.checked = checked  # whether the options' ranges are checked
         self.options = list(options)
         self.params = params
         self.active = active
@@ -677,6 +720,7 @@ class _DevicePlan:
         cuda.step(
             self.algorithm, self.options, self.group_of, steps, params, grads,
             self.states, new_state=self.new_state, scalars=rows, grad_scale=grad_scale,
+            checked=self.checked,
         )  # fmt: skip
         self.new_state = None
         if counts is not None:
@@ -692,8 +736,12 @@ class _DevicePlan:
 def _check_param(p: Any, index: int, group: int) -> None:
     """A param fusedopt can update in place: dense, floating (16-bit ones on the CPU only),
     contiguous, in memory of its own on the CPU or a CUDA device fusedopt.cuda serves (a
-    DTensor: its local tensor)."""
+    DTensor: its local tensor). A lazy module's param (UninitializedParameter), which torch.optim
+    takes, has no memory yet: it is checked at the first step after it was materialized (a
+    param without a grad is not in a plan, and one with a grad makes a new plan)."""
     where = f"params[{index}] of param_groups[{group}]"
+    if torch.nn.parameter.is_lazy(p):
+        return
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(p).__name__}")
     if p.layout != torch.strided:
@@ -720,6 +768,25 @@ def _check_param(p: Any, index: int, group: int) -> None:
             f"{where} ({type(p).__name__}) has no memory of its own; fusedopt updates a tensor's "
             "own memory (DTensors are stepped through their local tensors)"
         )
+
+
+def _named(error: Exception, active: list[tuple[int, int, torch.Tensor]]) -> Exception:
+    """A native refusal, which names a param's buffer by the param's index among those stepped
+    (``exp_avg[2] is not C-contiguous``, ``grads[2] overlaps params[2]``), with the param and
+    its group named first, as every refusal names them."""
+    match = re.search(r"\[(\d+)\]", str(error))
+    if match is None or int(match[1]) >= len(active):
+        return error
+    g, i, _ = active[int(match[1])]
+    return type(error)(f"params[{i}] of param_groups[{g}]: {error}")
+
+
+def _with_local(tensors: list) -> list:
+    """The tensors and, for a DTensor, its local tensor too, whose memory the step writes."""
+    if not any(map(_is_dtensor, tensors)):
+        return tensors
+    with torch.no_grad():
+        return tensors + [_memory(t) for t in tensors if _is_dtensor(t)]
 
 
 def _check_dtensor_grad(p: Any, index: int, group: int) -> None:
@@ -795,6 +862,11 @@ def _check_step_count(entry: dict, index: int, group: int) -> None:
     """The native step reads a step count as an integer: a value out of [0, 2**63) (NaN, or 1e30
     from a checkpoint) would be a garbage number there, so it is refused as it is stored."""
     step = entry.get("step")
+    if step is not None and not isinstance(step, torch.Tensor):
+        raise TypeError(
+            f"state['step'] of params[{index}] of param_groups[{group}] is a "
+            f"{type(step).__name__}; torch keeps a step count in a tensor, which the step updates"
+        )
     if step is not None and not 0 <= float(step) < 2.0**63:
         raise ValueError(
             f"state['step'] of params[{index}] of param_groups[{group}] is {float(step)}; a step "
@@ -872,7 +944,7 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         del arguments["self"]
         params = arguments.pop("params")
         precision = Precision.popped(arguments)
-        defaults = _torch_defaults(declaration, arguments)
+        defaults = _checked_defaults(declaration, torch_class, arguments)
         Optimizer.__init__(self, params, defaults, precision)
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
@@ -895,6 +967,26 @@ def _make(declaration: type[optim.Optimizer]) -> type[Optimizer]:
         "__qualname__": name,
     }
     return type(name, (Optimizer,), namespace)
+
+
+def _checked_defaults(
+    declaration: type[optim.Optimizer], torch_class: Any, arguments: dict[str, Any]
+) -> dict[str, Any]:
+    """The group defaults of a constructor's arguments, checked as torch.optim checks them: by
+    torch's own constructor, over a stand-in param, so that what it refuses (with its exception
+    and message) and what it keeps (its key order, its betas as ``_to_scalar`` makes them,
+    AdamW's decoupled_weight_decay) are this torch's. A class torch has not (Lion) checks them
+    by its NumPy class's rules."""
+    if torch_class is not None:
+        return dict(torch_class([torch.nn.Parameter(torch.empty(0))], **arguments).defaults)
+    defaults = _torch_defaults(declaration, arguments)
+    native_values(
+        declaration._description,
+        declaration._hyperparameters,
+        {h.name: _plain(defaults[h.name]) for h in declaration._hyperparameters},
+        {"convention": TORCH, **declaration._fixed},
+    )
+    return defaults
 
 
 def _torch_defaults(declaration: type[optim.Optimizer], arguments: dict[str, Any]) -> dict:
