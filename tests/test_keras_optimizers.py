@@ -736,6 +736,31 @@ def test_a_gradient_of_the_wrong_shape_is_refused_with_nothing_changed() -> None
     assert_unchanged(before, variables, optimizer.variables)
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_grads_of_another_count_than_the_variables_are_refused_with_nothing_changed(
+    count: int,
+) -> None:
+    def two_variables() -> list[Any]:
+        return [keras.Variable(np.ones((2, 2)), "float32", name="a"), keras.Variable([1.0, 2.0])]
+
+    grads = [torch.ones(2, 2), torch.ones(2), torch.ones(5)][:count]
+    variables = two_variables()
+    with pytest.raises(RuntimeError, match="same number of tensors"):  # Keras: once decayed
+        keras.optimizers.Adam(0.1, weight_decay=0.5).apply(grads, variables)
+    variables = two_variables()
+    optimizer = fk.Adam(0.1, weight_decay=0.5)
+    message = rf"apply got {count} gradient\(s\) for 2 variable\(s\).*No variable was updated"
+    with pytest.raises(ValueError, match=message):
+        optimizer.apply(grads, variables)
+    assert not optimizer.built and int(optimizer.iterations) == 0
+    assert_unchanged(snapshot(two_variables()), variables)
+    optimizer.build(variables)  # built: nothing changes either
+    with pytest.raises(ValueError, match=message):
+        optimizer.apply(grads, variables)
+    assert int(optimizer.iterations) == 0
+    assert_unchanged(snapshot(two_variables()), variables)
+
+
 class _Broken(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step: Any) -> Any:
         return "fast"

@@ -417,6 +417,20 @@ class Optimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------------------- steps
 
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
+        """Keras' ``apply``, once the gradients match the variables one to one. Keras checks
+        that only for the variables it was built with; given a list, it zips a gradient too many
+        away, or raises from torch only after its weight decay has changed the variables."""
+        if trainable_variables is not None:
+            grads, trainable_variables = list(grads), list(trainable_variables)
+            if grads and len(grads) != len(trainable_variables):  # none: Keras' no-op
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: apply got {len(grads)} gradient(s) "
+                    f"for {len(trainable_variables)} variable(s); give one gradient per variable "
+                    "(None for a variable without one). No variable was updated."
+                )
+        super().apply(grads, trainable_variables)
+
     def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> None:
         """Keras' pipeline, once the gradients, the learning rate and the native plan have
         been checked: a refused step raises here, before Keras changes any variable."""
