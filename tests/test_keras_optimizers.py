@@ -232,6 +232,50 @@ def test_custom_loop_apply_matches_keras(name: str) -> None:
     assert max_error(fused_model.weights, keras_model.weights) <= TOLERANCE
 
 
+@pytest.mark.parametrize("holder", ["variable", "tensor"])
+def test_hyperparameters_held_in_a_variable_or_tensor_are_read_at_every_step_as_keras(
+    holder: str,
+) -> None:
+    """Keras reads ``beta_1`` and ``epsilon`` at every step: changed in place between steps (a
+    variable assigned, a 0-d tensor filled), the next step uses the new values."""
+    trained = []
+    for module in (keras.optimizers, fk):
+        optimizer = module.Adam(0.05)
+        w = keras.Variable(np.array([1.0, -1.0, 0.5], np.float32))
+        if holder == "variable":
+            beta_1, epsilon = keras.Variable(0.9), keras.Variable(1e-7)
+            set_beta_1, set_epsilon = beta_1.assign, epsilon.assign
+        else:
+            beta_1, epsilon = torch.tensor(0.9), torch.tensor(1e-7)
+            set_beta_1, set_epsilon = beta_1.fill_, epsilon.fill_
+        optimizer.beta_1, optimizer.epsilon = beta_1, epsilon
+        for t in range(5):
+            optimizer.apply([torch.tensor([0.3, -2.0, 1e-3]) * (t + 1)], [w])
+            set_beta_1(0.5 / (t + 1))
+            set_epsilon(10.0 ** -(t + 1))
+        trained.append([w, optimizer._momentums[0], optimizer._velocities[0]])
+    assert max_error(trained[1], trained[0]) <= TOLERANCE
+    # The momentum of beta_1 = 0.9, 0.5, 0.25, 1/6, 0.125 (-2.6 had 0.9 been kept).
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(trained[1][1])[1], -9.688, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "flag", "hyper"),
+    [("Adam", "amsgrad", {}), ("SGD", "nesterov", {"momentum": 0.9}), ("RMSprop", "centered", {})],
+)
+def test_a_flag_given_as_none_is_off_as_keras_takes_it(name: str, flag: str, hyper: dict) -> None:
+    trained, configs = [], []
+    for module in (keras.optimizers, fk):
+        optimizer = getattr(module, name)(0.01, **hyper, **{flag: None})
+        configs.append({k: v for k, v in optimizer.get_config().items() if k != "name"})
+        trained.append(custom_loop(make_model(), optimizer, steps=3))
+    assert configs[1] == configs[0] and configs[1][flag] is None  # Keras keeps the None
+    assert max_error(trained[1].weights, trained[0].weights) <= TOLERANCE
+    off = custom_loop(make_model(), getattr(fk, name)(0.01, **hyper, **{flag: False}), steps=3)
+    assert_unchanged(snapshot(off.weights), trained[1].weights)
+    assert getattr(getattr(fk, name).from_config(configs[1]), flag) is None
+
+
 @pytest.mark.parametrize("name", ["Adam", "Nadam", "Lamb"])
 def test_float64_variables_match_keras(name: str) -> None:
     """float64 layers (Keras' learning-rate variable stays float32, floatx)."""

@@ -88,6 +88,9 @@ _SLOTS: dict[str, tuple[str, ...]] = {
     "Lion": ("_momentums",),
     "Lamb": ("_momentums", "_velocities"),
 }
+# The values the options' cache keys on (an array could not be compared; native_values refuses
+# or converts anything else, at every step).
+_PLAIN = (float, int, bool)
 # Keras' optimizer-wide variable holding each native scalar (Nadam's u_product).
 _SCALARS = {"mu_product": "_u_product"}
 
@@ -152,6 +155,7 @@ class Optimizer(keras.optimizers.Optimizer):
 
     _declaration: ClassVar[type[keras_numpy.Optimizer]]
     _slots: ClassVar[tuple[str, ...]] = ()
+    _flags: ClassVar[frozenset[str]] = frozenset()  # the declared hyperparameters that are flags
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         _require_torch_backend(cls)
@@ -189,26 +193,34 @@ class Optimizer(keras.optimizers.Optimizer):
     def _option_values(
         self, learning_rate: float, weight_decay: Any
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        """The declared hyperparameters' values (Keras' attributes, read at every step as Keras
-        reads them) and the options the class fixes."""
+        """The declared hyperparameters' values now, as Keras reads them at every step: Keras'
+        attributes (a variable's or a tensor's current value; a flag given as None is off, as
+        Keras tests flags by truth), with these learning rate and weight decay, and the options
+        the class fixes. The learning rate is never read here: Keras calls a callable one only
+        where it uses the rate."""
         declaration = self._declaration
-        values = {h.name: getattr(self, h.name, None) for h in declaration._hyperparameters}
-        values["learning_rate"] = learning_rate
-        if "weight_decay" in values:
-            values["weight_decay"] = weight_decay
+        values: dict[str, Any] = {}
+        for h in declaration._hyperparameters:
+            if h.name == "learning_rate":
+                values[h.name] = learning_rate
+                continue
+            value = _current(weight_decay if h.name == "weight_decay" else getattr(self, h.name))
+            values[h.name] = False if value is None and h.name in self._flags else value
         fixed: dict[str, float] = {"convention": KERAS, **declaration._fixed}
         if any(f.name == "float32_scalars" for f in declaration._description.fields):
             fixed["float32_scalars"] = float(self._scalar_dtype() != "float64")
         return values, fixed
 
     def _native_options(self, learning_rate: float) -> tuple[float, ...]:
-        """The kernel's options for the current attributes at this learning rate, recomputed
-        only when one changed. The kernel is given weight_decay = 0: Keras' base class decays
-        the variables before the update (module docstring)."""
+        """The kernel's options for the current values at this learning rate, recomputed only
+        when a value changed (the key holds the values read, not the attributes, so a variable
+        assigned between steps is seen). The kernel is given weight_decay = 0: Keras' base class
+        decays the variables before the update (module docstring)."""
         values, fixed = self._option_values(learning_rate, 0.0)
         key = (*values.values(), *fixed.values())
+        key += tuple(map(type, key))  # 1.0 == True, yet a flag refuses 1.0
         state = self._fusedopt
-        if key != state.options_key:
+        if not all(type(v) in _PLAIN for v in values.values()) or key != state.options_key:
             declaration = self._declaration
             state.options = native_values(
                 declaration._description, declaration._hyperparameters, values, fixed
@@ -679,6 +691,20 @@ class Optimizer(keras.optimizers.Optimizer):
             torch._foreach_add_([v.value for v in acc_grads], grads, alpha=1.0)
 
 
+def _current(value: Any) -> Any:
+    """A hyperparameter's value now: a Keras variable's, a tensor's or an array's single
+    element as a Python number; anything else as it is (for native_values to take or refuse)."""
+    if type(value) is float:  # the common case, kept cheap: read at every step
+        return value
+    if isinstance(value, keras.Variable):
+        value = value.value
+    if isinstance(value, _torch().Tensor):
+        return value.item() if value.numel() == 1 else value
+    if isinstance(value, np.ndarray | np.generic):
+        return value.item() if value.size == 1 else value
+    return value
+
+
 def _value_or_none(variable: Any) -> Any:
     return None if variable is None else variable.value
 
@@ -721,6 +747,11 @@ def _make(declaration: type[keras_numpy.Optimizer]) -> type[Optimizer]:
         "__qualname__": name,
         "_declaration": declaration,
         "_slots": _SLOTS[name],
+        "_flags": frozenset(
+            h.name
+            for h in declaration._hyperparameters
+            if declaration._description.field(h.native_names()[0]).kind == "flag"
+        ),
     }
     cls = type(name, (Optimizer, keras_class), namespace)
     return keras.saving.register_keras_serializable(package="fusedopt", name=name)(cls)
