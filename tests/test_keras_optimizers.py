@@ -276,6 +276,55 @@ def test_a_flag_given_as_none_is_off_as_keras_takes_it(name: str, flag: str, hyp
     assert getattr(getattr(fk, name).from_config(configs[1]), flag) is None
 
 
+class _CountingRate:
+    """A callable learning rate driven by its own count of calls (a stateful warmup)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return 0.1 / self.calls
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"weight_decay": 0.01},
+        {"gradient_accumulation_steps": 2},
+        {"weight_decay": 0.01, "gradient_accumulation_steps": 3},
+        {"weight_decay": 0.01, "master_weights": True},
+    ],
+    ids=lambda options: "-".join(options) or "plain",
+)
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_callable_learning_rate_is_called_as_often_as_keras_calls_it(
+    name: str, options: dict
+) -> None:
+    """Once per update, once more for the weight decay, never on an accumulation step nor in
+    the constructor: a stateful callable follows Keras' trajectory."""
+    options = dict(options)  # shared by the parameters
+    precision = {k: options.pop(k) for k in ("master_weights",) if k in options}
+    counts, trained = [], []
+    for module, extra in ((keras.optimizers, {}), (fk, precision)):
+        rate = _CountingRate()
+        optimizer = getattr(module, name)(learning_rate=rate, **options, **extra)
+        assert rate.calls == 0
+        # master_weights: bfloat16 variables (their decay goes to the masters), float32 math,
+        # beside Keras on float32 variables.
+        dtype = "bfloat16" if extra else "float32"
+        w = keras.Variable(np.array([1.0, -2.0, 0.5]), dtype=dtype)
+        for t in range(6):
+            optimizer.apply([torch.tensor([0.5, 0.25, -1.0], dtype=w.value.dtype) * (t + 1)], [w])
+        counts.append(rate.calls)
+        trained.append([w])
+    updates = 6 // options.get("gradient_accumulation_steps", 1)
+    assert counts[0] == updates * (2 if "weight_decay" in options else 1)  # Keras'
+    assert counts[1] == counts[0]
+    assert max_error(trained[1], trained[0]) <= (1e-2 if precision else TOLERANCE)
+
+
 @pytest.mark.parametrize("name", ["Adam", "Nadam", "Lamb"])
 def test_float64_variables_match_keras(name: str) -> None:
     """float64 layers (Keras' learning-rate variable stays float32, floatx)."""
@@ -813,7 +862,11 @@ class _Broken(keras.optimizers.schedules.LearningRateSchedule):
         return {}
 
 
-@pytest.mark.parametrize("rate", [_Broken(), lambda: None, lambda: np.ones(2)])
+# The last one fails at its second call (the update's, after the weight decay's): both are read
+# and checked before Keras changes anything.
+@pytest.mark.parametrize(
+    "rate", [_Broken(), lambda: None, lambda: np.ones(2), iter([0.1, None]).__next__]
+)
 def test_a_schedule_that_returns_a_non_number_is_refused_with_nothing_changed(rate: Any) -> None:
     optimizer = fk.SGD(0.01, momentum=0.9, weight_decay=0.1)
     _, variables = built(optimizer)

@@ -143,6 +143,8 @@ class _Native:
         self.plans: dict[tuple[int, ...], _Entry] = {}
         self.options_key: tuple[Any, ...] | None = None
         self.options: tuple[float, ...] = ()
+        # Within an apply: the learning rates its step reads, in Keras' order.
+        self.rates: list[Any] = []
 
 
 class Optimizer(keras.optimizers.Optimizer):
@@ -335,24 +337,19 @@ class Optimizer(keras.optimizers.Optimizer):
 
     def _apply_weight_decay(self, variables: list[Any]) -> None:
         """Keras' decoupled decay (its torch backend's ``torch._foreach_mul_`` by ``1 -
-        weight_decay * lr``), applied to a variable's master where it has one: the step updates
-        the master and writes the variable as its rounding. Keras' own for the others."""
+        weight_decay * lr``, the rate read once), applied to a variable's master where it has
+        one: the step updates the master and writes the variable as its rounding."""
         masters = self._masters_of([self._get_variable_index(v) for v in variables])
         if self.weight_decay is None or not any(m is not None for m in masters):
             return super()._apply_weight_decay(variables)
-        plain = [v for v, m in zip(variables, masters) if m is None]
-        if any(self._use_weight_decay(v) for v in plain):
-            super()._apply_weight_decay(plain)
         decayed = [
-            m.value
+            (v if m is None else m).value
             for v, m in zip(variables, masters)
-            if m is not None and self._use_weight_decay(v)
+            if self._use_weight_decay(v)
         ]
-        if decayed:
-            torch = _torch()
-            with torch.no_grad():
-                factor = 1 - self.weight_decay * self._get_current_learning_rate()
-                torch._foreach_mul_(decayed, factor)
+        torch = _torch()
+        with torch.no_grad():
+            torch._foreach_mul_(decayed, 1 - self.weight_decay * self._get_current_learning_rate())
 
     def add_optimizer_variables(
         self, trainable_variables: Any, name: Any, initializer: Any = "zeros"
@@ -452,12 +449,36 @@ class Optimizer(keras.optimizers.Optimizer):
             self._checked_grad(g, v, x, torch)
             for g, v, x in zip(grads, trainable_variables, values)
         ]
-        if values:
-            options = self._native_options(self._learning_rate_value(self.learning_rate, values[0]))
+        rates = []
+        if values and self._updates_now():
+            # The rates Keras' step reads (its weight decay's, then the update's), read and
+            # checked now, and given to it in that order by _get_current_learning_rate: a
+            # callable rate is called as often as Keras calls it, never on an accumulation step.
+            rates = [super()._get_current_learning_rate()]
+            if self.weight_decay is not None:
+                rates.append(super()._get_current_learning_rate())
+            for rate in rates:
+                options = self._native_options(self._learning_rate_value(rate, values[0]))
             entry = self._entry(trainable_variables, values, options)
             # Before Keras' weight decay, which goes to the masters.
             self._sync_masters(entry, after_step=False)
-        super()._backend_apply_gradients(grads, trainable_variables)
+        self._fusedopt.rates = rates
+        try:
+            super()._backend_apply_gradients(grads, trainable_variables)
+        finally:
+            self._fusedopt.rates = []
+
+    def _updates_now(self) -> bool:
+        """Whether this apply updates the variables (not a gradient-accumulation step)."""
+        steps = self.gradient_accumulation_steps
+        return not steps or (int(self._iterations.value.item()) + 1) % steps == 0
+
+    def _get_current_learning_rate(self) -> Any:
+        """Keras' rate; within an apply, the next of the rates read up front for its step."""
+        state = getattr(self, "_fusedopt", None)  # none yet in Keras' constructor
+        if state is not None and state.rates:
+            return state.rates.pop(0)
+        return super()._get_current_learning_rate()
 
     def _checked_grad(self, grad: Any, variable: Any, value: Any, torch: Any) -> Any:
         """The gradient as a contiguous torch tensor of the variable's shape, dtype and device
