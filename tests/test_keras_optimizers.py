@@ -854,6 +854,23 @@ def test_grads_of_another_count_than_the_variables_are_refused_with_nothing_chan
     assert_unchanged(snapshot(two_variables()), variables)
 
 
+@pytest.mark.parametrize("kind", ["tensor", "array"])
+def test_a_complex_gradient_is_refused_with_nothing_changed(kind: str) -> None:
+    grad = np.full(8, 1 + 2j, np.complex64)  # for hidden_2/bias
+    grad = torch.as_tensor(grad) if kind == "tensor" else grad
+    w = keras.Variable(np.ones(8), "float32")
+    with pytest.raises((RuntimeError, TypeError)):  # Keras: from torch, once decayed
+        keras.optimizers.Adam(0.1, weight_decay=0.5).apply([grad], [w])
+    optimizer = fk.Adam(0.1, weight_decay=0.5)
+    _, variables = built(optimizer)
+    grads = [np.ones(v.shape, np.float32) for v in variables]
+    grads[3] = grad
+    before = snapshot(variables, optimizer.variables)
+    with pytest.raises(TypeError, match=r"'.*hidden_2/bias' is complex \(torch.complex64\)"):
+        optimizer.apply(grads, variables)
+    assert_unchanged(before, variables, optimizer.variables)
+
+
 class _Broken(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step: Any) -> Any:
         return "fast"

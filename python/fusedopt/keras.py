@@ -21,7 +21,7 @@ How a step is split between Keras and fusedopt (``apply`` -> ``_backend_apply_gr
 - fusedopt: the update of every variable and slot (momentums, velocities, ...; Nadam's
   ``_u_product``), in one call, at Keras' ``t = iterations + 1``.
 
-Before Keras changes anything, each ``apply`` checks the gradients (one per variable, of its
+Before Keras changes anything, each ``apply`` checks the gradients (one per variable, real, of its
 shape; converted to the variable's dtype and device as Keras' ``ops.cast`` would), the learning
 rate (a number, whatever a schedule returns) and the hyperparameters; a refused step changes no
 variable and leaves ``iterations`` alone. Variables must be float32, float64, bfloat16 or float16
@@ -494,6 +494,12 @@ class Optimizer(keras.optimizers.Optimizer):
                 ) from None
         if grad.layout != torch.strided:  # sparse: Keras applies it as the dense gradient
             grad = grad.to_dense()
+        if grad.is_complex():  # Keras' torch ops refuse to write it into a real variable
+            raise TypeError(
+                f"fusedopt.keras.{type(self).__name__}: the gradient of variable "
+                f"'{variable.path}' is complex ({grad.dtype}); Keras updates real variables "
+                "from real gradients. No variable was updated."
+            )
         if grad.shape != value.shape:
             raise ValueError(
                 f"fusedopt.keras.{type(self).__name__}: the gradient of variable "
