@@ -871,6 +871,29 @@ def test_a_complex_gradient_is_refused_with_nothing_changed(kind: str) -> None:
     assert_unchanged(before, variables, optimizer.variables)
 
 
+@pytest.mark.parametrize(
+    ("name", "attribute", "value", "slot"),
+    [
+        ("Adam", "amsgrad", True, "velocity_hat"),
+        ("RMSprop", "centered", True, "average_gradient"),
+        ("RMSprop", "momentum", 0.5, "momentum"),
+        ("SGD", "momentum", 0.5, "momentum"),
+    ],
+)
+def test_a_slot_turned_on_after_build_is_refused_naming_keras_variable(
+    name: str, attribute: str, value: Any, slot: str
+) -> None:
+    """Keras makes these slots in build() only if they are needed then; the message names them
+    as Keras does (not torch's grad_avg or momentum_buffer)."""
+    optimizer = getattr(fk, name)(0.01, weight_decay=0.1)
+    _, variables = built(optimizer)
+    setattr(optimizer, attribute, value)
+    before = snapshot(variables, optimizer.variables)
+    with pytest.raises(ValueError, match=rf"need the '{slot}' variables .*No variable was updated"):
+        optimizer.apply([np.ones(v.shape, np.float32) for v in variables], variables)
+    assert_unchanged(before, variables, optimizer.variables)
+
+
 class _Broken(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step: Any) -> Any:
         return "fast"

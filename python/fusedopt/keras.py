@@ -564,6 +564,8 @@ class Optimizer(keras.optimizers.Optimizer):
             or any(a is not b for a, b in zip(entry.values, values))
         ):
             entry = None  # a variable holds another tensor now
+        if entry is None or entry.options is not options:
+            self._check_slots(options)
         if entry is None:
             entry = self._make_entry(indices, values, options)
             if not stateless:
@@ -572,6 +574,23 @@ class Optimizer(keras.optimizers.Optimizer):
             entry.plan.set_options(0, options)  # refused, with nothing changed, if invalid
             entry.options = options
         return entry
+
+    def _check_slots(self, options: tuple[float, ...]) -> None:
+        """Every slot these options use exists: Keras creates a slot (amsgrad's velocity_hat,
+        centered's average_gradient, a momentum) only if it is needed when it builds."""
+        declaration = self._declaration
+        used = declaration._description.states_used(options)
+        for native, keras_name, attribute in zip(
+            declaration._description.states, declaration._state_names, self._slots
+        ):
+            if native in used and not getattr(self, attribute, None):
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: these hyperparameters need the "
+                    f"'{keras_name}' variables ({attribute}), which Keras creates only if they "
+                    "are needed when it builds the optimizer (amsgrad, centered or a momentum "
+                    "set after the first step); set the hyperparameters before the first step. "
+                    "No variable was updated."
+                )
 
     def _make_entry(
         self, indices: tuple[int, ...], values: list[Any], options: tuple[float, ...]
@@ -583,16 +602,9 @@ class Optimizer(keras.optimizers.Optimizer):
                 # the same values (Keras' assign and load_model copy into them and keep that).
                 value.data = value.data.contiguous()
         description = self._declaration._description
-        used = description.states_used(options)
         states: list[list[Any] | None] = []
-        for native, attribute in zip(description.states, self._slots):
+        for attribute in self._slots:  # one per native state; those used exist (_check_slots)
             slots = getattr(self, attribute, None) or None
-            if native in used and slots is None:
-                raise ValueError(
-                    f"fusedopt.keras.{type(self).__name__}: these hyperparameters need the "
-                    f"'{native}' slots ({attribute}), which Keras did not create when the "
-                    "optimizer was built; set the hyperparameters before the first step"
-                )
             states.append(None if slots is None else [slots[i].value for i in indices])
         scalar_variables = [getattr(self, _SCALARS[name]) for name in description.scalars]
         scalar_tensors = [variable.value for variable in scalar_variables]
