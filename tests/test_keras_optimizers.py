@@ -834,7 +834,10 @@ def test_grads_of_another_count_than_the_variables_are_refused_with_nothing_chan
     count: int,
 ) -> None:
     def two_variables() -> list[Any]:
-        return [keras.Variable(np.ones((2, 2)), "float32", name="a"), keras.Variable([1.0, 2.0])]
+        return [
+            keras.Variable(np.ones((2, 2)), dtype="float32", name="a"),
+            keras.Variable([1.0, 2.0]),
+        ]
 
     grads = [torch.ones(2, 2), torch.ones(2), torch.ones(5)][:count]
     variables = two_variables()
@@ -858,7 +861,7 @@ def test_grads_of_another_count_than_the_variables_are_refused_with_nothing_chan
 def test_a_complex_gradient_is_refused_with_nothing_changed(kind: str) -> None:
     grad = np.full(8, 1 + 2j, np.complex64)  # for hidden_2/bias
     grad = torch.as_tensor(grad) if kind == "tensor" else grad
-    w = keras.Variable(np.ones(8), "float32")
+    w = keras.Variable(np.ones(8), dtype="float32")
     with pytest.raises((RuntimeError, TypeError)):  # Keras: from torch, once decayed
         keras.optimizers.Adam(0.1, weight_decay=0.5).apply([grad], [w])
     optimizer = fk.Adam(0.1, weight_decay=0.5)
@@ -892,6 +895,37 @@ def test_a_slot_turned_on_after_build_is_refused_naming_keras_variable(
     with pytest.raises(ValueError, match=rf"need the '{slot}' variables .*No variable was updated"):
         optimizer.apply([np.ones(v.shape, np.float32) for v in variables], variables)
     assert_unchanged(before, variables, optimizer.variables)
+
+
+def test_a_variable_listed_twice_is_refused_naming_it_as_keras_does() -> None:
+    """Keras steps it once per occurrence; fusedopt refuses, naming the variables' positions
+    in the list and their paths, before building or changing anything."""
+    w, v = keras.Variable(np.ones(3), dtype="float32", name="w"), keras.Variable([2.0], name="v")
+    grads = [torch.ones(3), torch.ones(1), torch.ones(3)]
+    optimizer = fk.SGD(0.1, weight_decay=0.5)
+    message = r"variables\[2\] \('w'\) is variables\[0\] again.*No variable was updated"
+    with pytest.raises(ValueError, match=message):
+        optimizer.apply(grads, [w, v, w])
+    assert not optimizer.built and int(optimizer.iterations) == 0
+    with pytest.raises(ValueError, match=message):
+        optimizer.build([w, v, w])
+    assert not optimizer.built
+    optimizer.build([w, v])
+    with pytest.raises(ValueError, match=message):
+        optimizer.apply(grads, [w, v, w])
+    assert int(optimizer.iterations) == 0
+    assert_unchanged([np.ones(3), np.array([2.0])], [w, v])
+
+
+def test_values_sharing_memory_in_stateless_apply_are_refused_naming_the_variables() -> None:
+    a, b = (keras.Variable(np.ones(3), dtype="float32", name=name) for name in "ab")
+    optimizer = fk.SGD(0.1, momentum=0.9)
+    optimizer.build([a, b])
+    shared = torch.ones(3)
+    slots = [v.value.clone() for v in optimizer.variables]
+    with pytest.raises(ValueError, match="variable 'b' overlaps variable 'a' in memory"):
+        optimizer.stateless_apply(slots, [torch.ones(3), torch.ones(3)], [shared, shared])
+    assert_unchanged([np.ones(3), *numpy_of(optimizer.variables)], [shared], slots)
 
 
 class _Broken(keras.optimizers.schedules.LearningRateSchedule):

@@ -50,6 +50,7 @@ without Keras is :mod:`fusedopt.keras_numpy`.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -276,6 +277,7 @@ class Optimizer(keras.optimizers.Optimizer):
             variables = list(variables)
             for i, v in enumerate(variables):
                 self._check_variable(v, i)
+            self._check_unique(variables)
             dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
             self.precision.check(dtypes)
         built = self.built
@@ -438,7 +440,21 @@ class Optimizer(keras.optimizers.Optimizer):
                     f"for {len(trainable_variables)} variable(s); give one gradient per variable "
                     "(None for a variable without one). No variable was updated."
                 )
+            self._check_unique(trainable_variables)
         super().apply(grads, trainable_variables)
+
+    def _check_unique(self, variables: list[Any]) -> None:
+        """No variable twice in the list: Keras would step it once per occurrence, and one
+        native step updates each variable once (it refuses memory written twice)."""
+        first: dict[int, int] = {}
+        for i, v in enumerate(variables):
+            if isinstance(v, keras.Variable) and first.setdefault(id(v), i) != i:
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: variables[{i}] ('{v.path}') is "
+                    f"variables[{first[id(v)]}] again; fusedopt updates a variable once per "
+                    "step, where Keras would update it once per occurrence: list each variable "
+                    "once. No variable was updated."
+                )
 
     def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> None:
         """Keras' pipeline, once the gradients, the learning rate and the native plan have
@@ -567,7 +583,16 @@ class Optimizer(keras.optimizers.Optimizer):
         if entry is None or entry.options is not options:
             self._check_slots(options)
         if entry is None:
-            entry = self._make_entry(indices, values, options)
+            try:
+                entry = self._make_entry(indices, values, options)
+            except ValueError as error:  # the plan's, naming params[j]: Keras' variables
+                paths = [self._trainable_variables[i].path for i in indices]
+                message = re.sub(
+                    r"\bparams\[(\d+)\]", lambda m: f"variable '{paths[int(m[1])]}'", str(error)
+                )
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: {message}. No variable was updated."
+                ) from None
             if not stateless:
                 state.plans[indices] = entry
         elif entry.options is not options:
