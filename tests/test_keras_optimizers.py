@@ -325,6 +325,31 @@ def test_a_callable_learning_rate_is_called_as_often_as_keras_calls_it(
     assert max_error(trained[1], trained[0]) <= (1e-2 if precision else TOLERANCE)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"clipnorm": 1.0},
+        {"global_clipnorm": 1.0},
+        {"clipvalue": 1.0},
+        {},
+        {"clipnorm": 1.0, "gradient_accumulation_steps": 2},
+    ],
+    ids=lambda options: "-".join(options) or "plain",
+)
+def test_gradients_are_clipped_in_their_dtype_then_cast_as_keras_does(options: dict) -> None:
+    """float16 gradients of float32 variables: Keras clips them in float16 (300**2 * 4
+    overflows: clipnorm gives 0, global_clipnorm NaN), then casts them in its update step."""
+    trained = []
+    for module in (keras.optimizers, fk):
+        w = keras.Variable(np.zeros(4), dtype="float32")
+        optimizer = module.SGD(0.1, momentum=0.5, **options)
+        for _ in range(4):
+            optimizer.apply([torch.full((4,), 300.0, dtype=torch.float16)], [w])
+        trained.append(numpy_of([w, *optimizer.variables]))
+    for fused, theirs in zip(*trained):
+        np.testing.assert_allclose(fused, theirs, rtol=TOLERANCE, atol=TOLERANCE)
+
+
 @pytest.mark.parametrize("name", ["Adam", "Nadam", "Lamb"])
 def test_float64_variables_match_keras(name: str) -> None:
     """float64 layers (Keras' learning-rate variable stays float32, floatx)."""

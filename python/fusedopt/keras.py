@@ -22,7 +22,7 @@ How a step is split between Keras and fusedopt (``apply`` -> ``_backend_apply_gr
   ``_u_product``), in one call, at Keras' ``t = iterations + 1``.
 
 Before Keras changes anything, each ``apply`` checks the gradients (one per variable, real, of its
-shape; converted to the variable's dtype and device as Keras' ``ops.cast`` would), the learning
+shape; clipped in its own dtype and cast to the variable's after, as Keras does), the learning
 rate (a number, whatever a schedule returns) and the hyperparameters; a refused step changes no
 variable and leaves ``iterations`` alone. Variables must be float32, float64, bfloat16 or float16
 (the ``mixed_*`` policies keep them float32, the ``bfloat16`` policy makes them bfloat16); others
@@ -497,8 +497,9 @@ class Optimizer(keras.optimizers.Optimizer):
         return super()._get_current_learning_rate()
 
     def _checked_grad(self, grad: Any, variable: Any, value: Any, torch: Any) -> Any:
-        """The gradient as a contiguous torch tensor of the variable's shape, dtype and device
-        (Keras casts a gradient to its variable's dtype in every update step)."""
+        """The gradient as a torch tensor of the variable's shape, on its device, in the
+        gradient's own dtype: Keras clips it in that dtype, and casts it to the variable's in its
+        update step (as _backend_update_step does)."""
         if not isinstance(grad, torch.Tensor):
             try:
                 grad = keras.ops.convert_to_tensor(grad)
@@ -522,10 +523,8 @@ class Optimizer(keras.optimizers.Optimizer):
                 f"'{variable.path}' has shape {tuple(grad.shape)}, but the variable's shape is "
                 f"{tuple(value.shape)}. No variable was updated."
             )
-        if grad.dtype is not value.dtype or grad.device != value.device:
-            grad = grad.to(device=value.device, dtype=value.dtype)
-        if not grad.is_contiguous():
-            grad = grad.contiguous()
+        if grad.device != value.device:
+            grad = grad.to(device=value.device)
         return grad
 
     def _backend_update_step(
@@ -533,13 +532,15 @@ class Optimizer(keras.optimizers.Optimizer):
     ) -> None:
         """Every variable's update in one native call (Keras calls this once per step, after
         clipping and weight decay). The grads were checked in ``_backend_apply_gradients``;
-        Keras' clipping and averaging keep their dtype, device and shape (and the native step
-        checks them all again before it writes anything)."""
+        Keras' clipping and averaging keep their device and shape (and the native step checks
+        them all again before it writes anything). Each is cast to its variable's dtype here,
+        after Keras' clipping, as Keras' update step casts it."""
         torch = _torch()
         if not trainable_variables:
             return
         with torch.no_grad():
             values = [v.value for v in trainable_variables]
+            grads = [g.to(x.dtype).contiguous() for g, x in zip(grads, values)]
             options = self._native_options(self._learning_rate_value(learning_rate, values[0]))
             step = self._step_number()
             for attempt in range(2):
