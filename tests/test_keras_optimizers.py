@@ -274,6 +274,15 @@ def test_a_flag_given_as_none_is_off_as_keras_takes_it(name: str, flag: str, hyp
     off = custom_loop(make_model(), getattr(fk, name)(0.01, **hyper, **{flag: False}), steps=3)
     assert_unchanged(snapshot(off.weights), trained[1].weights)
     assert getattr(getattr(fk, name).from_config(configs[1]), flag) is None
+    # fusedopt.keras_numpy takes the same arguments.
+    steps = []
+    for value in (None, False):
+        w = np.array([1.0, -2.0, 0.5], np.float32)
+        optimizer = getattr(fusedopt.keras_numpy, name)(0.01, **hyper, **{flag: value})
+        for t in range(3):
+            optimizer.apply([np.array([0.5, 0.25, -1.0], np.float32) * (t + 1)], [w])
+        steps.append(w)
+    np.testing.assert_array_equal(steps[0], steps[1])
 
 
 class _CountingRate:

@@ -158,7 +158,6 @@ class Optimizer(keras.optimizers.Optimizer):
 
     _declaration: ClassVar[type[keras_numpy.Optimizer]]
     _slots: ClassVar[tuple[str, ...]] = ()
-    _flags: ClassVar[frozenset[str]] = frozenset()  # the declared hyperparameters that are flags
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         _require_torch_backend(cls)
@@ -208,7 +207,7 @@ class Optimizer(keras.optimizers.Optimizer):
                 values[h.name] = learning_rate
                 continue
             value = _current(weight_decay if h.name == "weight_decay" else getattr(self, h.name))
-            values[h.name] = False if value is None and h.name in self._flags else value
+            values[h.name] = False if value is None and h.name in declaration._flag_names else value
         fixed: dict[str, float] = {"convention": KERAS, **declaration._fixed}
         if any(f.name == "float32_scalars" for f in declaration._description.fields):
             fixed["float32_scalars"] = float(self._scalar_dtype() != "float64")
@@ -812,11 +811,6 @@ def _make(declaration: type[keras_numpy.Optimizer]) -> type[Optimizer]:
         "__qualname__": name,
         "_declaration": declaration,
         "_slots": _SLOTS[name],
-        "_flags": frozenset(
-            h.name
-            for h in declaration._hyperparameters
-            if declaration._description.field(h.native_names()[0]).kind == "flag"
-        ),
     }
     cls = type(name, (Optimizer, keras_class), namespace)
     return keras.saving.register_keras_serializable(package="fusedopt", name=name)(cls)
