@@ -232,6 +232,133 @@ def test_custom_loop_apply_matches_keras(name: str) -> None:
     assert max_error(fused_model.weights, keras_model.weights) <= TOLERANCE
 
 
+@pytest.mark.parametrize("holder", ["variable", "tensor"])
+def test_hyperparameters_held_in_a_variable_or_tensor_are_read_at_every_step_as_keras(
+    holder: str,
+) -> None:
+    """Keras reads ``beta_1`` and ``epsilon`` at every step: changed in place between steps (a
+    variable assigned, a 0-d tensor filled), the next step uses the new values."""
+    trained = []
+    for module in (keras.optimizers, fk):
+        optimizer = module.Adam(0.05)
+        w = keras.Variable(np.array([1.0, -1.0, 0.5], np.float32))
+        if holder == "variable":
+            beta_1, epsilon = keras.Variable(0.9), keras.Variable(1e-7)
+            set_beta_1, set_epsilon = beta_1.assign, epsilon.assign
+        else:
+            beta_1, epsilon = torch.tensor(0.9), torch.tensor(1e-7)
+            set_beta_1, set_epsilon = beta_1.fill_, epsilon.fill_
+        optimizer.beta_1, optimizer.epsilon = beta_1, epsilon
+        for t in range(5):
+            optimizer.apply([torch.tensor([0.3, -2.0, 1e-3]) * (t + 1)], [w])
+            set_beta_1(0.5 / (t + 1))
+            set_epsilon(10.0 ** -(t + 1))
+        trained.append([w, optimizer._momentums[0], optimizer._velocities[0]])
+    assert max_error(trained[1], trained[0]) <= TOLERANCE
+    # The momentum of beta_1 = 0.9, 0.5, 0.25, 1/6, 0.125 (-2.6 had 0.9 been kept).
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(trained[1][1])[1], -9.688, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "flag", "hyper"),
+    [("Adam", "amsgrad", {}), ("SGD", "nesterov", {"momentum": 0.9}), ("RMSprop", "centered", {})],
+)
+def test_a_flag_given_as_none_is_off_as_keras_takes_it(name: str, flag: str, hyper: dict) -> None:
+    trained, configs = [], []
+    for module in (keras.optimizers, fk):
+        optimizer = getattr(module, name)(0.01, **hyper, **{flag: None})
+        configs.append({k: v for k, v in optimizer.get_config().items() if k != "name"})
+        trained.append(custom_loop(make_model(), optimizer, steps=3))
+    assert configs[1] == configs[0] and configs[1][flag] is None  # Keras keeps the None
+    assert max_error(trained[1].weights, trained[0].weights) <= TOLERANCE
+    off = custom_loop(make_model(), getattr(fk, name)(0.01, **hyper, **{flag: False}), steps=3)
+    assert_unchanged(snapshot(off.weights), trained[1].weights)
+    assert getattr(getattr(fk, name).from_config(configs[1]), flag) is None
+    # fusedopt.keras_numpy takes the same arguments.
+    steps = []
+    for value in (None, False):
+        w = np.array([1.0, -2.0, 0.5], np.float32)
+        optimizer = getattr(fusedopt.keras_numpy, name)(0.01, **hyper, **{flag: value})
+        for t in range(3):
+            optimizer.apply([np.array([0.5, 0.25, -1.0], np.float32) * (t + 1)], [w])
+        steps.append(w)
+    np.testing.assert_array_equal(steps[0], steps[1])
+
+
+class _CountingRate:
+    """A callable learning rate driven by its own count of calls (a stateful warmup)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return 0.1 / self.calls
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"weight_decay": 0.01},
+        {"gradient_accumulation_steps": 2},
+        {"weight_decay": 0.01, "gradient_accumulation_steps": 3},
+        {"weight_decay": 0.01, "master_weights": True},
+    ],
+    ids=lambda options: "-".join(options) or "plain",
+)
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_callable_learning_rate_is_called_as_often_as_keras_calls_it(
+    name: str, options: dict
+) -> None:
+    """Once per update, once more for the weight decay, never on an accumulation step nor in
+    the constructor: a stateful callable follows Keras' trajectory."""
+    options = dict(options)  # shared by the parameters
+    precision = {k: options.pop(k) for k in ("master_weights",) if k in options}
+    counts, trained = [], []
+    for module, extra in ((keras.optimizers, {}), (fk, precision)):
+        rate = _CountingRate()
+        optimizer = getattr(module, name)(learning_rate=rate, **options, **extra)
+        assert rate.calls == 0
+        # master_weights: bfloat16 variables (their decay goes to the masters), float32 math,
+        # beside Keras on float32 variables.
+        dtype = "bfloat16" if extra else "float32"
+        w = keras.Variable(np.array([1.0, -2.0, 0.5]), dtype=dtype)
+        for t in range(6):
+            optimizer.apply([torch.tensor([0.5, 0.25, -1.0], dtype=w.value.dtype) * (t + 1)], [w])
+        counts.append(rate.calls)
+        trained.append([w])
+    updates = 6 // options.get("gradient_accumulation_steps", 1)
+    assert counts[0] == updates * (2 if "weight_decay" in options else 1)  # Keras'
+    assert counts[1] == counts[0]
+    assert max_error(trained[1], trained[0]) <= (1e-2 if precision else TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"clipnorm": 1.0},
+        {"global_clipnorm": 1.0},
+        {"clipvalue": 1.0},
+        {},
+        {"clipnorm": 1.0, "gradient_accumulation_steps": 2},
+    ],
+    ids=lambda options: "-".join(options) or "plain",
+)
+def test_gradients_are_clipped_in_their_dtype_then_cast_as_keras_does(options: dict) -> None:
+    """float16 gradients of float32 variables: Keras clips them in float16 (300**2 * 4
+    overflows: clipnorm gives 0, global_clipnorm NaN), then casts them in its update step."""
+    trained = []
+    for module in (keras.optimizers, fk):
+        w = keras.Variable(np.zeros(4), dtype="float32")
+        optimizer = module.SGD(0.1, momentum=0.5, **options)
+        for _ in range(4):
+            optimizer.apply([torch.full((4,), 300.0, dtype=torch.float16)], [w])
+        trained.append(numpy_of([w, *optimizer.variables]))
+    for fused, theirs in zip(*trained):
+        np.testing.assert_allclose(fused, theirs, rtol=TOLERANCE, atol=TOLERANCE)
+
+
 @pytest.mark.parametrize("name", ["Adam", "Nadam", "Lamb"])
 def test_float64_variables_match_keras(name: str) -> None:
     """float64 layers (Keras' learning-rate variable stays float32, floatx)."""
@@ -736,6 +863,105 @@ def test_a_gradient_of_the_wrong_shape_is_refused_with_nothing_changed() -> None
     assert_unchanged(before, variables, optimizer.variables)
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_grads_of_another_count_than_the_variables_are_refused_with_nothing_changed(
+    count: int,
+) -> None:
+    def two_variables() -> list[Any]:
+        return [
+            keras.Variable(np.ones((2, 2)), dtype="float32", name="a"),
+            keras.Variable([1.0, 2.0]),
+        ]
+
+    grads = [torch.ones(2, 2), torch.ones(2), torch.ones(5)][:count]
+    variables = two_variables()
+    with pytest.raises(RuntimeError, match="same number of tensors"):  # Keras: once decayed
+        keras.optimizers.Adam(0.1, weight_decay=0.5).apply(grads, variables)
+    variables = two_variables()
+    optimizer = fk.Adam(0.1, weight_decay=0.5)
+    message = rf"apply got {count} gradient\(s\) for 2 variable\(s\).*No variable was updated"
+    with pytest.raises(ValueError, match=message):
+        optimizer.apply(grads, variables)
+    assert not optimizer.built and int(optimizer.iterations) == 0
+    assert_unchanged(snapshot(two_variables()), variables)
+    optimizer.build(variables)  # built: nothing changes either
+    with pytest.raises(ValueError, match=message):
+        optimizer.apply(grads, variables)
+    assert int(optimizer.iterations) == 0
+    assert_unchanged(snapshot(two_variables()), variables)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "array"])
+def test_a_complex_gradient_is_refused_with_nothing_changed(kind: str) -> None:
+    grad = np.full(8, 1 + 2j, np.complex64)  # for hidden_2/bias
+    grad = torch.as_tensor(grad) if kind == "tensor" else grad
+    w = keras.Variable(np.ones(8), dtype="float32")
+    with pytest.raises((RuntimeError, TypeError)):  # Keras: from torch, once decayed
+        keras.optimizers.Adam(0.1, weight_decay=0.5).apply([grad], [w])
+    optimizer = fk.Adam(0.1, weight_decay=0.5)
+    _, variables = built(optimizer)
+    grads = [np.ones(v.shape, np.float32) for v in variables]
+    grads[3] = grad
+    before = snapshot(variables, optimizer.variables)
+    with pytest.raises(TypeError, match=r"'.*hidden_2/bias' is complex \(torch.complex64\)"):
+        optimizer.apply(grads, variables)
+    assert_unchanged(before, variables, optimizer.variables)
+
+
+@pytest.mark.parametrize(
+    ("name", "attribute", "value", "slot"),
+    [
+        ("Adam", "amsgrad", True, "velocity_hat"),
+        ("RMSprop", "centered", True, "average_gradient"),
+        ("RMSprop", "momentum", 0.5, "momentum"),
+        ("SGD", "momentum", 0.5, "momentum"),
+    ],
+)
+def test_a_slot_turned_on_after_build_is_refused_naming_keras_variable(
+    name: str, attribute: str, value: Any, slot: str
+) -> None:
+    """Keras makes these slots in build() only if they are needed then; the message names them
+    as Keras does (not torch's grad_avg or momentum_buffer)."""
+    optimizer = getattr(fk, name)(0.01, weight_decay=0.1)
+    _, variables = built(optimizer)
+    setattr(optimizer, attribute, value)
+    before = snapshot(variables, optimizer.variables)
+    with pytest.raises(ValueError, match=rf"need the '{slot}' variables .*No variable was updated"):
+        optimizer.apply([np.ones(v.shape, np.float32) for v in variables], variables)
+    assert_unchanged(before, variables, optimizer.variables)
+
+
+def test_a_variable_listed_twice_is_refused_naming_it_as_keras_does() -> None:
+    """Keras steps it once per occurrence; fusedopt refuses, naming the variables' positions
+    in the list and their paths, before building or changing anything."""
+    w, v = keras.Variable(np.ones(3), dtype="float32", name="w"), keras.Variable([2.0], name="v")
+    grads = [torch.ones(3), torch.ones(1), torch.ones(3)]
+    optimizer = fk.SGD(0.1, weight_decay=0.5)
+    message = r"variables\[2\] \('w'\) is variables\[0\] again.*No variable was updated"
+    with pytest.raises(ValueError, match=message):
+        optimizer.apply(grads, [w, v, w])
+    assert not optimizer.built and int(optimizer.iterations) == 0
+    with pytest.raises(ValueError, match=message):
+        optimizer.build([w, v, w])
+    assert not optimizer.built
+    optimizer.build([w, v])
+    with pytest.raises(ValueError, match=message):
+        optimizer.apply(grads, [w, v, w])
+    assert int(optimizer.iterations) == 0
+    assert_unchanged([np.ones(3), np.array([2.0])], [w, v])
+
+
+def test_values_sharing_memory_in_stateless_apply_are_refused_naming_the_variables() -> None:
+    a, b = (keras.Variable(np.ones(3), dtype="float32", name=name) for name in "ab")
+    optimizer = fk.SGD(0.1, momentum=0.9)
+    optimizer.build([a, b])
+    shared = torch.ones(3)
+    slots = [v.value.clone() for v in optimizer.variables]
+    with pytest.raises(ValueError, match="variable 'b' overlaps variable 'a' in memory"):
+        optimizer.stateless_apply(slots, [torch.ones(3), torch.ones(3)], [shared, shared])
+    assert_unchanged([np.ones(3), *numpy_of(optimizer.variables)], [shared], slots)
+
+
 class _Broken(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step: Any) -> Any:
         return "fast"
@@ -744,7 +970,11 @@ class _Broken(keras.optimizers.schedules.LearningRateSchedule):
         return {}
 
 
-@pytest.mark.parametrize("rate", [_Broken(), lambda: None, lambda: np.ones(2)])
+# The last one fails at its second call (the update's, after the weight decay's): both are read
+# and checked before Keras changes anything.
+@pytest.mark.parametrize(
+    "rate", [_Broken(), lambda: None, lambda: np.ones(2), iter([0.1, None]).__next__]
+)
 def test_a_schedule_that_returns_a_non_number_is_refused_with_nothing_changed(rate: Any) -> None:
     optimizer = fk.SGD(0.01, momentum=0.9, weight_decay=0.1)
     _, variables = built(optimizer)

@@ -21,8 +21,8 @@ How a step is split between Keras and fusedopt (``apply`` -> ``_backend_apply_gr
 - fusedopt: the update of every variable and slot (momentums, velocities, ...; Nadam's
   ``_u_product``), in one call, at Keras' ``t = iterations + 1``.
 
-Before Keras changes anything, each ``apply`` checks the gradients (one per variable, of its
-shape; converted to the variable's dtype and device as Keras' ``ops.cast`` would), the learning
+Before Keras changes anything, each ``apply`` checks the gradients (one per variable, real, of its
+shape; clipped in its own dtype and cast to the variable's after, as Keras does), the learning
 rate (a number, whatever a schedule returns) and the hyperparameters; a refused step changes no
 variable and leaves ``iterations`` alone. Variables must be float32, float64, bfloat16 or float16
 (the ``mixed_*`` policies keep them float32, the ``bfloat16`` policy makes them bfloat16); others
@@ -50,6 +50,7 @@ without Keras is :mod:`fusedopt.keras_numpy`.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -89,6 +90,9 @@ _SLOTS: dict[str, tuple[str, ...]] = {
     "Lion": ("_momentums",),
     "Lamb": ("_momentums", "_velocities"),
 }
+# The values the options' cache keys on (an array could not be compared; native_values refuses
+# or converts anything else, at every step).
+_PLAIN = (float, int, bool)
 # Keras' optimizer-wide variable holding each native scalar (Nadam's u_product).
 _SCALARS = {"mu_product": "_u_product"}
 
@@ -141,6 +145,8 @@ class _Native:
         self.plans: dict[tuple[int, ...], _Entry] = {}
         self.options_key: tuple[Any, ...] | None = None
         self.options: tuple[float, ...] = ()
+        # Within an apply: the learning rates its step reads, in Keras' order.
+        self.rates: list[Any] = []
 
 
 class Optimizer(keras.optimizers.Optimizer):
@@ -190,27 +196,34 @@ class Optimizer(keras.optimizers.Optimizer):
     def _option_values(
         self, learning_rate: float, weight_decay: Any
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        """The declared hyperparameters' values (Keras' attributes, read at every step as Keras
-        reads them) and the options the class fixes."""
+        """The declared hyperparameters' values now, as Keras reads them at every step: Keras'
+        attributes (a variable's or a tensor's current value; a flag given as None is off, as
+        Keras tests flags by truth), with these learning rate and weight decay, and the options
+        the class fixes. The learning rate is never read here: Keras calls a callable one only
+        where it uses the rate."""
         declaration = self._declaration
-        values = {h.name: getattr(self, h.name, None) for h in declaration._hyperparameters}
-        values["learning_rate"] = learning_rate
-        if "weight_decay" in values:
-            values["weight_decay"] = weight_decay
+        values: dict[str, Any] = {}
+        for h in declaration._hyperparameters:
+            if h.name == "learning_rate":
+                values[h.name] = learning_rate
+                continue
+            value = _current(weight_decay if h.name == "weight_decay" else getattr(self, h.name))
+            values[h.name] = False if value is None and h.name in declaration._flag_names else value
         fixed: dict[str, float] = {"convention": KERAS, **declaration._fixed}
         if any(f.name == "float32_scalars" for f in declaration._description.fields):
             fixed["float32_scalars"] = float(self._scalar_dtype() != "float64")
         return values, fixed
 
     def _native_options(self, learning_rate: float) -> tuple[float, ...]:
-        """The kernel's options for the current attributes at this learning rate, recomputed
-        only when one changed. The kernel is given weight_decay = 0: Keras' base class decays
-        the variables before the update (module docstring)."""
+        """The kernel's options for the current values at this learning rate, recomputed only
+        when a value changed (the key holds the values read, not the attributes, so a variable
+        assigned between steps is seen). The kernel is given weight_decay = 0: Keras' base class
+        decays the variables before the update (module docstring)."""
         values, fixed = self._option_values(learning_rate, 0.0)
         key = (*values.values(), *fixed.values())
         key += value_kinds(key)  # 1.0 == True and -0.0 == 0.0, yet they differ here
         state = self._fusedopt
-        if key != state.options_key:
+        if not all(type(v) in _PLAIN for v in values.values()) or key != state.options_key:
             declaration = self._declaration
             state.options = native_values(
                 declaration._description, declaration._hyperparameters, values, fixed
@@ -264,6 +277,7 @@ class Optimizer(keras.optimizers.Optimizer):
             variables = list(variables)
             for i, v in enumerate(variables):
                 self._check_variable(v, i)
+            self._check_unique(variables)
             dtypes = [keras.backend.standardize_dtype(v.dtype) for v in variables]
             self.precision.check(dtypes)
         built = self.built
@@ -325,24 +339,19 @@ class Optimizer(keras.optimizers.Optimizer):
 
     def _apply_weight_decay(self, variables: list[Any]) -> None:
         """Keras' decoupled decay (its torch backend's ``torch._foreach_mul_`` by ``1 -
-        weight_decay * lr``), applied to a variable's master where it has one: the step updates
-        the master and writes the variable as its rounding. Keras' own for the others."""
+        weight_decay * lr``, the rate read once), applied to a variable's master where it has
+        one: the step updates the master and writes the variable as its rounding."""
         masters = self._masters_of([self._get_variable_index(v) for v in variables])
         if self.weight_decay is None or not any(m is not None for m in masters):
             return super()._apply_weight_decay(variables)
-        plain = [v for v, m in zip(variables, masters) if m is None]
-        if any(self._use_weight_decay(v) for v in plain):
-            super()._apply_weight_decay(plain)
         decayed = [
-            m.value
+            (v if m is None else m).value
             for v, m in zip(variables, masters)
-            if m is not None and self._use_weight_decay(v)
+            if self._use_weight_decay(v)
         ]
-        if decayed:
-            torch = _torch()
-            with torch.no_grad():
-                factor = 1 - self.weight_decay * self._get_current_learning_rate()
-                torch._foreach_mul_(decayed, factor)
+        torch = _torch()
+        with torch.no_grad():
+            torch._foreach_mul_(decayed, 1 - self.weight_decay * self._get_current_learning_rate())
 
     def add_optimizer_variables(
         self, trainable_variables: Any, name: Any, initializer: Any = "zeros"
@@ -419,6 +428,34 @@ class Optimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------------------- steps
 
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
+        """Keras' ``apply``, once the gradients match the variables one to one. Keras checks
+        that only for the variables it was built with; given a list, it zips a gradient too many
+        away, or raises from torch only after its weight decay has changed the variables."""
+        if trainable_variables is not None:
+            grads, trainable_variables = list(grads), list(trainable_variables)
+            if grads and len(grads) != len(trainable_variables):  # none: Keras' no-op
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: apply got {len(grads)} gradient(s) "
+                    f"for {len(trainable_variables)} variable(s); give one gradient per variable "
+                    "(None for a variable without one). No variable was updated."
+                )
+            self._check_unique(trainable_variables)
+        super().apply(grads, trainable_variables)
+
+    def _check_unique(self, variables: list[Any]) -> None:
+        """No variable twice in the list: Keras would step it once per occurrence, and one
+        native step updates each variable once (it refuses memory written twice)."""
+        first: dict[int, int] = {}
+        for i, v in enumerate(variables):
+            if isinstance(v, keras.Variable) and first.setdefault(id(v), i) != i:
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: variables[{i}] ('{v.path}') is "
+                    f"variables[{first[id(v)]}] again; fusedopt updates a variable once per "
+                    "step, where Keras would update it once per occurrence: list each variable "
+                    "once. No variable was updated."
+                )
+
     def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> None:
         """Keras' pipeline, once the gradients, the learning rate and the native plan have
         been checked: a refused step raises here, before Keras changes any variable."""
@@ -428,16 +465,41 @@ class Optimizer(keras.optimizers.Optimizer):
             self._checked_grad(g, v, x, torch)
             for g, v, x in zip(grads, trainable_variables, values)
         ]
-        if values:
-            options = self._native_options(self._learning_rate_value(self.learning_rate, values[0]))
+        rates = []
+        if values and self._updates_now():
+            # The rates Keras' step reads (its weight decay's, then the update's), read and
+            # checked now, and given to it in that order by _get_current_learning_rate: a
+            # callable rate is called as often as Keras calls it, never on an accumulation step.
+            rates = [super()._get_current_learning_rate()]
+            if self.weight_decay is not None:
+                rates.append(super()._get_current_learning_rate())
+            for rate in rates:
+                options = self._native_options(self._learning_rate_value(rate, values[0]))
             entry = self._entry(trainable_variables, values, options)
             # Before Keras' weight decay, which goes to the masters.
             self._sync_masters(entry, after_step=False)
-        super()._backend_apply_gradients(grads, trainable_variables)
+        self._fusedopt.rates = rates
+        try:
+            super()._backend_apply_gradients(grads, trainable_variables)
+        finally:
+            self._fusedopt.rates = []
+
+    def _updates_now(self) -> bool:
+        """Whether this apply updates the variables (not a gradient-accumulation step)."""
+        steps = self.gradient_accumulation_steps
+        return not steps or (int(self._iterations.value.item()) + 1) % steps == 0
+
+    def _get_current_learning_rate(self) -> Any:
+        """Keras' rate; within an apply, the next of the rates read up front for its step."""
+        state = getattr(self, "_fusedopt", None)  # none yet in Keras' constructor
+        if state is not None and state.rates:
+            return state.rates.pop(0)
+        return super()._get_current_learning_rate()
 
     def _checked_grad(self, grad: Any, variable: Any, value: Any, torch: Any) -> Any:
-        """The gradient as a contiguous torch tensor of the variable's shape, dtype and device
-        (Keras casts a gradient to its variable's dtype in every update step)."""
+        """The gradient as a torch tensor of the variable's shape, on its device, in the
+        gradient's own dtype: Keras clips it in that dtype, and casts it to the variable's in its
+        update step (as _backend_update_step does)."""
         if not isinstance(grad, torch.Tensor):
             try:
                 grad = keras.ops.convert_to_tensor(grad)
@@ -449,16 +511,20 @@ class Optimizer(keras.optimizers.Optimizer):
                 ) from None
         if grad.layout != torch.strided:  # sparse: Keras applies it as the dense gradient
             grad = grad.to_dense()
+        if grad.is_complex():  # Keras' torch ops refuse to write it into a real variable
+            raise TypeError(
+                f"fusedopt.keras.{type(self).__name__}: the gradient of variable "
+                f"'{variable.path}' is complex ({grad.dtype}); Keras updates real variables "
+                "from real gradients. No variable was updated."
+            )
         if grad.shape != value.shape:
             raise ValueError(
                 f"fusedopt.keras.{type(self).__name__}: the gradient of variable "
                 f"'{variable.path}' has shape {tuple(grad.shape)}, but the variable's shape is "
                 f"{tuple(value.shape)}. No variable was updated."
             )
-        if grad.dtype is not value.dtype or grad.device != value.device:
-            grad = grad.to(device=value.device, dtype=value.dtype)
-        if not grad.is_contiguous():
-            grad = grad.contiguous()
+        if grad.device != value.device:
+            grad = grad.to(device=value.device)
         return grad
 
     def _backend_update_step(
@@ -466,13 +532,15 @@ class Optimizer(keras.optimizers.Optimizer):
     ) -> None:
         """Every variable's update in one native call (Keras calls this once per step, after
         clipping and weight decay). The grads were checked in ``_backend_apply_gradients``;
-        Keras' clipping and averaging keep their dtype, device and shape (and the native step
-        checks them all again before it writes anything)."""
+        Keras' clipping and averaging keep their device and shape (and the native step checks
+        them all again before it writes anything). Each is cast to its variable's dtype here,
+        after Keras' clipping, as Keras' update step casts it."""
         torch = _torch()
         if not trainable_variables:
             return
         with torch.no_grad():
             values = [v.value for v in trainable_variables]
+            grads = [g.to(x.dtype).contiguous() for g, x in zip(grads, values)]
             options = self._native_options(self._learning_rate_value(learning_rate, values[0]))
             step = self._step_number()
             for attempt in range(2):
@@ -513,14 +581,42 @@ class Optimizer(keras.optimizers.Optimizer):
             or any(a is not b for a, b in zip(entry.values, values))
         ):
             entry = None  # a variable holds another tensor now
+        if entry is None or entry.options is not options:
+            self._check_slots(options)
         if entry is None:
-            entry = self._make_entry(indices, values, options)
+            try:
+                entry = self._make_entry(indices, values, options)
+            except ValueError as error:  # the plan's, naming params[j]: Keras' variables
+                paths = [self._trainable_variables[i].path for i in indices]
+                message = re.sub(
+                    r"\bparams\[(\d+)\]", lambda m: f"variable '{paths[int(m[1])]}'", str(error)
+                )
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: {message}. No variable was updated."
+                ) from None
             if not stateless:
                 state.plans[indices] = entry
         elif entry.options is not options:
             entry.plan.set_options(0, options)  # refused, with nothing changed, if invalid
             entry.options = options
         return entry
+
+    def _check_slots(self, options: tuple[float, ...]) -> None:
+        """Every slot these options use exists: Keras creates a slot (amsgrad's velocity_hat,
+        centered's average_gradient, a momentum) only if it is needed when it builds."""
+        declaration = self._declaration
+        used = declaration._description.states_used(options)
+        for native, keras_name, attribute in zip(
+            declaration._description.states, declaration._state_names, self._slots
+        ):
+            if native in used and not getattr(self, attribute, None):
+                raise ValueError(
+                    f"fusedopt.keras.{type(self).__name__}: these hyperparameters need the "
+                    f"'{keras_name}' variables ({attribute}), which Keras creates only if they "
+                    "are needed when it builds the optimizer (amsgrad, centered or a momentum "
+                    "set after the first step); set the hyperparameters before the first step. "
+                    "No variable was updated."
+                )
 
     def _make_entry(
         self, indices: tuple[int, ...], values: list[Any], options: tuple[float, ...]
@@ -532,16 +628,9 @@ class Optimizer(keras.optimizers.Optimizer):
                 # the same values (Keras' assign and load_model copy into them and keep that).
                 value.data = value.data.contiguous()
         description = self._declaration._description
-        used = description.states_used(options)
         states: list[list[Any] | None] = []
-        for native, attribute in zip(description.states, self._slots):
+        for attribute in self._slots:  # one per native state; those used exist (_check_slots)
             slots = getattr(self, attribute, None) or None
-            if native in used and slots is None:
-                raise ValueError(
-                    f"fusedopt.keras.{type(self).__name__}: these hyperparameters need the "
-                    f"'{native}' slots ({attribute}), which Keras did not create when the "
-                    "optimizer was built; set the hyperparameters before the first step"
-                )
             states.append(None if slots is None else [slots[i].value for i in indices])
         scalar_variables = [getattr(self, _SCALARS[name]) for name in description.scalars]
         scalar_tensors = [variable.value for variable in scalar_variables]
@@ -665,6 +754,20 @@ class Optimizer(keras.optimizers.Optimizer):
         torch = _torch()
         with torch.no_grad():
             torch._foreach_add_([v.value for v in acc_grads], grads, alpha=1.0)
+
+
+def _current(value: Any) -> Any:
+    """A hyperparameter's value now: a Keras variable's, a tensor's or an array's single
+    element as a Python number; anything else as it is (for native_values to take or refuse)."""
+    if type(value) is float:  # the common case, kept cheap: read at every step
+        return value
+    if isinstance(value, keras.Variable):
+        value = value.value
+    if isinstance(value, _torch().Tensor):
+        return value.item() if value.numel() == 1 else value
+    if isinstance(value, np.ndarray | np.generic):
+        return value.item() if value.size == 1 else value
+    return value
 
 
 def _value_or_none(variable: Any) -> Any:

@@ -75,11 +75,19 @@ class Optimizer(PlanHolder):
     _state_names: ClassVar[tuple[str, ...]] = ()  # Keras' names of the native states, in order
     _fixed: ClassVar[dict[str, float]] = {}  # native options the class sets (Nadam's schedule)
     _description: ClassVar[Description]
+    # The declared hyperparameters that are flags: None is False there, as Keras tests them by
+    # truth (fusedopt.keras reads them the same way).
+    _flag_names: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls._algorithm:
             cls._description = describe(cls._algorithm)
+            cls._flag_names = frozenset(
+                h.name
+                for h in cls._hyperparameters
+                if cls._description.field(h.native_names()[0]).kind == "flag"
+            )
             if len(cls._state_names) != len(cls._description.states):
                 raise TypeError(f"{cls.__name__}: one Keras name per native state")
             if "__init__" not in cls.__dict__:
@@ -196,6 +204,9 @@ class Optimizer(PlanHolder):
         values["learning_rate"] = learning_rate
         if values.get("weight_decay") is None:
             values["weight_decay"] = 0.0
+        for name in self._flag_names:
+            if values[name] is None:
+                values[name] = False
         key = tuple(values.values()) + (self._float32_scalars(),)
         key += value_kinds(key)  # 1.0 == True and -0.0 == 0.0, yet they differ here
         if key != self._options_key:
