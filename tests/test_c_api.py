@@ -1851,6 +1851,25 @@ def test_the_steps_after_the_last_step_number_are_refused_not_wrapped(lib) -> No
     assert plan.step([grad]) == VALUE_ERROR
 
 
+@pytest.mark.parametrize("last", [2500, 4999])
+def test_a_step_past_the_last_step_number_among_many_tensors_writes_nothing(lib, last) -> None:
+    """Over thousands of tensors each is given its step on the pool's threads, a slice at a time:
+    a tensor past the last step number, in a slice of its own, must still refuse the whole step
+    before any kernel runs, naming that tensor."""
+    count = 5000
+    params = [np.ones(4) for _ in range(count)]
+    grads = [np.ones(4) for _ in range(count)]
+    steps = [2**63 - 1 if i == last else 1 for i in range(count)]
+    tensors = [make_tensor(p, None, step=s) for p, s in zip(params, steps)]
+    plan = Plan([Options("sgd", lr=0.1)], tensors)
+    assert plan.step(grads) == OK, last_error()  # tensor `last` takes step 2**63 - 1
+    before = [p.copy() for p in params]
+    assert plan.step(grads) == VALUE_ERROR
+    assert f"params[{last}]" in last_error() and "2**63 - 1" in last_error()
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p, b)
+
+
 def test_an_empty_8_bit_tensor_needs_no_scales(lib) -> None:
     """The header: an empty tensor may have NULL buffers. Its absmax (0 floats) was required."""
     tensor = Tensor()

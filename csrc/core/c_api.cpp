@@ -321,15 +321,26 @@ class TypedPlan : public fusedopt_plan {
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t n = static_cast<int64_t>(sizes_.size());
     check_count(grads, n, "grads");
+    // The workers are kept awake from here: many grads are described on the pool (a failure is
+    // found again on this thread, in order), then the core's step checks them there.
+    const cpu::StayAwake awake(plan_->uses_pool());
     grad_infos_.resize(n);
-    for (int64_t i = 0; i < n; ++i) {
-      if (!grads[i] && sizes_[i].size > 0)
-        throw Error(ErrorKind::type, indexed("grads", i) + " is NULL");
-      describe(grads[i], sizes_[i].size, static_cast<int32_t>(sizes_[i].dtype), false,
-               grad_infos_[i]);
-      if constexpr (A::scalar_names.size() > 0)
-        check_apart_from_scalars(scalar_rows_, grad_infos_[i], "grads", static_cast<size_t>(i));
-    }
+    auto describe_grads = [&](size_t begin, size_t end) {
+      for (auto i = static_cast<int64_t>(begin); i < static_cast<int64_t>(end); ++i) {
+        if (!grads[i] && sizes_[i].size > 0)
+          throw Error(ErrorKind::type, indexed("grads", i) + " is NULL");
+        describe(grads[i], sizes_[i].size, static_cast<int32_t>(sizes_[i].dtype), false,
+                 grad_infos_[i]);
+        if constexpr (A::scalar_names.size() > 0)
+          check_apart_from_scalars(scalar_rows_, grad_infos_[i], "grads", static_cast<size_t>(i));
+      }
+    };
+    const bool described =
+        cpu::all_slices(static_cast<size_t>(n), kCheckSlice, [&](size_t begin, size_t end) {
+          describe_grads(begin, end);
+          return true;
+        });
+    if (!described) describe_grads(0, static_cast<size_t>(n));
     StepExtras extras;
     if (grad_scale) extras.grad_scale = *grad_scale;
     extras.rounding_seed = rounding_seed_;

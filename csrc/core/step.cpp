@@ -16,20 +16,20 @@ struct Work {
   const TensorRef* tensors;
   void (*run)(void*, size_t, int64_t, int64_t);
   void* context;
-  std::vector<int64_t> starts;  // starts[i]: index of tensor i's first element in the whole step
-  int64_t total;
+  const WorkLayout& layout;
 };
 
 // One item is a run of kChunkElements consecutive elements of the concatenation of all tensors,
 // so a thousand small tensors make a few items and a large one many.
 void run_item(void* context, int64_t item) {
   const Work& w = *static_cast<const Work*>(context);
+  const std::vector<int64_t>& starts = w.layout.starts;
   const int64_t begin = item * kChunkElements;
-  const int64_t end = std::min(begin + kChunkElements, w.total);
-  size_t i = std::upper_bound(w.starts.begin(), w.starts.end(), begin) - w.starts.begin() - 1;
-  for (; i < w.starts.size() && w.starts[i] < end; ++i) {
-    const int64_t local_begin = std::max<int64_t>(0, begin - w.starts[i]);
-    const int64_t local_end = std::min(w.tensors[i].size, end - w.starts[i]);
+  const int64_t end = std::min(begin + kChunkElements, w.layout.total);
+  size_t i = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+  for (; i < starts.size() && starts[i] < end; ++i) {
+    const int64_t local_begin = std::max<int64_t>(0, begin - starts[i]);
+    const int64_t local_end = std::min(w.tensors[i].size, end - starts[i]);
     if (local_end > local_begin) w.run(w.context, i, local_begin, local_end);
   }
 }
@@ -111,10 +111,9 @@ void check_schedule(const StepSchedule& s, size_t num_tensors, size_t num_groups
   }
 }
 
-void run_work(size_t num_tensors, const TensorRef* tensors,
-              void (*run)(void*, size_t, int64_t, int64_t), void* context) {
-  Work w{tensors, run, context, {}, 0};
-  w.starts.reserve(num_tensors);
+WorkLayout work_layout(size_t num_tensors, const TensorRef* tensors) {
+  WorkLayout layout;
+  layout.starts.reserve(num_tensors);
   // A block of 8-bit state is quantized by one thread: tensors with one start on a block in the
   // list, so that work items (multiples of the block) split them between blocks.
   bool quantized = false;
@@ -122,15 +121,27 @@ void run_work(size_t num_tensors, const TensorRef* tensors,
   const int64_t align = quantized ? kQuantBlock : 1;
   static_assert(kChunkElements % kQuantBlock == 0, "work items hold whole blocks");
   for (size_t i = 0; i < num_tensors; ++i) {
-    w.starts.push_back(w.total);
-    w.total += (tensors[i].size + align - 1) / align * align;
+    layout.starts.push_back(layout.total);
+    layout.total += (tensors[i].size + align - 1) / align * align;
   }
-  if (w.total < kParallelElements || cpu::num_threads() <= 1) {
+  return layout;
+}
+
+void run_work(size_t num_tensors, const TensorRef* tensors,
+              void (*run)(void*, size_t, int64_t, int64_t), void* context,
+              const WorkLayout* layout) {
+  WorkLayout own;
+  if (!layout) {
+    own = work_layout(num_tensors, tensors);
+    layout = &own;
+  }
+  if (layout->total < kParallelElements || cpu::num_threads() <= 1) {
     for (size_t i = 0; i < num_tensors; ++i)
       if (tensors[i].size > 0) run(context, i, 0, tensors[i].size);
     return;
   }
-  const int64_t items = (w.total + kChunkElements - 1) / kChunkElements;
+  Work w{tensors, run, context, *layout};
+  const int64_t items = (layout->total + kChunkElements - 1) / kChunkElements;
   cpu::parallel_for(items, run_item, &w);
 }
 
