@@ -843,7 +843,8 @@ TORCH_NAMES = [name for name in ft.__all__ if hasattr(torch.optim, name) and nam
 @pytest.mark.parametrize("name", TORCH_NAMES)
 def test_a_step_bumps_autograd_versions_as_torch_s_in_place_updates_do(name: str) -> None:
     """A graph that saved a param before the step refuses its backward after it, as with
-    torch.optim: the native step bumps the version of every tensor it wrote (param and state)."""
+    torch.optim: the native step bumps the version of every param it wrote (not its states':
+    no model's graph saves them, and over many tensors the bumps cost a third of a step)."""
     for module in (torch.optim, ft):
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.randn(3, 3))
@@ -852,14 +853,11 @@ def test_a_step_bumps_autograd_versions_as_torch_s_in_place_updates_do(name: str
         (x @ w).sum().backward()
         optimizer.step()  # the state exists from here on
         y = (x @ w).square().sum()  # saves w for the backward wrt x
-        versions = {key: v._version for key, v in optimizer.state[w].items()}
+        before = w._version
         optimizer.step()
+        assert w._version > before
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.backward()
-        if module is ft:
-            # torch's in-place updates bump every state they write: ours too.
-            for key, v in optimizer.state[w].items():
-                assert v._version > versions[key], (name, key)
 
 
 def test_grads_unscaled_by_a_grad_scale_have_their_version_bumped() -> None:
