@@ -1230,7 +1230,7 @@ def test_a_saved_absmax_that_no_block_can_have_is_refused_and_nothing_changes(
     saved_opt, _ = _8_bit_adam(front_end)
     saved = saved_opt.state_dict()
     make, error = BAD_ABSMAX[case]
-    absmax = np.array(saved["state"][0]["exp_avg_sq_absmax"], np.float32)
+    absmax = np.asarray(_numpy_state(saved_opt)["exp_avg_sq_absmax"], np.float32)
     bad = make(absmax)
     if front_end == "torch" and isinstance(bad, np.ndarray) and bad.dtype != object:
         bad = _torch().from_numpy(bad)
