@@ -331,10 +331,10 @@ def test_add_param_group_joins_the_next_step() -> None:
     [
         (lambda: torch.zeros(3, dtype=torch.int64), TypeError, "dtype"),
         (lambda: torch.zeros(3, dtype=torch.complex64), TypeError, "dtype"),
-        (lambda: torch.zeros(3, 4).t(), ValueError, "not contiguous"),
+        (lambda: torch.zeros(3, 8)[:, ::2], ValueError, "not dense"),
         (lambda: torch.zeros(3).to_sparse(), TypeError, "sparse"),
     ],
-    ids=["int64", "complex64", "transposed", "sparse"],
+    ids=["int64", "complex64", "gaps", "sparse"],
 )
 def test_a_param_fusedopt_cannot_update_is_refused_naming_it(make: Any, error: type, what) -> None:
     params = [torch.nn.Parameter(torch.zeros(3)), make()]
@@ -344,8 +344,8 @@ def test_a_param_fusedopt_cannot_update_is_refused_naming_it(make: Any, error: t
 
 def test_a_non_contiguous_grad_is_read_as_torch_reads_it() -> None:
     """torch.func.grad gives a grad the strides of its param's use (a transposed one here):
-    torch.optim steps it, fusedopt refused it. It is only read, so it is read through a
-    contiguous copy."""
+    torch.optim steps it, fusedopt refused it. It is only read, so it is read through a copy laid
+    out as its (contiguous) param."""
     params, reference = model_params(torch.float64), model_params(torch.float64)
     ours, theirs = ft.Adam(params, lr=0.1), torch.optim.Adam(reference, lr=0.1, foreach=False)
     for step in range(3):
@@ -372,7 +372,7 @@ def test_a_non_contiguous_grad_under_a_grad_scale_is_refused_with_nothing_writte
         p.grad = torch.ones_like(p)
     params[0].grad = torch.ones(params[0].shape[::-1], dtype=torch.float64).t()
     with pytest.raises(
-        ValueError, match=r"grad of params\[0\] of param_groups\[0\] is not contiguous"
+        ValueError, match=r"grad of params\[0\] of param_groups\[0\] is not laid out as its param"
     ):
         # As torch.amp.GradScaler hands them over to a fused optimizer.
         optimizer.grad_scale, optimizer.found_inf = torch.tensor(2.0), torch.tensor(0.0)
@@ -760,8 +760,8 @@ def test_a_checkpoint_of_an_older_torch_loads_and_resumes_as_in_torch(case: tupl
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
 def test_a_checkpoint_of_a_channels_last_model_resumes_as_in_torch(name: str) -> None:
     """torch keeps a channels_last param's state channels_last; loaded for contiguous params,
-    the state is made contiguous (the same elements in the param's order) and training goes
-    on along torch.optim's trajectory."""
+    the state is converted into the params' layout, contiguous (each element by its logical
+    index), and training goes on along torch.optim's trajectory."""
     torch.manual_seed(0)
     options = {"lr": 0.01, **({"momentum": 0.9} if name != "Adam" else {})}
     inputs = [torch.randn(2, 3, 8, 8) for _ in range(5)]
@@ -891,14 +891,14 @@ def test_a_lazy_module_is_taken_and_trained_as_torch_trains_it(name: str) -> Non
 
 
 def test_a_lazy_param_is_checked_once_materialized() -> None:
-    """A lazy param materialized as something fusedopt cannot update (here non-contiguous) is
+    """A lazy param materialized as something fusedopt cannot update (here not dense) is
     refused at its first step, naming it, with nothing written."""
     model = torch.nn.LazyLinear(3)
     optimizer = ft.Adam(model.parameters(), lr=0.1)
     model(torch.randn(2, 4)).sum().backward()
-    model.weight.data = torch.ones(4, 3).t()
+    model.weight.data = torch.ones(3, 8)[:, ::2]
     model.weight.grad = torch.ones(3, 4)
-    with pytest.raises(ValueError, match=r"params\[0\] of param_groups\[0\] is not contiguous"):
+    with pytest.raises(ValueError, match=r"params\[0\] of param_groups\[0\] is not dense"):
         optimizer.step()
     assert torch.equal(model.weight.detach(), torch.ones(3, 4)) and not optimizer.state
 
@@ -1045,3 +1045,320 @@ def test_refusals_below_the_python_checks_name_the_param_and_its_group(spoil: Ca
     with pytest.raises((TypeError, ValueError), match=r"params\[1\] of param_groups\[1\]"):
         optimizer.step()
     assert torch.equal(d.detach(), before)
+
+
+# ------------------------------------------------------------------ memory layouts (channels_last)
+
+LAYOUT_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}  # relative to 1 + |x|
+
+
+def cnn_params(dtype: Any, seed: int = 0) -> list[Any]:
+    """A small CNN's params: a Conv2d weight in channels_last, a Conv3d weight in
+    channels_last_3d (both not contiguous), and their biases."""
+    generator = torch.Generator().manual_seed(seed)
+    conv2d = torch.randn(4, 3, 3, 3, generator=generator, dtype=dtype)
+    conv3d = torch.randn(3, 4, 2, 2, 2, generator=generator, dtype=dtype)
+    params = [
+        torch.nn.Parameter(conv2d.to(memory_format=torch.channels_last)),
+        torch.nn.Parameter(torch.randn(4, generator=generator, dtype=dtype)),
+        torch.nn.Parameter(conv3d.to(memory_format=torch.channels_last_3d)),
+        torch.nn.Parameter(torch.randn(3, generator=generator, dtype=dtype)),
+    ]
+    assert not params[0].is_contiguous() and not params[2].is_contiguous()
+    return params
+
+
+def cnn_backward(params: list[Any], step: int, scaler: Any = None) -> None:
+    """The grads of a CNN's loss over a seeded batch (autograd gives them the params' layout)."""
+    generator = torch.Generator().manual_seed(100 + step)
+    dtype = params[0].dtype
+    x = torch.randn(2, 3, 6, 6, generator=generator, dtype=dtype)
+    x = x.to(memory_format=torch.channels_last)
+    for p in params:
+        p.grad = None
+    h = torch.tanh(torch.nn.functional.conv2d(x, params[0], params[1]))  # (2, 4, 4, 4)
+    h = h.unsqueeze(2).expand(2, 4, 3, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    y = torch.nn.functional.conv3d(h, params[2], params[3])
+    loss = y.square().mean() + y.sin().mean()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def assert_layouts_match(ours: Any, theirs: Any, ours_params: list, their_params: list, dtype):
+    """Params and states equal by logical index, and each state laid out as torch's (which
+    is its param's)."""
+    for i, (a, b) in enumerate(zip(ours_params, their_params)):
+        assert a.stride() == b.stride(), f"params[{i}] strides"
+        assert_close_within(a.detach(), b.detach(), dtype, f"params[{i}]")
+    for i, (a, b) in enumerate(zip(ours_params, their_params)):
+        mine, expected = ours.state[a], theirs.state[b]
+        assert list(mine) == list(expected), i
+        for key, value in expected.items():
+            if torch.is_tensor(value):
+                assert mine[key].stride() == value.stride(), (i, key)
+                assert_close_within(mine[key], value, dtype, f"state[{i}][{key!r}]")
+
+
+def assert_close_within(actual: Any, expected: Any, dtype: Any, what: str) -> None:
+    actual, expected = (torch.as_tensor(x).to(torch.float64) for x in (actual, expected))
+    assert actual.shape == expected.shape, what
+    if actual.numel():
+        error = ((actual - expected).abs() / (1 + expected.abs())).max().item()
+        assert error <= LAYOUT_TOLERANCE[dtype], f"{what}: {error:.3g}"
+
+
+def layout_optimizer(module: Any, name: str, params: list, **options: Any) -> Any:
+    """fusedopt.torch's class or torch.optim's (foreach=False, its reference loop)."""
+    kwargs = {"foreach": False} if module is torch.optim else {}
+    return getattr(module, name)(params, **options, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_a_channels_last_cnn_trains_as_in_torch(case: tuple[str, dict], dtype: Any) -> None:
+    """Conv2d and Conv3d weights in channels_last / channels_last_3d: every class steps them
+    along torch.optim's trajectory, with its states laid out as torch's (the params')."""
+    name, options = case
+    ours_params, their_params = cnn_params(dtype), cnn_params(dtype)
+    ours = layout_optimizer(ft, name, ours_params, **options)
+    theirs = layout_optimizer(torch.optim, name, their_params, **options)
+    for step in range(5):
+        for optimizer, params in ((ours, ours_params), (theirs, their_params)):
+            cnn_backward(params, step)
+            optimizer.step()
+    assert_layouts_match(ours, theirs, ours_params, their_params, dtype)
+
+
+def test_a_channels_last_step_under_a_grad_scaler_follows_torch() -> None:
+    """GradScaler hands Adam its scale (divided inside the pass, the unscaled grads written back
+    in place, in the params' layout) and torch.optim's Adam is unscaled by the scaler first."""
+    trained = []
+    for module in (ft, torch.optim):
+        params = cnn_params(torch.float32)
+        optimizer = layout_optimizer(module, "Adam", params, lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(4):
+            cnn_backward(params, step, scaler)
+            scaler.step(optimizer)
+            scaler.update()
+        trained.append((optimizer, params))
+    (ours, ours_params), (theirs, their_params) = trained
+    assert_layouts_match(ours, theirs, ours_params, their_params, torch.float32)
+    for a, b in zip(ours_params, their_params):
+        assert a.grad.stride() == a.stride()
+        assert_close_within(a.grad, b.grad, torch.float32, "unscaled grad")
+
+
+@pytest.mark.parametrize("direction", ["torch_to_fusedopt", "fusedopt_to_torch"])
+@pytest.mark.parametrize("name", ["Adam", "SGD", "Adadelta", "ASGD"])
+def test_channels_last_state_dicts_interchange_mid_run(name: str, direction: str) -> None:
+    """A channels_last model's state dict, saved by one and loaded by the other mid-run: the
+    loaded states are laid out as the params, and training goes on along torch's trajectory."""
+    options = {"lr": 0.01, **({"momentum": 0.9} if name == "SGD" else {})}
+    first, second = (ft, torch.optim) if direction == "fusedopt_to_torch" else (torch.optim, ft)
+
+    reference_params = cnn_params(torch.float64)
+    reference = layout_optimizer(torch.optim, name, reference_params, **options)
+    params = cnn_params(torch.float64)
+    optimizer = layout_optimizer(first, name, params, **options)
+    for step in range(3):
+        cnn_backward(params, step)
+        optimizer.step()
+        cnn_backward(reference_params, step)
+        reference.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    resumed = layout_optimizer(second, name, params, **options)
+    resumed.load_state_dict(saved)
+    for step in range(3, 6):
+        cnn_backward(params, step)
+        resumed.step()
+        cnn_backward(reference_params, step)
+        reference.step()
+    assert_layouts_match(resumed, reference, params, reference_params, torch.float64)
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "Adagrad"])
+def test_a_contiguous_checkpoint_loads_into_channels_last_params(name: str) -> None:
+    """A checkpoint of a contiguous model (an older one) loaded for the same model in
+    channels_last: its states are converted into the params' layout by logical index (not by
+    memory order), and training goes on as torch's."""
+    params = [p.detach().contiguous().requires_grad_() for p in cnn_params(torch.float64)]
+    saver = getattr(torch.optim, name)(params, lr=0.01, foreach=False)
+    for step in range(2):
+        cnn_backward(params, step)
+        saver.step()
+    checkpoint = saver.state_dict()
+    assert all(v.is_contiguous() for e in checkpoint["state"].values() for v in e.values())
+    results = []
+    for module in (ft, torch.optim):
+        resumed = cnn_params(torch.float64)
+        with torch.no_grad():
+            for p, q in zip(resumed, params):
+                p.copy_(q)
+        optimizer = layout_optimizer(module, name, resumed, lr=0.01)
+        optimizer.load_state_dict(copy.deepcopy(checkpoint))
+        for p in resumed:
+            for value in optimizer.state[p].values():
+                if module is ft and value.dim():
+                    assert value.stride() == p.stride(), name
+        for step in range(2, 5):
+            cnn_backward(resumed, step)
+            optimizer.step()
+        results.append((optimizer, resumed))
+    (ours, ours_params), (theirs, their_params) = results
+    for i, (a, b) in enumerate(zip(ours_params, their_params)):
+        assert_close_within(a.detach(), b.detach(), torch.float64, f"params[{i}]")
+        for key, value in theirs.state[b].items():
+            assert_close_within(ours.state[a][key], value, torch.float64, f"{i}: {key}")
+
+
+def test_a_grad_of_another_layout_is_read_through_a_copy_in_its_params_layout() -> None:
+    """A contiguous grad for a channels_last param (torch.func's, or one set by hand) is only
+    read: through a copy laid out as its param, so it walks the param's elements in order."""
+    trained = []
+    for module in (ft, torch.optim):
+        params = cnn_params(torch.float64)
+        optimizer = layout_optimizer(module, "Adam", params, lr=0.01)
+        for step in range(4):
+            cnn_backward(params, step)
+            params[0].grad = params[0].grad.contiguous()
+            params[2].grad = params[2].grad.contiguous()
+            assert params[0].grad.stride() != params[0].stride()
+            before = params[0].grad.clone()
+            optimizer.step()
+            assert torch.equal(params[0].grad, before)  # only read
+        trained.append((optimizer, params))
+    (ours, ours_params), (theirs, their_params) = trained
+    assert_layouts_match(ours, theirs, ours_params, their_params, torch.float64)
+
+
+def test_low_precision_state_of_a_channels_last_param_is_laid_out_as_it() -> None:
+    """A bfloat16 channels_last param: its float32 master and 8-bit codes are laid out as the
+    param, the codes one per element in its memory order, blocks of 256 consecutive elements in
+    memory: the run is exactly that of a 1-D param holding its elements in memory order."""
+    shape = (16, 8, 6, 6)  # 4608 elements: 8-bit state (4096 or more), 18 blocks
+    trained = []
+    for flat in (False, True):
+        generator = torch.Generator().manual_seed(3)
+        weight = torch.randn(shape, generator=generator).to(torch.bfloat16)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        p = torch.nn.Parameter(weight.permute(0, 2, 3, 1).reshape(-1) if flat else weight)
+        optimizer = ft.Adam([p], lr=0.01, state_dtype="int8", master_weights=True)
+        for _ in range(3):
+            grad = torch.randn(shape, generator=generator).to(torch.bfloat16)
+            grad = grad.contiguous(memory_format=torch.channels_last)
+            p.grad = grad.permute(0, 2, 3, 1).reshape(-1) if flat else grad
+            optimizer.step()
+        state = optimizer.state[p]
+        assert state["exp_avg"].dtype == torch.uint8
+        for key in ("exp_avg", "exp_avg_sq", "master"):
+            assert state[key].stride() == p.stride(), key
+        trained.append((p, state, optimizer))
+    (p, state, optimizer), (q, reference, _) = trained
+    in_memory_order = p.detach().permute(0, 2, 3, 1).reshape(-1)
+    assert torch.equal(in_memory_order, q.detach())
+    for key in ("exp_avg", "exp_avg_sq", "master"):
+        assert torch.equal(state[key].permute(0, 2, 3, 1).reshape(-1), reference[key]), key
+    for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert torch.equal(state[key], reference[key]), key
+    # A state dict round trip keeps the codes exactly, in the param's layout.
+    loaded = ft.Adam([p], lr=0.01, state_dtype="int8", master_weights=True)
+    loaded.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    assert loaded.state[p]["exp_avg"].stride() == p.stride()
+    assert torch.equal(loaded.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
+
+
+def _snapshot(optimizer: Any, params: list) -> list:
+    return [p.detach().clone() for p in params] + [
+        (key, value.clone())
+        for p in params
+        for key, value in optimizer.state.get(p, {}).items()
+        if torch.is_tensor(value)
+    ]
+
+
+def _assert_unchanged(before: list, after: list) -> None:
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        if isinstance(a, tuple):
+            assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+        else:
+            assert torch.equal(a, b)
+
+
+def _gapped(p: Any) -> None:  # a slice with gaps, of the param's shape
+    p.data = torch.zeros(*p.shape[:-1], 2 * p.shape[-1], dtype=p.dtype)[..., ::2]
+
+
+def _expanded(p: Any) -> None:  # one element seen everywhere
+    p.data = torch.zeros(1, dtype=p.dtype).expand(p.shape)
+
+
+def _relaid(p: Any) -> None:  # p.data = p.data.contiguous(): its states are channels_last
+    p.data = p.data.contiguous()
+
+
+def _grad_of_other_strides(p: Any) -> None:  # under the grad scale below
+    p.grad = p.grad.contiguous()
+
+
+@pytest.mark.parametrize(
+    ("spoil", "what"),
+    [
+        (_gapped, r"params\[0\] of param_groups\[1\] is not dense"),
+        (_expanded, r"params\[0\] of param_groups\[1\] is not dense"),
+        (_relaid, r"of params\[0\] of param_groups\[1\] is not laid out as its param"),
+        (_grad_of_other_strides, r"grad of params\[0\] of param_groups\[1\] is not laid out"),
+    ],
+    ids=["gapped", "expanded", "relaid", "grad-under-a-grad-scale"],
+)
+def test_a_layout_fusedopt_cannot_stream_is_refused_naming_it(spoil: Callable, what: str) -> None:
+    """A param not dense in memory (gaps, an expanded one), a param laid out anew whose states
+    keep the old layout, and a grad of other strides under a grad scale (which writes it back):
+    refused, naming the param and its group, with nothing written."""
+    params = cnn_params(torch.float32)
+    optimizer = ft.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}])
+    for step in range(2):
+        cnn_backward(params, step)
+        optimizer.step()
+    cnn_backward(params, 2)
+    spoil(params[2])
+    if spoil is _grad_of_other_strides:
+        optimizer.grad_scale, optimizer.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+    before = _snapshot(optimizer, params)
+    grads = [p.grad.clone() for p in params]
+    with pytest.raises(ValueError, match=what):
+        optimizer.step()
+    _assert_unchanged(before, _snapshot(optimizer, params))
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(4, 6)[:, ::2],
+        lambda: torch.zeros(4, 1).expand(4, 3),
+        lambda: torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last)[:, :, :, :2],
+    ],
+    ids=["gaps", "expanded", "channels-last-slice"],
+)
+def test_a_param_not_dense_in_memory_is_refused_when_added(make: Any) -> None:
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(make())]
+    with pytest.raises(ValueError, match=r"params\[1\] of param_groups\[0\] is not dense"):
+        ft.Adam(params)
+
+
+def test_a_square_param_transposed_in_its_memory_is_not_stepped_in_the_old_order() -> None:
+    """``p.data = p.data.t()`` keeps a square param's memory and changes its layout: the cached
+    plan notices (strides, not only addresses) and its states, laid out the old way, are
+    refused rather than streamed in the wrong order."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    optimizer = ft.Adam([p], lr=0.1)
+    p.grad = torch.randn(4, 4)
+    optimizer.step()
+    p.data = p.data.t()
+    p.grad = torch.randn(4, 4)
+    before = _snapshot(optimizer, [p])
+    with pytest.raises(ValueError, match=r"params\[0\] of param_groups\[0\] is not laid out"):
+        optimizer.step()
+    _assert_unchanged(before, _snapshot(optimizer, [p]))

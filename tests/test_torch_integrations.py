@@ -661,7 +661,7 @@ class _NoStorage(torch.Tensor):
         (lambda: torch.zeros(3, dtype=torch.int32), TypeError, "dtype torch.int32"),
         (lambda: torch.zeros(3, dtype=torch.complex128), TypeError, "dtype torch.complex128"),
         (lambda: torch.zeros(3, dtype=torch.float8_e5m2), TypeError, "dtype torch.float8_e5m2"),
-        (lambda: torch.zeros(4, 6)[:, ::2], ValueError, "not contiguous"),
+        (lambda: torch.zeros(4, 6)[:, ::2], ValueError, "not dense"),
         (lambda: torch.zeros(3, 3).to_sparse_csr(), TypeError, "sparse_csr"),
         (lambda: torch.zeros(3, device="meta"), ValueError, "is on meta"),
         (lambda: _NoStorage((3,)), TypeError, "no memory of its own"),
@@ -692,8 +692,8 @@ def _spoil_shape(p: Any) -> None:
     p.grad.data = torch.ones(3)
 
 
-def _spoil_param_strides(p: Any) -> None:
-    p.data = torch.zeros(p.shape[::-1]).t()
+def _spoil_param_strides(p: Any) -> None:  # gaps between its elements: not dense in memory
+    p.data = torch.zeros(*p.shape[:-1], 2 * p.shape[-1])[..., ::2]
     p.grad = torch.ones(p.shape)
 
 
@@ -721,7 +721,7 @@ SPOILS = {
     "strided param": (
         _spoil_param_strides,
         ValueError,
-        r"params\[1\] of param_groups\[1\] is not contiguous",
+        r"params\[1\] of param_groups\[1\] is not dense",
     ),
     "param of another dtype": (
         _spoil_param_dtype,

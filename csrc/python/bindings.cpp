@@ -12,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -530,7 +531,7 @@ struct TorchNames {
              is_cpu = py::str("is_cpu"), layout = py::str("layout"), to_local = py::str("to_local");
   // The methods themselves, called with the tensor: a step makes four such calls per tensor
   // (about 45 ns each), and skipping the attribute lookup is a third of it.
-  py::object data_ptr, is_contiguous, contiguous;
+  py::object data_ptr, is_contiguous, stride, empty_like;
   // TensorBase's descriptors of the properties a step reads of every grad, read through the
   // descriptor (read_property) for the same reason.
   py::object dtype_property, shape_property, is_cpu_property;
@@ -543,7 +544,8 @@ struct TorchNames {
       const py::object tensor_base = torch.attr("_C").attr("TensorBase");
       n->data_ptr = tensor_base.attr("data_ptr");
       n->is_contiguous = tensor_base.attr("is_contiguous");
-      n->contiguous = tensor_base.attr("contiguous");
+      n->stride = tensor_base.attr("stride");
+      n->empty_like = torch.attr("empty_like");
       const py::dict properties = tensor_base.attr("__dict__");
       n->dtype_property = properties["dtype"];
       n->shape_property = properties["shape"];
@@ -591,7 +593,51 @@ bool torch_is_contiguous(PyObject* tensor) {
   return PyObject_IsTrue(call_with(TorchNames::get().is_contiguous, tensor).ptr()) == 1;
 }
 
-// A CPU tensor as the core sees an array: dtype, shape, contiguity and its own memory.
+std::vector<int64_t> torch_strides(PyObject* tensor) {
+  return call_with(TorchNames::get().stride, tensor).cast<std::vector<int64_t>>();
+}
+
+// Whether a tensor's elements fill one block of memory from its data_ptr, each once, in some
+// order (contiguous, channels_last, any permutation of a contiguous tensor): c10's
+// non-overlapping-and-dense test, which torch has no Python method for. An element-wise step
+// streams that block as a flat buffer, provided every tensor streamed with it walks the same
+// order (same_order).
+bool dense(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of 2+ elements
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] == 0) return true;
+    if (shape[d] > 1) dims.emplace_back(strides[d], shape[d]);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+// Whether two tensors of `shape` with these strides walk their elements in the same memory order:
+// the same stride in every dimension of more than one element (an empty tensor walks none).
+bool same_order(const std::vector<int64_t>& shape, const std::vector<int64_t>& a,
+                const std::vector<int64_t>& b) {
+  if (a.size() != shape.size() || b.size() != shape.size()) return false;
+  for (int64_t n : shape)
+    if (n == 0) return true;
+  for (size_t d = 0; d < shape.size(); ++d)
+    if (shape[d] > 1 && a[d] != b[d]) return false;
+  return true;
+}
+
+std::string strides_text(const std::vector<int64_t>& strides) {
+  std::string text = "(";
+  for (size_t d = 0; d < strides.size(); ++d) text += (d ? ", " : "") + std::to_string(strides[d]);
+  return text + (strides.size() == 1 ? ",)" : ")");
+}
+
+// A CPU tensor as the core sees an array: dtype, shape, its own memory, and whether that memory
+// is one dense block (`contiguous` to the core, which streams it flat; the plan checks that the
+// tensors streamed together have one memory order).
 void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info) {
   const TorchNames& n = TorchNames::get();
   info.present = tensor != Py_None;
@@ -618,7 +664,7 @@ void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info)
     info.shape.push_back(d.cast<int64_t>());
     info.size *= info.shape.back();
   }
-  info.contiguous = torch_is_contiguous(tensor);
+  info.contiguous = torch_is_contiguous(tensor) || dense(info.shape, torch_strides(tensor));
   info.writeable = true;
   const uintptr_t data_ptr = torch_data_ptr(tensor);
   // A tensor subclass that keeps its data elsewhere (DTensor, a wrapper subclass) says 0: it
@@ -711,6 +757,10 @@ class TorchPlan : public AnyTorchPlan {
       b.params.emplace_back();
       describe_torch(memory.ptr(), name, b.params.back());
       addresses_.push_back(torch_data_ptr(memory.ptr()));
+      // Its layout: every tensor streamed with it must walk its elements in its memory order.
+      param_stride_objects_.push_back(call_with(TorchNames::get().stride, memory.ptr()));
+      param_strides_.push_back(param_stride_objects_.back().cast<std::vector<int64_t>>());
+      param_shapes_.push_back(b.params.back().shape);
       grad_dtypes_.push_back(memory.attr(TorchNames::get().dtype));
       grad_shapes_.push_back(memory.attr(TorchNames::get().shape));
       group_of_active.push_back(all_groups[i]);
@@ -727,9 +777,10 @@ class TorchPlan : public AnyTorchPlan {
       const py::tuple items = items_of(state_lists[k], A::state_names[k]);
       for (size_t j = 0; j < items.size(); ++j) {
         b.states[k].emplace_back();
-        describe_torch(items[j].ptr(),
-                       std::string(A::state_names[k]) + "[" + std::to_string(j) + "]",
-                       b.states[k].back());
+        const std::string state_name =
+            std::string(A::state_names[k]) + "[" + std::to_string(j) + "]";
+        describe_torch(items[j].ptr(), state_name, b.states[k].back());
+        check_layout(items[j], j, state_name, b.states[k].back());
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
     }
@@ -737,8 +788,9 @@ class TorchPlan : public AnyTorchPlan {
       const py::tuple items = items_of(masters, "masters");
       for (size_t j = 0; j < items.size(); ++j) {
         b.masters.emplace_back();
-        describe_torch(items[j].ptr(), "state['master'] of params[" + std::to_string(j) + "]",
-                       b.masters.back());
+        const std::string master_name = "state['master'] of params[" + std::to_string(j) + "]";
+        describe_torch(items[j].ptr(), master_name, b.masters.back());
+        check_layout(items[j], j, master_name, b.masters.back());
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
     }
@@ -806,8 +858,13 @@ class TorchPlan : public AnyTorchPlan {
       if (!grad) throw py::error_already_set();
       if (grad.is_none() == bool(active_[i])) return false;  // other params have grads now
       if (!active_[i]) continue;
-      // param.data moved:
-      if (torch_data_ptr(memory_of(i, params_[i]).ptr()) != addresses_[j]) return false;
+      // param.data moved, or was laid out anew in its memory (`p.data = p.data.t()` of a square
+      // param): its states and grads would be streamed in the old order; register again.
+      const py::object memory = memory_of(i, params_[i]);
+      if (torch_data_ptr(memory.ptr()) != addresses_[j]) return false;
+      if (param_shapes_[j].size() > 1 &&
+          !call_with(names.stride, memory.ptr()).equal(param_stride_objects_[j]))
+        return false;
       if (local_[i]) grad = memory_of(i, grad);
       const auto name = [j] { return "grads[" + std::to_string(j) + "]"; };  // for errors only
       const py::object dtype = read_property(names.dtype_property, grad.ptr());
@@ -825,25 +882,34 @@ class TorchPlan : public AnyTorchPlan {
                                           std::string(py::str(grad.attr("device"))) +
                                           "), its param is");
       uintptr_t address = 0;
-      bool contiguous = false;
+      py::object strides;
       try {
         address = torch_data_ptr(grad.ptr());
-        contiguous = torch_is_contiguous(grad.ptr());
+        strides = call_with(names.stride, grad.ptr());
       } catch (const py::error_already_set&) {  // no storage (a sparse grad): say what it is
         BufferInfo described;
         describe_torch(grad.ptr(), name(), described);
         throw;
       }
-      if (!contiguous) {
-        // Only read, so it is read from a contiguous copy, as torch.optim reads any strides
-        // (torch.func gives a grad its param's use's strides); unless a grad scale writes the
-        // unscaled grad back, which would then land in the copy.
-        if (extras.grad_scale)
-          throw Error(ErrorKind::value, name() +
-                                            " is not contiguous; a grad scale writes the unscaled "
-                                            "grad back into it, which needs its own memory");
-        grad = call_with(names.contiguous, grad.ptr());
-        address = torch_data_ptr(grad.ptr());
+      if (!strides.equal(param_stride_objects_[j])) {
+        const auto grad_strides = strides.cast<std::vector<int64_t>>();
+        if (!same_order(param_shapes_[j], grad_strides, param_strides_[j])) {
+          // Only read, so it is read from a copy in its param's layout (walking the param's
+          // elements in its memory order), as torch.optim reads any strides (torch.func gives
+          // a grad its param's use's strides); unless a grad scale writes the unscaled grad
+          // back, which would then land in the copy.
+          if (extras.grad_scale)
+            throw Error(ErrorKind::value,
+                        name() + " is not laid out as its param (strides " +
+                            strides_text(grad_strides) + ", its param's " +
+                            strides_text(param_strides_[j]) +
+                            "); a grad scale writes the unscaled grad back into it, which "
+                            "needs its own memory in its param's memory order");
+          py::object copy = call_with(names.empty_like, memory.ptr());
+          copy.attr("copy_")(grad);
+          grad = std::move(copy);
+          address = torch_data_ptr(grad.ptr());
+        }
       }
       if (address == 0 && infos_[j].size > 0)
         throw Error(ErrorKind::type, name() +
@@ -891,8 +957,11 @@ class TorchPlan : public AnyTorchPlan {
         return false;
     if (!registered_memory_unchanged()) return false;
     given_grads_.resize(n);
-    for (size_t j = 0; j < n; ++j)
-      describe_torch(items[j].ptr(), "grads[" + std::to_string(j) + "]", given_grads_[j]);
+    for (size_t j = 0; j < n; ++j) {
+      const std::string name = "grads[" + std::to_string(j) + "]";
+      describe_torch(items[j].ptr(), name, given_grads_[j]);
+      check_layout(items[j], j, name, given_grads_[j]);
+    }
     read_scalars();
     {
       py::gil_scoped_release release;
@@ -911,7 +980,27 @@ class TorchPlan : public AnyTorchPlan {
       if (!references_[k].is_none() &&
           torch_data_ptr(references_[k].ptr()) != reference_addresses_[k])
         return false;
+    // ... and the layout it was registered with (`state.data = state.data.t()` keeps the memory)
+    for (const Layout& l : layouts_)
+      if (!call_with(TorchNames::get().stride, l.tensor.ptr()).equal(l.strides)) return false;
     return true;
+  }
+
+  // A state, master or given grad of active param j is streamed with it: it must walk the
+  // param's elements in the param's memory order (the same strides, but in dimensions of one
+  // element). Another shape is left to the core, which names it. A state or master of more than
+  // one dimension is checked again at each step (its layout may change in the same memory).
+  void check_layout(py::handle tensor, size_t j, const std::string& name, const BufferInfo& info) {
+    if (tensor.is_none() || j >= param_shapes_.size() || info.shape != param_shapes_[j]) return;
+    const py::object strides = call_with(TorchNames::get().stride, tensor.ptr());
+    const auto values = strides.cast<std::vector<int64_t>>();
+    if (!same_order(param_shapes_[j], values, param_strides_[j]))
+      throw Error(ErrorKind::value, name + " is not laid out as its param (strides " +
+                                        strides_text(values) + ", its param's " +
+                                        strides_text(param_strides_[j]) +
+                                        "); fusedopt streams it in its param's memory order");
+    if (info.shape.size() > 1 && name.rfind("grads[", 0) != 0)
+      layouts_.push_back({py::reinterpret_borrow<py::object>(tensor), strides});
   }
 
   void read_scalars() {
@@ -947,7 +1036,14 @@ class TorchPlan : public AnyTorchPlan {
   std::vector<py::object> grad_shapes_;  // must have
   std::vector<size_t> index_;            // the param index of each active tensor
   std::vector<uintptr_t> addresses_;     // each active param's memory at registration
-  std::vector<py::object> references_;   // the registered states and scalar tensors
+  std::vector<py::object> param_stride_objects_;     // and its strides (a tuple) ...
+  std::vector<std::vector<int64_t>> param_strides_;  // ... as numbers
+  std::vector<std::vector<int64_t>> param_shapes_;   // and its shape
+  struct Layout {
+    py::object tensor, strides;  // a state or master of 2+ dimensions, its strides then
+  };
+  std::vector<Layout> layouts_;
+  std::vector<py::object> references_;          // the registered states and scalar tensors
   std::vector<uintptr_t> reference_addresses_;  // their memory at registration
   std::vector<ScalarSlot> step_slots_;
   std::vector<std::vector<ScalarSlot>> scalar_slots_;

@@ -10,9 +10,19 @@ through :mod:`fusedopt.cuda` on the current stream.
 
 ``foreach`` and ``fused`` are accepted and change nothing (fused is what you get);
 ``differentiable=True`` and ``capturable=True`` are refused. Sparse, complex or integer params,
-non-contiguous params, and params on other devices are refused when they are added, naming the
-param and its group; a grad fusedopt cannot read in place (sparse, non-contiguous, of another
-dtype, shape or device) is refused at the step, naming its param, with nothing written.
+params that are not dense in memory (gaps, overlaps, expanded), and params on other devices are
+refused when they are added, naming the param and its group; a grad fusedopt cannot read (sparse,
+of another dtype, shape or device; under a grad scale, laid out otherwise than its param) is
+refused at the step, naming its param, with nothing written.
+
+Memory layout: a param may have any dense, non-overlapping layout (``torch.channels_last``,
+``channels_last_3d``, any permutation of a contiguous tensor): an element-wise step streams its
+memory as a flat buffer, and every tensor streamed with it walks the same elements in the same
+order. So its states and its float32 master are created in its layout
+(``memory_format=torch.preserve_format``, as torch creates its states), a loaded state is
+converted into it (by logical index), 8-bit state keeps one code per element in the param's
+memory order (blocks of 256 consecutive elements in memory), and a grad of another layout is read
+through a copy in the param's layout (refused under a grad scale, which writes it back).
 
 DTensor params (FSDP2's ``fully_shard``) are stepped through their local shards: ``p.to_local()``
 with ``p.grad.to_local()``, the states being DTensors of the same placements, as torch.optim's.
@@ -71,6 +81,64 @@ def _memory(t: Any) -> Any:
     """The tensor whose memory holds ``t``'s elements here: a DTensor's local tensor, else
     ``t`` (called under no_grad, where ``to_local()`` is the DTensor's own local tensor)."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory from ``t.data_ptr()``, each once, in
+    some order (contiguous, channels_last, any permutation of a contiguous tensor): c10's
+    non-overlapping-and-dense test, which torch has no Python method for."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (of one shape) walk their elements in the same memory order: the
+    same stride in every dimension of more than one element (an empty tensor walks none)."""
+    if a.numel() == 0:
+        return True
+    return all(x == y for n, x, y in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A dense, non-overlapping tensor's elements in memory order, as a 1-D view."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor laid out as ``p`` (its strides: ``torch.preserve_format``), of ``dtype``."""
+    return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def _in_layout(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``value`` (a state of ``p``'s shape) laid out as ``p``: itself if it is already, else a
+    copy taking each element by its logical index."""
+    if _same_order(value, p) and _is_dense(value):
+        return value
+    return torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value)
+
+
+def _codes_like(p: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
+    """8-bit codes, one per element in ``p``'s memory order, as a uint8 tensor laid out as ``p``."""
+    if _is_dtensor(p):  # as before layouts: a plain tensor of the param's shape
+        return torch.from_numpy(np.ascontiguousarray(codes).reshape(tuple(p.shape)))
+    with torch.no_grad():
+        t = _like(p, torch.uint8)
+        _flat(t).copy_(torch.from_numpy(np.ascontiguousarray(codes).reshape(-1)))
+    return t
+
+
+def _quantized_like(p: torch.Tensor, values: torch.Tensor, nonnegative: bool) -> tuple:
+    """``values`` (by logical index) as 8-bit state of ``p``: codes laid out as ``p``, quantized
+    in its memory order (blocks of 256 consecutive elements in memory), and their absmax."""
+    ordered = _like(p, torch.float32).copy_(values.detach().to(device=p.device))
+    codes, scales = quantize_blockwise(_flat(ordered).cpu().numpy(), nonnegative)
+    return _codes_like(p, codes), torch.from_numpy(scales)
 
 
 class _State(defaultdict):
@@ -191,10 +259,10 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------- groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's add_param_group, then fusedopt's checks: every param must be a dense,
-        contiguous float32, float64, bfloat16 or float16 tensor on the CPU (16-bit ones) or a
-        CUDA device (a lazy module's uninitialized param is checked once it has a grad), the
-        group's hyperparameters numbers (their ranges are never checked here, as torch's
+        """torch's add_param_group, then fusedopt's checks: every param must be a dense (non-
+        overlapping, in any layout) float32, float64, bfloat16 or float16 tensor on the CPU (16-bit
+        ones) or a CUDA device (a lazy module's uninitialized param is checked once it has a grad),
+        the group's hyperparameters numbers (their ranges are never checked here, as torch's
         add_param_group checks none) and the low-precision options must apply to the params; a
         refused group is not added."""
         index = len(self.param_groups)
@@ -292,14 +360,15 @@ class Optimizer(torch.optim.Optimizer):
                     continue
                 value = initial[values][0][k]
                 if self._state_dtype(p) == torch.uint8:  # 8-bit blockwise: codes, block absmax
+                    # One code per element in the param's memory order, laid out as the param.
                     codes, absmax = quantized_full(
-                        tuple(p.shape), value, description.nonnegative(name)
+                        (p.numel(),), value, description.nonnegative(name)
                     )
-                    new_buffers[j][name] = torch.from_numpy(codes)
+                    new_buffers[j][name] = _codes_like(p, codes)
                     new_buffers[j][name + "_absmax"] = torch.from_numpy(absmax)
-                else:
+                else:  # laid out as the param (channels_last, ...), as torch's zeros_like
                     new_buffers[j][name] = torch.full_like(
-                        p, value, dtype=self._state_dtype(p), memory_format=torch.contiguous_format
+                        p, value, dtype=self._state_dtype(p), memory_format=torch.preserve_format
                     )
         for (p, values), buffers in zip(entries, new_buffers):
             if p not in self.state and not (
@@ -315,7 +384,7 @@ class Optimizer(torch.optim.Optimizer):
             state.update(buffers)
             if self._needs_master(p) and state.get("master") is None:
                 state["master"] = p.detach().to(
-                    torch.float32, memory_format=torch.contiguous_format, copy=True
+                    torch.float32, memory_format=torch.preserve_format, copy=True
                 )
         return [bool(buffers) for buffers in new_buffers]
 
@@ -334,10 +403,13 @@ class Optimizer(torch.optim.Optimizer):
         """torch's, which casts every floating state tensor to its param's dtype; then the
         states this optimizer keeps in another dtype (``state_dtype``, the float32 ``master``,
         the scalar states of 16-bit params) are cast from the saved tensors instead, so a
-        master comes back exact; and a state saved in another memory format (channels_last)
-        is made contiguous. A refusal (of torch's or of these conversions) leaves the
-        optimizer as it was: torch's load builds a new state and new groups, which replace the
-        old ones only once every conversion has passed."""
+        master comes back exact; and a state saved in another memory layout than its param's
+        now (a contiguous checkpoint for a channels_last param, or the reverse) is converted
+        into the param's layout, each element by its logical index, as the step streams every
+        state in its param's memory order (8-bit codes, kept in memory order, are dequantized
+        in the saved layout and quantized again in the param's). A refusal (of torch's or of
+        these conversions) leaves the optimizer as it was: torch's load builds a new state and
+        new groups, which replace the old ones only once every conversion has passed."""
         with self._lock:
             previous = self.state, self.param_groups
             try:
@@ -366,7 +438,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._load_state(p, name, entry, saved_id)
             master = entry.get("master")
             if isinstance(master, torch.Tensor) and p.dtype != torch.float32:
-                self.state[p]["master"] = master.to(dtype=torch.float32, device=p.device, copy=True)
+                master = master.to(dtype=torch.float32, device=p.device)
+                self.state[p]["master"] = _like(p, torch.float32).copy_(master)
         description = self._declaration._description
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
@@ -382,13 +455,22 @@ class Optimizer(torch.optim.Optimizer):
                         f"state_dict: the state of params[{i}] of param_groups[{g}] has no "
                         f"{missing[0]!r}, which {type(self).__name__} keeps"
                     )
-        # torch keeps a channels_last param's state channels_last; the step reads each state
-        # in its (contiguous) param's order, which is the state's logical order too.
+        # torch keeps a channels_last param's state channels_last (zeros_like), and a state
+        # loaded into a param of another layout as it was saved; the step streams each state in
+        # its param's memory order, so each is laid out as its param (by logical index).
         for p in params:
+            if _is_dtensor(p) or torch.nn.parameter.is_lazy(p):
+                continue
             entry = self.state.get(p, {})
             for name, value in list(entry.items()):
-                if isinstance(value, torch.Tensor) and not value.is_contiguous():
-                    entry[name] = value.contiguous()
+                if (
+                    isinstance(value, torch.Tensor)
+                    and not _is_dtensor(value)
+                    and value.dtype != torch.uint8  # 8-bit codes: laid out by _load_state
+                    and value.shape == p.shape
+                    and value.dim() > 0
+                ):
+                    entry[name] = _in_layout(value, p)
 
     def _load_state(self, p: torch.Tensor, name: str, saved: dict[str, Any], saved_id: Any) -> None:
         """A saved state and its saved absmax (8-bit state) as this optimizer keeps them,
@@ -407,8 +489,7 @@ class Optimizer(torch.optim.Optimizer):
                 "the only state with an absmax"
             )
         if dtype == torch.uint8 and value.dtype != torch.uint8:
-            codes, scales = quantize_blockwise(value.detach().float().cpu().numpy(), nonnegative)
-            entry[name], entry[name + "_absmax"] = torch.from_numpy(codes), torch.from_numpy(scales)
+            entry[name], entry[name + "_absmax"] = _quantized_like(p, value.float(), nonnegative)
             return
         if value.dtype == torch.uint8:
             if not has_absmax:
@@ -420,16 +501,35 @@ class Optimizer(torch.optim.Optimizer):
                     absmax = absmax.float()
                 absmax = absmax.numpy()
             absmax = torch.from_numpy(checked_absmax(absmax, p.numel(), where))
-        if dtype == torch.uint8:
-            entry[name] = value.to(dtype=dtype, device=p.device, copy=True)
-            entry[name + "_absmax"] = absmax.to(device=p.device)
+        if value.dtype == torch.uint8:
+            # Saved codes are in the memory order of their own layout (the saved param's).
+            value = value.detach().cpu()
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"state_dict: the 8-bit state {name!r} of state[{saved_id}] has shape "
+                    f"{tuple(value.shape)}, not its param's {tuple(p.shape)}"
+                )
+            if not _is_dense(value):
+                value = value.contiguous()
+            if dtype == torch.uint8 and _same_order(value, p):
+                entry[name] = _like(p, torch.uint8).copy_(value)
+                entry[name + "_absmax"] = absmax.to(device=p.device)
+                return
+            flat = dequantize_blockwise(_flat(value).numpy(), absmax.numpy(), nonnegative)
+            values = torch.empty_like(value, dtype=torch.float32)
+            _flat(values).copy_(torch.from_numpy(np.ascontiguousarray(flat).reshape(-1)))
+            if dtype == torch.uint8:  # another layout than the param's: quantized again in it
+                entry[name], entry[name + "_absmax"] = _quantized_like(p, values, nonnegative)
+                return
+            entry.pop(name + "_absmax", None)
+            entry[name] = _like(p, dtype).copy_(values)
             return
         entry.pop(name + "_absmax", None)
-        if value.dtype == torch.uint8:
-            values = dequantize_blockwise(value.numpy(), absmax.numpy(), nonnegative)
-            entry[name] = torch.from_numpy(values).to(dtype=dtype, device=p.device)
-        elif dtype != p.dtype:
-            entry[name] = value.to(dtype=dtype, device=p.device, copy=True)
+        if dtype != p.dtype:
+            if value.shape == p.shape:  # another shape is refused at the step, naming it
+                entry[name] = _like(p, dtype).copy_(value)
+            else:
+                entry[name] = value.to(dtype=dtype, device=p.device, copy=True)
 
     # ----------------------------------------------------------------------------------- step
 
@@ -676,6 +776,7 @@ class _DevicePlan:
         self.scalars = scalars
         self.new_state = new_state
         self.addresses = [_memory(p).data_ptr() for p in self.active_params]
+        self.strides = [_memory(p).stride() for p in self.active_params]
 
     def set_options(self, group: int, values: tuple[float, ...]) -> None:
         self.options[group] = values
@@ -688,9 +789,23 @@ class _DevicePlan:
         if [_memory(p).data_ptr() for p in self.active_params] != self.addresses:
             return False
         grads = [_memory(p.grad) for p in self.active_params]
-        if grad_scale is None:  # only read: any strides, through a contiguous copy (as on the CPU)
-            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
         params = [_memory(p) for p in self.active_params] if self.local else self.active_params
+        if [_memory(p).stride() for p in self.active_params] != self.strides:
+            return False  # param.data laid out anew: registered again, its states checked
+        for j, (g, p) in enumerate(zip(grads, map(_memory, self.active_params))):
+            # Checked before the 1-D views below, which would hide a shape: the same refusals
+            # as the CPU plan's (the optimizer names the param).
+            if g.layout != torch.strided:
+                raise TypeError(f"grads[{j}] is a {g.layout} tensor; fusedopt reads dense grads")
+            if g.shape != p.shape:
+                raise ValueError(f"grads[{j}] has shape {tuple(g.shape)}, not its param's")
+            if not _same_order(g, p):
+                if grad_scale is not None:  # written back: it must be the grad's own memory
+                    raise ValueError(
+                        f"grads[{j}] is not laid out as its param; a grad scale writes the "
+                        "unscaled grad back into it"
+                    )
+                grads[j] = torch.empty_like(p).copy_(g)  # only read: a copy in p's layout
         counts = None
         if self.steps:
             taken = np.array([float(s) for s in self.steps])
@@ -703,9 +818,18 @@ class _DevicePlan:
             rows = np.zeros((len(grads), _core.max_scalars))
             for i, row in enumerate(self.scalars):
                 rows[i, : len(row)] = [float(s) for s in row]
+        # fusedopt.cuda steps C-contiguous arrays: each tensor as its memory-order 1-D view (every
+        # one laid out as its param, checked at registration; a grad of another layout copied in
+        # the param's above or refused under a grad scale), the same element walk as on the CPU.
+        with torch.no_grad():
+            params, grads = [_flat(p) for p in params], [_flat(g) for g in grads]
+            states = [
+                None if lst is None else [None if t is None else _flat(t) for t in lst]
+                for lst in self.states
+            ]
         cuda.step(
             self.algorithm, self.options, self.group_of, steps, params, grads,
-            self.states, new_state=self.new_state, scalars=rows, grad_scale=grad_scale,
+            states, new_state=self.new_state, scalars=rows, grad_scale=grad_scale,
             checked=self.checked,
         )  # fmt: skip
         self.new_state = None
@@ -720,9 +844,10 @@ class _DevicePlan:
 
 
 def _check_param(p: Any, index: int, group: int) -> None:
-    """A param fusedopt can update in place: dense, floating (16-bit ones on the CPU only),
-    contiguous, in memory of its own on the CPU or a CUDA device fusedopt.cuda serves (a
-    DTensor: its local tensor). A lazy module's param (UninitializedParameter), which torch.optim
+    """A param fusedopt can update in place: strided, floating (16-bit ones on the CPU only),
+    non-overlapping and dense in memory (any layout: contiguous, channels_last, permuted), in
+    memory of its own on the CPU or a CUDA device fusedopt.cuda serves (a DTensor: its local
+    tensor). A lazy module's param (UninitializedParameter), which torch.optim
     takes, has no memory yet: it is checked at the first step after it was materialized (a
     param without a grad is not in a plan, and one with a grad makes a new plan)."""
     where = f"params[{index}] of param_groups[{group}]"
@@ -744,10 +869,12 @@ def _check_param(p: Any, index: int, group: int) -> None:
         raise ValueError(f"{where} is on {p.device}, which fusedopt cannot serve here: {reason}")
     with torch.no_grad():
         memory = _memory(p)
-    if not memory.is_contiguous():
+    if not _is_dense(memory):
         raise ValueError(
-            f"{where} is not contiguous; an in-place update needs the tensor's own memory "
-            "(a contiguous copy would be updated instead of it)"
+            f"{where} is not dense in memory (shape {tuple(memory.shape)}, strides "
+            f"{memory.stride()}: gaps between its elements, or elements sharing memory); "
+            "fusedopt updates a tensor's own memory as one block, in any dense layout "
+            "(contiguous, channels_last, permuted), and a copy would be updated instead of it"
         )
     if memory.numel() > 0 and memory.data_ptr() == 0:
         raise TypeError(
@@ -789,8 +916,8 @@ def _check_dtensor_grad(p: Any, index: int, group: int) -> None:
 
 def _check_grad(p: Any, index: int, group: int, written: bool = False) -> None:
     """A grad fusedopt can read: dense, in memory of its own, with its param's dtype, shape and
-    device; contiguous where a grad scale writes it back (the step reads any other through a
-    contiguous copy)."""
+    device; laid out as its param where a grad scale writes it back (the step reads any other
+    through a copy in its param's layout, so that it walks the param's elements in order)."""
     where = f"the grad of params[{index}] of param_groups[{group}]"
     if _is_dtensor(p):
         _check_dtensor_grad(p, index, group)
@@ -806,10 +933,11 @@ def _check_grad(p: Any, index: int, group: int, written: bool = False) -> None:
         )
     if grad.device != param.device:
         raise ValueError(f"{where} is on {grad.device}, not on its param's {param.device}")
-    if written and not grad.is_contiguous():
+    if written and not _same_order(grad, param):
         raise ValueError(
-            f"{where} is not contiguous; a grad scale writes the unscaled grad back into it, "
-            "which needs its own memory"
+            f"{where} is not laid out as its param (strides {grad.stride()}, its param's "
+            f"{param.stride()}); a grad scale writes the unscaled grad back into it, which "
+            "needs its own memory in its param's memory order"
         )
     if grad.numel() > 0 and grad.data_ptr() == 0:
         raise TypeError(f"{where} has no memory of its own; fusedopt reads a grad's own memory")
@@ -870,8 +998,9 @@ def _check_states(
     master: bool,
 ) -> None:
     """The state buffers kept for a param have the dtype the optimizer keeps (its param's unless
-    ``state_dtype`` says otherwise; float32 for a master), its shape and its device (they may not,
-    once ``param.data`` was given another dtype or shape)."""
+    ``state_dtype`` says otherwise; float32 for a master), its shape, its device and its memory
+    layout (they may not, once ``param.data`` was given another dtype, shape or layout, or a
+    state was replaced): the step streams each in its param's memory order."""
     with torch.no_grad():
         param = _memory(p)
         expected = [(key, state_dtype) for key in names]
@@ -888,6 +1017,13 @@ def _check_states(
                     f"{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}, "
                     f"not {dtype} like its param ({param.dtype}, {tuple(param.shape)}, "
                     f"{param.device})"
+                )
+            if not (_is_dense(value) and _same_order(value, param)):
+                raise ValueError(
+                    f"state[{key!r}] of params[{index}] of param_groups[{group}] is not laid "
+                    f"out as its param (strides {value.stride()}, its param's "
+                    f"{param.stride()}); fusedopt steps each state in its param's memory order "
+                    "(load_state_dict converts a state into its param's layout)"
                 )
 
 
