@@ -216,3 +216,60 @@ def test_numpy_flags_axes_and_one_element_arrays_are_read_as_their_values() -> N
         x.T, com=np.array([1.5]), adjust=np.False_, ignore_na=np.True_, axis=np.int64(1)
     )
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_masked_array_s_data_is_checked_as_any_array_s() -> None:
+    """A masked array was filled as float64 before any dtype check: masked datetimes were
+    averaged as nanosecond counts, masked complex lost its imaginary part (with a warning),
+    masked strings were parsed. Its data is now refused as the same data unmasked is."""
+    mask = [False, True, False]
+    for data in (
+        np.array([1, 2, 3], dtype="datetime64[ns]"),
+        np.array([1 + 1j, 2, 3]),
+        np.array(["1", "2", "3"]),
+    ):
+        with pytest.raises(TypeError, match="x must hold real numbers"):
+            fusedopt.ewma(np.ma.array(data, mask=mask), com=1.0)
+    with pytest.raises(TypeError, match="x must hold real numbers"):
+        fusedopt.ewma(np.ma.array(np.array([1.0, "a", 2.0], dtype=object), mask=mask), com=1.0)
+
+
+def test_a_masked_float32_array_gives_float32_with_its_masked_values_missing() -> None:
+    x = np.ma.array(np.array([1, 2, 3, 4], np.float32), mask=[False, True, False, False])
+    result = fusedopt.ewma(x, com=1.0)
+    assert result.dtype == np.float32
+    unmasked = np.array([1, np.nan, 3, 4], np.float32)
+    np.testing.assert_array_equal(result, fusedopt.ewma(unmasked, com=1.0))
+
+
+def test_pandas_nullable_columns_and_min_periods_none_as_pandas_reads_them() -> None:
+    """A boolean column with pd.NA (an object array to NumPy, holding pd.NA) is read through
+    pandas' own to_numpy, NA as missing; min_periods=None (in pandas' signature) counts from the
+    first observation."""
+    pd = pytest.importorskip("pandas")
+    for series in (
+        pd.Series([True, True, False, pd.NA, True, None, False], dtype="boolean"),
+        pd.Series([1, pd.NA, 3, 4, pd.NA, 6], dtype="Int64"),
+    ):
+        expected = series.ewm(alpha=0.8).mean().to_numpy()
+        np.testing.assert_array_equal(fusedopt.ewma(series, alpha=0.8), expected)
+    x = np.array([np.nan, 2.0, np.nan, 5.0, 1.0])
+    expected = pd.Series(x).ewm(com=2.0, min_periods=None).mean().to_numpy()
+    np.testing.assert_array_equal(fusedopt.ewma(x, com=2.0, min_periods=None), expected)
+
+
+def test_the_native_ewma_refuses_a_layout_past_its_arrays_and_an_out_it_would_copy() -> None:
+    """fusedopt._core.ewma trusted its layout (a stride past the arrays read and wrote out of
+    bounds) and took an out of another dtype through a converted copy, losing the result."""
+    from fusedopt import _core
+
+    x, out = np.arange(10.0), np.zeros(10)
+    with pytest.raises(ValueError, match="reaches past the arrays"):
+        _core.ewma(x, out, 10, 1, 100000, 0, 1.0, True, False, 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        _core.ewma(x, out, 10, 1, -1, 0, 1.0, True, False, 0)
+    with pytest.raises(TypeError):
+        _core.ewma(x, np.zeros(10, np.float32), 10, 1, 1, 0, 1.0, True, False, 0)
+    assert not out.any()
+    _core.ewma(x, out, 10, 1, 1, 0, 1.0, True, False, 0)
+    np.testing.assert_array_equal(out, fusedopt.ewma(x, com=1.0))

@@ -1311,15 +1311,26 @@ PYBIND11_MODULE(_core, m) {
       [](py::array_t<double, py::array::c_style> x, py::array_t<double, py::array::c_style> out,
          int64_t length, int64_t num_series, int64_t time_stride, int64_t series_stride, double com,
          bool adjust, bool ignore_na, int64_t min_periods) {
+        // fusedopt.ewma builds a valid layout; checked anyway, since any caller reaches this
+        // (a stride past the arrays read and wrote out of bounds).
+        if (length < 0 || num_series < 0 || time_stride < 0 || series_stride < 0 || min_periods < 0)
+          throw Error(ErrorKind::value, "ewma: the layout's counts and strides must be >= 0");
         if (x.size() != length * num_series || out.size() != x.size())
           throw Error(ErrorKind::value, "ewma: layout does not match the arrays");
+        if (length > 0 && num_series > 0) {
+          const auto last = static_cast<__int128>(length - 1) * time_stride +
+                            static_cast<__int128>(num_series - 1) * series_stride;
+          if (last >= x.size())
+            throw Error(ErrorKind::value, "ewma: the layout reaches past the arrays");
+        }
         const double* in = x.data();
         double* result = out.mutable_data();
         py::gil_scoped_release release;
         ewma(in, result, length, num_series, time_stride, series_stride, com, adjust, ignore_na,
              min_periods);
       },
-      py::arg("x"), py::arg("out"), py::arg("length"), py::arg("num_series"),
+      // out is written: never a converted copy (its result would be lost).
+      py::arg("x"), py::arg("out").noconvert(), py::arg("length"), py::arg("num_series"),
       py::arg("time_stride"), py::arg("series_stride"), py::arg("com"), py::arg("adjust"),
       py::arg("ignore_na"), py::arg("min_periods"));
 

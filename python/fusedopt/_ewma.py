@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,18 @@ def _center_of_mass(
     return float((1 - x) / x)
 
 
+def _nullable_as_float64(x: Any, mask: np.ndarray | None) -> np.ndarray | None:
+    """A pandas object with a nullable dtype (boolean, Int64 with pd.NA) as float64, NA as NaN,
+    through its own to_numpy, as pandas reads it; None for anything else."""
+    to_numpy = getattr(x, "to_numpy", None)
+    if mask is not None or to_numpy is None:
+        return None
+    try:
+        return np.asarray(to_numpy(dtype=np.float64, na_value=np.nan))
+    except (TypeError, ValueError):
+        return None
+
+
 def ewma(
     x: np.ndarray,
     *,
@@ -56,7 +69,7 @@ def ewma(
     alpha: float | None = None,
     adjust: bool = True,
     ignore_na: bool = False,
-    min_periods: int = 0,
+    min_periods: int | None = 0,
     axis: int = 0,
 ) -> np.ndarray:
     """Exponentially weighted mean of every series of ``x``, as pandas ``ewm(...).mean()``.
@@ -71,11 +84,14 @@ def ewma(
     ``astype(float64)`` as pandas reads them). At com == 1 with ``adjust=False`` and a NaN, the
     result is pandas 2's (pandas 3.0 changed that one case; see spec section 9). Unlike pandas,
     which clamps ``min_periods`` to ``max(int(min_periods), 1)``, a negative ``min_periods`` is a
-    ValueError and a non-integer one a TypeError; and unlike pandas, which reads any object's
+    ValueError and a non-integer one a TypeError (None, as in pandas, counts from the first
+    observation); and unlike pandas, which reads any object's
     truth, ``adjust`` and ``ignore_na`` are True or False (or 1 or 0): ``adjust="no"`` is a
     TypeError, not True.
     """
     com_value = _center_of_mass(com, span, halflife, alpha)
+    if min_periods is None:  # pandas' None: every mean from the first observation on
+        min_periods = 0
     if isinstance(min_periods, bool) or not isinstance(min_periods, int | np.integer):
         raise TypeError(f"min_periods must be an integer, got {min_periods!r}")
     if min_periods < 0:
@@ -84,24 +100,35 @@ def ewma(
     adjust, ignore_na = as_flag(adjust, "adjust"), as_flag(ignore_na, "ignore_na")
     if isinstance(axis, bool | np.bool_) or not isinstance(axis, int | np.integer):
         raise TypeError(f"axis must be an integer, got {axis!r}")  # True would be axis 1
-    # A masked value is missing, as pandas reads it (np.asarray would drop the mask).
-    array = np.ma.filled(x.astype(np.float64), np.nan) if np.ma.isMaskedArray(x) else np.asarray(x)
+    # A masked array's data is checked as any array's, then its masked values are missing, as
+    # pandas reads them (np.asarray would drop the mask).
+    mask = np.ma.getmaskarray(x) if np.ma.isMaskedArray(x) else None
+    array = np.asarray(np.ma.getdata(x)) if mask is not None else np.asarray(x)
     if array.dtype.kind == "O":
         # pandas reads an object array as float64 (window _prep_values: ensure_float64), so
-        # None is NaN and numeric strings parse; what does not convert is no real number.
+        # None is NaN and numeric strings parse; pandas' nullable dtypes (a boolean column with
+        # pd.NA) convert through their own to_numpy; what does not convert is no real number.
         try:
             array = array.astype(np.float64)
         except (TypeError, ValueError) as error:
-            raise TypeError(
-                f"x must hold real numbers, got dtype object, not all float64: {error}"
-            ) from None
+            array = _nullable_as_float64(x, mask)
+            if array is None:
+                raise TypeError(
+                    f"x must hold real numbers, got dtype object, not all float64: {error}"
+                ) from None
     if array.dtype.kind not in "fiub":
         raise TypeError(f"x must hold real numbers, got dtype {array.dtype}")
+    if mask is not None and mask.any():
+        array = np.where(mask, np.nan, array.astype(np.float64))
+        result_dtype = np.ma.getdata(x).dtype  # a masked float32 array's mean is float32 too
+    else:
+        result_dtype = array.dtype
     if array.ndim not in (1, 2):
         raise ValueError(f"x must be 1-D or 2-D, got {array.ndim}-D")
     if axis not in (0, 1, -1, -2) or (array.ndim == 1 and axis not in (0, -1)):
         raise ValueError(f"axis {axis} is out of bounds for a {array.ndim}-D array")
-    result_dtype = array.dtype if array.dtype.kind == "f" and array.itemsize >= 4 else np.float64
+    if not (result_dtype.kind == "f" and result_dtype.itemsize >= 4):
+        result_dtype = np.dtype(np.float64)
     values = np.ascontiguousarray(array, dtype=np.float64)
     out = np.empty_like(values)
     if values.ndim == 1:
