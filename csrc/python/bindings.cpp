@@ -1349,6 +1349,9 @@ PYBIND11_MODULE(_core, m) {
     cpu::set_num_threads(n);
   });
   m.def("_cgroup_cpu_limit", &cpu::cgroup_cpu_limit);  // for tests
+  // fusedopt.torch's layout rules, the plans' own, for its checks and conversions in Python.
+  m.def("_dense_layout", &dense, py::arg("shape"), py::arg("strides"));
+  m.def("_same_order", &same_order, py::arg("shape"), py::arg("a"), py::arg("b"));
   m.attr("built_isas") = FUSEDOPT_BUILT_ISAS;
   m.attr("max_states") = kMaxStates;
   m.attr("max_scalars") = kMaxScalars;

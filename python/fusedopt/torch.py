@@ -86,23 +86,14 @@ def _memory(t: Any) -> Any:
 def _is_dense(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements fill one block of memory from ``t.data_ptr()``, each once, in
     some order (contiguous, channels_last, any permutation of a contiguous tensor): c10's
-    non-overlapping-and-dense test, which torch has no Python method for."""
-    if t.numel() == 0:
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+    non-overlapping-and-dense test, which torch has no Python method for; the native plans'."""
+    return _core._dense_layout(t.shape, t.stride())
 
 
 def _same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` (of one shape) walk their elements in the same memory order: the
     same stride in every dimension of more than one element (an empty tensor walks none)."""
-    if a.numel() == 0:
-        return True
-    return all(x == y for n, x, y in zip(a.shape, a.stride(), b.stride()) if n > 1)
+    return _core._same_order(a.shape, a.stride(), b.stride())
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
