@@ -359,6 +359,26 @@ def test_gradients_are_clipped_in_their_dtype_then_cast_as_keras_does(options: d
         np.testing.assert_allclose(fused, theirs, rtol=TOLERANCE, atol=TOLERANCE)
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_an_overflowing_second_moment_stays_inf_as_on_keras_torch_backend(
+    name: str, amsgrad: bool
+) -> None:
+    """g**2 overflows float32 at the first step (docs/spec.md section 7): Keras on the torch
+    backend keeps v = inf and finite weights from then on; the generic form v + (g*g - v)(1 -
+    beta_2) would turn v into NaN at the next, finite, gradient."""
+    trained = []
+    for module in (keras.optimizers, fk):
+        w = keras.Variable(np.array([0.5, -0.25, 1.0], np.float32))
+        optimizer = getattr(module, name)(0.01, amsgrad=amsgrad)
+        for g in ([3e19, 1.0, -2.0], [1.0, 2.0, 3.0], [-0.5, 4.0, 1.0]):
+            optimizer.apply([torch.tensor(g, dtype=torch.float32)], [w])
+        trained.append(numpy_of([w, *optimizer.variables]))
+    assert np.all(np.isfinite(trained[1][0]))
+    for fused, theirs in zip(*trained):
+        np.testing.assert_allclose(fused, theirs, rtol=TOLERANCE, atol=TOLERANCE)
+
+
 @pytest.mark.parametrize("name", ["Adam", "Nadam", "Lamb"])
 def test_float64_variables_match_keras(name: str) -> None:
     """float64 layers (Keras' learning-rate variable stays float32, floatx)."""

@@ -100,8 +100,10 @@ FUSEDOPT_LANE_FN void update(const Adam::Coefficients& c, V& param, V& grad,
   if (c.has_decoupled_decay) param = param * splat<V>(c.decay_factor);
 
   if (c.convention == Convention::keras) {
-    exp_avg = exp_avg + (g - exp_avg) * splat<V>(c.one_minus_beta1);
-    exp_avg_sq = exp_avg_sq + (g * g - exp_avg_sq) * splat<V>(c.one_minus_beta2);
+    // Keras' torch_adam form (the generic `v + (g*g - v)(1 - beta2)` turns an overflowed v
+    // into NaN at the next step, where Keras on the torch backend keeps it inf).
+    exp_avg = exp_avg * splat<V>(c.beta1) + splat<V>(c.one_minus_beta1) * g;
+    exp_avg_sq = exp_avg_sq * splat<V>(c.beta2) + splat<V>(c.one_minus_beta2) * (g * g);
     V second_moment = exp_avg_sq;
     if (c.amsgrad) second_moment = max_exp_avg_sq = lane_max_nan(max_exp_avg_sq, exp_avg_sq);
     param =

@@ -772,7 +772,9 @@ def keras_adam(
     """One step of ``keras.optimizers.Adam``; ``AdamW`` is this with ``weight_decay`` (spec 7).
 
     ``t = step``; ``alpha_t = lr*sqrt(1 - beta_2^t)/(1 - beta_1^t)``;
-    ``m <- m + (g - m)(1 - beta_1)``; ``v <- v + (g^2 - v)(1 - beta_2)``; AMSGrad:
+    ``m <- beta_1*m + (1 - beta_1)*g``; ``v <- beta_2*v + (1 - beta_2)*g^2`` (Keras' torch
+    backend; its generic ``v + (g^2 - v)(1 - beta_2)`` differs by rounding, and by NaN where
+    ``g^2`` overflows); AMSGrad:
     ``v_hat <- max(v_hat, v)`` of the raw ``v``, used in place of ``v``;
     ``p <- p - m*alpha_t/(sqrt(v) + epsilon)`` (epsilon is Keras' epsilon-hat).
     """
@@ -783,9 +785,9 @@ def keras_adam(
     new_state["step"] = step
     alpha_t = learning_rate * math.sqrt(1.0 - beta_2**step) / (1.0 - beta_1**step)
     m = _slot(new_state, "momentum", param)
-    m = m + (grad - m) * (1.0 - beta_1)
+    m = m * beta_1 + (1.0 - beta_1) * grad
     v = _slot(new_state, "velocity", param)
-    v = v + (grad * grad - v) * (1.0 - beta_2)
+    v = v * beta_2 + (1.0 - beta_2) * (grad * grad)
     v_hat = _slot(new_state, "velocity_hat", param)
     if amsgrad:
         v_hat = np.maximum(v_hat, v)
