@@ -102,6 +102,21 @@ def test_a_negative_zero_learning_rate_is_not_taken_for_a_cached_zero(signs) -> 
     assert signs([-0.0, 0.0]) == [False, True]
 
 
+def test_the_functional_api_reads_an_array_hyperparameter_changed_in_place() -> None:
+    """The functional API reuses the last call's options when it is given the very same value
+    objects: an array is the same object after an in-place change, so it must not be reused."""
+    lr = np.array(0.1)
+    p = np.ones(4)
+    for _ in range(2):
+        F.sgd_([p], [np.full(4, 0.5)], lr=lr)
+        lr[()] = 10.0
+    np.testing.assert_allclose(p, 1 - 0.05 - 5.0)
+    rate = 0.25  # the same float object at each call: its options are reused
+    for _ in range(2):
+        F.sgd_([p], [np.full(4, 1.0)], lr=rate)
+    np.testing.assert_allclose(p, 1 - 0.05 - 5.0 - 0.5)
+
+
 def test_a_hyperparameter_changed_in_place_takes_effect() -> None:
     lr = np.array(0.1)
     p = np.ones(4)

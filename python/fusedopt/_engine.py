@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import math
 import os
 import threading
@@ -172,15 +173,20 @@ def value_kinds(values: tuple[Any, ...]) -> tuple[Any, ...]:
     """What a cache key of hyperparameter values holds beside the values themselves, which it
     compares with ==: each value's type (1.0 == True, yet a flag refuses 1.0) and each float's
     sign (-0.0 == 0.0, yet lr=-0.0 and lr=0.0 leave a -0.0 param with different signs, as in
-    torch), inside tuples too. A NaN equals nothing, so a key holding one never matches."""
-    return tuple(
-        value_kinds(v)
-        if type(v) is tuple
-        else (type(v), math.copysign(1.0, v))
-        if isinstance(v, float | np.floating)
-        else type(v)
-        for v in values
-    )
+    torch), inside tuples too. A NaN equals nothing, so a key holding one never matches. Read
+    at every functional call, where Python is the cost: numbers go through map alone."""
+    kinds = tuple(map(type, values))
+    try:
+        return kinds + tuple(map(math.copysign, itertools.repeat(1.0), values))
+    except (TypeError, ValueError, OverflowError):  # a tuple, None, an array, an int past 1e308
+        return kinds + tuple(
+            value_kinds(v)
+            if type(v) is tuple
+            else math.copysign(1.0, v)
+            if isinstance(v, float | np.floating)
+            else None
+            for v in values
+        )
 
 
 def native_values(

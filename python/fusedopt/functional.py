@@ -27,6 +27,7 @@ it, and nothing changes.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -114,12 +115,24 @@ def _run(
         return
     if step is None and not description.uses_step:
         step = _step_for_rounding_only(stochastic_rounding)
-    # 1.0 == True and -0.0 == 0.0, yet they differ here: their kinds are part of the key.
-    key = (description.name, convention, values, value_kinds(values))
-    try:
-        options = _options_seen[key]
-    except (KeyError, TypeError):
-        options = _options(key, description, values, convention)
+    global _last_options
+    last = _last_options
+    if (
+        last[0] is description
+        and last[1] is convention
+        and len(last[2]) == len(values)
+        and all(map(operator.is_, values, last[2]))
+    ):
+        options = last[3]  # the very objects of the last call (a loop at constant values)
+    else:
+        # 1.0 == True and -0.0 == 0.0, yet they differ here: their kinds are part of the key.
+        key = (description.name, convention, values, value_kinds(values))
+        try:
+            options = _options_seen[key]
+        except (KeyError, TypeError):
+            options = _options(key, description, values, convention)
+        if _NUMBERS.issuperset(map(type, values)):  # not an array, which changes in place
+            _last_options = (description, convention, values, options)
     param_list = params if type(params) is list else _list(params, "params", required=True)
     grad_list = grads if type(grads) is list else _list(grads, "grads", required=True)
     state_lists = [
@@ -211,6 +224,11 @@ def _check_scalars(scalars: dict[str, Any], count: int, arrays: list[list[Any] |
 # of a recent call skips their checks. Only hashable values are keys, which leaves out what can
 # change in place (arrays, lists).
 _options_seen: dict[tuple[Any, ...], tuple[float, ...]] = {}
+# The last call's (description, convention, values, options): the same value objects (not only
+# equal ones, which may differ in type or sign) skip even the key. Replaced whole, so a thread
+# reads one call's entry.
+_last_options: tuple[Any, ...] = (None, None, (), ())
+_NUMBERS = frozenset((float, int, bool))
 
 
 def _options(
