@@ -11,6 +11,7 @@ a GPU and fusedopt's CUDA backend are usable (``.ci/gpu-check``), and skip sayin
 from __future__ import annotations
 
 import copy
+import io
 import re
 import subprocess
 import sys
@@ -176,6 +177,43 @@ def test_state_dicts_interchange_mid_run(case: tuple, direction: str, device: st
     run(second, first_params, range(10, 20))
     for a, b in zip(first_params, reference_params):
         assert_close(a.detach(), b.detach(), dtype, name)
+
+
+@pytest.mark.parametrize(
+    "dtype, default", [(torch.float64, torch.float32), (torch.float32, torch.float64)]
+)
+def test_nadam_resumed_from_a_checkpoint_computes_mu_product_in_its_loaded_dtype(
+    dtype: Any, default: Any
+) -> None:
+    """torch's load_state_dict casts mu_product to its param's dtype, and NAdam multiplies it in
+    place in that dtype from then on: float64 for float64 params, though the step made it
+    float32 (the default dtype's scalar dtype), and the reverse under a float64 default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        saver_params = model_params(dtype)
+        saver = torch.optim.NAdam(saver_params, lr=0.1, foreach=False)
+        run(saver, saver_params, range(2))
+        buffer = io.BytesIO()
+        torch.save(saver.state_dict(), buffer)
+        resumed = []
+        for module in (ft, torch.optim):
+            params = [torch.nn.Parameter(p.detach().clone()) for p in saver_params]
+            optimizer = module.NAdam(params, lr=0.1)
+            buffer.seek(0)
+            optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+            run(optimizer, params, range(2, 40))
+            resumed.append((optimizer, params))
+    finally:
+        torch.set_default_dtype(previous)
+    (ours, ours_params), (theirs, their_params) = resumed
+    tolerance = 1e-13 if dtype == torch.float64 else 1e-5
+    for a, b in zip(ours_params, their_params):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=tolerance, atol=tolerance)
+    for p, q in zip(ours_params, their_params):
+        if p in ours.state:
+            assert ours.state[p]["mu_product"].dtype == theirs.state[q]["mu_product"].dtype
+            assert float(ours.state[p]["mu_product"]) == float(theirs.state[q]["mu_product"])
 
 
 @pytest.mark.parametrize("device", DEVICES)

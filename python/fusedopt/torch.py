@@ -165,6 +165,10 @@ for _method in (
 del _method
 
 
+# The algorithms whose scalar states torch updates in place in their tensors' own dtype.
+_SCALARS_IN_THEIR_DTYPE = ("nadam",)
+
+
 def _scalar_dtype() -> torch.dtype:
     """torch's dtype for step counts and scalar states (``_get_scalar_dtype``)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -302,18 +306,23 @@ class Optimizer(torch.optim.Optimizer):
         # A flag the class fixes is read from the group where torch reads it there at each step
         # (torch's Adam step reads AdamW's decoupled_weight_decay from the group).
         flags = {name: group.get(name, value) for name, value in declaration._fixed.items()}
+        scalars = self._scalar_arithmetic(group)
         # The NumPy classes' key: values that can change in place (a tensor lr that a scheduler
         # fill_s, a one-element array) are copied into plain numbers, and types are compared.
         key = optim._frozen(
-            (*[group[name] for name in declaration._hyperparameter_names], *flags.values()),
+            (
+                *[group[name] for name in declaration._hyperparameter_names],
+                *flags.values(),
+                scalars,
+            ),
             _key_plain,
         )
         cached = self._options_cache.get(id(group))
         if cached is not None and optim._same_key(key, cached[0]):
             return cached[1]
         fixed = {"convention": TORCH, **{name: float(bool(v)) for name, v in flags.items()}}
-        if any(f.name == "float32_scalars" for f in declaration._description.fields):
-            fixed["float32_scalars"] = float(_scalar_dtype() == torch.float32)
+        if scalars is not None:
+            fixed["float32_scalars"] = float(scalars == torch.float32)
         native = native_values(
             declaration._description,
             declaration._hyperparameters,
@@ -323,6 +332,24 @@ class Optimizer(torch.optim.Optimizer):
         )
         self._options_cache[id(group)] = (key, native)
         return native
+
+    def _scalar_arithmetic(self, group: dict[str, Any]) -> torch.dtype | None:
+        """The dtype torch computes the group's scalar states in (None: it keeps none). ASGD
+        writes eta and mu from Python numbers through torch.as_tensor, so in the default scalar
+        dtype, whatever dtype the tensors have. NAdam multiplies mu_product in place, so in the
+        tensor's own dtype: the default scalar dtype where the step created it, its param's
+        after load_state_dict (which casts every state but step to its param's dtype: float64
+        for a float64 param). The first param of the group with that state decides (a group of
+        float32 and float64 params loaded from a checkpoint is not followed exactly)."""
+        description = self._declaration._description
+        if not any(f.name == "float32_scalars" for f in description.fields):
+            return None
+        if description.name in _SCALARS_IN_THEIR_DTYPE:
+            for p in group["params"]:
+                value = self.state.get(p, {}).get(description.scalars[0])
+                if isinstance(value, torch.Tensor):
+                    return value.dtype if value.dtype == torch.float64 else torch.float32
+        return _scalar_dtype()
 
     # ---------------------------------------------------------------------------------- state
 
