@@ -854,6 +854,71 @@ def test_a_refused_load_state_dict_leaves_the_optimizer_as_it_was() -> None:
         assert torch.equal(after_refusal, expected)
 
 
+def _reset_states(optimizer: Any, saved: dict) -> dict:
+    """A load pre-hook that returns a new dict: every state zero, mu_product 1."""
+    saved = copy.deepcopy(saved)
+    for entry in saved["state"].values():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                entry[key] = (
+                    torch.ones_like(value) if key == "mu_product" else torch.zeros_like(value)
+                )
+    return saved
+
+
+@pytest.mark.parametrize(
+    "name, dtype, options",
+    [
+        ("NAdam", torch.bfloat16, {}),
+        ("Adam", torch.bfloat16, {"state_dtype": "float32"}),
+        ("Adam", torch.float32, {"state_dtype": "bfloat16"}),
+        ("Adam", torch.bfloat16, {"master_weights": True}),
+    ],
+    ids=["nadam-bfloat16", "bfloat16-float32-state", "float32-bfloat16-state", "master"],
+)
+def test_load_hooks_see_and_change_what_is_loaded(name: str, dtype: Any, options: dict) -> None:
+    """The dict a load pre-hook returns is the one loaded, and what a post-hook changes stays:
+    fusedopt's conversions (a state kept in another dtype than its param's, a master, the scalar
+    states of 16-bit params) ran after torch's load from the dict given, hooks included, and
+    undid both."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 8, dtype=dtype))
+    opt = getattr(ft, name)([p], lr=0.1, **options)
+    for k in range(3):
+        p.grad = torch.full_like(p, 0.5 + k)
+        opt.step()
+    handle = opt.register_load_state_dict_pre_hook(_reset_states)
+    opt.load_state_dict(opt.state_dict())
+    for key, value in opt.state[p].items():
+        expected = 1.0 if key == "mu_product" else 0.0
+        assert torch.all(value.float() == expected), key
+    handle.remove()
+
+    def post_hook(optimizer: Any) -> None:
+        for value in optimizer.state[p].values():
+            value.fill_(0.25)
+
+    opt.register_load_state_dict_post_hook(post_hook)
+    opt.load_state_dict(opt.state_dict())
+    for key, value in opt.state[p].items():
+        assert torch.all(value.float() == 0.25), key
+
+
+def test_load_post_hooks_do_not_run_for_a_refused_load() -> None:
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = ft.Adam([p], lr=0.01)
+    p.grad = torch.randn(8)
+    opt.step()
+    calls = []
+    opt.register_load_state_dict_post_hook(lambda optimizer: calls.append(optimizer))
+    saved = copy.deepcopy(opt.state_dict())
+    del saved["state"][0]["exp_avg_sq"]
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        opt.load_state_dict(saved)
+    assert calls == []
+    opt.load_state_dict(opt.state_dict())
+    assert calls == [opt]
+
+
 @pytest.mark.parametrize("name, missing", [("Adam", "exp_avg_sq"), ("NAdam", "mu_product"),
                                            ("Adam", "step"), ("Adagrad", "sum")])  # fmt: skip
 def test_a_loaded_entry_missing_a_state_it_keeps_is_refused(name: str, missing: str) -> None:

@@ -35,7 +35,7 @@ import operator
 import re
 import sys
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -427,20 +427,40 @@ class Optimizer(torch.optim.Optimizer):
         state in its param's memory order (8-bit codes, kept in memory order, are dequantized
         in the saved layout and quantized again in the param's). A refusal (of torch's or of
         these conversions) leaves the optimizer as it was: torch's load builds a new state and
-        new groups, which replace the old ones only once every conversion has passed."""
+        new groups, which replace the old ones only once every conversion has passed.
+
+        The load hooks run where torch runs them: the pre-hooks first (the dict one returns is
+        the one loaded, conversions included), the post-hooks last, after the conversions and
+        only once the load has passed."""
         with self._lock:
             previous = self.state, self.param_groups
             try:
+                state_dict = state_dict.copy()  # shallow, as torch's
+                for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+                    returned = pre_hook(self, state_dict)
+                    if returned is not None:
+                        state_dict = returned
                 self._load_state_dict(state_dict)
             except BaseException:
                 self.state, self.param_groups = previous
                 self._reset_plans()
                 raise
+            for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+                post_hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)  # __setstate__ drops the plans
+        # torch's load without its hooks, which load_state_dict runs around the conversions.
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)  # __setstate__ drops the plans
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             entry = saved_state.get(saved_id)
