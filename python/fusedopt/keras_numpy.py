@@ -32,6 +32,7 @@ from fusedopt import _core
 from fusedopt._engine import (
     FULL_PRECISION,
     KERAS,
+    SIXTEEN_BIT,
     Description,
     Hyperparameter,
     Plan,
@@ -491,8 +492,14 @@ class Optimizer(PlanHolder):
                 if self._masters[i] is not None and i not in started_before:
                     self._master_started[i] = False
             raise
+        # Keras keeps them in the first variable's dtype: 16-bit ones are stepped in float32
+        # and stored rounded (fusedopt.keras stores them in Keras' variable).
+        stored = self._variables[0].dtype
         for k, name in enumerate(names):
-            self._scalars[name] = float(scalars[0, k])
+            value = scalars[0, k]
+            if dtype_name(stored) in SIXTEEN_BIT:
+                value = np.float32(value).astype(stored)
+            self._scalars[name] = float(value)
 
     def _clip(self, grads: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
         """Keras' ``_clip_gradients`` (spec 1, step 5), in each gradient's dtype. Clipped
