@@ -597,6 +597,20 @@ def test_options_that_do_not_apply_are_refused(params, options, message):
         fusedopt.Adam(params, **options)
 
 
+def test_a_float64_param_is_refused_for_its_state_dtype_beside_masters():
+    """state_dtype is what a float64 param cannot take: the message named master_weights, which
+    the bfloat16 params take, and listed the float64 dtype only."""
+    half = np.zeros(4, fusedopt._engine.numpy_dtype("bfloat16"))
+    options = dict(master_weights=True, state_dtype="bfloat16")
+    message = "state_dtype: 'bfloat16' does not apply to float64"
+    with pytest.raises(ValueError, match=message):
+        fusedopt.Adam([half, np.zeros(4)], **options)
+    opt = fusedopt.Adam([half], **options)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [np.zeros(4)]})
+    assert len(opt.param_groups) == 1
+
+
 @pytest.mark.parametrize(
     ("param_dtype", "grad_dtype"),
     [(BF16, np.float32), (BF16, F16), (F16, BF16), (np.float32, BF16)],

@@ -628,15 +628,16 @@ class Precision:
     def check(self, param_dtypes: Sequence[str]) -> None:
         """ValueError naming the option that does not apply to params of these dtypes."""
         sixteen = any(d in SIXTEEN_BIT for d in param_dtypes)
-        if self.master_weights and not sixteen:
-            raise ValueError(
-                "master_weights: master copies are for bfloat16 and float16 params; these params "
-                f"are {sorted(set(param_dtypes))}"
-            )
+        # First: a float64 param refuses any state_dtype, whatever the other params are.
         if self.state_dtype is not None and "float64" in param_dtypes:
             raise ValueError(
                 f"state_dtype: {self.state_dtype!r} does not apply to float64 params, whose "
                 "state is float64"
+            )
+        if self.master_weights and not sixteen:
+            raise ValueError(
+                "master_weights: master copies are for bfloat16 and float16 params; these params "
+                f"are {sorted(set(param_dtypes))}"
             )
         if self.stochastic_rounding and not sixteen and self.state_dtype != "bfloat16":
             raise ValueError(
