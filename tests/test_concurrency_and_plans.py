@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -195,6 +195,46 @@ def test_keras_apply_from_two_threads_is_serialized() -> None:
     for _ in range(6):
         other.apply(grads, expected)
     np.testing.assert_array_equal(variables[0], expected[0])
+
+
+class _CallingBack(Sequence):
+    """A grads sequence, or an lr, whose reading calls back into the optimizer being stepped."""
+
+    def __init__(self, call: Callable[[], Any], values: Any) -> None:
+        self.call, self.values, self.calls = call, values, 0
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int) -> Any:
+        self.calls += 1
+        self.call()
+        return self.values[i]
+
+    def __float__(self) -> float:
+        self.calls += 1
+        self.call()
+        return float(self.values)
+
+
+@pytest.mark.parametrize("what", ["grads", "lr"])
+def test_user_code_run_by_a_step_may_call_back_into_the_optimizer(what: str) -> None:
+    """A step holds the optimizer's lock while it reads the grads sequence and the group's
+    values, which may be user code calling state_dict(): a non-reentrant lock hung there."""
+    params = [np.ones(8, np.float32)]
+    opt = fusedopt.SGD(params, lr=0.5)
+    grads: Any = [np.ones(8, np.float32)]
+    callback = _CallingBack(opt.state_dict, grads if what == "grads" else 0.5)
+    if what == "grads":
+        grads = callback
+    else:
+        opt.param_groups[0]["lr"] = callback
+    worker = threading.Thread(target=opt.step, args=(grads,), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the step hung on its own lock"
+    assert callback.calls > 0
+    np.testing.assert_array_equal(params[0], np.full(8, 0.5, np.float32))
 
 
 # ----------------------------------------------------------------------- registered buffers

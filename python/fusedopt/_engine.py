@@ -424,7 +424,10 @@ class PlanHolder:
     _plan_attributes: ClassVar[Mapping[str, Callable[[], Any]]] = {}
 
     def _start_lock(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a step runs user code while it holds the lock (a grads sequence's
+        # __getitem__, a hyperparameter's __float__), which may call back into the optimizer
+        # (state_dict(), even step()), as it may in torch.optim; a Lock hung there.
+        self._lock = threading.RLock()
         _live_optimizers.add(self)
 
     def _without_plans(self) -> dict[str, Any]:
