@@ -1195,6 +1195,37 @@ def test_functional_absmax_lists_of_another_length_than_the_params_are_refused(g
     assert all((p == 1).all() for p in params) and not any(c.any() for c in codes[0] + codes[1])
 
 
+@pytest.mark.parametrize("case", ["nan", "negative", "float_state"])
+def test_functional_absmax_is_checked_as_load_state_dict_checks_it(case):
+    """A NaN or negative scale turned every param of its block NaN or flipped its state's sign,
+    and scales beside a float32 state were ignored; load_state_dict refuses the first two, and
+    now the functional API refuses all three, naming the state, before anything is written."""
+    from fusedopt import functional
+
+    n = 5000
+    rng = np.random.default_rng(0)
+    opt = fusedopt.Adam([rng.standard_normal(n).astype(np.float32)], lr=0.01, state_dtype="int8")
+    grad = rng.standard_normal(n).astype(np.float32)
+    opt.step([grad])
+    state = opt.state[0]
+    param = rng.standard_normal(n).astype(np.float32)
+    states = [[state["exp_avg"].copy()], [state["exp_avg_sq"].copy()]]
+    scales = {"exp_avgs": [state["exp_avg_absmax"].copy()],
+              "exp_avg_sqs": [state["exp_avg_sq_absmax"].copy()]}  # fmt: skip
+    if case == "nan":
+        scales["exp_avgs"][0][3] = np.nan
+    elif case == "negative":
+        scales["exp_avgs"][0] *= -1
+    else:
+        states[0] = [np.zeros(n, np.float32)]
+    before = [a.copy() for a in (param, *states[0], *states[1], *scales["exp_avgs"])]
+    message = "not an 8-bit state" if case == "float_state" else "NaN or negative"
+    with pytest.raises(ValueError, match=rf"absmax: .*exp_avgs\[0\].*{message}"):
+        functional.adam_([param], [grad], *states, step=2, lr=0.01, absmax=scales)
+    after = (param, *states[0], *states[1], *scales["exp_avgs"])
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after))
+
+
 BLOCKS = 32  # of a tensor of 8192 elements
 BAD_ABSMAX = {  # what an exp_avg_sq_absmax is replaced by, the error it raises
     "none": (lambda absmax: None, TypeError),

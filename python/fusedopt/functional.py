@@ -173,7 +173,8 @@ def _run(
         new_state=[bool(first_step)] * count if description.uses_new_state else None,
         scalars=scalar_rows,
         grad_scale=scale,
-        **(_low_precision(description, count, masters, absmax, stochastic_rounding, seed)
+        **(_low_precision(description, count, state_lists, masters, absmax,
+                          stochastic_rounding, seed)
            if low_precision else {}),
     )  # fmt: skip
     if scalars is not None and scalar_rows is not None:
@@ -273,6 +274,7 @@ _cache = threading.local()
 def _low_precision(
     description: Description,
     count: int,
+    states: list[list[Any] | None],
     masters: OptionalArrays,
     absmax: Mapping[str, OptionalArrays] | None,
     stochastic_rounding: Any,
@@ -304,11 +306,34 @@ def _low_precision(
         seed=seed,
     )
     precision.check_algorithm(description, "absmax")
+    for name, role, state in zip(description.plural_states, scales or (), states):
+        for i, scale in enumerate(role or ()):
+            if scale is not None and (state is None or i < len(state)):  # else the step says
+                _check_scales(scale, None if state is None else state[i], f"{name}[{i}]")
     return {
         "masters": None if masters is None else _list(masters, "masters"),
         "absmax": scales,
         "rounding_seed": precision.rounding_seed,
     }
+
+
+def _check_scales(scale: Any, state: Any, where: str) -> None:
+    """The scales of 8-bit state ``where``, which the caller keeps and the step reads and
+    writes: given for an 8-bit state only (uint8 codes: a float state would be stepped as it
+    is, its scales ignored), and holding no NaN or negative value (an absmax is a block's
+    largest |x|: one of those would turn its block's values NaN or flip their signs), as
+    load_state_dict checks saved ones. The rest (dtype, size, overlaps) the step checks."""
+    if not isinstance(state, np.ndarray) or state.dtype != np.uint8:
+        kind = state.dtype if isinstance(state, np.ndarray) else type(state).__name__
+        raise ValueError(
+            f"absmax: scales are given for {where}, which is not an 8-bit state ({kind}, not "
+            "uint8 codes)"
+        )
+    if isinstance(scale, np.ndarray) and scale.dtype.kind == "f" and not np.all(scale >= 0):
+        raise ValueError(
+            f"absmax: the scales of {where} hold a NaN or negative value; an absmax is a "
+            "block's largest |x|, >= 0 (NaN is left out of it)"
+        )
 
 
 def _step_cached(
