@@ -218,3 +218,82 @@ def test_ewma_infinities_in_many_series_side_by_side_match_the_reference(isa: st
         np.testing.assert_array_equal(
             fusedopt.ewma(table, **kwargs), reference.ewma(table, **kwargs)
         )
+
+
+class _InterruptedAsItReturns:
+    """A plan whose step runs and then raises KeyboardInterrupt, once among all such plans, as
+    a Ctrl-C that arrived during the native step is raised when it returns (Python delivers
+    signals between bytecodes)."""
+
+    pending = [True]
+
+    def __init__(self, plan: object) -> None:
+        self._plan = plan
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._plan, name)
+
+    def step(self, *args: object) -> object:
+        result = self._plan.step(*args)
+        if self.pending.pop() if self.pending else False:
+            raise KeyboardInterrupt
+        return result
+
+
+def test_an_interrupt_as_the_first_numpy_step_returns_keeps_that_step(monkeypatch) -> None:
+    """The step took place, so its bookkeeping must too: SGD's first-step rule applied again at
+    the next step (its momentum buffer 0.5 instead of 0.95)."""
+    import fusedopt.optim
+
+    make_plan = fusedopt.optim.make_plan
+    results = []
+    for interrupted in (False, True):
+        if interrupted:
+            monkeypatch.setattr(_InterruptedAsItReturns, "pending", [True])
+            monkeypatch.setattr(
+                fusedopt.optim,
+                "make_plan",
+                lambda *a, **k: _InterruptedAsItReturns(make_plan(*a, **k)),
+            )
+        params = [np.ones(8, np.float32)]
+        opt = fusedopt.SGD(params, lr=0.1, momentum=0.9)
+        try:
+            opt.step([np.full(8, 0.5, np.float32)])
+            assert not interrupted
+        except KeyboardInterrupt:
+            assert interrupted
+        opt.step([np.full(8, 0.5, np.float32)])
+        results.append((params[0].copy(), opt.state[0]["momentum_buffer"].copy()))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_an_interrupt_as_the_first_torch_step_returns_keeps_that_step(monkeypatch, name) -> None:
+    """fusedopt.torch took back the state its first step had made (a refusal writes nothing),
+    though the params had been updated: Adam's step count restarted, SGD's momentum buffer too."""
+    torch = pytest.importorskip("torch")
+    import fusedopt.torch as ftorch
+    from fusedopt import _core
+
+    make = _core.TorchPlan
+    results = []
+    for interrupted in (False, True):
+        if interrupted:
+            monkeypatch.setattr(_InterruptedAsItReturns, "pending", [True])
+            monkeypatch.setattr(
+                _core, "TorchPlan", lambda *a, **k: _InterruptedAsItReturns(make(*a, **k))
+            )
+        p = torch.nn.Parameter(torch.ones(8))
+        opt = getattr(ftorch, name)([p], lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+        p.grad = torch.full((8,), 0.5)
+        try:
+            opt.step()
+            assert not interrupted
+        except KeyboardInterrupt:
+            assert interrupted
+        p.grad = torch.full((8,), 0.25)
+        opt.step()
+        results.append([p.detach().clone(), *(v.clone() for v in opt.state[p].values())])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -716,6 +716,9 @@ class AnyTorchPlan {
   virtual void set_options(size_t group, py::handle values) = 0;
   virtual bool step(py::handle grad_scale) = 0;
   virtual bool step_grads(py::handle grads, int64_t step) = 0;
+  // The steps whose kernels ran: counted in C++, where no signal interrupts, so that the
+  // optimizer tells a KeyboardInterrupt raised as a step returns from one raised before it.
+  int64_t steps_taken = 0;
 };
 
 template <class A>
@@ -932,6 +935,7 @@ class TorchPlan : public AnyTorchPlan {
       py::gil_scoped_release release;
       plan_->step(infos_, extras, std::nullopt);
     }
+    ++steps_taken;
     for (size_t k = 0; k < step_slots_.size(); ++k)
       step_slots_[k].write(static_cast<double>(counts_[k]));
     write_scalars();
@@ -967,6 +971,7 @@ class TorchPlan : public AnyTorchPlan {
       py::gil_scoped_release release;
       plan_->step(given_grads_, StepExtras{std::nullopt, rounding_seed_}, step);
     }
+    ++steps_taken;
     write_scalars();
     return true;
   }
@@ -1268,6 +1273,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("absmax") = py::none(), py::arg("checked") = true)
       .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
+      .def_readonly("steps_taken", &AnyTorchPlan::steps_taken)
       .def("step_grads", &AnyTorchPlan::step_grads, py::arg("grads"), py::arg("step"),
            "One step over these grads (one per active param) at t = step for every tensor, as "
            "fusedopt.keras steps; False, having done nothing, when a param's memory moved.");

@@ -490,6 +490,7 @@ class Optimizer(PlanHolder):
             list(self._masters),
             {name: list(a) for name, a in self._absmax.items()},
         )
+        taken = self._steps.copy()  # which the native step advances
         try:
             self._create_states(range(len(self._params)), lambda i: options[self._group_of[i]])
             for i in range(len(self._params)):
@@ -515,17 +516,27 @@ class Optimizer(PlanHolder):
                 else None,
             )
             plan.step(grads, scale, None)
-        except Exception:
-            (
-                self._buffers,
-                self._scalars,
-                self._has_scalars,
-                self._new_state,
-                self._masters,
-                self._absmax,
-            ) = saved
-            self._plan = None
+        except BaseException as error:
+            # A KeyboardInterrupt raised as the native step returns (Python delivers a signal
+            # only between bytecodes) comes after a step that took place: the step counts it
+            # advanced say so, and the step is kept, as a refusal (which writes nothing) is not.
+            stepped = not isinstance(error, Exception) and not np.array_equal(taken, self._steps)
+            if not stepped:
+                (
+                    self._buffers,
+                    self._scalars,
+                    self._has_scalars,
+                    self._new_state,
+                    self._masters,
+                    self._absmax,
+                ) = saved
+                self._plan = None
+                raise
+            self._took_step_with(plan, options)
             raise
+        self._took_step_with(plan, options)
+
+    def _took_step_with(self, plan: Plan, options: list[tuple[float, ...]]) -> None:
         self._plan = plan
         self._plan_options = list(options)
         self._new_state = [False] * len(self._params)

@@ -627,7 +627,12 @@ class Optimizer(torch.optim.Optimizer):
                     if not self._step_plan(device, plan, options, scale):
                         raise RuntimeError("fusedopt.torch: a plan made now refused its first step")
                     stepped.add(device)
-            except BaseException:
+            except BaseException as error:
+                if not isinstance(error, Exception):
+                    # A KeyboardInterrupt raised as a native step returned (Python delivers a
+                    # signal only between bytecodes): that device's step took place; its state
+                    # stays with its params.
+                    stepped.update(d for d, plan in self._plans.items() if plan[1].steps_taken)
                 self._plans = {}
                 for p, entry in entries.items():
                     if p.device in stepped:
@@ -815,6 +820,7 @@ class _DevicePlan:
         self.new_state = new_state
         self.addresses = [_memory(p).data_ptr() for p in self.active_params]
         self.strides = [_memory(p).stride() for p in self.active_params]
+        self.steps_taken = 0  # as TorchPlan's
 
     def set_options(self, group: int, values: tuple[float, ...]) -> None:
         self.options[group] = values
@@ -871,6 +877,7 @@ class _DevicePlan:
             checked=self.checked,
         )  # fmt: skip
         self.new_state = None
+        self.steps_taken += 1
         if counts is not None:
             for s, t in zip(self.steps, counts):
                 s.fill_(float(t))
