@@ -231,6 +231,29 @@ def test_the_suggestion_is_the_steepest_descent_before_the_minimum() -> None:
     assert _lr_range.suggestion_index(lrs, losses_with_early_drop, skip=6) == index
 
 
+def test_the_suggestion_never_exceeds_a_tenth_of_the_lr_at_the_minimum() -> None:
+    lrs = np.geomspace(1e-7, 10.0, 100)
+    # Falls steadily over the first 19 points, then rises: a tenth of the lr at the minimum
+    # (index 18) lies in the skipped tenth, and the capped point is taken there.
+    steps = np.arange(100)
+    losses = 10.0 - 0.5 * np.minimum(steps, 18) + 0.5 * np.maximum(steps - 18, 0)
+    index = _lr_range.suggestion_index(lrs, losses, skip=10)
+    assert index is not None and index < 10
+    assert lrs[index] <= lrs[18] / 10 < lrs[index + 1]
+    # A minimum less than a decade above start_lr: no lr tested is as low as a tenth of it.
+    assert _lr_range.suggestion_index(lrs[50:60], losses[10:20], skip=1) is None
+
+    # The same through lr_range_test, where the loss diverges after three steps.
+    values = iter([3.0, 2.0, 1.0, math.inf])
+    result = fusedopt.lr_range_test(
+        fusedopt.SGD([np.ones(3)]), lambda: (next(values), [np.zeros(3)]), num_steps=10
+    )
+    assert result.diverged and len(result.lrs) == 4
+    minimum = int(np.nanargmin(result.losses))
+    assert result.suggestion is not None
+    assert result.suggestion <= result.lrs[minimum] / 10
+
+
 def test_no_suggestion_when_the_loss_never_falls() -> None:
     lrs = np.geomspace(1e-6, 1.0, 50)
     assert _lr_range.suggestion_index(lrs, np.linspace(1.0, 2.0, 50), skip=5) is None

@@ -34,8 +34,9 @@ class LRRangeTestResult:
     raw_losses: np.ndarray
     """The loss ``loss_and_grads`` returned at each step (float64)."""
     suggestion: float | None
-    """The learning rate at the steepest descent of the smoothed loss against log lr (the rule
-    is :func:`lr_range_test`'s), or None where the loss never fell."""
+    """The learning rate at the steepest descent of the smoothed loss against log lr, at most a
+    tenth of the learning rate at its minimum (the rule is :func:`lr_range_test`'s), or None
+    where the loss never fell or fell only within a decade of ``start_lr``."""
     suggestion_index: int | None
     """The index of ``suggestion`` in ``lrs``."""
     diverged: bool
@@ -132,16 +133,19 @@ def lr_range_test(
       optimizer, and are not restored.
 
     **The suggestion**: the learning rate at the steepest descent of the smoothed loss against
-    ``log10(lr)``. The slope is ``np.gradient(losses, log10(lrs))`` (central differences) over
-    the finite smoothed losses; the candidates are the points from index ``num_steps // 10`` (the
-    first tenth is skipped: its average holds few losses and is noisy) up to the minimum of the
-    smoothed loss, and the suggestion is the candidate with the most negative slope, but no
-    larger than a tenth of the learning rate at the minimum (Smith's rule of thumb, which fastai
-    also offers): the steepest point can sit at the edge of stability, as it does for plain SGD
-    on the demo's MLP. It is None when the minimum lies in the skipped tenth or no candidate's
-    slope is negative: the loss never fell, so start lower. The smoothed curve lags the raw one
-    (an average of about ``1 / (1 - smoothing)`` steps), so on a problem where plain SGD diverges
-    above ``2 / L`` the suggestion lands at a fraction of that, inside the stable range.
+    ``log10(lr)``, never larger than a tenth of the learning rate at the minimum of the smoothed
+    loss. The slope is ``np.gradient(losses, log10(lrs))`` (central differences) over the finite
+    smoothed losses; the candidates are the points from index ``num_steps // 10`` (the first
+    tenth is skipped: its average holds few losses and is noisy) up to the minimum, and the
+    suggestion is the candidate with the most negative slope or, where that is larger, the last
+    learning rate not above a tenth of the one at the minimum (Smith's rule of thumb, which
+    fastai also offers; this one may lie in the skipped tenth): the steepest point can sit at
+    the edge of stability, as it does for plain SGD on the demo's MLP. It is None when the
+    minimum lies in the skipped tenth or no candidate's slope is negative (the loss never fell),
+    or when the minimum lies less than a decade above ``start_lr``: start lower. The smoothed
+    curve lags the raw one (an average of about ``1 / (1 - smoothing)`` steps), so on a problem
+    where plain SGD diverges above ``2 / L`` the suggestion lands at a fraction of that, inside
+    the stable range.
 
     Bad arguments raise TypeError or ValueError naming them before anything is touched;
     ``loss_and_grads`` returning something that is not ``(loss, grads)``, grads that do not
@@ -206,9 +210,10 @@ def suggestion_index(lrs: np.ndarray, losses: np.ndarray, skip: int) -> int | No
     index = skip + int(np.argmin(slope[skip : minimum + 1]))
     if slope[index] >= 0:
         return None
-    # At most a tenth of the rate at the minimum: the last lr not above it, if past the skip.
+    # At most a tenth of the rate at the minimum: the last lr not above it, also inside the
+    # skipped tenth (the skip keeps the noisy early slopes out; the cap reads no slope).
     cap = int(np.searchsorted(lrs, lrs[minimum] / 10.0, side="right")) - 1
-    return min(index, cap) if cap >= skip else index
+    return min(index, cap) if cap >= 0 else None
 
 
 class _Smoother:
