@@ -796,5 +796,12 @@ def test_keras_optimizer_bad_grads_and_variables_raise_and_change_nothing() -> N
         fusedopt.lr_range_test(
             keras.optimizers.LossScaleOptimizer(optimizer), loss_and_grads, variables=variables
         )
+    # Keras' apply divides the grads by loss_scale_factor: the test would step with others.
+    for scaled in (
+        fusedopt.keras.SGD(0.01, loss_scale_factor=128.0),
+        keras.optimizers.Adam(0.01, loss_scale_factor=128.0),
+    ):
+        with pytest.raises(ValueError, match="optimizer: .* loss_scale_factor=128.0"):
+            fusedopt.lr_range_test(scaled, loss_and_grads, variables=variables)
     for v, b in zip(variables, before):
         np.testing.assert_array_equal(v.numpy(), b)

@@ -122,7 +122,8 @@ def lr_range_test(
       slots start at zero, as they would at its first step). The variables' values and every
       optimizer variable (iterations, the learning rate, the slots) are restored by ``assign``,
       and a ``learning_rate`` schedule or callable is put back. Not a ``LossScaleOptimizer``
-      (it would unscale the grads): pass its ``inner_optimizer``.
+      (it would unscale the grads): pass its ``inner_optimizer``; nor, for the same reason, an
+      optimizer made with ``loss_scale_factor``.
     - **torch** (``fusedopt.torch`` optimizers, and any ``torch.optim.Optimizer`` whose
       ``step()`` needs no closure): ``loss_and_grads`` is a closure as ``optimizer.step(closure)``
       takes it: it computes the loss, calls ``backward()`` and returns the loss. The params'
@@ -477,6 +478,13 @@ class _KerasOptimizerRunner(_Runner):
             raise TypeError(
                 "optimizer: a LossScaleOptimizer unscales the grads it is given; pass its "
                 "inner_optimizer and unscaled grads"
+            )
+        if getattr(optimizer, "loss_scale_factor", None) is not None:
+            # apply divides every grad by it, so the test would step with grads it never sees.
+            raise ValueError(
+                f"optimizer: {type(optimizer).__name__} was made with loss_scale_factor="
+                f"{optimizer.loss_scale_factor!r}, by which apply divides the grads; run the test "
+                "with an optimizer made without loss_scale_factor, on unscaled grads"
             )
         self.keras = keras
         self.optimizer = optimizer
