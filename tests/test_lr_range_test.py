@@ -796,6 +796,12 @@ def test_keras_optimizer_bad_grads_and_variables_raise_and_change_nothing() -> N
         fusedopt.lr_range_test(
             keras.optimizers.LossScaleOptimizer(optimizer), loss_and_grads, variables=variables
         )
+    # Refused, the optimizer is left unbuilt, so it builds for the variables training gives.
+    assert not optimizer.built
+    own = keras.optimizers.Adam(0.01)
+    with pytest.raises(ValueError, match="returned 4 grads for 2 variables"):
+        fusedopt.lr_range_test(own, loss_and_grads, variables=variables[:2])
+    assert not own.built
     # Keras' apply divides the grads by loss_scale_factor: the test would step with others.
     for scaled in (
         fusedopt.keras.SGD(0.01, loss_scale_factor=128.0),
@@ -805,3 +811,5 @@ def test_keras_optimizer_bad_grads_and_variables_raise_and_change_nothing() -> N
             fusedopt.lr_range_test(scaled, loss_and_grads, variables=variables)
     for v, b in zip(variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
+    own.apply(loss_and_grads()[1], variables)
+    assert len(own._trainable_variables) == len(variables)

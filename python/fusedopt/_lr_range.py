@@ -118,8 +118,9 @@ def lr_range_test(
     - **Keras optimizers** (``fusedopt.keras.Adam``, ..., and Keras' own): ``loss_and_grads()``
       returns ``(loss, grads)`` with one grad (or None) per variable of ``variables`` (Keras
       variables, e.g. ``model.trainable_variables``; by default the ones it was built with), as
-      ``apply(grads, variables)`` takes them. An optimizer not built yet is built first (its
-      slots start at zero, as they would at its first step). The variables' values and every
+      ``apply(grads, variables)`` takes them. An optimizer not built yet is built for
+      ``variables`` once the first result is checked (its slots start at zero, as they would at
+      its first step); a refused test leaves it unbuilt. The variables' values and every
       optimizer variable (iterations, the learning rate, the slots) are restored by ``assign``,
       and a ``learning_rate`` schedule or callable is put back. Not a ``LossScaleOptimizer``
       (it would unscale the grads): pass its ``inner_optimizer``; nor, for the same reason, an
@@ -503,12 +504,15 @@ class _KerasOptimizerRunner(_Runner):
                     )
         self.grads: list[Any] = []
         self.current_lr = 0.0
+        self.first_loss: float | None = None
 
     def snapshot(self) -> Callable[[], None]:
         optimizer = self.optimizer
         # Built first, so that its slots exist to be saved: a fresh optimizer's slots are zeros and
-        # its iterations 0, so it steps afterwards as it would have.
+        # its iterations 0, so it steps afterwards as it would have. Keras cannot unbuild, so the
+        # first result is checked before: a refused test leaves the optimizer unbuilt.
         if not optimizer.built:
+            self.first_loss = self.loss()
             optimizer.build(self.variables)
         saved = [
             (v, np.array(v.numpy(), copy=True)) for v in (*self.variables, *optimizer.variables)
@@ -528,6 +532,9 @@ class _KerasOptimizerRunner(_Runner):
         return restore
 
     def loss(self) -> float:
+        if self.first_loss is not None:  # the result snapshot() checked, at the same values
+            loss, self.first_loss = self.first_loss, None
+            return loss
         loss, grads = _loss_and_grads(self.loss_and_grads())
         self.grads = _check_grads(
             grads, self.variables, "variables", none_allowed=True, same_dtype=False
