@@ -461,7 +461,8 @@ def test_fusedopt_torch_params_state_and_lrs_are_restored_exactly(name: str, war
     grads = [p.grad for p in params]
     grad_values = [None if g is None else g.clone() for g in grads]
     state = torch_state(opt)
-    lr = opt.param_groups[0]["lr"]
+    param_groups, group = opt.param_groups, opt.param_groups[0]
+    lr = group["lr"]
 
     result = fusedopt.lr_range_test(opt, closure, num_steps=40)
 
@@ -471,7 +472,10 @@ def test_fusedopt_torch_params_state_and_lrs_are_restored_exactly(name: str, war
         assert p.grad is grad
         assert grad is None or torch.equal(grad, grad_value)
     assert_same_torch_state(torch, opt.state_dict(), state)
-    assert opt.param_groups[0]["lr"] is lr
+    # The same list of the same group dicts (load_state_dict makes new ones): a group a user
+    # holds still steers the optimizer.
+    assert opt.param_groups is param_groups and opt.param_groups[0] is group
+    assert group["lr"] is lr
     for _ in range(3):
         opt.step(closure)
         twin.step(twin_closure)
@@ -489,12 +493,21 @@ def test_torch_optim_and_a_scheduled_lr_come_back_too() -> None:
         opt.step(closure)
         scheduler.step()
     values, state = [p.detach().clone() for p in params], torch_state(opt)
+    group = opt.param_groups[0]
     result = fusedopt.lr_range_test(opt, closure, num_steps=30)
     assert result.suggestion is not None
     for p, value in zip(params, values):
         assert torch.equal(p.detach(), value)
     assert_same_torch_state(torch, opt.state_dict(), state)
     assert scheduler.get_last_lr() == [0.05]
+    assert opt.param_groups[0] is group
+    scheduler.step()
+    assert group["lr"] == 0.025  # the scheduler (and a user) still steer it through the group
+    group["lr"] = 0.0
+    opt.step(closure)
+    opt.step(closure)  # momentum times lr 0: no move
+    for p, value in zip(params, values):
+        assert torch.equal(p.detach(), value)
 
 
 def test_a_closure_that_leaves_no_grad_is_refused() -> None:

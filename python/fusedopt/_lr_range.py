@@ -130,7 +130,8 @@ def lr_range_test(
       takes it: it computes the loss, calls ``backward()`` and returns the loss. The params'
       values and grads are restored in place, the state by ``load_state_dict`` of a deep copy
       of ``state_dict()`` (so the state tensors are new ones, as after any ``load_state_dict``,
-      but with their saved dtypes) and every group's ``lr`` (the same object). Buffers the
+      but with their saved dtypes); ``param_groups`` is the same list of the same group dicts,
+      with their hyperparameters (the same objects, ``lr`` included). Buffers the
       forward pass changes (BatchNorm's running statistics) belong to the model, not the
       optimizer, and are not restored.
 
@@ -567,7 +568,8 @@ class _TorchRunner(_Runner):
         # mu_product and ASGD's eta in float32 beside float64 params): the exact copies go back
         # in after it.
         state = {p: copy.deepcopy(optimizer.state[p]) for p in self.params if p in optimizer.state}
-        lrs = [group["lr"] for group in optimizer.param_groups]
+        param_groups = optimizer.param_groups
+        groups = [(group, dict(group)) for group in param_groups]
 
         def restore() -> None:
             with torch.no_grad():
@@ -577,16 +579,21 @@ class _TorchRunner(_Runner):
                     if grad is not None:
                         grad.copy_(saved)
                     p.grad = grad
-            # load_state_dict for the group hyperparameters and for what the optimizer does on
-            # a load (fusedopt.torch registers its tensors again at the next step).
+            # load_state_dict for what the optimizer does on a load (fusedopt.torch registers
+            # its tensors again at the next step); the state and the groups are put back after.
             optimizer.load_state_dict(state_dict)
             for p in self.params:
                 if p in state:
                     optimizer.state[p] = state[p]
                 else:
                     optimizer.state.pop(p, None)
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
+            # load_state_dict made new group dicts (and a new list): the ones a user or a
+            # scheduler holds go back, with their saved contents (the same lr object).
+            for group, saved in groups:
+                group.clear()
+                group.update(saved)
+            param_groups[:] = [group for group, _ in groups]
+            optimizer.param_groups = param_groups
 
         return restore
 
