@@ -10,6 +10,7 @@ test; bad input raises naming the argument and leaves the params as they were; t
 
 from __future__ import annotations
 
+import fractions
 import math
 import subprocess
 import sys
@@ -542,6 +543,8 @@ def test_a_closure_that_leaves_no_grad_is_refused() -> None:
         ({"end_lr": math.nan}, ValueError, "end_lr"),
         ({"start_lr": "1e-3"}, TypeError, "start_lr"),
         ({"start_lr": True}, TypeError, "start_lr"),
+        # Distinct, but too close for 100 rising rates (the slopes would divide by zero).
+        ({"start_lr": 1.0, "end_lr": math.nextafter(1.0, 2.0)}, ValueError, "start_lr.*num_steps"),
         ({"num_steps": 1}, ValueError, "num_steps"),
         ({"num_steps": 0}, ValueError, "num_steps"),
         ({"num_steps": 10.0}, TypeError, "num_steps"),
@@ -584,6 +587,14 @@ def make_bad(kind: str, problem: Quadratic):
             return loss, grads, None
         if kind == "loss":
             return "high", grads
+        if kind == "loss-str":  # float() would take it
+            return "1.5", grads
+        if kind == "loss-bool":
+            return True, grads
+        if kind == "loss-complex":
+            return np.complex128(loss), grads
+        if kind == "loss-float-raises":
+            return type("Loss", (), {"__float__": lambda self: 1 / 0})(), grads
         if kind == "grads-not-a-list":
             return loss, {"w": grads[0]}
         raise AssertionError(kind)
@@ -599,6 +610,10 @@ BAD_RETURNS = [
     ("not-a-pair", TypeError),
     ("triple", TypeError),
     ("loss", TypeError),
+    ("loss-str", TypeError),
+    ("loss-bool", TypeError),
+    ("loss-complex", TypeError),
+    ("loss-float-raises", TypeError),
     ("grads-not-a-list", TypeError),
 ]
 
@@ -615,6 +630,19 @@ def test_bad_grads_raise_naming_loss_and_grads_and_the_params_stay(kind: str, er
     for p, value in zip(problem.params, values):
         assert_bit_identical(p, value)
     assert_same_state_dict(opt.state_dict(), state)
+
+
+@pytest.mark.parametrize(
+    "make_loss",
+    [int, float, np.float32, fractions.Fraction, np.array, lambda x: np.array([x])],
+    ids=["int", "float", "np.float32", "Fraction", "0-d", "one-element"],
+)
+def test_the_loss_is_any_real_number_or_one_element_array(make_loss: Callable) -> None:
+    problem = Quadratic()
+    result = fusedopt.lr_range_test(
+        fusedopt.SGD(problem.params), lambda: (make_loss(round(problem()[0])), problem()[1])
+    )
+    assert result.raw_losses.dtype == np.float64 and result.raw_losses[0] == round(problem.loss())
 
 
 def test_bad_keras_grads_and_variables_raise_and_the_variables_stay() -> None:

@@ -150,19 +150,20 @@ def lr_range_test(
     where plain SGD diverges above ``2 / L`` the suggestion lands at a fraction of that, inside
     the stable range.
 
-    Bad arguments raise TypeError or ValueError naming them before anything is touched;
-    ``loss_and_grads`` returning something that is not ``(loss, grads)``, grads that do not
-    match the params (count, shape or dtype), or a closure that leaves no param with a grad
-    raise naming ``loss_and_grads``, and the params are left as they were.
+    Bad arguments (also ``start_lr`` and ``end_lr`` too close for ``num_steps`` rates that
+    rise at every step) raise TypeError or ValueError naming them before anything is touched;
+    ``loss_and_grads`` returning something that is not ``(loss, grads)``, a loss that is not a
+    real number (a Python or NumPy one, or a real array or tensor of one element; not a bool,
+    a string or a complex number), grads that do not match the params (count, shape or dtype),
+    or a closure that leaves no param with a grad raise naming ``loss_and_grads``, and the
+    params are left as they were.
 
     Rprop uses ``lr`` only as its initial step size, so its curve says little about ``lr``.
     """
-    start_lr, end_lr, num_steps, smoothing, factor = _check_arguments(
+    lrs, num_steps, smoothing, factor = _check_arguments(
         loss_and_grads, start_lr, end_lr, num_steps, smoothing, diverge_factor
     )
     runner = _runner(optimizer, loss_and_grads, variables)
-    lrs = np.geomspace(start_lr, end_lr, num_steps)
-    lrs[0], lrs[-1] = start_lr, end_lr
     smoother = _Smoother(1.0 - smoothing)
     raw: list[float] = []
     best = math.inf
@@ -255,20 +256,21 @@ def _check_arguments(
     num_steps: Any,
     smoothing: Any,
     diverge_factor: Any,
-) -> tuple[float, float, int, float, float]:
-    """The arguments as numbers; TypeError or ValueError naming a bad one."""
+) -> tuple[np.ndarray, int, float, float]:
+    """The learning rates and the other arguments as numbers; TypeError or ValueError naming a
+    bad one."""
     if not callable(loss_and_grads):
         raise TypeError(
             f"loss_and_grads must be callable (it takes no arguments), got "
             f"{type(loss_and_grads).__name__}"
         )
-    lrs = []
+    bounds = []
     for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
         number = _number(value, name)
         if not (math.isfinite(number) and number > 0):
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        lrs.append(number)
-    if not lrs[0] < lrs[1]:
+        bounds.append(number)
+    if not bounds[0] < bounds[1]:
         raise ValueError(f"start_lr ({start_lr!r}) must be less than end_lr ({end_lr!r})")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):
         raise TypeError(f"num_steps must be an integer, got {num_steps!r}")
@@ -280,7 +282,16 @@ def _check_arguments(
     factor = _number(diverge_factor, "diverge_factor")
     if not factor > 1:
         raise ValueError(f"diverge_factor must be greater than 1, got {diverge_factor!r}")
-    return lrs[0], lrs[1], int(num_steps), smoothing_value, factor
+    lrs = np.geomspace(*bounds, int(num_steps))
+    lrs[0], lrs[-1] = bounds
+    # The suggestion's slopes divide by the steps of log10(lr): bounds a few ulps apart give
+    # equal rates.
+    if not np.all(np.diff(np.log10(lrs)) > 0):
+        raise ValueError(
+            f"start_lr ({start_lr!r}) and end_lr ({end_lr!r}) are too close for num_steps="
+            f"{num_steps}: log10 of the learning rates does not rise at every step"
+        )
+    return lrs, int(num_steps), smoothing_value, factor
 
 
 def _number(value: Any, name: str) -> float:
@@ -290,14 +301,26 @@ def _number(value: Any, name: str) -> float:
 
 
 def _loss_value(loss: Any) -> float:
+    """The loss as a float: a real number, or a real array or tensor of one element."""
+    dtype = getattr(loss, "dtype", None)
+    if isinstance(dtype, np.dtype):
+        real = dtype.kind in "iuf"
+    elif dtype is not None:  # torch's: complex and bool dtypes say so
+        real = not (getattr(dtype, "is_complex", False) or "bool" in str(dtype))
+    else:  # float() would take a string, and a bool is no loss
+        real = not isinstance(loss, str | bytes | bool | complex)
+    got = type(loss).__name__ if dtype is None else f"{type(loss).__name__} of dtype {dtype}"
+    if not real:
+        raise TypeError(f"loss_and_grads must return the loss as a real number, got {got}")
     try:
         if getattr(loss, "ndim", 0) != 0 and getattr(loss, "size", None) == 1:
             loss = loss.reshape(())  # a one-element array or tensor
         return float(loss)
-    except (TypeError, ValueError, AttributeError):
+    except Exception as error:
         raise TypeError(
-            f"loss_and_grads must return the loss as a real number, got {type(loss).__name__}"
-        ) from None
+            f"loss_and_grads must return the loss as a real number, got {got} "
+            f"(float() raised {type(error).__name__}: {error})"
+        ) from error
 
 
 def _check_grads(
