@@ -10,6 +10,7 @@ test; bad input raises naming the argument and leaves the params as they were; t
 
 from __future__ import annotations
 
+import fractions
 import math
 import subprocess
 import sys
@@ -231,6 +232,29 @@ def test_the_suggestion_is_the_steepest_descent_before_the_minimum() -> None:
     assert _lr_range.suggestion_index(lrs, losses_with_early_drop, skip=6) == index
 
 
+def test_the_suggestion_never_exceeds_a_tenth_of_the_lr_at_the_minimum() -> None:
+    lrs = np.geomspace(1e-7, 10.0, 100)
+    # Falls steadily over the first 19 points, then rises: a tenth of the lr at the minimum
+    # (index 18) lies in the skipped tenth, and the capped point is taken there.
+    steps = np.arange(100)
+    losses = 10.0 - 0.5 * np.minimum(steps, 18) + 0.5 * np.maximum(steps - 18, 0)
+    index = _lr_range.suggestion_index(lrs, losses, skip=10)
+    assert index is not None and index < 10
+    assert lrs[index] <= lrs[18] / 10 < lrs[index + 1]
+    # A minimum less than a decade above start_lr: no lr tested is as low as a tenth of it.
+    assert _lr_range.suggestion_index(lrs[50:60], losses[10:20], skip=1) is None
+
+    # The same through lr_range_test, where the loss diverges after three steps.
+    values = iter([3.0, 2.0, 1.0, math.inf])
+    result = fusedopt.lr_range_test(
+        fusedopt.SGD([np.ones(3)]), lambda: (next(values), [np.zeros(3)]), num_steps=10
+    )
+    assert result.diverged and len(result.lrs) == 4
+    minimum = int(np.nanargmin(result.losses))
+    assert result.suggestion is not None
+    assert result.suggestion <= result.lrs[minimum] / 10
+
+
 def test_no_suggestion_when_the_loss_never_falls() -> None:
     lrs = np.geomspace(1e-6, 1.0, 50)
     assert _lr_range.suggestion_index(lrs, np.linspace(1.0, 2.0, 50), skip=5) is None
@@ -438,7 +462,8 @@ def test_fusedopt_torch_params_state_and_lrs_are_restored_exactly(name: str, war
     grads = [p.grad for p in params]
     grad_values = [None if g is None else g.clone() for g in grads]
     state = torch_state(opt)
-    lr = opt.param_groups[0]["lr"]
+    param_groups, group = opt.param_groups, opt.param_groups[0]
+    lr = group["lr"]
 
     result = fusedopt.lr_range_test(opt, closure, num_steps=40)
 
@@ -448,7 +473,10 @@ def test_fusedopt_torch_params_state_and_lrs_are_restored_exactly(name: str, war
         assert p.grad is grad
         assert grad is None or torch.equal(grad, grad_value)
     assert_same_torch_state(torch, opt.state_dict(), state)
-    assert opt.param_groups[0]["lr"] is lr
+    # The same list of the same group dicts (load_state_dict makes new ones): a group a user
+    # holds still steers the optimizer.
+    assert opt.param_groups is param_groups and opt.param_groups[0] is group
+    assert group["lr"] is lr
     for _ in range(3):
         opt.step(closure)
         twin.step(twin_closure)
@@ -466,12 +494,21 @@ def test_torch_optim_and_a_scheduled_lr_come_back_too() -> None:
         opt.step(closure)
         scheduler.step()
     values, state = [p.detach().clone() for p in params], torch_state(opt)
+    group = opt.param_groups[0]
     result = fusedopt.lr_range_test(opt, closure, num_steps=30)
     assert result.suggestion is not None
     for p, value in zip(params, values):
         assert torch.equal(p.detach(), value)
     assert_same_torch_state(torch, opt.state_dict(), state)
     assert scheduler.get_last_lr() == [0.05]
+    assert opt.param_groups[0] is group
+    scheduler.step()
+    assert group["lr"] == 0.025  # the scheduler (and a user) still steer it through the group
+    group["lr"] = 0.0
+    opt.step(closure)
+    opt.step(closure)  # momentum times lr 0: no move
+    for p, value in zip(params, values):
+        assert torch.equal(p.detach(), value)
 
 
 def test_a_closure_that_leaves_no_grad_is_refused() -> None:
@@ -506,6 +543,8 @@ def test_a_closure_that_leaves_no_grad_is_refused() -> None:
         ({"end_lr": math.nan}, ValueError, "end_lr"),
         ({"start_lr": "1e-3"}, TypeError, "start_lr"),
         ({"start_lr": True}, TypeError, "start_lr"),
+        # Distinct, but too close for 100 rising rates (the slopes would divide by zero).
+        ({"start_lr": 1.0, "end_lr": math.nextafter(1.0, 2.0)}, ValueError, "start_lr.*num_steps"),
         ({"num_steps": 1}, ValueError, "num_steps"),
         ({"num_steps": 0}, ValueError, "num_steps"),
         ({"num_steps": 10.0}, TypeError, "num_steps"),
@@ -548,6 +587,14 @@ def make_bad(kind: str, problem: Quadratic):
             return loss, grads, None
         if kind == "loss":
             return "high", grads
+        if kind == "loss-str":  # float() would take it
+            return "1.5", grads
+        if kind == "loss-bool":
+            return True, grads
+        if kind == "loss-complex":
+            return np.complex128(loss), grads
+        if kind == "loss-float-raises":
+            return type("Loss", (), {"__float__": lambda self: 1 / 0})(), grads
         if kind == "grads-not-a-list":
             return loss, {"w": grads[0]}
         raise AssertionError(kind)
@@ -563,6 +610,10 @@ BAD_RETURNS = [
     ("not-a-pair", TypeError),
     ("triple", TypeError),
     ("loss", TypeError),
+    ("loss-str", TypeError),
+    ("loss-bool", TypeError),
+    ("loss-complex", TypeError),
+    ("loss-float-raises", TypeError),
     ("grads-not-a-list", TypeError),
 ]
 
@@ -579,6 +630,19 @@ def test_bad_grads_raise_naming_loss_and_grads_and_the_params_stay(kind: str, er
     for p, value in zip(problem.params, values):
         assert_bit_identical(p, value)
     assert_same_state_dict(opt.state_dict(), state)
+
+
+@pytest.mark.parametrize(
+    "make_loss",
+    [int, float, np.float32, fractions.Fraction, np.array, lambda x: np.array([x])],
+    ids=["int", "float", "np.float32", "Fraction", "0-d", "one-element"],
+)
+def test_the_loss_is_any_real_number_or_one_element_array(make_loss: Callable) -> None:
+    problem = Quadratic()
+    result = fusedopt.lr_range_test(
+        fusedopt.SGD(problem.params), lambda: (make_loss(round(problem()[0])), problem()[1])
+    )
+    assert result.raw_losses.dtype == np.float64 and result.raw_losses[0] == round(problem.loss())
 
 
 def test_bad_keras_grads_and_variables_raise_and_the_variables_stay() -> None:
@@ -773,5 +837,20 @@ def test_keras_optimizer_bad_grads_and_variables_raise_and_change_nothing() -> N
         fusedopt.lr_range_test(
             keras.optimizers.LossScaleOptimizer(optimizer), loss_and_grads, variables=variables
         )
+    # Refused, the optimizer is left unbuilt, so it builds for the variables training gives.
+    assert not optimizer.built
+    own = keras.optimizers.Adam(0.01)
+    with pytest.raises(ValueError, match="returned 4 grads for 2 variables"):
+        fusedopt.lr_range_test(own, loss_and_grads, variables=variables[:2])
+    assert not own.built
+    # Keras' apply divides the grads by loss_scale_factor: the test would step with others.
+    for scaled in (
+        fusedopt.keras.SGD(0.01, loss_scale_factor=128.0),
+        keras.optimizers.Adam(0.01, loss_scale_factor=128.0),
+    ):
+        with pytest.raises(ValueError, match="optimizer: .* loss_scale_factor=128.0"):
+            fusedopt.lr_range_test(scaled, loss_and_grads, variables=variables)
     for v, b in zip(variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
+    own.apply(loss_and_grads()[1], variables)
+    assert len(own._trainable_variables) == len(variables)

@@ -34,8 +34,9 @@ class LRRangeTestResult:
     raw_losses: np.ndarray
     """The loss ``loss_and_grads`` returned at each step (float64)."""
     suggestion: float | None
-    """The learning rate at the steepest descent of the smoothed loss against log lr (the rule
-    is :func:`lr_range_test`'s), or None where the loss never fell."""
+    """The learning rate at the steepest descent of the smoothed loss against log lr, at most a
+    tenth of the learning rate at its minimum (the rule is :func:`lr_range_test`'s), or None
+    where the loss never fell or fell only within a decade of ``start_lr``."""
     suggestion_index: int | None
     """The index of ``suggestion`` in ``lrs``."""
     diverged: bool
@@ -117,45 +118,52 @@ def lr_range_test(
     - **Keras optimizers** (``fusedopt.keras.Adam``, ..., and Keras' own): ``loss_and_grads()``
       returns ``(loss, grads)`` with one grad (or None) per variable of ``variables`` (Keras
       variables, e.g. ``model.trainable_variables``; by default the ones it was built with), as
-      ``apply(grads, variables)`` takes them. An optimizer not built yet is built first (its
-      slots start at zero, as they would at its first step). The variables' values and every
+      ``apply(grads, variables)`` takes them. An optimizer not built yet is built for
+      ``variables`` once the first result is checked (its slots start at zero, as they would at
+      its first step); a refused test leaves it unbuilt. The variables' values and every
       optimizer variable (iterations, the learning rate, the slots) are restored by ``assign``,
       and a ``learning_rate`` schedule or callable is put back. Not a ``LossScaleOptimizer``
-      (it would unscale the grads): pass its ``inner_optimizer``.
+      (it would unscale the grads): pass its ``inner_optimizer``; nor, for the same reason, an
+      optimizer made with ``loss_scale_factor``.
     - **torch** (``fusedopt.torch`` optimizers, and any ``torch.optim.Optimizer`` whose
       ``step()`` needs no closure): ``loss_and_grads`` is a closure as ``optimizer.step(closure)``
       takes it: it computes the loss, calls ``backward()`` and returns the loss. The params'
       values and grads are restored in place, the state by ``load_state_dict`` of a deep copy
       of ``state_dict()`` (so the state tensors are new ones, as after any ``load_state_dict``,
-      but with their saved dtypes) and every group's ``lr`` (the same object). Buffers the
+      but with their saved dtypes); ``param_groups`` is the same list of the same group dicts,
+      with their hyperparameters (the same objects, ``lr`` included). Buffers the
       forward pass changes (BatchNorm's running statistics) belong to the model, not the
       optimizer, and are not restored.
 
     **The suggestion**: the learning rate at the steepest descent of the smoothed loss against
-    ``log10(lr)``. The slope is ``np.gradient(losses, log10(lrs))`` (central differences) over
-    the finite smoothed losses; the candidates are the points from index ``num_steps // 10`` (the
-    first tenth is skipped: its average holds few losses and is noisy) up to the minimum of the
-    smoothed loss, and the suggestion is the candidate with the most negative slope, but no
-    larger than a tenth of the learning rate at the minimum (Smith's rule of thumb, which fastai
-    also offers): the steepest point can sit at the edge of stability, as it does for plain SGD
-    on the demo's MLP. It is None when the minimum lies in the skipped tenth or no candidate's
-    slope is negative: the loss never fell, so start lower. The smoothed curve lags the raw one
-    (an average of about ``1 / (1 - smoothing)`` steps), so on a problem where plain SGD diverges
-    above ``2 / L`` the suggestion lands at a fraction of that, inside the stable range.
+    ``log10(lr)``, never larger than a tenth of the learning rate at the minimum of the smoothed
+    loss. The slope is ``np.gradient(losses, log10(lrs))`` (central differences) over the finite
+    smoothed losses; the candidates are the points from index ``num_steps // 10`` (the first
+    tenth is skipped: its average holds few losses and is noisy) up to the minimum, and the
+    suggestion is the candidate with the most negative slope or, where that is larger, the last
+    learning rate not above a tenth of the one at the minimum (Smith's rule of thumb, which
+    fastai also offers; this one may lie in the skipped tenth): the steepest point can sit at
+    the edge of stability, as it does for plain SGD on the demo's MLP. It is None when the
+    minimum lies in the skipped tenth or no candidate's slope is negative (the loss never fell),
+    or when the minimum lies less than a decade above ``start_lr``: start lower. The smoothed
+    curve lags the raw one (an average of about ``1 / (1 - smoothing)`` steps), so on a problem
+    where plain SGD diverges above ``2 / L`` the suggestion lands at a fraction of that, inside
+    the stable range.
 
-    Bad arguments raise TypeError or ValueError naming them before anything is touched;
-    ``loss_and_grads`` returning something that is not ``(loss, grads)``, grads that do not
-    match the params (count, shape or dtype), or a closure that leaves no param with a grad
-    raise naming ``loss_and_grads``, and the params are left as they were.
+    Bad arguments (also ``start_lr`` and ``end_lr`` too close for ``num_steps`` rates that
+    rise at every step) raise TypeError or ValueError naming them before anything is touched;
+    ``loss_and_grads`` returning something that is not ``(loss, grads)``, a loss that is not a
+    real number (a Python or NumPy one, or a real array or tensor of one element; not a bool,
+    a string or a complex number), grads that do not match the params (count, shape or dtype),
+    or a closure that leaves no param with a grad raise naming ``loss_and_grads``, and the
+    params are left as they were.
 
     Rprop uses ``lr`` only as its initial step size, so its curve says little about ``lr``.
     """
-    start_lr, end_lr, num_steps, smoothing, factor = _check_arguments(
+    lrs, num_steps, smoothing, factor = _check_arguments(
         loss_and_grads, start_lr, end_lr, num_steps, smoothing, diverge_factor
     )
     runner = _runner(optimizer, loss_and_grads, variables)
-    lrs = np.geomspace(start_lr, end_lr, num_steps)
-    lrs[0], lrs[-1] = start_lr, end_lr
     smoother = _Smoother(1.0 - smoothing)
     raw: list[float] = []
     best = math.inf
@@ -206,9 +214,10 @@ def suggestion_index(lrs: np.ndarray, losses: np.ndarray, skip: int) -> int | No
     index = skip + int(np.argmin(slope[skip : minimum + 1]))
     if slope[index] >= 0:
         return None
-    # At most a tenth of the rate at the minimum: the last lr not above it, if past the skip.
+    # At most a tenth of the rate at the minimum: the last lr not above it, also inside the
+    # skipped tenth (the skip keeps the noisy early slopes out; the cap reads no slope).
     cap = int(np.searchsorted(lrs, lrs[minimum] / 10.0, side="right")) - 1
-    return min(index, cap) if cap >= skip else index
+    return min(index, cap) if cap >= 0 else None
 
 
 class _Smoother:
@@ -247,20 +256,21 @@ def _check_arguments(
     num_steps: Any,
     smoothing: Any,
     diverge_factor: Any,
-) -> tuple[float, float, int, float, float]:
-    """The arguments as numbers; TypeError or ValueError naming a bad one."""
+) -> tuple[np.ndarray, int, float, float]:
+    """The learning rates and the other arguments as numbers; TypeError or ValueError naming a
+    bad one."""
     if not callable(loss_and_grads):
         raise TypeError(
             f"loss_and_grads must be callable (it takes no arguments), got "
             f"{type(loss_and_grads).__name__}"
         )
-    lrs = []
+    bounds = []
     for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
         number = _number(value, name)
         if not (math.isfinite(number) and number > 0):
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        lrs.append(number)
-    if not lrs[0] < lrs[1]:
+        bounds.append(number)
+    if not bounds[0] < bounds[1]:
         raise ValueError(f"start_lr ({start_lr!r}) must be less than end_lr ({end_lr!r})")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):
         raise TypeError(f"num_steps must be an integer, got {num_steps!r}")
@@ -272,7 +282,16 @@ def _check_arguments(
     factor = _number(diverge_factor, "diverge_factor")
     if not factor > 1:
         raise ValueError(f"diverge_factor must be greater than 1, got {diverge_factor!r}")
-    return lrs[0], lrs[1], int(num_steps), smoothing_value, factor
+    lrs = np.geomspace(*bounds, int(num_steps))
+    lrs[0], lrs[-1] = bounds
+    # The suggestion's slopes divide by the steps of log10(lr): bounds a few ulps apart give
+    # equal rates.
+    if not np.all(np.diff(np.log10(lrs)) > 0):
+        raise ValueError(
+            f"start_lr ({start_lr!r}) and end_lr ({end_lr!r}) are too close for num_steps="
+            f"{num_steps}: log10 of the learning rates does not rise at every step"
+        )
+    return lrs, int(num_steps), smoothing_value, factor
 
 
 def _number(value: Any, name: str) -> float:
@@ -282,14 +301,26 @@ def _number(value: Any, name: str) -> float:
 
 
 def _loss_value(loss: Any) -> float:
+    """The loss as a float: a real number, or a real array or tensor of one element."""
+    dtype = getattr(loss, "dtype", None)
+    if isinstance(dtype, np.dtype):
+        real = dtype.kind in "iuf"
+    elif dtype is not None:  # torch's: complex and bool dtypes say so
+        real = not (getattr(dtype, "is_complex", False) or "bool" in str(dtype))
+    else:  # float() would take a string, and a bool is no loss
+        real = not isinstance(loss, str | bytes | bool | complex)
+    got = type(loss).__name__ if dtype is None else f"{type(loss).__name__} of dtype {dtype}"
+    if not real:
+        raise TypeError(f"loss_and_grads must return the loss as a real number, got {got}")
     try:
         if getattr(loss, "ndim", 0) != 0 and getattr(loss, "size", None) == 1:
             loss = loss.reshape(())  # a one-element array or tensor
         return float(loss)
-    except (TypeError, ValueError, AttributeError):
+    except Exception as error:
         raise TypeError(
-            f"loss_and_grads must return the loss as a real number, got {type(loss).__name__}"
-        ) from None
+            f"loss_and_grads must return the loss as a real number, got {got} "
+            f"(float() raised {type(error).__name__}: {error})"
+        ) from error
 
 
 def _check_grads(
@@ -473,6 +504,13 @@ class _KerasOptimizerRunner(_Runner):
                 "optimizer: a LossScaleOptimizer unscales the grads it is given; pass its "
                 "inner_optimizer and unscaled grads"
             )
+        if getattr(optimizer, "loss_scale_factor", None) is not None:
+            # apply divides every grad by it, so the test would step with grads it never sees.
+            raise ValueError(
+                f"optimizer: {type(optimizer).__name__} was made with loss_scale_factor="
+                f"{optimizer.loss_scale_factor!r}, by which apply divides the grads; run the test "
+                "with an optimizer made without loss_scale_factor, on unscaled grads"
+            )
         self.keras = keras
         self.optimizer = optimizer
         self.loss_and_grads = loss_and_grads
@@ -490,12 +528,15 @@ class _KerasOptimizerRunner(_Runner):
                     )
         self.grads: list[Any] = []
         self.current_lr = 0.0
+        self.first_loss: float | None = None
 
     def snapshot(self) -> Callable[[], None]:
         optimizer = self.optimizer
         # Built first, so that its slots exist to be saved: a fresh optimizer's slots are zeros and
-        # its iterations 0, so it steps afterwards as it would have.
+        # its iterations 0, so it steps afterwards as it would have. Keras cannot unbuild, so the
+        # first result is checked before: a refused test leaves the optimizer unbuilt.
         if not optimizer.built:
+            self.first_loss = self.loss()
             optimizer.build(self.variables)
         saved = [
             (v, np.array(v.numpy(), copy=True)) for v in (*self.variables, *optimizer.variables)
@@ -515,6 +556,9 @@ class _KerasOptimizerRunner(_Runner):
         return restore
 
     def loss(self) -> float:
+        if self.first_loss is not None:  # the result snapshot() checked, at the same values
+            loss, self.first_loss = self.first_loss, None
+            return loss
         loss, grads = _loss_and_grads(self.loss_and_grads())
         self.grads = _check_grads(
             grads, self.variables, "variables", none_allowed=True, same_dtype=False
@@ -547,7 +591,8 @@ class _TorchRunner(_Runner):
         # mu_product and ASGD's eta in float32 beside float64 params): the exact copies go back
         # in after it.
         state = {p: copy.deepcopy(optimizer.state[p]) for p in self.params if p in optimizer.state}
-        lrs = [group["lr"] for group in optimizer.param_groups]
+        param_groups = optimizer.param_groups
+        groups = [(group, dict(group)) for group in param_groups]
 
         def restore() -> None:
             with torch.no_grad():
@@ -557,16 +602,21 @@ class _TorchRunner(_Runner):
                     if grad is not None:
                         grad.copy_(saved)
                     p.grad = grad
-            # load_state_dict for the group hyperparameters and for what the optimizer does on
-            # a load (fusedopt.torch registers its tensors again at the next step).
+            # load_state_dict for what the optimizer does on a load (fusedopt.torch registers
+            # its tensors again at the next step); the state and the groups are put back after.
             optimizer.load_state_dict(state_dict)
             for p in self.params:
                 if p in state:
                     optimizer.state[p] = state[p]
                 else:
                     optimizer.state.pop(p, None)
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
+            # load_state_dict made new group dicts (and a new list): the ones a user or a
+            # scheduler holds go back, with their saved contents (the same lr object).
+            for group, saved in groups:
+                group.clear()
+                group.update(saved)
+            param_groups[:] = [group for group, _ in groups]
+            optimizer.param_groups = param_groups
 
         return restore
 
