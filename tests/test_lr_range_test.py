@@ -850,6 +850,13 @@ def test_keras_optimizer_bad_grads_and_variables_raise_and_change_nothing() -> N
     ):
         with pytest.raises(ValueError, match="optimizer: .* loss_scale_factor=128.0"):
             fusedopt.lr_range_test(scaled, loss_and_grads, variables=variables)
+    # ... and with gradient_accumulation_steps it updates at every n-th call only.
+    for accumulating in (
+        fusedopt.keras.SGD(0.01, gradient_accumulation_steps=4),
+        keras.optimizers.Adam(0.01, gradient_accumulation_steps=4),
+    ):
+        with pytest.raises(ValueError, match="optimizer: .* gradient_accumulation_steps=4"):
+            fusedopt.lr_range_test(accumulating, loss_and_grads, variables=variables)
     for v, b in zip(variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
     own.apply(loss_and_grads()[1], variables)

@@ -124,7 +124,8 @@ def lr_range_test(
       optimizer variable (iterations, the learning rate, the slots) are restored by ``assign``,
       and a ``learning_rate`` schedule or callable is put back. Not a ``LossScaleOptimizer``
       (it would unscale the grads): pass its ``inner_optimizer``; nor, for the same reason, an
-      optimizer made with ``loss_scale_factor``.
+      optimizer made with ``loss_scale_factor``, nor one with ``gradient_accumulation_steps``
+      (it would update at every n-th step only).
     - **torch** (``fusedopt.torch`` optimizers, and any ``torch.optim.Optimizer`` whose
       ``step()`` needs no closure): ``loss_and_grads`` is a closure as ``optimizer.step(closure)``
       takes it: it computes the loss, calls ``backward()`` and returns the loss. The params'
@@ -510,6 +511,14 @@ class _KerasOptimizerRunner(_Runner):
                 f"optimizer: {type(optimizer).__name__} was made with loss_scale_factor="
                 f"{optimizer.loss_scale_factor!r}, by which apply divides the grads; run the test "
                 "with an optimizer made without loss_scale_factor, on unscaled grads"
+            )
+        if (getattr(optimizer, "gradient_accumulation_steps", None) or 1) > 1:
+            # apply then updates at every n-th call only, with the grads of n calls summed.
+            raise ValueError(
+                f"optimizer: {type(optimizer).__name__} was made with gradient_accumulation_"
+                f"steps={optimizer.gradient_accumulation_steps!r}, so apply updates the "
+                "variables at every n-th call only; run the test with an optimizer made without "
+                "it"
             )
         self.keras = keras
         self.optimizer = optimizer
