@@ -1,9 +1,10 @@
-"""What the build declares: CMakeLists.txt's options, read from a configure-only run over the
-source tree (seconds, nothing compiled)."""
+"""What the build declares: CMakeLists.txt's options and library version, read from a
+configure-only run over the source tree (seconds, nothing compiled)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -73,3 +74,17 @@ def test_an_unknown_fusedopt_cuda_value_is_refused(tmp_path: Path) -> None:
     result = configure(tmp_path / "build", "-DFUSEDOPT_CUDA=maybe")
     assert result.returncode != 0
     assert "FUSEDOPT_CUDA must be AUTO, ON or OFF" in result.stderr
+
+
+@configures
+def test_the_soname_carries_the_minor_version_before_1_0(tmp_path: Path) -> None:
+    """Before 1.0 a minor release may change the ABI (the CMake package accepts the same minor
+    version only), so a CMake install's soname is libfusedopt.so.0.1, not libfusedopt.so.0."""
+    result = configure(tmp_path / "build", "-DFUSEDOPT_CUDA=OFF")
+    assert result.returncode == 0, result.stderr
+    project = (SOURCE / "CMakeLists.txt").read_text()
+    major, minor = re.search(r"project\(fusedopt VERSION (\d+)\.(\d+)", project).groups()
+    expected = f"libfusedopt.so.{major}.{minor}" if major == "0" else f"libfusedopt.so.{major}"
+    ninja = (tmp_path / "build" / "build.ninja").read_text()
+    sonames = re.findall(r"^\s*SONAME = (\S+)$", ninja, re.M)
+    assert sonames == [expected]
