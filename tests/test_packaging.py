@@ -1,5 +1,6 @@
-"""What the build declares: CMakeLists.txt's options and library version, read from a
-configure-only run over the source tree (seconds, nothing compiled)."""
+"""What the build and the package declare: CMakeLists.txt's options and library version, read
+from a configure-only run over the source tree (seconds, nothing compiled), and the license
+file that the installed distribution carries."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,12 @@ def test_the_soname_carries_the_minor_version_before_1_0(tmp_path: Path) -> None
     ninja = (tmp_path / "build" / "build.ninja").read_text()
     sonames = re.findall(r"^\s*SONAME = (\S+)$", ninja, re.M)
     assert sonames == [expected]
+
+
+def test_the_installed_distribution_carries_the_license() -> None:
+    """pyproject.toml declares BSD-3-Clause; the license's text ships with the wheel."""
+    files = metadata.distribution("fusedopt").files or []
+    licenses = [f for f in files if f.name == "LICENSE"]
+    assert licenses, "no LICENSE among the installed distribution's files"
+    text = licenses[0].read_text()
+    assert "BSD 3-Clause License" in text and "the fusedopt developers" in text
