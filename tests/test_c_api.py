@@ -454,11 +454,19 @@ def test_option_state_and_scalar_names_are_the_description_s(lib, algorithm: str
 def test_every_option_reads_back_what_was_set(algorithm: str) -> None:
     options = Options(algorithm)
     assert options.state_names and len(options.state_names) <= MAX_STATES
+    flags = flag_names(algorithm)
     for name in options.option_names:
-        value = KERAS if name == "convention" else 0.125
+        value = KERAS if name == "convention" else 1.0 if name in flags else 0.125
         assert options.set(name, value) == OK, last_error()
-        assert options.get(name) in (value, 1.0)  # a flag reads back as 1
+        assert options.get(name) == value
     assert options.set("convention", TORCH) == OK and options.get("convention") == TORCH
+
+
+def flag_names(algorithm: str) -> set[str]:
+    """The options of `algorithm` that are flags (0 or 1 only), from its native description."""
+    from fusedopt._engine import describe
+
+    return {f.name for f in describe(algorithm).fields if f.kind == "flag"}
 
 
 @pytest.mark.parametrize(
@@ -538,11 +546,13 @@ def test_takes_grad_scale_says_whether_a_step_takes_one(lib, algorithm: str) -> 
 @pytest.mark.parametrize("algorithm", algorithms())
 def test_a_copy_holds_every_value_and_is_independent(lib, algorithm: str) -> None:
     source = Options(algorithm)
+    flags = flag_names(algorithm)
     for i, name in enumerate(source.option_names):
         if name == "convention":
             continue
         default = source.get(name)
-        assert source.set(name, 0.0 if default else 1.0 + i / 8) == OK, last_error()
+        value = 0.0 if default else 1.0 if name in flags else 1.0 + i / 8
+        assert source.set(name, value) == OK, last_error()
     copied = source.copy()
     assert copied.handle.value != source.handle.value
     assert lib.fusedopt_options_algorithm(copied.handle).decode() == algorithm
@@ -563,10 +573,18 @@ def test_options_copy_refuses_null(lib) -> None:
     assert "copy is NULL" in last_error()
 
 
-def test_a_flag_is_stored_as_0_or_1() -> None:
-    options = Options("adam")
-    assert options.set("amsgrad", 2.0) == OK and options.get("amsgrad") == 1.0
-    assert options.set("amsgrad", 0.0) == OK and options.get("amsgrad") == 0.0
+@pytest.mark.parametrize(("algorithm", "flag"), [("adam", "amsgrad"), ("sgd", "nesterov"),
+                                               ("sgd", "maximize")])  # fmt: skip
+def test_a_flag_is_exactly_0_or_1(algorithm: str, flag: str) -> None:
+    """The header says a flag is 0 or 1, and Python refuses amsgrad=0.5: any other number was
+    taken as 1. Now a value error naming the flag, which keeps its value."""
+    options = Options(algorithm)
+    assert options.set(flag, 1.0) == OK and options.get(flag) == 1.0
+    assert options.set(flag, 0.0) == OK and options.get(flag) == 0.0
+    for value in (0.5, math.nan, 7.0, -1.0, 2.0, math.inf):
+        assert options.set(flag, value) == VALUE_ERROR, value
+        assert f"Invalid {flag}: " in last_error() and "a flag is 0 or 1" in last_error()
+        assert options.get(flag) == 0.0
 
 
 def test_options_check_names_the_invalid_hyperparameter(lib) -> None:

@@ -402,6 +402,9 @@ struct TypedOptions : fusedopt_options {
     if (f.number) {
       options.*f.number = value;
     } else if (f.flag) {
+      // Exactly 0 or 1, as the header says: 0.5 or NaN is a caller's mistake (Python refuses
+      // amsgrad=0.5 too), not a request for the flag.
+      if (value != 0 && value != 1) throw OptionError(name, value, "a flag is 0 or 1");
       options.*f.flag = value != 0;
     } else {
       if (value != FUSEDOPT_CONVENTION_TORCH && value != FUSEDOPT_CONVENTION_KERAS)

@@ -99,7 +99,8 @@ FUSEDOPT_API fusedopt_status fusedopt_options_copy(const fusedopt_options* optio
 FUSEDOPT_API void fusedopt_options_destroy(fusedopt_options* options);
 /* The algorithm an options object is for. Static storage. */
 FUSEDOPT_API const char* fusedopt_options_algorithm(const fusedopt_options* options);
-/* A value error for an unknown name; a value is checked when a step (or a plan) takes it. */
+/* A value error for an unknown name, a flag other than exactly 0 or 1, or a convention that is
+ * neither; any other value is checked when a step (or a plan) takes it. */
 FUSEDOPT_API fusedopt_status fusedopt_options_set(fusedopt_options* options, const char* name,
                                                   double value);
 FUSEDOPT_API fusedopt_status fusedopt_options_get(const fusedopt_options* options, const char* name,
