@@ -1756,18 +1756,22 @@ def test_precision_that_does_not_fit_is_refused_and_nothing_changes(lib) -> None
     )
     assert status != OK and "master" in last_error()
     tensor.dtype = INT8_BLOCKWISE
-    assert step([adam], [tensor]) != OK and "not a fusedopt_dtype" in last_error()
+    assert step([adam], [tensor]) == TYPE_ERROR
+    # A fusedopt_dtype, of states only: it was called "dtype 4 (not a fusedopt_dtype)".
+    assert "params[0] has dtype FUSEDOPT_INT8_BLOCKWISE" in last_error()
+    assert "states only" in last_error() and "not a fusedopt_dtype" not in last_error()
     assert checksum(param, *codes) == before and not any(s.any() for s in states)
     assert (master == 1).all()
 
 
 def test_a_dtype_the_c_abi_does_not_offer_is_refused(lib) -> None:
-    param = np.zeros(8, np.uint8)
-    t = make_tensor(np.zeros(8, np.float32), np.zeros(8, np.float32))
-    t.dtype = 4  # fusedopt's internal 8-bit state: not a fusedopt_dtype
+    param = np.zeros(8, np.float32)
+    t = make_tensor(param, np.ones(8, np.float32))
     options = Options("sgd")
-    assert step([options], [t]) != OK
-    assert "not a fusedopt_dtype" in last_error()
+    for dtype in (5, -1):
+        t.dtype = dtype
+        assert step([options], [t]) == TYPE_ERROR
+        assert f"params[0] has dtype {dtype} (not a fusedopt_dtype)" in last_error()
     assert not param.any()
 
 

@@ -90,7 +90,12 @@ void describe(void* data, int64_t size, int32_t dtype, bool state, BufferInfo& i
   info.contiguous = true;
   info.writeable = true;
   info.dtype_name.clear();
-  if (!known) info.dtype_name = std::to_string(dtype) + " (not a fusedopt_dtype)";
+  if (dtype == FUSEDOPT_INT8_BLOCKWISE && !state)
+    info.dtype_name =
+        "FUSEDOPT_INT8_BLOCKWISE (8-bit storage is for states only, never for a "
+        "param or a grad)";
+  else if (!known)
+    info.dtype_name = std::to_string(dtype) + " (not a fusedopt_dtype)";
 }
 
 BufferInfo describe(void* data, int64_t size, int32_t dtype, bool state = false) {

@@ -52,9 +52,10 @@ typedef enum fusedopt_dtype {
   FUSEDOPT_FLOAT64 = 1,
   FUSEDOPT_BFLOAT16 = 2,
   FUSEDOPT_FLOAT16 = 3,
-  /* For states only (fusedopt_tensor_precision.state_dtype): bitsandbytes' blockwise 8-bit
-   * state, one uint8 code of its dynamic map per element (the signed map, or the unsigned one for
-   * a non-negative state such as a second moment) and one float32 absmax per 256 elements. */
+  /* For states only (fusedopt_tensor_precision.state_dtype; a param's is refused): bitsandbytes'
+   * blockwise 8-bit state, one uint8 code of its dynamic map per element (the signed map, or the
+   * unsigned one for a non-negative state such as a second moment) and one float32 absmax per 256
+   * elements. */
   FUSEDOPT_INT8_BLOCKWISE = 4
 } fusedopt_dtype;
 
