@@ -1775,6 +1775,53 @@ def test_a_dtype_the_c_abi_does_not_offer_is_refused(lib) -> None:
     assert not param.any()
 
 
+@pytest.mark.parametrize("route", ["step", "plan"])
+def test_stochastic_rounding_with_nothing_in_16_bits_is_refused(lib, route: str) -> None:
+    """As every Python front end refuses it: no param and no state of the call is bfloat16 or
+    float16, so nothing would be rounded. It was accepted (status 0); now a value error naming
+    stochastic_rounding, with nothing written (NAdam's scalars included) and no plan made. One
+    16-bit buffer in the call (a bfloat16 state of a float32 param) is something to round."""
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    n = 300
+    nadam = Options("nadam", lr=0.1)
+    precision = Precision(1, 7)
+    for dtype, state_dtype, refused in [
+        (np.float32, np.float32, True),
+        (np.float64, np.float64, True),
+        (np.float32, bfloat16, False),
+    ]:
+        param, grad = np.ones(n, dtype), np.ones(n, dtype)
+        states = [np.zeros(n, state_dtype), np.zeros(n, state_dtype)]
+        scalars = nadam.initial_scalars()
+        before = checksum(param, grad, *states, scalars)
+        tensor = make_tensor(param, grad, states, scalars=scalars)
+        extra = TensorPrecision(DTYPES[np.dtype(state_dtype)], None,
+                                (ctypes.c_void_p * MAX_STATES)())  # fmt: skip
+        plan = HANDLE()
+        if route == "step":
+            status = lib.fusedopt_step_with_precision(
+                handles([nadam]), 1, ctypes.byref(tensor), ctypes.byref(extra), 1, None,
+                ctypes.byref(precision),
+            )  # fmt: skip
+        else:
+            status = lib.fusedopt_plan_create_with_precision(
+                handles([nadam]), 1, ctypes.byref(tensor), ctypes.byref(extra), 1,
+                ctypes.byref(precision), ctypes.byref(plan),
+            )  # fmt: skip
+            if status == OK:
+                pointers = (ctypes.c_void_p * 1)(address(grad))
+                status = lib.fusedopt_plan_step(plan, pointers, None)
+                lib.fusedopt_plan_destroy(plan)
+        if refused:
+            assert status == VALUE_ERROR, dtype
+            assert "stochastic_rounding: nothing is stored in 16 bits" in last_error()
+            assert checksum(param, grad, *states, scalars) == before
+            assert plan.value is None
+        else:
+            assert status == OK, last_error()
+            assert (param != 1).all()
+
+
 # ---- Found by an outside review of the C ABI ----------------------------------------------------
 
 

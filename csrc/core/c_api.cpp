@@ -313,6 +313,7 @@ class TypedPlan : public fusedopt_plan {
     plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of, counts_.data(),
                                       schedule.new_state,
                                       A::scalar_names.size() ? scalars_.rows.data() : nullptr);
+    check_rounding_applies(buffers, StepExtras{std::nullopt, rounding_seed_});
     if constexpr (A::scalar_names.size() > 0) {
       scalar_rows_ = scalar_rows(scalar_sources_);
       check_apart_from_scalars(scalar_rows_, buffers);

@@ -176,7 +176,9 @@ typedef struct fusedopt_tensor_precision {
 /* How 16-bit params and states are written (Python's stochastic_rounding and seed). */
 typedef struct fusedopt_precision {
   /* Nonzero: rounded stochastically, from random bits keyed by (seed, the tensor's step, the
-   * element's index): the same bits for any thread count or ISA. Zero: to nearest, ties to even. */
+   * element's index): the same bits for any thread count or ISA. Zero: to nearest, ties to even.
+   * Nonzero where no param and no state of the call is bfloat16 or float16 is a value error
+   * (nothing would be rounded). */
   int32_t stochastic_rounding;
   uint64_t seed;
 } fusedopt_precision;
