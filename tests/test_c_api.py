@@ -454,11 +454,19 @@ def test_option_state_and_scalar_names_are_the_description_s(lib, algorithm: str
 def test_every_option_reads_back_what_was_set(algorithm: str) -> None:
     options = Options(algorithm)
     assert options.state_names and len(options.state_names) <= MAX_STATES
+    flags = flag_names(algorithm)
     for name in options.option_names:
-        value = KERAS if name == "convention" else 0.125
+        value = KERAS if name == "convention" else 1.0 if name in flags else 0.125
         assert options.set(name, value) == OK, last_error()
-        assert options.get(name) in (value, 1.0)  # a flag reads back as 1
+        assert options.get(name) == value
     assert options.set("convention", TORCH) == OK and options.get("convention") == TORCH
+
+
+def flag_names(algorithm: str) -> set[str]:
+    """The options of `algorithm` that are flags (0 or 1 only), from its native description."""
+    from fusedopt._engine import describe
+
+    return {f.name for f in describe(algorithm).fields if f.kind == "flag"}
 
 
 @pytest.mark.parametrize(
@@ -538,11 +546,13 @@ def test_takes_grad_scale_says_whether_a_step_takes_one(lib, algorithm: str) -> 
 @pytest.mark.parametrize("algorithm", algorithms())
 def test_a_copy_holds_every_value_and_is_independent(lib, algorithm: str) -> None:
     source = Options(algorithm)
+    flags = flag_names(algorithm)
     for i, name in enumerate(source.option_names):
         if name == "convention":
             continue
         default = source.get(name)
-        assert source.set(name, 0.0 if default else 1.0 + i / 8) == OK, last_error()
+        value = 0.0 if default else 1.0 if name in flags else 1.0 + i / 8
+        assert source.set(name, value) == OK, last_error()
     copied = source.copy()
     assert copied.handle.value != source.handle.value
     assert lib.fusedopt_options_algorithm(copied.handle).decode() == algorithm
@@ -563,10 +573,18 @@ def test_options_copy_refuses_null(lib) -> None:
     assert "copy is NULL" in last_error()
 
 
-def test_a_flag_is_stored_as_0_or_1() -> None:
-    options = Options("adam")
-    assert options.set("amsgrad", 2.0) == OK and options.get("amsgrad") == 1.0
-    assert options.set("amsgrad", 0.0) == OK and options.get("amsgrad") == 0.0
+@pytest.mark.parametrize(("algorithm", "flag"), [("adam", "amsgrad"), ("sgd", "nesterov"),
+                                               ("sgd", "maximize")])  # fmt: skip
+def test_a_flag_is_exactly_0_or_1(algorithm: str, flag: str) -> None:
+    """The header says a flag is 0 or 1, and Python refuses amsgrad=0.5: any other number was
+    taken as 1. Now a value error naming the flag, which keeps its value."""
+    options = Options(algorithm)
+    assert options.set(flag, 1.0) == OK and options.get(flag) == 1.0
+    assert options.set(flag, 0.0) == OK and options.get(flag) == 0.0
+    for value in (0.5, math.nan, 7.0, -1.0, 2.0, math.inf):
+        assert options.set(flag, value) == VALUE_ERROR, value
+        assert f"Invalid {flag}: " in last_error() and "a flag is 0 or 1" in last_error()
+        assert options.get(flag) == 0.0
 
 
 def test_options_check_names_the_invalid_hyperparameter(lib) -> None:
@@ -1738,19 +1756,70 @@ def test_precision_that_does_not_fit_is_refused_and_nothing_changes(lib) -> None
     )
     assert status != OK and "master" in last_error()
     tensor.dtype = INT8_BLOCKWISE
-    assert step([adam], [tensor]) != OK and "not a fusedopt_dtype" in last_error()
+    assert step([adam], [tensor]) == TYPE_ERROR
+    # A fusedopt_dtype, of states only: it was called "dtype 4 (not a fusedopt_dtype)".
+    assert "params[0] has dtype FUSEDOPT_INT8_BLOCKWISE" in last_error()
+    assert "states only" in last_error() and "not a fusedopt_dtype" not in last_error()
     assert checksum(param, *codes) == before and not any(s.any() for s in states)
     assert (master == 1).all()
 
 
 def test_a_dtype_the_c_abi_does_not_offer_is_refused(lib) -> None:
-    param = np.zeros(8, np.uint8)
-    t = make_tensor(np.zeros(8, np.float32), np.zeros(8, np.float32))
-    t.dtype = 4  # fusedopt's internal 8-bit state: not a fusedopt_dtype
+    param = np.zeros(8, np.float32)
+    t = make_tensor(param, np.ones(8, np.float32))
     options = Options("sgd")
-    assert step([options], [t]) != OK
-    assert "not a fusedopt_dtype" in last_error()
+    for dtype in (5, -1):
+        t.dtype = dtype
+        assert step([options], [t]) == TYPE_ERROR
+        assert f"params[0] has dtype {dtype} (not a fusedopt_dtype)" in last_error()
     assert not param.any()
+
+
+@pytest.mark.parametrize("route", ["step", "plan"])
+def test_stochastic_rounding_with_nothing_in_16_bits_is_refused(lib, route: str) -> None:
+    """As every Python front end refuses it: no param and no state of the call is bfloat16 or
+    float16, so nothing would be rounded. It was accepted (status 0); now a value error naming
+    stochastic_rounding, with nothing written (NAdam's scalars included) and no plan made. One
+    16-bit buffer in the call (a bfloat16 state of a float32 param) is something to round."""
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    n = 300
+    nadam = Options("nadam", lr=0.1)
+    precision = Precision(1, 7)
+    for dtype, state_dtype, refused in [
+        (np.float32, np.float32, True),
+        (np.float64, np.float64, True),
+        (np.float32, bfloat16, False),
+    ]:
+        param, grad = np.ones(n, dtype), np.ones(n, dtype)
+        states = [np.zeros(n, state_dtype), np.zeros(n, state_dtype)]
+        scalars = nadam.initial_scalars()
+        before = checksum(param, grad, *states, scalars)
+        tensor = make_tensor(param, grad, states, scalars=scalars)
+        extra = TensorPrecision(DTYPES[np.dtype(state_dtype)], None,
+                                (ctypes.c_void_p * MAX_STATES)())  # fmt: skip
+        plan = HANDLE()
+        if route == "step":
+            status = lib.fusedopt_step_with_precision(
+                handles([nadam]), 1, ctypes.byref(tensor), ctypes.byref(extra), 1, None,
+                ctypes.byref(precision),
+            )  # fmt: skip
+        else:
+            status = lib.fusedopt_plan_create_with_precision(
+                handles([nadam]), 1, ctypes.byref(tensor), ctypes.byref(extra), 1,
+                ctypes.byref(precision), ctypes.byref(plan),
+            )  # fmt: skip
+            if status == OK:
+                pointers = (ctypes.c_void_p * 1)(address(grad))
+                status = lib.fusedopt_plan_step(plan, pointers, None)
+                lib.fusedopt_plan_destroy(plan)
+        if refused:
+            assert status == VALUE_ERROR, dtype
+            assert "stochastic_rounding: nothing is stored in 16 bits" in last_error()
+            assert checksum(param, grad, *states, scalars) == before
+            assert plan.value is None
+        else:
+            assert status == OK, last_error()
+            assert (param != 1).all()
 
 
 # ---- Found by an outside review of the C ABI ----------------------------------------------------

@@ -417,6 +417,33 @@ def test_functional_stochastic_rounding_without_a_step_is_refused(algorithm):
     assert all(same(a, b) for a, b in zip(twins, [param, *states]))
 
 
+@pytest.mark.parametrize("algorithm", ["adam", "nadam"])
+def test_functional_stochastic_rounding_with_nothing_in_16_bits_is_refused(algorithm):
+    """As the classes refuse it (Precision.check): with float32 params and float32 states nothing
+    is rounded, so stochastic_rounding=True is a mistake, refused naming it before anything
+    (NAdam's mu_products included) is written. It was accepted and ignored. A bfloat16 state of
+    a float32 param is stored in 16 bits, and rounds."""
+    from fusedopt import functional
+
+    function = getattr(functional, algorithm + "_")
+
+    def new_scalars() -> dict[str, np.ndarray]:  # NAdam's mu_products, as on a first step
+        return {"mu_products": np.ones(1)} if algorithm == "nadam" else {}
+
+    param, grad = np.ones(4096, np.float32), np.full(4096, 1e-3, np.float32)
+    states = [np.zeros(4096, np.float32), np.zeros(4096, np.float32)]
+    scalars = new_scalars()
+    with pytest.raises(ValueError, match="stochastic_rounding: nothing is stored in 16 bits"):
+        function([param], [grad], *([s] for s in states), lr=1e-2, step=1,
+                 stochastic_rounding=True, **scalars)  # fmt: skip
+    assert (param == 1).all() and not any(s.any() for s in states)
+    assert all((v == 1).all() for v in scalars.values())
+    half_states = [np.zeros(4096, BF16), np.zeros(4096, BF16)]
+    function([param], [grad], *([s] for s in half_states), lr=1e-2, step=1,
+             stochastic_rounding=True, **new_scalars())  # fmt: skip
+    assert (param != 1).all()
+
+
 def test_the_seed_chooses_the_bits():
     def run(seed: int) -> np.ndarray:
         param = np.full(4096, 1.0, BF16)

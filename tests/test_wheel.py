@@ -93,6 +93,7 @@ def test_the_repaired_wheel_is_manylinux_and_the_suite_passes_against_it(tmp_pat
     ):
         assert expected in names
     assert any(n.startswith("fusedopt/_core") and n.endswith(".so") for n in names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # BSD-3-Clause's text
 
     # The packages of the environment running this test (numpy, ml_dtypes, pytest, torch, keras,
     # pandas) stay visible so the whole suite runs: a .pth file appends its site-packages, which

@@ -90,7 +90,12 @@ void describe(void* data, int64_t size, int32_t dtype, bool state, BufferInfo& i
   info.contiguous = true;
   info.writeable = true;
   info.dtype_name.clear();
-  if (!known) info.dtype_name = std::to_string(dtype) + " (not a fusedopt_dtype)";
+  if (dtype == FUSEDOPT_INT8_BLOCKWISE && !state)
+    info.dtype_name =
+        "FUSEDOPT_INT8_BLOCKWISE (8-bit storage is for states only, never for a "
+        "param or a grad)";
+  else if (!known)
+    info.dtype_name = std::to_string(dtype) + " (not a fusedopt_dtype)";
 }
 
 BufferInfo describe(void* data, int64_t size, int32_t dtype, bool state = false) {
@@ -308,6 +313,7 @@ class TypedPlan : public fusedopt_plan {
     plan_ = std::make_unique<Plan<A>>(std::move(groups), buffers, schedule.group_of, counts_.data(),
                                       schedule.new_state,
                                       A::scalar_names.size() ? scalars_.rows.data() : nullptr);
+    check_rounding_applies(buffers, StepExtras{std::nullopt, rounding_seed_});
     if constexpr (A::scalar_names.size() > 0) {
       scalar_rows_ = scalar_rows(scalar_sources_);
       check_apart_from_scalars(scalar_rows_, buffers);
@@ -402,6 +408,9 @@ struct TypedOptions : fusedopt_options {
     if (f.number) {
       options.*f.number = value;
     } else if (f.flag) {
+      // Exactly 0 or 1, as the header says: 0.5 or NaN is a caller's mistake (Python refuses
+      // amsgrad=0.5 too), not a request for the flag.
+      if (value != 0 && value != 1) throw OptionError(name, value, "a flag is 0 or 1");
       options.*f.flag = value != 0;
     } else {
       if (value != FUSEDOPT_CONVENTION_TORCH && value != FUSEDOPT_CONVENTION_KERAS)

@@ -75,6 +75,13 @@ struct StepExtras {
 // grads (a Plan registering its params and states) buffers.grads must be empty.
 std::vector<TensorRef> validate_step_buffers(const StepBuffers& buffers, bool with_grads = true);
 
+// Stochastic rounding rounds 16-bit writes only: asked for where no param and no state of the
+// call is bfloat16 or float16, it would change nothing, which is a caller's mistake. Refused as
+// the Python classes refuse it (Precision.check), for a call's own buffers: the functional API and
+// the C ABI. Not in Plan, which the classes use with a device's share of their params, which may
+// hold no 16-bit one though the optimizer's do.
+void check_rounding_applies(const StepBuffers& buffers, const StepExtras& extras);
+
 // The extents of a validated set of buffers, sorted, for checking later buffers against them
 // without sorting everything again (a Plan's grads against its params and states).
 class ExtentIndex {
@@ -257,6 +264,7 @@ PreparedStep<A> prepare_step(const std::vector<typename A::Options>& groups,
                                       "Adam do; unscale the grads before the step)");
   PreparedStep<A> step;
   step.tensors = validate_step_buffers(buffers);
+  check_rounding_applies(buffers, extras);
   check_storage<A>(step.tensors);
   check_schedule(schedule, step.tensors.size(), groups.size());
   check_scalars<A>(schedule.scalars, step.tensors.size());

@@ -261,6 +261,19 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
   return tensors;
 }
 
+void check_rounding_applies(const StepBuffers& b, const StepExtras& extras) {
+  if (!extras.rounding_seed) return;
+  auto sixteen_bit = [](const BufferInfo& buffer) {
+    return buffer.present && (buffer.dtype == Dtype::bfloat16 || buffer.dtype == Dtype::float16);
+  };
+  if (std::any_of(b.params.begin(), b.params.end(), sixteen_bit)) return;
+  for (const std::vector<BufferInfo>& state : b.states)
+    if (std::any_of(state.begin(), state.end(), sixteen_bit)) return;
+  fail(ErrorKind::value,
+       "stochastic_rounding: nothing is stored in 16 bits (no param or state of this call is "
+       "bfloat16 or float16)");
+}
+
 void check_grad(const BufferInfo& grad, size_t index, const BufferInfo& param, bool written) {
   static const std::string params_role = "params", grads_role = "grads";
   const BufferName grad_name{&grads_role, index};

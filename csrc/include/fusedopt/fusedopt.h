@@ -52,9 +52,10 @@ typedef enum fusedopt_dtype {
   FUSEDOPT_FLOAT64 = 1,
   FUSEDOPT_BFLOAT16 = 2,
   FUSEDOPT_FLOAT16 = 3,
-  /* For states only (fusedopt_tensor_precision.state_dtype): bitsandbytes' blockwise 8-bit
-   * state, one uint8 code of its dynamic map per element (the signed map, or the unsigned one for
-   * a non-negative state such as a second moment) and one float32 absmax per 256 elements. */
+  /* For states only (fusedopt_tensor_precision.state_dtype; a param's is refused): bitsandbytes'
+   * blockwise 8-bit state, one uint8 code of its dynamic map per element (the signed map, or the
+   * unsigned one for a non-negative state such as a second moment) and one float32 absmax per 256
+   * elements. */
   FUSEDOPT_INT8_BLOCKWISE = 4
 } fusedopt_dtype;
 
@@ -99,7 +100,8 @@ FUSEDOPT_API fusedopt_status fusedopt_options_copy(const fusedopt_options* optio
 FUSEDOPT_API void fusedopt_options_destroy(fusedopt_options* options);
 /* The algorithm an options object is for. Static storage. */
 FUSEDOPT_API const char* fusedopt_options_algorithm(const fusedopt_options* options);
-/* A value error for an unknown name; a value is checked when a step (or a plan) takes it. */
+/* A value error for an unknown name, a flag other than exactly 0 or 1, or a convention that is
+ * neither; any other value is checked when a step (or a plan) takes it. */
 FUSEDOPT_API fusedopt_status fusedopt_options_set(fusedopt_options* options, const char* name,
                                                   double value);
 FUSEDOPT_API fusedopt_status fusedopt_options_get(const fusedopt_options* options, const char* name,
@@ -174,7 +176,9 @@ typedef struct fusedopt_tensor_precision {
 /* How 16-bit params and states are written (Python's stochastic_rounding and seed). */
 typedef struct fusedopt_precision {
   /* Nonzero: rounded stochastically, from random bits keyed by (seed, the tensor's step, the
-   * element's index): the same bits for any thread count or ISA. Zero: to nearest, ties to even. */
+   * element's index): the same bits for any thread count or ISA. Zero: to nearest, ties to even.
+   * Nonzero where no param and no state of the call is bfloat16 or float16 is a value error
+   * (nothing would be rounded). */
   int32_t stochastic_rounding;
   uint64_t seed;
 } fusedopt_precision;
