@@ -1240,6 +1240,9 @@ PYBIND11_MODULE(_core, m) {
           s.scalars = writeable_array<double>(
               scalars, "scalars", static_cast<py::ssize_t>(param_items.size()) * kMaxScalars);
           py::gil_scoped_release release;
+          // From the scalars' advance (prepare_step) to the kernels' last write; the GIL released
+          // first, as StepInProgress requires.
+          const cpu::StepInProgress writing;
           run_step(prepare_step<A>(options, s, b, extras));
         });
       },
@@ -1332,6 +1335,7 @@ PYBIND11_MODULE(_core, m) {
           std::vector<TensorRef> tensors;
         } context{cpu::kernels().stream_add, validate_step_buffers(b)};
         py::gil_scoped_release release;
+        const cpu::StepInProgress writing;
         run_work(
             context.tensors.size(), context.tensors.data(),
             [](void* c, size_t i, int64_t begin, int64_t end) {
