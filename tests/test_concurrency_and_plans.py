@@ -11,7 +11,10 @@ through a stale description.
 from __future__ import annotations
 
 import gc
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -488,3 +491,78 @@ def test_functional_from_two_threads_on_their_own_arrays() -> None:
         for t in range(1, 6):
             F.adam_(p, grads, m, v, step=t, lr=0.01 * key)
         np.testing.assert_array_equal(results[key], p)
+
+
+def test_a_cached_plan_refuses_to_step_once_a_registered_array_died() -> None:
+    """A borrowed plan holds its arrays for the step from its weak references: one whose array is
+    gone says so rather than step freed memory."""
+    p, m, v = np.zeros(16), np.zeros(16), np.zeros(16)
+    ms = [m]
+    F.adam_([p], [np.ones(16)], ms, [v], step=1, lr=0.1)
+    plan, _ = F._cache.plans[("adam", 1, id(p))]  # this thread's plan for these arrays
+    del m, ms
+    gc.collect()
+    before = checksum(p, v)
+    with pytest.raises(ValueError, match="no longer exists"):
+        plan.step([np.ones(16)], None, 2)
+    assert checksum(p, v) == before
+
+
+# Another thread drops the last reference to the states (and param) of a functional call while its
+# native step runs with the GIL released. A cached plan keeps only weak references, so before the
+# step held the arrays itself it wrote into memory already returned to the system (64 MiB arrays:
+# malloc maps and unmaps them on their own) and the interpreter died of SIGSEGV. Each round runs
+# the cached plan's path (a second call on the same arrays) and the first call's (new states),
+# each with the lists emptied about 5 ms into a step of some 50 ms. Run in a subprocess: what
+# fails is the process.
+_DROPPED_MID_STEP = """
+import threading, time
+import numpy as np
+from fusedopt.functional import adam_
+
+N = 1 << 24
+params, grads = [np.zeros(N, np.float32)], [np.full(N, 0.1, np.float32)]
+ms, vs = [None], [None]
+go, dropped = threading.Event(), threading.Event()
+
+def drop():
+    while go.wait() and ms[0] is not None:
+        go.clear()
+        time.sleep(0.005)
+        ms[0] = vs[0] = np.zeros(1, np.float32)  # the step's states lose their last reference
+        dropped.set()
+
+def interfered(step):
+    dropped.clear()
+    go.set()
+    try:
+        adam_(params, grads, ms, vs, step=step, lr=1e-3)
+    except ValueError:
+        pass  # the lists changed before the step took its arrays: refused, nothing freed used
+    dropped.wait()
+
+dropper = threading.Thread(target=drop)
+dropper.start()
+for round in range(4):
+    ms[0], vs[0] = np.zeros(N, np.float32), np.zeros(N, np.float32)
+    adam_(params, grads, ms, vs, step=1, lr=1e-3)  # the plan, cached
+    interfered(2)  # through the cached plan
+    ms[0], vs[0] = np.zeros(N, np.float32), np.zeros(N, np.float32)
+    interfered(1)  # a plan made for these states, stepped at once
+ms[0] = None
+go.set()
+dropper.join()
+print("survived")
+"""
+
+
+def test_functional_arrays_dropped_by_another_thread_mid_step_stay_alive_for_the_step() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _DROPPED_MID_STEP],
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr}"
+    assert result.stdout.strip() == "survived"

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import fusedopt
+import fusedopt.functional as F
 import fusedopt.keras_numpy
 from fusedopt import _core
 
@@ -280,9 +281,10 @@ def torch_adam(param: np.ndarray) -> Callable[[np.ndarray], None]:
 def test_a_child_forked_while_another_thread_steps_the_same_optimizer_can_step_it(
     make: Callable[[np.ndarray], Callable[[np.ndarray], None]],
 ) -> None:
-    """The other thread holds the optimizer's lock (and its plan's mutex) at most forks: the
-    child has a fresh lock and registers its arrays again. Steps below the pool's threshold, so
-    that the fork does not wait for them."""
+    """The other thread holds the optimizer's lock (and often its plan's mutex) at most forks:
+    the fork waits for its native step to end, but the thread needs the GIL, which the forking
+    thread holds, to release the lock. The child has a fresh lock and registers its arrays
+    again. Steps below the pool's threshold, which run on the stepping thread."""
     param, grad = np.zeros(60_000, np.float32), np.ones(60_000, np.float32)
     step = make(param)
     stop, steps = threading.Event(), [0]
@@ -316,6 +318,80 @@ def test_a_child_forked_while_another_thread_steps_the_same_optimizer_can_step_i
         stepper.join()
     assert outcomes == ["exit 0"] * FORKS
     step(grad)  # the parent's optimizer still steps
+
+
+# A step's tensors of equal elements (one grad value everywhere) stay equal elementwise: a child
+# that sees two values in one was forked in the middle of a step.
+TORN_SIZE = 1 << 23  # a step of some 30 ms on one thread: most forks land in one
+# Before the fix 4 to 6 forks in 10 landed mid-step and saw a param half-updated (when the step ran
+# on its own thread: one thread set, or the pool busy with another thread's step), so 16 clean
+# forks were under 1e-4 likely; after it, the fork waits for every step in progress, so none is
+# torn.
+TORN_FORKS = 16
+
+
+def adam_in_a_loop() -> tuple[Callable[[], None], Callable[[], list[np.ndarray]]]:
+    p, g = np.ones(TORN_SIZE, np.float32), np.full(TORN_SIZE, 0.1, np.float32)
+    opt = fusedopt.Adam([p], lr=1e-3)
+    opt.step([g])
+    return lambda: opt.step([g]), lambda: [p, opt.state[0]["exp_avg"], opt.state[0]["exp_avg_sq"]]
+
+
+def lamb_in_a_loop() -> tuple[Callable[[], None], Callable[[], list[np.ndarray]]]:
+    """Two passes a step (the norms, then the update): the fork must not land between them."""
+    p, g = np.ones(TORN_SIZE, np.float32), np.full(TORN_SIZE, 0.1, np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    steps = iter(range(1, 2**62))
+    return lambda: F.lamb_(p, g, m, v, step=next(steps), lr=1e-3), lambda: [p, m, v]
+
+
+@needs_fork
+@pytest.mark.parametrize(
+    "threads, steppers",
+    [
+        (1, [adam_in_a_loop]),  # every step on its own thread
+        (1, [lamb_in_a_loop]),
+        (2, [adam_in_a_loop, adam_in_a_loop]),  # the step that finds the pool busy runs inline
+    ],
+    ids=["one_thread-adam", "one_thread-lamb", "pool_busy-adam"],
+)
+def test_a_fork_waits_for_every_step_in_progress_whatever_its_size_or_threads(
+    threads: int, steppers: list[Callable]
+) -> None:
+    """README: a process forked while another thread is in a step waits for that step to finish.
+    It did only for a step holding the pool: a step on its calling thread (one thread, a step
+    under 65536 elements, or the pool busy) was copied into the child half-done."""
+    previous = fusedopt.num_threads()
+    fusedopt.set_num_threads(threads)
+    made = [make() for make in steppers]
+    stop = threading.Event()
+
+    def step_in_a_loop(step: Callable[[], None]) -> None:
+        while not stop.is_set():
+            step()
+
+    threads_stepping = [threading.Thread(target=step_in_a_loop, args=(s,)) for s, _ in made]
+    for t in threads_stepping:
+        t.start()
+    outcomes: list[str] = []
+    try:
+        for _ in range(TORN_FORKS):
+            stop.wait(0.005)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:
+                whole = all(a.min() == a.max() for _, arrays in made for a in arrays())
+                os._exit(0 if whole else 1)
+            outcomes.append(wait_for_child(pid, CHILD_TIMEOUT_S))
+            if outcomes[-1] != "exit 0":
+                break
+    finally:
+        stop.set()
+        for t in threads_stepping:
+            t.join()
+        fusedopt.set_num_threads(previous)
+    assert outcomes == ["exit 0"] * TORN_FORKS  # exit 1: the child saw a step half-done
 
 
 # Below 1 the message names n and the bound 1; above the limit it names n and the limit.

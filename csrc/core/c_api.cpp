@@ -330,6 +330,8 @@ class TypedPlan : public fusedopt_plan {
     // The workers are kept awake from here: many grads are described on the pool (a failure is
     // found again on this thread, in order), then the core's step checks them there.
     const cpu::StayAwake awake(plan_->uses_pool());
+    // Until the scalars are copied back to the caller's arrays, after the core's step.
+    const cpu::StepInProgress writing;
     grad_infos_.resize(n);
     auto describe_grads = [&](size_t begin, size_t end) {
       for (auto i = static_cast<int64_t>(begin); i < static_cast<int64_t>(end); ++i) {
@@ -457,6 +459,8 @@ struct TypedOptions : fusedopt_options {
     if (grad_scale) extras.grad_scale = *grad_scale;
     extras.rounding_seed = rounding_seed_of(precision);
     buffers.grads_written = grad_scale != nullptr;
+    // Until the scalars are copied back to the caller's arrays, after the kernels.
+    const cpu::StepInProgress writing;
     ScalarRows scalars;
     scalars.gather(sources);
     if (A::scalar_names.size() > 0) schedule.scalars = scalars.rows.data();

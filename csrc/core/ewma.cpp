@@ -139,6 +139,7 @@ void ewma(const double* x, double* out, int64_t length, int64_t num_series, int6
   const int64_t items = (num_series + w.series_per_item - 1) / w.series_per_item;
   const bool dense =
       side_by_side ? time_stride == num_series : time_stride == 1 && series_stride == length;
+  const cpu::StepInProgress writing;  // out is the caller's: a fork waits for it whole
   if (items > 1 && dense) first_touch(out, length * num_series);
   cpu::parallel_for(items, ewma_item, &w);
 }

@@ -300,6 +300,9 @@ void run_tensor_blocks(void* context, size_t i, int64_t first_block, int64_t end
 // or null.
 template <class A>
 void run_step(const PreparedStep<A>& step, const WorkLayout* layout = nullptr) {
+  // Both passes of a two-pass algorithm: a child forked between them would see states updated
+  // and params not.
+  const cpu::StepInProgress writing;
   const size_t n = step.tensors.size();
   const AlgorithmKernels<A>* kernels = &kernels_of<A>(cpu::kernels());
   if constexpr (A::reductions > 0) {
@@ -412,6 +415,8 @@ class Plan {
             std::optional<int64_t> step) {
     std::lock_guard<std::mutex> lock(mutex_);
     const cpu::StayAwake awake(uses_pool());
+    // The kernels, the scalars advanced and the step counts: a fork waits for all of them.
+    const cpu::StepInProgress writing;
     const size_t n = step_.tensors.size();
     if (grads.size() != n)
       throw Error(ErrorKind::value, "grads: expected " + std::to_string(n) +

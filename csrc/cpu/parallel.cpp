@@ -243,28 +243,76 @@ ThreadPool* pool = nullptr;  // owned; replaced by set_num_threads
 pid_t pool_pid = 0;          // a forked child has none of its parent's threads
 std::atomic<int> requested_threads{default_num_threads()};
 
-// fork() copies only the thread that calls it. Without these handlers a child forked while
-// another thread of the parent was inside a step inherited pool_mutex locked, with no thread left
-// to unlock it, and ran every step of its life on one thread (try_to_lock always failed).
-// prepare takes pool_mutex, so the fork waits for a step in flight on another thread to finish
-// (steps do not wait on anything the forking thread may hold: they run with the GIL released, and
-// the workers need only the pool's own mutex). The parent then releases it; the child releases it
-// too (the forking thread, the child's only thread, holds it) and drops the parent's pool, whose
-// workers do not exist there: the object is leaked, since destroying it would join threads that
-// are not there and its own mutex may have been held by one of them. The child's next large step
-// starts a fresh pool.
-void lock_pool_before_fork() { pool_mutex.lock(); }
-void unlock_pool_in_parent() { pool_mutex.unlock(); }
-void reset_pool_in_child() {
+// The threads in a step (StepInProgress), each counted once however deeply its steps nest, and
+// the forks being prepared (a count: two threads may fork at once, and the first one done must
+// not let steps start under the second). A step counts itself in and then looks for a fork; a
+// fork counts itself in and then counts the steps: with both sequentially consistent, either the
+// step sees the fork (and steps aside until it is done) or the fork sees the step (and waits).
+std::atomic<int> threads_in_step{0};
+std::atomic<int> forks_pending{0};
+thread_local int steps_of_this_thread = 0;
+// Guards the waits on both sides; held by the forking thread from its prepare handler until
+// after fork() returns, so that the child's copy is held by no thread but its own.
+std::mutex fork_mutex;
+// Signalled when a step ends while a fork waits, and when the fork is done. A pointer: the child
+// replaces it, its copy of the parent's possibly listing waiters that do not exist there (leaked,
+// as the pool is).
+std::condition_variable* fork_signal = new std::condition_variable;
+
+// Whether the forking thread may go on: no thread but itself is in a step.
+bool only_this_thread_in_step() {
+  return threads_in_step.load() == (steps_of_this_thread > 0 ? 1 : 0);
+}
+
+void leave_step() {
+  threads_in_step.fetch_sub(1);
+  if (forks_pending.load() > 0) {
+    std::lock_guard<std::mutex> lock(fork_mutex);
+    fork_signal->notify_all();
+  }
+}
+
+// fork() copies only the thread that calls it, and the memory as it is at that instant.
+// prepare first waits for every step in progress on another thread to end, new ones waiting
+// meanwhile (README: "the fork waits for that step to finish"): without this a child forked while
+// a step ran on the calling thread (one thread, a small step, or the pool busy with another
+// thread's step) inherited params and states half-updated. Steps do not wait on anything the
+// forking thread may hold: they hold StepInProgress with the GIL released, and the workers need
+// only the pool's own mutex. prepare then takes pool_mutex: without it a child forked while
+// another thread of the parent was inside parallel_for inherited pool_mutex locked, with no
+// thread left to unlock it, and ran every step of its life on one thread (try_to_lock always
+// failed). The parent then releases both and lets the waiting steps go; the child releases them
+// too (the forking thread, the child's only thread, holds them), counts only its own step, if
+// any, and drops the parent's pool, whose workers do not exist there: the object is leaked, since
+// destroying it would join threads that are not there and its own mutex may have been held by
+// one of them. The child's next large step starts a fresh pool.
+void prepare_fork() {
+  std::unique_lock<std::mutex> lock(fork_mutex);
+  forks_pending.fetch_add(1);
+  fork_signal->wait(lock, only_this_thread_in_step);
+  lock.release();  // held across fork(), released by the handlers below
+  pool_mutex.lock();
+}
+void resume_in_parent() {
+  pool_mutex.unlock();
+  forks_pending.fetch_sub(1);
+  fork_signal->notify_all();
+  fork_mutex.unlock();
+}
+void reset_in_child() {
   pool = nullptr;
   pool_pid = getpid();
   // Steps of other threads may have held a StayAwake across the fork: in the child only the
   // forking thread's own guards remain, and their destructors will lower the count.
   awake_steps.store(awake_steps_of_this_thread);
   pool_mutex.unlock();
+  threads_in_step.store(steps_of_this_thread > 0 ? 1 : 0);
+  forks_pending.store(0);  // another thread's fork in the parent has no thread here
+  fork_signal = new std::condition_variable;
+  fork_mutex.unlock();
 }
 [[maybe_unused]] const int fork_handlers_registered =
-    pthread_atfork(lock_pool_before_fork, unlock_pool_in_parent, reset_pool_in_child);
+    pthread_atfork(prepare_fork, resume_in_parent, reset_in_child);
 
 }  // namespace
 
@@ -311,6 +359,28 @@ StayAwake::~StayAwake() {
   if (!engaged_) return;
   awake_steps.fetch_sub(1);
   --awake_steps_of_this_thread;
+}
+
+StepInProgress::StepInProgress() {
+  // Nested (a plan's step inside the C ABI's, run_step inside a plan's): the outer one counts
+  // this thread, and a fork may be waiting for it.
+  if (steps_of_this_thread > 0) {
+    ++steps_of_this_thread;
+    return;
+  }
+  for (;;) {
+    threads_in_step.fetch_add(1);
+    if (forks_pending.load() == 0) break;
+    // A fork is being prepared: step aside until it is done.
+    leave_step();
+    std::unique_lock<std::mutex> lock(fork_mutex);
+    fork_signal->wait(lock, [] { return forks_pending.load() == 0; });
+  }
+  ++steps_of_this_thread;
+}
+
+StepInProgress::~StepInProgress() {
+  if (--steps_of_this_thread == 0) leave_step();
 }
 
 int threads_used_by_parallel_for(int64_t count) {

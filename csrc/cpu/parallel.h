@@ -52,6 +52,23 @@ class StayAwake {
   bool engaged_;
 };
 
+// Holds off fork() while a step writes the caller's memory, from construction to destruction:
+// pthread_atfork's prepare handler waits for every step in progress on another thread to end (and
+// keeps new ones from starting until the fork is done), so a child never sees a param or state
+// half-updated. Held for the whole of a step's writes (both passes of a two-pass algorithm, the
+// step counts and scalars it advances), whether or not the step uses the pool. A nested one, and
+// a fork by the thread that holds one, never wait. Taken only where the step waits for nothing a
+// forking thread may hold: with the GIL released (the forking thread holds it, and would wait
+// for a step that waits for it), and after the plan's own lock. Costs a step an atomic increment
+// and a load on entry, a decrement and a load on exit (a nested one: a thread-local count).
+class StepInProgress {
+ public:
+  StepInProgress();
+  ~StepInProgress();
+  StepInProgress(const StepInProgress&) = delete;
+  StepInProgress& operator=(const StepInProgress&) = delete;
+};
+
 // Whether check(begin, end) holds for every slice of `slice` indices of [0, count): the checks a
 // step makes per tensor before it writes anything (ten thousand tensors take a millisecond on
 // one thread), on the pool's threads when count spans two slices or more. A slice stops at its

@@ -336,6 +336,18 @@ bool refers_to(PyObject* reference, PyObject* object) {
   return object != Py_None && reinterpret_cast<PyWeakReference*>(reference)->wr_object == object;
 }
 
+// A new reference to every item of `objects` but None: what a step over arrays the plan does not
+// own holds while it runs with the GIL released, so that another thread dropping the caller's last
+// reference (replacing a list item) cannot free memory the step reads or writes. One vector per
+// call; the increments are the only per-array cost.
+std::vector<py::object> hold(const std::vector<PyObject*>& objects) {
+  std::vector<py::object> held;
+  held.reserve(objects.size());
+  for (PyObject* object : objects)
+    if (object != Py_None) held.push_back(py::reinterpret_borrow<py::object>(object));
+  return held;
+}
+
 template <class A>
 class PythonPlan : public AnyPlan {
  public:
@@ -433,8 +445,11 @@ class PythonPlan : public AnyPlan {
       return true;
     });
     if (!same) return false;
+    // The items are the caller's lists' (borrowed): held from here, before set_options (which may
+    // run Python code, a number's __float__) and across the step, which releases the GIL.
+    const std::vector<py::object> held = hold(items);
     if (!values.is_none()) set_options(0, values);
-    this->step(grads, grad_scale, step);
+    step_held(grads, grad_scale, step);
     return true;
   }
 
@@ -445,20 +460,22 @@ class PythonPlan : public AnyPlan {
   }
 
   void step(py::handle grads, py::handle grad_scale, std::optional<int64_t> step) override {
-    const cpu::StayAwake awake(registered_->plan.uses_pool());
-    const py::tuple items = items_of(grads, "grads");
-    if (!all_unchanged(registered_->fingerprints)) register_buffers();
-    thread_local std::vector<BufferInfo> infos;
-    describe_items(items, "grads", infos);
-    const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
-    // This frame keeps the grads (items) alive while the GIL is released, and the plan, even if
-    // another thread re-registers meanwhile; the registered arrays are kept by references_.
-    const std::shared_ptr<Registered> registered = registered_;
-    {
-      py::gil_scoped_release release;
-      registered->plan.step(infos, extras, step);
+    if (!borrowed_) return step_held(grads, grad_scale, step);  // references_ holds every array
+    // A borrowed plan's arrays, held for the call (the functional API's first call steps its new
+    // plan at once: another thread may have emptied the caller's lists since it was made). Taken
+    // before the fingerprints are compared, which reads every array.
+    std::vector<py::object> held;
+    held.reserve(references_.size());
+    for (const py::object& reference : references_) {
+      if (reference.is_none()) continue;  // a None item, registered as itself
+      PyObject* referent = reinterpret_cast<PyWeakReference*>(reference.ptr())->wr_object;
+      if (referent == Py_None)  // what a dead referent's weak reference holds
+        throw Error(ErrorKind::value,
+                    "an array this borrowed plan registered no longer exists: another thread "
+                    "dropped it from the lists since the plan was made");
+      held.push_back(py::reinterpret_borrow<py::object>(referent));
     }
-    std::fill(new_state_.begin(), new_state_.end(), 0);
+    step_held(grads, grad_scale, step);
   }
 
   size_t size() const override { return params_.size(); }
@@ -468,6 +485,26 @@ class PythonPlan : public AnyPlan {
     Plan<A> plan;
     std::vector<Fingerprint> fingerprints;
   };
+
+  // A step, the caller holding a reference to every registered array (references_ does for a plan
+  // that is not borrowed).
+  void step_held(py::handle grads, py::handle grad_scale, std::optional<int64_t> step) {
+    const cpu::StayAwake awake(registered_->plan.uses_pool());
+    const py::tuple items = items_of(grads, "grads");
+    if (!all_unchanged(registered_->fingerprints)) register_buffers();
+    thread_local std::vector<BufferInfo> infos;
+    describe_items(items, "grads", infos);
+    const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
+    // This frame keeps the grads (items) alive while the GIL is released, and the plan, even if
+    // another thread re-registers meanwhile; the registered arrays are kept by references_ or,
+    // for a borrowed plan, by the caller (step, step_if_same).
+    const std::shared_ptr<Registered> registered = registered_;
+    {
+      py::gil_scoped_release release;
+      registered->plan.step(infos, extras, step);
+    }
+    std::fill(new_state_.begin(), new_state_.end(), 0);
+  }
 
   void register_buffers() {
     StepBuffers b;
@@ -1208,6 +1245,9 @@ PYBIND11_MODULE(_core, m) {
           s.scalars = writeable_array<double>(
               scalars, "scalars", static_cast<py::ssize_t>(param_items.size()) * kMaxScalars);
           py::gil_scoped_release release;
+          // From the scalars' advance (prepare_step) to the kernels' last write; the GIL released
+          // first, as StepInProgress requires.
+          const cpu::StepInProgress writing;
           run_step(prepare_step<A>(options, s, b, extras));
         });
       },
@@ -1301,6 +1341,7 @@ PYBIND11_MODULE(_core, m) {
           std::vector<TensorRef> tensors;
         } context{cpu::kernels().stream_add, validate_step_buffers(b)};
         py::gil_scoped_release release;
+        const cpu::StepInProgress writing;
         run_work(
             context.tensors.size(), context.tensors.data(),
             [](void* c, size_t i, int64_t begin, int64_t end) {

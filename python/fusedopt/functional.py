@@ -345,7 +345,8 @@ def _step_cached(
     scale: float | None,
     step: int,
 ) -> bool:
-    """A step through a cached plan; False (nothing done) for device arrays."""
+    """A step through a cached plan; False (nothing done) for device arrays, or for lists that
+    another thread changed while the plan was being made."""
     if not params or type(params[0]) is not np.ndarray:
         return False
     try:
@@ -375,8 +376,10 @@ def _step_cached(
     if len(plans) >= _MAX_PLANS:
         del plans[next(iter(plans))]
     plans[key] = (plan, options)
-    plan.step(grads, scale, step)
-    return True
+    # Through step_if_same, as a cached plan steps: the arrays are held for the step only while
+    # the lists still hold the very ones registered (another thread may have replaced one since
+    # the plan was made); when not, the uncached path steps the lists' arrays.
+    return bool(plan.step_if_same(params, states, grads, scale, step, None))
 
 
 def _make(algorithm: str) -> Any:
