@@ -336,17 +336,49 @@ bool refers_to(PyObject* reference, PyObject* object) {
   return object != Py_None && reinterpret_cast<PyWeakReference*>(reference)->wr_object == object;
 }
 
-// A new reference to every item of `objects` but None: what a step over arrays the plan does not
-// own holds while it runs with the GIL released, so that another thread dropping the caller's last
-// reference (replacing a list item) cannot free memory the step reads or writes. One vector per
-// call; the increments are the only per-array cost.
-std::vector<py::object> hold(const std::vector<PyObject*>& objects) {
-  std::vector<py::object> held;
-  held.reserve(objects.size());
-  for (PyObject* object : objects)
-    if (object != Py_None) held.push_back(py::reinterpret_borrow<py::object>(object));
-  return held;
-}
+// A new reference to every item of `objects` but None, for as long as it lives: what a step over
+// arrays the plan does not own holds while it runs with the GIL released, so that another thread
+// dropping the caller's last reference (replacing a list item) cannot free memory the step reads
+// or writes. Each count is a cache miss on an array the step has not touched yet (Adam over 10,000
+// tensors: 30,000 of them, 200 us a call on one thread), so many are counted on the pool's
+// threads, as the fingerprints are compared: this thread holds the GIL meanwhile, so no Python
+// thread changes a count, and no object is listed twice (a plan's arrays do not overlap). A
+// release that would free an object (another thread dropped it during the step) is left to this
+// thread, where deallocation may run.
+class Held {
+ public:
+  explicit Held(std::vector<PyObject*> objects) : objects_(std::move(objects)) {
+    cpu::all_slices(objects_.size(), 2048, [this](size_t begin, size_t end) {
+      for (size_t k = begin; k < end; ++k)
+        if (objects_[k] != Py_None) Py_INCREF(objects_[k]);
+      return true;
+    });
+  }
+  ~Held() {
+    std::atomic<bool> last_references{false};
+    cpu::all_slices(objects_.size(), 2048, [&](size_t begin, size_t end) {
+      for (size_t k = begin; k < end; ++k) {
+        PyObject* object = objects_[k];
+        if (object == Py_None) continue;
+        if (Py_REFCNT(object) > 1) {
+          Py_DECREF(object);  // not the last: nothing is freed
+          objects_[k] = Py_None;
+        } else {
+          last_references = true;
+        }
+      }
+      return true;
+    });
+    if (last_references)
+      for (PyObject* object : objects_)
+        if (object != Py_None) Py_DECREF(object);
+  }
+  Held(const Held&) = delete;
+  Held& operator=(const Held&) = delete;
+
+ private:
+  std::vector<PyObject*> objects_;
+};
 
 template <class A>
 class PythonPlan : public AnyPlan {
@@ -446,8 +478,9 @@ class PythonPlan : public AnyPlan {
     });
     if (!same) return false;
     // The items are the caller's lists' (borrowed): held from here, before set_options (which may
-    // run Python code, a number's __float__) and across the step, which releases the GIL.
-    const std::vector<py::object> held = hold(items);
+    // run Python code, a number's __float__, even a call that refills this thread's vector) and
+    // across the step, which releases the GIL.
+    const Held held(std::move(items));
     if (!values.is_none()) set_options(0, values);
     step_held(grads, grad_scale, step);
     return true;
@@ -464,8 +497,8 @@ class PythonPlan : public AnyPlan {
     // A borrowed plan's arrays, held for the call (the functional API's first call steps its new
     // plan at once: another thread may have emptied the caller's lists since it was made). Taken
     // before the fingerprints are compared, which reads every array.
-    std::vector<py::object> held;
-    held.reserve(references_.size());
+    std::vector<PyObject*> referents;
+    referents.reserve(references_.size());
     for (const py::object& reference : references_) {
       if (reference.is_none()) continue;  // a None item, registered as itself
       PyObject* referent = reinterpret_cast<PyWeakReference*>(reference.ptr())->wr_object;
@@ -473,8 +506,9 @@ class PythonPlan : public AnyPlan {
         throw Error(ErrorKind::value,
                     "an array this borrowed plan registered no longer exists: another thread "
                     "dropped it from the lists since the plan was made");
-      held.push_back(py::reinterpret_borrow<py::object>(referent));
+      referents.push_back(referent);
     }
+    const Held held(std::move(referents));
     step_held(grads, grad_scale, step);
   }
 
