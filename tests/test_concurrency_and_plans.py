@@ -566,3 +566,18 @@ def test_functional_arrays_dropped_by_another_thread_mid_step_stay_alive_for_the
     )
     assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr}"
     assert result.stdout.strip() == "survived"
+
+
+def test_a_zero_size_array_listed_many_times_keeps_its_reference_count() -> None:
+    """A zero-size array passes the overlap checks, so the functional API may see it thousands
+    of times in one call; the references its step holds were counted on several pool threads at
+    once, which lost updates (the count drifted by thousands a call)."""
+    import sys
+
+    empty = np.zeros(0, np.float32)
+    grad = np.zeros(0, np.float32)
+    arrays = [empty] * 5000
+    before = sys.getrefcount(empty)
+    for step in range(1, 21):
+        F.adam_(arrays, [grad] * 5000, arrays, arrays, step=step, lr=1e-3)
+    assert sys.getrefcount(empty) == before

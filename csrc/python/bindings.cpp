@@ -339,39 +339,18 @@ bool refers_to(PyObject* reference, PyObject* object) {
 // A new reference to every item of `objects` but None, for as long as it lives: what a step over
 // arrays the plan does not own holds while it runs with the GIL released, so that another thread
 // dropping the caller's last reference (replacing a list item) cannot free memory the step reads
-// or writes. Each count is a cache miss on an array the step has not touched yet (Adam over 10,000
-// tensors: 30,000 of them, 200 us a call on one thread), so many are counted on the pool's
-// threads, as the fingerprints are compared: this thread holds the GIL meanwhile, so no Python
-// thread changes a count, and no object is listed twice (a plan's arrays do not overlap). A
-// release that would free an object (another thread dropped it during the step) is left to this
-// thread, where deallocation may run.
+// or writes. Counted on this thread, which holds the GIL: an object may be listed twice (a
+// zero-size array passes the overlap checks), so counting on the pool's threads lost updates.
+// Each count is a cache miss (Adam over 10,000 tensors: about 200 us a call).
 class Held {
  public:
   explicit Held(std::vector<PyObject*> objects) : objects_(std::move(objects)) {
-    cpu::all_slices(objects_.size(), 2048, [this](size_t begin, size_t end) {
-      for (size_t k = begin; k < end; ++k)
-        if (objects_[k] != Py_None) Py_INCREF(objects_[k]);
-      return true;
-    });
+    for (PyObject* object : objects_)
+      if (object != Py_None) Py_INCREF(object);
   }
   ~Held() {
-    std::atomic<bool> last_references{false};
-    cpu::all_slices(objects_.size(), 2048, [&](size_t begin, size_t end) {
-      for (size_t k = begin; k < end; ++k) {
-        PyObject* object = objects_[k];
-        if (object == Py_None) continue;
-        if (Py_REFCNT(object) > 1) {
-          Py_DECREF(object);  // not the last: nothing is freed
-          objects_[k] = Py_None;
-        } else {
-          last_references = true;
-        }
-      }
-      return true;
-    });
-    if (last_references)
-      for (PyObject* object : objects_)
-        if (object != Py_None) Py_DECREF(object);
+    for (PyObject* object : objects_)
+      if (object != Py_None) Py_DECREF(object);
   }
   Held(const Held&) = delete;
   Held& operator=(const Held&) = delete;
