@@ -23,6 +23,7 @@ from bench.algorithms import LR, WEIGHT_DECAY, best_isa
 from bench.timing import Candidate, Timing, measure
 
 FUSEDOPT_TORCH = "fusedopt.torch"
+PYTHON_CHECKS = ", Python checks"
 NUMPY_VIEWS = "fusedopt NumPy views"
 DEEPSPEED = "DeepSpeed CPU Adam"
 
@@ -89,17 +90,29 @@ def _select(threads: int) -> Callable[[], None]:
 
 
 def fusedopt_torch_candidate(
-    name: str, w: TorchWorkload, options: dict[str, Any], threads: int, renew: bool
+    name: str,
+    w: TorchWorkload,
+    options: dict[str, Any],
+    threads: int,
+    renew: bool,
+    shim: bool = True,
 ) -> Candidate:
+    """``shim=False``: its plan checks each step through torch's Python methods, as where
+    libtorch's C shim is unusable (its first step, which makes the plan, is taken here)."""
+    import fusedopt._core
+
     import fusedopt.torch
 
     optimizer = getattr(fusedopt.torch, name)(w.params, **options)
-    return Candidate(
-        f"{FUSEDOPT_TORCH} {threads}t",
-        optimizer.step,
-        _select(threads),
-        w.renew if renew else None,
-    )
+    label = f"{FUSEDOPT_TORCH} {threads}t"
+    if not shim:
+        was = fusedopt._core._torch_shim(False)
+        try:
+            optimizer.step()
+        finally:
+            fusedopt._core._torch_shim(was)
+        label += PYTHON_CHECKS
+    return Candidate(label, optimizer.step, _select(threads), w.renew if renew else None)
 
 
 def numpy_views_candidate(
@@ -266,6 +279,10 @@ def run_torch_cases(
             fusedopt_torch_candidate("Adam", w, {"lr": LR}, threads, renew=True),
             torch_candidate("Adam", w, {"lr": LR}, "fused", threads, renew=True),
         ]
+        if key == "many-adam":  # what reading tensors through libtorch's C shim saves
+            candidates.append(
+                fusedopt_torch_candidate("Adam", w, {"lr": LR}, threads, renew=True, shim=False)
+            )
         cases.append(
             TorchCase(key, label, len(case_shapes), w.num_elements, measure(candidates, timing), {})
         )

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import fusedopt._core  # noqa: E402
+
 import fusedopt.cuda  # noqa: E402
 import fusedopt.torch as ft  # noqa: E402
 
@@ -34,6 +36,25 @@ CUDA_UNUSABLE = (
 )
 needs_cuda = pytest.mark.skipif(CUDA_UNUSABLE is not None, reason=f"no CUDA: {CUDA_UNUSABLE}")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+@pytest.fixture(autouse=True, scope="module", params=["shim", "python"])
+def tensor_reading(request: pytest.FixtureRequest) -> Any:
+    """Every test here runs twice: with a step's checks reading tensors through libtorch's C shim
+    (the default, TorchShim in bindings.cpp), and through torch's Python methods (where the shim
+    is unusable, and where the shim finds anything unexpected)."""
+    core = fusedopt._core
+    was = core._torch_shim()
+    core._torch_shim(request.param == "shim")
+    yield request.param
+    core._torch_shim(was)
+
+
+def test_steps_read_tensors_through_the_shim_where_torch_offers_it(tensor_reading: str) -> None:
+    # This torch (2.13, CPython, Linux) exports the shim and lays its tensors out as expected:
+    # if that changes, every step silently takes the slower route.
+    assert fusedopt._core._torch_shim() == (tensor_reading == "shim")
+
 
 STEPS = 30
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}  # relative to 1 + |x|

@@ -2,12 +2,14 @@
 // lands in the caller's memory), described to the core, which validates and runs them with the
 // GIL released. Generic over the registry of algorithm descriptions: every algorithm is reached
 // by its name, with its options as values in the order of its fields.
+#include <dlfcn.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -584,7 +586,7 @@ struct TorchNames {
   py::object data_ptr, is_contiguous, stride, empty_like;
   // TensorBase's descriptors of the properties a step reads of every grad, read through the
   // descriptor (read_property) for the same reason.
-  py::object dtype_property, shape_property, is_cpu_property;
+  py::object dtype_property, shape_property, is_cpu_property, grad_property;
   py::object float32, float64, bfloat16, float16, uint8, strided;
 
   static const TorchNames& get() {
@@ -600,6 +602,7 @@ struct TorchNames {
       n->dtype_property = properties["dtype"];
       n->shape_property = properties["shape"];
       n->is_cpu_property = properties["is_cpu"];
+      n->grad_property = properties["grad"];
       n->float32 = torch.attr("float32");
       n->float64 = torch.attr("float64");
       n->bfloat16 = torch.attr("bfloat16");
@@ -639,6 +642,133 @@ void* torch_address(uintptr_t data_ptr) {
   return data_ptr ? reinterpret_cast<void*>(data_ptr) : &empty_tensor_address;
 }
 
+// A tensor's metadata read without a Python call, for the per-step checks of fusedopt.torch.
+// Those checks made about ten Python calls per param (data_ptr, stride, dtype, shape, ...):
+// Adam over 10000 tensors of 100 elements spent 15 of its 18 ms per step there. libtorch exports
+// AOTInductor's C shim (aoti_torch_get_data_ptr, _get_strides, ...: C functions over an
+// at::Tensor*, which torch keeps ABI-stable for compiled models), and a torch tensor's Python
+// object holds its at::Tensor right after its PyObject header (THPVariable). Neither is linked:
+// the functions are looked up in the libtorch torch has loaded, and the header's layout is
+// confirmed against the tensor's own `_cdata` (its TensorImpl's address) and the shim's answers
+// for a probe tensor. Anything missing or different leaves the fast path off, and every step takes
+// the Python calls, as before.
+struct TorchShim {
+  using Handle = void*;  // an at::Tensor*
+  int32_t (*data_ptr)(Handle, void**) = nullptr;
+  int32_t (*dim)(Handle, int64_t*) = nullptr;
+  int32_t (*sizes)(Handle, int64_t**) = nullptr;
+  int32_t (*strides)(Handle, int64_t**) = nullptr;
+  int32_t (*dtype)(Handle, int32_t*) = nullptr;
+  int32_t (*device_type)(Handle, int32_t*) = nullptr;
+  int32_t (*layout)(Handle, int32_t*) = nullptr;
+  int32_t cpu = -1, strided = -1;
+  PyTypeObject* tensor_base = nullptr;
+  static constexpr size_t kTensorOffset = sizeof(PyObject);  // THPVariable's cdata
+
+  // The shim, or nullptr where it cannot be used (no torch, another build, FUSEDOPT_TORCH_SHIM=0).
+  static const TorchShim* get() {
+    static const TorchShim* shim = []() -> const TorchShim* {
+      auto* s = new TorchShim;  // leaked on purpose, as TorchNames
+      if (s->load()) return s;
+      delete s;
+      return nullptr;
+    }();
+    return enabled() ? shim : nullptr;
+  }
+  static bool& enabled() {  // the tests step with it and without it
+    static bool on = [] {
+      const char* v = std::getenv("FUSEDOPT_TORCH_SHIM");
+      return !(v && std::string(v) == "0");
+    }();
+    return on;
+  }
+
+  // The at::Tensor of a torch tensor's Python object, or nullptr for anything else.
+  Handle handle(PyObject* object) const {
+    if (!PyObject_TypeCheck(object, tensor_base)) return nullptr;
+    return reinterpret_cast<char*>(object) + kTensorOffset;
+  }
+
+  // What a step checks of a tensor, or false where the shim could not tell (torch then answers,
+  // through the Python calls).
+  struct Facts {
+    void* data;
+    int32_t dtype, device_type, layout;
+    int64_t dim;
+    const int64_t* sizes;
+    const int64_t* strides;
+  };
+  bool read(Handle h, Facts& f) const {
+    int64_t* sizes_at = nullptr;
+    int64_t* strides_at = nullptr;
+    if (dtype(h, &f.dtype) || device_type(h, &f.device_type) || layout(h, &f.layout) ||
+        f.device_type != cpu || f.layout != strided || dim(h, &f.dim) || sizes(h, &sizes_at) ||
+        strides(h, &strides_at) || data_ptr(h, &f.data))
+      return false;
+    f.sizes = sizes_at;
+    f.strides = strides_at;
+    return true;
+  }
+
+ private:
+  template <class F>
+  static bool find(void* library, const char* name, F& function) {
+    function = reinterpret_cast<F>(dlsym(library, name));
+    return function != nullptr;
+  }
+
+  bool load() {
+    if (!enabled()) return false;
+    try {
+      const py::module_ torch = py::module_::import("torch");
+      void* library = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+      if (!library) return false;
+      int32_t (*cpu_type)() = nullptr;
+      int32_t (*strided_layout)() = nullptr;
+      int32_t (*float32_dtype)() = nullptr;
+      if (!(find(library, "aoti_torch_get_data_ptr", data_ptr) &&
+            find(library, "aoti_torch_get_dim", dim) &&
+            find(library, "aoti_torch_get_sizes", sizes) &&
+            find(library, "aoti_torch_get_strides", strides) &&
+            find(library, "aoti_torch_get_dtype", dtype) &&
+            find(library, "aoti_torch_get_device_type", device_type) &&
+            find(library, "aoti_torch_get_layout", layout) &&
+            find(library, "aoti_torch_device_type_cpu", cpu_type) &&
+            find(library, "aoti_torch_layout_strided", strided_layout) &&
+            find(library, "aoti_torch_dtype_float32", float32_dtype)))
+        return false;
+      cpu = cpu_type();
+      strided = strided_layout();
+      tensor_base = reinterpret_cast<PyTypeObject*>(torch.attr("_C").attr("TensorBase").ptr());
+      // A probe of a shape whose sizes and strides all differ, viewed at an offset.
+      const py::object probe = torch.attr("empty")(64)
+                                   .attr("__getitem__")(py::slice(4, 64, 1))
+                                   .attr("view")(3, 4, 5)
+                                   .attr("transpose")(0, 2);
+      if (!same_tensor(probe)) return false;
+      Facts f;
+      if (!read(handle(probe.ptr()), f) || f.dtype != float32_dtype()) return false;
+      const auto shape = probe.attr("shape").cast<std::vector<int64_t>>();
+      const auto stride = probe.attr("stride")().cast<std::vector<int64_t>>();
+      return f.dim == 3 && std::equal(shape.begin(), shape.end(), f.sizes) &&
+             std::equal(stride.begin(), stride.end(), f.strides) &&
+             reinterpret_cast<uintptr_t>(f.data) == probe.attr("data_ptr")().cast<uintptr_t>();
+    } catch (const py::error_already_set&) {
+      return false;
+    }
+  }
+
+ public:
+  // Whether `tensor`'s object holds its at::Tensor where this reads it: the TensorImpl pointer
+  // there is the one torch reports. A pointer compared, nothing read through it.
+  bool same_tensor(py::handle tensor) const {
+    if (!PyObject_TypeCheck(tensor.ptr(), tensor_base)) return false;
+    uintptr_t impl;
+    std::memcpy(&impl, reinterpret_cast<const char*>(tensor.ptr()) + kTensorOffset, sizeof impl);
+    return impl == tensor.attr("_cdata").cast<uintptr_t>();
+  }
+};
+
 bool torch_is_contiguous(PyObject* tensor) {
   return PyObject_IsTrue(call_with(TorchNames::get().is_contiguous, tensor).ptr()) == 1;
 }
@@ -669,14 +799,18 @@ bool dense(const std::vector<int64_t>& shape, const std::vector<int64_t>& stride
 
 // Whether two tensors of `shape` with these strides walk their elements in the same memory order:
 // the same stride in every dimension of more than one element (an empty tensor walks none).
-bool same_order(const std::vector<int64_t>& shape, const std::vector<int64_t>& a,
+bool same_order(const std::vector<int64_t>& shape, const int64_t* a, size_t a_size,
                 const std::vector<int64_t>& b) {
-  if (a.size() != shape.size() || b.size() != shape.size()) return false;
+  if (a_size != shape.size() || b.size() != shape.size()) return false;
   for (int64_t n : shape)
     if (n == 0) return true;
   for (size_t d = 0; d < shape.size(); ++d)
     if (shape[d] > 1 && a[d] != b[d]) return false;
   return true;
+}
+bool same_order(const std::vector<int64_t>& shape, const std::vector<int64_t>& a,
+                const std::vector<int64_t>& b) {
+  return same_order(shape, a.data(), a.size(), b);
 }
 
 std::string strides_text(const std::vector<int64_t>& strides) {
@@ -884,6 +1018,7 @@ class TorchPlan : public AnyTorchPlan {
     infos_ = b.params;
     for (const py::object& tensor : references_)
       reference_addresses_.push_back(tensor.is_none() ? 0 : torch_data_ptr(tensor.ptr()));
+    use_shim();
   }
 
   void set_options(size_t group, py::handle values) override {
@@ -894,7 +1029,6 @@ class TorchPlan : public AnyTorchPlan {
   }
 
   bool step(py::handle grad_scale) override {
-    const TorchNames& names = TorchNames::get();
     for (const Kept& k : kept_) {  // a state tensor replaced in its entry: register again
       PyObject* now = PyDict_GetItemWithError(k.entry.ptr(), k.key.ptr());
       if (!now && PyErr_Occurred()) throw py::error_already_set();
@@ -904,6 +1038,75 @@ class TorchPlan : public AnyTorchPlan {
     const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
     std::vector<py::object> grads;  // kept alive while the GIL is released
     grads.reserve(index_.size());
+    const Grads read = shim_ ? read_grads_by_shim(grads) : Grads::unread;
+    if (read == Grads::moved || (read == Grads::unread && !read_grads(grads, extras))) return false;
+    for (size_t k = 0; k < step_slots_.size(); ++k) {
+      // A float out of int64's range (NaN, 1e30 filled in place) has no conversion (undefined
+      // behaviour); the front end names the param when this refuses.
+      const double taken = step_slots_[k].read();
+      if (!(taken >= 0 && taken < 0x1p63))
+        throw Error(ErrorKind::value, "a step count is not in [0, 2**63)");
+      counts_[k] = static_cast<int64_t>(taken);
+    }
+    read_scalars();
+    {
+      py::gil_scoped_release release;
+      plan_->step(infos_, extras, std::nullopt);
+    }
+    ++steps_taken;
+    for (size_t k = 0; k < step_slots_.size(); ++k)
+      step_slots_[k].write(static_cast<double>(counts_[k]));
+    write_scalars();
+    return true;
+  }
+
+ private:
+  enum class Grads { read, moved, unread };
+
+  // Each active param's grad, checked by the shim (TorchShim): `moved` where a param's memory or
+  // layout moved or the params with a grad are not the active ones, `unread` where anything is
+  // not as the plan expects (read_grads then checks it through torch and names what is wrong).
+  Grads read_grads_by_shim(std::vector<py::object>& grads) {
+    const TorchShim& shim = *shim_;
+    const py::object& grad_property = TorchNames::get().grad_property;
+    TorchShim::Facts g;
+    size_t j = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      // param.grad, through TensorBase's descriptor, which use_shim found is what the param's
+      // class has (a subclass may define its own grad).
+      py::object grad = read_property(grad_property, params_[i].ptr());
+      if (grad.is_none() == bool(active_[i])) return Grads::moved;
+      if (!active_[i]) continue;
+      void* param_data;
+      if (shim.data_ptr(param_handles_[j], &param_data)) return Grads::unread;
+      if (reinterpret_cast<uintptr_t>(param_data) != addresses_[j]) return Grads::moved;
+      const std::vector<int64_t>& strides = param_strides_[j];
+      if (strides.size() > 1) {
+        int64_t dim, *now;
+        if (shim.dim(param_handles_[j], &dim) || shim.strides(param_handles_[j], &now))
+          return Grads::unread;
+        if (dim != static_cast<int64_t>(strides.size()) ||
+            !std::equal(strides.begin(), strides.end(), now))
+          return Grads::moved;
+      }
+      const std::vector<int64_t>& shape = param_shapes_[j];
+      const TorchShim::Handle h = shim.handle(grad.ptr());
+      if (!h || !shim.read(h, g) || g.dtype != param_dtypes_[j] ||
+          g.dim != static_cast<int64_t>(shape.size()) ||
+          !std::equal(shape.begin(), shape.end(), g.sizes) ||
+          !same_order(shape, g.strides, shape.size(), strides) || (!g.data && infos_[j].size > 0))
+        return Grads::unread;
+      infos_[j].data = torch_address(reinterpret_cast<uintptr_t>(g.data));
+      grads.push_back(std::move(grad));
+      ++j;
+    }
+    return Grads::read;
+  }
+
+  // The same through torch's Python methods, naming what is wrong.
+  bool read_grads(std::vector<py::object>& grads, const StepExtras& extras) {
+    const TorchNames& names = TorchNames::get();
+    grads.clear();
     size_t j = 0;
     for (size_t i = 0; i < params_.size(); ++i) {
       py::object grad =
@@ -972,26 +1175,10 @@ class TorchPlan : public AnyTorchPlan {
       grads.push_back(std::move(grad));
       ++j;
     }
-    for (size_t k = 0; k < step_slots_.size(); ++k) {
-      // A float out of int64's range (NaN, 1e30 filled in place) has no conversion (undefined
-      // behaviour); the front end names the param when this refuses.
-      const double taken = step_slots_[k].read();
-      if (!(taken >= 0 && taken < 0x1p63))
-        throw Error(ErrorKind::value, "a step count is not in [0, 2**63)");
-      counts_[k] = static_cast<int64_t>(taken);
-    }
-    read_scalars();
-    {
-      py::gil_scoped_release release;
-      plan_->step(infos_, extras, std::nullopt);
-    }
-    ++steps_taken;
-    for (size_t k = 0; k < step_slots_.size(); ++k)
-      step_slots_[k].write(static_cast<double>(counts_[k]));
-    write_scalars();
     return true;
   }
 
+ public:
   // fusedopt.keras: one step over the grads given (a list, one per active param, in order) at
   // t = `step` for every tensor (Keras' global count, iterations + 1), instead of over each
   // param's .grad with its own count; the step tensors, if any, are left alone. These grads are
@@ -1031,14 +1218,49 @@ class TorchPlan : public AnyTorchPlan {
   // registered with: `tensor.data = other` (or a Keras slot's) keeps the object and frees its old
   // memory, which the plan would otherwise go on writing.
   bool registered_memory_unchanged() const {
-    for (size_t k = 0; k < references_.size(); ++k)
-      if (!references_[k].is_none() &&
-          torch_data_ptr(references_[k].ptr()) != reference_addresses_[k])
-        return false;
+    for (size_t k = 0; k < references_.size(); ++k) {
+      if (references_[k].is_none()) continue;
+      void* data;  // by the shim where it reads this tensor, else by torch
+      const uintptr_t now = shim_ && !shim_->data_ptr(reference_handles_[k], &data)
+                                ? reinterpret_cast<uintptr_t>(data)
+                                : torch_data_ptr(references_[k].ptr());
+      if (now != reference_addresses_[k]) return false;
+    }
     // ... and the layout it was registered with (`state.data = state.data.t()` keeps the memory)
-    for (const Layout& l : layouts_)
-      if (!call_with(TorchNames::get().stride, l.tensor.ptr()).equal(l.strides)) return false;
+    for (const Layout& l : layouts_) {
+      int64_t dim, *strides;
+      const TorchShim::Handle h = shim_ ? shim_->handle(l.tensor.ptr()) : nullptr;
+      if (h && !shim_->dim(h, &dim) && !shim_->strides(h, &strides)) {
+        if (dim != static_cast<int64_t>(l.values.size()) ||
+            !std::equal(l.values.begin(), l.values.end(), strides))
+          return false;
+      } else if (!call_with(TorchNames::get().stride, l.tensor.ptr()).equal(l.strides)) {
+        return false;
+      }
+    }
     return true;
+  }
+
+  // The shim checks this plan's steps when every tensor it registered is read where it expects
+  // (TorchShim::same_tensor); DTensors' local tensors, which change, are read through torch.
+  void use_shim() {
+    const TorchShim* shim = TorchShim::get();
+    if (!shim) return;
+    for (size_t j = 0; j < index_.size(); ++j) {
+      const py::object& param = params_[index_[j]];
+      TorchShim::Facts facts;
+      if (local_[index_[j]] || !shim->same_tensor(param) ||
+          !shim->read(shim->handle(param.ptr()), facts) ||
+          !py::object(py::type::handle_of(param).attr("grad")).is(TorchNames::get().grad_property))
+        return;
+      param_handles_.push_back(shim->handle(param.ptr()));
+      param_dtypes_.push_back(facts.dtype);
+    }
+    for (const py::object& tensor : references_) {
+      if (!tensor.is_none() && !shim->same_tensor(tensor)) return;
+      reference_handles_.push_back(tensor.is_none() ? nullptr : shim->handle(tensor.ptr()));
+    }
+    shim_ = shim;
   }
 
   // A state, master or given grad of active param j is streamed with it: it must walk the
@@ -1055,7 +1277,7 @@ class TorchPlan : public AnyTorchPlan {
                                         strides_text(param_strides_[j]) +
                                         "); fusedopt streams it in its param's memory order");
     if (info.shape.size() > 1 && name.rfind("grads[", 0) != 0)
-      layouts_.push_back({py::reinterpret_borrow<py::object>(tensor), strides});
+      layouts_.push_back({py::reinterpret_borrow<py::object>(tensor), strides, values});
   }
 
   void read_scalars() {
@@ -1095,7 +1317,8 @@ class TorchPlan : public AnyTorchPlan {
   std::vector<std::vector<int64_t>> param_strides_;  // ... as numbers
   std::vector<std::vector<int64_t>> param_shapes_;   // and its shape
   struct Layout {
-    py::object tensor, strides;  // a state or master of 2+ dimensions, its strides then
+    py::object tensor, strides;   // a state or master of 2+ dimensions, its strides then
+    std::vector<int64_t> values;  // (as numbers)
   };
   std::vector<Layout> layouts_;
   std::vector<py::object> references_;          // the registered states and scalar tensors
@@ -1109,6 +1332,12 @@ class TorchPlan : public AnyTorchPlan {
   std::optional<uint64_t> rounding_seed_;
   bool checked_;  // whether the options' ranges are checked
   std::unique_ptr<Plan<A>> plan_;
+  // Set where the shim reads this plan's tensors (use_shim): each active param's at::Tensor and
+  // dtype code, and the registered tensors' (nullptr for None).
+  const TorchShim* shim_ = nullptr;
+  std::vector<TorchShim::Handle> param_handles_;
+  std::vector<int32_t> param_dtypes_;
+  std::vector<TorchShim::Handle> reference_handles_;
 };
 
 // Runs f(AlgorithmTag<A>{}) for the algorithm called `name`.
@@ -1411,7 +1640,19 @@ PYBIND11_MODULE(_core, m) {
   m.def("_cgroup_cpu_limit", &cpu::cgroup_cpu_limit);  // for tests
   // fusedopt.torch's layout rules, the plans' own, for its checks and conversions in Python.
   m.def("_dense_layout", &dense, py::arg("shape"), py::arg("strides"));
-  m.def("_same_order", &same_order, py::arg("shape"), py::arg("a"), py::arg("b"));
+  m.def("_same_order",
+        static_cast<bool (*)(const std::vector<int64_t>&, const std::vector<int64_t>&,
+                             const std::vector<int64_t>&)>(&same_order),
+        py::arg("shape"), py::arg("a"), py::arg("b"));
+  // For tests: switch the torch shim on or off for the plans made from now on (None: leave it);
+  // whether plans made now use it.
+  m.def(
+      "_torch_shim",
+      [](std::optional<bool> enable) {
+        if (enable) TorchShim::enabled() = *enable;
+        return TorchShim::get() != nullptr;
+      },
+      py::arg("enable") = py::none());
   m.attr("built_isas") = FUSEDOPT_BUILT_ISAS;
   m.attr("max_states") = kMaxStates;
   m.attr("max_scalars") = kMaxScalars;
