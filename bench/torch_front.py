@@ -106,7 +106,8 @@ def fusedopt_torch_candidate(
     optimizer = getattr(fusedopt.torch, name)(w.params, **options)
     label = f"{FUSEDOPT_TORCH} {threads}t"
     if not shim:
-        was = fusedopt._core._torch_shim(False)
+        was = fusedopt._core._torch_shim()
+        fusedopt._core._torch_shim(False)
         try:
             optimizer.step()
         finally:
