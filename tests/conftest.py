@@ -45,3 +45,17 @@ def checksum(*arrays: np.ndarray) -> str:
     for a in arrays:
         digest.update(np.ascontiguousarray(a).tobytes())
     return digest.hexdigest()
+
+
+@pytest.fixture(scope="module", params=["shim", "python"])
+def tensor_reading(request: pytest.FixtureRequest) -> Iterator[str]:
+    """fusedopt.torch and fusedopt.keras plans made with their per-step checks reading tensors
+    through libtorch's C shim (the default where it is usable: TorchShim in bindings.cpp), and
+    through torch's Python methods (where it is not, and wherever the shim finds a tensor not as
+    expected)."""
+    from fusedopt import _core as core
+
+    was = core._torch_shim()
+    core._torch_shim(request.param == "shim")
+    yield request.param
+    core._torch_shim(was)

@@ -32,7 +32,12 @@ import fusedopt  # noqa: E402
 import fusedopt.keras as fk  # noqa: E402
 import fusedopt.keras_numpy  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    # Each test twice: Keras' tensors read through libtorch's C shim and through torch's Python
+    # methods (conftest.tensor_reading).
+    pytest.mark.usefixtures("tensor_reading"),
+]
 
 NAMES = [
     "SGD",
@@ -996,13 +1001,23 @@ class _Broken(keras.optimizers.schedules.LearningRateSchedule):
 
 # The last one fails at its second call (the update's, after the weight decay's): both are read
 # and checked before Keras changes anything.
+# (Made for each run: the iterator is used up by one.)
 @pytest.mark.parametrize(
-    "rate", [_Broken(), lambda: None, lambda: np.ones(2), iter([0.1, None]).__next__]
+    "make_rate",
+    [
+        _Broken,
+        lambda: lambda: None,
+        lambda: lambda: np.ones(2),
+        lambda: iter([0.1, None]).__next__,
+    ],
+    ids=["schedule", "None", "array", "iterator"],
 )
-def test_a_schedule_that_returns_a_non_number_is_refused_with_nothing_changed(rate: Any) -> None:
+def test_a_schedule_that_returns_a_non_number_is_refused_with_nothing_changed(
+    make_rate: Callable[[], Any],
+) -> None:
     optimizer = fk.SGD(0.01, momentum=0.9, weight_decay=0.1)
     _, variables = built(optimizer)
-    optimizer.learning_rate = rate
+    optimizer.learning_rate = make_rate()
     before = snapshot(variables, optimizer.variables)
     with pytest.raises(TypeError, match="learning_rate must be a number; the learning-rate"):
         optimizer.apply([np.ones(v.shape, np.float32) for v in variables], variables)

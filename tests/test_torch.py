@@ -37,17 +37,9 @@ CUDA_UNUSABLE = (
 needs_cuda = pytest.mark.skipif(CUDA_UNUSABLE is not None, reason=f"no CUDA: {CUDA_UNUSABLE}")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
-
-@pytest.fixture(autouse=True, scope="module", params=["shim", "python"])
-def tensor_reading(request: pytest.FixtureRequest) -> Any:
-    """Every test here runs twice: with a step's checks reading tensors through libtorch's C shim
-    (the default, TorchShim in bindings.cpp), and through torch's Python methods (where the shim
-    is unusable, and where the shim finds anything unexpected)."""
-    core = fusedopt._core
-    was = core._torch_shim()
-    core._torch_shim(request.param == "shim")
-    yield request.param
-    core._torch_shim(was)
+# Every test here runs twice: tensors read through libtorch's C shim and through torch's Python
+# methods (conftest.tensor_reading).
+pytestmark = pytest.mark.usefixtures("tensor_reading")
 
 
 def test_steps_read_tensors_through_the_shim_where_torch_offers_it(tensor_reading: str) -> None:

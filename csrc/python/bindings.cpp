@@ -652,6 +652,8 @@ void* torch_address(uintptr_t data_ptr) {
 // confirmed against the tensor's own `_cdata` (its TensorImpl's address) and the shim's answers
 // for a probe tensor. Anything missing or different leaves the fast path off, and every step takes
 // the Python calls, as before.
+bool dense(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides);
+
 struct TorchShim {
   using Handle = void*;  // an at::Tensor*
   int32_t (*data_ptr)(Handle, void**) = nullptr;
@@ -662,6 +664,7 @@ struct TorchShim {
   int32_t (*device_type)(Handle, int32_t*) = nullptr;
   int32_t (*layout)(Handle, int32_t*) = nullptr;
   int32_t cpu = -1, strided = -1;
+  int32_t dtype_codes[kNumDtypes] = {};  // torch's code of each Dtype (blockwise8: uint8)
   PyTypeObject* tensor_base = nullptr;
   static constexpr size_t kTensorOffset = sizeof(PyObject);  // THPVariable's cdata
 
@@ -710,6 +713,29 @@ struct TorchShim {
     return true;
   }
 
+  // A CPU tensor as describe_torch describes it, and its strides; false where the shim cannot
+  // tell or the tensor is not one fusedopt steps (describe_torch then says why).
+  bool describe(PyObject* tensor, BufferInfo& info, std::vector<int64_t>& strides_out) const {
+    const Handle h = handle(tensor);
+    Facts f;
+    if (!h || !read(h, f)) return false;
+    int d = 0;
+    while (d < kNumDtypes && dtype_codes[d] != f.dtype) ++d;
+    if (d == kNumDtypes) return false;
+    info.present = true;
+    info.dtype = static_cast<Dtype>(d);
+    info.dtype_name.clear();
+    info.shape.assign(f.sizes, f.sizes + f.dim);
+    strides_out.assign(f.strides, f.strides + f.dim);
+    info.size = 1;
+    for (int64_t n : info.shape) info.size *= n;
+    if (!f.data && info.size > 0) return false;
+    info.contiguous = dense(info.shape, strides_out);
+    info.writeable = true;
+    info.data = torch_address(reinterpret_cast<uintptr_t>(f.data));
+    return true;
+  }
+
  private:
   template <class F>
   static bool find(void* library, const char* name, F& function) {
@@ -726,6 +752,10 @@ struct TorchShim {
       int32_t (*cpu_type)() = nullptr;
       int32_t (*strided_layout)() = nullptr;
       int32_t (*float32_dtype)() = nullptr;
+      int32_t (*float64_dtype)() = nullptr;
+      int32_t (*bfloat16_dtype)() = nullptr;
+      int32_t (*float16_dtype)() = nullptr;
+      int32_t (*uint8_dtype)() = nullptr;
       if (!(find(library, "aoti_torch_get_data_ptr", data_ptr) &&
             find(library, "aoti_torch_get_dim", dim) &&
             find(library, "aoti_torch_get_sizes", sizes) &&
@@ -735,8 +765,17 @@ struct TorchShim {
             find(library, "aoti_torch_get_layout", layout) &&
             find(library, "aoti_torch_device_type_cpu", cpu_type) &&
             find(library, "aoti_torch_layout_strided", strided_layout) &&
-            find(library, "aoti_torch_dtype_float32", float32_dtype)))
+            find(library, "aoti_torch_dtype_float32", float32_dtype) &&
+            find(library, "aoti_torch_dtype_float64", float64_dtype) &&
+            find(library, "aoti_torch_dtype_bfloat16", bfloat16_dtype) &&
+            find(library, "aoti_torch_dtype_float16", float16_dtype) &&
+            find(library, "aoti_torch_dtype_uint8", uint8_dtype)))
         return false;
+      dtype_codes[static_cast<int>(Dtype::float32)] = float32_dtype();
+      dtype_codes[static_cast<int>(Dtype::float64)] = float64_dtype();
+      dtype_codes[static_cast<int>(Dtype::bfloat16)] = bfloat16_dtype();
+      dtype_codes[static_cast<int>(Dtype::float16)] = float16_dtype();
+      dtype_codes[static_cast<int>(Dtype::blockwise8)] = uint8_dtype();
       cpu = cpu_type();
       strided = strided_layout();
       tensor_base = reinterpret_cast<PyTypeObject*>(torch.attr("_C").attr("TensorBase").ptr());
@@ -1193,15 +1232,24 @@ class TorchPlan : public AnyTorchPlan {
       throw Error(ErrorKind::value, "grads: expected " + std::to_string(n) +
                                         " tensors (one per param), got " +
                                         std::to_string(items.size()));
-    for (size_t j = 0; j < n; ++j)
-      if (torch_data_ptr(memory_of(index_[j], params_[index_[j]]).ptr()) != addresses_[j])
-        return false;
+    for (size_t j = 0; j < n; ++j) {
+      void* data;  // by the shim where it reads the param, else by torch
+      const uintptr_t now = shim_ && !shim_->data_ptr(param_handles_[j], &data)
+                                ? reinterpret_cast<uintptr_t>(data)
+                                : torch_data_ptr(memory_of(index_[j], params_[index_[j]]).ptr());
+      if (now != addresses_[j]) return false;
+    }
     if (!registered_memory_unchanged()) return false;
     given_grads_.resize(n);
+    std::vector<int64_t> strides;
     for (size_t j = 0; j < n; ++j) {
       const std::string name = "grads[" + std::to_string(j) + "]";
-      describe_torch(items[j].ptr(), name, given_grads_[j]);
-      check_layout(items[j], j, name, given_grads_[j]);
+      if (shim_ && shim_->describe(items[j].ptr(), given_grads_[j], strides)) {
+        check_layout(items[j], j, name, given_grads_[j], &strides);
+      } else {  // torch describes it, and names what fusedopt cannot step
+        describe_torch(items[j].ptr(), name, given_grads_[j]);
+        check_layout(items[j], j, name, given_grads_[j]);
+      }
     }
     read_scalars();
     {
@@ -1267,16 +1315,20 @@ class TorchPlan : public AnyTorchPlan {
   // param's elements in the param's memory order (the same strides, but in dimensions of one
   // element). Another shape is left to the core, which names it. A state or master of more than
   // one dimension is checked again at each step (its layout may change in the same memory).
-  void check_layout(py::handle tensor, size_t j, const std::string& name, const BufferInfo& info) {
+  // `known`: the tensor's strides, read by the shim (a given grad's), else read here.
+  void check_layout(py::handle tensor, size_t j, const std::string& name, const BufferInfo& info,
+                    const std::vector<int64_t>* known = nullptr) {
     if (tensor.is_none() || j >= param_shapes_.size() || info.shape != param_shapes_[j]) return;
-    const py::object strides = call_with(TorchNames::get().stride, tensor.ptr());
-    const auto values = strides.cast<std::vector<int64_t>>();
+    const bool grad = name.rfind("grads[", 0) == 0;
+    const py::object strides =
+        known && grad ? py::none() : call_with(TorchNames::get().stride, tensor.ptr());
+    const auto values = known && grad ? *known : strides.cast<std::vector<int64_t>>();
     if (!same_order(param_shapes_[j], values, param_strides_[j]))
       throw Error(ErrorKind::value, name + " is not laid out as its param (strides " +
                                         strides_text(values) + ", its param's " +
                                         strides_text(param_strides_[j]) +
                                         "); fusedopt streams it in its param's memory order");
-    if (info.shape.size() > 1 && name.rfind("grads[", 0) != 0)
+    if (info.shape.size() > 1 && !grad)
       layouts_.push_back({py::reinterpret_borrow<py::object>(tensor), strides, values});
   }
 
