@@ -1114,3 +1114,32 @@ def test_low_precision_on_cuda_is_refused_at_build(dtype: str, options: dict) ->
         with pytest.raises(ValueError, match="'w' is on cuda.*CPU-only for now"):
             optimizer.apply([np.ones(4, np.float32)], [variable])
     assert not optimizer.built
+
+
+def test_a_variable_laid_out_anew_in_its_memory_is_stepped_in_its_new_order() -> None:
+    """``value.data = value.data.t()`` keeps a square variable's memory and changes its layout:
+    the plan notices (strides, not only the address) and the update lands where Keras puts it."""
+    grad = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    results = []
+    for cls in (keras.optimizers.SGD, fk.SGD):
+        variable = keras.Variable(np.zeros((2, 2), "float32"))
+        optimizer = cls(learning_rate=1.0)
+        optimizer.apply([torch.zeros(2, 2)], [variable])
+        with torch.no_grad():
+            variable.value.data = variable.value.data.t()
+        optimizer.apply([grad], [variable])
+        results.append(variable.value.tolist())
+    assert results[0] == results[1] == [[0.0, -1.0], [0.0, 0.0]]
+
+
+def test_a_gradient_with_torch_s_negative_bit_is_read_as_its_values() -> None:
+    """A view with the negative bit set (``.imag`` of a conjugate view gives one) holds the
+    opposite of its values in memory: they are resolved before the native step reads it."""
+    grad = torch.complex(torch.zeros(3), torch.ones(3)).conj().imag  # -1s, stored as +1s
+    assert grad.is_neg()
+    results = []
+    for cls in (keras.optimizers.SGD, fk.SGD):
+        variable = keras.Variable(np.zeros(3, "float32"))
+        cls(learning_rate=1.0).apply([grad], [variable])
+        results.append(variable.value.tolist())
+    assert results[0] == results[1] == [1.0, 1.0, 1.0]

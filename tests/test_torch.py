@@ -1478,3 +1478,109 @@ def test_a_square_param_transposed_in_its_memory_is_not_stepped_in_the_old_order
     with pytest.raises(ValueError, match=r"params\[0\] of param_groups\[0\] is not laid out"):
         optimizer.step()
     _assert_unchanged(before, _snapshot(optimizer, [p]))
+
+
+def test_a_param_given_a_smaller_shape_in_its_memory_is_refused_as_torch_refuses_it() -> None:
+    """``p.data = p.data[:2]`` keeps the memory's start: the plan notices the shape, not only the
+    address, and the full-size grad is refused as torch.optim refuses it, nothing written."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = ft.SGD([p], lr=0.1)
+    p.grad = torch.ones(4, 3)
+    optimizer.step()
+    p.data = p.data[:2]
+    q = torch.nn.Parameter(torch.randn(4, 3))
+    q.grad = torch.ones(4, 3)
+    q.data = q.data[:2]
+    with pytest.raises(RuntimeError):
+        torch.optim.SGD([q], lr=0.1, foreach=False).step()
+    before = _snapshot(optimizer, [p])
+    with pytest.raises(ValueError, match=r"grad of params\[0\] of param_groups\[0\] has shape"):
+        optimizer.step()
+    _assert_unchanged(before, _snapshot(optimizer, [p]))
+
+
+class _HundredGrad(torch.nn.Parameter):
+    """A param class with a grad of its own: 100 everywhere."""
+
+    @property
+    def grad(self) -> Any:
+        return torch.full(self.shape, 100.0)
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        torch.Tensor.grad.__set__(self, value)
+
+
+class _HundredGetattr(torch.nn.Parameter):
+    """The same through __getattribute__ (the class's grad is TensorBase's)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "grad":
+            return torch.full(self.shape, 100.0)
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["from-the-start", "class-assigned-later"])
+@pytest.mark.parametrize("cls", [_HundredGrad, _HundredGetattr])
+def test_a_param_class_s_own_grad_is_the_grad_stepped_as_in_torch(cls: type, late: bool) -> None:
+    def trained(optimizer_class: type) -> list[float]:
+        p = torch.nn.Parameter(torch.zeros(3)) if late else cls(torch.zeros(3))
+        torch.Tensor.grad.__set__(p, torch.ones(3))
+        optimizer = optimizer_class([p], lr=0.1)
+        optimizer.step()
+        if late:
+            p.__class__ = cls
+        optimizer.step()
+        return p.detach().tolist()
+
+    assert trained(ft.SGD) == trained(lambda ps, lr: torch.optim.SGD(ps, lr=lr, foreach=False))
+
+
+class _NoRawAccess(torch.Tensor):
+    """A grad class whose __torch_function__ refuses raw memory access (and nothing else)."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.Tensor.data_ptr:
+            raise RuntimeError("raw memory access refused")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_grad_subclass_is_read_through_torch_s_methods_as_it_asks() -> None:
+    """A grad of a torch.Tensor subclass goes through torch's Python methods (its
+    __torch_function__ among them), whichever way the plan reads plain tensors."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    optimizer = ft.SGD([p], lr=0.1)
+    optimizer.step()
+    p.grad = torch.ones(3).as_subclass(_NoRawAccess)
+    with pytest.raises(RuntimeError, match="raw memory access refused"):
+        optimizer.step()
+    assert p.detach().tolist() == pytest.approx([-0.1] * 3)
+
+
+def test_threads_making_their_first_plans_at_once_do_not_hang() -> None:
+    """The shim is loaded at the first plan a process makes; loading calls torch, which lets
+    other threads run. Each run is a new process (the load happens once per process): before the
+    fix, 11 of 20 such runs of two threads deadlocked."""
+    script = (
+        "import threading, faulthandler, torch, fusedopt.torch as ft\n"
+        "faulthandler.dump_traceback_later(60, exit=True)\n"
+        "opts = []\n"
+        "for _ in range(4):\n"
+        "    ps = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]\n"
+        "    for p in ps: p.grad = torch.ones(8)\n"
+        "    opts.append(ft.Adam(ps, lr=0.1))\n"
+        "barrier = threading.Barrier(len(opts))\n"
+        "def run(o):\n"
+        "    barrier.wait(); o.step()\n"
+        "threads = [threading.Thread(target=run, args=(o,)) for o in opts]\n"
+        "for t in threads: t.start()\n"
+        "for t in threads: t.join()\n"
+        "print('ok')\n"
+    )
+    for _ in range(6):
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

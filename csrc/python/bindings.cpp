@@ -666,16 +666,30 @@ struct TorchShim {
   int32_t cpu = -1, strided = -1;
   int32_t dtype_codes[kNumDtypes] = {};  // torch's code of each Dtype (blockwise8: uint8)
   PyTypeObject* tensor_base = nullptr;
+  // torch.Tensor and nn.Parameter: the shim reads params of these classes and grads of the
+  // first only. A subclass may define its own grad, __getattribute__ or __torch_function__
+  // (which torch's Python methods honour): those are read through torch.
+  PyTypeObject* tensor_type = nullptr;
+  PyTypeObject* parameter_type = nullptr;
   static constexpr size_t kTensorOffset = sizeof(PyObject);  // THPVariable's cdata
 
   // The shim, or nullptr where it cannot be used (no torch, another build, FUSEDOPT_TORCH_SHIM=0).
+  // Called with the GIL held. Not a function-local static: load() calls torch, which may let
+  // another thread take the GIL, and that thread would wait on the static's guard holding the
+  // GIL (a deadlock, 11 of 20 runs of two threads making their first plans at once). Two threads
+  // may load at once; the first to finish is kept.
   static const TorchShim* get() {
-    static const TorchShim* shim = []() -> const TorchShim* {
+    static const TorchShim* shim = nullptr;
+    static bool loaded = false;
+    if (!loaded && enabled()) {
       auto* s = new TorchShim;  // leaked on purpose, as TorchNames
-      if (s->load()) return s;
-      delete s;
-      return nullptr;
-    }();
+      const bool usable = s->load();
+      if (!loaded) {
+        shim = usable ? s : nullptr;
+        loaded = true;
+      }
+      if (shim != s) delete s;
+    }
     return enabled() ? shim : nullptr;
   }
   static bool& enabled() {  // the tests step with it and without it
@@ -690,6 +704,11 @@ struct TorchShim {
   Handle handle(PyObject* object) const {
     if (!PyObject_TypeCheck(object, tensor_base)) return nullptr;
     return reinterpret_cast<char*>(object) + kTensorOffset;
+  }
+  // The same for a plain torch.Tensor only (a grad).
+  Handle plain_handle(PyObject* object) const {
+    return Py_TYPE(object) == tensor_type ? reinterpret_cast<char*>(object) + kTensorOffset
+                                          : nullptr;
   }
 
   // What a step checks of a tensor, or false where the shim could not tell (torch then answers,
@@ -716,7 +735,7 @@ struct TorchShim {
   // A CPU tensor as describe_torch describes it, and its strides; false where the shim cannot
   // tell or the tensor is not one fusedopt steps (describe_torch then says why).
   bool describe(PyObject* tensor, BufferInfo& info, std::vector<int64_t>& strides_out) const {
-    const Handle h = handle(tensor);
+    const Handle h = plain_handle(tensor);
     Facts f;
     if (!h || !read(h, f)) return false;
     int d = 0;
@@ -779,6 +798,16 @@ struct TorchShim {
       cpu = cpu_type();
       strided = strided_layout();
       tensor_base = reinterpret_cast<PyTypeObject*>(torch.attr("_C").attr("TensorBase").ptr());
+      tensor_type = reinterpret_cast<PyTypeObject*>(torch.attr("Tensor").ptr());
+      parameter_type = reinterpret_cast<PyTypeObject*>(torch.attr("nn").attr("Parameter").ptr());
+      // Their grad is TensorBase's, read through its descriptor (TorchPlan::read_grads_by_shim).
+      const py::object grad = TorchNames::get().grad_property;
+      if (!py::object(py::handle(reinterpret_cast<PyObject*>(tensor_type)).attr("grad")).is(grad) ||
+          !py::object(py::handle(reinterpret_cast<PyObject*>(parameter_type)).attr("grad"))
+               .is(grad) ||
+          tensor_type->tp_getattro != PyObject_GenericGetAttr ||
+          parameter_type->tp_getattro != PyObject_GenericGetAttr)
+        return false;
       // A probe of a shape whose sizes and strides all differ, viewed at an offset.
       const py::object probe = torch.attr("empty")(64)
                                    .attr("__getitem__")(py::slice(4, 64, 1))
@@ -1111,25 +1140,18 @@ class TorchPlan : public AnyTorchPlan {
     TorchShim::Facts g;
     size_t j = 0;
     for (size_t i = 0; i < params_.size(); ++i) {
-      // param.grad, through TensorBase's descriptor, which use_shim found is what the param's
-      // class has (a subclass may define its own grad).
+      // param.grad, through TensorBase's descriptor: the param is still of the class use_shim
+      // found (torch.Tensor or nn.Parameter, whose grad that is; `__class__` can be assigned).
+      if (Py_TYPE(params_[i].ptr()) != param_types_[i]) return Grads::unread;
       py::object grad = read_property(grad_property, params_[i].ptr());
       if (grad.is_none() == bool(active_[i])) return Grads::moved;
       if (!active_[i]) continue;
-      void* param_data;
-      if (shim.data_ptr(param_handles_[j], &param_data)) return Grads::unread;
-      if (reinterpret_cast<uintptr_t>(param_data) != addresses_[j]) return Grads::moved;
-      const std::vector<int64_t>& strides = param_strides_[j];
-      if (strides.size() > 1) {
-        int64_t dim, *now;
-        if (shim.dim(param_handles_[j], &dim) || shim.strides(param_handles_[j], &now))
-          return Grads::unread;
-        if (dim != static_cast<int64_t>(strides.size()) ||
-            !std::equal(strides.begin(), strides.end(), now))
-          return Grads::moved;
-      }
+      const std::optional<bool> same = param_as_registered_by_shim(j);
+      if (!same) return Grads::unread;
+      if (!*same) return Grads::moved;
       const std::vector<int64_t>& shape = param_shapes_[j];
-      const TorchShim::Handle h = shim.handle(grad.ptr());
+      const std::vector<int64_t>& strides = param_strides_[j];
+      const TorchShim::Handle h = shim.plain_handle(grad.ptr());
       if (!h || !shim.read(h, g) || g.dtype != param_dtypes_[j] ||
           g.dim != static_cast<int64_t>(shape.size()) ||
           !std::equal(shape.begin(), shape.end(), g.sizes) ||
@@ -1140,6 +1162,33 @@ class TorchPlan : public AnyTorchPlan {
       ++j;
     }
     return Grads::read;
+  }
+
+  // Whether active param j still has the memory, shape and (2+ dimensions) layout it was
+  // registered with: param.data moved, given another shape in the same memory (`p.data =
+  // p.data[:2]`) or laid out anew there (`p.data = p.data.t()` of a square param) would have its
+  // states and grads streamed in the old order; the plan registers again. By the shim (nullopt
+  // where it cannot tell), or through torch (`memory`: the param, or a DTensor's local tensor).
+  std::optional<bool> param_as_registered_by_shim(size_t j) const {
+    const std::vector<int64_t>& shape = param_shapes_[j];
+    const std::vector<int64_t>& strides = param_strides_[j];
+    void* data;
+    int64_t dim, *sizes_now, *strides_now;
+    const TorchShim::Handle p = param_handles_[j];
+    if (shim_->data_ptr(p, &data) || shim_->dim(p, &dim) || shim_->sizes(p, &sizes_now) ||
+        shim_->strides(p, &strides_now))
+      return std::nullopt;
+    return reinterpret_cast<uintptr_t>(data) == addresses_[j] &&
+           dim == static_cast<int64_t>(shape.size()) &&
+           std::equal(shape.begin(), shape.end(), sizes_now) &&
+           (dim <= 1 || std::equal(strides.begin(), strides.end(), strides_now));
+  }
+  bool param_as_registered_by_torch(size_t j, const py::object& memory) const {
+    const TorchNames& names = TorchNames::get();
+    return torch_data_ptr(memory.ptr()) == addresses_[j] &&
+           read_property(names.shape_property, memory.ptr()).equal(grad_shapes_[j]) &&
+           (param_shapes_[j].size() <= 1 ||
+            call_with(names.stride, memory.ptr()).equal(param_stride_objects_[j]));
   }
 
   // The same through torch's Python methods, naming what is wrong.
@@ -1153,13 +1202,8 @@ class TorchPlan : public AnyTorchPlan {
       if (!grad) throw py::error_already_set();
       if (grad.is_none() == bool(active_[i])) return false;  // other params have grads now
       if (!active_[i]) continue;
-      // param.data moved, or was laid out anew in its memory (`p.data = p.data.t()` of a square
-      // param): its states and grads would be streamed in the old order; register again.
       const py::object memory = memory_of(i, params_[i]);
-      if (torch_data_ptr(memory.ptr()) != addresses_[j]) return false;
-      if (param_shapes_[j].size() > 1 &&
-          !call_with(names.stride, memory.ptr()).equal(param_stride_objects_[j]))
-        return false;
+      if (!param_as_registered_by_torch(j, memory)) return false;
       if (local_[i]) grad = memory_of(i, grad);
       const auto name = [j] { return "grads[" + std::to_string(j) + "]"; };  // for errors only
       const py::object dtype = read_property(names.dtype_property, grad.ptr());
@@ -1232,12 +1276,12 @@ class TorchPlan : public AnyTorchPlan {
       throw Error(ErrorKind::value, "grads: expected " + std::to_string(n) +
                                         " tensors (one per param), got " +
                                         std::to_string(items.size()));
-    for (size_t j = 0; j < n; ++j) {
-      void* data;  // by the shim where it reads the param, else by torch
-      const uintptr_t now = shim_ && !shim_->data_ptr(param_handles_[j], &data)
-                                ? reinterpret_cast<uintptr_t>(data)
-                                : torch_data_ptr(memory_of(index_[j], params_[index_[j]]).ptr());
-      if (now != addresses_[j]) return false;
+    for (size_t j = 0; j < n; ++j) {  // by the shim where it reads the param, else by torch
+      const std::optional<bool> same =
+          shim_ ? param_as_registered_by_shim(j) : std::optional<bool>();
+      if (!(same ? *same
+                 : param_as_registered_by_torch(j, memory_of(index_[j], params_[index_[j]]))))
+        return false;
     }
     if (!registered_memory_unchanged()) return false;
     given_grads_.resize(n);
@@ -1294,12 +1338,16 @@ class TorchPlan : public AnyTorchPlan {
   void use_shim() {
     const TorchShim* shim = TorchShim::get();
     if (!shim) return;
+    for (const py::object& param : params_) {  // each param's grad is read: every param's class
+      PyTypeObject* type = Py_TYPE(param.ptr());
+      if (type != shim->tensor_type && type != shim->parameter_type) return;
+      param_types_.push_back(type);
+    }
     for (size_t j = 0; j < index_.size(); ++j) {
       const py::object& param = params_[index_[j]];
       TorchShim::Facts facts;
       if (local_[index_[j]] || !shim->same_tensor(param) ||
-          !shim->read(shim->handle(param.ptr()), facts) ||
-          !py::object(py::type::handle_of(param).attr("grad")).is(TorchNames::get().grad_property))
+          !shim->read(shim->handle(param.ptr()), facts))
         return;
       param_handles_.push_back(shim->handle(param.ptr()));
       param_dtypes_.push_back(facts.dtype);
@@ -1388,6 +1436,7 @@ class TorchPlan : public AnyTorchPlan {
   // dtype code, and the registered tensors' (nullptr for None).
   const TorchShim* shim_ = nullptr;
   std::vector<TorchShim::Handle> param_handles_;
+  std::vector<PyTypeObject*> param_types_;  // each param's class (all params, not just active)
   std::vector<int32_t> param_dtypes_;
   std::vector<TorchShim::Handle> reference_handles_;
 };

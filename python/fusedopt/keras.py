@@ -540,7 +540,9 @@ class Optimizer(keras.optimizers.Optimizer):
             return
         with torch.no_grad():
             values = [v.value for v in trainable_variables]
-            grads = [g.to(x.dtype).contiguous() for g, x in zip(grads, values)]
+            # resolve_neg: a view with torch's negative bit (as `.imag` of a conjugate view
+            # gives) holds the opposite values in memory, which the native step reads.
+            grads = [g.to(x.dtype).resolve_neg().contiguous() for g, x in zip(grads, values)]
             options = self._native_options(self._learning_rate_value(learning_rate, values[0]))
             step = self._step_number()
             for attempt in range(2):
