@@ -763,18 +763,12 @@ struct TorchShim {
   }
 
   bool load() {
-    if (!enabled()) return false;
     try {
       const py::module_ torch = py::module_::import("torch");
       void* library = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
       if (!library) return false;
       int32_t (*cpu_type)() = nullptr;
       int32_t (*strided_layout)() = nullptr;
-      int32_t (*float32_dtype)() = nullptr;
-      int32_t (*float64_dtype)() = nullptr;
-      int32_t (*bfloat16_dtype)() = nullptr;
-      int32_t (*float16_dtype)() = nullptr;
-      int32_t (*uint8_dtype)() = nullptr;
       if (!(find(library, "aoti_torch_get_data_ptr", data_ptr) &&
             find(library, "aoti_torch_get_dim", dim) &&
             find(library, "aoti_torch_get_sizes", sizes) &&
@@ -783,18 +777,17 @@ struct TorchShim {
             find(library, "aoti_torch_get_device_type", device_type) &&
             find(library, "aoti_torch_get_layout", layout) &&
             find(library, "aoti_torch_device_type_cpu", cpu_type) &&
-            find(library, "aoti_torch_layout_strided", strided_layout) &&
-            find(library, "aoti_torch_dtype_float32", float32_dtype) &&
-            find(library, "aoti_torch_dtype_float64", float64_dtype) &&
-            find(library, "aoti_torch_dtype_bfloat16", bfloat16_dtype) &&
-            find(library, "aoti_torch_dtype_float16", float16_dtype) &&
-            find(library, "aoti_torch_dtype_uint8", uint8_dtype)))
+            find(library, "aoti_torch_layout_strided", strided_layout)))
         return false;
-      dtype_codes[static_cast<int>(Dtype::float32)] = float32_dtype();
-      dtype_codes[static_cast<int>(Dtype::float64)] = float64_dtype();
-      dtype_codes[static_cast<int>(Dtype::bfloat16)] = bfloat16_dtype();
-      dtype_codes[static_cast<int>(Dtype::float16)] = float16_dtype();
-      dtype_codes[static_cast<int>(Dtype::blockwise8)] = uint8_dtype();
+      // torch's code of each Dtype, in Dtype's order (8-bit state is stored as uint8).
+      const char* const dtype_names[kNumDtypes] = {"float32", "float64", "bfloat16", "float16",
+                                                   "uint8"};
+      for (int d = 0; d < kNumDtypes; ++d) {
+        int32_t (*code)() = nullptr;
+        if (!find(library, ("aoti_torch_dtype_" + std::string(dtype_names[d])).c_str(), code))
+          return false;
+        dtype_codes[d] = code();
+      }
       cpu = cpu_type();
       strided = strided_layout();
       tensor_base = reinterpret_cast<PyTypeObject*>(torch.attr("_C").attr("TensorBase").ptr());
@@ -815,7 +808,8 @@ struct TorchShim {
                                    .attr("transpose")(0, 2);
       if (!same_tensor(probe)) return false;
       Facts f;
-      if (!read(handle(probe.ptr()), f) || f.dtype != float32_dtype()) return false;
+      if (!read(handle(probe.ptr()), f) || f.dtype != dtype_codes[static_cast<int>(Dtype::float32)])
+        return false;
       const auto shape = probe.attr("shape").cast<std::vector<int64_t>>();
       const auto stride = probe.attr("stride")().cast<std::vector<int64_t>>();
       return f.dim == 3 && std::equal(shape.begin(), shape.end(), f.sizes) &&
