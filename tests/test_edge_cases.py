@@ -137,6 +137,68 @@ def test_a_hyperparameter_changed_in_place_takes_effect() -> None:
     np.testing.assert_allclose(q, expected[0], rtol=1e-12)
 
 
+def test_a_value_set_back_to_an_earlier_object_steps_with_that_values_options() -> None:
+    """A step at the very value objects of the last one reuses the plan's options without
+    reading them (step_if_unchanged); after lr a -> b -> a, the third step must use a's."""
+    a, b = 0.5, 0.125
+    p = np.ones(3)
+    opt = fusedopt.SGD([p], lr=a)
+    g = np.array([1.0, -2.0, 4.0])
+    expected = np.ones(3)
+    for lr in (a, a, b, b, a, a):
+        opt.param_groups[0]["lr"] = lr
+        opt.step([g])
+        expected = expected - lr * g
+        np.testing.assert_array_equal(p, expected)
+
+
+def test_a_group_dict_subclass_is_read_through_its_own_getitem() -> None:
+    class TenfoldLr(dict):
+        def __getitem__(self, key):
+            value = super().__getitem__(key)
+            return value * 10 if key == "lr" else value
+
+    p = np.ones(2)
+    opt = fusedopt.SGD([p], lr=0.01)
+    opt.step([np.ones(2)])
+    opt.step([np.ones(2)])  # now on the path that compares the group's values in C++
+    opt.param_groups[0] = TenfoldLr(opt.param_groups[0])
+    opt.step([np.ones(2)])
+    opt.step([np.ones(2)])
+    np.testing.assert_allclose(p, 1 - 2 * 0.01 - 2 * 0.1)
+
+
+def test_a_group_key_whose_eq_empties_param_groups_mid_check_does_not_crash() -> None:
+    """A key hashing like "lr" is compared with it (its __eq__ runs) when the step looks the
+    group's values up; here that empties the list being read."""
+    p = np.ones(2)
+    opt = fusedopt.SGD([p], lr=0.5)
+    armed = False
+
+    class Colliding:
+        def __hash__(self) -> int:
+            return hash("lr")
+
+        def __eq__(self, other: object) -> bool:
+            if armed:
+                opt.param_groups.clear()
+            return False
+
+    opt.step([np.ones(2)])
+    group = {Colliding(): None}  # first, so that a lookup of "lr" meets it first
+    group.update(opt.param_groups[0])
+    opt.param_groups[0] = group
+    opt.step([np.ones(2)])
+    np.testing.assert_allclose(p, [0.0, 0.0])
+    armed = True
+    try:
+        opt.step([np.ones(2)])
+    except (IndexError, KeyError, ValueError):
+        pass  # what a step over groups that vanished may say
+    assert not opt.param_groups
+    assert np.array_equal(p, [0.0, 0.0]) or np.array_equal(p, [-0.5, -0.5])  # at most one step
+
+
 def test_replacing_a_groups_params_is_refused_not_ignored() -> None:
     old, new = np.ones(3), np.ones(3)
     opt = fusedopt.SGD([old], lr=0.1)

@@ -135,10 +135,12 @@ def _run(
             _last_options = (description, convention, values, options)
     param_list = params if type(params) is list else _list(params, "params", required=True)
     grad_list = grads if type(grads) is list else _list(grads, "grads", required=True)
-    state_lists = [
-        s if type(s) is list or s is None else _list(s, name)
-        for s, name in zip(states, description.plural_states)
-    ]
+    state_lists: Sequence[list[Any] | None] = states  # lists already, in a training loop
+    if not _LIST_OR_NONE.issuperset(map(type, states)):
+        state_lists = [
+            s if type(s) is list or s is None else _list(s, name)
+            for s, name in zip(states, description.plural_states)
+        ]
     low_precision = masters is not None or absmax is not None or stochastic_rounding is not False
     if not low_precision and (type(seed) is not int or seed != 0):
         Precision.of(seed=seed)  # checked as the classes check it, though no rounding reads it
@@ -230,6 +232,7 @@ _options_seen: dict[tuple[Any, ...], tuple[float, ...]] = {}
 # reads one call's entry.
 _last_options: tuple[Any, ...] = (None, None, (), ())
 _NUMBERS = frozenset((float, int, bool))
+_LIST_OR_NONE = frozenset((list, type(None)))
 
 
 def _options(

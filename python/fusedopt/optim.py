@@ -17,7 +17,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from operator import is_
+from operator import is_, itemgetter
 from typing import Any, ClassVar
 
 import numpy as np
@@ -81,7 +81,7 @@ class Optimizer(PlanHolder):
     description. Optimizers deepcopy and pickle, as torch's do.
     """
 
-    _plan_attributes = {"_plan": lambda: None, "_plan_options": list}
+    _plan_attributes = {"_plan": lambda: None, "_plan_options": list, "_stepped_with": lambda: None}
 
     _algorithm: ClassVar[str] = ""
     _hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
@@ -93,12 +93,18 @@ class Optimizer(PlanHolder):
     _states_at_construction: ClassVar[bool] = False
     _description: ClassVar[Description]
     _hyperparameter_names: ClassVar[tuple[str, ...]]
+    _group_keys: ClassVar[tuple[str, ...]]  # "params" and the hyperparameters' names
+    _values_of: ClassVar[Callable[[Mapping[str, Any]], tuple[Any, ...]]]  # a group's, in order
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls._algorithm:
             cls._description = describe(cls._algorithm)
-            cls._hyperparameter_names = tuple(h.name for h in cls._hyperparameters)
+            cls._hyperparameter_names = names = tuple(h.name for h in cls._hyperparameters)
+            # A group's values as one tuple in one C call (itemgetter of one name gives it bare).
+            getter = itemgetter(*names)
+            cls._group_keys = ("params", *names)
+            cls._values_of = getter if len(names) > 1 else staticmethod(lambda g: (getter(g),))
             if "__init__" not in cls.__dict__:
                 cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
 
@@ -124,6 +130,7 @@ class Optimizer(PlanHolder):
         self._options_cache: list[tuple[tuple[Any, ...], tuple[Any, ...], tuple[float, ...]]] = []
         self._plan: Plan | None = None
         self._plan_options: list[tuple[float, ...]] = []
+        self._stepped_with: tuple[tuple[Any, ...], ...] | None = None  # see _values_stepped
         groups = list(params) if not isinstance(params, np.ndarray) else [params]
         if not groups:
             raise ValueError("params: optimizer got an empty parameter list")
@@ -460,8 +467,14 @@ class Optimizer(PlanHolder):
         with self._lock:
             if type(grads) is not list or len(grads) != len(self._params):
                 grads = _grad_list(grads, len(self._params))
-            options = self._group_options()
             plan = self._plan
+            # The common step: every group at the very hyperparameter objects of the last one.
+            if plan is not None and plan.step_if_unchanged(
+                self.param_groups, self._group_keys, self._stepped_with, grads, scale
+            ):
+                return
+            self._stepped_with = None
+            options = self._group_options()
             if plan is not None:
                 registered = self._plan_options
                 for g, now in enumerate(options):
@@ -473,8 +486,24 @@ class Optimizer(PlanHolder):
                         registered[g] = now
             if plan is not None:
                 plan.step(grads, scale, None)
-                return
-            self._step_with_new_plan(options, grads, scale)
+            else:
+                self._step_with_new_plan(options, grads, scale)
+            self._stepped_with = self._values_stepped()
+
+    def _values_stepped(self) -> tuple[tuple[Any, ...], ...] | None:
+        """What the next step's ``step_if_unchanged`` compares each group with, by identity: its
+        params and the hyperparameter objects its plan's options were made from, when every
+        value is a plain number or a tuple of them (None otherwise: what can change in place,
+        an array or a list, is read again at every step)."""
+        cache, registered = self._options_cache, self._plan_options
+        if not len(self._group_params) == len(cache) == len(registered):
+            return None
+        expected = []
+        for params, (values, key, native), now in zip(self._group_params, cache, registered):
+            if key is not values or native is not now:
+                return None
+            expected.append((params, *values))
+        return tuple(expected)
 
     def _step_with_new_plan(
         self, options: list[tuple[float, ...]], grads: list[Any], scale: float | None
@@ -615,9 +644,6 @@ class Optimizer(PlanHolder):
             return quantize_blockwise(floats, self._description.nonnegative(name))
         return _state_array(value, param, i, name, dtype, saved_id), None
 
-    def _values_of(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
-        return tuple([group[name] for name in self._hyperparameter_names])
-
     def _native_options(self, group: Mapping[str, Any]) -> tuple[float, ...]:
         """A group's native option values; TypeError/ValueError naming a bad hyperparameter."""
         fixed = {"convention": TORCH, **self._fixed}
@@ -629,7 +655,6 @@ class Optimizer(PlanHolder):
         all immutable; then the values' plain-number copy (a one-element array or a list may
         have changed in place). Each group's params are checked to be the ones it was given."""
         result = []
-        names = self._hyperparameter_names
         for i, group in enumerate(self.param_groups):
             last_values, last_key, native = self._options_cache[i]
             if group["params"] is not self._group_params[i]:
@@ -637,7 +662,7 @@ class Optimizer(PlanHolder):
                     f"param_groups[{i}]['params'] was replaced; an optimizer updates the params "
                     "it was given (use add_param_group to add more)"
                 )
-            values = tuple([group[name] for name in names])
+            values = self._values_of(group)
             if last_key is not last_values or not all(map(is_, values, last_values)):
                 key = _frozen(values)
                 if not _same_key(key, last_key):
