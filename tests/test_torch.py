@@ -1557,30 +1557,3 @@ def test_a_grad_subclass_is_read_through_torch_s_methods_as_it_asks() -> None:
     with pytest.raises(RuntimeError, match="raw memory access refused"):
         optimizer.step()
     assert p.detach().tolist() == pytest.approx([-0.1] * 3)
-
-
-def test_threads_making_their_first_plans_at_once_do_not_hang() -> None:
-    """The shim is loaded at the first plan a process makes; loading calls torch, which lets
-    other threads run. Each run is a new process (the load happens once per process): before the
-    fix, 11 of 20 such runs of two threads deadlocked."""
-    script = (
-        "import threading, faulthandler, torch, fusedopt.torch as ft\n"
-        "faulthandler.dump_traceback_later(60, exit=True)\n"
-        "opts = []\n"
-        "for _ in range(4):\n"
-        "    ps = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]\n"
-        "    for p in ps: p.grad = torch.ones(8)\n"
-        "    opts.append(ft.Adam(ps, lr=0.1))\n"
-        "barrier = threading.Barrier(len(opts))\n"
-        "def run(o):\n"
-        "    barrier.wait(); o.step()\n"
-        "threads = [threading.Thread(target=run, args=(o,)) for o in opts]\n"
-        "for t in threads: t.start()\n"
-        "for t in threads: t.join()\n"
-        "print('ok')\n"
-    )
-    for _ in range(6):
-        result = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -844,3 +845,31 @@ def test_a_compiled_training_step_runs_the_optimizer_step_eagerly() -> None:
         results.append(([p.detach().clone() for p in model.parameters()], state_tensors(optimizer)))
     error = max(max_error(a, b) for a, b in zip(*results))
     assert error <= TOLERANCE[torch.float64], error
+
+
+def test_threads_making_their_first_plans_at_once_do_not_hang() -> None:
+    """The shim is loaded at the first plan a process makes; loading calls torch, which lets
+    other threads run. Each run is a new process (the load happens once per process): before the
+    fix, 11 of 20 such runs of two threads deadlocked. Here, not in test_torch.py, whose tests
+    run twice (conftest.tensor_reading), which a new process does not see."""
+    script = (
+        "import threading, faulthandler, torch, fusedopt.torch as ft\n"
+        "faulthandler.dump_traceback_later(60, exit=True)\n"
+        "opts = []\n"
+        "for _ in range(4):\n"
+        "    ps = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]\n"
+        "    for p in ps: p.grad = torch.ones(8)\n"
+        "    opts.append(ft.Adam(ps, lr=0.1))\n"
+        "barrier = threading.Barrier(len(opts))\n"
+        "def run(o):\n"
+        "    barrier.wait(); o.step()\n"
+        "threads = [threading.Thread(target=run, args=(o,)) for o in opts]\n"
+        "for t in threads: t.start()\n"
+        "for t in threads: t.join()\n"
+        "print('ok')\n"
+    )
+    for _ in range(6):
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
