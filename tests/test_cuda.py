@@ -323,6 +323,22 @@ def test_mixing_host_and_device_params_is_a_type_error() -> None:
         fusedopt.Adam([FakeDeviceArray((3,)), np.zeros(3, np.float32)])
 
 
+def test_an_optimizer_over_device_arrays_steps_through_its_plan_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The classes' steps after the first go through plan.step_if_unchanged, which the device
+    plan has too (the native one's counterpart): here with its launch counted, not made."""
+    launched = []
+    monkeypatch.setattr(cuda.Plan, "step", lambda self, grads, scale, step: launched.append(1))
+    opt = fusedopt.SGD([FakeDeviceArray((3,))], lr=0.1)
+    for lr in (0.1, 0.1, 0.2, 0.2):
+        opt.param_groups[0]["lr"] = lr
+        opt.step([FakeDeviceArray((3,))])
+    assert len(launched) == 4
+    plan = opt._plan
+    assert isinstance(plan, cuda.Plan) and plan._groups[0][0] == 0.2
+
+
 def test_device_arrays_are_told_apart_from_host_arrays() -> None:
     assert cuda.is_device_array(FakeDeviceArray((2,)))
     assert cuda.is_device_array(FakeDLPackArray(np.zeros(2)))

@@ -199,6 +199,75 @@ def test_a_group_key_whose_eq_empties_param_groups_mid_check_does_not_crash() ->
     assert np.array_equal(p, [0.0, 0.0]) or np.array_equal(p, [-0.5, -0.5])  # at most one step
 
 
+def test_an_optimizer_reset_by_its_own_hyperparameter_check_steps_as_reset() -> None:
+    """User code that runs while a step checks the groups (here a key's __eq__) may reset the
+    optimizer: the step then uses the new state, not the plan it read before."""
+    p = np.zeros(2)
+    opt = fusedopt.SGD([p], lr=1.0, momentum=0.9)
+    armed = False
+
+    class ResetsWhenCompared:
+        def __hash__(self) -> int:
+            return hash("lr")
+
+        def __eq__(self, other: object) -> bool:
+            nonlocal armed
+            if armed:
+                armed = False
+                opt.reset_state()
+            return False
+
+    g = np.ones(2)
+    opt.step([g])
+    opt.step([g])
+    group = {ResetsWhenCompared(): None}
+    group.update(opt.param_groups[0])
+    opt.param_groups[0] = group
+    before = p.copy()
+    armed = True
+    opt.step([g])
+    np.testing.assert_array_equal(before - p, g)  # a first step's momentum: the grad itself
+    np.testing.assert_array_equal(opt.state[0]["momentum_buffer"], g)
+
+
+def test_a_param_groups_list_subclass_is_read_through_its_own_methods() -> None:
+    class TenfoldLr(list):
+        def __iter__(self):
+            for group in list.__iter__(self):
+                yield {**group, "lr": group["lr"] * 10}
+
+    p = np.ones(2)
+    opt = fusedopt.SGD([p], lr=0.01)
+    opt.step([np.ones(2)])
+    opt.step([np.ones(2)])
+    opt.param_groups = TenfoldLr(opt.param_groups)
+    opt.step([np.ones(2)])
+    opt.step([np.ones(2)])
+    np.testing.assert_allclose(p, 1 - 2 * 0.01 - 2 * 0.1)
+
+
+def test_a_class_with_fewer_than_two_hyperparameters_can_be_declared() -> None:
+    from fusedopt.optim import Hyperparameter, Optimizer
+
+    class FixedSGD(Optimizer):
+        _algorithm = "sgd"
+        _hyperparameters = ()
+
+    class SGDWithLrOnly(Optimizer):
+        _algorithm = "sgd"
+        _hyperparameters = (Hyperparameter("lr"),)
+
+    p, q = np.ones(2), np.ones(2)
+    fixed = FixedSGD([p])
+    with_lr = SGDWithLrOnly([q], lr=0.5)
+    for _ in range(2):
+        fixed.step([np.ones(2)])
+        with_lr.step([np.ones(2)])
+    np.testing.assert_allclose(q, 1 - 2 * 0.5)
+    assert fixed._values_of(fixed.param_groups[0]) == ()
+    assert with_lr._values_of(with_lr.param_groups[0]) == (0.5,)
+
+
 def test_replacing_a_groups_params_is_refused_not_ignored() -> None:
     old, new = np.ones(3), np.ones(3)
     opt = fusedopt.SGD([old], lr=0.1)

@@ -339,28 +339,36 @@ bool all_unchanged(const std::vector<Fingerprint>& fingerprints) {
 
 // Whether every group dict of the list `groups` holds, by identity, the values its tuple in
 // `expected` lists for `keys` ((params, lr, ...) for ("params", "lr", ...)): an optimizer's
-// step at the hyperparameters its plan was last given, told in one call. Only plain dicts: a
-// subclass's __getitem__ would be bypassed. A key of the caller's making may run Python code in
-// its __eq__ (hash collisions), so each group is held while it is read.
+// step at the hyperparameters its plan was last given, told in one call. Only a plain list of
+// plain dicts whose keys are all plain strings: a subclass's own methods would be bypassed, and
+// looking a key up among other keys may run their __eq__, user code that could change the
+// optimizer (reset it, replace its plan) while it is being checked.
 bool groups_hold(py::handle groups, py::handle keys, py::handle expected) {
-  if (!PyList_Check(groups.ptr()) || !PyTuple_Check(keys.ptr()) || !PyTuple_Check(expected.ptr()))
+  if (!PyList_CheckExact(groups.ptr()) || !PyTuple_CheckExact(keys.ptr()) ||
+      !PyTuple_CheckExact(expected.ptr()))
     return false;
   const Py_ssize_t count = PyList_GET_SIZE(groups.ptr());
   if (count != PyTuple_GET_SIZE(expected.ptr())) return false;
   const Py_ssize_t key_count = PyTuple_GET_SIZE(keys.ptr());
-  for (Py_ssize_t i = 0; i < count && i < PyList_GET_SIZE(groups.ptr()); ++i) {
-    const py::object group = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(groups.ptr(), i));
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject* group = PyList_GET_ITEM(groups.ptr(), i);
     PyObject* values = PyTuple_GET_ITEM(expected.ptr(), i);
-    if (!PyDict_CheckExact(group.ptr()) || !PyTuple_Check(values) ||
+    if (!PyDict_CheckExact(group) || !PyTuple_CheckExact(values) ||
         PyTuple_GET_SIZE(values) != key_count)
       return false;
+    Py_ssize_t position = 0;
+    PyObject* key = nullptr;
+    while (PyDict_Next(group, &position, &key, nullptr))
+      if (!PyUnicode_CheckExact(key)) return false;
     for (Py_ssize_t k = 0; k < key_count; ++k) {
-      PyObject* value = PyDict_GetItemWithError(group.ptr(), PyTuple_GET_ITEM(keys.ptr(), k));
+      PyObject* key_k = PyTuple_GET_ITEM(keys.ptr(), k);
+      if (!PyUnicode_CheckExact(key_k)) return false;
+      PyObject* value = PyDict_GetItemWithError(group, key_k);
       if (value == nullptr && PyErr_Occurred()) throw py::error_already_set();
       if (value != PyTuple_GET_ITEM(values, k)) return false;
     }
   }
-  return count == PyList_GET_SIZE(groups.ptr());  // a key's __eq__ may have emptied the list
+  return true;
 }
 
 class AnyPlan {
@@ -1641,6 +1649,10 @@ PYBIND11_MODULE(_core, m) {
       py::arg("scalars") = py::none(), py::arg("grad_scale") = py::none(),
       py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none(),
       py::arg("absmax") = py::none());
+
+  m.def("groups_hold", &groups_hold, py::arg("groups"), py::arg("keys"), py::arg("expected"),
+        "Whether each group dict holds, by identity, the values expected[i] lists for keys (see "
+        "Plan.step_if_unchanged)");
 
   py::class_<AnyPlan>(m, "Plan",
                       "An optimizer's params and states, registered once; each step checks the "

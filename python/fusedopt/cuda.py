@@ -292,6 +292,21 @@ class Plan:
     def set_options(self, group: int, values: tuple[float, ...]) -> None:
         self._groups[group] = values
 
+    def step_if_unchanged(
+        self,
+        groups: Any,
+        keys: tuple[str, ...],
+        expected: Any,
+        grads: Sequence[Any],
+        grad_scale: float | None = None,
+    ) -> bool:
+        """As fusedopt._core.Plan's: a step when ``_core.groups_hold(groups, keys, expected)``;
+        False, and nothing done, otherwise."""
+        if not _core.groups_hold(groups, keys, expected):
+            return False
+        self.step(grads, grad_scale, None)
+        return True
+
     def step(self, grads: Sequence[Any], grad_scale: float | None, step_number: int | None):
         n = len(self._params)
         if step_number is not None:

@@ -101,10 +101,13 @@ class Optimizer(PlanHolder):
         if cls._algorithm:
             cls._description = describe(cls._algorithm)
             cls._hyperparameter_names = names = tuple(h.name for h in cls._hyperparameters)
-            # A group's values as one tuple in one C call (itemgetter of one name gives it bare).
-            getter = itemgetter(*names)
             cls._group_keys = ("params", *names)
-            cls._values_of = getter if len(names) > 1 else staticmethod(lambda g: (getter(g),))
+            # A group's values as one tuple in one C call (itemgetter of one name gives it bare).
+            cls._values_of = (
+                itemgetter(*names)
+                if len(names) > 1
+                else staticmethod(lambda group: tuple([group[name] for name in names]))
+            )
             if "__init__" not in cls.__dict__:
                 cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
 
@@ -475,6 +478,9 @@ class Optimizer(PlanHolder):
                 return
             self._stepped_with = None
             options = self._group_options()
+            # Read again: a hyperparameter's own code (its __float__, a group dict subclass's
+            # __getitem__) may have reset the optimizer while the options were checked.
+            plan = self._plan
             if plan is not None:
                 registered = self._plan_options
                 for g, now in enumerate(options):
