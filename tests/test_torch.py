@@ -616,6 +616,26 @@ def test_a_one_element_array_hyperparameter_changed_in_place_takes_effect() -> N
         assert torch.equal(a.detach(), b.detach())
 
 
+def test_hyperparameters_set_back_to_earlier_objects_step_as_torch_optim() -> None:
+    """A group at the very value objects of its last step reuses that step's options without
+    rebuilding their key; lr a -> b -> a and betas swapped between two tuples must still step
+    with the values they hold, as torch.optim does."""
+    ours_params, their_params = model_params(torch.float64), model_params(torch.float64)
+    ours = ft.Adam(ours_params, lr=0.1)
+    theirs = torch.optim.Adam(their_params, lr=0.1, foreach=False)
+    a, b = 0.1, 0.025
+    fast, slow = (0.9, 0.999), (0.5, 0.9)
+    schedule = [(a, fast), (a, fast), (b, fast), (b, slow), (a, slow), (a, fast), (a, fast)]
+    for step, (lr, betas) in enumerate(schedule):
+        for optimizer in (ours, theirs):
+            optimizer.param_groups[0]["lr"] = lr
+            optimizer.param_groups[0]["betas"] = betas
+        run(ours, ours_params, range(step, step + 1))
+        run(theirs, their_params, range(step, step + 1))
+        for p, q in zip(ours_params, their_params):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "step"])
 def test_a_state_given_new_memory_is_followed_not_written_after_free(key: str) -> None:
     """`state[key].data = other` keeps the tensor object (and its entry in optimizer.state) and

@@ -218,7 +218,11 @@ class Optimizer(torch.optim.Optimizer):
         if "_lock" not in self.__dict__:
             self._start_lock()
         self._plans: dict[Any, Any] = {}
-        self._options_cache: dict[int, tuple[tuple[Any, ...], tuple[float, ...]]] = {}
+        # Per group (by id): its values' key, its native options, and the values themselves
+        # where none can change in place (_unchanging), compared by identity at the next step.
+        self._options_cache: dict[
+            int, tuple[tuple[Any, ...], tuple[float, ...], tuple[Any, ...] | None]
+        ] = {}
         self._registered_state: tuple[_State, int] | None = None  # self.state, its changes
         self._registered_groups: list[tuple[dict, tuple]] = []  # (group, its params then)
         self._dtensors: list[tuple[torch.Tensor, int, int]] = []  # (param, index, group)
@@ -307,18 +311,21 @@ class Optimizer(torch.optim.Optimizer):
         # (torch's Adam step reads AdamW's decoupled_weight_decay from the group).
         flags = {name: group.get(name, value) for name, value in declaration._fixed.items()}
         scalars = self._scalar_arithmetic(group)
+        values = (*declaration._values_of(group), *flags.values(), scalars)
+        cached = self._options_cache.get(id(group))
+        # The very objects of the last step, none of which can change in place: its options.
+        if (
+            cached is not None
+            and cached[2] is not None
+            and all(map(operator.is_, values, cached[2]))
+        ):
+            return cached[1]
         # The NumPy classes' key: values that can change in place (a tensor lr that a scheduler
         # fill_s, a one-element array) are copied into plain numbers, and types are compared.
-        key = optim._frozen(
-            (
-                *[group[name] for name in declaration._hyperparameter_names],
-                *flags.values(),
-                scalars,
-            ),
-            _key_plain,
-        )
-        cached = self._options_cache.get(id(group))
+        key = optim._frozen(values, _key_plain)
+        identical = values if all(map(_unchanging, values)) else None
         if cached is not None and optim._same_key(key, cached[0]):
+            self._options_cache[id(group)] = (key, cached[1], identical)
             return cached[1]
         fixed = {"convention": TORCH, **{name: float(bool(v)) for name, v in flags.items()}}
         if scalars is not None:
@@ -330,7 +337,7 @@ class Optimizer(torch.optim.Optimizer):
             fixed,
             checked=False,
         )
-        self._options_cache[id(group)] = (key, native)
+        self._options_cache[id(group)] = (key, native, identical)
         return native
 
     def _scalar_arithmetic(self, group: dict[str, Any]) -> torch.dtype | None:
@@ -1079,6 +1086,17 @@ def _plain(value: Any) -> Any:
             raise ValueError(f"a tensor hyperparameter has one element, not {tuple(value.shape)}")
         return value.item()
     return value
+
+
+def _unchanging(value: Any) -> bool:
+    """Whether a hyperparameter value can never change in place: a plain number, a flag, a
+    dtype, None, or a tuple of those (not a tensor, an array or a list)."""
+    if type(value) is tuple:
+        return all(map(_unchanging, value))
+    return value is None or type(value) in _UNCHANGING
+
+
+_UNCHANGING = frozenset((float, int, bool, torch.dtype))
 
 
 def _key_plain(value: Any) -> Any:
