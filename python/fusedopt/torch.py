@@ -30,6 +30,7 @@ with ``p.grad.to_local()``, the states being DTensors of the same placements, as
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import re
@@ -51,6 +52,7 @@ from fusedopt._engine import (
     _live_optimizers,
     checked_absmax,
     dequantize_blockwise,
+    describe,
     dtype_name,
     first_overlap,
     native_values,
@@ -349,7 +351,7 @@ class Optimizer(torch.optim.Optimizer):
         for a float64 param). The first param of the group with that state decides (a group of
         float32 and float64 params loaded from a checkpoint is not followed exactly)."""
         description = self._declaration._description
-        if not any(f.name == "float32_scalars" for f in description.fields):
+        if not _computes_scalars(description.name):
             return None
         if description.name in _SCALARS_IN_THEIR_DTYPE:
             for p in group["params"]:
@@ -1086,6 +1088,12 @@ def _plain(value: Any) -> Any:
             raise ValueError(f"a tensor hyperparameter has one element, not {tuple(value.shape)}")
         return value.item()
     return value
+
+
+@functools.cache
+def _computes_scalars(algorithm: str) -> bool:
+    """Whether the algorithm's options say which dtype its scalar states are computed in."""
+    return any(f.name == "float32_scalars" for f in describe(algorithm).fields)
 
 
 def _unchanging(value: Any) -> bool:
