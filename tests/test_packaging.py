@@ -5,6 +5,7 @@ file that the installed distribution carries."""
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -69,6 +70,32 @@ def test_fusedopt_cuda_on_in_any_spelling_insists_on_nvcc(tmp_path: Path, value:
         pytest.skip("CMake finds a CUDA compiler outside PATH here")
     assert result.returncode != 0
     assert f"FUSEDOPT_CUDA={value} but no CUDA compiler was found" in result.stderr
+
+
+@configures
+@pytest.mark.parametrize(
+    "isas, built, error",
+    [
+        ("scalar;avx2", ["scalar", "avx2"], None),
+        ("scalar,avx2", ["scalar", "avx2"], None),
+        ("avx2", None, "scalar, the fallback for any CPU, is required"),
+        ("scalar;neon", None, "neon is not one of"),
+    ],
+)
+def test_fusedopt_isas_builds_a_subset_with_scalar_always(
+    tmp_path: Path, isas: str, built: list[str] | None, error: str | None
+) -> None:
+    """FUSEDOPT_ISAS (the sanitizer CI's builds leave out ISAs the CPU cannot run): a subset of
+    the kernels, the scalar fallback always among them."""
+    result = configure(tmp_path / "build", "-DFUSEDOPT_CUDA=OFF", f"-DFUSEDOPT_ISAS={isas}")
+    if error is not None:
+        assert result.returncode != 0 and error in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    ninja = (tmp_path / "build" / "build.ninja").read_text()
+    kernels = {isa for isa in ("scalar", "avx2", "avx512") if f"fusedopt_kernels_{isa}" in ninja}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert kernels == set(built)
 
 
 @configures
