@@ -996,6 +996,102 @@ def test_a_step_bumps_autograd_versions_as_torch_s_in_place_updates_do(name: str
             y.backward()
 
 
+EXPERT_CASES = [
+    ("Adam", {"amsgrad": True}),
+    ("NAdam", {"momentum_decay": 0.1}),
+    ("SGD", {"momentum": 0.9, "nesterov": True}),
+    ("Adagrad", {"lr_decay": 0.01}),
+    ("Rprop", {}),
+    ("ASGD", {"t0": 2.0}),
+    ("RMSprop", {"centered": True}),
+]
+
+
+def expert_grads(step: int, params: list[Any]) -> list[Any]:
+    """A mixture of experts' grads: each step two of the six params get none (a different two
+    every step), and params[5] gets none before step 4."""
+    generator = torch.Generator().manual_seed(2000 + step)
+    grads = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+    for i in (step % 5, (step + 2) % 5):
+        grads[i] = None
+    if step < 4:
+        grads[5] = None
+    return grads
+
+
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=map(case_id, EXPERT_CASES))
+def test_params_losing_and_regaining_grads_keep_their_plan(case: tuple, monkeypatch: Any) -> None:
+    """A param whose grad is None is skipped, as torch skips it (its state and step count
+    unchanged), by the plan it is in: a plan is made anew only when a param without state gets a
+    grad (once made for every param, it served every later step, where a new plan at every change
+    of the set of grads cost 100 µs a param)."""
+    name, options = case
+    registrations = []
+    register = ft.Optimizer._register
+    monkeypatch.setattr(
+        ft.Optimizer, "_register", lambda self, o: (registrations.append(1), register(self, o))
+    )
+    results = []
+    for module in (ft, torch.optim):
+        generator = torch.Generator().manual_seed(0)
+        params = [
+            torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64))
+            for s in [(3, 4), (7,), (1,), (2, 2), (5,), (6,)]
+        ]
+        extra = {} if module is ft else {"foreach": False}
+        optimizer = getattr(module, name)(params, lr=0.05, **options, **extra)
+        for step in range(12):
+            for p, g in zip(params, expert_grads(step, params)):
+                p.grad = g
+            optimizer.step()
+        results.append((optimizer, params))
+    (ours, ours_params), (theirs, their_params) = results
+    compare(ours, theirs, ours_params, their_params, torch.float64)
+    # Step 0 (params 1, 4 and 5 without state), step 1 (param 1 with a grad), step 4 (param 5);
+    # torch's Adagrad makes every param's state in its constructor: one plan for all steps.
+    assert len(registrations) == (1 if name == "Adagrad" else 3)
+
+
+def test_a_param_without_a_grad_is_not_written_and_keeps_its_version() -> None:
+    """A param in the plan whose grad is None now is not written: its version stays, so a graph
+    that saved it still runs its backward, as under torch.optim."""
+    for module in (torch.optim, ft):
+        w, v = (torch.nn.Parameter(torch.randn(3, 3)) for _ in range(2))
+        optimizer = module.Adam([w, v], lr=0.1)
+        w.grad, v.grad = torch.ones(3, 3), torch.ones(3, 3)
+        optimizer.step()  # both have state from here on
+        x = torch.randn(2, 3, requires_grad=True)
+        y = (x @ v).square().sum()  # saves v
+        w.grad, v.grad = torch.ones(3, 3), None
+        before_w, before_v, value_v = w._version, v._version, v.detach().clone()
+        optimizer.step()
+        assert w._version > before_w and v._version == before_v, module
+        assert torch.equal(v.detach(), value_v)
+        assert float(optimizer.state[v]["step"]) == 1.0 and float(optimizer.state[w]["step"]) == 2.0
+        y.backward()
+
+
+def test_params_sharing_memory_without_grads_are_left_out_of_the_plan() -> None:
+    """Two params over one memory, never both with a grad in a step (torch steps that), each
+    with state: a plan over both is refused as overlapping, so the one without a grad is left out
+    and each step follows torch's."""
+    results = []
+    for module in (ft, torch.optim):
+        base = torch.arange(6, dtype=torch.float64)
+        a, b = torch.nn.Parameter(base), torch.nn.Parameter(base)  # one memory
+        optimizer = module.Adam([a, b], lr=0.1)
+        for step in range(6):
+            grad = torch.full((6,), 1.0 if step % 2 else -2.0, dtype=torch.float64)
+            a.grad, b.grad = (grad, None) if step % 2 else (None, grad)
+            optimizer.step()
+        results.append((a.detach().clone(), optimizer.state_dict()["state"]))
+    (ours, our_state), (theirs, their_state) = results
+    assert_close(ours, theirs, torch.float64, "params")
+    for index in (0, 1):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert_close(our_state[index][key], their_state[index][key], torch.float64, key)
+
+
 def test_grads_unscaled_by_a_grad_scale_have_their_version_bumped() -> None:
     """Under a GradScaler the step writes the unscaled grads back, as torch's fused step does."""
     p = torch.nn.Parameter(torch.ones(3))

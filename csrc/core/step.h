@@ -68,6 +68,9 @@ struct StepExtras {
   std::optional<double> grad_scale;  // divides the gradient, which is then written back
   // Set: 16-bit params and states are rounded stochastically, keyed by (seed, step).
   std::optional<uint64_t> rounding_seed;
+  // A Plan's step skips a tensor whose grad is absent (torch's rule for a param whose grad is
+  // None: not updated, its step count and scalars unchanged) instead of refusing it.
+  bool skip_absent_grads = false;
 };
 
 // Checks every buffer of the call (type, dtype, shape, contiguity, writeability, aliasing) and
@@ -408,9 +411,9 @@ class Plan {
     groups_[group] = options;
   }
 
-  // One step: grads[i] for tensor i. `step`, when given, is t for every tensor (Keras' global
-  // iteration count) and the step counts are left alone; otherwise each tensor's count is
-  // advanced and used, as torch does.
+  // One step: grads[i] for tensor i (absent: tensor i skipped, where extras say so). `step`, when
+  // given, is t for every tensor (Keras' global iteration count) and the step counts are left
+  // alone; otherwise each tensor's count is advanced and used, as torch does.
   void step(const std::vector<BufferInfo>& grads, const StepExtras& extras,
             std::optional<int64_t> step) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -431,12 +434,15 @@ class Plan {
     // threads (Adam over 10000 x 100, 2 threads: 3-5% of the step it took on this thread). After a
     // failure the checks run again on this thread, in order, so that the error names the first bad
     // grad, and the tensors are filled only once the step's other checks have passed.
+    const bool skips = extras.skip_absent_grads;
     auto check_grads = [&](size_t begin, size_t end) {
       size_t hint = 0;
-      for (size_t i = begin; i < end; ++i) check_grad_apart(grads[i], i, written, hint);
+      for (size_t i = begin; i < end; ++i)
+        if (!skips || grads[i].present) check_grad_apart(grads[i], i, written, hint);
     };
     auto fill_tensors = [&](size_t begin, size_t end) {
-      for (size_t i = begin; i < end; ++i) fill_tensor(i, grads[i], written, step);
+      for (size_t i = begin; i < end; ++i)
+        if (!skips || grads[i].present) fill_tensor(i, grads[i], written, step);
     };
     const bool checked = cpu::all_slices(n, kCheckSlice, [&](size_t begin, size_t end) {
       check_grads(begin, end);  // a throw is a failed slice
@@ -448,7 +454,7 @@ class Plan {
       std::vector<ExtentIndex::Extent> written_grads;
       for (size_t i = 0; i < n; ++i) {
         const auto begin = reinterpret_cast<uintptr_t>(grads[i].data);
-        if (grads[i].bytes() > 0)
+        if (grads[i].present && grads[i].bytes() > 0)
           written_grads.push_back({begin, begin + static_cast<uintptr_t>(grads[i].bytes()),
                                    "grads[" + std::to_string(i) + "]"});
       }
@@ -458,14 +464,53 @@ class Plan {
       throw Error(ErrorKind::value,
                   "step must be >= 1 (the first step is 1), got " + std::to_string(*step));
     if (!checked) fill_tensors(0, n);
-    detail::compute_coefficients<A>(groups_, schedule_, extras, step_);
-    run_step(step_, &layout_);
+    const bool all_present =
+        !skips || std::all_of(grads.begin(), grads.end(), [](const auto& g) { return g.present; });
+    if (all_present) {
+      detail::compute_coefficients<A>(groups_, schedule_, extras, step_);
+      run_step(step_, &layout_);
+    } else {
+      run_present(grads, extras);
+    }
     if (!step && step_counts_)
-      for (size_t i = 0; i < n; ++i) step_counts_[i] = schedule_.steps[i];
+      for (size_t i = 0; i < n; ++i)
+        if (grads[i].present) step_counts_[i] = schedule_.steps[i];  // a skipped one kept
     std::fill(schedule_.new_state.begin(), schedule_.new_state.end(), 0);
   }
 
  private:
+  // A step over the tensors whose grad is present only: their refs, schedule and scalars copied
+  // out (the scalars copied back once advanced), so that a skipped tensor is neither updated nor
+  // advanced. torch.optim skips a param whose grad is None; a plan over every param with state
+  // steps the ones with a grad, instead of being made anew whenever that set changes (mixture of
+  // experts, a layer frozen for some steps).
+  void run_present(const std::vector<BufferInfo>& grads, const StepExtras& extras) {
+    PreparedStep<A> present;
+    StepSchedule schedule;
+    std::vector<size_t> index;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads[i].present) continue;
+      index.push_back(i);
+      present.tensors.push_back(step_.tensors[i]);
+      schedule.group_of.push_back(schedule_.group_of[i]);
+      schedule.steps.push_back(schedule_.steps[i]);
+      if (!schedule_.new_state.empty()) schedule.new_state.push_back(schedule_.new_state[i]);
+    }
+    std::vector<double> scalars;
+    if (schedule_.scalars) {
+      for (size_t i : index)
+        scalars.insert(scalars.end(), schedule_.scalars + i * kMaxScalars,
+                       schedule_.scalars + (i + 1) * kMaxScalars);
+      schedule.scalars = scalars.data();
+    }
+    detail::compute_coefficients<A>(groups_, schedule, extras, present);
+    run_step(present);
+    if (schedule_.scalars)
+      for (size_t j = 0; j < index.size(); ++j)
+        std::copy_n(scalars.data() + j * kMaxScalars, kMaxScalars,
+                    schedule_.scalars + index[j] * kMaxScalars);
+  }
+
   // Tensor i's grad, its registered states that its group's options use, and its step: t for
   // every tensor when `step` is given, else its count advanced (refused past the last).
   void fill_tensor(size_t i, const BufferInfo& grad, bool written, std::optional<int64_t> step) {

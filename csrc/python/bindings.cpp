@@ -1019,6 +1019,8 @@ class AnyTorchPlan {
   // The steps whose kernels ran: counted in C++, where no signal interrupts, so that the
   // optimizer tells a KeyboardInterrupt raised as a step returns from one raised before it.
   int64_t steps_taken = 0;
+  // How many active params the last step skipped, their grad None (as torch.optim skips them).
+  size_t skipped = 0;
 };
 
 template <class A>
@@ -1151,12 +1153,16 @@ class TorchPlan : public AnyTorchPlan {
       if (now != k.tensor.ptr()) return false;
     }
     if (!registered_memory_unchanged()) return false;
-    const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
+    StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
+    extras.skip_absent_grads = true;
     std::vector<py::object> grads;  // kept alive while the GIL is released
     grads.reserve(index_.size());
     const Grads read = shim_ ? read_grads_by_shim(grads) : Grads::unread;
     if (read == Grads::moved || (read == Grads::unread && !read_grads(grads, extras))) return false;
+    skipped = 0;
+    for (const BufferInfo& g : infos_) skipped += !g.present;
     for (size_t k = 0; k < step_slots_.size(); ++k) {
+      if (!infos_[k].present) continue;  // skipped: its count is neither read nor advanced
       // A float out of int64's range (NaN, 1e30 filled in place) has no conversion (undefined
       // behaviour); the front end names the param when this refuses.
       const double taken = step_slots_[k].read();
@@ -1171,7 +1177,7 @@ class TorchPlan : public AnyTorchPlan {
     }
     ++steps_taken;
     for (size_t k = 0; k < step_slots_.size(); ++k)
-      step_slots_[k].write(static_cast<double>(counts_[k]));
+      if (infos_[k].present) step_slots_[k].write(static_cast<double>(counts_[k]));
     write_scalars();
     return true;
   }
@@ -1192,8 +1198,15 @@ class TorchPlan : public AnyTorchPlan {
       // found (torch.Tensor or nn.Parameter, whose grad that is; `__class__` can be assigned).
       if (Py_TYPE(params_[i].ptr()) != param_types_[i]) return Grads::unread;
       py::object grad = read_property(grad_property, params_[i].ptr());
-      if (grad.is_none() == bool(active_[i])) return Grads::moved;
-      if (!active_[i]) continue;
+      if (!active_[i]) {
+        if (!grad.is_none()) return Grads::moved;  // a param without state has a grad now
+        continue;
+      }
+      infos_[j].present = !grad.is_none();
+      if (!infos_[j].present) {  // skipped this step, as torch skips it
+        ++j;
+        continue;
+      }
       const std::optional<bool> same = param_as_registered_by_shim(j);
       if (!same) return Grads::unread;
       if (!*same) return Grads::moved;
@@ -1248,8 +1261,15 @@ class TorchPlan : public AnyTorchPlan {
       py::object grad =
           py::reinterpret_steal<py::object>(PyObject_GetAttr(params_[i].ptr(), names.grad.ptr()));
       if (!grad) throw py::error_already_set();
-      if (grad.is_none() == bool(active_[i])) return false;  // other params have grads now
-      if (!active_[i]) continue;
+      if (!active_[i]) {
+        if (!grad.is_none()) return false;  // a param without state has a grad now
+        continue;
+      }
+      infos_[j].present = !grad.is_none();
+      if (!infos_[j].present) {  // skipped this step, as torch skips it
+        ++j;
+        continue;
+      }
       const py::object memory = memory_of(i, params_[i]);
       if (!param_as_registered_by_torch(j, memory)) return false;
       if (local_[i]) grad = memory_of(i, grad);
@@ -1721,6 +1741,7 @@ PYBIND11_MODULE(_core, m) {
       .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
       .def_readonly("steps_taken", &AnyTorchPlan::steps_taken)
+      .def_readonly("skipped", &AnyTorchPlan::skipped)
       .def("step_grads", &AnyTorchPlan::step_grads, py::arg("grads"), py::arg("step"),
            "One step over these grads (one per active param) at t = step for every tensor, as "
            "fusedopt.keras steps; False, having done nothing, when a param's memory moved.");
