@@ -997,6 +997,7 @@ def test_a_step_bumps_autograd_versions_as_torch_s_in_place_updates_do(name: str
 
 
 EXPERT_CASES = [
+    ("SGD", {}),
     ("Adam", {"amsgrad": True}),
     ("NAdam", {"momentum_decay": 0.1}),
     ("SGD", {"momentum": 0.9, "nesterov": True}),
@@ -1048,8 +1049,9 @@ def test_params_losing_and_regaining_grads_keep_their_plan(case: tuple, monkeypa
     (ours, ours_params), (theirs, their_params) = results
     compare(ours, theirs, ours_params, their_params, torch.float64)
     # Step 0 (params 1, 4 and 5 without state), step 1 (param 1 with a grad), step 4 (param 5);
-    # torch's Adagrad makes every param's state in its constructor: one plan for all steps.
-    assert len(registrations) == (1 if name == "Adagrad" else 3)
+    # torch's Adagrad makes every param's state in its constructor, and SGD without momentum
+    # keeps none: every param is in the first plan, which serves every step.
+    assert len(registrations) == (1 if name == "Adagrad" or (name, options) == ("SGD", {}) else 3)
 
 
 def test_a_param_without_a_grad_is_not_written_and_keeps_its_version() -> None:
@@ -1069,6 +1071,60 @@ def test_a_param_without_a_grad_is_not_written_and_keeps_its_version() -> None:
         assert torch.equal(v.detach(), value_v)
         assert float(optimizer.state[v]["step"]) == 1.0 and float(optimizer.state[w]["step"]) == 2.0
         y.backward()
+
+
+def test_a_param_without_a_grad_whose_memory_moved_is_not_in_the_way_of_a_grad() -> None:
+    """A param skipped at a step whose memory moved (``p.data = ...``) since the plan was made:
+    its old memory, now another param's grad, is stepped as torch steps it (the plan is made anew;
+    its old extent would have refused the grad as overlapping it)."""
+    results = []
+    for module in (ft, torch.optim):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(64))
+        optimizer = module.Adam([a, b], lr=0.1)
+        a.grad, b.grad = torch.ones(64), torch.ones(64)
+        optimizer.step()
+        old = b.data
+        b.data = torch.randn(64)
+        a.grad, b.grad = old.fill_(0.5), None  # b's old memory as a's grad
+        optimizer.step()
+        optimizer.step()
+        results.append((a.detach().clone(), b.detach().clone()))
+    for ours, theirs in zip(*results):
+        assert_close(ours, theirs, torch.float32, "params")
+
+
+@pytest.mark.parametrize("value", [0.0, [0.0] * 4], ids=["float", "list"])
+def test_a_state_that_is_no_tensor_of_a_param_without_a_grad_is_left_alone(value: Any) -> None:
+    """torch never looks at the state of a param without a grad; nor does a plan, which leaves
+    such a param out."""
+    results = []
+    for module in (ft, torch.optim):
+        a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+        optimizer = module.Adam([a, b], lr=0.1)
+        a.grad, b.grad = torch.ones(4), torch.ones(4)
+        optimizer.step()
+        optimizer.state[b]["exp_avg"] = value
+        a.grad, b.grad = torch.ones(4), None
+        optimizer.step()
+        results.append(a.detach().clone())
+    assert_close(results[0], results[1], torch.float32, "a")
+
+
+def test_the_scalars_of_a_param_without_a_grad_are_neither_read_nor_written() -> None:
+    """NAdam's mu_product of a skipped param keeps its very bits (a float32 signalling NaN would
+    come back quieted from a write through a double)."""
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    optimizer = ft.NAdam([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    optimizer.step()
+    mu_product = optimizer.state[b]["mu_product"]
+    assert mu_product.dtype == torch.float32
+    mu_product.view(torch.int32).fill_(0x7F800001)
+    a.grad, b.grad = torch.ones(4), None
+    optimizer.step()
+    assert int(optimizer.state[b]["mu_product"].view(torch.int32)) == 0x7F800001
+    assert float(optimizer.state[b]["step"]) == 1.0 and float(optimizer.state[a]["step"]) == 2.0
 
 
 def test_params_sharing_memory_without_grads_are_left_out_of_the_plan() -> None:

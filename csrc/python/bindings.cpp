@@ -1218,7 +1218,7 @@ class TorchPlan : public AnyTorchPlan {
         throw Error(ErrorKind::value, "a step count is not in [0, 2**63)");
       counts_[k] = static_cast<int64_t>(taken);
     }
-    read_scalars();
+    read_scalars(false);
     {
       py::gil_scoped_release release;
       plan_->step(infos_, extras, std::nullopt);
@@ -1226,7 +1226,7 @@ class TorchPlan : public AnyTorchPlan {
     ++steps_taken;
     for (size_t k = 0; k < step_slots_.size(); ++k)
       if (infos_[k].present) step_slots_[k].write(static_cast<double>(counts_[k]));
-    write_scalars();
+    write_scalars(false);
     return true;
   }
 
@@ -1251,13 +1251,16 @@ class TorchPlan : public AnyTorchPlan {
         continue;
       }
       infos_[j].present = !grad.is_none();
-      if (!infos_[j].present) {  // skipped this step, as torch skips it
-        ++j;
-        continue;
-      }
+      // A param without a grad is skipped, as torch skips it; but its registered memory bounds
+      // the grads (none may overlap it), so one that moved makes the plan anew: its old memory
+      // may be another tensor's grad by now.
       const std::optional<bool> same = param_as_registered_by_shim(j);
       if (!same) return Grads::unread;
       if (!*same) return Grads::moved;
+      if (!infos_[j].present) {
+        ++j;
+        continue;
+      }
       const std::vector<int64_t>& shape = param_shapes_[j];
       const std::vector<int64_t>& strides = param_strides_[j];
       const TorchShim::Handle h = shim.plain_handle(grad.ptr());
@@ -1314,12 +1317,12 @@ class TorchPlan : public AnyTorchPlan {
         continue;
       }
       infos_[j].present = !grad.is_none();
-      if (!infos_[j].present) {  // skipped this step, as torch skips it
+      const py::object memory = memory_of(i, params_[i]);
+      if (!param_as_registered_by_torch(j, memory)) return false;  // see read_grads_by_shim
+      if (!infos_[j].present) {
         ++j;
         continue;
       }
-      const py::object memory = memory_of(i, params_[i]);
-      if (!param_as_registered_by_torch(j, memory)) return false;
       if (local_[i]) grad = memory_of(i, grad);
       const auto name = [j] { return "grads[" + std::to_string(j) + "]"; };  // for errors only
       const py::object dtype = read_property(names.dtype_property, grad.ptr());
@@ -1412,13 +1415,13 @@ class TorchPlan : public AnyTorchPlan {
         check_layout(items[j], j, name, given_grads_[j]);
       }
     }
-    read_scalars();
+    read_scalars(true);
     {
       py::gil_scoped_release release;
       plan_->step(given_grads_, StepExtras{std::nullopt, rounding_seed_}, step);
     }
     ++steps_taken;
-    write_scalars();
+    write_scalars(true);
     return true;
   }
 
@@ -1497,16 +1500,20 @@ class TorchPlan : public AnyTorchPlan {
       layouts_.push_back({py::reinterpret_borrow<py::object>(tensor), strides, values});
   }
 
-  void read_scalars() {
+  // The scalars of the params stepped (`all`: every active one; else those with a grad): a
+  // skipped param's are neither read nor written, as torch leaves them.
+  void read_scalars(bool all) {
     for (size_t k = 0; k < scalar_slots_.size(); ++k)
-      for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
-        scalar_rows_[k * kMaxScalars + r] = scalar_slots_[k][r].read();
+      if (all || infos_[k].present)
+        for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
+          scalar_rows_[k * kMaxScalars + r] = scalar_slots_[k][r].read();
   }
 
-  void write_scalars() {
+  void write_scalars(bool all) {
     for (size_t k = 0; k < scalar_slots_.size(); ++k)
-      for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
-        scalar_slots_[k][r].write(scalar_rows_[k * kMaxScalars + r]);
+      if (all || infos_[k].present)
+        for (size_t r = 0; r < scalar_slots_[k].size(); ++r)
+          scalar_slots_[k][r].write(scalar_rows_[k * kMaxScalars + r]);
   }
 
   // The tensor whose memory is stepped for params_[i]: the param itself, or a DTensor's local

@@ -765,6 +765,7 @@ class Optimizer(torch.optim.Optimizer):
                 by_device.setdefault(p.device, []).append((g, i, p, has_grad, joins))
         _check_updated_once(self.param_groups)
         for device, entries in by_device.items():
+            entries = _apart(entries)
             made = self._create_states([(p, options[g]) for g, _, p, a, _ in entries if a])
             created = iter(made)
             # Whether each param's state was made for this step (none of a joining param's was).
@@ -774,8 +775,8 @@ class Optimizer(torch.optim.Optimizer):
             except (TypeError, ValueError):
                 if not any(j for *_, j in entries):
                     raise
-                # A param without a grad that the plan refuses (its memory shared with another
-                # param's, say) is left out, as torch leaves it out of this step.
+                # Whatever the plan refused of the params without a grad, they are left out, as
+                # torch leaves them out of this step.
                 plan = self._device_plan(device, entries, options, made, joining=False)
             self._plans[device] = plan
         self._registered_state = (self.state, self.state.changes)
@@ -789,10 +790,11 @@ class Optimizer(torch.optim.Optimizer):
         experts gives each step's grads to a few experts; a new plan whenever that set changed
         cost 100 µs a param, six times torch's step over 10000 small params). A plain CPU param
         whose state is complete for its group's options and passes the checks a param with a
-        grad passes; the native plan's own checks may still leave it out (_register)."""
-        entry = self.state.get(p)
-        if not entry or p.device.type != "cpu" or _is_dtensor(p):
+        grad passes (where the options keep no state, as SGD's without momentum, any param); the
+        native plan's own checks may still leave it out (_register)."""
+        if p.device.type != "cpu" or _is_dtensor(p) or torch.nn.parameter.is_lazy(p):
             return False
+        entry = self.state.get(p, {})
         description = self._declaration._description
         used = description.states_used(values)
         needed = [*used, *description.scalars]
@@ -802,7 +804,7 @@ class Optimizer(torch.optim.Optimizer):
             needed.append("master")
         if self._state_dtype(p) == torch.uint8:
             needed += [name + "_absmax" for name in used]
-        if any(entry.get(name) is None for name in needed):
+        if not all(isinstance(entry.get(name), torch.Tensor) for name in needed):
             return False
         try:
             _check_step_count(entry, index, group)
@@ -810,7 +812,7 @@ class Optimizer(torch.optim.Optimizer):
                 entry, description.states, p, index, group, self._state_dtype(p),
                 self._needs_master(p),
             )  # fmt: skip
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, AttributeError):  # a state that is no tensor: not ours
             return False
         return True
 
@@ -1061,6 +1063,32 @@ def _check_grad(p: Any, index: int, group: int, written: bool = False) -> None:
         )
     if grad.numel() > 0 and grad.data_ptr() == 0:
         raise TypeError(f"{where} has no memory of its own; fusedopt reads a grad's own memory")
+
+
+def _apart(entries: list[tuple[int, int, Any, bool, bool]]) -> list:
+    """One device's entries (group, index, param, whether it has a grad, whether it joins the
+    plan without one) with the joining params left out whose memory overlaps another param's in
+    the plan: torch steps two params over one memory, one at a time, and a plan refuses them
+    (the params with a grad are apart: _check_updated_once)."""
+    while any(e[4] for e in entries):
+        extents = []
+        for k, (_, _, p, has_grad, joins) in enumerate(entries):
+            if has_grad or joins:
+                memory = _memory(p)
+                begin = memory.data_ptr()
+                extents.append((begin, begin + memory.numel() * memory.element_size(), k))
+        clashing = set()
+        furthest = None  # the extent that ends last so far
+        for begin, end, k in sorted(e for e in extents if e[1] > e[0]):
+            if furthest is not None and begin < furthest[1]:
+                clashing.update((k, furthest[2]))
+            if furthest is None or end > furthest[1]:
+                furthest = (begin, end, k)
+        left_out = {k for k in clashing if entries[k][4]}
+        if not left_out:
+            break
+        entries = [(*e[:4], False) if k in left_out else e for k, e in enumerate(entries)]
+    return entries
 
 
 def _check_updated_once(groups: list[dict[str, Any]]) -> None:
