@@ -126,7 +126,7 @@ class Result:
     elements: int
 
 
-TORCH_CASES = 5  # bench/torch_front.py: three over GPT-2's shapes, flat and many tensors
+TORCH_CASES = 7  # bench/torch_front.py: four over GPT-2's shapes, flat, many, experts
 
 
 def count_cases(plan: Plan, with_torch: bool) -> int:

@@ -501,7 +501,8 @@ def markdown(results: list[Result], mode: str) -> str:
         'tensors); "fusedopt NumPy views": `fusedopt.AdamW` over `t.numpy()` of the same '
         "params and grads. Every optimizer of a case updates the same params and reads the same "
         "grads; the GPT-2 cases keep their grads, the Adam cases get new grad tensors before "
-        f"every step. {_gpt2_note(torch_cases)}",
+        "every step (the mixture-of-experts case none for a different seventh of its params "
+        f"each time). {_gpt2_note(torch_cases)}",
         _table_or_none(torch_cases, torch_table),
         "## EWMA against pandas (ms)",
         _table_or_none([r for r in results if r.section == "ewma"], ewma_table),

@@ -1,8 +1,8 @@
 """fusedopt.torch, the drop-in torch.optim classes, against torch.optim over torch tensors: GPT-2
 small's parameter shapes (AdamW, RMSprop, Adagrad; AdamW over bfloat16 params with fusedopt's
 float32 master against torch's fused bfloat16 AdamW, which keeps none), one flat tensor against
-many small ones (Adam), fusedopt's NumPy API over views of the same memory, and DeepSpeed's CPU
-Adam where it builds.
+many small ones (Adam), the many with a different seventh of them without a grad at each step,
+fusedopt's NumPy API over views of the same memory, and DeepSpeed's CPU Adam where it builds.
 
 Every optimizer of a case updates the same param tensors in turn (an AdamW step moves a param by
 about lr, so the values stay ordinary) and reads the same ``p.grad``: memory is the params and
@@ -61,9 +61,13 @@ GPT2_SMALL = Gpt2()
 
 class TorchWorkload:
     """Param tensors with a grad each (float32, or ``dtype``); ``renew`` gives every param a new
-    grad tensor, as a backward pass after ``zero_grad()`` does."""
+    grad tensor, as a backward pass after ``zero_grad()`` does. ``without_grad``: n, each renewal
+    leaves a different nth of the params without a grad (None), as a mixture of experts' backward
+    leaves the experts no token was routed to."""
 
-    def __init__(self, shapes: list[tuple[int, ...]], seed: int = 0, dtype: Any = None) -> None:
+    def __init__(
+        self, shapes: list[tuple[int, ...]], seed: int = 0, dtype: Any = None, without_grad: int = 0
+    ) -> None:
         import torch
 
         generator = torch.Generator().manual_seed(seed)
@@ -72,10 +76,14 @@ class TorchWorkload:
         for p, g in zip(self.params, self.grads):
             p.grad = g
         self.num_elements = sum(p.numel() for p in self.params)
+        self.without_grad = without_grad
+        self.renewals = 0
 
     def renew(self) -> None:
-        for p, g in zip(self.params, self.grads):
-            p.grad = g.clone()
+        self.renewals += 1
+        n = self.without_grad
+        for i, (p, g) in enumerate(zip(self.params, self.grads)):
+            p.grad = None if n and (i + self.renewals) % n == 0 else g.clone()
 
 
 def _select(threads: int) -> Callable[[], None]:
@@ -176,7 +184,9 @@ def deepspeed_candidate(
 class TorchCase:
     """One case's timings: ``skipped`` maps a left-out peer to the reason."""
 
-    key: str  # gpt2-adamw, gpt2-rmsprop, gpt2-adagrad, gpt2-adamw-bfloat16, flat-adam, many-adam
+    # gpt2-adamw, gpt2-rmsprop, gpt2-adagrad, gpt2-adamw-bfloat16, flat-adam, many-adam,
+    # experts-adam
+    key: str
     label: str
     tensors: int
     elements: int
@@ -272,10 +282,16 @@ def run_torch_cases(
     gc.collect()
 
     count, size = many
-    for key, case_shapes in (("flat-adam", [(count * size,)]), ("many-adam", [(size,)] * count)):
+    for key, case_shapes, without_grad in (
+        ("flat-adam", [(count * size,)], 0),
+        ("many-adam", [(size,)] * count, 0),
+        ("experts-adam", [(size,)] * count, 7),
+    ):
         label = f"Adam, {len(case_shapes)} × {case_shapes[0][0]}"
+        if without_grad:
+            label += f", a different 1/{without_grad} of them without a grad each step"
         progress(f"fusedopt.torch: {label}, new grads every step")
-        w = TorchWorkload(case_shapes)
+        w = TorchWorkload(case_shapes, without_grad=without_grad)
         candidates = [
             fusedopt_torch_candidate("Adam", w, {"lr": LR}, threads, renew=True),
             torch_candidate("Adam", w, {"lr": LR}, "fused", threads, renew=True),
