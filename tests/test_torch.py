@@ -1073,6 +1073,33 @@ def test_a_param_without_a_grad_is_not_written_and_keeps_its_version() -> None:
         y.backward()
 
 
+def test_a_param_long_without_a_grad_leaves_the_plan_until_it_has_one(monkeypatch: Any) -> None:
+    """A param skipped at many steps in a row (a frozen layer) costs its checks at every step: a
+    plan without it is made then (TorchPlan.kDormantSteps, 100), and it joins again with a
+    grad; every step as torch's."""
+    registrations = []
+    register = ft.Optimizer._register
+    monkeypatch.setattr(
+        ft.Optimizer, "_register", lambda self, o: (registrations.append(1), register(self, o))
+    )
+    results = []
+    for module in (ft, torch.optim):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, generator=generator)) for _ in range(3)]
+        optimizer = module.Adam(params, lr=0.01)
+        for step in range(115):
+            for i, p in enumerate(params):
+                frozen = i == 2 and 0 < step < 110
+                p.grad = None if frozen else torch.randn(5, generator=generator)
+            optimizer.step()
+        results.append((optimizer, params))
+    (ours, ours_params), (theirs, their_params) = results
+    compare(ours, theirs, ours_params, their_params, torch.float32)
+    assert float(ours.state[ours_params[2]]["step"]) == 6.0
+    # Step 0; step 101, after params[2] was skipped at steps 1-100; step 110, its grad back.
+    assert len(registrations) == 3
+
+
 def test_a_param_without_a_grad_whose_memory_moved_is_not_in_the_way_of_a_grad() -> None:
     """A param skipped at a step whose memory moved (``p.data = ...``) since the plan was made:
     its old memory, now another param's grad, is stepped as torch steps it (the plan is made anew;

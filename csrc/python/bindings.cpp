@@ -1067,8 +1067,17 @@ class AnyTorchPlan {
   // The steps whose kernels ran: counted in C++, where no signal interrupts, so that the
   // optimizer tells a KeyboardInterrupt raised as a step returns from one raised before it.
   int64_t steps_taken = 0;
-  // How many active params the last step skipped, their grad None (as torch.optim skips them).
+  // How many active params the last step skipped, their grad None (as torch.optim skips them),
+  // and how many of them it skipped at the last kDormantSteps steps in a row (dormant_params():
+  // their indices among the active ones).
   size_t skipped = 0;
+  size_t dormant = 0;
+  virtual std::vector<size_t> dormant_params() const = 0;
+  // A param skipped this many steps in a row (a frozen layer, more than a mixture of experts' idle
+  // expert) costs its checks at every step, about 1 us (9000 frozen params of 10000: 10 ms a step
+  // against 1-2 ms for a plan without them); the optimizer's next plan leaves it out, at a cost of
+  // the order of a hundred skipped steps.
+  static constexpr uint32_t kDormantSteps = 100;
 };
 
 template <class A>
@@ -1173,6 +1182,7 @@ class TorchPlan : public AnyTorchPlan {
         throw Error(ErrorKind::value, "one row of scalars per active param");
     }
     counts_.assign(n, 0);
+    skipped_for_.assign(n, 0);
     scalar_rows_.assign(n * kMaxScalars, 0.0);
     const RangeChecks ranges(checked_);
     plan_ = std::make_unique<Plan<A>>(
@@ -1207,8 +1217,6 @@ class TorchPlan : public AnyTorchPlan {
     grads.reserve(index_.size());
     const Grads read = shim_ ? read_grads_by_shim(grads) : Grads::unread;
     if (read == Grads::moved || (read == Grads::unread && !read_grads(grads, extras))) return false;
-    skipped = 0;
-    for (const BufferInfo& g : infos_) skipped += !g.present;
     for (size_t k = 0; k < step_slots_.size(); ++k) {
       if (!infos_[k].present) continue;  // skipped: its count is neither read nor advanced
       // A float out of int64's range (NaN, 1e30 filled in place) has no conversion (undefined
@@ -1227,7 +1235,21 @@ class TorchPlan : public AnyTorchPlan {
     for (size_t k = 0; k < step_slots_.size(); ++k)
       if (infos_[k].present) step_slots_[k].write(static_cast<double>(counts_[k]));
     write_scalars(false);
+    skipped = dormant = 0;
+    for (size_t j = 0; j < infos_.size(); ++j) {
+      uint32_t& streak = skipped_for_[j];
+      streak = infos_[j].present ? 0 : std::min(streak + 1, kDormantSteps);
+      skipped += !infos_[j].present;
+      dormant += streak == kDormantSteps;
+    }
     return true;
+  }
+
+  std::vector<size_t> dormant_params() const override {
+    std::vector<size_t> indices;
+    for (size_t j = 0; j < skipped_for_.size(); ++j)
+      if (skipped_for_[j] == kDormantSteps) indices.push_back(j);
+    return indices;
   }
 
  private:
@@ -1552,6 +1574,7 @@ class TorchPlan : public AnyTorchPlan {
   std::vector<int64_t> counts_;
   std::vector<double> scalar_rows_;
   std::vector<BufferInfo> infos_;
+  std::vector<uint32_t> skipped_for_;    // per active param: the steps it was skipped in a row
   std::vector<BufferInfo> given_grads_;  // step_grads' grads, described at each step
   std::optional<uint64_t> rounding_seed_;
   bool checked_;  // whether the options' ranges are checked
@@ -1798,6 +1821,8 @@ PYBIND11_MODULE(_core, m) {
       .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
       .def_readonly("steps_taken", &AnyTorchPlan::steps_taken)
       .def_readonly("skipped", &AnyTorchPlan::skipped)
+      .def_readonly("dormant", &AnyTorchPlan::dormant)
+      .def("dormant_params", &AnyTorchPlan::dormant_params)
       .def("step_grads", &AnyTorchPlan::step_grads, py::arg("grads"), py::arg("step"),
            "One step over these grads (one per active param) at t = step for every tensor, as "
            "fusedopt.keras steps; False, having done nothing, when a param's memory moved.");

@@ -239,6 +239,11 @@ class Optimizer(torch.optim.Optimizer):
         self._registered_state: tuple[_State, int] | None = None  # self.state, its changes
         self._registered_groups: list[tuple[dict, tuple]] = []  # (group, its params then)
         self._dtensors: list[tuple[torch.Tensor, int, int]] = []  # (param, index, group)
+        # Params a plan skipped many steps in a row (TorchPlan.kDormantSteps): no plan takes
+        # them without a grad, until they have one again; _remake: the next step makes new plans
+        # (without those).
+        self._dormant: set[torch.Tensor] = set()
+        self._remake = False
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's (defaults, state, param_groups) and the low-precision options."""
@@ -616,8 +621,9 @@ class Optimizer(torch.optim.Optimizer):
             for g, group in enumerate(self.param_groups):
                 self._check_modes(group, g)
             options = [self._native_options(group) for group in self.param_groups]
-            if not (self._state_unchanged() and self._groups_unchanged()):
+            if self._remake or not (self._state_unchanged() and self._groups_unchanged()):
                 self._plans = {}
+                self._remake = False
             for p, index, group in self._dtensors:
                 if p.grad is not None:
                     _check_dtensor_grad(p, index, group)
@@ -718,6 +724,9 @@ class Optimizer(torch.optim.Optimizer):
         # 60 ns a tensor (Adam over 10000 x 100: 40000 tensors, 2.7 ms, a third of the step).
         if native.skipped:  # params without a grad now, not written
             updated = _with_local([p for _, _, p in active if p.grad is not None])
+            if native.dormant:  # long without a grad: the next plan leaves them out
+                self._dormant.update(active[j][2] for j in native.dormant_params())
+                self._remake = True
         if scale is not None:  # the unscaled grads were written back
             updated = updated + _with_local([p.grad for _, _, p in active if p.grad is not None])
         torch._C._increment_version(updated)
@@ -744,6 +753,7 @@ class Optimizer(torch.optim.Optimizer):
         # (group, index, param, whether it has a grad, whether it joins the plan without one)
         by_device: dict[Any, list[tuple[int, int, torch.Tensor, bool, bool]]] = {}
         self._plans = {}
+        dormant, self._dormant = self._dormant, set()
         self._dtensors = []
         if not isinstance(self.state, _State):  # optimizer.state = defaultdict(dict) to reset
             self.state = _State(self.state)
@@ -761,7 +771,13 @@ class Optimizer(torch.optim.Optimizer):
                 if _is_dtensor(p):
                     self._dtensors.append((p, i, g))
                 has_grad = p.grad is not None
-                joins = not has_grad and self._joins_without_grad(p, i, g, options[g])
+                if not has_grad and p in dormant:
+                    self._dormant.add(p)  # until it has a grad again
+                joins = (
+                    not has_grad
+                    and p not in self._dormant
+                    and self._joins_without_grad(p, i, g, options[g])
+                )
                 by_device.setdefault(p.device, []).append((g, i, p, has_grad, joins))
         _check_updated_once(self.param_groups)
         for device, entries in by_device.items():
@@ -900,7 +916,7 @@ class _DevicePlan:
         self.addresses = [_memory(p).data_ptr() for p in self.active_params]
         self.strides = [_memory(p).stride() for p in self.active_params]
         self.steps_taken = 0  # as TorchPlan's
-        self.skipped = 0  # as TorchPlan's: this plan steps exactly the params with a grad
+        self.skipped = self.dormant = 0  # as TorchPlan's: this steps exactly the params with a grad
 
     def set_options(self, group: int, values: tuple[float, ...]) -> None:
         self.options[group] = values
