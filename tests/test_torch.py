@@ -996,6 +996,17 @@ def test_a_step_bumps_autograd_versions_as_torch_s_in_place_updates_do(name: str
             y.backward()
 
 
+@pytest.fixture
+def registrations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One item per plan fusedopt.torch's optimizers make (each call of _register) in the test."""
+    made: list[int] = []
+    register = ft.Optimizer._register
+    monkeypatch.setattr(
+        ft.Optimizer, "_register", lambda self, o: (made.append(1), register(self, o))
+    )
+    return made
+
+
 EXPERT_CASES = [
     ("SGD", {}),
     ("Adam", {"amsgrad": True}),
@@ -1021,17 +1032,14 @@ def expert_grads(step: int, params: list[Any]) -> list[Any]:
 
 
 @pytest.mark.parametrize("case", EXPERT_CASES, ids=map(case_id, EXPERT_CASES))
-def test_params_losing_and_regaining_grads_keep_their_plan(case: tuple, monkeypatch: Any) -> None:
+def test_params_losing_and_regaining_grads_keep_their_plan(
+    case: tuple, registrations: list
+) -> None:
     """A param whose grad is None is skipped, as torch skips it (its state and step count
     unchanged), by the plan it is in: a plan is made anew only when a param without state gets a
     grad (once made for every param, it served every later step, where a new plan at every change
     of the set of grads cost 100 µs a param)."""
     name, options = case
-    registrations = []
-    register = ft.Optimizer._register
-    monkeypatch.setattr(
-        ft.Optimizer, "_register", lambda self, o: (registrations.append(1), register(self, o))
-    )
     results = []
     for module in (ft, torch.optim):
         generator = torch.Generator().manual_seed(0)
@@ -1073,15 +1081,10 @@ def test_a_param_without_a_grad_is_not_written_and_keeps_its_version() -> None:
         y.backward()
 
 
-def test_a_param_long_without_a_grad_leaves_the_plan_until_it_has_one(monkeypatch: Any) -> None:
+def test_a_param_long_without_a_grad_leaves_the_plan_until_it_has_one(registrations: list) -> None:
     """A param skipped at many steps in a row (a frozen layer) costs its checks at every step: a
     plan without it is made then (TorchPlan.kDormantSteps, 100), and it joins again with a
     grad; every step as torch's."""
-    registrations = []
-    register = ft.Optimizer._register
-    monkeypatch.setattr(
-        ft.Optimizer, "_register", lambda self, o: (registrations.append(1), register(self, o))
-    )
     results = []
     for module in (ft, torch.optim):
         generator = torch.Generator().manual_seed(0)
