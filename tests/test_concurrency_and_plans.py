@@ -16,6 +16,8 @@ import re
 import subprocess
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -184,6 +186,109 @@ def test_a_grads_list_changed_by_another_thread_mid_step_is_safe() -> None:
         reference.step([np.ones(SIZE)])
     for p in params:
         np.testing.assert_array_equal(p, expected)
+
+
+def test_a_grads_list_emptied_while_the_step_copies_it_is_read_as_it_is_then() -> None:
+    """A step copies the grads list into a tuple; making the tuple may collect garbage, whose
+    finalizer here empties the list: the copy reads the list as it is after that (empty: refused),
+    never the items it had."""
+    params = [np.zeros(4, np.float32) for _ in range(40)]
+    opt = fusedopt.Adam(params, lr=0.1)
+    opt.step([np.ones(4, np.float32) for _ in range(40)])
+    grads = [np.ones(4, np.float32) for _ in range(40)]
+
+    class EmptiesTheGrads:
+        def __del__(self) -> None:
+            grads.clear()
+
+    step = opt._plan.step  # bound here: binding allocates
+    gc.collect()
+    gc.disable()
+    threshold = gc.get_threshold()
+    try:
+        cycle = EmptiesTheGrads()
+        cycle.itself = cycle  # freed by the collector only
+        del cycle
+        refused = ""
+        gc.set_threshold(gc.get_count()[0])  # the next allocation, the tuple's, collects
+        gc.enable()
+        try:  # no pytest.raises: entering it allocates, which would collect before the step
+            step(grads, None, None)
+        except ValueError as error:
+            refused = str(error)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.enable()
+    assert re.search("expected 40 arrays .*, got 0", refused), refused
+    assert all(np.array_equal(p, params[0]) for p in params)
+
+
+def test_a_grad_scale_that_steps_another_optimizer_leaves_this_step_alone() -> None:
+    """The grad scale is read first: its __float__ is code, here stepping another optimizer on
+    this thread, which reuses this thread's buffers of grad descriptions."""
+    params = [np.zeros(4, np.float32) for _ in range(8)]
+    opt = fusedopt.SGD(params, lr=1.0)
+    opt.step([np.zeros(4, np.float32) for _ in range(8)])
+    other = fusedopt.SGD([np.zeros(4, np.float32) for _ in range(8)], lr=1.0)
+    other.step([np.zeros(4, np.float32) for _ in range(8)])
+
+    class Scale:
+        def __float__(self) -> float:
+            other._plan.step([np.full(4, 100.0, np.float32) for _ in range(8)], None, None)
+            gc.collect()
+            return 1.0
+
+    opt._plan.step([np.ones(4, np.float32) for _ in range(8)], Scale(), None)
+    for p in params:
+        np.testing.assert_array_equal(p, np.full(4, -1.0, np.float32))
+
+
+def test_finalizers_of_grads_freed_by_a_step_never_see_its_emptied_tuple() -> None:
+    """Another thread empties the grads list while the kernels run: the step's tuple then holds
+    the arrays' last references and drops them, running their finalizers; the tuple is out of
+    the collector's sight by then (a finalizer reading it through gc.get_referrers crashed)."""
+    count, size = 16, 1 << 18  # a step of several milliseconds
+    opt = fusedopt.Adam([np.zeros(size, np.float32) for _ in range(count)], lr=0.1)
+    seen: list[tuple] = []
+
+    class Watched(np.ndarray):
+        others: list = []  # weak references to the grads of the current step
+
+        def __del__(self) -> None:  # looks for a tuple holding the other grads, and reads it
+            for reference in Watched.others:
+                other = reference()
+                if other is None or other is self:
+                    continue
+                for holder in gc.get_referrers(other):
+                    if type(holder) is tuple and len(holder) == count:
+                        seen.append(tuple(type(item).__name__ for item in holder))
+                return
+
+    current: list[list] = [[]]
+    started, stop = threading.Event(), threading.Event()
+
+    def empty_the_list() -> None:
+        while not stop.is_set():
+            if started.wait(0.05):
+                started.clear()
+                time.sleep(0.002)  # into the step's kernels, which run without the GIL
+                current[0].clear()
+
+    emptier = threading.Thread(target=empty_the_list)
+    emptier.start()
+    try:
+        for _ in range(30):
+            current[0] = [np.ones(size, np.float32).view(Watched) for _ in range(count)]
+            Watched.others = [weakref.ref(g) for g in current[0]]
+            started.set()
+            try:
+                opt.step(current[0])
+            except ValueError:  # emptied before the step read it
+                pass
+    finally:
+        stop.set()
+        emptier.join()
+    assert all("NoneType" not in names for names in seen)
 
 
 def test_keras_apply_from_two_threads_is_serialized() -> None:

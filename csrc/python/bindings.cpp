@@ -129,17 +129,21 @@ inline void decref_all(PyObject** objects, size_t n) {
 py::tuple items_of(py::handle sequence, const char* role) {
   PyObject* const object = sequence.ptr();
   if (PyTuple_CheckExact(object)) return py::reinterpret_borrow<py::tuple>(sequence);
-  if (!PyList_Check(object)) {
-    if (!PyTuple_Check(object))
-      throw Error(ErrorKind::type, std::string(role) + " must be a list or tuple of numpy arrays");
+  if (!PyList_Check(object) && !PyTuple_Check(object))
+    throw Error(ErrorKind::type, std::string(role) + " must be a list or tuple of numpy arrays");
+  if (!PyList_CheckExact(object))  // a subclass: through its own methods
     return py::reinterpret_steal<py::tuple>(PySequence_Tuple(object));
+  while (true) {
+    const Py_ssize_t n = PyList_GET_SIZE(object);
+    // Allocating may collect garbage, whose finalizers (or a thread taking the GIL then) may
+    // change the list: its size is read again once the tuple exists, and nothing runs from there.
+    py::tuple items(n);
+    if (PyList_GET_SIZE(object) != n) continue;
+    PyObject** slots = &PyTuple_GET_ITEM(items.ptr(), 0);
+    for (Py_ssize_t i = 0; i < n; ++i) slots[i] = PyList_GET_ITEM(object, i);
+    incref_all(slots, static_cast<size_t>(n));
+    return items;
   }
-  const Py_ssize_t n = PyList_GET_SIZE(object);
-  py::tuple items(n);
-  PyObject** slots = &PyTuple_GET_ITEM(items.ptr(), 0);
-  std::copy_n(&PyList_GET_ITEM(object, 0), n, slots);  // no Python code runs in between
-  incref_all(slots, static_cast<size_t>(n));
-  return items;
 }
 
 // Drops the references of a tuple that items_of made, when nothing else holds it, the cache
@@ -150,8 +154,11 @@ class ItemsReleased {
   explicit ItemsReleased(py::tuple& items) : items_(items) {}
   ~ItemsReleased() {
     PyObject* const tuple = items_.ptr();
-    if (tuple && Py_REFCNT(tuple) == 1)
-      decref_all(&PyTuple_GET_ITEM(tuple, 0), static_cast<size_t>(PyTuple_GET_SIZE(tuple)));
+    if (!tuple || Py_REFCNT(tuple) != 1) return;
+    // Out of the collector's sight first, as tupledealloc does: a finalizer run by a dropped
+    // reference must not find the tuple (gc.get_referrers) with its slots emptied.
+    PyObject_GC_UnTrack(tuple);
+    decref_all(&PyTuple_GET_ITEM(tuple, 0), static_cast<size_t>(PyTuple_GET_SIZE(tuple)));
   }
   ItemsReleased(const ItemsReleased&) = delete;
   ItemsReleased& operator=(const ItemsReleased&) = delete;
@@ -605,13 +612,15 @@ class PythonPlan : public AnyPlan {
   // A step, the caller holding a reference to every registered array (references_ does for a plan
   // that is not borrowed).
   void step_held(py::handle grads, py::handle grad_scale, std::optional<int64_t> step) {
+    // First: a grad scale's __float__ is code that may step this plan again (refilling this
+    // thread's infos below) or change its arrays after they were checked.
+    const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
     const cpu::StayAwake awake(registered_->plan.uses_pool());
     py::tuple items = items_of(grads, "grads");
     const ItemsReleased released(items);
     if (!all_unchanged(registered_->fingerprints)) register_buffers();
     thread_local std::vector<BufferInfo> infos;
     describe_items(items, "grads", infos);
-    const StepExtras extras{grad_scale_from(grad_scale), rounding_seed_};
     // This frame keeps the grads (items) alive while the GIL is released, and the plan, even if
     // another thread re-registers meanwhile; the registered arrays are kept by references_ or,
     // for a borrowed plan, by the caller (step, step_if_same).
