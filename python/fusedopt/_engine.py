@@ -23,7 +23,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -373,16 +373,22 @@ def byte_range(array: np.ndarray, name: str) -> tuple[int, int, str]:
     return begin, begin + array.nbytes, name
 
 
-def first_overlap(extents: Iterable[tuple[int, int, str]]) -> tuple[str, str] | None:
-    """The first two of the named byte ranges ``(begin, end, name)`` that overlap, in address
-    order (the later one first), or None; empty ranges overlap nothing."""
-    furthest: tuple[int, int, str] | None = None  # the range that ends last so far
+def overlaps(extents: Iterable[tuple[int, int, Any]]) -> Iterator[tuple[Any, Any]]:
+    """Of the tagged byte ranges ``(begin, end, tag)``, in address order, each one that overlaps
+    an earlier one, with the earlier one that ends last, as their tags (the later one first);
+    empty ranges overlap nothing. Every range that overlaps another is in some pair."""
+    furthest: tuple[int, int, Any] | None = None  # the range that ends last so far
     for extent in sorted(e for e in extents if e[1] > e[0]):
         if furthest is not None and extent[0] < furthest[1]:
-            return extent[2], furthest[2]
+            yield extent[2], furthest[2]
         if furthest is None or extent[1] > furthest[1]:
             furthest = extent
-    return None
+
+
+def first_overlap(extents: Iterable[tuple[int, int, str]]) -> tuple[str, str] | None:
+    """The first two of the named byte ranges ``(begin, end, name)`` that overlap, in address
+    order (the later one first), or None (see :func:`overlaps`)."""
+    return next(overlaps(extents), None)
 
 
 def required_state(

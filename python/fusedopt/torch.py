@@ -56,6 +56,7 @@ from fusedopt._engine import (
     dtype_name,
     first_overlap,
     native_values,
+    overlaps,
     quantize_blockwise,
     quantized_full,
     required_state,
@@ -1081,26 +1082,24 @@ def _check_grad(p: Any, index: int, group: int, written: bool = False) -> None:
         raise TypeError(f"{where} has no memory of its own; fusedopt reads a grad's own memory")
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The memory of a dense tensor (as _check_param requires): [data_ptr, + its bytes)."""
+    begin = t.data_ptr()
+    return begin, begin + t.numel() * t.element_size()
+
+
 def _apart(entries: list[tuple[int, int, Any, bool, bool]]) -> list:
     """One device's entries (group, index, param, whether it has a grad, whether it joins the
     plan without one) with the joining params left out whose memory overlaps another param's in
     the plan: torch steps two params over one memory, one at a time, and a plan refuses them
     (the params with a grad are apart: _check_updated_once)."""
     while any(e[4] for e in entries):
-        extents = []
-        for k, (_, _, p, has_grad, joins) in enumerate(entries):
-            if has_grad or joins:
-                memory = _memory(p)
-                begin = memory.data_ptr()
-                extents.append((begin, begin + memory.numel() * memory.element_size(), k))
-        clashing = set()
-        furthest = None  # the extent that ends last so far
-        for begin, end, k in sorted(e for e in extents if e[1] > e[0]):
-            if furthest is not None and begin < furthest[1]:
-                clashing.update((k, furthest[2]))
-            if furthest is None or end > furthest[1]:
-                furthest = (begin, end, k)
-        left_out = {k for k in clashing if entries[k][4]}
+        extents = [
+            (*_byte_range(_memory(p)), k)
+            for k, (_, _, p, has_grad, joins) in enumerate(entries)
+            if has_grad or joins
+        ]
+        left_out = {k for pair in overlaps(extents) for k in pair if entries[k][4]}
         if not left_out:
             break
         entries = [(*e[:4], False) if k in left_out else e for k, e in enumerate(entries)]
@@ -1124,9 +1123,7 @@ def _check_updated_once(groups: list[dict[str, Any]]) -> None:
                 )
             seen[id(p)] = where
             memory = _memory(p)
-            begin = memory.data_ptr()
-            end = begin + memory.numel() * memory.element_size()
-            extents.setdefault(memory.device, []).append((begin, end, where))
+            extents.setdefault(memory.device, []).append((*_byte_range(memory), where))
     for device_extents in extents.values():
         if clash := first_overlap(device_extents):
             raise ValueError(
