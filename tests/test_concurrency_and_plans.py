@@ -515,6 +515,63 @@ def test_functional_sees_a_state_list_changed_between_calls() -> None:
     np.testing.assert_array_equal(m2, m1)  # each set of states took one step from zero
 
 
+def test_functional_loop_calls_step_the_cached_plan_and_any_other_call_takes_the_checked_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A training loop's call (the very option objects of the last call, the arrays a cached plan
+    registered) steps that plan from the generated function itself; a call with anything else
+    goes through _run and its checks. Either way the trajectory is the class's, bit for bit."""
+    runs: dict[str, int] = {}
+    for function in (F.adam_, F.rmsprop_):
+        run = function.__globals__["_run"]
+        name = function.__name__
+
+        def counted(*args: Any, run: Any = run, name: str = name) -> None:
+            runs[name] = runs.get(name, 0) + 1
+            run(*args)
+
+        monkeypatch.setitem(function.__globals__, "_run", counted)
+
+    rng = np.random.default_rng(12)
+    params = [rng.standard_normal(8), rng.standard_normal(3)]
+    grads = [rng.standard_normal(8), rng.standard_normal(3)]
+    expected = [p.copy() for p in params]
+    reference = fusedopt.Adam(expected, lr=0.01)
+    exp_avgs, exp_avg_sqs = [np.zeros(8), np.zeros(3)], [np.zeros(8), np.zeros(3)]
+    lr = 0.01
+    for step in range(1, 4):
+        reference.step(grads)
+        F.adam_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr)
+    assert runs == {"adam_": 1}  # the first call made the plan; the others stepped it
+    reference.step(grads)
+    F.adam_(params, grads, exp_avgs, exp_avg_sqs, step=4, lr=float("0.01"))  # equal, not the same
+    assert runs == {"adam_": 2}
+    exp_avgs[1] = exp_avgs[1].copy()  # an array the plan did not register
+    reference.step(grads)
+    F.adam_(params, grads, exp_avgs, exp_avg_sqs, step=5, lr=lr)
+    assert runs == {"adam_": 3}
+    reference.step(grads)
+    F.adam_(params, grads, exp_avgs, exp_avg_sqs, step=6, lr=lr)  # the new plan's arrays
+    assert runs == {"adam_": 3}
+    reference.step(grads)
+    F.adam_(params, tuple(grads), exp_avgs, exp_avg_sqs, step=7, lr=lr)  # a tuple of grads
+    assert runs == {"adam_": 4}
+    for p, e in zip(params, expected):
+        np.testing.assert_array_equal(p, e)
+    np.testing.assert_array_equal(exp_avgs[1], reference.state[1]["exp_avg"])
+
+    # An algorithm that reads no t: a loop leaves step out.
+    params, grads = [rng.standard_normal(5)], [rng.standard_normal(5)]
+    expected = [params[0].copy()]
+    reference_rmsprop = fusedopt.RMSprop(expected, lr=lr)
+    square_avgs = [np.zeros(5)]
+    for _ in range(3):
+        reference_rmsprop.step(grads)
+        F.rmsprop_(params, grads, square_avgs, lr=lr)
+    assert runs["rmsprop_"] == 1
+    np.testing.assert_array_equal(params[0], expected[0])
+
+
 # 10,000 params: their 30,000 arrays are compared with the cached plan's weak references in slices
 # on the pool's threads, long enough for a worker woken by the call to take some. The one
 # replaced is in the first slice, a middle one or the last.

@@ -115,8 +115,7 @@ def _run(
         return
     if step is None and not description.uses_step:
         step = _step_for_rounding_only(stochastic_rounding)
-    global _last_options
-    last = _last_options
+    last = _last_options[0]
     if (
         last[0] is description
         and last[1] is convention
@@ -132,7 +131,7 @@ def _run(
         except (KeyError, TypeError):
             options = _options(key, description, values, convention)
         if _NUMBERS.issuperset(map(type, values)):  # not an array, which changes in place
-            _last_options = (description, convention, values, options)
+            _last_options[0] = (description, convention, values, options)
     param_list = params if type(params) is list else _list(params, "params", required=True)
     grad_list = grads if type(grads) is list else _list(grads, "grads", required=True)
     state_lists: Sequence[list[Any] | None] = states  # lists already, in a training loop
@@ -229,8 +228,8 @@ def _check_scalars(scalars: dict[str, Any], count: int, arrays: list[list[Any] |
 _options_seen: dict[tuple[Any, ...], tuple[float, ...]] = {}
 # The last call's (description, convention, values, options): the same value objects (not only
 # equal ones, which may differ in type or sign) skip even the key. Replaced whole, so a thread
-# reads one call's entry.
-_last_options: tuple[Any, ...] = (None, None, (), ())
+# reads one call's entry; in a list, which the generated functions read too (_make).
+_last_options: list[tuple[Any, ...]] = [(None, None, (), ())]
 _NUMBERS = frozenset((float, int, bool))
 _LIST_OR_NONE = frozenset((list, type(None)))
 
@@ -385,6 +384,48 @@ def _step_cached(
     return bool(plan.step_if_same(params, states, grads, scale, step, None))
 
 
+def _fast_path(d: Description, options: list[str], states: list[str]) -> str:
+    """The start of a generated function: a call like the last one (the very same option
+    objects, as a training loop passes them), with arrays a cached plan registered and no
+    low-precision storage, grad scale or per-tensor scalars, steps through that plan, as
+    ``_run`` would (``_step_cached``) but without its checks of the rarer arguments: they cost
+    as much as the native step over one small tensor. Anything else, or a plan that refuses
+    (its weak references see other arrays), goes on to ``_run``."""
+    if d.scalars:  # their arrays are read back after every step: _run's path
+        return ""
+    counted = "type(step) is int and 0 < step <= 4611686018427387904"  # 2 ** 62, as _run's
+    # Where the update reads no t, a call may leave it out (rounding to nearest reads none).
+    step = "step" if d.uses_step else "1 if step is None else step"
+    plain = [
+        counted if d.uses_step else f"(step is None or {counted})",
+        "masters is None",
+        "absmax is None",
+        "stochastic_rounding is False",
+        "type(seed) is int",
+        "seed == 0",
+        "type(params) is list",
+        "params",
+        "type(grads) is list",  # else _run makes one of it (a single array, a tuple)
+    ]
+    if d.takes_grad_scale:
+        plain += ["grad_scale is None", "found_inf is None"]
+    if d.uses_new_state:
+        plain.append("first_step is False")
+    same = "".join(f" and values[{k}] is {name}" for k, name in enumerate(options))
+    state_lists = "(" + "".join(f"{s}, " for s in states) + ")"
+    return (
+        f"    if {' and '.join(plain)}:\n"
+        "        last = _last_options[0]\n"
+        "        values = last[2]\n"
+        f"        if last[0] is _description and last[1] is convention{same}:\n"
+        "            entry = getattr(_cache, 'plans', {}).get(\n"
+        "                (_description.name, len(params), id(params[0])))\n"
+        "            if entry is not None and entry[1] is last[3] and entry[0].step_if_same(\n"
+        f"                    params, {state_lists}, grads, None, {step}, None):\n"
+        "                return\n"
+    )
+
+
 def _make(algorithm: str) -> Any:
     """``<algorithm>_`` with a real signature: generated source, so that a call costs what a
     hand-written function's call costs."""
@@ -430,9 +471,15 @@ def _make(algorithm: str) -> Any:
     ]
     source = (
         f"def {algorithm}_({', '.join(positional)}, *, {', '.join(keywords)}):\n"
-        f"    _run({', '.join(arguments)})\n"
+        + _fast_path(d, [f.name for f in options], states)
+        + f"    _run({', '.join(arguments)})\n"
     )
-    namespace: dict[str, Any] = {"_run": _run, "_description": d}
+    namespace: dict[str, Any] = {
+        "_run": _run,
+        "_description": d,
+        "_last_options": _last_options,
+        "_cache": _cache,
+    }
     exec(source, namespace)  # noqa: S102 - built from the native description only
     function = namespace[f"{algorithm}_"]
     function.__module__ = __name__
