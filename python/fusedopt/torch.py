@@ -30,14 +30,16 @@ with ``p.grad.to_local()``, the states being DTensors of the same placements, as
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import inspect
 import operator
 import re
 import sys
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,6 +48,7 @@ import torch
 from fusedopt import _core, cuda, optim
 from fusedopt._engine import (
     FULL_PRECISION,
+    MIN_QUANTIZED_SIZE,
     PRECISION_OPTIONS,
     TORCH,
     Precision,
@@ -64,6 +67,23 @@ from fusedopt._engine import (
 )
 
 __all__ = ["Optimizer"]
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """The cyclic garbage collector held off while plans are made: making them allocates tens of
+    thousands of objects (state tensors, lists) and no cyclic garbage, yet every 700 allocations
+    start a collection, and the older generations' walk every object there is (a plan over 10000
+    new params: 150 of its 620 ms). Turned on again only if it was on; another thread switching
+    it meanwhile may find it switched back."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -245,6 +265,7 @@ class Optimizer(torch.optim.Optimizer):
         # (without those).
         self._dormant: set[torch.Tensor] = set()
         self._remake = False
+        self._storage: dict[tuple[torch.dtype, bool], tuple[torch.dtype, bool]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's (defaults, state, param_groups) and the low-precision options."""
@@ -398,12 +419,15 @@ class Optimizer(torch.optim.Optimizer):
         )
         initial = {values: description.initial_values(defaults or values) for _, values in entries}
         new_buffers: list[dict[str, torch.Tensor]] = [{} for _ in entries]
+        held = [self.state.get(p, {}) for p, _ in entries]
+        storage = [self._storage_of(p) for p, _ in entries]  # (state dtype, keeps a master)
         for k, name in enumerate(description.states):
             for j, (p, values) in enumerate(entries):
-                if name not in used[j] or self.state.get(p, {}).get(name) is not None:
+                if name not in used[j] or held[j].get(name) is not None:
                     continue
                 value = initial[values][0][k]
-                if self._state_dtype(p) == torch.uint8:  # 8-bit blockwise: codes, block absmax
+                state_dtype = storage[j][0]
+                if state_dtype == torch.uint8:  # 8-bit blockwise: codes, block absmax
                     # One code per element in the param's memory order, laid out as the param.
                     codes, absmax = quantized_full(
                         (p.numel(),), value, description.nonnegative(name)
@@ -412,21 +436,22 @@ class Optimizer(torch.optim.Optimizer):
                     new_buffers[j][name + "_absmax"] = torch.from_numpy(absmax)
                 else:  # laid out as the param (channels_last, ...), as torch's zeros_like
                     new_buffers[j][name] = torch.full_like(
-                        p, value, dtype=self._state_dtype(p), memory_format=torch.preserve_format
+                        p, value, dtype=state_dtype, memory_format=torch.preserve_format
                     )
-        for (p, values), buffers in zip(entries, new_buffers):
+        tracks_step = self._tracks_step()
+        for (p, values), buffers, (_, needs_master) in zip(entries, new_buffers, storage):
             if p not in self.state and not (
-                self._tracks_step() or buffers or description.scalars or self._needs_master(p)
+                tracks_step or buffers or description.scalars or needs_master
             ):
                 continue  # torch keeps no state at all here (SGD without momentum)
             state = self.state[p]
-            if self._tracks_step() and "step" not in state:
+            if tracks_step and "step" not in state:
                 state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             for name, value in zip(description.scalars, initial[values][1]):
                 if name not in state:
                     state[name] = torch.tensor(value, dtype=_scalar_dtype())
             state.update(buffers)
-            if self._needs_master(p) and state.get("master") is None:
+            if needs_master and state.get("master") is None:
                 state["master"] = p.detach().to(
                     torch.float32, memory_format=torch.preserve_format, copy=True
                 )
@@ -438,10 +463,24 @@ class Optimizer(torch.optim.Optimizer):
         return self._declaration._tracks_step or self.precision.stochastic_rounding
 
     def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
-        return _TORCH_DTYPES[self.precision.state_dtype_for(dtype_name(p.dtype), p.numel())]
+        return self._storage_of(p)[0]
 
     def _needs_master(self, p: torch.Tensor) -> bool:
-        return self.precision.needs_master(dtype_name(p.dtype))
+        return self._storage_of(p)[1]
+
+    def _storage_of(self, p: torch.Tensor) -> tuple[torch.dtype, bool]:
+        """A param's state dtype and whether it keeps a master, worked out once per param dtype
+        (and, for 8-bit state, per side of the size quantized from): they are asked for each
+        state of each param as a plan is made, and working them out from the dtype's name took
+        a tenth of making a plan over 10000 params."""
+        key = (p.dtype, p.numel() >= MIN_QUANTIZED_SIZE)
+        storage = self._storage.get(key)
+        if storage is None:
+            name = dtype_name(p.dtype)
+            size = MIN_QUANTIZED_SIZE if key[1] else 0
+            state_dtype = _TORCH_DTYPES[self.precision.state_dtype_for(name, size)]
+            storage = self._storage[key] = (state_dtype, self.precision.needs_master(name))
+        return storage
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, which casts every floating state tensor to its param's dtype; then the
@@ -647,7 +686,8 @@ class Optimizer(torch.optim.Optimizer):
                 if p.grad is not None
             }
             try:
-                self._register(options)
+                with _collection_paused():
+                    self._register(options)
                 for device, plan in self._plans.items():
                     if device in stepped:
                         continue
