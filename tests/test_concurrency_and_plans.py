@@ -560,6 +560,30 @@ def test_functional_loop_calls_step_the_cached_plan_and_any_other_call_takes_the
         np.testing.assert_array_equal(p, e)
     np.testing.assert_array_equal(exp_avgs[1], reference.state[1]["exp_avg"])
 
+    # A list subclass presents its arrays through its own methods, which _run honours (it makes
+    # a list of one) and the native step, reading the list itself, would not.
+    class Presenting(list):
+        def __init__(self, stored: list, presented: list) -> None:
+            super().__init__(stored)
+            self.presented = presented
+
+        def __iter__(self) -> Any:
+            return iter(self.presented)
+
+        def __len__(self) -> int:
+            return len(self.presented)
+
+        def __getitem__(self, index: Any) -> Any:
+            return self.presented[index]
+
+    presented = [np.zeros(8), np.zeros(3)]
+    registered = [a.copy() for a in exp_avgs]
+    F.adam_(params, grads, Presenting(exp_avgs, presented), exp_avg_sqs, step=8, lr=lr)
+    assert runs == {"adam_": 5}
+    assert np.all(presented[0] != 0)  # the presented arrays took the step
+    for a, before in zip(exp_avgs, registered):  # and the lists' own items did not
+        np.testing.assert_array_equal(a, before)
+
     # An algorithm that reads no t: a loop leaves step out.
     params, grads = [rng.standard_normal(5)], [rng.standard_normal(5)]
     expected = [params[0].copy()]

@@ -386,8 +386,9 @@ def _step_cached(
 
 def _fast_path(d: Description, options: list[str], states: list[str]) -> str:
     """The start of a generated function: a call like the last one (the very same option
-    objects, as a training loop passes them), with arrays a cached plan registered and no
-    low-precision storage, grad scale or per-tensor scalars, steps through that plan, as
+    objects, as a training loop passes them), with plain lists of the arrays a cached plan
+    registered and no low-precision storage, grad scale or per-tensor scalars, steps through
+    that plan, as
     ``_run`` would (``_step_cached``) but without its checks of the rarer arguments: they cost
     as much as the native step over one small tensor. Anything else, or a plan that refuses
     (its weak references see other arrays), goes on to ``_run``."""
@@ -403,9 +404,11 @@ def _fast_path(d: Description, options: list[str], states: list[str]) -> str:
         "stochastic_rounding is False",
         "type(seed) is int",
         "seed == 0",
+        # Plain lists: _run makes one of anything else (a single array, a tuple), and of a list
+        # subclass by its own iteration, which the native step (reading the list) would bypass.
         "type(params) is list",
-        "params",
-        "type(grads) is list",  # else _run makes one of it (a single array, a tuple)
+        "type(grads) is list",
+        *(f"({name} is None or type({name}) is list)" for name in states),
     ]
     if d.takes_grad_scale:
         plain += ["grad_scale is None", "found_inf is None"]
@@ -417,9 +420,11 @@ def _fast_path(d: Description, options: list[str], states: list[str]) -> str:
         f"    if {' and '.join(plain)}:\n"
         "        last = _last_options[0]\n"
         "        values = last[2]\n"
-        f"        if last[0] is _description and last[1] is convention{same}:\n"
+        # One read of the first param: another thread may empty the list meanwhile.
+        "        first = params[:1]\n"
+        f"        if first and last[0] is _description and last[1] is convention{same}:\n"
         "            entry = getattr(_cache, 'plans', {}).get(\n"
-        "                (_description.name, len(params), id(params[0])))\n"
+        "                (_description.name, len(params), id(first[0])))\n"
         "            if entry is not None and entry[1] is last[3] and entry[0].step_if_same(\n"
         f"                    params, {state_lists}, grads, None, {step}, None):\n"
         "                return\n"
