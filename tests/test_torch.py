@@ -11,7 +11,6 @@ a GPU and fusedopt's CUDA backend are usable (``.ci/gpu-check``), and skip sayin
 from __future__ import annotations
 
 import copy
-import gc
 import io
 import re
 import subprocess
@@ -1080,42 +1079,6 @@ def test_a_param_without_a_grad_is_not_written_and_keeps_its_version() -> None:
         assert torch.equal(v.detach(), value_v)
         assert float(optimizer.state[v]["step"]) == 1.0 and float(optimizer.state[w]["step"]) == 2.0
         y.backward()
-
-
-@pytest.mark.parametrize("enabled", [True, False], ids=["collector-on", "collector-off"])
-def test_making_a_plan_runs_no_garbage_collection_and_leaves_the_collector_as_it_was(
-    enabled: bool,
-) -> None:
-    """A plan's making allocates several objects per param (a plan over 10000 new params spent a
-    quarter of its time in collections): the collector is held off meanwhile, and left on or
-    off as the caller had it."""
-    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(300)]
-    for p in params:
-        p.grad = torch.ones(4)
-    optimizer = ft.Adam(params, lr=0.1)
-    collections: list[str] = []
-
-    def record(phase: str, info: dict) -> None:  # the collections started inside _register
-        frame = sys._getframe(1)
-        while frame is not None and frame.f_code is not ft.Optimizer._register.__code__:
-            frame = frame.f_back
-        if phase == "start" and frame is not None:
-            collections.append(phase)
-
-    threshold = gc.get_threshold()
-    was_enabled = gc.isenabled()
-    gc.callbacks.append(record)
-    gc.set_threshold(1)  # a collection at every allocation of a tracked object
-    (gc.enable if enabled else gc.disable)()
-    try:
-        optimizer.step()  # makes the plan: 300 params' state tensors and lists
-        assert collections == []
-        assert gc.isenabled() == enabled
-    finally:
-        gc.callbacks.remove(record)
-        gc.set_threshold(*threshold)
-        (gc.enable if was_enabled else gc.disable)()
-    assert all(float(optimizer.state[p]["step"]) == 1.0 for p in params)
 
 
 def test_a_param_long_without_a_grad_leaves_the_plan_until_it_has_one(registrations: list) -> None:

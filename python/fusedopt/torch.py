@@ -30,16 +30,14 @@ with ``p.grad.to_local()``, the states being DTensors of the same placements, as
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import inspect
 import operator
 import re
 import sys
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -67,22 +65,6 @@ from fusedopt._engine import (
 )
 
 __all__ = ["Optimizer"]
-
-
-@contextlib.contextmanager
-def _collection_paused() -> Iterator[None]:
-    """The cyclic garbage collector held off while plans are made: making them allocates tens of
-    thousands of objects (state tensors, lists) and no cyclic garbage, yet every 700 allocations
-    start a collection, and the older generations' walk every object there is (a plan over 10000
-    new params: 150 of its 620 ms). Turned on again only if it was on; another thread switching
-    it meanwhile may find it switched back."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -686,8 +668,7 @@ class Optimizer(torch.optim.Optimizer):
                 if p.grad is not None
             }
             try:
-                with _collection_paused():
-                    self._register(options)
+                self._register(options)
                 for device, plan in self._plans.items():
                     if device in stepped:
                         continue
