@@ -857,6 +857,25 @@ def test_torch_refuses_what_does_not_apply():
     assert not opt.state.get(param)
 
 
+def test_torch_states_made_after_the_precision_is_replaced_follow_the_new_one():
+    """The optimizer works out each param dtype's state dtype once (the answer is asked for every
+    state of every param as a plan is made), for the precision it has: another one assigned to
+    it later is the one new states follow."""
+    torch = _torch()
+    import fusedopt.torch as ftorch
+    from fusedopt._engine import Precision
+
+    param = torch.nn.Parameter(torch.randn(5000).bfloat16())
+    param.grad = torch.ones_like(param)
+    opt = ftorch.Adam([param])
+    opt.step()
+    assert opt.state[param]["exp_avg"].dtype == torch.bfloat16
+    opt.precision = Precision.of(state_dtype="float32")
+    opt.state.clear()
+    opt.step()
+    assert opt.state[param]["exp_avg"].dtype == torch.float32
+
+
 def test_torch_add_param_group_refuses_what_does_not_apply():
     """As the constructor does, over every param of the optimizer once the group is in; a refused
     group is not added and no later step sees it."""

@@ -247,7 +247,9 @@ class Optimizer(torch.optim.Optimizer):
         # (without those).
         self._dormant: set[torch.Tensor] = set()
         self._remake = False
+        # _storage_of's answers, and the precision they were worked out for.
         self._storage: dict[tuple[torch.dtype, bool], tuple[torch.dtype, bool]] = {}
+        self._storage_precision: Precision | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's (defaults, state, param_groups) and the low-precision options."""
@@ -455,6 +457,8 @@ class Optimizer(torch.optim.Optimizer):
         (and, for 8-bit state, per side of the size quantized from): they are asked for each
         state of each param as a plan is made, and working them out from the dtype's name took
         a tenth of making a plan over 10000 params."""
+        if self._storage_precision is not self.precision:  # the first, or another one assigned
+            self._storage, self._storage_precision = {}, self.precision
         key = (p.dtype, p.numel() >= MIN_QUANTIZED_SIZE)
         storage = self._storage.get(key)
         if storage is None:
