@@ -980,8 +980,8 @@ def _decision_points(code: np.ndarray) -> np.ndarray:
     """float32 values where the rule's answer may change or a kernel's way to it does: every code
     and every midpoint between neighbours, a few ulps either side; both ends of every bucket of
     |x| at 9 mantissa bits (the bucket table); and either side of the edges of the bands that the
-    AVX-512 kernels' arithmetic leaves to the table (2^-12 of a code's width from where the
-    answer changes)."""
+    vector kernels' arithmetic (AVX2 and AVX-512) leaves to the table (2^-12 of a code's width
+    from where the answer changes)."""
     code = code.astype(np.float32)
     wide = code.astype(np.float64)
     middle, width = (wide[:-1] + wide[1:]) / 2, np.diff(wide)

@@ -355,6 +355,7 @@ def _step_cached(
         plans = _cache.plans
     except AttributeError:
         plans = _cache.plans = {}
+    # The plan's key; the generated fast path (_fast_path) builds the same one inline.
     key = (description.name, len(params), id(params[0]))
     entry = plans.get(key)
     if entry is not None:
@@ -388,10 +389,9 @@ def _fast_path(d: Description, options: list[str], states: list[str]) -> str:
     """The start of a generated function: a call like the last one (the very same option
     objects, as a training loop passes them), with plain lists of the arrays a cached plan
     registered and no low-precision storage, grad scale or per-tensor scalars, steps through
-    that plan, as
-    ``_run`` would (``_step_cached``) but without its checks of the rarer arguments: they cost
-    as much as the native step over one small tensor. Anything else, or a plan that refuses
-    (its weak references see other arrays), goes on to ``_run``."""
+    that plan, as ``_run`` would (``_step_cached``) but without its checks of the rarer
+    arguments: they cost as much as the native step over one small tensor. Anything else, or a
+    plan that refuses (its weak references see other arrays), goes on to ``_run``."""
     if d.scalars:  # their arrays are read back after every step: _run's path
         return ""
     counted = "type(step) is int and 0 < step <= 4611686018427387904"  # 2 ** 62, as _run's
@@ -424,6 +424,7 @@ def _fast_path(d: Description, options: list[str], states: list[str]) -> str:
         "        first = params[:1]\n"
         f"        if first and last[0] is _description and last[1] is convention{same}:\n"
         "            entry = getattr(_cache, 'plans', {}).get(\n"
+        # _step_cached's key, inline: a call to build it costs as much as the lookup.
         "                (_description.name, len(params), id(first[0])))\n"
         "            if entry is not None and entry[1] is last[3] and entry[0].step_if_same(\n"
         f"                    params, {state_lists}, grads, None, {step}, None):\n"
