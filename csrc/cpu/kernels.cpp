@@ -816,7 +816,7 @@ inline uint8_t nearest_code(float x, const float* map, const CodeTable& table) {
 #if defined(__AVX512F__) || defined(__AVX2__)
 // The same search and rule, a vector of lanes at a time: the bucket table by the ISA's gathers,
 // the map and the thresholds (256 floats each) by FloatTable (the same comparisons: the same
-// codes as the scalar search, on every ISA). AVX-512 codes most lanes by DecadeCodes instead.
+// codes as the scalar search, on every ISA). Most lanes are coded by DecadeCodes instead.
 #if defined(__AVX512F__)
 constexpr int kGatherLanes = 16;
 typedef int32_t GatherInts __attribute__((vector_size(64)));
