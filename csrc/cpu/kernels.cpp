@@ -1450,8 +1450,10 @@ void stream_add_kernel(const TensorRef& t, int64_t begin, int64_t end) {
 
 // Series side by side in memory (series_stride 1): time outermost, so every row is read once,
 // contiguously, a lane of series at a time; each series' state lives in the block's arrays.
+// Inlined: as a call per vector (GCC kept it out of line), each lane of series paid a call, a
+// return and a vzeroupper.
 template <class V>
-inline void ewma_row(const EwmaBlock& b, int64_t t, int64_t s) {
+__attribute__((always_inline)) inline void ewma_row(const EwmaBlock& b, int64_t t, int64_t s) {
   math::EwmaLanes<V> state{load_lane<V>(b.mean + s), load_lane<V>(b.old_weight + s),
                            load_lane<V>(b.observations + s)};
   const V x = load_lane<V>(b.x + t * b.time_stride + s);
@@ -1465,7 +1467,12 @@ inline void ewma_row(const EwmaBlock& b, int64_t t, int64_t s) {
 
 constexpr int64_t kEwmaRowsAhead = 8;
 
-void ewma_kernel(const EwmaBlock& b, int64_t first, int64_t last) {
+void ewma_kernel(const EwmaBlock& block, int64_t first, int64_t last) {
+  // A copy whose address never escapes, so its pointers, strides and coefficients stay in
+  // registers: read through the reference, each was loaded again after every store of a double
+  // (which may alias the coefficients). With ewma_row inlined too, 100,000 x 100 series side
+  // by side, 1 thread, best of 7 in three interleaved runs: 13.7-14.0 -> 8.7-8.9 ms.
+  const EwmaBlock b = block;
   if (b.length == 0) return;
   if (b.series_stride == 1 && b.time_stride > 1) {
     for (int64_t t = 0; t < b.length; ++t) {
