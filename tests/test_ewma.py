@@ -74,6 +74,33 @@ def test_2d_along_either_axis_is_bit_identical(
     )
 
 
+@pytest.mark.parametrize("isa_name", fusedopt.available_isas())
+@pytest.mark.parametrize(("adjust", "ignore_na", "min_periods"), OPTIONS)
+def test_every_isa_gives_the_reference_s_bits_for_series_in_either_layout(
+    isa_name: str, adjust: bool, ignore_na: bool, min_periods: int
+) -> None:
+    """21 series of 90 (vectors of series and a tail of single ones, in the vector ISAs), with
+    NaN and infinity runs, one all-NaN series and one constant: along axis 1 each series is
+    contiguous (the kernels run several series' chains side by side in lanes), along axis 0 the
+    series sit side by side in every row."""
+    rng = np.random.default_rng(min_periods * 4 + adjust * 2 + ignore_na)
+    x = np.stack([series_with_nan_runs(rng, 90) for _ in range(21)])  # (21, 90)
+    x[3] = np.nan
+    x[5] = 2.5
+    x[7, 10:20] = np.inf
+    options = dict(com=2.0, adjust=adjust, ignore_na=ignore_na, min_periods=min_periods)
+    expected = np.stack([reference.ewma(series, **options) for series in x])
+    before = fusedopt.cpu_isa()
+    fusedopt.set_cpu_isa(isa_name)
+    try:
+        along_rows = fusedopt.ewma(x, axis=1, **options)
+        along_columns = fusedopt.ewma(np.ascontiguousarray(x.T), axis=0, **options)
+    finally:
+        fusedopt.set_cpu_isa(before)
+    np.testing.assert_array_equal(along_rows, expected)
+    np.testing.assert_array_equal(along_columns, expected.T)
+
+
 def test_non_contiguous_and_fortran_inputs_give_the_same_result() -> None:
     rng = np.random.default_rng(1)
     x = np.stack([series_with_nan_runs(rng, 50) for _ in range(8)], axis=1)

@@ -1492,7 +1492,36 @@ void ewma_kernel(const EwmaBlock& block, int64_t first, int64_t last) {
     }
     return;
   }
-  for (int64_t s = first; s < last; ++s) {
+  int64_t s = first;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  // Series apart from each other (one after another, or strided): each series is a chain of
+  // dependent steps, a division's latency each, which one series at a time waited on. Lanes of
+  // different series run side by side instead, two vectors of them interleaved; every lane does
+  // the same operations as the scalar loop: the same bits. fusedopt.ewma(x, axis=1) over 100
+  // series of 100,000, best of 7 in two interleaved runs: 1 thread 73.0-74.8 -> 22.2-23.4 ms,
+  // 2 threads 48.8-49.9 -> 15.2-19.3 ms.
+  using V = Lane<double>;
+  constexpr int64_t kGroup = 2 * V::lanes;
+  for (; s + kGroup <= last; s += kGroup) {
+    const double* x = b.x + s * b.series_stride;
+    double* out = b.out + s * b.series_stride;
+    math::EwmaLanes<V> state[2];
+    for (int64_t t = 0; t < b.length; ++t) {
+      const int64_t at = t * b.time_stride;
+      for (int half = 0; half < 2; ++half) {
+        typename V::native lanes;
+        for (int k = 0; k < V::lanes; ++k)
+          lanes[k] = x[(half * V::lanes + k) * b.series_stride + at];
+        const V value = V::wrap(lanes);
+        const V y = t == 0 ? math::ewma_first(b.coefficients, state[half], value)
+                           : math::ewma_next(b.coefficients, state[half], value);
+        for (int k = 0; k < V::lanes; ++k)
+          out[(half * V::lanes + k) * b.series_stride + at] = y.v[k];
+      }
+    }
+  }
+#endif
+  for (; s < last; ++s) {
     const double* x = b.x + s * b.series_stride;
     double* out = b.out + s * b.series_stride;
     math::EwmaLanes<double> state;
