@@ -141,10 +141,10 @@ void ewma(const double* x, double* out, int64_t length, int64_t num_series, int6
           : std::max<int64_t>(64, (num_series + 4 * threads - 1) / (4 * threads));
   if (length * num_series < (1 << 16)) w.series_per_item = std::max<int64_t>(num_series, 1);
   const int64_t items = (num_series + w.series_per_item - 1) / w.series_per_item;
-  const bool dense =
-      side_by_side ? time_stride == num_series : time_stride == 1 && series_stride == length;
   const cpu::StepInProgress writing;  // out is the caller's: a fork waits for it whole
-  if (items > 1 && dense && !side_by_side) first_touch(out, length * num_series);
+  if (items > 1 && time_stride == 1 && series_stride == length) {
+    first_touch(out, length * num_series);  // series one after another, dense
+  }
   cpu::parallel_for(items, ewma_item, &w);
 }
 
