@@ -1243,8 +1243,9 @@ inline bool sixteen_bit_in_registers(const TensorRef& t) {
          (t.state_dtype == t.dtype || t.state_dtype == Dtype::float32);
 }
 
-// The math on lanes that divide by the divider (vec.h's lane_divide): the conversions of the
-// 16-bit and 8-bit buffers keep the other port busy. The same registers, retyped.
+// The math on lanes that divide by the divider (vec.h's lane_divide) where the float32 lanes
+// would multiply (AVX-512): the conversions of the 16-bit and 8-bit buffers keep the other port
+// busy. The same registers, retyped.
 template <class A>
 FUSEDOPT_LANE_FN void update_dividing(const typename A::Coefficients& c, FloatLane& p, FloatLane& g,
                                       FloatLane (&s)[kMaxStates]) {

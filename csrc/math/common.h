@@ -36,12 +36,13 @@
 
 namespace fusedopt {
 
-// A divisor fixed for a step (a bias correction, a grad scale). A float lane divides by it with
-// one double multiply by the reciprocal of its float rounding, rounded to float: bit for bit the
-// float division (docs/spec.md A.9), off the divider that the square roots and the other
-// divisions queue on. That holds for every float x unless d is an even integer other than a
-// power of two (a grad scale of 98: some subnormal quotients are then float midpoints, which the
-// product misses); such a divisor is divided.
+// A divisor fixed for a step (a bias correction, a grad scale). A float lane may divide by it
+// with one double multiply by the reciprocal of its float rounding, rounded to float: bit for bit
+// the float division (docs/spec.md A.9), off the divider that the square roots and the other
+// divisions queue on (which of the two is quicker depends on the core: csrc/cpu/vec.h). That
+// holds for every float x unless d is an even integer other than a power of two (a grad scale
+// of 98: some subnormal quotients are then float midpoints, which the product misses); such a
+// divisor is divided.
 struct Divisor {
   double value;
   double float_reciprocal;  // 1 / float(value), in double
