@@ -116,6 +116,31 @@ def test_bfloat16_rounding_is_the_rule_for_every_exponent_nan_and_subnormal(isa)
     assert wrong.size == 0, [(hex(patterns[i]), hex(got[i]), hex(expected[i])) for i in wrong[:5]]
 
 
+def test_bfloat16_stochastic_rounding_is_the_rule_for_every_exponent_and_nan(isa):
+    """Stochastic rounding to bfloat16, bit for bit: the random high half added and truncated,
+    NaN 0x7fc0 with its sign. Every high half of a float32 with low halves around the carry,
+    sorted (whole vectors without NaN, which the kernels round without the NaN rule) and then
+    shuffled (NaN lanes beside every other kind)."""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = np.array([0, 1, 0x7FFF, 0x8000, 0xFFFF], np.uint32)
+    patterns = (high[:, None] | lows[None, :]).ravel()
+    patterns = np.concatenate([patterns, np.random.default_rng(1).permutation(patterns)])
+    values = patterns.view(np.float32)
+    param = np.zeros(values.size, BF16)
+    opt = fusedopt.SGD([param], lr=0.0, master_weights=True, stochastic_rounding=True, seed=11)
+    opt.step([np.zeros_like(param)])
+    opt.state[0]["master"][...] = values
+    opt.step([np.zeros_like(param)])  # step 2
+    random = reference.rounding_bits(11, 2, 0, values.size).astype(np.uint64)
+    magnitude = patterns & 0x7FFFFFFF
+    rounded = ((patterns.astype(np.uint64) + (random >> 16)) >> 16) & 0xFFFF
+    nan = ((patterns >> 16) & 0x8000) | 0x7FC0
+    expected = np.where(magnitude > 0x7F800000, nan, rounded).astype(np.uint16)
+    got = param.view(np.uint16)
+    wrong = np.flatnonzero(got != expected)
+    assert wrong.size == 0, [(hex(patterns[i]), hex(got[i]), hex(expected[i])) for i in wrong[:5]]
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_stochastic_rounding_matches_the_reference_definition(isa, dtype):
     values = every_float32_sample(1 << 14)
