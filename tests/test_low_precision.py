@@ -116,6 +116,30 @@ def test_bfloat16_rounding_is_the_rule_for_every_exponent_nan_and_subnormal(isa)
     assert wrong.size == 0, [(hex(patterns[i]), hex(got[i]), hex(expected[i])) for i in wrong[:5]]
 
 
+def test_float16_rounding_is_numpy_s_and_nan_the_canonical_one_for_every_exponent(isa):
+    """Rounding to nearest float16, bit for bit: NumPy's rounding, and every NaN 0x7e00 with its
+    sign, whatever its payload. Every high half of a float32 with low halves around the ties of
+    each float16 exponent, sorted (whole vectors without NaN, which the kernels convert without
+    the NaN test's fix) and then shuffled among NaN lanes."""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = np.array([0, 0x0FFF, 0x1000, 0x1001, 0x8000, 0xFFFF], np.uint32)
+    patterns = (high[:, None] | lows[None, :]).ravel()
+    patterns = np.concatenate([patterns, np.random.default_rng(2).permutation(patterns)])
+    values = patterns.view(np.float32)
+    param = np.zeros(values.size, np.float16)
+    opt = fusedopt.SGD([param], lr=0.0, master_weights=True)
+    opt.step([np.zeros_like(param)])
+    opt.state[0]["master"][...] = values
+    opt.step([np.zeros_like(param)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        nearest = values.astype(np.float16).view(np.uint16)
+    nan = ((patterns >> 16) & 0x8000) | 0x7E00
+    expected = np.where(np.isnan(values), nan, nearest).astype(np.uint16)
+    got = param.view(np.uint16)
+    wrong = np.flatnonzero(got != expected)
+    assert wrong.size == 0, [(hex(patterns[i]), hex(got[i]), hex(expected[i])) for i in wrong[:5]]
+
+
 def test_bfloat16_stochastic_rounding_is_the_rule_for_every_exponent_and_nan(isa):
     """Stochastic rounding to bfloat16, bit for bit: the random high half added and truncated,
     NaN 0x7fc0 with its sign. Every high half of a float32 with low halves around the carry,

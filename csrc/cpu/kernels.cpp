@@ -374,20 +374,6 @@ using FloatLane = Lane<float>;
 constexpr int kFloatLanes = FloatLane::lanes;
 typedef uint32_t LaneBits __attribute__((vector_size(kFloatLanes * sizeof(uint32_t))));
 
-// float16 to nearest by F16C: the integer rounding's bits once every NaN is made the quiet NaN
-// with no payload, which converts to the canonical 0x7e00 (with its sign).
-FUSEDOPT_LANE_FN LaneBits round_float16_hardware(LaneBits f) {
-  const LaneBits nan = (LaneBits)((f & 0x7fffffffu) > 0x7f800000u);
-  f = nan ? (f & 0x80000000u) | 0x7fc00000u : f;
-#if defined(__AVX512F__)
-  const __m256i h = _mm512_cvtps_ph((__m512)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return (LaneBits)_mm512_cvtepu16_epi32(h);
-#else
-  const __m128i h = _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return (LaneBits)_mm256_cvtepu16_epi32(h);
-#endif
-}
-
 template <int... Lane>
 constexpr LaneBits lane_numbers(std::integer_sequence<int, Lane...>) {
   return LaneBits{static_cast<uint32_t>(Lane)...};
@@ -480,6 +466,31 @@ FUSEDOPT_LANE_FN LaneBits round_bfloat16_stochastic(const FloatLane& x, LaneBits
   return (f + (random >> 16)) >> 16;
 }
 
+// float16 to nearest by F16C, stored as it comes: the integer rounding's bits once every NaN is
+// made the quiet NaN with no payload, which converts to the canonical 0x7e00 (with its sign);
+// the NaN test per vector, as for bfloat16. The converted halves were widened back to 32-bit
+// lanes for the common narrowing store, and every lane's NaN test was an emulated unsigned
+// compare and a blend. Adam over 1e5 float16 params and states in cache, 1 thread, AMD Zen 3,
+// best of 400 in two interleaved runs: 1.43 -> 0.78 ns per element; at 1e7 on 2 threads 0.76 ->
+// 0.44, under float32's 0.51.
+FUSEDOPT_LANE_FN void store_float16_hardware(uint16_t* out, const FloatLane& x) {
+  FloatLane::native v = x.v;
+  if (__builtin_expect(any_nan(x), 0)) {
+    LaneBits f;
+    std::memcpy(&f, &v, sizeof f);
+    const LaneBits nan = (LaneBits)((f & 0x7fffffffu) > 0x7f800000u);
+    f = nan ? (f & 0x80000000u) | 0x7fc00000u : f;
+    std::memcpy(&v, &f, sizeof f);
+  }
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+}
+
 // A lane rounded to 16 bits and stored at `out`; `index`: the low 32 bits of out[0]'s position
 // in its tensor, for the random bits of stochastic rounding.
 template <Dtype D, bool Stochastic>
@@ -498,7 +509,8 @@ FUSEDOPT_LANE_FN void store_sixteen(uint16_t* out, uint32_t index, const FloatLa
     if constexpr (D == Dtype::bfloat16)
       if (avx512_bfloat16 && store_bfloat16_native(out, x)) return;
 #endif
-    rounded = D == Dtype::bfloat16 ? round_bfloat16(x, f) : round_float16_hardware(f);
+    if constexpr (D == Dtype::float16) return store_float16_hardware(out, x);
+    rounded = round_bfloat16(x, f);
   }
   store_halves(out, rounded);
 }
