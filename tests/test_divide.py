@@ -1,8 +1,9 @@
 """A step's division by a constant (a grad scale, a bias correction) is the float division, bit
-for bit, on every ISA: float32 lanes compute it as a double product by the reciprocal where that
-is exact (docs/spec.md A.9). Read through SGD's grad scale, whose unscaled grads are written back:
-the kernels' own quotients, over every float32 of the subnormal range and of one binade, the
-edges of the normal range, and a sample of all the rest."""
+for bit, on every ISA: float32 lanes may compute it as a double product by the reciprocal where
+that is exact (docs/spec.md A.9; the AVX-512 kernels do, the AVX2 ones divide). Read through
+SGD's grad scale, whose unscaled grads are written back: the kernels' own quotients, over every
+float32 of the subnormal range and of one binade, the edges of the normal range, and a sample of
+all the rest."""
 
 from __future__ import annotations
 

@@ -451,11 +451,11 @@ FUSEDOPT_LANE_FN bool any_nan(const FloatLane& x) {
 // bfloat16 rounding without its NaN rule where no lane is NaN (the rule's compares and blends
 // cost as much as the rounding itself). For every other float32 the rounding's own carry gives
 // math::float_bits_to_bfloat16's and math::float_bits_to_bfloat16_stochastic's bits: infinity
-// stays infinity (its low half is zero, and what is added stays below the next exponent), a
-// value past the largest finite one carries into infinity, as those round it. Adam over 1e5
-// bfloat16 params and states in cache, 1 thread, AMD Zen 3, best of 400 in two interleaved runs:
-// 1.35 -> 1.09 ns per element, with a float32 master 1.34 -> 1.05, rounded stochastically 2.51
-// -> 2.02; at 1e7 on 2 threads 0.70 -> 0.55 and 1.29 -> 1.03.
+// stays infinity (its low half is zero and at most 0xffff is added, which never carries into
+// the high half), a value past the largest finite one carries into infinity, as those round it.
+// Adam over 1e5 bfloat16 params and states in cache, 1 thread, AMD Zen 3, best of 400 in two
+// interleaved runs: 1.35 -> 1.09 ns per element, with a float32 master 1.34 -> 1.05, rounded
+// stochastically 2.51 -> 2.02; at 1e7 on 2 threads 0.70 -> 0.55 and 1.29 -> 1.03.
 FUSEDOPT_LANE_FN LaneBits round_bfloat16(const FloatLane& x, LaneBits f) {
   if (__builtin_expect(any_nan(x), 0)) return math::float_bits_to_bfloat16(f);
   return (f + 0x7fffu + ((f >> 16) & 1u)) >> 16;
