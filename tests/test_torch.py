@@ -508,6 +508,78 @@ def test_many_tensors_one_step_matches_torch() -> None:
     np.testing.assert_equal(len(ours.state), 300)
 
 
+# Enough params that a step checks them on the pool's threads, a slice each (kCheckSlice, 1024),
+# and one spoiled far into the last slice: each spoil sends the step from the pool's checks to
+# the checks in order, which must find it as they find it among a few params.
+MANY = 2600
+LATE = 2500
+
+
+def _move_param(optimizer: Any, params: list) -> None:
+    params[LATE].data = params[LATE].data.clone()
+
+
+def _move_state(optimizer: Any, params: list) -> None:
+    state = optimizer.state[params[LATE]]["exp_avg"]
+    state.data = state.data.clone()
+
+
+def _drop_grads(optimizer: Any, params: list) -> None:
+    for p in params[5::7]:
+        p.grad = None
+
+
+def _transpose_grad(optimizer: Any, params: list) -> None:
+    params[LATE].grad = params[LATE].grad.t().contiguous().t()  # its param's shape, not its strides
+
+
+@pytest.mark.parametrize("spoil", [_move_param, _move_state, _drop_grads, _transpose_grad])
+def test_many_tensors_checked_on_the_pool_follow_torch_where_one_changes(spoil: Callable) -> None:
+    generator = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(3, 3, generator=generator)) for _ in range(MANY)]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = ft.Adam(params, lr=0.01)
+    theirs = torch.optim.Adam(reference, lr=0.01, foreach=False)
+    for step in range(3):
+        grads = [torch.randn(3, 3, generator=generator) for _ in params]
+        for p, q, g in zip(params, reference, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 1:
+            spoil(ours, params)
+            spoil(theirs, reference)
+        ours.step()
+        theirs.step()
+    for i, (a, b) in enumerate(zip(params, reference)):
+        assert_close(a.detach(), b.detach(), torch.float32, f"params[{i}]")
+        for key, value in theirs.state[b].items():
+            assert_close(ours.state[a][key], value, torch.float32, f"state[{i}][{key!r}]")
+
+
+def _float64_grad(p: Any) -> None:
+    p.grad.data = p.grad.data.double()
+
+
+def _short_grad(p: Any) -> None:
+    p.grad.data = p.grad.data[:2]
+
+
+@pytest.mark.parametrize("spoil", [_float64_grad, _short_grad])
+def test_a_bad_grad_among_many_is_refused_naming_it_with_nothing_written(spoil: Callable) -> None:
+    params = [torch.nn.Parameter(torch.ones(3, 3)) for _ in range(MANY)]
+    optimizer = ft.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones(3, 3)
+    optimizer.step()
+    before = [p.detach().clone() for p in params]
+    states = [t.clone() for p in params for t in optimizer.state[p].values()]
+    spoil(params[LATE])
+    with pytest.raises((TypeError, ValueError), match=rf"params\[{LATE}\] of param_groups\[0\]"):
+        optimizer.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    after = [t for p in params for t in optimizer.state[p].values()]
+    assert all(torch.equal(a, b) for a, b in zip(after, states))
+
+
 @needs_cuda
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
 def test_one_optimizer_over_cpu_and_cuda_params_steps_each_device_once(name: str) -> None:
