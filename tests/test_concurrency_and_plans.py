@@ -633,6 +633,45 @@ def test_functional_over_many_arrays_sees_one_replaced_between_calls(role: str, 
         fusedopt.set_num_threads(previous)
 
 
+def test_functional_loops_over_two_models_in_turn_step_each_as_its_class() -> None:
+    """Two lists of params stepped in turn in one thread: each call finds its own plan, the last
+    one stepped (_PlanCache.last) or another by its key, and follows its class bit for bit."""
+    rng = np.random.default_rng(13)
+    models = [[rng.standard_normal(5), rng.standard_normal(2)] for _ in range(2)]
+    classes = [fusedopt.Adam([p.copy() for p in params], lr=0.01) for params in models]
+    states = [
+        ([np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params])
+        for params in models
+    ]
+    lr = 0.01
+    for step in range(1, 5):
+        for params, reference, (exp_avgs, exp_avg_sqs) in zip(models, classes, states):
+            grads = [rng.standard_normal(p.shape) for p in params]
+            reference.step(grads)
+            F.adam_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr)
+    for params, reference in zip(models, classes):
+        for p, e in zip(params, reference.param_groups[0]["params"]):
+            np.testing.assert_array_equal(p, e)
+
+
+def test_functional_call_refused_with_new_options_leaves_the_loop_on_its_own() -> None:
+    """A refused call whose new options the plan took before it refused (a bad grad) is
+    forgotten with them: the loop's next call steps at its own options, as the class does."""
+    params, exp_avgs, exp_avg_sqs = [np.zeros(8)], [np.zeros(8)], [np.zeros(8)]
+    reference = fusedopt.Adam([np.zeros(8)], lr=0.1)
+    grads = [np.full(8, 0.5)]
+    lr = 0.1
+    for step in (1, 2):
+        reference.step(grads)
+        F.adam_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr)
+    with pytest.raises(TypeError):
+        F.adam_(params, [np.ones(8, np.float32)], exp_avgs, exp_avg_sqs, step=3, lr=0.5)
+    for step in (3, 4):
+        reference.step(grads)
+        F.adam_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr)
+    np.testing.assert_array_equal(params[0], reference.param_groups[0]["params"][0])
+
+
 def test_functional_cached_plans_keep_no_array_alive() -> None:
     import weakref
 

@@ -270,7 +270,21 @@ def _declared(description: Description) -> tuple[Hyperparameter, ...]:
 # died is never mistaken for a new one at its address. Per thread, so that one thread's options
 # never reach another's step.
 _MAX_PLANS = 16
-_cache = threading.local()
+
+
+class _PlanCache(threading.local):
+    """This thread's plans by key (_step_cached), and ``last``: (id of the params list, plan,
+    options) of the plan its last cached step took, which a loop passing the same list finds
+    without building the key (the fast path). An id, not the list: the cache keeps no array
+    alive; a list made since at the same address finds a plan that steps only its registered
+    arrays (step_if_same)."""
+
+    def __init__(self) -> None:
+        self.plans: dict[tuple[str, int, int], tuple[Any, tuple[float, ...]]] = {}
+        self.last: tuple[int, Any, Any] = (0, None, None)
+
+
+_cache = _PlanCache()
 
 
 def _low_precision(
@@ -351,10 +365,7 @@ def _step_cached(
     another thread changed while the plan was being made."""
     if not params or type(params[0]) is not np.ndarray:
         return False
-    try:
-        plans = _cache.plans
-    except AttributeError:
-        plans = _cache.plans = {}
+    plans = _cache.plans
     # The plan's key; the generated fast path (_fast_path) builds the same one inline.
     key = (description.name, len(params), id(params[0]))
     entry = plans.get(key)
@@ -367,10 +378,12 @@ def _step_cached(
             # Refused (nothing written), perhaps after taking the new options: forget the plan,
             # or a later call with the registered options would step with these.
             del plans[key]
+            _cache.last = (0, None, None)
             raise
         if stepped:
             if changed is not None:
                 plans[key] = (plan, options)
+            _cache.last = (id(params), plan, options)
             return True
     plan = _core.Plan(
         description.name, [options], [0] * len(params), params, states, None, None, None, True
@@ -382,7 +395,10 @@ def _step_cached(
     # Through step_if_same, as a cached plan steps: the arrays are held for the step only while
     # the lists still hold the very ones registered (another thread may have replaced one since
     # the plan was made); when not, the uncached path steps the lists' arrays.
-    return bool(plan.step_if_same(params, states, grads, scale, step, None))
+    if not plan.step_if_same(params, states, grads, scale, step, None):
+        return False
+    _cache.last = (id(params), plan, options)
+    return True
 
 
 def _fast_path(d: Description, options: list[str], states: list[str]) -> str:
@@ -420,14 +436,21 @@ def _fast_path(d: Description, options: list[str], states: list[str]) -> str:
         f"    if {' and '.join(plain)}:\n"
         "        last = _last_options[0]\n"
         "        values = last[2]\n"
+        f"        if last[0] is _description and last[1] is convention{same}:\n"
+        f"            states = {state_lists}\n"
+        # The plan of the last cached step, when this is its params list (_PlanCache.last): a
+        # loop's call, which finds it without the key (building it and looking it up cost a
+        # tenth of a step over one small tensor).
+        "            entry = _cache.last\n"
+        "            if entry[0] == id(params) and entry[2] is last[3] and entry[1].step_if_same(\n"
+        f"                    params, states, grads, None, {step}, None):\n"
+        "                return\n"
         # One read of the first param: another thread may empty the list meanwhile.
-        "        first = params[:1]\n"
-        f"        if first and last[0] is _description and last[1] is convention{same}:\n"
-        "            entry = getattr(_cache, 'plans', {}).get(\n"
-        # _step_cached's key, inline: a call to build it costs as much as the lookup.
-        "                (_description.name, len(params), id(first[0])))\n"
-        "            if entry is not None and entry[1] is last[3] and entry[0].step_if_same(\n"
-        f"                    params, {state_lists}, grads, None, {step}, None):\n"
+        "            first = params[:1]\n"
+        "            entry = first and _cache.plans.get((_name, len(params), id(first[0])))\n"
+        "            if entry and entry[1] is last[3] and entry[0].step_if_same(\n"
+        f"                    params, states, grads, None, {step}, None):\n"
+        "                _cache.last = (id(params), entry[0], entry[1])\n"
         "                return\n"
     )
 
@@ -485,6 +508,7 @@ def _make(algorithm: str) -> Any:
         "_description": d,
         "_last_options": _last_options,
         "_cache": _cache,
+        "_name": d.name,
     }
     exec(source, namespace)  # noqa: S102 - built from the native description only
     function = namespace[f"{algorithm}_"]
