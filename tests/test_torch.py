@@ -508,9 +508,10 @@ def test_many_tensors_one_step_matches_torch() -> None:
     np.testing.assert_equal(len(ours.state), 300)
 
 
-# Enough params that a step checks them on the pool's threads, a slice each (kCheckSlice, 1024),
-# and one spoiled far into the last slice: each spoil sends the step from the pool's checks to
-# the checks in order, which must find it as they find it among a few params.
+# Enough params that the core checks their grads on the pool's threads, a slice each (kCheckSlice,
+# 1024), and one spoiled far into the last slice: each spoil sends the step from its fast checks
+# (fusedopt.torch's in two passes, the core's on the pool) to the checks in order, which must find
+# it as they find it among a few params.
 MANY = 2600
 LATE = 2500
 
@@ -534,7 +535,7 @@ def _transpose_grad(optimizer: Any, params: list) -> None:
 
 
 @pytest.mark.parametrize("spoil", [_move_param, _move_state, _drop_grads, _transpose_grad])
-def test_many_tensors_checked_on_the_pool_follow_torch_where_one_changes(spoil: Callable) -> None:
+def test_many_tensors_follow_torch_where_one_far_into_them_changes(spoil: Callable) -> None:
     generator = torch.Generator().manual_seed(6)
     params = [torch.nn.Parameter(torch.randn(3, 3, generator=generator)) for _ in range(MANY)]
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -553,6 +554,28 @@ def test_many_tensors_checked_on_the_pool_follow_torch_where_one_changes(spoil: 
         assert_close(a.detach(), b.detach(), torch.float32, f"params[{i}]")
         for key, value in theirs.state[b].items():
             assert_close(ours.state[a][key], value, torch.float32, f"state[{i}][{key!r}]")
+
+
+@pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="this torch has no _lazy_clone")
+def test_grads_viewing_one_copy_on_write_tensor_are_read_as_torch_reads_them() -> None:
+    """Reading a copy-on-write tensor's data_ptr materializes its copy, which two threads must
+    not do at once: many grads viewing one lazily cloned tensor (a step checking them on the
+    pool's threads crashed or hung) step as torch.optim steps them, the original untouched.
+    Large enough that a copy takes milliseconds: two threads copying at once would overlap."""
+    SIZE = 1000
+    results = []
+    for module in (torch.optim, ft):
+        params = [torch.nn.Parameter(torch.zeros(SIZE)) for _ in range(MANY)]
+        optimizer = module.SGD(params, lr=1.0)
+        for _ in range(2):
+            base = torch.arange(MANY * SIZE, dtype=torch.float32)
+            flat = torch._lazy_clone(base)
+            for i, p in enumerate(params):
+                p.grad = flat[i * SIZE : (i + 1) * SIZE]
+            optimizer.step()
+            assert torch.equal(base, torch.arange(MANY * SIZE, dtype=torch.float32))
+        results.append(torch.cat([p.detach() for p in params]))
+    assert torch.equal(results[1], results[0])
 
 
 def _float64_grad(p: Any) -> None:

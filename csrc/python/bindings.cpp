@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -183,7 +184,10 @@ class LentReferences {
   LentReferences(const LentReferences&) = delete;
   LentReferences& operator=(const LentReferences&) = delete;
 
-  void push_back(py::object object) { objects_.push_back(object.release().ptr()); }
+  void push_back(py::object object) {
+    objects_.push_back(nullptr);  // room first: a failed allocation drops the reference
+    objects_.back() = object.release().ptr();
+  }
   void clear() {
     decref_all(objects_.data(), objects_.size());
     objects_.clear();
@@ -803,6 +807,8 @@ struct TorchShim {
   int32_t (*device_type)(Handle, int32_t*) = nullptr;
   int32_t (*layout)(Handle, int32_t*) = nullptr;
   int32_t cpu = -1, strided = -1;
+  // Where a TensorImpl holds its StorageImpl's address, for fetch_ahead only; -1: not fetched.
+  int storage_at = -1;
   int32_t dtype_codes[kNumDtypes] = {};  // torch's code of each Dtype (blockwise8: uint8)
   PyTypeObject* tensor_base = nullptr;
   // torch.Tensor and nn.Parameter: the shim reads params of these classes and grads of the
@@ -844,12 +850,27 @@ struct TorchShim {
     if (!PyObject_TypeCheck(object, tensor_base)) return nullptr;
     return reinterpret_cast<char*>(object) + kTensorOffset;
   }
-  // Requests the first lines of the TensorImpl that handle `h` points to, which every shim call
-  // on it reads: a loop over many tensors fetches them ahead, as fetch_arrays_ahead does arrays.
-  static void fetch(Handle h) {
-    const char* impl;
-    std::memcpy(&impl, h, sizeof impl);
-    for (int line = 0; line < 4; ++line) __builtin_prefetch(impl + 64 * line);
+  // A loop over many tensors fetches each one's objects ahead, as fetch_arrays_ahead does an
+  // array's, in three stages so that no miss waits on the one before it: item k + 16's Python
+  // object (`object_at`: its address, not read), k + 8's TensorImpl, which every shim call reads
+  // (its address is in the object; `handle_at`: the item's handle, or null), and k + 4's
+  // StorageImpl, which data_ptr reads (its address is in the TensorImpl, at `storage_at`).
+  template <class ObjectAt, class HandleAt>
+  void fetch_ahead(size_t k, size_t n, ObjectAt object_at, HandleAt handle_at) const {
+    if (k + 16 < n) __builtin_prefetch(object_at(k + 16));
+    if (k + 8 < n)
+      if (const Handle h = handle_at(k + 8)) {
+        const char* impl = *static_cast<const char* const*>(h);
+        for (int line = 0; line < 4; ++line) __builtin_prefetch(impl + 64 * line);
+      }
+    if (k + 4 < n && storage_at >= 0)
+      if (const Handle h = handle_at(k + 4)) {
+        const char* impl = *static_cast<const char* const*>(h);
+        const char* storage;
+        std::memcpy(&storage, impl + storage_at, sizeof storage);
+        __builtin_prefetch(storage);
+        __builtin_prefetch(storage + 64);
+      }
   }
   // The same for a plain torch.Tensor only (a grad).
   Handle plain_handle(PyObject* object) const {
@@ -908,6 +929,34 @@ struct TorchShim {
     return function != nullptr;
   }
 
+  // The offset in a TensorImpl of its StorageImpl's address: the one word of its first 64 bytes
+  // (c10 keeps the storage right after the reference counts) that holds it in two tensors, else
+  // -1. Used for prefetching only: a wrong offset would cost a useless fetch, nothing else.
+  static int storage_offset(const py::object& a, const py::object& b) {
+    auto impl_and_storage = [](const py::object& t) {
+      return std::pair{t.attr("_cdata").cast<uintptr_t>(),
+                       t.attr("untyped_storage")().attr("_cdata").cast<uintptr_t>()};
+    };
+    uintptr_t impl_a, storage_a, impl_b, storage_b;
+    try {
+      std::tie(impl_a, storage_a) = impl_and_storage(a);
+      std::tie(impl_b, storage_b) = impl_and_storage(b);
+    } catch (const py::error_already_set&) {
+      return -1;
+    }
+    int found = -1;
+    for (int offset = 0; offset < 64; offset += 8) {
+      uintptr_t word_a, word_b;
+      std::memcpy(&word_a, reinterpret_cast<const char*>(impl_a) + offset, sizeof word_a);
+      std::memcpy(&word_b, reinterpret_cast<const char*>(impl_b) + offset, sizeof word_b);
+      if (word_a == storage_a && word_b == storage_b) {
+        if (found >= 0) return -1;
+        found = offset;
+      }
+    }
+    return found;
+  }
+
   bool load() {
     try {
       const py::module_ torch = py::module_::import("torch");
@@ -958,6 +1007,7 @@ struct TorchShim {
         return false;
       const auto shape = probe.attr("shape").cast<std::vector<int64_t>>();
       const auto stride = probe.attr("stride")().cast<std::vector<int64_t>>();
+      storage_at = storage_offset(probe, torch.attr("zeros")(3));
       return f.dim == 3 && std::equal(shape.begin(), shape.end(), f.sizes) &&
              std::equal(stride.begin(), stride.end(), f.strides) &&
              reinterpret_cast<uintptr_t>(f.data) == probe.attr("data_ptr")().cast<uintptr_t>();
@@ -1249,8 +1299,6 @@ class TorchPlan : public AnyTorchPlan {
   }
 
   bool step(py::handle grad_scale) override {
-    // The workers are kept awake from here: the checks before the core's step run on the pool.
-    const cpu::StayAwake awake(plan_->uses_pool());
     for (const Kept& k : kept_) {  // a state tensor replaced in its entry: register again
       PyObject* now = PyDict_GetItemWithError(k.entry.ptr(), k.key.ptr());
       if (!now && PyErr_Occurred()) throw py::error_already_set();
@@ -1304,22 +1352,28 @@ class TorchPlan : public AnyTorchPlan {
   // layout moved or the params with a grad are not the active ones, `unread` where anything is
   // not as the plan expects (read_grads then checks it through torch and names what is wrong).
   Grads read_grads_by_shim(LentReferences& grads) {
-    if (read_grads_apart(grads)) return Grads::read;
+    if (read_grads_in_two_passes(grads)) return Grads::read;
     grads.clear();
     return read_grads_in_order(grads);
   }
 
-  // read_grads_by_shim for a step where all is as registered: every param's grad read on this
-  // thread (a descriptor call, which needs the GIL), then each active param checked and its grad
-  // read by the shim on the pool's threads (C calls into libtorch, which need no GIL; each takes
-  // a few cache misses on torch's objects: 3.7 ms of a 9.6 ms step over 10000 x 100 on this
-  // thread alone). False at the first thing that is not as registered, which read_grads_in_order
-  // then finds in order.
-  bool read_grads_apart(LentReferences& grads) {
+  // read_grads_by_shim for a step where all is as registered: every param's grad read first,
+  // then each active param checked and its grad read by the shim with the tensors of the params
+  // and grads 8 ahead fetched meanwhile (each shim call waits on a few cache misses on torch's
+  // objects: one param and grad after another, 3.7 ms of a 9.6 ms step over 10000 x 100). On
+  // this thread, not the pool's: data_ptr materializes a copy-on-write storage, which two threads
+  // must not do at once (two grads viewing one lazily cloned tensor crashed). False at the first
+  // thing that is not as registered, which read_grads_in_order then finds in order.
+  bool read_grads_in_two_passes(LentReferences& grads) {
     const py::object& grad_property = TorchNames::get().grad_property;
     const size_t n = params_.size();
     for (size_t i = 0; i < n; ++i) {
-      fetch_tensors_ahead(i);
+      shim_->fetch_ahead(
+          i, n, [&](size_t k) { return params_[k].ptr(); },
+          [&](size_t k) {
+            return Py_TYPE(params_[k].ptr()) == param_types_[k] ? shim_->handle(params_[k].ptr())
+                                                                : nullptr;
+          });
       if (Py_TYPE(params_[i].ptr()) != param_types_[i]) return false;
       py::object grad = read_property(grad_property, params_[i].ptr());
       if (!active_[i]) {
@@ -1329,35 +1383,23 @@ class TorchPlan : public AnyTorchPlan {
       grads.push_back(std::move(grad));  // None too: grads[j] is active param j's
     }
     const TorchShim& shim = *shim_;
-    return cpu::all_slices(index_.size(), kCheckSlice, [&](size_t begin, size_t end) {
-      TorchShim::Facts g;
-      for (size_t j = begin; j < end; ++j) {
-        if (j + 16 < end) __builtin_prefetch(grads[j + 16]);
-        if (j + 8 < end) {
-          TorchShim::fetch(param_handles_[j + 8]);
-          if (const TorchShim::Handle h = shim.plain_handle(grads[j + 8])) TorchShim::fetch(h);
-        }
-        infos_[j].present = grads[j] != Py_None;
-        const std::optional<bool> same = param_as_registered_by_shim(j);
-        if (!same || !*same) return false;
-        if (!infos_[j].present) continue;
-        if (!grad_as_param(shim, grads[j], j, g)) return false;
-        infos_[j].data = torch_address(reinterpret_cast<uintptr_t>(g.data));
-      }
-      return true;
-    });
-  }
-
-  // Params' objects lie wherever torch put them, each object's tensor elsewhere: the loop over
-  // every param fetches the object `far` params ahead and the tensor it points to `near` ahead, as
-  // fetch_arrays_ahead does for arrays. A tensor of the class use_shim found holds its
-  // TensorImpl's address right after its header (TorchShim::kTensorOffset).
-  void fetch_tensors_ahead(size_t i) const {
-    constexpr size_t far = 16, near = 8;
-    const size_t n = params_.size();
-    if (i + far < n) __builtin_prefetch(params_[i + far].ptr());
-    if (i + near < n && Py_TYPE(params_[i + near].ptr()) == param_types_[i + near])
-      TorchShim::fetch(shim_->handle(params_[i + near].ptr()));
+    const size_t active = index_.size();
+    TorchShim::Facts g;
+    for (size_t j = 0; j < active; ++j) {
+      shim.fetch_ahead(
+          j, active, [&](size_t k) { return param_handles_[k]; },
+          [&](size_t k) { return param_handles_[k]; });
+      shim.fetch_ahead(
+          j, active, [&](size_t k) { return grads[k]; },
+          [&](size_t k) { return shim.plain_handle(grads[k]); });
+      infos_[j].present = grads[j] != Py_None;
+      const std::optional<bool> same = param_as_registered_by_shim(j);
+      if (!same || !*same) return false;
+      if (!infos_[j].present) continue;
+      if (!grad_as_param(shim, grads[j], j, g)) return false;
+      infos_[j].data = torch_address(reinterpret_cast<uintptr_t>(g.data));
+    }
+    return true;
   }
 
   // Whether grad `grad` of active param j has the param's dtype, shape and memory order and its
@@ -1559,33 +1601,22 @@ class TorchPlan : public AnyTorchPlan {
   // registered with: `tensor.data = other` (or a Keras slot's) keeps the object and frees its old
   // memory, which the plan would otherwise go on writing.
   bool registered_memory_unchanged() const {
-    // By the shim on the pool's threads where it reads them all and finds each as it was (30000
-    // tensors, Adam's states and step counts over 10000 params: 0.9 ms on this thread alone);
-    // otherwise in order, each by the shim or, where it cannot tell, through torch.
-    const bool same_by_shim =
-        shim_ && cpu::all_slices(references_.size(), kCheckSlice, [&](size_t begin, size_t end) {
-          for (size_t k = begin; k < end; ++k) {
-            if (k + 16 < end && reference_handles_[k + 16])
-              __builtin_prefetch(reference_handles_[k + 16]);
-            if (k + 8 < end && reference_handles_[k + 8])
-              TorchShim::fetch(reference_handles_[k + 8]);
-            void* data;
-            if (reference_handles_[k] &&
-                (shim_->data_ptr(reference_handles_[k], &data) ||
-                 reinterpret_cast<uintptr_t>(data) != reference_addresses_[k]))
-              return false;
-          }
-          return true;
-        });
-    if (!same_by_shim)
-      for (size_t k = 0; k < references_.size(); ++k) {
-        if (references_[k].is_none()) continue;
-        void* data;
-        const uintptr_t now = shim_ && !shim_->data_ptr(reference_handles_[k], &data)
-                                  ? reinterpret_cast<uintptr_t>(data)
-                                  : torch_data_ptr(references_[k].ptr());
-        if (now != reference_addresses_[k]) return false;
-      }
+    // On this thread (data_ptr may materialize a copy-on-write storage: see
+    // read_grads_in_two_passes), each tensor's objects fetched ahead where the shim reads them
+    // (30000 tensors, Adam's states and step counts over 10000 params: 0.9 ms one after another).
+    const size_t n = references_.size();
+    for (size_t k = 0; k < n; ++k) {
+      if (shim_)
+        shim_->fetch_ahead(
+            k, n, [&](size_t i) { return reference_handles_[i]; },
+            [&](size_t i) { return reference_handles_[i]; });
+      if (references_[k].is_none()) continue;
+      void* data;  // by the shim where it reads this tensor, else by torch
+      const uintptr_t now = shim_ && !shim_->data_ptr(reference_handles_[k], &data)
+                                ? reinterpret_cast<uintptr_t>(data)
+                                : torch_data_ptr(references_[k].ptr());
+      if (now != reference_addresses_[k]) return false;
+    }
     // ... and the layout it was registered with (`state.data = state.data.t()` keeps the memory)
     for (const Layout& l : layouts_) {
       int64_t dim, *strides;
