@@ -1352,9 +1352,13 @@ class TorchPlan : public AnyTorchPlan {
   // layout moved or the params with a grad are not the active ones, `unread` where anything is
   // not as the plan expects (read_grads then checks it through torch and names what is wrong).
   Grads read_grads_by_shim(LentReferences& grads) {
-    if (read_grads_in_two_passes(grads)) return Grads::read;
+    if (!fell_back_ && read_grads_in_two_passes(grads)) return Grads::read;
     grads.clear();
-    return read_grads_in_order(grads);
+    const Grads read = read_grads_in_order(grads);
+    // A plan whose every step ends in torch's checks (a grad of other strides each time, as
+    // torch.func gives) goes straight to the order they take, until a step passes it.
+    fell_back_ = read != Grads::read;
+    return read;
   }
 
   // read_grads_by_shim for a step where all is as registered: every param's grad read first,
@@ -1744,6 +1748,7 @@ class TorchPlan : public AnyTorchPlan {
   std::vector<int32_t> param_dtypes_;
   std::vector<TorchShim::Handle> reference_handles_;
   std::vector<PyObject*> spare_grads_;  // the vector the last step held its grads in
+  bool fell_back_ = false;  // the last step's grads were not all as registered (read_grads_by_shim)
 };
 
 // Runs f(AlgorithmTag<A>{}) for the algorithm called `name`.
