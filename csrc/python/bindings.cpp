@@ -1362,12 +1362,13 @@ class TorchPlan : public AnyTorchPlan {
   }
 
   // read_grads_by_shim for a step where all is as registered: every param's grad read first,
-  // then each active param checked and its grad read by the shim with the tensors of the params
-  // and grads 8 ahead fetched meanwhile (each shim call waits on a few cache misses on torch's
-  // objects: one param and grad after another, 3.7 ms of a 9.6 ms step over 10000 x 100). On
-  // this thread, not the pool's: data_ptr materializes a copy-on-write storage, which two threads
-  // must not do at once (two grads viewing one lazily cloned tensor crashed). False at the first
-  // thing that is not as registered, which read_grads_in_order then finds in order.
+  // then each active param checked and its grad read by the shim, the objects of the params and
+  // grads further on fetched ahead (TorchShim::fetch_ahead; each shim call waited on a few cache
+  // misses on torch's objects: one param and grad after another, 3.7 ms of a 9.6 ms step over
+  // 10000 x 100). On this thread, not the pool's: data_ptr materializes a copy-on-write storage,
+  // which two threads must not do at once (two grads viewing one lazily cloned tensor crashed).
+  // False at the first thing that is not as registered, which read_grads_in_order then finds in
+  // order.
   bool read_grads_in_two_passes(LentReferences& grads) {
     const py::object& grad_property = TorchNames::get().grad_property;
     const size_t n = params_.size();
