@@ -390,7 +390,9 @@ def _step_cached(
     )
     plans.pop(key, None)
     if len(plans) >= _MAX_PLANS:
-        del plans[next(iter(plans))]
+        evicted, _ = plans.pop(next(iter(plans)))
+        if _cache.last[1] is evicted:  # its tables, as large as its arrays are many, go with it
+            _cache.last = (0, None, None)
     plans[key] = (plan, options)
     # Through step_if_same, as a cached plan steps: the arrays are held for the step only while
     # the lists still hold the very ones registered (another thread may have replaced one since
