@@ -509,9 +509,10 @@ def test_many_tensors_one_step_matches_torch() -> None:
 
 
 # Enough params that the core checks their grads on the pool's threads, a slice each (kCheckSlice,
-# 1024), and one spoiled far into the last slice: each spoil sends the step from its fast checks
-# (fusedopt.torch's in two passes, the core's on the pool) to the checks in order, which must find
-# it as they find it among a few params.
+# 1024), and one spoiled far into the last slice: a moved param or state, a grad of other strides
+# or a bad grad sends the step from its fast checks (fusedopt.torch's in two passes, the core's on
+# the pool) to the checks in order, which must find it as they find it among a few params; grads
+# dropped here and there stay on the fast checks, which skip those params.
 MANY = 2600
 LATE = 2500
 
