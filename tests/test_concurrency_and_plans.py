@@ -491,8 +491,8 @@ def test_misaligned_arrays_give_the_aligned_result() -> None:
 
 
 def test_functional_calls_on_new_arrays_at_old_addresses_use_the_new_arrays() -> None:
-    """A cached plan is found by the arrays' identities but steps only if its weak references
-    still point at them: arrays freed and replaced (often at the same address) get a new plan."""
+    """A cached plan is found by the arrays' identities: arrays freed and replaced (often at the
+    same address) are stepped as the new arrays, in their own memory."""
     rng = np.random.default_rng(8)
     for round_ in range(20):
         p = rng.standard_normal(64)
@@ -596,9 +596,8 @@ def test_functional_loop_calls_step_the_cached_plan_and_any_other_call_takes_the
     np.testing.assert_array_equal(params[0], expected[0])
 
 
-# 10,000 params: their 30,000 arrays are compared with the cached plan's weak references in slices
-# on the pool's threads, long enough for a worker woken by the call to take some. The one
-# replaced is in the first slice, a middle one or the last.
+# 10,000 params: their 30,000 arrays are compared with the cached plan's registered ones. The one
+# replaced is the first, a middle one or the last.
 @pytest.mark.parametrize("role, index", [("params", 0), ("exp_avgs", 5000), ("exp_avg_sqs", 9999)])
 def test_functional_over_many_arrays_sees_one_replaced_between_calls(role: str, index: int) -> None:
     previous = fusedopt.num_threads()
@@ -716,6 +715,43 @@ def test_functional_from_two_threads_on_their_own_arrays() -> None:
         for t in range(1, 6):
             F.adam_(p, grads, m, v, step=t, lr=0.01 * key)
         np.testing.assert_array_equal(results[key], p)
+
+
+def _object_at(address: int, size: int) -> Any:
+    """A bytes object that Python's allocator placed at `address` (a block just freed: the next
+    one of its size class), or None; those made on the way are kept until the end, so that each
+    try gets another block."""
+    kept = []
+    for _ in range(10_000):
+        made = bytes(size)
+        if id(made) == address:
+            return made
+        kept.append(made)
+    return None
+
+
+@pytest.mark.parametrize("role", ["params", "exp_avgs"])
+def test_a_cached_plan_given_another_object_at_a_registered_address_refuses_it(role: str) -> None:
+    """A cached plan compares its lists' items with the registered arrays by address. A non-array
+    made where a registered array was freed has the address but is no array: the step refuses it,
+    naming it, and writes nothing."""
+    arrays = {name: [np.zeros(16)] for name in ("params", "exp_avgs", "exp_avg_sqs")}
+    grads = [np.ones(16)]
+    lists = arrays["params"], grads, arrays["exp_avgs"], arrays["exp_avg_sqs"]
+    for step in (1, 2):  # the second call steps the cached plan
+        F.adam_(*lists, step=step, lr=0.1)
+    address = id(arrays[role][0])
+    object_size = np.ndarray.__basicsize__ - sys.getsizeof(b"")  # the same size class as arrays
+    arrays[role].pop()  # the list held the last reference: the array is freed
+    impostor = _object_at(address, object_size)
+    if impostor is None:
+        pytest.skip("the allocator placed no object of the size at the freed array's address")
+    arrays[role].append(impostor)
+    before = checksum(*(a for name, items in arrays.items() if name != role for a in items))
+    with pytest.raises(TypeError, match=rf"{role}\[0\]"):
+        F.adam_(*lists, step=3, lr=0.1)
+    assert checksum(*(a for name, items in arrays.items() if name != role for a in items)) == before
+    assert arrays[role][0] == bytes(object_size)
 
 
 def test_a_cached_plan_refuses_to_step_once_a_registered_array_died() -> None:

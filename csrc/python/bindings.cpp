@@ -396,8 +396,12 @@ struct Fingerprint {
     return f;
   }
 
-  bool unchanged() const {
+  // `object` must be alive. It may be a new object at the registered one's address (a borrowed
+  // plan compares its lists' items by address): it passes only as an array describing the
+  // registered memory, which is then what the plan was checked for.
+  bool unchanged(PyTypeObject* array_type) const {
     if (object == Py_None) return true;
+    if (!PyObject_TypeCheck(object, array_type)) return false;
     const auto* array = py::detail::array_proxy(object);
     if (array->data != data || array->flags != flags || array->descr != descr || array->nd != nd)
       return false;
@@ -412,7 +416,7 @@ bool all_unchanged(const Fingerprint* fingerprints, size_t begin, size_t end,
                    PyTypeObject* array_type) {
   for (size_t i = begin; i < end; ++i) {
     fetch_arrays_ahead(i, end, array_type, [&](size_t k) { return fingerprints[k].object; });
-    if (!fingerprints[i].unchanged()) return false;
+    if (!fingerprints[i].unchanged(array_type)) return false;
   }
   return true;
 }
@@ -472,41 +476,40 @@ class AnyPlan {
   virtual size_t size() const = 0;
 };
 
-// Whether a weak reference still refers to `object` (false once its referent died). None stands
-// for itself: a state list may hold None for a tensor whose state the step does not use. Read
-// from the weak reference's field, not through the Python API, so that many are compared on the
-// pool's threads; this thread holds the GIL meanwhile, so none is cleared. A weak reference
-// whose referent died holds None, which `object`, an item of the caller's list, is not.
-bool refers_to(PyObject* reference, PyObject* object) {
-  if (reference == Py_None) return object == Py_None;
-  return object != Py_None && reinterpret_cast<PyWeakReference*>(reference)->wr_object == object;
-}
-
-// A new reference to every item of `objects` but None, for as long as it lives: what a step over
-// arrays the plan does not own holds while it runs with the GIL released, so that another thread
-// dropping the caller's last reference (replacing a list item) cannot free memory the step reads
-// or writes. Counted on this thread, which holds the GIL: an object may be listed twice (a
-// zero-size array passes the overlap checks), so counting on the pool's threads lost updates.
-// Each count is a cache miss (Adam over 10,000 tensors: about 200 us a call).
+// A new reference to each of `n` objects for as long as it lives: what a step over arrays the
+// plan does not own holds while it runs with the GIL released, so that another thread dropping
+// the caller's last reference (replacing a list item) cannot free memory the step reads or
+// writes. Counted on this thread, which holds the GIL: an object may be listed twice (a zero-size
+// array passes the overlap checks), so counting on the pool's threads lost updates. Each count is
+// a cache miss (Adam over 10,000 tensors: about 200 us a call). The pointers are copied into
+// `spare`'s storage, lent for the hold as LentReferences does, so that a step does not allocate
+// room for them anew (30000 pointers, beyond glibc's threshold for a mapping of its own).
 class Held {
  public:
-  explicit Held(std::vector<PyObject*> objects) : objects_(std::move(objects)) {
-    incref_all(objects_.data(), objects_.size());
+  Held(PyObject* const* objects, size_t n, std::vector<PyObject*>& spare) : spare_(spare) {
+    objects_.swap(spare);
+    objects_.assign(objects, objects + n);
+    incref_all(objects_.data(), n);
   }
-  ~Held() { decref_all(objects_.data(), objects_.size()); }
+  ~Held() {
+    decref_all(objects_.data(), objects_.size());
+    objects_.clear();
+    if (objects_.capacity() > spare_.capacity()) spare_.swap(objects_);
+  }
   Held(const Held&) = delete;
   Held& operator=(const Held&) = delete;
 
  private:
+  std::vector<PyObject*>& spare_;
   std::vector<PyObject*> objects_;
 };
 
 template <class A>
 class PythonPlan : public AnyPlan {
  public:
-  // `borrowed`: the plan keeps no reference to the arrays; its caller guarantees they are alive at
-  // every step (the functional API checks its weak references first), so a cache of plans never
-  // keeps arrays alive.
+  // `borrowed`: the plan keeps only weak references to the arrays and steps the lists' items that
+  // are the registered objects (step_if_same), or the live referents of its weak references
+  // (step), so that a cache of plans never keeps arrays alive.
   // `masters`: None, or one float32 master copy per param (None for a param without one);
   // `rounding_seed`: set, 16-bit params and states are rounded stochastically.
   PythonPlan(py::handle groups, py::handle group_of, py::handle params, py::handle states,
@@ -544,7 +547,8 @@ class PythonPlan : public AnyPlan {
     // Checked first, so that anything that is not an array is refused naming it (and a borrowed
     // plan's weak references below are made only to arrays).
     register_buffers();
-    std::vector<PyObject*> arrays = params_;
+    std::vector<PyObject*>& arrays = objects_;
+    arrays = params_;
     for (const auto& list : states_)
       for (PyObject* s : list.value_or(std::vector<PyObject*>{})) arrays.push_back(s);
     arrays.insert(arrays.end(), masters_.begin(), masters_.end());
@@ -564,44 +568,43 @@ class PythonPlan : public AnyPlan {
     }
   }
 
-  // For a borrowed plan: a step, when `params` and `states` are the very arrays it registered
-  // (its weak references say so, which also proves them alive), with new options for group 0
-  // first unless `values` is None; false, and nothing done, otherwise.
+  // For a borrowed plan: a step, when the items of `params` and `states` are, one by one, the
+  // objects it registered, with new options for group 0 first unless `values` is None; false, and
+  // nothing done, otherwise. Compared by address: an item is alive (its list holds it, and this
+  // thread the GIL), while a registered array may have died and a new object been made at its
+  // address. The fingerprints, checked before the step, pass such a one only as an array of the
+  // registered memory, shape, dtype and flags: the buffer the plan was made for (else the plan
+  // registers the items anew). Comparing weak references' referents instead read every weak
+  // reference, a cache miss each (Adam over 10000 x 100: 0.25 of a 1.85 ms step).
   bool step_if_same(py::handle params, py::handle states, py::handle grads, py::handle grad_scale,
                     std::optional<int64_t> step, py::handle values, py::handle masters) override {
     if (!borrowed_) throw Error(ErrorKind::value, "step_if_same is for borrowed plans");
     const cpu::StayAwake awake(registered_->plan.uses_pool());
-    // The lists' items in the order of references_, then compared to them (on the pool's
-    // threads too: they read this thread's vector through the reference).
-    thread_local std::vector<PyObject*> items_of_this_thread;
-    std::vector<PyObject*>& items = items_of_this_thread;
-    items.clear();
-    auto gather = [&items](py::handle list) {
+    size_t compared = 0;
+    auto same = [&](py::handle list) {
       if (!PyList_Check(list.ptr())) return false;
-      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list.ptr()); ++i)
-        items.push_back(PyList_GET_ITEM(list.ptr(), i));
+      const Py_ssize_t n = PyList_GET_SIZE(list.ptr());
+      if (static_cast<size_t>(n) > objects_.size() - compared) return false;
+      PyObject* const* registered = objects_.data() + compared;
+      for (Py_ssize_t i = 0; i < n; ++i)
+        if (PyList_GET_ITEM(list.ptr(), i) != registered[i]) return false;
+      compared += static_cast<size_t>(n);
       return true;
     };
-    if (!gather(params) || !PyTuple_Check(states.ptr()) && !PyList_Check(states.ptr()))
-      return false;
+    if (!same(params) || !PyTuple_Check(states.ptr()) && !PyList_Check(states.ptr())) return false;
     const py::sequence lists = py::reinterpret_borrow<py::sequence>(states);
     if (lists.size() != states_.size()) return false;
     for (size_t i = 0; i < states_.size(); ++i) {
       if (lists[i].is_none() != !states_[i].has_value()) return false;
-      if (!lists[i].is_none() && !gather(lists[i])) return false;
+      if (!lists[i].is_none() && !same(lists[i])) return false;
     }
-    if (!masters_.empty() && !gather(masters)) return false;
-    if (items.size() != references_.size()) return false;
-    const bool same = cpu::all_slices(items.size(), 2048, [&](size_t begin, size_t end) {
-      for (size_t k = begin; k < end; ++k)
-        if (!refers_to(references_[k].ptr(), items[k])) return false;
-      return true;
-    });
-    if (!same) return false;
-    // The items are the caller's lists' (borrowed): held from here, before set_options (which may
-    // run Python code, a number's __float__, even a call that refills this thread's vector) and
-    // across the step, which releases the GIL.
-    const Held held(std::move(items));
+    if (!masters_.empty() && !same(masters)) return false;
+    if (compared != objects_.size()) return false;
+    // The lists' items, the registered objects: held from here, before set_options (which may
+    // run Python code, a number's __float__, even one that empties the lists) and across the
+    // step, which releases the GIL.
+    thread_local std::vector<PyObject*> spare;
+    const Held held(objects_.data(), objects_.size(), spare);
     if (!values.is_none()) set_options(0, values);
     step_held(grads, grad_scale, step);
     return true;
@@ -618,8 +621,8 @@ class PythonPlan : public AnyPlan {
     // A borrowed plan's arrays, held for the call (the functional API's first call steps its new
     // plan at once: another thread may have emptied the caller's lists since it was made). Taken
     // before the fingerprints are compared, which reads every array.
-    std::vector<PyObject*> referents;
-    referents.reserve(references_.size());
+    thread_local std::vector<PyObject*> referents, spare;
+    referents.clear();
     for (const py::object& reference : references_) {
       if (reference.is_none()) continue;  // a None item, registered as itself
       PyObject* referent = reinterpret_cast<PyWeakReference*>(reference.ptr())->wr_object;
@@ -629,7 +632,7 @@ class PythonPlan : public AnyPlan {
                     "dropped it from the lists since the plan was made");
       referents.push_back(referent);
     }
-    const Held held(std::move(referents));
+    const Held held(referents.data(), referents.size(), spare);
     step_held(grads, grad_scale, step);
   }
 
@@ -710,6 +713,8 @@ class PythonPlan : public AnyPlan {
   std::vector<PyObject*> absmax_arrays_;  // their items, in order
   // Every array above (and the step counts' and scalars'); only weak references when borrowed.
   std::vector<py::object> references_;
+  // The arrays of references_ in its order (params, each state list, masters, absmax), by address.
+  std::vector<PyObject*> objects_;
   bool borrowed_ = false;
   int64_t* step_counts_ = nullptr;
   double* scalars_ = nullptr;

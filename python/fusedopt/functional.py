@@ -265,10 +265,11 @@ def _declared(description: Description) -> tuple[Hyperparameter, ...]:
 
 
 # Plans for the arrays of this thread's recent calls (a training loop passes the same params and
-# states at every step). A plan holds weak references to its arrays and steps only when it is
-# given the very same ones (step_if_same): a cached plan keeps no array alive, and an array that
-# died is never mistaken for a new one at its address. Per thread, so that one thread's options
-# never reach another's step.
+# states at every step). A plan keeps no reference to its arrays and steps only when the lists hold
+# the objects it registered, at their addresses (step_if_same): a cached plan keeps no array
+# alive, and a new array made at a dead one's address is stepped only if it is an array of the
+# same memory, shape, dtype and flags (else the plan registers it anew). Per thread, so that one
+# thread's options never reach another's step.
 _MAX_PLANS = 16
 
 
@@ -409,7 +410,7 @@ def _fast_path(d: Description, options: list[str], states: list[str]) -> str:
     registered and no low-precision storage, grad scale or per-tensor scalars, steps through
     that plan, as ``_run`` would (``_step_cached``) but without its checks of the rarer
     arguments: they cost as much as the native step over one small tensor. Anything else, or a
-    plan that refuses (its weak references see other arrays), goes on to ``_run``."""
+    plan that refuses (its lists hold other arrays), goes on to ``_run``."""
     if d.scalars:  # their arrays are read back after every step: _run's path
         return ""
     counted = "type(step) is int and 0 < step <= 4611686018427387904"  # 2 ** 62, as _run's
