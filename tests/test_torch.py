@@ -377,15 +377,16 @@ def test_add_param_group_joins_the_next_step() -> None:
         assert_close(a.detach(), b.detach(), torch.float64, "after add_param_group")
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize(
     ("make", "error", "what"),
     [
         (lambda: torch.zeros(3, dtype=torch.int64), TypeError, "dtype"),
-        (lambda: torch.zeros(3, dtype=torch.complex64), TypeError, "dtype"),
+        (lambda: torch.zeros(3, dtype=torch.complex32), TypeError, "dtype"),
         (lambda: torch.zeros(3, 8)[:, ::2], ValueError, "not dense"),
         (lambda: torch.zeros(3).to_sparse(), TypeError, "sparse"),
     ],
-    ids=["int64", "complex64", "gaps", "sparse"],
+    ids=["int64", "complex32", "gaps", "sparse"],
 )
 def test_a_param_fusedopt_cannot_update_is_refused_naming_it(make: Any, error: type, what) -> None:
     params = [torch.nn.Parameter(torch.zeros(3)), make()]
@@ -432,6 +433,111 @@ def test_a_non_contiguous_grad_under_a_grad_scale_is_refused_with_nothing_writte
         assert torch.equal(p.detach(), b)
     for key, value in state.items():
         assert torch.equal(optimizer.state[params[0]][key], value)
+
+
+# torch's lazy views: memory holding the elements negated (a negative view: `torch._neg_view`,
+# `.imag` of a conjugate view) or conjugated (`.conj()` of a complex tensor), torch applying the
+# sign on every read and write. fusedopt read such a grad's memory as it is: the step went the
+# wrong way (SGD over a grad of -1s stored as +1s moved the param by -2, torch by +2).
+LAZY_GRADS = {
+    "negative": lambda g: torch._neg_view(g.neg()),  # g's values, stored negated
+    "imag_of_conjugate": lambda g: torch.complex(torch.zeros_like(g), -g).conj().imag,
+    "conjugate": lambda g: torch.complex(g, -g).conj(),  # complex values g + gi
+}
+
+
+def _lazy_case(kind: str) -> tuple[Any, Callable[[Any], Any]]:
+    """The params' dtype, and the lazy grad of real values g (complex ones: g + gi)."""
+    return (torch.complex128 if kind == "conjugate" else torch.float64), LAZY_GRADS[kind]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("kind", list(LAZY_GRADS))
+def test_a_negative_or_conjugate_grad_is_read_as_its_values(kind: str, name: str) -> None:
+    """A lazy grad is read through a copy holding its values, at the first step and once the plan
+    is made (the shim's fast path): the same values, bit for bit, as the optimizer given the
+    grads resolved, and torch.optim's."""
+    dtype, lazy = _lazy_case(kind)
+    models = [
+        [torch.nn.Parameter(torch.linspace(-1, 1, 12, dtype=dtype)) for _ in range(3)]
+        for _ in range(3)
+    ]
+    options = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {"lr": 0.1}
+    optimizers = [getattr(ft, name)(models[0], **options), getattr(ft, name)(models[1], **options)]
+    optimizers.append(getattr(torch.optim, name)(models[2], **options, foreach=False))
+    for step in range(5):
+        for k in range(3):
+            values = torch.linspace(0.5, 2.0, 12, dtype=torch.float64) * (step - 2 + k)
+            grad = lazy(values)
+            assert grad.is_neg() or grad.is_conj()
+            models[0][k].grad = grad if (step + k) % 2 else grad.resolve_conj().resolve_neg()
+            models[1][k].grad = models[2][k].grad = grad.resolve_conj().resolve_neg()
+        for optimizer in optimizers:
+            optimizer.step()
+        for k, (p, q, r) in enumerate(zip(*models)):
+            assert torch.equal(p.detach(), q.detach()), (step, k)
+            ours, theirs = (torch.view_as_real(t.detach()) if t.is_complex() else t for t in (p, r))
+            assert_close(ours.detach(), theirs.detach(), torch.float64, f"{step}, params[{k}]")
+
+
+@pytest.mark.parametrize("kind", list(LAZY_GRADS))
+def test_a_negative_or_conjugate_grad_under_a_grad_scale_is_refused_with_nothing_written(
+    kind: str,
+) -> None:
+    """A grad scale writes the unscaled grad back into the grad's memory."""
+    dtype, lazy = _lazy_case(kind)
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 12, dtype=dtype)) for _ in range(2)]
+    optimizer = ft.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in optimizer.state[params[1]].items()}
+    params[0].grad = torch.ones_like(params[0])
+    params[1].grad = lazy(torch.ones(12, dtype=torch.float64))
+    optimizer.grad_scale, optimizer.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+    with pytest.raises(ValueError, match=r"grad of params\[1\] .*negative or conjugate view"):
+        optimizer.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    for key, value in state.items():
+        assert torch.equal(optimizer.state[params[1]][key], value)
+
+
+@pytest.mark.parametrize("kind", ["negative", "conjugate"])
+@pytest.mark.parametrize("role", ["param", "state"])
+def test_a_param_or_state_made_a_negative_or_conjugate_view_is_refused(
+    kind: str, role: str
+) -> None:
+    """Written, it would be updated with the sign reversed: refused when given and when made one
+    in place of a registered one (`.data`: the same object and memory), with nothing written."""
+    dtype = torch.complex128 if kind == "conjugate" else torch.float64
+    make_lazy = torch.conj if kind == "conjugate" else torch._neg_view
+    if role == "param":
+        lazy_param = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+        lazy_param.data = make_lazy(lazy_param.data)
+        with pytest.raises(TypeError, match=r"params\[0\] of param_groups\[0\] is a negative"):
+            ft.Adam([lazy_param])
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 12, dtype=dtype)) for _ in range(2)]
+    optimizer = ft.Adam(params, lr=0.1)
+    for _ in range(2):  # the plan made, then stepped through its checks
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    target = params[1] if role == "param" else optimizer.state[params[1]]["exp_avg"]
+    with torch.no_grad():
+        target.data = make_lazy(target.data)
+    assert target.is_neg() or target.is_conj()
+    before = [p.detach().resolve_conj().resolve_neg().clone() for p in params]
+    state = {
+        k: v.resolve_conj().resolve_neg().clone() for k, v in optimizer.state[params[1]].items()
+    }
+    with pytest.raises(TypeError, match="negative or conjugate view"):
+        optimizer.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach().resolve_conj().resolve_neg(), b)
+    for key, value in state.items():
+        assert torch.equal(optimizer.state[params[1]][key].resolve_conj().resolve_neg(), value)
 
 
 @pytest.mark.parametrize("flag", ["differentiable", "capturable"])

@@ -656,18 +656,19 @@ class _NoStorage(torch.Tensor):
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize(
     ("make", "error", "what"),
     [
         (lambda: torch.zeros(3, dtype=torch.int32), TypeError, "dtype torch.int32"),
-        (lambda: torch.zeros(3, dtype=torch.complex128), TypeError, "dtype torch.complex128"),
+        (lambda: torch.zeros(3, dtype=torch.complex32), TypeError, "dtype torch.complex32"),
         (lambda: torch.zeros(3, dtype=torch.float8_e5m2), TypeError, "dtype torch.float8_e5m2"),
         (lambda: torch.zeros(4, 6)[:, ::2], ValueError, "not dense"),
         (lambda: torch.zeros(3, 3).to_sparse_csr(), TypeError, "sparse_csr"),
         (lambda: torch.zeros(3, device="meta"), ValueError, "is on meta"),
         (lambda: _NoStorage((3,)), TypeError, "no memory of its own"),
     ],
-    ids=["int32", "complex128", "float8_e5m2", "strided", "sparse_csr", "meta", "no-storage"],
+    ids=["int32", "complex32", "float8_e5m2", "strided", "sparse_csr", "meta", "no-storage"],
 )
 def test_a_param_that_cannot_be_updated_in_place_is_refused_at_construction(
     make: Any, error: type, what: str

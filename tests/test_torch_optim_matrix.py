@@ -309,8 +309,13 @@ def run(optimizer: Any, scheduler: Any, params: list[Any], steps: range) -> None
         scheduler.step()
 
 
+def as_real(x: Any) -> Any:
+    """A complex tensor as torch.optim steps it (torch.view_as_real), anything else as it is."""
+    return torch.view_as_real(x) if torch.is_tensor(x) and x.is_complex() else x
+
+
 def assert_close(actual: Any, expected: Any, dtype: Any, what: str) -> None:
-    actual, expected = (torch.as_tensor(x).to(torch.float64) for x in (actual, expected))
+    actual, expected = (as_real(torch.as_tensor(x)).to(torch.float64) for x in (actual, expected))
     assert actual.shape == expected.shape, what
     if actual.numel() == 0:
         return
@@ -420,3 +425,94 @@ def test_unsupported_modes_are_refused_naming_the_flag(combination: tuple) -> No
 def test_the_matrix_covers_every_optimizer() -> None:
     names = {name for name in ft.__all__ if name != "Optimizer" and hasattr(torch.optim, name)}
     assert names == set(CPU_INPUTS) == set(CUDA_ONLY_INPUTS) == set(IMPLS)
+
+
+# ---------------------------------------------------------------------------- complex params
+# torch's test_complex and test_complex_2d (test/test_optim.py) step complex params, a real one
+# among them, with every input's flags False (fused left out: torch's fused kernels take no
+# complex). torch.optim steps a complex param as its torch.view_as_real: two independent real
+# numbers per element (Adagrad's sums and Rprop's step sizes start with the value in both parts).
+COMPLEX_INPUTS = [c for c in _combinations(CPU_INPUTS) if " & " not in c[1]]
+COMPLEX_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def complex_params(dtype: Any) -> list[Any]:
+    """Complex params of the matrix's shapes and a channels_last one, and a real one."""
+    generator = torch.Generator().manual_seed(0)
+    made = [torch.randn(s, generator=generator, dtype=dtype) for s in SHAPES]
+    made.append(
+        torch.randn(2, 3, 4, 5, generator=generator, dtype=dtype).to(
+            memory_format=torch.channels_last
+        )
+    )
+    made.append(torch.randn(10, 5, generator=generator, dtype=COMPLEX_DTYPES[dtype]))
+    return [torch.nn.Parameter(p) for p in made]
+
+
+@pytest.mark.usefixtures("tensor_reading")  # through the shim and torch's methods
+@pytest.mark.parametrize("dtype", list(COMPLEX_DTYPES), ids=["complex64", "complex128"])
+@pytest.mark.parametrize("combination", COMPLEX_INPUTS, ids=combination_id)
+def test_complex_params_follow_torch_optim(combination: tuple, dtype: Any) -> None:
+    """Trajectory and state dict as torch.optim's, then a torch checkpoint taken mid-run loaded
+    into both continues alike."""
+    name, _, kwargs = combination
+    ours_params, their_params = complex_params(dtype), complex_params(dtype)
+    ours = getattr(ft, name)(ours_params, **build(kwargs))
+    theirs = getattr(torch.optim, name)(their_params, **torch_kwargs(kwargs))
+    their_scheduler = scheduler_for(theirs)
+    run(ours, scheduler_for(ours), ours_params, range(RESUME_AT))
+    run(theirs, their_scheduler, their_params, range(RESUME_AT))
+    tolerance = precision(name, kwargs, COMPLEX_DTYPES[dtype], loaded=False)
+    compare(ours, theirs, ours_params, their_params, tolerance, kwargs)
+    assert all(
+        ours.state[p][key].dtype == dtype
+        for p in ours_params
+        if p.is_complex() and p in ours.state
+        for key in ours.state[p]
+        if key != "step" and ours.state[p][key].dim() > 0
+    )
+    # Both resumed from torch's checkpoint (whose load casts a real param's states to its dtype).
+    checkpoint = copy.deepcopy((theirs.state_dict(), their_scheduler.state_dict()))
+    with torch.no_grad():
+        for p, q in zip(ours_params, their_params):
+            p.copy_(q)
+    resumed = [
+        getattr(ft, name)(ours_params, **build(kwargs)),
+        getattr(torch.optim, name)(their_params, **torch_kwargs(kwargs)),
+    ]
+    for optimizer, params in zip(resumed, (ours_params, their_params)):
+        optimizer.load_state_dict(copy.deepcopy(checkpoint[0]))
+        scheduler = scheduler_for(optimizer)
+        scheduler.load_state_dict(checkpoint[1])
+        run(optimizer, scheduler, params, range(RESUME_AT, STEPS))
+    tolerance = precision(name, kwargs, COMPLEX_DTYPES[dtype], loaded=True)
+    compare(*resumed, ours_params, their_params, tolerance, {})
+
+
+@pytest.mark.usefixtures("tensor_reading")  # through the shim and torch's methods
+@pytest.mark.parametrize("combination", COMPLEX_INPUTS, ids=combination_id)
+def test_a_complex_param_steps_exactly_as_its_real_view(combination: tuple) -> None:
+    """As torch's test_complex asserts of torch.optim: the same optimizer over each complex param
+    and over its torch.view_as_real (a float param of shape (..., 2)), given the grads' real
+    views, gives the same values, bit for bit."""
+    name, _, kwargs = combination
+    complex_ = complex_params(torch.complex64)
+    real = [torch.nn.Parameter(as_real(p.detach()).clone()) for p in complex_]
+    stepped = getattr(ft, name)(complex_, **build(kwargs)), getattr(ft, name)(real, **build(kwargs))
+    for step in range(STEPS):
+        set_grads(step, complex_)
+        for c, r in zip(complex_, real):
+            r.grad = None if c.grad is None else as_real(c.grad).clone()
+        for optimizer in stepped:
+            optimizer.step()
+        for i, (c, r) in enumerate(zip(complex_, real)):
+            assert torch.equal(as_real(c.detach()), r.detach()), (step, i)
+
+
+@pytest.mark.parametrize(
+    "option", [{"state_dtype": "bfloat16"}, {"master_weights": True}, {"stochastic_rounding": True}]
+)
+def test_low_precision_options_refuse_complex_params(option: dict[str, Any]) -> None:
+    params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))]
+    with pytest.raises(ValueError, match="complex"):
+        ft.Adam(params, **option)

@@ -11,6 +11,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -726,16 +727,23 @@ class PythonPlan : public AnyPlan {
 // methods (data_ptr, is_contiguous, ...): nothing of libtorch is linked, so fusedopt builds and
 // imports without torch.
 
+// A complex64 or complex128 tensor is stepped as torch.optim steps one (torch.view_as_real): each
+// element as two independent real numbers, its real and imaginary parts, of float32 or float64.
+// Described by its own shape, so that the shape checks and messages speak of its elements, with
+// twice as many values as elements: the core compares shapes and sizes and streams `size` values
+// of its dtype from the tensor's memory, where each element's two parts lie side by side.
+inline void as_real_pairs(BufferInfo& info) { info.size *= 2; }
+
 struct TorchNames {
   py::object grad = py::str("grad"), dtype = py::str("dtype"), shape = py::str("shape"),
              is_cpu = py::str("is_cpu"), layout = py::str("layout"), to_local = py::str("to_local");
   // The methods themselves, called with the tensor: a step makes four such calls per tensor
   // (about 45 ns each), and skipping the attribute lookup is a third of it.
-  py::object data_ptr, is_contiguous, stride, empty_like;
+  py::object data_ptr, is_contiguous, stride, empty_like, is_neg, is_conj;
   // TensorBase's descriptors of the properties a step reads of every grad, read through the
   // descriptor (read_property) for the same reason.
   py::object dtype_property, shape_property, is_cpu_property, grad_property;
-  py::object float32, float64, bfloat16, float16, uint8, strided;
+  py::object float32, float64, bfloat16, float16, uint8, complex64, complex128, strided;
 
   static const TorchNames& get() {
     static const TorchNames* names = [] {
@@ -746,6 +754,8 @@ struct TorchNames {
       n->is_contiguous = tensor_base.attr("is_contiguous");
       n->stride = tensor_base.attr("stride");
       n->empty_like = torch.attr("empty_like");
+      n->is_neg = tensor_base.attr("is_neg");
+      n->is_conj = tensor_base.attr("is_conj");
       const py::dict properties = tensor_base.attr("__dict__");
       n->dtype_property = properties["dtype"];
       n->shape_property = properties["shape"];
@@ -756,6 +766,8 @@ struct TorchNames {
       n->bfloat16 = torch.attr("bfloat16");
       n->float16 = torch.attr("float16");
       n->uint8 = torch.attr("uint8");
+      n->complex64 = torch.attr("complex64");
+      n->complex128 = torch.attr("complex128");
       n->strided = torch.attr("strided");
       return n;
     }();
@@ -767,6 +779,25 @@ py::object call_with(const py::object& method, PyObject* tensor) {
   PyObject* result = PyObject_CallOneArg(method.ptr(), tensor);
   if (!result) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(result);
+}
+
+// Whether a tensor is one of torch's lazy views: a negative view (`torch._neg_view`, `.imag` of a
+// conjugate view) or a conjugate one (`.conj()` of a complex tensor), whose memory holds its
+// elements negated or conjugated, torch applying the sign on every read and write. The kernels
+// read and write memory: such a grad is read through a copy that holds its values, and such a
+// param or state, which is written, is refused (it would be updated with the sign reversed).
+bool torch_is_lazy(PyObject* tensor) {
+  const TorchNames& n = TorchNames::get();
+  return call_with(n.is_neg, tensor).ptr() == Py_True ||
+         call_with(n.is_conj, tensor).ptr() == Py_True;
+}
+
+std::string lazy_text(const std::string& name) {
+  return name +
+         " is a negative or conjugate view (torch's lazy sign: `torch._neg_view`, `.imag` "
+         "of a conjugate view, `.conj()` of a complex tensor), whose memory holds its "
+         "elements negated or conjugated; fusedopt updates memory: resolve it first "
+         "(`.resolve_neg()`, `.resolve_conj()`)";
 }
 
 // tensor.<property>, given TensorBase's descriptor of it.
@@ -814,7 +845,15 @@ struct TorchShim {
   int32_t cpu = -1, strided = -1;
   // Where a TensorImpl holds its StorageImpl's address, for fetch_ahead only; -1: not fetched.
   int storage_at = -1;
+  // Where a TensorImpl holds its DispatchKeySet, and the keys of torch's lazy views in it (see
+  // torch_is_lazy), found when the shim loads (key_set_offset): without them, no shim.
+  int keys_at = -1;
+  uint64_t lazy_keys = 0;
   int32_t dtype_codes[kNumDtypes] = {};  // torch's code of each Dtype (blockwise8: uint8)
+  // torch's codes of complex64 and complex128, stepped as float32 and float64 pairs
+  // (as_real_pairs); kNoCode where this torch's shim has none.
+  static constexpr int32_t kNoCode = std::numeric_limits<int32_t>::min();
+  int32_t complex_codes[2] = {kNoCode, kNoCode};
   PyTypeObject* tensor_base = nullptr;
   // torch.Tensor and nn.Parameter: the shim reads params of these classes and grads of the
   // first only. A subclass may define its own grad, __getattribute__ or __torch_function__
@@ -877,6 +916,14 @@ struct TorchShim {
         __builtin_prefetch(storage + 64);
       }
   }
+  // Whether a tensor is a negative or conjugate view (torch_is_lazy), from its DispatchKeySet.
+  bool lazy(Handle h) const {
+    const char* impl = *static_cast<const char* const*>(h);
+    uint64_t keys;
+    std::memcpy(&keys, impl + keys_at, sizeof keys);
+    return (keys & lazy_keys) != 0;
+  }
+
   // The same for a plain torch.Tensor only (a grad).
   Handle plain_handle(PyObject* object) const {
     return Py_TYPE(object) == tensor_type ? reinterpret_cast<char*>(object) + kTensorOffset
@@ -909,9 +956,12 @@ struct TorchShim {
   bool describe(PyObject* tensor, BufferInfo& info, std::vector<int64_t>& strides_out) const {
     const Handle h = plain_handle(tensor);
     Facts f;
-    if (!h || !read(h, f)) return false;
+    if (!h || !read(h, f) || lazy(h)) return false;  // a lazy view: describe_torch refuses it
     int d = 0;
     while (d < kNumDtypes && dtype_codes[d] != f.dtype) ++d;
+    const bool complex = f.dtype == complex_codes[0] || f.dtype == complex_codes[1];
+    if (complex)
+      d = static_cast<int>(f.dtype == complex_codes[0] ? Dtype::float32 : Dtype::float64);
     if (d == kNumDtypes) return false;
     info.present = true;
     info.dtype = static_cast<Dtype>(d);
@@ -920,6 +970,7 @@ struct TorchShim {
     strides_out.assign(f.strides, f.strides + f.dim);
     info.size = 1;
     for (int64_t n : info.shape) info.size *= n;
+    if (complex) as_real_pairs(info);
     if (!f.data && info.size > 0) return false;
     info.contiguous = dense(info.shape, strides_out);
     info.writeable = true;
@@ -962,6 +1013,33 @@ struct TorchShim {
     return found;
   }
 
+  // The offset in a TensorImpl of its DispatchKeySet: the first word that holds, in each probe,
+  // the keys torch reports for it (torch._C._dispatch_keys). The probes are a plain tensor, a
+  // negative view, a conjugate one and another plain one; the word is searched from the start of
+  // the TensorImpl up, so that nothing past it is read. -1 where none is found.
+  static int key_set_offset(const py::module_& torch, uint64_t negative, uint64_t conjugate) {
+    const py::object ones = torch.attr("ones"), keys_of = torch.attr("_C").attr("_dispatch_keys");
+    const py::object probes[] = {ones(3), torch.attr("_neg_view")(ones(4)),
+                                 ones(2, py::arg("dtype") = torch.attr("complex64")).attr("conj")(),
+                                 torch.attr("zeros")(5, 2)};
+    std::vector<std::pair<const char*, uint64_t>> expected;
+    for (const py::object& probe : probes)
+      expected.emplace_back(reinterpret_cast<const char*>(probe.attr("_cdata").cast<uintptr_t>()),
+                            keys_of(probe).attr("raw_repr")().cast<uint64_t>());
+    if (!(expected[1].second & negative) || !(expected[2].second & conjugate) ||
+        (expected[0].second & (negative | conjugate)))
+      return -1;
+    for (int offset = 0; offset < 512; offset += 8) {
+      const bool found = std::all_of(expected.begin(), expected.end(), [&](const auto& e) {
+        uint64_t word;
+        std::memcpy(&word, e.first + offset, sizeof word);
+        return word == e.second;
+      });
+      if (found) return offset;
+    }
+    return -1;
+  }
+
   bool load() {
     try {
       const py::module_ torch = py::module_::import("torch");
@@ -988,6 +1066,12 @@ struct TorchShim {
           return false;
         dtype_codes[d] = code();
       }
+      const char* const complex_names[2] = {"complex64", "complex128"};
+      for (int c = 0; c < 2; ++c) {
+        int32_t (*code)() = nullptr;
+        if (find(library, ("aoti_torch_dtype_" + std::string(complex_names[c])).c_str(), code))
+          complex_codes[c] = code();
+      }
       cpu = cpu_type();
       strided = strided_layout();
       tensor_base = reinterpret_cast<PyTypeObject*>(torch.attr("_C").attr("TensorBase").ptr());
@@ -1013,6 +1097,14 @@ struct TorchShim {
       const auto shape = probe.attr("shape").cast<std::vector<int64_t>>();
       const auto stride = probe.attr("stride")().cast<std::vector<int64_t>>();
       storage_at = storage_offset(probe, torch.attr("zeros")(3));
+      const py::object key_set = torch.attr("_C").attr("DispatchKeySet");
+      const py::object key = torch.attr("_C").attr("DispatchKey");
+      const auto keys = [&](const char* name) {
+        return key_set(key.attr(name)).attr("raw_repr")().cast<uint64_t>();
+      };
+      lazy_keys = keys("Negative") | keys("Conjugate");
+      keys_at = key_set_offset(torch, keys("Negative"), keys("Conjugate"));
+      if (keys_at < 0) return false;
       return f.dim == 3 && std::equal(shape.begin(), shape.end(), f.sizes) &&
              std::equal(stride.begin(), stride.end(), f.strides) &&
              reinterpret_cast<uintptr_t>(f.data) == probe.attr("data_ptr")().cast<uintptr_t>();
@@ -1097,13 +1189,15 @@ void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info)
   if (!py::object(t.attr(n.layout)).is(n.strided))
     throw Error(ErrorKind::type, name + " is a " + std::string(py::str(t.attr(n.layout))) +
                                      " tensor; fusedopt updates dense (strided) tensors");
+  if (torch_is_lazy(tensor)) throw Error(ErrorKind::type, lazy_text(name));
   const py::object dtype = t.attr(n.dtype);
-  info.dtype = dtype.is(n.float32)    ? std::optional(Dtype::float32)
-               : dtype.is(n.float64)  ? std::optional(Dtype::float64)
-               : dtype.is(n.bfloat16) ? std::optional(Dtype::bfloat16)
-               : dtype.is(n.float16)  ? std::optional(Dtype::float16)
-               : dtype.is(n.uint8)    ? std::optional(Dtype::blockwise8)
-                                      : std::nullopt;
+  const bool complex = dtype.is(n.complex64) || dtype.is(n.complex128);
+  info.dtype = dtype.is(n.float32) || dtype.is(n.complex64)    ? std::optional(Dtype::float32)
+               : dtype.is(n.float64) || dtype.is(n.complex128) ? std::optional(Dtype::float64)
+               : dtype.is(n.bfloat16)                          ? std::optional(Dtype::bfloat16)
+               : dtype.is(n.float16)                           ? std::optional(Dtype::float16)
+               : dtype.is(n.uint8)                             ? std::optional(Dtype::blockwise8)
+                                                               : std::nullopt;
   info.dtype_name = info.dtype ? "" : std::string(py::str(dtype));
   info.shape.clear();
   info.size = 1;
@@ -1111,6 +1205,7 @@ void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info)
     info.shape.push_back(d.cast<int64_t>());
     info.size *= info.shape.back();
   }
+  if (complex) as_real_pairs(info);
   info.contiguous = torch_is_contiguous(tensor) || dense(info.shape, torch_strides(tensor));
   info.writeable = true;
   const uintptr_t data_ptr = torch_data_ptr(tensor);
@@ -1417,7 +1512,7 @@ class TorchPlan : public AnyTorchPlan {
   bool grad_as_param(const TorchShim& shim, PyObject* grad, size_t j, TorchShim::Facts& g) const {
     const std::vector<int64_t>& shape = param_shapes_[j];
     const TorchShim::Handle h = shim.plain_handle(grad);
-    return h && shim.read(h, g) && g.dtype == param_dtypes_[j] &&
+    return h && shim.read(h, g) && !shim.lazy(h) && g.dtype == param_dtypes_[j] &&
            g.dim == static_cast<int64_t>(shape.size()) &&
            std::equal(shape.begin(), shape.end(), g.sizes) &&
            same_order(shape, g.strides, shape.size(), param_strides_[j]) &&
@@ -1471,14 +1566,14 @@ class TorchPlan : public AnyTorchPlan {
     if (shim_->data_ptr(p, &data) || shim_->dim(p, &dim) || shim_->sizes(p, &sizes_now) ||
         shim_->strides(p, &strides_now))
       return std::nullopt;
-    return reinterpret_cast<uintptr_t>(data) == addresses_[j] &&
+    return !shim_->lazy(p) && reinterpret_cast<uintptr_t>(data) == addresses_[j] &&
            dim == static_cast<int64_t>(shape.size()) &&
            std::equal(shape.begin(), shape.end(), sizes_now) &&
            (dim <= 1 || std::equal(strides.begin(), strides.end(), strides_now));
   }
   bool param_as_registered_by_torch(size_t j, const py::object& memory) const {
     const TorchNames& names = TorchNames::get();
-    return torch_data_ptr(memory.ptr()) == addresses_[j] &&
+    return !torch_is_lazy(memory.ptr()) && torch_data_ptr(memory.ptr()) == addresses_[j] &&
            read_property(names.shape_property, memory.ptr()).equal(grad_shapes_[j]) &&
            (param_shapes_[j].size() <= 1 ||
             call_with(names.stride, memory.ptr()).equal(param_stride_objects_[j]));
@@ -1530,7 +1625,15 @@ class TorchPlan : public AnyTorchPlan {
         describe_torch(grad.ptr(), name(), described);
         throw;
       }
-      if (!strides.equal(param_stride_objects_[j])) {
+      if (torch_is_lazy(grad.ptr())) {
+        // Only read: read from a copy that holds its values (see torch_is_lazy), as torch
+        // reads it; unless a grad scale writes the unscaled grad back.
+        if (extras.grad_scale) throw Error(ErrorKind::value, lazy_text(name()));
+        py::object copy = call_with(names.empty_like, memory.ptr());
+        copy.attr("copy_")(grad);
+        grad = std::move(copy);
+        address = torch_data_ptr(grad.ptr());
+      } else if (!strides.equal(param_stride_objects_[j])) {
         const auto grad_strides = strides.cast<std::vector<int64_t>>();
         if (!same_order(param_shapes_[j], grad_strides, param_strides_[j])) {
           // Only read, so it is read from a copy in its param's layout (walking the param's
@@ -1622,10 +1725,13 @@ class TorchPlan : public AnyTorchPlan {
             [&](size_t i) { return reference_handles_[i]; });
       if (references_[k].is_none()) continue;
       void* data;  // by the shim where it reads this tensor, else by torch
-      const uintptr_t now = shim_ && !shim_->data_ptr(reference_handles_[k], &data)
-                                ? reinterpret_cast<uintptr_t>(data)
-                                : torch_data_ptr(references_[k].ptr());
+      const bool by_shim = shim_ && !shim_->data_ptr(reference_handles_[k], &data);
+      const uintptr_t now =
+          by_shim ? reinterpret_cast<uintptr_t>(data) : torch_data_ptr(references_[k].ptr());
       if (now != reference_addresses_[k]) return false;
+      // Made a lazy view in the same memory (`state.data = state.data.conj()`): refused anew.
+      if (by_shim ? shim_->lazy(reference_handles_[k]) : torch_is_lazy(references_[k].ptr()))
+        return false;
     }
     // ... and the layout it was registered with (`state.data = state.data.t()` keeps the memory)
     for (const Layout& l : layouts_) {

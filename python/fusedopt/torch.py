@@ -9,11 +9,12 @@ tensors through their data pointers (registered once, checked at every step), CU
 through :mod:`fusedopt.cuda` on the current stream.
 
 ``foreach`` and ``fused`` are accepted and change nothing (fused is what you get);
-``differentiable=True`` and ``capturable=True`` are refused. Sparse, complex or integer params,
-params that are not dense in memory (gaps, overlaps, expanded), and params on other devices are
-refused when they are added, naming the param and its group; a grad fusedopt cannot read (sparse,
-of another dtype, shape or device; under a grad scale, laid out otherwise than its param) is
-refused at the step, naming its param, with nothing written.
+``differentiable=True`` and ``capturable=True`` are refused. Sparse or integer params, params
+that are not dense in memory (gaps, overlaps, expanded), negative or conjugate views (_is_lazy)
+and params on other devices are refused when they are added, naming the param and its group; a
+grad fusedopt cannot read (sparse, of another dtype, shape or device; under a grad scale, laid
+out otherwise than its param or a negative or conjugate view) is refused at the step, naming its
+param, with nothing written.
 
 Memory layout: a param may have any dense, non-overlapping layout (``torch.channels_last``,
 ``channels_last_3d``, any permutation of a contiguous tensor): an element-wise step streams its
@@ -23,6 +24,12 @@ order. So its states and its float32 master are created in its layout
 converted into it (by logical index), 8-bit state keeps one code per element in the param's
 memory order (blocks of 256 consecutive elements in memory), and a grad of another layout is read
 through a copy in the param's layout (refused under a grad scale, which writes it back).
+
+Complex params (complex64, complex128; CPU only for now) are stepped as torch.optim steps them
+(``torch.view_as_real``): each element as two independent real numbers, its real and imaginary
+parts, their states complex tensors of the param's dtype (Adagrad's initial sums and Rprop's
+step sizes given the value in both parts, as torch fills them). The low-precision options do not
+apply to them.
 
 DTensor params (FSDP2's ``fully_shard``) are stepped through their local shards: ``p.to_local()``
 with ``p.grad.to_local()``, the states being DTensors of the same placements, as torch.optim's.
@@ -68,8 +75,10 @@ __all__ = ["Optimizer"]
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)  # see the module's docstring
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16, "int8": torch.uint8}  # fmt: skip
+                 "float16": torch.float16, "int8": torch.uint8, "complex64": torch.complex64,
+                 "complex128": torch.complex128}  # fmt: skip
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -110,6 +119,23 @@ def _same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` (of one shape) walk their elements in the same memory order: the
     same stride in every dimension of more than one element (an empty tensor walks none)."""
     return _core._same_order(a.shape, a.stride(), b.stride())
+
+
+def _is_lazy(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a negative or conjugate view (``torch._neg_view``, ``.imag`` of a
+    conjugate view, ``.conj()`` of a complex tensor), whose memory holds its elements negated or
+    conjugated: a grad is read through a copy that holds its values, a param or state (written)
+    refused (``torch_is_lazy`` in bindings.cpp)."""
+    return t.is_neg() or t.is_conj()
+
+
+def _lazy_text(where: str) -> str:
+    return (
+        f"{where} is a negative or conjugate view (torch's lazy sign: `torch._neg_view`, `.imag` "
+        "of a conjugate view, `.conj()` of a complex tensor), whose memory holds its elements "
+        "negated or conjugated; fusedopt updates memory: resolve it first (`.resolve_neg()`, "
+        "`.resolve_conj()`)"
+    )
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -283,9 +309,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group, then fusedopt's checks: every param must be a dense (non-
-        overlapping, in any layout) float32, float64, bfloat16 or float16 tensor on the CPU (16-bit
-        ones) or a CUDA device (a lazy module's uninitialized param is checked once it has a grad),
-        the group's hyperparameters numbers (their ranges are never checked here, as torch's
+        overlapping, in any layout) float32, float64, bfloat16, float16, complex64 or complex128
+        tensor, not a negative or conjugate view, on the CPU (16-bit and complex ones) or a CUDA
+        device (a lazy module's uninitialized param is checked once it has a grad), the group's
+        hyperparameters numbers (their ranges are never checked here, as torch's
         add_param_group checks none) and the low-precision options must apply to the params; a
         refused group is not added."""
         index = len(self.param_groups)
@@ -308,6 +335,11 @@ class Optimizer(torch.optim.Optimizer):
         """The low-precision options apply to the params, taken together (master_weights needs
         a 16-bit param among them), all on the CPU."""
         params = [p for group in self.param_groups for p in group["params"]]
+        if self.precision != FULL_PRECISION and any(p.dtype in _COMPLEX_DTYPES for p in params):
+            raise ValueError(
+                "state_dtype, master_weights and stochastic_rounding do not apply to complex "
+                "params, which are stepped as pairs of float32 or float64 numbers"
+            )
         self.precision.check([dtype_name(p.dtype) for p in params])
         self.precision.check_algorithm(self._declaration._description)
         if self.precision != FULL_PRECISION and any(p.device.type != "cpu" for p in params):
@@ -419,6 +451,8 @@ class Optimizer(torch.optim.Optimizer):
                     new_buffers[j][name] = _codes_like(p, codes)
                     new_buffers[j][name + "_absmax"] = torch.from_numpy(absmax)
                 else:  # laid out as the param (channels_last, ...), as torch's zeros_like
+                    if p.dtype in _COMPLEX_DTYPES:  # both parts, as torch fills them
+                        value = complex(value, value)
                     new_buffers[j][name] = torch.full_like(
                         p, value, dtype=state_dtype, memory_format=torch.preserve_format
                     )
@@ -965,7 +999,7 @@ class _DevicePlan:
                 raise TypeError(f"grads[{j}] is a {g.layout} tensor; fusedopt reads dense grads")
             if g.shape != p.shape:
                 raise ValueError(f"grads[{j}] has shape {tuple(g.shape)}, not its param's")
-            if not _same_order(g, p):
+            if not _same_order(g, p) or _is_lazy(g):
                 if grad_scale is not None:  # written back: it must be the grad's own memory
                     raise ValueError(
                         f"grads[{j}] is not laid out as its param; a grad scale writes the "
@@ -1024,17 +1058,22 @@ def _check_param(p: Any, index: int, group: int) -> None:
         raise TypeError(f"{where} must be a torch.Tensor, got {type(p).__name__}")
     if p.layout != torch.strided:
         raise TypeError(f"{where} is a {p.layout} tensor; fusedopt updates dense tensors")
-    if p.dtype not in _FLOAT_DTYPES:
+    if p.dtype not in _FLOAT_DTYPES + _COMPLEX_DTYPES:
         raise TypeError(
-            f"{where} has dtype {p.dtype}; fusedopt updates float32, float64, bfloat16 and float16"
+            f"{where} has dtype {p.dtype}; fusedopt updates float32, float64, bfloat16, float16, "
+            "complex64 and complex128"
         )
     if p.device.type == "cuda" and p.dtype in (torch.bfloat16, torch.float16):
         raise TypeError(f"{where} is a {p.dtype} CUDA tensor; 16-bit storage is CPU-only for now")
+    if p.device.type == "cuda" and p.dtype in _COMPLEX_DTYPES:
+        raise TypeError(f"{where} is a {p.dtype} CUDA tensor; complex params are CPU-only for now")
     if p.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{where} is on {p.device}; fusedopt.torch serves the CPU and CUDA")
     if p.device.type == "cuda" and (reason := cuda.unavailable_reason()):
         raise ValueError(f"{where} is on {p.device}, which fusedopt cannot serve here: {reason}")
     memory = _memory(p)
+    if _is_lazy(memory):
+        raise TypeError(_lazy_text(where))
     if not _is_dense(memory):
         raise ValueError(
             f"{where} is not dense in memory (shape {tuple(memory.shape)}, strides "
@@ -1097,6 +1136,10 @@ def _check_grad(p: Any, index: int, group: int, written: bool = False) -> None:
         )
     if grad.device != param.device:
         raise ValueError(f"{where} is on {grad.device}, not on its param's {param.device}")
+    if written and _is_lazy(grad):
+        raise ValueError(
+            _lazy_text(where) + "; a grad scale writes the unscaled grad back into its memory"
+        )
     if written and not _same_order(grad, param):
         raise ValueError(
             f"{where} is not laid out as its param (strides {grad.stride()}, its param's "
@@ -1195,6 +1238,9 @@ def _check_states(
         if value is None:
             continue
         value = _memory(value)
+        if _is_lazy(value):
+            where = f"state[{key!r}] of params[{index}] of param_groups[{group}]"
+            raise TypeError(_lazy_text(where))
         if (value.dtype, value.shape, value.device) != (dtype, param.shape, param.device):
             raise TypeError(
                 f"state[{key!r}] of params[{index}] of param_groups[{group}] is a "
