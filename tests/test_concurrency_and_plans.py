@@ -754,6 +754,52 @@ def test_a_cached_plan_given_another_object_at_a_registered_address_refuses_it(r
     assert arrays[role][0] == bytes(object_size)
 
 
+def test_a_cached_plan_given_an_array_of_another_dtype_at_a_registered_address_refuses_it() -> None:
+    """A registered array whose dtype object is its own (made with metadata, or by unpickling)
+    takes it along when it dies; another dtype may then be made at that address, and an array of
+    it at the array's address, over the same memory. The plan keeps its dtypes alive, so that the
+    fingerprints, which compare dtypes by address, tell them apart: the float32 array is refused
+    (its grad and states are float64), where it was stepped as 16 float64 values, 128 bytes over
+    its 64 (a write past its end)."""
+    memory = np.zeros(64)  # the arrays' memory, kept by this test
+
+    def over_memory(dtype: Any) -> np.ndarray:
+        return np.ndarray((16,), dtype=dtype, buffer=memory)
+
+    own = np.dtype(np.float64, metadata={"made": "here"})
+    params = [over_memory(own)]
+    del own
+    grads, exp_avgs, exp_avg_sqs = [np.ones(16)], [np.zeros(16)], [np.zeros(16)]
+    for step in (1, 2):  # the second call steps the cached plan
+        F.adam_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=0.1)
+    address, dtype_address = id(params[0]), id(params[0].dtype)
+    params.pop()  # the array and, but for the plan, its dtype die
+    gc.collect()
+    kept = []  # every object made on the way, so that each try gets another block
+    other = None
+    for i in range(20_000):
+        made = np.dtype(np.float32, metadata={"try": i})
+        kept.append(made)
+        if id(made) == dtype_address:
+            other = made
+            break
+    array = None
+    for _ in range(10_000):
+        made = over_memory(other if other is not None else np.float32)
+        kept.append(made)
+        if id(made) == address:
+            array = made
+            break
+    if array is None:
+        pytest.skip("the allocator placed no array at the freed array's address")
+    memory[:] = 0
+    params.append(array)
+    before = checksum(memory, *exp_avgs, *exp_avg_sqs)
+    with pytest.raises(TypeError, match=r"dtype"):
+        F.adam_(params, grads, exp_avgs, exp_avg_sqs, step=3, lr=0.1)
+    assert checksum(memory, *exp_avgs, *exp_avg_sqs) == before
+
+
 def test_a_cached_plan_refuses_to_step_once_a_registered_array_died() -> None:
     """A borrowed plan holds its arrays for the step from its weak references: one whose array is
     gone says so rather than step freed memory."""

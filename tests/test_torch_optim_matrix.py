@@ -516,3 +516,20 @@ def test_low_precision_options_refuse_complex_params(option: dict[str, Any]) -> 
     params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))]
     with pytest.raises(ValueError, match="complex"):
         ft.Adam(params, **option)
+
+
+def test_a_complex_param_put_into_a_group_under_low_precision_options_is_refused() -> None:
+    """Past the constructor's and add_param_group's checks (a group's list edited in place): the
+    step refuses it, saying why, with nothing written and no state kept."""
+    params = [torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))]
+    optimizer = ft.Adam(params, master_weights=True)
+    complex_param = torch.nn.Parameter(torch.ones(8, dtype=torch.complex64))
+    optimizer.param_groups[0]["params"].append(complex_param)
+    for p in (params[0], complex_param):
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in (params[0], complex_param)]
+    with pytest.raises(ValueError, match="do not apply to complex params"):
+        optimizer.step()
+    for p, b in zip((params[0], complex_param), before):
+        assert torch.equal(p.detach(), b)
+    assert complex_param not in optimizer.state

@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -643,6 +644,11 @@ class PythonPlan : public AnyPlan {
   struct Registered {
     Plan<A> plan;
     std::vector<Fingerprint> fingerprints;
+    // The fingerprints' dtypes (each once), held: the fingerprints compare an array's dtype by
+    // address, and a dtype that died (a registered array's own, made with metadata or by
+    // unpickling, gone with it) could be followed at its address by another, of another type,
+    // which a new array at the registered one's address (see step_if_same) would then pass as.
+    std::vector<py::object> dtypes;
   };
 
   // A step, the caller holding a reference to every registered array (references_ does for a plan
@@ -700,6 +706,10 @@ class PythonPlan : public AnyPlan {
         registered->fingerprints.push_back(Fingerprint::of(s));
     for (PyObject* m : masters_) registered->fingerprints.push_back(Fingerprint::of(m));
     for (PyObject* a : absmax_arrays_) registered->fingerprints.push_back(Fingerprint::of(a));
+    std::unordered_set<PyObject*> dtypes;
+    for (const Fingerprint& f : registered->fingerprints)
+      if (f.descr && dtypes.insert(f.descr).second)
+        registered->dtypes.push_back(py::reinterpret_borrow<py::object>(f.descr));
     registered_ = std::move(registered);
   }
 

@@ -76,6 +76,10 @@ __all__ = ["Optimizer"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)  # see the module's docstring
+_COMPLEX_PRECISION = (
+    "state_dtype, master_weights and stochastic_rounding do not apply to complex params, which "
+    "are stepped as pairs of float32 or float64 numbers"
+)
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
                  "float16": torch.float16, "int8": torch.uint8, "complex64": torch.complex64,
                  "complex128": torch.complex128}  # fmt: skip
@@ -336,10 +340,7 @@ class Optimizer(torch.optim.Optimizer):
         a 16-bit param among them), all on the CPU."""
         params = [p for group in self.param_groups for p in group["params"]]
         if self.precision != FULL_PRECISION and any(p.dtype in _COMPLEX_DTYPES for p in params):
-            raise ValueError(
-                "state_dtype, master_weights and stochastic_rounding do not apply to complex "
-                "params, which are stepped as pairs of float32 or float64 numbers"
-            )
+            raise ValueError(_COMPLEX_PRECISION)
         self.precision.check([dtype_name(p.dtype) for p in params])
         self.precision.check_algorithm(self._declaration._description)
         if self.precision != FULL_PRECISION and any(p.device.type != "cpu" for p in params):
@@ -496,6 +497,8 @@ class Optimizer(torch.optim.Optimizer):
         key = (p.dtype, p.numel() >= MIN_QUANTIZED_SIZE)
         storage = self._storage.get(key)
         if storage is None:
+            if p.dtype in _COMPLEX_DTYPES and self.precision != FULL_PRECISION:
+                raise ValueError(_COMPLEX_PRECISION)  # params or options changed since checked
             name = dtype_name(p.dtype)
             size = MIN_QUANTIZED_SIZE if key[1] else 0
             state_dtype = _TORCH_DTYPES[self.precision.state_dtype_for(name, size)]
@@ -992,6 +995,10 @@ class _DevicePlan:
         params = [_memory(p) for p in self.active_params] if self.local else self.active_params
         if [_memory(p).stride() for p in self.active_params] != self.strides:
             return False  # param.data laid out anew: registered again, its states checked
+        if any(_is_lazy(_memory(t)) for t in self.active_params) or any(
+            _is_lazy(_memory(t)) for _, _, t in self.kept
+        ):
+            return False  # made a lazy view in the same memory: refused when registered again
         for j, (g, p) in enumerate(zip(grads, map(_memory, self.active_params))):
             # Checked before the 1-D views below, which would hide a shape: the same refusals
             # as the CPU plan's (the optimizer names the param).
