@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import re
 import subprocess
 import sys
@@ -246,6 +247,82 @@ def test_a_param_whose_memory_moves_is_followed(device: str) -> None:
     run(theirs, reference, range(3, 6))
     assert torch.equal(old, frozen)  # the replaced memory is left alone
     assert_close(params[0].detach(), reference[0].detach(), torch.float64, "moved param")
+
+
+_SWAPPED_MID_STEP = """
+import sys, threading, torch, fusedopt.torch as ft
+torch.set_num_threads(1)
+p = torch.nn.Parameter(torch.zeros(1 << 16))
+state_owner = torch.nn.Parameter(torch.zeros(1 << 16))
+optimizer = ft.Adam([p, state_owner])
+stop = False
+def swap():
+    while not stop:
+        p.data = torch.zeros(1 << 16)  # the old storage dropped
+        optimizer.state[state_owner]["exp_avg"].data = torch.zeros(1 << 16)
+thread = threading.Thread(target=swap)
+for step in range(400):
+    p.grad, state_owner.grad = torch.ones(1 << 16), torch.ones(1 << 16)
+    if step == 1:
+        thread.start()
+    try:
+        optimizer.step()
+    except (RuntimeError, TypeError, ValueError) as error:
+        assert "moved while its plan" in str(error), error  # the race seen, said
+stop = True
+thread.join()
+"""
+
+
+def test_a_param_or_state_given_other_memory_by_another_thread_mid_step_does_not_crash(
+    tensor_reading: str,
+) -> None:
+    """`p.data = x` keeps the tensor and drops its storage, which a step was writing with the GIL
+    released: the process died (a segfault, or `malloc(): corrupted top size`) in every run. The
+    plan holds its storages; a step that raced the swap wrote the old memory, and the next
+    registers anew. In a subprocess: what fails is the process."""
+    env = {**os.environ, "FUSEDOPT_TORCH_SHIM": "1" if tensor_reading == "shim" else "0"}
+    subprocess.run([sys.executable, "-c", _SWAPPED_MID_STEP], check=True, env=env, timeout=300)
+
+
+def test_an_inference_tensor_is_refused_as_a_param_or_state() -> None:
+    """torch refuses to update an inference tensor in place outside inference mode."""
+    with torch.inference_mode():
+        made_there = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"params\[1\] of param_groups\[0\] is an inference"):
+        ft.Adam([torch.nn.Parameter(torch.zeros(3)), made_there])
+    params = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
+    optimizer = ft.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones(4)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    with torch.inference_mode():
+        saved["state"][1]["exp_avg"] = saved["state"][1]["exp_avg"].clone()
+    optimizer.load_state_dict(saved)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"state\['exp_avg'\] of params\[1\] .* inference"):
+        optimizer.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("name, key", [("Adam", "step"), ("NAdam", "mu_product")])
+def test_a_step_count_or_scalar_state_shared_by_two_params_is_refused(name: str, key: str) -> None:
+    """torch advances a shared one once per param, each reading it as it stands; the native step
+    read every one first and wrote each back once: a different trajectory, with no error."""
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 30)) for _ in range(3)]
+    optimizer = getattr(ft, name)(params)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones(30)
+        optimizer.step()
+    optimizer.state[params[2]][key] = optimizer.state[params[0]][key]
+    before = [p.detach().clone() for p in params]
+    counts = [optimizer.state[p][key].clone() for p in params]
+    with pytest.raises(ValueError, match=rf"state\['{key}'\] of params\[2\] .* params\[0\]"):
+        optimizer.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(torch.equal(optimizer.state[p][key], c) for p, c in zip(params, counts))
 
 
 def test_a_device_already_stepped_is_not_stepped_again_when_another_needs_a_new_plan() -> None:

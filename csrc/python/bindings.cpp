@@ -1026,7 +1026,8 @@ struct TorchShim {
   // The offset in a TensorImpl of its DispatchKeySet: the first word that holds, in each probe,
   // the keys torch reports for it (torch._C._dispatch_keys). The probes are a plain tensor, a
   // negative view, a conjugate one and another plain one; the word is searched from the start of
-  // the TensorImpl up, so that nothing past it is read. -1 where none is found.
+  // the TensorImpl up, so that nothing past it is read where it is found (torch 2.13: at 168, the
+  // last field of 176 bytes). -1 where none is found in the first 256 bytes.
   static int key_set_offset(const py::module_& torch, uint64_t negative, uint64_t conjugate) {
     const py::object ones = torch.attr("ones"), keys_of = torch.attr("_C").attr("_dispatch_keys");
     const py::object probes[] = {ones(3), torch.attr("_neg_view")(ones(4)),
@@ -1039,7 +1040,7 @@ struct TorchShim {
     if (!(expected[1].second & negative) || !(expected[2].second & conjugate) ||
         (expected[0].second & (negative | conjugate)))
       return -1;
-    for (int offset = 0; offset < 512; offset += 8) {
+    for (int offset = 0; offset < 256; offset += 8) {
       const bool found = std::all_of(expected.begin(), expected.end(), [&](const auto& e) {
         uint64_t word;
         std::memcpy(&word, e.first + offset, sizeof word);
@@ -1322,6 +1323,7 @@ class TorchPlan : public AnyTorchPlan {
       const py::object memory = memory_of(i, params_[i]);
       b.params.emplace_back();
       describe_torch(memory.ptr(), name, b.params.back());
+      pin_storage(memory);
       addresses_.push_back(torch_data_ptr(memory.ptr()));
       // Its layout: every tensor streamed with it must walk its elements in its memory order.
       param_stride_objects_.push_back(call_with(TorchNames::get().stride, memory.ptr()));
@@ -1347,6 +1349,7 @@ class TorchPlan : public AnyTorchPlan {
             std::string(A::state_names[k]) + "[" + std::to_string(j) + "]";
         describe_torch(items[j].ptr(), state_name, b.states[k].back());
         check_layout(items[j], j, state_name, b.states[k].back());
+        pin_storage(items[j]);
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
     }
@@ -1357,12 +1360,14 @@ class TorchPlan : public AnyTorchPlan {
         const std::string master_name = "state['master'] of params[" + std::to_string(j) + "]";
         describe_torch(items[j].ptr(), master_name, b.masters.back());
         check_layout(items[j], j, master_name, b.masters.back());
+        pin_storage(items[j]);
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
       }
     }
     describe_absmax<A>(absmax, b, [&](size_t k, size_t j, const py::tuple& list, BufferInfo& info) {
       describe_torch(list[j].ptr(),
                      std::string(A::state_names[k]) + "_absmax[" + std::to_string(j) + "]", info);
+      pin_storage(list[j]);
       references_.push_back(py::reinterpret_borrow<py::object>(list[j]));
     });
     const py::tuple step_items = items_of(steps, "steps");
@@ -1758,6 +1763,10 @@ class TorchPlan : public AnyTorchPlan {
     return true;
   }
 
+  void pin_storage(py::handle tensor) {
+    if (!tensor.is_none()) storages_.push_back(tensor.attr("untyped_storage")());
+  }
+
   // The shim checks this plan's steps when every tensor it registered is read where it expects
   // (TorchShim::same_tensor); DTensors' local tensors, which change, are read through torch.
   void use_shim() {
@@ -1850,7 +1859,15 @@ class TorchPlan : public AnyTorchPlan {
     std::vector<int64_t> values;  // (as numbers)
   };
   std::vector<Layout> layouts_;
-  std::vector<py::object> references_;          // the registered states and scalar tensors
+  std::vector<py::object> references_;  // the registered states and scalar tensors
+  // The storages of the registered params (their local tensors), states, masters and scales: a
+  // step writes them with the GIL released, while another thread may give a param or state other
+  // memory (`p.data = x` keeps the tensor and drops its storage; holding the tensor does not hold
+  // the storage). Held, the old memory stays while the step writes it (the update lands there, as
+  // if the step had come first), and the next step finds the tensor moved and registers again.
+  // A thread swapping `p.data` beside 3000 steps corrupted the heap, 2 runs of 2. The cost: a
+  // param's old memory after `p.data = x` lives until the next step makes the new plan.
+  std::vector<py::object> storages_;
   std::vector<uintptr_t> reference_addresses_;  // their memory at registration
   std::vector<ScalarSlot> step_slots_;
   std::vector<std::vector<ScalarSlot>> scalar_slots_;

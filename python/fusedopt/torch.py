@@ -142,6 +142,13 @@ def _lazy_text(where: str) -> str:
     )
 
 
+def _inference_text(where: str) -> str:
+    return (
+        f"{where} is an inference tensor (made under torch.inference_mode), which torch does not "
+        "update in place outside inference mode; make it outside (or `.clone()` it there)"
+    )
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """A dense, non-overlapping tensor's elements in memory order, as a 1-D view."""
     return t.as_strided((t.numel(),), (1,))
@@ -714,7 +721,13 @@ class Optimizer(torch.optim.Optimizer):
                     if device in stepped:
                         continue
                     if not self._step_plan(device, plan, options, scale):
-                        raise RuntimeError("fusedopt.torch: a plan made now refused its first step")
+                        # Made from the params as they were: one moved since, which only
+                        # another thread can do (assigning `param.data` during this step).
+                        raise RuntimeError(
+                            "fusedopt.torch: a param's memory moved while its plan was being "
+                            "made (another thread assigning `param.data`?); its params were not "
+                            "stepped"
+                        )
                     stepped.add(device)
             except BaseException as error:
                 if not isinstance(error, Exception):
@@ -921,6 +934,7 @@ class Optimizer(torch.optim.Optimizer):
             if description.scalars
             else None
         )
+        _check_scalars_apart(stepped, steps, scalars, description.scalars)
         # Each state tensor as its entry holds it: a plan steps nothing once one was replaced.
         kept_tensors = [
             (entry, key, value)
@@ -1081,6 +1095,8 @@ def _check_param(p: Any, index: int, group: int) -> None:
     memory = _memory(p)
     if _is_lazy(memory):
         raise TypeError(_lazy_text(where))
+    if memory.is_inference():
+        raise ValueError(_inference_text(where))
     if not _is_dense(memory):
         raise ValueError(
             f"{where} is not dense in memory (shape {tuple(memory.shape)}, strides "
@@ -1245,9 +1261,11 @@ def _check_states(
         if value is None:
             continue
         value = _memory(value)
+        where = f"state[{key!r}] of params[{index}] of param_groups[{group}]"
         if _is_lazy(value):
-            where = f"state[{key!r}] of params[{index}] of param_groups[{group}]"
             raise TypeError(_lazy_text(where))
+        if value.is_inference():
+            raise ValueError(_inference_text(where))
         if (value.dtype, value.shape, value.device) != (dtype, param.shape, param.device):
             raise TypeError(
                 f"state[{key!r}] of params[{index}] of param_groups[{group}] is a "
@@ -1262,6 +1280,27 @@ def _check_states(
                 f"{param.stride()}); fusedopt steps each state in its param's memory order "
                 "(load_state_dict converts a state into its param's layout)"
             )
+
+
+def _check_scalars_apart(
+    stepped: list[tuple[int, int, Any]], steps: list, scalars: list | None, names: Sequence[str]
+) -> None:
+    """No two params stepped share a step count or a scalar state (NAdam's mu_product, ASGD's
+    eta and mu): torch advances a shared one once per param, each reading it as it stands, where
+    the native step reads every one before it advances any. Refused, as shared buffers are."""
+    seen: dict[int, str] = {}
+    for j, (g, i, _) in enumerate(stepped):
+        entries = [("step", steps[j])] if steps else []
+        if scalars is not None:
+            entries += list(zip(names, scalars[j]))
+        for name, tensor in entries:
+            where = f"state[{name!r}] of params[{i}] of param_groups[{g}]"
+            other = seen.setdefault(tensor.data_ptr(), where)
+            if other != where:
+                raise ValueError(
+                    f"{where} is the memory of {other}; torch advances a shared one once per "
+                    "param: give each param a tensor of its own"
+                )
 
 
 def _plain(value: Any) -> Any:
