@@ -325,6 +325,22 @@ def test_a_step_count_or_scalar_state_shared_by_two_params_is_refused(name: str,
     assert all(torch.equal(optimizer.state[p][key], c) for p, c in zip(params, counts))
 
 
+def test_a_loaded_state_of_another_shape_is_refused_saying_so() -> None:
+    """The message said "not torch.float32 like its param" of a float32 state whose shape was
+    the only difference."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    optimizer = ft.Adam([p])
+    p.grad = torch.ones(4)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["state"][0]["exp_avg"] = torch.zeros(3)
+    optimizer.load_state_dict(saved)
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match=r"shape \(3,\) on cpu; .* of its param's shape \(4,\)"):
+        optimizer.step()
+    assert torch.equal(p.detach(), before)
+
+
 def test_a_device_already_stepped_is_not_stepped_again_when_another_needs_a_new_plan() -> None:
     """One optimizer over two devices keeps one plan per device. When the second plan refuses
     (its params moved) after the first has stepped, the plans are made again: the first

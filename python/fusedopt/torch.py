@@ -1269,9 +1269,9 @@ def _check_states(
         if (value.dtype, value.shape, value.device) != (dtype, param.shape, param.device):
             raise TypeError(
                 f"state[{key!r}] of params[{index}] of param_groups[{group}] is a "
-                f"{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}, "
-                f"not {dtype} like its param ({param.dtype}, {tuple(param.shape)}, "
-                f"{param.device})"
+                f"{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}; this "
+                f"optimizer keeps it {dtype}, of its param's shape {tuple(param.shape)}, on its "
+                f"param's device {param.device} (the param: {param.dtype})"
             )
         if not (_is_dense(value) and _same_order(value, param)):
             raise ValueError(
