@@ -717,16 +717,14 @@ def test_functional_from_two_threads_on_their_own_arrays() -> None:
         np.testing.assert_array_equal(results[key], p)
 
 
-def _object_at(address: int, size: int) -> Any:
-    """A bytes object that Python's allocator placed at `address` (a block just freed: the next
-    one of its size class), or None; those made on the way are kept until the end, so that each
-    try gets another block."""
-    kept = []
-    for _ in range(10_000):
-        made = bytes(size)
-        if id(made) == address:
-            return made
-        kept.append(made)
+def _made_at(address: int, make: Callable[[int], Any], tries: int, kept: list) -> Any:
+    """An object `make(i)` that Python's allocator placed at `address` (a block just freed: the
+    next one of its size class), or None after `tries`; every object made is kept in `kept`, so
+    that each try gets another block."""
+    for i in range(tries):
+        kept.append(make(i))
+        if id(kept[-1]) == address:
+            return kept[-1]
     return None
 
 
@@ -743,7 +741,7 @@ def test_a_cached_plan_given_another_object_at_a_registered_address_refuses_it(r
     address = id(arrays[role][0])
     object_size = np.ndarray.__basicsize__ - sys.getsizeof(b"")  # the same size class as arrays
     arrays[role].pop()  # the list held the last reference: the array is freed
-    impostor = _object_at(address, object_size)
+    impostor = _made_at(address, lambda _: bytes(object_size), 10_000, [])
     if impostor is None:
         pytest.skip("the allocator placed no object of the size at the freed array's address")
     arrays[role].append(impostor)
@@ -775,21 +773,10 @@ def test_a_cached_plan_given_an_array_of_another_dtype_at_a_registered_address_r
     address, dtype_address = id(params[0]), id(params[0].dtype)
     params.pop()  # the array and, but for the plan, its dtype die
     gc.collect()
-    kept = []  # every object made on the way, so that each try gets another block
-    other = None
-    for i in range(20_000):
-        made = np.dtype(np.float32, metadata={"try": i})
-        kept.append(made)
-        if id(made) == dtype_address:
-            other = made
-            break
-    array = None
-    for _ in range(10_000):
-        made = over_memory(other if other is not None else np.float32)
-        kept.append(made)
-        if id(made) == address:
-            array = made
-            break
+    kept: list = []  # every object made on the way
+    other = _made_at(dtype_address, lambda i: np.dtype("f4", metadata={"try": i}), 20_000, kept)
+    dtype = other if other is not None else np.float32
+    array = _made_at(address, lambda _: over_memory(dtype), 10_000, kept)
     if array is None:
         pytest.skip("the allocator placed no array at the freed array's address")
     memory[:] = 0

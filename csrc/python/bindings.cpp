@@ -623,8 +623,8 @@ class PythonPlan : public AnyPlan {
     // A borrowed plan's arrays, held for the call (the functional API's first call steps its new
     // plan at once: another thread may have emptied the caller's lists since it was made). Taken
     // before the fingerprints are compared, which reads every array.
-    thread_local std::vector<PyObject*> referents, spare;
-    referents.clear();
+    std::vector<PyObject*> referents;
+    referents.reserve(references_.size());
     for (const py::object& reference : references_) {
       if (reference.is_none()) continue;  // a None item, registered as itself
       PyObject* referent = reinterpret_cast<PyWeakReference*>(reference.ptr())->wr_object;
@@ -634,6 +634,7 @@ class PythonPlan : public AnyPlan {
                     "dropped it from the lists since the plan was made");
       referents.push_back(referent);
     }
+    thread_local std::vector<PyObject*> spare;
     const Held held(referents.data(), referents.size(), spare);
     step_held(grads, grad_scale, step);
   }
@@ -1113,8 +1114,9 @@ struct TorchShim {
       const auto keys = [&](const char* name) {
         return key_set(key.attr(name)).attr("raw_repr")().cast<uint64_t>();
       };
-      lazy_keys = keys("Negative") | keys("Conjugate");
-      keys_at = key_set_offset(torch, keys("Negative"), keys("Conjugate"));
+      const uint64_t negative = keys("Negative"), conjugate = keys("Conjugate");
+      lazy_keys = negative | conjugate;
+      keys_at = key_set_offset(torch, negative, conjugate);
       if (keys_at < 0) return false;
       return f.dim == 3 && std::equal(shape.begin(), shape.end(), f.sizes) &&
              std::equal(stride.begin(), stride.end(), f.strides) &&
@@ -1640,33 +1642,30 @@ class TorchPlan : public AnyTorchPlan {
         describe_torch(grad.ptr(), name(), described);
         throw;
       }
-      if (torch_is_lazy(grad.ptr())) {
-        // Only read: read from a copy that holds its values (see torch_is_lazy), as torch
-        // reads it; unless a grad scale writes the unscaled grad back.
-        if (extras.grad_scale) throw Error(ErrorKind::value, lazy_text(name()));
+      // Only read, so a grad laid out otherwise than its param, or a lazy view (see
+      // torch_is_lazy), is read from a copy in its param's layout that holds its values (walking
+      // the param's elements in its memory order), as torch.optim reads any strides (torch.func
+      // gives a grad its param's use's strides) and any view; unless a grad scale writes the
+      // unscaled grad back, which would then land in the copy.
+      const bool lazy = torch_is_lazy(grad.ptr());
+      if (lazy && extras.grad_scale) throw Error(ErrorKind::value, lazy_text(name()));
+      bool copied = lazy;
+      if (!lazy && !strides.equal(param_stride_objects_[j])) {
+        const auto grad_strides = strides.cast<std::vector<int64_t>>();
+        copied = !same_order(param_shapes_[j], grad_strides, param_strides_[j]);
+        if (copied && extras.grad_scale)
+          throw Error(ErrorKind::value,
+                      name() + " is not laid out as its param (strides " +
+                          strides_text(grad_strides) + ", its param's " +
+                          strides_text(param_strides_[j]) +
+                          "); a grad scale writes the unscaled grad back into it, which "
+                          "needs its own memory in its param's memory order");
+      }
+      if (copied) {
         py::object copy = call_with(names.empty_like, memory.ptr());
         copy.attr("copy_")(grad);
         grad = std::move(copy);
         address = torch_data_ptr(grad.ptr());
-      } else if (!strides.equal(param_stride_objects_[j])) {
-        const auto grad_strides = strides.cast<std::vector<int64_t>>();
-        if (!same_order(param_shapes_[j], grad_strides, param_strides_[j])) {
-          // Only read, so it is read from a copy in its param's layout (walking the param's
-          // elements in its memory order), as torch.optim reads any strides (torch.func gives
-          // a grad its param's use's strides); unless a grad scale writes the unscaled grad
-          // back, which would then land in the copy.
-          if (extras.grad_scale)
-            throw Error(ErrorKind::value,
-                        name() + " is not laid out as its param (strides " +
-                            strides_text(grad_strides) + ", its param's " +
-                            strides_text(param_strides_[j]) +
-                            "); a grad scale writes the unscaled grad back into it, which "
-                            "needs its own memory in its param's memory order");
-          py::object copy = call_with(names.empty_like, memory.ptr());
-          copy.attr("copy_")(grad);
-          grad = std::move(copy);
-          address = torch_data_ptr(grad.ptr());
-        }
       }
       if (address == 0 && infos_[j].size > 0)
         throw Error(ErrorKind::type, name() +

@@ -1261,25 +1261,29 @@ def _check_states(
         if value is None:
             continue
         value = _memory(value)
-        where = f"state[{key!r}] of params[{index}] of param_groups[{group}]"
         if _is_lazy(value):
-            raise TypeError(_lazy_text(where))
+            raise TypeError(_lazy_text(_state_where(key, index, group)))
         if value.is_inference():
-            raise ValueError(_inference_text(where))
+            raise ValueError(_inference_text(_state_where(key, index, group)))
         if (value.dtype, value.shape, value.device) != (dtype, param.shape, param.device):
             raise TypeError(
-                f"state[{key!r}] of params[{index}] of param_groups[{group}] is a "
-                f"{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}; this "
-                f"optimizer keeps it {dtype}, of its param's shape {tuple(param.shape)}, on its "
-                f"param's device {param.device} (the param: {param.dtype})"
+                f"{_state_where(key, index, group)} is a {value.dtype} tensor of shape "
+                f"{tuple(value.shape)} on {value.device}; this optimizer keeps it {dtype}, of "
+                f"its param's shape {tuple(param.shape)}, on its param's device {param.device} "
+                f"(the param: {param.dtype})"
             )
         if not (_is_dense(value) and _same_order(value, param)):
             raise ValueError(
-                f"state[{key!r}] of params[{index}] of param_groups[{group}] is not laid "
-                f"out as its param (strides {value.stride()}, its param's "
-                f"{param.stride()}); fusedopt steps each state in its param's memory order "
+                f"{_state_where(key, index, group)} is not laid out as its param (strides "
+                f"{value.stride()}, its param's {param.stride()}); fusedopt steps each state in "
+                "its param's memory order "
                 "(load_state_dict converts a state into its param's layout)"
             )
+
+
+def _state_where(key: str, index: int, group: int) -> str:
+    """A state entry as messages name it; made only for a message (plans check thousands)."""
+    return f"state[{key!r}] of params[{index}] of param_groups[{group}]"
 
 
 def _check_scalars_apart(
@@ -1288,18 +1292,17 @@ def _check_scalars_apart(
     """No two params stepped share a step count or a scalar state (NAdam's mu_product, ASGD's
     eta and mu): torch advances a shared one once per param, each reading it as it stands, where
     the native step reads every one before it advances any. Refused, as shared buffers are."""
-    seen: dict[int, str] = {}
+    seen: dict[int, tuple[str, int, int]] = {}
     for j, (g, i, _) in enumerate(stepped):
         entries = [("step", steps[j])] if steps else []
         if scalars is not None:
             entries += list(zip(names, scalars[j]))
         for name, tensor in entries:
-            where = f"state[{name!r}] of params[{i}] of param_groups[{g}]"
-            other = seen.setdefault(tensor.data_ptr(), where)
-            if other != where:
+            other = seen.setdefault(tensor.data_ptr(), (name, i, g))
+            if other != (name, i, g):  # named only here: a plan over 10000 params asks 20000
                 raise ValueError(
-                    f"{where} is the memory of {other}; torch advances a shared one once per "
-                    "param: give each param a tensor of its own"
+                    f"{_state_where(name, i, g)} is the memory of {_state_where(*other)}; torch "
+                    "advances a shared one once per param: give each param a tensor of its own"
                 )
 
 
