@@ -233,7 +233,9 @@ constexpr int64_t kSquaresPerLane = 16;
 // sums of the squares of what reduce() yields, 16 elements at a time. Each reduction keeps 16
 // running sums, one per element index modulo 16, each its own sequential sum, so every ISA adds
 // the same numbers in the same order; a block's are then added pairwise.
-template <class A, class T>
+// StoredStates: the states were advanced and stored already (the staged first pass): no grad
+// is read and no state written, and the summed values come from the states as they are.
+template <class A, class T, bool StoredStates = false>
 void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
                    int64_t first_block, int64_t end_block, double* partials) {
   constexpr int R = A::reductions;
@@ -275,19 +277,22 @@ void reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficie
       auto at = [&](auto lane, int64_t i, auto(&out)[R]) __attribute__((always_inline)) {
         using V = decltype(lane);
         const V p = load_lane<V>(param + i);
-        const V g = load_lane<V>(grad + i);
         V s[kMaxStates];
         for (int k = 0; k < kMaxStates; ++k)
           s[k] = present(k) ? load_lane<V>(state[k] + i) : V(T(0));
-        math::reduce(c, p, g, s, out);
-        for (int k = 0; k < kMaxStates; ++k)
-          if (present(k)) store_lane(state[k] + i, s[k]);
+        if constexpr (StoredStates) {
+          math::reduced(c, p, s, out);
+        } else {
+          math::reduce(c, p, load_lane<V>(grad + i), s, out);
+          for (int k = 0; k < kMaxStates; ++k)
+            if (present(k)) store_lane(state[k] + i, s[k]);
+        }
       };
       if (end - group >= 16) {
 #if defined(__AVX512F__) || defined(__AVX2__)
         // Every buffer kPrefetchAhead ahead.
         __builtin_prefetch(param + group + kPrefetchAhead / sizeof(T));
-        __builtin_prefetch(grad + group + kPrefetchAhead / sizeof(T));
+        if (!StoredStates) __builtin_prefetch(grad + group + kPrefetchAhead / sizeof(T));
         for (int k = 0; k < kMaxStates; ++k)
           if (present(k)) __builtin_prefetch(state[k] + group + kPrefetchAhead / sizeof(T), 1);
 #endif
@@ -1484,17 +1489,26 @@ void staged_update_kernel(const TensorRef& t, const typename A::Coefficients& co
   staged_chunks<A>(t, coefficients, begin, end);
 }
 
-// The first pass, a block of kReductionBlock elements at a time: the sums are the float32
-// kernel's over the widened values, and the updated states are rounded back.
+// The first pass, a block of kReductionBlock elements at a time: the states advanced in float32
+// over the widened values and stored (rounded or quantized), then the sums taken as the float32
+// kernel takes them, over the values computed from the states as stored, which are what the
+// second pass reads. Sums over the float32 states before their rounding had the norm of another
+// update than the one applied: float16 rounds a second moment under 2^-24 to 0, the update
+// divided by epsilon alone, and LAMB moved a float16 param by 10^4 times its trust ratio's bound.
 template <class A>
 void staged_reduce_kernel(const TensorRef& t, const typename A::Coefficients& coefficients,
                           int64_t first_block, int64_t end_block, double* partials) {
+  const typename A::Coefficients c = coefficients;
   StagedChunk chunk;
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t first = block * kReductionBlock;
-    chunk.load(t, first, std::min(kReductionBlock, t.size - first), true, A::nonnegative_states);
-    reduce_kernel<A, float>(chunk.view, coefficients, 0, 1, partials + block * A::reductions);
+    const int64_t n = std::min(kReductionBlock, t.size - first);
+    chunk.load(t, first, n, true, A::nonnegative_states);
+    stream<float, false>(chunk.view, 0, n,
+                         [&](auto&, auto& g, auto(&s)[kMaxStates]) { math::advance(c, g, s); });
     chunk.store_states(t, first, A::nonnegative_states);
+    chunk.load(t, first, n, false, A::nonnegative_states);
+    reduce_kernel<A, float, true>(chunk.view, c, 0, 1, partials + block * A::reductions);
   }
 }
 

@@ -33,7 +33,10 @@
 // With reductions, a first pass runs reduce(coefficients, param, grad, state, summed) over every
 // tensor (it updates the states and yields the values whose squares are summed, per tensor, in an
 // order fixed by the tensor alone), then update runs with the finished coefficients; it reads the
-// states and writes only the param.
+// states and writes only the param. reduce is advance(coefficients, grad, state), the states'
+// update, then reduced(coefficients, param, state, summed), the summed values from the states:
+// on 16-bit or 8-bit state the states are stored between the two, so the sums are those of the
+// update the second pass computes from the stored states.
 //
 // The registry (csrc/math/registry.h) lists the descriptions; every layer is generic over it.
 #pragma once

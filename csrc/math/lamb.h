@@ -89,13 +89,28 @@ FUSEDOPT_LANE_FN void lamb_direction(const Lamb::Coefficients& c, V param,
   direction = corrected_momentum / root;
 }
 
-// First pass: the moments, and the values whose squares are summed per tensor.
+// The moments, advanced by the grad.
+template <class V>
+FUSEDOPT_LANE_FN void advance(const Lamb::Coefficients& c, V grad, V (&state)[kMaxStates]) {
+  state[0] = state[0] + (grad - state[0]) * splat<V>(c.one_minus_beta1);
+  state[1] = state[1] + (grad * grad - state[1]) * splat<V>(c.one_minus_beta2);
+}
+
+// The values whose squares are summed per tensor, from the advanced moments. On 16-bit or 8-bit
+// state the moments are stored between advance() and this (docs/spec.md section 22), so that the
+// norm is taken of the update the second pass computes from them.
+template <class V>
+FUSEDOPT_LANE_FN void reduced(const Lamb::Coefficients& c, V param, const V (&state)[kMaxStates],
+                              V (&summed)[Lamb::reductions]) {
+  lamb_direction(c, param, state, summed[0], summed[1]);
+}
+
+// First pass on float32 and float64 state: the moments, and the values whose squares are summed.
 template <class V>
 FUSEDOPT_LANE_FN void reduce(const Lamb::Coefficients& c, V param, V grad, V (&state)[kMaxStates],
                              V (&summed)[Lamb::reductions]) {
-  state[0] = state[0] + (grad - state[0]) * splat<V>(c.one_minus_beta1);
-  state[1] = state[1] + (grad * grad - state[1]) * splat<V>(c.one_minus_beta2);
-  lamb_direction(c, param, state, summed[0], summed[1]);
+  advance(c, grad, state);
+  reduced(c, param, state, summed);
 }
 
 // Second pass: reads the moments, moves the param.
