@@ -901,6 +901,71 @@ def test_keras_iterations_set_to_what_no_step_can_count_is_refused(value: Any, e
     assert opt.apply(fresh(seed=2), variables) == 6
 
 
+@pytest.mark.parametrize("kept", ["exp_avg", "master"])
+def test_a_param_sharing_memory_with_a_kept_array_is_refused_when_added(kept: str) -> None:
+    """A view of a state (or of a bfloat16 param's float32 master) added as a param: every step
+    refused it as overlapping that state, and a group cannot be taken out, so the optimizer was
+    stuck. Refused in add_param_group, naming the state; nothing added, the next step runs."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = np.dtype(ml_dtypes.bfloat16) if kept == "master" else np.float32
+    param = np.ones(8, dtype)
+    opt = fusedopt.Adam([param], lr=0.1, **({"master_weights": True} if kept == "master" else {}))
+    opt.step([np.ones(8, dtype)])
+    state = opt.state[0][kept]
+    assert_rejected(
+        lambda: opt.add_param_group({"params": [state[2:6]]}),
+        [param, state],
+        ValueError,
+        f"state[0][{kept!r}]",
+        "params[0]",
+    )
+    assert len(opt.param_groups) == 1
+    opt.step([np.ones(8, dtype)])
+    assert opt.state[0]["step"] == 2
+
+
+@pytest.mark.parametrize("edit", ["append", "remove", "delete_key"])
+def test_param_groups_edited_in_place_are_refused_saying_how(edit: str) -> None:
+    """A group appended to param_groups without add_param_group (its params never registered),
+    a group taken out, a hyperparameter deleted: the step refuses with a message naming the
+    problem (a bare IndexError or KeyError('eps') before), and nothing is modified."""
+    params = fresh(seed=1)
+    opt = fusedopt.Adam(params[:2], lr=0.1)
+    opt.add_param_group({"params": [params[2]]})
+    grads = fresh(seed=2)
+    opt.step(grads)
+    if edit == "append":
+        opt.param_groups.append({"params": (np.zeros(3, np.float32),), **opt.defaults})
+        error, words = ValueError, ("param_groups holds 3 groups", "add_param_group")
+    elif edit == "remove":
+        del opt.param_groups[1]
+        error, words = ValueError, ("param_groups holds 1 groups", "cannot be taken out")
+    else:
+        del opt.param_groups[1]["eps"]
+        error, words = KeyError, ("param_groups[1] has no 'eps'",)
+    buffers = params + [opt.state[i][k] for i in range(3) for k in ("exp_avg", "exp_avg_sq")]
+    assert_rejected(lambda: opt.step(grads), buffers, error, *words)
+
+
+def test_keras_errors_name_the_slots_as_keras_does() -> None:
+    """keras_numpy's state shows Keras' slot names (momentum, velocity): an error about a state
+    names it so, not by fusedopt's native name (exp_avg), and by the caller's position; a
+    variable listed twice in a built optimizer's apply is named as such, not as two states
+    that overlap."""
+    variables = fresh(seed=3)
+    opt = fk.Adam(learning_rate=0.1)
+    opt.apply(fresh(seed=4), variables)
+    grads = fresh(seed=5)
+    grads[1] = opt.state[1]["momentum"]
+    assert_rejected(
+        lambda: opt.apply(grads, variables), variables, ValueError, "grads[1]", "momentum[1]"
+    )
+    twice = [variables[0], variables[0], variables[2]]
+    with pytest.raises(ValueError, match=r"trainable_variables\[1\]: the same array appears"):
+        opt.apply(fresh(seed=6), twice)
+    assert opt.iterations == 1
+
+
 def test_keras_apply_to_a_variable_it_was_not_built_with_is_a_value_error() -> None:
     variables = fresh(seed=6)
     opt = fk.SGD(learning_rate=0.1)

@@ -481,9 +481,12 @@ def test_load_into_an_unstepped_optimizer_then_save_again_is_identical() -> None
             np.testing.assert_array_equal(again["state"][i][key], value)
 
 
-@pytest.mark.parametrize("step", [2**53 + 1, 2**62 - 1], ids=["2**53+1", "2**62-1"])
+@pytest.mark.parametrize(
+    "step", [2**53 + 1, 2**62 - 1, 2**62, 2**63 - 2], ids=["2**53+1", "2**62-1", "2**62", "2**63-2"]
+)
 def test_large_step_counts_load_exactly(step: int, tmp_path: Any) -> None:
-    """Integers are read as integers: a float64 on the way would round 2**53 + 1 and 2**62 - 1."""
+    """Integers are read as integers: a float64 on the way would round 2**53 + 1 and 2**62 - 1.
+    Every count a step reaches loads again (2**62 + 1, stepped from 2**62, was refused)."""
     params = make_params(np.float32)
     opt = MAKERS["Adam"](params)
     train(opt, params, np.random.default_rng(1), steps=1)
@@ -501,12 +504,31 @@ def test_large_step_counts_load_exactly(step: int, tmp_path: Any) -> None:
     assert [e["step"] for e in again.state.values()] == [step] * len(params)
     again.step(make_grads(np.random.default_rng(3), params))
     assert [e["step"] for e in again.state.values()] == [step + 1] * len(params)
+    target.load_state_dict(again.state_dict())
+    assert [e["step"] for e in target.state.values()] == [step + 1] * len(params)
+
+
+def test_the_last_step_count_loads_and_is_not_advanced() -> None:
+    """2**63 - 1, which a step reaches from 2**63 - 2: it loads, and the next step is refused
+    (the count has no next), nothing modified."""
+    params = make_params(np.float32)
+    opt = MAKERS["Adam"](params)
+    train(opt, params, np.random.default_rng(1), steps=1)
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        entry["step"] = 2**63 - 1
+    opt.load_state_dict(saved)
+    before = [p.copy() for p in params]
+    with pytest.raises(ValueError, match=r"2\*\*63 - 1"):
+        opt.step(make_grads(np.random.default_rng(3), params))
+    assert all(np.array_equal(p, b) for p, b in zip(params, before))
+    assert [e["step"] for e in opt.state.values()] == [2**63 - 1] * len(params)
 
 
 @pytest.mark.parametrize(
     "step",
-    [2**62, 2**63, np.int64(2**62), -1, 2.5, np.float64(3.5), np.array([2**62], np.int64)],
-    ids=["2**62", "2**63", "np.int64(2**62)", "-1", "2.5", "np.float64(3.5)", "array([2**62])"],
+    [2**63, 2**64, np.uint64(2**63), -1, 2.5, np.float64(3.5), np.array([2**63], np.uint64)],
+    ids=["2**63", "2**64", "np.uint64(2**63)", "-1", "2.5", "np.float64(3.5)", "array([2**63])"],
 )
 def test_step_counts_that_are_not_whole_or_out_of_range_are_refused(step: Any) -> None:
     params = make_params(np.float32)

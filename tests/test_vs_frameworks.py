@@ -635,6 +635,40 @@ def test_learning_rate_schedule_object_matches_keras(keras: Any, name: str) -> N
     assert opt.learning_rate == pytest.approx(0.05 * 0.5 ** (1 / 3), rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize(
+    "grads",
+    [
+        [[1.0, np.inf, 2.0], [3.0, 4.0]],  # N = inf: NaN everywhere
+        [[1.0, np.nan, 2.0], [3.0, 4.0]],
+        [[3e38, 3e38, 3e38], [1.0, 1.0]],  # finite, but N**2 overflows float32: NaN too
+        [[0.0, 0.0, 0.0], [0.0, 0.0]],  # N = 0: scale c * float32(1/c)
+        [[0.1, 0.2, 0.3], [0.1, 0.05]],  # N < c: the same scale, not 1 exactly
+        [[30.0, -40.0, 10.0], [5.0, 1e-3]],
+    ],
+    ids=["inf", "nan", "float32_overflow", "zeros", "below_c", "above_c"],
+)
+@pytest.mark.parametrize("clip_norm", [1.0, 3.0])
+def test_global_clipnorm_matches_keras_on_non_finite_and_overflowing_norms(
+    keras: Any, grads: list, clip_norm: float
+) -> None:
+    """Keras' clip_by_global_norm computes the norm and the scale in the grads' dtype and adds
+    N - N, so a norm that is not finite (an inf or NaN grad, or a float32 sum of squares that
+    overflows) makes every grad NaN (docs/spec.md section 1); keras_numpy zeroed the finite
+    grads of an inf norm and took the norm in float64."""
+    grads = [np.array(g, np.float32) for g in grads]
+    variables = [keras.Variable(np.ones(g.shape, np.float32)) for g in grads]
+    params = [np.ones(g.shape, np.float32) for g in grads]
+    keras.optimizers.SGD(0.1, global_clipnorm=clip_norm).apply(
+        [keras.ops.convert_to_tensor(g) for g in grads], variables
+    )
+    fk.SGD(0.1, global_clipnorm=clip_norm).apply([g.copy() for g in grads], params)
+    for p, v in zip(params, variables):
+        theirs = keras.ops.convert_to_numpy(v.value)
+        assert np.array_equal(np.isnan(p), np.isnan(theirs))
+        np.testing.assert_allclose(p, theirs, **TOLERANCE[np.float32])
+
+
 # The algorithms added with spec sections 13-21 in Keras' convention, with the original ones'
 # cases above: the 200-step test runs them all.
 KERAS_NEW_CASES = [

@@ -48,10 +48,12 @@ void check_buffer(const BufferInfo& b, const BufferName& name, bool written) {
     fail(ErrorKind::value, name.str() + " has " + std::to_string(b.size) +
                                " elements, which would reach past the end of the address space");
   if (!b.contiguous)
-    fail(ErrorKind::value, name.str() +
-                               " is not C-contiguous; an in-place update needs the "
-                               "array's own memory (a contiguous copy would be updated "
-                               "instead of it)");
+    fail(ErrorKind::value,
+         name.str() + (written ? " is not C-contiguous; an in-place update needs the "
+                                 "array's own memory (a contiguous copy would be "
+                                 "updated instead of it)"
+                               : " is not C-contiguous; the step reads it as one block "
+                                 "of memory (pass a contiguous copy of it)"));
   if (written && !b.writeable) fail(ErrorKind::value, name.str() + " is read-only");
 }
 

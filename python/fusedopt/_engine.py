@@ -569,6 +569,16 @@ def updates_dtype(dtype: np.dtype) -> bool:
     return dtype.isnative and dtype_name(dtype) in UPDATED_DTYPES
 
 
+def dtype_refused(dtype: np.dtype, label: str) -> TypeError:
+    """The error for an array ``label`` whose dtype fusedopt does not update (``>f4`` is
+    float32 in the other byte order: said so, as the grads' check says it)."""
+    order = "" if dtype.isnative else " (non-native byte order)"
+    return TypeError(
+        f"{label} has dtype {dtype}{order}; fusedopt updates float32, float64, bfloat16 "
+        "(ml_dtypes) and float16"
+    )
+
+
 def quantized_full(shape: tuple[int, ...], value: float, nonnegative: bool) -> tuple:
     """A new 8-bit state of this shape, every element ``value``: (codes, absmax)."""
     return quantize_blockwise(np.full(shape, value, np.float32), nonnegative)

@@ -44,6 +44,7 @@ from fusedopt._engine import (
     check_in_place,
     describe,
     dtype_name,
+    dtype_refused,
     first_overlap,
     make_plan,
     native_values,
@@ -247,10 +248,7 @@ class Optimizer(PlanHolder):
             if not isinstance(v, np.ndarray):
                 raise TypeError(f"{role}[{i}] must be a numpy.ndarray, got {type(v).__name__}")
             if not updates_dtype(v.dtype):
-                raise TypeError(
-                    f"{role}[{i}] has dtype {v.dtype}; fusedopt updates float32, float64, "
-                    "bfloat16 and float16"
-                )
+                raise dtype_refused(v.dtype, f"{role}[{i}]")
             check_in_place(v, f"{role}[{i}]")
         index_of = {id(v): i for i, v in enumerate(variables)}
         if len(index_of) != len(variables):
@@ -411,6 +409,11 @@ class Optimizer(PlanHolder):
                         f"trainable_variables[{i}] is not one of the variables this optimizer "
                         "was built with"
                     )
+                if index in indices:
+                    raise ValueError(
+                        f"trainable_variables[{i}]: the same array appears twice (as "
+                        f"trainable_variables[{indices.index(index)}])"
+                    )
                 indices.append(index)
             # Where each kept grad was in this call: errors name grads[k] as the caller passed it.
             kept = [k for k, g in enumerate(grads) if g is not None]
@@ -421,7 +424,10 @@ class Optimizer(PlanHolder):
                 try:
                     self._update(clipped, tuple(indices[k] for k in kept))
                 except (TypeError, ValueError) as error:
-                    raise _named_as_given(error, kept) from None
+                    names = dict(zip(self._description.states, self._state_names))
+                    names |= {f"{k}_absmax": f"{v}_absmax" for k, v in names.items()}
+                    names["masters"] = "masters"
+                    raise _named_as_given(error, kept, names) from None
             self.iterations += 1
             return self.iterations
 
@@ -513,12 +519,22 @@ class Optimizer(PlanHolder):
         if self.clipnorm is not None:
             return [self._clip_by_norm(g, self.clipnorm) for g in grads]
         if self.global_clipnorm is not None:
-            norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads))
-            scale = (
-                self.global_clipnorm * min(1.0 / norm, 1.0 / self.global_clipnorm) if norm else 1.0
-            )
-            return [np.asarray(g * g.dtype.type(scale), dtype=g.dtype) for g in grads]
+            return self._clip_by_global_norm(grads, self.global_clipnorm)
         return [np.asarray(np.clip(g, -self.clipvalue, self.clipvalue), g.dtype) for g in grads]
+
+    @staticmethod
+    def _clip_by_global_norm(grads: list[np.ndarray], clip_norm: float) -> list[np.ndarray]:
+        """Keras' ``clip_by_global_norm``: each grad's sum of squares in its dtype, their sum
+        and root in the dtype they promote to, where the scale ``c * min(1/N, 1/c) + (N - N)``
+        is computed too (NaN when N is not finite, an overflowing float32 sum of squares
+        included); each grad times the scale, cast back to its dtype."""
+        dtype = np.result_type(*grads)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            squared = np.array([np.sum(np.square(g)) for g in grads], dtype=dtype)
+            norm = np.sqrt(np.sum(squared))
+            scale = dtype.type(clip_norm) * np.minimum(1 / norm, dtype.type(1.0 / clip_norm))
+            scale = scale + (norm - norm)
+            return [np.asarray(g * scale, dtype=g.dtype) for g in grads]
 
     @staticmethod
     def _clip_by_norm(g: np.ndarray, clip_norm: float) -> np.ndarray:
@@ -529,16 +545,19 @@ class Optimizer(PlanHolder):
         return np.asarray((g * c) / np.maximum(norm, c), g.dtype)
 
 
-def _named_as_given(error: Exception, positions: list[int]) -> Exception:
+def _named_as_given(error: Exception, positions: list[int], states: dict[str, str]) -> Exception:
     """The step's error with grads[j] / params[j] (the j-th grad that was not None) named as the
-    caller passed them: grads[k] and trainable_variables[k]."""
+    caller passed them, grads[k] and trainable_variables[k], and a state by its Keras name
+    (``states``: native name to Keras', as ``state`` shows them): momentum[k] for exp_avg[j]."""
 
     def rename(match: re.Match[str]) -> str:
-        role = "grads" if match[1] == "grads" else "trainable_variables"
+        role = {"grads": "grads", "params": "trainable_variables"}.get(match[1], match[1])
+        role = states.get(role, role)
         j = int(match[2])
         return f"{role}[{positions[j] if j < len(positions) else j}]"
 
-    return type(error)(re.sub(r"\b(grads|params)\[(\d+)\]", rename, str(error)))
+    names = "|".join(["grads", "params", *map(re.escape, states)])
+    return type(error)(re.sub(rf"\b({names})\[(\d+)\]", rename, str(error)))
 
 
 def _generated_init(cls: type[Optimizer]) -> Any:

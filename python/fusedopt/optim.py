@@ -39,6 +39,7 @@ from fusedopt._engine import (
     dequantize_blockwise,
     describe,
     dtype_name,
+    dtype_refused,
     first_overlap,
     make_plan,
     native_values,
@@ -178,10 +179,7 @@ class Optimizer(PlanHolder):
             elif not isinstance(p, np.ndarray):
                 raise TypeError(f"params[{i}] must be a numpy.ndarray, got {type(p).__name__}")
             elif not updates_dtype(p.dtype):
-                raise TypeError(
-                    f"params[{i}] has dtype {p.dtype}; fusedopt updates float32, float64, "
-                    "bfloat16 (ml_dtypes) and float16"
-                )
+                raise dtype_refused(p.dtype, f"params[{i}]")
             else:
                 # Refused now, as every step would refuse it (a group cannot be taken out).
                 check_in_place(p, f"params[{i}]")
@@ -190,7 +188,7 @@ class Optimizer(PlanHolder):
             if id(p) in seen:
                 raise ValueError(f"params[{i}] appears twice among the optimizer's params")
             seen.add(id(p))
-        _check_params_apart(self.param_groups, params)
+        _check_params_apart(self.param_groups, params, self._owned_buffers())
         values = self._native_options(group)
         with self._lock:
             # A tuple: the optimizer updates the params it was given, so editing a group's list
@@ -217,6 +215,17 @@ class Optimizer(PlanHolder):
             self._plan = None
             if self._states_at_construction:
                 self._create_states(range(first_new, len(self._params)), lambda i: values)
+
+    def _owned_buffers(self) -> list[tuple[Any, str]]:
+        """The arrays the optimizer keeps for its params (states, absmax, masters), labelled as
+        ``state_dict()['state']`` shows them."""
+        owned = []
+        for i in range(len(self._params)):
+            for name in self._description.states:
+                owned.append((self._buffers[name][i], f"state[{i}][{name!r}]"))
+                owned.append((self._absmax[name][i], f"state[{i}][{name + '_absmax'!r}]"))
+            owned.append((self._masters[i], f"state[{i}]['master']"))
+        return owned
 
     # ----------------------------------------------------------------------------------- state
 
@@ -417,6 +426,13 @@ class Optimizer(PlanHolder):
                         )
                 elif name == "master" and self.precision.needs_master(dtype_name(param.dtype)):
                     masters[i] = _state_array(value, param, i, name, "float32", saved_id)
+                elif name == "master":
+                    raise ValueError(
+                        f"state_dict: state[{saved_id}] holds a 'master' (the float32 copy of a "
+                        "16-bit param that master_weights=True keeps); this optimizer keeps none "
+                        f"for params[{i}] ({dtype_name(param.dtype)}, master_weights="
+                        f"{self.precision.master_weights})"
+                    )
                 elif name in scalar_names:
                     where = f"state[{saved_id}][{name!r}]"
                     scalars[i, scalar_names.index(name)] = as_number(value, where)
@@ -660,6 +676,12 @@ class Optimizer(PlanHolder):
         same tuple object otherwise). The cheap test first: the very same values as last time,
         all immutable; then the values' plain-number copy (a one-element array or a list may
         have changed in place). Each group's params are checked to be the ones it was given."""
+        if len(self.param_groups) != len(self._group_params):
+            raise ValueError(
+                f"param_groups holds {len(self.param_groups)} groups where "
+                f"{len(self._group_params)} were registered: a group is added with "
+                "add_param_group (which registers its params) and cannot be taken out"
+            )
         result = []
         for i, group in enumerate(self.param_groups):
             last_values, last_key, native = self._options_cache[i]
@@ -668,7 +690,10 @@ class Optimizer(PlanHolder):
                     f"param_groups[{i}]['params'] was replaced; an optimizer updates the params "
                     "it was given (use add_param_group to add more)"
                 )
-            values = self._values_of(group)
+            try:
+                values = self._values_of(group)
+            except KeyError as missing:
+                raise KeyError(f"param_groups[{i}] has no {missing.args[0]!r}") from None
             if last_key is not last_values or not all(map(is_, values, last_values)):
                 key = _frozen(values)
                 if not _same_key(key, last_key):
@@ -786,10 +811,11 @@ def _step_count(value: Any, saved_id: int) -> int:
     else:
         number = as_number(value, f"state[{saved_id}]['step']")
         step = int(number) if math.isfinite(number) and number.is_integer() else None
-    if step is None or not 0 <= step < 2**62:
+    # Every count a step can reach loads (a step refuses to advance the last, 2**63 - 1).
+    if step is None or not 0 <= step <= 2**63 - 1:
         raise ValueError(
-            f"state_dict: state[{saved_id}]['step'] must be a whole number in [0, 2**62), got "
-            f"{value!r}"
+            f"state_dict: state[{saved_id}]['step'] must be a whole number in [0, 2**63 - 1], "
+            f"got {value!r}"
         )
     return step
 
@@ -845,9 +871,12 @@ def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return a == b and value_kinds(a) == value_kinds(b)
 
 
-def _check_params_apart(groups: list[dict[str, Any]], params: list[Any]) -> None:
-    """No new param shares memory with another param (views of one array): every step would
-    refuse it, and a group cannot be taken out."""
+def _check_params_apart(
+    groups: list[dict[str, Any]], params: list[Any], owned: list[tuple[Any, str]] = ()
+) -> None:
+    """No new param shares memory with another param (views of one array) or with an array the
+    optimizer keeps (a state, an absmax, a master: ``owned``, with their labels): every step
+    would refuse it, and a group cannot be taken out."""
 
     extents = [
         byte_range(q, f"params[{j}] of param_groups[{g}]")
@@ -855,6 +884,7 @@ def _check_params_apart(groups: list[dict[str, Any]], params: list[Any]) -> None
         for j, q in enumerate(group["params"])
         if isinstance(q, np.ndarray)
     ]
+    extents += [byte_range(a, label) for a, label in owned if isinstance(a, np.ndarray)]
     extents += [
         byte_range(p, f"params[{i}]") for i, p in enumerate(params) if isinstance(p, np.ndarray)
     ]
