@@ -1,13 +1,15 @@
 """torch's own optimizer test matrix, run against fusedopt.torch.
 
 PyTorch's optimizer tests (test/test_optim.py) draw their option combinations from the
-``optim_inputs_func_<name>`` functions of ``torch/testing/_internal/common_optimizers.py``
-(pytorch/pytorch, read at commit cd3602a3db1467e03ea5b1897493f68423041aaa; the module is not
-in the CPU wheel). ``CPU_INPUTS`` transcribes each function's CPU list (kwargs and ``desc``),
-``CUDA_ONLY_INPUTS`` its ``cuda_supported_configs`` (every one sets ``capturable=True``), and
-``IMPLS`` the ``supported_impls`` of its ``OptimizerInfo`` (``fused`` only where
-``supports_fused_on`` names the CPU). As ``_get_optim_inputs_including_global_cliquey_kwargs``
-does, every input runs with those flags all False and once with each one True.
+``optim_inputs_func_<name>`` functions of ``torch/testing/_internal/common_optimizers.py`` (as
+torch 2.13.0 installs it; the module imports ``expecttest``, a test-only package, so its lists
+are transcribed: each CPU list here is torch 2.13's, in its order, compared once with the module
+loaded beside a stand-in). ``CPU_INPUTS`` transcribes each function's CPU list (kwargs and
+``desc``), ``CUDA_ONLY_INPUTS`` its ``cuda_supported_configs`` (every one sets
+``capturable=True``), and ``IMPLS`` the ``supported_impls`` of its ``OptimizerInfo`` (``fused``
+only where ``supports_fused_on`` names the CPU). As
+``_get_optim_inputs_including_global_cliquey_kwargs`` does, every input runs with those flags
+all False and once with each one True.
 
 For every combination, in float32 and float64, the same params (a 0-d one, an empty one, one of
 more than 16 elements) run 20 steps with changing grads and a StepLR schedule under
@@ -48,7 +50,8 @@ CPU_INPUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("default", {}),
         ("non-default lr", {"lr": 0.01}),
         ("nonzero weight_decay", {"weight_decay": 0.1}),
-        ("maximize", {"weight_decay": 0.1, "maximize": True}),
+        ("maximize", {"maximize": True}),
+        ("maximize, weight_decay", {"weight_decay": 0.1, "maximize": True}),
         ("rho", {"rho": 0.95, "weight_decay": 0.9}),
     ],
     "Adagrad": [
@@ -71,7 +74,8 @@ CPU_INPUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("default", {}),
         ("non-default lr", {"lr": 0.1}),
         ("nonzero weight_decay", {"weight_decay": 0.1}),
-        ("maximize", {"weight_decay": 0.1, "maximize": True}),
+        ("maximize", {"maximize": True}),
+        ("maximize, weight_decay", {"weight_decay": 0.1, "maximize": True}),
     ],
     "ASGD": [
         ("default", {}),
@@ -86,7 +90,8 @@ CPU_INPUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("default", {}),
         ("non-default lr", {"lr": 1e-3}),
         ("non-zero momentum_decay", {"momentum_decay": 6e-3}),
-        ("weight_decay", {"weight_decay": 0.1, "momentum_decay": 6e-3}),
+        ("weight_decay", {"weight_decay": 0.1}),
+        ("weight_decay, momentum_decay", {"weight_decay": 0.1, "momentum_decay": 6e-3}),
         (
             "decoupled_weight_decay",
             {"weight_decay": 0.1, "momentum_decay": 6e-3, "decoupled_weight_decay": True},
@@ -105,10 +110,12 @@ CPU_INPUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("default", {}),
         ("non-default lr", {"lr": 1e-3}),
         ("nonzero weight_decay", {"weight_decay": 0.1}),
+        ("maximize", {"maximize": True}),
         ("centered", {"weight_decay": 0.1, "centered": True}),
+        ("maximize, weight_decay", {"maximize": True, "weight_decay": 0.1}),
         ("momentum", {"weight_decay": 0.1, "centered": True, "momentum": 0.1}),
         (
-            "maximize",
+            "maximize, centered, weight_decay, w/ momentum",
             {"weight_decay": 0.1, "centered": True, "momentum": 0.1, "maximize": True},
         ),
     ],
@@ -123,11 +130,12 @@ CPU_INPUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("default", {}),
         ("non-default lr", {"lr": 1e-2}),
         ("tensor lr", {"lr": _tensor_lr}),
+        ("non-zero weight_decay", {"weight_decay": 0.5}),
         ("momentum", {"momentum": 0.9}),
-        ("dampening", {"momentum": 0.9, "dampening": 0.5}),
-        ("non-zero weight_decay", {"momentum": 0.9, "weight_decay": 0.1}),
-        ("nesterov", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
         ("maximize", {"weight_decay": 0.1, "maximize": True}),
+        ("dampening", {"momentum": 0.9, "dampening": 0.5}),
+        ("weight_decay w/ momentum", {"momentum": 0.9, "weight_decay": 0.1}),
+        ("nesterov", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
     ],
 }
 CPU_INPUTS["AdamW"] = CPU_INPUTS["Adam"]  # optim_inputs_func_adamw returns Adam's
