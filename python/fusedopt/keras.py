@@ -95,6 +95,10 @@ _SLOTS: dict[str, tuple[str, ...]] = {
 _PLAIN = (float, int, bool)
 # Keras' optimizer-wide variable holding each native scalar (Nadam's u_product).
 _SCALARS = {"mu_product": "_u_product"}
+# Keras' torch backend has an update step of its own, in place over the variables' tensors
+# (keras/src/backend/torch/optimizers/torch_<name>.py), for every optimizer here but these, whose
+# generic update_step assigns new tensors.
+_UPDATED_BY_ASSIGNMENT = ("Lamb",)
 
 
 def _require_torch_backend(cls: type) -> None:
@@ -159,6 +163,7 @@ class Optimizer(keras.optimizers.Optimizer):
 
     _declaration: ClassVar[type[keras_numpy.Optimizer]]
     _slots: ClassVar[tuple[str, ...]] = ()
+    _updated_by_assignment: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         _require_torch_backend(cls)
@@ -540,6 +545,8 @@ class Optimizer(keras.optimizers.Optimizer):
             return
         with torch.no_grad():
             values = [v.value for v in trainable_variables]
+            if self._updated_by_assignment and in_stateless_scope():
+                values = self._values_apart(trainable_variables, values)
             # resolve_neg: a view with torch's negative bit (as `.imag` of a conjugate view
             # gives) holds the opposite values in memory, which the native step reads.
             grads = [g.to(x.dtype).resolve_neg().contiguous() for g, x in zip(grads, values)]
@@ -557,6 +564,18 @@ class Optimizer(keras.optimizers.Optimizer):
                 if self._run(entry, grads, step):
                     return
             raise RuntimeError("fusedopt.keras: a plan made now refused its first step")
+
+    def _values_apart(self, trainable_variables: list[Any], values: list[Any]) -> list[Any]:
+        """Under stateless_apply, where Keras' update step assigns new tensors: a variable's
+        value that is also an optimizer variable's value in the scope (after an EMA overwrite
+        step Keras hands one tensor as both a variable's and its average's) is copied into the
+        scope first, so that the in-place step leaves the other as Keras' assignment does."""
+        held = {v.value.untyped_storage().data_ptr() for v in self.variables}
+        for k, (variable, value) in enumerate(zip(trainable_variables, values)):
+            if value.untyped_storage().data_ptr() in held:
+                variable.assign(value.clone())
+                values[k] = variable.value
+        return values
 
     def _step_number(self) -> int:
         """Keras' t: ``iterations + 1``, where iterations counts the updates (under gradient
@@ -814,6 +833,7 @@ def _make(declaration: type[keras_numpy.Optimizer]) -> type[Optimizer]:
         "__qualname__": name,
         "_declaration": declaration,
         "_slots": _SLOTS[name],
+        "_updated_by_assignment": name in _UPDATED_BY_ASSIGNMENT,
     }
     cls = type(name, (Optimizer, keras_class), namespace)
     return keras.saving.register_keras_serializable(package="fusedopt", name=name)(cls)
