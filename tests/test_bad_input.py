@@ -887,7 +887,13 @@ def test_keras_apply_with_bad_grads_changes_nothing(bad: Callable, error: type, 
 
 @pytest.mark.parametrize(
     ("value", "error"),
-    [(2.0, TypeError), (True, TypeError), ("2", TypeError), (-1, ValueError), (2**62, ValueError)],
+    [
+        (2.0, TypeError),
+        (True, TypeError),
+        ("2", TypeError),
+        (-1, ValueError),
+        (2**62 + 1, ValueError),
+    ],
 )
 def test_keras_iterations_set_to_what_no_step_can_count_is_refused(value: Any, error: type) -> None:
     """It was taken, and the next apply failed in the binding, naming nothing."""
@@ -964,6 +970,24 @@ def test_keras_errors_name_the_slots_as_keras_does() -> None:
     with pytest.raises(ValueError, match=r"trainable_variables\[1\]: the same array appears"):
         opt.apply(fresh(seed=6), twice)
     assert opt.iterations == 1
+
+
+def test_keras_the_last_iterations_count_is_reached_and_no_step_follows() -> None:
+    """From 2**62 - 1 an apply steps to 2**62, the last count; the next apply is refused before
+    it writes (the count's own check came after the update had written the variables)."""
+    variables = fresh()
+    opt = fk.Adam(learning_rate=0.1)
+    opt.apply(fresh(seed=1), variables)
+    opt.iterations = 2**62 - 1
+    assert opt.apply(fresh(seed=2), variables) == 2**62
+    opt.iterations = opt.iterations  # a count an apply reached can be set again
+    assert_rejected(
+        lambda: opt.apply(fresh(seed=3), variables),
+        variables + [opt.state[i][k] for i in range(N) for k in ("momentum", "velocity")],
+        ValueError,
+        "2**62",
+    )
+    assert opt.iterations == 2**62
 
 
 def test_keras_apply_to_a_variable_it_was_not_built_with_is_a_value_error() -> None:

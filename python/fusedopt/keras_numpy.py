@@ -166,7 +166,8 @@ class Optimizer(PlanHolder):
     @property
     def iterations(self) -> int:
         """The number of applied steps (Keras' ``iterations``): a schedule reads it, and the next
-        ``apply`` steps at t = iterations + 1. It may be set, to a whole number in [0, 2**62)."""
+        ``apply`` steps at t = iterations + 1. It may be set, to a whole number in [0, 2**62]
+        (2**62: the last, which no step follows)."""
         return self._iterations
 
     @iterations.setter
@@ -174,8 +175,8 @@ class Optimizer(PlanHolder):
         # Checked here, not by the native step's binding, which would name nothing.
         if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
             raise TypeError(f"iterations must be an int, got {value!r}")
-        if not 0 <= value < 2**62:
-            raise ValueError(f"iterations must be in [0, 2**62), got {value}")
+        if not 0 <= value <= 2**62:
+            raise ValueError(f"iterations must be in [0, 2**62], got {value}")
         self._iterations = int(value)
 
     # ---------------------------------------------------------------------------- learning rate
@@ -383,6 +384,8 @@ class Optimizer(PlanHolder):
     ) -> int:
         """Update ``trainable_variables`` in place from ``grads``; returns ``iterations``."""
         with self._lock:
+            if self._iterations == 2**62:  # refused before any variable is written
+                raise ValueError("iterations is 2**62, the last count: no step follows it")
             try:
                 grads = list(grads)
             except TypeError:
