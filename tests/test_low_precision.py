@@ -771,6 +771,112 @@ def _torch():
     return pytest.importorskip("torch")
 
 
+def _through_torch_save(torch, state_dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "Adam"])
+def test_torch_master_starts_from_weights_loaded_after_construction(name):
+    """Adagrad makes its sums in its constructor (as torch does), and made the master there
+    too: weights loaded into the model afterwards (the usual order) were replaced by the
+    master's copy of the initial ones at the first step. The master starts from the param at
+    its first step (docs/spec.md section 22)."""
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).bfloat16()
+    opt = getattr(ft, name)(model.parameters(), lr=1e-3, master_weights=True)
+    assert all("master" not in opt.state[p] for p in model.parameters())
+    model.load_state_dict({k: torch.full_like(v, 5.0) for k, v in model.state_dict().items()})
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    opt.step()
+    for p in model.parameters():
+        assert (p.detach().float() - 5.0).abs().max() <= 0.05
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("middle", ["fusedopt without masters", "torch.optim"])
+def test_torch_a_stale_master_is_not_loaded_back(middle, rounding):
+    """A master-weights checkpoint resumed without masters, by fusedopt (which kept the master
+    entry and saved it again) or by torch.optim (which keeps it, unused), then loaded by an
+    optimizer with masters: the stale master took the param back 20 steps (1.03 in a step at
+    lr 0). An optimizer without masters drops a loaded one, and a loaded master further than
+    the param's rounding from it starts again from the param at the next step; a master the
+    param rounds from (to nearest or stochastically) is kept bit for bit."""
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    options = {"master_weights": True}
+    if rounding == "stochastic":
+        options |= {"stochastic_rounding": True, "seed": 3}
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000).bfloat16())
+    first = ft.Adam([p], lr=0.05, **options)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        first.step()
+    saved = _through_torch_save(torch, first.state_dict())
+    if middle == "torch.optim":
+        second = torch.optim.Adam([p], lr=0.05)
+    else:
+        second = ft.Adam([p], lr=0.05)
+    second.load_state_dict(saved)
+    assert ("master" in second.state[p]) == (middle == "torch.optim")
+    for _ in range(20):
+        p.grad = torch.randn_like(p)
+        second.step()
+    before = p.detach().clone()
+    third = ft.Adam([p], lr=0.05, **options)
+    third.load_state_dict(_through_torch_save(torch, second.state_dict()))
+    third.param_groups[0]["lr"] = 0.0
+    p.grad = torch.zeros_like(p)
+    third.step()
+    assert torch.equal(p.detach(), before)
+    # A master the param rounds from: loaded and kept bit for bit.
+    third.param_groups[0]["lr"] = 0.05
+    p.grad = torch.randn_like(p)
+    third.step()
+    master = third.state[p]["master"].clone()
+    fourth = ft.Adam([p], lr=0.0, **options)
+    fourth.load_state_dict(_through_torch_save(torch, third.state_dict()))
+    fourth.param_groups[0]["lr"] = 0.0
+    p.grad = torch.zeros_like(p)
+    fourth.step()
+    assert torch.equal(fourth.state[p]["master"], master)
+
+
+@pytest.mark.parametrize("entry", ["master", "exp_avg"])
+@pytest.mark.parametrize("shape", [(), (1,), (4, 1), (20,)])
+def test_torch_a_saved_state_of_another_shape_is_refused_not_broadcast(entry, shape):
+    """A master (or float state loaded into 8-bit state) is converted by a copy into a tensor
+    of its param's shape, which broadcast a (1,) or (4, 1) state into place and failed on a
+    (20,) one with torch's own message; now refused naming the entry, nothing loaded."""
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    p = torch.nn.Parameter(torch.ones(4, 1200, dtype=torch.bfloat16))
+    options = {"master_weights": True} if entry == "master" else {"state_dtype": "int8"}
+    opt = ft.Adam([p], lr=0.1, **options)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0] = dict(saved["state"][0])  # torch's state_dict shares the entry's dict
+    kept = {k: v.clone() for k, v in opt.state[p].items()}
+    if entry == "exp_avg":
+        del saved["state"][0]["exp_avg_absmax"]
+    saved["state"][0][entry] = torch.full(shape, 0.5)
+    with pytest.raises(ValueError, match=rf"state\[0\]\['{entry}'\] has shape"):
+        opt.load_state_dict(saved)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in kept.items())
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ["AdamW", "SGD", "RMSprop", "Adagrad"])
 def test_torch_tensors_step_as_the_numpy_arrays_do(name, dtype):

@@ -177,6 +177,35 @@ def _codes_like(p: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
     return t
 
 
+def _restart_stale_master(entry: dict[str, Any], p: torch.Tensor) -> None:
+    """A loaded master the param no longer rounds from starts again from the param. Saved by an
+    optimizer with masters, trained on without them (torch.optim keeps the entry, unused), the
+    master would take the param back to its value then: the param stores the master's rounding
+    (to nearest, or either neighbour with stochastic rounding), so a master more than a unit in
+    the last place of the param's dtype from it (two, at a binade's edge) was not its master."""
+    master = entry.get("master")
+    if not isinstance(master, torch.Tensor) or master.shape != p.shape:
+        return  # refused by the step's checks
+    with torch.no_grad():
+        value = _memory(p).detach().float()
+        bits, least = (7, -125) if p.dtype == torch.bfloat16 else (10, -13)  # frexp's, normal
+        exponent = torch.frexp(value)[1].clamp(min=least)
+        exponent = torch.where(value == 0, least, exponent)  # frexp(0) is 0: a subnormal's unit
+        unit = torch.ldexp(torch.ones_like(value), exponent - 1 - bits)
+        apart = (_memory(master) - value).abs() > 2 * unit
+        if bool(apart[torch.isfinite(value)].any()):
+            _memory(master).copy_(value)
+
+
+def _check_saved_shape(value: torch.Tensor, p: torch.Tensor, where: str) -> None:
+    """A saved state converted into this optimizer's form (a master, float state quantized) has
+    its param's shape: the conversion's copy would broadcast another into place."""
+    if value.shape != p.shape:
+        raise ValueError(
+            f"state_dict: {where} has shape {tuple(value.shape)}, not its param's {tuple(p.shape)}"
+        )
+
+
 def _quantized_like(p: torch.Tensor, values: torch.Tensor, nonnegative: bool) -> tuple:
     """``values`` (by logical index) as 8-bit state of ``p``: codes laid out as ``p``, quantized
     in its memory order (blocks of 256 consecutive elements in memory), and their absmax."""
@@ -254,7 +283,9 @@ class Optimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 values = self._native_options(group)
                 entries += [(p, values) for p in group["params"]]
-            self._create_states(entries)
+            # No master yet: it starts from the param at the param's first step (docs/spec.md
+            # section 22), after weights loaded into the model since.
+            self._create_states(entries, masters=False)
 
     # What a forked child drops (_engine's fork handler, as for the NumPy classes): another
     # thread of the parent may have been in a step, holding the lock and a plan's mutex.
@@ -270,6 +301,8 @@ class Optimizer(torch.optim.Optimizer):
         """The lock and the caches: made anew, never pickled or copied."""
         if "_lock" not in self.__dict__:
             self._start_lock()
+        # Params whose master load_state_dict set: checked against them at the next step.
+        self.__dict__.setdefault("_loaded_masters", [])
         self._plans: dict[Any, Any] = {}
         # Per group (by id): its values' key, its native options, and the values themselves
         # where none can change in place (_unchanging), compared by identity at the next step.
@@ -424,9 +457,12 @@ class Optimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------------------------- state
 
-    def _create_states(self, entries: Sequence[tuple[torch.Tensor, tuple]]) -> list[bool]:
+    def _create_states(
+        self, entries: Sequence[tuple[torch.Tensor, tuple]], masters: bool = True
+    ) -> list[bool]:
         """torch's state for each (param, options), created lazily as torch creates it: the
-        step count, the scalars, the buffers these options use and a master, in that order;
+        step count, the scalars, the buffers these options use and a master (unless not
+        ``masters``: Adagrad's sums, made in its constructor), in that order;
         for each, whether a buffer was created. The buffers are allocated state by state (every
         param's exp_avg, then every param's exp_avg_sq), so that one state's buffers of
         consecutive params lie one after another in memory, as a step streams them; torch's
@@ -467,7 +503,7 @@ class Optimizer(torch.optim.Optimizer):
         tracks_step = self._tracks_step()
         for (p, values), buffers, (_, needs_master) in zip(entries, new_buffers, storage):
             if p not in self.state and not (
-                tracks_step or buffers or description.scalars or needs_master
+                tracks_step or buffers or description.scalars or (masters and needs_master)
             ):
                 continue  # torch keeps no state at all here (SGD without momentum)
             state = self.state[p]
@@ -477,7 +513,7 @@ class Optimizer(torch.optim.Optimizer):
                 if name not in state:
                     state[name] = torch.tensor(value, dtype=_scalar_dtype())
             state.update(buffers)
-            if needs_master and state.get("master") is None:
+            if masters and needs_master and state.get("master") is None:
                 state["master"] = p.detach().to(
                     torch.float32, memory_format=torch.preserve_format, copy=True
                 )
@@ -570,9 +606,14 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(entry.get(name), torch.Tensor):
                     self._load_state(p, name, entry, saved_id)
             master = entry.get("master")
-            if isinstance(master, torch.Tensor) and p.dtype != torch.float32:
+            if not self._needs_master(p):
+                # Kept, it would be saved again and loaded, stale, by an optimizer with masters.
+                self.state[p].pop("master", None)
+            elif isinstance(master, torch.Tensor):
+                _check_saved_shape(master, p, f"state[{saved_id}]['master']")
                 master = master.to(dtype=torch.float32, device=p.device)
                 self.state[p]["master"] = _like(p, torch.float32).copy_(master)
+                self._loaded_masters.append(p)
         description = self._declaration._description
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
@@ -622,6 +663,7 @@ class Optimizer(torch.optim.Optimizer):
                 "the only state with an absmax"
             )
         if dtype == torch.uint8 and value.dtype != torch.uint8:
+            _check_saved_shape(value, p, f"state[{saved_id}][{name!r}]")
             entry[name], entry[name + "_absmax"] = _quantized_like(p, value.float(), nonnegative)
             return
         if value.dtype == torch.uint8:
@@ -828,6 +870,10 @@ class Optimizer(torch.optim.Optimizer):
         description = self._declaration._description
         # (group, index, param, whether it has a grad, whether it joins the plan without one)
         by_device: dict[Any, list[tuple[int, int, torch.Tensor, bool, bool]]] = {}
+        # Checked at the step after the load, once the model's weights are loaded too.
+        for p in self._loaded_masters:
+            _restart_stale_master(self.state.get(p, {}), p)
+        self._loaded_masters = []
         self._plans = {}
         dormant, self._dormant = self._dormant, set()
         self._dtensors = []
