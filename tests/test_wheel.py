@@ -33,6 +33,7 @@ SAME_CODE_ELSEWHERE = (
     "test_vs_frameworks.py",
     "test_properties.py",
     "test_torch_optim_matrix.py",
+    "test_torch_own_tests.py",
     "test_keras_own_tests.py",
     "test_reference_vs_frameworks.py",
     "test_ewma_pandas_own_tests.py",
