@@ -194,6 +194,9 @@ void describe_tensors(const fusedopt_tensor* tensors, const fusedopt_tensor_prec
     buffers.params.push_back(describe(t.param, t.size, t.dtype));
     if (with_grads) buffers.grads.push_back(describe(t.grad, t.size, t.dtype));
     const int32_t state_dtype = precision ? precision[i].state_dtype : t.dtype;
+    if (precision && (state_dtype < 0 || state_dtype >= kNumDtypes))  // named as the caller set it
+      throw Error(ErrorKind::type, indexed("tensor_precision", i) + ".state_dtype is " +
+                                       std::to_string(state_dtype) + ", not a fusedopt_dtype");
     for (size_t k = 0; k < A::state_names.size(); ++k)
       buffers.states[k].push_back(describe(t.state[k], t.size, state_dtype, true));
     if (precision) {
@@ -322,16 +325,19 @@ class TypedPlan : public fusedopt_plan {
 
   // The lock covers the scalars' copies, in from the caller's arrays before the core's step (a
   // value the caller set since the last step is the one used) and back after it, and reads of
-  // the counts.
+  // the counts. Every holder of the lock holds off fork() (StepInProgress, taken first: it may
+  // wait for a fork to end, which must not happen with the lock held): a child forked while
+  // another thread held the lock inherited it locked, and hung at its first use of the plan.
   void step(void* const* grads, const double* grad_scale) override {
+    const cpu::StepInProgress writing;  // until the scalars are copied back, after the step
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t n = static_cast<int64_t>(sizes_.size());
-    check_count(grads, n, "grads");
+    if (n > 0 && !grads)  // one per tensor of the plan: no count of the caller's to name
+      throw Error(ErrorKind::type,
+                  "grads is NULL but the plan has " + std::to_string(n) + " tensors");
     // The workers are kept awake from here: many grads are described on the pool (a failure is
     // found again on this thread, in order), then the core's step checks them there.
     const cpu::StayAwake awake(plan_->uses_pool());
-    // Until the scalars are copied back to the caller's arrays, after the core's step.
-    const cpu::StepInProgress writing;
     grad_infos_.resize(n);
     auto describe_grads = [&](size_t begin, size_t end) {
       for (auto i = static_cast<int64_t>(begin); i < static_cast<int64_t>(end); ++i) {
@@ -360,11 +366,13 @@ class TypedPlan : public fusedopt_plan {
   void set_options(int64_t group, const fusedopt_options* options) override {
     const auto groups = typed_groups<A>(&options, 1, "options");
     if (group < 0) throw Error(ErrorKind::value, "group must be >= 0");
+    const cpu::StepInProgress writing;  // see step()
     std::lock_guard<std::mutex> lock(mutex_);
     plan_->set_options(static_cast<size_t>(group), groups[0]);
   }
 
   void steps(int64_t* out) override {
+    const cpu::StepInProgress writing;  // see step(): it writes the caller's array
     std::lock_guard<std::mutex> lock(mutex_);
     if (!out && !counts_.empty()) throw Error(ErrorKind::type, "steps is NULL");
     for (size_t i = 0; i < counts_.size(); ++i)

@@ -59,8 +59,10 @@ class StayAwake {
 // step counts and scalars it advances), whether or not the step uses the pool. A nested one, and
 // a fork by the thread that holds one, never wait. Taken only where the step waits for nothing a
 // forking thread may hold: with the GIL released (the forking thread holds it, and would wait
-// for a step that waits for it), and after the plan's own lock. Costs a step an atomic increment
-// and a load on entry, a decrement and a load on exit (a nested one: a thread-local count).
+// for a step that waits for it). A C ABI plan's lock is taken after it, so that no thread holds
+// that lock across a fork (a Python plan's lock is the fork handler's: made anew in the child).
+// Costs a step an atomic increment and a load on entry, a decrement and a load on exit (a nested
+// one: a thread-local count).
 class StepInProgress {
  public:
   StepInProgress();
