@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -1258,7 +1259,8 @@ def test_set_options_may_use_a_state_registered_for_later() -> None:
         (lambda g, p, b: [g[0], g[1], g[2], b[1][1][:17]], VALUE_ERROR,
          "grads[3] overlaps exp_avg_sq[1]"),
         (lambda g, p, b: [g[0], None, g[2], g[3]], TYPE_ERROR, "grads[1] is NULL"),
-        (lambda g, p, b: None, TYPE_ERROR, "grads is NULL"),
+        # It said "grads is NULL but num_grads is 4": there is no num_grads argument.
+        (lambda g, p, b: None, TYPE_ERROR, "grads is NULL but the plan has 4 tensors"),
     ],
 )  # fmt: skip
 def test_a_bad_plan_step_is_refused_and_writes_nothing(grads, status, message) -> None:
@@ -1314,6 +1316,39 @@ def test_a_plan_over_bad_tensors_is_refused(lib, spoil, status, message) -> None
     assert lib.fusedopt_plan_create(handles(groups), 2, array, 4, ctypes.byref(handle)) == status
     assert message in last_error()
     assert handle.value is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_while_another_thread_steps_a_plan_can_step_it() -> None:
+    """A plan's lock was taken before the guard that holds fork() off while a step writes, so a
+    fork while another thread stepped the plan (ctypes releases the GIL) gave the child the lock
+    held by a thread it does not have: its first use of the plan hung (94 children of 100). The
+    guard comes first now, and no thread holds the lock across a fork."""
+    params, grads, momenta = np.ones(64), np.full(64, 1e-3), np.zeros(64)
+    plan = Plan([Options("sgd", lr=1e-9, momentum=0.9)], [make_tensor(params, grads, [momenta])])
+    stop = threading.Event()
+
+    def keep_stepping() -> None:
+        while not stop.is_set():
+            assert plan.step([grads]) == OK
+
+    stepper = threading.Thread(target=keep_stepping)
+    stepper.start()
+    outcomes = []
+    try:
+        for _ in range(30):
+            pid = os.fork()
+            if pid == 0:  # the child: its own step, then the plan's, or SIGALRM ends it
+                import signal
+
+                signal.alarm(5)
+                os._exit(0 if plan.step([grads]) == OK else 2)
+            outcomes.append(os.waitpid(pid, 0)[1])
+    finally:
+        stop.set()
+        stepper.join()
+    assert outcomes == [0] * 30, [os.waitstatus_to_exitcode(s) for s in outcomes]
 
 
 def test_a_plan_without_tensors_steps(lib) -> None:
@@ -1762,6 +1797,14 @@ def test_precision_that_does_not_fit_is_refused_and_nothing_changes(lib) -> None
     assert "states only" in last_error() and "not a fusedopt_dtype" not in last_error()
     assert checksum(param, *codes) == before and not any(s.any() for s in states)
     assert (master == 1).all()
+    # A state_dtype that is no fusedopt_dtype, named as set (it was "exp_avg[0] has dtype 99").
+    for bad in (99, -5):
+        unknown = TensorPrecision(bad, None, (ctypes.c_void_p * MAX_STATES)())
+        status = lib.fusedopt_step_with_precision(
+            handles([adam]), 1, ctypes.byref(tensor), ctypes.byref(unknown), 1, None, None
+        )
+        assert status == TYPE_ERROR
+        assert f"tensor_precision[0].state_dtype is {bad}, not a fusedopt_dtype" in last_error()
 
 
 def test_a_dtype_the_c_abi_does_not_offer_is_refused(lib) -> None:
@@ -1823,6 +1866,58 @@ def test_stochastic_rounding_with_nothing_in_16_bits_is_refused(lib, route: str)
 
 
 # ---- Found by an outside review of the C ABI ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["nan", "negative", "float_state", "no_state"])
+@pytest.mark.parametrize("route", ["step", "plan"])
+def test_scales_that_no_8_bit_state_can_have_are_refused(lib, bad: str, route: str) -> None:
+    """An absmax is the largest |x| of its block: a NaN one decoded its whole block as NaN, a
+    negative one with its signs flipped (status 0; the Python API refused them). Scales given for
+    a state that is not 8-bit, or for no state, were ignored. Refused now, at a plan's every
+    step too (the scales are the caller's memory), naming the scale; nothing written."""
+    from fusedopt._engine import quantized_full
+
+    n = 5000
+    param, grad = np.ones(n, np.float32), np.full(n, 0.5, np.float32)
+    (c0, a0), (c1, a1) = quantized_full((n,), 0.1, False), quantized_full((n,), 0.1, True)
+    states, scales = [c0, c1], [address(a0), address(a1), None]
+    dtype = INT8_BLOCKWISE
+    if bad == "float_state":
+        states, dtype = [np.zeros(n, np.float32), np.zeros(n, np.float32)], FLOAT32
+    elif bad == "no_state":
+        scales[2] = address(a1.copy())
+    precision = TensorPrecision(dtype, None, (ctypes.c_void_p * MAX_STATES)(*scales))
+    tensor, adam = make_tensor(param, grad, states), Options("adam", lr=0.1)
+    if route == "plan":
+        handle = HANDLE()
+        status = lib.fusedopt_plan_create_with_precision(
+            handles([adam]), 1, ctypes.byref(tensor), ctypes.byref(precision), 1, None,
+            ctypes.byref(handle),
+        )  # fmt: skip
+        if bad in ("nan", "negative"):  # the plan is made over good scales, spoiled later
+            assert status == OK, last_error()
+    if bad == "nan":
+        a1[3] = np.nan
+    elif bad == "negative":
+        a0[7] = -0.5
+    before = checksum(param, *states, a0, a1)
+    if route == "plan" and bad in ("nan", "negative"):
+        pointers = (ctypes.c_void_p * 1)(address(grad))
+        status = lib.fusedopt_plan_step(handle, pointers, None)
+        lib.fusedopt_plan_destroy(handle)
+    elif route == "step":
+        status = lib.fusedopt_step_with_precision(
+            handles([adam]), 1, ctypes.byref(tensor), ctypes.byref(precision), 1, None, None
+        )
+    assert status == VALUE_ERROR, last_error()
+    expected = {
+        "nan": "exp_avg_sq_absmax[0] holds a NaN or negative value (block 3",
+        "negative": "exp_avg_absmax[0] holds a NaN or negative value (block 7",
+        "float_state": "exp_avg_absmax[0] is given but exp_avg[0] is not 8-bit state",
+        "no_state": "max_exp_avg_sq_absmax[0] is given but max_exp_avg_sq[0] is not",
+    }[bad]
+    assert expected in last_error(), last_error()
+    assert checksum(param, *states, a0, a1) == before
 
 
 def test_an_8_bit_scale_in_an_overlap_is_named_not_read_after_free(lib) -> None:

@@ -767,6 +767,23 @@ def test_lamb_on_16_bit_storage_takes_its_norms_from_the_stored_moments(dtype, g
 # ---- fusedopt.torch --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("value", [-1.0, np.nan])
+def test_an_absmax_written_in_place_that_no_block_can_have_is_refused_at_the_step(value):
+    """The class registers its 8-bit states' scales once; a negative one written into them in
+    place flipped its block's signs (a param at -0.1 moved to +0.795 in a step), where the
+    functional API refused the same arrays. The step checks every scale it reads, nothing
+    written."""
+    param = np.full(5000, -0.1, np.float32)
+    opt = fusedopt.Adam([param], lr=0.1, state_dtype="int8")
+    opt.step([np.ones(5000, np.float32)])
+    opt.state[0]["exp_avg_absmax"][3] = value
+    kept = [param.copy(), *(np.copy(v) for v in opt.state[0].values())]
+    with pytest.raises(ValueError, match=r"exp_avg_absmax\[0\] holds a NaN or negative value"):
+        opt.step([np.ones(5000, np.float32)])
+    after = [param, *opt.state[0].values()]
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(after, kept))
+
+
 def _torch():
     return pytest.importorskip("torch")
 

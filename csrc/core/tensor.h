@@ -18,7 +18,11 @@ enum class Dtype : int { float32 = 0, float64 = 1, bfloat16 = 2, float16 = 3, bl
 constexpr int kNumDtypes = 5;
 constexpr int64_t kQuantBlock = 256;
 // The blocks, and so the absmax values, of an 8-bit state of `size` elements.
-constexpr int64_t quant_blocks(int64_t size) { return (size + kQuantBlock - 1) / kQuantBlock; }
+// (Rounded up without size + 255, which overflows for a size a C caller may give before it is
+// checked.)
+constexpr int64_t quant_blocks(int64_t size) {
+  return size / kQuantBlock + (size % kQuantBlock > 0);
+}
 constexpr int kNumComputeDtypes = 2;  // float32 and float64: the kernels' own types
 
 constexpr int64_t dtype_size(Dtype d) {

@@ -57,6 +57,18 @@ void check_buffer(const BufferInfo& b, const BufferName& name, bool written) {
   if (written && !b.writeable) fail(ErrorKind::value, name.str() + " is read-only");
 }
 
+}  // namespace
+
+void check_scales(const float* scales, int64_t blocks, const std::string& name, size_t index) {
+  for (int64_t b = 0; b < blocks; ++b)
+    if (!(scales[b] >= 0.0f))  // NaN compares false
+      fail(ErrorKind::value, indexed(name, index) + " holds a NaN or negative value (block " +
+                                 std::to_string(b) + ": " + std::to_string(scales[b]) +
+                                 "); an absmax is the largest |x| of its block");
+}
+
+namespace {
+
 // A one-dimensional shape is the size beside it: comparing sizes first spares a cache miss on the
 // shape's own allocation per grad (memcmp took 12% of a step over 10000 tensors of 100 elements).
 bool same_shape(const BufferInfo& a, const BufferInfo& b) {
@@ -215,15 +227,21 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
     t.write_grad = b.grads_written;
     std::optional<Dtype> state_dtype;
     for (size_t k = 0; k < b.states.size(); ++k) {
-      if (b.states[k].empty() || !b.states[k][i].present) continue;
+      const bool has_scale =
+          b.absmax.size() > k && b.absmax[k].size() == n && b.absmax[k][i].present;
+      const bool has_state = !b.states[k].empty() && b.states[k][i].present;
+      // Scales exactly for 8-bit states: others would be ignored, as if they were in use.
+      if (has_scale && (!has_state || b.states[k][i].dtype != Dtype::blockwise8))
+        fail(ErrorKind::value, BufferName{&absmax_roles.at(k), i}.str() + " is given but " +
+                                   BufferName{&b.state_names[k], i}.str() +
+                                   (has_state ? " is not 8-bit state (uint8 codes)" : " is not"));
+      if (!has_state) continue;
       const BufferInfo& state = b.states[k][i];
       const BufferName state_name{&b.state_names[k], i};
       check_buffer(state, state_name, true);
       check_state_dtype(state, state_name, param, param_name, state_dtype);
       add_extent(state, true, state_name);
       t.state[k] = state.data;
-      const bool has_scale =
-          b.absmax.size() > k && b.absmax[k].size() == n && b.absmax[k][i].present;
       // An empty tensor has no blocks: its scales may be absent (the C ABI's NULL).
       if (*state.dtype == Dtype::blockwise8 && (param.size > 0 || has_scale)) {
         const BufferName scale_name{&absmax_roles.at(k), i};
@@ -238,6 +256,7 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
                                      std::to_string(blocks) + " values (one per block of " +
                                      std::to_string(kQuantBlock) + "), got " + dtype_of(scale) +
                                      " with " + std::to_string(scale.size));
+        check_scales(static_cast<const float*>(scale.data), blocks, absmax_roles.at(k), i);
         add_extent(scale, true, scale_name);
         t.absmax[k] = static_cast<float*>(scale.data);
       }
