@@ -180,3 +180,29 @@ def test_elements_between_a_layouts_elements_are_not_written(lib, layout: tuple)
     written[(t * time_stride + s * series_stride).ravel()] = True
     np.testing.assert_array_equal(out[~written], 7.0)
     np.testing.assert_array_equal(out[written], ewma_apart(lib, x, layout)[written])
+
+
+# (length, num_series, time_stride, series_stride) whose series share memory in out.
+SHARED_SERIES = [
+    (50, 4000, 1, 1),  # each series 50 elements long, the next one element on
+    (4, 3, 2, 3),  # interleaved: series 0 at 0, 2, 4, 6 and series 1 at 3, 5, 7, 9
+    (3, 2, 5, 0),  # a series stride of 0: both series are one
+    (1, 3, 0, 0),  # one element each, all the same
+]
+
+
+@pytest.mark.parametrize("layout", SHARED_SERIES, ids=["overlapping", "interleaved", "same", "one"])
+def test_an_out_whose_series_share_memory_is_refused(lib, layout: tuple) -> None:
+    """Each series is written by one thread, in time order, but two series by two threads: where
+    they shared memory, the result changed from run to run (50 x 4000, strides 1 and 1: five
+    runs, five results on 2 threads). Refused, nothing written; series apart (one after another,
+    side by side, one element each with a time stride of 0) are stepped (the tests above)."""
+    x = np.random.default_rng(4).standard_normal(extent(layout))
+    out = np.full(extent(layout), 7.0)
+    status = lib.fusedopt_ewma(
+        ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data),
+        *(ctypes.c_int64(v) for v in layout), ctypes.byref(EwmaOptions(COM, 1, 0, 0)),
+    )  # fmt: skip
+    assert status == VALUE_ERROR
+    assert "out's series would share memory" in lib.fusedopt_last_error().decode()
+    assert (out == 7.0).all()

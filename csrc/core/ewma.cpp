@@ -84,6 +84,18 @@ void first_touch(double* out, int64_t count) {
                     &touch);
 }
 
+// Whether no two series share memory: each series is written by one thread, its elements in
+// time order (a time stride of 0 leaves the last value), but two series are written by two
+// threads. Series one after another (series_stride past a series' last element), series side by
+// side (time_stride past a row's last series), or series of one element each, apart.
+bool series_apart(int64_t length, int64_t num_series, int64_t time_stride, int64_t series_stride) {
+  if (num_series <= 1) return true;
+  if (length <= 1 || time_stride == 0) return series_stride > 0;
+  using Wide = __int128;
+  return series_stride > Wide{length - 1} * time_stride ||
+         (series_stride > 0 && time_stride > Wide{num_series - 1} * series_stride);
+}
+
 }  // namespace
 
 void ewma(const double* x, double* out, int64_t length, int64_t num_series, int64_t time_stride,
@@ -109,6 +121,15 @@ void ewma(const double* x, double* out, int64_t length, int64_t num_series, int6
                                         " bytes; out must not share memory with x");
     }
   }
+  // Two series that share memory in out were written by two threads in an order they set, a
+  // result that changed from run to run.
+  if (length > 0 && !series_apart(length, num_series, time_stride, series_stride))
+    throw Error(ErrorKind::value,
+                "out's series would share memory: with length " + std::to_string(length) +
+                    " and num_series " + std::to_string(num_series) +
+                    ", series_stride must pass a series' last element or time_stride a row's "
+                    "last series (strides " +
+                    std::to_string(time_stride) + " and " + std::to_string(series_stride) + ")");
   const bool side_by_side = series_stride == 1 && time_stride > 1;
   // Series side by side keep their running state in memory between rows: mean, old weight and
   // observation count, one array each. Each array starts on a cache line and items are whole

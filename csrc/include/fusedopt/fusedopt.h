@@ -251,7 +251,9 @@ FUSEDOPT_API fusedopt_ewma_options fusedopt_ewma_default_options(void);
 
 /* Element t of series s is x[s * series_stride + t * time_stride] (strides in elements, >= 0);
  * out has the same layout and must not overlap x: the bytes from the first to the last element
- * of each may not meet (so interleaved x and out are refused too), else
+ * of each may not meet (so interleaved x and out are refused too), and no two series may share
+ * memory (series one after another, or side by side, as in a 2-D array of either order; a
+ * time_stride of 0 writes each series' last value to its one element), else
  * FUSEDOPT_STATUS_VALUE_ERROR and nothing is written. An empty block (length or num_series 0)
  * is never an overlap. */
 FUSEDOPT_API fusedopt_status fusedopt_ewma(const double* x, double* out, int64_t length,
