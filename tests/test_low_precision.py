@@ -869,6 +869,80 @@ def test_torch_a_stale_master_is_not_loaded_back(middle, rounding):
     assert torch.equal(fourth.state[p]["master"], master)
 
 
+@pytest.mark.parametrize("option", ["master_weights", "state_dtype", "stochastic_rounding", "seed"])
+@pytest.mark.parametrize("route", ["constructor", "add_param_group"])
+def test_torch_a_precision_option_in_a_param_group_is_refused(option, route):
+    """The low-precision options are the optimizer's: set in a group, they were kept as group
+    keys and ignored (a group with state_dtype="int8", or "int4", stepped bfloat16 state)."""
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    a, b = (torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16)) for _ in range(2))
+    value = {"master_weights": True, "state_dtype": "int8", "stochastic_rounding": True}
+    group = {"params": [b], option: value.get(option, 3)}
+    with pytest.raises(ValueError, match=rf"param_groups\[1\] sets {option}, which applies"):
+        if route == "constructor":
+            ft.Adam([{"params": [a]}, group], lr=0.1)
+        else:
+            ft.Adam([a], lr=0.1).add_param_group(group)
+
+
+def test_torch_states_made_in_inference_mode_step_outside_it():
+    """A first step under torch.inference_mode made the states inference tensors: a cached plan
+    went on stepping them, and a new plan refused them ("is an inference tensor"); torch's own
+    refuse at the next step. fusedopt's states are never inference tensors."""
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    w, v = (torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (64, 8))
+    opt = ft.Adam([w, v], lr=0.01, master_weights=True)
+    w.grad = torch.randn(64).bfloat16()
+    with torch.inference_mode():
+        opt.step()
+    assert not any(t.is_inference() for t in opt.state[w].values())
+    w.grad, v.grad = torch.randn(64).bfloat16(), torch.randn(8).bfloat16()  # a new plan
+    opt.step()
+    assert float(opt.state[w]["step"]) == 2 and float(opt.state[v]["step"]) == 1
+
+
+@pytest.mark.parametrize("entry", ["exp_avg", "master"])
+def test_torch_a_state_that_is_no_tensor_is_refused_naming_it(entry):
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = ft.Adam([p], lr=0.1, master_weights=True)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[p][entry] = [0.0] * 8  # it said: 'list' object has no attribute 'is_neg'
+    with pytest.raises(TypeError, match=rf"state\['{entry}'\] of params\[0\] .* is a list"):
+        opt.step()
+
+
+@pytest.mark.parametrize("source", ["torch.optim", "fusedopt.torch"])
+def test_torch_sgd_momentum_resumes_with_stochastic_rounding(source):
+    """torch's SGD keeps no step count; with stochastic rounding fusedopt's counts the steps
+    (its rounding's key). A momentum checkpoint without one was refused ("has no 'step'") where
+    one without momentum loaded: it loads, the count starting at 0."""
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    p = torch.nn.Parameter(torch.randn(100).bfloat16())
+    first = (torch.optim.SGD if source == "torch.optim" else ft.SGD)([p], lr=0.01, momentum=0.9)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        first.step()
+    momentum = first.state[p]["momentum_buffer"].clone()
+    again = ft.SGD([p], lr=0.01, momentum=0.9, stochastic_rounding=True, seed=1)
+    again.load_state_dict(_through_torch_save(torch, first.state_dict()))
+    p.grad = torch.zeros_like(p)
+    again.step()
+    assert float(again.state[p]["step"]) == 1
+    expected = (momentum.float() * 0.9).bfloat16().float()
+    ulp = (expected.abs() * 2**-7).clamp(min=2**-126)
+    assert ((again.state[p]["momentum_buffer"].float() - momentum.float() * 0.9).abs() <= ulp).all()
+
+
 @pytest.mark.parametrize("entry", ["master", "exp_avg"])
 @pytest.mark.parametrize("shape", [(), (1,), (4, 1), (20,)])
 def test_torch_a_saved_state_of_another_shape_is_refused_not_broadcast(entry, shape):

@@ -285,7 +285,8 @@ class Optimizer(torch.optim.Optimizer):
                 entries += [(p, values) for p in group["params"]]
             # No master yet: it starts from the param at the param's first step (docs/spec.md
             # section 22), after weights loaded into the model since.
-            self._create_states(entries, masters=False)
+            with torch.inference_mode(False):  # never inference tensors (see _register)
+                self._create_states(entries, masters=False)
 
     # What a forked child drops (_engine's fork handler, as for the NumPy classes): another
     # thread of the parent may have been in a step, holding the lock and a plan's mutex.
@@ -397,6 +398,13 @@ class Optimizer(torch.optim.Optimizer):
                     f"fusedopt.torch.{type(self).__name__}: {flag}=True is not supported "
                     f"(param_groups[{index}]; fusedopt's step runs outside autograd and CUDA "
                     "graphs); leave it False"
+                )
+        # Kept in a group, they would be ignored: the low-precision options are the optimizer's.
+        for name in PRECISION_OPTIONS:
+            if name in group:
+                raise ValueError(
+                    f"fusedopt.torch.{type(self).__name__}: param_groups[{index}] sets {name}, "
+                    "which applies to the whole optimizer: give it to the constructor"
                 )
 
     def _native_options(self, group: dict[str, Any]) -> tuple[float, ...]:
@@ -619,8 +627,10 @@ class Optimizer(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 entry = self.state.get(p, {})
                 stepped = "step" in entry and float(entry["step"]) > 0  # NaN: refused at a step
+                # The step count torch keeps (not SGD's, which only stochastic rounding counts:
+                # a checkpoint without one starts it at 0, its rounding's key, at the next step).
                 required = required_state(
-                    description, entry, int(stepped), self._tracks_step(),
+                    description, entry, int(stepped), self._declaration._tracks_step,
                     self._declaration._states_at_construction,
                 )  # fmt: skip
                 missing = [name for name in required if name not in entry]
@@ -904,7 +914,10 @@ class Optimizer(torch.optim.Optimizer):
         _check_updated_once(self.param_groups)
         for device, entries in by_device.items():
             entries = _apart(entries)
-            made = self._create_states([(p, options[g]) for g, _, p, a, _ in entries if a])
+            # Never inference tensors (made in a step under torch.inference_mode), which the
+            # next step outside it could not update in place, as torch's own could not.
+            with torch.inference_mode(False):
+                made = self._create_states([(p, options[g]) for g, _, p, a, _ in entries if a])
             created = iter(made)
             # Whether each param's state was made for this step (none of a joining param's was).
             new_state = [next(created) if a else False for _, _, _, a, j in entries if a or j]
@@ -1306,6 +1319,11 @@ def _check_states(
         value = entry.get(key)
         if value is None:
             continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{_state_where(key, index, group)} is a {type(value).__name__}; this optimizer "
+                "keeps a tensor there"
+            )
         value = _memory(value)
         if _is_lazy(value):
             raise TypeError(_lazy_text(_state_where(key, index, group)))
