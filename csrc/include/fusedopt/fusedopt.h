@@ -234,6 +234,7 @@ FUSEDOPT_API fusedopt_status fusedopt_plan_set_options(fusedopt_plan* plan, int6
 /* steps[i]: the step number t that tensor i's next step will have; FUSEDOPT_STATUS_VALUE_ERROR,
  * and nothing written, once a tensor has taken step 2**63 - 1 (it has no next). */
 FUSEDOPT_API fusedopt_status fusedopt_plan_steps(fusedopt_plan* plan, int64_t* steps);
+/* Frees the plan. Not serialized by its lock: no other call on the plan may run or follow. */
 FUSEDOPT_API void fusedopt_plan_destroy(fusedopt_plan* plan);
 
 /* ---- EWMA: pandas' ewm(com=...).mean() over many float64 series at once -------------------- */
