@@ -964,7 +964,10 @@ def test_keras_errors_name_the_slots_as_keras_does() -> None:
     grads = fresh(seed=5)
     grads[1] = opt.state[1]["momentum"]
     assert_rejected(
-        lambda: opt.apply(grads, variables), variables, ValueError, "grads[1]", "momentum[1]"
+        lambda: opt.apply(grads, variables),
+        variables,
+        ValueError,
+        "grads[1] overlaps the momentum of trainable_variables[1]",
     )
     twice = [variables[0], variables[0], variables[2]]
     with pytest.raises(ValueError, match=r"trainable_variables\[1\]: the same array appears"):

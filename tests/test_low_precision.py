@@ -943,6 +943,75 @@ def test_torch_sgd_momentum_resumes_with_stochastic_rounding(source):
     assert ((again.state[p]["momentum_buffer"].float() - momentum.float() * 0.9).abs() <= ulp).all()
 
 
+def test_torch_a_refused_step_after_a_load_keeps_the_master_and_its_check():
+    """The loaded master is checked against its param at the next step. A step refused (a
+    sparse grad) after the check had restarted the master from the random init, in place, so
+    the refusal's rollback kept it, and forgot the check: weights loaded into the model then
+    were replaced by it. The check runs after the step's checks, replaces rather than writes,
+    and is pending again after a refusal."""
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    torch.manual_seed(0)
+    trained = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    first = ft.Adam([trained], lr=1e-3, master_weights=True)
+    for _ in range(3):
+        trained.grad = torch.randn_like(trained)
+        first.step()
+    saved, weights = first.state_dict(), trained.detach().clone()
+    master = first.state[trained]["master"].clone()
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    second = ft.Adam([p], lr=0.0, master_weights=True)
+    second.load_state_dict(saved)
+    second.param_groups[0]["lr"] = 0.0
+    p.grad = torch.randn(8, dtype=torch.bfloat16).to_sparse()
+    with pytest.raises(TypeError, match="sparse"):
+        second.step()
+    assert torch.equal(second.state[p]["master"], master)
+    with torch.no_grad():
+        p.copy_(weights)  # the model's weights, loaded after the optimizer's
+    p.grad = torch.zeros_like(p)
+    second.step()
+    assert torch.equal(p.detach(), weights) and torch.equal(second.state[p]["master"], master)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_torch_a_loaded_master_the_param_cannot_round_from_starts_again(bad):
+    """A NaN master compared as near its param (a NaN difference is no gap) and made it NaN;
+    an infinite one against a finite param, as any other far one, starts again from it."""
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.bfloat16))
+    opt = ft.Adam([p], lr=0.0, master_weights=True)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0] = dict(saved["state"][0], master=torch.tensor([bad, 2.0]))
+    opt.load_state_dict(saved)
+    opt.step()
+    assert p.detach().tolist() == [1.0, 2.0]
+    assert opt.state[p]["master"].tolist() == [1.0, 2.0]
+
+
+def test_torch_a_saved_group_with_a_precision_option_loads_without_it():
+    """Groups kept a precision option, ignored, before it was refused there: a checkpoint saved
+    so loaded the key back, and every step was then refused. The key is dropped on load."""
+    torch = _torch()
+    import fusedopt.torch as ft
+
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"] = [dict(saved["param_groups"][0], state_dtype="int8", seed=4)]
+    opt.load_state_dict(saved)
+    assert "state_dtype" not in opt.param_groups[0] and "seed" not in opt.param_groups[0]
+    opt.step()
+    assert float(opt.state[p]["step"]) == 2
+
+
 @pytest.mark.parametrize("entry", ["master", "exp_avg"])
 @pytest.mark.parametrize("shape", [(), (1,), (4, 1), (20,)])
 def test_torch_a_saved_state_of_another_shape_is_refused_not_broadcast(entry, shape):

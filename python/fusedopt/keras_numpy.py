@@ -429,7 +429,7 @@ class Optimizer(PlanHolder):
                 except (TypeError, ValueError) as error:
                     names = dict(zip(self._description.states, self._state_names))
                     names |= {f"{k}_absmax": f"{v}_absmax" for k, v in names.items()}
-                    names["masters"] = "masters"
+                    names["masters"] = "master"
                     raise _named_as_given(error, kept, names) from None
             self.iterations += 1
             return self.iterations
@@ -551,13 +551,16 @@ class Optimizer(PlanHolder):
 def _named_as_given(error: Exception, positions: list[int], states: dict[str, str]) -> Exception:
     """The step's error with grads[j] / params[j] (the j-th grad that was not None) named as the
     caller passed them, grads[k] and trainable_variables[k], and a state by its Keras name
-    (``states``: native name to Keras', as ``state`` shows them): momentum[k] for exp_avg[j]."""
+    (``states``: native name to Keras', as ``state`` shows them) and its variable: exp_avg[j] is
+    "the momentum of trainable_variables[k]"."""
 
     def rename(match: re.Match[str]) -> str:
-        role = {"grads": "grads", "params": "trainable_variables"}.get(match[1], match[1])
-        role = states.get(role, role)
         j = int(match[2])
-        return f"{role}[{positions[j] if j < len(positions) else j}]"
+        k = positions[j] if j < len(positions) else j
+        if match[1] in states:  # by the variable's position, not an index of ``state``
+            return f"the {states[match[1]]} of trainable_variables[{k}]"
+        role = "grads" if match[1] == "grads" else "trainable_variables"
+        return f"{role}[{k}]"
 
     names = "|".join(["grads", "params", *map(re.escape, states)])
     return type(error)(re.sub(rf"\b({names})\[(\d+)\]", rename, str(error)))

@@ -187,14 +187,18 @@ def _restart_stale_master(entry: dict[str, Any], p: torch.Tensor) -> None:
     if not isinstance(master, torch.Tensor) or master.shape != p.shape:
         return  # refused by the step's checks
     with torch.no_grad():
-        value = _memory(p).detach().float()
+        value, held = _memory(p).detach().float(), _memory(master)
         bits, least = (7, -125) if p.dtype == torch.bfloat16 else (10, -13)  # frexp's, normal
         exponent = torch.frexp(value)[1].clamp(min=least)
         exponent = torch.where(value == 0, least, exponent)  # frexp(0) is 0: a subnormal's unit
         unit = torch.ldexp(torch.ones_like(value), exponent - 1 - bits)
-        apart = (_memory(master) - value).abs() > 2 * unit
-        if bool(apart[torch.isfinite(value)].any()):
-            _memory(master).copy_(value)
+        near = (held - value).abs() <= 2 * unit  # false for a NaN master
+        rounded = held.to(p.dtype).float()  # an infinite or NaN param: the master's rounding
+        same = (rounded == value) | (torch.isnan(rounded) & torch.isnan(value))
+        if not bool(torch.where(torch.isfinite(value), near, same).all()):
+            entry["master"] = p.detach().to(
+                torch.float32, memory_format=torch.preserve_format, copy=True
+            )  # as _create_states makes one
 
 
 def _check_saved_shape(value: torch.Tensor, p: torch.Tensor, where: str) -> None:
@@ -600,6 +604,11 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
             self._optimizer_load_state_dict_post_hooks = post_hooks
+        # A group saved with a precision option (groups kept them, ignored, before they were
+        # refused there): dropped, as it had no effect; the optimizer's own options apply.
+        for group in self.param_groups:
+            for name in PRECISION_OPTIONS:
+                group.pop(name, None)
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             entry = saved_state.get(saved_id)
@@ -767,6 +776,7 @@ class Optimizer(torch.optim.Optimizer):
                 for p in group["params"]
                 if p.grad is not None
             }
+            loaded_masters = list(self._loaded_masters)
             try:
                 self._register(options)
                 for device, plan in self._plans.items():
@@ -788,6 +798,7 @@ class Optimizer(torch.optim.Optimizer):
                     # stays with its params.
                     stepped.update(d for d, plan in self._plans.items() if plan[1].steps_taken)
                 self._plans = {}
+                self._loaded_masters = loaded_masters
                 for p, entry in entries.items():
                     if p.device in stepped:
                         continue
@@ -880,10 +891,6 @@ class Optimizer(torch.optim.Optimizer):
         description = self._declaration._description
         # (group, index, param, whether it has a grad, whether it joins the plan without one)
         by_device: dict[Any, list[tuple[int, int, torch.Tensor, bool, bool]]] = {}
-        # Checked at the step after the load, once the model's weights are loaded too.
-        for p in self._loaded_masters:
-            _restart_stale_master(self.state.get(p, {}), p)
-        self._loaded_masters = []
         self._plans = {}
         dormant, self._dormant = self._dormant, set()
         self._dtensors = []
@@ -912,6 +919,12 @@ class Optimizer(torch.optim.Optimizer):
                 )
                 by_device.setdefault(p.device, []).append((g, i, p, has_grad, joins))
         _check_updated_once(self.param_groups)
+        # Masters loaded since the last step, checked against their params now that the model's
+        # weights are loaded too (a new tensor where one restarts: a refused step puts the loaded
+        # one back, and step() the list).
+        for p in self._loaded_masters:
+            _restart_stale_master(self.state.get(p, {}), p)
+        self._loaded_masters = []
         for device, entries in by_device.items():
             entries = _apart(entries)
             # Never inference tensors (made in a step under torch.inference_mode), which the
