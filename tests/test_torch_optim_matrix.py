@@ -521,9 +521,15 @@ def test_a_complex_param_steps_exactly_as_its_real_view(combination: tuple) -> N
     "option", [{"state_dtype": "bfloat16"}, {"master_weights": True}, {"stochastic_rounding": True}]
 )
 def test_low_precision_options_refuse_complex_params(option: dict[str, Any]) -> None:
-    params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))]
-    with pytest.raises(ValueError, match="complex"):
+    """Refused naming the param (it said which options, not which param)."""
+    params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
+    params.append(torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64)))
+    with pytest.raises(ValueError, match=r"params\[1\] of param_groups\[0\] is torch.complex64"):
         ft.Adam(params, **option)
+    optimizer = ft.Adam(params[:1], **option)
+    with pytest.raises(ValueError, match=r"params\[0\] of param_groups\[1\] is torch.complex64"):
+        optimizer.add_param_group({"params": params[1:]})
+    assert len(optimizer.param_groups) == 1
 
 
 def test_a_complex_param_put_into_a_group_under_low_precision_options_is_refused() -> None:

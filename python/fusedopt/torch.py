@@ -384,8 +384,13 @@ class Optimizer(torch.optim.Optimizer):
         """The low-precision options apply to the params, taken together (master_weights needs
         a 16-bit param among them), all on the CPU."""
         params = [p for group in self.param_groups for p in group["params"]]
-        if self.precision != FULL_PRECISION and any(p.dtype in _COMPLEX_DTYPES for p in params):
-            raise ValueError(_COMPLEX_PRECISION)
+        if self.precision != FULL_PRECISION:
+            for g, group in enumerate(self.param_groups):
+                for i, p in enumerate(group["params"]):
+                    if p.dtype in _COMPLEX_DTYPES:
+                        raise ValueError(
+                            f"params[{i}] of param_groups[{g}] is {p.dtype}: {_COMPLEX_PRECISION}"
+                        )
         self.precision.check([dtype_name(p.dtype) for p in params])
         self.precision.check_algorithm(self._declaration._description)
         if self.precision != FULL_PRECISION and any(p.device.type != "cpu" for p in params):
