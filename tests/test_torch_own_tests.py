@@ -335,6 +335,11 @@ def _error_inputs(name: str) -> list[tuple[str, Any, dict, str, type, str]]:
         ),
     ]
     c = "construction"
+    # Entries torch repeats for several of its optimizers.
+    beta1 = ("beta1", None, {"lr": 1e-2, "betas": (1.0, 0.0)}, c, ValueError,
+             "Invalid beta parameter at index 0: 1.0")  # fmt: skip
+    weight_decay = ("weight_decay", None, {"lr": 1e-2, "weight_decay": -1}, c, ValueError,
+                    "Invalid weight_decay value: -1")  # fmt: skip
     specific: dict[str, list[tuple[str, Any, dict, str, type, str]]] = {
         "Adadelta": [
             ("rho", None, {"lr": 1e-2, "rho": 1.1}, c, ValueError, "Invalid rho value: 1.1")
@@ -350,22 +355,8 @@ def _error_inputs(name: str) -> list[tuple[str, Any, dict, str, type, str]]:
             )
         ],
         "Adam": [
-            (
-                "beta1",
-                None,
-                {"lr": 1e-2, "betas": (1.0, 0.0)},
-                c,
-                ValueError,
-                "Invalid beta parameter at index 0: 1.0",
-            ),
-            (
-                "weight_decay",
-                None,
-                {"lr": 1e-2, "weight_decay": -1},
-                c,
-                ValueError,
-                "Invalid weight_decay value: -1",
-            ),
+            beta1,
+            weight_decay,
             (
                 "tensor lr with foreach",
                 None,
@@ -420,14 +411,7 @@ def _error_inputs(name: str) -> list[tuple[str, Any, dict, str, type, str]]:
             )
         ],
         "NAdam": [
-            (
-                "beta1",
-                None,
-                {"lr": 1e-2, "betas": (1.0, 0.0)},
-                c,
-                ValueError,
-                "Invalid beta parameter at index 0: 1.0",
-            ),
+            beta1,
             (
                 "momentum_decay",
                 None,
@@ -438,22 +422,8 @@ def _error_inputs(name: str) -> list[tuple[str, Any, dict, str, type, str]]:
             ),
         ],
         "RAdam": [
-            (
-                "beta1",
-                None,
-                {"lr": 1e-2, "betas": (1.0, 0.0)},
-                c,
-                ValueError,
-                "Invalid beta parameter at index 0: 1.0",
-            ),
-            (
-                "weight_decay",
-                None,
-                {"lr": 1e-2, "weight_decay": -1},
-                c,
-                ValueError,
-                "Invalid weight_decay value: -1",
-            ),
+            beta1,
+            weight_decay,
         ],
         "RMSprop": [
             (

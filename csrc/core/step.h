@@ -120,9 +120,10 @@ inline bool uses_pool(size_t num_tensors, int64_t num_elements) {
 void check_grad(const BufferInfo& grad, size_t index, const BufferInfo& param, bool written);
 // The scales of an 8-bit state (its absmax per block of kQuantBlock elements): each is the
 // largest |x| of its block, so NaN or a negative one, which would decode the whole block as NaN or
-// with its signs flipped, is refused (ValueError naming `name`[index] and the block). Checked at
-// every step: they are the caller's memory (a plan's too).
-void check_scales(const float* scales, int64_t blocks, const std::string& name, size_t index);
+// with its signs flipped, is refused (ValueError naming `state_name`_absmax[index] and the block:
+// the name is built only then). Checked at every step: they are the caller's memory (a plan's
+// too).
+void check_scales(const float* scales, int64_t blocks, const std::string& state_name, size_t index);
 void check_schedule(const StepSchedule& schedule, size_t num_tensors, size_t num_groups);
 // Where each tensor starts in the concatenation of a step's tensors that its work items split
 // (a tensor with 8-bit state on a block), and their total: a plan's is computed once.
@@ -526,7 +527,7 @@ class Plan {
     detail::match_states<A>(t, A::states_used(groups_[schedule_.group_of[i]]), i, &state_names_);
     for (int k = 0; k < kMaxStates; ++k)
       if (t.state[k] && t.absmax[k])
-        check_scales(t.absmax[k], quant_blocks(t.size), state_names_[k] + "_absmax", i);
+        check_scales(t.absmax[k], quant_blocks(t.size), state_names_[k], i);
     if (step) {
       schedule_.steps[i] = *step;
     } else if (step_counts_) {

@@ -59,11 +59,13 @@ void check_buffer(const BufferInfo& b, const BufferName& name, bool written) {
 
 }  // namespace
 
-void check_scales(const float* scales, int64_t blocks, const std::string& name, size_t index) {
+void check_scales(const float* scales, int64_t blocks, const std::string& state_name,
+                  size_t index) {
   for (int64_t b = 0; b < blocks; ++b)
     if (!(scales[b] >= 0.0f))  // NaN compares false
-      fail(ErrorKind::value, indexed(name, index) + " holds a NaN or negative value (block " +
-                                 std::to_string(b) + ": " + std::to_string(scales[b]) +
+      fail(ErrorKind::value, indexed(state_name + "_absmax", index) +
+                                 " holds a NaN or negative value (block " + std::to_string(b) +
+                                 ": " + std::to_string(scales[b]) +
                                  "); an absmax is the largest |x| of its block");
 }
 
@@ -256,7 +258,7 @@ std::vector<TensorRef> validate_step_buffers(const StepBuffers& b, bool with_gra
                                      std::to_string(blocks) + " values (one per block of " +
                                      std::to_string(kQuantBlock) + "), got " + dtype_of(scale) +
                                      " with " + std::to_string(scale.size));
-        check_scales(static_cast<const float*>(scale.data), blocks, absmax_roles.at(k), i);
+        check_scales(static_cast<const float*>(scale.data), blocks, b.state_names[k], i);
         add_extent(scale, true, scale_name);
         t.absmax[k] = static_cast<float*>(scale.data);
       }

@@ -405,6 +405,7 @@ class Optimizer(PlanHolder):
             if not self.built:
                 self._build(variables, "trainable_variables")
             indices = []
+            position_of: dict[int, int] = {}  # index -> where this call lists it
             for i, v in enumerate(variables):
                 index = self._index_of.get(id(v))
                 if index is None or self._variables[index] is not v:
@@ -412,10 +413,10 @@ class Optimizer(PlanHolder):
                         f"trainable_variables[{i}] is not one of the variables this optimizer "
                         "was built with"
                     )
-                if index in indices:
+                if position_of.setdefault(index, i) != i:
                     raise ValueError(
                         f"trainable_variables[{i}]: the same array appears twice (as "
-                        f"trainable_variables[{indices.index(index)}])"
+                        f"trainable_variables[{position_of[index]}])"
                     )
                 indices.append(index)
             # Where each kept grad was in this call: errors name grads[k] as the caller passed it.

@@ -177,6 +177,11 @@ def _codes_like(p: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
     return t
 
 
+def _new_master(p: torch.Tensor) -> torch.Tensor:
+    """A float32 master starting from the param, laid out as it."""
+    return p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+
+
 def _restart_stale_master(entry: dict[str, Any], p: torch.Tensor) -> None:
     """A loaded master the param no longer rounds from starts again from the param. Saved by an
     optimizer with masters, trained on without them (torch.optim keeps the entry, unused), the
@@ -196,9 +201,7 @@ def _restart_stale_master(entry: dict[str, Any], p: torch.Tensor) -> None:
         rounded = held.to(p.dtype).float()  # an infinite or NaN param: the master's rounding
         same = (rounded == value) | (torch.isnan(rounded) & torch.isnan(value))
         if not bool(torch.where(torch.isfinite(value), near, same).all()):
-            entry["master"] = p.detach().to(
-                torch.float32, memory_format=torch.preserve_format, copy=True
-            )  # as _create_states makes one
+            entry["master"] = _new_master(p)
 
 
 def _check_saved_shape(value: torch.Tensor, p: torch.Tensor, where: str) -> None:
@@ -289,8 +292,7 @@ class Optimizer(torch.optim.Optimizer):
                 entries += [(p, values) for p in group["params"]]
             # No master yet: it starts from the param at the param's first step (docs/spec.md
             # section 22), after weights loaded into the model since.
-            with torch.inference_mode(False):  # never inference tensors (see _register)
-                self._create_states(entries, masters=False)
+            self._create_states(entries, masters=False)
 
     # What a forked child drops (_engine's fork handler, as for the NumPy classes): another
     # thread of the parent may have been in a step, holding the lock and a plan's mutex.
@@ -474,6 +476,9 @@ class Optimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------------------------- state
 
+    # Never inference tensors (made in a step or constructor under torch.inference_mode), which
+    # the next step outside it could not update in place, as torch's own could not.
+    @torch.inference_mode(False)
     def _create_states(
         self, entries: Sequence[tuple[torch.Tensor, tuple]], masters: bool = True
     ) -> list[bool]:
@@ -531,9 +536,7 @@ class Optimizer(torch.optim.Optimizer):
                     state[name] = torch.tensor(value, dtype=_scalar_dtype())
             state.update(buffers)
             if masters and needs_master and state.get("master") is None:
-                state["master"] = p.detach().to(
-                    torch.float32, memory_format=torch.preserve_format, copy=True
-                )
+                state["master"] = _new_master(p)
         return [bool(buffers) for buffers in new_buffers]
 
     def _tracks_step(self) -> bool:
@@ -932,10 +935,7 @@ class Optimizer(torch.optim.Optimizer):
         self._loaded_masters = []
         for device, entries in by_device.items():
             entries = _apart(entries)
-            # Never inference tensors (made in a step under torch.inference_mode), which the
-            # next step outside it could not update in place, as torch's own could not.
-            with torch.inference_mode(False):
-                made = self._create_states([(p, options[g]) for g, _, p, a, _ in entries if a])
+            made = self._create_states([(p, options[g]) for g, _, p, a, _ in entries if a])
             created = iter(made)
             # Whether each param's state was made for this step (none of a joining param's was).
             new_state = [next(created) if a else False for _, _, _, a, j in entries if a or j]
