@@ -507,28 +507,65 @@ def _dynamic_map(nonnegative: bool) -> np.ndarray:
     return np.array(_core.dynamic_map(nonnegative), dtype=np.float32)
 
 
+# Blocks (de)quantized at a time: the NumPy rule below makes ~50 bytes of temporaries per
+# element, so a whole 8-bit state of a large model at once would need many times the memory that
+# the 8-bit state exists to save.
+_BLOCKS_AT_A_TIME = 1024
+
+
 def quantize_blockwise(values: Any, nonnegative: bool) -> tuple[np.ndarray, np.ndarray]:
     """float values as 8-bit state (codes, absmax per block of 256), by the kernels' rule:
     bitsandbytes' dynamic map, the largest code <= x / absmax or the next when strictly closer
     (for checkpoints loaded into an 8-bit optimizer; the kernels quantize during steps)."""
-    x = np.ascontiguousarray(values, dtype=np.float32).ravel()
+    x = np.asarray(values).ravel()
     blocks = -(-x.size // QUANT_BLOCK)
-    padded = np.zeros(blocks * QUANT_BLOCK, np.float32)
-    padded[: x.size] = x
-    magnitudes = np.abs(padded).reshape(blocks, QUANT_BLOCK)
-    # As the kernels: NaN is left out of the absmax, an infinity is not (the block's absmax is
-    # inf, so its finite values quantize as 0, and the infinities, inf / inf = NaN, take NaN's
-    # code 0).
-    absmax = np.where(np.isnan(magnitudes), np.float32(0), magnitudes).max(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        normed = (padded.reshape(blocks, QUANT_BLOCK) / absmax[:, None]).ravel()[: x.size]
+    codes = np.empty(x.size, np.uint8)
+    absmax = np.empty(blocks, np.float32)
     code = _dynamic_map(nonnegative)
-    left = np.clip(np.searchsorted(code, normed, side="right") - 1, 0, 255)
-    right = np.minimum(left + 1, 255)
-    closer = np.abs(normed - code[right]) < np.abs(normed - code[left])
-    codes = np.where(closer & (left < 255), right, left)
-    codes = np.where(np.isnan(normed), 0, codes).astype(np.uint8)
-    return codes.reshape(np.shape(values)), absmax.astype(np.float32)
+    for first in range(0, blocks, _BLOCKS_AT_A_TIME):
+        count = min(_BLOCKS_AT_A_TIME, blocks - first)
+        part = slice(first * QUANT_BLOCK, (first + count) * QUANT_BLOCK)
+        chunk = np.asarray(x[part], dtype=np.float32)
+        padded = np.zeros(count * QUANT_BLOCK, np.float32)
+        padded[: chunk.size] = chunk
+        magnitudes = np.abs(padded).reshape(count, QUANT_BLOCK)
+        # As the kernels: NaN is left out of the absmax, an infinity is not (the block's absmax
+        # is inf, so its finite values quantize as 0, and the infinities, inf / inf = NaN, take
+        # NaN's code 0).
+        scales = np.where(np.isnan(magnitudes), np.float32(0), magnitudes).max(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            normed = (padded.reshape(count, QUANT_BLOCK) / scales[:, None]).ravel()[: chunk.size]
+        left = np.clip(np.searchsorted(code, normed, side="right") - 1, 0, 255)
+        right = np.minimum(left + 1, 255)
+        closer = np.abs(normed - code[right]) < np.abs(normed - code[left])
+        chosen = np.where(closer & (left < 255), right, left)
+        codes[part] = np.where(np.isnan(normed), 0, chosen)
+        absmax[first : first + count] = scales
+    return codes.reshape(np.shape(values)), absmax
+
+
+def quantized_full(shape: tuple[int, ...], value: float, nonnegative: bool) -> tuple:
+    """A new 8-bit state of this shape, every element ``value``: (codes, absmax). Every block
+    holds the same values (a last, partial block's padding is 0, under |value|), so one element
+    quantized gives every code and every absmax."""
+    code, scale = quantize_blockwise(np.full(1, value, np.float32), nonnegative)
+    size = math.prod(shape)
+    return np.full(shape, code[0], np.uint8), np.full(-(-size // QUANT_BLOCK), scale[0])
+
+
+def dequantize_blockwise(codes: Any, absmax: Any, nonnegative: bool) -> np.ndarray:
+    """8-bit state's float32 values: map[code] * absmax of its block."""
+    flat = np.asarray(codes, dtype=np.uint8).ravel()
+    scales = np.asarray(absmax, dtype=np.float32)
+    values = np.empty(flat.size, np.float32)
+    code = _dynamic_map(nonnegative)
+    step = _BLOCKS_AT_A_TIME * QUANT_BLOCK
+    for first in range(0, flat.size, step):
+        chunk = flat[first : first + step]
+        blocks = scales[first // QUANT_BLOCK : first // QUANT_BLOCK + _BLOCKS_AT_A_TIME]
+        scale = np.repeat(blocks, QUANT_BLOCK)[: chunk.size]
+        np.multiply(code[chunk], scale, out=values[first : first + chunk.size])
+    return values.reshape(np.shape(codes))
 
 
 def checked_absmax(value: Any, size: int, where: str) -> np.ndarray:
@@ -577,18 +614,6 @@ def dtype_refused(dtype: np.dtype, label: str) -> TypeError:
         f"{label} has dtype {dtype}{order}; fusedopt updates float32, float64, bfloat16 "
         "(ml_dtypes) and float16"
     )
-
-
-def quantized_full(shape: tuple[int, ...], value: float, nonnegative: bool) -> tuple:
-    """A new 8-bit state of this shape, every element ``value``: (codes, absmax)."""
-    return quantize_blockwise(np.full(shape, value, np.float32), nonnegative)
-
-
-def dequantize_blockwise(codes: Any, absmax: Any, nonnegative: bool) -> np.ndarray:
-    """8-bit state's float32 values: map[code] * absmax of its block."""
-    flat = np.asarray(codes, dtype=np.uint8).ravel()
-    scale = np.repeat(np.asarray(absmax, dtype=np.float32), QUANT_BLOCK)[: flat.size]
-    return (_dynamic_map(nonnegative)[flat] * scale).reshape(np.shape(codes))
 
 
 @dataclass(frozen=True)
