@@ -88,7 +88,9 @@ FUSEDOPT_LANE_FN void update(const Rmsprop::Coefficients& c, V& param, V& grad,
     V denominator;
     if (c.centered) {
       grad_avg = alpha * grad_avg + one_minus_alpha * g;
-      denominator = square_avg - grad_avg * grad_avg + splat<V>(c.eps);
+      // Keras' torch step adds epsilon before subtracting mg^2 (its generic update_step after):
+      // where a steady grad makes ms == mg^2 the two orders differ by far more than rounding.
+      denominator = (square_avg + splat<V>(c.eps)) - grad_avg * grad_avg;
     } else {
       denominator = square_avg + splat<V>(c.eps);
     }

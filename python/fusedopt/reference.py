@@ -731,9 +731,9 @@ def keras_rmsprop(
     """One step of ``keras.optimizers.RMSprop`` (spec section 6).
 
     ``ms <- rho*ms + (1 - rho)*g^2``; centered: ``mg <- rho*mg + (1 - rho)*g`` and
-    ``D = ms - mg^2 + epsilon``, otherwise ``D = ms + epsilon``; ``inc = lr*g/sqrt(D)``. With
-    momentum: ``mom <- mu*mom + inc`` and ``p <- p - mom`` (lr inside the buffer); else
-    ``p <- p - inc``.
+    ``D = (ms + epsilon) - mg^2`` (the torch backend's order), otherwise ``D = ms + epsilon``;
+    ``inc = lr*g/sqrt(D)``. With momentum: ``mom <- mu*mom + inc`` and ``p <- p - mom`` (lr
+    inside the buffer); else ``p <- p - inc``.
     """
     param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
     grad = _float64(g)
@@ -743,7 +743,7 @@ def keras_rmsprop(
     average_gradient = _slot(new_state, "average_gradient", param)
     if centered:
         average_gradient = rho * average_gradient + (1.0 - rho) * grad
-        denominator = velocity - average_gradient * average_gradient + epsilon
+        denominator = (velocity + epsilon) - average_gradient * average_gradient
     else:
         denominator = velocity + epsilon
     increment = learning_rate * grad / np.sqrt(denominator)
