@@ -259,7 +259,11 @@ def test_a_cuda_call_without_gpu_raises_a_clear_error() -> None:
     [
         (dict(data=(1 << 50, True)), ValueError, r"params\[0\] is read-only"),
         (dict(strides=(80, 4)), ValueError, r"params\[0\] is not C-contiguous"),
-        (dict(typestr="<f2"), TypeError, r"params\[0\] has dtype <f2"),
+        (
+            dict(typestr="<f2"),
+            TypeError,
+            r"params\[0\] has dtype <f2: the CUDA backend updates float32 and float64 arrays",
+        ),
         (dict(mask=object()), ValueError, r"params\[0\] is not C-contiguous"),
     ],
     ids=["read-only", "strided", "float16", "masked"],
@@ -270,6 +274,71 @@ def test_bad_interface_buffers_are_refused_before_any_cuda_call(
     param = FakeDeviceArray((10, 10), **bad)
     with pytest.raises(error, match=message):
         adam_on_device([param], [FakeDeviceArray((10, 10))])
+
+
+@needs_cuda_module
+def test_a_bfloat16_dlpack_buffer_is_refused_as_cuda_s_not_the_cpu_s() -> None:
+    """The core's message says fusedopt updates bfloat16 and float16, true of the CPU only."""
+    torch = pytest.importorskip("torch")
+    param = FakeDLPackArray(torch.zeros(16, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=r"params\[0\] has dtype bfloat16: the CUDA backend"):
+        adam_on_device([param], [FakeDeviceArray((16,))])
+
+
+def nadam_on_device(scalars: Any) -> None:
+    params, grads = [FakeDeviceArray((8,))], [FakeDeviceArray((8,))]
+    states = [[FakeDeviceArray((8,))] for _ in range(2)]
+    cuda.step(
+        "nadam", [options("nadam")], np.zeros(1, np.int64), np.ones(1, np.int64), params, grads,
+        states, scalars=scalars,
+    )  # fmt: skip
+
+
+@needs_cuda_module
+@pytest.mark.parametrize(
+    "scalars, error, message",
+    [
+        (np.ones((1, _core.max_scalars), np.float32), TypeError, "numpy array of float64"),
+        ([[1.0] * _core.max_scalars], TypeError, "numpy array of float64"),
+        (np.ones((1, 1)), ValueError, f"hold {_core.max_scalars} values"),
+        (np.ones((1, _core.max_scalars))[:, ::-1], ValueError, "C-contiguous"),
+    ],
+    ids=["float32", "list", "too few", "reversed"],
+)
+def test_scalars_the_step_writes_are_checked_as_on_the_cpu(scalars, error, message) -> None:
+    """NAdam's mu_product is advanced in place: an array of another dtype or size was written
+    past its end (16 bytes into a 4-byte float32 array), a list read as if it were one."""
+    with pytest.raises(error, match=f"scalars must be .*{message}"):
+        nadam_on_device(scalars)
+
+
+@needs_cuda_module
+@needs_no_gpu
+def test_a_step_refused_for_its_device_leaves_the_scalars_as_they_were() -> None:
+    """The device is checked before NAdam's mu_product advances (it went from 1.0 to 0.45)."""
+    scalars = np.ones((1, _core.max_scalars))
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        nadam_on_device(scalars)
+    assert np.array_equal(scalars, np.ones((1, _core.max_scalars)))
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (dict(masters=[np.zeros(4, np.float32)]), "masters"),
+        (dict(stochastic_rounding=True), "stochastic_rounding"),
+    ],
+)
+def test_the_functional_api_refuses_low_precision_options_for_device_arrays(
+    options: dict, named: str
+) -> None:
+    """The CUDA backend updates float32 and float64 arrays only: the options were dropped on
+    the way to it, so a step would have ignored them."""
+    from fusedopt import functional
+
+    arrays = [[FakeDeviceArray((4,))] for _ in range(4)]
+    with pytest.raises(ValueError, match=f"^{named}: .*CPU-only"):
+        functional.adam_(*arrays, None, step=1, lr=0.1, **options)
 
 
 @needs_cuda_module

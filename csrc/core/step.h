@@ -262,10 +262,12 @@ void run_tensor_range(void* context, size_t i, int64_t begin, int64_t end) {
 }  // namespace detail
 
 // Everything a step does before its kernels run (the CUDA backend launches these itself).
-template <class A>
+// `last_check` is a caller's own refusal (fusedopt.cuda's device placement), run after the
+// checks here and before the first write (the scalars' advance), so it too changes nothing.
+template <class A, class LastCheck>
 PreparedStep<A> prepare_step(const std::vector<typename A::Options>& groups,
                              const StepSchedule& schedule, const StepBuffers& buffers,
-                             const StepExtras& extras) {
+                             const StepExtras& extras, LastCheck&& last_check) {
   check_options<A>(groups);
   if (extras.grad_scale && !A::takes_grad_scale)
     throw Error(ErrorKind::value, std::string("grad_scale: ") + A::name +
@@ -280,8 +282,16 @@ PreparedStep<A> prepare_step(const std::vector<typename A::Options>& groups,
   for (size_t i = 0; i < step.tensors.size(); ++i)
     detail::match_states<A>(step.tensors[i], A::states_used(groups[schedule.group_of[i]]), i,
                             &buffers.state_names);
+  last_check();
   detail::compute_coefficients<A>(groups, schedule, extras, step);
   return step;
+}
+
+template <class A>
+PreparedStep<A> prepare_step(const std::vector<typename A::Options>& groups,
+                             const StepSchedule& schedule, const StepBuffers& buffers,
+                             const StepExtras& extras) {
+  return prepare_step<A>(groups, schedule, buffers, extras, [] {});
 }
 
 // Runs the first pass of an algorithm with per-tensor reductions (csrc/math/algorithm.h) over

@@ -3,6 +3,8 @@
 // is fused behind the math's back: both backends round every element the same way.
 #include <cuda_runtime.h>
 
+#include <cctype>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -164,27 +166,70 @@ void launch_step(const PreparedStep<A>& step, void* stream_handle) {
   }
 }
 
+namespace {
+
+// Whether this build's images (CMake's CUDA_ARCHITECTURES, "80-real,90-real,90-virtual" by
+// default) run on a device of compute capability major.minor, read from the list alone: a real
+// image (SASS) runs on its major version at its minor or later, a virtual one (PTX) is compiled
+// for any later device. Asking the runtime instead (cudaFuncGetAttributes) needs the device made
+// current, which creates its context: half a gigabyte on every GPU of the machine, from every
+// process that only wanted to know whether a GPU is there. nullopt for a list this does not read
+// ("native", "all", an arch-specific suffix): the runtime is asked after all.
+std::optional<bool> images_run_on(int major, int minor) {
+  const std::string list = FUSEDOPT_CUDA_ARCHITECTURES;
+  bool served = false;
+  for (size_t begin = 0; begin <= list.size();) {
+    size_t end = list.find(',', begin);
+    if (end == std::string::npos) end = list.size();
+    const std::string entry = list.substr(begin, end - begin);
+    begin = end + 1;
+    size_t digits = 0;
+    while (digits < entry.size() && std::isdigit(static_cast<unsigned char>(entry[digits])))
+      ++digits;
+    const std::string kind = entry.substr(digits);
+    if (digits < 2 || digits > 3 || (!kind.empty() && kind != "-real" && kind != "-virtual"))
+      return std::nullopt;
+    const int arch = std::stoi(entry.substr(0, digits));
+    if (kind != "-virtual" && major == arch / 10 && minor >= arch % 10) served = true;
+    if (kind != "-real" && major * 10 + minor >= arch) served = true;
+  }
+  return served;
+}
+
+}  // namespace
+
 bool kernels_run_on(int device, std::string* reason) {
-  int previous = -1;
-  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
     cudaGetLastError();
-    if (reason) *reason = "cannot select CUDA device " + std::to_string(device);
+    if (reason) *reason = "cannot query CUDA device " + std::to_string(device);
     return false;
   }
-  // Asking for a kernel's attributes fails when the module has no image for this device.
-  cudaFuncAttributes attributes{};
-  const cudaError_t error =
-      cudaFuncGetAttributes(&attributes, flat_kernel<float, Algorithms::First>);
-  cudaGetLastError();
-  cudaSetDevice(previous);
-  if (error == cudaSuccess) return true;
+  cudaError_t error = cudaSuccess;
+  if (const std::optional<bool> served = images_run_on(major, minor)) {
+    if (*served) return true;
+    error = cudaErrorNoKernelImageForDevice;
+  } else {
+    int previous = -1;
+    if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+      cudaGetLastError();
+      if (reason) *reason = "cannot select CUDA device " + std::to_string(device);
+      return false;
+    }
+    // Asking for a kernel's attributes fails when the module has no image for this device.
+    cudaFuncAttributes attributes{};
+    error = cudaFuncGetAttributes(&attributes, flat_kernel<float, Algorithms::First>);
+    cudaGetLastError();
+    cudaSetDevice(previous);
+    if (error == cudaSuccess) return true;
+  }
   if (reason) {
     cudaDeviceProp properties{};
     cudaGetDeviceProperties(&properties, device);
     cudaGetLastError();
     *reason = std::string("fusedopt's CUDA kernels have no image for ") + properties.name +
-              " (compute capability " + std::to_string(properties.major) + "." +
-              std::to_string(properties.minor) +
+              " (compute capability " + std::to_string(major) + "." + std::to_string(minor) +
               "; this build serves " FUSEDOPT_CUDA_ARCHITECTURES "): " + cudaGetErrorString(error);
   }
   return false;

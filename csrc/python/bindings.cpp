@@ -27,6 +27,7 @@
 #include "cpu/parallel.h"
 #include "cuda/launch_plan.h"
 #include "math/dynamic_map.h"
+#include "python/arrays.h"
 
 namespace py = pybind11;
 using namespace fusedopt;
@@ -281,22 +282,6 @@ std::vector<typename A::Options> groups_from(py::handle groups) {
 }
 
 using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-
-// A writeable, C-contiguous array of one dtype with `count` elements, whose memory the core
-// updates in place (step counts, scalars); or null for None.
-template <class T>
-T* writeable_array(py::handle object, const char* name, py::ssize_t count) {
-  if (object.is_none()) return nullptr;
-  if (!py::isinstance<py::array_t<T>>(object))
-    throw Error(ErrorKind::type,
-                std::string(name) + " must be a numpy array of " +
-                    (sizeof(T) == 8 && std::is_integral_v<T> ? "int64" : "float64"));
-  auto array = py::reinterpret_borrow<py::array>(object);
-  if (!(array.flags() & py::array::c_style) || !array.writeable() || array.size() != count)
-    throw Error(ErrorKind::value, std::string(name) + " must be writeable, C-contiguous and hold " +
-                                      std::to_string(count) + " values");
-  return static_cast<T*>(array.mutable_data());
-}
 
 std::vector<uint8_t> flags_from(py::handle object, size_t count) {
   std::vector<uint8_t> flags;

@@ -15,6 +15,7 @@
 #include "core/error.h"
 #include "core/step.h"
 #include "cuda/backend.h"
+#include "python/arrays.h"
 
 namespace py = pybind11;
 using namespace fusedopt;
@@ -57,7 +58,7 @@ struct DLManagedTensorVersioned {
   DLTensor dl_tensor;
 };
 constexpr uint64_t kDLPackFlagReadOnly = 1;
-constexpr uint8_t kDLFloat = 2;
+constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
 constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
 
 // Where a buffer lives, beyond what the core validates.
@@ -90,11 +91,14 @@ bool row_major(const std::vector<int64_t>& shape, const int64_t* strides, int64_
 }
 
 // The CUDA kernels update float32 and float64 buffers (16-bit storage is CPU-only for now).
-void set_dtype(BufferInfo& info, bool is_float, int bits, const std::string& name) {
+// Returns whether the buffer holds 16-bit floats, refused with a message of their own: the core's
+// says that fusedopt updates them, which is true of the CPU only.
+bool set_dtype(BufferInfo& info, bool is_float, int bits, const std::string& name) {
   info.dtype.reset();
   if (is_float && bits == 32) info.dtype = Dtype::float32;
   if (is_float && bits == 64) info.dtype = Dtype::float64;
   info.dtype_name = name;
+  return is_float && bits == 16;
 }
 
 int64_t product(const std::vector<int64_t>& shape) {
@@ -103,10 +107,12 @@ int64_t product(const std::vector<int64_t>& shape) {
   return n;
 }
 
-void describe_interface(py::dict cai, BufferInfo& info, Placement& placement) {
+// Both describers return whether the buffer holds 16-bit floats (see set_dtype).
+bool describe_interface(py::dict cai, BufferInfo& info, Placement& placement) {
   const std::string typestr = py::str(cai["typestr"]);
   const bool little = typestr.size() == 3 && (typestr[0] == '<' || typestr[0] == '=');
-  set_dtype(info, little && typestr[1] == 'f', std::atoi(typestr.c_str() + 2) * 8, typestr);
+  const bool sixteen_bit =
+      set_dtype(info, little && typestr[1] == 'f', std::atoi(typestr.c_str() + 2) * 8, typestr);
   for (py::handle s : py::tuple(cai["shape"])) info.shape.push_back(s.cast<int64_t>());
   info.size = product(info.shape);
   const py::tuple data(cai["data"]);
@@ -120,9 +126,10 @@ void describe_interface(py::dict cai, BufferInfo& info, Placement& placement) {
   if (cai.contains("mask") && !cai["mask"].is_none()) info.contiguous = false;
   if (cai.contains("stream") && !cai["stream"].is_none())
     placement.producer_stream = cai["stream"].cast<uintptr_t>();
+  return sixteen_bit;
 }
 
-void describe_dlpack(py::capsule capsule, BufferInfo& info, Placement& placement) {
+bool describe_dlpack(py::capsule capsule, BufferInfo& info, Placement& placement) {
   PyObject* object = capsule.ptr();
   const DLTensor* t;
   bool read_only = false;
@@ -141,10 +148,14 @@ void describe_dlpack(py::capsule capsule, BufferInfo& info, Placement& placement
   }
   // The capsule is only read, never consumed: its owner's destructor releases the tensor.
   const bool is_float = t->dtype.code == kDLFloat && t->dtype.lanes == 1;
-  set_dtype(info, is_float, t->dtype.bits,
-            std::string(is_float ? "float" : "DLPack type code ") +
-                (is_float ? "" : std::to_string(t->dtype.code) + " of ") +
-                std::to_string(t->dtype.bits) + (is_float ? "" : " bits"));
+  const bool bfloat16 = t->dtype.code == kDLBfloat && t->dtype.lanes == 1 && t->dtype.bits == 16;
+  const bool sixteen_bit =
+      set_dtype(info, is_float, t->dtype.bits,
+                bfloat16 ? std::string("bfloat16")
+                         : std::string(is_float ? "float" : "DLPack type code ") +
+                               (is_float ? "" : std::to_string(t->dtype.code) + " of ") +
+                               std::to_string(t->dtype.bits) + (is_float ? "" : " bits")) ||
+      bfloat16;
   info.shape.assign(t->shape, t->shape + t->ndim);
   info.size = product(info.shape);
   info.data = static_cast<char*>(t->data) + t->byte_offset;
@@ -152,6 +163,7 @@ void describe_dlpack(py::capsule capsule, BufferInfo& info, Placement& placement
   info.contiguous = row_major(info.shape, t->strides, 1);
   placement.device_type = t->device.device_type;
   placement.device_id = t->device.device_id;
+  return sixteen_bit;
 }
 
 struct DeviceStep {
@@ -170,10 +182,15 @@ void describe_list(py::handle list, const std::string& role, std::vector<BufferI
     Placement placement;
     if (item.is_none()) {
       info.present = false;
-    } else if (py::isinstance<py::dict>(item)) {
-      describe_interface(py::reinterpret_borrow<py::dict>(item), info, placement);
-    } else if (py::isinstance<py::capsule>(item)) {
-      describe_dlpack(py::reinterpret_borrow<py::capsule>(item), info, placement);
+    } else if (py::isinstance<py::dict>(item) || py::isinstance<py::capsule>(item)) {
+      const bool sixteen_bit =
+          py::isinstance<py::dict>(item)
+              ? describe_interface(py::reinterpret_borrow<py::dict>(item), info, placement)
+              : describe_dlpack(py::reinterpret_borrow<py::capsule>(item), info, placement);
+      if (sixteen_bit)
+        throw Error(ErrorKind::type, name + " has dtype " + info.dtype_name +
+                                         ": the CUDA backend updates float32 and float64 arrays "
+                                         "(16-bit storage is CPU-only for now)");
     } else {
       throw Error(ErrorKind::type, name +
                                        " must be a __cuda_array_interface__ dict or a DLPack "
@@ -246,8 +263,11 @@ using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecas
 template <class A>
 void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
          const StepSchedule& schedule, const StepExtras& extras, uintptr_t stream_handle) {
-  auto prepared = prepare_step<A>(groups, schedule, step.buffers, extras);
-  const int device = check_placement(step);
+  int device = -1;
+  // Placement is checked after the buffers are validated, before the scalars advance: a step
+  // refused for its device leaves NAdam's and ASGD's scalars as they were.
+  auto prepared = prepare_step<A>(groups, schedule, step.buffers, extras,
+                                  [&] { device = check_placement(step); });
   if (device < 0) return;        // every tensor is empty
   std::vector<void*> producers;  // distinct: usually one stream for the whole step
   for (const Placement& p : step.placements) {
@@ -331,11 +351,8 @@ PYBIND11_MODULE(_cuda, m) {
           s.steps.assign(steps.data(), steps.data() + steps.size());
           if (!new_state.is_none())
             for (py::handle f : new_state) s.new_state.push_back(f.cast<bool>());
-          py::array_t<double, py::array::c_style> scalar_rows;
-          if (!scalars.is_none()) {
-            scalar_rows = py::reinterpret_borrow<py::array_t<double, py::array::c_style>>(scalars);
-            s.scalars = scalar_rows.mutable_data();
-          }
+          s.scalars = writeable_array<double>(
+              scalars, "scalars", static_cast<py::ssize_t>(d.buffers.params.size()) * kMaxScalars);
           const RangeChecks ranges(checked);  // false: fusedopt.torch, as TorchPlan's
           run<A>(d, groups_from<A>(groups), s, StepExtras{grad_scale}, stream);
         });
