@@ -731,9 +731,9 @@ def keras_rmsprop(
     """One step of ``keras.optimizers.RMSprop`` (spec section 6).
 
     ``ms <- rho*ms + (1 - rho)*g^2``; centered: ``mg <- rho*mg + (1 - rho)*g`` and
-    ``D = (ms + epsilon) - mg^2`` (the torch backend's order), otherwise ``D = ms + epsilon``;
-    ``inc = lr*g/sqrt(D)``. With momentum: ``mom <- mu*mom + inc`` and ``p <- p - mom`` (lr
-    inside the buffer); else ``p <- p - inc``.
+    ``D = (ms + epsilon) - mg^2`` (the torch backend's order, in the variable's dtype), otherwise
+    ``D = ms + epsilon``; ``inc = lr*g/sqrt(D)``. With momentum: ``mom <- mu*mom + inc`` and
+    ``p <- p - mom`` (lr inside the buffer); else ``p <- p - inc``.
     """
     param = _keras_weight_decay(_float64(p), weight_decay, learning_rate)
     grad = _float64(g)
@@ -743,7 +743,12 @@ def keras_rmsprop(
     average_gradient = _slot(new_state, "average_gradient", param)
     if centered:
         average_gradient = rho * average_gradient + (1.0 - rho) * grad
-        denominator = (velocity + epsilon) - average_gradient * average_gradient
+        # In the variable's float dtype, as Keras' step (float32 for 16-bit storage, fusedopt's
+        # math): where ms and mg^2 agree (a steady grad, rho = 0), this is their roundings'
+        # difference, 0 in float32 where float64 would still hold epsilon.
+        dtype = np.float64 if np.asarray(p).dtype == np.float64 else np.float32
+        square = average_gradient.astype(dtype) * average_gradient.astype(dtype)
+        denominator = ((velocity.astype(dtype) + dtype(epsilon)) - square).astype(np.float64)
     else:
         denominator = velocity + epsilon
     increment = learning_rate * grad / np.sqrt(denominator)
