@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -1472,6 +1474,70 @@ def test_making_8_bit_state_takes_little_more_memory_than_the_state(front):
     # 16 MB for the bounded temporaries of one batch of blocks.
     result = 4 * size if front == "dequantize one" else 2 * size
     assert peak < result + 16e6, f"{peak / 1e6:.0f} MB for {result / 1e6:.0f} MB of state"
+
+
+@pytest.mark.parametrize("saved", ["float32", "int8"])
+@pytest.mark.parametrize("kept", ["float32", "int8"])
+def test_loading_a_checkpoint_into_or_out_of_8_bit_state_takes_little_more_memory(saved, kept):
+    """The NumPy classes converted a saved state through a float32 copy of the whole state
+    (3x the 8-bit state it became) and dequantized 8-bit state twice (1.5x the float state)."""
+    import tracemalloc
+
+    size = 2_000_000
+    grad = np.full(size, 0.5, np.float32)
+    source = fusedopt.Adam([np.zeros(size, np.float32)], state_dtype=saved)
+    source.step([grad])
+    checkpoint = source.state_dict()
+    target = fusedopt.Adam([np.zeros(size, np.float32)], state_dtype=kept)
+    tracemalloc.start()
+    try:
+        target.load_state_dict(checkpoint)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    kept_bytes = sum(v.nbytes for v in target.state[0].values() if isinstance(v, np.ndarray))
+    assert peak < kept_bytes + 16e6, f"{peak / 1e6:.0f} MB for {kept_bytes / 1e6:.0f} MB of state"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("saved", ["float32", "int8", "bfloat16 params"])
+def test_torch_loading_into_8_bit_state_takes_little_more_memory(saved, layout, tmp_path):
+    """torch's load_state_dict casts every saved state to its param's dtype: 8-bit codes became
+    float32 copies that fusedopt.torch threw away (4.4x the 8-bit state at the peak), and a
+    conversion copied the whole state in float32 up to three times (10.9x for codes loaded into a
+    param of another layout). Measured in a process of its own (torch's memory is not Python's:
+    the peak resident set, before and during the load)."""
+    pytest.importorskip("torch", reason="fusedopt.torch needs torch")
+    script = f"""
+import resource, torch, fusedopt.torch
+size = 10 * 64 * 160 * 160
+def param():
+    dtype = torch.bfloat16 if {saved!r} == "bfloat16 params" else torch.float32
+    p = torch.zeros(10, 64, 160, 160, dtype=dtype)
+    if {layout!r} == "channels_last":
+        p = p.contiguous(memory_format=torch.channels_last)
+    return p
+p = param()
+p.grad = torch.full_like(p, 0.5)
+state_dtype = "int8" if {saved!r} == "int8" else None
+source = fusedopt.torch.Adam([p], state_dtype=state_dtype)
+source.step()
+checkpoint = source.state_dict()
+q = param()
+target = fusedopt.torch.Adam([q], state_dtype="int8")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+target.load_state_dict(checkpoint)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(peak, size)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    peak, size = map(int, run.stdout.split()[-2:])
+    # The 8-bit state itself (2 bytes per element) and 24 MB for the quantizer's batch of blocks
+    # and the allocator; codes loaded into another layout also take a float32 copy of a state in
+    # each order.
+    allowed = 2 * size + 24e6 + (8 * size if saved == "int8" and layout == "channels_last" else 0)
+    assert peak < allowed, f"{peak / 1e6:.0f} MB for {2 * size / 1e6:.0f} MB of 8-bit state"
 
 
 def test_8_bit_checkpoints_round_trip_and_float_state_is_quantized_on_load():

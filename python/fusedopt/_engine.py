@@ -535,7 +535,7 @@ def _dynamic_map(nonnegative: bool) -> np.ndarray:
 # Blocks (de)quantized at a time: the NumPy rule below makes ~50 bytes of temporaries per
 # element, so a whole 8-bit state of a large model at once would need many times the memory that
 # the 8-bit state exists to save.
-_BLOCKS_AT_A_TIME = 1024
+_BLOCKS_AT_A_TIME = 256
 
 
 def quantize_blockwise(values: Any, nonnegative: bool) -> tuple[np.ndarray, np.ndarray]:

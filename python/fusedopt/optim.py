@@ -661,8 +661,12 @@ class Optimizer(PlanHolder):
             if dtype == "int8":
                 return np.array(codes, order="C", copy=True), scales
             value = dequantize_blockwise(codes, scales, self._description.nonnegative(name))
+            if dtype == "float32" and not cuda.is_device_array(param):
+                return value, None  # new, C-contiguous float32 already
         if dtype == "int8":
-            floats = _state_array(value, param, i, name, "float32", saved_id)
+            # Checked, then quantized where it is, a batch of blocks at a time: a float32 copy of
+            # the whole state first took three times the 8-bit state's memory.
+            floats = _state_array(value, param, i, name, None, saved_id)
             return quantize_blockwise(floats, self._description.nonnegative(name))
         return _state_array(value, param, i, name, dtype, saved_id), None
 
@@ -825,8 +829,11 @@ def _step_count(value: Any, saved_id: int) -> int:
 _SAVED_BFLOAT16 = np.dtype("V2")
 
 
-def _state_array(value: Any, param: Any, i: int, name: str, dtype: str, saved_id: int) -> Any:
-    """A saved state (entry ``saved_id`` of the state dict) for params[i], in ``dtype``."""
+def _state_array(
+    value: Any, param: Any, i: int, name: str, dtype: str | None, saved_id: int
+) -> Any:
+    """A saved state (entry ``saved_id`` of the state dict) for params[i], in ``dtype``: a new
+    array, or with ``dtype`` None the saved one as it is, checked (for the caller to convert)."""
     try:
         array = np.asarray(_host(value))
     except (TypeError, ValueError):
@@ -840,6 +847,8 @@ def _state_array(value: Any, param: Any, i: int, name: str, dtype: str, saved_id
         array = array.view(numpy_dtype("bfloat16"))
     if array.dtype.kind != "f" and dtype_name(array.dtype) != "bfloat16":
         raise TypeError(f"state_dict: state[{saved_id}][{name!r}] has dtype {array.dtype}")
+    if dtype is None:
+        return array
     if cuda.is_device_array(param):
         return cuda.array_like(array, param)
     # Cast (and rounded to nearest) to the dtype this optimizer keeps it in.

@@ -64,6 +64,7 @@ from fusedopt._engine import (
     dtype_name,
     first_overlap,
     native_values,
+    numpy_dtype,
     overlaps,
     quantize_blockwise,
     quantized_full,
@@ -168,13 +169,12 @@ def _in_layout(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def _codes_like(p: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
-    """8-bit codes, one per element in ``p``'s memory order, as a uint8 tensor laid out as ``p``."""
+    """8-bit codes, one per element in ``p``'s memory order, as a uint8 tensor laid out as ``p``:
+    the codes' own memory, viewed with ``p``'s strides (``p`` is dense: they span it once)."""
+    flat = torch.from_numpy(np.ascontiguousarray(codes).reshape(-1))
     if _is_dtensor(p):  # as before layouts: a plain tensor of the param's shape
-        return torch.from_numpy(np.ascontiguousarray(codes).reshape(tuple(p.shape)))
-    with torch.no_grad():
-        t = _like(p, torch.uint8)
-        _flat(t).copy_(torch.from_numpy(np.ascontiguousarray(codes).reshape(-1)))
-    return t
+        return flat.reshape(tuple(p.shape))
+    return flat.as_strided(tuple(p.shape), p.stride()).to(device=p.device)
 
 
 def _new_master(p: torch.Tensor) -> torch.Tensor:
@@ -214,10 +214,19 @@ def _check_saved_shape(value: torch.Tensor, p: torch.Tensor, where: str) -> None
 
 
 def _quantized_like(p: torch.Tensor, values: torch.Tensor, nonnegative: bool) -> tuple:
-    """``values`` (by logical index) as 8-bit state of ``p``: codes laid out as ``p``, quantized
-    in its memory order (blocks of 256 consecutive elements in memory), and their absmax."""
-    ordered = _like(p, torch.float32).copy_(values.detach().to(device=p.device))
-    codes, scales = quantize_blockwise(_flat(ordered).cpu().numpy(), nonnegative)
+    """``values`` (by logical index, any float dtype) as 8-bit state of ``p``: codes laid out as
+    ``p``, quantized in its memory order (blocks of 256 consecutive elements in memory), and
+    their absmax. Values already in that order are read where they are, a block at a time
+    (a copy of a large state in float32 would take four times the 8-bit state's memory)."""
+    values = values.detach().cpu()
+    if not (_same_order(values, p) and _is_dense(values)):
+        values = torch.empty_like(p, dtype=values.dtype, device="cpu").copy_(values)
+    flat = _flat(values)
+    if flat.dtype == torch.bfloat16:  # no NumPy dtype in torch: its bits as ml_dtypes'
+        array = flat.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    else:
+        array = flat.numpy()
+    codes, scales = quantize_blockwise(array, nonnegative)
     return _codes_like(p, codes), torch.from_numpy(scales)
 
 
@@ -608,7 +617,11 @@ class Optimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
-            super().load_state_dict(state_dict)  # __setstate__ drops the plans
+            # __setstate__ drops the plans. torch casts every saved state to its param's dtype:
+            # 8-bit codes and float32 masters, which _load_state and the master's load below
+            # read from the saved tensors, go to it as empty tensors instead (a float32 copy of
+            # every 8-bit state at once took 4.4 times the state's memory).
+            super().load_state_dict(self._without_reloaded_states(state_dict))
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
             self._optimizer_load_state_dict_post_hooks = post_hooks
@@ -673,6 +686,25 @@ class Optimizer(torch.optim.Optimizer):
                 ):
                     entry[name] = _in_layout(value, p)
 
+    def _without_reloaded_states(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with each saved 8-bit state (uint8 codes) and master replaced by an
+        empty tensor, for torch's load (new dicts where one changes; the caller's is kept)."""
+        names = set(self._declaration._description.states)
+        state = {}
+        for saved_id, entry in state_dict["state"].items():
+            if isinstance(entry, dict):
+                reloaded = [
+                    key
+                    for key, value in entry.items()
+                    if isinstance(value, torch.Tensor)
+                    and not _is_dtensor(value)
+                    and (key == "master" or (key in names and value.dtype == torch.uint8))
+                ]
+                if reloaded:
+                    entry = {**entry, **{key: entry[key].new_empty(0) for key in reloaded}}
+            state[saved_id] = entry
+        return {**state_dict, "state": state}
+
     def _load_state(self, p: torch.Tensor, name: str, saved: dict[str, Any], saved_id: Any) -> None:
         """A saved state and its saved absmax (8-bit state) as this optimizer keeps them,
         converted together from the saved tensors (torch's load_state_dict cast both, uint8
@@ -691,7 +723,7 @@ class Optimizer(torch.optim.Optimizer):
             )
         if dtype == torch.uint8 and value.dtype != torch.uint8:
             _check_saved_shape(value, p, f"state[{saved_id}][{name!r}]")
-            entry[name], entry[name + "_absmax"] = _quantized_like(p, value.float(), nonnegative)
+            entry[name], entry[name + "_absmax"] = _quantized_like(p, value, nonnegative)
             return
         if value.dtype == torch.uint8:
             if not has_absmax:
@@ -718,8 +750,8 @@ class Optimizer(torch.optim.Optimizer):
                 entry[name + "_absmax"] = absmax.to(device=p.device)
                 return
             flat = dequantize_blockwise(_flat(value).numpy(), absmax.numpy(), nonnegative)
-            values = torch.empty_like(value, dtype=torch.float32)
-            _flat(values).copy_(torch.from_numpy(np.ascontiguousarray(flat).reshape(-1)))
+            # The floats in the codes' memory order, viewed in their layout (no copy).
+            values = torch.from_numpy(flat.reshape(-1)).as_strided(value.shape, value.stride())
             if dtype == torch.uint8:  # another layout than the param's: quantized again in it
                 entry[name], entry[name + "_absmax"] = _quantized_like(p, values, nonnegative)
                 return
