@@ -299,9 +299,12 @@ class Optimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 values = self._native_options(group)
                 entries += [(p, values) for p in group["params"]]
-            # No master yet: it starts from the param at the param's first step (docs/spec.md
-            # section 22), after weights loaded into the model since.
-            self._create_states(entries, masters=False)
+            # With its master, as torch's state made here is what torch.distributed.checkpoint
+            # fills (a master made at the first step was left out of the template and lost on
+            # loading); checked against its param at the first step, which restarts it from
+            # weights loaded into the model since (docs/spec.md section 22).
+            self._create_states(entries)
+            self._loaded_masters += [p for p, _ in entries if "master" in self.state.get(p, {})]
 
     # What a forked child drops (_engine's fork handler, as for the NumPy classes): another
     # thread of the parent may have been in a step, holding the lock and a plan's mutex.
@@ -317,7 +320,8 @@ class Optimizer(torch.optim.Optimizer):
         """The lock and the caches: made anew, never pickled or copied."""
         if "_lock" not in self.__dict__:
             self._start_lock()
-        # Params whose master load_state_dict set: checked against them at the next step.
+        # Params whose master load_state_dict set (or Adagrad's constructor made): checked
+        # against them at the next step.
         self.__dict__.setdefault("_loaded_masters", [])
         self._plans: dict[Any, Any] = {}
         # Per group (by id): its values' key, its native options, and the values themselves
@@ -404,6 +408,15 @@ class Optimizer(torch.optim.Optimizer):
                         )
         self.precision.check([dtype_name(p.dtype) for p in params])
         self.precision.check_algorithm(self._declaration._description)
+        if self.precision.state_dtype == "int8":
+            for g, group in enumerate(self.param_groups):
+                for i, p in enumerate(group["params"]):
+                    if _is_dtensor(p):
+                        raise ValueError(
+                            f"state_dtype='int8': params[{i}] of param_groups[{g}] is a DTensor "
+                            "(FSDP2); 8-bit state is not kept for sharded params yet (its blocks "
+                            "and absmax would be the shard's): use 'bfloat16'"
+                        )
         if self.precision != FULL_PRECISION and any(p.device.type != "cpu" for p in params):
             raise ValueError(
                 "state_dtype, master_weights and stochastic_rounding are CPU-only for now"
@@ -420,12 +433,22 @@ class Optimizer(torch.optim.Optimizer):
                     "graphs); leave it False"
                 )
         # Kept in a group, they would be ignored: the low-precision options are the optimizer's.
+        # One equal to the optimizer's own passes: ZeroRedundancyOptimizer keeps the keyword
+        # arguments it builds its local optimizer with in its groups, and copies them on.
         for name in PRECISION_OPTIONS:
-            if name in group:
+            if name in group and not self._is_own_precision(name, group[name]):
                 raise ValueError(
                     f"fusedopt.torch.{type(self).__name__}: param_groups[{index}] sets {name}, "
                     "which applies to the whole optimizer: give it to the constructor"
                 )
+
+    def _is_own_precision(self, name: str, value: Any) -> bool:
+        """Whether ``value`` of the option ``name`` is the one this optimizer was given."""
+        try:
+            given = Precision.of(**{name: value})
+        except (TypeError, ValueError):
+            return False
+        return getattr(given, name) == getattr(self.precision, name)
 
     def _native_options(self, group: dict[str, Any]) -> tuple[float, ...]:
         """The group's native options, recomputed only when one of its values changed. Never
@@ -488,12 +511,9 @@ class Optimizer(torch.optim.Optimizer):
     # Never inference tensors (made in a step or constructor under torch.inference_mode), which
     # the next step outside it could not update in place, as torch's own could not.
     @torch.inference_mode(False)
-    def _create_states(
-        self, entries: Sequence[tuple[torch.Tensor, tuple]], masters: bool = True
-    ) -> list[bool]:
+    def _create_states(self, entries: Sequence[tuple[torch.Tensor, tuple]]) -> list[bool]:
         """torch's state for each (param, options), created lazily as torch creates it: the
-        step count, the scalars, the buffers these options use and a master (unless not
-        ``masters``: Adagrad's sums, made in its constructor), in that order;
+        step count, the scalars, the buffers these options use and a master, in that order;
         for each, whether a buffer was created. The buffers are allocated state by state (every
         param's exp_avg, then every param's exp_avg_sq), so that one state's buffers of
         consecutive params lie one after another in memory, as a step streams them; torch's
@@ -534,7 +554,7 @@ class Optimizer(torch.optim.Optimizer):
         tracks_step = self._tracks_step()
         for (p, values), buffers, (_, needs_master) in zip(entries, new_buffers, storage):
             if p not in self.state and not (
-                tracks_step or buffers or description.scalars or (masters and needs_master)
+                tracks_step or buffers or description.scalars or needs_master
             ):
                 continue  # torch keeps no state at all here (SGD without momentum)
             state = self.state[p]
@@ -544,7 +564,7 @@ class Optimizer(torch.optim.Optimizer):
                 if name not in state:
                     state[name] = torch.tensor(value, dtype=_scalar_dtype())
             state.update(buffers)
-            if masters and needs_master and state.get("master") is None:
+            if needs_master and state.get("master") is None:
                 state["master"] = _new_master(p)
         return [bool(buffers) for buffers in new_buffers]
 
