@@ -11,6 +11,8 @@ count; unbiasedness where rounding to nearest stalls; checkpoints; and refusals.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 import subprocess
 import sys
@@ -1500,40 +1502,65 @@ def test_loading_a_checkpoint_into_or_out_of_8_bit_state_takes_little_more_memor
     assert peak < kept_bytes + 16e6, f"{peak / 1e6:.0f} MB for {kept_bytes / 1e6:.0f} MB of state"
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("saved", ["float32", "int8", "bfloat16 params"])
-def test_torch_loading_into_8_bit_state_takes_little_more_memory(saved, layout, tmp_path):
+_TORCH_LOADS = [
+    (saved, layout)
+    for saved in ("float32", "int8", "bfloat16 params")
+    for layout in ("contiguous", "channels_last")
+]
+_TORCH_LOAD_MEMORY = """
+import json, sys, torch, fusedopt.torch
+size = 10 * 64 * 160 * 160
+def peak_reset():  # the peak resident set starts again from what is resident now
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+def resident(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field))
+peaks = {}
+for saved, layout in json.loads(sys.argv[1]):
+    def param():
+        dtype = torch.bfloat16 if saved == "bfloat16 params" else torch.float32
+        p = torch.zeros(10, 64, 160, 160, dtype=dtype)
+        return p.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else p
+    p = param()
+    p.grad = torch.full_like(p, 0.5)
+    source = fusedopt.torch.Adam([p], state_dtype="int8" if saved == "int8" else None)
+    source.step()
+    checkpoint = source.state_dict()
+    target = fusedopt.torch.Adam([param()], state_dtype="int8")
+    peak_reset()
+    before = resident("VmRSS")
+    target.load_state_dict(checkpoint)
+    peaks[saved + " " + layout] = resident("VmHWM") - before
+    del p, source, checkpoint, target
+print(json.dumps({"size": size, "peaks": peaks}))
+"""
+
+
+@pytest.fixture(scope="module")
+def torch_load_peaks() -> dict:
+    """The peak resident memory of each fusedopt.torch load of _TORCH_LOADS, measured in one
+    process of its own (torch's memory is not Python's, so tracemalloc cannot see it), its
+    peak reset before each load (Linux's /proc/self/clear_refs)."""
+    pytest.importorskip("torch", reason="fusedopt.torch needs torch")
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("the peak resident set is read and reset through Linux's /proc/self")
+    run = subprocess.run(
+        [sys.executable, "-c", _TORCH_LOAD_MEMORY, json.dumps(_TORCH_LOADS)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize(("saved", "layout"), _TORCH_LOADS)
+def test_torch_loading_into_8_bit_state_takes_little_more_memory(torch_load_peaks, saved, layout):
     """torch's load_state_dict casts every saved state to its param's dtype: 8-bit codes became
     float32 copies that fusedopt.torch threw away (4.4x the 8-bit state at the peak), and a
     conversion copied the whole state in float32 up to three times (10.9x for codes loaded into a
-    param of another layout). Measured in a process of its own (torch's memory is not Python's:
-    the peak resident set, before and during the load)."""
-    pytest.importorskip("torch", reason="fusedopt.torch needs torch")
-    script = f"""
-import resource, torch, fusedopt.torch
-size = 10 * 64 * 160 * 160
-def param():
-    dtype = torch.bfloat16 if {saved!r} == "bfloat16 params" else torch.float32
-    p = torch.zeros(10, 64, 160, 160, dtype=dtype)
-    if {layout!r} == "channels_last":
-        p = p.contiguous(memory_format=torch.channels_last)
-    return p
-p = param()
-p.grad = torch.full_like(p, 0.5)
-state_dtype = "int8" if {saved!r} == "int8" else None
-source = fusedopt.torch.Adam([p], state_dtype=state_dtype)
-source.step()
-checkpoint = source.state_dict()
-q = param()
-target = fusedopt.torch.Adam([q], state_dtype="int8")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-target.load_state_dict(checkpoint)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-print(peak, size)
-"""
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    peak, size = map(int, run.stdout.split()[-2:])
+    param of another layout)."""
+    size, peak = torch_load_peaks["size"], torch_load_peaks["peaks"][f"{saved} {layout}"]
     # The 8-bit state itself (2 bytes per element) and 24 MB for the quantizer's batch of blocks
     # and the allocator; codes loaded into another layout also take a float32 copy of a state in
     # each order.
