@@ -10,8 +10,10 @@ list of more than 2^31 elements is updated whole.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -189,6 +191,55 @@ def test_cuda_module_loads_without_gpu_and_reports_it() -> None:
     assert count >= 0
     if count == 0:
         assert reason and cuda.is_available() is False
+
+
+ARCHITECTURE_CASES = [
+    # (CMake's list, compute capability, what serves it)
+    ("80-real,90-real,90-virtual", (7, 5), "none"),
+    ("80-real,90-real,90-virtual", (8, 0), "machine_code"),
+    ("80-real,90-real,90-virtual", (8, 9), "machine_code"),
+    ("80-real,90-real,90-virtual", (9, 0), "machine_code"),
+    ("80-real,90-real,90-virtual", (10, 0), "ptx"),
+    ("80-real,90-real,90-virtual", (12, 1), "ptx"),
+    ("80-real", (9, 0), "none"),
+    ("86", (8, 0), "none"),
+    ("86", (8, 6), "machine_code"),
+    ("86", (9, 0), "ptx"),
+    ("100-real", (10, 3), "machine_code"),
+    ("100-real", (12, 0), "none"),
+    ("90a-real", (9, 0), "unknown"),
+    ("native", (9, 0), "unknown"),
+    ("", (9, 0), "unknown"),
+    ("80-real,", (8, 0), "unknown"),
+]
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler (c++) to build the check")
+def test_which_images_serve_a_device_is_read_from_the_architecture_list(tmp_path) -> None:
+    """cuda::images_for decides without the CUDA runtime whether a GPU is served (asking the
+    runtime made a context on every GPU of the machine): machine code of the device's major
+    version at its minor or below, else PTX of its capability or below, whose compilation the
+    runtime is asked about, as it is for a list not read here."""
+    header = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "architectures.h"
+    if not header.is_file():
+        pytest.skip("the source tree's csrc/ is not beside these tests")
+    checks = "".join(
+        f'  report("{lst}", {major}, {minor});\n' for lst, (major, minor), _ in ARCHITECTURE_CASES
+    )
+    program = tmp_path / "check.cpp"
+    program.write_text(
+        f'#include "{header}"\n#include <cstdio>\nusing fusedopt::cuda::ImagesFor;\n'
+        "void report(const char* list, int major, int minor) {\n"
+        '  static const char* names[] = {"none", "machine_code", "ptx", "unknown"};\n'
+        '  std::printf("%s\\n", names[static_cast<int>(\n'
+        "      fusedopt::cuda::images_for(list, major, minor))]);\n}\n"
+        f"int main() {{\n{checks}}}\n"
+    )
+    binary = tmp_path / "check"
+    subprocess.run(["c++", "-std=c++17", "-Wall", "-Werror", str(program), "-o", str(binary)],
+                   check=True)  # fmt: skip
+    answers = subprocess.run([str(binary)], check=True, capture_output=True, text=True)
+    assert answers.stdout.split() == [expected for *_, expected in ARCHITECTURE_CASES]
 
 
 class FakeDeviceArray:

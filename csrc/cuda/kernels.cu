@@ -3,12 +3,12 @@
 // is fused behind the math's back: both backends round every element the same way.
 #include <cuda_runtime.h>
 
-#include <cctype>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 
+#include "cuda/architectures.h"
 #include "cuda/backend.h"
 #include "cuda/multi_tensor.cuh"
 #include "math/registry.h"
@@ -166,38 +166,6 @@ void launch_step(const PreparedStep<A>& step, void* stream_handle) {
   }
 }
 
-namespace {
-
-// Whether this build's images (CMake's CUDA_ARCHITECTURES, "80-real,90-real,90-virtual" by
-// default) run on a device of compute capability major.minor, read from the list alone: a real
-// image (SASS) runs on its major version at its minor or later, a virtual one (PTX) is compiled
-// for any later device. Asking the runtime instead (cudaFuncGetAttributes) needs the device made
-// current, which creates its context: half a gigabyte on every GPU of the machine, from every
-// process that only wanted to know whether a GPU is there. nullopt for a list this does not read
-// ("native", "all", an arch-specific suffix): the runtime is asked after all.
-std::optional<bool> images_run_on(int major, int minor) {
-  const std::string list = FUSEDOPT_CUDA_ARCHITECTURES;
-  bool served = false;
-  for (size_t begin = 0; begin <= list.size();) {
-    size_t end = list.find(',', begin);
-    if (end == std::string::npos) end = list.size();
-    const std::string entry = list.substr(begin, end - begin);
-    begin = end + 1;
-    size_t digits = 0;
-    while (digits < entry.size() && std::isdigit(static_cast<unsigned char>(entry[digits])))
-      ++digits;
-    const std::string kind = entry.substr(digits);
-    if (digits < 2 || digits > 3 || (!kind.empty() && kind != "-real" && kind != "-virtual"))
-      return std::nullopt;
-    const int arch = std::stoi(entry.substr(0, digits));
-    if (kind != "-virtual" && major == arch / 10 && minor >= arch % 10) served = true;
-    if (kind != "-real" && major * 10 + minor >= arch) served = true;
-  }
-  return served;
-}
-
-}  // namespace
-
 bool kernels_run_on(int device, std::string* reason) {
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
@@ -207,10 +175,13 @@ bool kernels_run_on(int device, std::string* reason) {
     return false;
   }
   cudaError_t error = cudaSuccess;
-  if (const std::optional<bool> served = images_run_on(major, minor)) {
-    if (*served) return true;
+  const ImagesFor images = images_for(FUSEDOPT_CUDA_ARCHITECTURES, major, minor);
+  if (images == ImagesFor::machine_code) return true;
+  if (images == ImagesFor::none) {
     error = cudaErrorNoKernelImageForDevice;
   } else {
+    // PTX only, which the driver must be able to compile (it may be older than the toolkit's
+    // PTX), or a list not read here: the runtime is asked, creating this device's context.
     int previous = -1;
     if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
       cudaGetLastError();
