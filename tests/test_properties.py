@@ -32,6 +32,7 @@ its trigger, so that they go on exploring the rest.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -1028,7 +1029,8 @@ class FunctionalCall:
             for name, obj in self.scalar_objects.items():
                 key = "u_product" if keras else name[:-1]
                 state[key] = float(np.asarray(obj, dtype=np.float64)[i])
-            new_p, new_state = flat_reference(self._reference, p, g, state)
+            reference_step = functools.partial(self._reference, dtype=params[i].dtype)
+            new_p, new_state = flat_reference(reference_step, p, g, state)
             result = {"params": new_p}
             for k, s in enumerate(self.d.states):
                 if s in used:
@@ -1043,7 +1045,8 @@ class FunctionalCall:
             )
         return results
 
-    def _reference(self, p: np.ndarray, g: np.ndarray, state: dict[str, Any]) -> Any:
+    def _reference(self, p: np.ndarray, g: np.ndarray, state: dict[str, Any], dtype: Any) -> Any:
+        """``dtype``: the param's (``p`` is a float64 copy)."""
         c = self.case
         native = c.native
         if c.convention == "keras":
@@ -1052,6 +1055,7 @@ class FunctionalCall:
             }
             if c.algorithm == "rmsprop":
                 kwargs["rho"] = kwargs.pop("alpha")
+                kwargs["variable_dtype"] = dtype  # its centered denominator's precision
             for k in ("nesterov", "centered", "amsgrad"):
                 if k in kwargs:
                     kwargs[k] = bool(kwargs[k])
@@ -2194,6 +2198,8 @@ def keras_reference_apply(
         if case.cls is fk.Nadam:
             state["u_product"] = u_product  # the value before this apply, for every variable
         p64 = np.array(variables[i], dtype=np.float64)
+        if case.cls is fk.RMSprop:  # its centered denominator in the variable's precision
+            kwargs["variable_dtype"] = variables[i].dtype
         new = flat_reference(lambda *a: step(*a, learning_rate=rate, **kwargs), p64, g, state)
         results[i] = new
         if case.cls is fk.Nadam:

@@ -727,8 +727,10 @@ def keras_rmsprop(
     epsilon: float = 1e-7,
     centered: bool = False,
     weight_decay: float | None = None,
+    variable_dtype: Any = None,
 ) -> StepResult:
-    """One step of ``keras.optimizers.RMSprop`` (spec section 6).
+    """One step of ``keras.optimizers.RMSprop`` (spec section 6); ``variable_dtype``: the
+    variable's dtype where ``p`` is given in another (a float64 copy), by default ``p``'s.
 
     ``ms <- rho*ms + (1 - rho)*g^2``; centered: ``mg <- rho*mg + (1 - rho)*g`` and
     ``D = (ms + epsilon) - mg^2`` (the torch backend's order, in the variable's dtype), otherwise
@@ -746,7 +748,8 @@ def keras_rmsprop(
         # In the variable's float dtype, as Keras' step (float32 for 16-bit storage, fusedopt's
         # math): where ms and mg^2 agree (a steady grad, rho = 0), this is their roundings'
         # difference, 0 in float32 where float64 would still hold epsilon.
-        dtype = np.float64 if np.asarray(p).dtype == np.float64 else np.float32
+        variable_dtype = np.asarray(p).dtype if variable_dtype is None else variable_dtype
+        dtype = np.float64 if np.dtype(variable_dtype) == np.float64 else np.float32
         square = average_gradient.astype(dtype) * average_gradient.astype(dtype)
         denominator = ((velocity.astype(dtype) + dtype(epsilon)) - square).astype(np.float64)
     else:

@@ -204,6 +204,19 @@ def _restart_stale_master(entry: dict[str, Any], p: torch.Tensor) -> None:
             entry["master"] = _new_master(p)
 
 
+def _restart_unstepped_master(entry: dict[str, Any] | None, p: torch.Tensor) -> None:
+    """A master made before its param's first step (Adagrad's constructor, as its other state,
+    which torch.distributed.checkpoint fills) starts again from the param as it is at that step:
+    weights loaded into the model since are the start, however close to the old ones (a
+    tolerance, right for a trained master, took back a fine-tuned norm's gamma 1 +- 0.007). Told
+    from the state itself (a step count of 0), which copies and pickles keep."""
+    if not entry or entry.get("master") is None:
+        return
+    step = entry.get("step")
+    if isinstance(step, torch.Tensor) and not _is_dtensor(step) and float(step) == 0:
+        entry["master"] = _new_master(p)
+
+
 def _check_saved_shape(value: torch.Tensor, p: torch.Tensor, where: str) -> None:
     """A saved state converted into this optimizer's form (a master, float state quantized) has
     its param's shape: the conversion's copy would broadcast another into place."""
@@ -218,7 +231,7 @@ def _quantized_like(p: torch.Tensor, values: torch.Tensor, nonnegative: bool) ->
     ``p``, quantized in its memory order (blocks of 256 consecutive elements in memory), and
     their absmax. Values already in that order are read where they are, a block at a time
     (a copy of a large state in float32 would take four times the 8-bit state's memory)."""
-    values = values.detach().cpu()
+    values = values.detach().cpu().resolve_neg().resolve_conj()  # read in place: no lazy bit
     if not (_same_order(values, p) and _is_dense(values)):
         values = torch.empty_like(p, dtype=values.dtype, device="cpu").copy_(values)
     flat = _flat(values)
@@ -301,10 +314,9 @@ class Optimizer(torch.optim.Optimizer):
                 entries += [(p, values) for p in group["params"]]
             # With its master, as torch's state made here is what torch.distributed.checkpoint
             # fills (a master made at the first step was left out of the template and lost on
-            # loading); checked against its param at the first step, which restarts it from
-            # weights loaded into the model since (docs/spec.md section 22).
+            # loading). A master never stepped restarts from its param at the param's first step
+            # (_register), after weights loaded into the model since (docs/spec.md section 22).
             self._create_states(entries)
-            self._loaded_masters += [p for p, _ in entries if "master" in self.state.get(p, {})]
 
     # What a forked child drops (_engine's fork handler, as for the NumPy classes): another
     # thread of the parent may have been in a step, holding the lock and a plan's mutex.
@@ -320,8 +332,7 @@ class Optimizer(torch.optim.Optimizer):
         """The lock and the caches: made anew, never pickled or copied."""
         if "_lock" not in self.__dict__:
             self._start_lock()
-        # Params whose master load_state_dict set (or Adagrad's constructor made): checked
-        # against them at the next step.
+        # Params whose master load_state_dict set: checked against them at the next step.
         self.__dict__.setdefault("_loaded_masters", [])
         self._plans: dict[Any, Any] = {}
         # Per group (by id): its values' key, its native options, and the values themselves
@@ -710,9 +721,11 @@ class Optimizer(torch.optim.Optimizer):
         """``state_dict`` with each saved 8-bit state (uint8 codes) and master replaced by an
         empty tensor, for torch's load (new dicts where one changes; the caller's is kept)."""
         names = set(self._declaration._description.states)
+        # Only a listed param's entries are read again; torch keeps the others as they are.
+        listed = {i for group in state_dict["param_groups"] for i in group["params"]}
         state = {}
         for saved_id, entry in state_dict["state"].items():
-            if isinstance(entry, dict):
+            if isinstance(entry, dict) and saved_id in listed:
                 reloaded = [
                     key
                     for key, value in entry.items()
@@ -967,6 +980,7 @@ class Optimizer(torch.optim.Optimizer):
                         self.state.get(p, {}), description.states, p, i, g, self._state_dtype(p),
                         self._needs_master(p),
                     )  # fmt: skip
+                    _restart_unstepped_master(self.state.get(p), p)
                 if _is_dtensor(p):
                     self._dtensors.append((p, i, g))
                 has_grad = p.grad is not None
