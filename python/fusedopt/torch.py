@@ -231,9 +231,8 @@ def _quantized_like(p: torch.Tensor, values: torch.Tensor, nonnegative: bool) ->
     ``p``, quantized in its memory order (blocks of 256 consecutive elements in memory), and
     their absmax. Values already in that order are read where they are, a block at a time
     (a copy of a large state in float32 would take four times the 8-bit state's memory)."""
-    values = values.detach().cpu().resolve_neg().resolve_conj()  # read in place: no lazy bit
-    if not (_same_order(values, p) and _is_dense(values)):
-        values = torch.empty_like(p, dtype=values.dtype, device="cpu").copy_(values)
+    # Read in place: no lazy bit.
+    values = _in_layout(values.detach().cpu().resolve_neg().resolve_conj(), p)
     flat = _flat(values)
     if flat.dtype == torch.bfloat16:  # no NumPy dtype in torch: its bits as ml_dtypes'
         array = flat.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
