@@ -12,6 +12,10 @@ the device's. It is the time ``step()`` takes to return, with the queue drained 
 time; for fusedopt's NumPy-API ``fusedopt.Adam`` over torch CUDA tensors, ``fusedopt.torch.Adam``,
 and torch's fused and foreach Adam.
 
+Low precision: fusedopt.torch.AdamW over one tensor of 1e8 elements in float32, bfloat16 with a
+float32 master, bfloat16 rounded stochastically and 8-bit state, against torch's fused AdamW in
+float32 and bfloat16 (which keeps no master).
+
     python bench/gpu.py [--repeats 20] [--max-elements 1e9] [--host-tensors 10000]
                         [--host-size 100] [--output table.md]
 
@@ -188,6 +192,54 @@ def bench_case(torch: Any, sizes: list[int], repeats: int) -> dict[str, float]:
     return result
 
 
+LOW_PRECISION = {
+    "float32": (None, {}),
+    "bfloat16 + float32 master": ("bfloat16", dict(master_weights=True)),
+    "bfloat16, stochastic rounding": ("bfloat16", dict(stochastic_rounding=True, seed=0)),
+    "bfloat16 + master, 8-bit state": ("bfloat16", dict(master_weights=True, state_dtype="int8")),
+    "float32, 8-bit state": (None, dict(state_dtype="int8")),
+}
+
+
+def bench_low_precision(torch: Any, total: int, repeats: int) -> dict[str, float]:
+    """fusedopt.torch.AdamW in each low-precision configuration over one tensor of ``total``
+    elements, and torch's fused AdamW in float32 and bfloat16 (which keeps no master)."""
+    import fusedopt.torch
+
+    def step_ms(optimizer_class: Any, dtype: Any, **options: Any) -> float:
+        param = torch.nn.Parameter(torch.randn(total, device="cuda", dtype=dtype))
+        param.grad = (torch.randn(total, device="cuda") * 1e-3).to(dtype)
+        opt = optimizer_class([param], lr=1e-4, **options)
+        try:
+            return time_ms(torch, opt.step, repeats)
+        finally:
+            del opt, param
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    result = {}
+    for name, (dtype, options) in LOW_PRECISION.items():
+        dtype = getattr(torch, dtype or "float32")
+        result[f"fusedopt {name}"] = step_ms(fusedopt.torch.AdamW, dtype, **options)
+    for dtype in ("float32", "bfloat16"):
+        result[f"torch fused {dtype}"] = step_ms(
+            torch.optim.AdamW, getattr(torch, dtype), fused=True
+        )
+    return result
+
+
+def low_precision_markdown(total: int, timings: dict[str, float]) -> str:
+    ours = timings["fusedopt float32"]
+    lines = [
+        f"AdamW over one tensor of {total:.3g} elements: median ms per step (CUDA events).",
+        "",
+        "| configuration | ms | fusedopt float32 ÷ this |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {ms:.3f} | {ours / ms:.2f}x |" for name, ms in timings.items()]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[tuple[str, int, dict[str, float]]], device: str) -> str:
     lines = [
         f"Adam, float32, {device}; median ms per step (CUDA events); GB/s = 28 bytes/element.",
@@ -238,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     table += "\n\n" + host_markdown(args.host_tensors, args.host_size, host)
+    total = int(min(1e8, args.max_elements))
+    low = bench_low_precision(torch, total, args.repeats)
+    print("low precision: " + ", ".join(f"{k} {v:.3f} ms" for k, v in low.items()), flush=True)
+    table += "\n\n" + low_precision_markdown(total, low)
     print(table)
     if args.output:
         with open(args.output, "w") as out:

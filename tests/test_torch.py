@@ -2054,3 +2054,55 @@ def test_a_grad_subclass_is_read_through_torch_s_methods_as_it_asks() -> None:
     with pytest.raises(RuntimeError, match="raw memory access refused"):
         optimizer.step()
     assert p.detach().tolist() == pytest.approx([-0.1] * 3)
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "name, precision",
+    [
+        ("AdamW", dict(master_weights=True)),
+        ("AdamW", dict(master_weights=True, state_dtype="int8", stochastic_rounding=True, seed=3)),
+        ("SGD", dict(stochastic_rounding=True, seed=5)),
+        ("RMSprop", dict(state_dtype="int8")),
+        ("Adagrad", dict(master_weights=True, state_dtype="int8")),
+    ],
+    ids=["master", "master-int8-sr", "sgd-sr", "rmsprop-int8", "adagrad-master-int8"],
+)
+def test_low_precision_on_cuda_is_the_cpu_s_bit_for_bit(name: str, precision: dict) -> None:
+    """bfloat16 params on the GPU (csrc/cuda/staged.cuh) with masters, 8-bit state and
+    stochastic rounding take the CPU's steps exactly: params and every state after a few steps,
+    a checkpoint saved on the GPU loading on the CPU."""
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(64, 80), (300,), (5000,), (3,)]
+    host = [torch.randn(s, generator=generator).to(torch.bfloat16) for s in shapes]
+    cpu_params = [torch.nn.Parameter(t.clone()) for t in host]
+    gpu_params = [torch.nn.Parameter(t.clone().cuda()) for t in host]
+    options = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
+    cpu = getattr(ft, name)(cpu_params, **options, **precision)
+    gpu = getattr(ft, name)(gpu_params, **options, **precision)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=generator).to(torch.bfloat16) for s in shapes]
+        for params, optimizer in ((cpu_params, cpu), (gpu_params, gpu)):
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.device)
+            optimizer.step()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(cpu_params, gpu_params)):
+        assert torch.equal(a.detach().view(torch.int16), b.detach().cpu().view(torch.int16)), i
+    for a, b in zip(cpu_params, gpu_params):
+        for key, value in cpu.state[a].items():
+            got = gpu.state[b][key]
+            assert got.dtype == value.dtype and got.shape == value.shape, key
+            assert got.device.type == ("cpu" if key == "step" else "cuda"), key
+            flat = value.reshape(-1).view(torch.uint8)  # the bits (a step count is 0-d)
+            assert torch.equal(flat, got.cpu().reshape(-1).view(torch.uint8)), key
+    restored_params = [torch.nn.Parameter(p.detach().cpu()) for p in gpu_params]
+    restored = getattr(ft, name)(restored_params, **options, **precision)
+    restored.load_state_dict(gpu.state_dict())
+    grads = [torch.randn(s, generator=generator).to(torch.bfloat16) for s in shapes]
+    for params, optimizer in ((restored_params, restored), (gpu_params, gpu)):
+        for p, g in zip(params, grads):
+            p.grad = g.to(p.device)
+        optimizer.step()
+    for i, (a, b) in enumerate(zip(restored_params, gpu_params)):
+        assert torch.equal(a.detach().view(torch.int16), b.detach().cpu().view(torch.int16)), i

@@ -53,6 +53,9 @@ struct StepBuffers {
   // states[k][i], absent where that state is not 8-bit).
   std::vector<std::vector<BufferInfo>> absmax;
   bool grads_written = false;  // grad_scale writes the unscaled gradient back
+  // False for device memory (fusedopt.cuda), whose values the host cannot read: the 8-bit scales
+  // are then not checked (check_scales).
+  bool values_readable = true;
 };
 
 // Per-tensor bookkeeping: which hyperparameter group a tensor belongs to, its step number t,

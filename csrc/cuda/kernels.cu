@@ -1,8 +1,15 @@
 // The CUDA kernels of every algorithm, float32 and float64, and their launches. Built with
 // -fmad=false (CMakeLists.txt) so that, like the CPU build with -ffp-contract=off, no multiply-add
 // is fused behind the math's back: both backends round every element the same way.
+#if !defined(FUSEDOPT_CUDA_EMULATION)
 #include <cuda_runtime.h>
+// kernel<<<blocks, threads, 0, stream>>>: the kernel last, so that its template arguments' commas
+// need no parentheses (csrc/cuda/emulation.h defines both for the host compiler).
+#define FUSEDOPT_LAUNCH(blocks, threads, stream, ...) __VA_ARGS__<<<blocks, threads, 0, stream>>>
+#define FUSEDOPT_LAUNCH_SYNCING FUSEDOPT_LAUNCH
+#endif
 
+#include <cstring>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -11,6 +18,8 @@
 #include "cuda/architectures.h"
 #include "cuda/backend.h"
 #include "cuda/multi_tensor.cuh"
+#include "cuda/staged.cuh"
+#include "math/dynamic_map.h"
 #include "math/registry.h"
 
 namespace fusedopt {
@@ -39,7 +48,7 @@ void launch_flat(const PlanTensor& tensor, const typename A::Coefficients& c, cu
   args.coefficients = c;
   const int64_t chunks = (tensor.size + kChunkElements - 1) / kChunkElements;
   const unsigned blocks = static_cast<unsigned>(chunks < kMaxFlatBlocks ? chunks : kMaxFlatBlocks);
-  flat_kernel<T, A><<<blocks, kThreadsPerBlock, 0, stream>>>(args);
+  FUSEDOPT_LAUNCH(blocks, kThreadsPerBlock, stream, flat_kernel<T, A>)(args);
   check_launch("the flat-buffer kernel");
 }
 
@@ -50,7 +59,8 @@ void launch_batch(const LaunchBatch& batch,
   args.metadata = batch.metadata;
   for (int k = 0; k < batch.num_coefficient_sets; ++k)
     args.coefficients[k] = coefficients[batch.coefficient_ids[k]];
-  multi_tensor_kernel<T, A><<<batch.metadata.num_blocks, kThreadsPerBlock, 0, stream>>>(args);
+  FUSEDOPT_LAUNCH(batch.metadata.num_blocks, kThreadsPerBlock, stream, multi_tensor_kernel<T, A>)
+  (args);
   check_launch("the multi-tensor kernel");
 }
 
@@ -77,7 +87,8 @@ void launch_reducing(Kernel kernel, const LaunchBatch& batch,
   }
   args.partials = partials;
   args.sums = sums;
-  kernel<<<batch.metadata.num_blocks, kThreadsPerBlock, 0, stream>>>(args);
+  // reduce_kernel meets at __syncthreads (the emulation runs it on threads of its own).
+  FUSEDOPT_LAUNCH_SYNCING(batch.metadata.num_blocks, kThreadsPerBlock, stream, kernel)(args);
   check_launch("a reducing kernel");
 }
 
@@ -113,7 +124,7 @@ void launch_reducing_step(const PreparedStep<A>& step, cudaStream_t stream) {
                                    partials, sums, stream);
     }
     const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
-    sum_chunks_kernel<R><<<blocks, 256, 0, stream>>>(partials, chunk_index, n, sums);
+    FUSEDOPT_LAUNCH(blocks, 256, stream, sum_chunks_kernel<R>)(partials, chunk_index, n, sums);
     check_launch("the per-tensor sums");
     for (const LaunchBatch& batch : plan) {
       if (batch.element_bytes == 4)
@@ -130,16 +141,101 @@ void launch_reducing_step(const PreparedStep<A>& step, cudaStream_t stream) {
   check(cudaFreeAsync(scratch, stream), "cudaFreeAsync");
 }
 
+// The staged tensors of a step (staged.cuh), in one launch: their descriptions, blocks,
+// coefficient structs and the dynamic maps copied into one scratch buffer first.
+template <class A>
+void launch_staged(const PreparedStep<A>& step, const std::vector<size_t>& staged,
+                   cudaStream_t stream) {
+  using Coefficients = typename A::Coefficients;
+  std::vector<StagedTensor> tensors;
+  std::vector<StagedBlock> blocks;
+  for (size_t i : staged) {
+    const TensorRef& t = step.tensors[i];
+    if (t.size == 0) continue;
+    if (t.dtype == Dtype::float64)
+      throw std::invalid_argument("fusedopt.cuda: float64 params take float64 state only");
+    StagedTensor d{};
+    d.param = t.param;
+    d.grad = t.grad;
+    for (int k = 0; k < kMaxStates; ++k) {
+      d.state[k] = t.state[k];
+      d.absmax[k] = t.absmax[k];
+    }
+    d.master = t.master;
+    d.size = t.size;
+    for (int role = 0; role < 1 + kMaxStates; ++role)
+      d.role_key[role] = t.stochastic ? role_key(t.rounding_key, role) : 0;
+    d.coefficient_set = step.coefficient_of[i];
+    d.dtype = static_cast<uint8_t>(t.dtype);
+    d.state_dtype = static_cast<uint8_t>(t.state_dtype);
+    d.flags = static_cast<uint8_t>((t.write_grad ? kStagedWriteGrad : 0) |
+                                   (t.stochastic ? kStagedStochastic : 0));
+    const int64_t chunks = (t.size + kChunkElements - 1) / kChunkElements;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      blocks.push_back({static_cast<int32_t>(tensors.size()), static_cast<int32_t>(chunk)});
+    tensors.push_back(d);
+  }
+  if (blocks.empty()) return;
+  if (blocks.size() > static_cast<size_t>(INT32_MAX))
+    throw std::length_error("fusedopt.cuda: too many chunks for one launch");
+  // One buffer: maps, coefficients, tensors, blocks, each on a 64-byte boundary.
+  const auto rounded = [](size_t bytes) { return (bytes + 63) / 64 * 64; };
+  const size_t maps_at = 0, coefficients_at = rounded(2 * 256 * sizeof(float));
+  const size_t tensors_at =
+      coefficients_at + rounded(step.coefficients.size() * sizeof(Coefficients));
+  const size_t blocks_at = tensors_at + rounded(tensors.size() * sizeof(StagedTensor));
+  std::vector<unsigned char> host(blocks_at + blocks.size() * sizeof(StagedBlock));
+  std::memcpy(host.data() + maps_at, kSignedDynamicMap, sizeof kSignedDynamicMap);
+  std::memcpy(host.data() + maps_at + sizeof kSignedDynamicMap, kUnsignedDynamicMap,
+              sizeof kUnsignedDynamicMap);
+  std::memcpy(host.data() + coefficients_at, step.coefficients.data(),
+              step.coefficients.size() * sizeof(Coefficients));
+  std::memcpy(host.data() + tensors_at, tensors.data(), tensors.size() * sizeof(StagedTensor));
+  std::memcpy(host.data() + blocks_at, blocks.data(), blocks.size() * sizeof(StagedBlock));
+  void* scratch = nullptr;
+  check(cudaMallocAsync(&scratch, host.size(), stream), "cudaMallocAsync");
+  auto* device = static_cast<unsigned char*>(scratch);
+  try {
+    // From pageable memory: the call returns once `host` has been staged, so it may go after.
+    check(cudaMemcpyAsync(scratch, host.data(), host.size(), cudaMemcpyHostToDevice, stream),
+          "cudaMemcpyAsync");
+    StagedArguments<Coefficients> args;
+    args.maps = reinterpret_cast<const float*>(device + maps_at);
+    args.coefficients = reinterpret_cast<const Coefficients*>(device + coefficients_at);
+    args.tensors = reinterpret_cast<const StagedTensor*>(device + tensors_at);
+    args.blocks = reinterpret_cast<const StagedBlock*>(device + blocks_at);
+    // staged_kernel meets at __syncthreads (the emulation runs it on threads of its own).
+    FUSEDOPT_LAUNCH_SYNCING(static_cast<unsigned>(blocks.size()), kStagedThreads, stream,
+                            staged_kernel<A>)
+    (args);
+    check_launch("the low-precision kernel");
+  } catch (...) {
+    cudaFreeAsync(scratch, stream);
+    throw;
+  }
+  check(cudaFreeAsync(scratch, stream), "cudaFreeAsync");
+}
+
 }  // namespace
 
 template <class A>
 void launch_step(const PreparedStep<A>& step, void* stream_handle) {
   const auto stream = static_cast<cudaStream_t>(stream_handle);
+  std::vector<size_t> staged;  // low-precision tensors: their own kernel
+  for (size_t i = 0; i < step.tensors.size(); ++i)
+    if (step.tensors[i].staged()) staged.push_back(i);
   if constexpr (A::reductions > 0) {
+    if (!staged.empty())  // refused before the step (cuda_bindings.cpp): never reached
+      throw std::invalid_argument("fusedopt.cuda: " + std::string(A::name) +
+                                  " takes float32 and float64 tensors only on the GPU");
     launch_reducing_step(step, stream);
     return;
   }
-  const std::vector<PlanTensor> tensors = plan_tensors(step.tensors, step.coefficient_of);
+  if (!staged.empty()) launch_staged(step, staged, stream);
+  std::vector<PlanTensor> tensors;  // float32 and float64 tensors, planned below
+  const std::vector<PlanTensor> all = plan_tensors(step.tensors, step.coefficient_of);
+  for (size_t i = 0; i < all.size(); ++i)
+    if (!step.tensors[i].staged()) tensors.push_back(all[i]);
   // A dtype with a single non-empty tensor (one flat buffer for a whole model, say) takes the flat
   // kernel: one launch whatever its size, with no plan to build.
   std::vector<PlanTensor> planned;
@@ -166,6 +262,7 @@ void launch_step(const PreparedStep<A>& step, void* stream_handle) {
   }
 }
 
+#if !defined(FUSEDOPT_CUDA_EMULATION)  // emulated_runtime.cpp's says yes
 bool kernels_run_on(int device, std::string* reason) {
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
@@ -205,6 +302,7 @@ bool kernels_run_on(int device, std::string* reason) {
   }
   return false;
 }
+#endif
 
 // Every registered algorithm's launch is compiled here, once, by this function's references to
 // them (it has external linkage, so it and they are kept): the bindings (host code) call them.

@@ -56,7 +56,7 @@ template <class U>
 FUSEDOPT_LANE_FN U random_bits(U index_low, uint32_t key_low, uint32_t key_high) {
   return mix32(mix32(index_low ^ key_low) + key_high);
 }
-inline uint32_t chunk_key_high(uint64_t role_key, uint64_t index) {
+FUSEDOPT_LANE_FN uint32_t chunk_key_high(uint64_t role_key, uint64_t index) {
   const uint32_t high = static_cast<uint32_t>(role_key >> 32) ^ static_cast<uint32_t>(index >> 32);
   return mix32(high);
 }

@@ -58,7 +58,7 @@ struct DLManagedTensorVersioned {
   DLTensor dl_tensor;
 };
 constexpr uint64_t kDLPackFlagReadOnly = 1;
-constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
+constexpr uint8_t kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4;
 constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
 
 // Where a buffer lives, beyond what the core validates.
@@ -90,15 +90,17 @@ bool row_major(const std::vector<int64_t>& shape, const int64_t* strides, int64_
   return true;
 }
 
-// The CUDA kernels update float32 and float64 buffers (16-bit storage is CPU-only for now).
-// Returns whether the buffer holds 16-bit floats, refused with a message of their own: the core's
-// says that fusedopt updates them, which is true of the CPU only.
-bool set_dtype(BufferInfo& info, bool is_float, int bits, const std::string& name) {
+// float32 and float64 (their own kernels); float16 and bfloat16 (computed in float32); uint8, the
+// codes of an 8-bit blockwise state.
+void set_dtype(BufferInfo& info, bool is_float, bool is_bfloat16, bool is_unsigned, int bits,
+               const std::string& name) {
   info.dtype.reset();
   if (is_float && bits == 32) info.dtype = Dtype::float32;
   if (is_float && bits == 64) info.dtype = Dtype::float64;
+  if (is_float && bits == 16) info.dtype = Dtype::float16;
+  if (is_bfloat16 && bits == 16) info.dtype = Dtype::bfloat16;
+  if (is_unsigned && bits == 8) info.dtype = Dtype::blockwise8;
   info.dtype_name = name;
-  return is_float && bits == 16;
 }
 
 int64_t product(const std::vector<int64_t>& shape) {
@@ -107,12 +109,14 @@ int64_t product(const std::vector<int64_t>& shape) {
   return n;
 }
 
-// Both describers return whether the buffer holds 16-bit floats (see set_dtype).
-bool describe_interface(py::dict cai, BufferInfo& info, Placement& placement) {
+void describe_interface(py::dict cai, BufferInfo& info, Placement& placement) {
   const std::string typestr = py::str(cai["typestr"]);
-  const bool little = typestr.size() == 3 && (typestr[0] == '<' || typestr[0] == '=');
-  const bool sixteen_bit =
-      set_dtype(info, little && typestr[1] == 'f', std::atoi(typestr.c_str() + 2) * 8, typestr);
+  // A one-byte type has no byte order ('|u1'); the rest must be little-endian, as the GPU is.
+  const bool ordered = typestr.size() == 3 && (typestr[0] == '<' || typestr[0] == '=' ||
+                                               (typestr[0] == '|' && typestr[2] == '1'));
+  // No typestr names bfloat16: a bfloat16 array comes by DLPack.
+  set_dtype(info, ordered && typestr[1] == 'f', false, ordered && typestr[1] == 'u',
+            std::atoi(typestr.c_str() + 2) * 8, typestr);
   for (py::handle s : py::tuple(cai["shape"])) info.shape.push_back(s.cast<int64_t>());
   info.size = product(info.shape);
   const py::tuple data(cai["data"]);
@@ -126,10 +130,9 @@ bool describe_interface(py::dict cai, BufferInfo& info, Placement& placement) {
   if (cai.contains("mask") && !cai["mask"].is_none()) info.contiguous = false;
   if (cai.contains("stream") && !cai["stream"].is_none())
     placement.producer_stream = cai["stream"].cast<uintptr_t>();
-  return sixteen_bit;
 }
 
-bool describe_dlpack(py::capsule capsule, BufferInfo& info, Placement& placement) {
+void describe_dlpack(py::capsule capsule, BufferInfo& info, Placement& placement) {
   PyObject* object = capsule.ptr();
   const DLTensor* t;
   bool read_only = false;
@@ -147,15 +150,17 @@ bool describe_dlpack(py::capsule capsule, BufferInfo& info, Placement& placement
     throw Error(ErrorKind::type, "not an unconsumed DLPack capsule");
   }
   // The capsule is only read, never consumed: its owner's destructor releases the tensor.
-  const bool is_float = t->dtype.code == kDLFloat && t->dtype.lanes == 1;
-  const bool bfloat16 = t->dtype.code == kDLBfloat && t->dtype.lanes == 1 && t->dtype.bits == 16;
-  const bool sixteen_bit =
-      set_dtype(info, is_float, t->dtype.bits,
-                bfloat16 ? std::string("bfloat16")
-                         : std::string(is_float ? "float" : "DLPack type code ") +
-                               (is_float ? "" : std::to_string(t->dtype.code) + " of ") +
-                               std::to_string(t->dtype.bits) + (is_float ? "" : " bits")) ||
-      bfloat16;
+  const bool one_lane = t->dtype.lanes == 1;
+  const bool is_float = t->dtype.code == kDLFloat && one_lane;
+  const bool bfloat16 = t->dtype.code == kDLBfloat && one_lane;
+  const bool is_unsigned = t->dtype.code == kDLUInt && one_lane;
+  const std::string bits = std::to_string(t->dtype.bits);
+  set_dtype(info, is_float, bfloat16, is_unsigned, t->dtype.bits,
+            is_float   ? "float" + bits
+            : bfloat16 ? "bfloat" + bits
+            : is_unsigned
+                ? "uint" + bits
+                : "DLPack type code " + std::to_string(t->dtype.code) + " of " + bits + " bits");
   info.shape.assign(t->shape, t->shape + t->ndim);
   info.size = product(info.shape);
   info.data = static_cast<char*>(t->data) + t->byte_offset;
@@ -163,7 +168,6 @@ bool describe_dlpack(py::capsule capsule, BufferInfo& info, Placement& placement
   info.contiguous = row_major(info.shape, t->strides, 1);
   placement.device_type = t->device.device_type;
   placement.device_id = t->device.device_id;
-  return sixteen_bit;
 }
 
 struct DeviceStep {
@@ -182,15 +186,10 @@ void describe_list(py::handle list, const std::string& role, std::vector<BufferI
     Placement placement;
     if (item.is_none()) {
       info.present = false;
-    } else if (py::isinstance<py::dict>(item) || py::isinstance<py::capsule>(item)) {
-      const bool sixteen_bit =
-          py::isinstance<py::dict>(item)
-              ? describe_interface(py::reinterpret_borrow<py::dict>(item), info, placement)
-              : describe_dlpack(py::reinterpret_borrow<py::capsule>(item), info, placement);
-      if (sixteen_bit)
-        throw Error(ErrorKind::type, name + " has dtype " + info.dtype_name +
-                                         ": the CUDA backend updates float32 and float64 arrays "
-                                         "(16-bit storage is CPU-only for now)");
+    } else if (py::isinstance<py::dict>(item)) {
+      describe_interface(py::reinterpret_borrow<py::dict>(item), info, placement);
+    } else if (py::isinstance<py::capsule>(item)) {
+      describe_dlpack(py::reinterpret_borrow<py::capsule>(item), info, placement);
     } else {
       throw Error(ErrorKind::type, name +
                                        " must be a __cuda_array_interface__ dict or a DLPack "
@@ -202,16 +201,29 @@ void describe_list(py::handle list, const std::string& role, std::vector<BufferI
   }
 }
 
+// The buffers in the order of all_buffers: params, grads, states, masters, absmax.
 DeviceStep describe_step(py::handle params, py::handle grads,
                          const std::vector<std::pair<py::handle, std::string>>& states,
-                         bool grads_written) {
+                         py::handle masters, py::handle absmax, bool grads_written) {
   DeviceStep step;
+  // The scales of 8-bit states are device memory: the host reads none of their values.
+  step.buffers.values_readable = false;
   describe_list(params, "params", step.buffers.params, step);
   describe_list(grads, "grads", step.buffers.grads, step);
   for (const auto& [list, name] : states) {
     step.buffers.states.emplace_back();
     step.buffers.state_names.push_back(name);
     describe_list(list, name, step.buffers.states.back(), step);
+  }
+  describe_list(masters, "masters", step.buffers.masters, step);
+  if (!absmax.is_none()) {
+    const py::list lists(py::reinterpret_borrow<py::object>(absmax));
+    if (lists.size() != states.size())
+      throw Error(ErrorKind::value, "absmax: one list (or None) per state of the algorithm");
+    for (size_t k = 0; k < states.size(); ++k) {
+      step.buffers.absmax.emplace_back();
+      describe_list(lists[k], states[k].second + "_absmax", step.buffers.absmax.back(), step);
+    }
   }
   step.buffers.grads_written = grads_written;
   return step;
@@ -223,7 +235,20 @@ std::vector<const BufferInfo*> all_buffers(const StepBuffers& b) {
   for (const BufferInfo& x : b.grads) all.push_back(&x);
   for (const auto& list : b.states)
     for (const BufferInfo& x : list) all.push_back(&x);
+  for (const BufferInfo& x : b.masters) all.push_back(&x);
+  for (const auto& list : b.absmax)
+    for (const BufferInfo& x : list) all.push_back(&x);
   return all;
+}
+
+// Whether any buffer of the step is stored in low precision (16-bit, 8-bit, a master).
+bool low_precision(const StepBuffers& b) {
+  for (const BufferInfo* x : all_buffers(b))
+    if (x->present && x->dtype && *x->dtype != Dtype::float32 && *x->dtype != Dtype::float64)
+      return true;
+  for (const BufferInfo& master : b.masters)
+    if (master.present) return true;
+  return false;
 }
 
 // Every non-empty buffer must sit on the same CUDA device. DLPack says where a buffer is, so a
@@ -233,6 +258,9 @@ int check_placement(const DeviceStep& step) {
   const std::vector<const BufferInfo*> buffers = all_buffers(step.buffers);
   for (size_t i = 0; i < buffers.size(); ++i) {
     const int32_t type = step.placements[i].device_type;
+#if defined(FUSEDOPT_CUDA_EMULATION)
+    if (type == kDLCPU) continue;  // the emulated device's memory is the host's
+#endif
     if (buffers[i]->present && type != kDLCUDA && type != kDLCUDAManaged)
       throw Error(ErrorKind::value,
                   step.names[i] + " is in " + device_type_name(type) + ", not on a CUDA device");
@@ -263,6 +291,11 @@ using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecas
 template <class A>
 void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
          const StepSchedule& schedule, const StepExtras& extras, uintptr_t stream_handle) {
+  if (A::reductions > 0 && low_precision(step.buffers))
+    throw Error(ErrorKind::value,
+                std::string(A::name) +
+                    " on the GPU takes float32 and float64 params and states only (no 16-bit or "
+                    "8-bit storage, no master copies): its per-tensor norms are CPU-only there");
   int device = -1;
   // Placement is checked after the buffers are validated, before the scalars advance: a step
   // refused for its device leaves NAdam's and ASGD's scalars as they were.
@@ -310,7 +343,13 @@ std::vector<typename A::Options> groups_from(py::handle groups) {
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+// _cuda, or _cuda_emulated: the same bindings over the emulated kernels and runtime
+// (csrc/cuda/emulation.h), which tests compare with the CPU backend on machines without a GPU.
+#ifndef FUSEDOPT_CUDA_MODULE
+#define FUSEDOPT_CUDA_MODULE _cuda
+#endif
+
+PYBIND11_MODULE(FUSEDOPT_CUDA_MODULE, m) {
   m.doc() = "fusedopt's CUDA backend (private: use fusedopt.cuda)";
 
   py::register_local_exception_translator([](std::exception_ptr p) {
@@ -335,7 +374,8 @@ PYBIND11_MODULE(_cuda, m) {
       [](const std::string& name, py::handle groups, const IndexArray& group_of,
          const IndexArray& steps, py::handle params, py::handle grads, py::handle states,
          py::handle new_state, py::handle scalars, std::optional<double> grad_scale,
-         uintptr_t stream, bool checked) {
+         uintptr_t stream, bool checked, py::handle masters, py::handle absmax,
+         std::optional<uint64_t> rounding_seed) {
         bool found = Algorithms::visit(name, [&](auto tag) {
           using A = typename decltype(tag)::type;
           std::vector<std::pair<py::handle, std::string>> state_lists;
@@ -345,7 +385,8 @@ PYBIND11_MODULE(_cuda, m) {
             throw Error(ErrorKind::value, std::string(A::name) + " takes " +
                                               std::to_string(A::state_names.size()) +
                                               " state lists");
-          const DeviceStep d = describe_step(params, grads, state_lists, grad_scale.has_value());
+          const DeviceStep d =
+              describe_step(params, grads, state_lists, masters, absmax, grad_scale.has_value());
           StepSchedule s;
           s.group_of.assign(group_of.data(), group_of.data() + group_of.size());
           s.steps.assign(steps.data(), steps.data() + steps.size());
@@ -354,12 +395,14 @@ PYBIND11_MODULE(_cuda, m) {
           s.scalars = writeable_array<double>(
               scalars, "scalars", static_cast<py::ssize_t>(d.buffers.params.size()) * kMaxScalars);
           const RangeChecks ranges(checked);  // false: fusedopt.torch, as TorchPlan's
-          run<A>(d, groups_from<A>(groups), s, StepExtras{grad_scale}, stream);
+          run<A>(d, groups_from<A>(groups), s, StepExtras{grad_scale, rounding_seed}, stream);
         });
         if (!found) throw Error(ErrorKind::value, "unknown algorithm '" + name + "'");
       },
       "One step on device arrays (see fusedopt._core.step), launched on `stream`.",
       py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("steps"),
       py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("new_state"),
-      py::arg("scalars"), py::arg("grad_scale"), py::arg("stream"), py::arg("checked") = true);
+      py::arg("scalars"), py::arg("grad_scale"), py::arg("stream"), py::arg("checked") = true,
+      py::arg("masters") = py::none(), py::arg("absmax") = py::none(),
+      py::arg("rounding_seed") = py::none());
 }

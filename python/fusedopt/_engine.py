@@ -273,42 +273,19 @@ def step_once(
     tensor updated, in one native call (on the device for CUDA arrays). ``group_of`` None puts
     every tensor in group 0; ``steps`` is t, one for all tensors or one per tensor."""
     if is_device(params):
-        _refuse_low_precision_on_device(masters, absmax, rounding_seed)
         n = len(params)
         group_of = np.zeros(n, np.int64) if group_of is None else group_of
         steps = np.full(n, steps, np.int64) if isinstance(steps, int) else steps
         cuda.step(
             algorithm, groups, group_of, steps, params, grads, states,
             new_state=new_state, scalars=scalars, grad_scale=grad_scale, stream=stream,
+            masters=masters, absmax=absmax, rounding_seed=rounding_seed,
         )  # fmt: skip
         return
     _core.step(
         algorithm, groups, group_of, steps, params, grads, states, new_state, scalars, grad_scale,
         masters=masters, rounding_seed=rounding_seed, absmax=absmax,
     )  # fmt: skip
-
-
-def _refuse_low_precision_on_device(
-    masters: Sequence[Any] | None,
-    absmax: Sequence[Sequence[Any] | None] | None,
-    rounding_seed: int | None,
-) -> None:
-    """The CUDA backend updates float32 and float64 arrays only: a master, an 8-bit state's
-    scales or stochastic rounding given for device arrays would be ignored, so each is refused."""
-    given = [
-        name
-        for name, present in (
-            ("masters", any(m is not None for m in masters or ())),
-            ("absmax", any(a is not None for scales in absmax or () for a in scales or ())),
-            ("stochastic_rounding", rounding_seed is not None),
-        )
-        if present
-    ]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)}: state_dtype, master_weights and stochastic_rounding are "
-            "CPU-only for now, and params[0] is a device array"
-        )
 
 
 class Plan(Protocol):
@@ -342,10 +319,10 @@ def make_plan(
     ``rounding_seed`` set: 16-bit params and states are rounded stochastically; ``absmax`` the
     per-block scales of 8-bit states, a list per state (None where no tensor has one)."""
     if is_device(params):
-        _refuse_low_precision_on_device(masters, absmax, rounding_seed)
         return cuda.Plan(
             algorithm, groups, group_of, params, states,
-            step_counts=step_counts, new_state=new_state, scalars=scalars,
+            step_counts=step_counts, new_state=new_state, scalars=scalars, masters=masters,
+            rounding_seed=rounding_seed, absmax=absmax,
         )  # fmt: skip
     return _core.Plan(
         algorithm, groups, group_of, params, states, step_counts, new_state, scalars,

@@ -110,9 +110,10 @@ def check_param(param: Any, index: int, first: Any) -> None:
             f"params[{index}] is a {_kind(param)} but the optimizer's first param is a "
             f"{_kind(first)}: one optimizer updates either NumPy arrays or CUDA device arrays"
         )
-    if _dtype_name(param) not in ("float32", "float64"):
+    if _dtype_name(param) not in ("float32", "float64", "bfloat16", "float16"):
         raise TypeError(
-            f"params[{index}] has dtype {_dtype_name(param)}; fusedopt updates float32 and float64"
+            f"params[{index}] has dtype {_dtype_name(param)}; fusedopt updates float32, float64, "
+            "bfloat16 and float16"
         )
 
 
@@ -229,6 +230,18 @@ def _intake(stream: Any, **lists: Any) -> tuple[list[Any], int]:
     return described, handle
 
 
+def _absmax_lists(
+    state_names: Sequence[str], absmax: Sequence[Sequence[Any] | None] | None
+) -> dict[str, Any]:
+    """The 8-bit states' scales as _intake's named lists (``exp_avg_absmax``...)."""
+    if absmax is None:
+        return {}
+    absmax = list(absmax)
+    if len(absmax) != len(state_names):
+        raise ValueError("absmax: one list (or None) per state of the algorithm")
+    return {f"{name}_absmax": scales for name, scales in zip(state_names, absmax)}
+
+
 # ------------------------------------------------------------------------------------- steps
 # The same arguments as fusedopt._core's step and Plan (fusedopt._engine calls either), plus the
 # stream.
@@ -248,18 +261,28 @@ def step(
     grad_scale: float | None = None,
     stream: Any = None,
     checked: bool = True,
+    masters: Sequence[Any] | None = None,
+    absmax: Sequence[Sequence[Any] | None] | None = None,
+    rounding_seed: int | None = None,
 ) -> None:
     """One step of ``algorithm`` on device arrays: ``steps`` holds each tensor's step number t
-    (see fusedopt.functional for the arguments); ``checked=False`` uses the options as they are,
-    never checking their ranges (fusedopt.torch, as torch uses its param_groups' values)."""
+    (see fusedopt.functional for the arguments, the precision ones included: ``masters``,
+    ``absmax``, ``rounding_seed``); ``checked=False`` uses the options as they are, never
+    checking their ranges (fusedopt.torch, as torch uses its param_groups' values)."""
     native = _module()
     named = {"params": params, "grads": grads}
     state_names = _core.algorithm_info(algorithm)["states"]
+    if len(states) != len(state_names):
+        raise ValueError(f"{algorithm} takes {len(state_names)} state lists")
     named.update({name: s for name, s in zip(state_names, states)})
+    named["masters"] = masters
+    named.update(_absmax_lists(state_names, absmax))
     lists, handle = _intake(stream, **named)
+    k = len(state_names)
     native.step(
         algorithm, groups, np.asarray(group_of, np.int64), np.asarray(steps, np.int64), lists[0],
-        lists[1], lists[2:], new_state, scalars, grad_scale, handle, checked,
+        lists[1], lists[2 : 2 + k], new_state, scalars, grad_scale, handle, checked,
+        masters=lists[2 + k], absmax=lists[3 + k :] or None, rounding_seed=rounding_seed,
     )  # fmt: skip
 
 
@@ -279,7 +302,13 @@ class Plan:
         step_counts: np.ndarray | None = None,
         new_state: Sequence[bool] | None = None,
         scalars: np.ndarray | None = None,
+        masters: Sequence[Any] | None = None,
+        rounding_seed: int | None = None,
+        absmax: Sequence[Sequence[Any] | None] | None = None,
     ) -> None:
+        self._masters = None if masters is None else list(masters)
+        self._rounding_seed = rounding_seed
+        self._absmax = None if absmax is None else [None if a is None else list(a) for a in absmax]
         self._algorithm = algorithm
         self._groups = list(groups)
         self._group_of = np.asarray(group_of, np.int64)
@@ -318,7 +347,8 @@ class Plan:
         step(
             self._algorithm, self._groups, self._group_of, steps, self._params, grads,
             self._states, new_state=self._new_state, scalars=self._scalars,
-            grad_scale=grad_scale,
+            grad_scale=grad_scale, masters=self._masters, absmax=self._absmax,
+            rounding_seed=self._rounding_seed,
         )  # fmt: skip
         if step_number is None and self._step_counts is not None:
             self._step_counts += 1
@@ -344,28 +374,70 @@ def _namespace(x: Any) -> Any:
     return module
 
 
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.partition(".")[0] == "torch"
+
+
+def _library_dtype(x: Any, name: str) -> Any:
+    """The dtype called ``name`` in the library of ``x`` (torch.bfloat16, jax.numpy.bfloat16...)."""
+    found = getattr(_namespace(x), name, None)
+    return found if found is not None else np.dtype(name)
+
+
 def zeros_like(param: Any) -> Any:
     """A zero-filled array of the param's library, dtype, shape and device."""
     return _namespace(param).zeros_like(param)
 
 
-def full_like(param: Any, value: float) -> Any:
-    """An array of the param's library, dtype, shape and device, filled with ``value``."""
-    return _namespace(param).full_like(param, value)
+def full_like(param: Any, value: float, dtype: str | None = None) -> Any:
+    """An array of the param's library, shape and device (and dtype, or the one named),
+    filled with ``value``."""
+    if dtype is None or dtype == _dtype_name(param):
+        return _namespace(param).full_like(param, value)
+    return _namespace(param).full_like(param, value, dtype=_library_dtype(param, dtype))
+
+
+def astype(array: Any, dtype: str) -> Any:
+    """A new device array: ``array``'s values in the dtype named (exactly, for a widening)."""
+    if _is_torch(array):
+        return array.detach().to(_library_dtype(array, dtype), copy=True)
+    return array.astype(_library_dtype(array, dtype))
+
+
+def from_host(values: np.ndarray, like: Any) -> Any:
+    """A new device array holding the host array ``values`` (its shape and dtype), in the library
+    and on the device of ``like``."""
+    host = np.ascontiguousarray(values)
+    if _is_torch(like):
+        torch = sys.modules["torch"]
+        if host.dtype.name == "bfloat16":  # ml_dtypes: torch takes its bits
+            return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).to(like.device)
+        return torch.from_numpy(host).to(like.device)
+    return _namespace(like).asarray(host)
 
 
 def to_numpy(array: Any) -> np.ndarray:
     """A host copy of a device array."""
     if hasattr(array, "detach"):  # torch
-        return array.detach().cpu().numpy()
+        host = array.detach().cpu()
+        if host.dtype == sys.modules["torch"].bfloat16:  # which torch gives NumPy as its bits
+            from fusedopt._engine import numpy_dtype  # (which imports this module)
+
+            return host.view(sys.modules["torch"].int16).numpy().view(numpy_dtype("bfloat16"))
+        return host.numpy()
     for method in ("get", "copy_to_host"):  # CuPy, Numba
         if hasattr(array, method):
             return getattr(array, method)()
     return np.array(array)  # JAX and other array-API libraries
 
 
-def array_like(values: np.ndarray, param: Any) -> Any:
-    """A new device array holding ``values`` with the param's dtype, on the param's device."""
+def array_like(values: np.ndarray, param: Any, dtype: str | None = None) -> Any:
+    """A new device array holding ``values`` with the param's dtype (or the one named), on the
+    param's device."""
+    if dtype is not None and dtype != _dtype_name(param):
+        from fusedopt._engine import numpy_dtype  # (which imports this module)
+
+        return from_host(np.asarray(values, dtype=numpy_dtype(dtype)), param)
     host = np.ascontiguousarray(values, dtype=_dtype_name(param))
     result = zeros_like(param)
     if hasattr(result, "copy_"):  # torch

@@ -25,6 +25,7 @@ import numpy as np
 from fusedopt import _core, cuda
 from fusedopt._engine import (
     FULL_PRECISION,
+    QUANT_BLOCK,
     TORCH,
     Description,
     Hyperparameter,
@@ -171,11 +172,6 @@ class Optimizer(PlanHolder):
         for i, p in enumerate(params):
             if cuda.is_device_array(p) or cuda.is_device_array(first):
                 cuda.check_param(p, i, first)
-                if self.precision != FULL_PRECISION:
-                    raise ValueError(
-                        "state_dtype, master_weights and stochastic_rounding are CPU-only for "
-                        f"now; params[{i}] is a device array"
-                    )
             elif not isinstance(p, np.ndarray):
                 raise TypeError(f"params[{i}] must be a numpy.ndarray, got {type(p).__name__}")
             elif not updates_dtype(p.dtype):
@@ -451,6 +447,10 @@ class Optimizer(PlanHolder):
             buffers[name][i], absmax[name][i] = self._loaded_state(
                 entry, self._params[i], i, name, saved_id
             )
+            if cuda.is_device_array(self._params[i]):  # 8-bit state is made on the host
+                for made in (buffers[name], absmax[name]):
+                    if isinstance(made[i], np.ndarray):
+                        made[i] = cuda.from_host(made[i], self._params[i])
         with self._lock:
             for group, (merged, _) in zip(self.param_groups, new_groups):
                 params = group["params"]
@@ -625,8 +625,8 @@ class Optimizer(PlanHolder):
                 param = self._params[i]
                 dtype = self.precision.state_dtype_for(dtype_name(param.dtype), param.size)
                 if dtype == "int8":
-                    self._buffers[name][i], self._absmax[name][i] = quantized_full(
-                        param.shape, initial[k], description.nonnegative(name)
+                    self._buffers[name][i], self._absmax[name][i] = _quantized_full_like(
+                        param, initial[k], description.nonnegative(name)
                     )
                 else:
                     self._buffers[name][i] = _full_like(param, initial[k], dtype)
@@ -740,12 +740,24 @@ def _generated_init(cls: type[Optimizer]) -> Any:
 
 def _full_like(param: Any, value: float, dtype: str) -> Any:
     if cuda.is_device_array(param):
-        return cuda.full_like(param, value) if value else cuda.zeros_like(param)
+        return cuda.full_like(param, value, dtype)
     return np.full_like(param, value, dtype=numpy_dtype(dtype), order="C")
 
 
-def _master_of(param: np.ndarray) -> np.ndarray:
+def _quantized_full_like(param: Any, value: float, nonnegative: bool) -> tuple[Any, Any]:
+    """A new 8-bit state for ``param``, every element ``value``: its codes and absmax, on the
+    param's device for a device array (filled there: no host array of the param's size)."""
+    if not cuda.is_device_array(param):
+        return quantized_full(param.shape, value, nonnegative)
+    code, scale = quantized_full((1,), value, nonnegative)
+    scales = cuda.from_host(np.full(-(-param.size // QUANT_BLOCK), scale[0]), param)
+    return cuda.full_like(param, int(code[0]), "uint8"), scales
+
+
+def _master_of(param: Any) -> Any:
     """A 16-bit param's float32 master copy: its value, exactly."""
+    if cuda.is_device_array(param):
+        return cuda.astype(param, "float32")
     return np.array(param, dtype=np.float32, order="C", copy=True)
 
 
@@ -850,7 +862,7 @@ def _state_array(
     if dtype is None:
         return array
     if cuda.is_device_array(param):
-        return cuda.array_like(array, param)
+        return cuda.array_like(array, param, dtype)
     # Cast (and rounded to nearest) to the dtype this optimizer keeps it in.
     return np.array(array, dtype=numpy_dtype(dtype), order="C", copy=True)
 

@@ -239,7 +239,7 @@ def _quantized_like(p: torch.Tensor, values: torch.Tensor, nonnegative: bool) ->
     else:
         array = flat.numpy()
     codes, scales = quantize_blockwise(array, nonnegative)
-    return _codes_like(p, codes), torch.from_numpy(scales)
+    return _codes_like(p, codes), torch.from_numpy(scales).to(device=p.device)
 
 
 class _State(defaultdict):
@@ -427,10 +427,6 @@ class Optimizer(torch.optim.Optimizer):
                             "(FSDP2); 8-bit state is not kept for sharded params yet (its blocks "
                             "and absmax would be the shard's): use 'bfloat16'"
                         )
-        if self.precision != FULL_PRECISION and any(p.device.type != "cpu" for p in params):
-            raise ValueError(
-                "state_dtype, master_weights and stochastic_rounding are CPU-only for now"
-            )
 
     def _check_modes(self, group: dict[str, Any], index: int) -> None:
         """The modes fusedopt has no step for, refused in a group added with them or set in
@@ -554,7 +550,7 @@ class Optimizer(torch.optim.Optimizer):
                         (p.numel(),), value, description.nonnegative(name)
                     )
                     new_buffers[j][name] = _codes_like(p, codes)
-                    new_buffers[j][name + "_absmax"] = torch.from_numpy(absmax)
+                    new_buffers[j][name + "_absmax"] = torch.from_numpy(absmax).to(p.device)
                 else:  # laid out as the param (channels_last, ...), as torch's zeros_like
                     if p.dtype in _COMPLEX_DTYPES:  # both parts, as torch fills them
                         value = complex(value, value)
@@ -788,7 +784,7 @@ class Optimizer(torch.optim.Optimizer):
                 entry[name], entry[name + "_absmax"] = _quantized_like(p, values, nonnegative)
                 return
             entry.pop(name + "_absmax", None)
-            entry[name] = _like(p, dtype).copy_(values)
+            entry[name] = _like(p, dtype).copy_(values)  # (to the param's device)
             return
         entry.pop(name + "_absmax", None)
         if dtype != p.dtype:
@@ -1084,20 +1080,20 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in entry.items()
             if isinstance(value, torch.Tensor)
         ]
-        extra = {}
-        if device.type == "cpu":
-            if self.precision.master_weights:
-                extra["masters"] = [
-                    _memory(entry["master"]) if "master" in entry else None for entry in kept
-                ]
-            extra["rounding_seed"] = self.precision.rounding_seed
-            if self.precision.state_dtype == "int8":
-                extra["absmax"] = [
-                    [entry.get(name + "_absmax") for entry in kept]
-                    if any(entry.get(name + "_absmax") is not None for entry in kept)
-                    else None
-                    for name in description.states
-                ]
+        # The precision options, on the CPU and the GPU alike.
+        extra: dict[str, Any] = {}
+        if self.precision.master_weights:
+            extra["masters"] = [
+                _memory(entry["master"]) if "master" in entry else None for entry in kept
+            ]
+        extra["rounding_seed"] = self.precision.rounding_seed
+        if self.precision.state_dtype == "int8":
+            extra["absmax"] = [
+                [entry.get(name + "_absmax") for entry in kept]
+                if any(entry.get(name + "_absmax") is not None for entry in kept)
+                else None
+                for name in description.states
+            ]
         make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
         try:
             native = make(
@@ -1118,8 +1114,13 @@ class _DevicePlan:
         self, algorithm: str, options: list, group_of: list[int], params: list, active: list,
         states: list, steps: list, scalars: list | None, new_state: list | None,
         local: list | None = None, kept: list | None = None, checked: bool = True,
+        masters: list | None = None, rounding_seed: int | None = None,
+        absmax: list | None = None,
     ) -> None:  # fmt: skip
         self.algorithm = algorithm
+        self.masters = masters  # as the states: one per param, None where it keeps none
+        self.rounding_seed = rounding_seed
+        self.absmax = absmax
         self.checked = checked  # whether the options' ranges are checked
         self.options = list(options)
         self.params = params
@@ -1186,14 +1187,23 @@ class _DevicePlan:
         # the param's above or refused under a grad scale), the same element walk as on the CPU.
         with torch.no_grad():
             params, grads = [_flat(p) for p in params], [_flat(g) for g in grads]
-            states = [
-                None if lst is None else [None if t is None else _flat(t) for t in lst]
-                for lst in self.states
-            ]
+            states, absmax = (
+                [
+                    None if lst is None else [None if t is None else _flat(t) for t in lst]
+                    for lst in lists
+                ]
+                for lists in (self.states, self.absmax or [])
+            )
+            masters = (
+                None
+                if self.masters is None
+                else [None if m is None else _flat(m) for m in self.masters]
+            )
         cuda.step(
             self.algorithm, self.options, self.group_of, steps, params, grads,
             states, new_state=self.new_state, scalars=rows, grad_scale=grad_scale,
-            checked=self.checked,
+            checked=self.checked, masters=masters, absmax=absmax or None,
+            rounding_seed=self.rounding_seed,
         )  # fmt: skip
         self.new_state = None
         self.steps_taken += 1
@@ -1226,8 +1236,6 @@ def _check_param(p: Any, index: int, group: int) -> None:
             f"{where} has dtype {p.dtype}; fusedopt updates float32, float64, bfloat16, float16, "
             "complex64 and complex128"
         )
-    if p.device.type == "cuda" and p.dtype in (torch.bfloat16, torch.float16):
-        raise TypeError(f"{where} is a {p.dtype} CUDA tensor; 16-bit storage is CPU-only for now")
     if p.device.type == "cuda" and p.dtype in _COMPLEX_DTYPES:
         raise TypeError(f"{where} is a {p.dtype} CUDA tensor; complex params are CPU-only for now")
     if p.device.type not in ("cpu", "cuda"):

@@ -1,0 +1,146 @@
+// The CUDA kernels on the CPU: what csrc/cuda/kernels.cu and multi_tensor.cuh use of CUDA C++ and
+// of the runtime, for the host compiler, so that the module fusedopt._cuda_emulated runs the very
+// kernel source of the GPU build (its indexing, chunking, vector loads, reductions and launches)
+// on host memory, and tests compare it bit for bit with the CPU backend on machines without a GPU
+// (tests/test_cuda_emulated.py). Force-included (-include) before kernels.cu; never by the nvcc
+// build.
+//
+// A launch runs its blocks one after another. A kernel declared without __syncthreads runs each
+// block's threads one after another on the calling thread; one that synchronizes (launched with
+// FUSEDOPT_LAUNCH_SYNCING) runs each block on blockDim.x threads of its own that meet at every
+// __syncthreads, so shared memory is read only after the writes before the barrier, as on a GPU.
+// Within a phase the threads' order is not the GPU's: a kernel whose result depends on it has a
+// race on the GPU too. __syncthreads in a kernel launched as not synchronizing aborts.
+#pragma once
+
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __launch_bounds__(threads)
+#define __grid_constant__
+// Shared memory is per block; blocks run one at a time, so one static array serves them all.
+#define __shared__ static
+
+struct float4 {
+  float x, y, z, w;
+} __attribute__((aligned(16)));
+struct double2 {
+  double x, y;
+} __attribute__((aligned(16)));
+
+namespace fusedopt {
+namespace cuda {
+namespace emulation {
+
+struct Index3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+// Each emulated thread's own indices.
+inline thread_local Index3 thread_index, block_index, block_dim, grid_dim;
+inline thread_local std::barrier<>* block_barrier = nullptr;  // null: a non-synchronizing launch
+
+inline void sync_threads() {
+  if (!block_barrier) {
+    std::fprintf(stderr,
+                 "fusedopt CUDA emulation: __syncthreads in a kernel launched without "
+                 "FUSEDOPT_LAUNCH_SYNCING\n");
+    std::abort();
+  }
+  block_barrier->arrive_and_wait();
+}
+
+// A kernel's launch: `run()` is the kernel with its arguments bound, called once per thread.
+inline void launch(unsigned blocks, unsigned threads, bool synchronizing,
+                   const std::function<void()>& run) {
+  for (unsigned b = 0; b < blocks; ++b) {
+    const auto set_indices = [&](unsigned t) {
+      thread_index = Index3{t, 0, 0};
+      block_index = Index3{b, 0, 0};
+      block_dim = Index3{threads, 1, 1};
+      grid_dim = Index3{blocks, 1, 1};
+    };
+    if (!synchronizing) {
+      for (unsigned t = 0; t < threads; ++t) {
+        set_indices(t);
+        run();
+      }
+      continue;
+    }
+    std::barrier<> barrier(threads);
+    std::vector<std::thread> block;
+    block.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t)
+      block.emplace_back([&, t] {
+        set_indices(t);
+        block_barrier = &barrier;
+        run();
+        block_barrier = nullptr;
+      });
+    for (std::thread& thread : block) thread.join();
+  }
+}
+
+// FUSEDOPT_LAUNCH(blocks, threads, stream, kernel)(arguments...): the kernel's arguments are
+// copied once, as a launch copies them into the parameter space.
+template <class Kernel>
+struct Launcher {
+  Kernel kernel;  // a function pointer
+  unsigned blocks, threads;
+  bool synchronizing;
+  template <class... Arguments>
+  void operator()(const Arguments&... arguments) const {
+    launch(blocks, threads, synchronizing, [&] { kernel(arguments...); });
+  }
+};
+template <class Kernel>
+Launcher<Kernel> launcher(Kernel kernel, unsigned blocks, unsigned threads, bool synchronizing) {
+  return {kernel, blocks, threads, synchronizing};
+}
+
+}  // namespace emulation
+}  // namespace cuda
+}  // namespace fusedopt
+
+#define threadIdx (::fusedopt::cuda::emulation::thread_index)
+#define blockIdx (::fusedopt::cuda::emulation::block_index)
+#define blockDim (::fusedopt::cuda::emulation::block_dim)
+#define gridDim (::fusedopt::cuda::emulation::grid_dim)
+#define __syncthreads() (::fusedopt::cuda::emulation::sync_threads())
+
+// The kernel comes last, so that the commas of its template arguments need no parentheses.
+#define FUSEDOPT_LAUNCH(blocks, threads, stream, ...) \
+  ::fusedopt::cuda::emulation::launcher(__VA_ARGS__, blocks, threads, false)
+#define FUSEDOPT_LAUNCH_SYNCING(blocks, threads, stream, ...) \
+  ::fusedopt::cuda::emulation::launcher(__VA_ARGS__, blocks, threads, true)
+
+// ---- The runtime's calls that kernels.cu makes, over host memory -------------------------------
+typedef int cudaError_t;
+constexpr cudaError_t cudaSuccess = 0;
+typedef void* cudaStream_t;
+enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
+inline cudaError_t cudaMallocAsync(void** pointer, size_t bytes, cudaStream_t) {
+  *pointer = std::malloc(bytes ? bytes : 1);
+  return *pointer ? cudaSuccess : 2;  // cudaErrorMemoryAllocation
+}
+inline cudaError_t cudaFreeAsync(void* pointer, cudaStream_t) {
+  std::free(pointer);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* to, const void* from, size_t bytes, cudaMemcpyKind,
+                                   cudaStream_t) {
+  std::memcpy(to, from, bytes);
+  return cudaSuccess;
+}

@@ -1,0 +1,209 @@
+// Low-precision tensors on the GPU (docs/spec.md section 22): bfloat16 and float16 params and
+// grads, a float32 master copy, bfloat16 or float16 states, 8-bit blockwise states, stochastic
+// rounding. Each element is widened to float32, updated by the float32 math (csrc/math, as every
+// other kernel) and rounded back by csrc/math/rounding.h's integer roundings, keyed as the CPU's
+// (role 0 the param, 1 + k state k; the element's index in its tensor): the CPU's staged path
+// (csrc/cpu/kernels.cpp) computes the same values in the same order, so both give the same bits.
+//
+// Every staged tensor of a step is updated by one launch. Its description (StagedTensor), which
+// block updates which chunk (StagedBlock) and the step's coefficient structs travel in one buffer
+// of device memory (with the dynamic maps), copied in before the launch and freed after it in the
+// stream's order: any number of tensors and coefficient sets, with no kernel-argument limit.
+#pragma once
+
+#include <cstdint>
+
+#include "core/tensor.h"
+#include "cuda/launch_plan.h"
+#include "math/rounding.h"
+
+namespace fusedopt {
+namespace cuda {
+
+enum StagedFlags : uint8_t { kStagedWriteGrad = 1, kStagedStochastic = 2 };
+
+// One staged tensor as the kernel reads it.
+struct StagedTensor {
+  void* param;
+  void* grad;
+  void* state[kMaxStates];    // null where the tensor keeps no such state
+  float* absmax[kMaxStates];  // an 8-bit state's per-block scales
+  float* master;              // the float32 master of a 16-bit param, or null
+  int64_t size;
+  // Stochastic rounding's role keys (rounding_key's role_key): the param, then state k.
+  uint64_t role_key[1 + kMaxStates];
+  int32_t coefficient_set;  // index into the step's coefficient structs
+  uint8_t dtype;            // Dtype of the param and the grad
+  uint8_t state_dtype;      // Dtype of every state
+  uint8_t flags;            // StagedFlags
+};
+
+struct StagedBlock {
+  int32_t tensor;
+  int32_t chunk;  // of kChunkElements elements (a multiple of kQuantBlock: whole 8-bit blocks)
+};
+static_assert(kChunkElements % kQuantBlock == 0, "a chunk holds whole blocks of 8-bit state");
+
+template <class Coefficients>
+struct StagedArguments {
+  const StagedTensor* tensors;
+  const StagedBlock* blocks;
+  const Coefficients* coefficients;
+  const float* maps;  // [2][256]: bitsandbytes' signed and unsigned dynamic maps
+};
+
+// The 8-bit path codes two blocks of kQuantBlock elements at a time, one element per thread.
+constexpr int kStagedThreads = 2 * kQuantBlock;
+
+// ---- One element: widened, and rounded back ---------------------------------------------------
+
+__device__ __forceinline__ float load_widened(const void* buffer, uint8_t dtype, int64_t i) {
+  if (dtype == static_cast<uint8_t>(Dtype::float32)) return static_cast<const float*>(buffer)[i];
+  const uint32_t h = static_cast<const uint16_t*>(buffer)[i];
+  const uint32_t bits = dtype == static_cast<uint8_t>(Dtype::bfloat16)
+                            ? math::bfloat16_to_float_bits(h)
+                            : math::float16_to_float_bits<uint32_t, float>(h);
+  float x;
+  __builtin_memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// `role_key` given: rounded stochastically with the bits of element i under that role.
+__device__ __forceinline__ void store_rounded(void* buffer, uint8_t dtype, int64_t i, float x,
+                                              bool stochastic, uint64_t role_key) {
+  if (dtype == static_cast<uint8_t>(Dtype::float32)) {
+    static_cast<float*>(buffer)[i] = x;
+    return;
+  }
+  uint32_t f;
+  __builtin_memcpy(&f, &x, sizeof f);
+  const bool bfloat16 = dtype == static_cast<uint8_t>(Dtype::bfloat16);
+  uint32_t h;
+  if (stochastic) {
+    const auto index = static_cast<uint64_t>(i);
+    const uint32_t random =
+        math::random_bits(static_cast<uint32_t>(index), static_cast<uint32_t>(role_key),
+                          math::chunk_key_high(role_key, index));
+    h = bfloat16 ? math::float_bits_to_bfloat16_stochastic(f, random)
+                 : math::float_bits_to_float16_stochastic(f, random);
+  } else {
+    h = bfloat16 ? math::float_bits_to_bfloat16(f) : math::float_bits_to_float16(f);
+  }
+  static_cast<uint16_t*>(buffer)[i] = static_cast<uint16_t>(h);
+}
+
+// bitsandbytes' rule for the code of x (docs/spec.md section 22; csrc/cpu/kernels.cpp
+// nearest_code_by_search): the largest code whose value is <= x (the first when there is none),
+// or the next one when strictly closer; NaN takes code 0. `map` is sorted.
+__device__ __forceinline__ int nearest_code(float x, const float* map) {
+  if (x != x) return 0;
+  int i = 0;
+  for (int step = 128; step > 0; step >>= 1) i += map[i + step] <= x ? step : 0;
+  const int next = i + (i < 255 ? 1 : 0);
+  const float above = x - map[next], below = x - map[i];
+  return i + ((above < 0 ? -above : above) < (below < 0 ? -below : below) ? 1 : 0);
+}
+
+// ---- The kernel --------------------------------------------------------------------------------
+
+// Elements [begin, end) of a tensor whose states are not 8-bit: element by element.
+template <class A>
+__device__ __forceinline__ void update_staged_range(const StagedTensor& t,
+                                                    const typename A::Coefficients& c,
+                                                    int64_t begin, int64_t end) {
+  const bool stochastic = t.flags & kStagedStochastic;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
+    float g = load_widened(t.grad, t.dtype, i);
+    float s[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k)
+      s[k] = t.state[k] ? load_widened(t.state[k], t.state_dtype, i) : 0.0f;
+    math::update(c, p, g, s);
+    if (t.master) t.master[i] = p;
+    store_rounded(t.param, t.dtype, i, p, stochastic, t.role_key[0]);
+    // The unscaled grad written back is rounded to nearest, as torch's fused kernels do.
+    if (t.flags & kStagedWriteGrad) store_rounded(t.grad, t.dtype, i, g, false, 0);
+    for (int k = 0; k < kMaxStates; ++k)
+      if (t.state[k])
+        store_rounded(t.state[k], t.state_dtype, i, s[k], stochastic, t.role_key[1 + k]);
+  }
+}
+
+// Elements [begin, end) of a tensor with 8-bit states, begin on a block: per element its states
+// decoded (map[code] * absmax), the float32 math, the param stored; per block of kQuantBlock the
+// new largest |state| (NaN left out, as the CPU's block_absmax), then each element's code of
+// state / largest. Every thread of the block reaches every __syncthreads.
+template <class A>
+__device__ __forceinline__ void update_quantized_range(const StagedTensor& t,
+                                                       const typename A::Coefficients& c,
+                                                       int64_t begin, int64_t end,
+                                                       const float (&maps)[2][256]) {
+  __shared__ float largest[kMaxStates][kStagedThreads];
+  const bool stochastic = t.flags & kStagedStochastic;
+  const int lane = threadIdx.x % kQuantBlock;  // within its block
+  const int half = threadIdx.x - lane;         // its block's first thread
+  for (int64_t first = begin; first < end; first += kStagedThreads) {
+    const int64_t i = first + threadIdx.x;
+    const bool inside = i < end;
+    const int64_t block = i / kQuantBlock;
+    float s[kMaxStates] = {};
+    if (inside) {
+      float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
+      float g = load_widened(t.grad, t.dtype, i);
+      for (int k = 0; k < kMaxStates; ++k)
+        if (t.state[k]) {
+          const float* map = maps[(A::nonnegative_states >> k) & 1u];
+          s[k] = map[static_cast<const uint8_t*>(t.state[k])[i]] * t.absmax[k][block];
+        }
+      math::update(c, p, g, s);
+      if (t.master) t.master[i] = p;
+      store_rounded(t.param, t.dtype, i, p, stochastic, t.role_key[0]);
+      if (t.flags & kStagedWriteGrad) store_rounded(t.grad, t.dtype, i, g, false, 0);
+    }
+    for (int k = 0; k < kMaxStates; ++k) {
+      const float a = s[k] < 0 ? -s[k] : s[k];
+      largest[k][threadIdx.x] = a > 0.0f ? a : 0.0f;  // NaN left out; outside the tensor: 0
+    }
+    __syncthreads();
+    for (int width = kQuantBlock / 2; width > 0; width /= 2) {
+      if (lane < width)
+        for (int k = 0; k < kMaxStates; ++k) {
+          const float other = largest[k][threadIdx.x + width];
+          if (other > largest[k][threadIdx.x]) largest[k][threadIdx.x] = other;
+        }
+      __syncthreads();
+    }
+    if (inside)
+      for (int k = 0; k < kMaxStates; ++k) {
+        if (!t.state[k]) continue;
+        const float scale = largest[k][half];
+        const float* map = maps[(A::nonnegative_states >> k) & 1u];
+        static_cast<uint8_t*>(t.state[k])[i] =
+            static_cast<uint8_t>(nearest_code(s[k] / scale, map));
+        if (lane == 0) t.absmax[k][block] = scale;
+      }
+    __syncthreads();  // `largest` is written again by the next pair of blocks
+  }
+}
+
+template <class A>
+__global__ void __launch_bounds__(kStagedThreads)
+    staged_kernel(const StagedArguments<typename A::Coefficients> args) {
+  __shared__ float maps[2][256];  // read by data-dependent indices: from shared memory
+  for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x) maps[j / 256][j % 256] = args.maps[j];
+  __syncthreads();
+  const StagedBlock b = args.blocks[blockIdx.x];
+  // A copy: read through a reference, every field would be loaded again after each store (the
+  // compiler cannot tell that the stores through the tensor's pointers miss the table).
+  const StagedTensor t = args.tensors[b.tensor];
+  const int64_t begin = static_cast<int64_t>(b.chunk) * kChunkElements;
+  const int64_t end = begin + kChunkElements < t.size ? begin + kChunkElements : t.size;
+  const typename A::Coefficients c = args.coefficients[t.coefficient_set];
+  if (t.state_dtype == static_cast<uint8_t>(Dtype::blockwise8))
+    update_quantized_range<A>(t, c, begin, end, maps);
+  else
+    update_staged_range<A>(t, c, begin, end);
+}
+
+}  // namespace cuda
+}  // namespace fusedopt

@@ -1,0 +1,219 @@
+"""The optimizer classes' device route (fusedopt.optim over CUDA arrays: state made on the device,
+masters, 8-bit state, stochastic rounding, state dicts both ways) run end to end without a GPU:
+fusedopt.cuda's native module is swapped for fusedopt._cuda_emulated (the CUDA kernels' source
+compiled for the CPU, csrc/cuda/emulation.h), and the arrays are a CuPy-like stand-in whose
+"device memory" is host memory. Each run is compared bit for bit with the same optimizer over
+NumPy arrays, whose step is the CPU backend's."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fusedopt
+from fusedopt import _engine, cuda
+
+emulated = pytest.importorskip(
+    "fusedopt._cuda_emulated", reason="fusedopt was built without its CUDA emulation module"
+)
+torch = pytest.importorskip("torch", reason="bfloat16 arrays reach the emulation by DLPack")
+
+BFLOAT16 = _engine.numpy_dtype("bfloat16")
+
+
+class EmulatedArray:
+    """A device array of the emulated GPU: a host array behind the CUDA Array Interface, or, for
+    bfloat16 (which no typestr names), behind a DLPack capsule that says CUDA."""
+
+    def __init__(self, host: np.ndarray) -> None:
+        self.host = np.ascontiguousarray(host)
+
+    shape = property(lambda self: self.host.shape)
+    dtype = property(lambda self: self.host.dtype)
+    size = property(lambda self: self.host.size)
+    ndim = property(lambda self: self.host.ndim)
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        if self.host.dtype == BFLOAT16:
+            raise AttributeError("no typestr names bfloat16")
+        return {
+            "data": (self.host.ctypes.data, False),
+            "shape": self.host.shape,
+            "typestr": self.host.dtype.str,
+            "strides": None,
+            "version": 3,
+        }
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (2, 0)  # kDLCUDA
+
+    def __dlpack__(self, **_: Any) -> Any:
+        if self.host.dtype == BFLOAT16:  # a CPU capsule: the emulated device's memory
+            return torch.from_numpy(self.host.view(np.int16)).view(torch.bfloat16).__dlpack__()
+        return torch.from_numpy(self.host).__dlpack__()
+
+    def __array_namespace__(self) -> Any:
+        return NAMESPACE
+
+    def get(self) -> np.ndarray:  # CuPy's host copy
+        return self.host.copy()
+
+    def set(self, values: np.ndarray) -> None:
+        np.copyto(self.host, values)
+
+    def copy(self) -> EmulatedArray:
+        return EmulatedArray(self.host.copy())
+
+    def astype(self, dtype: Any) -> EmulatedArray:
+        return EmulatedArray(self.host.astype(dtype))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.host[key] = value.host if isinstance(value, EmulatedArray) else value
+
+
+NAMESPACE = types.SimpleNamespace(
+    zeros_like=lambda x, dtype=None: EmulatedArray(np.zeros_like(x.host, dtype=dtype)),
+    full_like=lambda x, v, dtype=None: EmulatedArray(np.full_like(x.host, v, dtype=dtype)),
+    asarray=lambda values: EmulatedArray(np.array(values)),
+    float32=np.dtype(np.float32),
+    float64=np.dtype(np.float64),
+    float16=np.dtype(np.float16),
+    bfloat16=BFLOAT16,
+    uint8=np.dtype(np.uint8),
+)
+
+
+@pytest.fixture
+def emulated_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda, "_native", emulated)
+
+
+def host_of(x: Any) -> np.ndarray:
+    return x.host if isinstance(x, EmulatedArray) else np.asarray(x)
+
+
+def assert_same_bits(expected: Any, got: Any, what: str) -> None:
+    e, g = host_of(expected), host_of(got)
+    assert e.dtype == g.dtype and e.shape == g.shape, what
+    assert e.tobytes() == g.tobytes(), what
+
+
+CASES = [
+    ("AdamW", dict(lr=0.01, weight_decay=0.1), "bfloat16", dict(master_weights=True)),
+    (
+        "Adam",
+        dict(lr=0.01, amsgrad=True),
+        "bfloat16",
+        dict(master_weights=True, state_dtype="int8", stochastic_rounding=True, seed=3),
+    ),
+    ("Adam", dict(lr=0.01), "float32", dict(state_dtype="int8")),
+    ("Adam", dict(lr=0.01), "float16", dict(state_dtype="float32", stochastic_rounding=True)),
+    ("SGD", dict(lr=0.1, momentum=0.9), "bfloat16", dict(stochastic_rounding=True, seed=1)),
+    ("RMSprop", dict(lr=0.01, centered=True), "bfloat16", dict(state_dtype="int8")),
+    ("Adagrad", dict(lr=0.1, initial_accumulator_value=0.5), "float16", dict(state_dtype="int8")),
+    ("NAdam", dict(lr=0.01), "bfloat16", dict(master_weights=True, state_dtype="bfloat16")),
+    ("Lion", dict(lr=0.01), "bfloat16", dict(state_dtype="int8", master_weights=True)),
+]
+SIZES = [5000, 300, 4096 * 2 + 17]
+
+
+def make(case: tuple, on_device: bool, rng: np.random.Generator) -> tuple[Any, list[Any]]:
+    name, hyper, dtype, precision = case
+    host = [rng.standard_normal(s).astype(_engine.numpy_dtype(dtype)) for s in SIZES]
+    params = [EmulatedArray(p) for p in host] if on_device else host
+    return getattr(fusedopt, name)(params, **hyper, **precision), params
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
+def test_device_optimizer_matches_the_cpu_bit_for_bit(case: tuple) -> None:
+    """Params, every state (8-bit codes and absmax, masters) and the state dict, after three
+    steps with new grads each, equal the CPU optimizer's."""
+    cpu_opt, cpu_params = make(case, False, np.random.default_rng(1))
+    gpu_opt, gpu_params = make(case, True, np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(cpu_params[0].dtype) for s in SIZES]
+        cpu_opt.step(grads)
+        gpu_opt.step([EmulatedArray(g) for g in grads])
+    for i, (e, g) in enumerate(zip(cpu_params, gpu_params)):
+        assert_same_bits(e, g, f"params[{i}]")
+    cpu_state, gpu_state = cpu_opt.state_dict()["state"], gpu_opt.state_dict()["state"]
+    assert cpu_state.keys() == gpu_state.keys()
+    for i, entry in cpu_state.items():
+        assert entry.keys() == gpu_state[i].keys(), f"state[{i}]"
+        for key, value in entry.items():
+            assert isinstance(gpu_state[i][key], np.ndarray | int | float), "host copies"
+            assert_same_bits(value, gpu_state[i][key], f"state[{i}][{key!r}]")
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+@pytest.mark.parametrize("direction", ["gpu to cpu", "cpu to gpu"])
+def test_state_dicts_move_between_device_and_host_and_training_continues(direction: str) -> None:
+    """8-bit state with a master and stochastic rounding, saved on one side and loaded on the
+    other: the next steps are the same bits as an uninterrupted run."""
+    case = CASES[1]
+    rng = np.random.default_rng(7)
+    grads = [[rng.standard_normal(s).astype(BFLOAT16) for s in SIZES] for _ in range(4)]
+    straight, straight_params = make(case, False, np.random.default_rng(1))
+    for g in grads:
+        straight.step(g)
+    first_on_device = direction == "gpu to cpu"
+    before, before_params = make(case, first_on_device, np.random.default_rng(1))
+    for g in grads[:2]:
+        before.step([EmulatedArray(x) for x in g] if first_on_device else g)
+    after, after_params = make(case, not first_on_device, np.random.default_rng(9))
+    for p, q in zip(after_params, before_params):  # the model's weights, as a checkpoint has
+        p[...] = host_of(q) if first_on_device else q
+    after.load_state_dict(before.state_dict())
+    for g in grads[2:]:
+        after.step(g if first_on_device else [EmulatedArray(x) for x in g])
+    for i, (e, got) in enumerate(zip(straight_params, after_params)):
+        assert_same_bits(e, got, f"params[{i}]")
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+def test_float32_state_loads_into_a_device_optimizer_with_8_bit_state() -> None:
+    """Loading float state into an int8 optimizer quantizes it (on the host) and puts the codes
+    and scales on the device: the same as the CPU optimizer loading it."""
+    rng = np.random.default_rng(4)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in SIZES]
+    source = fusedopt.Adam([rng.standard_normal(s).astype(np.float32) for s in SIZES], lr=0.01)
+    source.step(grads)
+    saved = source.state_dict()
+    cpu = fusedopt.Adam([np.ones(s, np.float32) for s in SIZES], lr=0.01, state_dtype="int8")
+    gpu_params = [EmulatedArray(np.ones(s, np.float32)) for s in SIZES]
+    gpu = fusedopt.Adam(gpu_params, lr=0.01, state_dtype="int8")
+    cpu.load_state_dict(saved)
+    gpu.load_state_dict(saved)
+    for i in range(len(SIZES)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert isinstance(gpu.state[i][key], EmulatedArray), "kept on the device"
+            assert_same_bits(cpu.state[i][key], gpu.state[i][key], f"state[{i}][{key!r}]")
+    cpu.step(grads)
+    gpu.step([EmulatedArray(g) for g in grads])
+    for i, p in enumerate(gpu_params):
+        assert_same_bits(cpu.param_groups[0]["params"][i], p, f"params[{i}]")
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+def test_lamb_with_low_precision_is_refused_on_the_device_and_nothing_changes() -> None:
+    """LAMB's per-tensor norms run on the GPU for float32 and float64 only."""
+    functional_params = [EmulatedArray(np.ones(5000, BFLOAT16))]
+    grads = [EmulatedArray(np.ones(5000, BFLOAT16))]
+    states = [[EmulatedArray(np.zeros(5000, BFLOAT16))] for _ in range(2)]
+    before = [x.host.copy() for x in (functional_params[0], grads[0], *[s[0] for s in states])]
+    description = _engine.describe("lamb")
+    values = tuple(f.default for f in description.fields)
+    with pytest.raises(ValueError, match="lamb on the GPU takes float32 and float64"):
+        cuda.step(
+            "lamb", [values], np.zeros(1, np.int64), np.ones(1, np.int64), functional_params,
+            grads, states,
+        )  # fmt: skip
+    after = [x.host for x in (functional_params[0], grads[0], *[s[0] for s in states])]
+    for b, a in zip(before, after):
+        assert b.tobytes() == a.tobytes()
