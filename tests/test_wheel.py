@@ -37,6 +37,9 @@ SAME_CODE_ELSEWHERE = (
     "test_keras_own_tests.py",
     "test_reference_vs_frameworks.py",
     "test_ewma_pandas_own_tests.py",
+    "test_cuda_emulated.py",
+    "test_cuda_emulated_precision.py",
+    "test_cuda_emulated_classes.py",
     "test_demo.py",
     "test_bench.py",
 )

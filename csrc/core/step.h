@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -371,6 +372,7 @@ class Plan {
     check_scalars<A>(scalars, step_.tensors.size());
     state_names_ = registered.state_names;
     state_names_.resize(kMaxStates);
+    values_readable_ = registered.values_readable;
     params_ = registered.params;
     for (BufferInfo& p : params_) p.data = nullptr;  // shapes and dtypes only
     schedule_.group_of = std::move(group_of);
@@ -411,7 +413,14 @@ class Plan {
 
   size_t size() const { return step_.tensors.size(); }
   // Whether a step runs any of its work on the pool.
-  bool uses_pool() const { return fusedopt::uses_pool(step_.tensors.size(), num_elements_); }
+  bool uses_pool() const {
+    return !runner_ && fusedopt::uses_pool(step_.tensors.size(), num_elements_);
+  }
+
+  // What runs a checked step: the CPU kernels (run_step) unless set; fusedopt.cuda's plans
+  // launch it on the GPU. Set before the first step.
+  using Runner = std::function<void(const PreparedStep<A>&)>;
+  void run_with(Runner runner) { runner_ = std::move(runner); }
 
   // New hyperparameters for a group; refused (and nothing changed) when invalid or when they
   // need a state the group's tensors were registered without.
@@ -487,7 +496,10 @@ class Plan {
         !skips || std::all_of(grads.begin(), grads.end(), [](const auto& g) { return g.present; });
     if (all_present) {
       detail::compute_coefficients<A>(groups_, schedule_, extras, step_);
-      run_step(step_, &layout_);
+      if (runner_)
+        runner_(step_);
+      else
+        run_step(step_, &layout_);
     } else {
       run_present(grads, extras);
     }
@@ -523,7 +535,10 @@ class Plan {
       schedule.scalars = scalars.data();
     }
     detail::compute_coefficients<A>(groups_, schedule, extras, present);
-    run_step(present);
+    if (runner_)
+      runner_(present);
+    else
+      run_step(present);
     if (schedule_.scalars)
       for (size_t j = 0; j < index.size(); ++j)
         std::copy_n(scalars.data() + j * kMaxScalars, kMaxScalars,
@@ -539,7 +554,7 @@ class Plan {
     std::copy(registered_states_[i].begin(), registered_states_[i].end(), std::begin(t.state));
     detail::match_states<A>(t, A::states_used(groups_[schedule_.group_of[i]]), i, &state_names_);
     for (int k = 0; k < kMaxStates; ++k)
-      if (t.state[k] && t.absmax[k])
+      if (values_readable_ && t.state[k] && t.absmax[k])
         check_scales(t.absmax[k], quant_blocks(t.size), state_names_[k], i);
     if (step) {
       schedule_.steps[i] = *step;
@@ -590,6 +605,8 @@ class Plan {
   ExtentIndex registered_extents_;
   int64_t num_elements_ = 0;
   WorkLayout layout_;
+  bool values_readable_ = true;  // false: device memory (the 8-bit scales are not checked)
+  Runner runner_;
 };
 
 }  // namespace fusedopt

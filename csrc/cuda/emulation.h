@@ -10,7 +10,9 @@
 // FUSEDOPT_LAUNCH_SYNCING) runs each block on blockDim.x threads of its own that meet at every
 // __syncthreads, so shared memory is read only after the writes before the barrier, as on a GPU.
 // Within a phase the threads' order is not the GPU's: a kernel whose result depends on it has a
-// race on the GPU too. __syncthreads in a kernel launched as not synchronizing aborts.
+// race on the GPU too. __syncthreads in a kernel launched as not synchronizing aborts. What it
+// cannot show: races between blocks (they run in turn), a read of shared memory before any
+// write (static arrays start zeroed and keep the last block's values), launch limits, timing.
 #pragma once
 
 #include <barrier>
@@ -19,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -61,8 +64,11 @@ inline void sync_threads() {
 }
 
 // A kernel's launch: `run()` is the kernel with its arguments bound, called once per thread.
+// One launch at a time in the process: its blocks' shared memory (static arrays) is one.
 inline void launch(unsigned blocks, unsigned threads, bool synchronizing,
                    const std::function<void()>& run) {
+  static std::mutex one_at_a_time;
+  const std::lock_guard<std::mutex> lock(one_at_a_time);
   for (unsigned b = 0; b < blocks; ++b) {
     const auto set_indices = [&](unsigned t) {
       thread_index = Index3{t, 0, 0};
@@ -139,6 +145,24 @@ inline cudaError_t cudaFreeAsync(void* pointer, cudaStream_t) {
   std::free(pointer);
   return cudaSuccess;
 }
+typedef void* cudaEvent_t;
+constexpr unsigned cudaEventDisableTiming = 2, cudaHostAllocPortable = 1;
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaHostAlloc(void** pointer, size_t bytes, unsigned) {
+  return cudaMallocAsync(pointer, bytes, nullptr);
+}
+inline cudaError_t cudaFreeHost(void* pointer) { return cudaFreeAsync(pointer, nullptr); }
+// An emulated launch or copy has finished when its call returns: events have nothing to wait for.
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned) {
+  static char an_event;
+  *event = &an_event;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaMemcpyAsync(void* to, const void* from, size_t bytes, cudaMemcpyKind,
                                    cudaStream_t) {
   std::memcpy(to, from, bytes);

@@ -10,6 +10,8 @@
 #endif
 
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -72,6 +74,52 @@ void check(cudaError_t error, const char* call) {
   }
 }
 
+// A step's tables copied to the device through pinned memory. From pageable memory the runtime
+// first waits for all the work queued on the stream (CUDA's "API synchronization behavior"):
+// every step would wait for the backward pass before it could queue its kernels. Per device, two
+// pinned buffers in turn, each grown as needed and written again only once the copy from it has
+// completed (an event): the host may run two steps ahead of the device.
+class PinnedStaging {
+ public:
+  static void copy(void* to, const void* from, size_t bytes, cudaStream_t stream) {
+    static std::mutex mutex;
+    static std::map<int, PinnedStaging> per_device;
+    int device = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    const std::lock_guard<std::mutex> lock(mutex);
+    per_device[device].copy_here(to, from, bytes, stream);
+  }
+
+ private:
+  struct Buffer {
+    void* host = nullptr;
+    size_t capacity = 0;
+    cudaEvent_t copied = nullptr;  // recorded after the last copy from it
+  };
+
+  void copy_here(void* to, const void* from, size_t bytes, cudaStream_t stream) {
+    Buffer& b = buffers_[next_];
+    next_ = 1 - next_;
+    if (!b.copied)
+      check(cudaEventCreateWithFlags(&b.copied, cudaEventDisableTiming), "cudaEventCreate");
+    else
+      check(cudaEventSynchronize(b.copied), "cudaEventSynchronize");
+    if (bytes > b.capacity) {
+      if (b.host) cudaFreeHost(b.host);
+      b.host = nullptr;
+      b.capacity = 0;
+      check(cudaHostAlloc(&b.host, bytes, cudaHostAllocPortable), "cudaHostAlloc");
+      b.capacity = bytes;
+    }
+    std::memcpy(b.host, from, bytes);
+    check(cudaMemcpyAsync(to, b.host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    check(cudaEventRecord(b.copied, stream), "cudaEventRecord");
+  }
+
+  Buffer buffers_[2];
+  int next_ = 0;
+};
+
 template <class T, class A, class Kernel>
 void launch_reducing(Kernel kernel, const LaunchBatch& batch,
                      const std::vector<typename A::Coefficients>& coefficients,
@@ -112,9 +160,7 @@ void launch_reducing_step(const PreparedStep<A>& step, cudaStream_t stream) {
   auto* chunk_index = reinterpret_cast<int64_t*>(sums + n * R);
   const std::vector<LaunchBatch> plan = build_launch_plan(tensors);
   try {
-    check(cudaMemcpyAsync(chunk_index, first_chunk.data(), sizeof(int64_t) * (n + 1),
-                          cudaMemcpyHostToDevice, stream),
-          "cudaMemcpyAsync");
+    PinnedStaging::copy(chunk_index, first_chunk.data(), sizeof(int64_t) * (n + 1), stream);
     for (const LaunchBatch& batch : plan) {
       if (batch.element_bytes == 4)
         launch_reducing<float, A>(reduce_kernel<float, A>, batch, step.coefficients, first_chunk,
@@ -196,9 +242,7 @@ void launch_staged(const PreparedStep<A>& step, const std::vector<size_t>& stage
   check(cudaMallocAsync(&scratch, host.size(), stream), "cudaMallocAsync");
   auto* device = static_cast<unsigned char*>(scratch);
   try {
-    // From pageable memory: the call returns once `host` has been staged, so it may go after.
-    check(cudaMemcpyAsync(scratch, host.data(), host.size(), cudaMemcpyHostToDevice, stream),
-          "cudaMemcpyAsync");
+    PinnedStaging::copy(scratch, host.data(), host.size(), stream);
     StagedArguments<Coefficients> args;
     args.maps = reinterpret_cast<const float*>(device + maps_at);
     args.coefficients = reinterpret_cast<const Coefficients*>(device + coefficients_at);

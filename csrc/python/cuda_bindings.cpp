@@ -8,6 +8,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -186,10 +188,18 @@ void describe_list(py::handle list, const std::string& role, std::vector<BufferI
     Placement placement;
     if (item.is_none()) {
       info.present = false;
-    } else if (py::isinstance<py::dict>(item)) {
-      describe_interface(py::reinterpret_borrow<py::dict>(item), info, placement);
-    } else if (py::isinstance<py::capsule>(item)) {
-      describe_dlpack(py::reinterpret_borrow<py::capsule>(item), info, placement);
+    } else if (py::isinstance<py::dict>(item) || py::isinstance<py::capsule>(item)) {
+      if (py::isinstance<py::dict>(item))
+        describe_interface(py::reinterpret_borrow<py::dict>(item), info, placement);
+      else
+        describe_dlpack(py::reinterpret_borrow<py::capsule>(item), info, placement);
+      // A GPU loads an element only from an address aligned to its size (a misaligned one is
+      // an error that ends the CUDA context); the CPU's loads take any.
+      if (info.dtype && info.size > 0 &&
+          reinterpret_cast<uintptr_t>(info.data) % dtype_size(*info.dtype) != 0)
+        throw Error(ErrorKind::value, name + " is not aligned to its element size (" +
+                                          std::to_string(dtype_size(*info.dtype)) +
+                                          " bytes), which the GPU's loads need");
     } else {
       throw Error(ErrorKind::type, name +
                                        " must be a __cuda_array_interface__ dict or a DLPack "
@@ -289,32 +299,50 @@ using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecas
 
 // Validation (core), placement, then the launch on `stream`, after the producers' streams.
 template <class A>
-void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
-         const StepSchedule& schedule, const StepExtras& extras, uintptr_t stream_handle) {
-  if (A::reductions > 0 && low_precision(step.buffers))
+void refuse_low_precision_reductions(const StepBuffers& buffers) {
+  if (A::reductions > 0 && low_precision(buffers))
     throw Error(ErrorKind::value,
                 std::string(A::name) +
                     " on the GPU takes float32 and float64 params and states only (no 16-bit or "
                     "8-bit storage, no master copies): its per-tensor norms are CPU-only there");
-  int device = -1;
-  // Placement is checked after the buffers are validated, before the scalars advance: a step
-  // refused for its device leaves NAdam's and ASGD's scalars as they were.
-  auto prepared = prepare_step<A>(groups, schedule, step.buffers, extras,
-                                  [&] { device = check_placement(step); });
-  if (device < 0) return;        // every tensor is empty
-  std::vector<void*> producers;  // distinct: usually one stream for the whole step
+}
+
+// The distinct producer streams of `step`'s buffers, added to `producers`: usually one stream.
+void add_producers(const DeviceStep& step, std::vector<void*>& producers) {
   for (const Placement& p : step.placements) {
     if (!p.producer_stream) continue;
     void* producer = cuda::stream_from_handle(*p.producer_stream);
     if (std::find(producers.begin(), producers.end(), producer) == producers.end())
       producers.push_back(producer);
   }
-  py::gil_scoped_release release;
+}
+
+// A prepared step launched on `stream` of `device`, ordered after the producers' work and
+// before their next.
+template <class A>
+void launch_on(int device, const PreparedStep<A>& prepared, uintptr_t stream_handle,
+               const std::vector<void*>& producers) {
   cuda::DeviceGuard guard(device);
   void* stream = cuda::stream_from_handle(stream_handle);
   cuda::wait_for_streams(stream, producers);
   cuda::launch_step(prepared, stream);
   cuda::signal_streams(stream, producers);
+}
+
+template <class A>
+void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
+         const StepSchedule& schedule, const StepExtras& extras, uintptr_t stream_handle) {
+  refuse_low_precision_reductions<A>(step.buffers);
+  int device = -1;
+  // Placement is checked after the buffers are validated, before the scalars advance: a step
+  // refused for its device leaves NAdam's and ASGD's scalars as they were.
+  auto prepared = prepare_step<A>(groups, schedule, step.buffers, extras,
+                                  [&] { device = check_placement(step); });
+  if (device < 0) return;  // every tensor is empty
+  std::vector<void*> producers;
+  add_producers(step, producers);
+  py::gil_scoped_release release;
+  launch_on(device, prepared, stream_handle, producers);
 }
 
 // Options from their values in the order of the algorithm's fields (see _core's bindings).
@@ -343,6 +371,104 @@ std::vector<typename A::Options> groups_from(py::handle groups) {
 
 }  // namespace
 
+// A plan on the GPU (issue 12): the params, states, masters and 8-bit scales described and
+// checked once (csrc/core/step.h's Plan, whose checked steps this launches instead of running
+// the CPU kernels); each step describes and checks its grads only. The caller keeps every
+// registered array alive and in place (fusedopt.cuda.Plan holds them and registers anew when a
+// torch tensor's memory moved); the step counts and scalars are NumPy arrays it advances.
+class AnyDevicePlan {
+ public:
+  virtual ~AnyDevicePlan() = default;
+  virtual void set_options(size_t group, py::handle values) = 0;
+  virtual void step(py::handle grads, std::optional<double> grad_scale, std::optional<int64_t> step,
+                    uintptr_t stream) = 0;
+  virtual size_t size() const = 0;
+};
+
+template <class A>
+class DevicePlan : public AnyDevicePlan {
+ public:
+  DevicePlan(py::handle groups, const IndexArray& group_of, py::handle params, py::handle states,
+             py::handle masters, py::handle absmax, py::object step_counts, py::handle new_state,
+             py::object scalars, std::optional<uint64_t> rounding_seed)
+      : step_counts_(std::move(step_counts)),
+        scalars_(std::move(scalars)),
+        rounding_seed_(rounding_seed) {
+    std::vector<std::pair<py::handle, std::string>> state_lists;
+    size_t k = 0;
+    for (py::handle list : states) {
+      if (k == A::state_names.size()) break;
+      state_lists.emplace_back(list, A::state_names[k++]);
+    }
+    if (k != A::state_names.size() || py::len(states) != k)
+      throw Error(ErrorKind::value, std::string(A::name) + " takes " +
+                                        std::to_string(A::state_names.size()) + " state lists");
+    const DeviceStep registered =
+        describe_step(params, py::none(), state_lists, masters, absmax, false);
+    refuse_low_precision_reductions<A>(registered.buffers);
+    const size_t n = registered.buffers.params.size();
+    int64_t* counts = nullptr;
+    if (!step_counts_.is_none())
+      counts = writeable_array<int64_t>(step_counts_, "step_counts", static_cast<py::ssize_t>(n));
+    double* rows =
+        writeable_array<double>(scalars_, "scalars", static_cast<py::ssize_t>(n) * kMaxScalars);
+    std::vector<int> groups_of(group_of.data(), group_of.data() + group_of.size());
+    plan_ = std::make_unique<Plan<A>>(groups_from<A>(groups), registered.buffers,
+                                      std::move(groups_of), counts, flags_of(new_state, n), rows);
+    device_ = check_placement(registered);
+    add_producers(registered, registered_producers_);
+    plan_->run_with([this](const PreparedStep<A>& prepared) {
+      if (device_ >= 0) launch_on(device_, prepared, stream_, producers_);
+    });
+  }
+
+  void set_options(size_t group, py::handle values) override {
+    const std::vector<typename A::Options> options = groups_from<A>(py::make_tuple(values));
+    plan_->set_options(group, options[0]);
+  }
+
+  void step(py::handle grads, std::optional<double> grad_scale, std::optional<int64_t> step,
+            uintptr_t stream) override {
+    DeviceStep given;
+    describe_list(grads, "grads", given.buffers.grads, given);
+    if (!given.buffers.grads.empty()) {
+      const int device = check_placement(given);
+      if (device >= 0 && device_ >= 0 && device != device_)
+        throw Error(ErrorKind::value, "the grads are on cuda:" + std::to_string(device) +
+                                          " but the params on cuda:" + std::to_string(device_));
+    }
+    std::vector<void*> producers = registered_producers_;
+    add_producers(given, producers);
+    const StepExtras extras{grad_scale, rounding_seed_};
+    py::gil_scoped_release release;  // first: a thread waiting for the lock holds no GIL
+    std::lock_guard<std::mutex> lock(mutex_);
+    producers_ = std::move(producers);  // what the runner launches with, under the lock
+    stream_ = stream;
+    plan_->step(given.buffers.grads, extras, step);
+  }
+
+  size_t size() const override { return plan_->size(); }
+
+ private:
+  static std::vector<uint8_t> flags_of(py::handle flags, size_t n) {
+    std::vector<uint8_t> result;
+    if (flags.is_none()) return result;
+    for (py::handle f : flags) result.push_back(f.cast<bool>());
+    if (result.size() != n)
+      throw Error(ErrorKind::value, "new_state: expected " + std::to_string(n) + " flags");
+    return result;
+  }
+
+  py::object step_counts_, scalars_;  // the arrays the plan advances, kept alive
+  std::optional<uint64_t> rounding_seed_;
+  std::unique_ptr<Plan<A>> plan_;
+  int device_ = -1;  // -1: every registered tensor is empty
+  std::vector<void*> registered_producers_;
+  std::mutex mutex_;  // one step at a time: the runner reads these two
+  std::vector<void*> producers_;
+  uintptr_t stream_ = 0;
+};
+
 // _cuda, or _cuda_emulated: the same bindings over the emulated kernels and runtime
 // (csrc/cuda/emulation.h), which tests compare with the CPU backend on machines without a GPU.
 #ifndef FUSEDOPT_CUDA_MODULE
@@ -368,6 +494,31 @@ PYBIND11_MODULE(FUSEDOPT_CUDA_MODULE, m) {
         return py::make_tuple(count, reason);
       },
       "(number of usable CUDA devices, the runtime's reason when there are none); never raises.");
+
+  // Module-local: _cuda and _cuda_emulated both define it, and pybind11's registry is global.
+  py::class_<AnyDevicePlan>(m, "Plan", py::module_local(),
+                            "A step's device arrays registered once (see fusedopt.cuda.Plan).")
+      .def(py::init([](const std::string& name, py::handle groups, const IndexArray& group_of,
+                       py::handle params, py::handle states, py::handle masters, py::handle absmax,
+                       py::object step_counts, py::handle new_state, py::object scalars,
+                       std::optional<uint64_t> rounding_seed) {
+             std::unique_ptr<AnyDevicePlan> plan;
+             const bool found = Algorithms::visit(name, [&](auto tag) {
+               using A = typename decltype(tag)::type;
+               plan = std::make_unique<DevicePlan<A>>(groups, group_of, params, states, masters,
+                                                      absmax, step_counts, new_state, scalars,
+                                                      rounding_seed);
+             });
+             if (!found) throw Error(ErrorKind::value, "unknown algorithm '" + name + "'");
+             return plan;
+           }),
+           py::arg("algorithm"), py::arg("groups"), py::arg("group_of"), py::arg("params"),
+           py::arg("states"), py::arg("masters"), py::arg("absmax"), py::arg("step_counts"),
+           py::arg("new_state"), py::arg("scalars"), py::arg("rounding_seed"))
+      .def("set_options", &AnyDevicePlan::set_options, py::arg("group"), py::arg("values"))
+      .def("step", &AnyDevicePlan::step, py::arg("grads"), py::arg("grad_scale"), py::arg("step"),
+           py::arg("stream"))
+      .def("__len__", &AnyDevicePlan::size);
 
   m.def(
       "step",

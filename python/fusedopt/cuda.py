@@ -140,9 +140,14 @@ def use_stream(stream: Any) -> Iterator[None]:
 
 
 def _interface(x: Any) -> dict[str, Any] | None:
+    """The CUDA Array Interface of an array that has one, for any dtype but bfloat16: no typestr
+    names it, and producers give it one of their own (torch 2.4 raises KeyError, 2.5 says "<f2",
+    float16's, later ones "<V2"), so bfloat16 arrays go by DLPack."""
+    if _dtype_name(x) == "bfloat16":
+        return None
     try:
         return x.__cuda_array_interface__
-    except (AttributeError, RuntimeError, TypeError):
+    except (AttributeError, RuntimeError, TypeError, KeyError):
         return None
 
 
@@ -287,9 +292,12 @@ def step(
 
 
 class Plan:
-    """A step's device arrays kept between steps (the registered-buffer interface of
-    fusedopt._core.Plan): the arrays are described and checked again at every step, and the
-    step counts advanced here once a step has been launched."""
+    """A step's device arrays registered once (the interface of fusedopt._core.Plan): the params,
+    states, masters and 8-bit scales are described and checked when registered (fusedopt._cuda's
+    Plan), and each step describes and checks its grads only. The plan holds the arrays; one that
+    is a torch tensor whose memory moved since (``.data =``, ``resize_``, ``set_``) makes the next
+    step register them all anew. The step counts and scalars are the caller's arrays, advanced in
+    place by each step."""
 
     def __init__(
         self,
@@ -306,19 +314,43 @@ class Plan:
         rounding_seed: int | None = None,
         absmax: Sequence[Sequence[Any] | None] | None = None,
     ) -> None:
-        self._masters = None if masters is None else list(masters)
-        self._rounding_seed = rounding_seed
-        self._absmax = None if absmax is None else [None if a is None else list(a) for a in absmax]
         self._algorithm = algorithm
         self._groups = list(groups)
         self._group_of = np.asarray(group_of, np.int64)
         self._params = list(params)
         self._states = [None if s is None else list(s) for s in states]
+        self._masters = None if masters is None else list(masters)
+        self._absmax = None if absmax is None else [None if a is None else list(a) for a in absmax]
+        self._rounding_seed = rounding_seed
         self._step_counts = step_counts
         self._new_state = None if new_state is None else list(new_state)
         self._scalars = scalars
+        self._native: Any = None
+        self._marks: list[Any] = []
+        self._register()
+
+    def _arrays(self) -> list[Any]:
+        lists = [self._params, *self._states, self._masters, *(self._absmax or [])]
+        return [x for lst in lists if lst is not None for x in lst if x is not None]
+
+    def _register(self) -> None:
+        state_names = _core.algorithm_info(self._algorithm)["states"]
+        if len(self._states) != len(state_names):
+            raise ValueError(f"{self._algorithm} takes {len(state_names)} state lists")
+        named = {"params": self._params, **dict(zip(state_names, self._states))}
+        named["masters"] = self._masters
+        named.update(_absmax_lists(state_names, self._absmax))
+        lists, _ = _intake(None, **named)
+        k = len(state_names)
+        self._native = _module().Plan(
+            self._algorithm, self._groups, self._group_of, lists[0], lists[1 : 1 + k],
+            lists[1 + k], lists[2 + k :] or None, self._step_counts, self._new_state,
+            self._scalars, self._rounding_seed,
+        )  # fmt: skip
+        self._marks = [_memory_mark(x) for x in self._arrays()]
 
     def set_options(self, group: int, values: tuple[float, ...]) -> None:
+        self._native.set_options(group, values)
         self._groups[group] = values
 
     def step_if_unchanged(
@@ -337,22 +369,22 @@ class Plan:
         return True
 
     def step(self, grads: Sequence[Any], grad_scale: float | None, step_number: int | None):
-        n = len(self._params)
-        if step_number is not None:
-            steps = np.full(n, step_number, np.int64)
-        elif self._step_counts is not None:
-            steps = self._step_counts + 1
-        else:
-            steps = np.ones(n, np.int64)
-        step(
-            self._algorithm, self._groups, self._group_of, steps, self._params, grads,
-            self._states, new_state=self._new_state, scalars=self._scalars,
-            grad_scale=grad_scale, masters=self._masters, absmax=self._absmax,
-            rounding_seed=self._rounding_seed,
-        )  # fmt: skip
-        if step_number is None and self._step_counts is not None:
-            self._step_counts += 1
-        self._new_state = None
+        if [_memory_mark(x) for x in self._arrays()] != self._marks:
+            self._register()  # a torch tensor's memory moved: described and checked anew
+        first = self._params[0] if self._params else None
+        handle = _launch_stream(None, first)
+        producer = _torch_stream(first)
+        described = [_describe(g, f"grads[{i}]", handle, producer) for i, g in enumerate(grads)]
+        self._native.step(described, grad_scale, step_number, handle)
+        self._new_state = None  # made for the first step: not again when registered anew
+
+
+def _memory_mark(x: Any) -> Any:
+    """What of a registered array can change in place: a torch tensor's memory and layout (other
+    libraries' arrays keep theirs for life)."""
+    if not _is_torch(x):
+        return None
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
 
 
 # ------------------------------------------------------------------------ state on the device
@@ -413,6 +445,13 @@ def from_host(values: np.ndarray, like: Any) -> Any:
         if host.dtype.name == "bfloat16":  # ml_dtypes: torch takes its bits
             return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).to(like.device)
         return torch.from_numpy(host).to(like.device)
+    device = getattr(like, "device", None)
+    if type(like).__module__.partition(".")[0] == "cupy" and hasattr(device, "use"):
+        with device:  # CuPy allocates on its current device: the param's
+            return _namespace(like).asarray(host)
+    sharding = getattr(like, "sharding", None)
+    if sharding is not None and "jax" in sys.modules:  # JAX: on the param's device(s)
+        return sys.modules["jax"].device_put(host, sharding)
     return _namespace(like).asarray(host)
 
 
@@ -434,7 +473,8 @@ def to_numpy(array: Any) -> np.ndarray:
 def array_like(values: np.ndarray, param: Any, dtype: str | None = None) -> Any:
     """A new device array holding ``values`` with the param's dtype (or the one named), on the
     param's device."""
-    if dtype is not None and dtype != _dtype_name(param):
+    dtype = dtype or _dtype_name(param)
+    if dtype != _dtype_name(param) or dtype == "bfloat16":  # (NumPy has no bfloat16 of its own)
         from fusedopt._engine import numpy_dtype  # (which imports this module)
 
         return from_host(np.asarray(values, dtype=numpy_dtype(dtype)), param)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fusedopt import _core
+from fusedopt import _core, cuda
 from fusedopt._engine import (
     KERAS,
     TORCH,
@@ -340,6 +340,8 @@ def _check_scales(scale: Any, state: Any, where: str) -> None:
     is, its scales ignored), and holding no NaN or negative value (an absmax is a block's
     largest |x|: one of those would turn its block's values NaN or flip their signs), as
     load_state_dict checks saved ones. The rest (dtype, size, overlaps) the step checks."""
+    if cuda.is_device_array(state) and str(getattr(state, "dtype", "")).endswith("uint8"):
+        return  # device memory: its values are not read here (docs/spec.md section 22)
     if not isinstance(state, np.ndarray) or state.dtype != np.uint8:
         kind = state.dtype if isinstance(state, np.ndarray) else type(state).__name__
         raise ValueError(

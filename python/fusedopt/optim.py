@@ -623,7 +623,7 @@ class Optimizer(PlanHolder):
                 if name not in used or self._buffers[name][i] is not None:
                     continue
                 param = self._params[i]
-                dtype = self.precision.state_dtype_for(dtype_name(param.dtype), param.size)
+                dtype = self.precision.state_dtype_for(dtype_name(param.dtype), _numel(param))
                 if dtype == "int8":
                     self._buffers[name][i], self._absmax[name][i] = _quantized_full_like(
                         param, initial[k], description.nonnegative(name)
@@ -643,7 +643,7 @@ class Optimizer(PlanHolder):
         """A saved state in the dtype this optimizer keeps it in, and its 8-bit scales: 8-bit
         codes (with their ``<name>_absmax``) are dequantized for a float state, float values
         quantized for an 8-bit one."""
-        dtype = self.precision.state_dtype_for(dtype_name(param.dtype), param.size)
+        dtype = self.precision.state_dtype_for(dtype_name(param.dtype), _numel(param))
         value = entry[name]
         if _is_8_bit(value):
             if name + "_absmax" not in entry:
@@ -656,7 +656,7 @@ class Optimizer(PlanHolder):
                     f"state_dict: state[{saved_id}][{name!r}] does not fit params[{i}]"
                 )
             scales = checked_absmax(
-                _host(entry[name + "_absmax"]), param.size, f"state[{saved_id}]['{name}_absmax']"
+                _host(entry[name + "_absmax"]), _numel(param), f"state[{saved_id}]['{name}_absmax']"
             )
             if dtype == "int8":
                 return np.array(codes, order="C", copy=True), scales
@@ -750,8 +750,13 @@ def _quantized_full_like(param: Any, value: float, nonnegative: bool) -> tuple[A
     if not cuda.is_device_array(param):
         return quantized_full(param.shape, value, nonnegative)
     code, scale = quantized_full((1,), value, nonnegative)
-    scales = cuda.from_host(np.full(-(-param.size // QUANT_BLOCK), scale[0]), param)
+    scales = cuda.from_host(np.full(-(-_numel(param) // QUANT_BLOCK), scale[0]), param)
     return cuda.full_like(param, int(code[0]), "uint8"), scales
+
+
+def _numel(array: Any) -> int:
+    """An array's element count (a torch tensor's ``size`` is a method)."""
+    return math.prod(array.shape)
 
 
 def _master_of(param: Any) -> Any:
