@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from fusedopt import _engine, cuda
+from fusedopt import _core, _engine, cuda
 
 emulated = pytest.importorskip(
     "fusedopt._cuda_emulated", reason="fusedopt was built without its CUDA emulation module"
@@ -295,3 +295,96 @@ def test_the_functional_api_steps_8_bit_state_and_masters_on_the_device() -> Non
     for name in scales:
         for i, (e, got) in enumerate(zip(scales[name], device_scales[name])):
             assert_same_bits(e, got, f"absmax[{name!r}][{i}]")
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+@pytest.mark.parametrize("grads_kept", [True, False], ids=["same grad arrays", "new grad arrays"])
+def test_a_registered_plan_updates_every_kind_of_tensor_in_one_launch(
+    grads_kept: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table kernel over a registered plan's tables (kept on the device; a step copies only
+    the records that changed): float32, float64 (some not 16-byte aligned) and bfloat16 tensors
+    with masters, over 60 tensors and a tensor of two chunks, the CPU's bits at every step."""
+    registrations = []
+    register = cuda.Plan._register
+    monkeypatch.setattr(
+        cuda.Plan, "_register", lambda self: registrations.append(1) or register(self)
+    )
+    rng = np.random.default_rng(12)
+    dtypes = [np.float32, np.float64, BFLOAT16]
+    sizes = [(i * 37) % 200 for i in range(60)] + [70000]
+    host = [rng.standard_normal(s).astype(dtypes[i % 3]) for i, s in enumerate(sizes)]
+    device = [EmulatedArray(p.copy()) for p in host]
+    cpu = fusedopt.AdamW(host, lr=0.01, weight_decay=0.1, amsgrad=True, master_weights=True)
+    gpu = fusedopt.AdamW(device, lr=0.01, weight_decay=0.1, amsgrad=True, master_weights=True)
+    kept = [EmulatedArray(np.zeros(s, p.dtype)) for s, p in zip(sizes, host)]
+    for step in range(4):
+        grads = [rng.standard_normal(s).astype(p.dtype) for s, p in zip(sizes, host)]
+        if grads_kept:
+            for k, g in zip(kept, grads):
+                k.host[...] = g
+            device_grads = kept
+        else:
+            device_grads = [EmulatedArray(g) for g in grads]
+        cpu.step(grads)
+        gpu.step(device_grads)
+        for i, (e, got) in enumerate(zip(host, device)):
+            assert_same_bits(e, got, f"step {step}: params[{i}]")
+    assert len(registrations) == 1, "registered once, its tables kept"
+
+
+class DeletableArray(EmulatedArray):
+    """A JAX-like array whose memory can be freed under the object (``delete()``, donation)."""
+
+    deleted = False
+
+    def is_deleted(self) -> bool:
+        return self.deleted
+
+    def delete(self) -> None:
+        self.deleted = True
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        if self.deleted:
+            raise RuntimeError("Array has been deleted")
+        return super().__cuda_array_interface__
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        if self.deleted:
+            raise RuntimeError("Array has been deleted")
+        return super().__dlpack__(**kwargs)
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+def test_a_deleted_registered_array_is_never_written_through_its_old_address() -> None:
+    """A plan's registered array deleted since (its memory freed): the next step registers
+    anew, which refuses it, and nothing is written."""
+    params = [DeletableArray(np.ones(8, np.float32)), DeletableArray(np.ones(8, np.float32))]
+    opt = fusedopt.SGD(params, lr=0.1)
+    opt.step([EmulatedArray(np.ones(8, np.float32)) for _ in params])
+    before = [p.host.copy() for p in params]
+    params[1].delete()
+    with pytest.raises(RuntimeError, match="deleted"):
+        opt.step([EmulatedArray(np.ones(8, np.float32)) for _ in params])
+    for b, p in zip(before, params):
+        assert b.tobytes() == p.host.tobytes()
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+def test_a_dlpack_buffer_carries_its_producer_stream() -> None:
+    """bfloat16 goes by DLPack, whose capsule names no stream: the producer's (torch's current
+    stream) goes with it, as the interface dict's "stream" does, for the step to wait on and
+    signal; the step takes that form."""
+    host = [np.ones(8, BFLOAT16), np.full(8, 100.0, BFLOAT16)]  # param, grad
+    param, grad = (EmulatedArray(x.copy()) for x in host)
+    described = cuda._describe(param, "params[0]", 1, 0x5EED)
+    assert isinstance(described, dict) and described["stream"] == 0x5EED
+    grad_described = cuda._describe(grad, "grads[0]", 1, 0x5EED)
+    values = tuple(f.default for f in _engine.describe("sgd").fields)
+    one, first = np.zeros(1, np.int64), np.ones(1, np.int64)
+    emulated.step("sgd", [values], one, first, [described], [grad_described], [None], None, None,
+                  None, 1, True)  # fmt: skip
+    _core.step("sgd", [values], one, first, [host[0]], [host[1]], [None])
+    assert_same_bits(host[0], param, "params[0]")
+    assert not np.all(host[0] == 1), "the step moved the param"

@@ -494,12 +494,20 @@ class Plan {
     if (!checked) fill_tensors(0, n);
     const bool all_present =
         !skips || std::all_of(grads.begin(), grads.end(), [](const auto& g) { return g.present; });
-    if (all_present) {
+    if (all_present && runner_) {
+      // The GPU's launch may fail after the scalars advanced: they are put back.
+      std::vector<double> scalars;
+      if (schedule_.scalars) scalars.assign(schedule_.scalars, schedule_.scalars + n * kMaxScalars);
       detail::compute_coefficients<A>(groups_, schedule_, extras, step_);
-      if (runner_)
+      try {
         runner_(step_);
-      else
-        run_step(step_, &layout_);
+      } catch (...) {
+        std::copy(scalars.begin(), scalars.end(), schedule_.scalars);
+        throw;
+      }
+    } else if (all_present) {
+      detail::compute_coefficients<A>(groups_, schedule_, extras, step_);
+      run_step(step_, &layout_);
     } else {
       run_present(grads, extras);
     }
@@ -536,7 +544,7 @@ class Plan {
     }
     detail::compute_coefficients<A>(groups_, schedule, extras, present);
     if (runner_)
-      runner_(present);
+      runner_(present);  // (a failure leaves the plan's scalars: these are copies)
     else
       run_step(present);
     if (schedule_.scalars)

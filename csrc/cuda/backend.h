@@ -9,6 +9,7 @@
 
 #include "core/step.h"
 #include "cuda/launch_plan.h"
+#include "cuda/tables.h"
 
 namespace fusedopt {
 namespace cuda {
@@ -18,6 +19,30 @@ namespace cuda {
 // for every registered algorithm.
 template <class A>
 void launch_step(const PreparedStep<A>& step, void* stream);
+
+// A registered plan's tables (csrc/cuda/tables.h), kept in device memory from one step to the
+// next: a step copies only the records that changed (a grad's address, a flag) and its
+// coefficient structs, then updates every tensor in one launch of the table kernel (LAMB: its
+// three launches, as launch_step). Steps come one at a time (the plan's lock).
+class RegisteredTables {
+ public:
+  RegisteredTables() = default;
+  ~RegisteredTables();
+  RegisteredTables(const RegisteredTables&) = delete;
+  RegisteredTables& operator=(const RegisteredTables&) = delete;
+
+  // On `stream` (a cudaStream_t) of the current device.
+  template <class A>
+  void launch(const PreparedStep<A>& step, void* stream);
+
+ private:
+  std::vector<TableTensor> tensors_;  // as on the device
+  std::vector<TableBlock> blocks_;
+  size_t layout_coefficient_bytes_ = 0, layout_sets_ = 0;  // the room the layout keeps
+  void* device_ = nullptr;                                 // the tables (TableLayout)
+  int device_id_ = 0;
+  void* done_ = nullptr;  // a cudaEvent_t recorded after the last launch
+};
 
 // The number of usable devices, or 0 with the runtime's reason (never throws: no driver, no
 // device and a driver older than the runtime are all ordinary answers on a CPU machine).

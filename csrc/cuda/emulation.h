@@ -15,6 +15,9 @@
 // write (static arrays start zeroed and keep the last block's values), launch limits, timing.
 #pragma once
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <barrier>
 #include <cstdint>
 #include <cstdio>
@@ -63,6 +66,64 @@ inline void sync_threads() {
   block_barrier->arrive_and_wait();
 }
 
+// The threads that run the blocks of synchronizing launches: started once (thread creation cost
+// more than the kernels, 512 per block), each taking its thread index in every block, and meeting
+// the launching thread at a start and a finish barrier per block. Never destroyed: they wait at
+// the start barrier until the process ends. A child forked while it exists makes its own.
+class BlockThreads {
+ public:
+  static BlockThreads& get(unsigned threads) {
+    static BlockThreads* pool = nullptr;
+    static pid_t owner = 0;
+    if (!pool || owner != getpid() || pool->size_ < threads) {
+      pool = new BlockThreads(std::max(threads, 512u));  // a smaller one's threads just wait
+      owner = getpid();
+    }
+    return *pool;
+  }
+
+  // Runs `run` as threads [0, threads) of block `block` of a launch of `blocks` blocks.
+  void run_block(unsigned block, unsigned blocks, unsigned threads,
+                 const std::function<void()>& run) {
+    job_ = {&run, block, blocks, threads};
+    std::barrier<> block_barrier(threads);
+    job_barrier_ = &block_barrier;
+    start_.arrive_and_wait();
+    finish_.arrive_and_wait();
+  }
+
+ private:
+  struct Job {
+    const std::function<void()>* run = nullptr;
+    unsigned block = 0, blocks = 0, threads = 0;
+  };
+
+  explicit BlockThreads(unsigned size) : size_(size), start_(size + 1), finish_(size + 1) {
+    for (unsigned t = 0; t < size; ++t) std::thread([this, t] { work(t); }).detach();
+  }
+
+  [[noreturn]] void work(unsigned t) {
+    for (;;) {
+      start_.arrive_and_wait();  // the job is published before it
+      if (t < job_.threads) {
+        thread_index = Index3{t, 0, 0};
+        block_index = Index3{job_.block, 0, 0};
+        block_dim = Index3{job_.threads, 1, 1};
+        grid_dim = Index3{job_.blocks, 1, 1};
+        block_barrier = job_barrier_;
+        (*job_.run)();
+        block_barrier = nullptr;
+      }
+      finish_.arrive_and_wait();
+    }
+  }
+
+  unsigned size_;
+  std::barrier<> start_, finish_;
+  Job job_;
+  std::barrier<>* job_barrier_ = nullptr;
+};
+
 // A kernel's launch: `run()` is the kernel with its arguments bound, called once per thread.
 // One launch at a time in the process: its blocks' shared memory (static arrays) is one.
 inline void launch(unsigned blocks, unsigned threads, bool synchronizing,
@@ -70,30 +131,17 @@ inline void launch(unsigned blocks, unsigned threads, bool synchronizing,
   static std::mutex one_at_a_time;
   const std::lock_guard<std::mutex> lock(one_at_a_time);
   for (unsigned b = 0; b < blocks; ++b) {
-    const auto set_indices = [&](unsigned t) {
+    if (synchronizing) {
+      BlockThreads::get(threads).run_block(b, blocks, threads, run);
+      continue;
+    }
+    for (unsigned t = 0; t < threads; ++t) {
       thread_index = Index3{t, 0, 0};
       block_index = Index3{b, 0, 0};
       block_dim = Index3{threads, 1, 1};
       grid_dim = Index3{blocks, 1, 1};
-    };
-    if (!synchronizing) {
-      for (unsigned t = 0; t < threads; ++t) {
-        set_indices(t);
-        run();
-      }
-      continue;
+      run();
     }
-    std::barrier<> barrier(threads);
-    std::vector<std::thread> block;
-    block.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t)
-      block.emplace_back([&, t] {
-        set_indices(t);
-        block_barrier = &barrier;
-        run();
-        block_barrier = nullptr;
-      });
-    for (std::thread& thread : block) thread.join();
   }
 }
 
@@ -163,6 +211,11 @@ inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned) {
 }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+inline cudaError_t cudaFree(void* pointer) { return cudaFreeAsync(pointer, nullptr); }
 inline cudaError_t cudaMemcpyAsync(void* to, const void* from, size_t bytes, cudaMemcpyKind,
                                    cudaStream_t) {
   std::memcpy(to, from, bytes);

@@ -76,48 +76,80 @@ void check(cudaError_t error, const char* call) {
 
 // A step's tables copied to the device through pinned memory. From pageable memory the runtime
 // first waits for all the work queued on the stream (CUDA's "API synchronization behavior"):
-// every step would wait for the backward pass before it could queue its kernels. Per device, two
-// pinned buffers in turn, each grown as needed and written again only once the copy from it has
-// completed (an event): the host may run two steps ahead of the device.
+// every step would wait for the backward pass before it could queue its kernels. Per device, a
+// few pinned buffers, each grown as needed and written again only once the copy from it has
+// completed (an event, asked without waiting; waited for only when all are in use). Where pinned
+// memory cannot be had, the pageable copy.
 class PinnedStaging {
  public:
   static void copy(void* to, const void* from, size_t bytes, cudaStream_t stream) {
-    static std::mutex mutex;
-    static std::map<int, PinnedStaging> per_device;
     int device = 0;
     check(cudaGetDevice(&device), "cudaGetDevice");
-    const std::lock_guard<std::mutex> lock(mutex);
-    per_device[device].copy_here(to, from, bytes, stream);
+    of_device(device).copy_here(to, from, bytes, stream);
   }
 
  private:
+  static constexpr size_t kBuffers = 4;
   struct Buffer {
     void* host = nullptr;
     size_t capacity = 0;
     cudaEvent_t copied = nullptr;  // recorded after the last copy from it
   };
 
-  void copy_here(void* to, const void* from, size_t bytes, cudaStream_t stream) {
-    Buffer& b = buffers_[next_];
-    next_ = 1 - next_;
-    if (!b.copied)
-      check(cudaEventCreateWithFlags(&b.copied, cudaEventDisableTiming), "cudaEventCreate");
-    else
-      check(cudaEventSynchronize(b.copied), "cudaEventSynchronize");
-    if (bytes > b.capacity) {
-      if (b.host) cudaFreeHost(b.host);
-      b.host = nullptr;
-      b.capacity = 0;
-      check(cudaHostAlloc(&b.host, bytes, cudaHostAllocPortable), "cudaHostAlloc");
-      b.capacity = bytes;
-    }
-    std::memcpy(b.host, from, bytes);
-    check(cudaMemcpyAsync(to, b.host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
-    check(cudaEventRecord(b.copied, stream), "cudaEventRecord");
+  static PinnedStaging& of_device(int device) {
+    static std::mutex mutex;
+    static std::map<int, PinnedStaging> per_device;
+    const std::lock_guard<std::mutex> lock(mutex);
+    return per_device[device];  // (std::map: references stay valid)
   }
 
-  Buffer buffers_[2];
-  int next_ = 0;
+  void copy_here(void* to, const void* from, size_t bytes, cudaStream_t stream) {
+    const std::lock_guard<std::mutex> lock(mutex_);  // this device's only
+    Buffer* free = nullptr;
+    for (Buffer& b : buffers_)
+      if (!b.copied || cudaEventQuery(b.copied) == cudaSuccess) {
+        free = &b;
+        break;
+      }
+    cudaGetLastError();  // (cudaErrorNotReady from the queries)
+    if (!free) {         // all in use: the oldest, once its copy is done
+      free = &buffers_[oldest_];
+      check(cudaEventSynchronize(free->copied), "cudaEventSynchronize");
+    }
+    oldest_ = (static_cast<size_t>(free - buffers_) + 1) % kBuffers;
+    if (!free->copied &&
+        cudaEventCreateWithFlags(&free->copied, cudaEventDisableTiming) != cudaSuccess) {
+      cudaGetLastError();
+      free->copied = nullptr;
+    }
+    if (bytes > free->capacity) {
+      if (free->host) cudaFreeHost(free->host);
+      free->host = nullptr;
+      free->capacity = 0;
+      if (cudaHostAlloc(&free->host, bytes, cudaHostAllocPortable) == cudaSuccess) {
+        free->capacity = bytes;
+      } else {
+        cudaGetLastError();
+        free->host = nullptr;
+      }
+    }
+    if (!free->host || !free->copied) {  // no pinned memory (or event): the pageable copy
+      check(cudaMemcpyAsync(to, from, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+      return;
+    }
+    std::memcpy(free->host, from, bytes);
+    check(cudaMemcpyAsync(to, free->host, bytes, cudaMemcpyHostToDevice, stream),
+          "cudaMemcpyAsync");
+    if (cudaEventRecord(free->copied, stream) != cudaSuccess) {
+      // The copy is queued but not tracked: wait for it, so the buffer can be written again.
+      cudaGetLastError();
+      check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    }
+  }
+
+  std::mutex mutex_;
+  Buffer buffers_[kBuffers];
+  size_t oldest_ = 0;
 };
 
 template <class T, class A, class Kernel>
@@ -187,72 +219,73 @@ void launch_reducing_step(const PreparedStep<A>& step, cudaStream_t stream) {
   check(cudaFreeAsync(scratch, stream), "cudaFreeAsync");
 }
 
-// The staged tensors of a step (staged.cuh), in one launch: their descriptions, blocks,
-// coefficient structs and the dynamic maps copied into one scratch buffer first.
+// Where the tables of a launch lie in one buffer, each on a 64-byte boundary.
+struct TableLayout {
+  static size_t rounded(size_t bytes) { return (bytes + 63) / 64 * 64; }
+  size_t maps = 0, coefficients, keys, tensors, blocks, end;
+  TableLayout(size_t coefficient_bytes, size_t num_sets, size_t num_tensors, size_t num_blocks)
+      : coefficients(rounded(2 * 256 * sizeof(float))),
+        keys(coefficients + rounded(coefficient_bytes)),
+        tensors(keys + rounded(num_sets * sizeof(SetKeys))),
+        blocks(tensors + rounded(num_tensors * sizeof(TableTensor))),
+        end(blocks + num_blocks * sizeof(TableBlock)) {}
+};
+
+void write_maps(unsigned char* at) {
+  std::memcpy(at, kSignedDynamicMap, sizeof kSignedDynamicMap);
+  std::memcpy(at + sizeof kSignedDynamicMap, kUnsignedDynamicMap, sizeof kUnsignedDynamicMap);
+}
+
+template <class A>
+void launch_table_kernel(const unsigned char* device, const TableLayout& at, size_t num_blocks,
+                         cudaStream_t stream) {
+  using Coefficients = typename A::Coefficients;
+  TableArguments<Coefficients> args;
+  args.maps = reinterpret_cast<const float*>(device + at.maps);
+  args.coefficients = reinterpret_cast<const Coefficients*>(device + at.coefficients);
+  args.keys = reinterpret_cast<const SetKeys*>(device + at.keys);
+  args.tensors = reinterpret_cast<const TableTensor*>(device + at.tensors);
+  args.blocks = reinterpret_cast<const TableBlock*>(device + at.blocks);
+  // The table kernel meets at __syncthreads (the emulation runs it on threads of its own).
+  FUSEDOPT_LAUNCH_SYNCING(static_cast<unsigned>(num_blocks), kStagedThreads, stream,
+                          table_kernel<A>)
+  (args);
+  check_launch("the table kernel");
+}
+
+// The low-precision tensors of a step, in one launch of the table kernel: their tables, the
+// coefficient structs and the dynamic maps copied into a scratch buffer first.
 template <class A>
 void launch_staged(const PreparedStep<A>& step, const std::vector<size_t>& staged,
                    cudaStream_t stream) {
   using Coefficients = typename A::Coefficients;
-  std::vector<StagedTensor> tensors;
-  std::vector<StagedBlock> blocks;
+  std::vector<TableTensor> tensors;
+  std::vector<TableBlock> blocks;
   for (size_t i : staged) {
     const TensorRef& t = step.tensors[i];
     if (t.size == 0) continue;
     if (t.dtype == Dtype::float64)
       throw std::invalid_argument("fusedopt.cuda: float64 params take float64 state only");
-    StagedTensor d{};
-    d.param = t.param;
-    d.grad = t.grad;
-    for (int k = 0; k < kMaxStates; ++k) {
-      d.state[k] = t.state[k];
-      d.absmax[k] = t.absmax[k];
-    }
-    d.master = t.master;
-    d.size = t.size;
-    for (int role = 0; role < 1 + kMaxStates; ++role)
-      d.role_key[role] = t.stochastic ? role_key(t.rounding_key, role) : 0;
-    d.coefficient_set = step.coefficient_of[i];
-    d.dtype = static_cast<uint8_t>(t.dtype);
-    d.state_dtype = static_cast<uint8_t>(t.state_dtype);
-    d.flags = static_cast<uint8_t>((t.write_grad ? kStagedWriteGrad : 0) |
-                                   (t.stochastic ? kStagedStochastic : 0));
-    const int64_t chunks = (t.size + kChunkElements - 1) / kChunkElements;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk)
-      blocks.push_back({static_cast<int32_t>(tensors.size()), static_cast<int32_t>(chunk)});
-    tensors.push_back(d);
+    tensors.push_back(table_tensor(t, step.coefficient_of[i]));
+    append_blocks(tensors.back(), static_cast<int32_t>(tensors.size() - 1), blocks);
   }
   if (blocks.empty()) return;
-  if (blocks.size() > static_cast<size_t>(INT32_MAX))
-    throw std::length_error("fusedopt.cuda: too many chunks for one launch");
-  // One buffer: maps, coefficients, tensors, blocks, each on a 64-byte boundary.
-  const auto rounded = [](size_t bytes) { return (bytes + 63) / 64 * 64; };
-  const size_t maps_at = 0, coefficients_at = rounded(2 * 256 * sizeof(float));
-  const size_t tensors_at =
-      coefficients_at + rounded(step.coefficients.size() * sizeof(Coefficients));
-  const size_t blocks_at = tensors_at + rounded(tensors.size() * sizeof(StagedTensor));
-  std::vector<unsigned char> host(blocks_at + blocks.size() * sizeof(StagedBlock));
-  std::memcpy(host.data() + maps_at, kSignedDynamicMap, sizeof kSignedDynamicMap);
-  std::memcpy(host.data() + maps_at + sizeof kSignedDynamicMap, kUnsignedDynamicMap,
-              sizeof kUnsignedDynamicMap);
-  std::memcpy(host.data() + coefficients_at, step.coefficients.data(),
+  const std::vector<SetKeys> keys =
+      set_keys(step.tensors, step.coefficient_of, step.coefficients.size());
+  const TableLayout at(step.coefficients.size() * sizeof(Coefficients), keys.size(), tensors.size(),
+                       blocks.size());
+  std::vector<unsigned char> host(at.end);
+  write_maps(host.data() + at.maps);
+  std::memcpy(host.data() + at.coefficients, step.coefficients.data(),
               step.coefficients.size() * sizeof(Coefficients));
-  std::memcpy(host.data() + tensors_at, tensors.data(), tensors.size() * sizeof(StagedTensor));
-  std::memcpy(host.data() + blocks_at, blocks.data(), blocks.size() * sizeof(StagedBlock));
+  std::memcpy(host.data() + at.keys, keys.data(), keys.size() * sizeof(SetKeys));
+  std::memcpy(host.data() + at.tensors, tensors.data(), tensors.size() * sizeof(TableTensor));
+  std::memcpy(host.data() + at.blocks, blocks.data(), blocks.size() * sizeof(TableBlock));
   void* scratch = nullptr;
   check(cudaMallocAsync(&scratch, host.size(), stream), "cudaMallocAsync");
-  auto* device = static_cast<unsigned char*>(scratch);
   try {
     PinnedStaging::copy(scratch, host.data(), host.size(), stream);
-    StagedArguments<Coefficients> args;
-    args.maps = reinterpret_cast<const float*>(device + maps_at);
-    args.coefficients = reinterpret_cast<const Coefficients*>(device + coefficients_at);
-    args.tensors = reinterpret_cast<const StagedTensor*>(device + tensors_at);
-    args.blocks = reinterpret_cast<const StagedBlock*>(device + blocks_at);
-    // staged_kernel meets at __syncthreads (the emulation runs it on threads of its own).
-    FUSEDOPT_LAUNCH_SYNCING(static_cast<unsigned>(blocks.size()), kStagedThreads, stream,
-                            staged_kernel<A>)
-    (args);
-    check_launch("the low-precision kernel");
+    launch_table_kernel<A>(static_cast<unsigned char*>(scratch), at, blocks.size(), stream);
   } catch (...) {
     cudaFreeAsync(scratch, stream);
     throw;
@@ -306,6 +339,95 @@ void launch_step(const PreparedStep<A>& step, void* stream_handle) {
   }
 }
 
+// ---- A registered plan's tables ------------------------------------------------------------
+
+RegisteredTables::~RegisteredTables() {
+  if (!device_ && !done_) return;
+  try {
+    DeviceGuard guard(device_id_);
+    // Synchronous (cudaFree waits for the device): no launch reads them any more.
+    if (device_) cudaFree(device_);
+    if (done_) cudaEventDestroy(static_cast<cudaEvent_t>(done_));
+  } catch (...) {  // at exit, with the runtime gone: nothing left to free
+  }
+  cudaGetLastError();
+}
+
+template <class A>
+void RegisteredTables::launch(const PreparedStep<A>& step, void* stream_handle) {
+  if constexpr (A::reductions > 0) {
+    launch_step(step, stream_handle);  // LAMB's three launches, its tables per step
+    return;
+  } else {
+    using Coefficients = typename A::Coefficients;
+    const auto stream = static_cast<cudaStream_t>(stream_handle);
+    const size_t n = step.tensors.size();
+    std::vector<TableTensor> tensors(n);
+    for (size_t i = 0; i < n; ++i)
+      tensors[i] = table_tensor(step.tensors[i], step.coefficient_of[i]);
+    const std::vector<SetKeys> keys =
+        set_keys(step.tensors, step.coefficient_of, step.coefficients.size());
+    // The previous launch, maybe on another stream, reads the tables this one writes.
+    if (done_)
+      check(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(done_), 0), "cudaStreamWaitEvent");
+    bool same_blocks = device_ && tensors.size() == tensors_.size();
+    for (size_t i = 0; same_blocks && i < n; ++i) same_blocks = tensors[i].size == tensors_[i].size;
+    const size_t coefficient_bytes = step.coefficients.size() * sizeof(Coefficients);
+    if (!same_blocks || coefficient_bytes > layout_coefficient_bytes_ ||
+        keys.size() > layout_sets_) {
+      // (Re)built whole: the blocks, and room for as many coefficient structs as this step has
+      // (twice, for a plan whose groups' steps diverge later).
+      blocks_.clear();
+      for (size_t i = 0; i < n; ++i) append_blocks(tensors[i], static_cast<int32_t>(i), blocks_);
+      layout_coefficient_bytes_ = 2 * coefficient_bytes;
+      layout_sets_ = 2 * keys.size();
+      const TableLayout at(layout_coefficient_bytes_, layout_sets_, n, blocks_.size());
+      std::vector<unsigned char> host(at.end);
+      write_maps(host.data() + at.maps);
+      std::memcpy(host.data() + at.tensors, tensors.data(), n * sizeof(TableTensor));
+      std::memcpy(host.data() + at.blocks, blocks_.data(), blocks_.size() * sizeof(TableBlock));
+      if (device_) check(cudaFreeAsync(device_, stream), "cudaFreeAsync");
+      device_ = nullptr;
+      tensors_.clear();
+      check(cudaMallocAsync(&device_, host.size(), stream), "cudaMallocAsync");
+      check(cudaGetDevice(&device_id_), "cudaGetDevice");
+      PinnedStaging::copy(device_, host.data(), host.size(), stream);
+      tensors_ = tensors;
+    } else {
+      // Only the records that changed (a grad's address, a flag), as one copied range.
+      size_t first = n, last = 0;
+      for (size_t i = 0; i < n; ++i)
+        if (std::memcmp(&tensors[i], &tensors_[i], sizeof(TableTensor)) != 0) {
+          first = std::min(first, i);
+          last = i + 1;
+        }
+      const TableLayout at(layout_coefficient_bytes_, layout_sets_, n, blocks_.size());
+      if (first < last) {
+        PinnedStaging::copy(
+            static_cast<unsigned char*>(device_) + at.tensors + first * sizeof(TableTensor),
+            tensors.data() + first, (last - first) * sizeof(TableTensor), stream);
+        std::copy(tensors.begin() + first, tensors.begin() + last, tensors_.begin() + first);
+      }
+    }
+    const TableLayout at(layout_coefficient_bytes_, layout_sets_, n, blocks_.size());
+    // The step's coefficient structs and keys, side by side as the layout places them.
+    std::vector<unsigned char> per_step(at.tensors - at.coefficients);
+    std::memcpy(per_step.data(), step.coefficients.data(), coefficient_bytes);
+    std::memcpy(per_step.data() + (at.keys - at.coefficients), keys.data(),
+                keys.size() * sizeof(SetKeys));
+    PinnedStaging::copy(static_cast<unsigned char*>(device_) + at.coefficients, per_step.data(),
+                        per_step.size(), stream);
+    if (!blocks_.empty())
+      launch_table_kernel<A>(static_cast<unsigned char*>(device_), at, blocks_.size(), stream);
+    if (!done_) {
+      cudaEvent_t event = nullptr;
+      check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
+      done_ = event;
+    }
+    check(cudaEventRecord(static_cast<cudaEvent_t>(done_), stream), "cudaEventRecord");
+  }
+}
+
 #if !defined(FUSEDOPT_CUDA_EMULATION)  // emulated_runtime.cpp's says yes
 bool kernels_run_on(int device, std::string* reason) {
   int major = 0, minor = 0;
@@ -352,7 +474,7 @@ bool kernels_run_on(int device, std::string* reason) {
 // them (it has external linkage, so it and they are kept): the bindings (host code) call them.
 template <class... A>
 constexpr auto launches_of(AlgorithmList<A...>) {
-  return std::make_tuple(&launch_step<A>...);
+  return std::make_tuple(&launch_step<A>..., &RegisteredTables::launch<A>...);
 }
 decltype(launches_of(Algorithms{})) registered_launches() { return launches_of(Algorithms{}); }
 

@@ -1,9 +1,14 @@
-// Builds the CUDA launch plan on the host (see launch_plan.h). No CUDA here: the core library
-// compiles it with the host compiler and the tests check it on any machine.
+// Builds the CUDA launch plan and the table kernel's records on the host (see launch_plan.h and
+// tables.h). No CUDA here: the core library compiles it with the host compiler and the tests
+// check it on any machine.
 #include "cuda/launch_plan.h"
 
 #include <algorithm>
+#include <climits>
 #include <stdexcept>
+
+#include "cuda/tables.h"
+#include "math/rounding.h"
 
 namespace fusedopt {
 namespace cuda {
@@ -121,6 +126,51 @@ std::vector<PlanTensor> plan_tensors(const std::vector<TensorRef>& tensors,
     p.write_grad = t.write_grad;
   }
   return result;
+}
+
+TableTensor table_tensor(const TensorRef& t, int coefficient_set) {
+  TableTensor d{};
+  d.param = t.param;
+  d.grad = t.grad;
+  for (int k = 0; k < kMaxStates; ++k) {
+    d.state[k] = t.state[k];
+    d.absmax[k] = t.absmax[k];
+  }
+  d.master = t.master;
+  d.size = t.size;
+  d.coefficient_set = coefficient_set;
+  d.dtype = static_cast<uint8_t>(t.dtype);
+  d.state_dtype = static_cast<uint8_t>(t.state_dtype);
+  d.kind = t.staged() ? kStaged : t.dtype == Dtype::float64 ? kPlainDouble : kPlainFloat;
+  PlanTensor plain{};
+  plain.addresses[0] = t.param;
+  plain.addresses[1] = t.grad;
+  for (int k = 0; k < kMaxStates; ++k) plain.addresses[2 + k] = t.state[k];
+  d.flags =
+      static_cast<uint8_t>((d.kind != kStaged && is_vectorizable(plain) ? kVectorized : 0) |
+                           (t.write_grad ? kWriteGrad : 0) | (t.stochastic ? kStochastic : 0));
+  return d;
+}
+
+void append_blocks(const TableTensor& t, int32_t tensor, std::vector<TableBlock>& blocks) {
+  const int64_t chunks = (t.size + kChunkElements - 1) / kChunkElements;
+  if (static_cast<int64_t>(blocks.size()) + chunks > INT32_MAX)
+    throw std::length_error("fusedopt.cuda: too many chunks for one launch");
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    blocks.push_back({tensor, static_cast<int32_t>(chunk)});
+}
+
+std::vector<SetKeys> set_keys(const std::vector<TensorRef>& tensors,
+                              const std::vector<int>& coefficient_of, size_t num_sets) {
+  std::vector<SetKeys> keys(num_sets, SetKeys{});
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!tensors[i].stochastic) continue;
+    // A struct's tensors share their step, so their rounding key (prepare_step).
+    SetKeys& k = keys[coefficient_of[i]];
+    for (int role = 0; role < 1 + kMaxStates; ++role)
+      k.role_key[role] = role_key(tensors[i].rounding_key, role);
+  }
+  return keys;
 }
 
 }  // namespace cuda

@@ -1,59 +1,38 @@
-// Low-precision tensors on the GPU (docs/spec.md section 22): bfloat16 and float16 params and
+// The table kernel: one launch for any number of tensors of any kind, described by tables in
+// device memory (csrc/cuda/tables.h). A float32 or float64 tensor is updated as multi_tensor.cuh
+// updates it; a low-precision one (docs/spec.md section 22: bfloat16 and float16 params and
 // grads, a float32 master copy, bfloat16 or float16 states, 8-bit blockwise states, stochastic
-// rounding. Each element is widened to float32, updated by the float32 math (csrc/math, as every
-// other kernel) and rounded back by csrc/math/rounding.h's integer roundings, keyed as the CPU's
-// (role 0 the param, 1 + k state k; the element's index in its tensor): the CPU's staged path
-// (csrc/cpu/kernels.cpp) computes the same values in the same order, so both give the same bits.
+// rounding) element by element: widened to float32, updated by the float32 math (csrc/math, as
+// every other kernel) and rounded back by csrc/math/rounding.h's integer roundings, keyed as the
+// CPU's (role 0 the param, 1 + k state k; the element's index in its tensor). The CPU's staged
+// path (csrc/cpu/kernels.cpp) computes the same values in the same order: the same bits.
 //
-// Every staged tensor of a step is updated by one launch. Its description (StagedTensor), which
-// block updates which chunk (StagedBlock) and the step's coefficient structs travel in one buffer
-// of device memory (with the dynamic maps), copied in before the launch and freed after it in the
-// stream's order: any number of tensors and coefficient sets, with no kernel-argument limit.
+// A step over device arrays launches it for its low-precision tensors; a registered plan
+// (backend.h RegisteredTables) for all its tensors, its tables kept on the device between steps.
 #pragma once
 
 #include <cstdint>
 
 #include "core/tensor.h"
-#include "cuda/launch_plan.h"
+#include "cuda/multi_tensor.cuh"
+#include "cuda/tables.h"
 #include "math/rounding.h"
 
 namespace fusedopt {
 namespace cuda {
 
-enum StagedFlags : uint8_t { kStagedWriteGrad = 1, kStagedStochastic = 2 };
-
-// One staged tensor as the kernel reads it.
-struct StagedTensor {
-  void* param;
-  void* grad;
-  void* state[kMaxStates];    // null where the tensor keeps no such state
-  float* absmax[kMaxStates];  // an 8-bit state's per-block scales
-  float* master;              // the float32 master of a 16-bit param, or null
-  int64_t size;
-  // Stochastic rounding's role keys (rounding_key's role_key): the param, then state k.
-  uint64_t role_key[1 + kMaxStates];
-  int32_t coefficient_set;  // index into the step's coefficient structs
-  uint8_t dtype;            // Dtype of the param and the grad
-  uint8_t state_dtype;      // Dtype of every state
-  uint8_t flags;            // StagedFlags
-};
-
-struct StagedBlock {
-  int32_t tensor;
-  int32_t chunk;  // of kChunkElements elements (a multiple of kQuantBlock: whole 8-bit blocks)
-};
-static_assert(kChunkElements % kQuantBlock == 0, "a chunk holds whole blocks of 8-bit state");
-
 template <class Coefficients>
-struct StagedArguments {
-  const StagedTensor* tensors;
-  const StagedBlock* blocks;
+struct TableArguments {
+  const TableTensor* tensors;
+  const TableBlock* blocks;
   const Coefficients* coefficients;
-  const float* maps;  // [2][256]: bitsandbytes' signed and unsigned dynamic maps
+  const SetKeys* keys;  // one per coefficient struct
+  const float* maps;    // [2][256]: bitsandbytes' signed and unsigned dynamic maps
 };
 
 // The 8-bit path codes two blocks of kQuantBlock elements at a time, one element per thread.
 constexpr int kStagedThreads = 2 * kQuantBlock;
+static_assert(kStagedThreads == kThreadsPerBlock, "one block size for every kind of tensor");
 
 // ---- One element: widened, and rounded back ---------------------------------------------------
 
@@ -108,10 +87,11 @@ __device__ __forceinline__ int nearest_code(float x, const float* map) {
 
 // Elements [begin, end) of a tensor whose states are not 8-bit: element by element.
 template <class A>
-__device__ __forceinline__ void update_staged_range(const StagedTensor& t,
+__device__ __forceinline__ void update_staged_range(const TableTensor& t,
                                                     const typename A::Coefficients& c,
-                                                    int64_t begin, int64_t end) {
-  const bool stochastic = t.flags & kStagedStochastic;
+                                                    const SetKeys& keys, int64_t begin,
+                                                    int64_t end) {
+  const bool stochastic = t.flags & kStochastic;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
     float g = load_widened(t.grad, t.dtype, i);
@@ -120,12 +100,12 @@ __device__ __forceinline__ void update_staged_range(const StagedTensor& t,
       s[k] = t.state[k] ? load_widened(t.state[k], t.state_dtype, i) : 0.0f;
     math::update(c, p, g, s);
     if (t.master) t.master[i] = p;
-    store_rounded(t.param, t.dtype, i, p, stochastic, t.role_key[0]);
+    store_rounded(t.param, t.dtype, i, p, stochastic, keys.role_key[0]);
     // The unscaled grad written back is rounded to nearest, as torch's fused kernels do.
-    if (t.flags & kStagedWriteGrad) store_rounded(t.grad, t.dtype, i, g, false, 0);
+    if (t.flags & kWriteGrad) store_rounded(t.grad, t.dtype, i, g, false, 0);
     for (int k = 0; k < kMaxStates; ++k)
       if (t.state[k])
-        store_rounded(t.state[k], t.state_dtype, i, s[k], stochastic, t.role_key[1 + k]);
+        store_rounded(t.state[k], t.state_dtype, i, s[k], stochastic, keys.role_key[1 + k]);
   }
 }
 
@@ -134,12 +114,12 @@ __device__ __forceinline__ void update_staged_range(const StagedTensor& t,
 // new largest |state| (NaN left out, as the CPU's block_absmax), then each element's code of
 // state / largest. Every thread of the block reaches every __syncthreads.
 template <class A>
-__device__ __forceinline__ void update_quantized_range(const StagedTensor& t,
+__device__ __forceinline__ void update_quantized_range(const TableTensor& t,
                                                        const typename A::Coefficients& c,
-                                                       int64_t begin, int64_t end,
-                                                       const float (&maps)[2][256]) {
+                                                       const SetKeys& keys, int64_t begin,
+                                                       int64_t end, const float (&maps)[2][256]) {
   __shared__ float largest[kMaxStates][kStagedThreads];
-  const bool stochastic = t.flags & kStagedStochastic;
+  const bool stochastic = t.flags & kStochastic;
   const int lane = threadIdx.x % kQuantBlock;  // within its block
   const int half = threadIdx.x - lane;         // its block's first thread
   for (int64_t first = begin; first < end; first += kStagedThreads) {
@@ -157,8 +137,8 @@ __device__ __forceinline__ void update_quantized_range(const StagedTensor& t,
         }
       math::update(c, p, g, s);
       if (t.master) t.master[i] = p;
-      store_rounded(t.param, t.dtype, i, p, stochastic, t.role_key[0]);
-      if (t.flags & kStagedWriteGrad) store_rounded(t.grad, t.dtype, i, g, false, 0);
+      store_rounded(t.param, t.dtype, i, p, stochastic, keys.role_key[0]);
+      if (t.flags & kWriteGrad) store_rounded(t.grad, t.dtype, i, g, false, 0);
     }
     for (int k = 0; k < kMaxStates; ++k) {
       const float a = s[k] < 0 ? -s[k] : s[k];
@@ -188,21 +168,34 @@ __device__ __forceinline__ void update_quantized_range(const StagedTensor& t,
 
 template <class A>
 __global__ void __launch_bounds__(kStagedThreads)
-    staged_kernel(const StagedArguments<typename A::Coefficients> args) {
+    table_kernel(const TableArguments<typename A::Coefficients> args) {
   __shared__ float maps[2][256];  // read by data-dependent indices: from shared memory
   for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x) maps[j / 256][j % 256] = args.maps[j];
   __syncthreads();
-  const StagedBlock b = args.blocks[blockIdx.x];
+  const TableBlock b = args.blocks[blockIdx.x];
   // A copy: read through a reference, every field would be loaded again after each store (the
   // compiler cannot tell that the stores through the tensor's pointers miss the table).
-  const StagedTensor t = args.tensors[b.tensor];
+  const TableTensor t = args.tensors[b.tensor];
   const int64_t begin = static_cast<int64_t>(b.chunk) * kChunkElements;
   const int64_t end = begin + kChunkElements < t.size ? begin + kChunkElements : t.size;
   const typename A::Coefficients c = args.coefficients[t.coefficient_set];
-  if (t.state_dtype == static_cast<uint8_t>(Dtype::blockwise8))
-    update_quantized_range<A>(t, c, begin, end, maps);
-  else
-    update_staged_range<A>(t, c, begin, end);
+  if (t.kind != kStaged) {  // each kind is the same for the whole block
+    void* addresses[kMaxOperands] = {t.param, t.grad};
+    for (int k = 0; k < kMaxStates; ++k) addresses[2 + k] = t.state[k];
+    const uint8_t flags = t.flags & (kVectorized | kWriteGrad);
+    if (t.kind == kPlainFloat)
+      update_range<float>(
+          addresses, begin, end, flags,
+          [&](float& p, float& g, float(&s)[kMaxStates]) { math::update(c, p, g, s); });
+    else
+      update_range<double>(
+          addresses, begin, end, flags,
+          [&](double& p, double& g, double(&s)[kMaxStates]) { math::update(c, p, g, s); });
+  } else if (t.state_dtype == static_cast<uint8_t>(Dtype::blockwise8)) {
+    update_quantized_range<A>(t, c, args.keys[t.coefficient_set], begin, end, maps);
+  } else {
+    update_staged_range<A>(t, c, args.keys[t.coefficient_set], begin, end);
+  }
 }
 
 }  // namespace cuda

@@ -179,6 +179,8 @@ struct DeviceStep {
   std::vector<std::string> names;
 };
 
+char empty_buffer_address;
+
 void describe_list(py::handle list, const std::string& role, std::vector<BufferInfo>& infos,
                    DeviceStep& step) {
   if (list.is_none()) return;
@@ -189,10 +191,19 @@ void describe_list(py::handle list, const std::string& role, std::vector<BufferI
     if (item.is_none()) {
       info.present = false;
     } else if (py::isinstance<py::dict>(item) || py::isinstance<py::capsule>(item)) {
-      if (py::isinstance<py::dict>(item))
-        describe_interface(py::reinterpret_borrow<py::dict>(item), info, placement);
-      else
+      const auto dict = py::reinterpret_borrow<py::object>(item);
+      if (py::isinstance<py::capsule>(item)) {
         describe_dlpack(py::reinterpret_borrow<py::capsule>(item), info, placement);
+      } else if (dict.contains("dlpack")) {  // a capsule with its producer's stream
+        describe_dlpack(py::reinterpret_borrow<py::capsule>(dict["dlpack"]), info, placement);
+        if (!dict["stream"].is_none()) placement.producer_stream = dict["stream"].cast<uintptr_t>();
+      } else {
+        describe_interface(py::reinterpret_borrow<py::dict>(item), info, placement);
+      }
+      // An empty tensor may have no memory at all (torch's data_ptr 0, in a DLPack capsule
+      // too): never read, any address stands in for it, as on the CPU (a null one would be a
+      // missing state).
+      if (info.size == 0 && !info.data) info.data = &empty_buffer_address;
       // A GPU loads an element only from an address aligned to its size (a misaligned one is
       // an error that ends the CUDA context); the CPU's loads take any.
       if (info.dtype && info.size > 0 &&
@@ -381,7 +392,7 @@ class AnyDevicePlan {
   virtual ~AnyDevicePlan() = default;
   virtual void set_options(size_t group, py::handle values) = 0;
   virtual void step(py::handle grads, std::optional<double> grad_scale, std::optional<int64_t> step,
-                    uintptr_t stream) = 0;
+                    uintptr_t stream, std::optional<uintptr_t> producer) = 0;
   virtual size_t size() const = 0;
 };
 
@@ -416,19 +427,24 @@ class DevicePlan : public AnyDevicePlan {
     plan_ = std::make_unique<Plan<A>>(groups_from<A>(groups), registered.buffers,
                                       std::move(groups_of), counts, flags_of(new_state, n), rows);
     device_ = check_placement(registered);
-    add_producers(registered, registered_producers_);
     plan_->run_with([this](const PreparedStep<A>& prepared) {
-      if (device_ >= 0) launch_on(device_, prepared, stream_, producers_);
+      if (device_ < 0) return;  // every registered tensor is empty
+      cuda::DeviceGuard guard(device_);
+      void* stream = cuda::stream_from_handle(stream_);
+      cuda::wait_for_streams(stream, producers_);
+      tables_.launch(prepared, stream);
+      cuda::signal_streams(stream, producers_);
     });
   }
 
   void set_options(size_t group, py::handle values) override {
     const std::vector<typename A::Options> options = groups_from<A>(py::make_tuple(values));
+    py::gil_scoped_release release;  // a step may hold the plan's lock through GPU waits
     plan_->set_options(group, options[0]);
   }
 
   void step(py::handle grads, std::optional<double> grad_scale, std::optional<int64_t> step,
-            uintptr_t stream) override {
+            uintptr_t stream, std::optional<uintptr_t> producer) override {
     DeviceStep given;
     describe_list(grads, "grads", given.buffers.grads, given);
     if (!given.buffers.grads.empty()) {
@@ -437,7 +453,10 @@ class DevicePlan : public AnyDevicePlan {
         throw Error(ErrorKind::value, "the grads are on cuda:" + std::to_string(device) +
                                           " but the params on cuda:" + std::to_string(device_));
     }
-    std::vector<void*> producers = registered_producers_;
+    // The streams producing this step's arrays: the grads', and the params' producer now
+    // (`producer`: torch's current stream, or the stream a param's interface names now).
+    std::vector<void*> producers;
+    if (producer) producers.push_back(cuda::stream_from_handle(*producer));
     add_producers(given, producers);
     const StepExtras extras{grad_scale, rounding_seed_};
     py::gil_scoped_release release;  // first: a thread waiting for the lock holds no GIL
@@ -462,9 +481,9 @@ class DevicePlan : public AnyDevicePlan {
   py::object step_counts_, scalars_;  // the arrays the plan advances, kept alive
   std::optional<uint64_t> rounding_seed_;
   std::unique_ptr<Plan<A>> plan_;
-  int device_ = -1;  // -1: every registered tensor is empty
-  std::vector<void*> registered_producers_;
-  std::mutex mutex_;  // one step at a time: the runner reads these two
+  cuda::RegisteredTables tables_;  // after plan_: destroyed first, while the plan lives
+  int device_ = -1;                // -1: every registered tensor is empty
+  std::mutex mutex_;               // one step at a time: the runner reads these two
   std::vector<void*> producers_;
   uintptr_t stream_ = 0;
 };
@@ -517,7 +536,7 @@ PYBIND11_MODULE(FUSEDOPT_CUDA_MODULE, m) {
            py::arg("new_state"), py::arg("scalars"), py::arg("rounding_seed"))
       .def("set_options", &AnyDevicePlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyDevicePlan::step, py::arg("grads"), py::arg("grad_scale"), py::arg("step"),
-           py::arg("stream"))
+           py::arg("stream"), py::arg("producer") = py::none())
       .def("__len__", &AnyDevicePlan::size);
 
   m.def(

@@ -200,9 +200,12 @@ def _describe(x: Any, name: str, stream: int, producer_stream: int | None) -> An
         )
     dlpack_stream = stream or _LEGACY_DEFAULT_STREAM  # DLPack forbids 0 for the legacy stream
     try:
-        return x.__dlpack__(stream=dlpack_stream, max_version=(1, 0), copy=False)
+        capsule = x.__dlpack__(stream=dlpack_stream, max_version=(1, 0), copy=False)
     except TypeError:  # a producer older than DLPack 1.0 and the 2023 array API
-        return x.__dlpack__(stream=dlpack_stream)
+        capsule = x.__dlpack__(stream=dlpack_stream)
+    # A capsule names no stream: the producer's (torch's current one) goes with it, so that a
+    # step on another stream is waited for by it in turn.
+    return capsule if producer_stream is None else {"dlpack": capsule, "stream": producer_stream}
 
 
 _DEVICE_NAMES = {1: "the CPU", 3: "pinned host memory"}
@@ -375,16 +378,22 @@ class Plan:
         handle = _launch_stream(None, first)
         producer = _torch_stream(first)
         described = [_describe(g, f"grads[{i}]", handle, producer) for i, g in enumerate(grads)]
-        self._native.step(described, grad_scale, step_number, handle)
-        self._new_state = None  # made for the first step: not again when registered anew
+        if producer is None and first is not None:  # the stream its interface names now
+            producer = (_interface(first) or {}).get("stream")
+        try:
+            self._native.step(described, grad_scale, step_number, handle, producer)
+        finally:  # made for the first step: not again when registered anew (a step refused
+            self._new_state = None  # before writing is refused again, whatever the flags)
 
 
 def _memory_mark(x: Any) -> Any:
-    """What of a registered array can change in place: a torch tensor's memory and layout (other
-    libraries' arrays keep theirs for life)."""
-    if not _is_torch(x):
-        return None
-    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+    """What of a registered array can change while the plan holds it: a torch tensor's memory
+    and layout (``.data =``, ``resize_``, ``set_``); whether a JAX array was deleted or donated
+    (its memory freed under the object). CuPy's and Numba's arrays keep theirs for life."""
+    if _is_torch(x):
+        return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+    is_deleted = getattr(x, "is_deleted", None)
+    return is_deleted() if callable(is_deleted) else None
 
 
 # ------------------------------------------------------------------------ state on the device
@@ -416,24 +425,36 @@ def _library_dtype(x: Any, name: str) -> Any:
     return found if found is not None else np.dtype(name)
 
 
+def _on_device_of(x: Any) -> Any:
+    """CuPy makes new arrays on its current device, not its argument's: the argument's made
+    current (a context manager); nothing to do for the other libraries."""
+    device = getattr(x, "device", None)
+    if type(x).__module__.partition(".")[0] == "cupy" and hasattr(device, "use"):
+        return device
+    return contextlib.nullcontext()
+
+
 def zeros_like(param: Any) -> Any:
     """A zero-filled array of the param's library, dtype, shape and device."""
-    return _namespace(param).zeros_like(param)
+    with _on_device_of(param):
+        return _namespace(param).zeros_like(param)
 
 
 def full_like(param: Any, value: float, dtype: str | None = None) -> Any:
     """An array of the param's library, shape and device (and dtype, or the one named),
     filled with ``value``."""
-    if dtype is None or dtype == _dtype_name(param):
-        return _namespace(param).full_like(param, value)
-    return _namespace(param).full_like(param, value, dtype=_library_dtype(param, dtype))
+    with _on_device_of(param):
+        if dtype is None or dtype == _dtype_name(param):
+            return _namespace(param).full_like(param, value)
+        return _namespace(param).full_like(param, value, dtype=_library_dtype(param, dtype))
 
 
 def astype(array: Any, dtype: str) -> Any:
     """A new device array: ``array``'s values in the dtype named (exactly, for a widening)."""
     if _is_torch(array):
         return array.detach().to(_library_dtype(array, dtype), copy=True)
-    return array.astype(_library_dtype(array, dtype))
+    with _on_device_of(array):
+        return array.astype(_library_dtype(array, dtype))
 
 
 def from_host(values: np.ndarray, like: Any) -> Any:
@@ -445,14 +466,11 @@ def from_host(values: np.ndarray, like: Any) -> Any:
         if host.dtype.name == "bfloat16":  # ml_dtypes: torch takes its bits
             return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).to(like.device)
         return torch.from_numpy(host).to(like.device)
-    device = getattr(like, "device", None)
-    if type(like).__module__.partition(".")[0] == "cupy" and hasattr(device, "use"):
-        with device:  # CuPy allocates on its current device: the param's
-            return _namespace(like).asarray(host)
     sharding = getattr(like, "sharding", None)
     if sharding is not None and "jax" in sys.modules:  # JAX: on the param's device(s)
         return sys.modules["jax"].device_put(host, sharding)
-    return _namespace(like).asarray(host)
+    with _on_device_of(like):
+        return _namespace(like).asarray(host)
 
 
 def to_numpy(array: Any) -> np.ndarray:
@@ -473,17 +491,12 @@ def to_numpy(array: Any) -> np.ndarray:
 def array_like(values: np.ndarray, param: Any, dtype: str | None = None) -> Any:
     """A new device array holding ``values`` with the param's dtype (or the one named), on the
     param's device."""
-    dtype = dtype or _dtype_name(param)
-    if dtype != _dtype_name(param) or dtype == "bfloat16":  # (NumPy has no bfloat16 of its own)
-        from fusedopt._engine import numpy_dtype  # (which imports this module)
+    from fusedopt._engine import numpy_dtype  # (which imports this module)
 
-        return from_host(np.asarray(values, dtype=numpy_dtype(dtype)), param)
-    host = np.ascontiguousarray(values, dtype=_dtype_name(param))
-    result = zeros_like(param)
-    if hasattr(result, "copy_"):  # torch
+    dtype = dtype or _dtype_name(param)
+    host = np.ascontiguousarray(values, dtype=numpy_dtype(dtype))
+    if _is_torch(param) and dtype == _dtype_name(param) and dtype != "bfloat16":
+        result = zeros_like(param)  # laid out as the param
         result.copy_(sys.modules["torch"].from_numpy(host))
         return result
-    if hasattr(result, "set"):  # CuPy
-        result.set(host)
-        return result
-    return _namespace(param).asarray(host)
+    return from_host(host, param)
