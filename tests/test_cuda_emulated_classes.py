@@ -7,6 +7,10 @@ NumPy arrays, whose step is the CPU backend's."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 import types
 from typing import Any
 
@@ -388,3 +392,35 @@ def test_a_dlpack_buffer_carries_its_producer_stream() -> None:
     _core.step("sgd", [values], one, first, [host[0]], [host[1]], [None])
     assert_same_bits(host[0], param, "params[0]")
     assert not np.all(host[0] == 1), "the step moved the param"
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_child_forked_during_another_thread_s_step_can_step() -> None:
+    """A step over device arrays is in progress from its launch to its streams' ordering: a fork
+    waits for it (a child forked inside it inherited the emulation's launch lock held, and its
+    first step hung), as the CPU's steps make it wait."""
+    values = tuple(f.default for f in _engine.describe("sgd").fields)
+
+    def step() -> None:
+        params = [EmulatedArray(np.ones(300000, BFLOAT16))]
+        grads = [EmulatedArray(np.ones(300000, BFLOAT16))]
+        one = np.zeros(1, np.int64)
+        cuda.step("sgd", [values], one, one + 1, params, grads, [None])
+
+    step()
+    stop = threading.Event()
+    busy = threading.Thread(target=lambda: [step() for _ in iter(stop.is_set, True)])
+    busy.start()
+    try:
+        time.sleep(0.2)
+        pid = os.fork()
+        if pid == 0:  # the child: a step, or killed by the alarm
+            signal.alarm(20)
+            step()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        stop.set()
+        busy.join()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

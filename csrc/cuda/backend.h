@@ -67,6 +67,9 @@ void signal_streams(void* stream, const std::vector<void*>& consumers);
 // can compile); the reason when not.
 bool kernels_run_on(int device, std::string* reason);
 
+// Waits for all work on the current device; never throws (a fallback where an ordering failed).
+void synchronize_device() noexcept;
+
 // Makes `device` current until destroyed.
 class DeviceGuard {
  public:

@@ -345,7 +345,9 @@ RegisteredTables::~RegisteredTables() {
   if (!device_ && !done_) return;
   try {
     DeviceGuard guard(device_id_);
-    // Synchronous (cudaFree waits for the device): no launch reads them any more.
+    // Memory from cudaMallocAsync freed by cudaFree is taken as no longer in use, without a
+    // wait: the last launch (maybe not started yet, behind its producers) must finish first.
+    if (done_) cudaEventSynchronize(static_cast<cudaEvent_t>(done_));
     if (device_) cudaFree(device_);
     if (done_) cudaEventDestroy(static_cast<cudaEvent_t>(done_));
   } catch (...) {  // at exit, with the runtime gone: nothing left to free
@@ -367,64 +369,87 @@ void RegisteredTables::launch(const PreparedStep<A>& step, void* stream_handle) 
       tensors[i] = table_tensor(step.tensors[i], step.coefficient_of[i]);
     const std::vector<SetKeys> keys =
         set_keys(step.tensors, step.coefficient_of, step.coefficients.size());
-    // The previous launch, maybe on another stream, reads the tables this one writes.
-    if (done_)
-      check(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(done_), 0), "cudaStreamWaitEvent");
-    bool same_blocks = device_ && tensors.size() == tensors_.size();
-    for (size_t i = 0; same_blocks && i < n; ++i) same_blocks = tensors[i].size == tensors_[i].size;
-    const size_t coefficient_bytes = step.coefficients.size() * sizeof(Coefficients);
-    if (!same_blocks || coefficient_bytes > layout_coefficient_bytes_ ||
-        keys.size() > layout_sets_) {
-      // (Re)built whole: the blocks, and room for as many coefficient structs as this step has
-      // (twice, for a plan whose groups' steps diverge later).
-      blocks_.clear();
-      for (size_t i = 0; i < n; ++i) append_blocks(tensors[i], static_cast<int32_t>(i), blocks_);
-      layout_coefficient_bytes_ = 2 * coefficient_bytes;
-      layout_sets_ = 2 * keys.size();
-      const TableLayout at(layout_coefficient_bytes_, layout_sets_, n, blocks_.size());
-      std::vector<unsigned char> host(at.end);
-      write_maps(host.data() + at.maps);
-      std::memcpy(host.data() + at.tensors, tensors.data(), n * sizeof(TableTensor));
-      std::memcpy(host.data() + at.blocks, blocks_.data(), blocks_.size() * sizeof(TableBlock));
-      if (device_) check(cudaFreeAsync(device_, stream), "cudaFreeAsync");
-      device_ = nullptr;
-      tensors_.clear();
-      check(cudaMallocAsync(&device_, host.size(), stream), "cudaMallocAsync");
-      check(cudaGetDevice(&device_id_), "cudaGetDevice");
-      PinnedStaging::copy(device_, host.data(), host.size(), stream);
-      tensors_ = tensors;
-    } else {
-      // Only the records that changed (a grad's address, a flag), as one copied range.
-      size_t first = n, last = 0;
-      for (size_t i = 0; i < n; ++i)
-        if (std::memcmp(&tensors[i], &tensors_[i], sizeof(TableTensor)) != 0) {
-          first = std::min(first, i);
-          last = i + 1;
-        }
-      const TableLayout at(layout_coefficient_bytes_, layout_sets_, n, blocks_.size());
-      if (first < last) {
-        PinnedStaging::copy(
-            static_cast<unsigned char*>(device_) + at.tensors + first * sizeof(TableTensor),
-            tensors.data() + first, (last - first) * sizeof(TableTensor), stream);
-        std::copy(tensors.begin() + first, tensors.begin() + last, tensors_.begin() + first);
-      }
-    }
-    const TableLayout at(layout_coefficient_bytes_, layout_sets_, n, blocks_.size());
-    // The step's coefficient structs and keys, side by side as the layout places them.
-    std::vector<unsigned char> per_step(at.tensors - at.coefficients);
-    std::memcpy(per_step.data(), step.coefficients.data(), coefficient_bytes);
-    std::memcpy(per_step.data() + (at.keys - at.coefficients), keys.data(),
-                keys.size() * sizeof(SetKeys));
-    PinnedStaging::copy(static_cast<unsigned char*>(device_) + at.coefficients, per_step.data(),
-                        per_step.size(), stream);
-    if (!blocks_.empty())
-      launch_table_kernel<A>(static_cast<unsigned char*>(device_), at, blocks_.size(), stream);
-    if (!done_) {
+    if (!done_) {  // first: every copy and launch of this plan is covered by it
       cudaEvent_t event = nullptr;
       check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
       done_ = event;
+      check(cudaGetDevice(&device_id_), "cudaGetDevice");
     }
-    check(cudaEventRecord(static_cast<cudaEvent_t>(done_), stream), "cudaEventRecord");
+    const auto done = static_cast<cudaEvent_t>(done_);
+    // The previous launch, maybe on another stream, reads the tables this one writes.
+    check(cudaStreamWaitEvent(stream, done, 0), "cudaStreamWaitEvent");
+    // After this step's last queued work: the next step's copies wait for it, the destructor
+    // too. Where it cannot be recorded, the stream is waited for here instead.
+    const auto settle = [&] {
+      if (cudaEventRecord(done, stream) != cudaSuccess) {
+        cudaGetLastError();
+        cudaStreamSynchronize(stream);
+        cudaGetLastError();
+      }
+    };
+    try {
+      bool same_blocks = device_ && tensors.size() == tensors_.size();
+      for (size_t i = 0; same_blocks && i < n; ++i)
+        same_blocks = tensors[i].size == tensors_[i].size;
+      const size_t coefficient_bytes = step.coefficients.size() * sizeof(Coefficients);
+      if (!same_blocks || coefficient_bytes > layout_coefficient_bytes_ ||
+          keys.size() > layout_sets_) {
+        // Built whole in a new buffer, with room for twice as many coefficient structs as this
+        // step has (for a plan whose groups' steps diverge later); the members change once it is
+        // in place.
+        std::vector<TableBlock> blocks;
+        for (size_t i = 0; i < n; ++i) append_blocks(tensors[i], static_cast<int32_t>(i), blocks);
+        const size_t coefficient_room = 2 * coefficient_bytes, set_room = 2 * keys.size();
+        const TableLayout at(coefficient_room, set_room, n, blocks.size());
+        std::vector<unsigned char> host(at.end);
+        write_maps(host.data() + at.maps);
+        std::memcpy(host.data() + at.tensors, tensors.data(), n * sizeof(TableTensor));
+        std::memcpy(host.data() + at.blocks, blocks.data(), blocks.size() * sizeof(TableBlock));
+        void* fresh = nullptr;
+        check(cudaMallocAsync(&fresh, host.size(), stream), "cudaMallocAsync");
+        try {
+          PinnedStaging::copy(fresh, host.data(), host.size(), stream);
+        } catch (...) {
+          cudaFreeAsync(fresh, stream);
+          throw;
+        }
+        if (device_ && cudaFreeAsync(device_, stream) != cudaSuccess) cudaGetLastError();
+        device_ = fresh;
+        tensors_ = tensors;
+        blocks_ = std::move(blocks);
+        layout_coefficient_bytes_ = coefficient_room;
+        layout_sets_ = set_room;
+      } else {
+        // Only the records that changed (a grad's address, a flag), as one copied range.
+        size_t first = n, last = 0;
+        for (size_t i = 0; i < n; ++i)
+          if (std::memcmp(&tensors[i], &tensors_[i], sizeof(TableTensor)) != 0) {
+            first = std::min(first, i);
+            last = i + 1;
+          }
+        const TableLayout at(layout_coefficient_bytes_, layout_sets_, n, blocks_.size());
+        if (first < last) {
+          PinnedStaging::copy(
+              static_cast<unsigned char*>(device_) + at.tensors + first * sizeof(TableTensor),
+              tensors.data() + first, (last - first) * sizeof(TableTensor), stream);
+          std::copy(tensors.begin() + first, tensors.begin() + last, tensors_.begin() + first);
+        }
+      }
+      const TableLayout at(layout_coefficient_bytes_, layout_sets_, n, blocks_.size());
+      // The step's coefficient structs and keys, side by side as the layout places them.
+      std::vector<unsigned char> per_step(at.tensors - at.coefficients);
+      std::memcpy(per_step.data(), step.coefficients.data(), coefficient_bytes);
+      std::memcpy(per_step.data() + (at.keys - at.coefficients), keys.data(),
+                  keys.size() * sizeof(SetKeys));
+      PinnedStaging::copy(static_cast<unsigned char*>(device_) + at.coefficients, per_step.data(),
+                          per_step.size(), stream);
+      if (!blocks_.empty())
+        launch_table_kernel<A>(static_cast<unsigned char*>(device_), at, blocks_.size(), stream);
+    } catch (...) {
+      settle();  // what was queued before the failure is covered too
+      throw;
+    }
+    settle();  // launched: nothing after it may throw (the plan would undo a step that ran)
   }
 }
 

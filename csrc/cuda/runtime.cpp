@@ -100,6 +100,11 @@ void signal_streams(void* stream, const std::vector<void*>& consumers) {
   }
 }
 
+void synchronize_device() noexcept {
+  cudaDeviceSynchronize();
+  cudaGetLastError();
+}
+
 DeviceGuard::DeviceGuard(int device) : previous_(-1) {
   check(cudaGetDevice(&previous_), "cudaGetDevice");
   if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");

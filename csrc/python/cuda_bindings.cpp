@@ -353,6 +353,8 @@ void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
   std::vector<void*> producers;
   add_producers(step, producers);
   py::gil_scoped_release release;
+  // From the launch to the producers' ordering: a fork waits for it (the CPU's steps do too).
+  const cpu::StepInProgress writing;
   launch_on(device, prepared, stream_handle, producers);
 }
 
@@ -433,7 +435,13 @@ class DevicePlan : public AnyDevicePlan {
       void* stream = cuda::stream_from_handle(stream_);
       cuda::wait_for_streams(stream, producers_);
       tables_.launch(prepared, stream);
-      cuda::signal_streams(stream, producers_);
+      // Launched: a failure past here must not make the plan undo a step that ran (its
+      // scalars, counts): the producers then wait for the whole device instead.
+      try {
+        cuda::signal_streams(stream, producers_);
+      } catch (const std::exception&) {
+        cuda::synchronize_device();
+      }
     });
   }
 

@@ -382,8 +382,12 @@ class Plan:
             producer = (_interface(first) or {}).get("stream")
         try:
             self._native.step(described, grad_scale, step_number, handle, producer)
-        finally:  # made for the first step: not again when registered anew (a step refused
-            self._new_state = None  # before writing is refused again, whatever the flags)
+        except Exception:
+            raise  # refused before writing: the first step's flags stand
+        except BaseException:  # an interrupt as the call returned: the step ran
+            self._new_state = None
+            raise
+        self._new_state = None  # made for the first step: not again when registered anew
 
 
 def _memory_mark(x: Any) -> Any:
