@@ -47,6 +47,24 @@ def checksum(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def native_options(
+    algorithm: str, convention: str = "torch", *, check: bool = True, **hyper: float
+) -> tuple:
+    """The native option values of ``algorithm`` (its fields' order, what fusedopt._core.step
+    and fusedopt.cuda.step take) from its fields' names, the rest at their defaults; unknown
+    names fail here, and, with ``check``, values the algorithm refuses."""
+    from fusedopt import _core
+
+    values = {"convention": 1.0 if convention == "keras" else 0.0}
+    values.update({k: float(v) for k, v in hyper.items()})
+    fields = _core.algorithm_info(algorithm)["fields"]
+    unknown = set(values) - {name for name, _, _ in fields} - {"convention"}
+    assert not unknown, f"{algorithm} has no option {unknown}"
+    result = tuple(values.get(name, default) for name, default, _ in fields)
+    assert not check or _core.check_options(algorithm, result) is None, (algorithm, hyper)
+    return result
+
+
 @pytest.fixture(scope="module", params=["shim", "python"])
 def tensor_reading(request: pytest.FixtureRequest) -> Iterator[str]:
     """fusedopt.torch and fusedopt.keras plans made with their per-step checks reading tensors

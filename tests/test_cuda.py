@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import DTYPES, SIZES
+from conftest import DTYPES, SIZES, native_options
 from fusedopt import _core, _engine, cuda, reference
 
 LIMITS = _core._cuda_plan_limits
@@ -180,7 +180,7 @@ def test_without_the_cuda_module(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cuda.device_count() == 0
     assert "built without its CUDA backend" in cuda.unavailable_reason()
     with pytest.raises(RuntimeError, match="built without its CUDA backend"):
-        cuda.step("adam", [options("adam")], [0], [1], [], [], [None, None, None])
+        cuda.step("adam", [native_options("adam")], [0], [1], [], [], [None, None, None])
 
 
 @pytest.mark.skipif(not HAS_CUDA_MODULE, reason="fusedopt._cuda was not built (no nvcc)")
@@ -279,17 +279,10 @@ class FakeDLPackArray:
         return self.array.__dlpack__(**kwargs)
 
 
-def options(algorithm: str, convention: str = "torch", **hyper: Any) -> tuple[float, ...]:
-    """Native option values of ``algorithm`` (its fields' order) from native names."""
-    values = {"convention": 1.0 if convention == "keras" else 0.0}
-    values.update({k: float(v) for k, v in hyper.items()})
-    return tuple(values.get(f.name, f.default) for f in _engine.describe(algorithm).fields)
-
-
 def adam_on_device(params: list, grads: list, states: list | None = None, **kw: Any) -> None:
     states = states or [[FakeDeviceArray(p.shape) for p in params] for _ in range(2)]
     cuda.step(
-        "adam", [options("adam")], np.zeros(len(params), np.int64),
+        "adam", [native_options("adam")], np.zeros(len(params), np.int64),
         np.ones(len(params), np.int64), params, grads, [states[0], states[1], None], **kw,
     )  # fmt: skip
 
@@ -338,8 +331,8 @@ def nadam_on_device(scalars: Any) -> None:
     params, grads = [FakeDeviceArray((8,))], [FakeDeviceArray((8,))]
     states = [[FakeDeviceArray((8,))] for _ in range(2)]
     cuda.step(
-        "nadam", [options("nadam")], np.zeros(1, np.int64), np.ones(1, np.int64), params, grads,
-        states, scalars=scalars,
+        "nadam", [native_options("nadam")], np.zeros(1, np.int64), np.ones(1, np.int64), params,
+        grads, states, scalars=scalars,
     )  # fmt: skip
 
 
@@ -541,7 +534,7 @@ def test_gpu_matches_cpu_bit_for_bit(
     case: tuple, dtype: type, sizes: list[int], library: str
 ) -> None:
     algorithm, hyper, num_states = case
-    values = options(algorithm, **hyper)
+    values = native_options(algorithm, **hyper)
     rng = np.random.default_rng(len(sizes))
     host = {
         "params": [rng.standard_normal(s).astype(dtype) for s in sizes],
@@ -576,7 +569,7 @@ def test_gpu_lamb_matches_cpu_within_rounding(dtype: type) -> None:
     then chunk by chunk): equal to the CPU's up to the rounding of those sums."""
     import torch
 
-    values = options("lamb", "keras", lr=0.01, weight_decay=0.01)
+    values = native_options("lamb", "keras", lr=0.01, weight_decay=0.01)
     sizes = [1, 17, 5 * CHUNK + 3, 4097, 0]
     rng = np.random.default_rng(11)
     host = {
@@ -629,7 +622,7 @@ def test_gpu_list_over_2_31_elements_is_updated_whole(sizes: list[int]) -> None:
     grads = [torch.full((s,), 0.5, device="cuda") for s in sizes]
     exp_avgs = [torch.zeros(s, device="cuda") for s in sizes]
     exp_avg_sqs = [torch.zeros(s, device="cuda") for s in sizes]
-    values = options("adam")
+    values = native_options("adam")
     n = len(sizes)
     cuda.step("adam", [values], np.zeros(n, np.int64), np.ones(n, np.int64), params, grads,
               [exp_avgs, exp_avg_sqs, None])  # fmt: skip
@@ -713,7 +706,7 @@ def test_gpu_low_precision_matches_cpu_bit_for_bit(case: tuple) -> None:
     buffer equal to the CPU's after three steps (the kernels' rounding and 8-bit coding are the
     CPU's, keyed alike)."""
     algorithm, hyper, param_dtype, state_dtype, master, seed = case
-    values = options(algorithm, **hyper)
+    values = native_options(algorithm, **hyper)
     description = _engine.describe(algorithm)
     sizes = [3, 4096 + 17, 2 * CHUNK + 300, 700]
     n = len(sizes)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import DTYPES, checksum
+from conftest import DTYPES, checksum, native_options
 from fusedopt import _core, _engine
 
 emulated = pytest.importorskip(
@@ -54,13 +54,6 @@ ELEMENTWISE = [a for a in ALGORITHMS if a != "lamb"]  # LAMB: LambCheck
 STEPS = (1, 2, 7)
 AWKWARD_SIZES = [0, 1, 3, 4, 5, 17, 33, 4097, CHUNK + 3]  # tails of 0-3 after the 16-byte vectors
 LAMB_SIZES = [0, 1, 5, CHUNK + 3]  # each block of LAMB starts 512 threads: few blocks
-
-
-def options(algorithm: str, convention: str = "torch", **hyper: Any) -> tuple[float, ...]:
-    """Native option values of ``algorithm`` (its fields' order) from native names."""
-    values = {"convention": 1.0 if convention == "keras" else 0.0}
-    values.update({k: float(v) for k, v in hyper.items()})
-    return tuple(values.get(f.name, f.default) for f in _engine.describe(algorithm).fields)
 
 
 # Option sets per algorithm: every field at a non-default value somewhere (see
@@ -152,7 +145,7 @@ OPTION_SETS: dict[str, list[dict[str, Any]]] = {
 
 
 def option_values(algorithm: str, index: int) -> tuple[float, ...]:
-    return options(algorithm, **OPTION_SETS[algorithm][index])
+    return native_options(algorithm, **OPTION_SETS[algorithm][index])
 
 
 def matrix(algorithms: list[str]) -> list[Any]:
@@ -413,7 +406,8 @@ def test_option_sets_cover_every_algorithm_and_field() -> None:
             assert _core.check_options(algorithm, v) is None, (algorithm, v)
         for k, field in enumerate(description.fields):
             if field.kind == "convention":
-                other = options(algorithm, "keras" if field.default == 0 else "torch")
+                convention = "keras" if field.default == 0 else "torch"
+                other = native_options(algorithm, convention, check=False)
                 if _core.check_options(algorithm, other) is not None:
                     continue  # one convention offered
             assert any(v[k] != field.default for v in values), f"{algorithm}.{field.name}"
@@ -556,7 +550,7 @@ def test_a_tensor_continues_into_the_next_launch() -> None:
     buffer's creation): 2^26 elements take about 2 GB and most of this module's time."""
     sizes = [1, CHUNK * (LIMITS["max_blocks"] - 1) + 1, 5]
     rng = np.random.default_rng(3)
-    values = options("sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    values = native_options("sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
     cpu = new_problem("sgd", [values], sizes, [np.float32] * 3, rng)
     plan = plan_of(cpu)
     assert [batch["tensor_index"] for batch in plan] == [[0, 1], [1, 2]]
@@ -771,7 +765,7 @@ def nadam_call(buffers: dict[str, Any], edit: Callable[[dict, dict], None] | Non
     if edit is not None:
         edit(buffers, cai)
     emulated.step(
-        "nadam", [options("nadam", lr=0.1)], np.zeros(2, np.int64), np.ones(2, np.int64),
+        "nadam", [native_options("nadam", lr=0.1)], np.zeros(2, np.int64), np.ones(2, np.int64),
         cai["params"], cai["grads"], cai["states"], new_state=None, scalars=buffers["scalars"],
         grad_scale=2.0 if edit is None else None, stream=0,
     )  # fmt: skip

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import fusedopt
+from conftest import native_options
 from fusedopt import _core, _engine, cuda
 
 emulated = pytest.importorskip(
@@ -385,7 +386,7 @@ def test_a_dlpack_buffer_carries_its_producer_stream() -> None:
     described = cuda._describe(param, "params[0]", 1, 0x5EED)
     assert isinstance(described, dict) and described["stream"] == 0x5EED
     grad_described = cuda._describe(grad, "grads[0]", 1, 0x5EED)
-    values = tuple(f.default for f in _engine.describe("sgd").fields)
+    values = native_options("sgd")
     one, first = np.zeros(1, np.int64), np.ones(1, np.int64)
     emulated.step("sgd", [values], one, first, [described], [grad_described], [None], None, None,
                   None, 1, True)  # fmt: skip
@@ -400,7 +401,7 @@ def test_a_child_forked_during_another_thread_s_step_can_step() -> None:
     """A step over device arrays is in progress from its launch to its streams' ordering: a fork
     waits for it (a child forked inside it inherited the emulation's launch lock held, and its
     first step hung), as the CPU's steps make it wait."""
-    values = tuple(f.default for f in _engine.describe("sgd").fields)
+    values = native_options("sgd")
 
     def step() -> None:
         params = [EmulatedArray(np.ones(300000, BFLOAT16))]

@@ -49,6 +49,7 @@ import numpy as np
 import pytest
 
 import fusedopt
+from conftest import native_options
 from fusedopt import _core
 from fusedopt._engine import QUANT_BLOCK, quantize_blockwise, quantized_full
 
@@ -139,20 +140,8 @@ OPTION_SETS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def options(algorithm: str, convention: str = "torch", **hyper: Any) -> tuple[float, ...]:
-    """Native option values of ``algorithm`` (its fields' order) from native names."""
-    values = {"convention": 1.0 if convention == "keras" else 0.0}
-    values.update({k: float(v) for k, v in hyper.items()})
-    fields = _core.algorithm_info(algorithm)["fields"]
-    unknown = set(values) - {name for name, _, _ in fields} - {"convention"}
-    assert not unknown, f"{algorithm} has no option {unknown}"
-    result = tuple(values.get(name, default) for name, default, _ in fields)
-    assert _core.check_options(algorithm, result) is None, (algorithm, hyper)
-    return result
-
-
 def option_sets(algorithm: str) -> list[tuple[float, ...]]:
-    return [options(algorithm, **o) for o in OPTION_SETS[algorithm]]
+    return [native_options(algorithm, **o) for o in OPTION_SETS[algorithm]]
 
 
 @contextlib.contextmanager
@@ -441,7 +430,9 @@ def test_sizes_across_chunks_mixed_with_full_precision_in_one_step() -> None:
         Spec(3, F64, F64),
     ]
     rng = np.random.default_rng(1)
-    problem = Problem("adam", [options("adam", lr=0.01, amsgrad=True, weight_decay=0.01)], specs)
+    problem = Problem(
+        "adam", [native_options("adam", lr=0.01, amsgrad=True, weight_decay=0.01)], specs
+    )
     # Two steps: each 8-bit element costs the emulation tens of microseconds.
     run_steps(problem.build(rng, warm=False), rng, seed=7, steps=(1, 2))
 
@@ -601,7 +592,9 @@ def test_8_bit_states_with_hostile_values_match_the_cpu(algorithm) -> None:
         Spec(2 * QUANT_BLOCK + 3, F32, INT8),
     ]
     rng = np.random.default_rng(3)
-    problem = Problem(algorithm, [options(algorithm, **HOSTILE_ALGORITHMS[algorithm])], specs)
+    problem = Problem(
+        algorithm, [native_options(algorithm, **HOSTILE_ALGORITHMS[algorithm])], specs
+    )
     problem.build(rng, warm=False)
     cpus, device = run_steps(problem, rng, edit_grads=hostile_grads)
     # The premises: a block of zeros (absmax 0), one of NaN state (absmax 0 too: NaN left out),
@@ -624,7 +617,7 @@ def test_stochastic_rounding_bits_depend_on_seed_and_step_and_match_the_cpu() ->
         Spec(PARTIAL, F32, BF16),
     ]
     rng = np.random.default_rng(4)
-    problem = Problem("lion", [options("lion", lr=1e-3)], specs).build(rng, warm=True)
+    problem = Problem("lion", [native_options("lion", lr=1e-3)], specs).build(rng, warm=True)
     grads = problem.new_grads(rng)
     results = {}
     for seed, t in [(1, 1), (2, 1), (1, 2), (None, 1)]:
@@ -751,7 +744,7 @@ LAMB_REFUSALS = {
 @pytest.mark.parametrize("case", list(LAMB_REFUSALS))
 def test_lamb_with_low_precision_is_refused_naming_lamb_and_writes_nothing(case) -> None:
     rng = np.random.default_rng(6)
-    problem = Problem("lamb", [options("lamb", "keras", lr=0.01)], LAMB_REFUSALS[case])
+    problem = Problem("lamb", [native_options("lamb", "keras", lr=0.01)], LAMB_REFUSALS[case])
     b = problem.build(rng, warm=True).start
     grads = problem.new_grads(rng)
     before = snapshot(problem, b, grads)

@@ -643,22 +643,7 @@ inline void dequantize(const uint8_t* codes, const float* absmax, const float* m
   }
 }
 
-// The search, branch-free (the comparisons depend on the data: mispredicted branches made a
-// quantized step 60 times slower than a float32 one).
-inline int binary_search_code(float x, const float* map) {
-  int i = 0;
-  for (int step = 128; step > 0; step >>= 1) i += step & -static_cast<int>(map[i + step] <= x);
-  return i;
-}
-
-// bitsandbytes' rule: the largest code <= x (the first when there is none), or the next one
-// when strictly closer; NaN takes code 0. By search: the rule's definition.
-inline int nearest_code_by_search(float x, const float* map) {
-  if (x != x) return 0;
-  int i = binary_search_code(x, map);
-  const int next = i + (i < 255);
-  return i + static_cast<int>(std::fabs(x - map[next]) < std::fabs(x - map[i]));
-}
+using math::nearest_code_by_search;  // csrc/math/dynamic_map.h: the rule, by search
 
 // The least key in [low, high] for which `holds`, by bisection: `holds` is false below some key
 // and true from it on, and true at high.

@@ -9,7 +9,9 @@
 #define FUSEDOPT_LAUNCH_SYNCING FUSEDOPT_LAUNCH
 #endif
 
+#include <algorithm>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -229,12 +231,27 @@ struct TableLayout {
         tensors(keys + rounded(num_sets * sizeof(SetKeys))),
         blocks(tensors + rounded(num_tensors * sizeof(TableTensor))),
         end(blocks + num_blocks * sizeof(TableBlock)) {}
-};
 
-void write_maps(unsigned char* at) {
-  std::memcpy(at, kSignedDynamicMap, sizeof kSignedDynamicMap);
-  std::memcpy(at + sizeof kSignedDynamicMap, kUnsignedDynamicMap, sizeof kUnsignedDynamicMap);
-}
+  // The tables that stay as long as the tensors do: the maps, the records, the blocks. `image`
+  // is the buffer's image from its start.
+  void write_tables(unsigned char* image, const std::vector<TableTensor>& table,
+                    const std::vector<TableBlock>& chunks) const {
+    std::memcpy(image + maps, kSignedDynamicMap, sizeof kSignedDynamicMap);
+    std::memcpy(image + maps + sizeof kSignedDynamicMap, kUnsignedDynamicMap,
+                sizeof kUnsignedDynamicMap);
+    std::memcpy(image + tensors, table.data(), table.size() * sizeof(TableTensor));
+    std::memcpy(image + blocks, chunks.data(), chunks.size() * sizeof(TableBlock));
+  }
+
+  // What each step changes: its coefficient structs and their keys. `image` is the buffer's
+  // image from offset `origin` on.
+  template <class Coefficients>
+  void write_step(unsigned char* image, size_t origin, const std::vector<Coefficients>& c,
+                  const std::vector<SetKeys>& step_keys) const {
+    std::memcpy(image + (coefficients - origin), c.data(), c.size() * sizeof(Coefficients));
+    std::memcpy(image + (keys - origin), step_keys.data(), step_keys.size() * sizeof(SetKeys));
+  }
+};
 
 template <class A>
 void launch_table_kernel(const unsigned char* device, const TableLayout& at, size_t num_blocks,
@@ -275,12 +292,8 @@ void launch_staged(const PreparedStep<A>& step, const std::vector<size_t>& stage
   const TableLayout at(step.coefficients.size() * sizeof(Coefficients), keys.size(), tensors.size(),
                        blocks.size());
   std::vector<unsigned char> host(at.end);
-  write_maps(host.data() + at.maps);
-  std::memcpy(host.data() + at.coefficients, step.coefficients.data(),
-              step.coefficients.size() * sizeof(Coefficients));
-  std::memcpy(host.data() + at.keys, keys.data(), keys.size() * sizeof(SetKeys));
-  std::memcpy(host.data() + at.tensors, tensors.data(), tensors.size() * sizeof(TableTensor));
-  std::memcpy(host.data() + at.blocks, blocks.data(), blocks.size() * sizeof(TableBlock));
+  at.write_tables(host.data(), tensors, blocks);
+  at.write_step(host.data(), 0, step.coefficients, keys);
   void* scratch = nullptr;
   check(cudaMallocAsync(&scratch, host.size(), stream), "cudaMallocAsync");
   try {
@@ -298,21 +311,23 @@ void launch_staged(const PreparedStep<A>& step, const std::vector<size_t>& stage
 template <class A>
 void launch_step(const PreparedStep<A>& step, void* stream_handle) {
   const auto stream = static_cast<cudaStream_t>(stream_handle);
-  std::vector<size_t> staged;  // low-precision tensors: their own kernel
-  for (size_t i = 0; i < step.tensors.size(); ++i)
-    if (step.tensors[i].staged()) staged.push_back(i);
   if constexpr (A::reductions > 0) {
-    if (!staged.empty())  // refused before the step (cuda_bindings.cpp): never reached
+    // (Refused before the step, cuda_bindings.cpp: never reached.)
+    if (std::any_of(step.tensors.begin(), step.tensors.end(), std::mem_fn(&TensorRef::staged)))
       throw std::invalid_argument("fusedopt.cuda: " + std::string(A::name) +
                                   " takes float32 and float64 tensors only on the GPU");
     launch_reducing_step(step, stream);
     return;
   }
-  if (!staged.empty()) launch_staged(step, staged, stream);
+  std::vector<size_t> staged;       // low-precision tensors: the table kernel
   std::vector<PlanTensor> tensors;  // float32 and float64 tensors, planned below
-  const std::vector<PlanTensor> all = plan_tensors(step.tensors, step.coefficient_of);
-  for (size_t i = 0; i < all.size(); ++i)
-    if (!step.tensors[i].staged()) tensors.push_back(all[i]);
+  for (size_t i = 0; i < step.tensors.size(); ++i) {
+    if (step.tensors[i].staged())
+      staged.push_back(i);
+    else
+      tensors.push_back(plan_tensor(step.tensors[i], step.coefficient_of[i]));
+  }
+  if (!staged.empty()) launch_staged(step, staged, stream);
   // A dtype with a single non-empty tensor (one flat buffer for a whole model, say) takes the flat
   // kernel: one launch whatever its size, with no plan to build.
   std::vector<PlanTensor> planned;
@@ -402,9 +417,7 @@ void RegisteredTables::launch(const PreparedStep<A>& step, void* stream_handle) 
         const size_t coefficient_room = 2 * coefficient_bytes, set_room = 2 * keys.size();
         const TableLayout at(coefficient_room, set_room, n, blocks.size());
         std::vector<unsigned char> host(at.end);
-        write_maps(host.data() + at.maps);
-        std::memcpy(host.data() + at.tensors, tensors.data(), n * sizeof(TableTensor));
-        std::memcpy(host.data() + at.blocks, blocks.data(), blocks.size() * sizeof(TableBlock));
+        at.write_tables(host.data(), tensors, blocks);
         void* fresh = nullptr;
         check(cudaMallocAsync(&fresh, host.size(), stream), "cudaMallocAsync");
         try {
@@ -438,9 +451,7 @@ void RegisteredTables::launch(const PreparedStep<A>& step, void* stream_handle) 
       const TableLayout at(layout_coefficient_bytes_, layout_sets_, n, blocks_.size());
       // The step's coefficient structs and keys, side by side as the layout places them.
       std::vector<unsigned char> per_step(at.tensors - at.coefficients);
-      std::memcpy(per_step.data(), step.coefficients.data(), coefficient_bytes);
-      std::memcpy(per_step.data() + (at.keys - at.coefficients), keys.data(),
-                  keys.size() * sizeof(SetKeys));
+      at.write_step(per_step.data(), at.coefficients, step.coefficients, keys);
       PinnedStaging::copy(static_cast<unsigned char*>(device_) + at.coefficients, per_step.data(),
                           per_step.size(), stream);
       if (!blocks_.empty())

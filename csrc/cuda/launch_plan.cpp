@@ -111,20 +111,24 @@ std::vector<LaunchBatch> build_launch_plan(const std::vector<PlanTensor>& tensor
   return plan;
 }
 
+PlanTensor plan_tensor(const TensorRef& t, int coefficient_id) {
+  PlanTensor p{};
+  p.addresses[0] = t.param;
+  p.addresses[1] = t.grad;
+  for (int k = 0; k < kMaxStates; ++k) p.addresses[2 + k] = t.state[k];
+  p.size = t.size;
+  p.element_bytes = static_cast<int>(dtype_size(t.dtype));
+  p.coefficient_id = coefficient_id;
+  p.write_grad = t.write_grad;
+  return p;
+}
+
 std::vector<PlanTensor> plan_tensors(const std::vector<TensorRef>& tensors,
                                      const std::vector<int>& coefficient_id) {
-  std::vector<PlanTensor> result(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const TensorRef& t = tensors[i];
-    PlanTensor& p = result[i];
-    p.addresses[0] = t.param;
-    p.addresses[1] = t.grad;
-    for (int k = 0; k < kMaxStates; ++k) p.addresses[2 + k] = t.state[k];
-    p.size = t.size;
-    p.element_bytes = static_cast<int>(dtype_size(t.dtype));
-    p.coefficient_id = coefficient_id[i];
-    p.write_grad = t.write_grad;
-  }
+  std::vector<PlanTensor> result;
+  result.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i)
+    result.push_back(plan_tensor(tensors[i], coefficient_id[i]));
   return result;
 }
 
@@ -142,13 +146,9 @@ TableTensor table_tensor(const TensorRef& t, int coefficient_set) {
   d.dtype = static_cast<uint8_t>(t.dtype);
   d.state_dtype = static_cast<uint8_t>(t.state_dtype);
   d.kind = t.staged() ? kStaged : t.dtype == Dtype::float64 ? kPlainDouble : kPlainFloat;
-  PlanTensor plain{};
-  plain.addresses[0] = t.param;
-  plain.addresses[1] = t.grad;
-  for (int k = 0; k < kMaxStates; ++k) plain.addresses[2 + k] = t.state[k];
-  d.flags =
-      static_cast<uint8_t>((d.kind != kStaged && is_vectorizable(plain) ? kVectorized : 0) |
-                           (t.write_grad ? kWriteGrad : 0) | (t.stochastic ? kStochastic : 0));
+  d.flags = static_cast<uint8_t>(
+      (d.kind != kStaged && is_vectorizable(plan_tensor(t, coefficient_set)) ? kVectorized : 0) |
+      (t.write_grad ? kWriteGrad : 0) | (t.stochastic ? kStochastic : 0));
   return d;
 }
 

@@ -65,7 +65,9 @@ struct LaunchBatch {
 // in the current launch continues in slot 0 of the next one.
 std::vector<LaunchBatch> build_launch_plan(const std::vector<PlanTensor>& tensors);
 
-// The plan's input for a validated step (csrc/core/step.h): coefficient_id[i] for tensor i.
+// Tensor t of a validated step (csrc/core/step.h) as the plan sees it.
+PlanTensor plan_tensor(const TensorRef& t, int coefficient_id);
+// The plan's input for a validated step: coefficient_id[i] for tensor i.
 std::vector<PlanTensor> plan_tensors(const std::vector<TensorRef>& tensors,
                                      const std::vector<int>& coefficient_id);
 

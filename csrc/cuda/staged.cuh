@@ -16,6 +16,7 @@
 #include "core/tensor.h"
 #include "cuda/multi_tensor.cuh"
 #include "cuda/tables.h"
+#include "math/dynamic_map.h"
 #include "math/rounding.h"
 
 namespace fusedopt {
@@ -69,18 +70,6 @@ __device__ __forceinline__ void store_rounded(void* buffer, uint8_t dtype, int64
     h = bfloat16 ? math::float_bits_to_bfloat16(f) : math::float_bits_to_float16(f);
   }
   static_cast<uint16_t*>(buffer)[i] = static_cast<uint16_t>(h);
-}
-
-// bitsandbytes' rule for the code of x (docs/spec.md section 22; csrc/cpu/kernels.cpp
-// nearest_code_by_search): the largest code whose value is <= x (the first when there is none),
-// or the next one when strictly closer; NaN takes code 0. `map` is sorted.
-__device__ __forceinline__ int nearest_code(float x, const float* map) {
-  if (x != x) return 0;
-  int i = 0;
-  for (int step = 128; step > 0; step >>= 1) i += map[i + step] <= x ? step : 0;
-  const int next = i + (i < 255 ? 1 : 0);
-  const float above = x - map[next], below = x - map[i];
-  return i + ((above < 0 ? -above : above) < (below < 0 ? -below : below) ? 1 : 0);
 }
 
 // ---- The kernel --------------------------------------------------------------------------------
@@ -159,7 +148,7 @@ __device__ __forceinline__ void update_quantized_range(const TableTensor& t,
         const float scale = largest[k][half];
         const float* map = maps[(A::nonnegative_states >> k) & 1u];
         static_cast<uint8_t*>(t.state[k])[i] =
-            static_cast<uint8_t>(nearest_code(s[k] / scale, map));
+            static_cast<uint8_t>(math::nearest_code_by_search(s[k] / scale, map));
         if (lane == 0) t.absmax[k][block] = scale;
       }
     __syncthreads();  // `largest` is written again by the next pair of blocks

@@ -328,16 +328,43 @@ void add_producers(const DeviceStep& step, std::vector<void*>& producers) {
   }
 }
 
-// A prepared step launched on `stream` of `device`, ordered after the producers' work and
-// before their next.
-template <class A>
-void launch_on(int device, const PreparedStep<A>& prepared, uintptr_t stream_handle,
-               const std::vector<void*>& producers) {
+// `launch(stream)` on `stream` of `device`, ordered after the producers' work and before their
+// next. Once it has launched, nothing may fail (a plan would undo the scalars and counts of a
+// step that ran): the producers then wait for the whole device instead.
+template <class Launch>
+void launch_on(int device, uintptr_t stream_handle, const std::vector<void*>& producers,
+               Launch&& launch) {
   cuda::DeviceGuard guard(device);
   void* stream = cuda::stream_from_handle(stream_handle);
   cuda::wait_for_streams(stream, producers);
-  cuda::launch_step(prepared, stream);
-  cuda::signal_streams(stream, producers);
+  launch(stream);
+  try {
+    cuda::signal_streams(stream, producers);
+  } catch (const std::exception&) {
+    cuda::synchronize_device();
+  }
+}
+
+// The state lists of `A`, each with its name; ValueError unless there is one per state.
+template <class A>
+std::vector<std::pair<py::handle, std::string>> state_lists_of(py::handle states) {
+  std::vector<std::pair<py::handle, std::string>> lists;
+  for (py::handle list : states) {
+    if (lists.size() == A::state_names.size()) break;
+    lists.emplace_back(list, A::state_names[lists.size()]);
+  }
+  if (lists.size() != A::state_names.size() || py::len(states) != lists.size())
+    throw Error(ErrorKind::value, std::string(A::name) + " takes " +
+                                      std::to_string(A::state_names.size()) + " state lists");
+  return lists;
+}
+
+// new_state's flags (None: none); their count is the core's check (check_schedule).
+std::vector<uint8_t> new_state_flags(py::handle flags) {
+  std::vector<uint8_t> result;
+  if (!flags.is_none())
+    for (py::handle f : flags) result.push_back(f.cast<bool>());
+  return result;
 }
 
 template <class A>
@@ -355,7 +382,8 @@ void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
   py::gil_scoped_release release;
   // From the launch to the producers' ordering: a fork waits for it (the CPU's steps do too).
   const cpu::StepInProgress writing;
-  launch_on(device, prepared, stream_handle, producers);
+  launch_on(device, stream_handle, producers,
+            [&](void* stream) { cuda::launch_step(prepared, stream); });
 }
 
 // Options from their values in the order of the algorithm's fields (see _core's bindings).
@@ -407,17 +435,8 @@ class DevicePlan : public AnyDevicePlan {
       : step_counts_(std::move(step_counts)),
         scalars_(std::move(scalars)),
         rounding_seed_(rounding_seed) {
-    std::vector<std::pair<py::handle, std::string>> state_lists;
-    size_t k = 0;
-    for (py::handle list : states) {
-      if (k == A::state_names.size()) break;
-      state_lists.emplace_back(list, A::state_names[k++]);
-    }
-    if (k != A::state_names.size() || py::len(states) != k)
-      throw Error(ErrorKind::value, std::string(A::name) + " takes " +
-                                        std::to_string(A::state_names.size()) + " state lists");
     const DeviceStep registered =
-        describe_step(params, py::none(), state_lists, masters, absmax, false);
+        describe_step(params, py::none(), state_lists_of<A>(states), masters, absmax, false);
     refuse_low_precision_reductions<A>(registered.buffers);
     const size_t n = registered.buffers.params.size();
     int64_t* counts = nullptr;
@@ -426,22 +445,14 @@ class DevicePlan : public AnyDevicePlan {
     double* rows =
         writeable_array<double>(scalars_, "scalars", static_cast<py::ssize_t>(n) * kMaxScalars);
     std::vector<int> groups_of(group_of.data(), group_of.data() + group_of.size());
-    plan_ = std::make_unique<Plan<A>>(groups_from<A>(groups), registered.buffers,
-                                      std::move(groups_of), counts, flags_of(new_state, n), rows);
+    plan_ =
+        std::make_unique<Plan<A>>(groups_from<A>(groups), registered.buffers, std::move(groups_of),
+                                  counts, new_state_flags(new_state), rows);
     device_ = check_placement(registered);
     plan_->run_with([this](const PreparedStep<A>& prepared) {
       if (device_ < 0) return;  // every registered tensor is empty
-      cuda::DeviceGuard guard(device_);
-      void* stream = cuda::stream_from_handle(stream_);
-      cuda::wait_for_streams(stream, producers_);
-      tables_.launch(prepared, stream);
-      // Launched: a failure past here must not make the plan undo a step that ran (its
-      // scalars, counts): the producers then wait for the whole device instead.
-      try {
-        cuda::signal_streams(stream, producers_);
-      } catch (const std::exception&) {
-        cuda::synchronize_device();
-      }
+      launch_on(device_, stream_, producers_,
+                [&](void* stream) { tables_.launch(prepared, stream); });
     });
   }
 
@@ -477,15 +488,6 @@ class DevicePlan : public AnyDevicePlan {
   size_t size() const override { return plan_->size(); }
 
  private:
-  static std::vector<uint8_t> flags_of(py::handle flags, size_t n) {
-    std::vector<uint8_t> result;
-    if (flags.is_none()) return result;
-    for (py::handle f : flags) result.push_back(f.cast<bool>());
-    if (result.size() != n)
-      throw Error(ErrorKind::value, "new_state: expected " + std::to_string(n) + " flags");
-    return result;
-  }
-
   py::object step_counts_, scalars_;  // the arrays the plan advances, kept alive
   std::optional<uint64_t> rounding_seed_;
   std::unique_ptr<Plan<A>> plan_;
@@ -556,20 +558,12 @@ PYBIND11_MODULE(FUSEDOPT_CUDA_MODULE, m) {
          std::optional<uint64_t> rounding_seed) {
         bool found = Algorithms::visit(name, [&](auto tag) {
           using A = typename decltype(tag)::type;
-          std::vector<std::pair<py::handle, std::string>> state_lists;
-          size_t k = 0;
-          for (py::handle list : states) state_lists.emplace_back(list, A::state_names[k++]);
-          if (k != A::state_names.size())
-            throw Error(ErrorKind::value, std::string(A::name) + " takes " +
-                                              std::to_string(A::state_names.size()) +
-                                              " state lists");
-          const DeviceStep d =
-              describe_step(params, grads, state_lists, masters, absmax, grad_scale.has_value());
+          const DeviceStep d = describe_step(params, grads, state_lists_of<A>(states), masters,
+                                             absmax, grad_scale.has_value());
           StepSchedule s;
           s.group_of.assign(group_of.data(), group_of.data() + group_of.size());
           s.steps.assign(steps.data(), steps.data() + steps.size());
-          if (!new_state.is_none())
-            for (py::handle f : new_state) s.new_state.push_back(f.cast<bool>());
+          s.new_state = new_state_flags(new_state);
           s.scalars = writeable_array<double>(
               scalars, "scalars", static_cast<py::ssize_t>(d.buffers.params.size()) * kMaxScalars);
           const RangeChecks ranges(checked);  // false: fusedopt.torch, as TorchPlan's

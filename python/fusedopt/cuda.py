@@ -154,7 +154,7 @@ def _interface(x: Any) -> dict[str, Any] | None:
 def _torch_stream(x: Any) -> int | None:
     """PyTorch's current stream on the tensor's device: where torch queued the work producing it
     (torch's CUDA Array Interface names no stream)."""
-    if type(x).__module__.partition(".")[0] != "torch":
+    if not _is_torch(x):
         return None
     return int(sys.modules["torch"].cuda.current_stream(x.device).cuda_stream)
 
@@ -410,7 +410,7 @@ def _namespace(x: Any) -> Any:
     array_namespace = getattr(x, "__array_namespace__", None)
     if array_namespace is not None:
         return array_namespace()
-    module = sys.modules.get(type(x).__module__.partition(".")[0])
+    module = sys.modules.get(_library(x))
     if module is None or not hasattr(module, "zeros_like"):
         raise TypeError(
             f"fusedopt.cuda cannot allocate optimizer state like a {type(x).__name__}; keep the "
@@ -419,8 +419,13 @@ def _namespace(x: Any) -> Any:
     return module
 
 
+def _library(x: Any) -> str:
+    """The top-level module of an array's type: "torch", "cupy", "jax"..."""
+    return type(x).__module__.partition(".")[0]
+
+
 def _is_torch(x: Any) -> bool:
-    return type(x).__module__.partition(".")[0] == "torch"
+    return _library(x) == "torch"
 
 
 def _library_dtype(x: Any, name: str) -> Any:
@@ -433,7 +438,7 @@ def _on_device_of(x: Any) -> Any:
     """CuPy makes new arrays on its current device, not its argument's: the argument's made
     current (a context manager); nothing to do for the other libraries."""
     device = getattr(x, "device", None)
-    if type(x).__module__.partition(".")[0] == "cupy" and hasattr(device, "use"):
+    if _library(x) == "cupy" and hasattr(device, "use"):
         return device
     return contextlib.nullcontext()
 
