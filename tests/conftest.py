@@ -77,3 +77,17 @@ def tensor_reading(request: pytest.FixtureRequest) -> Iterator[str]:
     core._torch_shim(request.param == "shim")
     yield request.param
     core._torch_shim(was)
+
+
+def emulate_gpu_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fusedopt.torch's plans made as for CUDA tensors, over CPU tensors: _core.TorchPlan with the
+    launcher of fusedopt._cuda_emulated (the CUDA kernels' source compiled for the CPU, whose
+    device memory is the host's, csrc/cuda/emulation.h), on a stream handle it ignores."""
+    import fusedopt._cuda_emulated as emulated
+
+    import fusedopt.torch as ft
+    from fusedopt import cuda
+
+    monkeypatch.setattr(cuda, "_native", emulated)
+    monkeypatch.setattr(ft, "_native_plan", lambda device: ft._DevicePlan)
+    monkeypatch.setattr(cuda, "_torch_stream", lambda tensor: 0)

@@ -5,7 +5,9 @@ a scheduler changing the learning rate and a param whose grad is None on some st
 load in both directions mid-run and training continues on the same trajectory; GradScaler's inf
 steps are skipped; bad params and grads are refused naming them, with nothing written. The
 tests marked with ``device`` run on CUDA tensors too, beside torch.optim on the same device, where
-a GPU and fusedopt's CUDA backend are usable (``.ci/gpu-check``), and skip saying why elsewhere.
+a GPU and fusedopt's CUDA backend are usable (``.ci/gpu-check``), and skip saying why elsewhere;
+and on the emulated GPU everywhere ("emulated": CPU tensors stepped by the plans made for CUDA
+tensors, with the emulated CUDA backend, conftest.emulate_gpu_plans).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import fusedopt._core  # noqa: E402
 
 import fusedopt.cuda  # noqa: E402
 import fusedopt.torch as ft  # noqa: E402
+from conftest import emulate_gpu_plans, native_options  # noqa: E402
 
 CUDA_UNUSABLE = (
     "torch sees no CUDA device"
@@ -36,7 +39,32 @@ CUDA_UNUSABLE = (
     else None
 )
 needs_cuda = pytest.mark.skipif(CUDA_UNUSABLE is not None, reason=f"no CUDA: {CUDA_UNUSABLE}")
-DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+try:
+    import fusedopt._cuda_emulated  # noqa: F401
+
+    EMULATION_MISSING = None
+except ImportError:
+    EMULATION_MISSING = "fusedopt was built without its CUDA emulation module"
+needs_emulation = pytest.mark.skipif(EMULATION_MISSING is not None, reason=str(EMULATION_MISSING))
+DEVICES = [
+    "cpu",
+    pytest.param("emulated", marks=needs_emulation),
+    pytest.param("cuda", marks=needs_cuda),
+]
+
+
+def on(device: str) -> str:
+    """The torch device of a test's tensors: the emulated GPU's memory is the host's."""
+    return "cpu" if device == "emulated" else device
+
+
+@pytest.fixture(autouse=True)
+def _emulated_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test run on the "emulated" device makes its optimizers' plans as for CUDA tensors."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "emulated":
+        emulate_gpu_plans(monkeypatch)
+
 
 # Every test here runs twice: tensors read through libtorch's C shim and through torch's Python
 # methods (conftest.tensor_reading).
@@ -90,7 +118,7 @@ def model_params(dtype: Any, seed: int = 0, device: Any = "cpu") -> list[Any]:
     generator = torch.Generator().manual_seed(seed)
     shapes = [(5, 7), (33,), (1,), (0,), (4, 4)]
     return [
-        torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype).to(device))
+        torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype).to(on(device)))
         for s in shapes
     ]
 
@@ -379,10 +407,10 @@ def test_grad_scaler_skips_an_inf_step_and_unscales_the_others(name: str, device
         params = model_params(torch.float32, device=device)
         extra = {} if module is ft else {"fused": True}
         optimizer = getattr(module, name)(params, lr=0.01, **options, **extra)
-        scaler = torch.amp.GradScaler(device, init_scale=256.0)
+        scaler = torch.amp.GradScaler(on(device), init_scale=256.0)
         for step in range(6):
             # what scaler.scale(loss) would multiply by
-            scale = scaler.scale(torch.ones((), device=device)).item()
+            scale = scaler.scale(torch.ones((), device=on(device))).item()
             for p, g in zip(params, grads_for(step, params)):
                 p.grad = None if g is None else g * scale
             if step == 2:
@@ -2056,7 +2084,156 @@ def test_a_grad_subclass_is_read_through_torch_s_methods_as_it_asks() -> None:
     assert p.detach().tolist() == pytest.approx([-0.1] * 3)
 
 
-@needs_cuda
+# ---------------------------------------------------- the plans made for CUDA tensors
+# On the emulated GPU everywhere, on a GPU where there is one. (A parameter named other than
+# "device" where a test emulates the GPU itself, after its CPU run.)
+GPU_DEVICES = [
+    pytest.param("emulated", marks=needs_emulation),
+    pytest.param("cuda", marks=needs_cuda),
+]
+
+
+def fresh_grads(params: list[Any], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_a_gpu_plan_is_made_once_and_steps_new_grads_at_every_step(device: str) -> None:
+    """Registered once (issue 12): steps over new grad tensors each time reuse the plan, whose
+    tables stay on the device, and follow torch.optim."""
+    params = model_params(torch.float32, device=device)
+    reference = model_params(torch.float32, device=device)
+    ours = ft.Adam(params, lr=0.01, weight_decay=0.1)
+    theirs = torch.optim.Adam(reference, lr=0.01, weight_decay=0.1, foreach=False)
+    plans = []
+    for step in range(4):
+        fresh_grads(params, step)
+        fresh_grads(reference, step)
+        ours.step()
+        theirs.step()
+        ((_, plan, _, _),) = ours._plans.values()
+        plans.append(plan)
+    assert isinstance(plans[0], ft._DevicePlan)
+    assert all(plan is plans[0] for plan in plans) and plans[0].steps_taken == 4
+    compare(ours, theirs, params, reference, torch.float32)
+
+
+def _grad_of_float64(params: list) -> None:
+    params[2].grad.data = params[2].grad.data.double()
+
+
+def _grad_of_fewer_elements(params: list) -> None:
+    params[0].grad.data = params[0].grad.data[:2]
+
+
+def _grad_is_its_param(params: list) -> None:
+    params[2].grad = params[2].detach()
+
+
+def _grad_of_a_state(params: list, optimizer: Any) -> None:
+    params[2].grad = optimizer.state[params[2]]["exp_avg"]
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+@pytest.mark.parametrize(
+    "spoil, error, expected",
+    [
+        (_grad_of_float64, TypeError, r"params\[2\] of param_groups\[0\].*dtype"),
+        (_grad_of_fewer_elements, ValueError, r"params\[0\] of param_groups\[0\].*shape"),
+        (_grad_is_its_param, ValueError, r"params\[2\] of param_groups\[0\].*overlaps"),
+        (_grad_of_a_state, ValueError, r"params\[2\] of param_groups\[0\].*overlaps"),
+    ],
+    ids=["float64", "fewer-elements", "its-param", "a-state"],
+)
+def test_a_bad_grad_on_a_gpu_plan_is_refused_naming_it_with_nothing_modified(
+    device: str, spoil: Callable, error: type, expected: str
+) -> None:
+    params = model_params(torch.float32, device=device)
+    optimizer = ft.Adam(params, lr=0.1)
+    fresh_grads(params, 0)
+    optimizer.step()
+    fresh_grads(params, 1)
+    if spoil is _grad_of_a_state:
+        spoil(params, optimizer)
+    else:
+        spoil(params)
+    snapshot = Snapshot(optimizer, params)
+    with pytest.raises(error, match=expected):
+        optimizer.step()
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_a_gpu_plan_follows_a_state_given_other_memory_and_a_param_losing_its_grad(
+    device: str,
+) -> None:
+    """A state whose memory moved in place (``.data =``, ``resize_``) is registered anew, never
+    written through its old address; a param without a grad makes a plan without it, which
+    steps the others (the GPU's kernel skips no tensor it holds)."""
+    params = model_params(torch.float64, device=device)
+    reference = model_params(torch.float64, device=device)
+    ours = ft.Adam(params, lr=0.1)
+    theirs = torch.optim.Adam(reference, lr=0.1, foreach=False)
+    for step in range(6):
+        for group in (params, reference):
+            fresh_grads(group, step)
+            if step == 4:
+                group[3].grad = None
+        if step == 2:
+            state = ours.state[params[0]]["exp_avg"]
+            old = state.data
+            state.data = old.clone()
+            frozen = old.clone()
+        if step == 3:
+            state = ours.state[params[4]]["exp_avg_sq"]
+            values = state.clone()
+            state.resize_(64).resize_(values.shape).copy_(values)  # other memory, same values
+        ours.step()
+        theirs.step()
+        if step == 2:
+            assert torch.equal(old, frozen)  # the replaced memory is left alone
+    compare(ours, theirs, params, reference, torch.float64)
+
+
+@needs_emulation
+def test_a_gpu_plan_never_reads_its_8_bit_scales_on_the_host(monkeypatch: Any) -> None:
+    """An 8-bit state's scales are device memory on a GPU: a GPU plan does not check them before
+    a step as the CPU's does (a host read of device memory would crash). On the emulated GPU,
+    whose memory the host could read, a NaN scale goes through unread, where the CPU refuses."""
+    plans = {}
+    for where in ("cpu", "emulated"):
+        if where == "emulated":
+            emulate_gpu_plans(monkeypatch)
+        params = [torch.nn.Parameter(torch.ones(5000))]
+        optimizer = ft.Adam(params, lr=0.1, state_dtype="int8")
+        fresh_grads(params, 0)
+        optimizer.step()
+        optimizer.state[params[0]]["exp_avg_absmax"][0] = float("nan")
+        fresh_grads(params, 1)
+        if where == "cpu":
+            with pytest.raises(ValueError, match="exp_avg_absmax"):
+                optimizer.step()
+        else:
+            optimizer.step()
+        plans[where] = next(iter(optimizer._plans.values()))[1]
+    assert isinstance(plans["emulated"], ft._DevicePlan)
+
+
+@needs_emulation
+def test_a_launcher_of_another_algorithm_is_refused() -> None:
+    import fusedopt._cuda_emulated as emulated
+
+    params = [torch.ones(3)]
+    options = [native_options("sgd", lr=0.1)]
+    arguments = (options, [0], params, [True], [None], [], None, None)
+    fusedopt._core.TorchPlan("sgd", *arguments, launcher=emulated.Launcher("sgd", 0))
+    with pytest.raises(TypeError, match="launcher is not of this build's sgd"):
+        fusedopt._core.TorchPlan("sgd", *arguments, launcher=emulated.Launcher("adam", 0))
+
+
+@pytest.mark.parametrize("gpu", GPU_DEVICES)
 @pytest.mark.parametrize(
     "name, precision",
     [
@@ -2068,41 +2245,73 @@ def test_a_grad_subclass_is_read_through_torch_s_methods_as_it_asks() -> None:
     ],
     ids=["master", "master-int8-sr", "sgd-sr", "rmsprop-int8", "adagrad-master-int8"],
 )
-def test_low_precision_on_cuda_is_the_cpu_s_bit_for_bit(name: str, precision: dict) -> None:
+def test_low_precision_on_the_gpu_is_the_cpu_s_bit_for_bit(
+    name: str, precision: dict, gpu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """bfloat16 params on the GPU (csrc/cuda/staged.cuh) with masters, 8-bit state and
     stochastic rounding take the CPU's steps exactly: params and every state after a few steps,
     a checkpoint saved on the GPU loading on the CPU."""
     generator = torch.Generator().manual_seed(4)
     shapes = [(64, 80), (300,), (5000,), (3,)]
     host = [torch.randn(s, generator=generator).to(torch.bfloat16) for s in shapes]
-    cpu_params = [torch.nn.Parameter(t.clone()) for t in host]
-    gpu_params = [torch.nn.Parameter(t.clone().cuda()) for t in host]
+    grads = [[torch.randn(s, generator=generator).to(torch.bfloat16) for s in shapes]]
+    grads *= 4  # the same values at each step, in new tensors (their addresses change)
     options = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
-    cpu = getattr(ft, name)(cpu_params, **options, **precision)
-    gpu = getattr(ft, name)(gpu_params, **options, **precision)
-    for _ in range(3):
-        grads = [torch.randn(s, generator=generator).to(torch.bfloat16) for s in shapes]
-        for params, optimizer in ((cpu_params, cpu), (gpu_params, gpu)):
-            for p, g in zip(params, grads):
-                p.grad = g.to(p.device)
+
+    def steps(params: list, optimizer: Any, which: range) -> None:
+        for k in which:
+            for p, g in zip(params, grads[k]):
+                p.grad = g.to(p.device, copy=True)
             optimizer.step()
-    torch.cuda.synchronize()
+
+    cpu_params = [torch.nn.Parameter(t.clone()) for t in host]
+    cpu = getattr(ft, name)(cpu_params, **options, **precision)
+    steps(cpu_params, cpu, range(3))
+    if gpu == "emulated":
+        emulate_gpu_plans(monkeypatch)
+    gpu_params = [torch.nn.Parameter(t.clone().to(on(gpu))) for t in host]
+    on_gpu = getattr(ft, name)(gpu_params, **options, **precision)
+    steps(gpu_params, on_gpu, range(3))
+    assert isinstance(next(iter(on_gpu._plans.values()))[1], ft._DevicePlan)
+    if gpu == "cuda":
+        torch.cuda.synchronize()
     for i, (a, b) in enumerate(zip(cpu_params, gpu_params)):
         assert torch.equal(a.detach().view(torch.int16), b.detach().cpu().view(torch.int16)), i
     for a, b in zip(cpu_params, gpu_params):
         for key, value in cpu.state[a].items():
-            got = gpu.state[b][key]
+            got = on_gpu.state[b][key]
             assert got.dtype == value.dtype and got.shape == value.shape, key
-            assert got.device.type == ("cpu" if key == "step" else "cuda"), key
+            assert got.device.type == ("cpu" if key == "step" else on(gpu)), key
             flat = value.reshape(-1).view(torch.uint8)  # the bits (a step count is 0-d)
             assert torch.equal(flat, got.cpu().reshape(-1).view(torch.uint8)), key
     restored_params = [torch.nn.Parameter(p.detach().cpu()) for p in gpu_params]
     restored = getattr(ft, name)(restored_params, **options, **precision)
-    restored.load_state_dict(gpu.state_dict())
-    grads = [torch.randn(s, generator=generator).to(torch.bfloat16) for s in shapes]
-    for params, optimizer in ((restored_params, restored), (gpu_params, gpu)):
-        for p, g in zip(params, grads):
-            p.grad = g.to(p.device)
-        optimizer.step()
+    restored.load_state_dict(on_gpu.state_dict())
+    steps(restored_params, restored, range(3, 4))
+    steps(gpu_params, on_gpu, range(3, 4))
     for i, (a, b) in enumerate(zip(restored_params, gpu_params)):
         assert torch.equal(a.detach().view(torch.int16), b.detach().cpu().view(torch.int16)), i
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+def test_a_checkpoint_of_torch_s_fused_cuda_optimizer_resumes_with_host_step_counts(
+    name: str,
+) -> None:
+    """torch's fused (and capturable) optimizers keep their step counts on the params' device,
+    and torch's load puts them there; fusedopt keeps them in host memory, as torch's others do,
+    and continues torch's trajectory."""
+    options = {"momentum": 0.9} if name == "SGD" else {}
+    params = model_params(torch.float32, device="cuda")
+    reference = model_params(torch.float32, device="cuda")
+    saver = getattr(torch.optim, name)(params, lr=0.01, fused=True, **options)
+    theirs = getattr(torch.optim, name)(reference, lr=0.01, fused=True, **options)
+    run(saver, params, range(3))
+    run(theirs, reference, range(6))
+    ours = getattr(ft, name)(params, lr=0.01, fused=True, **options)
+    ours.load_state_dict(saver.state_dict())
+    run(ours, params, range(3, 6))
+    for p in params:
+        assert "step" not in ours.state[p] or ours.state[p]["step"].device.type == "cpu"
+    for i, (a, b) in enumerate(zip(params, reference)):
+        assert_close(a.detach(), b.detach(), torch.float32, f"params[{i}]")

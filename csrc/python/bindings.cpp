@@ -28,6 +28,7 @@
 #include "cuda/launch_plan.h"
 #include "math/dynamic_map.h"
 #include "python/arrays.h"
+#include "python/launcher.h"
 
 namespace py = pybind11;
 using namespace fusedopt;
@@ -838,7 +839,13 @@ struct TorchShim {
   int32_t (*dtype)(Handle, int32_t*) = nullptr;
   int32_t (*device_type)(Handle, int32_t*) = nullptr;
   int32_t (*layout)(Handle, int32_t*) = nullptr;
-  int32_t cpu = -1, strided = -1;
+  int32_t (*device_index)(Handle, int32_t*) = nullptr;
+  int32_t cpu = -1, cuda = -1, strided = -1;
+  // Where a plan's tensors must be: the CPU (index -1), or one CUDA device.
+  struct Place {
+    int32_t type, index;
+  };
+  Place cpu_place() const { return {cpu, -1}; }
   // Where a TensorImpl holds its StorageImpl's address, for fetch_ahead only; -1: not fetched.
   int storage_at = -1;
   // Where a TensorImpl holds its DispatchKeySet, and the keys of torch's lazy views in it (see
@@ -935,11 +942,13 @@ struct TorchShim {
     const int64_t* sizes;
     const int64_t* strides;
   };
-  bool read(Handle h, Facts& f) const {
+  bool read(Handle h, Facts& f, Place place) const {
     int64_t* sizes_at = nullptr;
     int64_t* strides_at = nullptr;
+    int32_t index = -1;
     if (dtype(h, &f.dtype) || device_type(h, &f.device_type) || layout(h, &f.layout) ||
-        f.device_type != cpu || f.layout != strided || dim(h, &f.dim) || sizes(h, &sizes_at) ||
+        f.device_type != place.type || (place.index >= 0 && device_index(h, &index)) ||
+        index != place.index || f.layout != strided || dim(h, &f.dim) || sizes(h, &sizes_at) ||
         strides(h, &strides_at) || data_ptr(h, &f.data))
       return false;
     f.sizes = sizes_at;
@@ -947,12 +956,14 @@ struct TorchShim {
     return true;
   }
 
-  // A CPU tensor as describe_torch describes it, and its strides; false where the shim cannot
-  // tell or the tensor is not one fusedopt steps (describe_torch then says why).
-  bool describe(PyObject* tensor, BufferInfo& info, std::vector<int64_t>& strides_out) const {
+  // A tensor at `place` as describe_torch describes it, and its strides; false where the shim
+  // cannot tell or the tensor is not one fusedopt steps (describe_torch then says why).
+  bool describe(PyObject* tensor, BufferInfo& info, std::vector<int64_t>& strides_out,
+                Place place) const {
     const Handle h = plain_handle(tensor);
     Facts f;
-    if (!h || !read(h, f) || lazy(h)) return false;  // a lazy view: describe_torch refuses it
+    if (!h || !read(h, f, place) || lazy(h))
+      return false;  // a lazy view: describe_torch refuses it
     int d = 0;
     while (d < kNumDtypes && dtype_codes[d] != f.dtype) ++d;
     const bool complex = f.dtype == complex_codes[0] || f.dtype == complex_codes[1];
@@ -1043,6 +1054,7 @@ struct TorchShim {
       void* library = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
       if (!library) return false;
       int32_t (*cpu_type)() = nullptr;
+      int32_t (*cuda_type)() = nullptr;
       int32_t (*strided_layout)() = nullptr;
       if (!(find(library, "aoti_torch_get_data_ptr", data_ptr) &&
             find(library, "aoti_torch_get_dim", dim) &&
@@ -1050,8 +1062,10 @@ struct TorchShim {
             find(library, "aoti_torch_get_strides", strides) &&
             find(library, "aoti_torch_get_dtype", dtype) &&
             find(library, "aoti_torch_get_device_type", device_type) &&
+            find(library, "aoti_torch_get_device_index", device_index) &&
             find(library, "aoti_torch_get_layout", layout) &&
             find(library, "aoti_torch_device_type_cpu", cpu_type) &&
+            find(library, "aoti_torch_device_type_cuda", cuda_type) &&
             find(library, "aoti_torch_layout_strided", strided_layout)))
         return false;
       // torch's code of each Dtype, in Dtype's order (8-bit state is stored as uint8).
@@ -1070,6 +1084,7 @@ struct TorchShim {
           complex_codes[c] = code();
       }
       cpu = cpu_type();
+      cuda = cuda_type();
       strided = strided_layout();
       tensor_base = reinterpret_cast<PyTypeObject*>(torch.attr("_C").attr("TensorBase").ptr());
       tensor_type = reinterpret_cast<PyTypeObject*>(torch.attr("Tensor").ptr());
@@ -1089,7 +1104,8 @@ struct TorchShim {
                                    .attr("transpose")(0, 2);
       if (!same_tensor(probe)) return false;
       Facts f;
-      if (!read(handle(probe.ptr()), f) || f.dtype != dtype_codes[static_cast<int>(Dtype::float32)])
+      if (!read(handle(probe.ptr()), f, cpu_place()) ||
+          f.dtype != dtype_codes[static_cast<int>(Dtype::float32)])
         return false;
       const auto shape = probe.attr("shape").cast<std::vector<int64_t>>();
       const auto stride = probe.attr("stride")().cast<std::vector<int64_t>>();
@@ -1172,18 +1188,20 @@ std::string strides_text(const std::vector<int64_t>& strides) {
   return text + (strides.size() == 1 ? ",)" : ")");
 }
 
-// A CPU tensor as the core sees an array: dtype, shape, its own memory, and whether that memory
-// is one dense block (`contiguous` to the core, which streams it flat; the plan checks that the
-// tensors streamed together have one memory order).
-void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info) {
+// A tensor as the core sees an array: dtype, shape, its own memory, and whether that memory is
+// one dense block (`contiguous` to the core, which streams it flat; the plan checks that the
+// tensors streamed together have one memory order). On the CPU, or on `device` (a torch.device)
+// where given: a device plan's.
+void describe_torch(PyObject* tensor, const std::string& name, BufferInfo& info,
+                    py::handle device = py::handle()) {
   const TorchNames& n = TorchNames::get();
   info.present = tensor != Py_None;
   if (!info.present) return;
   const py::handle t(tensor);
-  if (!t.attr(n.is_cpu).cast<bool>())
-    throw Error(ErrorKind::value, name + " is not on the CPU (" +
-                                      std::string(py::str(t.attr("device"))) +
-                                      "); one step serves one device");
+  if (device ? !py::object(t.attr("device")).equal(device) : !t.attr(n.is_cpu).cast<bool>())
+    throw Error(ErrorKind::value,
+                name + " is not on " + (device ? std::string(py::str(device)) : "the CPU") + " (" +
+                    std::string(py::str(t.attr("device"))) + "); one step serves one device");
   if (!py::object(t.attr(n.layout)).is(n.strided))
     throw Error(ErrorKind::type, name + " is a " + std::string(py::str(t.attr(n.layout))) +
                                      " tensor; fusedopt updates dense (strided) tensors");
@@ -1235,6 +1253,12 @@ struct ScalarSlot {
 
 ScalarSlot scalar_slot(py::handle tensor, const std::string& name) {
   BufferInfo info;
+  const py::str& is_cpu = TorchNames::get().is_cpu;
+  if (py::hasattr(tensor, is_cpu) && !tensor.attr(is_cpu).cast<bool>())
+    throw Error(ErrorKind::value, name + " is on " + std::string(py::str(tensor.attr("device"))) +
+                                      "; fusedopt keeps step counts and scalar states in host "
+                                      "memory, as torch's optimizers do unless fused or "
+                                      "capturable");
   describe_torch(tensor.ptr(), name, info);
   if (info.size != 1 || !(info.dtype == Dtype::float32 || info.dtype == Dtype::float64))
     throw Error(ErrorKind::type, name + " must be a one-element float32 or float64 tensor");
@@ -1249,7 +1273,10 @@ ScalarSlot scalar_slot(py::handle tensor, const std::string& name) {
 // its entry of optimizer.state (`kept`: (entry, key, tensor) triples), as when a user or
 // ZeroRedundancyOptimizer.load_state_dict replaced it. A param flagged `local` is a DTensor:
 // the plan steps its local tensor, param.to_local(), with its grad's, param.grad.to_local(); the
-// optimizer gives it the local tensors of the states.
+// optimizer gives it the local tensors of the states. Given a `launcher` (fusedopt._cuda's, see
+// python/launcher.h), the plan's tensors are on the device of its first param and its checked
+// steps are launched there; its step counts and scalars stay in host tensors. A device plan
+// steps only when every active param has a grad (its kernel skips none).
 class AnyTorchPlan {
  public:
   virtual ~AnyTorchPlan() = default;
@@ -1282,7 +1309,8 @@ class TorchPlan : public AnyTorchPlan {
   TorchPlan(py::handle groups, py::handle group_of, py::handle params, py::handle active,
             py::handle states, py::handle steps, py::handle scalars, py::handle new_state,
             py::handle local, py::handle kept, py::handle masters,
-            std::optional<uint64_t> rounding_seed, py::handle absmax, bool checked)
+            std::optional<uint64_t> rounding_seed, py::handle absmax, bool checked,
+            py::handle launcher)
       : groups_(groups_from<A>(groups)), rounding_seed_(rounding_seed), checked_(checked) {
     const std::vector<int> all_groups = py::cast<std::vector<int>>(group_of);
     for (py::handle p : items_of(params, "params"))
@@ -1302,6 +1330,12 @@ class TorchPlan : public AnyTorchPlan {
       }
     StepBuffers b;
     std::vector<int> group_of_active;
+    if (!launcher.is_none()) {
+      launcher_ = py::reinterpret_borrow<py::object>(launcher);
+      b.values_readable = false;  // the 8-bit states' scales are device memory: never read here
+      for (size_t i = 0; i < params_.size(); ++i)
+        if (active_[i] && !device_) device_ = memory_of(i, params_[i]).attr("device");
+    }
     // Messages name an active param by its index among the active ones, as the core's do; the
     // optimizer says which param of which group that is.
     for (size_t i = 0; i < params_.size(); ++i) {
@@ -1309,7 +1343,7 @@ class TorchPlan : public AnyTorchPlan {
       const std::string name = "params[" + std::to_string(index_.size()) + "]";
       const py::object memory = memory_of(i, params_[i]);
       b.params.emplace_back();
-      describe_torch(memory.ptr(), name, b.params.back());
+      describe_torch(memory.ptr(), name, b.params.back(), place());
       pin_storage(memory);
       addresses_.push_back(torch_data_ptr(memory.ptr()));
       // Its layout: every tensor streamed with it must walk its elements in its memory order.
@@ -1334,7 +1368,7 @@ class TorchPlan : public AnyTorchPlan {
         b.states[k].emplace_back();
         const std::string state_name =
             std::string(A::state_names[k]) + "[" + std::to_string(j) + "]";
-        describe_torch(items[j].ptr(), state_name, b.states[k].back());
+        describe_torch(items[j].ptr(), state_name, b.states[k].back(), place());
         check_layout(items[j], j, state_name, b.states[k].back());
         pin_storage(items[j]);
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
@@ -1345,7 +1379,7 @@ class TorchPlan : public AnyTorchPlan {
       for (size_t j = 0; j < items.size(); ++j) {
         b.masters.emplace_back();
         const std::string master_name = "state['master'] of params[" + std::to_string(j) + "]";
-        describe_torch(items[j].ptr(), master_name, b.masters.back());
+        describe_torch(items[j].ptr(), master_name, b.masters.back(), place());
         check_layout(items[j], j, master_name, b.masters.back());
         pin_storage(items[j]);
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
@@ -1353,7 +1387,8 @@ class TorchPlan : public AnyTorchPlan {
     }
     describe_absmax<A>(absmax, b, [&](size_t k, size_t j, const py::tuple& list, BufferInfo& info) {
       describe_torch(list[j].ptr(),
-                     std::string(A::state_names[k]) + "_absmax[" + std::to_string(j) + "]", info);
+                     std::string(A::state_names[k]) + "_absmax[" + std::to_string(j) + "]", info,
+                     place());
       pin_storage(list[j]);
       references_.push_back(py::reinterpret_borrow<py::object>(list[j]));
     });
@@ -1384,6 +1419,7 @@ class TorchPlan : public AnyTorchPlan {
     plan_ = std::make_unique<Plan<A>>(
         groups_, b, group_of_active, step_slots_.empty() ? nullptr : counts_.data(),
         flags_from(new_state, n), scalar_slots_.empty() ? nullptr : scalar_rows_.data());
+    if (launcher_) launch_with(launcher_);
     // A grad has its param's dtype, shape and device: torch refuses any other in autograd and in
     // the grad setter, but `param.grad.data = x` or `param.data = x` gets past both. Each step
     // checks the grad's dtype, shape, device and layout and reads its memory.
@@ -1412,6 +1448,9 @@ class TorchPlan : public AnyTorchPlan {
     LentReferences grads(spare_grads_);  // kept alive while the GIL is released
     const Grads read = shim_ ? read_grads_by_shim(grads) : Grads::unread;
     if (read == Grads::moved || (read == Grads::unread && !read_grads(grads, extras))) return false;
+    if (launcher_ && std::any_of(infos_.begin(), infos_.end(),
+                                 [](const BufferInfo& grad) { return !grad.present; }))
+      return false;  // a device plan steps every param it holds: made anew without the others
     for (size_t k = 0; k < step_slots_.size(); ++k) {
       if (!infos_[k].present) continue;  // skipped: its count is neither read nor advanced
       // A float out of int64's range (NaN, 1e30 filled in place) has no conversion (undefined
@@ -1514,7 +1553,7 @@ class TorchPlan : public AnyTorchPlan {
   bool grad_as_param(const TorchShim& shim, PyObject* grad, size_t j, TorchShim::Facts& g) const {
     const std::vector<int64_t>& shape = param_shapes_[j];
     const TorchShim::Handle h = shim.plain_handle(grad);
-    return h && shim.read(h, g) && !shim.lazy(h) && g.dtype == param_dtypes_[j] &&
+    return h && shim.read(h, g, shim_place_) && !shim.lazy(h) && g.dtype == param_dtypes_[j] &&
            g.dim == static_cast<int64_t>(shape.size()) &&
            std::equal(shape.begin(), shape.end(), g.sizes) &&
            same_order(shape, g.strides, shape.size(), param_strides_[j]) &&
@@ -1613,10 +1652,12 @@ class TorchPlan : public AnyTorchPlan {
         throw Error(ErrorKind::value, name() + " has shape " + std::string(py::str(shape)) +
                                           ", not its param's " +
                                           std::string(py::str(grad_shapes_[j])));
-      if (read_property(names.is_cpu_property, grad.ptr()).ptr() != Py_True)
-        throw Error(ErrorKind::value, name() + " is not on the CPU (" +
+      if (device_ ? !py::object(grad.attr("device")).equal(device_)
+                  : read_property(names.is_cpu_property, grad.ptr()).ptr() != Py_True)
+        throw Error(ErrorKind::value, name() + " is on " +
                                           std::string(py::str(grad.attr("device"))) +
-                                          "), its param is");
+                                          ", not on its param's " +
+                                          (device_ ? std::string(py::str(device_)) : "CPU"));
       uintptr_t address = 0;
       py::object strides;
       try {
@@ -1624,7 +1665,7 @@ class TorchPlan : public AnyTorchPlan {
         strides = call_with(names.stride, grad.ptr());
       } catch (const py::error_already_set&) {  // no storage (a sparse grad): say what it is
         BufferInfo described;
-        describe_torch(grad.ptr(), name(), described);
+        describe_torch(grad.ptr(), name(), described, place());
         throw;
       }
       // Only read, so a grad laid out otherwise than its param, or a lazy view (see
@@ -1691,10 +1732,10 @@ class TorchPlan : public AnyTorchPlan {
     std::vector<int64_t> strides;
     for (size_t j = 0; j < n; ++j) {
       const std::string name = "grads[" + std::to_string(j) + "]";
-      if (shim_ && shim_->describe(items[j].ptr(), given_grads_[j], strides)) {
+      if (shim_ && shim_->describe(items[j].ptr(), given_grads_[j], strides, shim_place_)) {
         check_layout(items[j], j, name, given_grads_[j], &strides);
       } else {  // torch describes it, and names what fusedopt cannot step
-        describe_torch(items[j].ptr(), name, given_grads_[j]);
+        describe_torch(items[j].ptr(), name, given_grads_[j], place());
         check_layout(items[j], j, name, given_grads_[j]);
       }
     }
@@ -1756,6 +1797,15 @@ class TorchPlan : public AnyTorchPlan {
   void use_shim() {
     const TorchShim* shim = TorchShim::get();
     if (!shim) return;
+    shim_place_ = shim->cpu_place();
+    if (device_) {  // a device plan's tensors: on a CUDA device, or the emulated one's (the CPU)
+      const std::string type = py::str(device_.attr("type"));
+      const py::object index = device_.attr("index");
+      if (type == "cuda")
+        shim_place_ = {shim->cuda, index.is_none() ? 0 : index.cast<int32_t>()};
+      else if (type != "cpu")
+        return;
+    }
     for (const py::object& param : params_) {  // each param's grad is read: every param's class
       PyTypeObject* type = Py_TYPE(param.ptr());
       if (type != shim->tensor_type && type != shim->parameter_type) return;
@@ -1765,7 +1815,7 @@ class TorchPlan : public AnyTorchPlan {
       const py::object& param = params_[index_[j]];
       TorchShim::Facts facts;
       if (local_[index_[j]] || !shim->same_tensor(param) ||
-          !shim->read(shim->handle(param.ptr()), facts))
+          !shim->read(shim->handle(param.ptr()), facts, shim_place_))
         return;
       param_handles_.push_back(shim->handle(param.ptr()));
       param_dtypes_.push_back(facts.dtype);
@@ -1823,6 +1873,44 @@ class TorchPlan : public AnyTorchPlan {
     return py::reinterpret_steal<py::object>(local);
   }
 
+  // Where the tensors are: the CPU (device_ null), or device_ (a torch.device), whose steps
+  // launcher_ launches; as the shim reads it.
+  py::handle place() const { return device_; }
+  void launch_with(const py::object& launcher) {
+    const py::object capsule = launcher.attr("entry")();
+    if (!PyCapsule_IsValid(capsule.ptr(), LaunchEntry::kCapsuleName))
+      throw Error(ErrorKind::type, "launcher.entry() must give a fusedopt launch entry");
+    const auto* entry = static_cast<const LaunchEntry*>(
+        PyCapsule_GetPointer(capsule.ptr(), LaunchEntry::kCapsuleName));
+    if (entry->version != LaunchEntry::kVersion || std::string(entry->algorithm) != A::name ||
+        entry->prepared_size != sizeof(PreparedStep<A>) ||
+        entry->tensor_size != sizeof(TensorRef) ||
+        entry->coefficients_size != sizeof(typename A::Coefficients))
+      throw Error(ErrorKind::type, std::string("the launcher is not of this build's ") + A::name);
+    // Where it launches: the emulated GPU's memory is the host's, a GPU's its own.
+    if (device_) {
+      const std::string type = py::str(device_.attr("type"));
+      const py::object index = device_.attr("index");
+      const bool same = entry->emulated ? type == "cpu"
+                                        : type == "cuda" && !index.is_none() &&
+                                              index.cast<int32_t>() == entry->device;
+      if (!same)
+        throw Error(ErrorKind::value,
+                    "the launcher (" +
+                        (entry->emulated ? std::string("emulated")
+                                         : "cuda:" + std::to_string(entry->device)) +
+                        ") does not serve the params' " + std::string(py::str(device_)));
+    }
+    launch_entry_ = capsule;
+    plan_->run_with([entry](const PreparedStep<A>& prepared) {
+      std::string error;  // a GPU's failure, not a refusal of the step: RuntimeError
+      if (!entry->launch(entry->launcher, &prepared, &error)) throw std::runtime_error(error);
+    });
+  }
+
+  // Null for a CPU plan. The launcher holds the entry's memory; the capsule is kept with it.
+  py::object launcher_, launch_entry_, device_;
+  TorchShim::Place shim_place_{};
   std::vector<typename A::Options> groups_;
   std::vector<py::object> params_;
   std::vector<bool> active_;
@@ -2081,20 +2169,21 @@ PYBIND11_MODULE(_core, m) {
       .def("__len__", &AnyPlan::size);
 
   py::class_<AnyTorchPlan>(m, "TorchPlan",
-                           "The plan of a fusedopt.torch optimizer over CPU tensors; step() "
+                           "The plan of a fusedopt.torch optimizer over CPU tensors (or one CUDA "
+                           "device's, given fusedopt._cuda's launcher); step() "
                            "returns False, having done nothing, when the params with a grad or "
                            "their memory changed since it was made.")
       .def(py::init([](const std::string& name, py::handle groups, py::handle group_of,
                        py::handle params, py::handle active, py::handle states, py::handle steps,
                        py::handle scalars, py::handle new_state, py::handle local, py::handle kept,
                        py::handle masters, std::optional<uint64_t> rounding_seed, py::handle absmax,
-                       bool checked) {
+                       bool checked, py::handle launcher) {
              std::unique_ptr<AnyTorchPlan> plan;
              with_algorithm(name, [&](auto tag) {
                using A = typename decltype(tag)::type;
-               plan = std::make_unique<TorchPlan<A>>(groups, group_of, params, active, states,
-                                                     steps, scalars, new_state, local, kept,
-                                                     masters, rounding_seed, absmax, checked);
+               plan = std::make_unique<TorchPlan<A>>(
+                   groups, group_of, params, active, states, steps, scalars, new_state, local, kept,
+                   masters, rounding_seed, absmax, checked, launcher);
              });
              return plan;
            }),
@@ -2102,7 +2191,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("active"), py::arg("states"), py::arg("steps"), py::arg("scalars"),
            py::arg("new_state"), py::arg("local") = py::none(), py::arg("kept") = py::none(),
            py::arg("masters") = py::none(), py::arg("rounding_seed") = py::none(),
-           py::arg("absmax") = py::none(), py::arg("checked") = true)
+           py::arg("absmax") = py::none(), py::arg("checked") = true,
+           py::arg("launcher") = py::none())
       .def("set_options", &AnyTorchPlan::set_options, py::arg("group"), py::arg("values"))
       .def("step", &AnyTorchPlan::step, py::arg("grad_scale") = py::none())
       .def_readonly("steps_taken", &AnyTorchPlan::steps_taken)

@@ -18,6 +18,7 @@
 #include "core/step.h"
 #include "cuda/backend.h"
 #include "python/arrays.h"
+#include "python/launcher.h"
 
 namespace py = pybind11;
 using namespace fusedopt;
@@ -498,6 +499,67 @@ class DevicePlan : public AnyDevicePlan {
   uintptr_t stream_ = 0;
 };
 
+// fusedopt.torch's launches on one device: the tables of one _core TorchPlan, kept on the GPU
+// (python/launcher.h). The plan checks the tensors and calls `entry` from its step; the stream
+// and the producers' stream are set before each step, under the optimizer's lock.
+class AnyLauncher {
+ public:
+  virtual ~AnyLauncher() = default;
+  virtual py::capsule entry() = 0;
+  void set_streams(uintptr_t stream, std::optional<uintptr_t> producer) {
+    stream_ = stream;
+    producers_.clear();
+    if (producer) producers_.push_back(cuda::stream_from_handle(*producer));
+  }
+
+ protected:
+  int device_ = 0;
+  uintptr_t stream_ = 0;
+  std::vector<void*> producers_;
+};
+
+template <class A>
+class Launcher : public AnyLauncher {
+ public:
+  explicit Launcher(int device) {
+    cuda::require_device();
+    device_ = device;
+#if defined(FUSEDOPT_CUDA_EMULATION)
+    constexpr bool emulated = true;
+#else
+    constexpr bool emulated = false;
+#endif
+    entry_ = {LaunchEntry::kVersion,
+              A::name,
+              sizeof(PreparedStep<A>),
+              sizeof(TensorRef),
+              sizeof(typename A::Coefficients),
+              emulated,
+              device,
+              this,
+              &Launcher::launch};
+  }
+
+  py::capsule entry() override { return py::capsule(&entry_, LaunchEntry::kCapsuleName); }
+
+ private:
+  static bool launch(void* self, const void* prepared, std::string* error) {
+    auto* l = static_cast<Launcher*>(self);
+    try {
+      launch_on(l->device_, l->stream_, l->producers_, [&](void* stream) {
+        l->tables_.launch(*static_cast<const PreparedStep<A>*>(prepared), stream);
+      });
+      return true;
+    } catch (const std::exception& e) {  // no exception crosses into the other module
+      *error = e.what();
+      return false;
+    }
+  }
+
+  LaunchEntry entry_;
+  cuda::RegisteredTables tables_;
+};
+
 // _cuda, or _cuda_emulated: the same bindings over the emulated kernels and runtime
 // (csrc/cuda/emulation.h), which tests compare with the CPU backend on machines without a GPU.
 #ifndef FUSEDOPT_CUDA_MODULE
@@ -548,6 +610,20 @@ PYBIND11_MODULE(FUSEDOPT_CUDA_MODULE, m) {
       .def("step", &AnyDevicePlan::step, py::arg("grads"), py::arg("grad_scale"), py::arg("step"),
            py::arg("stream"), py::arg("producer") = py::none())
       .def("__len__", &AnyDevicePlan::size);
+
+  py::class_<AnyLauncher>(m, "Launcher", py::module_local(),
+                          "The launches of one fusedopt._core.TorchPlan over CUDA tensors.")
+      .def(py::init([](const std::string& name, int device) {
+             std::unique_ptr<AnyLauncher> launcher;
+             const bool found = Algorithms::visit(name, [&](auto tag) {
+               launcher = std::make_unique<Launcher<typename decltype(tag)::type>>(device);
+             });
+             if (!found) throw Error(ErrorKind::value, "unknown algorithm '" + name + "'");
+             return launcher;
+           }),
+           py::arg("algorithm"), py::arg("device"))
+      .def("entry", &AnyLauncher::entry, "A capsule of its LaunchEntry, valid while it lives.")
+      .def("set_streams", &AnyLauncher::set_streams, py::arg("stream"), py::arg("producer"));
 
   m.def(
       "step",

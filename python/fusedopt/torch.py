@@ -378,6 +378,11 @@ class Optimizer(torch.optim.Optimizer):
                 for name in scalars:
                     if name in entry and not isinstance(entry[name], torch.Tensor):
                         entry[name] = torch.tensor(float(entry[name]), dtype=_scalar_dtype())
+                    elif name in entry and entry[name].device.type != "cpu":
+                        # Loaded from torch's fused or capturable optimizer, which keeps its step
+                        # counts (and torch's load its scalar states) on the params' device:
+                        # fusedopt keeps them in host memory, as torch's other optimizers do.
+                        entry[name] = entry[name].detach().to("cpu")
 
     # ------------------------------------------------------------------------------- groups
 
@@ -1022,7 +1027,11 @@ class Optimizer(torch.optim.Optimizer):
         whose state is complete for its group's options and passes the checks a param with a
         grad passes (where the options keep no state, as SGD's without momentum, any param); the
         native plan's own checks may still leave it out (_register)."""
-        if p.device.type != "cpu" or _is_dtensor(p) or torch.nn.parameter.is_lazy(p):
+        if (
+            _native_plan(p.device) is not _core.TorchPlan  # the plan that skips grads of None
+            or _is_dtensor(p)
+            or torch.nn.parameter.is_lazy(p)
+        ):
             return False
         entry = self.state.get(p, {})
         description = self._declaration._description
@@ -1094,9 +1103,8 @@ class Optimizer(torch.optim.Optimizer):
                 else None
                 for name in description.states
             ]
-        make = _core.TorchPlan if device.type == "cpu" else _DevicePlan
         try:
-            native = make(
+            native = _native_plan(device)(
                 description.name, options, group_of, params, active, states, steps, scalars,
                 new_state if description.uses_new_state else None, local=local,
                 kept=kept_tensors, checked=False, **extra,
@@ -1107,114 +1115,40 @@ class Optimizer(torch.optim.Optimizer):
         return (list(options), native, stepped, updated)
 
 
+def _native_plan(device: torch.device) -> type:
+    """The plan for params on ``device``: the CPU's, or the GPU's (tests give the emulated GPU's
+    to CPU tensors)."""
+    return _core.TorchPlan if device.type == "cpu" else _DevicePlan
+
+
 class _DevicePlan:
-    """The CUDA counterpart of ``_core.TorchPlan``: the same interface, over fusedopt.cuda."""
+    """A CUDA device's plan: ``_core.TorchPlan`` (its checks of torch's tensors, registered once
+    and read at each step without Python calls) with fusedopt._cuda's launcher, which keeps the
+    plan's tables on the GPU and launches each checked step in one kernel, on torch's current
+    stream (or ``fusedopt.cuda.use_stream``'s) after the work queued there. The step counts and
+    scalar states stay host tensors. It steps only when every param it holds has a grad (else it
+    says so, and the optimizer makes a plan over those that have one)."""
 
-    def __init__(
-        self, algorithm: str, options: list, group_of: list[int], params: list, active: list,
-        states: list, steps: list, scalars: list | None, new_state: list | None,
-        local: list | None = None, kept: list | None = None, checked: bool = True,
-        masters: list | None = None, rounding_seed: int | None = None,
-        absmax: list | None = None,
-    ) -> None:  # fmt: skip
-        self.algorithm = algorithm
-        self.masters = masters  # as the states: one per param, None where it keeps none
-        self.rounding_seed = rounding_seed
-        self.absmax = absmax
-        self.checked = checked  # whether the options' ranges are checked
-        self.options = list(options)
-        self.params = params
-        self.active = active
-        self.active_params = [p for p, a in zip(params, active) if a]
-        self.local = any(local or ())  # DTensors: their local tensors are stepped
-        self.kept = kept or []  # (entry, key, tensor): the state tensors as their entries hold them
-        self.group_of = np.array([g for g, a in zip(group_of, active) if a], np.int64)
-        self.states = states
-        self.steps = steps
-        self.scalars = scalars
-        self.new_state = new_state
-        self.addresses = [_memory(p).data_ptr() for p in self.active_params]
-        self.strides = [_memory(p).stride() for p in self.active_params]
-        self.steps_taken = 0  # as TorchPlan's
-        self.skipped = self.dormant = 0  # as TorchPlan's: this steps exactly the params with a grad
-
-    def set_options(self, group: int, values: tuple[float, ...]) -> None:
-        self.options[group] = values
+    def __init__(self, algorithm: str, *args: Any, **kwargs: Any) -> None:
+        params, active = args[2], args[3]
+        self._first = next((p for p, a in zip(params, active) if a), None)
+        located = self._first if self._first is not None else next(iter(params), None)
+        device = -1 if located is None else _memory(located).get_device()
+        # get_device() is -1 for a CPU tensor: the emulated GPU's (tests), whose device is 0.
+        self._launcher = cuda._module().Launcher(algorithm, max(device, 0))
+        self._plan = _core.TorchPlan(algorithm, *args, launcher=self._launcher, **kwargs)
 
     def step(self, grad_scale: float | None) -> bool:
-        if [p.grad is not None for p in self.params] != self.active:
-            return False
-        if any(entry.get(key) is not value for entry, key, value in self.kept):
-            return False
-        if [_memory(p).data_ptr() for p in self.active_params] != self.addresses:
-            return False
-        grads = [_memory(p.grad) for p in self.active_params]
-        params = [_memory(p) for p in self.active_params] if self.local else self.active_params
-        if [_memory(p).stride() for p in self.active_params] != self.strides:
-            return False  # param.data laid out anew: registered again, its states checked
-        if any(_is_lazy(_memory(t)) for t in self.active_params) or any(
-            _is_lazy(_memory(t)) for _, _, t in self.kept
-        ):
-            return False  # made a lazy view in the same memory: refused when registered again
-        for j, (g, p) in enumerate(zip(grads, map(_memory, self.active_params))):
-            # Checked before the 1-D views below, which would hide a shape: the same refusals
-            # as the CPU plan's (the optimizer names the param).
-            if g.layout != torch.strided:
-                raise TypeError(f"grads[{j}] is a {g.layout} tensor; fusedopt reads dense grads")
-            if g.shape != p.shape:
-                raise ValueError(f"grads[{j}] has shape {tuple(g.shape)}, not its param's")
-            if not _same_order(g, p) or _is_lazy(g):
-                if grad_scale is not None:  # written back: it must be the grad's own memory
-                    raise ValueError(
-                        f"grads[{j}] is not laid out as its param; a grad scale writes the "
-                        "unscaled grad back into it"
-                    )
-                grads[j] = torch.empty_like(p).copy_(g)  # only read: a copy in p's layout
-        counts = None
-        if self.steps:
-            taken = np.array([float(s) for s in self.steps])
-            if not np.all((taken >= 0) & (taken < 2.0**63)):  # NaN too
-                raise ValueError("a step count is not in [0, 2**63)")
-            counts = taken.astype(np.int64) + 1
-        steps = counts if counts is not None else np.ones(len(grads), np.int64)
-        rows = None
-        if self.scalars is not None:
-            rows = np.zeros((len(grads), _core.max_scalars))
-            for i, row in enumerate(self.scalars):
-                rows[i, : len(row)] = [float(s) for s in row]
-        # fusedopt.cuda steps C-contiguous arrays: each tensor as its memory-order 1-D view (every
-        # one laid out as its param, checked at registration; a grad of another layout copied in
-        # the param's above or refused under a grad scale), the same element walk as on the CPU.
-        with torch.no_grad():
-            params, grads = [_flat(p) for p in params], [_flat(g) for g in grads]
-            states, absmax = (
-                [
-                    None if lst is None else [None if t is None else _flat(t) for t in lst]
-                    for lst in lists
-                ]
-                for lists in (self.states, self.absmax or [])
-            )
-            masters = (
-                None
-                if self.masters is None
-                else [None if m is None else _flat(m) for m in self.masters]
-            )
-        cuda.step(
-            self.algorithm, self.options, self.group_of, steps, params, grads,
-            states, new_state=self.new_state, scalars=rows, grad_scale=grad_scale,
-            checked=self.checked, masters=masters, absmax=absmax or None,
-            rounding_seed=self.rounding_seed,
-        )  # fmt: skip
-        self.new_state = None
-        self.steps_taken += 1
-        if counts is not None:
-            for s, t in zip(self.steps, counts):
-                s.fill_(float(t))
-        if rows is not None:
-            for row, values in zip(self.scalars, rows):
-                for s, v in zip(row, values):
-                    s.fill_(float(v))
-        return True
+        first = self._first
+        self._launcher.set_streams(cuda._launch_stream(None, first), cuda._torch_stream(first))
+        return self._plan.step(grad_scale)
+
+    def set_options(self, group: int, values: tuple[float, ...]) -> None:
+        self._plan.set_options(group, values)
+
+    steps_taken = property(lambda self: self._plan.steps_taken)
+    skipped = property(lambda self: self._plan.skipped)
+    dormant = property(lambda self: self._plan.dormant)
 
 
 def _check_param(p: Any, index: int, group: int) -> None:
