@@ -7,11 +7,13 @@ NumPy arrays, whose step is the CPU backend's."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
 import time
 import types
+import weakref
 from typing import Any
 
 import numpy as np
@@ -300,6 +302,73 @@ def test_the_functional_api_steps_8_bit_state_and_masters_on_the_device() -> Non
     for name in scales:
         for i, (e, got) in enumerate(zip(scales[name], device_scales[name])):
             assert_same_bits(e, got, f"absmax[{name!r}][{i}]")
+
+
+def _functional_arrays(rng: np.random.Generator, sizes: list[int]) -> dict[str, list]:
+    return {
+        "params": [rng.standard_normal(s).astype(np.float32) for s in sizes],
+        "exp_avgs": [np.zeros(s, np.float32) for s in sizes],
+        "exp_avg_sqs": [np.zeros(s, np.float32) for s in sizes],
+    }
+
+
+def _functional_adam(arrays: dict[str, list], grads: list, step: int) -> None:
+    from fusedopt import functional
+
+    functional.adam_(
+        arrays["params"], grads, arrays["exp_avgs"], arrays["exp_avg_sqs"], None, step=step,
+        lr=0.01, weight_decay=0.1,
+    )  # fmt: skip
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+def test_the_functional_api_caches_a_device_plan_that_holds_no_array() -> None:
+    """Issue 12's functional item on the GPU: a loop's calls over the same device arrays step
+    through one cached plan (registered once, its tables on the device), the NumPy call's bits;
+    a state replaced in its list is registered anew; the cache keeps no array alive."""
+    from fusedopt import functional
+
+    rng = np.random.default_rng(9)
+    sizes = [300, 7, 1000]
+    host = _functional_arrays(rng, sizes)
+    device = {k: [EmulatedArray(a.copy()) for a in v] for k, v in host.items()}
+    plans = []
+    for step in range(1, 6):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in sizes]
+        if step == 4:
+            device["exp_avgs"][1] = EmulatedArray(device["exp_avgs"][1].host.copy())
+        _functional_adam(host, grads, step)
+        _functional_adam(device, [EmulatedArray(g) for g in grads], step)
+        plans.append(functional._cache.last[1])
+    assert isinstance(plans[0], cuda._CachedPlan)
+    assert plans[1] is plans[0] and plans[2] is plans[0]  # one plan while the arrays stay
+    assert plans[3] is not plans[0] and plans[4] is plans[3]  # a state replaced: a new one
+    for name in host:
+        for i, (e, got) in enumerate(zip(host[name], device[name])):
+            assert_same_bits(e, got, f"{name}[{i}]")
+    param = weakref.ref(device["params"][0])
+    del device
+    gc.collect()
+    assert param() is None
+
+
+@pytest.mark.usefixtures("emulated_gpu")
+def test_the_functional_api_refuses_a_bad_device_grad_through_its_cached_plan() -> None:
+    from fusedopt import functional
+
+    rng = np.random.default_rng(10)
+    sizes = [64, 5]
+    device = {k: [EmulatedArray(a) for a in v] for k, v in _functional_arrays(rng, sizes).items()}
+    for step in (1, 2):
+        _functional_adam(device, [EmulatedArray(np.ones(s, np.float32)) for s in sizes], step)
+    assert isinstance(functional._cache.last[1], cuda._CachedPlan)
+    before = {k: [a.host.copy() for a in v] for k, v in device.items()}
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        bad = [EmulatedArray(np.ones(s + (i == 1), np.float32)) for i, s in enumerate(sizes)]
+        _functional_adam(device, bad, 3)
+    for name, arrays in device.items():
+        for a, b in zip(arrays, before[name]):
+            assert a.host.tobytes() == b.tobytes(), name
 
 
 @pytest.mark.usefixtures("emulated_gpu")

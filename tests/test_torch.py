@@ -2170,17 +2170,18 @@ def test_a_gpu_plan_follows_a_state_given_other_memory_and_a_param_losing_its_gr
     device: str,
 ) -> None:
     """A state whose memory moved in place (``.data =``, ``resize_``) is registered anew, never
-    written through its old address; a param without a grad makes a plan without it, which
-    steps the others (the GPU's kernel skips no tensor it holds)."""
+    written through its old address; a param without a grad is skipped, the others stepped
+    (one launch of theirs, the plan kept)."""
     params = model_params(torch.float64, device=device)
     reference = model_params(torch.float64, device=device)
     ours = ft.Adam(params, lr=0.1)
     theirs = torch.optim.Adam(reference, lr=0.1, foreach=False)
+    plans = []
     for step in range(6):
         for group in (params, reference):
             fresh_grads(group, step)
             if step == 4:
-                group[3].grad = None
+                group[1].grad = None
         if step == 2:
             state = ours.state[params[0]]["exp_avg"]
             old = state.data
@@ -2192,8 +2193,11 @@ def test_a_gpu_plan_follows_a_state_given_other_memory_and_a_param_losing_its_gr
             state.resize_(64).resize_(values.shape).copy_(values)  # other memory, same values
         ours.step()
         theirs.step()
+        plans.append(next(iter(ours._plans.values()))[1])
         if step == 2:
             assert torch.equal(old, frozen)  # the replaced memory is left alone
+    assert plans[1] is plans[0] and plans[2] is not plans[1] and plans[3] is not plans[2]
+    assert plans[4] is plans[3] and plans[5] is plans[3]  # the grad of None: skipped
     compare(ours, theirs, params, reference, torch.float64)
 
 

@@ -24,11 +24,11 @@ SOURCE = Path(__file__).resolve().parent.parent
 
 # Left out of the run against the wheel: long matrices that compare our numbers with torch's,
 # Keras' and the reference over the same compiled code the source-tree run already tested (the
-# wheel is built from the same sources with the same flags, in the same build directory), and the
-# end-to-end scripts. What can differ in an installed, repaired wheel (its files, its import
-# paths, its grafted libraries, the C ABI library and CMake package it carries, every ISA's kernel
-# against the reference, the adapters, validation) is covered by the rest. Without this the suite
-# ran twice in CI and took half of its 20 minutes.
+# wheel is built from the same sources with the same flags, in the same build directory), the
+# multi-process integrations, and the end-to-end scripts. What can differ in an installed,
+# repaired wheel (its files, its import paths, its grafted libraries, the C ABI library and CMake
+# package it carries, every ISA's kernel against the reference, the adapters, validation) is
+# covered by the rest. Without this the suite ran twice in CI and took half of its 20 minutes.
 SAME_CODE_ELSEWHERE = (
     "test_vs_frameworks.py",
     "test_properties.py",
@@ -40,6 +40,7 @@ SAME_CODE_ELSEWHERE = (
     "test_cuda_emulated.py",
     "test_cuda_emulated_precision.py",
     "test_cuda_emulated_classes.py",
+    "test_torch_integrations.py",  # DDP, ZeRO, FSDP2 processes over test_torch.py's adapter
     "test_demo.py",
     "test_bench.py",
 )

@@ -1275,8 +1275,9 @@ ScalarSlot scalar_slot(py::handle tensor, const std::string& name) {
 // the plan steps its local tensor, param.to_local(), with its grad's, param.grad.to_local(); the
 // optimizer gives it the local tensors of the states. Given a `launcher` (fusedopt._cuda's, see
 // python/launcher.h), the plan's tensors are on the device of its first param and its checked
-// steps are launched there; its step counts and scalars stay in host tensors. A device plan
-// steps only when every active param has a grad (its kernel skips none).
+// steps are launched there; its step counts and scalars stay in host tensors. A param without a
+// grad is skipped as on the CPU: the launch is of the others (the tables are made again when
+// the set stepped changes).
 class AnyTorchPlan {
  public:
   virtual ~AnyTorchPlan() = default;
@@ -1448,9 +1449,6 @@ class TorchPlan : public AnyTorchPlan {
     LentReferences grads(spare_grads_);  // kept alive while the GIL is released
     const Grads read = shim_ ? read_grads_by_shim(grads) : Grads::unread;
     if (read == Grads::moved || (read == Grads::unread && !read_grads(grads, extras))) return false;
-    if (launcher_ && std::any_of(infos_.begin(), infos_.end(),
-                                 [](const BufferInfo& grad) { return !grad.present; }))
-      return false;  // a device plan steps every param it holds: made anew without the others
     for (size_t k = 0; k < step_slots_.size(); ++k) {
       if (!infos_[k].present) continue;  // skipped: its count is neither read nor advanced
       // A float out of int64's range (NaN, 1e30 filled in place) has no conversion (undefined

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import importlib
 import sys
+import weakref
 from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
@@ -98,8 +99,20 @@ def _kind(x: Any) -> str:
     return "CUDA device array" if is_device_array(x) else f"host array ({type(x).__name__})"
 
 
+_dtype_names: dict[Any, str] = {}
+
+
 def _dtype_name(x: Any) -> str:
-    return str(getattr(x, "dtype", "?")).rpartition(".")[2]
+    """An array's dtype by name ("float32", "bfloat16": NumPy's, torch's, JAX's), worked out
+    once per dtype object: str() of a NumPy dtype costs 10 us, and every array of a step asks."""
+    dtype = getattr(x, "dtype", "?")
+    try:
+        return _dtype_names[dtype]
+    except (KeyError, TypeError):  # TypeError: unhashable
+        name = str(dtype).rpartition(".")[2]
+        with contextlib.suppress(TypeError):
+            _dtype_names[dtype] = name
+        return name
 
 
 def check_param(param: Any, index: int, first: Any) -> None:
@@ -374,7 +387,9 @@ class Plan:
     def step(self, grads: Sequence[Any], grad_scale: float | None, step_number: int | None):
         if [_memory_mark(x) for x in self._arrays()] != self._marks:
             self._register()  # a torch tensor's memory moved: described and checked anew
-        first = self._params[0] if self._params else None
+        self._step(self._params[0] if self._params else None, grads, grad_scale, step_number)
+
+    def _step(self, first: Any, grads: Sequence[Any], grad_scale: float | None, step_number: Any):
         handle = _launch_stream(None, first)
         producer = _torch_stream(first)
         described = [_describe(g, f"grads[{i}]", handle, producer) for i, g in enumerate(grads)]
@@ -388,6 +403,62 @@ class Plan:
             self._new_state = None
             raise
         self._new_state = None  # made for the first step: not again when registered anew
+
+
+class _CachedPlan(Plan):
+    """A Plan that keeps no array alive between steps (the functional API's cache, as the CPU's
+    keeps none): it holds weak references to the arrays it registered, and steps only when it is
+    given those very arrays again, their memory as registered (``step_if_same``). An array that
+    takes no weak reference cannot be cached: TypeError when made."""
+
+    def __init__(self, algorithm: str, groups: Sequence[tuple[float, ...]], params: Sequence[Any],
+                 states: Sequence[Sequence[Any] | None]) -> None:  # fmt: skip
+        self._layout = _layout(params, states)
+        self._references = [weakref.ref(x) for x in _given(params, states)]
+        super().__init__(algorithm, groups, np.zeros(len(params), np.int64), params, states)
+        self._params, self._states = [], [None] * len(self._states)  # the references only
+
+    def step(self, grads: Sequence[Any], grad_scale: float | None, step_number: int | None):
+        raise TypeError("a cached plan steps the arrays given again: step_if_same")
+
+    def step_if_same(
+        self,
+        params: Sequence[Any],
+        states: Sequence[Sequence[Any] | None],
+        grads: Sequence[Any],
+        grad_scale: float | None,
+        step_number: int,
+        changed: tuple[float, ...] | None = None,
+    ) -> bool:
+        """One step at t = ``step_number`` when ``params`` and ``states`` are the registered
+        arrays, in the same lists, their memory as registered, with the options ``changed`` to
+        first where given (as fusedopt._core.Plan's); False, and nothing done, when not (the
+        caller registers them anew)."""
+        if _layout(params, states) != self._layout:
+            return False
+        arrays = _given(params, states)
+        if len(arrays) != len(self._references) or any(
+            reference() is not x for reference, x in zip(self._references, arrays)
+        ):
+            return False
+        if [_memory_mark(x) for x in arrays] != self._marks:
+            return False
+        if changed is not None:
+            self.set_options(0, changed)
+        self._step(params[0] if params else None, grads, grad_scale, step_number)
+        return True
+
+
+def _given(params: Sequence[Any], states: Sequence[Sequence[Any] | None]) -> list[Any]:
+    """The arrays of a step's params and states, in Plan._arrays' order."""
+    return [x for lst in (params, *states) if lst is not None for x in lst if x is not None]
+
+
+def _layout(params: Sequence[Any], states: Sequence[Sequence[Any] | None]) -> tuple:
+    """Which of a step's lists and entries are given: a plan steps arrays in the same places."""
+    return tuple(
+        None if lst is None else tuple(x is None for x in lst) for lst in (params, *states)
+    )
 
 
 def _memory_mark(x: Any) -> Any:

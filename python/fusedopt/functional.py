@@ -364,15 +364,19 @@ def _step_cached(
     scale: float | None,
     step: int,
 ) -> bool:
-    """A step through a cached plan; False (nothing done) for device arrays, or for lists that
-    another thread changed while the plan was being made."""
-    if not params or type(params[0]) is not np.ndarray:
+    """A step through a cached plan (for device arrays, a fusedopt.cuda plan holding weak
+    references to them, its tables on the device); False (nothing done) for lists that another
+    thread changed while the plan was being made, or device arrays that take no weak reference."""
+    if not params:
+        return False
+    device = type(params[0]) is not np.ndarray
+    if device and not cuda.is_device_array(params[0]):
         return False
     plans = _cache.plans
     # The plan's key; the generated fast path (_fast_path) builds the same one inline.
     key = (description.name, len(params), id(params[0]))
     entry = plans.get(key)
-    if entry is not None:
+    if entry is not None and isinstance(entry[0], cuda._CachedPlan) == device:
         plan, registered = entry
         changed = None if registered is options else options
         try:
@@ -388,9 +392,17 @@ def _step_cached(
                 plans[key] = (plan, options)
             _cache.last = (id(params), plan, options)
             return True
-    plan = _core.Plan(
-        description.name, [options], [0] * len(params), params, states, None, None, None, True
-    )
+    if device:
+        try:
+            plan = cuda._CachedPlan(description.name, [options], params, states)
+        except TypeError as error:
+            if "weak reference" in str(error):
+                return False  # not cached: the uncached path steps them
+            raise
+    else:
+        plan = _core.Plan(
+            description.name, [options], [0] * len(params), params, states, None, None, None, True
+        )
     plans.pop(key, None)
     if len(plans) >= _MAX_PLANS:
         evicted, _ = plans.pop(next(iter(plans)))

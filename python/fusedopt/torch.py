@@ -1023,15 +1023,11 @@ class Optimizer(torch.optim.Optimizer):
         """Whether a param without a grad now joins its device's plan, to be skipped at each step
         where its grad is None and stepped where it has one, without a new plan (a mixture of
         experts gives each step's grads to a few experts; a new plan whenever that set changed
-        cost 100 µs a param, six times torch's step over 10000 small params). A plain CPU param
+        cost 100 µs a param, six times torch's step over 10000 small params). A plain param
         whose state is complete for its group's options and passes the checks a param with a
         grad passes (where the options keep no state, as SGD's without momentum, any param); the
         native plan's own checks may still leave it out (_register)."""
-        if (
-            _native_plan(p.device) is not _core.TorchPlan  # the plan that skips grads of None
-            or _is_dtensor(p)
-            or torch.nn.parameter.is_lazy(p)
-        ):
+        if _is_dtensor(p) or torch.nn.parameter.is_lazy(p):
             return False
         entry = self.state.get(p, {})
         description = self._declaration._description
@@ -1126,8 +1122,7 @@ class _DevicePlan:
     and read at each step without Python calls) with fusedopt._cuda's launcher, which keeps the
     plan's tables on the GPU and launches each checked step in one kernel, on torch's current
     stream (or ``fusedopt.cuda.use_stream``'s) after the work queued there. The step counts and
-    scalar states stay host tensors. It steps only when every param it holds has a grad (else it
-    says so, and the optimizer makes a plan over those that have one)."""
+    scalar states stay host tensors. A param without a grad is skipped, as on the CPU."""
 
     def __init__(self, algorithm: str, *args: Any, **kwargs: Any) -> None:
         params, active = args[2], args[3]
@@ -1149,6 +1144,9 @@ class _DevicePlan:
     steps_taken = property(lambda self: self._plan.steps_taken)
     skipped = property(lambda self: self._plan.skipped)
     dormant = property(lambda self: self._plan.dormant)
+
+    def dormant_params(self) -> list[int]:
+        return self._plan.dormant_params()
 
 
 def _check_param(p: Any, index: int, group: int) -> None:
