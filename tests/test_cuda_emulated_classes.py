@@ -264,7 +264,16 @@ def test_a_torch_tensor_whose_memory_moved_in_place_is_told_apart(change: str) -
     else:
         tensor.set_(torch.ones(5000).untyped_storage())
     assert cuda._memory_mark(tensor) != before
-    assert cuda._memory_mark(EmulatedArray(np.ones(3))) is None  # other libraries: for life
+
+
+def test_an_array_given_other_memory_under_its_interface_is_told_apart() -> None:
+    """Numba's gpu_data, PyCUDA's gpudata (and this stand-in's host) can be reassigned: the
+    CUDA Array Interface's address, shape, strides and type are the array's mark."""
+    array = EmulatedArray(np.ones(3, np.float32))
+    before = cuda._memory_mark(array)
+    assert cuda._memory_mark(array) == before
+    array.host = np.ones(3, np.float32)
+    assert cuda._memory_mark(array) != before
 
 
 @pytest.mark.usefixtures("emulated_gpu")
@@ -353,6 +362,35 @@ def test_the_functional_api_caches_a_device_plan_that_holds_no_array() -> None:
 
 
 @pytest.mark.usefixtures("emulated_gpu")
+@pytest.mark.parametrize("route", ["functional", "class"])
+def test_a_device_array_given_other_memory_is_registered_anew(route: str) -> None:
+    """The same array object, its buffer replaced (``gpu_data =``): the next step writes the new
+    buffer, never the old one."""
+    rng = np.random.default_rng(11)
+    sizes = [40, 9]
+    host = _functional_arrays(rng, sizes)
+    device = {k: [EmulatedArray(a.copy()) for a in v] for k, v in host.items()}
+    if route == "class":
+        ours = fusedopt.Adam(device["params"], lr=0.01, weight_decay=0.1)
+        theirs = fusedopt.Adam(host["params"], lr=0.01, weight_decay=0.1)
+    for step in range(1, 5):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in sizes]
+        if step == 3:
+            old = device["params"][1].host
+            device["params"][1].host = old.copy()  # other memory, the same values
+            frozen = old.copy()
+        if route == "class":
+            theirs.step(grads)
+            ours.step([EmulatedArray(g) for g in grads])
+        else:
+            _functional_adam(host, grads, step)
+            _functional_adam(device, [EmulatedArray(g) for g in grads], step)
+    assert old.tobytes() == frozen.tobytes()  # the old buffer left alone
+    for i, (e, got) in enumerate(zip(host["params"], device["params"])):
+        assert_same_bits(e, got, f"params[{i}]")
+
+
+@pytest.mark.usefixtures("emulated_gpu")
 def test_the_functional_api_refuses_a_bad_device_grad_through_its_cached_plan() -> None:
     from fusedopt import functional
 
@@ -369,6 +407,10 @@ def test_the_functional_api_refuses_a_bad_device_grad_through_its_cached_plan() 
     for name, arrays in device.items():
         for a, b in zip(arrays, before[name]):
             assert a.host.tobytes() == b.tobytes(), name
+    for step in (3, 4):  # the calls after it: a new plan, then its own fast path
+        _functional_adam(device, [EmulatedArray(np.ones(s, np.float32)) for s in sizes], step)
+        assert isinstance(functional._cache.last[1], cuda._CachedPlan)
+    assert not np.array_equal(device["params"][0].host, before["params"][0])
 
 
 @pytest.mark.usefixtures("emulated_gpu")

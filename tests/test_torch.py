@@ -2201,6 +2201,26 @@ def test_a_gpu_plan_follows_a_state_given_other_memory_and_a_param_losing_its_gr
     compare(ours, theirs, params, reference, torch.float64)
 
 
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_a_gpu_step_where_no_param_has_a_grad_changes_nothing(device: str) -> None:
+    params = model_params(torch.float32, device=device)
+    ours = ft.Adam(params, lr=0.1)
+    fresh_grads(params, 0)
+    ours.step()
+    ((_, plan, _, _),) = ours._plans.values()
+    before = [p.detach().clone() for p in params]
+    steps = [float(ours.state[p]["step"]) for p in params]
+    for p in params:
+        p.grad = None
+    ours.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert [float(ours.state[p]["step"]) for p in params] == steps
+    fresh_grads(params, 1)
+    ours.step()
+    assert next(iter(ours._plans.values()))[1] is plan  # kept through it
+    assert [float(ours.state[p]["step"]) for p in params] == [s + 1 for s in steps]
+
+
 @needs_emulation
 def test_a_gpu_plan_never_reads_its_8_bit_scales_on_the_host(monkeypatch: Any) -> None:
     """An 8-bit state's scales are device memory on a GPU: a GPU plan does not check them before

@@ -535,6 +535,7 @@ class Plan {
       schedule.steps.push_back(schedule_.steps[i]);
       if (!schedule_.new_state.empty()) schedule.new_state.push_back(schedule_.new_state[i]);
     }
+    if (index.empty()) return;  // no grad at all: nothing to run (nor a GPU's tables to make)
     std::vector<double> scalars;
     if (schedule_.scalars) {
       for (size_t i : index)

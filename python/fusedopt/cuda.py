@@ -110,8 +110,9 @@ def _dtype_name(x: Any) -> str:
         return _dtype_names[dtype]
     except (KeyError, TypeError):  # TypeError: unhashable
         name = str(dtype).rpartition(".")[2]
-        with contextlib.suppress(TypeError):
-            _dtype_names[dtype] = name
+        if len(_dtype_names) < 64:  # a few dtypes in a process, not each one made on the fly
+            with contextlib.suppress(TypeError):
+                _dtype_names[dtype] = name
         return name
 
 
@@ -464,11 +465,25 @@ def _layout(params: Sequence[Any], states: Sequence[Sequence[Any] | None]) -> tu
 def _memory_mark(x: Any) -> Any:
     """What of a registered array can change while the plan holds it: a torch tensor's memory
     and layout (``.data =``, ``resize_``, ``set_``); whether a JAX array was deleted or donated
-    (its memory freed under the object). CuPy's and Numba's arrays keep theirs for life."""
+    (its memory freed under the object); for another array, what its CUDA Array Interface says
+    (its address, shape, strides, type: Numba's ``gpu_data`` and PyCUDA's ``gpudata`` can be
+    given other memory). An array with neither (DLPack only) is taken to keep its memory."""
     if _is_torch(x):
         return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
     is_deleted = getattr(x, "is_deleted", None)
-    return is_deleted() if callable(is_deleted) else None
+    if callable(is_deleted):
+        return is_deleted()
+    try:
+        interface = x.__cuda_array_interface__
+    except (AttributeError, RuntimeError, TypeError, KeyError):
+        return None
+    shape, strides = interface.get("shape"), interface.get("strides")
+    return (
+        interface["data"][0],
+        tuple(shape or ()),
+        None if strides is None else tuple(strides),
+        interface.get("typestr"),
+    )
 
 
 # ------------------------------------------------------------------------ state on the device

@@ -1041,6 +1041,9 @@ class Optimizer(torch.optim.Optimizer):
             needed += [name + "_absmax" for name in used]
         if not all(isinstance(entry.get(name), torch.Tensor) for name in needed):
             return False
+        host = ("step", *description.scalars)  # read by the plan in host memory
+        if any(entry[name].device.type != "cpu" for name in needed if name in host):
+            return False  # a param with a grad is refused for it, naming it
         try:
             _check_step_count(entry, index, group)
             _check_states(
