@@ -1336,6 +1336,11 @@ class TorchPlan : public AnyTorchPlan {
       b.values_readable = false;  // the 8-bit states' scales are device memory: never read here
       for (size_t i = 0; i < params_.size(); ++i)
         if (active_[i] && !device_) device_ = memory_of(i, params_[i]).attr("device");
+      if (device_) {
+        device_type_ = py::str(device_.attr("type"));
+        const py::object index = device_.attr("index");
+        device_index_ = index.is_none() ? -1 : index.cast<int32_t>();
+      }
     }
     // Messages name an active param by its index among the active ones, as the core's do; the
     // optimizer says which param of which group that is.
@@ -1344,7 +1349,7 @@ class TorchPlan : public AnyTorchPlan {
       const std::string name = "params[" + std::to_string(index_.size()) + "]";
       const py::object memory = memory_of(i, params_[i]);
       b.params.emplace_back();
-      describe_torch(memory.ptr(), name, b.params.back(), place());
+      describe_torch(memory.ptr(), name, b.params.back(), device_);
       pin_storage(memory);
       addresses_.push_back(torch_data_ptr(memory.ptr()));
       // Its layout: every tensor streamed with it must walk its elements in its memory order.
@@ -1369,7 +1374,7 @@ class TorchPlan : public AnyTorchPlan {
         b.states[k].emplace_back();
         const std::string state_name =
             std::string(A::state_names[k]) + "[" + std::to_string(j) + "]";
-        describe_torch(items[j].ptr(), state_name, b.states[k].back(), place());
+        describe_torch(items[j].ptr(), state_name, b.states[k].back(), device_);
         check_layout(items[j], j, state_name, b.states[k].back());
         pin_storage(items[j]);
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
@@ -1380,7 +1385,7 @@ class TorchPlan : public AnyTorchPlan {
       for (size_t j = 0; j < items.size(); ++j) {
         b.masters.emplace_back();
         const std::string master_name = "state['master'] of params[" + std::to_string(j) + "]";
-        describe_torch(items[j].ptr(), master_name, b.masters.back(), place());
+        describe_torch(items[j].ptr(), master_name, b.masters.back(), device_);
         check_layout(items[j], j, master_name, b.masters.back());
         pin_storage(items[j]);
         references_.push_back(py::reinterpret_borrow<py::object>(items[j]));
@@ -1389,7 +1394,7 @@ class TorchPlan : public AnyTorchPlan {
     describe_absmax<A>(absmax, b, [&](size_t k, size_t j, const py::tuple& list, BufferInfo& info) {
       describe_torch(list[j].ptr(),
                      std::string(A::state_names[k]) + "_absmax[" + std::to_string(j) + "]", info,
-                     place());
+                     device_);
       pin_storage(list[j]);
       references_.push_back(py::reinterpret_borrow<py::object>(list[j]));
     });
@@ -1663,7 +1668,7 @@ class TorchPlan : public AnyTorchPlan {
         strides = call_with(names.stride, grad.ptr());
       } catch (const py::error_already_set&) {  // no storage (a sparse grad): say what it is
         BufferInfo described;
-        describe_torch(grad.ptr(), name(), described, place());
+        describe_torch(grad.ptr(), name(), described, device_);
         throw;
       }
       // Only read, so a grad laid out otherwise than its param, or a lazy view (see
@@ -1733,7 +1738,7 @@ class TorchPlan : public AnyTorchPlan {
       if (shim_ && shim_->describe(items[j].ptr(), given_grads_[j], strides, shim_place_)) {
         check_layout(items[j], j, name, given_grads_[j], &strides);
       } else {  // torch describes it, and names what fusedopt cannot step
-        describe_torch(items[j].ptr(), name, given_grads_[j], place());
+        describe_torch(items[j].ptr(), name, given_grads_[j], device_);
         check_layout(items[j], j, name, given_grads_[j]);
       }
     }
@@ -1796,14 +1801,10 @@ class TorchPlan : public AnyTorchPlan {
     const TorchShim* shim = TorchShim::get();
     if (!shim) return;
     shim_place_ = shim->cpu_place();
-    if (device_) {  // a device plan's tensors: on a CUDA device, or the emulated one's (the CPU)
-      const std::string type = py::str(device_.attr("type"));
-      const py::object index = device_.attr("index");
-      if (type == "cuda")
-        shim_place_ = {shim->cuda, index.is_none() ? 0 : index.cast<int32_t>()};
-      else if (type != "cpu")
-        return;
-    }
+    if (device_type_ == "cuda")  // else the CPU's, or the emulated GPU's (the CPU)
+      shim_place_ = {shim->cuda, std::max(device_index_, 0)};
+    else if (device_ && device_type_ != "cpu")
+      return;
     for (const py::object& param : params_) {  // each param's grad is read: every param's class
       PyTypeObject* type = Py_TYPE(param.ptr());
       if (type != shim->tensor_type && type != shim->parameter_type) return;
@@ -1871,9 +1872,6 @@ class TorchPlan : public AnyTorchPlan {
     return py::reinterpret_steal<py::object>(local);
   }
 
-  // Where the tensors are: the CPU (device_ null), or device_ (a torch.device), whose steps
-  // launcher_ launches; as the shim reads it.
-  py::handle place() const { return device_; }
   void launch_with(const py::object& launcher) {
     const py::object capsule = launcher.attr("entry")();
     if (!PyCapsule_IsValid(capsule.ptr(), LaunchEntry::kCapsuleName))
@@ -1887,11 +1885,8 @@ class TorchPlan : public AnyTorchPlan {
       throw Error(ErrorKind::type, std::string("the launcher is not of this build's ") + A::name);
     // Where it launches: the emulated GPU's memory is the host's, a GPU's its own.
     if (device_) {
-      const std::string type = py::str(device_.attr("type"));
-      const py::object index = device_.attr("index");
-      const bool same = entry->emulated ? type == "cpu"
-                                        : type == "cuda" && !index.is_none() &&
-                                              index.cast<int32_t>() == entry->device;
+      const bool same = entry->emulated ? device_type_ == "cpu"
+                                        : device_type_ == "cuda" && device_index_ == entry->device;
       if (!same)
         throw Error(ErrorKind::value,
                     "the launcher (" +
@@ -1907,7 +1902,11 @@ class TorchPlan : public AnyTorchPlan {
   }
 
   // Null for a CPU plan. The launcher holds the entry's memory; the capsule is kept with it.
+  // device_ (a torch.device: the first param's) is where every tensor must be, its type and
+  // index (-1: none) read once; as the shim reads it, shim_place_.
   py::object launcher_, launch_entry_, device_;
+  std::string device_type_;
+  int32_t device_index_ = -1;
   TorchShim::Place shim_place_{};
   std::vector<typename A::Options> groups_;
   std::vector<py::object> params_;

@@ -173,18 +173,20 @@ def _torch_stream(x: Any) -> int | None:
     return int(sys.modules["torch"].cuda.current_stream(x.device).cuda_stream)
 
 
-def _launch_stream(explicit: Any, first: Any) -> int:
+def _streams(explicit: Any, first: Any) -> tuple[int, int | None]:
+    """The stream a step on ``first``'s arrays launches on, and torch's current stream on its
+    device (None for other libraries), which produced them: asked once a step."""
+    producer = _torch_stream(first)
     if explicit is not None:
-        return _stream_handle(explicit)
+        return _stream_handle(explicit), producer
     if _stream_override.get() is not None:
-        return _stream_override.get()
-    torch_stream = _torch_stream(first)
-    if torch_stream is not None:
-        return torch_stream
+        return _stream_override.get(), producer
+    if producer is not None:
+        return producer, producer
     interface = _interface(first)
     if interface is not None and interface.get("stream") is not None:
-        return int(interface["stream"])
-    return _LEGACY_DEFAULT_STREAM
+        return int(interface["stream"]), producer
+    return _LEGACY_DEFAULT_STREAM, producer
 
 
 def _describe(x: Any, name: str, stream: int, producer_stream: int | None) -> Any:
@@ -241,8 +243,7 @@ def _intake(stream: Any, **lists: Any) -> tuple[list[Any], int]:
     the stream to launch on."""
     params = list(lists["params"])
     first = params[0] if params else None
-    handle = _launch_stream(stream, first)
-    producer = _torch_stream(first)
+    handle, producer = _streams(stream, first)
     described = [
         None
         if arrays is None
@@ -391,8 +392,7 @@ class Plan:
         self._step(self._params[0] if self._params else None, grads, grad_scale, step_number)
 
     def _step(self, first: Any, grads: Sequence[Any], grad_scale: float | None, step_number: Any):
-        handle = _launch_stream(None, first)
-        producer = _torch_stream(first)
+        handle, producer = _streams(None, first)
         described = [_describe(g, f"grads[{i}]", handle, producer) for i, g in enumerate(grads)]
         if producer is None and first is not None:  # the stream its interface names now
             producer = (_interface(first) or {}).get("stream")

@@ -1127,18 +1127,21 @@ class _DevicePlan:
     stream (or ``fusedopt.cuda.use_stream``'s) after the work queued there. The step counts and
     scalar states stay host tensors. A param without a grad is skipped, as on the CPU."""
 
-    def __init__(self, algorithm: str, *args: Any, **kwargs: Any) -> None:
-        params, active = args[2], args[3]
+    def __init__(
+        self, algorithm: str, options: list, group_of: list[int], params: list, active: list,
+        *rest: Any, **kwargs: Any,
+    ) -> None:  # fmt: skip
         self._first = next((p for p, a in zip(params, active) if a), None)
         located = self._first if self._first is not None else next(iter(params), None)
         device = -1 if located is None else _memory(located).get_device()
         # get_device() is -1 for a CPU tensor: the emulated GPU's (tests), whose device is 0.
         self._launcher = cuda._module().Launcher(algorithm, max(device, 0))
-        self._plan = _core.TorchPlan(algorithm, *args, launcher=self._launcher, **kwargs)
+        self._plan = _core.TorchPlan(
+            algorithm, options, group_of, params, active, *rest, launcher=self._launcher, **kwargs
+        )
 
     def step(self, grad_scale: float | None) -> bool:
-        first = self._first
-        self._launcher.set_streams(cuda._launch_stream(None, first), cuda._torch_stream(first))
+        self._launcher.set_streams(*cuda._streams(None, self._first))
         return self._plan.step(grad_scale)
 
     def set_options(self, group: int, values: tuple[float, ...]) -> None:
