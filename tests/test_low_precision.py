@@ -187,6 +187,24 @@ def test_stochastic_rounding_matches_the_reference_definition(isa, dtype):
     assert np.array_equal(np.signbit(stored[ok]), np.signbit(expected[ok]))
 
 
+@pytest.mark.parametrize(("seed", "step", "role"), [(0, 1, 0), (7, 2, 1), (2**64 - 1, 10**9, 3)])
+def test_stochastic_rounding_bits_of_neighbours_are_independent(seed, step, role):
+    """The generator (kernels' bits = reference.rounding_bits, tested above): the top four bits
+    of elements lag apart, over 2^21 elements, fill the 16 x 16 pairs as independent uniform
+    bits do (chi-squared, 255 degrees of freedom: 255 +- 23; bound at 6 standard deviations).
+    One lowbias32 round over the raw index, with no Weyl step, fails it (486 to 3778 here, at
+    lags 32 and 256; up to 40,000 at 2^11-2^13 over 2^22 elements)."""
+    n = 1 << 21
+    top = (reference.rounding_bits(seed, step, role, n) >> np.uint64(28)).astype(np.int64)
+    for lag in [1 << k for k in range(17)] + [3, 5, 100, 1000]:
+        pairs = np.bincount(top[:-lag] * 16 + top[lag:], minlength=256)
+        expected = (n - lag) / 256
+        chi2 = float(((pairs - expected) ** 2 / expected).sum())
+        assert chi2 < 255 + 6 * 22.6, (lag, chi2)
+    counts = np.bincount(top, minlength=16)
+    assert np.abs(counts / n - 1 / 16).max() < 6 * np.sqrt(1 / 16 * 15 / 16 / n)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_stochastic_rounding_is_unbiased_where_nearest_stalls(dtype):
     """Updates far below half an ulp: rounding to nearest never moves the param; stochastic

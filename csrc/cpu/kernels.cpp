@@ -505,8 +505,9 @@ FUSEDOPT_LANE_FN void store_sixteen(uint16_t* out, uint32_t index, const FloatLa
   std::memcpy(&f, &x.v, sizeof f);
   LaneBits rounded;
   if constexpr (Stochastic) {
-    constexpr LaneBits lane = lane_numbers(std::make_integer_sequence<int, kFloatLanes>{});
-    const LaneBits random = math::random_bits(lane + index, key.low, key.high);
+    const LaneBits lane_weyl =
+        math::weyl(lane_numbers(std::make_integer_sequence<int, kFloatLanes>{}));
+    const LaneBits random = math::random_bits(lane_weyl + math::weyl(index), key.low, key.high);
     rounded = D == Dtype::bfloat16 ? round_bfloat16_stochastic(x, f, random)
                                    : math::float_bits_to_float16_stochastic(f, random);
   } else {
@@ -568,7 +569,8 @@ void narrow(const float* in, int64_t n, uint16_t* out, uint64_t role_key, int64_
     Bits16 random{};
     if constexpr (Stochastic) {
       const Bits16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-      random = math::random_bits(lane + (first + static_cast<uint32_t>(i)), key.low, key.high);
+      random = math::random_bits(math::weyl(lane + (first + static_cast<uint32_t>(i))), key.low,
+                                 key.high);
     }
     const Halves16 h = __builtin_convertvector(narrow_bits<D, Stochastic>(f, random), Halves16);
     std::memcpy(out + i, &h, sizeof h);
@@ -578,7 +580,9 @@ void narrow(const float* in, int64_t n, uint16_t* out, uint64_t role_key, int64_
     uint32_t f;
     std::memcpy(&f, in + i, sizeof f);
     const uint32_t random =
-        Stochastic ? math::random_bits(first + static_cast<uint32_t>(i), key.low, key.high) : 0u;
+        Stochastic
+            ? math::random_bits(math::weyl(first + static_cast<uint32_t>(i)), key.low, key.high)
+            : 0u;
     out[i] = static_cast<uint16_t>(narrow_bits<D, Stochastic>(f, random));
   }
 }

@@ -62,7 +62,7 @@ __device__ __forceinline__ void store_rounded(void* buffer, uint8_t dtype, int64
   if (stochastic) {
     const auto index = static_cast<uint64_t>(i);
     const uint32_t random =
-        math::random_bits(static_cast<uint32_t>(index), static_cast<uint32_t>(role_key),
+        math::random_bits(math::weyl(static_cast<uint32_t>(index)), static_cast<uint32_t>(role_key),
                           math::chunk_key_high(role_key, index));
     h = bfloat16 ? math::float_bits_to_bfloat16_stochastic(f, random)
                  : math::float_bits_to_float16_stochastic(f, random);

@@ -1213,7 +1213,8 @@ def rounding_bits(seed: int, step: int, role: int, size: int) -> NDArray[np.uint
     index = np.arange(size, dtype=np.uint64)
     low = index & np.uint64(0xFFFFFFFF)
     high = _mix32((np.uint64(role_key >> 32) ^ (index >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
-    return _mix32((_mix32(low ^ np.uint64(role_key & 0xFFFFFFFF)) + high) & np.uint64(0xFFFFFFFF))
+    weyl = (low * np.uint64(0x9E3779B9)) & np.uint64(0xFFFFFFFF)
+    return _mix32(((weyl ^ np.uint64(role_key & 0xFFFFFFFF)) + high) & np.uint64(0xFFFFFFFF))
 
 
 def _sixteen_bit_dtype(name: str) -> np.dtype:
