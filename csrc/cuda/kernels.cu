@@ -312,7 +312,7 @@ template <class A>
 void launch_step(const PreparedStep<A>& step, void* stream_handle) {
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   if constexpr (A::reductions > 0) {
-    // (Refused before the step, cuda_bindings.cpp: never reached.)
+    // (Refused where the step is registered or described, python/launcher.h: never reached.)
     if (std::any_of(step.tensors.begin(), step.tensors.end(), std::mem_fn(&TensorRef::staged)))
       throw std::invalid_argument("fusedopt.cuda: " + std::string(A::name) +
                                   " takes float32 and float64 tensors only on the GPU");

@@ -263,16 +263,6 @@ std::vector<const BufferInfo*> all_buffers(const StepBuffers& b) {
   return all;
 }
 
-// Whether any buffer of the step is stored in low precision (16-bit, 8-bit, a master).
-bool low_precision(const StepBuffers& b) {
-  for (const BufferInfo* x : all_buffers(b))
-    if (x->present && x->dtype && *x->dtype != Dtype::float32 && *x->dtype != Dtype::float64)
-      return true;
-  for (const BufferInfo& master : b.masters)
-    if (master.present) return true;
-  return false;
-}
-
 // Every non-empty buffer must sit on the same CUDA device. DLPack says where a buffer is, so a
 // host buffer is refused before the runtime is touched; the CUDA Array Interface does not, and
 // the runtime is asked. Returns the device.
@@ -308,16 +298,6 @@ int check_placement(const DeviceStep& step) {
 }
 
 using IndexArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-
-// Validation (core), placement, then the launch on `stream`, after the producers' streams.
-template <class A>
-void refuse_low_precision_reductions(const StepBuffers& buffers) {
-  if (A::reductions > 0 && low_precision(buffers))
-    throw Error(ErrorKind::value,
-                std::string(A::name) +
-                    " on the GPU takes float32 and float64 params and states only (no 16-bit or "
-                    "8-bit storage, no master copies): its per-tensor norms are CPU-only there");
-}
 
 // The distinct producer streams of `step`'s buffers, added to `producers`: usually one stream.
 void add_producers(const DeviceStep& step, std::vector<void*>& producers) {
@@ -368,6 +348,7 @@ std::vector<uint8_t> new_state_flags(py::handle flags) {
   return result;
 }
 
+// Validation (core), placement, then the launch on `stream`, after the producers' streams.
 template <class A>
 void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
          const StepSchedule& schedule, const StepExtras& extras, uintptr_t stream_handle) {

@@ -5,8 +5,10 @@ Lamb) is a subclass of ``keras.optimizers.<Name>``, so of ``keras.optimizers.Opt
 same constructor, defaults, ``get_config``, slot variables (names, order, initial values) and
 everything Keras' base class does around an update. It replaces one thing, the update itself:
 where Keras runs its update per variable (or a chain of ``torch._foreach_*`` passes), one native
-call updates every trainable variable in place, in the variables' own torch tensors (CPU through
-``fusedopt._core.TorchPlan``, CUDA through :mod:`fusedopt.cuda`), with Keras' math (spec A.2).
+call updates every trainable variable in place, in the variables' own torch tensors, with Keras'
+math (spec A.2): through ``fusedopt._core.TorchPlan``, registered once, on the CPU, and on a CUDA
+device the same plan with fusedopt._cuda's launcher (one kernel per step, on torch's current
+stream), as :mod:`fusedopt.torch` steps CUDA tensors; the low-precision options alike on both.
 
 How a step is split between Keras and fusedopt (``apply`` -> ``_backend_apply_gradients``):
 
@@ -58,7 +60,7 @@ import keras
 import numpy as np
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-from fusedopt import _core, cuda, keras_numpy
+from fusedopt import cuda, keras_numpy
 from fusedopt._engine import (
     FULL_PRECISION,
     KERAS,
@@ -66,7 +68,6 @@ from fusedopt._engine import (
     SIXTEEN_BIT,
     Precision,
     as_number,
-    make_plan,
     native_values,
     quantized_full,
     value_kinds,
@@ -121,17 +122,16 @@ def _torch() -> Any:
 class _Entry:
     """A native plan over the tensors of some of the variables (those given gradients)."""
 
-    def __init__(self, plan: Any, options: tuple[float, ...], values: list[Any], device: bool):
+    def __init__(self, plan: Any, options: tuple[float, ...], values: list[Any]):
         self.plan = plan
         self.options = options
         self.values = values  # the variables' tensors it was made over
-        self.device = device  # CUDA (fusedopt.cuda) rather than CPU (TorchPlan)
-        self.scalars: np.ndarray | None = None
         # Under a stateless scope (``stateless_apply``): Keras' optimizer-wide variables and the
         # copies of their values the plan steps, assigned back after the step.
         self.assign_back: list[tuple[Any, Any]] = []
-        # 16-bit optimizer-wide variables (Keras makes Nadam's u_product in the variables'
-        # dtype): float32 copies the plan steps, read from them before each step.
+        # Optimizer-wide variables the plan cannot step in place: 16-bit ones (Keras makes
+        # Nadam's u_product in the variables' dtype) and any on a GPU (a plan's scalars are
+        # host tensors). Copies (float32, host) the plan steps, read from them before each step.
         self.read_first: list[tuple[Any, Any]] = []
         # The variables' indices, in the order of ``values`` (for their masters).
         self.indices: tuple[int, ...] = ()
@@ -413,12 +413,6 @@ class Optimizer(keras.optimizers.Optimizer):
             )
         value = v.value
         if value.device.type == "cuda":
-            if self.precision != FULL_PRECISION or dtype in SIXTEEN_BIT:
-                raise ValueError(
-                    f"fusedopt.keras.{name}: variable '{v.path}' is on {value.device}; "
-                    "16-bit variables and state_dtype, master_weights and stochastic_rounding "
-                    "are CPU-only for now"
-                )
             reason = cuda.unavailable_reason()
             if reason is not None:
                 raise RuntimeError(
@@ -665,13 +659,15 @@ class Optimizer(keras.optimizers.Optimizer):
             assign_back = list(zip(scalar_variables, scalar_tensors))
         read_first: list[tuple[Any, Any]] = []
         for k, tensor in enumerate(scalar_tensors):
-            if keras.backend.standardize_dtype(tensor.dtype) in SIXTEEN_BIT:
-                # Stepped in float32 and stored back rounded, as Keras stores it.
-                scalar_tensors[k] = tensor.float()
+            sixteen_bit = keras.backend.standardize_dtype(tensor.dtype) in SIXTEEN_BIT
+            if sixteen_bit or tensor.device.type != "cpu":
+                # Stepped in float32 (and stored back rounded, as Keras stores it), on the host.
+                scalar_tensors[k] = tensor.detach().to(
+                    "cpu", _torch().float32 if sixteen_bit else tensor.dtype, copy=True
+                )
                 read_first.append((scalar_variables[k], scalar_tensors[k]))
                 assign_back.append((scalar_variables[k], scalar_tensors[k]))
         n = len(values)
-        device = values[0].device.type == "cuda"
         written = [*values, *(t for slots in states if slots for t in slots)]
         written += [
             v.value
@@ -683,16 +679,6 @@ class Optimizer(keras.optimizers.Optimizer):
             if v is not None
         ]  # fmt: skip
         storages = frozenset(t.untyped_storage().data_ptr() for t in written)
-        if device:
-            scalars = np.zeros((n, _core.max_scalars)) if scalar_tensors else None
-            plan = make_plan(
-                description.name, [options], np.zeros(n, np.int64), values, states,
-                scalars=scalars,
-            )  # fmt: skip
-            entry = _Entry(plan, options, values, device=True)
-            entry.scalars = scalars
-            entry.storages = storages
-            return entry
         rows = [scalar_tensors] * n if scalar_tensors else None
         masters = self._masters_of(indices)
         absmax = [
@@ -700,14 +686,16 @@ class Optimizer(keras.optimizers.Optimizer):
             if native in self._fusedopt_absmax else None
             for native in description.states
         ]  # fmt: skip
-        plan = _core.TorchPlan(
+        from fusedopt import torch as fusedopt_torch  # the torch backend's: torch is here
+
+        plan = fusedopt_torch._native_plan(values[0].device)(
             description.name, [options], [0] * n, values, [True] * n, states, [], rows, None,
             masters=[_value_or_none(m) for m in masters]
             if self.precision.master_weights else None,
             rounding_seed=self.precision.rounding_seed,
             absmax=absmax if self._fusedopt_absmax else None,
         )  # fmt: skip
-        entry = _Entry(plan, options, values, device=False)
+        entry = _Entry(plan, options, values)
         entry.storages = storages
         entry.assign_back = assign_back
         entry.read_first = read_first
@@ -740,25 +728,13 @@ class Optimizer(keras.optimizers.Optimizer):
             self._fusedopt_synced[index] = (value, value._version)
 
     def _run(self, entry: _Entry, grads: list[Any], step: int) -> bool:
-        if not entry.device:
-            for variable, tensor in entry.read_first:
-                tensor.copy_(variable.value)
-            if not entry.plan.step_grads(grads, step):
-                return False
-            self._sync_masters(entry, after_step=True)
-            for variable, tensor in entry.assign_back:
-                variable.assign(tensor)
-            return True
-        # CUDA: Keras' optimizer-wide scalars go to every tensor and come back advanced alike.
-        names = self._declaration._description.scalars
-        variables = [getattr(self, _SCALARS[name]) for name in names]
-        if entry.scalars is not None:
-            for k, variable in enumerate(variables):
-                entry.scalars[:, k] = float(variable.value.item())
-        entry.plan.step(grads, None, step)
-        if entry.scalars is not None:
-            for k, variable in enumerate(variables):
-                variable.assign(float(entry.scalars[0, k]))
+        for variable, tensor in entry.read_first:
+            tensor.copy_(variable.value)
+        if not entry.plan.step_grads(grads, step):
+            return False
+        self._sync_masters(entry, after_step=True)
+        for variable, tensor in entry.assign_back:
+            variable.assign(tensor)
         return True
 
     # ------------------------------------------------------------- gradient accumulation

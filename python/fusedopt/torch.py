@@ -1125,7 +1125,8 @@ class _DevicePlan:
     and read at each step without Python calls) with fusedopt._cuda's launcher, which keeps the
     plan's tables on the GPU and launches each checked step in one kernel, on torch's current
     stream (or ``fusedopt.cuda.use_stream``'s) after the work queued there. The step counts and
-    scalar states stay host tensors. A param without a grad is skipped, as on the CPU."""
+    scalar states stay host tensors. A param without a grad is skipped, as on the CPU. Also
+    fusedopt.keras' plan for variables on a CUDA device."""
 
     def __init__(
         self, algorithm: str, options: list, group_of: list[int], params: list, active: list,
@@ -1143,6 +1144,10 @@ class _DevicePlan:
     def step(self, grad_scale: float | None) -> bool:
         self._launcher.set_streams(*cuda._streams(None, self._first))
         return self._plan.step(grad_scale)
+
+    def step_grads(self, grads: list, step: int) -> bool:  # fusedopt.keras' step
+        self._launcher.set_streams(*cuda._streams(None, self._first))
+        return self._plan.step_grads(grads, step)
 
     def set_options(self, group: int, values: tuple[float, ...]) -> None:
         self._plan.set_options(group, values)
