@@ -91,3 +91,16 @@ def emulate_gpu_plans(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cuda, "_native", emulated)
     monkeypatch.setattr(ft, "_native_plan", lambda device: ft._DevicePlan)
     monkeypatch.setattr(cuda, "_torch_stream", lambda tensor: 0)
+
+
+@pytest.fixture(params=["cpu", "emulated-gpu"])
+def plan_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The plan a torch-backed step (fusedopt.torch, fusedopt.keras) runs through: the CPU's, or
+    a CUDA device's (the same TorchPlan with fusedopt._cuda's launcher: one kernel of csrc/cuda a
+    step), here the emulated GPU's over the CPU tensors (emulate_gpu_plans)."""
+    if request.param == "emulated-gpu":
+        pytest.importorskip(
+            "fusedopt._cuda_emulated", reason="fusedopt was built without its CUDA emulation module"
+        )
+        emulate_gpu_plans(monkeypatch)
+    return request.param

@@ -31,7 +31,6 @@ if keras.backend.backend() != "torch":
 import fusedopt  # noqa: E402
 import fusedopt.keras as fk  # noqa: E402
 import fusedopt.keras_numpy  # noqa: E402
-from conftest import emulate_gpu_plans  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -53,16 +52,6 @@ NAMES = [
     "Lamb",
 ]
 TOLERANCE = 1e-5  # |fusedopt - keras| <= TOLERANCE * (1 + |keras|)
-
-
-@pytest.fixture(params=["cpu", "emulated-gpu"])
-def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The plan a step runs through: the CPU's, or a CUDA device's (the same TorchPlan with
-    fusedopt._cuda's launcher: one kernel of csrc/cuda a step), here the emulated GPU's over the
-    CPU tensors (conftest.emulate_gpu_plans): Keras' CUDA route where no GPU is."""
-    if request.param == "emulated-gpu":
-        emulate_gpu_plans(monkeypatch)
-    return request.param
 
 
 EPOCHS, BATCH, SAMPLES = 3, 16, 64  # 4 steps an epoch
@@ -171,7 +160,7 @@ def policy(name: str) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_fit_with_a_schedule_matches_keras(name: str) -> None:
     """Three epochs of ``fit``, the learning rate halving every epoch."""
     keras_model = fit(getattr(keras.optimizers, name)(learning_rate=schedule(name)))
@@ -437,7 +426,7 @@ def test_float64_variables_match_keras(name: str) -> None:
     assert max_error(fused_opt.variables, keras_opt.variables) <= 1e-10
 
 
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_train_on_batch_and_evaluate_match_keras() -> None:
     x, y = data()
     losses = {}
@@ -478,12 +467,12 @@ def test_numpy_api_matches_the_keras_optimizer(dtype: str) -> None:
 # ------------------------------------------------------------------------ one fused step
 
 
-def test_one_native_call_updates_every_variable_in_place(monkeypatch: Any, route: str) -> None:
+def test_one_native_call_updates_every_variable_in_place(monkeypatch: Any, plan_route: str) -> None:
     """Keras' per-variable update_step is never called; each step is one native call over all
     the variables, in the tensors the model holds, through the route's plan."""
     calls = []
     run = fk.Optimizer._run
-    plan = "TorchPlan" if route == "cpu" else "_DevicePlan"
+    plan = "TorchPlan" if plan_route == "cpu" else "_DevicePlan"
 
     def counting_run(self: Any, entry: Any, grads: list, step: int) -> bool:
         calls.append((len(grads), step, type(entry.plan).__name__))
@@ -546,7 +535,7 @@ def test_a_model_with_column_major_variables_trains_as_keras(name: str) -> None:
 
 
 @pytest.mark.parametrize("which", ["itself", "another variable", "a slot"])
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_a_gradient_in_the_memory_of_a_variable_or_slot_steps_as_keras(which: str) -> None:
     """Keras accepts a gradient that is a variable's (or a slot's) own tensor. fusedopt's
     native step refused the overlap, but only after Keras' weight decay had written the
@@ -566,7 +555,7 @@ def test_a_gradient_in_the_memory_of_a_variable_or_slot_steps_as_keras(which: st
     assert max_error(results[1], results[0]) <= TOLERANCE
 
 
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_a_slot_given_new_memory_is_followed_not_written_after_free() -> None:
     """`slot.value.data = other` keeps the tensor object and frees its old memory: the plan
     went on writing the freed memory (and never the new one). Every registered tensor's memory
@@ -593,7 +582,7 @@ def test_a_sparse_gradient_steps_as_its_dense_gradient_as_keras() -> None:
     assert max_error(results[1], results[0]) <= TOLERANCE
 
 
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_a_gradient_missing_for_some_variables_steps_the_others() -> None:
     results = []
     for optimizer in (keras.optimizers.RMSprop(0.01, momentum=0.9), fk.RMSprop(0.01, momentum=0.9)):
@@ -759,14 +748,14 @@ def _three_steps_beside_keras_numpy(
     ids=[f"{c[0]}-{'-'.join(c[2]) or 'default'}" for c in SIXTEEN_BIT_CASES],
 )
 def test_16_bit_variables_step_as_the_numpy_keras_classes_do(
-    name: str, hyper: dict, options: dict, dtype: str, route: str
+    name: str, hyper: dict, options: dict, dtype: str, plan_route: str
 ) -> None:
     """bfloat16 and float16 Keras variables, slots in ``state_dtype``, stochastic rounding keyed
     by Keras' t: the same bits as fusedopt.keras_numpy with the same options over NumPy arrays,
     three steps, two variables. (Keras' own optimizers compute in the variables' dtype;
     fusedopt's math is float32, rounded once per write.) On a GPU, LAMB's per-tensor norms over
     16-bit storage are refused when the plan is made, with nothing changed."""
-    if route != "cpu" and name == "Lamb":
+    if plan_route != "cpu" and name == "Lamb":
         variable = keras.Variable(np.ones((40, 30), np.float32), dtype=dtype)
         optimizer = fk.Lamb(learning_rate=0.01, **hyper, **options)
         before = variable.value.clone()
@@ -789,7 +778,7 @@ def test_16_bit_variables_step_as_the_numpy_keras_classes_do(
     assert slots and all(keras.backend.standardize_dtype(v.dtype) == slot_dtype for v in slots)
 
 
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_nadam_keeps_its_u_product_in_the_variables_dtype_as_keras_does() -> None:
     """Keras makes Nadam's optimizer-wide u_product in the variables' dtype: over bfloat16
     variables it is stepped in float32 and stored rounded, each step from the stored value."""
@@ -812,7 +801,7 @@ def test_nadam_keeps_its_u_product_in_the_variables_dtype_as_keras_does() -> Non
      dict(master_weights=True, stochastic_rounding=True, seed=2)],
     ids=["float32-slots", "master"],
 )  # fmt: skip
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_a_bfloat16_model_trains_saves_and_continues_with_its_options(
     tmp_path: Path, options: dict
 ) -> None:
@@ -860,7 +849,7 @@ def test_invalid_precision_options_are_refused_at_construction(options: dict, wh
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize(("name", "hyper"), [("Adam", {}), ("Adagrad", {}),
                                              ("SGD", dict(momentum=0.9))])  # fmt: skip
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_8_bit_slots_step_as_the_numpy_keras_classes_do(name: str, hyper: dict, dtype: str):
     """state_dtype="int8": a variable of 4096 elements or more gets uint8 slots holding the
     codes of the state's initial value (Adagrad's 0.1 included) and an absmax variable each; a
@@ -881,7 +870,7 @@ def test_8_bit_slots_step_as_the_numpy_keras_classes_do(name: str, hyper: dict, 
     assert np.array_equal(keras.ops.convert_to_numpy(scales[0]), twin_state[keras_name + "_absmax"])
 
 
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_an_8_bit_model_saves_loads_and_continues_exactly(tmp_path: Path) -> None:
     """A wide layer (6400 weights) with 8-bit slots and a bfloat16 master under the 'bfloat16'
     policy: saved and loaded, it continues bit for bit, codes and scales included."""
@@ -911,7 +900,7 @@ def test_an_8_bit_model_saves_loads_and_continues_exactly(tmp_path: Path) -> Non
             )
 
 
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_master_weights_take_keras_weight_decay_and_follow_writes_to_the_variables() -> None:
     """With master_weights, Keras' decoupled decay goes to the float32 master (a bfloat16
     variable would lose it: 1 - 1e-4 rounds to 1), and a variable written outside the step (an
@@ -941,7 +930,7 @@ def test_a_state_dtype_for_float64_variables_is_refused_at_build() -> None:
     assert not optimizer.built and int(optimizer.iterations) == 0
 
 
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_a_gradient_of_the_wrong_shape_is_refused_with_nothing_changed() -> None:
     optimizer = fk.Adam(0.01, weight_decay=0.1)  # Keras would decay before the update
     _, variables = built(optimizer)
@@ -1053,7 +1042,7 @@ def test_values_sharing_memory_in_stateless_apply_are_refused_naming_the_variabl
 
 
 @pytest.mark.parametrize("name", ["Lamb", "Adam"])
-@pytest.mark.usefixtures("route")
+@pytest.mark.usefixtures("plan_route")
 def test_stateless_apply_with_ema_overwrites_matches_keras(name: str) -> None:
     """After an EMA overwrite step, Keras' stateless scope hands back one tensor as a variable's
     value and as its average's. Keras' Lamb (no torch update step of its own) assigns new

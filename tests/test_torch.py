@@ -2120,6 +2120,36 @@ def test_a_gpu_plan_is_made_once_and_steps_new_grads_at_every_step(device: str) 
     compare(ours, theirs, params, reference, torch.float32)
 
 
+@pytest.mark.parametrize("device", GPU_DEVICES)
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)), ("AdamW", dict(lr=0.01)),
+     ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)), ("RMSprop", dict(centered=True)),
+     ("Adagrad", dict(lr=0.1, initial_accumulator_value=0.5)), ("Rprop", {})],
+)  # fmt: skip
+def test_complex_params_on_a_gpu_follow_torch_optim(device: str, name: str, kwargs: dict) -> None:
+    """complex64 params on the GPU, read as the real pairs torch.optim's view_as_real steps, in
+    the GPU plan (with a param without a grad on some steps), as torch.optim on the same device;
+    the states complex as torch's."""
+    generator = torch.Generator().manual_seed(4)
+    made = [torch.randn(s, generator=generator, dtype=torch.complex64) for s in [(5, 7), (33,)]]
+    params = [torch.nn.Parameter(p.to(on(device), copy=True)) for p in made]
+    reference = [torch.nn.Parameter(p.to(on(device), copy=True)) for p in made]
+    ours = getattr(ft, name)(params, **kwargs)
+    theirs = getattr(torch.optim, name)(reference, foreach=False, **kwargs)
+    for step in range(5):
+        for group in (params, reference):
+            for p, g in zip(group, grads_for(step, group)):
+                p.grad = g
+        ours.step()
+        theirs.step()
+    ((_, plan, _, _),) = ours._plans.values()
+    assert isinstance(plan, ft._DevicePlan)
+    assert all(v.dtype == torch.complex64 for s in ours.state.values() for k, v in s.items()
+               if k != "step")  # fmt: skip
+    compare(ours, theirs, params, reference, torch.float32)
+
+
 def _grad_of_float64(params: list) -> None:
     params[2].grad.data = params[2].grad.data.double()
 

@@ -25,7 +25,7 @@ converted into it (by logical index), 8-bit state keeps one code per element in 
 memory order (blocks of 256 consecutive elements in memory), and a grad of another layout is read
 through a copy in the param's layout (refused under a grad scale, which writes it back).
 
-Complex params (complex64, complex128; CPU only for now) are stepped as torch.optim steps them
+Complex params (complex64, complex128; on the CPU and CUDA) are stepped as torch.optim steps them
 (``torch.view_as_real``): each element as two independent real numbers, its real and imaginary
 parts, their states complex tensors of the param's dtype (Adagrad's initial sums and Rprop's
 step sizes given the value in both parts, as torch fills them). The low-precision options do not
@@ -389,11 +389,10 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group, then fusedopt's checks: every param must be a dense (non-
         overlapping, in any layout) float32, float64, bfloat16, float16, complex64 or complex128
-        tensor, not a negative or conjugate view, on the CPU (16-bit and complex ones) or a CUDA
-        device (a lazy module's uninitialized param is checked once it has a grad), the group's
-        hyperparameters numbers (their ranges are never checked here, as torch's
-        add_param_group checks none) and the low-precision options must apply to the params; a
-        refused group is not added."""
+        tensor, not a negative or conjugate view, on the CPU or a CUDA device (a lazy module's
+        uninitialized param is checked once it has a grad), the group's hyperparameters numbers
+        (their ranges are never checked here, as torch's add_param_group checks none) and the
+        low-precision options must apply to the params; a refused group is not added."""
         index = len(self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -1161,12 +1160,12 @@ class _DevicePlan:
 
 
 def _check_param(p: Any, index: int, group: int) -> None:
-    """A param fusedopt can update in place: strided, floating (16-bit ones on the CPU only),
-    non-overlapping and dense in memory (any layout: contiguous, channels_last, permuted), in
-    memory of its own on the CPU or a CUDA device fusedopt.cuda serves (a DTensor: its local
-    tensor). A lazy module's param (UninitializedParameter), which torch.optim
-    takes, has no memory yet: it is checked at the first step after it was materialized (a
-    param without a grad is not in a plan, and one with a grad makes a new plan)."""
+    """A param fusedopt can update in place: strided, floating or complex, non-overlapping and
+    dense in memory (any layout: contiguous, channels_last, permuted), in memory of its own on the
+    CPU or a CUDA device fusedopt.cuda serves (a DTensor: its local tensor). A lazy module's param
+    (UninitializedParameter), which torch.optim takes, has no memory yet: it is checked at the
+    first step after it was materialized (a param without a grad is not in a plan, and one with a
+    grad makes a new plan)."""
     where = f"params[{index}] of param_groups[{group}]"
     if torch.nn.parameter.is_lazy(p):
         return
@@ -1179,8 +1178,6 @@ def _check_param(p: Any, index: int, group: int) -> None:
             f"{where} has dtype {p.dtype}; fusedopt updates float32, float64, bfloat16, float16, "
             "complex64 and complex128"
         )
-    if p.device.type == "cuda" and p.dtype in _COMPLEX_DTYPES:
-        raise TypeError(f"{where} is a {p.dtype} CUDA tensor; complex params are CPU-only for now")
     if p.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{where} is on {p.device}; fusedopt.torch serves the CPU and CUDA")
     if p.device.type == "cuda" and (reason := cuda.unavailable_reason()):
