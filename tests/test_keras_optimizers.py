@@ -572,6 +572,31 @@ def test_a_slot_given_new_memory_is_followed_not_written_after_free() -> None:
     assert max_error(results[1], results[0]) <= TOLERANCE
 
 
+@pytest.mark.usefixtures("plan_route")
+def test_a_variable_overwritten_with_its_gradient_is_left_by_a_refused_step() -> None:
+    """Keras assigns a variable whose overwrite_with_gradient is set its gradient (float8
+    training's scales) and steps the others: fusedopt as Keras; and a step refused for another
+    variable's gradient (it checks them before the update) leaves it too."""
+    results = []
+    for module in (keras.optimizers, fk):
+        w = keras.Variable(np.ones((3, 2), np.float32), name="w")
+        scale = keras.Variable(np.ones(4, np.float32), name="scale")
+        scale.overwrite_with_gradient = True
+        optimizer = module.Adam(0.1)
+        optimizer.apply([torch.full((3, 2), 0.5), torch.full((4,), 7.0)], [w, scale])
+        results.append((keras.ops.convert_to_numpy(w), keras.ops.convert_to_numpy(scale)))
+    for ours, theirs in zip(results[1], results[0]):
+        np.testing.assert_allclose(ours, theirs, rtol=TOLERANCE, atol=TOLERANCE)
+    assert np.all(results[1][1] == 7.0)
+    with pytest.raises(ValueError, match="shape"):
+        optimizer.apply([torch.ones(2, 3), torch.full((4,), 9.0)], [w, scale])
+    assert np.all(keras.ops.convert_to_numpy(scale) == 7.0), "overwritten by a refused step"
+    assert np.array_equal(keras.ops.convert_to_numpy(w), results[1][0])
+    assert int(optimizer.iterations) == 1
+    optimizer.apply([None, torch.full((4,), 9.0)], [w, scale])  # only the overwrite
+    assert np.all(keras.ops.convert_to_numpy(scale) == 9.0) and int(optimizer.iterations) == 2
+
+
 def test_a_sparse_gradient_steps_as_its_dense_gradient_as_keras() -> None:
     results = []
     for module in (keras.optimizers, fk):

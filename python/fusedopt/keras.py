@@ -151,6 +151,9 @@ class _Native:
         self.options: tuple[float, ...] = ()
         # Within an apply: the learning rates its step reads, in Keras' order.
         self.rates: list[Any] = []
+        # Within an apply: Keras' overwrites of the variables that take their gradients, held
+        # back until the step's checks have passed (Optimizer._overwrite_variables_directly...).
+        self.overwrites: tuple[list[Any], list[Any]] | None = None
 
 
 class Optimizer(keras.optimizers.Optimizer):
@@ -455,9 +458,24 @@ class Optimizer(keras.optimizers.Optimizer):
                     "once. No variable was updated."
                 )
 
+    def _overwrite_variables_directly_with_gradients(
+        self, grads: list[Any], variables: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        """Keras assigns each ``overwrite_with_gradient`` variable its gradient before the rest
+        of the step, which fusedopt checks in _backend_apply_gradients: held back until those
+        checks pass, so that a refused step leaves these variables too. Done now where no other
+        variable has a gradient (Keras then calls no _backend_apply_gradients)."""
+        overwritten = [self._overwrite_variable_with_gradient(v) for v in variables]
+        if not any(overwritten) or all(overwritten):
+            return super()._overwrite_variables_directly_with_gradients(grads, variables)
+        self._fusedopt.overwrites = (list(grads), list(variables))
+        kept = [(g, v) for g, v, o in zip(grads, variables, overwritten) if not o]
+        return [g for g, _ in kept], [v for _, v in kept]
+
     def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> None:
         """Keras' pipeline, once the gradients, the learning rate and the native plan have
         been checked: a refused step raises here, before Keras changes any variable."""
+        overwrites, self._fusedopt.overwrites = self._fusedopt.overwrites, None
         torch = _torch()
         values = [v.value for v in trainable_variables]
         grads = [
@@ -477,6 +495,8 @@ class Optimizer(keras.optimizers.Optimizer):
             entry = self._entry(trainable_variables, values, options)
             # Before Keras' weight decay, which goes to the masters.
             self._sync_masters(entry, after_step=False)
+        if overwrites is not None:
+            super()._overwrite_variables_directly_with_gradients(*overwrites)
         self._fusedopt.rates = rates
         try:
             super()._backend_apply_gradients(grads, trainable_variables)
