@@ -741,11 +741,12 @@ SIXTEEN_BIT_CASES = [
 
 
 def _three_steps_beside_keras_numpy(
-    name: str, hyper: dict, options: dict, dtype: str, shapes: tuple
+    name: str, hyper: dict, options: dict, dtype: str, shapes: tuple, ulps: int = 0
 ) -> tuple[Any, Any, list[Any]]:
     """fusedopt.keras.<name> over Keras variables of this dtype and fusedopt.keras_numpy.<name>
     over NumPy copies, the same options and grads for three steps; the variables' bits are
-    asserted equal. Returns both optimizers and the variables."""
+    asserted equal (``ulps``: within that many units in their last place, few of them apart).
+    Returns both optimizers and the variables."""
     from fusedopt._engine import numpy_dtype
 
     storage = numpy_dtype(dtype)
@@ -762,7 +763,11 @@ def _three_steps_beside_keras_numpy(
         twin.apply(grads, arrays)
     for variable, array in zip(variables, arrays):
         got = keras.ops.convert_to_numpy(variable.value.float()).astype(storage)
-        assert np.array_equal(got.view(np.uint8), array.view(np.uint8))
+        if not ulps:
+            assert np.array_equal(got.view(np.uint8), array.view(np.uint8))
+            continue
+        apart = np.abs(got.view(np.int16).astype(np.int32) - array.view(np.int16))  # same signs
+        assert apart.max() <= ulps and np.count_nonzero(apart) <= max(2, apart.size // 100)
     return optimizer, twin, variables
 
 
@@ -778,18 +783,11 @@ def test_16_bit_variables_step_as_the_numpy_keras_classes_do(
     """bfloat16 and float16 Keras variables, slots in ``state_dtype``, stochastic rounding keyed
     by Keras' t: the same bits as fusedopt.keras_numpy with the same options over NumPy arrays,
     three steps, two variables. (Keras' own optimizers compute in the variables' dtype;
-    fusedopt's math is float32, rounded once per write.) On a GPU, LAMB's per-tensor norms over
-    16-bit storage are refused when the plan is made, with nothing changed."""
-    if plan_route != "cpu" and name == "Lamb":
-        variable = keras.Variable(np.ones((40, 30), np.float32), dtype=dtype)
-        optimizer = fk.Lamb(learning_rate=0.01, **hyper, **options)
-        before = variable.value.clone()
-        with pytest.raises(ValueError, match="Lamb: lamb on the GPU takes float32 and float64"):
-            optimizer.apply([torch.ones((40, 30), dtype=before.dtype)], [variable])
-        assert torch.equal(variable.value, before) and int(optimizer.iterations) == 0
-        return
+    fusedopt's math is float32, rounded once per write.) On a GPU, LAMB's per-tensor sums add
+    in another order than on the CPU: its variables within 2 units in their last place."""
+    ulps = 2 if plan_route != "cpu" and name == "Lamb" else 0
     optimizer, twin, variables = _three_steps_beside_keras_numpy(
-        name, hyper, options, dtype, ((40, 30), (30,))
+        name, hyper, options, dtype, ((40, 30), (30,)), ulps
     )
     if options.get("master_weights"):
         for k, master in enumerate(optimizer._fusedopt_masters):

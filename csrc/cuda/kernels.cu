@@ -253,16 +253,22 @@ struct TableLayout {
   }
 };
 
-template <class A>
-void launch_table_kernel(const unsigned char* device, const TableLayout& at, size_t num_blocks,
-                         cudaStream_t stream) {
-  using Coefficients = typename A::Coefficients;
+// The tables' arguments for a launch from `device`, laid out as `at`.
+template <class Coefficients>
+TableArguments<Coefficients> table_arguments(const unsigned char* device, const TableLayout& at) {
   TableArguments<Coefficients> args;
   args.maps = reinterpret_cast<const float*>(device + at.maps);
   args.coefficients = reinterpret_cast<const Coefficients*>(device + at.coefficients);
   args.keys = reinterpret_cast<const SetKeys*>(device + at.keys);
   args.tensors = reinterpret_cast<const TableTensor*>(device + at.tensors);
   args.blocks = reinterpret_cast<const TableBlock*>(device + at.blocks);
+  return args;
+}
+
+template <class A>
+void launch_table_kernel(const unsigned char* device, const TableLayout& at, size_t num_blocks,
+                         cudaStream_t stream) {
+  const auto args = table_arguments<typename A::Coefficients>(device, at);
   // The table kernel meets at __syncthreads (the emulation runs it on threads of its own).
   FUSEDOPT_LAUNCH_SYNCING(static_cast<unsigned>(num_blocks), kStagedThreads, stream,
                           table_kernel<A>)
@@ -306,17 +312,74 @@ void launch_staged(const PreparedStep<A>& step, const std::vector<size_t>& stage
   check(cudaFreeAsync(scratch, stream), "cudaFreeAsync");
 }
 
+// A step of an algorithm with reductions that holds a low-precision tensor: its passes over the
+// tables of every tensor (staged.cuh), with the per-block partial sums, the per-tensor sums and
+// each tensor's first block in the scratch buffer after the tables.
+template <class A>
+void launch_reducing_tables(const PreparedStep<A>& step, cudaStream_t stream) {
+  using Coefficients = typename A::Coefficients;
+  constexpr int R = A::reductions;
+  std::vector<TableTensor> tensors;
+  std::vector<TableBlock> blocks;
+  std::vector<int64_t> first_block{0};
+  for (size_t i = 0; i < step.tensors.size(); ++i) {
+    const TensorRef& t = step.tensors[i];
+    if (t.size == 0) continue;
+    if (t.staged() && t.dtype == Dtype::float64)
+      throw std::invalid_argument("fusedopt.cuda: float64 params take float64 state only");
+    tensors.push_back(table_tensor(t, step.coefficient_of[i]));
+    append_blocks(tensors.back(), static_cast<int32_t>(tensors.size() - 1), blocks);
+    first_block.push_back(static_cast<int64_t>(blocks.size()));
+  }
+  if (blocks.empty()) return;
+  const std::vector<SetKeys> keys =
+      set_keys(step.tensors, step.coefficient_of, step.coefficients.size());
+  const TableLayout at(step.coefficients.size() * sizeof(Coefficients), keys.size(), tensors.size(),
+                       blocks.size());
+  const size_t n = tensors.size();
+  const size_t first_at = TableLayout::rounded(at.end);
+  const size_t partials_at = TableLayout::rounded(first_at + sizeof(int64_t) * (n + 1));
+  const size_t sums_at = partials_at + sizeof(double) * blocks.size() * R;
+  std::vector<unsigned char> host(partials_at);  // the tables and first blocks, copied
+  at.write_tables(host.data(), tensors, blocks);
+  at.write_step(host.data(), 0, step.coefficients, keys);
+  std::memcpy(host.data() + first_at, first_block.data(), sizeof(int64_t) * (n + 1));
+  void* scratch = nullptr;
+  check(cudaMallocAsync(&scratch, sums_at + sizeof(double) * n * R, stream), "cudaMallocAsync");
+  auto* device = static_cast<unsigned char*>(scratch);
+  try {
+    PinnedStaging::copy(scratch, host.data(), host.size(), stream);
+    ReducingTableArguments<Coefficients> args;
+    args.table = table_arguments<Coefficients>(device, at);
+    args.partials = reinterpret_cast<double*>(device + partials_at);
+    args.sums = reinterpret_cast<const double*>(device + sums_at);
+    const auto num_blocks = static_cast<unsigned>(blocks.size());
+    // Both passes meet at __syncthreads (the emulation runs them on threads of its own).
+    FUSEDOPT_LAUNCH_SYNCING(num_blocks, kStagedThreads, stream, table_reduce_kernel<A>)(args);
+    check_launch("the tables' first pass");
+    FUSEDOPT_LAUNCH(static_cast<unsigned>((n + 255) / 256), 256, stream, sum_chunks_kernel<R>)
+    (args.partials, reinterpret_cast<const int64_t*>(device + first_at), static_cast<int64_t>(n),
+     reinterpret_cast<double*>(device + sums_at));
+    check_launch("the per-tensor sums");
+    FUSEDOPT_LAUNCH_SYNCING(num_blocks, kStagedThreads, stream, table_finish_kernel<A>)(args);
+    check_launch("the tables' second pass");
+  } catch (...) {
+    cudaFreeAsync(scratch, stream);
+    throw;
+  }
+  check(cudaFreeAsync(scratch, stream), "cudaFreeAsync");
+}
+
 }  // namespace
 
 template <class A>
 void launch_step(const PreparedStep<A>& step, void* stream_handle) {
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   if constexpr (A::reductions > 0) {
-    // (Refused where the step is registered or described, python/launcher.h: never reached.)
     if (std::any_of(step.tensors.begin(), step.tensors.end(), std::mem_fn(&TensorRef::staged)))
-      throw std::invalid_argument("fusedopt.cuda: " + std::string(A::name) +
-                                  " takes float32 and float64 tensors only on the GPU");
-    launch_reducing_step(step, stream);
+      launch_reducing_tables(step, stream);
+    else
+      launch_reducing_step(step, stream);
     return;
   }
   std::vector<size_t> staged;       // low-precision tensors: the table kernel

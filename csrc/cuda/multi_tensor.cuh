@@ -147,6 +147,40 @@ struct ReducingArguments {
   const double* sums;                          // [tensor][reduction]
 };
 
+// Elements [begin, end) of a float32 or float64 tensor in the first pass: the states advanced
+// and stored, the squares of what reduce() yields added to this thread's sums.
+template <class T, class A>
+__device__ __forceinline__ void reduce_range(T* param, T* grad, T* const (&state)[kMaxStates],
+                                             const typename A::Coefficients& c, int64_t begin,
+                                             int64_t end, double (&sum)[A::reductions]) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    T s[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k) s[k] = state[k] ? state[k][i] : T(0);
+    T out[A::reductions];
+    math::reduce(c, param[i], grad[i], s, out);
+    for (int k = 0; k < kMaxStates; ++k)
+      if (state[k]) state[k][i] = s[k];
+    for (int r = 0; r < A::reductions; ++r)
+      sum[r] += static_cast<double>(out[r]) * static_cast<double>(out[r]);
+  }
+}
+
+// The block's threads' sums added in a fixed tree, written to out[0, R) by thread 0. Every thread
+// of the block reaches each __syncthreads.
+template <int R>
+__device__ __forceinline__ void sum_over_block(const double (&sum)[R], double* out) {
+  __shared__ double shared[R][kThreadsPerBlock];
+  for (int r = 0; r < R; ++r) shared[r][threadIdx.x] = sum[r];
+  __syncthreads();
+  for (int width = kThreadsPerBlock / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width)
+      for (int r = 0; r < R; ++r) shared[r][threadIdx.x] += shared[r][threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0)
+    for (int r = 0; r < R; ++r) out[r] = shared[r][0];
+}
+
 template <class T, class A>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     reduce_kernel(const __grid_constant__ ReducingArguments<typename A::Coefficients> args) {
@@ -158,32 +192,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t begin = chunk * kChunkElements;
   const int64_t size = m.sizes[slot];
   const int64_t end = begin + kChunkElements < size ? begin + kChunkElements : size;
-  const typename A::Coefficients c = args.coefficients[m.coefficient_set[slot]];
-  T* const param = static_cast<T*>(m.addresses[0][slot]);
-  T* const grad = static_cast<T*>(m.addresses[1][slot]);
   T* state[kMaxStates];
   for (int k = 0; k < kMaxStates; ++k) state[k] = static_cast<T*>(m.addresses[2 + k][slot]);
   double sum[R] = {};
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    T s[kMaxStates];
-    for (int k = 0; k < kMaxStates; ++k) s[k] = state[k] ? state[k][i] : T(0);
-    T out[R];
-    math::reduce(c, param[i], grad[i], s, out);
-    for (int k = 0; k < kMaxStates; ++k)
-      if (state[k]) state[k][i] = s[k];
-    for (int r = 0; r < R; ++r) sum[r] += static_cast<double>(out[r]) * static_cast<double>(out[r]);
-  }
-  __shared__ double shared[R][kThreadsPerBlock];
-  for (int r = 0; r < R; ++r) shared[r][threadIdx.x] = sum[r];
-  __syncthreads();
-  for (int width = kThreadsPerBlock / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width)
-      for (int r = 0; r < R; ++r) shared[r][threadIdx.x] += shared[r][threadIdx.x + width];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0)
-    for (int r = 0; r < R; ++r)
-      args.partials[(args.first_chunk[slot] + chunk) * R + r] = shared[r][0];
+  reduce_range<T, A>(static_cast<T*>(m.addresses[0][slot]), static_cast<T*>(m.addresses[1][slot]),
+                     state, args.coefficients[m.coefficient_set[slot]], begin, end, sum);
+  sum_over_block<R>(sum, args.partials + (args.first_chunk[slot] + chunk) * R);
 }
 
 // One thread per tensor: its chunks' partial sums in order.

@@ -99,16 +99,15 @@ __device__ __forceinline__ void update_staged_range(const TableTensor& t,
 }
 
 // Elements [begin, end) of a tensor with 8-bit states, begin on a block: per element its states
-// decoded (map[code] * absmax), the float32 math, the param stored; per block of kQuantBlock the
-// new largest |state| (NaN left out, as the CPU's block_absmax), then each element's code of
-// state / largest. Every thread of the block reaches every __syncthreads.
-template <class A>
-__device__ __forceinline__ void update_quantized_range(const TableTensor& t,
-                                                       const typename A::Coefficients& c,
-                                                       const SetKeys& keys, int64_t begin,
-                                                       int64_t end, const float (&maps)[2][256]) {
+// decoded (map[code] * absmax) and `advance(i, s)` (which advances them, and in the update pass
+// stores the param); per block of kQuantBlock the new largest |state| (NaN left out, as the
+// CPU's block_absmax), then each element's code of state / largest, and `stored(i, s)` with the
+// states as stored (map[code] * largest). Every thread of the block reaches every __syncthreads.
+template <class A, class Advance, class Stored>
+__device__ __forceinline__ void quantized_range(const TableTensor& t, int64_t begin, int64_t end,
+                                                const float (&maps)[2][256], Advance advance,
+                                                Stored stored) {
   __shared__ float largest[kMaxStates][kStagedThreads];
-  const bool stochastic = t.flags & kStochastic;
   const int lane = threadIdx.x % kQuantBlock;  // within its block
   const int half = threadIdx.x - lane;         // its block's first thread
   for (int64_t first = begin; first < end; first += kStagedThreads) {
@@ -117,17 +116,12 @@ __device__ __forceinline__ void update_quantized_range(const TableTensor& t,
     const int64_t block = i / kQuantBlock;
     float s[kMaxStates] = {};
     if (inside) {
-      float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
-      float g = load_widened(t.grad, t.dtype, i);
       for (int k = 0; k < kMaxStates; ++k)
         if (t.state[k]) {
           const float* map = maps[(A::nonnegative_states >> k) & 1u];
           s[k] = map[static_cast<const uint8_t*>(t.state[k])[i]] * t.absmax[k][block];
         }
-      math::update(c, p, g, s);
-      if (t.master) t.master[i] = p;
-      store_rounded(t.param, t.dtype, i, p, stochastic, keys.role_key[0]);
-      if (t.flags & kWriteGrad) store_rounded(t.grad, t.dtype, i, g, false, 0);
+      advance(i, s);
     }
     for (int k = 0; k < kMaxStates; ++k) {
       const float a = s[k] < 0 ? -s[k] : s[k];
@@ -142,17 +136,40 @@ __device__ __forceinline__ void update_quantized_range(const TableTensor& t,
         }
       __syncthreads();
     }
-    if (inside)
+    if (inside) {
       for (int k = 0; k < kMaxStates; ++k) {
         if (!t.state[k]) continue;
         const float scale = largest[k][half];
         const float* map = maps[(A::nonnegative_states >> k) & 1u];
-        static_cast<uint8_t*>(t.state[k])[i] =
-            static_cast<uint8_t>(math::nearest_code_by_search(s[k] / scale, map));
+        const int code = math::nearest_code_by_search(s[k] / scale, map);
+        static_cast<uint8_t*>(t.state[k])[i] = static_cast<uint8_t>(code);
         if (lane == 0) t.absmax[k][block] = scale;
+        s[k] = map[code] * scale;
       }
+      stored(i, s);
+    }
     __syncthreads();  // `largest` is written again by the next pair of blocks
   }
+}
+
+// The update pass over a tensor with 8-bit states.
+template <class A>
+__device__ __forceinline__ void update_quantized_range(const TableTensor& t,
+                                                       const typename A::Coefficients& c,
+                                                       const SetKeys& keys, int64_t begin,
+                                                       int64_t end, const float (&maps)[2][256]) {
+  const bool stochastic = t.flags & kStochastic;
+  quantized_range<A>(
+      t, begin, end, maps,
+      [&](int64_t i, float(&s)[kMaxStates]) {
+        float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
+        float g = load_widened(t.grad, t.dtype, i);
+        math::update(c, p, g, s);
+        if (t.master) t.master[i] = p;
+        store_rounded(t.param, t.dtype, i, p, stochastic, keys.role_key[0]);
+        if (t.flags & kWriteGrad) store_rounded(t.grad, t.dtype, i, g, false, 0);
+      },
+      [](int64_t, const float(&)[kMaxStates]) {});
 }
 
 template <class A>
@@ -184,6 +201,137 @@ __global__ void __launch_bounds__(kStagedThreads)
     update_quantized_range<A>(t, c, args.keys[t.coefficient_set], begin, end, maps);
   } else {
     update_staged_range<A>(t, c, args.keys[t.coefficient_set], begin, end);
+  }
+}
+
+// ---- Algorithms with per-tensor reductions (LAMB) over the tables ------------------------------
+// A step of LAMB that holds a low-precision tensor runs its passes (multi_tensor.cuh) over the
+// tables, each block one chunk of a tensor, a tensor's chunks consecutive, so that block b's sums
+// go to partials[b]. The first pass advances the states in float32, stores them (rounded, or
+// quantized) and sums the squares of what reduced() yields from the states as stored; the second
+// finishes the coefficients from the tensor's sums and moves the param from the stored states,
+// which it does not write (docs/spec.md section 22, as the CPU's staged passes). The states'
+// values and roundings are the CPU's, bit for bit; the sums add in the GPU's order.
+template <class Coefficients>
+struct ReducingTableArguments {
+  TableArguments<Coefficients> table;
+  double* partials;    // [block][reduction]
+  const double* sums;  // [tensor][reduction]
+};
+
+// The first pass over a tensor whose states are 16-bit or float32 (16-bit params, a master).
+template <class A>
+__device__ __forceinline__ void reduce_staged_range(const TableTensor& t,
+                                                    const typename A::Coefficients& c,
+                                                    const SetKeys& keys, int64_t begin, int64_t end,
+                                                    double (&sum)[A::reductions]) {
+  const bool stochastic = t.flags & kStochastic;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float g = load_widened(t.grad, t.dtype, i);
+    float s[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k)
+      s[k] = t.state[k] ? load_widened(t.state[k], t.state_dtype, i) : 0.0f;
+    math::advance(c, g, s);
+    for (int k = 0; k < kMaxStates; ++k)
+      if (t.state[k]) {
+        store_rounded(t.state[k], t.state_dtype, i, s[k], stochastic, keys.role_key[1 + k]);
+        s[k] = load_widened(t.state[k], t.state_dtype, i);  // as stored
+      }
+    const float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
+    float out[A::reductions];
+    math::reduced(c, p, s, out);
+    for (int r = 0; r < A::reductions; ++r)
+      sum[r] += static_cast<double>(out[r]) * static_cast<double>(out[r]);
+  }
+}
+
+template <class A>
+__global__ void __launch_bounds__(kStagedThreads)
+    table_reduce_kernel(const ReducingTableArguments<typename A::Coefficients> args) {
+  constexpr int R = A::reductions;
+  __shared__ float maps[2][256];
+  for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x)
+    maps[j / 256][j % 256] = args.table.maps[j];
+  __syncthreads();
+  const TableBlock b = args.table.blocks[blockIdx.x];
+  const TableTensor t = args.table.tensors[b.tensor];
+  const int64_t begin = static_cast<int64_t>(b.chunk) * kChunkElements;
+  const int64_t end = begin + kChunkElements < t.size ? begin + kChunkElements : t.size;
+  const typename A::Coefficients c = args.table.coefficients[t.coefficient_set];
+  const SetKeys& keys = args.table.keys[t.coefficient_set];
+  double sum[R] = {};
+  if (t.kind == kPlainFloat) {
+    float* const state[kMaxStates] = {static_cast<float*>(t.state[0]),
+                                      static_cast<float*>(t.state[1]),
+                                      static_cast<float*>(t.state[2])};
+    reduce_range<float, A>(static_cast<float*>(t.param), static_cast<float*>(t.grad), state, c,
+                           begin, end, sum);
+  } else if (t.kind == kPlainDouble) {
+    double* const state[kMaxStates] = {static_cast<double*>(t.state[0]),
+                                       static_cast<double*>(t.state[1]),
+                                       static_cast<double*>(t.state[2])};
+    reduce_range<double, A>(static_cast<double*>(t.param), static_cast<double*>(t.grad), state, c,
+                            begin, end, sum);
+  } else if (t.state_dtype == static_cast<uint8_t>(Dtype::blockwise8)) {
+    quantized_range<A>(
+        t, begin, end, maps,
+        [&](int64_t i, float(&s)[kMaxStates]) {
+          math::advance(c, load_widened(t.grad, t.dtype, i), s);
+        },
+        [&](int64_t i, const float(&s)[kMaxStates]) {
+          const float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
+          float out[R];
+          math::reduced(c, p, s, out);
+          for (int r = 0; r < R; ++r)
+            sum[r] += static_cast<double>(out[r]) * static_cast<double>(out[r]);
+        });
+  } else {
+    reduce_staged_range<A>(t, c, keys, begin, end, sum);
+  }
+  sum_over_block<R>(sum, args.partials + static_cast<int64_t>(blockIdx.x) * R);
+}
+
+template <class A>
+__global__ void __launch_bounds__(kStagedThreads)
+    table_finish_kernel(const ReducingTableArguments<typename A::Coefficients> args) {
+  const TableBlock b = args.table.blocks[blockIdx.x];
+  const TableTensor t = args.table.tensors[b.tensor];
+  const int64_t begin = static_cast<int64_t>(b.chunk) * kChunkElements;
+  const int64_t end = begin + kChunkElements < t.size ? begin + kChunkElements : t.size;
+  typename A::Coefficients c = args.table.coefficients[t.coefficient_set];
+  A::finish(c, args.sums + static_cast<int64_t>(b.tensor) * A::reductions);
+  const auto move = [&](auto& p, auto& g, auto(&s)[kMaxStates]) { math::update(c, p, g, s); };
+  if (t.kind != kStaged) {
+    void* addresses[kMaxOperands] = {t.param, t.grad};
+    for (int k = 0; k < kMaxStates; ++k) addresses[2 + k] = t.state[k];
+    const uint8_t flags = t.flags & kVectorized;
+    if (t.kind == kPlainFloat)
+      update_range<float>(addresses, begin, end, flags, move);
+    else
+      update_range<double>(addresses, begin, end, flags, move);
+    return;
+  }
+  // The states as stored, read (decoded), not written; the param moved and stored.
+  const bool quantized = t.state_dtype == static_cast<uint8_t>(Dtype::blockwise8);
+  const bool stochastic = t.flags & kStochastic;
+  const SetKeys& keys = args.table.keys[t.coefficient_set];
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
+    float g = 0.0f;  // the second pass reads no grad
+    float s[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (!t.state[k])
+        s[k] = 0.0f;
+      else if (quantized)
+        s[k] = args.table.maps[((A::nonnegative_states >> k) & 1u) * 256 +
+                               static_cast<const uint8_t*>(t.state[k])[i]] *
+               t.absmax[k][i / kQuantBlock];
+      else
+        s[k] = load_widened(t.state[k], t.state_dtype, i);
+    }
+    move(p, g, s);
+    if (t.master) t.master[i] = p;
+    store_rounded(t.param, t.dtype, i, p, stochastic, keys.role_key[0]);
   }
 }
 

@@ -1421,7 +1421,6 @@ class TorchPlan : public AnyTorchPlan {
     counts_.assign(n, 0);
     skipped_for_.assign(n, 0);
     scalar_rows_.assign(n * kMaxScalars, 0.0);
-    if (launcher_) refuse_low_precision_reductions<A>(b);
     const RangeChecks ranges(checked_);
     plan_ = std::make_unique<Plan<A>>(
         groups_, b, group_of_active, step_slots_.empty() ? nullptr : counts_.data(),

@@ -352,7 +352,6 @@ std::vector<uint8_t> new_state_flags(py::handle flags) {
 template <class A>
 void run(const DeviceStep& step, const std::vector<typename A::Options>& groups,
          const StepSchedule& schedule, const StepExtras& extras, uintptr_t stream_handle) {
-  refuse_low_precision_reductions<A>(step.buffers);
   int device = -1;
   // Placement is checked after the buffers are validated, before the scalars advance: a step
   // refused for its device leaves NAdam's and ASGD's scalars as they were.
@@ -419,7 +418,6 @@ class DevicePlan : public AnyDevicePlan {
         rounding_seed_(rounding_seed) {
     const DeviceStep registered =
         describe_step(params, py::none(), state_lists_of<A>(states), masters, absmax, false);
-    refuse_low_precision_reductions<A>(registered.buffers);
     const size_t n = registered.buffers.params.size();
     int64_t* counts = nullptr;
     if (!step_counts_.is_none())
