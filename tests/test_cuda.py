@@ -686,6 +686,8 @@ GPU_PRECISION_CASES = [
     ("nadam", dict(lr=0.01, momentum_decay=0.5), "bfloat16", "bfloat16", True, None),
     ("asgd", dict(lr=0.01, t0=1.0, lambd=0.1), "float16", "float32", True, 9),
     ("adadelta", dict(lr=0.5, convention="keras"), "bfloat16", "float32", False, 4),
+    ("lamb", dict(lr=0.01, weight_decay=0.01, convention="keras"), "bfloat16", "int8", True, 3),
+    ("lamb", dict(lr=0.01, convention="keras"), "float16", "bfloat16", False, None),
 ]
 
 
@@ -704,7 +706,8 @@ def host_to_torch_device(array: np.ndarray) -> Any:
 def test_gpu_low_precision_matches_cpu_bit_for_bit(case: tuple) -> None:
     """16-bit params and grads, masters, 16-bit and 8-bit states, stochastic rounding: every
     buffer equal to the CPU's after three steps (the kernels' rounding and 8-bit coding are the
-    CPU's, keyed alike)."""
+    CPU's, keyed alike). LAMB's params and masters move by per-tensor sums that add in another
+    order on the GPU: within 2 units in their last place there, its states bit for bit."""
     algorithm, hyper, param_dtype, state_dtype, master, seed = case
     values = native_options(algorithm, **hyper)
     description = _engine.describe(algorithm)
@@ -750,6 +753,12 @@ def test_gpu_low_precision_matches_cpu_bit_for_bit(case: tuple) -> None:
         pairs.append(("masters", host["masters"], device["masters"]))
     for what, expected, got in pairs:
         for i, (e, g) in enumerate(zip(expected, got)):
+            if algorithm == "lamb" and what in ("params", "masters"):
+                apart = cuda.to_numpy(g).astype(np.float64) - e.astype(np.float64)
+                ulp = np.spacing(np.abs(e).astype(np.float32)).astype(np.float64)
+                ulp *= 2.0 ** (23 - np.finfo(e.dtype).nmant)
+                assert np.all(np.abs(apart) <= 2 * ulp + 1e-6 * np.abs(e)), f"{what}[{i}]"
+                continue
             assert cuda.to_numpy(g).tobytes() == e.tobytes(), f"{what}[{i}]"
     if host["scalars"] is not None:
         np.testing.assert_array_equal(device["scalars"], host["scalars"])
