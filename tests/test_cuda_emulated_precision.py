@@ -738,6 +738,11 @@ LAMB_STORAGE = {
     "float16 with a master": [Spec(3, F16, F32, master=True), Spec(CHUNK + 5, F16, F16)],
     "float32 with bfloat16 state": [Spec(3, F32, F32), Spec(PARTIAL, F32, BF16)],
     "8-bit state": [Spec(3, F64, F64), Spec(PARTIAL, F32, INT8), Spec(PARTIAL, BF16, INT8, True)],
+    "8-bit state over chunks, two groups": [
+        Spec(CHUNK + 300, BF16, INT8, True),
+        Spec(PARTIAL, F32, BF16, group=1),
+        Spec(5, F32, F32),
+    ],
     "float32 and a bfloat16 param": [Spec(PARTIAL, F32, F32), Spec(3, BF16, F32)],
 }
 
@@ -762,17 +767,24 @@ def test_lamb_with_low_precision_matches_the_cpu_up_to_its_sum_order(case, stoch
     (the roundings of nearby values), few 16-bit ones differing at all. Each step mixes these
     tensors with float32 and float64 ones (the plain kinds' passes)."""
     rng = np.random.default_rng(6)
-    options = native_options("lamb", "keras", lr=0.01, weight_decay=0.01)
-    problem = Problem("lamb", [options], LAMB_STORAGE[case]).build(rng, warm=True)
+    groups = [native_options("lamb", "keras", lr=0.01, weight_decay=0.01),
+              native_options("lamb", "keras", lr=0.02, beta1=0.5)]  # fmt: skip
+    problem = Problem("lamb", groups, LAMB_STORAGE[case]).build(rng, warm=True)
     seed = SEED if stochastic else None
-    cpu, device = problem.start.clone(), problem.start.clone()
+    device = problem.start.clone()
+    cpus = {isa: problem.start.clone() for isa in ISAS}
     last = {k: v.double() for k, v in problem.start.named(problem.names()).items()}
     moves = {k: torch.zeros_like(v) for k, v in last.items()}
     for t in STEPS:
         grads = problem.new_grads(rng)
         problem.device_step(device, [g.clone() for g in grads], t, None, seed)
-        problem.cpu_step(cpu, [g.clone() for g in grads], t, None, seed)
-        expected, actual = cpu.named(problem.names()), device.named(problem.names())
+        for isa, cpu in cpus.items():
+            with cpu_isa(isa):
+                problem.cpu_step(cpu, [g.clone() for g in grads], t, None, seed)
+        expected, actual = cpus[ISAS[0]].named(problem.names()), device.named(problem.names())
+        for isa, cpu in cpus.items():  # the CPU's ISAs agree bit for bit
+            for name, e in cpu.named(problem.names()).items():
+                assert_same_bits(expected[name], e, f"lamb {name} at t={t}", (ISAS[0], isa))
         for name, e in expected.items():
             what = f"lamb {name} after the step at t={t}"
             if not name.startswith(("params", "masters")):
@@ -785,5 +797,5 @@ def test_lamb_with_low_precision_matches_the_cpu_up_to_its_sum_order(case, stoch
             assert np.all(error <= bound), f"{what}: {(error / bound).max():.3g} times the bound"
             if e.dtype in SIXTEEN:  # a move of about its ulp: the bound alone cannot tell
                 assert np.count_nonzero(error) <= max(2, e.numel() // 100), f"{what}: widely"
-    for start, now in zip(problem.start.params, cpu.params):
+    for start, now in zip(problem.start.params, device.params):
         assert not torch.equal(bits(start), bits(now)), "a param did not move"

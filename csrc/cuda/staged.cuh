@@ -294,6 +294,10 @@ __global__ void __launch_bounds__(kStagedThreads)
 template <class A>
 __global__ void __launch_bounds__(kStagedThreads)
     table_finish_kernel(const ReducingTableArguments<typename A::Coefficients> args) {
+  __shared__ float maps[2][256];  // read by data-dependent indices: from shared memory
+  for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x)
+    maps[j / 256][j % 256] = args.table.maps[j];
+  __syncthreads();
   const TableBlock b = args.table.blocks[blockIdx.x];
   const TableTensor t = args.table.tensors[b.tensor];
   const int64_t begin = static_cast<int64_t>(b.chunk) * kChunkElements;
@@ -323,8 +327,7 @@ __global__ void __launch_bounds__(kStagedThreads)
       if (!t.state[k])
         s[k] = 0.0f;
       else if (quantized)
-        s[k] = args.table.maps[((A::nonnegative_states >> k) & 1u) * 256 +
-                               static_cast<const uint8_t*>(t.state[k])[i]] *
+        s[k] = maps[(A::nonnegative_states >> k) & 1u][static_cast<const uint8_t*>(t.state[k])[i]] *
                t.absmax[k][i / kQuantBlock];
       else
         s[k] = load_widened(t.state[k], t.state_dtype, i);
