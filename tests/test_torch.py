@@ -29,7 +29,7 @@ import fusedopt._core  # noqa: E402
 
 import fusedopt.cuda  # noqa: E402
 import fusedopt.torch as ft  # noqa: E402
-from conftest import emulate_gpu_plans, native_options  # noqa: E402
+from conftest import emulate_gpu_plans, emulation_unavailable, native_options  # noqa: E402
 
 CUDA_UNUSABLE = (
     "torch sees no CUDA device"
@@ -39,12 +39,7 @@ CUDA_UNUSABLE = (
     else None
 )
 needs_cuda = pytest.mark.skipif(CUDA_UNUSABLE is not None, reason=f"no CUDA: {CUDA_UNUSABLE}")
-try:
-    import fusedopt._cuda_emulated  # noqa: F401
-
-    EMULATION_MISSING = None
-except ImportError:
-    EMULATION_MISSING = "fusedopt was built without its CUDA emulation module"
+EMULATION_MISSING = emulation_unavailable()
 needs_emulation = pytest.mark.skipif(EMULATION_MISSING is not None, reason=str(EMULATION_MISSING))
 DEVICES = [
     "cpu",

@@ -497,9 +497,8 @@ def test_complex_params_follow_torch_optim(combination: tuple, dtype: Any) -> No
     compare(*resumed, ours_params, their_params, tolerance, {})
 
 
-# Through the shim and torch's methods; the CPU's plans and the (emulated) GPU's, which read a
-# complex tensor as the same real pairs (tests/test_torch.py follows torch.optim on the GPU).
-@pytest.mark.usefixtures("tensor_reading", "plan_route")
+# (tests/test_torch.py steps complex params on the emulated GPU and on a GPU.)
+@pytest.mark.usefixtures("tensor_reading")  # through the shim and torch's methods
 @pytest.mark.parametrize("combination", COMPLEX_INPUTS, ids=combination_id)
 def test_a_complex_param_steps_exactly_as_its_real_view(combination: tuple) -> None:
     """As torch's test_complex asserts of torch.optim: the same optimizer over each complex param

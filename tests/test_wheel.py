@@ -132,6 +132,7 @@ def test_the_repaired_wheel_is_manylinux_and_the_suite_passes_against_it(tmp_pat
     location = run([str(python), "-c", "import fusedopt; print(fusedopt.__file__)"], cwd=project)
     assert Path(location.strip()).is_relative_to(venv), location
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["FUSEDOPT_TEST_IN_WHEEL"] = "1"  # conftest.emulation_unavailable: the emulated GPU's routes
     # Two workers (pytest-xdist, a test dependency), as README's test command runs the suite.
     pytest_command = ["-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-n", "2"]
     output = run([str(python), *pytest_command], cwd=project, env=env)
