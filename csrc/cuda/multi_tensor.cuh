@@ -48,7 +48,9 @@ struct FlatArguments {
 // Vectorized: whole 16-byte vectors, then the tail element by element; the plan set the flag
 // only when every pointer is 16-byte aligned, and chunks start at multiples of the vector width.
 // Otherwise the guarded path: one element per thread per iteration, every index checked.
-template <class T, class Update>
+// WriteStates false: the states are only read (the second pass of an algorithm with reductions,
+// which moves the param from the states the first pass stored), and not stored back.
+template <class T, bool WriteStates = true, class Update>
 __device__ __forceinline__ void update_range(void* const (&addresses)[kMaxOperands], int64_t begin,
                                              int64_t end, uint8_t flags, Update update) {
   T* const param = static_cast<T*>(addresses[0]);
@@ -65,8 +67,9 @@ __device__ __forceinline__ void update_range(void* const (&addresses)[kMaxOperan
     update(p, g, s);
     param[i] = p;
     if (write_grad) grad[i] = g;
-    for (int k = 0; k < kMaxStates; ++k)
-      if (state[k]) state[k][i] = s[k];
+    if constexpr (WriteStates)
+      for (int k = 0; k < kMaxStates; ++k)
+        if (state[k]) state[k][i] = s[k];
   };
 
   int64_t tail_begin = begin;
@@ -94,8 +97,9 @@ __device__ __forceinline__ void update_range(void* const (&addresses)[kMaxOperan
       }
       *reinterpret_cast<Vector*>(param + i) = pv;
       if (write_grad) *reinterpret_cast<Vector*>(grad + i) = gv;
-      for (int k = 0; k < kMaxStates; ++k)
-        if (state[k]) *reinterpret_cast<Vector*>(state[k] + i) = sv[k];
+      if constexpr (WriteStates)
+        for (int k = 0; k < kMaxStates; ++k)
+          if (state[k]) *reinterpret_cast<Vector*>(state[k] + i) = sv[k];
     }
     tail_begin = begin + vectors * lanes;
   }
@@ -226,8 +230,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) finished_update_kernel(
   for (int k = 0; k < kMaxOperands; ++k) addresses[k] = m.addresses[k][slot];
   typename A::Coefficients c = args.coefficients[m.coefficient_set[slot]];
   A::finish(c, args.sums + static_cast<int64_t>(args.tensor_index[slot]) * A::reductions);
-  update_range<T>(addresses, begin, end, m.flags[slot],
-                  [&](T& p, T& g, T(&s)[kMaxStates]) { math::update(c, p, g, s); });
+  update_range<T, false>(addresses, begin, end, m.flags[slot],
+                         [&](T& p, T& g, T(&s)[kMaxStates]) { math::update(c, p, g, s); });
 }
 
 }  // namespace cuda

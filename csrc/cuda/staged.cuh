@@ -310,9 +310,9 @@ __global__ void __launch_bounds__(kStagedThreads)
     for (int k = 0; k < kMaxStates; ++k) addresses[2 + k] = t.state[k];
     const uint8_t flags = t.flags & kVectorized;
     if (t.kind == kPlainFloat)
-      update_range<float>(addresses, begin, end, flags, move);
+      update_range<float, false>(addresses, begin, end, flags, move);
     else
-      update_range<double>(addresses, begin, end, flags, move);
+      update_range<double, false>(addresses, begin, end, flags, move);
     return;
   }
   // The states as stored, read (decoded), not written; the param moved and stored.
