@@ -14,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -276,35 +277,56 @@ void launch_table_kernel(const unsigned char* device, const TableLayout& at, siz
   check_launch("the table kernel");
 }
 
+// A step's tables for the table kernels, built per step: the records of the tensors `which` that
+// have elements, their blocks (a tensor's in order), each one's first block, and their image
+// (with the step's coefficients, keys and the dynamic maps) laid out as `at`.
+struct StepTables {
+  std::vector<TableTensor> tensors;
+  std::vector<TableBlock> blocks;
+  std::vector<int64_t> first_block{0};  // per tensor, then the end
+  std::optional<TableLayout> at;
+  std::vector<unsigned char> image;  // `at.end` bytes
+};
+
+template <class A>
+StepTables step_tables(const PreparedStep<A>& step, const std::vector<size_t>& which) {
+  StepTables tables;
+  for (size_t i : which) {
+    const TensorRef& t = step.tensors[i];
+    if (t.size == 0) continue;
+    if (t.staged() && t.dtype == Dtype::float64)
+      throw std::invalid_argument("fusedopt.cuda: float64 params take float64 state only");
+    tables.tensors.push_back(table_tensor(t, step.coefficient_of[i]));
+    append_blocks(tables.tensors.back(), static_cast<int32_t>(tables.tensors.size() - 1),
+                  tables.blocks);
+    tables.first_block.push_back(static_cast<int64_t>(tables.blocks.size()));
+  }
+  if (tables.blocks.empty()) return tables;
+  const std::vector<SetKeys> keys =
+      set_keys(step.tensors, step.coefficient_of, step.coefficients.size());
+  const TableLayout& at =
+      tables.at.emplace(step.coefficients.size() * sizeof(typename A::Coefficients), keys.size(),
+                        tables.tensors.size(), tables.blocks.size());
+  tables.image.resize(at.end);
+  at.write_tables(tables.image.data(), tables.tensors, tables.blocks);
+  at.write_step(tables.image.data(), 0, step.coefficients, keys);
+  return tables;
+}
+
 // The low-precision tensors of a step, in one launch of the table kernel: their tables, the
 // coefficient structs and the dynamic maps copied into a scratch buffer first.
 template <class A>
 void launch_staged(const PreparedStep<A>& step, const std::vector<size_t>& staged,
                    cudaStream_t stream) {
-  using Coefficients = typename A::Coefficients;
-  std::vector<TableTensor> tensors;
-  std::vector<TableBlock> blocks;
-  for (size_t i : staged) {
-    const TensorRef& t = step.tensors[i];
-    if (t.size == 0) continue;
-    if (t.dtype == Dtype::float64)
-      throw std::invalid_argument("fusedopt.cuda: float64 params take float64 state only");
-    tensors.push_back(table_tensor(t, step.coefficient_of[i]));
-    append_blocks(tensors.back(), static_cast<int32_t>(tensors.size() - 1), blocks);
-  }
-  if (blocks.empty()) return;
-  const std::vector<SetKeys> keys =
-      set_keys(step.tensors, step.coefficient_of, step.coefficients.size());
-  const TableLayout at(step.coefficients.size() * sizeof(Coefficients), keys.size(), tensors.size(),
-                       blocks.size());
-  std::vector<unsigned char> host(at.end);
-  at.write_tables(host.data(), tensors, blocks);
-  at.write_step(host.data(), 0, step.coefficients, keys);
+  const StepTables tables = step_tables(step, staged);
+  if (tables.blocks.empty()) return;
+  const std::vector<unsigned char>& host = tables.image;
   void* scratch = nullptr;
   check(cudaMallocAsync(&scratch, host.size(), stream), "cudaMallocAsync");
   try {
     PinnedStaging::copy(scratch, host.data(), host.size(), stream);
-    launch_table_kernel<A>(static_cast<unsigned char*>(scratch), at, blocks.size(), stream);
+    launch_table_kernel<A>(static_cast<unsigned char*>(scratch), *tables.at, tables.blocks.size(),
+                           stream);
   } catch (...) {
     cudaFreeAsync(scratch, stream);
     throw;
@@ -319,31 +341,18 @@ template <class A>
 void launch_reducing_tables(const PreparedStep<A>& step, cudaStream_t stream) {
   using Coefficients = typename A::Coefficients;
   constexpr int R = A::reductions;
-  std::vector<TableTensor> tensors;
-  std::vector<TableBlock> blocks;
-  std::vector<int64_t> first_block{0};
-  for (size_t i = 0; i < step.tensors.size(); ++i) {
-    const TensorRef& t = step.tensors[i];
-    if (t.size == 0) continue;
-    if (t.staged() && t.dtype == Dtype::float64)
-      throw std::invalid_argument("fusedopt.cuda: float64 params take float64 state only");
-    tensors.push_back(table_tensor(t, step.coefficient_of[i]));
-    append_blocks(tensors.back(), static_cast<int32_t>(tensors.size() - 1), blocks);
-    first_block.push_back(static_cast<int64_t>(blocks.size()));
-  }
-  if (blocks.empty()) return;
-  const std::vector<SetKeys> keys =
-      set_keys(step.tensors, step.coefficient_of, step.coefficients.size());
-  const TableLayout at(step.coefficients.size() * sizeof(Coefficients), keys.size(), tensors.size(),
-                       blocks.size());
-  const size_t n = tensors.size();
+  std::vector<size_t> every(step.tensors.size());
+  std::iota(every.begin(), every.end(), size_t{0});
+  const StepTables tables = step_tables(step, every);
+  if (tables.blocks.empty()) return;
+  const TableLayout& at = *tables.at;
+  const size_t n = tables.tensors.size();
   const size_t first_at = TableLayout::rounded(at.end);
   const size_t partials_at = TableLayout::rounded(first_at + sizeof(int64_t) * (n + 1));
-  const size_t sums_at = partials_at + sizeof(double) * blocks.size() * R;
-  std::vector<unsigned char> host(partials_at);  // the tables and first blocks, copied
-  at.write_tables(host.data(), tensors, blocks);
-  at.write_step(host.data(), 0, step.coefficients, keys);
-  std::memcpy(host.data() + first_at, first_block.data(), sizeof(int64_t) * (n + 1));
+  const size_t sums_at = partials_at + sizeof(double) * tables.blocks.size() * R;
+  std::vector<unsigned char> host(tables.image);  // the tables and first blocks, copied
+  host.resize(partials_at);
+  std::memcpy(host.data() + first_at, tables.first_block.data(), sizeof(int64_t) * (n + 1));
   void* scratch = nullptr;
   check(cudaMallocAsync(&scratch, sums_at + sizeof(double) * n * R, stream), "cudaMallocAsync");
   auto* device = static_cast<unsigned char*>(scratch);
@@ -353,7 +362,7 @@ void launch_reducing_tables(const PreparedStep<A>& step, cudaStream_t stream) {
     args.table = table_arguments<Coefficients>(device, at);
     args.partials = reinterpret_cast<double*>(device + partials_at);
     args.sums = reinterpret_cast<const double*>(device + sums_at);
-    const auto num_blocks = static_cast<unsigned>(blocks.size());
+    const auto num_blocks = static_cast<unsigned>(tables.blocks.size());
     // Both passes meet at __syncthreads (the emulation runs them on threads of its own).
     FUSEDOPT_LAUNCH_SYNCING(num_blocks, kStagedThreads, stream, table_reduce_kernel<A>)(args);
     check_launch("the tables' first pass");

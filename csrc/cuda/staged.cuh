@@ -172,18 +172,37 @@ __device__ __forceinline__ void update_quantized_range(const TableTensor& t,
       [](int64_t, const float(&)[kMaxStates]) {});
 }
 
+// The dynamic maps, read by data-dependent indices: copied into the block's shared memory.
+__device__ __forceinline__ void load_maps(float (&maps)[2][256], const float* from) {
+  for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x) maps[j / 256][j % 256] = from[j];
+  __syncthreads();
+}
+
+// What a table kernel's block updates: elements [begin, end) of table tensor `index`, with a copy
+// of its record (read through a reference, every field would be loaded again after each store:
+// the compiler cannot tell that the stores through the tensor's pointers miss the table).
+struct BlockChunk {
+  TableTensor t;
+  int32_t index;
+  int64_t begin, end;
+};
+
+template <class Coefficients>
+__device__ __forceinline__ BlockChunk block_chunk(const TableArguments<Coefficients>& args) {
+  const TableBlock b = args.blocks[blockIdx.x];
+  const TableTensor& t = args.tensors[b.tensor];
+  const int64_t begin = static_cast<int64_t>(b.chunk) * kChunkElements;
+  return {t, b.tensor, begin, begin + kChunkElements < t.size ? begin + kChunkElements : t.size};
+}
+
 template <class A>
 __global__ void __launch_bounds__(kStagedThreads)
     table_kernel(const TableArguments<typename A::Coefficients> args) {
-  __shared__ float maps[2][256];  // read by data-dependent indices: from shared memory
-  for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x) maps[j / 256][j % 256] = args.maps[j];
-  __syncthreads();
-  const TableBlock b = args.blocks[blockIdx.x];
-  // A copy: read through a reference, every field would be loaded again after each store (the
-  // compiler cannot tell that the stores through the tensor's pointers miss the table).
-  const TableTensor t = args.tensors[b.tensor];
-  const int64_t begin = static_cast<int64_t>(b.chunk) * kChunkElements;
-  const int64_t end = begin + kChunkElements < t.size ? begin + kChunkElements : t.size;
+  __shared__ float maps[2][256];
+  load_maps(maps, args.maps);
+  const BlockChunk chunk = block_chunk(args);
+  const TableTensor& t = chunk.t;
+  const int64_t begin = chunk.begin, end = chunk.end;
   const typename A::Coefficients c = args.coefficients[t.coefficient_set];
   if (t.kind != kStaged) {  // each kind is the same for the whole block
     void* addresses[kMaxOperands] = {t.param, t.grad};
@@ -219,12 +238,13 @@ struct ReducingTableArguments {
   const double* sums;  // [tensor][reduction]
 };
 
-// The first pass over a tensor whose states are 16-bit or float32 (16-bit params, a master).
-template <class A>
+// The first pass over a tensor whose states are 16-bit or float32 (16-bit params, a master):
+// the states advanced, stored, and given to `stored(i, s)` as stored.
+template <class A, class Stored>
 __device__ __forceinline__ void reduce_staged_range(const TableTensor& t,
                                                     const typename A::Coefficients& c,
                                                     const SetKeys& keys, int64_t begin, int64_t end,
-                                                    double (&sum)[A::reductions]) {
+                                                    Stored stored) {
   const bool stochastic = t.flags & kStochastic;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float g = load_widened(t.grad, t.dtype, i);
@@ -237,12 +257,18 @@ __device__ __forceinline__ void reduce_staged_range(const TableTensor& t,
         store_rounded(t.state[k], t.state_dtype, i, s[k], stochastic, keys.role_key[1 + k]);
         s[k] = load_widened(t.state[k], t.state_dtype, i);  // as stored
       }
-    const float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
-    float out[A::reductions];
-    math::reduced(c, p, s, out);
-    for (int r = 0; r < A::reductions; ++r)
-      sum[r] += static_cast<double>(out[r]) * static_cast<double>(out[r]);
+    stored(i, s);
   }
+}
+
+// The first pass over a float32 or float64 tensor of the table.
+template <class T, class A>
+__device__ __forceinline__ void reduce_plain_range(const TableTensor& t,
+                                                   const typename A::Coefficients& c, int64_t begin,
+                                                   int64_t end, double (&sum)[A::reductions]) {
+  T* const state[kMaxStates] = {static_cast<T*>(t.state[0]), static_cast<T*>(t.state[1]),
+                                static_cast<T*>(t.state[2])};
+  reduce_range<T, A>(static_cast<T*>(t.param), static_cast<T*>(t.grad), state, c, begin, end, sum);
 }
 
 template <class A>
@@ -250,43 +276,32 @@ __global__ void __launch_bounds__(kStagedThreads)
     table_reduce_kernel(const ReducingTableArguments<typename A::Coefficients> args) {
   constexpr int R = A::reductions;
   __shared__ float maps[2][256];
-  for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x)
-    maps[j / 256][j % 256] = args.table.maps[j];
-  __syncthreads();
-  const TableBlock b = args.table.blocks[blockIdx.x];
-  const TableTensor t = args.table.tensors[b.tensor];
-  const int64_t begin = static_cast<int64_t>(b.chunk) * kChunkElements;
-  const int64_t end = begin + kChunkElements < t.size ? begin + kChunkElements : t.size;
+  load_maps(maps, args.table.maps);
+  const BlockChunk chunk = block_chunk(args.table);
+  const TableTensor& t = chunk.t;
+  const int64_t begin = chunk.begin, end = chunk.end;
   const typename A::Coefficients c = args.table.coefficients[t.coefficient_set];
-  const SetKeys& keys = args.table.keys[t.coefficient_set];
   double sum[R] = {};
+  // A low-precision element's share of the sums, from its states as stored.
+  const auto add_reduced = [&](int64_t i, const float(&s)[kMaxStates]) {
+    const float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
+    float out[R];
+    math::reduced(c, p, s, out);
+    for (int r = 0; r < R; ++r) sum[r] += static_cast<double>(out[r]) * static_cast<double>(out[r]);
+  };
   if (t.kind == kPlainFloat) {
-    float* const state[kMaxStates] = {static_cast<float*>(t.state[0]),
-                                      static_cast<float*>(t.state[1]),
-                                      static_cast<float*>(t.state[2])};
-    reduce_range<float, A>(static_cast<float*>(t.param), static_cast<float*>(t.grad), state, c,
-                           begin, end, sum);
+    reduce_plain_range<float, A>(t, c, begin, end, sum);
   } else if (t.kind == kPlainDouble) {
-    double* const state[kMaxStates] = {static_cast<double*>(t.state[0]),
-                                       static_cast<double*>(t.state[1]),
-                                       static_cast<double*>(t.state[2])};
-    reduce_range<double, A>(static_cast<double*>(t.param), static_cast<double*>(t.grad), state, c,
-                            begin, end, sum);
+    reduce_plain_range<double, A>(t, c, begin, end, sum);
   } else if (t.state_dtype == static_cast<uint8_t>(Dtype::blockwise8)) {
     quantized_range<A>(
         t, begin, end, maps,
         [&](int64_t i, float(&s)[kMaxStates]) {
           math::advance(c, load_widened(t.grad, t.dtype, i), s);
         },
-        [&](int64_t i, const float(&s)[kMaxStates]) {
-          const float p = t.master ? t.master[i] : load_widened(t.param, t.dtype, i);
-          float out[R];
-          math::reduced(c, p, s, out);
-          for (int r = 0; r < R; ++r)
-            sum[r] += static_cast<double>(out[r]) * static_cast<double>(out[r]);
-        });
+        add_reduced);
   } else {
-    reduce_staged_range<A>(t, c, keys, begin, end, sum);
+    reduce_staged_range<A>(t, c, args.table.keys[t.coefficient_set], begin, end, add_reduced);
   }
   sum_over_block<R>(sum, args.partials + static_cast<int64_t>(blockIdx.x) * R);
 }
@@ -294,16 +309,13 @@ __global__ void __launch_bounds__(kStagedThreads)
 template <class A>
 __global__ void __launch_bounds__(kStagedThreads)
     table_finish_kernel(const ReducingTableArguments<typename A::Coefficients> args) {
-  __shared__ float maps[2][256];  // read by data-dependent indices: from shared memory
-  for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x)
-    maps[j / 256][j % 256] = args.table.maps[j];
-  __syncthreads();
-  const TableBlock b = args.table.blocks[blockIdx.x];
-  const TableTensor t = args.table.tensors[b.tensor];
-  const int64_t begin = static_cast<int64_t>(b.chunk) * kChunkElements;
-  const int64_t end = begin + kChunkElements < t.size ? begin + kChunkElements : t.size;
+  __shared__ float maps[2][256];
+  load_maps(maps, args.table.maps);
+  const BlockChunk chunk = block_chunk(args.table);
+  const TableTensor& t = chunk.t;
+  const int64_t begin = chunk.begin, end = chunk.end;
   typename A::Coefficients c = args.table.coefficients[t.coefficient_set];
-  A::finish(c, args.sums + static_cast<int64_t>(b.tensor) * A::reductions);
+  A::finish(c, args.sums + static_cast<int64_t>(chunk.index) * A::reductions);
   const auto move = [&](auto& p, auto& g, auto(&s)[kMaxStates]) { math::update(c, p, g, s); };
   if (t.kind != kStaged) {
     void* addresses[kMaxOperands] = {t.param, t.grad};
